@@ -1,0 +1,154 @@
+"""The job, its status and the state machine as data (SPEC §2).
+
+Shared by the daemon and its clients: nothing here touches the database, the socket
+or the clock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import enum
+from typing import Any
+
+__all__ = [
+    "ACTIVE", "EXCLUSIVE_TYPES", "TERMINAL", "TRANSITIONS", "Job", "JobStatus", "Phase",
+    "Role", "WaitReason", "from_iso", "iso",
+]
+
+
+class JobStatus(enum.StrEnum):
+    CREATED = "created"        #: recorded by jobs.submit; admitted to queued in the same transaction
+    QUEUED = "queued"          #: waiting for a worker
+    RUNNING = "running"        #: a worker runs its handler
+    COMPLETED = "completed"    #: the handler finished and returned its result
+    FAILED = "failed"          #: the handler raised, timed out, or was interrupted for good
+    CANCELLED = "cancelled"    #: stopped on request; may be retried
+
+
+#: every allowed (from, to); anything else is a conflict (-32009)
+TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.CREATED: frozenset({JobStatus.QUEUED}),
+    JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.CANCELLED}),
+    JobStatus.RUNNING: frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED,
+                                  JobStatus.QUEUED}),
+    JobStatus.COMPLETED: frozenset(),
+    JobStatus.FAILED: frozenset({JobStatus.QUEUED}),
+    JobStatus.CANCELLED: frozenset({JobStatus.QUEUED}),
+}
+
+TERMINAL = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED})
+ACTIVE = frozenset({JobStatus.QUEUED, JobStatus.RUNNING})
+
+#: job types of which only one may run at a time per (user, project)
+EXCLUSIVE_TYPES = frozenset({"sync", "index"})
+
+
+def sources(to: JobStatus) -> tuple[JobStatus, ...]:
+    """The statuses a job may leave to become ``to``."""
+    return tuple(s for s, targets in TRANSITIONS.items() if to in targets)
+
+
+class Phase(enum.StrEnum):
+    INIT = "init"              #: resolve and check the repository
+    GIT_SYNC = "git_sync"      #: fetch and merge
+    INDEXING = "indexing"      #: run the indexer
+    FINALIZING = "finalizing"  #: write the summary
+
+
+class WaitReason(enum.StrEnum):
+    SLOTS = "slots"                #: every worker is busy
+    USER_LIMIT = "user_limit"      #: the owner already runs max_running_per_user jobs
+    PROJECT_BUSY = "project_busy"  #: a sync/index of the same (user, project) runs
+    PAUSED = "paused"              #: an admin paused dispatching
+
+
+class Role(enum.StrEnum):
+    ADMIN = "admin"      #: uid 0, the daemon's uid, or listed in auth.admins
+    SERVICE = "service"  #: listed in auth.services; acts for the user it names
+    USER = "user"        #: anyone else who reaches the socket
+
+
+def iso(us: int | None) -> str | None:
+    """Microseconds since the epoch -> ``2026-11-22T10:00:00.123456Z``."""
+    if us is None:
+        return None
+    t = _dt.datetime.fromtimestamp(us // 1_000_000, _dt.timezone.utc)
+    return t.strftime("%Y-%m-%dT%H:%M:%S") + f".{us % 1_000_000:06d}Z"
+
+
+def from_iso(text: str) -> int:
+    """ISO 8601 (``Z`` or an offset; naive means UTC) -> microseconds since the epoch."""
+    t = _dt.datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=_dt.timezone.utc)
+    delta = t - _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Job:
+    id: str
+    type: str
+    user_id: str
+    project_id: str | None
+    status: JobStatus
+    created_at: int                      #: microseconds since the epoch, like every *_at
+    updated_at: int
+    version: int
+    progress: float = 0.0
+    phase: str | None = None
+    message: str | None = None
+    priority: int = 0
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    attempts: int = 0
+    cancel_requested: bool = False
+    description: str | None = None
+    timeout_s: float | None = None
+    started_at: int | None = None
+    completed_at: int | None = None
+    # computed by the daemon when answering, never stored
+    queue_position: int | None = None
+    wait_reason: str | None = None
+    eta_s: float | None = None
+    # internal: not part of the wire shape
+    seq: int = 0                         #: insertion order; the keyset of jobs.list
+    recoveries: int = 0                  #: restarts this job has been recovered from
+    idempotency_key: str | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+    def to_dict(self) -> dict[str, Any]:
+        """The wire shape of SPEC §2."""
+        return {
+            "id": self.id,
+            "type": self.type,
+            "user_id": self.user_id,
+            "project_id": self.project_id,
+            "status": str(self.status),
+            "progress": round(self.progress, 2),
+            "phase": self.phase,
+            "message": self.message,
+            "priority": self.priority,
+            "options": self.options,
+            "metadata": self.metadata,
+            "result": self.result,
+            "error": self.error,
+            "attempts": self.attempts,
+            "queue_position": self.queue_position,
+            "wait_reason": self.wait_reason,
+            "cancel_requested": self.cancel_requested,
+            "version": self.version,
+            "description": self.description,
+            "timeout_s": self.timeout_s,
+            "created_at": iso(self.created_at),
+            "started_at": iso(self.started_at),
+            "completed_at": iso(self.completed_at),
+            "updated_at": iso(self.updated_at),
+            "eta_s": self.eta_s,
+        }

@@ -1,0 +1,874 @@
+"""The SQLite store: schema, migrations, compare-and-set transitions, queries, upkeep.
+
+The only importer of ``sqlite3``. One writer thread owns the one write connection and
+commits whatever writes are waiting in one transaction (group commit: with
+``synchronous=full`` one fsync then covers many submissions); each write runs in its own
+savepoint so one refused change does not undo its neighbours, and no caller is answered
+before the commit that holds its write. Reads use a connection per thread and never wait
+for the writer (WAL).
+
+Timestamps are integer microseconds since the epoch. ``seq`` (the rowid) is insertion
+order: ``jobs.list`` pages newest first by it, so jobs sharing a ``created_at`` still page
+exactly. A job's ``version`` is ``max(version + 1, now)``: it rises on every change and,
+being tied to the clock, stays above any value handed out before a crash.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import os
+import queue
+import shutil
+import sqlite3
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
+
+import structlog
+
+from jobd.errors import Conflict, JobdError, LimitExceeded, NotFound, Unavailable
+from jobd.models import TERMINAL, Job, JobStatus, sources
+
+__all__ = ["Corrupt", "Listeners", "Store", "StoreError", "backup", "check", "now_us", "recover"]
+
+log = structlog.get_logger()
+T = TypeVar("T")
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+class StoreError(Exception):
+    """The database cannot be opened or used; the message says which file and why."""
+
+
+class Corrupt(StoreError):
+    """The database file is damaged."""
+
+
+# Each entry is one migration, applied in its own transaction; user_version counts them.
+MIGRATIONS: tuple[str, ...] = (
+    # 1: jobs, their history and their checkpoints
+    """
+    CREATE TABLE jobs (
+        seq INTEGER PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        type TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        project_id TEXT,
+        status TEXT NOT NULL,
+        progress REAL NOT NULL DEFAULT 0,
+        phase TEXT,
+        message TEXT,
+        priority INTEGER NOT NULL DEFAULT 0,
+        options TEXT NOT NULL DEFAULT '{}',
+        metadata TEXT NOT NULL DEFAULT '{}',
+        result TEXT,
+        error TEXT,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        recoveries INTEGER NOT NULL DEFAULT 0,
+        cancel_requested INTEGER NOT NULL DEFAULT 0,
+        version INTEGER NOT NULL,
+        description TEXT,
+        timeout_s REAL,
+        idempotency_key TEXT,
+        created_at INTEGER NOT NULL,
+        started_at INTEGER,
+        completed_at INTEGER,
+        updated_at INTEGER NOT NULL
+    );
+    CREATE TABLE job_events (
+        job INTEGER NOT NULL REFERENCES jobs(seq) ON DELETE CASCADE,
+        at INTEGER NOT NULL,
+        status TEXT NOT NULL,
+        phase TEXT,
+        progress REAL NOT NULL,
+        message TEXT,
+        actor TEXT NOT NULL
+    );
+    CREATE TABLE job_checkpoints (
+        job INTEGER NOT NULL REFERENCES jobs(seq) ON DELETE CASCADE,
+        phase TEXT NOT NULL,
+        data TEXT NOT NULL,
+        saved_at INTEGER NOT NULL,
+        PRIMARY KEY (job, phase)
+    ) WITHOUT ROWID;
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+    -- jobs.list: newest first within a user, a status, a project
+    CREATE INDEX jobs_user ON jobs (user_id, seq);
+    CREATE INDEX jobs_status ON jobs (status, seq);
+    CREATE INDEX jobs_project ON jobs (project_id, seq) WHERE project_id IS NOT NULL;
+    -- dispatch order and the dedupe lookup of a queued sync/index per (user, project)
+    CREATE INDEX jobs_queued ON jobs (priority DESC, seq) WHERE status = 'queued';
+    CREATE INDEX jobs_queued_project ON jobs (user_id, project_id, type) WHERE status = 'queued';
+    -- retention
+    CREATE INDEX jobs_finished ON jobs (status, completed_at)
+        WHERE status IN ('completed', 'failed', 'cancelled');
+    CREATE UNIQUE INDEX jobs_idempotency ON jobs (user_id, idempotency_key)
+        WHERE idempotency_key IS NOT NULL;
+    CREATE INDEX job_events_job ON job_events (job);
+    """,
+    # 2: the process group a running job left, so a restart can kill it
+    """
+    ALTER TABLE jobs ADD COLUMN pgid INTEGER;
+    ALTER TABLE jobs ADD COLUMN pgid_start INTEGER;
+    """,
+)
+
+_COLUMNS = ("seq, id, type, user_id, project_id, status, progress, phase, message, priority, "
+            "options, metadata, result, error, attempts, recoveries, cancel_requested, version, "
+            "description, timeout_s, idempotency_key, created_at, started_at, completed_at, "
+            "updated_at")
+
+
+def _job(row: Sequence[Any]) -> Job:
+    return Job(
+        seq=row[0], id=row[1], type=row[2], user_id=row[3], project_id=row[4],
+        status=JobStatus(row[5]), progress=row[6], phase=row[7], message=row[8],
+        priority=row[9], options=json.loads(row[10]), metadata=json.loads(row[11]),
+        result=json.loads(row[12]) if row[12] is not None else None, error=row[13],
+        attempts=row[14], recoveries=row[15], cancel_requested=bool(row[16]),
+        version=row[17], description=row[18], timeout_s=row[19], idempotency_key=row[20],
+        created_at=row[21], started_at=row[22], completed_at=row[23], updated_at=row[24],
+    )
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _storage_error(e: sqlite3.Error, path: Path) -> JobdError:
+    """A failed write as the client should hear it."""
+    text = str(e)
+    if "full" in text:
+        return Unavailable(f"storage full: {path}: {text}; free space, then retry")
+    if "readonly" in text or "read-only" in text:
+        return Unavailable(f"storage read-only: {path}: {text}")
+    if "disk I/O" in text or "unable to open" in text:
+        return Unavailable(f"storage unavailable: {path}: {text}")
+    raise e
+
+
+@dataclasses.dataclass
+class Tx:
+    """What a write sees: the connection, and hooks that run once the commit holds."""
+
+    conn: sqlite3.Connection
+    now: int
+    after_commit: list[Callable[[], None]] = dataclasses.field(default_factory=list)
+    #: reverts in-memory changes made by a write whose savepoint (or commit) failed
+    undo: list[Callable[[], None]] = dataclasses.field(default_factory=list)
+
+    def rollback_to(self, hooks: int, undos: int) -> None:
+        for fn in reversed(self.undo[undos:]):
+            fn()
+        del self.after_commit[hooks:], self.undo[undos:]
+
+
+@dataclasses.dataclass(frozen=True)
+class Listeners:
+    """Listeners the store calls after a commit (the engine's dispatcher and the waiters)."""
+
+    changed: Callable[[Job], None] = lambda job: None
+
+
+class _Writer(threading.Thread):
+    """Runs writes in order on the one write connection, many per transaction."""
+
+    MAX_BATCH = 512
+
+    def __init__(self, conn: sqlite3.Connection, path: Path, clock: Callable[[], int]) -> None:
+        super().__init__(name="jobd-store-writer", daemon=True)
+        self.conn = conn
+        self.path = path
+        self.clock = clock
+        self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.longest_tx_s = 0.0
+
+    def submit(self, fn: Callable[[Tx], T]) -> concurrent.futures.Future[T]:
+        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self.queue.put((fn, fut))
+        return fut
+
+    def stop(self) -> None:
+        self.queue.put(None)
+        self.join()
+
+    def run(self) -> None:
+        stopping = False
+        while not stopping:
+            item = self.queue.get()
+            batch = []
+            while item is not None:
+                batch.append(item)
+                if len(batch) >= self.MAX_BATCH:
+                    break
+                try:
+                    item = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+            else:
+                stopping = True
+            if batch:
+                self._commit(batch)
+
+    def _commit(self, batch: list[tuple[Callable[[Tx], Any], concurrent.futures.Future[Any]]]) -> None:
+        conn = self.conn
+        tx = Tx(conn, self.clock())
+        outcomes: list[tuple[concurrent.futures.Future[Any], Any, BaseException | None]] = []
+        started = time.perf_counter()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for fn, fut in batch:
+                if not fut.set_running_or_notify_cancel():
+                    continue
+                marks = len(tx.after_commit), len(tx.undo)
+                conn.execute("SAVEPOINT op")
+                try:
+                    value = fn(tx)
+                except BaseException as e:  # noqa: BLE001 - handed to the caller
+                    conn.execute("ROLLBACK TO op")
+                    tx.rollback_to(*marks)
+                    outcomes.append((fut, None, e))
+                else:
+                    outcomes.append((fut, value, None))
+                conn.execute("RELEASE op")
+            conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            tx.rollback_to(0, 0)
+            try:
+                failure: BaseException = _storage_error(e, self.path)
+            except sqlite3.Error as raw:
+                failure = raw
+            log.error("store_write_failed", error=str(e), writes=len(batch))
+            for fn, fut in batch:
+                if not fut.done():
+                    fut.set_exception(failure)
+            return
+        finally:
+            self.longest_tx_s = max(self.longest_tx_s, time.perf_counter() - started)
+        for hook in tx.after_commit:
+            try:
+                hook()
+            except Exception:  # a listener's bug must not stall the writer
+                log.exception("store_listener_failed")
+        for fut, value, exc in outcomes:
+            if exc is None:
+                fut.set_result(value)
+            else:
+                fut.set_exception(exc)
+
+
+class Store:
+    """Jobs, their events and checkpoints in one SQLite file."""
+
+    def __init__(self, path: str | os.PathLike[str], *, synchronous: str = "full",
+                 clock: Callable[[], int] = now_us, listeners: Listeners | None = None) -> None:
+        self.path = Path(path)
+        self.synchronous = synchronous.upper()
+        self.clock = clock
+        self.listeners = listeners or Listeners()
+        self.was_clean = True
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._writer: _Writer | None = None
+        # queued counts per user, kept by the writer thread (the limits are checked there)
+        self._queued: Counter[str] = Counter()
+
+    # -- opening and closing -------------------------------------------------------------
+
+    def open(self) -> "Store":
+        """Open (creating if need be), migrate, and check the file after an unclean stop."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"{self.path.parent}: cannot create the database directory: "
+                             f"{e.strerror}") from None
+        if not os.access(self.path.parent, os.W_OK | os.X_OK):
+            raise StoreError(f"{self.path.parent}: no write permission for the database "
+                             f"directory (SQLite needs it for its journal)")
+        conn = self._connect()
+        try:
+            self._migrate(conn)
+            clean = conn.execute("SELECT value FROM meta WHERE key = 'clean'").fetchone()
+            self.was_clean = clean is None or clean[0] == "1"
+            if not self.was_clean:
+                problems = [r[0] for r in conn.execute("PRAGMA quick_check").fetchall()]
+                if problems != ["ok"]:
+                    raise Corrupt(f"{self.path}: the database is damaged ({problems[0]}); "
+                                  f"stop jobd and run `jobd db recover`")
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('clean', '0')")
+            self._queued = Counter(dict(conn.execute(
+                "SELECT user_id, count(*) FROM jobs WHERE status = 'queued' GROUP BY user_id")))
+        except sqlite3.DatabaseError as e:
+            conn.close()
+            raise self._open_error(e) from None
+        except BaseException:
+            conn.close()
+            raise
+        self._writer = _Writer(conn, self.path, self.clock)
+        self._writer.start()
+        return self
+
+    def _open_error(self, e: sqlite3.DatabaseError) -> StoreError:
+        text = str(e)
+        if "not a database" in text or "malformed" in text or "corrupt" in text:
+            return Corrupt(f"{self.path}: not a usable jobd database ({text}); "
+                           f"run `jobd db check` and `jobd db recover`, or move it aside")
+        if "readonly" in text or "unable to open" in text:
+            return StoreError(f"{self.path}: cannot open the database for writing ({text}); "
+                              f"check the file's owner and permissions")
+        if "full" in text:
+            return StoreError(f"{self.path}: storage full ({text})")
+        return StoreError(f"{self.path}: {text}")
+
+    def _connect(self, *, readonly: bool = False) -> sqlite3.Connection:
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                   timeout=10.0)
+            conn.execute("PRAGMA busy_timeout = 10000")
+            conn.execute("PRAGMA foreign_keys = ON")
+            if readonly:
+                conn.execute("PRAGMA query_only = ON")
+            else:
+                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                if mode.lower() != "wal":
+                    raise StoreError(f"{self.path}: cannot switch to WAL mode (got {mode})")
+                conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+        except sqlite3.DatabaseError as e:
+            raise self._open_error(e) from None
+        return conn
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(MIGRATIONS):
+            raise StoreError(f"{self.path}: schema version {version} is newer than this jobd "
+                             f"knows ({len(MIGRATIONS)}); upgrade jobd")
+        for number in range(version + 1, len(MIGRATIONS) + 1):
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in _statements(MIGRATIONS[number - 1]):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {number}")
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            log.info("store_migrated", path=str(self.path), version=number)
+
+    def close(self) -> None:
+        """Stop the writer after its queue drains, and mark the stop clean."""
+        if self._writer is None:
+            return
+        writer, self._writer = self._writer, None
+        writer.stop()
+        try:
+            writer.conn.execute("PRAGMA optimize")
+            writer.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            writer.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('clean', '1')")
+        except sqlite3.Error as e:
+            log.warning("store_close_incomplete", error=str(e))
+        writer.conn.close()
+        with self._readers_lock:
+            for conn in self._readers:
+                conn.close()
+            self._readers.clear()
+        self._local = threading.local()
+
+    @property
+    def longest_write_s(self) -> float:
+        """The longest write transaction so far (for the benchmarks)."""
+        return self._writer.longest_tx_s if self._writer else 0.0
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    def _read(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect(readonly=True)
+            self._local.conn = conn
+            with self._readers_lock:
+                self._readers.append(conn)
+        return conn
+
+    def write(self, fn: Callable[[Tx], T]) -> T:
+        """Run ``fn`` in the next group-committed transaction; return once it is durable."""
+        return self.write_async(fn).result()
+
+    def write_async(self, fn: Callable[[Tx], T]) -> concurrent.futures.Future[T]:
+        if self._writer is None:
+            raise Unavailable("the store is closed (jobd is shutting down)")
+        return self._writer.submit(fn)
+
+    @staticmethod
+    def _fetch(conn: sqlite3.Connection, job_id: str) -> Job:
+        row = conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no job {job_id}", field="job_id")
+        return _job(row)
+
+    def _event(self, tx: Tx, job: Job, actor: str, message: str | None = None) -> None:
+        tx.conn.execute(
+            "INSERT INTO job_events (job, at, status, phase, progress, message, actor) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (job.seq, tx.now, str(job.status), job.phase, job.progress,
+             message if message is not None else job.message, actor))
+
+    def _changed(self, tx: Tx, job: Job) -> Job:
+        tx.after_commit.append(lambda: self.listeners.changed(job))
+        return job
+
+    def _count_queued(self, tx: Tx, user_id: str, delta: int) -> None:
+        # applied now (later writes in the same batch must see it), undone if the write fails
+        self._queued[user_id] += delta
+        tx.undo.append(lambda: self._queued.update({user_id: self._queued[user_id] - delta}))
+
+    # -- jobs ----------------------------------------------------------------------------
+
+    def submit_job(self, job: Job, *, actor: str, dedupe: bool = False,
+                   max_queued_per_user: int | None = None,
+                   max_queued_total: int | None = None) -> tuple[Job, bool]:
+        """Record ``job`` (``created``, then ``queued``, in one transaction).
+
+        Returns ``(job, deduplicated)``: the job first created with the same idempotency
+        key by the same user, or with ``dedupe`` the queued job of the same type for the
+        same (user, project) — which becomes a full reindex if either asked for one.
+        """
+        return self.write(lambda tx: self._submit(tx, job, actor, dedupe, max_queued_per_user,
+                                                  max_queued_total))
+
+    def _submit(self, tx: Tx, job: Job, actor: str, dedupe: bool,
+                per_user: int | None, total: int | None) -> tuple[Job, bool]:
+        conn = tx.conn
+        if job.idempotency_key is not None:
+            row = conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE user_id = ? "
+                               f"AND idempotency_key = ?",
+                               (job.user_id, job.idempotency_key)).fetchone()
+            if row is not None:
+                return _job(row), True
+        if dedupe and job.project_id is not None:
+            row = conn.execute(
+                f"SELECT {_COLUMNS} FROM jobs WHERE user_id = ? AND project_id = ? AND type = ? "
+                f"AND status = 'queued' ORDER BY seq LIMIT 1",
+                (job.user_id, job.project_id, job.type)).fetchone()
+            if row is not None:
+                found = _job(row)
+                if job.options.get("full_reindex") and not found.options.get("full_reindex"):
+                    options = dict(found.options, full_reindex=True)
+                    conn.execute("UPDATE jobs SET options = ?, version = max(version + 1, ?), "
+                                 "updated_at = ? WHERE seq = ?",
+                                 (_dumps(options), tx.now, tx.now, found.seq))
+                    found = self._fetch(conn, found.id)
+                    self._changed(tx, found)
+                return found, True
+        if per_user is not None and self._queued[job.user_id] >= per_user:
+            raise LimitExceeded(f"user {job.user_id} already has {self._queued[job.user_id]} "
+                                f"queued jobs (max_queued_per_user = {per_user})")
+        if total is not None and sum(self._queued.values()) >= total:
+            raise LimitExceeded(f"the queue is full ({total} jobs queued; max_queued_total)")
+        try:
+            cur = conn.execute(
+                "INSERT INTO jobs (id, type, user_id, project_id, status, priority, options, "
+                "metadata, description, timeout_s, idempotency_key, version, created_at, "
+                "updated_at) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (job.id, job.type, job.user_id, job.project_id, job.priority,
+                 _dumps(job.options), _dumps(job.metadata), job.description, job.timeout_s,
+                 job.idempotency_key, tx.now, tx.now, tx.now))
+        except sqlite3.IntegrityError as e:
+            if "jobs.id" in str(e):
+                raise Conflict(f"a job with id {job.id} already exists", field="id") from None
+            raise
+        seq = cur.lastrowid
+        conn.executemany(
+            "INSERT INTO job_events (job, at, status, phase, progress, message, actor) "
+            "VALUES (?, ?, ?, NULL, 0, NULL, ?)",
+            ((seq, tx.now, "created", actor), (seq, tx.now, "queued", actor)))
+        stored = dataclasses.replace(job, seq=seq, status=JobStatus.QUEUED, version=tx.now,
+                                     created_at=tx.now, updated_at=tx.now)
+        self._count_queued(tx, job.user_id, +1)
+        return self._changed(tx, stored), False
+
+    def get_job(self, job_id: str) -> Job:
+        return self._fetch(self._read(), job_id)
+
+    def transition(self, job_id: str, to: JobStatus, *, actor: str,
+                   message: str | None = None, error: str | None = None,
+                   result: dict[str, Any] | None = None,
+                   expect: Iterable[JobStatus] | None = None,
+                   recovered: bool = False) -> Job:
+        """Move a job to ``to`` by compare-and-set, with its event row, in one transaction."""
+        return self.write(lambda tx: self._transition(tx, job_id, to, actor, message, error,
+                                                      result, expect, recovered))
+
+    def transition_async(self, job_id: str, to: JobStatus, *, actor: str, **kw: Any
+                         ) -> concurrent.futures.Future[Job]:
+        return self.write_async(lambda tx: self._transition(
+            tx, job_id, to, actor, kw.get("message"), kw.get("error"), kw.get("result"),
+            kw.get("expect"), kw.get("recovered", False)))
+
+    def _transition(self, tx: Tx, job_id: str, to: JobStatus, actor: str,
+                    message: str | None, error: str | None, result: dict[str, Any] | None,
+                    expect: Iterable[JobStatus] | None, recovered: bool) -> Job:
+        allowed = tuple(sources(to)) if expect is None else tuple(
+            s for s in expect if s in sources(to))
+        sets = ["status = ?", "version = max(version + 1, ?)", "updated_at = ?"]
+        args: list[Any] = [str(to), tx.now, tx.now]
+        if to is JobStatus.RUNNING:
+            sets += ["started_at = ?", "attempts = attempts + 1", "completed_at = NULL",
+                     "pgid = NULL", "pgid_start = NULL"]
+            args.append(tx.now)
+        elif to in TERMINAL:
+            sets += ["completed_at = ?", "pgid = NULL", "pgid_start = NULL"]
+            args.append(tx.now)
+            if to is JobStatus.COMPLETED:
+                sets.append("progress = 100")
+        elif to is JobStatus.QUEUED:
+            # from running (resume after a stop): keep phase and progress to resume from;
+            # from failed/cancelled (retry): a fresh attempt
+            sets += ["progress = CASE WHEN status = 'running' THEN progress ELSE 0 END",
+                     "phase = CASE WHEN status = 'running' THEN phase ELSE NULL END",
+                     "error = NULL", "result = NULL", "completed_at = NULL",
+                     "cancel_requested = 0", "pgid = NULL", "pgid_start = NULL"]
+            if recovered:
+                sets.append("recoveries = recoveries + 1")
+        if message is not None or to is JobStatus.QUEUED:
+            sets.append("message = ?")
+            args.append(message)
+        if error is not None:
+            sets.append("error = ?")
+            args.append(error)
+        if result is not None:
+            sets.append("result = ?")
+            args.append(_dumps(result))
+        placeholders = ", ".join("?" * len(allowed)) or "NULL"
+        before = tx.conn.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        row = tx.conn.execute(
+            f"UPDATE jobs SET {', '.join(sets)} WHERE id = ? AND status IN ({placeholders}) "
+            f"RETURNING {_COLUMNS}",
+            (*args, job_id, *map(str, allowed))).fetchone()
+        if row is None:
+            current = self._fetch(tx.conn, job_id)  # NotFound if there is none
+            raise Conflict(f"job {job_id} is {current.status}; it cannot become {to}",
+                           detail={"status": str(current.status)})
+        job = _job(row)
+        self._event(tx, job, actor, message if message is not None else error)
+        if before[0] == "queued" and to is not JobStatus.QUEUED:
+            self._count_queued(tx, job.user_id, -1)
+        elif to is JobStatus.QUEUED:
+            self._count_queued(tx, job.user_id, +1)
+        return self._changed(tx, job)
+
+    def request_cancel(self, job_id: str, *, actor: str) -> Job:
+        """Mark a running job's cancel as asked for (the engine stops it)."""
+        def fn(tx: Tx) -> Job:
+            row = tx.conn.execute(
+                f"UPDATE jobs SET cancel_requested = 1, version = max(version + 1, ?), "
+                f"updated_at = ? WHERE id = ? AND status = 'running' AND cancel_requested = 0 "
+                f"RETURNING {_COLUMNS}", (tx.now, tx.now, job_id)).fetchone()
+            if row is None:
+                return self._fetch(tx.conn, job_id)
+            job = _job(row)
+            self._event(tx, job, actor, "cancel requested")
+            return self._changed(tx, job)
+        return self.write(fn)
+
+    def update_progress(self, job_id: str, *, progress: float, phase: str | None,
+                        message: str | None, actor: str | None = None
+                        ) -> concurrent.futures.Future[Job | None]:
+        """Store a running job's latest progress; with ``actor`` (a phase change) also an event.
+
+        Returns a future: progress ticks are not worth waiting for.
+        """
+        def fn(tx: Tx) -> Job | None:
+            row = tx.conn.execute(
+                f"UPDATE jobs SET progress = ?, phase = ?, message = ?, "
+                f"version = max(version + 1, ?), updated_at = ? "
+                f"WHERE id = ? AND status = 'running' RETURNING {_COLUMNS}",
+                (progress, phase, message, tx.now, tx.now, job_id)).fetchone()
+            if row is None:
+                return None
+            job = _job(row)
+            if actor is not None:
+                self._event(tx, job, actor)
+            return job
+        return self.write_async(fn)
+
+    def set_process(self, job_id: str, pgid: int | None, start: int | None) -> None:
+        """Record (or clear) the process group a running job's subprocess lives in."""
+        self.write(lambda tx: tx.conn.execute(
+            "UPDATE jobs SET pgid = ?, pgid_start = ? WHERE id = ?", (pgid, start, job_id)))
+
+    def processes(self) -> list[tuple[str, int, int | None]]:
+        """(job id, pgid, start time) of every running job with a recorded process group."""
+        return self._read().execute(
+            "SELECT id, pgid, pgid_start FROM jobs WHERE status = 'running' AND pgid IS NOT NULL"
+        ).fetchall()
+
+    def list_jobs(self, *, statuses: Sequence[str] = (), type: str | None = None,
+                  user_id: str | None = None, project_id: str | None = None,
+                  created_after: int | None = None, created_before: int | None = None,
+                  id_prefix: str | None = None, before_seq: int | None = None,
+                  limit: int = 50) -> list[Job]:
+        """Jobs matching every given filter, newest first, from ``before_seq`` (keyset)."""
+        where, args = [], []  # type: list[str], list[Any]
+        if statuses:
+            where.append(f"status IN ({', '.join('?' * len(statuses))})")
+            args += statuses
+        for column, value in (("type", type), ("user_id", user_id),
+                              ("project_id", project_id)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        if created_after is not None:
+            where.append("created_at >= ?")
+            args.append(created_after)
+        if created_before is not None:
+            where.append("created_at < ?")
+            args.append(created_before)
+        if id_prefix:
+            where.append("id >= ? AND id < ?")
+            args += [id_prefix, id_prefix + "\U0010ffff"]
+        if before_seq is not None:
+            where.append("seq < ?")
+            args.append(before_seq)
+        sql = f"SELECT {_COLUMNS} FROM jobs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY seq DESC LIMIT ?"
+        return [_job(r) for r in self._read().execute(sql, (*args, limit))]
+
+    def queued_jobs(self) -> list[Job]:
+        """Every queued job, in stored dispatch order (priority, then age)."""
+        return [_job(r) for r in self._read().execute(
+            f"SELECT {_COLUMNS} FROM jobs WHERE status = 'queued' ORDER BY priority DESC, seq")]
+
+    def running_jobs(self) -> list[Job]:
+        return [_job(r) for r in self._read().execute(
+            f"SELECT {_COLUMNS} FROM jobs WHERE status = 'running' ORDER BY seq")]
+
+    def events(self, job_id: str) -> list[dict[str, Any]]:
+        conn = self._read()
+        job = self._fetch(conn, job_id)
+        return [{"at": at, "status": status, "phase": phase, "progress": progress,
+                 "message": message, "actor": actor}
+                for at, status, phase, progress, message, actor in conn.execute(
+                    "SELECT at, status, phase, progress, message, actor FROM job_events "
+                    "WHERE job = ? ORDER BY rowid", (job.seq,))]
+
+    def queued_count(self, user_id: str | None = None) -> int:
+        return self._queued[user_id] if user_id is not None else sum(self._queued.values())
+
+    def counts(self) -> dict[str, int]:
+        """How many jobs are stored, by status."""
+        return dict(self._read().execute("SELECT status, count(*) FROM jobs GROUP BY status"))
+
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in (self.path, Path(f"{self.path}-wal"))
+                   if p.exists())
+
+    # -- checkpoints ---------------------------------------------------------------------
+
+    def save_checkpoint(self, job_id: str, phase: str, data: dict[str, Any]) -> None:
+        self.write(lambda tx: tx.conn.execute(
+            "INSERT OR REPLACE INTO job_checkpoints (job, phase, data, saved_at) "
+            "SELECT seq, ?, ?, ? FROM jobs WHERE id = ?",
+            (phase, _dumps(data), tx.now, job_id)))
+
+    def load_checkpoints(self, job_id: str) -> dict[str, dict[str, Any]]:
+        return {phase: json.loads(data) for phase, data in self._read().execute(
+            "SELECT c.phase, c.data FROM job_checkpoints c JOIN jobs j ON j.seq = c.job "
+            "WHERE j.id = ? ORDER BY c.saved_at", (job_id,))}
+
+    def clear_checkpoints(self, tx: Tx, job_id: str) -> None:
+        tx.conn.execute("DELETE FROM job_checkpoints WHERE job = "
+                        "(SELECT seq FROM jobs WHERE id = ?)", (job_id,))
+
+    # -- retention -----------------------------------------------------------------------
+
+    def cleanup(self, *, keep_before: int, keep_failed_before: int, dry_run: bool = False,
+                chunk: int = 1000) -> Iterator[list[str]]:
+        """Delete terminal jobs finished before their cutoff, a chunk per transaction.
+
+        Completed and cancelled jobs go when ``completed_at < keep_before``, failed ones
+        when ``completed_at < keep_failed_before``; events and checkpoints cascade. Yields
+        the ids of each chunk deleted (or that would be, with ``dry_run``).
+        """
+        for status, cutoff in (("completed", keep_before), ("cancelled", keep_before),
+                               ("failed", keep_failed_before)):
+            if dry_run:
+                ids = [r[0] for r in self._read().execute(
+                    "SELECT id FROM jobs WHERE status = ? AND completed_at < ?",
+                    (status, cutoff))]
+                if ids:
+                    yield ids
+                continue
+            while ids := self.write(lambda tx: self._delete_chunk(tx, status, cutoff, chunk)):
+                yield ids
+
+    @staticmethod
+    def _delete_chunk(tx: Tx, status: str, cutoff: int, chunk: int) -> list[str]:
+        rows = tx.conn.execute(
+            "DELETE FROM jobs WHERE seq IN (SELECT seq FROM jobs WHERE status = ? "
+            "AND completed_at < ? ORDER BY completed_at LIMIT ?) RETURNING id",
+            (status, cutoff, chunk)).fetchall()
+        return [r[0] for r in rows]
+
+
+def _statements(script: str) -> list[str]:
+    out, buf = [], ""
+    for line in script.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):
+            if buf.strip():
+                out.append(buf.strip())
+            buf = ""
+    return out
+
+
+# -- offline tools: jobd db check | backup | recover ---------------------------------------
+
+def check(path: Path) -> list[str]:
+    """``PRAGMA integrity_check``: ``["ok"]`` or the problems found."""
+    if not path.exists():
+        raise StoreError(f"{path}: no such database")
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            return [r[0] for r in conn.execute("PRAGMA integrity_check")]
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as e:
+        return [str(e)]
+
+
+def backup(path: Path, target: Path) -> int:
+    """Copy a live database with SQLite's online backup API; returns the bytes written."""
+    if target.exists():
+        raise StoreError(f"{target}: already exists; choose a new file")
+    src = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    dst = sqlite3.connect(target)
+    try:
+        src.backup(dst, pages=1024)
+    except sqlite3.DatabaseError as e:
+        dst.close()
+        target.unlink(missing_ok=True)
+        raise StoreError(f"{path}: backup failed: {e}") from None
+    finally:
+        src.close()
+    dst.close()
+    return target.stat().st_size
+
+
+def recover(path: Path) -> dict[str, Any]:
+    """Copy every readable row into a fresh database and move the damaged file aside.
+
+    Returns ``{"saved": {table: rows}, "lost": {table: rows or "unknown"}, "moved_to": path}``.
+    """
+    if not path.exists():
+        raise StoreError(f"{path}: no such database")
+    fresh = path.with_name(path.name + ".recovering")
+    fresh.unlink(missing_ok=True)
+    new = Store(fresh)
+    new.open()
+    new.close()
+    dst = sqlite3.connect(fresh, isolation_level=None)
+    dst.execute("PRAGMA foreign_keys = OFF")
+    saved: dict[str, int] = {}
+    lost: dict[str, Any] = {}
+    try:
+        src = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.DatabaseError as e:
+        raise StoreError(f"{path}: cannot be opened at all: {e}") from None
+    new_columns = {t: [r[1] for r in dst.execute(f"PRAGMA table_info({t})")]
+                   for t in ("jobs", "job_events", "job_checkpoints", "meta")}
+    for table, columns in new_columns.items():
+        saved[table] = 0
+        try:
+            old_columns = [r[1] for r in src.execute(f"PRAGMA table_info({table})")]
+            cols = [c for c in columns if c in old_columns]
+            total = _safe_count(src, table)
+            key = "seq" if table == "jobs" else "rowid" if table == "job_events" else None
+            rows = _readable_rows(src, table, cols, key)
+            names = ", ".join(cols)
+            dst.execute("BEGIN")
+            for row in rows:
+                try:
+                    dst.execute(f"INSERT OR IGNORE INTO {table} ({names}) VALUES "
+                                f"({', '.join('?' * len(cols))})", row)
+                    saved[table] += 1
+                except sqlite3.Error:
+                    pass
+            dst.execute("COMMIT")
+            lost[table] = (total - saved[table]) if isinstance(total, int) else "unknown"
+        except sqlite3.DatabaseError as e:
+            if dst.in_transaction:
+                dst.execute("COMMIT")
+            lost[table] = f"unknown ({e})"
+    src.close()
+    # orphans whose job was lost are no use without it
+    dst.execute("DELETE FROM job_events WHERE job NOT IN (SELECT seq FROM jobs)")
+    dst.execute("DELETE FROM job_checkpoints WHERE job NOT IN (SELECT seq FROM jobs)")
+    dst.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('clean', '1')")
+    dst.close()
+    aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}")
+    for suffix in ("", "-wal", "-shm"):
+        p = Path(f"{path}{suffix}")
+        if p.exists():
+            shutil.move(p, f"{aside}{suffix}")
+    os.replace(fresh, path)
+    for suffix in ("-wal", "-shm"):
+        Path(f"{fresh}{suffix}").unlink(missing_ok=True)
+    return {"saved": saved, "lost": lost, "moved_to": str(aside)}
+
+
+def _safe_count(conn: sqlite3.Connection, table: str) -> int | str:
+    try:
+        return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+    except sqlite3.DatabaseError:
+        return "unknown"
+
+
+def _readable_rows(conn: sqlite3.Connection, table: str, cols: list[str],
+                   key: str | None) -> Iterator[tuple[Any, ...]]:
+    """Every row that can be read, stepping over damaged pages by key where possible."""
+    names = ", ".join(cols)
+    if key is None:
+        try:
+            yield from conn.execute(f"SELECT {names} FROM {table}").fetchall()
+        except sqlite3.DatabaseError:
+            return
+        return
+    last = None
+    while True:
+        try:
+            cur = conn.execute(f"SELECT {key}, {names} FROM {table} "
+                               f"WHERE ? IS NULL OR {key} > ? ORDER BY {key}", (last, last))
+            for row in cur:
+                last = row[0]
+                yield row[1:]
+            return
+        except sqlite3.DatabaseError:
+            # skip past the damage: try the next keys one range at a time
+            if last is None:
+                last = 0
+            step = 1
+            while step < 1 << 40:
+                try:
+                    probe = conn.execute(f"SELECT min({key}) FROM {table} WHERE {key} > ?",
+                                         (last + step,)).fetchone()
+                    if probe[0] is None:
+                        return
+                    last = probe[0] - 1
+                    break
+                except sqlite3.DatabaseError:
+                    step *= 2
+            else:
+                return
