@@ -383,6 +383,18 @@ class Store:
             self._readers.clear()
         self._local = threading.local()
 
+    def upkeep(self) -> None:
+        """Database housekeeping: refresh planner statistics, fold the WAL back."""
+        def fn(tx: Tx) -> None:
+            tx.conn.execute("PRAGMA optimize")
+        self.write(fn)
+        # a checkpoint cannot run inside the writer's transaction; any connection may run it
+        conn = sqlite3.connect(self.path, timeout=10.0)
+        try:
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        finally:
+            conn.close()
+
     @property
     def longest_write_s(self) -> float:
         """The longest write transaction so far (for the benchmarks)."""

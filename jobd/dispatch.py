@@ -1,0 +1,212 @@
+"""Which queued job runs next: priority, fair turns between users, limits, positions.
+
+An in-memory mirror of the queue, loaded from the store at start and kept by the
+store's commit listener (``add``/``remove``) and the engine (``take``/``finish``). Order:
+highest priority first; within a priority, users take turns (round-robin); each user's
+jobs go oldest first. A job waits while every worker is busy (``slots``), while its user
+runs ``max_running_per_user`` jobs (``user_limit``), while a sync/index of the same
+(user, project) runs (``project_busy``), or while dispatching is paused (``paused``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections import Counter, OrderedDict, defaultdict
+from typing import Iterable, Iterator
+
+from jobd.models import EXCLUSIVE_TYPES, Job, WaitReason
+
+__all__ = ["Dispatcher", "Entry"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Entry:
+    """What dispatch needs to know of a queued job."""
+
+    id: str
+    seq: int
+    user_id: str
+    project_id: str | None
+    type: str
+    priority: int
+
+    @classmethod
+    def of(cls, job: Job) -> "Entry":
+        return cls(job.id, job.seq, job.user_id, job.project_id, job.type, job.priority)
+
+    @property
+    def project_key(self) -> tuple[str, str] | None:
+        if self.type in EXCLUSIVE_TYPES and self.project_id is not None:
+            return (self.user_id, self.project_id)
+        return None
+
+
+class _Level:
+    """One priority: a queue per user, and the users' turn order."""
+
+    def __init__(self) -> None:
+        self.users: OrderedDict[str, OrderedDict[str, Entry]] = OrderedDict()
+
+    def add(self, entry: Entry) -> None:
+        jobs = self.users.setdefault(entry.user_id, OrderedDict())
+        newest = next(reversed(jobs.values()), None)
+        jobs[entry.id] = entry
+        # a re-queued (resumed or retried) job goes back to its place by age
+        if newest is not None and entry.seq < newest.seq:
+            ordered = sorted(jobs.values(), key=lambda e: e.seq)
+            jobs.clear()
+            jobs.update((e.id, e) for e in ordered)
+
+    def remove(self, entry: Entry) -> None:
+        jobs = self.users.get(entry.user_id)
+        if jobs is not None and jobs.pop(entry.id, None) is not None and not jobs:
+            del self.users[entry.user_id]
+
+    def served(self, user_id: str) -> None:
+        """``user_id`` just had a turn: it goes to the back of the line."""
+        if user_id in self.users:
+            self.users.move_to_end(user_id)
+
+    def order(self) -> Iterator[Entry]:
+        """Every job of this priority in the order turns would take them (no limits)."""
+        queues = [iter(list(q.values())) for q in self.users.values()]
+        while queues:
+            alive = []
+            for q in queues:
+                e = next(q, None)
+                if e is not None:
+                    yield e
+                    alive.append(q)
+            queues = alive
+
+
+class Dispatcher:
+    """Thread-safe; every method is cheap except ``positions`` on a long queue."""
+
+    def __init__(self, *, workers: int, max_running_per_user: int) -> None:
+        self.workers = workers
+        self.max_running_per_user = max_running_per_user
+        self.paused = False
+        self._lock = threading.Lock()
+        self._levels: dict[int, _Level] = defaultdict(_Level)
+        self._queued: dict[str, Entry] = {}
+        self._running: dict[str, Entry] = {}
+        self._running_per_user: Counter[str] = Counter()
+        self._busy_projects: Counter[tuple[str, str]] = Counter()
+        self._positions: dict[str, int] | None = None
+
+    # -- the queue -------------------------------------------------------------------------
+
+    def load(self, jobs: Iterable[Job]) -> None:
+        for job in jobs:
+            self.add(job)
+
+    def add(self, job: Job) -> None:
+        entry = Entry.of(job)
+        with self._lock:
+            if entry.id in self._queued or entry.id in self._running:
+                return
+            self._queued[entry.id] = entry
+            self._levels[entry.priority].add(entry)
+            self._positions = None
+
+    def remove(self, job_id: str) -> None:
+        """A queued job left the queue other than by ``take`` (cancelled)."""
+        with self._lock:
+            entry = self._queued.pop(job_id, None)
+            if entry is not None:
+                self._drop(entry)
+
+    def _drop(self, entry: Entry) -> None:
+        level = self._levels[entry.priority]
+        level.remove(entry)
+        if not level.users:
+            del self._levels[entry.priority]
+        self._positions = None
+
+    def take(self) -> Entry | None:
+        """The next job to run, now counted as running; None if none may start."""
+        with self._lock:
+            if self.paused or len(self._running) >= self.workers:
+                return None
+            for priority in sorted(self._levels, reverse=True):
+                level = self._levels[priority]
+                for user_id, jobs in list(level.users.items()):
+                    if self._running_per_user[user_id] >= self.max_running_per_user:
+                        continue
+                    for entry in jobs.values():
+                        key = entry.project_key
+                        if key is None or not self._busy_projects[key]:
+                            level.served(user_id)
+                            self._queued.pop(entry.id)
+                            self._drop(entry)
+                            self._start(entry)
+                            return entry
+            return None
+
+    def _start(self, entry: Entry) -> None:
+        self._running[entry.id] = entry
+        self._running_per_user[entry.user_id] += 1
+        if entry.project_key:
+            self._busy_projects[entry.project_key] += 1
+
+    def finish(self, job_id: str) -> None:
+        """A job taken by ``take`` stopped running (whatever its end)."""
+        with self._lock:
+            entry = self._running.pop(job_id, None)
+            if entry is None:
+                return
+            self._running_per_user[entry.user_id] -= 1
+            if not self._running_per_user[entry.user_id]:
+                del self._running_per_user[entry.user_id]
+            if entry.project_key:
+                self._busy_projects[entry.project_key] -= 1
+                if not self._busy_projects[entry.project_key]:
+                    del self._busy_projects[entry.project_key]
+            self._positions = None
+
+    def set_paused(self, paused: bool) -> None:
+        with self._lock:
+            self.paused = paused
+
+    # -- answers ---------------------------------------------------------------------------
+
+    def position(self, job_id: str) -> tuple[int | None, str | None]:
+        """(1-based place in dispatch order, why it waits) of a queued job."""
+        with self._lock:
+            entry = self._queued.get(job_id)
+            if entry is None:
+                return None, None
+            if self._positions is None:
+                order = (e for p in sorted(self._levels, reverse=True)
+                         for e in self._levels[p].order())
+                self._positions = {e.id: n for n, e in enumerate(order, 1)}
+            return self._positions.get(job_id), str(self._reason(entry))
+
+    def _reason(self, entry: Entry) -> WaitReason:
+        if self.paused:
+            return WaitReason.PAUSED
+        if entry.project_key and self._busy_projects[entry.project_key]:
+            return WaitReason.PROJECT_BUSY
+        if self._running_per_user[entry.user_id] >= self.max_running_per_user:
+            return WaitReason.USER_LIMIT
+        return WaitReason.SLOTS
+
+    def running_count(self, user_id: str | None = None) -> int:
+        with self._lock:
+            if user_id is None:
+                return len(self._running)
+            return self._running_per_user[user_id]
+
+    def per_user(self) -> dict[str, dict[str, int]]:
+        with self._lock:
+            out: dict[str, dict[str, int]] = {}
+            for e in self._queued.values():
+                out.setdefault(e.user_id, {"running": 0, "queued": 0})["queued"] += 1
+            for user, n in self._running_per_user.items():
+                out.setdefault(user, {"running": 0, "queued": 0})["running"] = n
+            return out
+
+    def queued_count(self) -> int:
+        return len(self._queued)

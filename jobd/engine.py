@@ -1,0 +1,384 @@
+"""The worker pool: dispatching, the job context, cancellation, timeouts, restarts.
+
+Dispatch runs on events (a job queued, a job finished, resume), not on a timer: the
+store's commit listener calls ``on_changed``, which feeds the dispatcher and wakes the
+dispatch thread. A worker moves its job ``queued -> running`` by compare-and-set, runs
+the handler with a ``Context``, and records the end. Progress lives in memory (every
+``jobs.get``/``jobs.wait`` sees the latest value at once) and is written to the database
+at most every ``FLUSH_S`` per job.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import structlog
+
+from jobd import process
+from jobd.config import Config
+from jobd.dispatch import Dispatcher, Entry
+from jobd.errors import Conflict
+from jobd.handlers import Cancelled, Handler, JobFailed
+from jobd.models import Job, JobStatus
+from jobd.store import Store
+
+__all__ = ["Context", "Engine", "Live"]
+
+log = structlog.get_logger()
+
+#: how often a running job's progress is written to the database, at most
+FLUSH_S = 0.5
+
+
+@dataclasses.dataclass
+class Live:
+    """A running job's latest progress, ahead of the database."""
+
+    progress: float
+    phase: str | None
+    message: str | None
+    version: int
+    started: float = dataclasses.field(default_factory=time.monotonic)
+    base_progress: float = 0.0  #: where this attempt started (a resumed job starts higher)
+    dirty: bool = False
+
+    def eta_s(self, now: float | None = None) -> float | None:
+        done = self.progress - self.base_progress
+        if done < 1 or self.progress >= 100:
+            return None
+        elapsed = (now or time.monotonic()) - self.started
+        return round(elapsed * (100 - self.progress) / done, 1)
+
+
+def _version(previous: int) -> int:
+    return max(previous + 1, time.time_ns() // 1000)
+
+
+class Context:
+    """What a handler sees of its running job (``jobd.handlers.JobContext``)."""
+
+    def __init__(self, engine: "Engine", job: Job) -> None:
+        self.engine = engine
+        self.job = job
+        self.config = engine.config
+        self.log = log.bind(job_id=job.id, user_id=job.user_id, type=job.type)
+        self.joblog = process.JobLog(engine.log_path(job.id), engine.config.execution.max_log_bytes)
+        self.stop_event = threading.Event()
+        self.reason: str | None = None  #: cancel, timeout or shutdown
+        limit = job.timeout_s or engine.config.execution.default_timeout
+        self.timeout_s = limit
+        self.deadline = time.monotonic() + limit
+        self.live = Live(job.progress, job.phase, job.message, job.version,
+                         base_progress=job.progress)
+        self._lock = threading.Lock()
+
+    # -- stopping ----------------------------------------------------------------------
+
+    def stop(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+        self.stop_event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        if not self.stop_event.is_set() and time.monotonic() > self.deadline:
+            self.stop("timeout")
+        return self.stop_event.is_set()
+
+    # -- progress ----------------------------------------------------------------------
+
+    def set_phase(self, phase: str, message: str | None = None) -> None:
+        with self._lock:
+            live = self.live
+            live.phase, live.version = phase, _version(live.version)
+            if message is not None:
+                live.message = message
+            live.dirty = False
+        self.joblog.note(f"phase {phase}" + (f": {message}" if message else ""))
+        self.engine.store.update_progress(self.job.id, progress=live.progress, phase=phase,
+                                          message=live.message, actor="jobd")
+        self.engine.notify(self.job.id)
+
+    def set_progress(self, percent: float, message: str | None = None) -> None:
+        with self._lock:
+            live = self.live
+            percent = min(100.0, max(live.progress, float(percent)))
+            if percent == live.progress and (message is None or message == live.message):
+                return
+            live.progress, live.version, live.dirty = percent, _version(live.version), True
+            if message is not None:
+                live.message = message
+        self.engine.notify(self.job.id)
+
+    def set_message(self, message: str) -> None:
+        self.set_progress(self.live.progress, message)
+
+    def flush(self) -> None:
+        """Write the latest progress to the database if it changed."""
+        with self._lock:
+            if not self.live.dirty:
+                return
+            self.live.dirty = False
+            live = dataclasses.replace(self.live)
+        self.engine.store.update_progress(self.job.id, progress=live.progress,
+                                          phase=live.phase, message=live.message)
+
+    # -- checkpoints and processes -----------------------------------------------------
+
+    def save_checkpoint(self, phase: str, data: dict[str, Any]) -> None:
+        self.engine.store.save_checkpoint(self.job.id, phase, data)
+
+    def load_checkpoints(self) -> dict[str, dict[str, Any]]:
+        return self.engine.store.load_checkpoints(self.job.id)
+
+    def run(self, argv: list[str], *, cwd: str | None = None, env: dict[str, str] | None = None,
+            on_progress: Callable[[float | None, str | None], None] | None = None,
+            capture: bool = False, check: bool = True) -> process.Completed:
+        if self.cancelled:
+            raise Cancelled(self.reason or "cancelled")
+        self.joblog.note("$ " + " ".join(argv))
+        done = process.run(
+            argv, cwd=cwd, env=env, log=self.joblog, stop=self.stop_event,
+            deadline=self.deadline, grace=self.config.execution.cancel_grace,
+            on_progress=on_progress, capture=capture,
+            on_spawn=lambda pgid, start: self.engine.store.set_process(self.job.id, pgid, start))
+        if done.timed_out:
+            self.stop("timeout")
+        if done.cancelled or done.timed_out:
+            raise Cancelled(self.reason or "cancelled")
+        if check and done.returncode != 0:
+            raise JobFailed(f"{Path(argv[0]).name} exited with {_exit_text(done.returncode)}"
+                            + (f": {_last_line(self.joblog)}" if _last_line(self.joblog) else ""))
+        return done
+
+
+def _exit_text(code: int) -> str:
+    return f"signal {-code}" if code < 0 else f"status {code}"
+
+
+def _last_line(joblog: process.JobLog) -> str:
+    """The process's last output line (not one of jobd's own notes), for an error message."""
+    try:
+        with open(joblog.path, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - 4096))
+            tail = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    lines = [ln.strip() for ln in tail.replace("\r", "\n").split("\n")]
+    lines = [ln for ln in lines if ln and not ln.startswith("[jobd]")]
+    return lines[-1][:300] if lines else ""
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
+class Engine:
+    """Runs queued jobs on ``config.execution.workers`` threads."""
+
+    def __init__(self, config: Config, store: Store, handlers: dict[str, Handler],
+                 notify: Callable[[str], None] = lambda job_id: None) -> None:
+        self.config = config
+        self.store = store
+        self.handlers = handlers
+        self.notify = notify
+        ex = config.execution
+        self.dispatcher = Dispatcher(workers=ex.workers,
+                                     max_running_per_user=ex.max_running_per_user)
+        self._contexts: dict[str, Context] = {}
+        self._cancels: set[str] = set()  #: asked for before the job's context existed
+        self._lock = threading.Lock()
+        self._kick = threading.Event()
+        self._stopping = False
+        self._pool = concurrent.futures.ThreadPoolExecutor(ex.workers, "jobd-worker")
+        self._thread = threading.Thread(target=self._loop, name="jobd-dispatch", daemon=True)
+
+    def log_path(self, job_id: str) -> Path:
+        return self.config.log_dir / f"{job_id}.log"
+
+    # -- start and stop ----------------------------------------------------------------
+
+    def start(self, *, paused: bool = False) -> None:
+        """Recover what a crash left running, load the queue, start dispatching."""
+        self.recover()
+        self.dispatcher.set_paused(paused)
+        self.dispatcher.load(self.store.queued_jobs())
+        self._thread.start()
+        self.kick()
+
+    def recover(self) -> None:
+        """Jobs still ``running`` belong to a daemon that died: kill what they left, requeue."""
+        for job_id, pgid, start in self.store.processes():
+            killed = process.kill_orphan_group(pgid, start)
+            if killed:
+                log.warning("orphan_processes_killed", job_id=job_id, pgid=pgid, count=killed)
+        max_recoveries = self.config.execution.max_recoveries
+        for job in self.store.running_jobs():
+            handler = self.handlers.get(job.type)
+            bound = log.bind(job_id=job.id, user_id=job.user_id, type=job.type)
+            if job.cancel_requested:
+                self.store.transition(job.id, JobStatus.CANCELLED, actor="jobd",
+                                      message="cancelled (the daemon restarted while stopping)")
+                bound.info("job_cancelled", reason="restart")
+            elif handler is None or not handler.resumable:
+                self.store.transition(job.id, JobStatus.FAILED, actor="jobd",
+                                      error="interrupted by daemon restart")
+                bound.warning("job_failed", reason="interrupted by daemon restart")
+            elif job.recoveries >= max_recoveries:
+                error = (f"interrupted by {job.recoveries + 1} daemon restarts; gave up "
+                         f"(max_recoveries = {max_recoveries})")
+                self.store.transition(job.id, JobStatus.FAILED, actor="jobd", error=error)
+                bound.warning("job_failed", reason=error)
+            else:
+                self.store.transition(job.id, JobStatus.QUEUED, actor="jobd", recovered=True,
+                                      message="recovered after restart")
+                bound.info("job_recovered", phase=job.phase)
+
+    def stop(self) -> None:
+        """Stop dispatching, stop running jobs, requeue what is resumable."""
+        self._stopping = True
+        self.dispatcher.set_paused(True)
+        self._kick.set()
+        contexts = list(self._contexts.values())
+        for ctx in contexts:
+            ctx.stop("shutdown")
+        deadline = time.monotonic() + self.config.execution.shutdown_grace
+        while self._contexts and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for ctx in list(self._contexts.values()):
+            # its handler ignores stop requests: record the end for it
+            self._finish(ctx, None, Cancelled("shutdown"))
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._thread.join(timeout=1)
+
+    # -- dispatching -------------------------------------------------------------------
+
+    def kick(self) -> None:
+        self._kick.set()
+
+    def on_changed(self, job: Job) -> None:
+        """The store's commit listener: keep the dispatcher's queue in step."""
+        if job.status is JobStatus.QUEUED:
+            self.dispatcher.add(job)
+            self._kick.set()
+        else:
+            self.dispatcher.remove(job.id)
+        self.notify(job.id)
+
+    def set_paused(self, paused: bool) -> None:
+        self.dispatcher.set_paused(paused)
+        if not paused:
+            self._kick.set()
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            self._kick.wait(FLUSH_S)
+            self._kick.clear()
+            while not self._stopping and (entry := self.dispatcher.take()) is not None:
+                self._pool.submit(self._run, entry)
+            for ctx in list(self._contexts.values()):
+                ctx.flush()
+
+    # -- running -----------------------------------------------------------------------
+
+    def _run(self, entry: Entry) -> None:
+        try:
+            job = self.store.transition(entry.id, JobStatus.RUNNING, actor="jobd")
+        except Conflict:  # cancelled between take and start
+            self.dispatcher.finish(entry.id)
+            self._kick.set()
+            return
+        except Exception:
+            log.exception("job_start_failed", job_id=entry.id)
+            self.dispatcher.finish(entry.id)
+            self._kick.set()
+            return
+        ctx = Context(self, job)
+        with self._lock:
+            self._contexts[job.id] = ctx
+            if job.id in self._cancels:
+                self._cancels.discard(job.id)
+                ctx.stop("cancel")
+        ctx.log.info("job_started", attempt=job.attempts)
+        handler = self.handlers.get(job.type)
+        result: dict[str, Any] | None = None
+        failure: BaseException | None = None
+        try:
+            if handler is None:
+                raise JobFailed(f"no handler for job type {job.type!r} (a plugin went missing?)")
+            if job.cancel_requested or ctx.reason == "cancel":
+                ctx.stop("cancel")
+                raise Cancelled("cancel")
+            result = handler.run(ctx)
+        except Exception as e:  # every end of a handler is recorded below
+            failure = e
+        if self._contexts.get(job.id) is ctx:
+            self._finish(ctx, result, failure)
+
+    def _finish(self, ctx: Context, result: dict[str, Any] | None,
+                failure: BaseException | None) -> None:
+        job = ctx.job
+        with self._lock:
+            if self._contexts.pop(job.id, None) is None:
+                return
+            self._cancels.discard(job.id)
+        ctx.flush()
+        try:
+            fresh = self.store.get_job(job.id)
+            handler = self.handlers.get(job.type)
+            if ctx.reason == "cancel" or fresh.cancel_requested:
+                end, kw = JobStatus.CANCELLED, {"message": "cancelled"}
+            elif ctx.reason == "timeout":
+                end, kw = JobStatus.FAILED, {"error": f"timed out after {_duration(ctx.timeout_s)}"}
+            elif ctx.reason == "shutdown":
+                if handler is not None and handler.resumable:
+                    end, kw = JobStatus.QUEUED, {"message": "interrupted by shutdown"}
+                else:
+                    end, kw = JobStatus.FAILED, {"error": "interrupted by daemon shutdown"}
+            elif isinstance(failure, JobFailed):
+                end, kw = JobStatus.FAILED, {"error": str(failure)}
+            elif isinstance(failure, Cancelled):
+                end, kw = JobStatus.CANCELLED, {"message": "cancelled"}
+            elif failure is not None:
+                ctx.log.error("job_crashed", exc_info=failure)
+                end, kw = JobStatus.FAILED, {
+                    "error": f"internal error in the {job.type} handler: "
+                             f"{type(failure).__name__}: {failure}"}
+            else:
+                end, kw = JobStatus.COMPLETED, {"result": result or {}}
+            done = self.store.transition(job.id, end, actor="jobd", expect=[JobStatus.RUNNING],
+                                         **kw)
+            event = {JobStatus.COMPLETED: "job_completed", JobStatus.FAILED: "job_failed",
+                     JobStatus.CANCELLED: "job_cancelled", JobStatus.QUEUED: "job_requeued"}[end]
+            ctx.log.info(event, error=done.error, seconds=round(
+                time.monotonic() - ctx.live.started, 3))
+        except Exception:
+            ctx.log.exception("job_finish_failed")
+        finally:
+            ctx.joblog.close()
+            self.dispatcher.finish(job.id)
+            self._kick.set()
+
+    # -- answers for the manager ---------------------------------------------------------
+
+    def cancel(self, job_id: str) -> None:
+        """Stop a running job's handler and process group (now, or as soon as it starts)."""
+        with self._lock:
+            ctx = self._contexts.get(job_id)
+            if ctx is None:
+                self._cancels.add(job_id)
+                return
+        ctx.stop("cancel")
+
+    def live(self, job_id: str) -> Live | None:
+        ctx = self._contexts.get(job_id)
+        return ctx.live if ctx is not None else None

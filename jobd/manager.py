@@ -1,0 +1,393 @@
+"""The rules behind each method: who may do what to which job, and the input checks.
+
+Every public method takes the call's ``Scope`` (``jobd.auth``) first and answers the
+wire shape (dicts). ``rpc.py`` maps method names onto these; the store does the
+persistence and the engine the running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import json
+import re
+import time
+import uuid
+from typing import Any
+
+import structlog
+
+from jobd import __version__, process
+from jobd.auth import Scope
+from jobd.config import Config
+from jobd.engine import Engine
+from jobd.errors import Conflict, Forbidden, InvalidParams, NotFound
+from jobd.handlers import Handler
+from jobd.models import TERMINAL, Job, JobStatus, from_iso, iso
+from jobd.store import Store
+
+__all__ = ["Hub", "Manager", "check_id"]
+
+log = structlog.get_logger()
+
+ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+JOB_ID_RE = re.compile(r"^[0-9a-f-]{4,36}$")
+MAX_OPTIONS = 16 * 1024
+MAX_METADATA = 64 * 1024
+MAX_DESCRIPTION = 1024
+MAX_WAIT_S = 60.0
+
+
+def check_id(value: Any, field: str, *, optional: bool = False) -> str | None:
+    """A user or project id per SPEC §3a, else InvalidParams naming ``field``."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not ID_RE.match(value) or value in (".", ".."):
+        raise InvalidParams(f"{field} must match [A-Za-z0-9_][A-Za-z0-9._-]{{0,127}} "
+                            f"(got {value!r})", field=field)
+    return value
+
+
+def _check_job_id(job_id: Any) -> str:
+    if not isinstance(job_id, str) or not JOB_ID_RE.match(job_id):
+        raise InvalidParams(f"job_id must be a job's UUID (got {job_id!r})", field="job_id")
+    return job_id
+
+
+def _json_size(value: Any, field: str, limit: int) -> int:
+    try:
+        size = len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+    except (TypeError, ValueError) as e:
+        raise InvalidParams(f"{field} is not JSON: {e}", field=field) from None
+    if size > limit:
+        raise InvalidParams(f"{field} is {size} bytes as JSON; the limit is {limit}", field=field)
+    return size
+
+
+def _number(value: Any, field: str, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise InvalidParams(f"{field} must be a number from {low:g} to {high:g} (got {value!r})",
+                            field=field)
+    return float(value)
+
+
+def _time(value: Any, field: str) -> int | None:
+    if value is None:
+        return None
+    try:
+        return from_iso(value)
+    except (TypeError, ValueError, AttributeError):
+        raise InvalidParams(f"{field} must be an ISO 8601 time like 2026-11-22T10:00:00Z "
+                            f"(got {value!r})", field=field) from None
+
+
+class Hub:
+    """Wakes ``jobs.wait`` callers when their job changes (from any thread)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._waiters: dict[str, set[asyncio.Future[None]]] = {}
+
+    def notify(self, job_id: str) -> None:
+        if job_id in self._waiters:
+            self.loop.call_soon_threadsafe(self._wake, job_id)
+
+    def _wake(self, job_id: str) -> None:
+        for fut in self._waiters.pop(job_id, ()):
+            if not fut.done():
+                fut.set_result(None)
+
+    def subscribe(self, job_id: str) -> asyncio.Future[None]:
+        fut = self.loop.create_future()
+        self._waiters.setdefault(job_id, set()).add(fut)
+        return fut
+
+    def unsubscribe(self, job_id: str, fut: asyncio.Future[None]) -> None:
+        waiters = self._waiters.get(job_id)
+        if waiters is not None:
+            waiters.discard(fut)
+            if not waiters:
+                del self._waiters[job_id]
+
+
+class Manager:
+    def __init__(self, config: Config, store: Store, engine: Engine,
+                 handlers: dict[str, Handler], hub: Hub | None = None) -> None:
+        self.config = config
+        self.store = store
+        self.engine = engine
+        self.handlers = handlers
+        self.hub = hub
+        self.started = time.monotonic()
+
+    # -- reading -------------------------------------------------------------------------
+
+    def _view(self, job: Job) -> Job:
+        """The job as answered: live progress, queue position, wait reason, ETA."""
+        if job.status is JobStatus.RUNNING:
+            live = self.engine.live(job.id)
+            if live is not None and live.version > job.version:
+                job = dataclasses.replace(job, progress=live.progress, phase=live.phase,
+                                          message=live.message, version=live.version)
+            if live is not None:
+                job = dataclasses.replace(job, eta_s=live.eta_s())
+        elif job.status is JobStatus.QUEUED:
+            position, reason = self.engine.dispatcher.position(job.id)
+            job = dataclasses.replace(job, queue_position=position, wait_reason=reason)
+        return job
+
+    def _job(self, scope: Scope, job_id: Any) -> Job:
+        job = self.store.get_job(_check_job_id(job_id))
+        if scope.user_id is not None and job.user_id != scope.user_id:
+            raise Forbidden(f"job {job_id} belongs to another user", field="job_id")
+        return job
+
+    def get(self, scope: Scope, job_id: str) -> dict[str, Any]:
+        return self._view(self._job(scope, job_id)).to_dict()
+
+    async def wait(self, scope: Scope, job_id: str, after_version: Any = None,
+                   timeout_s: Any = 30) -> dict[str, Any]:
+        """The job once its version passes ``after_version`` or it is terminal, else at timeout.
+
+        A long poll: it wakes on the change itself (the hub), not on a timer.
+        """
+        if after_version is not None and (isinstance(after_version, bool)
+                                          or not isinstance(after_version, int)):
+            raise InvalidParams("after_version must be an integer (a job's version)",
+                                field="after_version")
+        timeout = _number(timeout_s, "timeout_s", 0, MAX_WAIT_S)
+        return await self._watch(scope, job_id, timeout, lambda job: after_version is None
+                                 or job.version > after_version)
+
+    async def wait_stopped(self, scope: Scope, job_id: str) -> dict[str, Any]:
+        """For ``jobs.cancel`` with ``wait``: the job once it stopped (bounded)."""
+        return await self._watch(scope, job_id, self.config.execution.cancel_grace + 2,
+                                 lambda job: False)
+
+    async def _watch(self, scope: Scope, job_id: str, timeout: float,
+                     ready: Any) -> dict[str, Any]:
+        assert self.hub is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            fut = self.hub.subscribe(job_id)
+            try:
+                # read after subscribing, so a change in between still wakes us
+                job = self._view(self._job(scope, job_id))
+                remaining = deadline - time.monotonic()
+                if job.terminal or ready(job) or remaining <= 0:
+                    return job.to_dict()
+                try:
+                    await asyncio.wait_for(asyncio.shield(fut), remaining)
+                except asyncio.TimeoutError:
+                    pass
+            finally:
+                self.hub.unsubscribe(job_id, fut)
+
+    def list(self, scope: Scope, *, status: Any = None, type: Any = None, user_id: Any = None,
+             project_id: Any = None, created_after: Any = None, created_before: Any = None,
+             id_prefix: Any = None, limit: Any = 50, cursor: Any = None) -> dict[str, Any]:
+        statuses = [status] if isinstance(status, str) else status or []
+        if not isinstance(statuses, list) or any(s not in JobStatus.__members__.values()
+                                                 for s in statuses):
+            raise InvalidParams(f"status must be one of {', '.join(JobStatus)} or a list of "
+                                f"them (got {status!r})", field="status")
+        if type is not None and not isinstance(type, str):
+            raise InvalidParams("type must be a string", field="type")
+        user_filter = scope.check_filter(check_id(user_id, "user_id", optional=True))
+        check_id(project_id, "project_id", optional=True)
+        if id_prefix is not None and (not isinstance(id_prefix, str)
+                                      or not JOB_ID_RE.match(id_prefix)):
+            raise InvalidParams("id_prefix must be at least 4 of [0-9a-f-]", field="id_prefix")
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
+            raise InvalidParams(f"limit must be an integer from 1 to 1000 (got {limit!r})",
+                                field="limit")
+        before = None
+        if cursor is not None:
+            try:
+                before = int(base64.urlsafe_b64decode(cursor.encode()).decode())
+            except (ValueError, AttributeError, UnicodeDecodeError):
+                raise InvalidParams("cursor is not one this daemon gave out",
+                                    field="cursor") from None
+        jobs = self.store.list_jobs(
+            statuses=statuses, type=type, user_id=user_filter, project_id=project_id,
+            created_after=_time(created_after, "created_after"),
+            created_before=_time(created_before, "created_before"),
+            id_prefix=id_prefix, before_seq=before, limit=limit + 1)
+        next_cursor = None
+        if len(jobs) > limit:
+            jobs = jobs[:limit]
+            next_cursor = base64.urlsafe_b64encode(str(jobs[-1].seq).encode()).decode()
+        return {"jobs": [self._view(j).to_dict() for j in jobs], "next_cursor": next_cursor}
+
+    def events(self, scope: Scope, job_id: str) -> list[dict[str, Any]]:
+        job = self._job(scope, job_id)
+        return [dict(e, at=iso(e["at"])) for e in self.store.events(job.id)]
+
+    def logs(self, scope: Scope, job_id: str, offset: Any = 0,
+             limit_bytes: Any = 65536) -> dict[str, Any]:
+        job = self._job(scope, job_id)
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise InvalidParams("offset must be a byte offset ≥ 0", field="offset")
+        if (isinstance(limit_bytes, bool) or not isinstance(limit_bytes, int)
+                or not 1 <= limit_bytes <= 1_048_576):
+            raise InvalidParams("limit_bytes must be from 1 to 1048576", field="limit_bytes")
+        data, next_offset = process.read_log(self.engine.log_path(job.id), offset, limit_bytes)
+        eof = False
+        if job.terminal:
+            more, _ = process.read_log(self.engine.log_path(job.id), next_offset, 1)
+            eof = not more
+        return {"data": data.decode("utf-8", "replace"), "next_offset": next_offset, "eof": eof}
+
+    # -- changing ------------------------------------------------------------------------
+
+    def submit(self, scope: Scope, *, type: Any, project_id: Any = None, options: Any = None,
+               priority: Any = 0, metadata: Any = None, description: Any = None,
+               timeout_s: Any = None, idempotency_key: Any = None) -> dict[str, Any]:
+        handler = self.handlers.get(type) if isinstance(type, str) else None
+        if handler is None:
+            raise InvalidParams(f"unknown job type {type!r} (known: "
+                                f"{', '.join(sorted(self.handlers))})", field="type")
+        if handler.admin_only and not scope.may_admin_types:
+            raise Forbidden(f"only admins may submit {type} jobs")
+        project_id = check_id(project_id, "project_id", optional=not handler.exclusive)
+        options = {} if options is None else options
+        if not isinstance(options, dict):
+            raise InvalidParams("options must be an object", field="options")
+        _json_size(options, "options", MAX_OPTIONS)
+        metadata = {} if metadata is None else metadata
+        if not isinstance(metadata, dict):
+            raise InvalidParams("metadata must be an object", field="metadata")
+        _json_size(metadata, "metadata", MAX_METADATA)
+        if description is not None and (not isinstance(description, str)
+                                        or len(description.encode()) > MAX_DESCRIPTION):
+            raise InvalidParams("description must be text of at most 1 KiB", field="description")
+        if isinstance(priority, bool) or not isinstance(priority, int) or not -100 <= priority <= 100:
+            raise InvalidParams(f"priority must be an integer from -100 to 100 (got {priority!r})",
+                                field="priority")
+        if priority > 0 and not scope.may_raise_priority:
+            raise Forbidden("only admins and services may set a priority above 0",
+                            field="priority")
+        if timeout_s is not None:
+            timeout_s = _number(timeout_s, "timeout_s", 1, 366 * 86400)
+        if idempotency_key is not None and (not isinstance(idempotency_key, str)
+                                            or not 0 < len(idempotency_key) <= 128):
+            raise InvalidParams("idempotency_key must be 1 to 128 characters",
+                                field="idempotency_key")
+        if "repo_path" in options and not scope.may_repo_path:
+            raise Forbidden("only admins and services may pass options.repo_path",
+                            field="options.repo_path")
+        options = handler.validate(options, user_id=scope.owner, project_id=project_id,
+                                   trusted=scope.may_repo_path, config=self.config)
+        ex = self.config.execution
+        draft = Job(id=str(uuid.uuid4()), type=type, user_id=scope.owner, project_id=project_id,
+                    status=JobStatus.CREATED, created_at=0, updated_at=0, version=0,
+                    priority=priority, options=options, metadata=metadata,
+                    description=description, timeout_s=timeout_s,
+                    idempotency_key=idempotency_key)
+        job, deduplicated = self.store.submit_job(
+            draft, actor=scope.actor, dedupe=handler.exclusive,
+            max_queued_per_user=ex.max_queued_per_user, max_queued_total=ex.max_queued_total)
+        if not deduplicated:
+            log.info("job_submitted", job_id=job.id, user_id=job.user_id, type=job.type,
+                     project_id=job.project_id, actor=scope.actor)
+        return dict(self._view(job).to_dict(), deduplicated=deduplicated)
+
+    def cancel(self, scope: Scope, job_id: str) -> dict[str, Any]:
+        """Cancel at once if queued; if running, ask the engine to stop it."""
+        job = self._job(scope, job_id)
+        if job.status is JobStatus.QUEUED:
+            try:
+                job = self.store.transition(job.id, JobStatus.CANCELLED, actor=scope.actor,
+                                            expect=[JobStatus.QUEUED], message="cancelled")
+                log.info("job_cancelled", job_id=job.id, actor=scope.actor)
+                return self._view(job).to_dict()
+            except Conflict:
+                job = self.store.get_job(job.id)  # it started meanwhile
+        if job.status is JobStatus.RUNNING:
+            job = self.store.request_cancel(job.id, actor=scope.actor)
+            self.engine.cancel(job.id)
+            log.info("job_cancel_requested", job_id=job.id, actor=scope.actor)
+            return self._view(job).to_dict()
+        if job.status is JobStatus.CANCELLED:
+            return self._view(job).to_dict()
+        raise Conflict(f"job {job.id} is {job.status}; only queued or running jobs can be "
+                       f"cancelled", detail={"status": str(job.status)})
+
+    def retry(self, scope: Scope, job_id: str) -> dict[str, Any]:
+        job = self._job(scope, job_id)
+        handler = self.handlers.get(job.type)
+        if handler is not None and handler.admin_only and not scope.may_admin_types:
+            raise Forbidden(f"only admins may retry {job.type} jobs")
+        if job.status not in (JobStatus.FAILED, JobStatus.CANCELLED):
+            raise Conflict(f"job {job.id} is {job.status}; only failed or cancelled jobs can be "
+                           f"retried", detail={"status": str(job.status)})
+        job = self.store.transition(job.id, JobStatus.QUEUED, actor=scope.actor,
+                                    expect=[JobStatus.FAILED, JobStatus.CANCELLED],
+                                    message="retried")
+        log.info("job_retried", job_id=job.id, actor=scope.actor)
+        return self._view(job).to_dict()
+
+    # -- admin ---------------------------------------------------------------------------
+
+    def stats(self, scope: Scope) -> dict[str, Any]:
+        if not scope.may_stats:
+            raise Forbidden("admin.stats is for admins")
+        counts = {str(s): 0 for s in JobStatus if s is not JobStatus.CREATED}
+        counts.update(self.store.counts())
+        dispatcher = self.engine.dispatcher
+        return {"jobs": counts, "running": dispatcher.running_count(),
+                "queued": dispatcher.queued_count(), "workers": dispatcher.workers,
+                "per_user": dispatcher.per_user(), "paused": dispatcher.paused,
+                "db_bytes": self.store.size_bytes(), "uptime_s": self.uptime_s()}
+
+    def cleanup(self, scope: Scope, *, older_than_s: Any = None,
+                dry_run: Any = False) -> dict[str, Any]:
+        if not scope.may_stats:
+            raise Forbidden("admin.cleanup is for admins")
+        if older_than_s is not None:
+            older_than_s = _number(older_than_s, "older_than_s", 0, 100 * 366 * 86400)
+        if not isinstance(dry_run, bool):
+            raise InvalidParams("dry_run must be true or false", field="dry_run")
+        return self.run_cleanup(older_than_s=older_than_s, dry_run=dry_run, actor=scope.actor)
+
+    def run_cleanup(self, *, older_than_s: float | None = None, dry_run: bool = False,
+                    actor: str = "jobd", now: int | None = None) -> dict[str, Any]:
+        """Delete terminal jobs past retention, with their logs; also the scheduled job."""
+        now = now if now is not None else time.time_ns() // 1000
+        keep = older_than_s if older_than_s is not None else self.config.retention.keep
+        keep_failed = (older_than_s if older_than_s is not None
+                       else self.config.retention.keep_failed)
+        cutoffs = (now - int(keep * 1e6), now - int(keep_failed * 1e6))
+        deleted = 0
+        for ids in self.store.cleanup(keep_before=cutoffs[0], keep_failed_before=cutoffs[1],
+                                      dry_run=dry_run):
+            deleted += len(ids)
+            if not dry_run:
+                for job_id in ids:
+                    for path in (self.engine.log_path(job_id),
+                                 self.engine.log_path(job_id).with_suffix(".log.base")):
+                        path.unlink(missing_ok=True)
+        log.info("cleanup_finished", deleted=deleted, dry_run=dry_run, actor=actor)
+        return {"deleted": deleted, "dry_run": dry_run,
+                "cutoffs": {"keep": iso(cutoffs[0]), "keep_failed": iso(cutoffs[1])}}
+
+    def pause(self, scope: Scope) -> dict[str, Any]:
+        return self._set_paused(scope, True)
+
+    def resume(self, scope: Scope) -> dict[str, Any]:
+        return self._set_paused(scope, False)
+
+    def _set_paused(self, scope: Scope, paused: bool) -> dict[str, Any]:
+        if not scope.may_pause:
+            raise Forbidden(f"admin.{'pause' if paused else 'resume'} is for admins")
+        self.engine.set_paused(paused)
+        log.info("dispatch_paused" if paused else "dispatch_resumed", actor=scope.actor)
+        return {"paused": paused}
+
+    def ping(self, caller: Any) -> dict[str, Any]:
+        return {"version": __version__, "uptime_s": self.uptime_s(),
+                "caller": {"uid": caller.uid, "user": caller.user, "role": str(caller.role)}}
+
+    def uptime_s(self) -> float:
+        return round(time.monotonic() - self.started, 3)
