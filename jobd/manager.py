@@ -19,7 +19,7 @@ from typing import Any
 import structlog
 
 from jobd import __version__, process
-from jobd.auth import Scope
+from jobd.auth import Scope, check_id
 from jobd.config import Config
 from jobd.engine import Engine
 from jobd.errors import Conflict, Forbidden, InvalidParams, NotFound
@@ -27,11 +27,10 @@ from jobd.handlers import Handler
 from jobd.models import TERMINAL, Job, JobStatus, from_iso, iso
 from jobd.store import Store
 
-__all__ = ["Hub", "Manager", "check_id"]
+__all__ = ["Hub", "Manager"]
 
 log = structlog.get_logger()
 
-ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 JOB_ID_RE = re.compile(r"^[0-9a-f-]{4,36}$")
 MAX_OPTIONS = 16 * 1024
 MAX_METADATA = 64 * 1024
@@ -39,14 +38,8 @@ MAX_DESCRIPTION = 1024
 MAX_WAIT_S = 60.0
 
 
-def check_id(value: Any, field: str, *, optional: bool = False) -> str | None:
-    """A user or project id per SPEC §3a, else InvalidParams naming ``field``."""
-    if value is None and optional:
-        return None
-    if not isinstance(value, str) or not ID_RE.match(value) or value in (".", ".."):
-        raise InvalidParams(f"{field} must match [A-Za-z0-9_][A-Za-z0-9._-]{{0,127}} "
-                            f"(got {value!r})", field=field)
-    return value
+def _optional_id(value: Any, field: str) -> str | None:
+    return None if value is None else check_id(value, field)
 
 
 def _check_job_id(job_id: Any) -> str:
@@ -194,8 +187,8 @@ class Manager:
                                 f"them (got {status!r})", field="status")
         if type is not None and not isinstance(type, str):
             raise InvalidParams("type must be a string", field="type")
-        user_filter = scope.check_filter(check_id(user_id, "user_id", optional=True))
-        check_id(project_id, "project_id", optional=True)
+        user_filter = scope.check_filter(_optional_id(user_id, "user_id"))
+        _optional_id(project_id, "project_id")
         if id_prefix is not None and (not isinstance(id_prefix, str)
                                       or not JOB_ID_RE.match(id_prefix)):
             raise InvalidParams("id_prefix must be at least 4 of [0-9a-f-]", field="id_prefix")
@@ -250,7 +243,8 @@ class Manager:
                                 f"{', '.join(sorted(self.handlers))})", field="type")
         if handler.admin_only and not scope.may_admin_types:
             raise Forbidden(f"only admins may submit {type} jobs")
-        project_id = check_id(project_id, "project_id", optional=not handler.exclusive)
+        project_id = (check_id(project_id, "project_id") if handler.exclusive
+                      else _optional_id(project_id, "project_id"))
         options = {} if options is None else options
         if not isinstance(options, dict):
             raise InvalidParams("options must be an object", field="options")

@@ -1,0 +1,524 @@
+"""Subprocesses of jobs: process groups, log capture, progress lines, cancel and timeout.
+
+Every program a job runs starts in its own session, so its whole process group can be
+signalled at once and nothing it spawned outlives the job (SPEC §5). Its output goes to
+the job's log, capped at ``max_log_bytes`` with the oldest output dropped first (SPEC
+§1), and every output line is checked for progress. After a daemon crash,
+``kill_orphan_group`` takes down the groups the dead daemon left behind (SPEC §6).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import functools
+import json
+import math
+import os
+import re
+import selectors
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import structlog
+
+__all__ = [
+    "Completed", "JobLog", "kill_orphan_group", "parse_progress", "process_start_time",
+    "read_log", "run",
+]
+
+_log = structlog.get_logger()
+
+_TICK = 0.01          # how often the loop looks at `stop` and the clock (an Event cannot be selected)
+_DRAIN = 0.5          # after the group is killed, how long its pipes may take to close
+_REAP = 1.0           # how long killed members of the group may take to become reapable
+_READ = 65536
+_MAX_LINE = 16384     # a longer unterminated line keeps only its tail for progress parsing
+_EOL = re.compile(rb"[\r\n]")
+
+# Text progress: a percentage that ends the line, or is followed only by what git adds:
+# "Receiving objects:  45% (45/100), 1.00 MiB | 2.00 MiB/s, done."
+_UNIT = r"[\d.]+\s*(?:bytes|[KMGTP]?i?B)"
+_BEFORE_PERCENT = re.compile(r"(?<![\d.])\d{1,3}(?:\.\d+)?$")
+_AFTER_PERCENT = re.compile(
+    rf"(?:\s*\(\d+/\d+\))?(?:,\s*{_UNIT}\s*\|\s*{_UNIT}/s)?(?:,\s*done\.?)?\s*")
+
+
+@dataclasses.dataclass(frozen=True)
+class Completed:
+    argv: tuple[str, ...]
+    returncode: int            #: negative = killed by that signal
+    cancelled: bool            #: stopped because `stop` was set
+    timed_out: bool            #: stopped because `deadline` passed
+    stdout: str                #: captured stdout text (only when capture=True, else "")
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _clamp(percent: float) -> float:
+    return min(100.0, max(0.0, percent))
+
+
+def parse_progress(line: str) -> tuple[float | None, str | None] | None:
+    """One output line -> (percent 0-100 or None, message or None), or None if not progress.
+
+    Forms: ``{"current": n, "total": m, "info": "..."}`` (percent None when total is 0),
+    ``{"progress": 42.5, "message": "..."}``, or text ending in ``NN%``/``NN.N%``, which
+    may be followed by git's count, throughput and ``, done.``; the message of a text
+    line is the whole stripped line.
+    """
+    text = line.strip()
+    if text.startswith("{") and text.endswith("}"):
+        try:
+            obj = json.loads(text)
+        except ValueError:
+            return None
+        if not isinstance(obj, dict):
+            return None
+        info = obj.get("info", obj.get("message"))
+        message = info if isinstance(info, str) else None
+        current, total = _number(obj.get("current")), _number(obj.get("total"))
+        if current is not None and total is not None:
+            return (_clamp(100.0 * current / total) if total else None), message
+        progress = _number(obj.get("progress"))
+        if progress is not None:
+            return _clamp(progress), message
+        return None
+    # what may follow the percentage holds no '%', so only the last one can qualify
+    at = text.rfind("%")
+    if at < 0 or not _AFTER_PERCENT.fullmatch(text, at + 1):
+        return None
+    number = _BEFORE_PERCENT.search(text, max(0, at - 32), at)
+    if number is None or float(number.group()) > 100:
+        return None
+    return float(number.group()), text
+
+
+# ---------------------------------------------------------------------------------- logs
+
+# Held while a log file and its `.base` sidecar are swapped, and while a reader picks up
+# the pair, so a reader never combines a new file with an old base or the reverse.
+_SWAP = threading.Lock()
+
+
+def _base_path(path: Path) -> Path:
+    return path.with_name(path.name + ".base")
+
+
+def _read_base(path: Path) -> int:
+    try:
+        return int(_base_path(path).read_text())
+    except FileNotFoundError:
+        return 0
+    except ValueError:
+        _log.warning("log_base_unreadable", path=str(_base_path(path)))
+        return 0
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+class JobLog:
+    """A job's captured output: append-only, thread-safe, at most ``max_bytes`` on disk.
+
+    When a write would pass ``max_bytes`` the oldest output is dropped, down to three
+    quarters of the cap (so a chatty job does not rewrite the file on every write), and
+    at a line boundary when one is near. Offsets are absolute over everything ever
+    written: ``<path>.base`` holds how many bytes were dropped.
+    """
+
+    def __init__(self, path: Path, max_bytes: int) -> None:
+        if max_bytes <= 0:
+            raise ValueError(f"max_bytes must be positive, not {max_bytes}")
+        self.path = Path(path)
+        self.max_bytes = max_bytes
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._fd: int | None = self._open()
+        self._size = os.fstat(self._fd).st_size
+        self._dropped = _read_base(self.path)
+        self._at_line_start = self._size == 0 or os.pread(self._fd, 1, self._size - 1) == b"\n"
+
+    def _open(self) -> int:
+        return os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+
+    def write(self, data: bytes) -> None:
+        with self._lock:
+            self._append(data)
+
+    def note(self, text: str) -> None:
+        """A line of jobd's own, ``[jobd] <text>``, on a line of its own."""
+        lines = b"".join(b"[jobd] " + part.encode("utf-8", "replace") + b"\n"
+                         for part in (text.splitlines() or [""]))
+        with self._lock:
+            self._append(lines if self._at_line_start else b"\n" + lines)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+    def _append(self, data: bytes) -> None:
+        if not data:
+            return
+        if self._fd is None:
+            raise ValueError(f"job log {self.path} is closed")
+        if self._size + len(data) <= self.max_bytes:
+            _write_all(self._fd, data)
+            self._size += len(data)
+        else:
+            self._trim_with(data)
+        self._at_line_start = data.endswith(b"\n")
+
+    def _trim_with(self, data: bytes) -> None:
+        assert self._fd is not None
+        keep = max(1, self.max_bytes * 3 // 4)
+        if len(data) >= keep:
+            tail = data[len(data) - keep:]
+        else:
+            need = keep - len(data)
+            tail = os.pread(self._fd, need, self._size - need) + data
+        # start the kept part at a line boundary, so the log does not open mid-line
+        newline = tail.find(b"\n", 0, min(4096, len(tail) - 1))
+        if newline != -1:
+            tail = tail[newline + 1:]
+        dropped = self._dropped + self._size + len(data) - len(tail)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        base_tmp = self.path.with_name(self.path.name + ".base.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+        try:
+            _write_all(fd, tail)
+        finally:
+            os.close(fd)
+        base_tmp.write_text(str(dropped))
+        with _SWAP:
+            os.replace(tmp, self.path)
+            os.replace(base_tmp, _base_path(self.path))
+        os.close(self._fd)
+        self._fd = self._open()
+        self._size = len(tail)
+        self._dropped = dropped
+
+
+def read_log(path: Path, offset: int, limit: int) -> tuple[bytes, int]:
+    """(data, next_offset) from absolute ``offset``; an offset in the dropped part starts
+    at the oldest kept byte. A missing file gives ``(b"", offset)``."""
+    path = Path(path)
+    with _SWAP:
+        base = _read_base(path)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return b"", offset
+    try:
+        start = max(offset, base)
+        data = os.pread(fd, limit, start - base) if limit > 0 else b""
+    finally:
+        os.close(fd)
+    return data, start + len(data)
+
+
+# ----------------------------------------------------------------------------- processes
+
+def _stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, pgrp, start time) of a process from /proc, None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # the command name may hold spaces and parentheses: fields resume after the last ')'
+    fields = raw[raw.rindex(b")") + 2:].split()
+    return fields[0].decode(), int(fields[2]), int(fields[19])
+
+
+def process_start_time(pid: int) -> int | None:
+    """Field 22 of /proc/<pid>/stat (clock ticks since boot), None if the process is gone."""
+    stat = _stat(pid)
+    return stat[2] if stat else None
+
+
+@functools.cache
+def _become_subreaper() -> None:
+    # Grandchildren of a job are re-parented to us rather than to init when their parent
+    # dies, so run() can reap them: not every init reaps orphans (containers).
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
+        _log.warning("subreaper_unavailable", error=os.strerror(ctypes.get_errno()))
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class _Lines:
+    """Splits a stream into lines on both \\r and \\n (git redraws its progress with \\r)."""
+
+    __slots__ = ("partial",)
+
+    def __init__(self) -> None:
+        self.partial = b""
+
+    def feed(self, data: bytes) -> list[bytes]:
+        parts = _EOL.split(self.partial + data)
+        self.partial = parts.pop()[-_MAX_LINE:]
+        return parts
+
+
+class _Child:
+    """One running program: reads its pipes until it is gone, signals its group."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], out: int, err: int, prog: int,
+                 log: JobLog, on_progress: Callable[[float | None, str | None], None] | None,
+                 capture: bool) -> None:
+        self.proc = proc
+        self.out = out
+        self.log = log
+        self.on_progress = on_progress
+        self.captured: list[bytes] | None = [] if capture else None
+        self.lines = {fd: _Lines() for fd in (out, err, prog)}
+        self.logged = {out, err}
+        self.open = {out, err, prog}
+        self.sel = selectors.DefaultSelector()
+        for fd in self.open:
+            os.set_blocking(fd, False)
+            self.sel.register(fd, selectors.EVENT_READ)
+        try:
+            # readable when the leader exits: wakes the loop at once instead of next tick
+            self.pidfd: int | None = os.pidfd_open(proc.pid)
+            self.sel.register(self.pidfd, selectors.EVENT_READ)
+        except OSError:
+            self.pidfd = None
+
+    def exited(self) -> bool:
+        # WNOWAIT: the leader stays a zombie, so its pid (the pgid) cannot be reused
+        # before the group is killed
+        return os.waitid(os.P_PID, self.proc.pid,
+                         os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+
+    def supervise(self, stop: threading.Event, deadline: float | None,
+                  grace: float) -> tuple[bool, bool]:
+        """Read output until the leader exits; (cancelled, timed_out)."""
+        cancelled = timed_out = False
+        kill_at: float | None = None
+        while not self.exited():
+            now = time.monotonic()
+            if kill_at is None:
+                cancelled = stop.is_set()
+                timed_out = not cancelled and deadline is not None and now >= deadline
+                if cancelled or timed_out:
+                    _signal_group(self.proc.pid, signal.SIGTERM)
+                    kill_at = now + grace
+            elif now >= kill_at:
+                _log.info("process_group_killed", pgid=self.proc.pid, grace_s=grace)
+                _signal_group(self.proc.pid, signal.SIGKILL)
+                kill_at = math.inf
+            self.pump(_TICK if kill_at is None else min(_TICK, max(0.0, kill_at - now)))
+        return cancelled, timed_out
+
+    def pump(self, timeout: float) -> None:
+        for key, _ in self.sel.select(timeout):
+            if key.fd != self.pidfd:
+                self.read(key.fd)
+
+    def read(self, fd: int) -> None:
+        try:
+            data = os.read(fd, _READ)
+        except BlockingIOError:
+            return
+        if not data:
+            self.sel.unregister(fd)
+            self.open.discard(fd)
+            self.parse(self.lines[fd].partial)
+            return
+        if fd in self.logged:
+            self.log.write(data)
+        if fd == self.out and self.captured is not None:
+            self.captured.append(data)
+        if self.on_progress is not None:
+            for line in self.lines[fd].feed(data):
+                self.parse(line)
+
+    def parse(self, line: bytes) -> None:
+        if self.on_progress is None or (b"%" not in line and b"{" not in line):
+            return
+        hit = parse_progress(line.decode("utf-8", "replace"))
+        if hit is not None:
+            self.on_progress(*hit)
+
+    def finish(self) -> None:
+        """Kill what is left of the group, reap it, and read what the pipes still hold."""
+        if self.pidfd is not None:
+            self.sel.unregister(self.pidfd)
+            os.close(self.pidfd)
+            self.pidfd = None
+        _signal_group(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        until = time.monotonic() + _DRAIN
+        while self.open and (left := until - time.monotonic()) > 0:
+            self.pump(left)
+        if self.open:
+            # a process that left the group (setsid) still holds a pipe: do not wait for it
+            _log.warning("process_pipes_abandoned", pgid=self.proc.pid)
+        self.reap_group()
+
+    def reap_group(self) -> None:
+        until = time.monotonic() + _REAP
+        while True:
+            try:
+                if os.waitid(os.P_PGID, self.proc.pid, os.WEXITED | os.WNOHANG) is None:
+                    if time.monotonic() >= until:
+                        _log.warning("process_group_unreaped", pgid=self.proc.pid)
+                        return
+                    time.sleep(0.001)
+            except ChildProcessError:
+                return
+
+    def close(self) -> None:
+        self.sel.close()
+        for fd in self.lines:
+            os.close(fd)
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+
+    def stdout(self) -> str:
+        return b"".join(self.captured).decode("utf-8", "replace") if self.captured else ""
+
+
+def _not_found(argv: tuple[str, ...], cwd: str | Path | None) -> FileNotFoundError:
+    if cwd is not None and not os.path.isdir(cwd):
+        return FileNotFoundError(
+            f"cannot run {argv[0]}: working directory {os.fspath(cwd)} does not exist")
+    return FileNotFoundError(
+        f"cannot run {argv[0]}: no such program (not found on PATH or not a file); "
+        "install it or give its full path")
+
+
+def run(argv: Sequence[str], *, cwd: str | Path | None, env: Mapping[str, str] | None,
+        log: JobLog, stop: threading.Event, deadline: float | None, grace: float,
+        on_progress: Callable[[float | None, str | None], None] | None = None,
+        on_spawn: Callable[[int, int], None] | None = None,
+        capture: bool = False) -> Completed:
+    """Run ``argv`` in its own session and process group, output to ``log``.
+
+    stdin is /dev/null; the environment is ``os.environ`` updated with ``env`` plus
+    ``JOBD_PROGRESS_FD``, a pipe for progress lines. Progress lines on stdout, stderr
+    and that pipe go to ``on_progress``. When ``stop`` is set or ``deadline`` (a
+    ``time.monotonic()`` value) passes, the group gets SIGTERM, then SIGKILL after
+    ``grace`` seconds. When the leader exits, whatever is left of its group is killed
+    and reaped. ``on_spawn(pgid, start_time)`` is called once the program started.
+    A missing program raises FileNotFoundError naming it.
+    """
+    args = tuple(argv)
+    if not args:
+        raise ValueError("empty command: argv must name a program")
+    _become_subreaper()
+    # all three pipes are close-on-exec in this process, so programs other threads
+    # start meanwhile cannot hold them open
+    (out_r, out_w), (err_r, err_w), (prog_r, prog_w) = os.pipe(), os.pipe(), os.pipe()
+    child_env = {**os.environ, **(env or {}), "JOBD_PROGRESS_FD": str(prog_w)}
+    try:
+        proc = subprocess.Popen(args, cwd=cwd, env=child_env, stdin=subprocess.DEVNULL,
+                                stdout=out_w, stderr=err_w, pass_fds=(prog_w,),
+                                close_fds=True, start_new_session=True)
+    except BaseException as exc:
+        for fd in (out_r, err_r, prog_r):
+            os.close(fd)
+        if isinstance(exc, FileNotFoundError):
+            raise _not_found(args, cwd) from None
+        raise
+    finally:
+        for fd in (out_w, err_w, prog_w):
+            os.close(fd)
+    child = _Child(proc, out_r, err_r, prog_r, log, on_progress, capture)
+    try:
+        if on_spawn is not None:
+            # the leader is not reaped yet, so /proc still has it (0 only without /proc)
+            on_spawn(proc.pid, process_start_time(proc.pid) or 0)
+        cancelled, timed_out = child.supervise(stop, deadline, grace)
+    except BaseException:
+        _signal_group(proc.pid, signal.SIGKILL)
+        proc.wait()
+        child.reap_group()
+        raise
+    else:
+        child.finish()
+    finally:
+        child.close()
+    assert proc.returncode is not None
+    return Completed(argv=args, returncode=proc.returncode, cancelled=cancelled,
+                     timed_out=timed_out, stdout=child.stdout())
+
+
+def kill_orphan_group(pgid: int, start_time: int | None) -> int:
+    """After a daemon crash: SIGKILL what is left of a job's process group; how many.
+
+    The group is the job's only if its leader (pid == pgid), when alive, started exactly
+    at ``start_time``; with the leader gone, the members that started at or after
+    ``start_time`` are the job's (an older one cannot be its descendant). Without a
+    recorded start time nothing can be proven, so nothing is killed.
+    """
+    if start_time is None or pgid <= 1 or pgid == os.getpgrp():
+        return 0
+    killed: set[tuple[int, int]] = set()
+    # repeat: a member may have forked between the scan and its kill
+    for _ in range(5):
+        members = {}  # pid -> (state, start time)
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit() and (stat := _stat(int(entry.name))) and stat[1] == pgid:
+                members[int(entry.name)] = stat[0], stat[2]
+        if pgid in members and members[pgid][1] != start_time:
+            break  # the pgid belongs to a later, unrelated group (even if a zombie)
+        fresh = {(pid, st) for pid, (state, st) in members.items()
+                 if state not in ("Z", "X") and st >= start_time
+                 and (pid, st) not in killed and pid != os.getpid()}
+        if not fresh:
+            break
+        for pid, st in fresh:
+            if _kill_if_same(pid, st):
+                killed.add((pid, st))
+    if killed:
+        _log.info("orphan_group_killed", pgid=pgid, killed=len(killed))
+    return len(killed)
+
+
+def _kill_if_same(pid: int, start_time: int) -> bool:
+    """SIGKILL ``pid`` only if it is still the process that started at ``start_time``."""
+    try:
+        # through a pidfd, the check and the kill reach the same process even if the pid
+        # is reused in between
+        pidfd: int | None = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pidfd = None  # pidfd_open filtered (older container runtimes): plain kill
+    try:
+        stat = _stat(pid)
+        if stat is None or stat[2] != start_time:
+            return False
+        if pidfd is None:
+            os.kill(pid, signal.SIGKILL)
+        else:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        return True
+    except ProcessLookupError:
+        return False
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
