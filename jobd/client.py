@@ -1,0 +1,397 @@
+"""Client and AsyncClient: jobd's JSON-RPC over its Unix socket, for Python callers.
+
+This module owns the client side of SPEC §4 and §8: finding the daemon's socket
+(SPEC §1's order), the line framing, one reused connection per client, and turning
+JSON-RPC errors back into the ``jobd.errors`` class of their code. ``jobctl`` and the
+CIDX web server both use it.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import errno
+import itertools
+import json
+import os
+import select
+import socket as _socket
+import threading
+from pathlib import Path
+from typing import Any, Awaitable, Generic, Mapping, TypeVar
+
+from jobd import errors
+from jobd.config import default_socket_paths
+
+__all__ = ["AsyncClient", "Client", "MAX_LINE_BYTES", "socket_candidates"]
+
+#: the longest response line read; a page of jobs.list with big metadata stays under it
+MAX_LINE_BYTES = 64 * 1024 * 1024
+
+_START_HINT = ("start it with `systemctl start jobd` (or `jobd serve` as yourself), "
+               "or name its socket with JOBD_SOCKET")
+
+#: methods that may be sent again after the connection broke mid-call
+_READS = frozenset({"ping", "jobs.get", "jobs.list", "jobs.wait", "jobs.events", "jobs.logs",
+                    "admin.stats"})
+
+_R = TypeVar("_R")
+
+
+def socket_candidates(socket: str | os.PathLike[str] | None = None,
+                      env: Mapping[str, str] | None = None) -> list[Path]:
+    """The sockets to try, in order: ``socket``, else ``$JOBD_SOCKET``, else SPEC §1's defaults.
+
+    An explicit choice is the only candidate. Of the defaults, the ordinary-user socket
+    is tried only if its file exists; the system socket always is, so that a failure
+    names at least one path.
+    """
+    env = os.environ if env is None else env
+    chosen = socket or env.get("JOBD_SOCKET")
+    if chosen:
+        return [Path(chosen)]
+    *user, system = default_socket_paths(env)
+    return [p for p in user if p.exists()] + [system]
+
+
+def _connect_failure(path: Path, exc: BaseException) -> str:
+    """One path's reason, for the Unreachable message."""
+    if isinstance(exc, TimeoutError):
+        return f"socket {path}: no answer to connect (timed out)"
+    code = getattr(exc, "errno", None)
+    if code == errno.ENOENT:
+        return f"socket {path}: no daemon answers (no such file)"
+    if code == errno.ECONNREFUSED:
+        return f"socket {path}: no daemon answers (connection refused)"
+    if code in (errno.EACCES, errno.EPERM):
+        return (f"socket {path}: permission denied; only the socket's owner and group may "
+                "connect (ask an admin to add you to the daemon's group)")
+    if code == errno.ENOTSOCK:
+        return f"socket {path}: no daemon answers (not a socket)"
+    return f"socket {path}: no daemon answers ({getattr(exc, 'strerror', None) or exc})"
+
+
+def _unreachable(reasons: list[str]) -> errors.Unreachable:
+    return errors.Unreachable("; ".join(reasons + [_START_HINT]), detail={"tried": reasons})
+
+
+def _broken(path: Path | None, method: str, exc: BaseException | None) -> errors.Unreachable:
+    why = f" ({exc})" if exc else ""
+    return errors.Unreachable(
+        f"socket {path}: the connection broke during {method}{why}; the call may or may not "
+        "have taken effect, so look (e.g. `jobctl list`) before repeating it")
+
+
+def _timed_out(path: Path | None, method: str, timeout: float | None) -> errors.Unreachable:
+    return errors.Unreachable(f"socket {path}: no answer to {method} within {timeout:g} s; "
+                              "the daemon may be overloaded or stuck")
+
+
+def _too_long(path: Path | None, method: str) -> errors.InternalError:
+    return errors.InternalError(f"socket {path}: the answer to {method} is longer than "
+                                f"{MAX_LINE_BYTES} bytes")
+
+
+def _request(req_id: int, method: str, params: dict[str, Any]) -> bytes:
+    return json.dumps({"jsonrpc": "2.0", "id": req_id, "method": method, "params": params},
+                      separators=(",", ":")).encode() + b"\n"
+
+
+def _result(path: Path | None, req_id: int, line: bytes) -> Any:
+    """The result of one response line, or raise the ``jobd.errors`` class of its error."""
+    try:
+        response = json.loads(line)
+    except ValueError:
+        raise errors.InternalError(f"socket {path}: the daemon sent a line that is not JSON: "
+                                   f"{line[:200]!r}") from None
+    if not isinstance(response, dict):
+        raise errors.InternalError(f"socket {path}: the daemon sent {type(response).__name__}, "
+                                   "not a JSON-RPC response")
+    # an error about the framing itself (a line too long) comes back with id null
+    if response.get("id") not in (req_id, None) or (response.get("id") is None
+                                                    and "error" not in response):
+        raise errors.InternalError(f"socket {path}: the daemon answered request "
+                                   f"{response.get('id')!r} while {req_id} was due")
+    if "error" not in response:
+        return response.get("result")
+    error = response["error"] if isinstance(response["error"], dict) else {}
+    data = error.get("data") if isinstance(error.get("data"), dict) else {}
+    code = error.get("code")
+    cls = errors.BY_CODE.get(code, errors.JobdError) if isinstance(code, int) else errors.JobdError
+    exc = cls(str(error.get("message") or cls.__doc__ or "error"),
+              field=data.get("field"), detail=data.get("detail"))
+    if isinstance(code, int):
+        exc.code = code
+    if isinstance(data.get("http_status"), int):
+        exc.http_status = data["http_status"]
+    raise exc
+
+
+class _Api(abc.ABC, Generic[_R]):
+    """The methods of SPEC §4, written once for both clients.
+
+    Each method is one ``call``: ``Client`` returns its result, ``AsyncClient`` a
+    coroutine of it.
+    """
+
+    def __init__(self, socket: str | os.PathLike[str] | None, as_user: str | None,
+                 as_admin: bool, timeout: float | None) -> None:
+        self._candidates = socket_candidates(socket)
+        self.as_user = as_user
+        self.as_admin = as_admin
+        self.timeout = timeout
+        self._ids = itertools.count(1)
+        self._path: Path | None = None
+
+    @property
+    def socket_path(self) -> Path | None:
+        """The socket of the daemon this client is connected to (None before the first call)."""
+        return self._path
+
+    def _prepare(self, method: str,
+                 params: dict[str, Any]) -> tuple[dict[str, Any], float | None, bool]:
+        """(params as sent, how long to wait for the answer, whether a resend is safe)."""
+        params = {k: v for k, v in params.items() if v is not None}
+        if method != "ping":
+            if self.as_user is not None:
+                params.setdefault("as_user", self.as_user)
+            if self.as_admin:
+                params.setdefault("as_admin", True)
+        timeout = self.timeout
+        if timeout is not None and method == "jobs.wait":
+            # the daemon holds a long poll open for up to timeout_s (default 30)
+            timeout += float(params.get("timeout_s", 30))
+        # a submit with an idempotency key returns the same job when sent twice
+        safe = method in _READS or (method == "jobs.submit" and "idempotency_key" in params)
+        return params, timeout, safe
+
+    @abc.abstractmethod
+    def call(self, method: str, **params: Any) -> _R:
+        """Send one request and return its result (None params are left out)."""
+
+    def ping(self) -> _R:
+        return self.call("ping")
+
+    def submit(self, type: str, project_id: str | None = None, *,
+               options: dict[str, Any] | None = None, priority: int | None = None,
+               metadata: dict[str, Any] | None = None, description: str | None = None,
+               timeout_s: float | None = None, idempotency_key: str | None = None) -> _R:
+        return self.call("jobs.submit", type=type, project_id=project_id, options=options,
+                         priority=priority, metadata=metadata, description=description,
+                         timeout_s=timeout_s, idempotency_key=idempotency_key)
+
+    def get(self, job_id: str) -> _R:
+        return self.call("jobs.get", job_id=job_id)
+
+    def list(self, **filters: Any) -> _R:
+        """``{jobs, next_cursor}``; filters: status, type, user_id, project_id,
+        created_after, created_before, id_prefix, limit, cursor."""
+        return self.call("jobs.list", **filters)
+
+    def cancel(self, job_id: str, wait: bool = False) -> _R:
+        return self.call("jobs.cancel", job_id=job_id, wait=wait or None)
+
+    def retry(self, job_id: str) -> _R:
+        return self.call("jobs.retry", job_id=job_id)
+
+    def wait(self, job_id: str, after_version: int | None = None,
+             timeout_s: float | None = None) -> _R:
+        return self.call("jobs.wait", job_id=job_id, after_version=after_version,
+                         timeout_s=timeout_s)
+
+    def events(self, job_id: str) -> _R:
+        return self.call("jobs.events", job_id=job_id)
+
+    def logs(self, job_id: str, offset: int = 0, limit_bytes: int | None = None) -> _R:
+        return self.call("jobs.logs", job_id=job_id, offset=offset, limit_bytes=limit_bytes)
+
+    def stats(self) -> _R:
+        return self.call("admin.stats")
+
+    def cleanup(self, older_than_s: float | None = None, dry_run: bool = False) -> _R:
+        return self.call("admin.cleanup", older_than_s=older_than_s, dry_run=dry_run or None)
+
+    def pause(self) -> _R:
+        return self.call("admin.pause")
+
+    def resume(self) -> _R:
+        return self.call("admin.resume")
+
+
+class Client(_Api[Any]):
+    """A blocking client on one connection, opened at the first call and reused.
+
+    Thread-safe: calls from several threads take turns on the connection. A thread
+    that long-polls (``wait``) while others call should use its own Client.
+    """
+
+    def __init__(self, socket: str | os.PathLike[str] | None = None, as_user: str | None = None,
+                 as_admin: bool = False, timeout: float | None = 60.0) -> None:
+        super().__init__(socket, as_user, as_admin, timeout)
+        self._lock = threading.Lock()
+        self._sock: _socket.socket | None = None
+        self._reader: Any = None
+
+    def call(self, method: str, **params: Any) -> Any:
+        params, timeout, safe = self._prepare(method, params)
+        with self._lock:
+            for attempt in (1, 2):
+                if self._sock is None or self._peer_closed():
+                    self._open()
+                req_id = next(self._ids)
+                try:
+                    line = self._exchange(_request(req_id, method, params), timeout)
+                except TimeoutError:
+                    self._drop()
+                    raise _timed_out(self._path, method, timeout) from None
+                except OSError as e:
+                    self._drop()
+                    if safe and attempt == 1:
+                        continue
+                    raise _broken(self._path, method, e) from None
+                except BaseException:
+                    self._drop()  # interrupted: the answer would come to the next call
+                    raise
+                if not line.endswith(b"\n"):
+                    self._drop()
+                    if len(line) > MAX_LINE_BYTES:
+                        raise _too_long(self._path, method)
+                    if safe and attempt == 1:
+                        continue
+                    raise _broken(self._path, method, None)
+                return _result(self._path, req_id, line)
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    def _open(self) -> None:
+        reasons = []
+        for path in self._candidates:
+            sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+            sock.settimeout(self.timeout)
+            try:
+                sock.connect(str(path))
+            except OSError as e:
+                sock.close()
+                reasons.append(_connect_failure(path, e))
+                continue
+            self._sock, self._path = sock, path
+            self._reader = sock.makefile("rb")
+            return
+        raise _unreachable(reasons)
+
+    def _exchange(self, request: bytes, timeout: float | None) -> bytes:
+        assert self._sock is not None
+        self._sock.settimeout(timeout)
+        self._sock.sendall(request)
+        line: bytes = self._reader.readline(MAX_LINE_BYTES + 1)
+        return line
+
+    def _peer_closed(self) -> bool:
+        """Whether the daemon closed this idle connection (it does after ``idle_timeout``).
+
+        Checked before each call, so that a submit does not go out on a connection
+        that is already gone and then fail with an unknown outcome.
+        """
+        assert self._sock is not None
+        readable, _, _ = select.select([self._sock], [], [], 0)
+        if not readable:
+            return False
+        # end of stream, or bytes nobody asked for: either way the connection is no use
+        self._drop()
+        return True
+
+    def _drop(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+        if self._sock is not None:
+            self._sock.close()
+        self._sock = self._reader = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncClient(_Api[Awaitable[Any]]):
+    """The asyncio twin of ``Client``: every method is a coroutine, one connection per client."""
+
+    def __init__(self, socket: str | os.PathLike[str] | None = None, as_user: str | None = None,
+                 as_admin: bool = False, timeout: float | None = 60.0) -> None:
+        super().__init__(socket, as_user, as_admin, timeout)
+        self._lock = asyncio.Lock()
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def call(self, method: str, **params: Any) -> Any:
+        params, timeout, safe = self._prepare(method, params)
+        async with self._lock:
+            for attempt in (1, 2):
+                if self._reader is None or self._reader.at_eof():
+                    await self._open()
+                req_id = next(self._ids)
+                try:
+                    async with asyncio.timeout(timeout):
+                        line = await self._exchange(_request(req_id, method, params))
+                except TimeoutError:
+                    self._drop()
+                    raise _timed_out(self._path, method, timeout) from None
+                except asyncio.LimitOverrunError:
+                    self._drop()
+                    raise _too_long(self._path, method) from None
+                except (OSError, asyncio.IncompleteReadError) as e:
+                    self._drop()
+                    if safe and attempt == 1:
+                        continue
+                    raise _broken(self._path, method, e if isinstance(e, OSError) else None
+                                  ) from None
+                except BaseException:
+                    self._drop()  # cancelled: the answer would come to the next call
+                    raise
+                return _result(self._path, req_id, line)
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    async def _open(self) -> None:
+        self._drop()
+        reasons = []
+        for path in self._candidates:
+            try:
+                async with asyncio.timeout(self.timeout):
+                    self._reader, self._writer = await asyncio.open_unix_connection(
+                        str(path), limit=MAX_LINE_BYTES)
+            except (OSError, TimeoutError) as e:
+                reasons.append(_connect_failure(path, e))
+                continue
+            self._path = path
+            return
+        raise _unreachable(reasons)
+
+    async def _exchange(self, request: bytes) -> bytes:
+        assert self._reader is not None and self._writer is not None
+        self._writer.write(request)
+        await self._writer.drain()
+        return await self._reader.readuntil(b"\n")
+
+    def _drop(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self._reader = self._writer = None
+
+    async def close(self) -> None:
+        async with self._lock:
+            writer = self._writer
+            self._drop()
+            if writer is not None:
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
