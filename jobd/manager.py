@@ -22,7 +22,7 @@ from jobd import __version__, process
 from jobd.auth import Scope, check_id
 from jobd.config import Config
 from jobd.engine import Engine
-from jobd.errors import Conflict, Forbidden, InvalidParams, NotFound
+from jobd.errors import Conflict, Forbidden, InvalidParams, NotFound, Unavailable
 from jobd.handlers import Handler
 from jobd.models import TERMINAL, Job, JobStatus, from_iso, iso
 from jobd.store import Store
@@ -81,6 +81,13 @@ class Hub:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
+        self.closed = False
+
+    def close(self) -> None:
+        """The daemon is stopping: wake every waiter now rather than at its timeout."""
+        self.closed = True
+        for job_id in list(self._waiters):
+            self._wake(job_id)
 
     def notify(self, job_id: str) -> None:
         if job_id in self._waiters:
@@ -166,10 +173,12 @@ class Manager:
             fut = self.hub.subscribe(job_id)
             try:
                 # read after subscribing, so a change in between still wakes us
-                job = self._view(self._job(scope, job_id))
+                job = await asyncio.to_thread(lambda: self._view(self._job(scope, job_id)))
                 remaining = deadline - time.monotonic()
                 if job.terminal or ready(job) or remaining <= 0:
                     return job.to_dict()
+                if self.hub.closed:
+                    raise Unavailable("jobd is shutting down; wait again in a moment")
                 try:
                     await asyncio.wait_for(asyncio.shield(fut), remaining)
                 except asyncio.TimeoutError:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import functools
 import json
 import re
@@ -74,6 +75,12 @@ class Rpc:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
+
+    async def offload(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        """Run blocking work (the database) on the pool, with the call's log context."""
+        ctx = contextvars.copy_context()
+        return await asyncio.get_running_loop().run_in_executor(
+            self.pool, functools.partial(ctx.run, fn, *args, **kw))
 
     # -- the protocol --------------------------------------------------------------------
 
@@ -139,16 +146,19 @@ class Rpc:
     def _table(self) -> dict[str, Callable[..., Awaitable[Any]]]:
         m = self.manager
 
-        def scoped(fn: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+        def scoped(name: str, fn: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
             """A user-scoped method: takes as_user/as_admin, runs ``fn(scope, ...)`` off-loop."""
             @functools.wraps(fn)
             async def method(caller: Caller, *, as_user: Any = None, as_admin: Any = False,
                              **params: Any) -> Any:
+                structlog.contextvars.clear_contextvars()
+                structlog.contextvars.bind_contextvars(method=name, caller=caller.user)
+                if isinstance(params.get("job_id"), str):
+                    structlog.contextvars.bind_contextvars(job_id=params["job_id"])
                 scope = auth.scope(caller, as_user, as_admin)
                 if asyncio.iscoroutinefunction(fn):
                     return await fn(scope, **params)
-                return await asyncio.get_running_loop().run_in_executor(
-                    self.pool, functools.partial(fn, scope, **params))
+                return await self.offload(fn, scope, **params)
             return _answer(method, fn)
 
         async def ping(caller: Caller) -> Any:
@@ -157,27 +167,19 @@ class Rpc:
         async def cancel(scope: auth.Scope, job_id: Any, wait: Any = False) -> Any:
             if not isinstance(wait, bool):
                 raise errors.InvalidParams("wait must be true or false", field="wait")
-            loop = asyncio.get_running_loop()
-            job = await loop.run_in_executor(self.pool, m.cancel, scope, job_id)
+            job = await self.offload(m.cancel, scope, job_id)
             if wait and job["status"] == "running":
                 job = await m.wait_stopped(scope, job_id)
             return job
 
-        return {
-            "ping": _answer(ping, ping),
-            "jobs.submit": scoped(m.submit),
-            "jobs.get": scoped(m.get),
-            "jobs.list": scoped(m.list),
-            "jobs.cancel": scoped(cancel),
-            "jobs.retry": scoped(m.retry),
-            "jobs.wait": scoped(m.wait),
-            "jobs.events": scoped(m.events),
-            "jobs.logs": scoped(m.logs),
-            "admin.stats": scoped(m.stats),
-            "admin.cleanup": scoped(m.cleanup),
-            "admin.pause": scoped(m.pause),
-            "admin.resume": scoped(m.resume),
+        scoped_methods = {
+            "jobs.submit": m.submit, "jobs.get": m.get, "jobs.list": m.list,
+            "jobs.cancel": cancel, "jobs.retry": m.retry, "jobs.wait": m.wait,
+            "jobs.events": m.events, "jobs.logs": m.logs, "admin.stats": m.stats,
+            "admin.cleanup": m.cleanup, "admin.pause": m.pause, "admin.resume": m.resume,
         }
+        return {"ping": _answer(ping, ping),
+                **{name: scoped(name, fn) for name, fn in scoped_methods.items()}}
 
 
 def _answer(method: Callable[..., Awaitable[Any]], signature_of: Callable[..., Any]

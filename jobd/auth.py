@@ -1,0 +1,137 @@
+"""Who is calling and what they may do: socket peer -> Caller, and Caller -> Scope (SPEC §3).
+
+The daemon trusts only the kernel's word on the peer (``SO_PEERCRED``) and the password
+and group databases; ``as_user``/``as_admin`` are claims this module accepts or refuses
+by the table of SPEC §3. ``Scope`` is the answer every user-scoped call works from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import grp
+import os
+import pwd
+import re
+import socket
+import struct
+
+from jobd.config import Config
+from jobd.errors import Forbidden, InvalidParams, Unauthenticated
+from jobd.models import Role
+
+__all__ = ["Caller", "Scope", "check_id", "identify", "peer_credentials", "scope"]
+
+_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+_UCRED = struct.Struct("3i")
+
+
+@dataclasses.dataclass(frozen=True)
+class Caller:
+    uid: int
+    pid: int
+    user: str
+    role: Role
+    groups: frozenset[str]
+
+
+def check_id(value: object, field: str) -> str:
+    """A user or project id as SPEC §3a allows it, else InvalidParams naming ``field``."""
+    if not isinstance(value, str) or not _ID.fullmatch(value) or value in (".", ".."):
+        raise InvalidParams(
+            f"{field} {value!r} is not a valid id: use 1-128 letters, digits, '_', '.' or '-', "
+            "not starting with '.' or '-'", field=field)
+    return value
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a connected Unix socket."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    pid, uid, gid = _UCRED.unpack(raw)
+    return pid, uid, gid
+
+
+def _listed(entries: tuple[str, ...], user: str, groups: frozenset[str]) -> bool:
+    return any(e[1:] in groups if e.startswith("@") else e == user for e in entries)
+
+
+def identify(uid: int, gid: int, pid: int, config: Config, *,
+             daemon_uid: int | None = None) -> Caller:
+    """The Caller for a peer: its login name, group names and role."""
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = f"uid-{uid}"
+        gids = [gid]
+    else:
+        gids = os.getgrouplist(user, gid)
+    names = set()
+    for g in gids:
+        try:
+            names.add(grp.getgrgid(g).gr_name)
+        except KeyError:
+            pass  # a gid without a name cannot be listed as @group anyway
+    groups = frozenset(names)
+    own_uid = os.getuid() if daemon_uid is None else daemon_uid
+    if uid in (0, own_uid) or _listed(config.auth.admins, user, groups):
+        role = Role.ADMIN
+    elif _listed(config.auth.services, user, groups):
+        role = Role.SERVICE
+    else:
+        role = Role.USER
+    return Caller(uid=uid, pid=pid, user=user, role=role, groups=groups)
+
+
+@dataclasses.dataclass(frozen=True)
+class Scope:
+    caller: Caller
+    user_id: str | None      #: whose jobs this call sees; None = everyone's
+    owner: str               #: who owns a job submitted in this scope
+    actor: str               #: for event rows: "alice", "admin:root", "service:cidx"
+    may_repo_path: bool      #: options.repo_path
+    may_admin_types: bool    #: submit or retry `command` and `noop`
+    may_raise_priority: bool  #: priority above 0
+    may_stats: bool          #: admin.stats and admin.cleanup
+    may_pause: bool          #: admin.pause and admin.resume
+
+    def check_filter(self, user_id: str | None) -> str | None:
+        """The ``user_id`` filter of jobs.list, as it applies in this scope."""
+        if self.user_id is None:
+            return user_id
+        if user_id is None or user_id == self.user_id:
+            return self.user_id
+        raise Forbidden(f"user_id {user_id!r} is outside this call's scope: "
+                        f"you see only the jobs of {self.user_id!r}")
+
+
+def scope(caller: Caller, as_user: str | None, as_admin: bool) -> Scope:
+    """The scope of one call by ``caller`` with the given ``as_user``/``as_admin`` (SPEC §3)."""
+    if as_user is not None:
+        check_id(as_user, "as_user")
+    if not isinstance(as_admin, bool):
+        raise InvalidParams(f"as_admin must be true or false, not {as_admin!r}", field="as_admin")
+    role, name = caller.role, caller.user
+
+    if role is Role.USER:
+        if as_admin:
+            raise Forbidden(f"{name} is not a jobd admin: as_admin is for admins and services "
+                            "(see auth.admins and auth.services in jobd.toml)")
+        if as_user is not None and as_user != name:
+            raise Forbidden(f"{name} may act only as themselves, not as {as_user!r}: "
+                            "drop as_user")
+        return Scope(caller, user_id=name, owner=name, actor=name, may_repo_path=False,
+                     may_admin_types=False, may_raise_priority=False, may_stats=False,
+                     may_pause=False)
+
+    if role is Role.SERVICE:
+        if as_user is None:
+            raise Unauthenticated(f"service {name} must say whom it acts for: "
+                                  "pass as_user (with as_admin for one of its admins)")
+        return Scope(caller, user_id=None if as_admin else as_user, owner=as_user,
+                     actor=f"service:{name}", may_repo_path=True, may_admin_types=False,
+                     may_raise_priority=True, may_stats=as_admin, may_pause=False)
+
+    # an admin acting for a user keeps the rights over jobs, not over the daemon
+    scoped = as_user is not None and not as_admin
+    return Scope(caller, user_id=as_user if scoped else None, owner=as_user or name,
+                 actor=f"admin:{name}", may_repo_path=True, may_admin_types=True,
+                 may_raise_priority=True, may_stats=not scoped, may_pause=not scoped)

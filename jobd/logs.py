@@ -1,0 +1,71 @@
+"""structlog set-up: one pipeline for jobd's own events and the stdlib loggers it uses.
+
+JSON lines on stderr for journald, or structlog's console renderer on a terminal.
+Events from ``logging`` (jsonrpcserver, apscheduler, asyncio) pass through the same
+processors, so every line has the same shape; ``job_id``/``user_id``/``method`` bound
+with ``structlog.contextvars`` appear on every line logged inside a call.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import structlog
+
+__all__ = ["setup"]
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+           "error": logging.ERROR, "critical": logging.CRITICAL}
+_FORMATS = ("auto", "json", "console")
+
+_handler: logging.Handler | None = None   # ours, replaced (not added to) on a second setup
+
+
+def setup(level: str = "info", fmt: str = "auto") -> None:
+    """Configure structlog and the root logger; calling it again replaces the set-up."""
+    global _handler
+    levelno = _LEVELS.get(level.lower())
+    if levelno is None:
+        raise ValueError(f"log level {level!r}: use one of {', '.join(_LEVELS)}")
+    if fmt not in _FORMATS:
+        raise ValueError(f"log format {fmt!r}: use one of {', '.join(_FORMATS)}")
+    if fmt == "auto":
+        fmt = "console" if sys.stderr.isatty() else "json"
+
+    shared: list[structlog.typing.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    renderer: list[structlog.typing.Processor]
+    if fmt == "json":
+        renderer = [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
+    else:
+        colors = sys.stderr.isatty() and "NO_COLOR" not in os.environ
+        # plain tracebacks: frame locals of a job could hold secrets and flood the log
+        renderer = [structlog.dev.ConsoleRenderer(
+            colors=colors, exception_formatter=structlog.dev.plain_traceback)]
+
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *renderer],
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    if _handler is not None:
+        root.removeHandler(_handler)
+    root.addHandler(handler)
+    root.setLevel(levelno)
+    _handler = handler
+
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        # filtered-out calls return at once, so debug events cost nothing in production
+        wrapper_class=structlog.make_filtering_bound_logger(levelno),
+        cache_logger_on_first_use=True,
+    )
