@@ -1,0 +1,129 @@
+"""The ``index`` job type, and the indexing phase it shares with ``sync``.
+
+Which repository a sync or index job acts on (options ``repo_path`` and
+``full_reindex``, checked at submit and again when the job runs) and how the
+configured indexer is run (``builtin:manifest``, or an argv with ``{repo}``,
+``{user_id}`` and ``{project_id}`` filled in, reporting progress by SPEC §5's protocol)
+live here; ``sync.py`` adds fetching and merging in front.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from jobd import errors
+from jobd.handlers import (Handler, JobContext, JobFailed, git, manifest, progress_between,
+                           reject_unknown)
+from jobd.models import Phase
+
+if TYPE_CHECKING:
+    from jobd.config import Config
+
+__all__ = ["IndexHandler", "index_repository", "repository", "validate_repository"]
+
+#: the placeholders an index command's argv may contain
+_PLACEHOLDER = re.compile(r"\{(repo|user_id|project_id)\}")
+
+
+def validate_repository(options: dict[str, Any], *, user_id: str, project_id: str | None,
+                        trusted: bool, config: Config) -> tuple[dict[str, Any], Path]:
+    """Check ``project_id``, ``repo_path`` and ``full_reindex``: (normalised options, path).
+
+    A ``repo_path`` must already be a git work tree; a repository from the template may
+    not exist yet (the job then fails when it runs unless it has been cloned by then).
+    """
+    if project_id is None:
+        raise errors.InvalidParams("project_id is required for this job type", field="project_id")
+    out: dict[str, Any] = {}
+    full = options.get("full_reindex", False)
+    if not isinstance(full, bool):
+        raise errors.InvalidParams("full_reindex must be true or false",
+                                   field="options.full_reindex")
+    out["full_reindex"] = full
+    repo_path = options.get("repo_path")
+    if repo_path is not None and not trusted:
+        raise errors.InvalidParams(
+            "only admins and services may pass repo_path; omit it to use the project's "
+            "repository", field="options.repo_path")
+    repo = git.locate(config, user_id=user_id, project_id=project_id, repo_path=repo_path)
+    if repo_path is not None:
+        try:
+            git.check_work_tree(repo)
+        except JobFailed as e:
+            raise errors.InvalidParams(str(e), field="options.repo_path") from None
+        out["repo_path"] = str(repo)
+    return out, repo
+
+
+def repository(ctx: JobContext) -> Path:
+    """The job's repository, checked again as it runs: under the allowed roots, a work tree."""
+    job = ctx.job
+    try:
+        repo = git.locate(ctx.config, user_id=job.user_id, project_id=job.project_id,
+                          repo_path=job.options.get("repo_path"))
+    except errors.InvalidParams as e:
+        raise JobFailed(e.message) from None
+    git.check_work_tree(repo)
+    return repo
+
+
+def index_repository(ctx: JobContext, repo: Path, *, full: bool, low: float,
+                     high: float) -> dict[str, Any]:
+    """Run the configured indexer over ``repo``; return its summary.
+
+    The summary of ``builtin:manifest`` counts files; an external indexer's summary is
+    its argv and exit status (its own output is in the job's log).
+    """
+    sync = ctx.config.sync
+    command = sync.full_index_command if full else sync.index_command
+    if command == "builtin:manifest":
+        return manifest.build(ctx, repo, full=full, low=low, high=high)
+    if isinstance(command, str):
+        raise JobFailed(f"index command {command!r} is not known; configure "
+                        "\"builtin:manifest\" or an argv list")
+    values = {"repo": str(repo), "user_id": ctx.job.user_id,
+              "project_id": ctx.job.project_id or ""}
+    argv = [_PLACEHOLDER.sub(lambda m: values[m.group(1)], arg) for arg in command]
+    ctx.run(argv, cwd=str(repo), on_progress=progress_between(ctx, low, high))
+    return {"command": argv, "returncode": 0, "files_indexed": None}
+
+
+class IndexHandler(Handler):
+    """Re-index a project's repository without fetching (SPEC §5: the indexing phase alone)."""
+
+    name = "index"
+    exclusive = True
+
+    def validate(self, options: dict[str, Any], *, user_id: str, project_id: str | None,
+                 trusted: bool, config: Config) -> dict[str, Any]:
+        reject_unknown(options, ("repo_path", "full_reindex"))
+        out, _ = validate_repository(options, user_id=user_id, project_id=project_id,
+                                     trusted=trusted, config=config)
+        return out
+
+    def run(self, ctx: JobContext) -> dict[str, Any]:
+        repo = repository(ctx)
+        done = ctx.load_checkpoints().get(Phase.INDEXING)
+        if done is None:
+            ctx.set_phase(Phase.INDEXING, f"indexing {repo}")
+            started = time.monotonic()
+            summary = index_repository(ctx, repo, full=bool(ctx.job.options.get("full_reindex")),
+                                       low=0.0, high=95.0)
+            done = {"index": summary, "seconds": round(time.monotonic() - started, 3)}
+            ctx.save_checkpoint(Phase.INDEXING, done)
+        ctx.set_phase(Phase.FINALIZING, "writing the summary")
+        started = time.monotonic()
+        summary = done["index"]
+        result = {
+            "revision": git.revision(repo),
+            "files_indexed": summary.get("files_indexed"),
+            "index": summary,
+            "seconds": {"indexing": done["seconds"],
+                        "finalizing": round(time.monotonic() - started, 3)},
+        }
+        ctx.set_progress(100.0, f"indexed {repo}")
+        return result
+

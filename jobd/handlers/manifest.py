@@ -1,0 +1,207 @@
+"""``builtin:manifest``: the default indexer, a record of every tracked file.
+
+For each path ``git ls-files`` lists it stores size, modification time, line count and
+SHA-256 in ``<state dir>/manifests/<user>/<project>.json`` (outside the repository,
+written to a temporary file and renamed, so a reader sees the old or the new manifest,
+never half of one). A file whose (size, mtime_ns) is unchanged since the last manifest
+keeps its old hash unless a full re-index is asked for.
+
+Symbolic links are never followed (SPEC §3a): a tracked link is recorded with its
+target string, and every directory on the way to a file is opened with O_NOFOLLOW, so a
+path that passes through a link is skipped rather than read.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import stat
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from jobd.handlers import Cancelled, JobContext, JobFailed, git
+
+if TYPE_CHECKING:
+    from jobd.config import Config
+
+__all__ = ["FORMAT", "build", "manifest_path"]
+
+#: version of the manifest file's layout
+FORMAT = 1
+
+_CHUNK = 1 << 20
+_PROGRESS_EVERY_S = 0.2
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: a path replaced by a FIFO in the work tree must not hang the job
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+
+
+def manifest_path(config: Config, user_id: str, project_id: str) -> Path:
+    """``<state dir>/manifests/<user>/<project>.json``."""
+    for value in (user_id, project_id):
+        if not value or "/" in value or "\0" in value or value in (".", ".."):
+            raise JobFailed(f"{value!r} cannot name a manifest file")
+    return config.state_dir / "manifests" / user_id / f"{project_id}.json"
+
+
+def build(ctx: JobContext, repo: Path, *, full: bool, low: float, high: float) -> dict[str, Any]:
+    """Write the manifest of ``repo`` for the job's (user, project); return the counts.
+
+    Progress goes from ``low`` to ``high`` of the whole job while files are hashed; the
+    job's cancellation is honoured between files (the old manifest is then kept).
+    """
+    job = ctx.job
+    path = manifest_path(ctx.config, job.user_id, job.project_id or "")
+    previous = _load(path, ctx)
+    listed = git.run(repo, "ls-files", "-z").stdout.split(b"\0")
+    # an unmerged path is listed once per stage
+    names = list(dict.fromkeys(os.fsdecode(p) for p in listed if p))
+    total = len(names)
+    ctx.set_progress(low, f"indexing {total} tracked files")
+
+    files: dict[str, dict[str, Any]] = {}
+    rehashed = skipped = 0
+    last_report = time.monotonic()
+    root = os.open(repo, _DIR_FLAGS)
+    try:
+        for i, name in enumerate(names):
+            if ctx.cancelled:
+                raise Cancelled(f"cancelled while indexing ({i} of {total} files done)")
+            old = previous.get(name)
+            entry, hashed = _entry(root, name, old if not full else None)
+            if entry is None:
+                skipped += 1
+            else:
+                files[name] = entry
+            rehashed += hashed
+            now = time.monotonic()
+            if now - last_report >= _PROGRESS_EVERY_S:
+                last_report = now
+                ctx.set_progress(low + (high - low) * (i + 1) / total,
+                                 f"indexed {i + 1} of {total} files")
+    finally:
+        os.close(root)
+
+    if skipped:
+        ctx.joblog.note(f"manifest: skipped {skipped} tracked paths that are missing from the "
+                        "work tree, lie beyond a symbolic link, or are not files")
+    _write(path, {
+        "format": FORMAT,
+        "user_id": job.user_id,
+        "project_id": job.project_id,
+        "repository": str(repo),
+        "revision": git.revision(repo),
+        "written_at": time.time(),
+        "files": files,
+    })
+    summary = {
+        "files_indexed": len(files),
+        "added": sum(1 for n in files if n not in previous),
+        "changed": sum(1 for n, e in files.items()
+                       if n in previous and _content(previous[n]) != _content(e)),
+        "removed": sum(1 for n in previous if n not in files),
+        "rehashed": rehashed,
+    }
+    ctx.set_progress(high, f"indexed {len(files)} files ({rehashed} hashed)")
+    return summary
+
+
+def _content(entry: dict[str, Any]) -> tuple[Any, ...]:
+    """What makes two entries the same file as far as an index cares."""
+    return entry.get("type"), entry.get("sha256"), entry.get("target")
+
+
+def _entry(root: int, name: str, old: dict[str, Any] | None
+           ) -> tuple[dict[str, Any] | None, int]:
+    """(entry, 1 if hashed else 0) for one tracked path, never following a link.
+
+    ``old`` is the previous entry to reuse when size and mtime are unchanged (None to
+    hash regardless). The entry is None when the path cannot be recorded.
+    """
+    parts = name.split("/")
+    opened: list[int] = []
+    try:
+        parent = root
+        for part in parts[:-1]:
+            parent = os.open(part, _DIR_FLAGS, dir_fd=parent)
+            opened.append(parent)
+        leaf = parts[-1]
+        st = os.stat(leaf, dir_fd=parent, follow_symlinks=False)
+        if stat.S_ISLNK(st.st_mode):
+            return {"type": "link", "target": os.readlink(leaf, dir_fd=parent)}, 0
+        if not stat.S_ISREG(st.st_mode):
+            return None, 0
+        if (old is not None and old.get("type") == "file" and old.get("size") == st.st_size
+                and old.get("mtime_ns") == st.st_mtime_ns):
+            return old, 0
+        fd = os.open(leaf, _FILE_FLAGS, dir_fd=parent)
+        try:
+            entry = _hash(fd)
+        finally:
+            os.close(fd)
+        return entry, int(entry is not None)
+    except OSError as e:
+        # gone from the work tree, or a directory on the way is a symbolic link (ELOOP)
+        # or a file (ENOTDIR): nothing to record
+        if e.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
+            return None, 0
+        raise JobFailed(f"cannot read {name}: {e.strerror}") from None
+    finally:
+        for dir_fd in opened:
+            os.close(dir_fd)
+
+
+def _hash(fd: int) -> dict[str, Any] | None:
+    # size and mtime from before the read: a file changed meanwhile differs next time
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    digest = hashlib.sha256()
+    lines = 0
+    last = b"\n"
+    while chunk := os.read(fd, _CHUNK):
+        digest.update(chunk)
+        lines += chunk.count(b"\n")
+        last = chunk[-1:]
+    if last != b"\n":
+        lines += 1
+    return {"type": "file", "size": st.st_size, "mtime_ns": st.st_mtime_ns, "lines": lines,
+            "sha256": digest.hexdigest()}
+
+
+def _load(path: Path, ctx: JobContext) -> dict[str, dict[str, Any]]:
+    """The previous manifest's files, or nothing when there is none that can be read."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        files = data["files"]
+        if data.get("format") != FORMAT or not isinstance(files, dict):
+            raise ValueError(f"format {data.get('format')!r}")
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        ctx.joblog.note(f"manifest: ignoring unreadable {path} ({e}); hashing every file")
+        return {}
+    return {k: v for k, v in files.items() if isinstance(v, dict)}
+
+
+def _write(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, separators=(",", ":"))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

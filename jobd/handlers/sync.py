@@ -1,0 +1,380 @@
+"""The ``sync`` job type: fetch and merge a project's repository, then re-index it.
+
+Phases (SPEC §5), with their share of the whole job's progress:
+
+- ``init`` (0–5): the repository is where the rules allow and is a clean work tree;
+  the remote is configured there; which branch, and the revision before the sync.
+- ``git_sync`` (5–40): ``git fetch`` of the branch into ``refs/remotes/<remote>/``
+  (git's own percentages drive the progress), a switch to the branch if another one is
+  checked out, then the merge by strategy: ``ff-only``, ``merge`` or ``reset``. If
+  anything fails or the job is cancelled, the work tree is put back where it was.
+- ``indexing`` (40–95): the configured indexer (see ``index.py``).
+- ``finalizing`` (95–100): the result.
+
+Each finished phase saves a checkpoint with what the later ones need; a job resumed
+after a restart skips the phases it finished (an interrupted indexing does not fetch
+again), but the repository's location is checked again every time.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from jobd import errors
+from jobd.handlers import Cancelled, Handler, JobContext, JobFailed, git, index, reject_unknown
+from jobd.models import Phase
+
+if TYPE_CHECKING:
+    from jobd.config import Config
+
+__all__ = ["PHASES", "STRATEGIES", "SyncHandler"]
+
+#: each phase's share of the whole job's progress, in percent
+PHASES: dict[str, tuple[float, float]] = {
+    Phase.INIT: (0.0, 5.0),
+    Phase.GIT_SYNC: (5.0, 40.0),
+    Phase.INDEXING: (40.0, 95.0),
+    Phase.FINALIZING: (95.0, 100.0),
+}
+#: how a fetched branch is brought into the work tree
+STRATEGIES = ("ff-only", "merge", "reset")
+
+_OPTIONS = ("branch", "remote", "full_reindex", "strategy", "repo_path")
+_FETCH_END = 35.0  # of git_sync's 5–40, the fetch takes 5–35; merge and diff the rest
+# the stages git fetch reports, each 0–100%, as parts of the whole fetch
+_FETCH_STAGES = (
+    ("counting objects", 0.0, 0.05),
+    ("compressing objects", 0.05, 0.15),
+    ("receiving objects", 0.15, 0.9),
+    ("resolving deltas", 0.9, 1.0),
+)
+_SHOWN_FILES = 10
+
+
+class SyncHandler(Handler):
+    """Bring a project's repository up to date with its remote, then re-index it."""
+
+    name = "sync"
+    exclusive = True
+
+    def validate(self, options: dict[str, Any], *, user_id: str, project_id: str | None,
+                 trusted: bool, config: Config) -> dict[str, Any]:
+        reject_unknown(options, _OPTIONS)
+        common, repo = index.validate_repository(options, user_id=user_id,
+                                                 project_id=project_id, trusted=trusted,
+                                                 config=config)
+        branch = options.get("branch")
+        if branch is not None and (problem := git.branch_problem(branch)):
+            raise errors.InvalidParams(problem, field="options.branch")
+        remote = options.get("remote")
+        if remote is None:
+            remote = config.sync.remote
+        if problem := git.remote_problem(remote):
+            raise errors.InvalidParams(problem, field="options.remote")
+        strategy = options.get("strategy", "ff-only")
+        if strategy not in STRATEGIES:
+            raise errors.InvalidParams(
+                f"strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}",
+                field="options.strategy")
+        # a repository that exists already must have the remote; one that does not yet
+        # is checked when the job runs
+        if repo.exists():
+            if "repo_path" not in common:  # a repo_path has been checked already
+                try:
+                    git.check_work_tree(repo)
+                except JobFailed as e:
+                    raise errors.InvalidParams(str(e), field="project_id") from None
+            try:
+                _require_remote(repo, remote)
+            except JobFailed as e:
+                raise errors.InvalidParams(str(e), field="options.remote") from None
+        return {"branch": branch, "remote": remote, "full_reindex": common["full_reindex"],
+                "strategy": strategy, **({"repo_path": common["repo_path"]}
+                                         if "repo_path" in common else {})}
+
+    def run(self, ctx: JobContext) -> dict[str, Any]:
+        opts = ctx.job.options
+        done = ctx.load_checkpoints()
+        if done:
+            ctx.joblog.note(f"resuming after the finished phases {', '.join(done)}")
+        repo = index.repository(ctx)
+        init = _phase(ctx, done, Phase.INIT, f"checking {repo}",
+                      lambda: _init(ctx, repo, opts))
+        pulled = _phase(ctx, done, Phase.GIT_SYNC,
+                        f"fetching {init['branch']} from {init['remote']}",
+                        lambda: _git_sync(ctx, repo, init, opts["strategy"],
+                                          resumed=Phase.INIT in done))
+        indexed = _phase(ctx, done, Phase.INDEXING, f"indexing {repo}",
+                         lambda: {"index": index.index_repository(
+                             ctx, repo, full=bool(opts.get("full_reindex")),
+                             low=PHASES[Phase.INDEXING][0], high=PHASES[Phase.INDEXING][1])})
+
+        ctx.set_phase(Phase.FINALIZING, "writing the summary")
+        started = time.monotonic()
+        summary = indexed["index"]
+        result = {
+            "old_revision": init["old_revision"],
+            "new_revision": pulled["new_revision"],
+            "commits_pulled": pulled["commits_pulled"],
+            "files_added": pulled["files_added"],
+            "files_modified": pulled["files_modified"],
+            "files_deleted": pulled["files_deleted"],
+            "files_indexed": summary.get("files_indexed"),
+            "index": summary,
+            "seconds": {
+                "init": init["seconds"],
+                "git_sync": pulled["seconds"],
+                "indexing": indexed["seconds"],
+                "finalizing": round(time.monotonic() - started, 3),
+            },
+        }
+        ctx.set_progress(100.0, f"synced {init['branch']}: "
+                                f"{_plural(pulled['commits_pulled'], 'commit')} pulled")
+        return result
+
+
+def _phase(ctx: JobContext, done: dict[str, dict[str, Any]], phase: str, message: str,
+           work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run one phase unless an earlier attempt finished it; checkpoint what it returns."""
+    end = PHASES[phase][1]
+    if phase in done:
+        ctx.set_progress(end)
+        return done[phase]
+    if ctx.cancelled:
+        raise Cancelled(f"cancelled before {phase}")
+    ctx.set_phase(phase, message)
+    started = time.monotonic()
+    data = work()
+    data["seconds"] = round(time.monotonic() - started, 3)
+    ctx.save_checkpoint(phase, data)
+    ctx.set_progress(end)
+    return data
+
+
+def _init(ctx: JobContext, repo: Path, opts: dict[str, Any]) -> dict[str, Any]:
+    remote = opts["remote"]
+    _require_remote(repo, remote)
+    if git.revision(repo, "MERGE_HEAD"):
+        raise JobFailed(f"a merge is in progress in {repo}; finish it or run "
+                        "`git merge --abort` there, then sync again")
+    old_branch = _current_branch(repo)
+    branch = opts.get("branch") or old_branch
+    if branch is None:
+        raise JobFailed(f"{repo} has a detached HEAD; pass options.branch to say which "
+                        "branch to sync")
+    old_revision = git.revision(repo)
+    # a failed sync resets the work tree to where it was, which must not lose edits
+    if opts["strategy"] != "reset" and old_revision is not None:
+        dirty = _split(git.run(repo, "diff", "--name-only", "-z", "HEAD", "--").stdout)
+        if dirty:
+            raise JobFailed(f"{repo} has uncommitted changes to {_names(dirty)}; commit or "
+                            "discard them, or use strategy reset to overwrite them")
+    return {"repo": str(repo), "remote": remote, "branch": branch, "old_branch": old_branch,
+            "old_revision": old_revision}
+
+
+def _git_sync(ctx: JobContext, repo: Path, init: dict[str, Any], strategy: str, *,
+              resumed: bool) -> dict[str, Any]:
+    try:
+        # an attempt interrupted by a crash may have left a merge or a moved HEAD
+        _restore(ctx, repo, init, git_was_stopped=resumed)
+        return _fetch_and_merge(ctx, repo, init, strategy)
+    except BaseException:
+        _restore(ctx, repo, init, git_was_stopped=ctx.cancelled)
+        raise
+
+
+def _fetch_and_merge(ctx: JobContext, repo: Path, init: dict[str, Any], strategy: str
+                     ) -> dict[str, Any]:
+    remote, branch, old = init["remote"], init["branch"], init["old_revision"]
+    _require_remote(repo, remote)
+    ref = f"refs/remotes/{remote}/{branch}"
+    upstream = f"{remote}/{branch}"
+    try:
+        _git(ctx, repo, "fetch", "--progress", "--no-recurse-submodules", "--", remote,
+             f"+refs/heads/{branch}:{ref}", on_progress=_fetch_progress(ctx))
+    except JobFailed as e:
+        raise JobFailed(f"fetching {branch} from {remote} failed: {e}") from None
+    fetched = git.revision(repo, ref)
+    if fetched is None:
+        raise JobFailed(f"fetching {branch} from {remote} left no {ref}")
+    if ctx.cancelled:
+        raise Cancelled("cancelled after fetching")
+    ctx.set_progress(_FETCH_END, f"merging {upstream} into {branch} ({strategy})")
+
+    if branch != init["old_branch"]:
+        if git.revision(repo, f"refs/heads/{branch}"):
+            _git(ctx, repo, "checkout", "-q", branch, "--")
+        else:
+            _git(ctx, repo, "checkout", "-q", "-b", branch, ref, "--")
+    head = git.revision(repo)
+    if strategy == "reset":
+        _git(ctx, repo, "reset", "--hard", fetched, "--")
+    elif strategy == "ff-only":
+        if head is not None and not _is_ancestor(repo, head, fetched):
+            if not _is_ancestor(repo, fetched, head):
+                ahead = _count(repo, f"{fetched}..{head}")
+                behind = _count(repo, f"{head}..{fetched}")
+                raise JobFailed(
+                    f"{branch} has diverged from {upstream} ({ahead} local and {behind} "
+                    f"upstream commits not in the other); use strategy merge or reset")
+            # only local commits are new: nothing to fast-forward
+        else:
+            _git(ctx, repo, "merge", "--ff-only", "--", ref)
+    else:
+        merged = ctx.run(git.argv(repo, "merge", "--no-edit", "--", ref,
+                                  config=_identity(repo)),
+                         cwd=str(repo), env=git.ENV, check=False)
+        if merged.cancelled or merged.timed_out:
+            raise Cancelled("cancelled while merging")
+        if merged.returncode != 0:
+            conflicts = _split(git.run(repo, "diff", "--name-only", "-z", "--diff-filter=U",
+                                       check=False).stdout)
+            if conflicts:
+                raise JobFailed(f"merging {upstream} into {branch} conflicts in "
+                                f"{_names(conflicts)}; resolve them in {repo} or use "
+                                "strategy reset to take the upstream version")
+            raise JobFailed(f"merging {upstream} into {branch} failed (git exited with "
+                            f"{merged.returncode}); the job's log has git's message")
+
+    # a cancel that arrived while git ran still undoes the sync: the phase is not over
+    if ctx.cancelled:
+        raise Cancelled("cancelled while merging")
+    new = git.revision(repo)
+    added, modified, deleted = _changes(repo, old, new)
+    commits = 0 if new == old else _count(repo, f"{old}..{new}" if old else new)
+    ctx.set_progress(PHASES[Phase.GIT_SYNC][1],
+                     f"pulled {_plural(commits, 'commit')}: {len(added)} added, "
+                     f"{len(modified)} modified, {len(deleted)} deleted")
+    return {"new_revision": new, "commits_pulled": commits, "files_added": len(added),
+            "files_modified": len(modified), "files_deleted": len(deleted)}
+
+
+def _restore(ctx: JobContext, repo: Path, init: dict[str, Any], *, git_was_stopped: bool
+             ) -> None:
+    """Put the work tree back on the branch and revision it had before the sync.
+
+    Runs git directly rather than through the context: it must work while the job is
+    being cancelled. Safe to repeat: it only changes what differs. ``git_was_stopped``:
+    a git of this job may have been killed (cancel, or a crash of the daemon), so a
+    lock it left is stale.
+    """
+    old_branch, old = init["old_branch"], init["old_revision"]
+    done: list[str] = []
+    try:
+        if git_was_stopped:
+            # nothing else works on this repository while the job runs (one sync per
+            # project), so the lock is the stopped git's
+            lock = Path(git.output(repo, "rev-parse", "--absolute-git-dir")) / "index.lock"
+            if lock.exists():
+                lock.unlink()
+                done.append("removed the index.lock left by the stopped git")
+        if git.revision(repo, "MERGE_HEAD"):
+            git.run(repo, "merge", "--abort", check=False)
+            done.append("aborted the merge")
+        branch = _current_branch(repo)
+        if old is not None and branch != old_branch:
+            if old_branch is not None:
+                git.run(repo, "checkout", "-q", "-f", old_branch, "--")
+            else:
+                git.run(repo, "checkout", "-q", "-f", "--detach", old, "--")
+            done.append(f"checked out {old_branch or old} again")
+        if old is not None and git.revision(repo) != old:
+            git.run(repo, "reset", "--hard", "-q", old, "--")
+            done.append(f"reset to {old}")
+    except (JobFailed, OSError) as e:
+        ctx.log.error("sync_restore_failed", repo=str(repo), error=str(e))
+        ctx.joblog.note(f"could not put {repo} back at {old}: {e}")
+        return
+    if done:
+        ctx.joblog.note(f"work tree put back: {'; '.join(done)}")
+        ctx.log.info("sync_work_tree_restored", repo=str(repo), revision=old)
+
+
+def _git(ctx: JobContext, repo: Path, *args: str,
+         on_progress: Callable[[float | None, str | None], None] | None = None) -> None:
+    ctx.run(git.argv(repo, *args), cwd=str(repo), env=git.ENV, on_progress=on_progress)
+
+
+def _fetch_progress(ctx: JobContext) -> Callable[[float | None, str | None], None]:
+    """Map git fetch's per-stage percentages onto the fetch's share of the job."""
+    low, high = PHASES[Phase.GIT_SYNC][0], _FETCH_END
+
+    def report(percent: float | None, message: str | None) -> None:
+        text = (message or "").lower()
+        if percent is not None:
+            for stage, start, end in _FETCH_STAGES:
+                if stage in text:
+                    share = start + (end - start) * percent / 100.0
+                    ctx.set_progress(low + (high - low) * share, message)
+                    return
+        if message:
+            ctx.set_message(message)
+    return report
+
+
+def _require_remote(repo: Path, remote: str) -> None:
+    configured = git.remotes(repo)
+    if remote not in configured:
+        raise JobFailed(
+            f"remote {remote!r} is not configured in {repo} (configured: "
+            f"{', '.join(configured) or 'none'}); add it with `git remote add` or pass "
+            "options.remote")
+
+
+def _current_branch(repo: Path) -> str | None:
+    done = git.run(repo, "symbolic-ref", "-q", "--short", "HEAD", check=False)
+    return done.stdout.decode().strip() or None
+
+
+def _is_ancestor(repo: Path, older: str, newer: str) -> bool:
+    done = git.run(repo, "merge-base", "--is-ancestor", older, newer, check=False)
+    if done.returncode not in (0, 1):
+        raise git.GitError(f"git merge-base in {repo} exited with {done.returncode}: "
+                           f"{git.last_line(done.stderr)}")
+    return done.returncode == 0
+
+
+def _count(repo: Path, revisions: str) -> int:
+    return int(git.output(repo, "rev-list", "--count", revisions, "--"))
+
+
+def _changes(repo: Path, old: str | None, new: str | None
+             ) -> tuple[list[str], list[str], list[str]]:
+    """(added, modified, deleted) paths between two revisions."""
+    if new is None or old == new:
+        return [], [], []
+    if old is None:
+        tree = git.run(repo, "ls-tree", "-r", "-z", "--name-only", new, "--").stdout
+        return _split(tree), [], []
+    fields = _split(git.run(repo, "diff", "--name-status", "-z", "--no-renames", old, new,
+                            "--").stdout)
+    added: list[str] = []
+    modified: list[str] = []
+    deleted: list[str] = []
+    for status, path in zip(fields[::2], fields[1::2]):
+        {"A": added, "D": deleted}.get(status[:1], modified).append(path)
+    return added, modified, deleted
+
+
+def _identity(repo: Path) -> list[str]:
+    """Fallback committer settings for a merge commit, for whatever the repository lacks."""
+    return [f"{key}={value}" for key, value in (("user.name", "jobd"),
+                                                ("user.email", "jobd@localhost"))
+            if git.run(repo, "config", "--get", key, check=False).returncode != 0]
+
+
+def _split(data: bytes) -> list[str]:
+    return [p.decode("utf-8", "surrogateescape") for p in data.split(b"\0") if p]
+
+
+def _names(paths: list[str]) -> str:
+    shown = ", ".join(paths[:_SHOWN_FILES])
+    more = len(paths) - _SHOWN_FILES
+    return f"{shown} and {more} more" if more > 0 else shown
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
