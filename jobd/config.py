@@ -179,11 +179,6 @@ def _coerce(where: str, key: str, default: Any, value: Any, section: str) -> Any
         if value < (0 if key == "max_recoveries" else 1):
             raise ValueError(f"must be positive, not {value}")
         return value
-    if isinstance(default, tuple) and isinstance(value, list) and key not in (
-            "index_command", "full_index_command"):
-        if not all(isinstance(v, str) for v in value):
-            raise ValueError("must be a list of strings")
-        return tuple(value)
     if key in ("index_command", "full_index_command"):
         if isinstance(value, str) and value.startswith("builtin:"):
             if value != "builtin:manifest":
@@ -192,6 +187,10 @@ def _coerce(where: str, key: str, default: Any, value: Any, section: str) -> Any
         if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
             return tuple(value)
         raise ValueError('must be "builtin:manifest" or a non-empty list of strings (argv)')
+    if isinstance(default, tuple):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"must be a list of strings, not {value!r}")
+        return tuple(value)
     if isinstance(default, str):
         if not isinstance(value, str):
             raise ValueError(f"must be a string, not {value!r}")
@@ -204,8 +203,11 @@ def _coerce(where: str, key: str, default: Any, value: Any, section: str) -> Any
     raise ValueError(f"unexpected value {value!r}")
 
 
-def _env_value(raw: str) -> Any:
-    """An environment value as TOML would read it (so ``8`` is an int, ``[..]`` a list)."""
+def _env_value(raw: str, default: Any, key: str) -> Any:
+    """An environment value as TOML would read it (so ``8`` is an int, ``[..]`` a list),
+    but as it stands for a text setting (so ``JOBD_SERVER_SOCKET_MODE=600`` is ``"600"``)."""
+    if isinstance(default, str) and key not in ("index_command", "full_index_command"):
+        return raw
     try:
         return tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
@@ -237,25 +239,28 @@ def load(config_file: str | os.PathLike[str] | None = None, *, socket: str | Non
                                   f"(known: {', '.join(_SECTIONS)})")
             if not isinstance(table, dict):
                 raise ConfigError(f"{path}: {name} must be a table [{name}]")
-            sections[name].update((k, (str(path), v)) for k, v in table.items())
+            sections[name].update((k, (str(path), v, False)) for k, v in table.items())
 
     for key, raw_value in env.items():
         m = re.fullmatch(r"JOBD_([A-Z]+)_([A-Z_]+)", key)
         if m and m.group(1).lower() in _SECTIONS:
-            sections[m.group(1).lower()][m.group(2).lower()] = (
-                f"environment {key}", _env_value(raw_value))
+            sections[m.group(1).lower()][m.group(2).lower()] = (f"environment {key}",
+                                                                raw_value, True)
 
     built: dict[str, Any] = {}
     for name, cls in _SECTIONS.items():
         defaults = cls()
         fields = {f.name for f in dataclasses.fields(cls)}
         values = {}
-        for key, (where, value) in sections[name].items():
+        for key, (where, value, from_env) in sections[name].items():
             if key not in fields:
                 raise ConfigError(f"{where}: unknown key {name}.{key} "
                                   f"(known: {', '.join(sorted(fields))})")
+            default = getattr(defaults, key)
+            if from_env:
+                value = _env_value(value, default, key)
             try:
-                values[key] = _coerce(where, key, getattr(defaults, key), value, name)
+                values[key] = _coerce(where, key, default, value, name)
             except ValueError as e:
                 raise ConfigError(f"{where}: {name}.{key} {e}") from None
         built[name] = dataclasses.replace(defaults, **values)

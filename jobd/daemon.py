@@ -83,6 +83,7 @@ async def _serve(config: Config) -> int:
     log.info("jobd_stopping")
     notify("STOPPING=1\nSTATUS=stopping: finishing running jobs")
     rpc.shutting_down = True
+    hub.close()  # long polls answer now, so they do not hold up the stop
     watchdog.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await watchdog

@@ -339,7 +339,7 @@ class Engine:
                 end, kw = JobStatus.CANCELLED, {"message": "cancelled"}
             elif ctx.reason == "timeout":
                 end, kw = JobStatus.FAILED, {"error": f"timed out after {_duration(ctx.timeout_s)}"}
-            elif ctx.reason == "shutdown":
+            elif ctx.reason == "shutdown" and failure is not None:
                 if handler is not None and handler.resumable:
                     end, kw = JobStatus.QUEUED, {"message": "interrupted by shutdown"}
                 else:

@@ -120,21 +120,29 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 
+# The jobs_finished index's own condition, written out so that SQLite may use that partial
+# index when the status itself is a bound parameter.
+_FINISHED = "status IN ('completed', 'failed', 'cancelled')"
+
+# options, metadata and result come back as one JSON array: one decode per job, not three
+# (listing 100 jobs is mostly decoding)
 _COLUMNS = ("seq, id, type, user_id, project_id, status, progress, phase, message, priority, "
-            "options, metadata, result, error, attempts, recoveries, cancel_requested, version, "
-            "description, timeout_s, idempotency_key, created_at, started_at, completed_at, "
-            "updated_at")
+            "'[' || options || ',' || metadata || ',' || ifnull(result, 'null') || ']', "
+            "error, attempts, recoveries, cancel_requested, version, description, timeout_s, "
+            "idempotency_key, created_at, started_at, completed_at, updated_at")
+
+_STATUS = {str(s): s for s in JobStatus}
 
 
 def _job(row: Sequence[Any]) -> Job:
+    options, metadata, result = json.loads(row[10])
     return Job(
         seq=row[0], id=row[1], type=row[2], user_id=row[3], project_id=row[4],
-        status=JobStatus(row[5]), progress=row[6], phase=row[7], message=row[8],
-        priority=row[9], options=json.loads(row[10]), metadata=json.loads(row[11]),
-        result=json.loads(row[12]) if row[12] is not None else None, error=row[13],
-        attempts=row[14], recoveries=row[15], cancel_requested=bool(row[16]),
-        version=row[17], description=row[18], timeout_s=row[19], idempotency_key=row[20],
-        created_at=row[21], started_at=row[22], completed_at=row[23], updated_at=row[24],
+        status=_STATUS[row[5]], progress=row[6], phase=row[7], message=row[8],
+        priority=row[9], options=options, metadata=metadata, result=result, error=row[11],
+        attempts=row[12], recoveries=row[13], cancel_requested=bool(row[14]),
+        version=row[15], description=row[16], timeout_s=row[17], idempotency_key=row[18],
+        created_at=row[19], started_at=row[20], completed_at=row[21], updated_at=row[22],
     )
 
 
@@ -142,8 +150,8 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
-def _storage_error(e: sqlite3.Error, path: Path) -> JobdError:
-    """A failed write as the client should hear it."""
+def _storage_error(e: sqlite3.Error, path: Path) -> JobdError | sqlite3.Error:
+    """A failed write as the client should hear it (a bug's error is passed on as it is)."""
     text = str(e)
     if "full" in text:
         return Unavailable(f"storage full: {path}: {text}; free space, then retry")
@@ -151,7 +159,7 @@ def _storage_error(e: sqlite3.Error, path: Path) -> JobdError:
         return Unavailable(f"storage read-only: {path}: {text}")
     if "disk I/O" in text or "unable to open" in text:
         return Unavailable(f"storage unavailable: {path}: {text}")
-    raise e
+    return e
 
 
 @dataclasses.dataclass
@@ -232,6 +240,10 @@ class _Writer(threading.Thread):
                 try:
                     value = fn(tx)
                 except BaseException as e:  # noqa: BLE001 - handed to the caller
+                    if isinstance(e, sqlite3.Error):
+                        if not conn.in_transaction:
+                            raise  # SQLite rolled back the whole transaction (disk full, I/O)
+                        e = _storage_error(e, self.path)
                     conn.execute("ROLLBACK TO op")
                     tx.rollback_to(*marks)
                     outcomes.append((fut, None, e))
@@ -240,13 +252,14 @@ class _Writer(threading.Thread):
                 conn.execute("RELEASE op")
             conn.execute("COMMIT")
         except sqlite3.Error as e:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            tx.rollback_to(0, 0)
             try:
-                failure: BaseException = _storage_error(e, self.path)
-            except sqlite3.Error as raw:
-                failure = raw
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            except sqlite3.Error as again:
+                # the writer must live on: the next BEGIN finds out whether the file recovered
+                log.error("store_rollback_failed", error=str(again))
+            tx.rollback_to(0, 0)
+            failure = _storage_error(e, self.path)
             log.error("store_write_failed", error=str(e), writes=len(batch))
             for fn, fut in batch:
                 if not fut.done():
@@ -441,7 +454,7 @@ class Store:
     def _count_queued(self, tx: Tx, user_id: str, delta: int) -> None:
         # applied now (later writes in the same batch must see it), undone if the write fails
         self._queued[user_id] += delta
-        tx.undo.append(lambda: self._queued.update({user_id: self._queued[user_id] - delta}))
+        tx.undo.append(lambda: self._queued.subtract({user_id: delta}))
 
     # -- jobs ----------------------------------------------------------------------------
 
@@ -576,6 +589,8 @@ class Store:
             self._count_queued(tx, job.user_id, -1)
         elif to is JobStatus.QUEUED:
             self._count_queued(tx, job.user_id, +1)
+            if before[0] != "running":  # a retry starts over; a resume keeps its checkpoints
+                self.clear_checkpoints(tx, job_id)
         return self._changed(tx, job)
 
     def request_cancel(self, job_id: str, *, actor: str) -> Job:
@@ -717,7 +732,7 @@ class Store:
                                ("failed", keep_failed_before)):
             if dry_run:
                 ids = [r[0] for r in self._read().execute(
-                    "SELECT id FROM jobs WHERE status = ? AND completed_at < ?",
+                    f"SELECT id FROM jobs WHERE {_FINISHED} AND status = ? AND completed_at < ?",
                     (status, cutoff))]
                 if ids:
                     yield ids
@@ -728,8 +743,8 @@ class Store:
     @staticmethod
     def _delete_chunk(tx: Tx, status: str, cutoff: int, chunk: int) -> list[str]:
         rows = tx.conn.execute(
-            "DELETE FROM jobs WHERE seq IN (SELECT seq FROM jobs WHERE status = ? "
-            "AND completed_at < ? ORDER BY completed_at LIMIT ?) RETURNING id",
+            f"DELETE FROM jobs WHERE seq IN (SELECT seq FROM jobs WHERE {_FINISHED} "
+            f"AND status = ? AND completed_at < ? ORDER BY completed_at LIMIT ?) RETURNING id",
             (status, cutoff, chunk)).fetchall()
         return [r[0] for r in rows]
 
@@ -768,7 +783,9 @@ def backup(path: Path, target: Path) -> int:
     src = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     dst = sqlite3.connect(target)
     try:
-        src.backup(dst, pages=1024)
+        # one step, from one read snapshot: copied in slices, a backup starts over after
+        # every commit of the live daemon and never ends on a busy database
+        src.backup(dst)
     except sqlite3.DatabaseError as e:
         dst.close()
         target.unlink(missing_ok=True)
@@ -795,6 +812,7 @@ def recover(path: Path) -> dict[str, Any]:
     dst.execute("PRAGMA foreign_keys = OFF")
     saved: dict[str, int] = {}
     lost: dict[str, Any] = {}
+    totals: dict[str, int | str] = {}
     try:
         src = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     except sqlite3.DatabaseError as e:
@@ -806,7 +824,7 @@ def recover(path: Path) -> dict[str, Any]:
         try:
             old_columns = [r[1] for r in src.execute(f"PRAGMA table_info({table})")]
             cols = [c for c in columns if c in old_columns]
-            total = _safe_count(src, table)
+            total = totals[table] = _safe_count(src, table)
             key = "seq" if table == "jobs" else "rowid" if table == "job_events" else None
             rows = _readable_rows(src, table, cols, key)
             names = ", ".join(cols)
@@ -825,9 +843,13 @@ def recover(path: Path) -> dict[str, Any]:
                 dst.execute("COMMIT")
             lost[table] = f"unknown ({e})"
     src.close()
-    # orphans whose job was lost are no use without it
-    dst.execute("DELETE FROM job_events WHERE job NOT IN (SELECT seq FROM jobs)")
-    dst.execute("DELETE FROM job_checkpoints WHERE job NOT IN (SELECT seq FROM jobs)")
+    # orphans whose job was lost are no use without it: they count as lost
+    for table in ("job_events", "job_checkpoints"):
+        dst.execute(f"DELETE FROM {table} WHERE job NOT IN (SELECT seq FROM jobs)")
+        saved[table] = dst.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+        before = totals.get(table)
+        if isinstance(before, int):
+            lost[table] = before - saved[table]
     dst.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('clean', '1')")
     dst.close()
     aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}")
@@ -858,29 +880,19 @@ def _readable_rows(conn: sqlite3.Connection, table: str, cols: list[str],
         except sqlite3.DatabaseError:
             return
         return
-    last = None
+    select = f"SELECT {key}, {names} FROM {table} WHERE {key} >= ? ORDER BY {key}"
+    after, failures = -(1 << 63), 0
     while True:
         try:
-            cur = conn.execute(f"SELECT {key}, {names} FROM {table} "
-                               f"WHERE ? IS NULL OR {key} > ? ORDER BY {key}", (last, last))
-            for row in cur:
-                last = row[0]
+            for row in conn.execute(select, (after,)):
+                after, failures = row[0] + 1, 0
                 yield row[1:]
             return
         except sqlite3.DatabaseError:
-            # skip past the damage: try the next keys one range at a time
-            if last is None:
-                last = 0
-            step = 1
-            while step < 1 << 40:
-                try:
-                    probe = conn.execute(f"SELECT min({key}) FROM {table} WHERE {key} > ?",
-                                         (last + step,)).fetchone()
-                    if probe[0] is None:
-                        return
-                    last = probe[0] - 1
-                    break
-                except sqlite3.DatabaseError:
-                    step *= 2
-            else:
+            # the page holding ``after`` (or the next one) is damaged: step over it a key at
+            # a time, so that no readable row is skipped, then in growing strides across a
+            # long damaged range
+            failures += 1
+            after += 1 if failures <= 1024 else 1 << min(failures - 1024, 62)
+            if after >= 1 << 63:
                 return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -194,3 +195,159 @@ def make_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
 def daemon(make_daemon: Callable[..., Daemon]) -> Daemon:
     """A running jobd with short grace periods."""
     return make_daemon()
+
+
+class LocalAccounts:
+    """Local users and groups made with useradd/groupadd for one test module (root only)."""
+
+    def __init__(self) -> None:
+        self.users: list[str] = []
+        self.groups: list[str] = []
+        import shutil
+        #: a Python other users can run (a virtualenv's may live under root's home)
+        self.python = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin") or sys.executable
+
+    def group(self, name: str) -> Any:
+        """A new group ``name`` (a leftover of an interrupted run is replaced)."""
+        import grp
+        with contextlib.suppress(KeyError):
+            grp.getgrnam(name)
+            subprocess.run(["groupdel", name], capture_output=True)
+        subprocess.run(["groupadd", name], check=True, capture_output=True)
+        self.groups.append(name)
+        return grp.getgrnam(name)
+
+    def user(self, name: str, groups: tuple[str, ...] = ()) -> Any:
+        """A new user ``name`` with its own group, also in ``groups``; its passwd entry."""
+        import pwd
+        with contextlib.suppress(KeyError):
+            pwd.getpwnam(name)
+            subprocess.run(["userdel", "-r", name], capture_output=True)
+        argv = ["useradd", "--no-create-home", "--user-group", "--shell", "/usr/sbin/nologin"]
+        if groups:
+            argv += ["--groups", ",".join(groups)]
+        subprocess.run([*argv, name], check=True, capture_output=True)
+        self.users.append(name)
+        return pwd.getpwnam(name)
+
+    def run_as(self, name: str, argv: list[str], timeout: float = 30.0) -> str:
+        """Run ``argv`` as user ``name`` (uid, gid and groups); its stdout. Fails on exit ≠ 0."""
+        import pwd
+        entry = pwd.getpwnam(name)
+        proc = subprocess.run(
+            ["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--init-groups",
+             "--", *argv], capture_output=True, text=True, timeout=timeout, cwd="/",
+            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/", "LANG": "C.UTF-8"})
+        assert proc.returncode == 0, f"{argv[0]} as {name} exited {proc.returncode}:\n{proc.stderr}"
+        return proc.stdout
+
+    def remove_all(self) -> None:
+        for name in reversed(self.users):
+            subprocess.run(["userdel", "-r", name], capture_output=True)
+        for name in reversed(self.groups):
+            subprocess.run(["groupdel", name], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def local_accounts() -> Iterator[LocalAccounts]:
+    """Create local users and groups (``.user(name)``, ``.group(name)``); removed afterwards.
+
+    Skips unless running as root with useradd, groupadd and setpriv installed.
+    """
+    import shutil
+    if os.geteuid() != 0:
+        pytest.skip("creating local users needs root (useradd); run the suite as root")
+    missing = [t for t in ("useradd", "userdel", "groupadd", "groupdel", "setpriv")
+               if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed (apt-get install passwd util-linux)")
+    accounts = LocalAccounts()
+    try:
+        yield accounts
+    finally:
+        accounts.remove_all()
+
+
+def result_of(d: Daemon, method: str, **params: Any) -> Any:
+    """The result of one call that must succeed; the test fails with the error otherwise."""
+    response = d.raw(method, **params)
+    if "error" in response:
+        pytest.fail(f"{method} {params} failed: {response['error']}")
+    return response["result"]
+
+
+def error_of(d: Daemon, method: str, **params: Any) -> dict[str, Any]:
+    """The error object of one call that must fail."""
+    response = d.raw(method, **params)
+    if "error" not in response:
+        pytest.fail(f"{method} {params} succeeded, but should have failed: {response['result']}")
+    return response["error"]
+
+
+def wait_terminal(d: Daemon, job_id: str, timeout: float = 20.0) -> dict[str, Any]:
+    """Long-poll ``jobs.wait`` until the job is completed, failed or cancelled; the job."""
+    deadline = time.monotonic() + timeout
+    job = result_of(d, "jobs.get", job_id=job_id)
+    while job["status"] not in ("completed", "failed", "cancelled"):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            pytest.fail(f"job {job_id} still {job['status']} after {timeout}s: {job}")
+        job = result_of(d, "jobs.wait", job_id=job_id, after_version=job["version"],
+                        timeout_s=min(left, 5.0))
+    return job
+
+
+def pid_alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat[stat.rindex(b")") + 2:][:1] not in (b"Z", b"X")
+
+
+def group_alive(pgid: int) -> list[int]:
+    """The live (not zombie) processes of process group ``pgid``."""
+    members = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                stat = f.read()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        fields = stat[stat.rindex(b")") + 2:].split()
+        if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            members.append(int(entry.name))
+    return members
+
+
+def follow(d: Daemon, job_id: str, timeout: float = 20.0) -> tuple[dict[str, Any], list[float]]:
+    """Watch a job through ``jobs.wait`` until it ends: (the final job, every progress seen)."""
+    deadline = time.monotonic() + timeout
+    job = result_of(d, "jobs.wait", job_id=job_id)
+    seen = [job["progress"]]
+    while job["status"] not in ("completed", "failed", "cancelled"):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            pytest.fail(f"job {job_id} still {job['status']} after {timeout}s: {job}")
+        job = result_of(d, "jobs.wait", job_id=job_id, after_version=job["version"],
+                        timeout_s=min(left, 5.0))
+        seen.append(job["progress"])
+    return job, seen
+
+
+def phases_of(d: Daemon, job_id: str) -> list[str]:
+    """The phases a job's event history went through, in order, each once."""
+    phases: list[str] = []
+    for event in result_of(d, "jobs.events", job_id=job_id):
+        if event["phase"] and (not phases or phases[-1] != event["phase"]):
+            phases.append(event["phase"])
+    return phases
+
+
+def joblog(d: Daemon, job_id: str) -> str:
+    """A job's captured output (up to 1 MiB)."""
+    return result_of(d, "jobs.logs", job_id=job_id, limit_bytes=1_048_576)["data"]

@@ -1,0 +1,137 @@
+"""Restarts through the real daemon: kill -9 mid-job and recovery, SIGTERM and requeue,
+and the scheduled cleanup (SPEC §6)."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any, Callable
+
+from conftest import (FAST_CONFIG, Daemon, clone, commit_files, error_of, git, group_alive,
+                      joblog, make_upstream, pid_alive, result_of, wait_for, wait_terminal)
+
+
+def held_indexer(tmp_path: Path) -> tuple[str, Path, Path]:
+    """(config, pid file, release file): an indexer that records its pid in the pid file,
+    then runs until the release file exists."""
+    pids, release = tmp_path / "indexer.pids", tmp_path / "release"
+    script = tmp_path / "indexer.sh"
+    script.write_text(f"echo $$ >> {pids}\n"
+                      f"while [ ! -e {release} ]; do sleep 0.05; done\n"
+                      'echo \'{"progress": 100, "message": "indexed"}\'\n')
+    config = FAST_CONFIG + f'\n[sync]\nindex_command = ["sh", "{script}"]\n'
+    return config, pids, release
+
+
+def read_pids(path: Path) -> list[int]:
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def sync_in_indexing(d: Daemon, tmp_path: Path, pids: Path) -> tuple[dict[str, Any], str]:
+    """A sync of a fresh project that pulled one commit and now runs its (held) indexer:
+    (the job, the upstream revision)."""
+    upstream = make_upstream(tmp_path / "upstream")
+    clone(upstream, d.repos / "root" / "proj")
+    new = commit_files(upstream, {"new.txt": "new\n"})
+    job = result_of(d, "jobs.submit", type="sync", project_id="proj")
+    wait_for(lambda: read_pids(pids), what="the indexer to start")
+    assert result_of(d, "jobs.get", job_id=job["id"])["phase"] == "indexing"
+    return job, new
+
+
+def fetches(log: str) -> int:
+    return sum(1 for line in log.splitlines() if line.startswith("[jobd] $ git")
+               and " fetch " in line)
+
+
+def messages(d: Daemon, job_id: str) -> list[tuple[str, str | None]]:
+    return [(e["status"], e["message"]) for e in result_of(d, "jobs.events", job_id=job_id)]
+
+
+def test_kill_9_mid_sync_kills_the_orphan_and_resumes_from_the_checkpoint(
+        make_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
+    config, pids, release = held_indexer(tmp_path)
+    d = make_daemon(config=config)
+    job, new = sync_in_indexing(d, tmp_path, pids)
+    marker = tmp_path / "command.pid"
+    command = result_of(d, "jobs.submit", type="command", options={
+        "argv": ["sh", "-c", f"echo $$ > {marker}; exec sleep 60"]})
+    wait_for(lambda: read_pids(marker), what="the command to start")
+    (orphan,) = read_pids(pids)
+    (command_pid,) = read_pids(marker)
+
+    d.kill()
+    assert pid_alive(orphan) and pid_alive(command_pid), "kill -9 of jobd spares its jobs"
+    d.start()
+
+    # the restarted daemon killed what the dead one left behind
+    wait_for(lambda: not pid_alive(orphan) and not pid_alive(command_pid), timeout=5,
+             what="the orphaned processes to be killed")
+    assert group_alive(orphan) == [] and group_alive(command_pid) == []
+    killed = {e.get("job_id") for e in d.log_events()
+              if e.get("event") == "orphan_processes_killed"}
+    assert {job["id"], command["id"]} <= killed
+    assert ("queued", "recovered after restart") in messages(d, job["id"])
+
+    failed = wait_terminal(d, command["id"])
+    assert failed["status"] == "failed" and failed["error"] == "interrupted by daemon restart"
+
+    wait_for(lambda: len(read_pids(pids)) == 2, what="the resumed indexer to start")
+    release.touch()
+    done = wait_terminal(d, job["id"])
+    assert done["status"] == "completed", done
+    assert done["attempts"] == 2
+    assert (done["result"]["new_revision"], done["result"]["commits_pulled"]) == (new, 1)
+    log = joblog(d, job["id"])
+    assert "resuming after the finished phases init, git_sync" in log
+    assert fetches(log) == 1, log
+    assert git("rev-parse", "HEAD", cwd=d.repos / "root" / "proj") == new
+
+
+def test_sigterm_requeues_running_jobs_and_they_complete_after_restart(
+        make_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
+    config, pids, release = held_indexer(tmp_path)
+    d = make_daemon(config=config)
+    sync, new = sync_in_indexing(d, tmp_path, pids)
+    noop = result_of(d, "jobs.submit", type="noop", options={"seconds": 1.0})
+    command = result_of(d, "jobs.submit", type="command", options={"argv": ["sleep", "60"]})
+    wait_for(lambda: all(result_of(d, "jobs.get", job_id=j["id"])["status"] == "running"
+                         for j in (noop, command)), what="the jobs to start")
+
+    assert d.stop(signal.SIGTERM, timeout=15) == 0
+    assert not d.socket.exists()
+    (indexer,) = read_pids(pids)
+    assert not pid_alive(indexer) and group_alive(indexer) == []
+
+    release.touch()
+    d.start()
+    for job in (sync, noop):
+        assert ("queued", "interrupted by shutdown") in messages(d, job["id"])
+        done = wait_terminal(d, job["id"])
+        assert done["status"] == "completed", done
+        assert done["attempts"] == 2
+    assert fetches(joblog(d, sync["id"])) == 1
+    assert result_of(d, "jobs.get", job_id=sync["id"])["result"]["new_revision"] == new
+    # a command is not resumable: it may not be safe to run twice
+    stopped = result_of(d, "jobs.get", job_id=command["id"])
+    assert stopped["status"] == "failed"
+    assert stopped["error"] == "interrupted by daemon shutdown"
+
+
+def test_cleanup_on_schedule_forgets_old_jobs_and_their_logs(
+        make_daemon: Callable[..., Daemon]) -> None:
+    d = make_daemon(config=FAST_CONFIG + '\n[retention]\nkeep = "1s"\nkeep_failed = "1s"\n'
+                                         'cleanup_every = "1s"\n')
+    done = wait_terminal(d, result_of(d, "jobs.submit", type="noop")["id"])
+    log = d.state / "logs" / f"{done['id']}.log"
+    assert done["status"] == "completed" and log.exists()
+    active = result_of(d, "jobs.submit", type="noop", options={"seconds": 4})
+
+    wait_for(lambda: "error" in d.raw("jobs.get", job_id=done["id"]), timeout=6, interval=0.1,
+             what="the completed job to be cleaned up")
+    assert error_of(d, "jobs.get", job_id=done["id"])["code"] == -32004
+    assert not log.exists()
+    assert any(e.get("event") == "cleanup_finished" and e.get("deleted", 0) >= 1
+               for e in d.log_events())
+    # an active job is never touched
+    assert result_of(d, "jobs.get", job_id=active["id"])["status"] in ("queued", "running")

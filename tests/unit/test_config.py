@@ -1,0 +1,288 @@
+"""Configuration: SPEC §1 defaults for root and ordinary users, the TOML file, ``JOBD_*``
+environment and flags in that order, durations, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from jobd import config
+from jobd.config import ConfigError, default_socket_paths, load, parse_duration
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return path
+
+
+# -- defaults ----------------------------------------------------------------------------
+
+def test_section_defaults_are_the_spec_values(tmp_path: Path) -> None:
+    c = load(write(tmp_path / "empty.toml", ""), env={})
+    assert (c.server.socket_mode, c.server.max_connections, c.server.max_connections_per_uid,
+            c.server.max_message_bytes, c.server.max_batch, c.server.line_timeout,
+            c.server.idle_timeout) == ("0660", 1024, 64, 1_048_576, 100, 30.0, 600.0)
+    assert c.storage.synchronous == "full"
+    e = c.execution
+    assert (e.workers, e.max_running_per_user, e.max_queued_per_user, e.max_queued_total,
+            e.max_log_bytes, e.max_recoveries, e.default_timeout, e.cancel_grace,
+            e.shutdown_grace) == (4, 3, 1000, 100_000, 10_485_760, 3, 6 * 3600.0, 3.0, 10.0)
+    assert (c.retention.keep, c.retention.keep_failed, c.retention.cleanup_every) == (
+        7 * 86400.0, 30 * 86400.0, 3600.0)
+    assert (c.auth.admins, c.auth.services) == (("root", "@jobd-admin"), ("cidx",))
+    s = c.sync
+    assert (s.repo_path_template, s.allowed_roots, s.index_command, s.full_index_command,
+            s.remote) == ("{state_dir}/repos/{user_id}/{project_id}", ("{state_dir}/repos",),
+                          "builtin:manifest", "builtin:manifest", "origin")
+    assert (c.log_level, c.log_format) == ("info", "auto")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the system paths are root's defaults")
+def test_root_defaults() -> None:
+    if Path("/etc/jobd/jobd.toml").exists():
+        pytest.skip("this machine has an /etc/jobd/jobd.toml that would be read")
+    c = load(env={})
+    assert (c.socket, c.db, c.config_file) == (
+        Path("/run/jobd/jobd.sock"), Path("/var/lib/jobd/jobd.db"), None)
+    assert (c.state_dir, c.log_dir) == (Path("/var/lib/jobd"), Path("/var/lib/jobd/logs"))
+
+
+def test_systemd_directories_win(tmp_path: Path) -> None:
+    env = {"RUNTIME_DIRECTORY": f"{tmp_path}/run:{tmp_path}/other",
+           "STATE_DIRECTORY": f"{tmp_path}/state", "JOBD_CONFIG": str(
+               write(tmp_path / "jobd.toml", ""))}
+    c = load(env=env)
+    assert (c.socket, c.db) == (tmp_path / "run" / "jobd.sock", tmp_path / "state" / "jobd.db")
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory an unprivileged user can read (pytest's tmp_path is private to root)."""
+    top = Path(tempfile.mkdtemp(prefix="jobd-config-"))
+    top.chmod(0o755)
+    try:
+        yield top
+    finally:
+        shutil.rmtree(top)
+
+
+def load_as_ordinary_user(env: dict[str, str]) -> dict[str, Any]:
+    """``load(env=env)`` run by an ordinary user: here, or as nobody when the tests are root."""
+    script = textwrap.dedent("""
+        import json, os, sys
+        from jobd import config
+        c = config.load(env=json.loads(sys.argv[1]))
+        print(json.dumps({"socket": str(c.socket), "db": str(c.db),
+                          "config_file": str(c.config_file), "workers": c.execution.workers,
+                          "uid": os.getuid()}))
+    """)
+    command = [sys.executable, "-c", script, json.dumps(env)]
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("setpriv (util-linux) is needed to test an ordinary user's defaults")
+        command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd="/")
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout)
+
+
+def test_ordinary_user_defaults_follow_xdg(shared_dir: Path) -> None:
+    conf = write(shared_dir / "conf" / "jobd" / "jobd.toml", "[execution]\nworkers = 7\n")
+    out = load_as_ordinary_user({
+        "HOME": str(shared_dir / "home"), "XDG_RUNTIME_DIR": str(shared_dir / "run"),
+        "XDG_STATE_HOME": str(shared_dir / "state"), "XDG_CONFIG_HOME": str(shared_dir / "conf"),
+    })
+    assert out["socket"] == str(shared_dir / "run" / "jobd" / "jobd.sock")
+    assert out["db"] == str(shared_dir / "state" / "jobd" / "jobd.db")
+    assert (out["config_file"], out["workers"]) == (str(conf), 7)
+
+
+def test_ordinary_user_defaults_without_xdg(shared_dir: Path) -> None:
+    home = shared_dir / "home"
+    conf = write(home / ".config" / "jobd" / "jobd.toml", "[execution]\nworkers = 5\n")
+    out = load_as_ordinary_user({"HOME": str(home)})
+    assert out["socket"] == f"/tmp/jobd-{out['uid']}/jobd.sock"
+    assert out["db"] == str(home / ".local" / "state" / "jobd" / "jobd.db")
+    assert (out["config_file"], out["workers"]) == (str(conf), 5)
+
+
+def test_an_ordinary_user_under_systemd_uses_its_directories(shared_dir: Path) -> None:
+    out = load_as_ordinary_user({"HOME": str(shared_dir), "STATE_DIRECTORY": str(shared_dir),
+                                 "JOBD_CONFIG": str(write(shared_dir / "j.toml", ""))})
+    assert (out["socket"], out["db"]) == ("/run/jobd/jobd.sock", str(shared_dir / "jobd.db"))
+
+
+def test_client_socket_search_order(tmp_path: Path) -> None:
+    assert default_socket_paths({"XDG_RUNTIME_DIR": str(tmp_path)}) == [
+        tmp_path / "jobd" / "jobd.sock", Path("/run/jobd/jobd.sock")]
+    assert default_socket_paths({}) == [Path(f"/tmp/jobd-{os.getuid()}/jobd.sock"),
+                                        Path("/run/jobd/jobd.sock")]
+
+
+# -- file < environment < flags ------------------------------------------------------------
+
+SAMPLE = """
+    [server]
+    socket_mode = "0600"
+    idle_timeout = "2m"
+    [storage]
+    synchronous = "normal"
+    [execution]
+    workers = 8
+    max_running_per_user = 10
+    cancel_grace = "5s"
+    [retention]
+    keep = "2d"
+    keep_failed = "1w"
+    [auth]
+    admins = ["alice", "@ops"]
+    services = []
+    [sync]
+    index_command = ["cidx", "index", "--progress-json"]
+    allowed_roots = ["{state_dir}/repos", "/srv/git"]
+"""
+
+
+def test_file_overrides_defaults(tmp_path: Path) -> None:
+    c = load(write(tmp_path / "jobd.toml", SAMPLE), env={})
+    assert (c.server.socket_mode, c.server.idle_timeout, c.server.max_batch) == (
+        "0600", 120.0, 100)
+    assert c.storage.synchronous == "normal"
+    assert (c.execution.workers, c.execution.max_running_per_user,
+            c.execution.cancel_grace, c.execution.max_queued_per_user) == (8, 10, 5.0, 1000)
+    assert (c.retention.keep, c.retention.keep_failed) == (2 * 86400.0, 7 * 86400.0)
+    assert (c.auth.admins, c.auth.services) == (("alice", "@ops"), ())
+    assert c.sync.index_command == ("cidx", "index", "--progress-json")
+    assert c.sync.full_index_command == "builtin:manifest"
+    assert c.config_file == tmp_path / "jobd.toml"
+
+
+def test_environment_overrides_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path / "jobd.toml", SAMPLE)
+    c = load(env={"JOBD_CONFIG": str(path), "JOBD_EXECUTION_WORKERS": "16",
+                  "JOBD_RETENTION_KEEP": "3h", "JOBD_AUTH_ADMINS": '["bob"]',
+                  "JOBD_SERVER_SOCKET_MODE": "660", "JOBD_SYNC_REMOTE": "true",
+                  "JOBD_STORAGE_SYNCHRONOUS": "FULL",
+                  "JOBD_SOCKET": "/e/jobd.sock", "JOBD_DB": "/e/jobd.db",
+                  "JOBD_LOG_LEVEL": "WARNING", "JOBD_LOG_FORMAT": "json"})
+    assert c.config_file == path
+    assert (c.execution.workers, c.retention.keep, c.auth.admins) == (16, 3 * 3600.0, ("bob",))
+    # text settings take the variable as written, even when it looks like a number
+    assert (c.server.socket_mode, c.sync.remote) == ("660", "true")
+    assert c.storage.synchronous == "full"
+    assert c.execution.max_running_per_user == 10  # still from the file
+    assert (c.socket, c.db, c.log_level, c.log_format) == (
+        Path("/e/jobd.sock"), Path("/e/jobd.db"), "warning", "json")
+
+
+def test_flags_override_the_environment(tmp_path: Path) -> None:
+    from_env = write(tmp_path / "env.toml", "[execution]\nworkers = 2\n")
+    from_flag = write(tmp_path / "flag.toml", "[execution]\nworkers = 3\n")
+    c = load(from_flag, socket="/f/jobd.sock", db="/f/jobd.db", log_level="DEBUG",
+             log_format="console",
+             env={"JOBD_CONFIG": str(from_env), "JOBD_SOCKET": "/e/jobd.sock",
+                  "JOBD_DB": "/e/jobd.db", "JOBD_LOG_LEVEL": "warning"})
+    assert (c.config_file, c.execution.workers) == (from_flag, 3)
+    assert (c.socket, c.db, c.log_level, c.log_format) == (
+        Path("/f/jobd.sock"), Path("/f/jobd.db"), "debug", "console")
+    assert (c.state_dir, c.log_dir) == (Path("/f"), Path("/f/logs"))
+
+
+def test_paths_derived_from_the_state_dir(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    (real / "repos").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(real)
+    c = load(write(tmp_path / "jobd.toml", ""), db=str(tmp_path / "link" / "jobd.db"), env={})
+    assert c.expand(c.sync.repo_path_template, user_id="alice", project_id="p1") == (
+        f"{tmp_path}/link/repos/alice/p1")
+    assert c.allowed_roots == (real / "repos",)  # resolved, so a symlink cannot escape
+
+
+# -- durations -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text,seconds", [
+    ("30s", 30.0), ("5m", 300.0), ("2h", 7200.0), ("7d", 604800.0), ("1.5h", 5400.0),
+    ("250ms", 0.25), ("2w", 1_209_600.0), ("45", 45.0), (45, 45.0), (0.5, 0.5), (" 10m ", 600.0),
+])
+def test_durations(text: str | int | float, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("bad", ["", "s", "5x", "-1s", "1h30m", "ten minutes", "5 mins",
+                                 -3, True])
+def test_bad_durations(bad: Any) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(bad)
+
+
+# -- errors: one line, naming the file, the key and the problem ------------------------------
+
+@pytest.mark.parametrize("text,key,problem", [
+    ("[bogus]\nx = 1\n", "[bogus]", "unknown section"),
+    ("[server]\nsockt_mode = \"0660\"\n", "server.sockt_mode", "unknown key"),
+    ("[retention]\nkeep = \"7x\"\n", "retention.keep", "not a duration"),
+    ("[retention]\nkeep = \"-1d\"\n", "retention.keep", "not a duration"),
+    ("[execution]\nworkers = \"4\"\n", "execution.workers", "must be an integer"),
+    ("[execution]\nworkers = 0\n", "execution.workers", "must be positive"),
+    ("[execution]\nworkers = true\n", "execution.workers", "must be an integer"),
+    ("[execution]\nworkers = 2.5\n", "execution.workers", "must be an integer"),
+    ("[auth]\nadmins = \"root\"\n", "auth.admins", "must be a list of strings"),
+    ("[auth]\nservices = [\"cidx\", 3]\n", "auth.services", "must be a list of strings"),
+    ("[storage]\nsynchronous = \"fast\"\n", "storage.synchronous", "must be one of"),
+    ("[server]\nsocket_mode = \"rw-rw----\"\n", "server.socket_mode", "octal mode"),
+    ("[sync]\nindex_command = \"builtin:other\"\n", "sync.index_command",
+     "unknown built-in indexer"),
+    ("[sync]\nindex_command = []\n", "sync.index_command", "non-empty list"),
+    ("[sync]\nremote = 5\n", "sync.remote", "must be a string"),
+    ("server = 5\n", "server", "must be a table"),
+    ("[server\n", "not valid TOML", "line 1"),
+])
+def test_each_file_error_is_one_line_naming_file_key_and_problem(
+        tmp_path: Path, text: str, key: str, problem: str) -> None:
+    path = write(tmp_path / "jobd.toml", text)
+    with pytest.raises(ConfigError) as refused:
+        load(path, env={})
+    message = str(refused.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path}: ")
+    assert key in message and problem in message
+
+
+def test_environment_errors_name_the_variable(tmp_path: Path) -> None:
+    path = write(tmp_path / "jobd.toml", "")
+    with pytest.raises(ConfigError, match=r"^environment JOBD_EXECUTION_WORKERS: "
+                                          r"execution\.workers must be an integer"):
+        load(path, env={"JOBD_EXECUTION_WORKERS": "many"})
+    with pytest.raises(ConfigError, match=r"^environment JOBD_EXECUTION_WORKRS: unknown key "
+                                          r"execution\.workrs"):
+        load(path, env={"JOBD_EXECUTION_WORKRS": "4"})
+    with pytest.raises(ConfigError, match=r"JOBD_RETENTION_KEEP: retention\.keep .*duration"):
+        load(path, env={"JOBD_RETENTION_KEEP": "soon"})
+
+
+def test_a_missing_named_file_is_an_error_but_a_missing_default_is_not(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=f"^{tmp_path}/nope.toml: no such config file$"):
+        load(tmp_path / "nope.toml", env={})
+    with pytest.raises(ConfigError, match="no such config file"):
+        load(env={"JOBD_CONFIG": str(tmp_path / "nope.toml")})
+    if Path("/etc/jobd/jobd.toml").exists():
+        pytest.skip("this machine has an /etc/jobd/jobd.toml that would be read")
+    c = load(env={"STATE_DIRECTORY": str(tmp_path)})  # the default file is /etc/jobd/jobd.toml
+    assert c.config_file is None and c.execution.workers == 4
+
+
+def test_config_is_frozen(tmp_path: Path) -> None:
+    c = load(write(tmp_path / "jobd.toml", ""), env={})
+    with pytest.raises(AttributeError):
+        c.execution.workers = 9  # type: ignore[misc]
+    assert isinstance(c, config.Config)

@@ -1,0 +1,381 @@
+"""The dispatcher on its own: order (priority, turns, age), limits, positions, pause.
+
+Plain ``Job`` objects go in; what ``take`` hands out, and what ``position`` answers, is
+checked against the rules of SPEC §5. A hypothesis state machine drives random submits,
+starts, ends and cancels and checks that no limit is ever exceeded, that a job only
+waits when a rule holds it back, and that every queued job runs once runners finish.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (Bundle, RuleBasedStateMachine, consumes, invariant,
+                                 precondition, rule)
+
+from jobd.dispatch import Dispatcher
+from jobd.models import Job, JobStatus
+
+_seq = itertools.count(1)
+
+
+def job(user: str = "alice", *, priority: int = 0, type: str = "noop",
+        project: str | None = None, seq: int | None = None, name: str | None = None) -> Job:
+    n = next(_seq) if seq is None else seq
+    return Job(id=name or f"{user}-{n}", type=type, user_id=user, project_id=project,
+               status=JobStatus.QUEUED, created_at=n, updated_at=n, version=1,
+               priority=priority, seq=n)
+
+
+def drain(d: Dispatcher) -> list[str]:
+    """Take and finish one job at a time until none is left; the ids in order."""
+    order = []
+    while (entry := d.take()) is not None:
+        order.append(entry.id)
+        d.finish(entry.id)
+    return order
+
+
+def take_all(d: Dispatcher) -> list[str]:
+    """Take until nothing more may start (without finishing any); the ids."""
+    taken = []
+    while (entry := d.take()) is not None:
+        taken.append(entry.id)
+    return taken
+
+
+def dispatcher(workers: int = 1, per_user: int = 100) -> Dispatcher:
+    return Dispatcher(workers=workers, max_running_per_user=per_user)
+
+
+# -- order -----------------------------------------------------------------------------
+
+def test_higher_priority_runs_first_even_when_younger() -> None:
+    d = dispatcher()
+    d.load([job(name="old-low", priority=-5), job(name="mid"),
+            job(name="new-high", priority=50)])
+    assert drain(d) == ["new-high", "mid", "old-low"]
+
+
+def test_users_take_turns_within_a_priority() -> None:
+    d = dispatcher()
+    for name in ("a1", "a2", "a3"):
+        d.add(job("alice", name=name))
+    for name in ("b1", "b2"):
+        d.add(job("bob", name=name))
+    d.add(job("carol", name="c1"))
+    assert drain(d) == ["a1", "b1", "c1", "a2", "b2", "a3"]
+
+
+def test_a_user_who_just_had_a_turn_waits_behind_the_others() -> None:
+    d = dispatcher()
+    d.add(job("alice", name="a1"))
+    d.add(job("bob", name="b1"))
+    assert d.take().id == "a1"  # type: ignore[union-attr]
+    d.finish("a1")
+    # alice queues again at once: bob, who waited, goes first
+    d.add(job("alice", name="a2"))
+    assert drain(d) == ["b1", "a2"]
+
+
+def test_each_users_jobs_go_oldest_first_and_a_requeued_job_keeps_its_age() -> None:
+    d = dispatcher()
+    first = job("alice", name="first")
+    d.add(job("alice", name="second"))
+    d.add(job("alice", name="third"))
+    # a resumed or retried job comes back later, with its original (smaller) seq
+    d.add(first)
+    assert drain(d) == ["first", "second", "third"]
+
+
+def test_adding_a_job_twice_or_while_it_runs_changes_nothing() -> None:
+    d = dispatcher(workers=2)
+    j = job("alice", name="j")
+    d.add(j)
+    d.add(j)
+    assert d.queued_count() == 1
+    assert d.take().id == "j"  # type: ignore[union-attr]
+    d.add(j)  # the commit listener may echo the running job
+    assert d.queued_count() == 0 and d.take() is None
+
+
+def test_a_removed_job_is_never_taken() -> None:
+    d = dispatcher()
+    d.add(job(name="gone"))
+    d.add(job(name="stays"))
+    d.remove("gone")
+    d.remove("never-queued")  # harmless
+    assert drain(d) == ["stays"]
+    assert d.position("gone") == (None, None)
+
+
+# -- limits ----------------------------------------------------------------------------
+
+def test_no_more_than_workers_run_at_once() -> None:
+    d = dispatcher(workers=2)
+    for u in ("a", "b", "c", "d"):
+        d.add(job(u, name=u))
+    assert take_all(d) == ["a", "b"]
+    assert d.running_count() == 2
+    assert d.position("c") == (1, "slots")
+    d.finish("a")
+    assert take_all(d) == ["c"]
+    d.finish("unknown")  # harmless
+    assert d.running_count() == 2
+
+
+def test_a_user_at_max_running_waits_while_others_run() -> None:
+    d = dispatcher(workers=4, per_user=2)
+    for name in ("a1", "a2", "a3", "a4"):
+        d.add(job("alice", name=name))
+    d.add(job("bob", name="b1"))
+    assert sorted(take_all(d)) == ["a1", "a2", "b1"]
+    assert d.running_count("alice") == 2 and d.running_count("bob") == 1
+    assert d.position("a3") == (1, "user_limit")
+    assert d.per_user() == {"alice": {"running": 2, "queued": 2},
+                            "bob": {"running": 1, "queued": 0}}
+    d.finish("a1")
+    assert take_all(d) == ["a3"]
+
+
+def test_one_sync_or_index_per_user_and_project() -> None:
+    d = dispatcher(workers=10)
+    d.add(job("alice", name="sync1", type="sync", project="p"))
+    d.add(job("alice", name="index1", type="index", project="p"))
+    d.add(job("alice", name="other", type="sync", project="q"))
+    d.add(job("alice", name="cmd", type="command", project="p"))
+    d.add(job("bob", name="bob-sync", type="sync", project="p"))
+    assert sorted(take_all(d)) == ["bob-sync", "cmd", "other", "sync1"]
+    assert d.position("index1") == (1, "project_busy")
+    d.finish("sync1")
+    assert take_all(d) == ["index1"]
+
+
+def test_a_busy_project_does_not_hold_back_the_same_users_other_jobs() -> None:
+    d = dispatcher(workers=10)
+    d.add(job("alice", name="s1", type="sync", project="p"))
+    d.add(job("alice", name="s2", type="sync", project="p"))
+    d.add(job("alice", name="s3", type="sync", project="q"))
+    assert take_all(d) == ["s1", "s3"]
+
+
+def test_pause_stops_dispatching_and_resume_restarts_it() -> None:
+    d = dispatcher(workers=2)
+    d.add(job(name="j1"))
+    d.set_paused(True)
+    assert d.take() is None
+    assert d.position("j1") == (1, "paused")
+    d.set_paused(False)
+    assert d.take().id == "j1"  # type: ignore[union-attr]
+
+
+def test_pause_leaves_running_jobs_counted() -> None:
+    d = dispatcher(workers=1)
+    d.add(job(name="run"))
+    d.add(job(name="wait"))
+    d.take()
+    d.set_paused(True)
+    assert d.running_count() == 1
+    d.finish("run")
+    assert d.take() is None
+    d.set_paused(False)
+    assert drain(d) == ["wait"]
+
+
+# -- positions -------------------------------------------------------------------------
+
+def test_positions_follow_the_dispatch_order() -> None:
+    d = dispatcher()
+    jobs = [job("alice", name="a1"), job("alice", name="a2"), job("bob", name="b1"),
+            job("carol", name="c1", priority=1), job("bob", name="b2", priority=-1)]
+    d.load(jobs)
+    positions = {j.id: d.position(j.id)[0] for j in jobs}
+    assert positions == {"c1": 1, "a1": 2, "b1": 3, "a2": 4, "b2": 5}
+    assert sorted(positions, key=positions.__getitem__) == drain(d)
+
+
+def test_positions_move_up_as_jobs_leave() -> None:
+    d = dispatcher()
+    d.add(job(name="j1"))
+    d.add(job(name="j2"))
+    d.add(job(name="j3"))
+    assert d.position("j3") == (3, "slots")
+    d.remove("j1")
+    assert d.position("j3") == (2, "slots")
+    d.take()
+    assert d.position("j3") == (1, "slots")
+    assert d.position("j2") == (None, None)  # running: no position
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("abcd"), st.sampled_from([-1, 0, 0, 2])),
+                min_size=1, max_size=30))
+def test_positions_are_the_order_take_follows_without_limits(
+        specs: list[tuple[str, int]]) -> None:
+    d = dispatcher()
+    ids = []
+    for n, (user, priority) in enumerate(specs):
+        j = job(user, priority=priority, name=f"j{n}")
+        d.add(j)
+        ids.append(j.id)
+    predicted = sorted(ids, key=lambda i: d.position(i)[0])  # type: ignore[arg-type,return-value]
+    assert [d.position(i)[0] for i in predicted] == list(range(1, len(ids) + 1))
+    assert drain(d) == predicted
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.sampled_from("abcdef"), min_size=2, max_size=30))
+def test_no_user_gets_a_second_turn_while_another_waits(submitters: list[str]) -> None:
+    d = dispatcher()
+    # all queued before the first runs, in any order: one user may have sent a burst
+    for n, user in enumerate(submitters):
+        d.add(job(user, name=f"{user}-{n}"))
+    users = [job_id.split("-")[0] for job_id in drain(d)]
+    assert Counter(users) == Counter(submitters)
+    # before each user's first turn, and between two of its turns, nobody goes twice
+    for user in set(submitters):
+        turns = [i for i, u in enumerate(users) if u == user]
+        for start, end in zip([-1] + turns, turns):
+            between = Counter(users[start + 1:end])
+            assert max(between.values(), default=0) <= 1, (
+                f"{user} waited while {between.most_common(1)[0][0]} went twice: {users}")
+
+
+# -- random operations -------------------------------------------------------------------
+
+USERS = ("u1", "u2")
+PROJECTS = ("p", "q")
+
+
+class DispatchMachine(RuleBasedStateMachine):
+    """Random submits, starts, ends, requeues, cancels and pauses against SPEC §5's rules."""
+
+    queued = Bundle("queued")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.workers = 3
+        self.per_user = 2
+        self.d = Dispatcher(workers=self.workers, max_running_per_user=self.per_user)
+        self.jobs: dict[str, Job] = {}
+        self.waiting: set[str] = set()
+        self.running: set[str] = set()
+        self.n = 0
+
+    @rule(target=queued, user=st.sampled_from(USERS), priority=st.sampled_from([0, 0, 1, -1]),
+          type=st.sampled_from(["sync", "index", "noop", "command"]),
+          project=st.sampled_from(PROJECTS))
+    def submit(self, user: str, priority: int, type: str, project: str) -> str:
+        self.n += 1
+        j = job(user, priority=priority, type=type, project=project, seq=self.n,
+                name=f"j{self.n}")
+        self.jobs[j.id] = j
+        self.waiting.add(j.id)
+        self.d.add(j)
+        return j.id
+
+    @rule(job_id=consumes(queued))
+    def cancel(self, job_id: str) -> None:
+        # cancelling a job that already started is the engine's business, not dispatch's
+        if job_id in self.waiting:
+            self.d.remove(job_id)
+            self.waiting.discard(job_id)
+
+    @rule()
+    def take(self) -> None:
+        eligible = self._eligible()
+        entry = self.d.take()
+        if entry is None:
+            assert not eligible or self.d.paused or len(self.running) >= self.workers, (
+                f"nothing taken although {sorted(eligible)} may run")
+            return
+        assert entry.id in eligible, f"{entry.id} started against a limit"
+        chosen = self.jobs[entry.id]
+        top = max(self.jobs[i].priority for i in eligible)
+        assert chosen.priority == top, "a lower priority ran while a higher one could"
+        older = [i for i in eligible if self.jobs[i].user_id == chosen.user_id
+                 and self.jobs[i].priority == top and self.jobs[i].seq < chosen.seq]
+        assert not older, f"{entry.id} ran before its user's older {older}"
+        self.waiting.discard(entry.id)
+        self.running.add(entry.id)
+
+    @precondition(lambda self: self.running)
+    @rule(data=st.data())
+    def finish(self, data: st.DataObject) -> None:
+        job_id = data.draw(st.sampled_from(sorted(self.running)))
+        self.running.discard(job_id)
+        self.d.finish(job_id)
+
+    @precondition(lambda self: self.running)
+    @rule(data=st.data())
+    def requeue(self, data: st.DataObject) -> None:
+        # a running job put back (daemon stopping, or a retry) keeps its age
+        job_id = data.draw(st.sampled_from(sorted(self.running)))
+        self.running.discard(job_id)
+        self.d.finish(job_id)
+        self.waiting.add(job_id)
+        self.d.add(self.jobs[job_id])
+
+    @rule(paused=st.sampled_from([False, False, True]))
+    def pause(self, paused: bool) -> None:
+        self.d.set_paused(paused)
+
+    def _eligible(self) -> set[str]:
+        """Queued jobs no rule holds back, by this test's own account of who runs."""
+        if self.d.paused or len(self.running) >= self.workers:
+            return set()
+        per_user = Counter(self.jobs[i].user_id for i in self.running)
+        busy = {_project(self.jobs[i]) for i in self.running} - {None}
+        return {i for i in self.waiting
+                if per_user[self.jobs[i].user_id] < self.per_user
+                and _project(self.jobs[i]) not in busy}
+
+    @invariant()
+    def limits_hold(self) -> None:
+        assert self.d.running_count() == len(self.running) <= self.workers
+        per_user = Counter(self.jobs[i].user_id for i in self.running)
+        assert all(n <= self.per_user for n in per_user.values())
+        assert all(self.d.running_count(u) == per_user[u] for u in USERS)
+        projects = Counter(_project(self.jobs[i]) for i in self.running)
+        projects.pop(None, None)
+        assert all(n == 1 for n in projects.values())
+        assert self.d.queued_count() == len(self.waiting)
+
+    @invariant()
+    def every_waiting_job_has_a_place_and_a_reason(self) -> None:
+        positions = sorted(self.d.position(i)[0] for i in self.waiting)  # type: ignore[type-var]
+        assert positions == list(range(1, len(self.waiting) + 1))
+        eligible = self._eligible()
+        for i in self.waiting:
+            reason = self.d.position(i)[1]
+            if self.d.paused:
+                assert reason == "paused"
+            elif i in eligible:
+                assert reason == "slots"
+            else:
+                assert reason in ("slots", "user_limit", "project_busy")
+
+    def teardown(self) -> None:
+        # runners finish: every queued job must get its turn (no starvation)
+        self.d.set_paused(False)
+        for _ in range(len(self.waiting) + len(self.running) + 1):
+            for job_id in list(self.running):
+                self.d.finish(job_id)
+            self.running.clear()
+            while (entry := self.d.take()) is not None:
+                self.waiting.discard(entry.id)
+                self.running.add(entry.id)
+        assert not self.waiting, f"never ran: {sorted(self.waiting)}"
+        assert self.d.queued_count() == 0
+
+
+def _project(j: Job) -> tuple[str, str] | None:
+    return (j.user_id, j.project_id) if j.type in ("sync", "index") and j.project_id else None
+
+
+DispatchMachine.TestCase.settings = settings(max_examples=100, stateful_step_count=30,
+                                             deadline=None)
+test_dispatch_machine = DispatchMachine.TestCase

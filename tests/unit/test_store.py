@@ -1,0 +1,665 @@
+"""The SQLite store against real database files: transitions, races, versions, migrations,
+listing and paging, submit rules, cleanup, the clean-shutdown marker and the indexes."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from jobd.errors import Conflict, LimitExceeded, NotFound
+from jobd.models import TERMINAL, TRANSITIONS, Job, JobStatus
+from jobd.store import MIGRATIONS, Store, StoreError, Tx
+
+T0 = 1_795_000_000_000_000  # 2026-11-18, in microseconds
+
+
+class Clock:
+    """A clock the test moves by hand (microseconds since the epoch)."""
+
+    def __init__(self, now: int = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> int:
+        return self.now
+
+
+def new_job(user: str = "alice", type: str = "sync", project: str | None = "p1",
+            **fields: Any) -> Job:
+    return Job(id=fields.pop("id", str(uuid.uuid4())), type=type, user_id=user,
+               project_id=project, status=JobStatus.CREATED, created_at=0, updated_at=0,
+               version=0, **fields)
+
+
+def submit(store: Store, job: Job | None = None, **kw: Any) -> Job:
+    return store.submit_job(job or new_job(), actor=kw.pop("actor", "alice"), **kw)[0]
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "jobd.db"
+
+
+@pytest.fixture
+def store(db: Path, clock: Clock) -> Iterator[Store]:
+    s = Store(db, synchronous="normal", clock=clock).open()
+    yield s
+    s.close()
+
+
+@contextlib.contextmanager
+def raw(db: Path) -> Iterator[sqlite3.Connection]:
+    """A second, independent connection for looking at what the store wrote."""
+    conn = sqlite3.connect(db, isolation_level=None, timeout=10)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def row(db: Path, job_id: str) -> tuple[Any, ...]:
+    with raw(db) as conn:
+        return conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+
+
+def count(db: Path, table: str, where: str = "1", args: tuple[Any, ...] = ()) -> int:
+    with raw(db) as conn:
+        return conn.execute(f"SELECT count(*) FROM {table} WHERE {where}", args).fetchone()[0]
+
+
+def queued_in_db(db: Path) -> dict[str, int]:
+    with raw(db) as conn:
+        return dict(conn.execute(
+            "SELECT user_id, count(*) FROM jobs WHERE status = 'queued' GROUP BY user_id"))
+
+
+def job_in(store: Store, db: Path, status: JobStatus, user: str = "alice") -> Job:
+    """A stored job in ``status``, reached by allowed transitions (``created`` by hand:
+    the store never leaves a job there)."""
+    if status is JobStatus.CREATED:
+        job_id = str(uuid.uuid4())
+        with raw(db) as conn:
+            conn.execute("INSERT INTO jobs (id, type, user_id, status, version, created_at, "
+                         "updated_at) VALUES (?, 'noop', ?, 'created', 1, 1, 1)",
+                         (job_id, user))
+        return store.get_job(job_id)
+    job = submit(store, new_job(user=user, type="noop", project=None))
+    path = {
+        JobStatus.QUEUED: [],
+        JobStatus.RUNNING: [JobStatus.RUNNING],
+        JobStatus.COMPLETED: [JobStatus.RUNNING, JobStatus.COMPLETED],
+        JobStatus.FAILED: [JobStatus.RUNNING, JobStatus.FAILED],
+        JobStatus.CANCELLED: [JobStatus.CANCELLED],
+    }[status]
+    for to in path:
+        job = store.transition(job.id, to, actor="jobd")
+    assert job.status is status
+    return job
+
+
+# -- the state machine ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("frm,to", list(itertools.product(JobStatus, JobStatus)),
+                         ids=lambda s: str(s))
+def test_every_transition_pair(store: Store, db: Path, clock: Clock, frm: JobStatus,
+                               to: JobStatus) -> None:
+    job = job_in(store, db, frm)
+    before = row(db, job.id)
+    events_before = store.events(job.id)
+    clock.now += 1_000
+    if to in TRANSITIONS[frm]:
+        after = store.transition(job.id, to, actor="admin:root", message="why")
+        assert after.status is to
+        assert after.version > job.version
+        assert store.get_job(job.id) == after
+        event = store.events(job.id)[-1]
+        assert (event["status"], event["actor"], event["at"]) == (str(to), "admin:root",
+                                                                   clock.now)
+        assert len(store.events(job.id)) == len(events_before) + 1
+        if to is JobStatus.RUNNING:
+            assert after.attempts == job.attempts + 1 and after.started_at == clock.now
+        if to in TERMINAL:
+            assert after.completed_at == clock.now
+    else:
+        with pytest.raises(Conflict) as refused:
+            store.transition(job.id, to, actor="admin:root")
+        assert str(frm) in refused.value.message and job.id in refused.value.message
+        assert row(db, job.id) == before
+        assert store.events(job.id) == events_before
+    counted = store.queued_count("alice")
+    assert queued_in_db(db) == ({"alice": counted} if counted else {})
+
+
+def test_transition_of_a_missing_job_is_not_found(store: Store) -> None:
+    with pytest.raises(NotFound):
+        store.transition(str(uuid.uuid4()), JobStatus.CANCELLED, actor="jobd")
+
+
+def test_expect_narrows_the_allowed_sources(store: Store, db: Path) -> None:
+    job = job_in(store, db, JobStatus.FAILED)
+    with pytest.raises(Conflict):
+        store.transition(job.id, JobStatus.QUEUED, actor="jobd", expect=[JobStatus.RUNNING])
+    assert store.get_job(job.id).status is JobStatus.FAILED
+
+
+def test_retry_clears_the_attempt_but_resume_keeps_progress(store: Store, db: Path) -> None:
+    job = job_in(store, db, JobStatus.RUNNING)
+    store.update_progress(job.id, progress=40.0, phase="indexing", message="half",
+                          actor="jobd").result()
+    resumed = store.transition(job.id, JobStatus.QUEUED, actor="jobd", recovered=True,
+                               message="recovered after restart")
+    assert (resumed.progress, resumed.phase, resumed.recoveries) == (40.0, "indexing", 1)
+    store.transition(job.id, JobStatus.RUNNING, actor="jobd")
+    failed = store.transition(job.id, JobStatus.FAILED, actor="jobd", error="boom")
+    assert failed.error == "boom" and failed.attempts == 2
+    retried = store.transition(job.id, JobStatus.QUEUED, actor="alice")
+    assert (retried.progress, retried.phase, retried.error, retried.completed_at) == (
+        0.0, None, None, None)
+    assert retried.attempts == 2
+
+
+def test_racing_transitions_exactly_one_wins(db: Path) -> None:
+    # two Store objects on one file: the compare-and-set in SQL decides, not a shared lock
+    first = Store(db, synchronous="normal").open()
+    second = Store(db, synchronous="normal").open()
+    try:
+        for round in range(60):
+            job = submit(first)
+            barrier = threading.Barrier(2)
+            outcome: list[Job | Conflict] = []
+            # even rounds: two workers start the same job; odd: a start races a cancel
+            # of a queued job (expect=queued, as cancelling a queued job does)
+            moves = [(first, JobStatus.RUNNING, None), (second, JobStatus.RUNNING, None)]
+            if round % 2:
+                moves[1] = (second, JobStatus.CANCELLED, [JobStatus.QUEUED])
+
+            def move(store: Store, to: JobStatus, expect: list[JobStatus] | None) -> None:
+                barrier.wait()
+                try:
+                    outcome.append(store.transition(job.id, to, actor="jobd", expect=expect))
+                except Conflict as e:
+                    outcome.append(e)
+
+            threads = [threading.Thread(target=move, args=m) for m in moves]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            winners = [r for r in outcome if isinstance(r, Job)]
+            assert len(winners) == 1 and len(outcome) == 2, outcome
+            final = first.get_job(job.id)
+            assert final.status is winners[0].status
+            assert final.attempts == (1 if final.status is JobStatus.RUNNING else 0)
+            assert [e["status"] for e in first.events(job.id)] == [
+                "created", "queued", str(final.status)]
+    finally:
+        first.close()
+        second.close()
+
+
+def test_version_only_rises_also_across_reopen(db: Path) -> None:
+    clock = Clock()
+    store = Store(db, synchronous="normal", clock=clock).open()
+    job = submit(store)
+    seen = [job.version]
+    for to in (JobStatus.RUNNING, JobStatus.QUEUED, JobStatus.RUNNING):
+        seen.append(store.transition(job.id, to, actor="jobd").version)
+    seen.append(store.request_cancel(job.id, actor="alice").version)
+    store.close()
+    clock.now -= 3_600_000_000  # the clock went back an hour while jobd was down
+    store = Store(db, synchronous="normal", clock=clock).open()
+    try:
+        seen.append(store.get_job(job.id).version)
+        seen.append(store.update_progress(job.id, progress=5, phase=None,
+                                          message=None).result().version)
+        seen.append(store.transition(job.id, JobStatus.CANCELLED, actor="jobd").version)
+    finally:
+        store.close()
+    assert seen[5] == seen[4]
+    del seen[5]
+    assert seen == sorted(set(seen)), seen
+
+
+# -- migrations ------------------------------------------------------------------------------
+
+def test_a_version_1_database_is_upgraded_and_keeps_its_rows(db: Path) -> None:
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.executescript(MIGRATIONS[0])  # as the first release of jobd left it
+    conn.execute("PRAGMA user_version = 1")
+    conn.execute("INSERT INTO jobs (id, type, user_id, project_id, status, version, "
+                 "created_at, updated_at, options) VALUES "
+                 "('old-job', 'sync', 'alice', 'p1', 'completed', 7, 1, 2, '{\"branch\":\"main\"}')")
+    conn.execute("INSERT INTO job_events (job, at, status, progress, actor) "
+                 "VALUES (1, 1, 'created', 0, 'alice'), (1, 2, 'completed', 100, 'jobd')")
+    conn.execute("INSERT INTO job_checkpoints (job, phase, data, saved_at) "
+                 "VALUES (1, 'git_sync', '{\"rev\":\"abc\"}', 2)")
+    conn.close()
+
+    store = Store(db, synchronous="normal").open()
+    try:
+        job = store.get_job("old-job")
+        assert (job.status, job.version, job.options) == (
+            JobStatus.COMPLETED, 7, {"branch": "main"})
+        assert [(e["status"], e["actor"]) for e in store.events("old-job")] == [
+            ("created", "alice"), ("completed", "jobd")]
+        assert store.load_checkpoints("old-job") == {"git_sync": {"rev": "abc"}}
+        store.set_process("old-job", 4242, 99)  # a column added by migration 2
+    finally:
+        store.close()
+    with raw(db) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+        assert conn.execute("SELECT pgid, pgid_start FROM jobs").fetchone() == (4242, 99)
+
+
+def test_a_database_from_a_newer_jobd_is_refused(db: Path) -> None:
+    Store(db).open().close()
+    with raw(db) as conn:
+        conn.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    with pytest.raises(StoreError, match="newer than this jobd knows.*upgrade jobd"):
+        Store(db).open()
+
+
+# -- listing -----------------------------------------------------------------------------------
+
+def test_list_filters_newest_first(store: Store, clock: Clock) -> None:
+    specs = [  # user, type, project, ends as
+        ("alice", "sync", "p1", JobStatus.QUEUED),
+        ("alice", "index", "p2", JobStatus.RUNNING),
+        ("bob", "sync", "p1", JobStatus.COMPLETED),
+        ("bob", "noop", None, JobStatus.FAILED),
+        ("carol", "sync", "p3", JobStatus.CANCELLED),
+        ("alice", "noop", None, JobStatus.QUEUED),
+    ]
+    jobs = []
+    for user, type, project, status in specs:
+        clock.now += 1_000_000
+        job = submit(store, new_job(user=user, type=type, project=project))
+        if status is JobStatus.CANCELLED:
+            store.transition(job.id, status, actor="jobd")
+        elif status is not JobStatus.QUEUED:
+            store.transition(job.id, JobStatus.RUNNING, actor="jobd")
+            if status is not JobStatus.RUNNING:
+                store.transition(job.id, status, actor="jobd")
+        jobs.append(job)
+
+    def ids(**filters: Any) -> list[str]:
+        return [j.id for j in store.list_jobs(**filters)]
+
+    def expect(*indexes: int) -> list[str]:
+        return [jobs[i].id for i in sorted(indexes, reverse=True)]
+
+    assert ids() == expect(0, 1, 2, 3, 4, 5)
+    assert ids(statuses=["queued"]) == expect(0, 5)
+    assert ids(statuses=["failed", "cancelled", "completed"]) == expect(2, 3, 4)
+    assert ids(type="sync") == expect(0, 2, 4)
+    assert ids(user_id="alice") == expect(0, 1, 5)
+    assert ids(user_id="alice", statuses=["queued"], type="noop") == expect(5)
+    assert ids(project_id="p1") == expect(0, 2)
+    assert ids(created_after=jobs[2].created_at) == expect(2, 3, 4, 5)
+    assert ids(created_before=jobs[2].created_at) == expect(0, 1)
+    assert ids(created_after=jobs[1].created_at, created_before=jobs[4].created_at) == expect(
+        1, 2, 3)
+    assert ids(id_prefix=jobs[3].id[:8]) == expect(3)
+    assert ids(limit=2) == expect(4, 5)
+    assert ids(user_id="nobody") == []
+
+
+def test_id_prefix_matches_only_that_prefix(store: Store) -> None:
+    for job_id in ("abcd0000-1", "abcd0000-2", "abce0000-1", "abc"):
+        submit(store, new_job(id=job_id))
+    assert sorted(j.id for j in store.list_jobs(id_prefix="abcd")) == [
+        "abcd0000-1", "abcd0000-2"]
+    assert [j.id for j in store.list_jobs(id_prefix="abcd0000-2")] == ["abcd0000-2"]
+
+
+def test_keyset_paging_sees_every_job_once_when_created_at_ties(store: Store,
+                                                                clock: Clock) -> None:
+    # the fake clock never moves: every job has the same created_at
+    stored = [submit(store, new_job(user=f"u{i % 3}")) for i in range(203)]
+    assert len({j.created_at for j in stored}) == 1
+    for filters in ({}, {"user_id": "u1"}, {"statuses": ["queued"]}):
+        seen: list[Job] = []
+        before = None
+        while page := store.list_jobs(before_seq=before, limit=17, **filters):
+            seen += page
+            before = page[-1].seq
+        expected = [j for j in stored if filters.get("user_id", j.user_id) == j.user_id]
+        assert [j.id for j in seen] == [j.id for j in reversed(expected)]
+        assert len({j.id for j in seen}) == len(seen)
+
+
+# -- submit: idempotency, dedupe, limits, group commit --------------------------------------
+
+def test_idempotency_key_is_per_user(store: Store) -> None:
+    first, dup = store.submit_job(new_job(idempotency_key="k1"), actor="alice")
+    again, dup_again = store.submit_job(new_job(idempotency_key="k1"), actor="alice")
+    other, dup_other = store.submit_job(new_job(user="bob", idempotency_key="k1"), actor="bob")
+    assert (dup, dup_again, dup_other) == (False, True, False)
+    assert again.id == first.id
+    assert other.id != first.id and other.user_id == "bob"
+    # the key still answers once the job has finished
+    store.transition(first.id, JobStatus.CANCELLED, actor="alice")
+    assert store.submit_job(new_job(idempotency_key="k1"), actor="alice")[0].id == first.id
+    assert store.queued_count("alice") == 0 and store.queued_count("bob") == 1
+
+
+def test_dedupe_of_a_queued_sync_keeps_full_reindex(store: Store, db: Path) -> None:
+    first, dup = store.submit_job(new_job(options={"branch": "main"}), actor="alice",
+                                  dedupe=True)
+    full, dup_full = store.submit_job(new_job(options={"branch": "main", "full_reindex": True}),
+                                      actor="alice", dedupe=True)
+    plain, dup_plain = store.submit_job(new_job(options={"branch": "main"}), actor="alice",
+                                        dedupe=True)
+    assert (dup, dup_full, dup_plain) == (False, True, True)
+    assert first.id == full.id == plain.id
+    assert full.options == {"branch": "main", "full_reindex": True}
+    assert full.version > first.version
+    assert plain.options["full_reindex"] is True
+    assert store.get_job(first.id).options["full_reindex"] is True
+    # another project, another type, another user, or no dedupe asked: new jobs
+    others = [
+        store.submit_job(new_job(project="p2"), actor="alice", dedupe=True),
+        store.submit_job(new_job(type="index"), actor="alice", dedupe=True),
+        store.submit_job(new_job(user="bob"), actor="bob", dedupe=True),
+        store.submit_job(new_job(), actor="alice"),
+    ]
+    assert all(not d for _, d in others)
+    assert len({j.id for j, _ in others} | {first.id}) == 5
+    # a running sync does not absorb a new one: the new one queues behind it
+    store.transition(first.id, JobStatus.RUNNING, actor="jobd")
+    for job, _ in others:
+        if job.user_id == "alice" and job.type == "sync" and job.project_id == "p1":
+            store.transition(job.id, JobStatus.CANCELLED, actor="alice")
+    behind, dup_behind = store.submit_job(new_job(), actor="alice", dedupe=True)
+    assert not dup_behind and behind.id != first.id
+    assert count(db, "jobs", "user_id = 'alice' AND project_id = 'p1' AND type = 'sync' "
+                 "AND status = 'queued'") == 1
+
+
+def test_queue_limits_refuse_and_keep_the_counter_right(store: Store, db: Path) -> None:
+    limits = {"max_queued_per_user": 3, "max_queued_total": 5}
+    alice = [submit(store, new_job(), **limits) for _ in range(3)]
+    with pytest.raises(LimitExceeded, match="alice.*max_queued_per_user = 3"):
+        submit(store, new_job(), **limits)
+    bob = [submit(store, new_job(user="bob"), actor="bob", **limits) for _ in range(2)]
+    with pytest.raises(LimitExceeded, match="max_queued_total"):
+        submit(store, new_job(user="carol"), actor="carol", **limits)
+    assert store.queued_count("alice") == 3 and store.queued_count() == 5
+    # a duplicate id is refused inside the write and must not be counted
+    with pytest.raises(Conflict):
+        submit(store, new_job(id=bob[0].id, user="bob"), actor="bob")
+    # a write that recorded a job and then failed is rolled back, counter included
+    def submit_then_fail(tx: Tx) -> None:
+        store._submit(tx, new_job(user="dave"), "dave", False, None, None)
+        raise RuntimeError("the rest of this write failed")
+    with pytest.raises(RuntimeError):
+        store.write(submit_then_fail)
+    assert store.queued_count("dave") == 0 and store.queued_count() == 5
+    # leaving the queue frees a place
+    store.transition(alice[0].id, JobStatus.RUNNING, actor="jobd")
+    store.transition(alice[1].id, JobStatus.CANCELLED, actor="alice")
+    assert store.queued_count("alice") == 1
+    submit(store, new_job(), **limits)
+    assert queued_in_db(db) == {"alice": 2, "bob": 2}
+    assert {u: store.queued_count(u) for u in ("alice", "bob", "carol", "dave")} == {
+        "alice": 2, "bob": 2, "carol": 0, "dave": 0}
+    # reopening counts from the database
+    store.close()
+    reopened = Store(db).open()
+    try:
+        assert reopened.queued_count("alice") == 2 and reopened.queued_count() == 4
+    finally:
+        reopened.close()
+
+
+def test_limit_holds_under_concurrent_submits(store: Store) -> None:
+    barrier = threading.Barrier(20)
+    results: list[Any] = []
+
+    def one() -> None:
+        barrier.wait()
+        try:
+            results.append(submit(store, new_job(), max_queued_per_user=7))
+        except LimitExceeded as e:
+            results.append(e)
+
+    threads = [threading.Thread(target=one) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(isinstance(r, Job) for r in results) == 7
+    assert store.queued_count("alice") == 7 == len(store.list_jobs(user_id="alice"))
+
+
+def test_group_commit_concurrent_submits_all_stored(store: Store, db: Path) -> None:
+    threads_n, each = 16, 25
+    barrier = threading.Barrier(threads_n)
+    stored: list[Job] = []
+    errors: list[BaseException] = []
+
+    def worker(n: int) -> None:
+        barrier.wait()
+        for _ in range(each):
+            try:
+                stored.append(submit(store, new_job(user=f"u{n}"), actor=f"u{n}"))
+            except BaseException as e:  # noqa: BLE001 - reported by the assert below
+                errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(threads_n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len({j.id for j in stored}) == threads_n * each
+    assert len({j.seq for j in stored}) == threads_n * each
+    assert count(db, "jobs") == threads_n * each
+    assert count(db, "job_events") == 2 * threads_n * each
+    assert store.queued_count() == threads_n * each
+    for job in stored[:: 37]:
+        assert store.get_job(job.id) == job
+
+
+# -- events and checkpoints ----------------------------------------------------------------
+
+def test_events_oldest_first_with_actors(store: Store, clock: Clock) -> None:
+    job = submit(store, actor="service:cidx")
+    clock.now += 10
+    store.transition(job.id, JobStatus.RUNNING, actor="jobd")
+    clock.now += 10
+    store.update_progress(job.id, progress=10, phase="git_sync", message="fetching",
+                          actor="jobd").result()
+    store.update_progress(job.id, progress=20, phase="git_sync", message="tick").result()
+    clock.now += 10
+    store.request_cancel(job.id, actor="admin:root")
+    store.request_cancel(job.id, actor="admin:root")  # asking twice records it once
+    clock.now += 10
+    store.transition(job.id, JobStatus.CANCELLED, actor="jobd", message="stopped")
+    events = store.events(job.id)
+    assert [(e["status"], e["phase"], e["actor"], e["message"]) for e in events] == [
+        ("created", None, "service:cidx", None),
+        ("queued", None, "service:cidx", None),
+        ("running", None, "jobd", None),
+        ("running", "git_sync", "jobd", "fetching"),
+        ("running", "git_sync", "admin:root", "cancel requested"),
+        ("cancelled", "git_sync", "jobd", "stopped"),
+    ]
+    assert [e["at"] for e in events] == sorted(e["at"] for e in events)
+    assert store.get_job(job.id).message == "stopped"
+    with pytest.raises(NotFound):
+        store.events(str(uuid.uuid4()))
+
+
+def test_checkpoints_save_replace_load(store: Store) -> None:
+    job = submit(store)
+    other = submit(store)
+    assert store.load_checkpoints(job.id) == {}
+    store.save_checkpoint(job.id, "init", {"repo": "/r"})
+    store.save_checkpoint(job.id, "git_sync", {"old": "a", "new": "b"})
+    store.save_checkpoint(job.id, "git_sync", {"old": "a", "new": "c"})
+    store.save_checkpoint(other.id, "init", {"repo": "/other"})
+    assert store.load_checkpoints(job.id) == {"init": {"repo": "/r"},
+                                              "git_sync": {"old": "a", "new": "c"}}
+    store.write(lambda tx: store.clear_checkpoints(tx, job.id))
+    assert store.load_checkpoints(job.id) == {}
+    assert store.load_checkpoints(other.id) == {"init": {"repo": "/other"}}
+
+
+# -- cleanup ---------------------------------------------------------------------------------
+
+def finished_at(store: Store, clock: Clock, db: Path, status: JobStatus, at: int) -> Job:
+    clock.now = at
+    job = job_in(store, db, status)
+    clock.now = T0
+    return job
+
+
+def test_cleanup_respects_status_and_retention(store: Store, clock: Clock, db: Path) -> None:
+    day = 86_400_000_000
+    old, recent = T0 - 40 * day, T0 - 10 * day
+    queued = finished_at(store, clock, db, JobStatus.QUEUED, old)
+    running = finished_at(store, clock, db, JobStatus.RUNNING, old)
+    gone = [finished_at(store, clock, db, s, old) for s in
+            (JobStatus.COMPLETED, JobStatus.CANCELLED)]
+    recent_done = finished_at(store, clock, db, JobStatus.COMPLETED, recent + day * 5)
+    failed_old = finished_at(store, clock, db, JobStatus.FAILED, old)
+    failed_recent = finished_at(store, clock, db, JobStatus.FAILED, recent)
+    # a retried job finished long ago, now queued again: active, kept
+    retried = finished_at(store, clock, db, JobStatus.FAILED, old)
+    store.transition(retried.id, JobStatus.QUEUED, actor="alice")
+    for job in gone + [failed_old]:
+        store.save_checkpoint(job.id, "init", {"x": 1})
+    store.save_checkpoint(running.id, "init", {"x": 1})
+
+    keep_before, keep_failed_before = T0 - 7 * day, T0 - 30 * day
+    dry = [i for chunk in store.cleanup(keep_before=keep_before,
+                                        keep_failed_before=keep_failed_before, dry_run=True)
+           for i in chunk]
+    assert sorted(dry) == sorted([j.id for j in gone] + [failed_old.id])
+    assert count(db, "jobs") == 8
+
+    seqs = [j.seq for j in gone + [failed_old]]
+    marks = ", ".join("?" * len(seqs))
+    assert count(db, "job_events", f"job IN ({marks})", tuple(seqs)) > 0
+    deleted = [i for chunk in store.cleanup(keep_before=keep_before,
+                                            keep_failed_before=keep_failed_before)
+               for i in chunk]
+    assert sorted(deleted) == sorted(dry)
+    assert count(db, "job_events", f"job IN ({marks})", tuple(seqs)) == 0
+    assert count(db, "job_checkpoints", f"job IN ({marks})", tuple(seqs)) == 0
+    kept = {j.id for j in store.list_jobs(limit=100)}
+    assert kept == {queued.id, running.id, recent_done.id, failed_recent.id, retried.id}
+    assert store.load_checkpoints(running.id) == {"init": {"x": 1}}
+    assert count(db, "job_events", "job NOT IN (SELECT seq FROM jobs)") == 0
+    # everything past: still never an active job
+    everything = [i for chunk in store.cleanup(keep_before=T0 + 1, keep_failed_before=T0 + 1)
+                  for i in chunk]
+    assert sorted(everything) == sorted([recent_done.id, failed_recent.id])
+    assert {j.status for j in store.list_jobs()} == {JobStatus.QUEUED, JobStatus.RUNNING}
+
+
+def test_cleanup_goes_in_chunks_and_dry_run_deletes_nothing(store: Store, clock: Clock,
+                                                           db: Path) -> None:
+    for _ in range(35):
+        finished_at(store, clock, db, JobStatus.COMPLETED, T0 - 1_000)
+    dry = list(store.cleanup(keep_before=T0, keep_failed_before=T0, dry_run=True, chunk=10))
+    assert sum(map(len, dry)) == 35 and count(db, "jobs") == 35
+    chunks = list(store.cleanup(keep_before=T0, keep_failed_before=T0, chunk=10))
+    assert [len(c) for c in chunks] == [10, 10, 10, 5]
+    assert count(db, "jobs") == 0 and count(db, "job_events") == 0
+
+
+# -- the clean-shutdown marker --------------------------------------------------------------
+
+def test_clean_close_is_remembered(db: Path) -> None:
+    store = Store(db).open()
+    assert store.was_clean  # a new database
+    submit(store)
+    store.close()
+    store = Store(db).open()
+    try:
+        assert store.was_clean
+    finally:
+        store.close()
+
+
+def test_a_killed_process_leaves_an_unclean_marker_and_the_job(db: Path) -> None:
+    Store(db).open().close()
+    child = textwrap.dedent(f"""
+        import os, uuid
+        from jobd.models import Job, JobStatus
+        from jobd.store import Store
+        store = Store({str(db)!r}).open()
+        job = Job(id="killed-job", type="noop", user_id="alice", project_id=None,
+                  status=JobStatus.CREATED, created_at=0, updated_at=0, version=0)
+        store.submit_job(job, actor="alice")
+        os._exit(0)
+    """)
+    subprocess.run([sys.executable, "-c", child], check=True, timeout=60,
+                   capture_output=True)
+    store = Store(db).open()
+    try:
+        assert not store.was_clean
+        assert store.get_job("killed-job").status is JobStatus.QUEUED
+        assert store.queued_count("alice") == 1
+    finally:
+        store.close()
+
+
+# -- every query the store runs uses an index ------------------------------------------------
+
+def test_queries_use_indexes(store: Store, clock: Clock, db: Path) -> None:
+    for n in range(30):
+        job = submit(store, new_job(user=f"u{n % 3}", project=f"p{n % 5}",
+                                    idempotency_key=f"k{n}"), actor="jobd")
+        if n % 2:
+            store.transition(job.id, JobStatus.CANCELLED, actor="jobd")
+    store.list_jobs(user_id="u1")
+    store.list_jobs(statuses=["queued"])
+    store.list_jobs(statuses=["completed", "failed"])
+    store.list_jobs(project_id="p2")
+    store.list_jobs(id_prefix="abcd")
+    store.list_jobs(user_id="u1", before_seq=10)
+    store.queued_jobs()
+    store.running_jobs()
+    store.submit_job(new_job(user="u1", project="p1", idempotency_key="k-new"), actor="jobd",
+                     dedupe=True)
+    list(store.cleanup(keep_before=T0 + 1, keep_failed_before=T0 + 1, chunk=5))
+    list(store.cleanup(keep_before=T0 + 1, keep_failed_before=T0 + 1, dry_run=True))
+
+    # the statements each connection has prepared, as the store wrote them (with ``?``)
+    statements = {sql for (sql,) in store._read().execute("SELECT sql FROM sqlite_stmt")}
+    statements |= {sql for (sql,) in store.write(
+        lambda tx: tx.conn.execute("SELECT sql FROM sqlite_stmt").fetchall())}
+    queries = {s for s in statements if " jobs" in s and "sqlite_stmt" not in s
+               and s.lstrip().upper().startswith(("SELECT", "UPDATE", "DELETE"))}
+    wanted = ["user_id = ?", "status IN (?)", "project_id = ?", "id >= ?",
+              "status = 'queued' ORDER BY priority", "idempotency_key = ?",
+              "AND type = ? AND status = 'queued'", "DELETE FROM jobs"]
+    for part in wanted:
+        assert any(part in q for q in queries), f"no statement with {part!r} seen"
+    with raw(db) as conn:
+        for sql in queries:
+            plan = [r[3] for r in conn.execute(f"EXPLAIN QUERY PLAN {sql}",
+                                               (None,) * sql.count("?"))]
+            scans = [p for p in plan if p.startswith("SCAN jobs") and "INDEX" not in p]
+            assert not scans, f"{sql}\n  plan: {plan}"
+            if sql.startswith("DELETE FROM jobs"):
+                # a cleanup chunk reads its index in completed_at order: no sort of every
+                # expired job for each chunk
+                assert not any("TEMP B-TREE" in p for p in plan), f"{sql}\n  plan: {plan}"
