@@ -208,6 +208,8 @@ class Manager:
         if cursor is not None:
             try:
                 before = int(base64.urlsafe_b64decode(cursor.encode()).decode())
+                if not 0 <= before < 2**63:  # beyond SQLite's integers: forged
+                    raise ValueError(before)
             except (ValueError, AttributeError, UnicodeDecodeError):
                 raise InvalidParams("cursor is not one this daemon gave out",
                                     field="cursor") from None
@@ -229,7 +231,8 @@ class Manager:
     def logs(self, scope: Scope, job_id: str, offset: Any = 0,
              limit_bytes: Any = 65536) -> dict[str, Any]:
         job = self._job(scope, job_id)
-        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        if (isinstance(offset, bool) or not isinstance(offset, int)
+                or not 0 <= offset < 2**63):  # past 2^63 the OS cannot seek
             raise InvalidParams("offset must be a byte offset ≥ 0", field="offset")
         if (isinstance(limit_bytes, bool) or not isinstance(limit_bytes, int)
                 or not 1 <= limit_bytes <= 1_048_576):

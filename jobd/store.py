@@ -316,7 +316,7 @@ class Store:
             if not self.was_clean:
                 problems = [r[0] for r in conn.execute("PRAGMA quick_check").fetchall()]
                 if problems != ["ok"]:
-                    raise Corrupt(f"{self.path}: the database is damaged ({problems[0]}); "
+                    raise Corrupt(f"{self.path}: the database is damaged ({problems[0].splitlines()[0]}); "
                                   f"stop jobd and run `jobd db recover`")
             conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('clean', '0')")
             self._queued = Counter(dict(conn.execute(
