@@ -12,6 +12,7 @@ import datetime as _dt
 import json
 import math
 import os
+import re
 from typing import Any, Iterable, Mapping
 
 from rich.console import Console, Group, RenderableType
@@ -35,6 +36,9 @@ STATUS_STYLE = {
     "failed": "bold red",
     "cancelled": "magenta",
 }
+
+#: the counts in a message, which alone do not make a new line when not on a terminal
+_COUNTS = re.compile(r"\s*\d+")
 
 WAIT_REASONS = {
     "slots": "waiting for a free worker",
@@ -309,12 +313,16 @@ class Follow:
 
     def update(self, job: Mapping[str, Any]) -> None:
         if self._json:
-            line = json.dumps(job, separators=(",", ":"), ensure_ascii=False)
+            line = seen = json.dumps(job, separators=(",", ":"), ensure_ascii=False)
         else:
             line = status_line(job)
-        if line == self._last:
+            # git repeats one message with rising counts ("Counting objects:  12% (20/161)"):
+            # a line for each would bury the rest, so a line needs more than new counts
+            seen = line if self._bar is not None or not job.get("message") else status_line(
+                {**job, "message": _COUNTS.sub("#", job["message"])})
+        if seen == self._last:
             return
-        self._last = line
+        self._last = seen
         if self._bar is None:
             self._out.out(line, highlight=False)
             return

@@ -182,16 +182,21 @@ class Dispatcher:
                 order = (e for p in sorted(self._levels, reverse=True)
                          for e in self._levels[p].order())
                 self._positions = {e.id: n for n, e in enumerate(order, 1)}
-            return self._positions.get(job_id), str(self._reason(entry))
+            position = self._positions[job_id]
+            reason = self._reason(entry, position)
+            return position, str(reason) if reason else None
 
-    def _reason(self, entry: Entry) -> WaitReason:
+    def _reason(self, entry: Entry, position: int) -> WaitReason | None:
+        """Why ``entry`` waits; None when nothing holds it (a worker is about to take it)."""
         if self.paused:
             return WaitReason.PAUSED
         if entry.project_key and self._busy_projects[entry.project_key]:
             return WaitReason.PROJECT_BUSY
         if self._running_per_user[entry.user_id] >= self.max_running_per_user:
             return WaitReason.USER_LIMIT
-        return WaitReason.SLOTS
+        if len(self._running) + position > self.workers:  # the jobs ahead fill the slots
+            return WaitReason.SLOTS
+        return None
 
     def running_count(self, user_id: str | None = None) -> int:
         with self._lock:

@@ -24,7 +24,7 @@ from jobd.config import Config
 from jobd.engine import Engine
 from jobd.errors import Conflict, Forbidden, InvalidParams, NotFound, Unavailable
 from jobd.handlers import Handler
-from jobd.models import TERMINAL, Job, JobStatus, from_iso, iso
+from jobd.models import TERMINAL, Job, JobStatus, Role, from_iso, iso
 from jobd.store import Store
 
 __all__ = ["Hub", "Manager"]
@@ -73,6 +73,12 @@ def _time(value: Any, field: str) -> int | None:
     except (TypeError, ValueError, AttributeError):
         raise InvalidParams(f"{field} must be an ISO 8601 time like 2026-11-22T10:00:00Z "
                             f"(got {value!r})", field=field) from None
+
+
+def _admin_only(method: str, scope: Scope) -> str:
+    if scope.caller.role is Role.ADMIN:
+        return f"{method} is not available while acting for a user; call it without as_user"
+    return f"{method} is for jobd admins (auth.admins in jobd.toml)"
 
 
 class Hub:
@@ -338,7 +344,7 @@ class Manager:
 
     def stats(self, scope: Scope) -> dict[str, Any]:
         if not scope.may_stats:
-            raise Forbidden("admin.stats is for admins")
+            raise Forbidden(_admin_only("admin.stats", scope))
         counts = {str(s): 0 for s in JobStatus if s is not JobStatus.CREATED}
         counts.update(self.store.counts())
         dispatcher = self.engine.dispatcher
@@ -350,7 +356,7 @@ class Manager:
     def cleanup(self, scope: Scope, *, older_than_s: Any = None,
                 dry_run: Any = False) -> dict[str, Any]:
         if not scope.may_stats:
-            raise Forbidden("admin.cleanup is for admins")
+            raise Forbidden(_admin_only("admin.cleanup", scope))
         if older_than_s is not None:
             older_than_s = _number(older_than_s, "older_than_s", 0, 100 * 366 * 86400)
         if not isinstance(dry_run, bool):
@@ -386,7 +392,7 @@ class Manager:
 
     def _set_paused(self, scope: Scope, paused: bool) -> dict[str, Any]:
         if not scope.may_pause:
-            raise Forbidden(f"admin.{'pause' if paused else 'resume'} is for admins")
+            raise Forbidden(_admin_only(f"admin.{'pause' if paused else 'resume'}", scope))
         self.engine.set_paused(paused)
         log.info("dispatch_paused" if paused else "dispatch_resumed", actor=scope.actor)
         return {"paused": paused}

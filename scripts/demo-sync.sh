@@ -16,7 +16,9 @@ printf '[execution]\nworkers = 2\n' > "$JOBD_CONFIG"
 
 "$bin/jobd" --log-format json 2> "$work/jobd.log" &
 daemon=$!
-trap 'kill -TERM $daemon 2>/dev/null; wait $daemon 2>/dev/null; echo "daemon stopped; its log: $work/jobd.log"' EXIT
+# the two 3000-file repositories go (about 40 MB); the daemon's log and database stay
+trap 'kill -TERM $daemon 2>/dev/null; wait $daemon 2>/dev/null; rm -rf "$work/upstream" "$work/state/repos"
+      echo "daemon stopped; its log: $work/jobd.log, its database: $JOBD_DB"' EXIT
 for _ in $(seq 100); do "$bin/jobctl" ping >/dev/null 2>&1 && break; sleep 0.1; done
 "$bin/jobctl" ping
 

@@ -1,0 +1,462 @@
+"""The real ``jobctl`` command against a real daemon: output, exit codes and terminals (SPEC §7).
+
+jobctl runs as a subprocess (the console script beside the test's Python), so exit
+codes, stdout/stderr and terminal detection are what a person or a script gets. One
+daemon serves the module; each test acts for a user of its own (``--as-user``, which
+an admin may pass while keeping admin-only job types), so tests do not see each
+other's jobs.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import json
+import os
+import pty
+import re
+import select
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from conftest import Daemon, clone, commit_files, git, make_upstream
+from jobd.models import from_iso
+
+JOBCTL = str(Path(sys.executable).parent / "jobctl")
+
+CONFIG = """
+[execution]
+workers = 4
+cancel_grace = "1s"
+shutdown_grace = "5s"
+"""
+
+#: one line per change when not on a terminal: ``<id8> <status> <N>% <phase> [note]``
+STATUS_LINE = re.compile(r"^[0-9a-f]{8} (queued|running|completed|failed|cancelled) "
+                         r"\d{1,3}% (-|init|git_sync|indexing|finalizing)( .*)?$")
+ESC = "\x1b"
+SGR = re.compile(r"\x1b\[([0-9;]*)m")
+
+_users = itertools.count(1)
+
+
+@pytest.fixture(scope="module")
+def jd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    d = Daemon(tmp_path_factory.mktemp("jobctl"), CONFIG).start()
+    yield d
+    assert d.stop() == 0
+    assert "rpc_method_crashed" not in d.log()
+
+
+@pytest.fixture
+def who() -> str:
+    """A user of the test's own."""
+    return f"jc{os.getpid()}x{next(_users)}"
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    """The environment of a jobctl run: no socket or colour settings from outside."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("JOBD_SOCKET", "NO_COLOR", "FORCE_COLOR", "COLUMNS", "TERM")}
+    env.update(extra)
+    return env
+
+
+def jobctl(d: Daemon | None, *args: str, env: dict[str, str] | None = None,
+           timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    """Run jobctl (``--socket`` of ``d`` when given) with stdout and stderr piped."""
+    argv = [JOBCTL, *(["--socket", str(d.socket)] if d else []), *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                          env=env or base_env(), stdin=subprocess.DEVNULL)
+
+
+def as_json(proc: subprocess.CompletedProcess[str]) -> Any:
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr}"
+    return json.loads(proc.stdout)
+
+
+def submit(d: Daemon, who: str, type_: str, **kw: Any) -> dict[str, Any]:
+    with d.client(as_user=who) as c:
+        job: dict[str, Any] = c.submit(type_, **kw)
+    return job
+
+
+def sh_job(d: Daemon, who: str, script: str) -> dict[str, Any]:
+    return submit(d, who, "command", options={"argv": ["sh", "-c", script]})
+
+
+def until_status(d: Daemon, job_id: str, *statuses: str, timeout: float = 20.0) -> dict[str, Any]:
+    """Long-poll the job until it reaches one of ``statuses``."""
+    deadline = time.monotonic() + timeout
+    with d.client() as c:
+        job: dict[str, Any] = c.get(job_id)
+        while job["status"] not in statuses:
+            left = deadline - time.monotonic()
+            if left <= 0 or job["status"] in ("completed", "failed", "cancelled"):
+                pytest.fail(f"job {job_id} is {job['status']} ({job['error']}), "
+                            f"expected {statuses}")
+            job = c.wait(job_id, after_version=job["version"], timeout_s=min(left, 5.0))
+    return job
+
+
+def run_in_pty(argv: list[str], env: dict[str, str], timeout: float = 30.0) -> tuple[int, str]:
+    """Run ``argv`` with stdin, stdout and stderr on a new pseudo-terminal: (exit code, output)."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env,
+                            close_fds=True)
+    os.close(slave)
+    out = bytearray()
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError as e:  # EIO: every writer has closed the terminal
+                    if e.errno != errno.EIO:
+                        raise
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            elif proc.poll() is not None:
+                break
+        code = proc.wait(max(0.1, deadline - time.monotonic()))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    return code, out.decode(errors="replace")
+
+
+def colour_codes(text: str) -> list[str]:
+    """The SGR parameters in ``text`` that set a foreground or background colour."""
+    found = []
+    for params in SGR.findall(text):
+        for p in params.split(";"):
+            if p.isdigit() and (30 <= int(p) <= 49 or 90 <= int(p) <= 107):
+                found.append(params)
+    return found
+
+
+# -- scenarios --------------------------------------------------------------------------------
+
+def test_ping_prints_version_and_role_also_found_through_jobd_socket(jd: Daemon) -> None:
+    proc = jobctl(None, "ping", env=base_env(JOBD_SOCKET=str(jd.socket)))
+    assert proc.returncode == 0, proc.stderr
+    version = jd.raw("ping")["result"]["version"]
+    assert f"jobd {version} at {jd.socket}" in proc.stdout
+    assert "you are root (uid 0, admin)" in proc.stdout
+
+    answer = as_json(jobctl(jd, "--json", "ping"))
+    assert answer["version"] == version
+    assert answer["caller"] == {"uid": 0, "user": "root", "role": "admin"}
+
+
+def test_submit_wait_exits_0_and_json_prints_one_job(jd: Daemon, who: str) -> None:
+    proc = jobctl(jd, "--as-user", who, "submit", "noop", "-o", "seconds=0", "--wait")
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"^submitted: noop [0-9a-f-]{36} \(queued", proc.stdout, re.M), proc.stdout
+    assert re.search(r"^[0-9a-f]{8} completed 100% -$", proc.stdout, re.M), proc.stdout
+
+    job = as_json(jobctl(jd, "--json", "--as-user", who, "submit", "noop", "-o", "seconds=0",
+                         "--wait"))
+    assert isinstance(job, dict)
+    assert job["status"] == "completed" and job["type"] == "noop" and job["user_id"] == who
+    assert job["options"] == {"seconds": 0}
+
+
+def test_a_failing_command_exits_1_with_the_error_on_stderr(jd: Daemon, who: str) -> None:
+    proc = jobctl(jd, "--as-user", who, "submit", "command", "--options-json",
+                  '{"argv": ["sh", "-c", "echo boom >&2; exit 3"]}', "--wait")
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    job_id = re.search(r"submitted: command ([0-9a-f-]{36})", proc.stdout).group(1)  # type: ignore[union-attr]
+    with jd.client() as c:
+        job = c.get(job_id)
+    assert (job["status"], job["error"]) == ("failed", "sh exited with status 3: boom")
+    assert f"jobctl: job {job_id[:8]} failed: sh exited with status 3: boom" in proc.stderr
+    assert f"jobctl logs {job_id[:8]}" in proc.stderr
+    assert "boom" in jobctl(jd, "logs", job_id[:8]).stdout
+
+
+def test_a_job_cancelled_by_someone_else_ends_the_wait_with_3(jd: Daemon, who: str) -> None:
+    waiter = subprocess.Popen(
+        [JOBCTL, "--socket", str(jd.socket), "--as-user", who, "submit", "noop",
+         "-o", "seconds=30", "--wait"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=base_env())
+    try:
+        assert waiter.stdout is not None
+        first = waiter.stdout.readline()
+        job_id = re.search(r"submitted: noop ([0-9a-f-]{36})", first).group(1)  # type: ignore[union-attr]
+        until_status(jd, job_id, "running")
+        cancel = jobctl(jd, "cancel", job_id[:8])
+        assert cancel.returncode == 0, cancel.stderr
+        out, err = waiter.communicate(timeout=20)
+    finally:
+        if waiter.poll() is None:
+            waiter.kill()
+            waiter.wait()
+    assert waiter.returncode == 3, (out, err)
+    assert f"jobctl: job {job_id[:8]} was cancelled" in err
+    assert until_status(jd, job_id, "cancelled")["status"] == "cancelled"
+
+
+def test_cancel_wait_ends_cancelled_and_a_completed_job_is_a_conflict(jd: Daemon,
+                                                                       who: str) -> None:
+    job = sh_job(jd, who, "sleep 30")
+    until_status(jd, job["id"], "running")
+    proc = jobctl(jd, "--json", "cancel", job["id"], "--wait")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["status"] == "cancelled"
+    with jd.client() as c:
+        assert c.get(job["id"])["status"] == "cancelled"
+
+    done = submit(jd, who, "noop", options={"seconds": 0})
+    until_status(jd, done["id"], "completed")
+    proc = jobctl(jd, "cancel", done["id"])
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(f"jobctl: job {done['id']} is completed; only queued or "
+                                  "running jobs can be cancelled"), proc.stderr
+
+
+def test_wait_timeout_exits_4_and_the_job_goes_on(jd: Daemon, who: str) -> None:
+    started = time.monotonic()
+    proc = jobctl(jd, "--json", "--as-user", who, "submit", "noop", "-o", "seconds=30",
+                  "--wait", "--timeout", "1s")
+    assert proc.returncode == 4, proc.stderr
+    job = json.loads(proc.stdout)
+    assert job["status"] in ("queued", "running")
+    assert "gave up waiting" in proc.stderr and "goes on" in proc.stderr
+    assert time.monotonic() - started < 15
+    with jd.client() as c:
+        assert c.get(job["id"])["status"] == "running"
+        c.cancel(job["id"], wait=True)
+
+
+def test_job_prefixes(jd: Daemon, who: str) -> None:
+    job = submit(jd, who, "noop", options={"seconds": 0})
+    until_status(jd, job["id"], "completed")
+    found = as_json(jobctl(jd, "--json", "--as-user", who, "status", job["id"][:6]))
+    assert found["id"] == job["id"] and found["status"] == "completed"
+
+    # only this user's job is in scope: any other prefix names nothing
+    other = next(p for p in ("0000", "1111", "2222") if not job["id"].startswith(p))
+    proc = jobctl(jd, "--as-user", who, "status", other)
+    assert proc.returncode == 1
+    assert f"no job matches {other!r}" in proc.stderr
+
+    proc = jobctl(jd, "status", "abc")
+    assert proc.returncode == 2
+    assert "at least its first 4 characters" in proc.stderr
+
+
+def test_list_pages_and_filters(jd: Daemon, who: str) -> None:
+    done = submit(jd, who, "noop", options={"seconds": 0})
+    failed = sh_job(jd, who, "exit 1")
+    cancelled = submit(jd, who, "noop", options={"seconds": 30})
+    with jd.client() as c:
+        c.cancel(cancelled["id"], wait=True)
+    extra = submit(jd, who, "noop", options={"seconds": 0})
+    for job, status in ((done, "completed"), (failed, "failed"), (cancelled, "cancelled"),
+                        (extra, "completed")):
+        until_status(jd, job["id"], status)
+    newest_first = [j["id"] for j in (extra, cancelled, failed, done)]
+
+    listed = as_json(jobctl(jd, "--json", "--as-user", who, "list", "--limit", "2", "--all"))
+    assert [j["id"] for j in listed] == newest_first
+
+    both = as_json(jobctl(jd, "--json", "--as-user", who, "list", "--status", "completed",
+                          "--status", "failed"))
+    assert [j["id"] for j in both] == [extra["id"], failed["id"], done["id"]]
+
+    table = jobctl(jd, "--as-user", who, "list", "--limit", "2")
+    assert table.returncode == 0
+    assert table.stdout.split("\n")[0].split() == ["ID", "TYPE", "USER", "PROJECT", "STATUS",
+                                                   "PROGRESS", "PHASE", "AGE"]
+    assert [ln.split()[0] for ln in table.stdout.splitlines()[1:]] == [
+        i[:8] for i in newest_first[:2]]
+    assert "showing the newest 2; --all (or --limit) for more" in table.stderr
+    assert ESC not in table.stdout + table.stderr
+
+    # --since: a window that reaches back past the last job but not to the one before it,
+    # 2.5 s older (the jobctl runs above took part of that already)
+    time.sleep(max(0.0, from_iso(extra["created_at"]) / 1e6 + 2.5 - time.time()))
+    last = submit(jd, who, "noop", options={"seconds": 0})
+    gap = (from_iso(last["created_at"]) - from_iso(extra["created_at"])) / 1e6
+    # jobctl reads its clock after it starts: the window holds as long as that takes < gap - 0.2 s
+    reach = time.time() - from_iso(last["created_at"]) / 1e6 + gap - 0.2
+    recent = as_json(jobctl(jd, "--json", "--as-user", who, "list", "--since",
+                            f"{reach:.3f}s"))
+    assert [j["id"] for j in recent] == [last["id"]]
+
+
+def test_wait_without_a_terminal_prints_a_line_per_change_not_per_count(jd: Daemon,
+                                                                         who: str) -> None:
+    script = ('for i in $(seq 1 30); do echo "{\\"progress\\": 10, \\"message\\": '
+              '\\"counted $i of 30\\"}"; sleep 0.02; done; '
+              'echo \'{"progress": 50, "message": "counted 30 of 30, done"}\'; sleep 0.5')
+    proc = jobctl(jd, "--as-user", who, "submit", "command", "--options-json",
+                  json.dumps({"argv": ["sh", "-c", script]}), "--wait")
+    assert proc.returncode == 0, proc.stderr
+    *changes, result = proc.stdout.splitlines()[1:]
+    assert all(STATUS_LINE.match(ln) for ln in changes), changes
+    assert result == "result: returncode=0"
+    # the counter alone moved: one line says so, not one per count
+    assert len([ln for ln in changes if re.search(r" running 10% - counted \d+ of 30$", ln)]) == 1
+    assert any(ln.endswith(" running 50% - counted 30 of 30, done") for ln in changes), changes
+    assert changes[-1].split()[1:3] == ["completed", "100%"]
+
+
+def test_logs_follow_shows_every_line_and_ends_with_the_job(jd: Daemon, who: str) -> None:
+    job = sh_job(jd, who, "for i in 1 2 3 4 5; do echo line $i; sleep 0.2; done")
+    proc = jobctl(jd, "logs", job["id"][:8], "--follow")
+    assert proc.returncode == 0, proc.stderr
+    assert [ln for ln in proc.stdout.splitlines() if ln.startswith("line")] == [
+        f"line {i}" for i in range(1, 6)]
+    with jd.client() as c:
+        assert c.get(job["id"])["status"] == "completed"
+
+
+def test_sync_of_a_path_uses_the_folder_name_as_project(jd: Daemon, tmp_path: Path) -> None:
+    upstream = make_upstream(tmp_path / "upstream", {"a.txt": "a\n", "b.txt": "b\n"})
+    repo = clone(upstream, jd.repos / "root" / "proj")
+    old = git("rev-parse", "HEAD", cwd=repo)
+    new = commit_files(upstream, {"c.txt": "c\n", "a.txt": "a2\n", "b.txt": None})
+
+    proc = jobctl(jd, "--json", "sync", str(repo), "--wait")
+    job = as_json(proc)
+    assert job["status"] == "completed"
+    assert job["project_id"] == "proj" and job["user_id"] == "root"
+    result = job["result"]
+    assert (result["old_revision"], result["new_revision"]) == (old, new)
+    assert (result["files_added"], result["files_modified"], result["files_deleted"]) == (1, 1, 1)
+    assert result["files_indexed"] == 2
+    assert git("rev-parse", "HEAD", cwd=repo) == new
+
+
+def test_as_user_scopes_list(jd: Daemon, who: str) -> None:
+    mine = submit(jd, who, "noop", options={"seconds": 0})
+    roots = submit(jd, "root", "noop", options={"seconds": 0})
+    scoped = as_json(jobctl(jd, "--json", "--as-user", who, "list", "--limit", "1000"))
+    assert [j["id"] for j in scoped] == [mine["id"]]
+    everyone = as_json(jobctl(jd, "--json", "list", "--limit", "1000"))
+    assert {mine["id"], roots["id"]} <= {j["id"] for j in everyone}
+
+    proc = jobctl(jd, "--as-user", who, "status", roots["id"])
+    assert proc.returncode == 1 and "belongs to another user" in proc.stderr
+
+
+def test_stats_pause_resume_and_cleanup(jd: Daemon, who: str) -> None:
+    stats = as_json(jobctl(jd, "--json", "stats"))
+    assert {"jobs", "running", "queued", "workers", "per_user", "paused", "db_bytes",
+            "uptime_s"} <= set(stats)
+    assert stats["workers"] == 4 and stats["paused"] is False
+
+    proc = jobctl(jd, "pause")
+    try:
+        assert proc.returncode == 0, proc.stderr
+        assert "dispatching paused" in proc.stdout
+        job = submit(jd, who, "noop", options={"seconds": 0})
+        assert job["wait_reason"] == "paused"
+        shown = jobctl(jd, "status", job["id"][:8])
+        assert shown.returncode == 0, shown.stderr
+        assert re.search(r"^status\s+queued", shown.stdout, re.M), shown.stdout
+        assert re.search(r"^queue\s+#\d+ in queue, dispatching is paused", shown.stdout, re.M)
+        assert ESC not in shown.stdout
+        people = jobctl(jd, "stats")
+        assert people.returncode == 0, people.stderr
+        assert re.search(r"^dispatch\s+paused", people.stdout, re.M), people.stdout
+        assert re.search(r"^workers\s+\d+ of 4 busy, [1-9]\d* queued", people.stdout, re.M)
+        assert ESC not in people.stdout
+    finally:
+        resumed = jobctl(jd, "resume")
+    assert resumed.returncode == 0 and "dispatching resumed" in resumed.stdout
+    until_status(jd, job["id"], "completed")
+
+    with jd.client() as c:
+        assert not c.list(status=["queued", "running"])["jobs"], "a test left a job running"
+        terminal = len(c.list(limit=1000)["jobs"])
+    dry = jobctl(jd, "cleanup", "--older-than", "0s", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    count = int(re.search(r"^would delete (\d+) jobs? ", dry.stdout).group(1))  # type: ignore[union-attr]
+    assert count == terminal >= 1
+    with jd.client() as c:
+        assert c.get(job["id"])["status"] == "completed"  # a dry run deletes nothing
+    done = as_json(jobctl(jd, "--json", "cleanup", "--older-than", "0s"))
+    assert done["deleted"] == count and set(done["cutoffs"]) == {"keep", "keep_failed"}
+    with jd.client() as c:
+        assert c.list(limit=1000)["jobs"] == []
+
+
+def test_unreachable_daemon_exits_69_naming_the_socket(tmp_path: Path) -> None:
+    stale = Path(tempfile.mkdtemp(prefix="jobctl-", dir="/tmp")) / "jobd.sock"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(stale))  # bound, never listening: what a crashed daemon leaves behind
+    try:
+        for args in (["ping"], ["status", "abcd"]):
+            proc = jobctl(None, "--socket", str(stale), *args)
+            assert proc.returncode == 69, (args, proc.stderr)
+            assert f"socket {stale}: no daemon answers (connection refused)" in proc.stderr
+            assert "systemctl start jobd" in proc.stderr
+    finally:
+        shutil.rmtree(stale.parent)
+
+    missing = tmp_path / "nowhere.sock"  # a daemon stopped cleanly removes its socket
+    proc = jobctl(None, "submit", "noop", "--wait", env=base_env(JOBD_SOCKET=str(missing)))
+    assert proc.returncode == 69, proc.stderr
+    assert f"socket {missing}: no daemon answers (no such file)" in proc.stderr
+
+
+def test_no_color_is_honoured_on_a_terminal(jd: Daemon, who: str) -> None:
+    job = submit(jd, who, "noop", options={"seconds": 0})
+    until_status(jd, job["id"], "completed")
+    argv = [JOBCTL, "--socket", str(jd.socket), "--as-user", who, "list"]
+    terminal = base_env(TERM="xterm-256color", COLUMNS="120")
+    code, coloured = run_in_pty(argv, terminal)
+    assert code == 0, coloured
+    assert colour_codes(coloured), f"no colour on a terminal: {coloured!r}"
+    code, plain = run_in_pty(argv, {**terminal, "NO_COLOR": "1"})
+    assert code == 0, plain
+    assert "completed" in plain and not colour_codes(plain), repr(plain)
+
+
+def test_sync_wait_draws_a_bar_on_a_terminal_and_lines_otherwise(jd: Daemon,
+                                                                 tmp_path: Path) -> None:
+    upstream = make_upstream(tmp_path / "upstream")
+    for i in range(100):  # some work for the bar to show while the sync runs
+        (upstream / "src" / f"m{i}.py").write_text(f"x = {i}\n")
+    git("add", "-A", cwd=upstream)
+    git("commit", "-q", "-m", "many files", cwd=upstream)
+    repo = clone(upstream, jd.repos / "root" / "bar")
+    commit_files(upstream, {"src/new.py": "new\n"})
+
+    code, screen = run_in_pty([JOBCTL, "--socket", str(jd.socket), "sync", str(repo), "--wait"],
+                              base_env(TERM="xterm-256color", COLUMNS="120"))
+    assert code == 0, screen
+    assert "\x1b[?25l" in screen, "the live display hides the cursor while it draws"
+    assert "━" in screen, f"no bar drawn: {screen!r}"
+    assert "100%" in screen and "completed finalizing" in screen, repr(screen)
+    assert "result: " in screen
+
+    commit_files(upstream, {"src/newer.py": "newer\n"})
+    proc = jobctl(jd, "sync", str(repo), "--wait")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("submitted: sync bar ")
+    changes = [ln for ln in lines[1:] if not ln.startswith("result: ")]
+    assert all(STATUS_LINE.match(ln) for ln in changes), changes
+    assert len(changes) >= 3 and changes[-1].split()[1:4] == ["completed", "100%", "finalizing"]
+    assert all(a != b for a, b in zip(changes, changes[1:])), "a line repeated without change"
+    assert lines[-1].startswith("result: ") and "files_added=1" in lines[-1]
+    assert ESC not in proc.stdout
+
