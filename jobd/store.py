@@ -185,16 +185,65 @@ class Listeners:
     changed: Callable[[Job], None] = lambda job: None
 
 
+class _Checkpointer(threading.Thread):
+    """Copies the WAL back into the database file on its own connection.
+
+    Left to itself SQLite checkpoints inside whichever commit takes the WAL past 1000
+    pages: that commit, and every write queued behind it, then waits for the copy and its
+    fsync (hundreds of milliseconds on a large database). Here the writer only notices the
+    size and wakes this thread; a passive checkpoint never blocks the writer.
+    """
+
+    #: the WAL size that starts a checkpoint
+    START_BYTES = 4 << 20
+    #: the size the WAL is cut back to when it restarts after a complete checkpoint
+    LIMIT_BYTES = 1 << 20
+
+    def __init__(self, conn: sqlite3.Connection, wal: Path) -> None:
+        super().__init__(name="jobd-store-checkpointer", daemon=True)
+        self.conn = conn
+        self.wal = wal
+        self.wake = threading.Event()
+        self.stopping = False
+
+    def poke(self) -> None:
+        """After a commit: start a checkpoint once the WAL has grown past START_BYTES."""
+        try:
+            if self.wal.stat().st_size >= self.START_BYTES:
+                self.wake.set()
+        except OSError:  # never stop the writer over a size
+            pass
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.wake.set()
+        self.join()
+        self.conn.close()
+
+    def run(self) -> None:
+        while True:
+            self.wake.wait()
+            self.wake.clear()
+            if self.stopping:
+                return
+            try:
+                self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            except sqlite3.Error as e:
+                log.warning("store_checkpoint_failed", error=str(e))
+
+
 class _Writer(threading.Thread):
     """Runs writes in order on the one write connection, many per transaction."""
 
     MAX_BATCH = 512
 
-    def __init__(self, conn: sqlite3.Connection, path: Path, clock: Callable[[], int]) -> None:
+    def __init__(self, conn: sqlite3.Connection, path: Path, clock: Callable[[], int],
+                 checkpointer: _Checkpointer) -> None:
         super().__init__(name="jobd-store-writer", daemon=True)
         self.conn = conn
         self.path = path
         self.clock = clock
+        self.checkpointer = checkpointer
         self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.longest_tx_s = 0.0
 
@@ -277,6 +326,7 @@ class _Writer(threading.Thread):
                 fut.set_result(value)
             else:
                 fut.set_exception(exc)
+        self.checkpointer.poke()
 
 
 class Store:
@@ -321,13 +371,15 @@ class Store:
             conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('clean', '0')")
             self._queued = Counter(dict(conn.execute(
                 "SELECT user_id, count(*) FROM jobs WHERE status = 'queued' GROUP BY user_id")))
+            checkpointer = _Checkpointer(self._connect(), Path(f"{self.path}-wal"))
         except sqlite3.DatabaseError as e:
             conn.close()
             raise self._open_error(e) from None
         except BaseException:
             conn.close()
             raise
-        self._writer = _Writer(conn, self.path, self.clock)
+        checkpointer.start()
+        self._writer = _Writer(conn, self.path, self.clock, checkpointer)
         self._writer.start()
         return self
 
@@ -356,6 +408,9 @@ class Store:
                 if mode.lower() != "wal":
                     raise StoreError(f"{self.path}: cannot switch to WAL mode (got {mode})")
                 conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+                # checkpoints are the _Checkpointer's job, off the writer's path
+                conn.execute("PRAGMA wal_autocheckpoint = 0")
+                conn.execute(f"PRAGMA journal_size_limit = {_Checkpointer.LIMIT_BYTES}")
         except sqlite3.DatabaseError as e:
             raise self._open_error(e) from None
         return conn
@@ -383,6 +438,7 @@ class Store:
             return
         writer, self._writer = self._writer, None
         writer.stop()
+        writer.checkpointer.stop()
         try:
             writer.conn.execute("PRAGMA optimize")
             writer.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -721,7 +777,7 @@ class Store:
     # -- retention -----------------------------------------------------------------------
 
     def cleanup(self, *, keep_before: int, keep_failed_before: int, dry_run: bool = False,
-                chunk: int = 1000) -> Iterator[list[str]]:
+                chunk: int = 250) -> Iterator[list[str]]:
         """Delete terminal jobs finished before their cutoff, a chunk per transaction.
 
         Completed and cancelled jobs go when ``completed_at < keep_before``, failed ones
