@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections import Counter, OrderedDict, defaultdict
-from typing import Iterable, Iterator
+from typing import Iterable
 
 from jobd.models import EXCLUSIVE_TYPES, Job, WaitReason
 
@@ -47,10 +47,13 @@ class _Level:
 
     def __init__(self) -> None:
         self.users: OrderedDict[str, OrderedDict[str, Entry]] = OrderedDict()
+        self.size = 0  #: jobs in this level
 
     def add(self, entry: Entry) -> None:
         jobs = self.users.setdefault(entry.user_id, OrderedDict())
         newest = next(reversed(jobs.values()), None)
+        if entry.id not in jobs:
+            self.size += 1
         jobs[entry.id] = entry
         # a re-queued (resumed or retried) job goes back to its place by age
         if newest is not None and entry.seq < newest.seq:
@@ -60,29 +63,37 @@ class _Level:
 
     def remove(self, entry: Entry) -> None:
         jobs = self.users.get(entry.user_id)
-        if jobs is not None and jobs.pop(entry.id, None) is not None and not jobs:
-            del self.users[entry.user_id]
+        if jobs is not None and jobs.pop(entry.id, None) is not None:
+            self.size -= 1
+            if not jobs:
+                del self.users[entry.user_id]
 
     def served(self, user_id: str) -> None:
         """``user_id`` just had a turn: it goes to the back of the line."""
         if user_id in self.users:
             self.users.move_to_end(user_id)
 
-    def order(self) -> Iterator[Entry]:
-        """Every job of this priority in the order turns would take them (no limits)."""
-        queues = [iter(list(q.values())) for q in self.users.values()]
-        while queues:
-            alive = []
-            for q in queues:
-                e = next(q, None)
-                if e is not None:
-                    yield e
-                    alive.append(q)
-            queues = alive
+    def place(self, entry: Entry) -> int:
+        """How many jobs of this priority take their turn before ``entry``, in O(users).
+
+        ``entry`` is its user's k-th job (from 0), so it comes in turn round k: each user
+        ahead of its user in the turn order has had k + 1 turns by then, each user after
+        it k (or fewer, if they have fewer jobs).
+        """
+        jobs = self.users[entry.user_id]
+        # a job just submitted is its user's newest: no walk through the user's queue
+        k = len(jobs) - 1 if next(reversed(jobs)) == entry.id else list(jobs).index(entry.id)
+        before, ahead = k, True
+        for user_id, queue in self.users.items():
+            if user_id == entry.user_id:
+                ahead = False
+            else:
+                before += min(len(queue), k + 1 if ahead else k)
+        return before
 
 
 class Dispatcher:
-    """Thread-safe; every method is cheap except ``positions`` on a long queue."""
+    """Thread-safe; every method is cheap (O(users) at most), however long the queue."""
 
     def __init__(self, *, workers: int, max_running_per_user: int) -> None:
         self.workers = workers
@@ -94,7 +105,6 @@ class Dispatcher:
         self._running: dict[str, Entry] = {}
         self._running_per_user: Counter[str] = Counter()
         self._busy_projects: Counter[tuple[str, str]] = Counter()
-        self._positions: dict[str, int] | None = None
 
     # -- the queue -------------------------------------------------------------------------
 
@@ -109,7 +119,6 @@ class Dispatcher:
                 return
             self._queued[entry.id] = entry
             self._levels[entry.priority].add(entry)
-            self._positions = None
 
     def remove(self, job_id: str) -> None:
         """A queued job left the queue other than by ``take`` (cancelled)."""
@@ -123,7 +132,6 @@ class Dispatcher:
         level.remove(entry)
         if not level.users:
             del self._levels[entry.priority]
-        self._positions = None
 
     def take(self) -> Entry | None:
         """The next job to run, now counted as running; None if none may start."""
@@ -164,7 +172,11 @@ class Dispatcher:
                 self._busy_projects[entry.project_key] -= 1
                 if not self._busy_projects[entry.project_key]:
                     del self._busy_projects[entry.project_key]
-            self._positions = None
+
+    def may_take(self) -> bool:
+        """Whether ``take`` could start a job now: else there is no one to wake."""
+        with self._lock:
+            return not self.paused and len(self._running) < self.workers
 
     def set_paused(self, paused: bool) -> None:
         with self._lock:
@@ -178,11 +190,8 @@ class Dispatcher:
             entry = self._queued.get(job_id)
             if entry is None:
                 return None, None
-            if self._positions is None:
-                order = (e for p in sorted(self._levels, reverse=True)
-                         for e in self._levels[p].order())
-                self._positions = {e.id: n for n, e in enumerate(order, 1)}
-            position = self._positions[job_id]
+            ahead = sum(level.size for p, level in self._levels.items() if p > entry.priority)
+            position = ahead + self._levels[entry.priority].place(entry) + 1
             reason = self._reason(entry, position)
             return position, str(reason) if reason else None
 

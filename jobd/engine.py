@@ -269,7 +269,10 @@ class Engine:
         """The store's commit listener: keep the dispatcher's queue in step."""
         if job.status is JobStatus.QUEUED:
             self.dispatcher.add(job)
-            self._kick.set()
+            # paused or every worker busy: resume() or the next finished job kicks anyway,
+            # and waking the dispatch thread for nothing costs a GIL hand-off per submit
+            if self.dispatcher.may_take():
+                self._kick.set()
         else:
             self.dispatcher.remove(job.id)
         self.notify(job.id)
