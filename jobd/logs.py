@@ -37,7 +37,6 @@ def setup(level: str = "info", fmt: str = "auto") -> None:
     shared: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
-        structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     renderer: list[structlog.typing.Processor]
@@ -50,7 +49,7 @@ def setup(level: str = "info", fmt: str = "auto") -> None:
             colors=colors, exception_formatter=structlog.dev.plain_traceback)]
 
     formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=shared,
+        foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *renderer],
     )
     handler = logging.StreamHandler(sys.stderr)
@@ -62,9 +61,11 @@ def setup(level: str = "info", fmt: str = "auto") -> None:
     root.setLevel(levelno)
     _handler = handler
 
+    # jobd's own events skip the stdlib logging machinery (a third of the cost of a
+    # no-op job went there); other libraries' loggers still render through the formatter
     structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
-        logger_factory=structlog.stdlib.LoggerFactory(),
+        processors=[*shared, *renderer],
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         # filtered-out calls return at once, so debug events cost nothing in production
         wrapper_class=structlog.make_filtering_bound_logger(levelno),
         cache_logger_on_first_use=True,
