@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import dataclasses
 import json
 import re
 import time
@@ -129,19 +128,19 @@ class Manager:
 
     # -- reading -------------------------------------------------------------------------
 
-    def _view(self, job: Job) -> Job:
+    def _view(self, job: Job) -> dict[str, Any]:
         """The job as answered: live progress, queue position, wait reason, ETA."""
+        out = job.to_dict()
         if job.status is JobStatus.RUNNING:
             live = self.engine.live(job.id)
-            if live is not None and live.version > job.version:
-                job = dataclasses.replace(job, progress=live.progress, phase=live.phase,
-                                          message=live.message, version=live.version)
             if live is not None:
-                job = dataclasses.replace(job, eta_s=live.eta_s())
+                if live.version > job.version:
+                    out.update(progress=round(live.progress, 2), phase=live.phase,
+                               message=live.message, version=live.version)
+                out["eta_s"] = live.eta_s()
         elif job.status is JobStatus.QUEUED:
-            position, reason = self.engine.dispatcher.position(job.id)
-            job = dataclasses.replace(job, queue_position=position, wait_reason=reason)
-        return job
+            out["queue_position"], out["wait_reason"] = self.engine.dispatcher.position(job.id)
+        return out
 
     def _job(self, scope: Scope, job_id: Any) -> Job:
         job = self.store.get_job(_check_job_id(job_id))
@@ -150,7 +149,7 @@ class Manager:
         return job
 
     def get(self, scope: Scope, job_id: str) -> dict[str, Any]:
-        return self._view(self._job(scope, job_id)).to_dict()
+        return self._view(self._job(scope, job_id))
 
     async def wait(self, scope: Scope, job_id: str, after_version: Any = None,
                    timeout_s: Any = 30) -> dict[str, Any]:
@@ -164,7 +163,7 @@ class Manager:
                                 field="after_version")
         timeout = _number(timeout_s, "timeout_s", 0, MAX_WAIT_S)
         return await self._watch(scope, job_id, timeout, lambda job: after_version is None
-                                 or job.version > after_version)
+                                 or job["version"] > after_version)
 
     async def wait_stopped(self, scope: Scope, job_id: str) -> dict[str, Any]:
         """For ``jobs.cancel`` with ``wait``: the job once it stopped (bounded)."""
@@ -181,8 +180,8 @@ class Manager:
                 # read after subscribing, so a change in between still wakes us
                 job = await asyncio.to_thread(lambda: self._view(self._job(scope, job_id)))
                 remaining = deadline - time.monotonic()
-                if job.terminal or ready(job) or remaining <= 0:
-                    return job.to_dict()
+                if job["status"] in TERMINAL or ready(job) or remaining <= 0:
+                    return job
                 if self.hub.closed:
                     raise Unavailable("jobd is shutting down; wait again in a moment")
                 try:
@@ -228,7 +227,7 @@ class Manager:
         if len(jobs) > limit:
             jobs = jobs[:limit]
             next_cursor = base64.urlsafe_b64encode(str(jobs[-1].seq).encode()).decode()
-        return {"jobs": [self._view(j).to_dict() for j in jobs], "next_cursor": next_cursor}
+        return {"jobs": [self._view(j) for j in jobs], "next_cursor": next_cursor}
 
     def events(self, scope: Scope, job_id: str) -> list[dict[str, Any]]:
         job = self._job(scope, job_id)
@@ -252,13 +251,41 @@ class Manager:
 
     # -- changing ------------------------------------------------------------------------
 
-    def submit(self, scope: Scope, *, type: Any, project_id: Any = None, options: Any = None,
-               priority: Any = 0, metadata: Any = None, description: Any = None,
-               timeout_s: Any = None, idempotency_key: Any = None) -> dict[str, Any]:
+    async def submit(self, scope: Scope, *, type: Any, project_id: Any = None,
+                     options: Any = None, priority: Any = 0, metadata: Any = None,
+                     description: Any = None, timeout_s: Any = None,
+                     idempotency_key: Any = None) -> dict[str, Any]:
+        """Check and record a job; answered once its commit is durable.
+
+        The checks of a sync or index look at the repository (git), so they run off the
+        event loop; the others are cheap and run on it, and the commit is awaited, not
+        blocked on: a submit then costs no thread hand-off but the writer's.
+        """
         handler = self.handlers.get(type) if isinstance(type, str) else None
         if handler is None:
             raise InvalidParams(f"unknown job type {type!r} (known: "
                                 f"{', '.join(sorted(self.handlers))})", field="type")
+        params = dict(project_id=project_id, options=options, priority=priority,
+                      metadata=metadata, description=description, timeout_s=timeout_s,
+                      idempotency_key=idempotency_key)
+        if handler.exclusive:
+            draft = await asyncio.to_thread(self._draft, scope, handler, **params)
+        else:
+            draft = self._draft(scope, handler, **params)
+        ex = self.config.execution
+        job, deduplicated = await asyncio.wrap_future(self.store.submit_job_async(
+            draft, actor=scope.actor, dedupe=handler.exclusive,
+            max_queued_per_user=ex.max_queued_per_user, max_queued_total=ex.max_queued_total))
+        if not deduplicated:
+            log.info("job_submitted", job_id=job.id, user_id=job.user_id, type=job.type,
+                     project_id=job.project_id, actor=scope.actor)
+        return dict(self._view(job), deduplicated=deduplicated)
+
+    def _draft(self, scope: Scope, handler: Handler, *, project_id: Any, options: Any,
+               priority: Any, metadata: Any, description: Any, timeout_s: Any,
+               idempotency_key: Any) -> Job:
+        """The job as submitted, every input checked (SPEC §3, §3a), not yet stored."""
+        type = handler.name
         if handler.admin_only and not scope.may_admin_types:
             raise Forbidden(f"only admins may submit {type} jobs")
         project_id = (check_id(project_id, "project_id") if handler.exclusive
@@ -291,19 +318,11 @@ class Manager:
                             field="options.repo_path")
         options = handler.validate(options, user_id=scope.owner, project_id=project_id,
                                    trusted=scope.may_repo_path, config=self.config)
-        ex = self.config.execution
-        draft = Job(id=str(uuid.uuid4()), type=type, user_id=scope.owner, project_id=project_id,
-                    status=JobStatus.CREATED, created_at=0, updated_at=0, version=0,
-                    priority=priority, options=options, metadata=metadata,
-                    description=description, timeout_s=timeout_s,
-                    idempotency_key=idempotency_key)
-        job, deduplicated = self.store.submit_job(
-            draft, actor=scope.actor, dedupe=handler.exclusive,
-            max_queued_per_user=ex.max_queued_per_user, max_queued_total=ex.max_queued_total)
-        if not deduplicated:
-            log.info("job_submitted", job_id=job.id, user_id=job.user_id, type=job.type,
-                     project_id=job.project_id, actor=scope.actor)
-        return dict(self._view(job).to_dict(), deduplicated=deduplicated)
+        return Job(id=str(uuid.uuid4()), type=type, user_id=scope.owner, project_id=project_id,
+                   status=JobStatus.CREATED, created_at=0, updated_at=0, version=0,
+                   priority=priority, options=options, metadata=metadata,
+                   description=description, timeout_s=timeout_s,
+                   idempotency_key=idempotency_key)
 
     def cancel(self, scope: Scope, job_id: str) -> dict[str, Any]:
         """Cancel at once if queued; if running, ask the engine to stop it."""
@@ -313,16 +332,16 @@ class Manager:
                 job = self.store.transition(job.id, JobStatus.CANCELLED, actor=scope.actor,
                                             expect=[JobStatus.QUEUED], message="cancelled")
                 log.info("job_cancelled", job_id=job.id, actor=scope.actor)
-                return self._view(job).to_dict()
+                return self._view(job)
             except Conflict:
                 job = self.store.get_job(job.id)  # it started meanwhile
         if job.status is JobStatus.RUNNING:
             job = self.store.request_cancel(job.id, actor=scope.actor)
             self.engine.cancel(job.id)
             log.info("job_cancel_requested", job_id=job.id, actor=scope.actor)
-            return self._view(job).to_dict()
+            return self._view(job)
         if job.status is JobStatus.CANCELLED:
-            return self._view(job).to_dict()
+            return self._view(job)
         raise Conflict(f"job {job.id} is {job.status}; only queued or running jobs can be "
                        f"cancelled", detail={"status": str(job.status)})
 
@@ -338,7 +357,7 @@ class Manager:
                                     expect=[JobStatus.FAILED, JobStatus.CANCELLED],
                                     message="retried")
         log.info("job_retried", job_id=job.id, actor=scope.actor)
-        return self._view(job).to_dict()
+        return self._view(job)
 
     # -- admin ---------------------------------------------------------------------------
 

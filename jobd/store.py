@@ -523,8 +523,17 @@ class Store:
         key by the same user, or with ``dedupe`` the queued job of the same type for the
         same (user, project) — which becomes a full reindex if either asked for one.
         """
-        return self.write(lambda tx: self._submit(tx, job, actor, dedupe, max_queued_per_user,
-                                                  max_queued_total))
+        return self.submit_job_async(job, actor=actor, dedupe=dedupe,
+                                     max_queued_per_user=max_queued_per_user,
+                                     max_queued_total=max_queued_total).result()
+
+    def submit_job_async(self, job: Job, *, actor: str, dedupe: bool = False,
+                         max_queued_per_user: int | None = None,
+                         max_queued_total: int | None = None
+                         ) -> concurrent.futures.Future[tuple[Job, bool]]:
+        """``submit_job`` for a caller that awaits the commit rather than blocking on it."""
+        return self.write_async(lambda tx: self._submit(tx, job, actor, dedupe,
+                                                        max_queued_per_user, max_queued_total))
 
     def _submit(self, tx: Tx, job: Job, actor: str, dedupe: bool,
                 per_user: int | None, total: int | None) -> tuple[Job, bool]:
