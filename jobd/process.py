@@ -144,15 +144,27 @@ class JobLog:
             raise ValueError(f"max_bytes must be positive, not {max_bytes}")
         self.path = Path(path)
         self.max_bytes = max_bytes
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._fd: int | None = self._open()
-        self._size = os.fstat(self._fd).st_size
-        self._dropped = _read_base(self.path)
-        self._at_line_start = self._size == 0 or os.pread(self._fd, 1, self._size - 1) == b"\n"
+        # opened on the first write: a job that prints nothing (a noop) costs no file
+        self._fd: int | None = None
+        self._closed = False
+        self._size = self._dropped = 0
+        self._at_line_start = True
 
     def _open(self) -> int:
         return os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+
+    def _ensure_open(self) -> int:
+        if self._closed:
+            raise ValueError(f"job log {self.path} is closed")
+        if self._fd is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = self._open()
+            self._size = os.fstat(self._fd).st_size
+            self._dropped = _read_base(self.path)
+            self._at_line_start = (self._size == 0
+                                   or os.pread(self._fd, 1, self._size - 1) == b"\n")
+        return self._fd
 
     def write(self, data: bytes) -> None:
         with self._lock:
@@ -163,10 +175,12 @@ class JobLog:
         lines = b"".join(b"[jobd] " + part.encode("utf-8", "replace") + b"\n"
                          for part in (text.splitlines() or [""]))
         with self._lock:
+            self._ensure_open()
             self._append(lines if self._at_line_start else b"\n" + lines)
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
@@ -174,8 +188,8 @@ class JobLog:
     def _append(self, data: bytes) -> None:
         if not data:
             return
-        if self._fd is None:
-            raise ValueError(f"job log {self.path} is closed")
+        self._ensure_open()
+        assert self._fd is not None
         if self._size + len(data) <= self.max_bytes:
             _write_all(self._fd, data)
             self._size += len(data)

@@ -107,7 +107,8 @@ class Context:
         return lines[-1].strip() if lines else ""
 
     def log_text(self) -> str:
-        return Path(self.joblog.path).read_text(encoding="utf-8", errors="replace")
+        path = Path(self.joblog.path)  # created by the first write only
+        return path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
 
     def ran(self, word: str) -> bool:
         """Whether any git (or other) command with ``word`` among its arguments ran."""

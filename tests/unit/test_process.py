@@ -370,3 +370,12 @@ def test_process_start_time():
     proc = subprocess.Popen(["true"])
     proc.wait()
     assert process_start_time(proc.pid) is None
+
+
+def test_a_job_log_nothing_was_written_to_leaves_no_file(tmp_path):
+    log = JobLog(tmp_path / "logs" / "quiet.log", 1024)
+    log.close()
+    assert not (tmp_path / "logs" / "quiet.log").exists()
+    assert read_log(tmp_path / "logs" / "quiet.log", 0, 100) == (b"", 0)
+    with pytest.raises(ValueError, match="closed"):
+        log.write(b"late\n")
