@@ -6,6 +6,8 @@ that cannot be bound) is one line on stderr and exit status 1.
 
 from __future__ import annotations
 
+import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,17 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 def _fail(message: str) -> None:
     click.echo(f"jobd: {message}", err=True)
     sys.exit(1)
+
+
+def _answers(path: Path) -> bool:
+    """Whether a daemon listens on the socket ``path``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1)
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+    return True
 
 
 def _config(ctx: click.Context) -> Config:
@@ -71,9 +84,13 @@ def serve(ctx: click.Context) -> None:
     config = _config(ctx)
     logs.setup(config.log_level, config.log_format)
     try:
-        sys.exit(daemon.run(config))
+        code = daemon.run(config)
     except (AlreadyRunning, StoreError, OSError) as e:
         _fail(str(e))
+    # the database is closed and every job recorded: do not wait at exit for a worker
+    # thread whose handler ignores stop requests (its processes are already killed)
+    sys.stderr.flush()
+    os._exit(code)
 
 
 @main.command()
@@ -130,7 +147,10 @@ def db_recover(ctx: click.Context) -> None:
     """
     from jobd.store import StoreError, recover
 
-    path = _config(ctx).db
+    config = _config(ctx)
+    path = config.db
+    if _answers(config.socket):
+        _fail(f"jobd is running on {config.socket}; stop it first (systemctl stop jobd)")
     try:
         report = recover(path)
     except StoreError as e:

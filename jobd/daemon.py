@@ -58,7 +58,7 @@ async def _serve(config: Config) -> int:
     rpc = Rpc(manager, max_batch=config.server.max_batch)
     server = Server(config, rpc.dispatch, error_line=error_line)
 
-    await server.start()
+    await server.start(accept=False)
     try:
         store.open()
     except BaseException:
@@ -67,12 +67,13 @@ async def _serve(config: Config) -> int:
     if not store.was_clean:
         log.warning("unclean_stop_detected", db=str(config.db), check="quick_check passed")
     engine.start()
+    await server.accept()
     maintenance = Maintenance(
         cleanup=manager.run_cleanup, upkeep=store.upkeep,
         cleanup_every=config.retention.cleanup_every)
     maintenance.start()
     watchdog = asyncio.create_task(watchdog_loop())
-    queued, running = engine.dispatcher.queued_count(), engine.dispatcher.running_count()
+    queued = engine.dispatcher.queued_count()
     log.info("jobd_started", version=__version__, socket=str(config.socket),
              db=str(config.db), workers=config.execution.workers, queued=queued,
              handlers=sorted(handlers))

@@ -173,6 +173,11 @@ class Dispatcher:
                 if not self._busy_projects[entry.project_key]:
                     del self._busy_projects[entry.project_key]
 
+    def is_taken(self, job_id: str) -> bool:
+        """Whether ``take`` gave this job to a worker that has not finished it."""
+        with self._lock:
+            return job_id in self._running
+
     def may_take(self) -> bool:
         """Whether ``take`` could start a job now: else there is no one to wake."""
         with self._lock:

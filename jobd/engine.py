@@ -22,7 +22,7 @@ import structlog
 from jobd import process
 from jobd.config import Config
 from jobd.dispatch import Dispatcher, Entry
-from jobd.errors import Conflict
+from jobd.errors import Conflict, Unavailable
 from jobd.handlers import Cancelled, Handler, JobFailed
 from jobd.models import Job, JobStatus
 from jobd.store import Store
@@ -55,10 +55,6 @@ class Live:
         return round(elapsed * (100 - self.progress) / done, 1)
 
 
-def _version(previous: int) -> int:
-    return max(previous + 1, time.time_ns() // 1000)
-
-
 class Context:
     """What a handler sees of its running job (``jobd.handlers.JobContext``)."""
 
@@ -75,6 +71,7 @@ class Context:
         self.deadline = time.monotonic() + limit
         self.live = Live(job.progress, job.phase, job.message, job.version,
                          base_progress=job.progress)
+        self.finishing = False  #: its end is being recorded (guards against recording twice)
         self._lock = threading.Lock()
 
     # -- stopping ----------------------------------------------------------------------
@@ -95,7 +92,7 @@ class Context:
     def set_phase(self, phase: str, message: str | None = None) -> None:
         with self._lock:
             live = self.live
-            live.phase, live.version = phase, _version(live.version)
+            live.phase, live.version = phase, self.engine.store.next_version(live.version)
             if message is not None:
                 live.message = message
             live.dirty = False
@@ -110,7 +107,8 @@ class Context:
             percent = min(100.0, max(live.progress, float(percent)))
             if percent == live.progress and (message is None or message == live.message):
                 return
-            live.progress, live.version, live.dirty = percent, _version(live.version), True
+            live.progress, live.dirty = percent, True
+            live.version = self.engine.store.next_version(live.version)
             if message is not None:
                 live.message = message
         self.engine.notify(self.job.id)
@@ -233,7 +231,7 @@ class Engine:
                 self.store.transition(job.id, JobStatus.FAILED, actor="jobd",
                                       error="interrupted by daemon restart")
                 bound.warning("job_failed", reason="interrupted by daemon restart")
-            elif job.recoveries >= max_recoveries:
+            elif job.recoveries + 1 >= max_recoveries:
                 error = (f"interrupted by {job.recoveries + 1} daemon restarts; gave up "
                          f"(max_recoveries = {max_recoveries})")
                 self.store.transition(job.id, JobStatus.FAILED, actor="jobd", error=error)
@@ -245,10 +243,11 @@ class Engine:
 
     def stop(self) -> None:
         """Stop dispatching, stop running jobs, requeue what is resumable."""
-        self._stopping = True
+        with self._lock:  # a job starting now sees _stopping once registered (see _run)
+            self._stopping = True
+            contexts = list(self._contexts.values())
         self.dispatcher.set_paused(True)
         self._kick.set()
-        contexts = list(self._contexts.values())
         for ctx in contexts:
             ctx.stop("shutdown")
         deadline = time.monotonic() + self.config.execution.shutdown_grace
@@ -267,6 +266,9 @@ class Engine:
 
     def on_changed(self, job: Job) -> None:
         """The store's commit listener: keep the dispatcher's queue in step."""
+        if job.status is not JobStatus.RUNNING:
+            # its worker slot is free once the end is committed (a retry may follow at once)
+            self.dispatcher.finish(job.id)
         if job.status is JobStatus.QUEUED:
             self.dispatcher.add(job)
             # paused or every worker busy: resume() or the next finished job kicks anyway,
@@ -289,6 +291,7 @@ class Engine:
             while not self._stopping and (entry := self.dispatcher.take()) is not None:
                 self._pool.submit(self._run, entry)
             for ctx in list(self._contexts.values()):
+                ctx.cancelled  # noqa: B018 - passes the deadline: stops a job that never checks
                 ctx.flush()
 
     # -- running -----------------------------------------------------------------------
@@ -303,7 +306,7 @@ class Engine:
         except Exception:
             log.exception("job_start_failed", job_id=entry.id)
             self.dispatcher.finish(entry.id)
-            self._kick.set()
+            self._requeue_later(entry.id)
             return
         ctx = Context(self, job)
         with self._lock:
@@ -311,6 +314,8 @@ class Engine:
             if job.id in self._cancels:
                 self._cancels.discard(job.id)
                 ctx.stop("cancel")
+            if self._stopping:
+                ctx.stop("shutdown")
         ctx.log.info("job_started", attempt=job.attempts)
         handler = self.handlers.get(job.type)
         result: dict[str, Any] | None = None
@@ -324,21 +329,20 @@ class Engine:
             result = handler.run(ctx)
         except Exception as e:  # every end of a handler is recorded below
             failure = e
-        if self._contexts.get(job.id) is ctx:
-            self._finish(ctx, result, failure)
+        self._finish(ctx, result, failure)
 
     def _finish(self, ctx: Context, result: dict[str, Any] | None,
                 failure: BaseException | None) -> None:
         job = ctx.job
         with self._lock:
-            if self._contexts.pop(job.id, None) is None:
+            if ctx.finishing:
                 return
-            self._cancels.discard(job.id)
+            ctx.finishing = True
         ctx.flush()
         try:
-            fresh = self.store.get_job(job.id)
             handler = self.handlers.get(job.type)
-            if ctx.reason == "cancel" or fresh.cancel_requested:
+            # a cancel asked for meanwhile wins in the store's transition all the same
+            if ctx.reason == "cancel":
                 end, kw = JobStatus.CANCELLED, {"message": "cancelled"}
             elif ctx.reason == "timeout":
                 end, kw = JobStatus.FAILED, {"error": f"timed out after {_duration(ctx.timeout_s)}"}
@@ -358,18 +362,45 @@ class Engine:
                              f"{type(failure).__name__}: {failure}"}
             else:
                 end, kw = JobStatus.COMPLETED, {"result": result or {}}
-            done = self.store.transition(job.id, end, actor="jobd", expect=[JobStatus.RUNNING],
-                                         **kw)
+            done = self._record_end(job.id, end, kw)
+            end = done.status
             event = {JobStatus.COMPLETED: "job_completed", JobStatus.FAILED: "job_failed",
                      JobStatus.CANCELLED: "job_cancelled", JobStatus.QUEUED: "job_requeued"}[end]
             ctx.log.info(event, error=done.error, seconds=round(
                 time.monotonic() - ctx.live.started, 3))
         except Exception:
+            # the job stays running in the store: the next start recovers it
             ctx.log.exception("job_finish_failed")
         finally:
             ctx.joblog.close()
+            with self._lock:
+                if self._contexts.get(job.id) is ctx:  # a retry may already run it anew
+                    del self._contexts[job.id]
+                self._cancels.discard(job.id)
             self.dispatcher.finish(job.id)
             self._kick.set()
+
+    def _record_end(self, job_id: str, end: JobStatus, kw: dict[str, Any]) -> Job:
+        """The end's transition, retried a few times: storage may come back (disk full)."""
+        for attempt in range(6):
+            try:
+                return self.store.transition(job_id, end, actor="jobd",
+                                             expect=[JobStatus.RUNNING], **kw)
+            except Unavailable:
+                if attempt == 5 or self._stopping:
+                    raise
+                time.sleep(0.25 * 2 ** attempt)
+        raise AssertionError("unreachable")
+
+    def _requeue_later(self, job_id: str) -> None:
+        """A job that could not be started stays queued in the store: keep it in the queue."""
+        try:
+            job = self.store.get_job(job_id)
+        except Exception:
+            log.exception("job_requeue_failed", job_id=job_id)
+            return
+        if job.status is JobStatus.QUEUED:
+            self.dispatcher.add(job)
 
     # -- answers for the manager ---------------------------------------------------------
 
@@ -378,7 +409,8 @@ class Engine:
         with self._lock:
             ctx = self._contexts.get(job_id)
             if ctx is None:
-                self._cancels.add(job_id)
+                if self.dispatcher.is_taken(job_id):
+                    self._cancels.add(job_id)
                 return
         ctx.stop("cancel")
 

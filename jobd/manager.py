@@ -21,7 +21,7 @@ from jobd import __version__, process
 from jobd.auth import Scope, check_id
 from jobd.config import Config
 from jobd.engine import Engine
-from jobd.errors import Conflict, Forbidden, InvalidParams, NotFound, Unavailable
+from jobd.errors import Conflict, Forbidden, InvalidParams, LimitExceeded, NotFound, Unavailable
 from jobd.handlers import Handler
 from jobd.models import TERMINAL, Job, JobStatus, Role, from_iso, iso
 from jobd.store import Store
@@ -337,9 +337,10 @@ class Manager:
                 job = self.store.get_job(job.id)  # it started meanwhile
         if job.status is JobStatus.RUNNING:
             job = self.store.request_cancel(job.id, actor=scope.actor)
-            self.engine.cancel(job.id)
-            log.info("job_cancel_requested", job_id=job.id, actor=scope.actor)
-            return self._view(job)
+            if job.status is JobStatus.RUNNING:  # else it ended meanwhile: answered below
+                self.engine.cancel(job.id)
+                log.info("job_cancel_requested", job_id=job.id, actor=scope.actor)
+                return self._view(job)
         if job.status is JobStatus.CANCELLED:
             return self._view(job)
         raise Conflict(f"job {job.id} is {job.status}; only queued or running jobs can be "
@@ -353,6 +354,10 @@ class Manager:
         if job.status not in (JobStatus.FAILED, JobStatus.CANCELLED):
             raise Conflict(f"job {job.id} is {job.status}; only failed or cancelled jobs can be "
                            f"retried", detail={"status": str(job.status)})
+        limit = self.config.execution.max_queued_per_user
+        if self.store.queued_count(job.user_id) >= limit:
+            raise LimitExceeded(f"user {job.user_id} already has {limit} queued jobs "
+                                f"(max_queued_per_user); retry later")
         job = self.store.transition(job.id, JobStatus.QUEUED, actor=scope.actor,
                                     expect=[JobStatus.FAILED, JobStatus.CANCELLED],
                                     message="retried")

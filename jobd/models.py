@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 __all__ = [
-    "ACTIVE", "EXCLUSIVE_TYPES", "TERMINAL", "TRANSITIONS", "Job", "JobStatus", "Phase",
+    "EXCLUSIVE_TYPES", "TERMINAL", "TRANSITIONS", "Job", "JobStatus", "Phase",
     "Role", "WaitReason", "from_iso", "iso",
 ]
 
@@ -40,7 +40,6 @@ TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
 }
 
 TERMINAL = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED})
-ACTIVE = frozenset({JobStatus.QUEUED, JobStatus.RUNNING})
 
 #: job types of which only one may run at a time per (user, project)
 EXCLUSIVE_TYPES = frozenset({"sync", "index"})

@@ -21,8 +21,7 @@ from typing import Any, Awaitable, Callable
 
 import structlog
 from jsonrpcserver import Error, Success, async_dispatch_to_response
-from jsonrpcserver.response import ErrorResponse
-from oslash.either import Left  # type: ignore[import-untyped]
+from jsonrpcserver.response import to_serializable_one
 
 from jobd import auth, errors
 from jobd.auth import Caller
@@ -32,7 +31,6 @@ __all__ = ["Rpc", "error_line"]
 
 log = structlog.get_logger()
 
-_HTTP = {cls.code: cls.http_status for cls in errors.BY_CODE.values()}
 _FIELD = re.compile(r"argument:? '(\w+)'")
 
 
@@ -115,31 +113,30 @@ class Rpc:
                               item["id"])
         response = await async_dispatch_to_response(
             item, self.methods, context=caller, deserializer=lambda x: x,
-            validator=lambda x: x, post_process=lambda r: r)
+            validator=lambda x: x, post_process=to_serializable_one)
         if response is None:
             return None
-        if isinstance(response, Left):
-            return self._error(response._error)
-        return _dumps({"jsonrpc": "2.0", "id": response._value.id,
-                       "result": response._value.result})
+        if "error" in response:
+            return self._error(response["error"], response["id"])
+        return _dumps(response)
 
     @staticmethod
-    def _error(e: ErrorResponse) -> str:
-        """An error jsonrpcserver made itself, in our shape (data an object, codes ours)."""
-        if isinstance(e.data, dict) and "http_status" in e.data:  # one of ours
-            return _dumps({"jsonrpc": "2.0", "id": e.id, "error": {
-                "code": e.code, "message": e.message, "data": e.data}})
-        detail = e.data if isinstance(e.data, str) else None
-        if e.code == errors.MethodNotFound.code:
+    def _error(error: dict[str, Any], ident: Any) -> str:
+        """An error in our shape: ours pass as they are, jsonrpcserver's own are mapped."""
+        data = error.get("data")
+        if isinstance(data, dict) and "http_status" in data:
+            return _dumps({"jsonrpc": "2.0", "id": ident, "error": error})
+        detail = data if isinstance(data, str) else None
+        if error["code"] == errors.MethodNotFound.code:
             err: errors.JobdError = errors.MethodNotFound(f"no such method: {detail}")
-        elif e.code == errors.InvalidParams.code:
+        elif error["code"] == errors.InvalidParams.code:
             m = _FIELD.search(detail or "")
             err = errors.InvalidParams(f"invalid params: {detail}",
                                        field=m.group(1) if m else None)
         else:
-            log.error("rpc_library_error", code=e.code, detail=detail)
+            log.error("rpc_library_error", code=error["code"], detail=detail)
             err = errors.InternalError()
-        return error_line(err, e.id)
+        return error_line(err, ident)
 
     # -- the methods -----------------------------------------------------------------------
 

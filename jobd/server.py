@@ -102,15 +102,28 @@ class Server:
     def connections(self) -> int:
         return len(self._conns)
 
-    async def start(self) -> None:
-        """Listen: on the socket systemd passed in, else on ``config.socket``."""
+    async def start(self, *, accept: bool = True) -> None:
+        """Listen: on the socket systemd passed in, else on ``config.socket``.
+
+        With ``accept=False`` connections wait in the backlog until ``accept()``.
+        """
         sock = _adopt()
         if sock is not None:
             log.info("socket_adopted", socket=sock.getsockname() or "(unnamed)")
         else:
             sock = self._bind()
+        # bound (a second daemon sees "already running"), but no call is taken before
+        # accept(): the store and the recovery of a crash come first
         self._server = await asyncio.start_unix_server(
-            self._serve, sock=sock, limit=_READ_CHUNK, backlog=socket.SOMAXCONN)
+            self._serve, sock=sock, limit=_READ_CHUNK, backlog=socket.SOMAXCONN,
+            start_serving=False)
+        if accept:
+            await self.accept()
+
+    async def accept(self) -> None:
+        """Start answering connections (they waited in the backlog until now)."""
+        assert self._server is not None
+        await self._server.start_serving()
 
     def _bind(self) -> socket.socket:
         path = self._config.socket

@@ -598,15 +598,15 @@ class Store:
         return self.write(lambda tx: self._transition(tx, job_id, to, actor, message, error,
                                                       result, expect, recovered))
 
-    def transition_async(self, job_id: str, to: JobStatus, *, actor: str, **kw: Any
-                         ) -> concurrent.futures.Future[Job]:
-        return self.write_async(lambda tx: self._transition(
-            tx, job_id, to, actor, kw.get("message"), kw.get("error"), kw.get("result"),
-            kw.get("expect"), kw.get("recovered", False)))
-
     def _transition(self, tx: Tx, job_id: str, to: JobStatus, actor: str,
                     message: str | None, error: str | None, result: dict[str, Any] | None,
                     expect: Iterable[JobStatus] | None, recovered: bool) -> Job:
+        before = tx.conn.execute("SELECT status, cancel_requested FROM jobs WHERE id = ?",
+                                 (job_id,)).fetchone()
+        if (before is not None and before[0] == "running" and before[1]
+                and to in (JobStatus.COMPLETED, JobStatus.FAILED)):
+            # a job whose cancel was asked for ends cancelled, whatever its process did
+            to, message, error, result = JobStatus.CANCELLED, "cancelled", None, None
         allowed = tuple(sources(to)) if expect is None else tuple(
             s for s in expect if s in sources(to))
         sets = ["status = ?", "version = max(version + 1, ?)", "updated_at = ?"]
@@ -616,7 +616,8 @@ class Store:
                      "pgid = NULL", "pgid_start = NULL"]
             args.append(tx.now)
         elif to in TERMINAL:
-            sets += ["completed_at = ?", "pgid = NULL", "pgid_start = NULL"]
+            sets += ["completed_at = ?", "cancel_requested = 0", "pgid = NULL",
+                     "pgid_start = NULL"]
             args.append(tx.now)
             if to is JobStatus.COMPLETED:
                 sets.append("progress = 100")
@@ -639,7 +640,6 @@ class Store:
             sets.append("result = ?")
             args.append(_dumps(result))
         placeholders = ", ".join("?" * len(allowed)) or "NULL"
-        before = tx.conn.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
         row = tx.conn.execute(
             f"UPDATE jobs SET {', '.join(sets)} WHERE id = ? AND status IN ({placeholders}) "
             f"RETURNING {_COLUMNS}",
@@ -657,6 +657,10 @@ class Store:
             if before[0] != "running":  # a retry starts over; a resume keeps its checkpoints
                 self.clear_checkpoints(tx, job_id)
         return self._changed(tx, job)
+
+    def next_version(self, previous: int) -> int:
+        """The version after ``previous``: what every write stores (``max(version + 1, now)``)."""
+        return max(previous + 1, self.clock())
 
     def request_cancel(self, job_id: str, *, actor: str) -> Job:
         """Mark a running job's cancel as asked for (the engine stops it)."""

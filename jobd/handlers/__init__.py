@@ -71,8 +71,8 @@ class Handler:
     name: ClassVar[str]
     #: only admins may submit or retry it
     admin_only: ClassVar[bool] = False
-    #: after a daemon crash it is requeued to resume (else it fails)
-    resumable: ClassVar[bool] = True
+    #: after a daemon crash it is requeued to resume (else it fails: a plugin must opt in)
+    resumable: ClassVar[bool] = False
     #: one at a time per (user, project); project_id is required
     exclusive: ClassVar[bool] = False
 

@@ -25,7 +25,6 @@ class CommandHandler(Handler):
 
     name = "command"
     admin_only = True
-    resumable = False
 
     def validate(self, options: dict[str, Any], *, user_id: str, project_id: str | None,
                  trusted: bool, config: Config) -> dict[str, Any]:

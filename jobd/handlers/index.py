@@ -95,6 +95,7 @@ class IndexHandler(Handler):
     """Re-index a project's repository without fetching (SPEC §5: the indexing phase alone)."""
 
     name = "index"
+    resumable = True  # indexing again is safe
     exclusive = True
 
     def validate(self, options: dict[str, Any], *, user_id: str, project_id: str | None,

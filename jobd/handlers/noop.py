@@ -29,6 +29,7 @@ class NoopHandler(Handler):
     """Sleep ``seconds``; the result says how long it really slept."""
 
     name = "noop"
+    resumable = True
     admin_only = True
 
     def validate(self, options: dict[str, Any], *, user_id: str, project_id: str | None,

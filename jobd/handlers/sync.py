@@ -57,6 +57,7 @@ class SyncHandler(Handler):
     """Bring a project's repository up to date with its remote, then re-index it."""
 
     name = "sync"
+    resumable = True  # a checkpoint after each phase
     exclusive = True
 
     def validate(self, options: dict[str, Any], *, user_id: str, project_id: str | None,

@@ -122,7 +122,8 @@ def test_cleanup_on_schedule_forgets_old_jobs_and_their_logs(
         make_daemon: Callable[..., Daemon]) -> None:
     d = make_daemon(config=FAST_CONFIG + '\n[retention]\nkeep = "1s"\nkeep_failed = "1s"\n'
                                          'cleanup_every = "1s"\n')
-    done = wait_terminal(d, result_of(d, "jobs.submit", type="noop")["id"])
+    done = wait_terminal(d, result_of(d, "jobs.submit", type="command",
+                                      options={"argv": ["echo", "some output"]})["id"])
     log = d.state / "logs" / f"{done['id']}.log"
     assert done["status"] == "completed" and log.exists()
     active = result_of(d, "jobs.submit", type="noop", options={"seconds": 4})

@@ -692,3 +692,23 @@ def test_queries_use_indexes(store: Store, clock: Clock, db: Path) -> None:
                 # a cleanup chunk reads its index in completed_at order: no sort of every
                 # expired job for each chunk
                 assert not any("TEMP B-TREE" in p for p in plan), f"{sql}\n  plan: {plan}"
+
+
+@pytest.mark.parametrize("end", [JobStatus.COMPLETED, JobStatus.FAILED])
+def test_a_job_whose_cancel_was_asked_for_ends_cancelled_whatever_it_did(
+        store: Store, end: JobStatus) -> None:
+    job = submit(store)
+    store.transition(job.id, JobStatus.RUNNING, actor="jobd")
+    store.request_cancel(job.id, actor="bob")
+    done = store.transition(job.id, end, actor="jobd", expect=[JobStatus.RUNNING],
+                            error="boom" if end is JobStatus.FAILED else None,
+                            result={"x": 1} if end is JobStatus.COMPLETED else None)
+    assert done.status is JobStatus.CANCELLED
+    assert done.cancel_requested is False and done.error is None and done.result is None
+    assert [e["status"] for e in store.events(job.id)][-1] == "cancelled"
+
+
+def test_next_version_follows_the_stores_clock_and_always_rises(store: Store) -> None:
+    assert store.next_version(5) == max(6, store.clock())
+    far = store.clock() + 10**9
+    assert store.next_version(far) == far + 1
