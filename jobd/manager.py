@@ -134,10 +134,11 @@ class Manager:
         if job.status is JobStatus.RUNNING:
             live = self.engine.live(job.id)
             if live is not None:
-                if live.version > job.version:
-                    out.update(progress=round(live.progress, 2), phase=live.phase,
-                               message=live.message, version=live.version)
-                out["eta_s"] = live.eta_s()
+                # memory is ahead of the database (a flush may commit older values under a
+                # newer version): its values, with whichever version is higher
+                out.update(progress=round(live.progress, 2), phase=live.phase,
+                           message=live.message, version=max(live.version, job.version),
+                           eta_s=live.eta_s())
         elif job.status is JobStatus.QUEUED:
             out["queue_position"], out["wait_reason"] = self.engine.dispatcher.position(job.id)
         return out
