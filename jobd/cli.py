@@ -78,6 +78,7 @@ def main(ctx: click.Context, **options: Any) -> None:
 def serve(ctx: click.Context) -> None:
     """Run the daemon until SIGTERM (what systemd starts)."""
     from jobd import daemon, logs
+    from jobd.errors import JobdError
     from jobd.server import AlreadyRunning
     from jobd.store import StoreError
 
@@ -85,7 +86,7 @@ def serve(ctx: click.Context) -> None:
     logs.setup(config.log_level, config.log_format)
     try:
         code = daemon.run(config)
-    except (AlreadyRunning, StoreError, OSError) as e:
+    except (AlreadyRunning, StoreError, OSError, JobdError) as e:
         _fail(str(e))
     # the database is closed and every job recorded: do not wait at exit for a worker
     # thread whose handler ignores stop requests (its processes are already killed)

@@ -66,7 +66,13 @@ async def _serve(config: Config) -> int:
         raise
     if not store.was_clean:
         log.warning("unclean_stop_detected", db=str(config.db), check="quick_check passed")
-    engine.start()
+    try:
+        engine.start()
+    except BaseException:
+        # recovery failed: leave the socket and the database as a stop would
+        await server.stop()
+        store.close()
+        raise
     await server.accept()
     maintenance = Maintenance(
         cleanup=manager.run_cleanup, upkeep=store.upkeep,
