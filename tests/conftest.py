@@ -286,15 +286,7 @@ def error_of(d: Daemon, method: str, **params: Any) -> dict[str, Any]:
 
 def wait_terminal(d: Daemon, job_id: str, timeout: float = 20.0) -> dict[str, Any]:
     """Long-poll ``jobs.wait`` until the job is completed, failed or cancelled; the job."""
-    deadline = time.monotonic() + timeout
-    job = result_of(d, "jobs.get", job_id=job_id)
-    while job["status"] not in ("completed", "failed", "cancelled"):
-        left = deadline - time.monotonic()
-        if left <= 0:
-            pytest.fail(f"job {job_id} still {job['status']} after {timeout}s: {job}")
-        job = result_of(d, "jobs.wait", job_id=job_id, after_version=job["version"],
-                        timeout_s=min(left, 5.0))
-    return job
+    return follow(d, job_id, timeout)[0]
 
 
 def pid_alive(pid: int) -> bool:

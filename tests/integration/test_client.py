@@ -155,6 +155,11 @@ def test_every_method_returns_its_documented_shape(jd: Daemon, who: str, make: A
             while cmd["status"] != "running":
                 cmd = await call(mine, "wait", cmd["id"], after_version=cmd["version"],
                                  timeout_s=5)
+            # running is recorded before the process starts: let it print before cancelling
+            for _ in range(500):
+                if "\nout\n" in (await call(mine, "logs", cmd["id"]))["data"]:
+                    break
+                await asyncio.sleep(0.01)
             asked = a_job(await call(mine, "cancel", cmd["id"]))
             assert asked["status"] == "running" and asked["cancel_requested"] is True
             stopped = a_job(await call(mine, "cancel", cmd["id"], wait=True))
