@@ -346,7 +346,8 @@ def test_kill_orphan_group_kills_a_matching_group(detached):
     assert kill_orphan_group(proc.pid, None) == 0
 
     assert kill_orphan_group(proc.pid, leader_start) == 3
-    assert proc.wait(timeout=5) == -signal.SIGKILL
+    # sh exits 0 if its sleepers die first and its `wait` returns before its own SIGKILL
+    assert proc.wait(timeout=5) in (0, -signal.SIGKILL)
     wait_for(lambda: group(proc.pid, zombies=False) == [])
 
 
