@@ -141,7 +141,7 @@ class Context:
             raise Cancelled(self.reason or "cancelled")
         self.joblog.note("$ " + " ".join(argv))
         done = process.run(
-            argv, cwd=cwd, env=env, log=self.joblog, stop=self.stop_event,
+            argv, cwd=cwd, env={**(env or {}), process.JOB_ENV: self.job.id}, log=self.joblog, stop=self.stop_event,
             deadline=self.deadline, grace=self.config.execution.cancel_grace,
             on_progress=on_progress, capture=capture,
             on_spawn=lambda pgid, start: self.engine.store.set_process(self.job.id, pgid, start))
@@ -221,6 +221,8 @@ class Engine:
                 log.warning("orphan_processes_killed", job_id=job_id, pgid=pgid, count=killed)
         max_recoveries = self.config.execution.max_recoveries
         for job in self.store.running_jobs():
+            # what the recorded group missed: started just before the crash, or moved out
+            process.kill_marked(job.id)
             handler = self.handlers.get(job.type)
             bound = log.bind(job_id=job.id, user_id=job.user_id, type=job.type)
             if job.cancel_requested:

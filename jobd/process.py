@@ -27,8 +27,8 @@ from typing import Any, Callable, Mapping, Sequence
 import structlog
 
 __all__ = [
-    "Completed", "JobLog", "kill_orphan_group", "parse_progress", "process_start_time",
-    "read_log", "run",
+    "Completed", "JobLog", "JOB_ENV", "kill_marked", "kill_orphan_group", "parse_progress",
+    "process_start_time", "read_log", "run",
 ]
 
 _log = structlog.get_logger()
@@ -510,6 +510,39 @@ def kill_orphan_group(pgid: int, start_time: int | None) -> int:
     if killed:
         _log.info("orphan_group_killed", pgid=pgid, killed=len(killed))
     return len(killed)
+
+
+#: the environment variable that marks every process of a job (set by the engine)
+JOB_ENV = "JOBD_JOB_ID"
+
+
+def kill_marked(job_id: str) -> int:
+    """SIGKILL every process whose environment carries ``JOBD_JOB_ID=<job_id>``; how many.
+
+    Catches what a recorded process group cannot: a process started just before a crash,
+    before its group was recorded, and descendants that left the group. Only processes
+    of the daemon's own user can be read, which are the only ones a job starts.
+    """
+    mark = f"{JOB_ENV}={job_id}".encode() + b"\0"
+    killed = 0
+    me = os.getpid()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as f:
+                environ = b"\0" + f.read()
+        except OSError:
+            continue
+        if b"\0" + mark not in environ:
+            continue
+        stat = _stat(int(entry.name))
+        if stat is not None and stat[0] not in ("Z", "X") and _kill_if_same(int(entry.name),
+                                                                              stat[2]):
+            killed += 1
+    if killed:
+        _log.info("marked_processes_killed", job_id=job_id, killed=killed)
+    return killed
 
 
 def _kill_if_same(pid: int, start_time: int) -> bool:

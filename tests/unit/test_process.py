@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from jobd.process import (
+    kill_marked,
     JobLog, kill_orphan_group, parse_progress, process_start_time, read_log, run,
 )
 
@@ -380,3 +381,19 @@ def test_a_job_log_nothing_was_written_to_leaves_no_file(tmp_path):
     assert read_log(tmp_path / "logs" / "quiet.log", 0, 100) == (b"", 0)
     with pytest.raises(ValueError, match="closed"):
         log.write(b"late\n")
+
+
+def test_kill_marked_finds_a_job_process_by_its_environment(tmp_path):
+    env = {**os.environ, "JOBD_JOB_ID": "job-1"}
+    mine = subprocess.Popen(["sleep", "1000"], env=env, start_new_session=True)
+    other = subprocess.Popen(["sleep", "1000"], env={**os.environ, "JOBD_JOB_ID": "job-12"},
+                             start_new_session=True)
+    try:
+        wait_for(lambda: alive(mine.pid) and alive(other.pid))
+        assert kill_marked("job-1") == 1
+        assert mine.wait(timeout=5) == -signal.SIGKILL
+        assert alive(other.pid)  # a longer id with the same prefix is another job
+    finally:
+        for p in (mine, other):
+            p.kill()
+            p.wait()
