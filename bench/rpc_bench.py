@@ -211,6 +211,11 @@ def main() -> int:
             print("submit latency ...", flush=True)
             submit = latencies(conn, [submit_line(n) for n in range(count)], warmup)
             e_submit = latencies(e_conn, [submit_line(n) for n in range(count)], warmup)
+            print("list latency ...", flush=True)
+            # the newest 100 jobs of one prefilled user, end to end
+            list_lines = [request("jobs.list", {"user_id": f"user{n % 50}", "limit": 100})
+                          for n in range(warmup + 500)]
+            listed = latencies(conn, list_lines, warmup)
             e_conn.close()
 
             print(f"submit rate, {args.clients} connections, {args.duration:g} s ...", flush=True)
@@ -260,6 +265,9 @@ def main() -> int:
                 "≥ 4,000/s" + ("" if judge_rate else " (8 conns, full)"),
                 f"echo {e_rate:,.0f}/s (jobd at {rate / e_rate:.1%} of echo)",
                 rate >= 4000 if judge_rate else None),
+            Row("list newest 100 of a user, p50", us(pct(listed, 50)),
+                "≤ 3,000 µs" + ("" if big else " @1M stored"), "end to end",
+                pct(listed, 50) <= 0.003 if big else None),
             Row("daemon CPU per submit", us(cpu / done), "",
                 f"echo {us(e_cpu / e_done)} per line"),
             Row("daemon start-up", f"{daemon.startup_s * 1000:,.0f} ms",
