@@ -567,20 +567,22 @@ def stats(st: _State) -> None:
 @click.pass_obj
 def pause(st: _State) -> None:
     """Stop starting queued jobs; running jobs go on (admins)."""
-    result = st.client.pause()
-    if st.json:
-        _show_json(result)
-    else:
-        _say(st, "dispatching paused; running jobs go on (`jobctl resume` to restart)")
+    _set_paused(st, True)
 
 
 @main.command()
 @click.pass_obj
 def resume(st: _State) -> None:
     """Start queued jobs again after a pause (admins)."""
-    result = st.client.resume()
+    _set_paused(st, False)
+
+
+def _set_paused(st: _State, paused: bool) -> None:
+    result = st.client.pause() if paused else st.client.resume()
     if st.json:
         _show_json(result)
+    elif paused:
+        _say(st, "dispatching paused; running jobs go on (`jobctl resume` to restart)")
     else:
         _say(st, "dispatching resumed")
 
