@@ -194,8 +194,8 @@ def _answer(method: Callable[..., Awaitable[Any]], signature_of: Callable[..., A
             return Error(e.code, e.message, e.data())
         except Exception:
             log.exception("rpc_method_crashed", method=getattr(signature_of, "__name__", "?"))
-            e = errors.InternalError()
-            return Error(e.code, e.message, e.data())
+            crash = errors.InternalError()  # the client gets no traceback
+            return Error(crash.code, crash.message, crash.data())
     answer.__signature__ = _signature(signature_of, scoped=method is not signature_of)  # type: ignore[attr-defined]
     return answer
 
