@@ -23,7 +23,7 @@ from jobd.config import Config
 from jobd.engine import Engine
 from jobd.errors import Conflict, Forbidden, InvalidParams, LimitExceeded, NotFound, Unavailable
 from jobd.handlers import Handler
-from jobd.models import TERMINAL, Job, JobStatus, Role, from_iso, iso
+from jobd.models import TERMINAL, Job, JobStatus, RawJSON, Role, from_iso, iso
 from jobd.store import Store
 
 __all__ = ["Hub", "Manager"]
@@ -130,17 +130,20 @@ class Manager:
 
     def _view(self, job: Job) -> dict[str, Any]:
         """The job as answered: live progress, queue position, wait reason, ETA."""
-        out = job.to_dict()
-        if job.status is JobStatus.RUNNING:
-            live = self.engine.live(job.id)
+        return self._live(job.to_dict())
+
+    def _live(self, out: dict[str, Any]) -> dict[str, Any]:
+        """Add to a stored job's wire shape what only the daemon knows."""
+        if out["status"] == JobStatus.RUNNING:
+            live = self.engine.live(out["id"])
             if live is not None:
                 # memory is ahead of the database (a flush may commit older values under a
                 # newer version): its values, with whichever version is higher
                 out.update(progress=round(live.progress, 2), phase=live.phase,
-                           message=live.message, version=max(live.version, job.version),
+                           message=live.message, version=max(live.version, out["version"]),
                            eta_s=live.eta_s())
-        elif job.status is JobStatus.QUEUED:
-            out["queue_position"], out["wait_reason"] = self.engine.dispatcher.position(job.id)
+        elif out["status"] == JobStatus.QUEUED:
+            out["queue_position"], out["wait_reason"] = self.engine.dispatcher.position(out["id"])
         return out
 
     def _job(self, scope: Scope, job_id: Any) -> Job:
@@ -194,7 +197,7 @@ class Manager:
 
     def list(self, scope: Scope, *, status: Any = None, type: Any = None, user_id: Any = None,
              project_id: Any = None, created_after: Any = None, created_before: Any = None,
-             id_prefix: Any = None, limit: Any = 50, cursor: Any = None) -> dict[str, Any]:
+             id_prefix: Any = None, limit: Any = 50, cursor: Any = None) -> RawJSON:
         statuses = [status] if isinstance(status, str) else status or []
         if not isinstance(statuses, list) or any(s not in JobStatus.__members__.values()
                                                  for s in statuses):
@@ -219,16 +222,20 @@ class Manager:
             except (ValueError, AttributeError, UnicodeDecodeError):
                 raise InvalidParams("cursor is not one this daemon gave out",
                                     field="cursor") from None
-        jobs = self.store.list_jobs(
+        rows = self.store.list_wire(
             statuses=statuses, type=type, user_id=user_filter, project_id=project_id,
             created_after=_time(created_after, "created_after"),
             created_before=_time(created_before, "created_before"),
             id_prefix=id_prefix, before_seq=before, limit=limit + 1)
         next_cursor = None
-        if len(jobs) > limit:
-            jobs = jobs[:limit]
-            next_cursor = base64.urlsafe_b64encode(str(jobs[-1].seq).encode()).decode()
-        return {"jobs": [self._view(j) for j in jobs], "next_cursor": next_cursor}
+        if len(rows) > limit:
+            rows = rows[:limit]
+            next_cursor = base64.urlsafe_b64encode(str(rows[-1][0]).encode()).decode()
+        # finished jobs go out as SQLite encoded them; active ones get what the daemon knows
+        jobs = [wire if status not in (JobStatus.QUEUED, JobStatus.RUNNING)
+                else json.dumps(self._live(json.loads(wire)), ensure_ascii=False)
+                for _, status, wire in rows]
+        return RawJSON(f'{{"jobs":[{",".join(jobs)}],"next_cursor":{json.dumps(next_cursor)}}}')
 
     def events(self, scope: Scope, job_id: str) -> list[dict[str, Any]]:
         job = self._job(scope, job_id)

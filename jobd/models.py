@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 __all__ = [
-    "EXCLUSIVE_TYPES", "TERMINAL", "TRANSITIONS", "Job", "JobStatus", "Phase",
+    "EXCLUSIVE_TYPES", "RawJSON", "TERMINAL", "TRANSITIONS", "Job", "JobStatus", "Phase",
     "Role", "WaitReason", "from_iso", "iso",
 ]
 
@@ -48,6 +48,10 @@ EXCLUSIVE_TYPES = frozenset({"sync", "index"})
 def sources(to: JobStatus) -> tuple[JobStatus, ...]:
     """The statuses a job may leave to become ``to``."""
     return tuple(s for s, targets in TRANSITIONS.items() if to in targets)
+
+
+class RawJSON(str):
+    """A value already encoded as JSON text, to be sent as it is (``jobs.list`` pages)."""
 
 
 class Phase(enum.StrEnum):

@@ -25,6 +25,7 @@ from jsonrpcserver.response import to_serializable_one
 
 from jobd import auth, errors
 from jobd.auth import Caller
+from jobd.models import RawJSON
 from jobd.manager import Manager
 
 __all__ = ["Rpc", "error_line"]
@@ -118,6 +119,8 @@ class Rpc:
             return None
         if "error" in response:
             return self._error(response["error"], response["id"])
+        if isinstance(response["result"], RawJSON):
+            return f'{{"jsonrpc":"2.0","id":{_dumps(response["id"])},"result":{response["result"]}}}'
         return _dumps(response)
 
     @staticmethod

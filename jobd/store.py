@@ -134,6 +134,28 @@ _COLUMNS = ("seq, id, type, user_id, project_id, status, progress, phase, messag
 _STATUS = {str(s): s for s in JobStatus}
 
 
+def _iso_sql(column: str) -> str:
+    """SQL for ``models.iso`` of a microsecond column (NULL stays NULL)."""
+    return (f"strftime('%Y-%m-%dT%H:%M:%S', {column} / 1000000, 'unixepoch') || "
+            f"printf('.%06dZ', {column} % 1000000)")
+
+
+#: SPEC §2's wire shape of a job, built by SQLite in C: jobs.list answers pages of them
+#: without decoding and re-encoding each job's JSON in Python. ``models.Job.to_dict`` is
+#: the reference; a test holds the two equal. What only the daemon knows (queue position,
+#: wait reason, live progress, ETA) is added for queued and running jobs by the manager.
+_WIRE = ("json_object('id', id, 'type', type, 'user_id', user_id, 'project_id', project_id, "
+         "'status', status, 'progress', round(progress, 2), 'phase', phase, "
+         "'message', message, 'priority', priority, 'options', json(options), "
+         "'metadata', json(metadata), 'result', json(result), 'error', error, "
+         "'attempts', attempts, 'queue_position', NULL, 'wait_reason', NULL, "
+         "'cancel_requested', json(CASE WHEN cancel_requested THEN 'true' ELSE 'false' END), "
+         "'version', version, 'description', description, 'timeout_s', timeout_s, "
+         f"'created_at', {_iso_sql('created_at')}, 'started_at', {_iso_sql('started_at')}, "
+         f"'completed_at', {_iso_sql('completed_at')}, "
+         f"'updated_at', {_iso_sql('updated_at')}, 'eta_s', NULL)")
+
+
 def _job(row: Sequence[Any]) -> Job:
     options, metadata, result = json.loads(row[10])
     return Job(
@@ -708,12 +730,23 @@ class Store:
             "SELECT id, pgid, pgid_start FROM jobs WHERE status = 'running' AND pgid IS NOT NULL"
         ).fetchall()
 
-    def list_jobs(self, *, statuses: Sequence[str] = (), type: str | None = None,
-                  user_id: str | None = None, project_id: str | None = None,
-                  created_after: int | None = None, created_before: int | None = None,
-                  id_prefix: str | None = None, before_seq: int | None = None,
-                  limit: int = 50) -> list[Job]:
-        """Jobs matching every given filter, newest first, from ``before_seq`` (keyset)."""
+    def list_jobs(self, **filters: Any) -> list[Job]:
+        """Jobs matching every given filter, newest first, from ``before_seq`` (keyset).
+
+        Filters: ``statuses``, ``type``, ``user_id``, ``project_id``, ``created_after``,
+        ``created_before``, ``id_prefix``, ``before_seq``, ``limit`` (default 50).
+        """
+        return [_job(r) for r in self._list(_COLUMNS, **filters)]
+
+    def list_wire(self, **filters: Any) -> list[tuple[int, str, str]]:
+        """``list_jobs`` as ``(seq, status, the job's wire JSON)``, encoded by SQLite."""
+        return self._list(f"seq, status, {_WIRE}", **filters)
+
+    def _list(self, columns: str, *, statuses: Sequence[str] = (), type: str | None = None,
+              user_id: str | None = None, project_id: str | None = None,
+              created_after: int | None = None, created_before: int | None = None,
+              id_prefix: str | None = None, before_seq: int | None = None,
+              limit: int = 50) -> list[Any]:
         where, args = [], []  # type: list[str], list[Any]
         if statuses:
             where.append(f"status IN ({', '.join('?' * len(statuses))})")
@@ -735,11 +768,11 @@ class Store:
         if before_seq is not None:
             where.append("seq < ?")
             args.append(before_seq)
-        sql = f"SELECT {_COLUMNS} FROM jobs"
+        sql = f"SELECT {columns} FROM jobs"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY seq DESC LIMIT ?"
-        return [_job(r) for r in self._read().execute(sql, (*args, limit))]
+        return self._read().execute(sql, (*args, limit)).fetchall()
 
     def queued_jobs(self) -> list[Job]:
         """Every queued job, in stored dispatch order (priority, then age)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import sqlite3
 import subprocess
 import sys
@@ -712,3 +713,23 @@ def test_next_version_follows_the_stores_clock_and_always_rises(store: Store) ->
     assert store.next_version(5) == max(6, store.clock())
     far = store.clock() + 10**9
     assert store.next_version(far) == far + 1
+
+
+def test_the_wire_shape_sqlite_builds_is_the_one_job_to_dict_gives(store: Store) -> None:
+    """jobs.list sends SQLite's encoding; models.Job.to_dict is the reference."""
+    plain = submit(store)
+    rich = submit(store, new_job(project="p2", options={"branch": "main", "list": [1, "é"]},
+                                 metadata={"quote": "a \"b\"\n\tc", "n": 1.5},
+                                 description="über", timeout_s=12.5))
+    store.transition(rich.id, JobStatus.RUNNING, actor="jobd")
+    store.update_progress(rich.id, progress=33.33333, phase="indexing",
+                          message="tab\there").result()
+    store.request_cancel(rich.id, actor="bob")
+    store.transition(rich.id, JobStatus.CANCELLED, actor="jobd")
+    done = submit(store, new_job(project="p3"))
+    store.transition(done.id, JobStatus.RUNNING, actor="jobd")
+    store.transition(done.id, JobStatus.COMPLETED, actor="jobd", result={"files": 3})
+    wire = {json.loads(text)["id"]: json.loads(text) for _, _, text in store.list_wire()}
+    for job_id in (plain.id, rich.id, done.id):
+        assert wire[job_id] == store.get_job(job_id).to_dict()
+        assert list(wire[job_id]) == list(store.get_job(job_id).to_dict())
