@@ -371,15 +371,18 @@ class Engine:
             ctx.log.info(event, error=done.error, seconds=round(
                 time.monotonic() - ctx.live.started, 3))
         except Exception:
-            # the job stays running in the store: the next start recovers it
+            # the job stays running in the store (the next start recovers it); its worker
+            # slot is free all the same
             ctx.log.exception("job_finish_failed")
+            self.dispatcher.finish(job.id)
         finally:
+            # a recorded end freed the slot in on_changed already: finishing here again
+            # could free the slot of a retry that started the same job anew meanwhile
             ctx.joblog.close()
             with self._lock:
                 if self._contexts.get(job.id) is ctx:  # a retry may already run it anew
                     del self._contexts[job.id]
                 self._cancels.discard(job.id)
-            self.dispatcher.finish(job.id)
             self._kick.set()
 
     def _record_end(self, job_id: str, end: JobStatus, kw: dict[str, Any]) -> Job:
