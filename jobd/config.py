@@ -160,9 +160,10 @@ def _defaults(env: Mapping[str, str]) -> tuple[Path, Path, Path]:
         return (Path(runtime) / "jobd.sock", Path(state) / "jobd.db",
                 Path("/etc/jobd/jobd.toml"))
     home = Path(env.get("HOME") or os.path.expanduser("~"))
-    state = Path(env.get("XDG_STATE_HOME") or home / ".local" / "state") / "jobd"
-    conf = Path(env.get("XDG_CONFIG_HOME") or home / ".config") / "jobd" / "jobd.toml"
-    return _user_socket(env), state / "jobd.db", conf
+    state_home = Path(env.get("XDG_STATE_HOME") or home / ".local" / "state")
+    config_home = Path(env.get("XDG_CONFIG_HOME") or home / ".config")
+    return (_user_socket(env), state_home / "jobd" / "jobd.db",
+            config_home / "jobd" / "jobd.toml")
 
 
 def _coerce(where: str, key: str, default: Any, value: Any, section: str) -> Any:
