@@ -186,6 +186,16 @@ def _say(st: _State, line: str) -> None:
     st.out.out(line, highlight=False)
 
 
+def _show(st: _State, result: Any, people: Any) -> None:
+    """A call's answer: ``result`` as JSON with --json, else ``people`` (a line or a table)."""
+    if st.json:
+        _show_json(result)
+    elif isinstance(people, str):
+        _say(st, people)
+    else:
+        st.out.print(people)
+
+
 def _finish(st: _State, job: dict[str, Any], *, cancelling: bool = False,
             show_job: bool = True) -> NoReturn:
     """End a command that waited for ``job``: say how it ended and exit with its code.
@@ -309,10 +319,7 @@ def main(ctx: click.Context, socket: str | None, as_json: bool, as_user: str | N
 def ping(st: _State) -> None:
     """Check that the daemon answers, and how it sees you."""
     result = st.client.ping()
-    if st.json:
-        _show_json(result)
-    else:
-        _say(st, render.ping_line(result, st.client.socket_path))
+    _show(st, result, render.ping_line(result, st.client.socket_path))
 
 
 def _submitted(st: _State, job: dict[str, Any], wait: bool, timeout: float | None,
@@ -443,10 +450,7 @@ def status(st: _State, job: str, follow: bool, timeout: float | None) -> None:
     found = st.client.get(resolve_job(st.client, job))
     if follow:
         _follow(st, found, timeout, stream_json=st.json)
-    if st.json:
-        _show_json(found)
-    else:
-        st.out.print(render.job_detail(found, _now_us()))
+    _show(st, found, render.job_detail(found, _now_us()))
 
 
 @main.command()
@@ -496,10 +500,7 @@ def events(st: _State, job: str) -> None:
     acted.
     """
     history = st.client.events(resolve_job(st.client, job))
-    if st.json:
-        _show_json(history)
-    else:
-        st.out.print(render.events_table(history))
+    _show(st, history, render.events_table(history))
 
 
 @main.command()
@@ -557,10 +558,7 @@ def logs(st: _State, job: str, follow: bool, timeout: float | None) -> None:
 def stats(st: _State) -> None:
     """Show job counts and load (admins)."""
     result = st.client.stats()
-    if st.json:
-        _show_json(result)
-    else:
-        st.out.print(render.stats_view(result))
+    _show(st, result, render.stats_view(result))
 
 
 @main.command()
@@ -579,12 +577,8 @@ def resume(st: _State) -> None:
 
 def _set_paused(st: _State, paused: bool) -> None:
     result = st.client.pause() if paused else st.client.resume()
-    if st.json:
-        _show_json(result)
-    elif paused:
-        _say(st, "dispatching paused; running jobs go on (`jobctl resume` to restart)")
-    else:
-        _say(st, "dispatching resumed")
+    _show(st, result, "dispatching paused; running jobs go on (`jobctl resume` to restart)"
+          if paused else "dispatching resumed")
 
 
 @main.command()
@@ -599,7 +593,4 @@ def cleanup(st: _State, older_than: float | None, dry_run: bool) -> None:
     touched.
     """
     result = st.client.cleanup(older_than_s=older_than, dry_run=dry_run)
-    if st.json:
-        _show_json(result)
-    else:
-        _say(st, render.cleanup_line(result, dry_run))
+    _show(st, result, render.cleanup_line(result, dry_run))
