@@ -270,6 +270,14 @@ def machine() -> str:
     return f"{os.cpu_count()} CPUs, load average {one:.1f} (1 min) {five:.1f} (5 min)"
 
 
+def us(seconds: float) -> str:
+    return f"{seconds * 1e6:,.0f} µs"
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:,.1f} ms"
+
+
 def pct(samples: Sequence[float], q: float) -> float:
     """The q-th percentile (nearest rank)."""
     ordered = sorted(samples)

@@ -31,7 +31,7 @@ from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
-from _harness import (BenchError, Conn, Jobd, Row, cpu_seconds, drive, iso_us,  # noqa: E402
+from _harness import (ms, BenchError, Conn, Jobd, Row, cpu_seconds, drive, iso_us,  # noqa: E402
                       machine, pct, print_table, workdir)
 
 CONFIG = """
@@ -251,10 +251,6 @@ def progress(conn: Conn, count: int, every: float) -> list[float]:
     if len(out) < count * 0.9:
         raise BenchError(f"saw only {len(out)} of {count} progress updates")
     return out
-
-
-def ms(seconds: float) -> str:
-    return f"{seconds * 1000:,.1f} ms"
 
 
 def main() -> int:

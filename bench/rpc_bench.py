@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import (ROOT, BenchError, Conn, Jobd, Row, cpu_seconds, drive,  # noqa: E402
+from _harness import (us, ROOT, BenchError, Conn, Jobd, Row, cpu_seconds, drive,  # noqa: E402
                       EchoServer, fsync_latency, machine, pct, print_table, request, workdir)
 
 CONFIG = """
@@ -152,10 +152,6 @@ def latencies(conn: Conn, lines: list[bytes], warmup: int) -> list[float]:
         if n >= warmup:
             out.append(t)
     return out
-
-
-def us(seconds: float) -> str:
-    return f"{seconds * 1e6:,.0f} µs"
 
 
 def main() -> int:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import (ROOT, BenchError, Row, fsync_latency, machine, pct,  # noqa: E402
+from _harness import (us, ROOT, BenchError, Row, fsync_latency, machine, pct,  # noqa: E402
                       print_table, workdir)
 
 sys.path.insert(0, str(ROOT))
@@ -219,10 +219,6 @@ def timed(fn: Callable[..., Any], calls: list[tuple[Any, ...]]) -> list[float]:
         fn(*args)
         out.append(time.perf_counter() - t)
     return out
-
-
-def us(seconds: float) -> str:
-    return f"{seconds * 1e6:,.0f} µs"
 
 
 def main() -> int:
