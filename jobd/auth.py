@@ -103,12 +103,52 @@ class Scope:
                         f"you see only the jobs of {self.user_id!r}")
 
 
-def scope(caller: Caller, as_user: str | None, as_admin: bool) -> Scope:
-    """The scope of one call by ``caller`` with the given ``as_user``/``as_admin`` (SPEC §3)."""
+def _reserved(name: str, config: Config | None) -> bool:
+    """Whether ``name`` is a local admin's login that a service may not act as (SPEC §3).
+
+    uid 0's login, the daemon's own user, and the users and groups of ``auth.admins``.
+    """
+    logins = {_login(0), _login(os.getuid())}
+    if name in logins:
+        return True
+    if config is None:
+        return False
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        return any(e == name for e in config.auth.admins)
+    groups = set()
+    for g in os.getgrouplist(name, entry.pw_gid):
+        try:
+            groups.add(grp.getgrgid(g).gr_name)
+        except KeyError:
+            pass
+    return _listed(config.auth.admins, name, frozenset(groups))
+
+
+def _login(uid: int) -> str | None:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return None
+
+
+def scope(caller: Caller, as_user: str | None, as_admin: bool, as_role: str | None = None,
+          *, config: Config | None = None) -> Scope:
+    """The scope of one call by ``caller`` with ``as_user``/``as_admin``/``as_role`` (SPEC §3).
+
+    ``as_role: "user"`` (services and admins, with ``as_user``) gives the call exactly a
+    plain user's rights for that user: what a web server sends for its ordinary users.
+    With ``config``, a service may not act as a local admin (root, the daemon's user,
+    ``auth.admins``) unless ``as_admin``.
+    """
     if as_user is not None:
         check_id(as_user, "as_user")
     if not isinstance(as_admin, bool):
         raise InvalidParams(f"as_admin must be true or false, not {as_admin!r}", field="as_admin")
+    if as_role is not None and as_role != "user":
+        raise InvalidParams(f'as_role must be "user" when given, not {as_role!r}',
+                            field="as_role")
     role, name = caller.role, caller.user
 
     if role is Role.USER:
@@ -118,20 +158,43 @@ def scope(caller: Caller, as_user: str | None, as_admin: bool) -> Scope:
         if as_user is not None and as_user != name:
             raise Forbidden(f"{name} may act only as themselves, not as {as_user!r}: "
                             "drop as_user")
-        return Scope(caller, user_id=name, owner=name, actor=name, may_repo_path=False,
-                     may_admin_types=False, may_raise_priority=False, may_stats=False,
-                     may_pause=False)
+        return _plain(caller, name, actor=name)
+
+    if as_role is not None:
+        if as_user is None:
+            raise InvalidParams('as_role "user" needs as_user: the user whose rights apply',
+                                field="as_role")
+        if as_admin:
+            raise InvalidParams('as_role "user" and as_admin contradict each other; '
+                                "send one of them", field="as_role")
 
     if role is Role.SERVICE:
         if as_user is None:
             raise Unauthenticated(f"service {name} must say whom it acts for: "
                                   "pass as_user (with as_admin for one of its admins)")
+        if not as_admin and _reserved(as_user, config):
+            raise Forbidden(f"service {name} may not act as {as_user!r}, a local admin's "
+                            "name, unless with as_admin (for one of its own admins)",
+                            field="as_user")
+        actor = f"service:{name}"
+        if as_role is not None:
+            return _plain(caller, as_user, actor=actor)
         return Scope(caller, user_id=None if as_admin else as_user, owner=as_user,
-                     actor=f"service:{name}", may_repo_path=True, may_admin_types=False,
-                     may_raise_priority=True, may_stats=as_admin, may_pause=False)
+                     actor=actor, may_repo_path=True, may_admin_types=False,
+                     may_raise_priority=True, may_stats=as_admin, may_pause=as_admin)
 
+    actor = f"admin:{name}"
+    if as_role is not None:
+        return _plain(caller, as_user, actor=actor)  # type: ignore[arg-type]
     # an admin acting for a user keeps the rights over jobs, not over the daemon
     scoped = as_user is not None and not as_admin
     return Scope(caller, user_id=as_user if scoped else None, owner=as_user or name,
-                 actor=f"admin:{name}", may_repo_path=True, may_admin_types=True,
+                 actor=actor, may_repo_path=True, may_admin_types=True,
                  may_raise_priority=True, may_stats=not scoped, may_pause=not scoped)
+
+
+def _plain(caller: Caller, user: str, *, actor: str) -> Scope:
+    """A plain user's rights over ``user``'s own jobs."""
+    return Scope(caller, user_id=user, owner=user, actor=actor, may_repo_path=False,
+                 may_admin_types=False, may_raise_priority=False, may_stats=False,
+                 may_pause=False)

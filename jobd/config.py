@@ -14,7 +14,8 @@ import tomllib
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["Config", "ConfigError", "default_socket_paths", "load", "parse_duration"]
+__all__ = ["Config", "ConfigError", "default_socket_paths", "load", "parse_duration",
+           "parse_limit"]
 
 
 class ConfigError(Exception):
@@ -43,6 +44,18 @@ class _Duration(float):
     """Marks a field whose file form is a duration string."""
 
 
+class _Limit(_Duration):
+    """Marks a duration that is a limit: ``"none"`` (or ``"0"``, ``0``) means no limit (None)."""
+
+
+def parse_limit(value: str | int | float) -> float | None:
+    """A limit duration -> seconds, or None for ``"none"``, ``"0"`` or ``0`` (no limit)."""
+    if isinstance(value, str) and value.strip().lower() == "none":
+        return None
+    seconds = parse_duration(value)
+    return seconds or None
+
+
 @dataclasses.dataclass(frozen=True)
 class Server:
     socket_mode: str = "0660"
@@ -50,6 +63,8 @@ class Server:
     max_connections_per_uid: int = 64
     max_message_bytes: int = 1_048_576
     max_batch: int = 100
+    max_response_bytes: int = 8_388_608
+    log_level: str = "info"
     line_timeout: _Duration = _Duration(30)
     idle_timeout: _Duration = _Duration(600)
 
@@ -65,9 +80,13 @@ class Execution:
     max_running_per_user: int = 3
     max_queued_per_user: int = 1000
     max_queued_total: int = 100_000
+    max_stored_per_user: int = 10_000
     max_log_bytes: int = 10_485_760
     max_recoveries: int = 3
-    default_timeout: _Duration = _Duration(6 * 3600)
+    #: None: no limit
+    default_timeout: float | None = _Limit(6 * 3600)
+    #: the most a plain user's timeout_s may ask; None: no limit
+    max_timeout: float | None = _Limit(6 * 3600)
     cancel_grace: _Duration = _Duration(3)
     shutdown_grace: _Duration = _Duration(10)
 
@@ -99,7 +118,8 @@ _SECTIONS: dict[str, type] = {
     "retention": Retention, "auth": Auth, "sync": Sync,
 }
 
-_CHOICES = {("storage", "synchronous"): ("off", "normal", "full", "extra")}
+_CHOICES = {("storage", "synchronous"): ("off", "normal", "full", "extra"),
+            ("server", "log_level"): ("debug", "info", "warning", "error")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,6 +188,9 @@ def _defaults(env: Mapping[str, str]) -> tuple[Path, Path, Path]:
 
 def _coerce(where: str, key: str, default: Any, value: Any, section: str) -> Any:
     """Check ``value`` against the type of ``default``; raise ValueError saying why not."""
+    if isinstance(default, _Limit):
+        limit = parse_limit(value)
+        return None if limit is None else _Limit(limit)
     if isinstance(default, _Duration):
         return _Duration(parse_duration(value))
     if isinstance(default, bool):
@@ -270,7 +293,7 @@ def load(config_file: str | os.PathLike[str] | None = None, *, socket: str | Non
         socket=Path(socket or env.get("JOBD_SOCKET") or d_socket),
         db=Path(db or env.get("JOBD_DB") or d_db),
         config_file=path if path.exists() else None,
-        log_level=(log_level or env.get("JOBD_LOG_LEVEL") or "info").lower(),
+        log_level=(log_level or env.get("JOBD_LOG_LEVEL") or built["server"].log_level).lower(),
         log_format=(log_format or env.get("JOBD_LOG_FORMAT") or "auto").lower(),
         **built,
     )

@@ -178,7 +178,7 @@ TABLE = {
     "may_admin_types": (False, False, False, True, True),
     "may_raise_priority": (False, True, True, True, True),
     "may_stats": (False, False, True, True, False),
-    "may_pause": (False, False, False, True, False),
+    "may_pause": (False, False, True, True, False),
 }
 
 
@@ -257,3 +257,51 @@ def test_as_admin_must_be_a_boolean() -> None:
     with pytest.raises(InvalidParams) as e:
         auth.scope(SERVICE, "bob", "yes")  # type: ignore[arg-type]
     assert e.value.field == "as_admin"
+
+
+# -- as_role "user" and the names a service may not take (SPEC §3) -------------------------
+
+@pytest.mark.parametrize("caller", [SERVICE, ADMIN], ids=["service", "admin"])
+def test_as_role_user_gives_exactly_a_plain_users_rights(caller: auth.Caller) -> None:
+    s = auth.scope(caller, "bob", False, "user")
+    plain = auth.scope(auth.Caller(uid=1001, pid=1, user="bob", role=Role.USER,
+                                   groups=frozenset()), None, False)
+    rights = [row for row in TABLE if row != "actor"]
+    assert {r: getattr(s, r) for r in rights} == {r: getattr(plain, r) for r in rights}
+    assert s.actor == ("service:cidx" if caller is SERVICE else "admin:root")
+    with pytest.raises(Forbidden):
+        s.check_filter("carol")
+
+
+@pytest.mark.parametrize("as_user, as_admin, as_role, field", [
+    (None, False, "user", "as_role"),      # whose rights? as_user is needed
+    ("bob", True, "user", "as_role"),      # a plain user's rights and an admin's at once
+    ("bob", False, "admin", "as_role"),    # only "user" is a role one may take on
+    ("bob", False, 1, "as_role"),
+])
+def test_as_role_refuses_what_does_not_make_sense(as_user: str | None, as_admin: bool,
+                                                  as_role: object, field: str) -> None:
+    with pytest.raises(InvalidParams) as caught:
+        auth.scope(SERVICE, as_user, as_admin, as_role)  # type: ignore[arg-type]
+    assert caught.value.data()["field"] == field
+
+
+def test_a_plain_user_may_not_claim_a_role() -> None:
+    # as_role changes nothing for a plain user: they have a plain user's rights already
+    s = auth.scope(USER, None, False, "user")
+    assert s.user_id == "alice" and not s.may_repo_path
+
+
+def test_a_service_may_not_act_as_root_or_an_admin() -> None:
+    config = Config(socket=CONFIG.socket, db=CONFIG.db,
+                    auth=Auth(admins=("root", "ops-lead"), services=("cidx",)))
+    own = pwd.getpwuid(os.getuid()).pw_name
+    for name in ("root", own, "ops-lead"):
+        with pytest.raises(Forbidden) as caught:
+            auth.scope(SERVICE, name, False, config=config)
+        assert "as_admin" in caught.value.message and caught.value.data()["field"] == "as_user"
+        with pytest.raises(Forbidden):
+            auth.scope(SERVICE, name, False, "user", config=config)
+        # as one of the web server's own admins it may
+        assert auth.scope(SERVICE, name, True, config=config).user_id is None
+    assert auth.scope(SERVICE, "alice", False, config=config).user_id == "alice"
