@@ -1,30 +1,38 @@
 """The daemon's life: put the parts together, serve until SIGTERM, stop cleanly.
 
-Start: bind the socket first (a live daemon there means "already running", before this
-one touches the database), open the store (migrations; ``quick_check`` after an unclean
+Start: take the state folder's lock (a second daemon on the same database refuses there,
+before it touches anything), bind the socket (a live daemon there means "already
+running"), open the store (migrations; ``quick_check`` after an unclean
 stop), recover what a crash left running, start the workers and the scheduler, tell
 systemd ``READY=1``. Stop (SIGTERM/SIGINT, whose handlers only set a flag): stop
 accepting and dispatching, stop running jobs and requeue the resumable ones, close the
-database cleanly, remove the socket, exit 0.
+database cleanly, remove the socket, exit 0. SIGHUP reloads the config file: the
+settings SPEC §1 calls reloadable apply to new decisions at once; the others are logged
+as needing a restart and kept; a file that no longer loads is logged and the old config
+stays. Running jobs are never touched by a reload.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import signal
-from typing import Any
+import time
+from typing import Any, Callable
 
 import structlog
 
 from jobd import __version__
-from jobd.config import Config
+from jobd import logs
+from jobd.config import Config, ConfigError
 from jobd.engine import Engine
 from jobd.handlers import load_handlers
 from jobd.maintenance import Maintenance
 from jobd.manager import Hub, Manager
 from jobd.rpc import Rpc, error_line
 from jobd.server import Server, notify, watchdog_loop
+from jobd.state import StateLock
 from jobd.store import Listeners, Store
 
 __all__ = ["run"]
@@ -32,16 +40,45 @@ __all__ = ["run"]
 log = structlog.get_logger()
 
 
-def run(config: Config) -> int:
-    """Serve until told to stop; the exit status."""
-    return asyncio.run(_serve(config))
+#: what only a restart changes (SPEC §1): kept as they were when a reload changes them
+_RESTART_ONLY = ("socket", "db", "storage", "log_format")
 
 
-async def _serve(config: Config) -> int:
+def run(config: Config, reload: Callable[[], Config] | None = None) -> int:
+    """Serve until told to stop; the exit status. ``reload`` loads the config anew (SIGHUP)."""
+    with StateLock(config.state_dir, config.db):
+        return asyncio.run(_serve(config, reload))
+
+
+class ConfigState:
+    """The config in force, and how the last reload went (``admin.stats`` shows it)."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.loaded_at = time.time()
+        self.error: str | None = None
+
+
+def reloaded(old: Config, new: Config) -> tuple[Config, list[str]]:
+    """``new`` with what only a restart may change put back as in ``old``; the keys kept."""
+    kept = [name for name in _RESTART_ONLY if getattr(old, name) != getattr(new, name)]
+    if old.server.socket_mode != new.server.socket_mode:
+        kept.append("server.socket_mode")
+    config = dataclasses.replace(
+        new, **{name: getattr(old, name) for name in _RESTART_ONLY},
+        server=dataclasses.replace(new.server, socket_mode=old.server.socket_mode))
+    return config, kept
+
+
+async def _serve(config: Config, reload: Callable[[], Config] | None) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    hup = asyncio.Event()
+    # SIGHUP never stops the daemon: without a way to reload it is logged and ignored
+    loop.add_signal_handler(signal.SIGHUP, hup.set)
+    current = ConfigState(config)
 
     hub = Hub(loop)
     handlers = load_handlers()
@@ -51,10 +88,19 @@ async def _serve(config: Config) -> int:
         if engine is not None:
             engine.on_changed(job)
 
+    def deleted(job_ids: list[str]) -> None:
+        """Jobs the store forgot (retention, max_stored_per_user): their logs go too."""
+        for job_id in job_ids:
+            log_file = config.log_dir / f"{job_id}.log"
+            for path in (log_file, log_file.with_name(log_file.name + ".base")):
+                path.unlink(missing_ok=True)
+
     store = Store(config.db, synchronous=config.storage.synchronous,
-                  listeners=Listeners(changed=changed))
+                  max_stored_per_user=config.execution.max_stored_per_user,
+                  listeners=Listeners(changed=changed, deleted=deleted))
     engine = Engine(config, store, handlers, notify=hub.notify)
     manager = Manager(config, store, engine, handlers, hub)
+    manager.config_state = current
     rpc = Rpc(manager, max_batch=config.server.max_batch)
     server = Server(config, rpc.dispatch, error_line=error_line)
 
@@ -85,7 +131,41 @@ async def _serve(config: Config) -> int:
              handlers=sorted(handlers))
     notify(f"READY=1\nSTATUS=serving; {queued} jobs queued")
 
-    await stop.wait()
+    def apply(new: Config) -> None:
+        """Put a reloaded config in force for every part that decides something."""
+        config, kept = reloaded(current.config, new)
+        for key in kept:
+            log.warning("config_change_needs_restart", key=key)
+        manager.config = config
+        engine.reconfigure(config)
+        server.reconfigure(config)
+        rpc.max_batch = config.server.max_batch
+        store.max_stored_per_user = config.execution.max_stored_per_user
+        maintenance.reschedule(cleanup_every=config.retention.cleanup_every)
+        if config.log_level != current.config.log_level:
+            logs.setup(config.log_level, config.log_format)
+        current.config, current.loaded_at, current.error = config, time.time(), None
+        log.info("config_reloaded", file=str(config.config_file or ""),
+                 workers=config.execution.workers, log_level=config.log_level)
+
+    while not stop.is_set():
+        stopping = asyncio.ensure_future(stop.wait())
+        hupped = asyncio.ensure_future(hup.wait())
+        await asyncio.wait({stopping, hupped}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        hupped.cancel()
+        if hup.is_set() and not stop.is_set():
+            hup.clear()
+            if reload is None:
+                log.info("reload_ignored", reason="no config file to reload from")
+                continue
+            try:
+                new = await loop.run_in_executor(None, reload)
+            except ConfigError as e:
+                current.error = str(e)
+                log.error("config_reload_failed", error=str(e), kept="the config in force")
+                continue
+            apply(new)
 
     log.info("jobd_stopping")
     notify("STOPPING=1\nSTATUS=stopping: finishing running jobs")

@@ -35,6 +35,12 @@ class Maintenance:
                 log.exception("maintenance_failed", task=name)
         return run
 
+    def reschedule(self, *, cleanup_every: float) -> None:
+        """A reloaded ``retention.cleanup_every``: the next cleanup is that far from now."""
+        job = self.scheduler.get_job("cleanup")
+        if job is not None and job.trigger.interval.total_seconds() != cleanup_every:
+            self.scheduler.reschedule_job("cleanup", trigger="interval", seconds=cleanup_every)
+
     def start(self) -> None:
         self.scheduler.start()
 

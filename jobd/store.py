@@ -118,7 +118,42 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE jobs ADD COLUMN pgid INTEGER;
     ALTER TABLE jobs ADD COLUMN pgid_start INTEGER;
     """,
+    # 3: what each user's finished jobs weigh, against execution.max_stored_per_user; a
+    # job weighs 1, plus 1 per 4 KiB of its options, metadata and description (kept in
+    # step by triggers, so no write path can forget it)
+    """
+    ALTER TABLE jobs ADD COLUMN weight INTEGER NOT NULL DEFAULT 1;
+    UPDATE jobs SET weight = 1 + (length(CAST(options AS BLOB)) + length(CAST(metadata AS BLOB))
+                                  + ifnull(length(CAST(description AS BLOB)), 0)) / 4096
+        WHERE length(options) + length(metadata) + ifnull(length(description), 0) >= 1024;
+    CREATE TABLE user_stored (user_id TEXT PRIMARY KEY, weight INTEGER NOT NULL) WITHOUT ROWID;
+    INSERT INTO user_stored SELECT user_id, sum(weight) FROM jobs
+        WHERE status IN ('completed', 'failed', 'cancelled') GROUP BY user_id;
+    CREATE TRIGGER jobs_stored_in AFTER UPDATE OF status ON jobs
+        WHEN NEW.status IN ('completed', 'failed', 'cancelled')
+         AND OLD.status NOT IN ('completed', 'failed', 'cancelled')
+    BEGIN
+        INSERT INTO user_stored (user_id, weight) VALUES (NEW.user_id, NEW.weight)
+            ON CONFLICT (user_id) DO UPDATE SET weight = weight + excluded.weight;
+    END;
+    CREATE TRIGGER jobs_stored_out AFTER UPDATE OF status ON jobs
+        WHEN OLD.status IN ('completed', 'failed', 'cancelled')
+         AND NEW.status NOT IN ('completed', 'failed', 'cancelled')
+    BEGIN
+        UPDATE user_stored SET weight = weight - OLD.weight WHERE user_id = OLD.user_id;
+    END;
+    CREATE TRIGGER jobs_stored_gone AFTER DELETE ON jobs
+        WHEN OLD.status IN ('completed', 'failed', 'cancelled')
+    BEGIN
+        UPDATE user_stored SET weight = weight - OLD.weight WHERE user_id = OLD.user_id;
+    END;
+    """,
 )
+
+#: a job's weight against max_stored_per_user: 1, plus 1 per this many bytes it carries
+WEIGHT_BYTES = 4096
+#: at most this many of a user's oldest finished jobs go in one write (the rest, next time)
+_EXCESS_CHUNK = 250
 
 # The jobs_finished index's own condition, written out so that SQLite may use that partial
 # index when the status itself is a bound parameter.
@@ -169,7 +204,45 @@ def _job(row: Sequence[Any]) -> Job:
 
 
 def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    if _text(text) is text:
+        return text
+    # a lone surrogate somewhere: escape it in the text itself, so the stored JSON decodes
+    # to valid text again (an escaped surrogate would decode back into a surrogate)
+    return json.dumps(_clean(value), separators=(",", ":"), ensure_ascii=False)
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, str):
+        return _text(value)
+    if isinstance(value, dict):
+        return {_clean(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def _text(value: str) -> str:
+    """``value`` as valid UTF-8 text: lone surrogates (from undecodable bytes) escaped.
+
+    SQLite refuses text that cannot be encoded, and a job whose end cannot be recorded
+    would stay running: every text the store writes passes through here.
+    """
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "backslashreplace").decode()
+    return value
+
+
+def _opt_text(value: str | None) -> str | None:
+    return None if value is None else _text(value)
+
+
+def weight(options: str, metadata: str, description: str | None) -> int:
+    """What a job counts against ``max_stored_per_user``: 1, plus 1 per 4 KiB it carries."""
+    size = len(options.encode()) + len(metadata.encode()) + len((description or "").encode())
+    return 1 + size // WEIGHT_BYTES
 
 
 def _storage_error(e: sqlite3.Error, path: Path) -> JobdError | sqlite3.Error:
@@ -205,6 +278,8 @@ class Listeners:
     """Listeners the store calls after a commit (the engine's dispatcher and the waiters)."""
 
     changed: Callable[[Job], None] = lambda job: None
+    #: ids of jobs deleted (retention, max_stored_per_user): their files may go
+    deleted: Callable[[list[str]], None] = lambda job_ids: None
 
 
 class _Checkpointer(threading.Thread):
@@ -355,8 +430,11 @@ class Store:
     """Jobs, their events and checkpoints in one SQLite file."""
 
     def __init__(self, path: str | os.PathLike[str], *, synchronous: str = "full",
-                 clock: Callable[[], int] = now_us, listeners: Listeners | None = None) -> None:
+                 clock: Callable[[], int] = now_us, listeners: Listeners | None = None,
+                 max_stored_per_user: int | None = None) -> None:
         self.path = Path(path)
+        #: finished jobs' weight kept per user (None: no limit); reloadable
+        self.max_stored_per_user = max_stored_per_user
         self.synchronous = synchronous.upper()
         self.clock = clock
         self.listeners = listeners or Listeners()
@@ -522,8 +600,8 @@ class Store:
         tx.conn.execute(
             "INSERT INTO job_events (job, at, status, phase, progress, message, actor) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (job.seq, tx.now, str(job.status), job.phase, job.progress,
-             message if message is not None else job.message, actor))
+            (job.seq, tx.now, str(job.status), _opt_text(job.phase), job.progress,
+             _opt_text(message if message is not None else job.message), _text(actor)))
 
     def _changed(self, tx: Tx, job: Job) -> Job:
         tx.after_commit.append(lambda: self.listeners.changed(job))
@@ -560,6 +638,8 @@ class Store:
     def _submit(self, tx: Tx, job: Job, actor: str, dedupe: bool,
                 per_user: int | None, total: int | None) -> tuple[Job, bool]:
         conn = tx.conn
+        job = dataclasses.replace(job, description=_opt_text(job.description),
+                                  idempotency_key=_opt_text(job.idempotency_key))
         if job.idempotency_key is not None:
             row = conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE user_id = ? "
                                f"AND idempotency_key = ?",
@@ -586,14 +666,15 @@ class Store:
                                 f"queued jobs (max_queued_per_user = {per_user})")
         if total is not None and sum(self._queued.values()) >= total:
             raise LimitExceeded(f"the queue is full ({total} jobs queued; max_queued_total)")
+        options, metadata, description = _dumps(job.options), _dumps(job.metadata), job.description
         try:
             cur = conn.execute(
                 "INSERT INTO jobs (id, type, user_id, project_id, status, priority, options, "
                 "metadata, description, timeout_s, idempotency_key, version, created_at, "
-                "updated_at) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (job.id, job.type, job.user_id, job.project_id, job.priority,
-                 _dumps(job.options), _dumps(job.metadata), job.description, job.timeout_s,
-                 job.idempotency_key, tx.now, tx.now, tx.now))
+                "updated_at, weight) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (job.id, job.type, job.user_id, job.project_id, job.priority, options,
+                 metadata, description, job.timeout_s, job.idempotency_key,
+                 tx.now, tx.now, tx.now, weight(options, metadata, description)))
         except sqlite3.IntegrityError as e:
             if "jobs.id" in str(e):
                 raise Conflict(f"a job with id {job.id} already exists", field="id") from None
@@ -607,6 +688,37 @@ class Store:
                                      created_at=tx.now, updated_at=tx.now)
         self._count_queued(tx, job.user_id, +1)
         return self._changed(tx, stored), False
+
+    def _forget_excess(self, tx: Tx, user_id: str, limit: int, *,
+                       keep_seq: int | None = None) -> list[str]:
+        """Delete ``user_id``'s oldest finished jobs while they weigh more than ``limit``.
+
+        At most ``_EXCESS_CHUNK`` go in one write; the files of those deleted go after the
+        commit (``Listeners.deleted``).
+        """
+        row = tx.conn.execute("SELECT weight FROM user_stored WHERE user_id = ?",
+                              (user_id,)).fetchone()
+        if row is None or row[0] <= limit:
+            return []
+        excess = row[0] - limit
+        victims: list[str] = []
+        freed = 0
+        for seq, job_id, w in tx.conn.execute(
+                f"SELECT seq, id, weight FROM jobs WHERE user_id = ? AND {_FINISHED} "
+                "AND seq IS NOT ? ORDER BY seq LIMIT ?", (user_id, keep_seq, _EXCESS_CHUNK)):
+            victims.append(job_id)
+            freed += w
+            if freed >= excess:
+                break
+        if victims:
+            tx.conn.execute(f"DELETE FROM jobs WHERE id IN ({', '.join('?' * len(victims))})",
+                            victims)
+            def forgotten() -> None:
+                log.info("jobs_forgotten", user_id=user_id, count=len(victims),
+                         reason="max_stored_per_user", limit=limit)
+                self.listeners.deleted(victims)
+            tx.after_commit.append(forgotten)
+        return victims
 
     def get_job(self, job_id: str) -> Job:
         return self._fetch(self._read(), job_id)
@@ -652,6 +764,7 @@ class Store:
                      "cancel_requested = 0", "pgid = NULL", "pgid_start = NULL"]
             if recovered:
                 sets.append("recoveries = recoveries + 1")
+        message, error = _opt_text(message), _opt_text(error)
         if message is not None or to is JobStatus.QUEUED:
             sets.append("message = ?")
             args.append(message)
@@ -672,6 +785,8 @@ class Store:
                            detail={"status": str(current.status)})
         job = _job(row)
         self._event(tx, job, actor, message if message is not None else error)
+        if to in TERMINAL and self.max_stored_per_user is not None:
+            self._forget_excess(tx, job.user_id, self.max_stored_per_user, keep_seq=job.seq)
         if before[0] == "queued" and to is not JobStatus.QUEUED:
             self._count_queued(tx, job.user_id, -1)
         elif to is JobStatus.QUEUED:
@@ -710,7 +825,8 @@ class Store:
                 f"UPDATE jobs SET progress = ?, phase = ?, message = ?, "
                 f"version = max(version + 1, ?), updated_at = ? "
                 f"WHERE id = ? AND status = 'running' RETURNING {_COLUMNS}",
-                (progress, phase, message, tx.now, tx.now, job_id)).fetchone()
+                (progress, _opt_text(phase), _opt_text(message), tx.now, tx.now, job_id)
+            ).fetchone()
             if row is None:
                 return None
             job = _job(row)
@@ -841,14 +957,30 @@ class Store:
                 continue
             while ids := self.write(lambda tx: self._delete_chunk(tx, status, cutoff, chunk)):
                 yield ids
+        # then users whose finished jobs still weigh more than they may keep (a lowered
+        # limit, or jobs that finished before the limit existed)
+        limit = self.max_stored_per_user
+        if limit is None or dry_run:
+            return
+        for (user_id,) in self._read().execute(
+                "SELECT user_id FROM user_stored WHERE weight > ?", (limit,)).fetchall():
+            while ids := self.write(lambda tx: self._forget_excess(tx, user_id, limit)):
+                yield ids
 
-    @staticmethod
-    def _delete_chunk(tx: Tx, status: str, cutoff: int, chunk: int) -> list[str]:
-        rows = tx.conn.execute(
+    def stored_weight(self, user_id: str) -> int:
+        """What ``user_id``'s finished jobs weigh against ``max_stored_per_user``."""
+        row = self._read().execute("SELECT weight FROM user_stored WHERE user_id = ?",
+                                   (user_id,)).fetchone()
+        return row[0] if row else 0
+
+    def _delete_chunk(self, tx: Tx, status: str, cutoff: int, chunk: int) -> list[str]:
+        ids = [r[0] for r in tx.conn.execute(
             f"DELETE FROM jobs WHERE seq IN (SELECT seq FROM jobs WHERE {_FINISHED} "
             f"AND status = ? AND completed_at < ? ORDER BY completed_at LIMIT ?) RETURNING id",
-            (status, cutoff, chunk)).fetchall()
-        return [r[0] for r in rows]
+            (status, cutoff, chunk)).fetchall()]
+        if ids:
+            tx.after_commit.append(lambda: self.listeners.deleted(ids))
+        return ids
 
 
 def _statements(script: str) -> list[str]:

@@ -1,0 +1,83 @@
+"""The state folder: one daemon per folder, and who may look inside (SPEC §1).
+
+``jobd serve`` and ``jobd db recover`` hold ``flock(LOCK_EX | LOCK_NB)`` on
+``<state dir>/jobd.lock`` for their whole run, from before the database is opened or the
+socket bound: a second daemon on the same folder — whatever its socket — and a recover
+while a daemon runs refuse at once, naming the database and the holder's pid, and touch
+nothing. The kernel drops the lock when its holder dies, so a lock file left by a crash
+is simply taken over. Outside systemd (which makes ``StateDirectory=`` itself) a new
+state folder is made 0700: the database, every user's logs and repositories live there.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from pathlib import Path
+
+__all__ = ["InUse", "StateLock", "LOCK_NAME", "make_private_dir"]
+
+LOCK_NAME = "jobd.lock"
+
+
+class InUse(Exception):
+    """Another jobd process holds the state folder's lock."""
+
+
+def make_private_dir(path: Path) -> None:
+    """Create ``path`` (and missing parents) as 0700, whatever the umask; leave an existing one."""
+    if path.is_dir():
+        return
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)
+
+
+class StateLock:
+    """``flock`` on ``<state dir>/jobd.lock`` holding the owner's pid, for a process's life."""
+
+    def __init__(self, state_dir: Path, db: Path) -> None:
+        self.path = state_dir / LOCK_NAME
+        self.db = db
+        self._fd: int | None = None
+
+    def acquire(self) -> "StateLock":
+        """Take the lock, or raise ``InUse`` naming the database and the holder's pid."""
+        try:
+            make_private_dir(self.path.parent)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        except OSError as e:
+            raise OSError(e.errno, f"{self.path}: cannot open the lock file: "
+                                   f"{e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = _read_pid(fd)
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                who = f"pid {holder}" if holder else "another process"
+                raise InUse(f"database {self.db} is in use by jobd ({who}); stop it first "
+                            "(systemctl stop jobd), or give this one its own --db") from None
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock; the file stays for the next owner
+            self._fd = None
+
+    def __enter__(self) -> "StateLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        return int(os.pread(fd, 32, 0).split()[0])
+    except (OSError, ValueError, IndexError):
+        return None

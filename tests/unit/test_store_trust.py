@@ -1,0 +1,139 @@
+"""The store keeps its promises against bad text and greedy users: every text it writes is
+valid UTF-8, and a user's finished jobs are capped by ``max_stored_per_user``."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from jobd.models import JobStatus
+from jobd.store import MIGRATIONS, WEIGHT_BYTES, Listeners, Store
+
+from test_store import Clock, new_job, raw, submit
+
+BAD = "caf\udce9.txt"  # what surrogateescape makes of the bytes b"caf\xe9.txt"
+
+
+@pytest.fixture
+def forgotten() -> list[str]:
+    return []
+
+
+@pytest.fixture
+def capped(tmp_path: Path, forgotten: list[str]) -> Iterator[Store]:
+    s = Store(tmp_path / "jobd.db", synchronous="normal", clock=Clock(),
+              max_stored_per_user=5, listeners=Listeners(deleted=forgotten.extend)).open()
+    yield s
+    s.close()
+
+
+def finish(store: Store, job_id: str, to: JobStatus = JobStatus.COMPLETED) -> None:
+    store.transition(job_id, JobStatus.RUNNING, actor="jobd")
+    store.transition(job_id, to, actor="jobd", error="no" if to is JobStatus.FAILED else None)
+
+
+# -- text ---------------------------------------------------------------------------------
+
+def test_an_end_whose_text_is_not_utf8_is_recorded_escaped(capped: Store) -> None:
+    job = submit(capped, new_job(type="command", project=None))
+    capped.transition(job.id, JobStatus.RUNNING, actor="jobd")
+    capped.update_progress(job.id, progress=10, phase="git\udcff", message=BAD).result()
+    done = capped.transition(job.id, JobStatus.FAILED, actor="jobd",
+                             error=f"merge conflicts in {BAD}", result={"file": BAD})
+    assert done.status is JobStatus.FAILED
+    assert done.error == "merge conflicts in caf\\udce9.txt"
+    assert capped.get_job(job.id).phase == "git\\udcff"
+    assert capped.events(job.id)[-1]["message"] == "merge conflicts in caf\\udce9.txt"
+    assert capped.get_job(job.id).result == {"file": "caf\\udce9.txt"}
+    # and what is stored reads back as UTF-8 everywhere, jobs.list's SQLite-made JSON too
+    capped.list_wire(limit=5)[0][2].encode()
+
+
+def test_a_submit_with_lone_surrogates_is_stored_escaped(capped: Store) -> None:
+    job = submit(capped, new_job(description=BAD, metadata={"k": BAD}, options={BAD: 1},
+                                 idempotency_key=BAD))
+    stored = capped.get_job(job.id)
+    assert stored.description == "caf\\udce9.txt"
+    assert stored.idempotency_key == "caf\\udce9.txt"
+    # escaped in the text itself, so that what is read back is valid text again
+    assert stored.metadata == {"k": "caf\\udce9.txt"}
+    assert stored.options == {"caf\\udce9.txt": 1}
+    assert capped.get_job(job.id).to_dict()["metadata"]["k"].encode()
+
+
+# -- max_stored_per_user ------------------------------------------------------------------
+
+def test_past_the_limit_a_users_oldest_finished_jobs_go(capped: Store,
+                                                       forgotten: list[str]) -> None:
+    ids = [submit(capped, new_job(user="alice", project=f"p{n}")).id for n in range(8)]
+    other = submit(capped, new_job(user="bob"))
+    finish(capped, other.id)
+    for job_id in ids:
+        finish(capped, job_id, JobStatus.FAILED if job_id == ids[3] else JobStatus.COMPLETED)
+    kept = {j.id for j in capped.list_jobs(user_id="alice", limit=100)}
+    assert kept == set(ids[3:]) and forgotten == ids[:3]
+    assert capped.stored_weight("alice") == 5
+    assert capped.get_job(other.id).status is JobStatus.COMPLETED  # bob is not alice
+
+
+def test_active_jobs_are_never_forgotten(capped: Store) -> None:
+    active = [submit(capped, new_job(project=f"a{n}")).id for n in range(6)]
+    done = [submit(capped, new_job(project=f"d{n}")).id for n in range(6)]
+    for job_id in done:
+        finish(capped, job_id)
+    assert {j.id for j in capped.list_jobs(statuses=["queued"], limit=100)} == set(active)
+    assert len(capped.list_jobs(statuses=["completed"], limit=100)) == 5
+
+
+def test_big_jobs_weigh_more(capped: Store) -> None:
+    heavy = {"blob": "x" * (3 * WEIGHT_BYTES)}  # 1 + 3 units
+    first = submit(capped, new_job(project="p0", metadata=heavy))
+    finish(capped, first.id)
+    assert capped.stored_weight("alice") == 4
+    second = submit(capped, new_job(project="p1", metadata=heavy))
+    finish(capped, second.id)  # 8 > 5: the older heavy job goes
+    assert [j.id for j in capped.list_jobs(user_id="alice")] == [second.id]
+
+
+def test_a_retried_job_no_longer_counts_until_it_ends_again(capped: Store) -> None:
+    job = submit(capped, new_job())
+    finish(capped, job.id, JobStatus.FAILED)
+    assert capped.stored_weight("alice") == 1
+    capped.transition(job.id, JobStatus.QUEUED, actor="alice")
+    assert capped.stored_weight("alice") == 0
+    capped.transition(job.id, JobStatus.CANCELLED, actor="alice")
+    assert capped.stored_weight("alice") == 1
+
+
+def test_cleanup_applies_a_lowered_limit(capped: Store, forgotten: list[str]) -> None:
+    ids = [submit(capped, new_job(project=f"p{n}")).id for n in range(5)]
+    for job_id in ids:
+        finish(capped, job_id)
+    capped.max_stored_per_user = 2  # a reload lowered it
+    deleted = [i for chunk in capped.cleanup(keep_before=0, keep_failed_before=0) for i in chunk]
+    assert deleted == ids[:3] and forgotten == ids[:3]
+    assert capped.stored_weight("alice") == 2
+
+
+def test_the_migration_weighs_jobs_stored_before_it(tmp_path: Path) -> None:
+    db = tmp_path / "old.db"
+    conn = sqlite3.connect(db, isolation_level=None)
+    for number, script in enumerate(MIGRATIONS[:2], 1):
+        conn.executescript(script)
+        conn.execute(f"PRAGMA user_version = {number}")
+    for seq, status, metadata in ((1, "completed", "{}"), (2, "failed", '{"b":"%s"}' % ("x" * 9000)),
+                                  (3, "queued", "{}")):
+        conn.execute("INSERT INTO jobs (seq, id, type, user_id, status, metadata, version, "
+                     "created_at, updated_at) VALUES (?, ?, 'noop', 'alice', ?, ?, 1, 1, 1)",
+                     (seq, f"id-{seq}", status, metadata))
+    conn.close()
+    store = Store(db, synchronous="normal").open()
+    try:
+        assert store.stored_weight("alice") == 1 + 3  # the queued job does not count
+    finally:
+        store.close()
+    with raw(db) as check:
+        assert check.execute("PRAGMA integrity_check").fetchone() == ("ok",)
