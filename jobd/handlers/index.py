@@ -9,6 +9,7 @@ live here; ``sync.py`` adds fetching and merging in front.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from pathlib import Path
@@ -29,11 +30,14 @@ _PLACEHOLDER = re.compile(r"\{(repo|user_id|project_id)\}")
 
 
 def validate_repository(options: dict[str, Any], *, user_id: str, project_id: str | None,
-                        trusted: bool, config: Config) -> tuple[dict[str, Any], Path]:
-    """Check ``project_id``, ``repo_path`` and ``full_reindex``: (normalised options, path).
+                        trusted: bool, config: Config
+                        ) -> tuple[dict[str, Any], git.Repository | None]:
+    """Check ``project_id``, ``repo_path`` and ``full_reindex``: (normalised options, the
+    repository opened and checked, or None when it does not exist yet).
 
-    A ``repo_path`` must already be a git work tree; a repository from the template may
-    not exist yet (the job then fails when it runs unless it has been cloned by then).
+    The caller closes the repository. A ``repo_path`` must already be a git work tree; a
+    repository from the template may not exist yet (the job then fails when it runs
+    unless it has been cloned by then).
     """
     if project_id is None:
         raise errors.InvalidParams("project_id is required for this job type", field="project_id")
@@ -48,29 +52,35 @@ def validate_repository(options: dict[str, Any], *, user_id: str, project_id: st
         raise errors.InvalidParams(
             "only admins and services may pass repo_path; omit it to use the project's "
             "repository", field="options.repo_path")
-    repo = git.locate(config, user_id=user_id, project_id=project_id, repo_path=repo_path)
+    path = git.locate(config, user_id=user_id, project_id=project_id, repo_path=repo_path)
     if repo_path is not None:
-        try:
-            git.check_work_tree(repo)
-        except JobFailed as e:
-            raise errors.InvalidParams(str(e), field="options.repo_path") from None
-        out["repo_path"] = str(repo)
-    return out, repo
+        out["repo_path"] = str(path)
+    elif not os.path.lexists(path):
+        return out, None
+    try:
+        return out, git.open_repository(path)
+    except JobFailed as e:
+        raise errors.InvalidParams(str(e), field="options.repo_path" if repo_path is not None
+                                   else "project_id") from None
 
 
-def repository(ctx: JobContext) -> Path:
-    """The job's repository, checked again as it runs: under the allowed roots, a work tree."""
+def repository_path(ctx: JobContext) -> Path:
+    """The job's repository as a real path under the allowed roots (not opened)."""
     job = ctx.job
     try:
-        repo = git.locate(ctx.config, user_id=job.user_id, project_id=job.project_id,
+        return git.locate(ctx.config, user_id=job.user_id, project_id=job.project_id,
                           repo_path=job.options.get("repo_path"))
     except errors.InvalidParams as e:
         raise JobFailed(e.message) from None
-    git.check_work_tree(repo)
-    return repo
 
 
-def index_repository(ctx: JobContext, repo: Path, *, full: bool, low: float,
+def repository(ctx: JobContext) -> git.Repository:
+    """The job's repository, checked again as it runs and opened (the caller closes it):
+    under the allowed roots, a work tree jobd owns."""
+    return git.open_repository(repository_path(ctx))
+
+
+def index_repository(ctx: JobContext, repo: git.Repository, *, full: bool, low: float,
                      high: float) -> dict[str, Any]:
     """Run the configured indexer over ``repo``; return its summary.
 
@@ -84,10 +94,11 @@ def index_repository(ctx: JobContext, repo: Path, *, full: bool, low: float,
     if isinstance(command, str):
         raise JobFailed(f"index command {command!r} is not known; configure "
                         "\"builtin:manifest\" or an argv list")
-    values = {"repo": str(repo), "user_id": ctx.job.user_id,
+    values = {"repo": str(repo.path), "user_id": ctx.job.user_id,
               "project_id": ctx.job.project_id or ""}
     argv = [_PLACEHOLDER.sub(lambda m: values[m.group(1)], arg) for arg in command]
-    ctx.run(argv, cwd=str(repo), on_progress=progress_between(ctx, low, high))
+    # run in the opened folder: its path may have been swapped since it was checked
+    ctx.run(argv, cwd=repo.cwd, on_progress=progress_between(ctx, low, high))
     return {"command": argv, "returncode": 0, "files_indexed": None}
 
 
@@ -101,12 +112,17 @@ class IndexHandler(Handler):
     def validate(self, options: dict[str, Any], *, user_id: str, project_id: str | None,
                  trusted: bool, config: Config) -> dict[str, Any]:
         reject_unknown(options, ("repo_path", "full_reindex"))
-        out, _ = validate_repository(options, user_id=user_id, project_id=project_id,
-                                     trusted=trusted, config=config)
+        out, repo = validate_repository(options, user_id=user_id, project_id=project_id,
+                                        trusted=trusted, config=config)
+        if repo is not None:
+            repo.close()
         return out
 
     def run(self, ctx: JobContext) -> dict[str, Any]:
-        repo = repository(ctx)
+        with repository(ctx) as repo:
+            return self._run(ctx, repo)
+
+    def _run(self, ctx: JobContext, repo: git.Repository) -> dict[str, Any]:
         done = ctx.load_checkpoints().get(Phase.INDEXING)
         if done is None:
             ctx.set_phase(Phase.INDEXING, f"indexing {repo}")

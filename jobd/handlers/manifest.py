@@ -48,7 +48,8 @@ def manifest_path(config: Config, user_id: str, project_id: str) -> Path:
     return config.state_dir / "manifests" / user_id / f"{project_id}.json"
 
 
-def build(ctx: JobContext, repo: Path, *, full: bool, low: float, high: float) -> dict[str, Any]:
+def build(ctx: JobContext, repo: git.Repository, *, full: bool, low: float,
+          high: float) -> dict[str, Any]:
     """Write the manifest of ``repo`` for the job's (user, project); return the counts.
 
     Progress goes from ``low`` to ``high`` of the whole job while files are hashed; the
@@ -66,7 +67,8 @@ def build(ctx: JobContext, repo: Path, *, full: bool, low: float, high: float) -
     files: dict[str, dict[str, Any]] = {}
     rehashed = skipped = 0
     last_report = time.monotonic()
-    root = os.open(repo, _DIR_FLAGS)
+    # the folder git was checked in, not whatever its path leads to now
+    root = os.open(".", _DIR_FLAGS, dir_fd=repo.fd)
     try:
         for i, name in enumerate(names):
             if ctx.cancelled:
@@ -93,7 +95,7 @@ def build(ctx: JobContext, repo: Path, *, full: bool, low: float, high: float) -
         "format": FORMAT,
         "user_id": job.user_id,
         "project_id": job.project_id,
-        "repository": str(repo),
+        "repository": str(repo.path),
         "revision": git.revision(repo),
         "written_at": time.time(),
         "files": files,
@@ -149,7 +151,8 @@ def _entry(root: int, name: str, old: dict[str, Any] | None
         # or a file (ENOTDIR): nothing to record
         if e.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
             return None, 0
-        raise JobFailed(f"cannot read {name}: {e.strerror}") from None
+        raise JobFailed(f"cannot read {git.readable(os.fsencode(name))}: {e.strerror}"
+                        ) from None
     finally:
         for dir_fd in opened:
             os.close(dir_fd)

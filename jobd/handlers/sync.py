@@ -18,6 +18,8 @@ again), but the repository's location is checked again every time.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -51,6 +53,9 @@ _FETCH_STAGES = (
     ("resolving deltas", 0.9, 1.0),
 )
 _SHOWN_FILES = 10
+#: the checkpoint saved as a sync begins to change the work tree (not a phase)
+_WRITING = "git_sync.writing"
+_CLEAN_BATCH = 500  # paths per `git clean` command line
 
 
 class SyncHandler(Handler):
@@ -66,31 +71,27 @@ class SyncHandler(Handler):
         common, repo = index.validate_repository(options, user_id=user_id,
                                                  project_id=project_id, trusted=trusted,
                                                  config=config)
-        branch = options.get("branch")
-        if branch is not None and (problem := git.branch_problem(branch)):
-            raise errors.InvalidParams(problem, field="options.branch")
-        remote = options.get("remote")
-        if remote is None:
-            remote = config.sync.remote
-        if problem := git.remote_problem(remote):
-            raise errors.InvalidParams(problem, field="options.remote")
-        strategy = options.get("strategy", "ff-only")
-        if strategy not in STRATEGIES:
-            raise errors.InvalidParams(
-                f"strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}",
-                field="options.strategy")
-        # a repository that exists already must have the remote; one that does not yet
-        # is checked when the job runs
-        if repo.exists():
-            if "repo_path" not in common:  # a repo_path has been checked already
+        with repo if repo is not None else contextlib.nullcontext():
+            branch = options.get("branch")
+            if branch is not None and (problem := git.branch_problem(branch)):
+                raise errors.InvalidParams(problem, field="options.branch")
+            remote = options.get("remote")
+            if remote is None:
+                remote = config.sync.remote
+            if problem := git.remote_problem(remote):
+                raise errors.InvalidParams(problem, field="options.remote")
+            strategy = options.get("strategy", "ff-only")
+            if strategy not in STRATEGIES:
+                raise errors.InvalidParams(
+                    f"strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}",
+                    field="options.strategy")
+            # a repository that exists already must have the remote; one that does not
+            # yet is checked when the job runs
+            if repo is not None:
                 try:
-                    git.check_work_tree(repo)
+                    _require_remote(repo, remote)
                 except JobFailed as e:
-                    raise errors.InvalidParams(str(e), field="project_id") from None
-            try:
-                _require_remote(repo, remote)
-            except JobFailed as e:
-                raise errors.InvalidParams(str(e), field="options.remote") from None
+                    raise errors.InvalidParams(str(e), field="options.remote") from None
         return {"branch": branch, "remote": remote, "full_reindex": common["full_reindex"],
                 "strategy": strategy, **({"repo_path": common["repo_path"]}
                                          if "repo_path" in common else {})}
@@ -98,17 +99,19 @@ class SyncHandler(Handler):
     def run(self, ctx: JobContext) -> dict[str, Any]:
         opts = ctx.job.options
         done = ctx.load_checkpoints()
-        if done:
-            ctx.joblog.note(f"resuming after the finished phases {', '.join(done)}")
-        repo = index.repository(ctx)
-        init = _phase(ctx, done, Phase.INIT, f"checking {repo}",
-                      lambda: _init(ctx, repo, opts))
+        finished = [phase for phase in PHASES if phase in done]
+        if finished:
+            ctx.joblog.note(f"resuming after the finished phases {', '.join(finished)}")
+        path = index.repository_path(ctx)
+        init = _phase(ctx, done, Phase.INIT, f"checking {path}",
+                      lambda repo: _init(ctx, repo, opts))
         pulled = _phase(ctx, done, Phase.GIT_SYNC,
                         f"fetching {init['branch']} from {init['remote']}",
-                        lambda: _git_sync(ctx, repo, init, opts["strategy"],
-                                          resumed=Phase.INIT in done))
-        indexed = _phase(ctx, done, Phase.INDEXING, f"indexing {repo}",
-                         lambda: {"index": index.index_repository(
+                        lambda repo: _git_sync(ctx, repo, init, opts["strategy"],
+                                               resumed=Phase.INIT in done,
+                                               writing=done.get(_WRITING)))
+        indexed = _phase(ctx, done, Phase.INDEXING, f"indexing {path}",
+                         lambda repo: {"index": index.index_repository(
                              ctx, repo, full=bool(opts.get("full_reindex")),
                              low=PHASES[Phase.INDEXING][0], high=PHASES[Phase.INDEXING][1])})
 
@@ -137,8 +140,12 @@ class SyncHandler(Handler):
 
 
 def _phase(ctx: JobContext, done: dict[str, dict[str, Any]], phase: str, message: str,
-           work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """Run one phase unless an earlier attempt finished it; checkpoint what it returns."""
+           work: Callable[[git.Repository], dict[str, Any]]) -> dict[str, Any]:
+    """Run one phase unless an earlier attempt finished it; checkpoint what it returns.
+
+    The repository is located, checked and opened afresh for each phase, and the phase's
+    git commands all run in the folder so opened (SPEC §3a).
+    """
     end = PHASES[phase][1]
     if phase in done:
         ctx.set_progress(end)
@@ -147,14 +154,15 @@ def _phase(ctx: JobContext, done: dict[str, dict[str, Any]], phase: str, message
         raise Cancelled(f"cancelled before {phase}")
     ctx.set_phase(phase, message)
     started = time.monotonic()
-    data = work()
+    with index.repository(ctx) as repo:
+        data = work(repo)
     data["seconds"] = round(time.monotonic() - started, 3)
     ctx.save_checkpoint(phase, data)
     ctx.set_progress(end)
     return data
 
 
-def _init(ctx: JobContext, repo: Path, opts: dict[str, Any]) -> dict[str, Any]:
+def _init(ctx: JobContext, repo: git.Repository, opts: dict[str, Any]) -> dict[str, Any]:
     remote = opts["remote"]
     _require_remote(repo, remote)
     if git.revision(repo, "MERGE_HEAD"):
@@ -176,26 +184,36 @@ def _init(ctx: JobContext, repo: Path, opts: dict[str, Any]) -> dict[str, Any]:
             "old_revision": old_revision}
 
 
-def _git_sync(ctx: JobContext, repo: Path, init: dict[str, Any], strategy: str, *,
-              resumed: bool) -> dict[str, Any]:
+def _git_sync(ctx: JobContext, repo: git.Repository, init: dict[str, Any], strategy: str, *,
+              resumed: bool, writing: dict[str, Any] | None) -> dict[str, Any]:
+    """Fetch and merge; whatever stops it leaves the work tree at the old revision.
+
+    ``writing`` is the checkpoint an interrupted attempt saved as it began to change the
+    work tree (its ``incoming`` revisions), None when none got that far.
+    """
+    incoming: list[str] = []  # filled as this attempt begins to change the work tree
     try:
-        # an attempt interrupted by a crash may have left a merge or a moved HEAD
-        _restore(ctx, repo, init, git_was_stopped=resumed)
-        return _fetch_and_merge(ctx, repo, init, strategy)
+        # an attempt interrupted by a crash may have left a merge, a moved HEAD or a
+        # half-done checkout
+        earlier = (writing or {}).get("incoming", [])
+        _restore(ctx, repo, init, git_was_stopped=resumed, incoming=earlier)
+        if earlier:
+            ctx.save_checkpoint(_WRITING, {"incoming": []})  # that one is undone now
+        return _fetch_and_merge(ctx, repo, init, strategy, incoming)
     except BaseException:
-        _restore(ctx, repo, init, git_was_stopped=ctx.cancelled)
+        _restore(ctx, repo, init, git_was_stopped=ctx.cancelled, incoming=incoming)
         raise
 
 
-def _fetch_and_merge(ctx: JobContext, repo: Path, init: dict[str, Any], strategy: str
-                     ) -> dict[str, Any]:
+def _fetch_and_merge(ctx: JobContext, repo: git.Repository, init: dict[str, Any],
+                     strategy: str, incoming: list[str]) -> dict[str, Any]:
     remote, branch, old = init["remote"], init["branch"], init["old_revision"]
     _require_remote(repo, remote)
     ref = f"refs/remotes/{remote}/{branch}"
     upstream = f"{remote}/{branch}"
     try:
-        _git(ctx, repo, "fetch", "--progress", "--no-recurse-submodules", "--", remote,
-             f"+refs/heads/{branch}:{ref}", on_progress=_fetch_progress(ctx))
+        git.run_in_job(ctx, repo, "fetch", "--progress", "--no-recurse-submodules", "--",
+                       remote, f"+refs/heads/{branch}:{ref}", on_progress=_fetch_progress(ctx))
     except JobFailed as e:
         raise JobFailed(f"fetching {branch} from {remote} failed: {e}") from None
     fetched = git.revision(repo, ref)
@@ -205,14 +223,17 @@ def _fetch_and_merge(ctx: JobContext, repo: Path, init: dict[str, Any], strategy
         raise Cancelled("cancelled after fetching")
     ctx.set_progress(_FETCH_END, f"merging {upstream} into {branch} ({strategy})")
 
-    if branch != init["old_branch"]:
-        if git.revision(repo, f"refs/heads/{branch}"):
-            _git(ctx, repo, "checkout", "-q", branch, "--")
-        else:
-            _git(ctx, repo, "checkout", "-q", "-b", branch, ref, "--")
+    # first decide, by queries alone, what will change the work tree
+    switch: tuple[str, ...] = ()
     head = git.revision(repo)
+    if branch != init["old_branch"]:
+        local = git.revision(repo, f"refs/heads/{branch}")
+        switch = ("checkout", "-q", branch, "--") if local else (
+            "checkout", "-q", "-b", branch, ref, "--")
+        head = local or fetched
+    step: tuple[str, ...] = ()
     if strategy == "reset":
-        _git(ctx, repo, "reset", "--hard", fetched, "--")
+        step = ("reset", "--hard", fetched, "--")
     elif strategy == "ff-only":
         if head is not None and not _is_ancestor(repo, head, fetched):
             if not _is_ancestor(repo, fetched, head):
@@ -223,22 +244,24 @@ def _fetch_and_merge(ctx: JobContext, repo: Path, init: dict[str, Any], strategy
                     f"upstream commits not in the other); use strategy merge or reset")
             # only local commits are new: nothing to fast-forward
         else:
-            _git(ctx, repo, "merge", "--ff-only", "--", ref)
+            step = ("merge", "--ff-only", "--", ref)
     else:
-        merged = ctx.run(git.argv(repo, "merge", "--no-edit", "--", ref,
-                                  config=_identity(repo)),
-                         cwd=str(repo), env=git.ENV, check=False)
-        if merged.cancelled or merged.timed_out:
-            raise Cancelled("cancelled while merging")
-        if merged.returncode != 0:
-            conflicts = _split(git.run(repo, "diff", "--name-only", "-z", "--diff-filter=U",
-                                       check=False).stdout)
-            if conflicts:
-                raise JobFailed(f"merging {upstream} into {branch} conflicts in "
-                                f"{_names(conflicts)}; resolve them in {repo} or use "
-                                "strategy reset to take the upstream version")
-            raise JobFailed(f"merging {upstream} into {branch} failed (git exited with "
-                            f"{merged.returncode}); the job's log has git's message")
+        step = ("merge", "--no-edit", "--", ref)
+
+    if switch or step:
+        revisions = list(dict.fromkeys(r for r in (head if switch else None, fetched) if r))
+        if strategy != "reset":
+            _refuse_untracked_in_the_way(repo, old, revisions, upstream)
+        # from here on a stopped git may leave files behind; the restore, in this attempt
+        # or after a crash, takes away exactly those
+        ctx.save_checkpoint(_WRITING, {"incoming": revisions})
+        incoming.extend(revisions)
+    if switch:
+        git.run_in_job(ctx, repo, *switch)
+    if step and step[0] == "merge" and strategy == "merge":
+        _merge(ctx, repo, step, upstream, branch)
+    elif step:
+        git.run_in_job(ctx, repo, *step)
 
     # a cancel that arrived while git ran still undoes the sync: the phase is not over
     if ctx.cancelled:
@@ -253,14 +276,57 @@ def _fetch_and_merge(ctx: JobContext, repo: Path, init: dict[str, Any], strategy
             "files_modified": len(modified), "files_deleted": len(deleted)}
 
 
-def _restore(ctx: JobContext, repo: Path, init: dict[str, Any], *, git_was_stopped: bool
-             ) -> None:
+def _merge(ctx: JobContext, repo: git.Repository, step: tuple[str, ...], upstream: str,
+           branch: str) -> None:
+    """A real merge, whose conflicts are named file by file."""
+    try:
+        git.run_in_job(ctx, repo, *step, config=_identity(repo))
+    except JobFailed as e:
+        conflicts = _split(git.run(repo, "diff", "--name-only", "-z", "--diff-filter=U",
+                                   check=False).stdout)
+        if conflicts:
+            raise JobFailed(f"merging {upstream} into {branch} conflicts in "
+                            f"{_names(conflicts)}; resolve them in {repo} or use "
+                            "strategy reset to take the upstream version") from None
+        raise JobFailed(f"merging {upstream} into {branch} failed: {e}") from None
+
+
+def _refuse_untracked_in_the_way(repo: git.Repository, old: str | None,
+                                 revisions: list[str], upstream: str) -> None:
+    """Fail before git writes anything if the user's own untracked files are in the way.
+
+    git would refuse too, but only once it runs; checking first means that every untracked
+    file at a path the incoming revisions add, found after the merge began, is git's.
+    """
+    in_way = _untracked_added(repo, old, revisions)
+    if in_way:
+        raise JobFailed(f"{repo} has untracked files that {upstream} would overwrite: "
+                        f"{_names(in_way)}; move or remove them, then sync again")
+
+
+def _untracked_added(repo: git.Repository, old: str | None, revisions: list[str]
+                     ) -> list[bytes]:
+    """Untracked (and not ignored) files at paths that ``revisions`` add to ``old``."""
+    added: set[bytes] = set()
+    for rev in revisions:
+        added.update(_changes(repo, old, rev)[0])
+    if not added:
+        return []
+    untracked = _split(git.run(repo, "ls-files", "-z", "--others", "--exclude-standard",
+                               "--").stdout)
+    return [p for p in untracked if p in added]
+
+
+def _restore(ctx: JobContext, repo: git.Repository, init: dict[str, Any], *,
+             git_was_stopped: bool, incoming: list[str]) -> None:
     """Put the work tree back on the branch and revision it had before the sync.
 
     Runs git directly rather than through the context: it must work while the job is
     being cancelled. Safe to repeat: it only changes what differs. ``git_was_stopped``:
     a git of this job may have been killed (cancel, or a crash of the daemon), so a
-    lock it left is stale.
+    lock it left is stale. ``incoming``: the revisions a checkout or merge had begun to
+    write (empty when none had): their tracked files are reset and the untracked files
+    they added are removed, so that a half-done checkout cannot block the next one.
     """
     old_branch, old = init["old_branch"], init["old_revision"]
     done: list[str] = []
@@ -282,9 +348,18 @@ def _restore(ctx: JobContext, repo: Path, init: dict[str, Any], *, git_was_stopp
             else:
                 git.run(repo, "checkout", "-q", "-f", "--detach", old, "--")
             done.append(f"checked out {old_branch or old} again")
-        if old is not None and git.revision(repo) != old:
+        if old is not None and (incoming or git.revision(repo) != old):
             git.run(repo, "reset", "--hard", "-q", old, "--")
             done.append(f"reset to {old}")
+        if old is not None and incoming:
+            left = _untracked_added(repo, old, incoming)
+            for batch in range(0, len(left), _CLEAN_BATCH):
+                git.run(repo, "clean", "-f", "-q", "--",
+                        *(":(literal)" + os.fsdecode(p)
+                          for p in left[batch:batch + _CLEAN_BATCH]))
+            if left:
+                done.append(f"removed {_plural(len(left), 'file')} a stopped checkout had "
+                            f"written ({_names(left)})")
     except (JobFailed, OSError) as e:
         ctx.log.error("sync_restore_failed", repo=str(repo), error=str(e))
         ctx.joblog.note(f"could not put {repo} back at {old}: {e}")
@@ -292,11 +367,6 @@ def _restore(ctx: JobContext, repo: Path, init: dict[str, Any], *, git_was_stopp
     if done:
         ctx.joblog.note(f"work tree put back: {'; '.join(done)}")
         ctx.log.info("sync_work_tree_restored", repo=str(repo), revision=old)
-
-
-def _git(ctx: JobContext, repo: Path, *args: str,
-         on_progress: Callable[[float | None, str | None], None] | None = None) -> None:
-    ctx.run(git.argv(repo, *args), cwd=str(repo), env=git.ENV, on_progress=on_progress)
 
 
 def _fetch_progress(ctx: JobContext) -> Callable[[float | None, str | None], None]:
@@ -316,7 +386,7 @@ def _fetch_progress(ctx: JobContext) -> Callable[[float | None, str | None], Non
     return report
 
 
-def _require_remote(repo: Path, remote: str) -> None:
+def _require_remote(repo: git.Repository, remote: str) -> None:
     configured = git.remotes(repo)
     if remote not in configured:
         raise JobFailed(
@@ -325,25 +395,31 @@ def _require_remote(repo: Path, remote: str) -> None:
             "options.remote")
 
 
-def _current_branch(repo: Path) -> str | None:
-    done = git.run(repo, "symbolic-ref", "-q", "--short", "HEAD", check=False)
-    return done.stdout.decode().strip() or None
+def _current_branch(repo: git.Repository) -> str | None:
+    name = git.run(repo, "symbolic-ref", "-q", "--short", "HEAD", check=False).stdout.strip()
+    try:
+        return name.decode("utf-8") or None
+    except UnicodeDecodeError:
+        # it would be stored with the job and shown in its messages
+        raise JobFailed(f"the branch checked out in {repo}, {git.readable(name)}, is not "
+                        "named in UTF-8; check out another one or pass options.branch"
+                        ) from None
 
 
-def _is_ancestor(repo: Path, older: str, newer: str) -> bool:
+def _is_ancestor(repo: git.Repository, older: str, newer: str) -> bool:
     done = git.run(repo, "merge-base", "--is-ancestor", older, newer, check=False)
     if done.returncode not in (0, 1):
-        raise git.GitError(f"git merge-base in {repo} exited with {done.returncode}: "
-                           f"{git.last_line(done.stderr)}")
+        raise git.GitError(f"git merge-base in {repo} exited with status {done.returncode}: "
+                           f"{git.error_line(done.stderr)}")
     return done.returncode == 0
 
 
-def _count(repo: Path, revisions: str) -> int:
+def _count(repo: git.Repository, revisions: str) -> int:
     return int(git.output(repo, "rev-list", "--count", revisions, "--"))
 
 
-def _changes(repo: Path, old: str | None, new: str | None
-             ) -> tuple[list[str], list[str], list[str]]:
+def _changes(repo: git.Repository, old: str | None, new: str | None
+             ) -> tuple[list[bytes], list[bytes], list[bytes]]:
     """(added, modified, deleted) paths between two revisions."""
     if new is None or old == new:
         return [], [], []
@@ -352,27 +428,28 @@ def _changes(repo: Path, old: str | None, new: str | None
         return _split(tree), [], []
     fields = _split(git.run(repo, "diff", "--name-status", "-z", "--no-renames", old, new,
                             "--").stdout)
-    added: list[str] = []
-    modified: list[str] = []
-    deleted: list[str] = []
+    added: list[bytes] = []
+    modified: list[bytes] = []
+    deleted: list[bytes] = []
     for status, path in zip(fields[::2], fields[1::2]):
-        {"A": added, "D": deleted}.get(status[:1], modified).append(path)
+        {b"A": added, b"D": deleted}.get(status[:1], modified).append(path)
     return added, modified, deleted
 
 
-def _identity(repo: Path) -> list[str]:
+def _identity(repo: git.Repository) -> list[str]:
     """Fallback committer settings for a merge commit, for whatever the repository lacks."""
     return [f"{key}={value}" for key, value in (("user.name", "jobd"),
                                                 ("user.email", "jobd@localhost"))
             if git.run(repo, "config", "--get", key, check=False).returncode != 0]
 
 
-def _split(data: bytes) -> list[str]:
-    return [p.decode("utf-8", "surrogateescape") for p in data.split(b"\0") if p]
+def _split(data: bytes) -> list[bytes]:
+    """git's NUL-separated paths, as the bytes they are (a name need not be UTF-8)."""
+    return [p for p in data.split(b"\0") if p]
 
 
-def _names(paths: list[str]) -> str:
-    shown = ", ".join(paths[:_SHOWN_FILES])
+def _names(paths: list[bytes]) -> str:
+    shown = ", ".join(git.readable(p) for p in paths[:_SHOWN_FILES])
     more = len(paths) - _SHOWN_FILES
     return f"{shown} and {more} more" if more > 0 else shown
 

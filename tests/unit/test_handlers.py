@@ -165,7 +165,8 @@ def test_progress_rises_through_the_phases(config: Config, upstream: Path,
     _, ctx = run_sync(config)
 
     assert ctx.phases == ["init", "git_sync", "indexing", "finalizing"]
-    assert ctx.saved == ["init", "git_sync", "indexing"]
+    # the writing checkpoint marks where a stopped checkout must be undone from
+    assert ctx.saved == ["init", "git_sync.writing", "git_sync", "indexing"]
     reported = [(r.phase, r.percent) for r in ctx.reports if r.percent is not None]
     for phase, percent in reported:
         low, high = PHASES[phase]
