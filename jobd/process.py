@@ -1,24 +1,28 @@
-"""Subprocesses of jobs: process groups, log capture, progress lines, cancel and timeout.
+"""Subprocesses of jobs: the supervisor, log capture, progress lines, cancel and timeout.
 
-Every program a job runs starts in its own session, so its whole process group can be
-signalled at once and nothing it spawned outlives the job (SPEC §5). Its output goes to
-the job's log, capped at ``max_log_bytes`` with the oldest output dropped first (SPEC
-§1), and every output line is checked for progress. After a daemon crash,
-``kill_orphan_group`` takes down the groups the dead daemon left behind (SPEC §6).
+Every program a job runs starts under its own small supervisor process
+(``jobd.supervise``), in a session and process group of its own. The supervisor is a
+child subreaper: whatever the program spawns stays its descendant, however it
+detaches, and is killed and reaped when the program ends, is cancelled or times out,
+or when jobd dies (SPEC §5: no child outlives its job). Output goes to the job's log,
+capped at ``max_log_bytes`` with the oldest output dropped first (SPEC §1), and every
+output line is checked for progress. After a daemon crash, ``kill_orphan_group`` and
+``kill_marked`` take down whatever the dead daemon's jobs left behind (SPEC §6).
 """
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import functools
+import errno
 import json
 import math
 import os
 import re
 import selectors
 import signal
+import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -26,16 +30,21 @@ from typing import Any, Callable, Mapping, Sequence
 
 import structlog
 
+from jobd import supervise
+
 __all__ = [
-    "Completed", "JobLog", "JOB_ENV", "kill_marked", "kill_orphan_group", "parse_progress",
-    "process_start_time", "read_log", "run",
+    "Completed", "JobLog", "JOB_ENV", "SUPERVISOR", "kill_marked", "kill_orphan_group",
+    "parse_progress", "process_start_time", "read_log", "run",
 ]
 
 _log = structlog.get_logger()
 
 _TICK = 0.01          # how often the loop looks at `stop` and the clock (an Event cannot be selected)
-_DRAIN = 0.5          # after the group is killed, how long its pipes may take to close
-_REAP = 1.0           # how long killed members of the group may take to become reapable
+_DRAIN = 0.5          # after the supervisor exited, how long its pipes may take to close
+_START = 10.0         # how long the supervisor may take to report the program started
+_UNRESPONSIVE = 2.0   # past the grace, how long jobd waits for the supervisor to finish
+_ABORT = 2.0          # how long a supervisor told to kill everything may take to exit
+_SUPERVISOR_EXIT = 2.0  # recovery: how long an orphaned supervisor may take to finish
 _READ = 65536
 _MAX_LINE = 16384     # a longer unterminated line keeps only its tail for progress parsing
 _EOL = re.compile(rb"[\r\n]")
@@ -247,31 +256,14 @@ def read_log(path: Path, offset: int, limit: int) -> tuple[bytes, int]:
 
 # ----------------------------------------------------------------------------- processes
 
-def _stat(pid: int) -> tuple[str, int, int] | None:
-    """(state, pgrp, start time) of a process from /proc, None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    # the command name may hold spaces and parentheses: fields resume after the last ')'
-    fields = raw[raw.rindex(b")") + 2:].split()
-    return fields[0].decode(), int(fields[2]), int(fields[19])
+#: the per-job supervisor script every program runs under (it imports nothing from jobd)
+SUPERVISOR = Path(supervise.__file__)
 
 
 def process_start_time(pid: int) -> int | None:
     """Field 22 of /proc/<pid>/stat (clock ticks since boot), None if the process is gone."""
-    stat = _stat(pid)
-    return stat[2] if stat else None
-
-
-@functools.cache
-def _become_subreaper() -> None:
-    # Grandchildren of a job are re-parented to us rather than to init when their parent
-    # dies, so run() can reap them: not every init reaps orphans (containers).
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
-        _log.warning("subreaper_unavailable", error=os.strerror(ctypes.get_errno()))
+    stat = supervise.stat(pid)
+    return stat[3] if stat else None
 
 
 def _signal_group(pgid: int, sig: int) -> None:
@@ -296,12 +288,15 @@ class _Lines:
 
 
 class _Child:
-    """One running program: reads its pipes until it is gone, signals its group."""
+    """One program under its supervisor: reads its pipes and the supervisor's reports."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], out: int, err: int, prog: int,
-                 log: JobLog, on_progress: Callable[[float | None, str | None], None] | None,
+    def __init__(self, proc: subprocess.Popen[bytes], ctl: socket.socket, env: Mapping[str, str],
+                 out: int, err: int, prog: int, log: JobLog,
+                 on_progress: Callable[[float | None, str | None], None] | None,
                  capture: bool) -> None:
         self.proc = proc
+        self.ctl = ctl
+        self.env = env
         self.out = out
         self.log = log
         self.on_progress = on_progress
@@ -309,27 +304,48 @@ class _Child:
         self.lines = {fd: _Lines() for fd in (out, err, prog)}
         self.logged = {out, err}
         self.open = {out, err, prog}
+        self.reports = b""  #: the supervisor's unfinished last line
+        self.first: list[str] | None = None  #: its first report: started or error
+        self.ctl_open = True
+        self.status: int | None = None  #: the program's exit code, as the supervisor saw it
+        self.pgid = self.start = 0
         self.sel = selectors.DefaultSelector()
         for fd in self.open:
             os.set_blocking(fd, False)
             self.sel.register(fd, selectors.EVENT_READ)
+        ctl.setblocking(False)
+        self.sel.register(ctl, selectors.EVENT_READ)
         try:
-            # readable when the leader exits: wakes the loop at once instead of next tick
+            # readable when the supervisor exits: wakes the loop at once
             self.pidfd: int | None = os.pidfd_open(proc.pid)
             self.sel.register(self.pidfd, selectors.EVENT_READ)
         except OSError:
             self.pidfd = None
 
+    def started(self, timeout: float) -> tuple[int, int]:
+        """The supervisor's first report: (pgid, start time); OSError if it could not start
+        the program."""
+        until = time.monotonic() + timeout
+        while self.first is None:
+            left = until - time.monotonic()
+            if left <= 0 or not self.ctl_open:
+                raise OSError(errno.ECHILD, "the job's supervisor did not start the program")
+            self.pump(left)
+        word, *values = self.first
+        if word == "error":
+            code = int(values[0])
+            raise OSError(code, os.strerror(code))
+        self.pgid, self.start = int(values[0]), int(values[1])
+        return self.pgid, self.start
+
     def exited(self) -> bool:
-        # WNOWAIT: the leader stays a zombie, so its pid (the pgid) cannot be reused
-        # before the group is killed
-        return os.waitid(os.P_PID, self.proc.pid,
-                         os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+        return self.proc.poll() is not None
 
     def supervise(self, stop: threading.Event, deadline: float | None,
                   grace: float) -> tuple[bool, bool]:
-        """Read output until the leader exits; (cancelled, timed_out)."""
+        """Read output until the supervisor exits; (cancelled, timed_out)."""
         cancelled = timed_out = False
+        # the supervisor SIGKILLs after the grace itself; this is for one that cannot
         kill_at: float | None = None
         while not self.exited():
             now = time.monotonic()
@@ -337,19 +353,50 @@ class _Child:
                 cancelled = stop.is_set()
                 timed_out = not cancelled and deadline is not None and now >= deadline
                 if cancelled or timed_out:
-                    _signal_group(self.proc.pid, signal.SIGTERM)
-                    kill_at = now + grace
+                    self.tell(b"term\n")
+                    kill_at = now + grace + _UNRESPONSIVE
             elif now >= kill_at:
-                _log.info("process_group_killed", pgid=self.proc.pid, grace_s=grace)
-                _signal_group(self.proc.pid, signal.SIGKILL)
+                _log.warning("supervisor_unresponsive", pid=self.proc.pid, pgid=self.pgid)
+                _signal_group(self.pgid, signal.SIGKILL)
+                self.proc.kill()
                 kill_at = math.inf
             self.pump(_TICK if kill_at is None else min(_TICK, max(0.0, kill_at - now)))
         return cancelled, timed_out
 
+    def tell(self, message: bytes) -> None:
+        try:
+            self.ctl.send(message)
+        except OSError:
+            pass  # it is exiting: its end is read all the same
+
     def pump(self, timeout: float) -> None:
         for key, _ in self.sel.select(timeout):
-            if key.fd != self.pidfd:
+            if key.fileobj is self.ctl:
+                self.read_control()
+            elif key.fd != self.pidfd:
                 self.read(key.fd)
+
+    def read_control(self) -> None:
+        """Take what the supervisor reported."""
+        try:
+            data = self.ctl.recv(4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.sel.unregister(self.ctl)
+            self.ctl_open = False
+            return
+        *lines, self.reports = (self.reports + data).split(b"\n")
+        for line in lines:
+            word, *values = line.decode().split()
+            if word in ("started", "error"):
+                self.first = [word, *values]
+            elif word == "exit":
+                self.status = int(values[0])
+            elif word == "killed":  # the grace passed: SIGKILL for what was left
+                _log.info("process_group_killed", pgid=self.pgid, processes=int(values[0]))
 
     def read(self, fd: int) -> None:
         try:
@@ -376,36 +423,42 @@ class _Child:
         if hit is not None:
             self.on_progress(*hit)
 
-    def finish(self) -> None:
-        """Kill what is left of the group, reap it, and read what the pipes still hold."""
+    def finish(self) -> int:
+        """Reap the supervisor, read what the pipes still hold; the program's exit code."""
         if self.pidfd is not None:
             self.sel.unregister(self.pidfd)
             os.close(self.pidfd)
             self.pidfd = None
-        _signal_group(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
+        code = self.proc.wait()
         until = time.monotonic() + _DRAIN
-        while self.open and (left := until - time.monotonic()) > 0:
+        while (self.open or self.ctl_open) and (left := until - time.monotonic()) > 0:
             self.pump(left)
         if self.open:
-            # a process that left the group (setsid) still holds a pipe: do not wait for it
-            _log.warning("process_pipes_abandoned", pgid=self.proc.pid)
-        self.reap_group()
+            # only a process the supervisor could not kill still holds a pipe
+            _log.warning("process_pipes_abandoned", pgid=self.pgid)
+        if self.status is None:
+            # the supervisor itself was killed: what it ran is left to this process
+            _log.warning("supervisor_failed", pid=self.proc.pid, returncode=code)
+            kill_orphan_group(self.pgid, self.start)
+            if mark := self.env.get(JOB_ENV):
+                kill_marked(mark)
+            return code
+        return self.status
 
-    def reap_group(self) -> None:
-        until = time.monotonic() + _REAP
-        while True:
-            try:
-                if os.waitid(os.P_PGID, self.proc.pid, os.WEXITED | os.WNOHANG) is None:
-                    if time.monotonic() >= until:
-                        _log.warning("process_group_unreaped", pgid=self.proc.pid)
-                        return
-                    time.sleep(0.001)
-            except ChildProcessError:
-                return
+    def abort(self) -> None:
+        """jobd gives up on the program: closing the control socket kills everything now."""
+        self.ctl.close()
+        try:
+            self.proc.wait(_ABORT)
+        except subprocess.TimeoutExpired:
+            _log.warning("supervisor_unresponsive", pid=self.proc.pid, pgid=self.pgid)
+            _signal_group(self.pgid, signal.SIGKILL)
+            self.proc.kill()
+            self.proc.wait()
 
     def close(self) -> None:
         self.sel.close()
+        self.ctl.close()
         for fd in self.lines:
             os.close(fd)
         if self.pidfd is not None:
@@ -429,54 +482,62 @@ def run(argv: Sequence[str], *, cwd: str | Path | None, env: Mapping[str, str] |
         on_progress: Callable[[float | None, str | None], None] | None = None,
         on_spawn: Callable[[int, int], None] | None = None,
         capture: bool = False) -> Completed:
-    """Run ``argv`` in its own session and process group, output to ``log``.
+    """Run ``argv`` under a per-job supervisor, in its own session and process group.
 
     stdin is /dev/null; the environment is ``os.environ`` updated with ``env`` plus
     ``JOBD_PROGRESS_FD``, a pipe for progress lines. Progress lines on stdout, stderr
     and that pipe go to ``on_progress``. When ``stop`` is set or ``deadline`` (a
-    ``time.monotonic()`` value) passes, the group gets SIGTERM, then SIGKILL after
-    ``grace`` seconds. When the leader exits, whatever is left of its group is killed
-    and reaped. ``on_spawn(pgid, start_time)`` is called once the program started.
-    A missing program raises FileNotFoundError naming it.
+    ``time.monotonic()`` value) passes, every process of the program gets SIGTERM, then
+    SIGKILL after ``grace`` seconds. When the program exits, every process it left
+    behind is killed and reaped, wherever it moved (``jobd.supervise``).
+    ``on_spawn(pgid, start_time)`` is called once the program started. A missing
+    program raises FileNotFoundError naming it; another failure to start it, OSError.
     """
     args = tuple(argv)
     if not args:
         raise ValueError("empty command: argv must name a program")
-    _become_subreaper()
-    # all three pipes are close-on-exec in this process, so programs other threads
+    # every pipe and socket is close-on-exec in this process, so programs other threads
     # start meanwhile cannot hold them open
     (out_r, out_w), (err_r, err_w), (prog_r, prog_w) = os.pipe(), os.pipe(), os.pipe()
+    ctl, ctl_child = socket.socketpair()
     child_env = {**os.environ, **(env or {}), "JOBD_PROGRESS_FD": str(prog_w)}
     try:
-        proc = subprocess.Popen(args, cwd=cwd, env=child_env, stdin=subprocess.DEVNULL,
-                                stdout=out_w, stderr=err_w, pass_fds=(prog_w,),
-                                close_fds=True, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "-S", str(SUPERVISOR), str(ctl_child.fileno()), repr(grace),
+             "--", *args], cwd=cwd, env=child_env, stdin=subprocess.DEVNULL, stdout=out_w,
+            stderr=err_w, pass_fds=(prog_w, ctl_child.fileno()), close_fds=True,
+            start_new_session=True)
     except BaseException as exc:
         for fd in (out_r, err_r, prog_r):
             os.close(fd)
+        ctl.close()
         if isinstance(exc, FileNotFoundError):
             raise _not_found(args, cwd) from None
         raise
     finally:
         for fd in (out_w, err_w, prog_w):
             os.close(fd)
-    child = _Child(proc, out_r, err_r, prog_r, log, on_progress, capture)
+        ctl_child.close()
+    child = _Child(proc, ctl, child_env, out_r, err_r, prog_r, log, on_progress, capture)
     try:
+        try:
+            pgid, start = child.started(_START)
+        except OSError as e:
+            child.abort()
+            if e.errno == errno.ENOENT:
+                raise _not_found(args, cwd) from None
+            raise OSError(e.errno, e.strerror, args[0]) from None
         if on_spawn is not None:
-            # the leader is not reaped yet, so /proc still has it (0 only without /proc)
-            on_spawn(proc.pid, process_start_time(proc.pid) or 0)
+            on_spawn(pgid, start)
         cancelled, timed_out = child.supervise(stop, deadline, grace)
+        returncode = child.finish()
     except BaseException:
-        _signal_group(proc.pid, signal.SIGKILL)
-        proc.wait()
-        child.reap_group()
+        if child.proc.returncode is None:
+            child.abort()
         raise
-    else:
-        child.finish()
     finally:
         child.close()
-    assert proc.returncode is not None
-    return Completed(argv=args, returncode=proc.returncode, cancelled=cancelled,
+    return Completed(argv=args, returncode=returncode, cancelled=cancelled,
                      timed_out=timed_out, stdout=child.stdout())
 
 
@@ -495,8 +556,9 @@ def kill_orphan_group(pgid: int, start_time: int | None) -> int:
     for _ in range(5):
         members = {}  # pid -> (state, start time)
         for entry in os.scandir("/proc"):
-            if entry.name.isdigit() and (stat := _stat(int(entry.name))) and stat[1] == pgid:
-                members[int(entry.name)] = stat[0], stat[2]
+            if entry.name.isdigit() and (stat := supervise.stat(int(entry.name))) and (
+                    stat[2] == pgid):
+                members[int(entry.name)] = stat[0], stat[3]
         if pgid in members and members[pgid][1] != start_time:
             break  # the pgid belongs to a later, unrelated group (even if a zombie)
         fresh = {(pid, st) for pid, (state, st) in members.items()
@@ -516,30 +578,45 @@ def kill_orphan_group(pgid: int, start_time: int | None) -> int:
 JOB_ENV = "JOBD_JOB_ID"
 
 
-def kill_marked(job_id: str) -> int:
-    """SIGKILL every process whose environment carries ``JOBD_JOB_ID=<job_id>``; how many.
-
-    Catches what a recorded process group cannot: a process started just before a crash,
-    before its group was recorded, and descendants that left the group. Only processes
-    of the daemon's own user can be read, which are the only ones a job starts.
-    """
-    mark = f"{JOB_ENV}={job_id}".encode() + b"\0"
-    killed = 0
+def _marked(job_id: str) -> list[tuple[int, int, bool]]:
+    """(pid, start time, is a supervisor) of every live process marked with ``job_id``."""
+    mark = b"\0" + f"{JOB_ENV}={job_id}".encode() + b"\0"
     me = os.getpid()
+    found = []
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit() or int(entry.name) == me:
             continue
         try:
             with open(f"/proc/{entry.name}/environ", "rb") as f:
                 environ = b"\0" + f.read()
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                cmdline = f.read()
         except OSError:
             continue
-        if b"\0" + mark not in environ:
+        if mark not in environ:
             continue
-        stat = _stat(int(entry.name))
-        if stat is not None and stat[0] not in ("Z", "X") and _kill_if_same(int(entry.name),
-                                                                              stat[2]):
-            killed += 1
+        stat = supervise.stat(int(entry.name))
+        if stat is not None and stat[0] not in ("Z", "X"):
+            found.append((int(entry.name), stat[3], bytes(SUPERVISOR) in cmdline))
+    return found
+
+
+def kill_marked(job_id: str) -> int:
+    """SIGKILL every process whose environment carries ``JOBD_JOB_ID=<job_id>``; how many.
+
+    Catches what a recorded process group cannot: a process started just before a crash,
+    before its group was recorded, and descendants that left the group. A supervisor
+    still at work (its jobd just died) is given a moment to finish first: it also kills
+    what carries no mark (a program started with a cleared environment). Only processes
+    of the daemon's own user can be read, which are the only ones a job starts.
+    """
+    marked = _marked(job_id)
+    if any(is_supervisor for _, _, is_supervisor in marked):
+        until = time.monotonic() + _SUPERVISOR_EXIT
+        while time.monotonic() < until and any(s for _, _, s in marked):
+            time.sleep(0.01)
+            marked = _marked(job_id)
+    killed = sum(1 for pid, start, _ in marked if _kill_if_same(pid, start))
     if killed:
         _log.info("marked_processes_killed", job_id=job_id, killed=killed)
     return killed
@@ -556,8 +633,8 @@ def _kill_if_same(pid: int, start_time: int) -> bool:
     except OSError:
         pidfd = None  # pidfd_open filtered (older container runtimes): plain kill
     try:
-        stat = _stat(pid)
-        if stat is None or stat[2] != start_time:
+        stat = supervise.stat(pid)
+        if stat is None or stat[3] != start_time:
             return False
         if pidfd is None:
             os.kill(pid, signal.SIGKILL)

@@ -3,9 +3,12 @@ and the scheduled cleanup (SPEC §6)."""
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 from typing import Any, Callable
+
+from jobd.process import SUPERVISOR
 
 from conftest import (FAST_CONFIG, Daemon, clone, commit_files, error_of, git, group_alive,
                       joblog, make_upstream, pid_alive, result_of, wait_for, wait_terminal)
@@ -48,10 +51,26 @@ def messages(d: Daemon, job_id: str) -> list[tuple[str, str | None]]:
     return [(e["status"], e["message"]) for e in result_of(d, "jobs.events", job_id=job_id)]
 
 
-def test_kill_9_mid_sync_kills_the_orphan_and_resumes_from_the_checkpoint(
-        make_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
-    config, pids, release = held_indexer(tmp_path)
-    d = make_daemon(config=config)
+def supervisors(d: Daemon) -> list[int]:
+    """The daemon's per-job supervisor processes."""
+    assert d.proc is not None
+    found = []
+    for entry in os.scandir("/proc"):
+        try:
+            stat = Path(f"/proc/{entry.name}/stat").read_bytes()
+            cmdline = Path(f"/proc/{entry.name}/cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
+        if ppid == d.proc.pid and bytes(SUPERVISOR) in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def jobs_during_a_crash(d: Daemon, tmp_path: Path, pids: Path
+                        ) -> tuple[dict[str, Any], str, dict[str, Any], int, int]:
+    """A sync in its (held) indexer and a running command: (sync, upstream revision,
+    command, indexer pid, command pid)."""
     job, new = sync_in_indexing(d, tmp_path, pids)
     marker = tmp_path / "command.pid"
     command = result_of(d, "jobs.submit", type="command", options={
@@ -59,20 +78,12 @@ def test_kill_9_mid_sync_kills_the_orphan_and_resumes_from_the_checkpoint(
     wait_for(lambda: read_pids(marker), what="the command to start")
     (orphan,) = read_pids(pids)
     (command_pid,) = read_pids(marker)
+    return job, new, command, orphan, command_pid
 
-    d.kill()
-    assert pid_alive(orphan) and pid_alive(command_pid), "kill -9 of jobd spares its jobs"
-    d.start()
 
-    # the restarted daemon killed what the dead one left behind
-    wait_for(lambda: not pid_alive(orphan) and not pid_alive(command_pid), timeout=5,
-             what="the orphaned processes to be killed")
-    assert group_alive(orphan) == [] and group_alive(command_pid) == []
-    killed = {e.get("job_id") for e in d.log_events()
-              if e.get("event") == "orphan_processes_killed"}
-    assert {job["id"], command["id"]} <= killed
+def resumes_after_restart(d: Daemon, job: dict[str, Any], new: str, command: dict[str, Any],
+                          pids: Path, release: Path) -> None:
     assert ("queued", "recovered after restart") in messages(d, job["id"])
-
     failed = wait_terminal(d, command["id"])
     assert failed["status"] == "failed" and failed["error"] == "interrupted by daemon restart"
 
@@ -86,6 +97,45 @@ def test_kill_9_mid_sync_kills_the_orphan_and_resumes_from_the_checkpoint(
     assert "resuming after the finished phases init, git_sync" in log
     assert fetches(log) == 1, log
     assert git("rev-parse", "HEAD", cwd=d.repos / "root" / "proj") == new
+
+
+def test_kill_9_mid_sync_takes_its_programs_down_and_resumes_from_the_checkpoint(
+        make_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
+    config, pids, release = held_indexer(tmp_path)
+    d = make_daemon(config=config)
+    job, new, command, orphan, command_pid = jobs_during_a_crash(d, tmp_path, pids)
+
+    d.kill()
+    # each program's supervisor outlives jobd just long enough to kill it
+    wait_for(lambda: not pid_alive(orphan) and not pid_alive(command_pid), timeout=2,
+             what="the supervisors to kill the programs of the dead daemon")
+    d.start()
+    resumes_after_restart(d, job, new, command, pids, release)
+
+
+def test_kill_9_of_the_daemon_and_its_supervisors_is_cleaned_up_at_restart(
+        make_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
+    config, pids, release = held_indexer(tmp_path)
+    d = make_daemon(config=config)
+    job, new, command, orphan, command_pid = jobs_during_a_crash(d, tmp_path, pids)
+    stopped = supervisors(d)
+    assert len(stopped) == 2, stopped
+    for pid in stopped:  # frozen, so they cannot clean up: as if killed with jobd
+        os.kill(pid, signal.SIGSTOP)
+    d.kill()
+    for pid in stopped:
+        os.kill(pid, signal.SIGKILL)
+    assert pid_alive(orphan) and pid_alive(command_pid)
+    d.start()
+
+    # the restarted daemon killed what the dead one left behind
+    wait_for(lambda: not pid_alive(orphan) and not pid_alive(command_pid), timeout=5,
+             what="the orphaned processes to be killed")
+    assert group_alive(orphan) == [] and group_alive(command_pid) == []
+    killed = {e.get("job_id") for e in d.log_events()
+              if e.get("event") == "orphan_processes_killed"}
+    assert {job["id"], command["id"]} <= killed
+    resumes_after_restart(d, job, new, command, pids, release)
 
 
 def test_sigterm_requeues_running_jobs_and_they_complete_after_restart(

@@ -288,7 +288,7 @@ def test_grandchildren_die_when_the_leader_exits(log):
     assert group(pgids[0]) == []
 
 
-def test_a_process_that_left_the_group_does_not_hold_run(tmp_path, log):
+def test_a_process_that_left_the_group_dies_with_its_program(tmp_path, log):
     child = script(tmp_path, (
         "import subprocess\n"
         "p = subprocess.Popen(['sleep', '1000'], start_new_session=True)\n"
@@ -296,15 +296,9 @@ def test_a_process_that_left_the_group_does_not_hold_run(tmp_path, log):
     t0 = time.monotonic()
     done = start([PY, child], log, capture=True)
     escaped = int(done.stdout)
-    try:
-        assert done.returncode == 0
-        assert time.monotonic() - t0 < 3.0
-    finally:
-        os.kill(escaped, signal.SIGKILL)
-        try:
-            os.waitpid(escaped, 0)  # ours if this process became a subreaper
-        except ChildProcessError:
-            pass
+    assert done.returncode == 0
+    assert time.monotonic() - t0 < 3.0
+    assert not alive(escaped)
 
 
 def test_deadline_times_out(log):
@@ -397,3 +391,91 @@ def test_kill_marked_finds_a_job_process_by_its_environment(tmp_path):
         for p in (mine, other):
             p.kill()
             p.wait()
+
+
+# ------------------------------------------------------------- the supervisor: nothing outlives
+
+def _pids(path: Path, count: int) -> list[int]:
+    wait_for(lambda: path.exists() and len(path.read_text().split()) >= count)
+    return [int(p) for p in path.read_text().split()]
+
+
+def _detached(pids: Path) -> str:
+    """Shell lines that start two sleepers in sessions of their own, one with a cleared
+    environment (so no JOBD_JOB_ID mark), each writing its pid to ``pids``."""
+    return (f"setsid sh -c 'echo $$ >> {pids}; exec sleep 300' & "
+            f"env -i /usr/bin/setsid /bin/sh -c 'echo $$ >> {pids}; exec sleep 300' & ")
+
+
+def test_setsid_grandchildren_die_when_the_program_exits(tmp_path, log):
+    pids = tmp_path / "pids"
+    argv = ["sh", "-c", _detached(pids) + f"while [ $(wc -l < {pids}) -lt 2 ]; do sleep 0.01; done"]
+    pids.touch()
+    done = start(argv, log)
+    assert done.returncode == 0
+    escaped = _pids(pids, 2)
+    assert not any(alive(pid) for pid in escaped)
+    assert all(_stat(pid) is None for pid in escaped)  # reaped too, not left as zombies
+
+
+def test_cancel_stops_setsid_grandchildren_quickly(tmp_path, log):
+    pids = tmp_path / "pids"
+    pids.touch()
+    stop = threading.Event()
+    stopped_at = []
+
+    def cancel_once_started(percent, message):
+        _pids(pids, 2)
+        stopped_at.append(time.monotonic())
+        stop.set()
+
+    argv = ["sh", "-c", _detached(pids) + f"while [ $(wc -l < {pids}) -lt 2 ]; do sleep 0.01; done; "
+            'echo "{\\"progress\\": 1}"; sleep 300']
+    done = start(argv, log, stop=stop, grace=5.0, on_progress=cancel_once_started)
+    took = time.monotonic() - stopped_at[0]
+    assert done.cancelled and done.returncode == -signal.SIGTERM
+    assert took < 0.25, took
+    assert not any(alive(pid) for pid in _pids(pids, 2))
+
+
+def test_orphans_that_exit_during_the_run_are_reaped_at_once(tmp_path, log):
+    pids = tmp_path / "pids"
+    # the orphan's parent exits at once; the orphan itself exits after 0.1 s while the
+    # program still runs: someone must reap it then, not at the end
+    argv = ["sh", "-c", f"sh -c 'sleep 0.1 & echo $! > {pids}'; sleep 0.6; "
+            f"cat /proc/$(cat {pids})/stat 2>/dev/null || echo gone"]
+    done = start(argv, log, capture=True)
+    assert done.returncode == 0
+    assert done.stdout.strip() == "gone", done.stdout
+
+
+def test_the_exit_status_is_reported_faithfully(log):
+    assert start(["sh", "-c", "exit 7"], log).returncode == 7
+    assert start(["sh", "-c", "kill -USR1 $$"], log).returncode == -signal.SIGUSR1
+
+
+def test_a_program_that_cannot_be_executed_is_an_error_naming_it(tmp_path, log):
+    plain = tmp_path / "not-executable"
+    plain.write_text("#!/bin/sh\necho hi\n")
+    with pytest.raises(PermissionError, match="not-executable"):
+        start([str(plain)], log)
+
+
+def test_a_killed_parent_takes_the_program_and_its_detached_children_down(tmp_path):
+    pids = tmp_path / "pids"
+    pids.touch()
+    parent = script(tmp_path, (
+        "import sys, threading\n"
+        "from pathlib import Path\n"
+        "from jobd.process import JobLog, run\n"
+        f"log = JobLog(Path({str(tmp_path / 'job.log')!r}), 1 << 20)\n"
+        f"run(['sh', '-c', {_detached(pids) + 'echo $$ >> ' + str(pids) + '; sleep 300'!r}],\n"
+        "    cwd=None, env=None, log=log, stop=threading.Event(), deadline=None, grace=5)\n"))
+    proc = subprocess.Popen([PY, parent], cwd=Path(__file__).parents[2])
+    try:
+        spawned = _pids(pids, 3)
+        assert all(alive(pid) for pid in spawned)
+    finally:
+        proc.kill()  # kill -9: no chance to clean up
+        proc.wait()
+    wait_for(lambda: not any(alive(pid) for pid in spawned), timeout=2)
