@@ -154,9 +154,50 @@ DURATION = _Duration()
 
 @dataclasses.dataclass
 class _State:
-    client: Client
-    json: bool
+    """What every command works with; the client connects at its first call."""
+
     out: Console
+    json: bool = False
+    socket: str | None = None
+    as_user: str | None = None
+    _client: Client | None = None
+
+    @property
+    def client(self) -> Client:
+        if self._client is None:
+            self._client = Client(socket=self.socket, as_user=self.as_user)
+        return self._client
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+
+def _set_global(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """A global option's callback: record it, wherever it stood on the line."""
+    st = ctx.find_object(_State)
+    if st is not None and param.name and value not in (None, False):
+        setattr(st, param.name, value)
+    return value
+
+
+def global_options(fn: Any) -> Any:
+    """SPEC §7: ``--socket``, ``--json``, ``--as-user`` before or after the command."""
+    for option in reversed([
+        click.option("--socket", type=click.Path(dir_okay=False), default=None,
+                     metavar="PATH", expose_value=False, callback=_set_global,
+                     help="The daemon's socket (else $JOBD_SOCKET, else the user socket if "
+                          "it exists, else /run/jobd/jobd.sock)."),
+        click.option("--json", "json", is_flag=True, expose_value=False, callback=_set_global,
+                     help="Print JSON for scripts: a job object, an array of them, or the "
+                          "call's result."),
+        click.option("--as-user", "as_user", default=None, metavar="USER",
+                     expose_value=False, callback=_set_global,
+                     help="Act for this user (admins and services); scopes what is seen and "
+                          "who owns what is submitted."),
+    ]):
+        fn = option(fn)
+    return fn
 
 
 def _fail(message: str) -> None:
@@ -164,7 +205,21 @@ def _fail(message: str) -> None:
 
 
 class _Group(click.Group):
-    """Turns the client's errors into SPEC §7's exit codes: 69 unreachable, else 1."""
+    """Turns the client's errors into SPEC §7's exit codes: 69 unreachable, else 1.
+
+    Every command it makes also takes the global options (``jobctl list --json``).
+    """
+
+    def command(self, *args: Any, **kwargs: Any) -> Any:
+        make = super().command(*args, **kwargs)
+
+        def decorate(fn: Any) -> click.Command:
+            cmd = make(global_options(fn))
+            # the command's own options first in its --help, the global ones after them
+            shared = [p for p in cmd.params if p.callback is _set_global]
+            cmd.params = [p for p in cmd.params if p.callback is not _set_global] + shared
+            return cmd
+        return decorate
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -277,18 +332,22 @@ _JOB_TIMEOUT = click.option("--job-timeout", type=DURATION, default=None, metava
 _JOB = click.argument("job", metavar="JOB")
 
 
+def _state(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """Made before any global option is read (an eager option's callback runs first)."""
+    if ctx.obj is None:
+        ctx.obj = _State(out=render.console())
+        ctx.call_on_close(ctx.obj.close)
+    return value
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"],
                                            "max_content_width": 100})
-@click.option("--socket", type=click.Path(dir_okay=False), default=None, metavar="PATH",
-              help="The daemon's socket (else $JOBD_SOCKET, else the user socket if it exists, "
-                   "else /run/jobd/jobd.sock).")
-@click.option("--json", "as_json", is_flag=True,
-              help="Print JSON for scripts: a job object, an array of them, or the call's result.")
-@click.option("--as-user", default=None, metavar="USER",
-              help="Act for this user (admins and services); scopes what is seen and who owns "
-                   "what is submitted.")
-@click.pass_context
-def main(ctx: click.Context, socket: str | None, as_json: bool, as_user: str | None) -> None:
+@click.option("--state", hidden=True, is_eager=True, expose_value=False, callback=_state,
+              default=None)
+@global_options
+@click.version_option(None, "--version", package_name="jobd", prog_name="jobctl",
+                      message="%(prog)s %(version)s")
+def main() -> None:
     """Control jobd, the job manager of the CIDX server.
 
     \b
@@ -309,9 +368,6 @@ def main(ctx: click.Context, socket: str | None, as_json: bool, as_user: str | N
     daemon refused; 2 usage; 3 the waited-for job was cancelled; 4 --wait/--timeout
     ran out; 69 the daemon cannot be reached. NO_COLOR=1 turns colours off.
     """
-    client = Client(socket=socket, as_user=as_user)
-    ctx.call_on_close(client.close)
-    ctx.obj = _State(client=client, json=as_json, out=render.console())
 
 
 @main.command()

@@ -7,10 +7,9 @@ that cannot be bound) is one line on stderr and exit status 1.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import click
 
@@ -27,40 +26,61 @@ def _fail(message: str) -> None:
     sys.exit(1)
 
 
-def _answers(path: Path) -> bool:
-    """Whether a daemon listens on the socket ``path``."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(1)
-        try:
-            s.connect(str(path))
-        except OSError:
-            return False
-    return True
-
-
 def _config(ctx: click.Context) -> Config:
     try:
-        return load(**ctx.obj)
+        return load(**_flags(ctx))
     except ConfigError as e:
         _fail(str(e))
         raise  # unreachable
 
 
+def _flags(ctx: click.Context) -> dict[str, Any]:
+    """The global options given anywhere on the command line (after the command wins)."""
+    # ctx.meta is shared by the group's context and the command's; callbacks run in
+    # command-line order, so a later option overwrites an earlier one
+    return dict(ctx.meta.get(_FLAGS, {}))
+
+
+_FLAGS = "jobd.flags"
+
+
+def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    if value is not None and param.name:
+        ctx.meta.setdefault(_FLAGS, {})[param.name] = value
+    return value
+
+
+def global_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The options SPEC §1 lets go anywhere: before the command or after it."""
+    options = [
+        click.option("--config", "config_file", type=click.Path(dir_okay=False), expose_value=False,
+                     callback=_remember, help="Config file (default /etc/jobd/jobd.toml as root, "
+                     "else $XDG_CONFIG_HOME/jobd/jobd.toml; env JOBD_CONFIG)."),
+        click.option("--socket", expose_value=False, callback=_remember,
+                     help="Unix socket to listen on (env JOBD_SOCKET)."),
+        click.option("--db", expose_value=False, callback=_remember,
+                     help="SQLite database file (env JOBD_DB)."),
+        click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+                     expose_value=False, callback=_remember,
+                     help="Log level (env JOBD_LOG_LEVEL; else [server] log_level; default info)."),
+        click.option("--log-format", type=click.Choice(["auto", "json", "console"]),
+                     expose_value=False, callback=_remember,
+                     help="json lines for journald, console for people; auto picks by terminal."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
 @click.group(context_settings=CONTEXT, invoke_without_command=True)
-@click.option("--config", "config_file", type=click.Path(dir_okay=False),
-              help="Config file (default /etc/jobd/jobd.toml as root, else "
-                   "$XDG_CONFIG_HOME/jobd/jobd.toml; env JOBD_CONFIG).")
-@click.option("--socket", help="Unix socket to listen on (env JOBD_SOCKET).")
-@click.option("--db", help="SQLite database file (env JOBD_DB).")
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
-              help="Log level (env JOBD_LOG_LEVEL; default info).")
-@click.option("--log-format", type=click.Choice(["auto", "json", "console"]),
-              help="json lines for journald, console for people; auto picks by terminal.")
+@global_options
+@click.version_option(__version__, "--version", prog_name="jobd", message="%(prog)s %(version)s")
 @click.pass_context
-def main(ctx: click.Context, **options: Any) -> None:
+def main(ctx: click.Context) -> None:
     """jobd: the job manager daemon of a CIDX server.
 
-    Without a command it serves: JSON-RPC 2.0 over a Unix socket, jobs in SQLite.
+    Without a command it serves: JSON-RPC 2.0 over a Unix socket, jobs in SQLite. The
+    options below also work after the command (`jobd serve --db D`).
 
     \b
     Examples:
@@ -68,25 +88,27 @@ def main(ctx: click.Context, **options: Any) -> None:
       jobd db check                                    # integrity check
       jobd db backup /backups/jobd-$(date +%F).db      # safe while serving
     """
-    ctx.obj = {k: v for k, v in options.items() if v is not None}
     if ctx.invoked_subcommand is None:
         ctx.invoke(serve)
 
 
 @main.command()
+@global_options
 @click.pass_context
 def serve(ctx: click.Context) -> None:
-    """Run the daemon until SIGTERM (what systemd starts)."""
+    """Run the daemon until SIGTERM (what systemd starts); SIGHUP reloads the config."""
     from jobd import daemon, logs
     from jobd.errors import JobdError
     from jobd.server import AlreadyRunning
+    from jobd.state import InUse
     from jobd.store import StoreError
 
     config = _config(ctx)
     logs.setup(config.log_level, config.log_format)
+    flags = _flags(ctx)
     try:
-        code = daemon.run(config)
-    except (AlreadyRunning, StoreError, OSError, JobdError) as e:
+        code = daemon.run(config, reload=lambda: load(**flags))
+    except (AlreadyRunning, InUse, StoreError, OSError, JobdError) as e:
         _fail(str(e))
     # the database is closed and every job recorded: do not wait at exit for a worker
     # thread whose handler ignores stop requests (its processes are already killed)
@@ -95,20 +117,23 @@ def serve(ctx: click.Context) -> None:
 
 
 @main.command()
+@global_options
 def version() -> None:
     """Print jobd's version."""
     click.echo(f"jobd {__version__}")
 
 
 @main.group()
+@global_options
 def db() -> None:
     """Check, back up or recover the database (see --db)."""
 
 
 @db.command("check")
+@global_options
 @click.pass_context
 def db_check(ctx: click.Context) -> None:
-    """Run SQLite's integrity_check; exit 1 if the database is damaged."""
+    """Run SQLite's integrity_check; exit 1 if the database is damaged (safe while serving)."""
     from jobd.store import StoreError, check
 
     path = _config(ctx).db
@@ -125,6 +150,7 @@ def db_check(ctx: click.Context) -> None:
 
 
 @db.command("backup")
+@global_options
 @click.argument("target", type=click.Path(dir_okay=False, path_type=Path))
 @click.pass_context
 def db_backup(ctx: click.Context, target: Path) -> None:
@@ -140,22 +166,36 @@ def db_backup(ctx: click.Context, target: Path) -> None:
 
 
 @db.command("recover")
+@global_options
 @click.pass_context
 def db_recover(ctx: click.Context) -> None:
     """Copy every readable row into a fresh database; keep the damaged file aside.
 
-    Stop jobd first.
+    Refuses while jobd runs on this database (it holds the state folder's lock); on a
+    healthy database it says so and changes nothing. Exit status 1 when rows were lost.
     """
-    from jobd.store import StoreError, recover
+    from jobd.state import InUse, StateLock
+    from jobd.store import StoreError, check, recover
 
     config = _config(ctx)
     path = config.db
-    if _answers(config.socket):
-        _fail(f"jobd is running on {config.socket}; stop it first (systemctl stop jobd)")
     try:
-        report = recover(path)
-    except StoreError as e:
+        with StateLock(config.state_dir, path):
+            if not path.exists():
+                _fail(f"{path}: no such database")
+            if check(path) == ["ok"]:
+                click.echo(f"{path}: integrity check ok; nothing to recover")
+                return
+            report = recover(path)
+    except InUse as e:
+        _fail(f"{e}; recover works on a stopped database only")
+    except (StoreError, OSError) as e:
         _fail(str(e))
+    lost_any = False
     for table, n in report["saved"].items():
-        click.echo(f"{table}: saved {n}, lost {report['lost'].get(table, 0)}")
+        lost = report["lost"].get(table, 0)
+        lost_any = lost_any or lost != 0
+        click.echo(f"{table}: saved {n}, lost {lost}")
     click.echo(f"the damaged file is now {report['moved_to']}")
+    if lost_any:
+        _fail(f"{path}: recovered with losses (above); the damaged file is kept for study")

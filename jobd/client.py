@@ -11,17 +11,19 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import itertools
 import json
 import os
 import select
 import socket as _socket
+import struct
 import threading
 from pathlib import Path
 from typing import Any, Awaitable, Generic, Mapping, TypeVar
 
-from jobd import errors
+from jobd import errors, state
 from jobd.config import default_socket_paths
 
 __all__ = ["AsyncClient", "Client", "MAX_LINE_BYTES", "socket_candidates"]
@@ -47,12 +49,56 @@ def socket_candidates(socket: str | os.PathLike[str] | None = None,
     is tried only if its file exists; the system socket always is, so that a failure
     names at least one path.
     """
+    return [c.path for c in _candidates(socket, env)]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Candidate:
+    path: Path
+    #: found by searching SPEC §1's defaults, not named by the caller: trusted only when
+    #: its folder is the caller's own (or the system's) and the daemon's uid is right
+    searched: bool
+
+
+def _candidates(socket: str | os.PathLike[str] | None,
+                env: Mapping[str, str] | None) -> list[_Candidate]:
     env = os.environ if env is None else env
     chosen = socket or env.get("JOBD_SOCKET")
     if chosen:
-        return [Path(chosen)]
+        return [_Candidate(Path(chosen), searched=False)]
     *user, system = default_socket_paths(env)
-    return [p for p in user if p.exists()] + [system]
+    return [_Candidate(p, searched=True) for p in user if p.exists()] + [
+        _Candidate(system, searched=True)]
+
+
+def _distrust(candidate: _Candidate) -> str | None:
+    """Why a socket found by searching must not be used, before connecting; None if it may."""
+    if not candidate.searched or candidate.path.parent == _SYSTEM_DIR:
+        return None
+    problem = state.private_dir_problem(candidate.path.parent, os.getuid())
+    return f"socket {candidate.path}: skipped, {problem}" if problem else None
+
+
+def _peer_problem(candidate: _Candidate, sock: _socket.socket) -> str | None:
+    """Why the daemon on a searched socket is not one to trust (SO_PEERCRED), or None.
+
+    The caller's own daemon, root's, or the system daemon's (the owner of /run/jobd).
+    """
+    if not candidate.searched:
+        return None
+    _, uid, _ = _UCRED.unpack(sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED,
+                                              _UCRED.size))
+    trusted = {os.getuid(), 0}
+    with contextlib.suppress(OSError):
+        trusted.add(_SYSTEM_DIR.stat().st_uid)
+    if uid in trusted:
+        return None
+    return (f"socket {candidate.path}: skipped, the daemon there runs as uid {uid}, "
+            "not as you, root or the system's jobd")
+
+
+_SYSTEM_DIR = Path("/run/jobd")
+_UCRED = struct.Struct("3i")
 
 
 def _connect_failure(path: Path, exc: BaseException) -> str:
@@ -137,7 +183,7 @@ class _Api(abc.ABC, Generic[_R]):
 
     def __init__(self, socket: str | os.PathLike[str] | None, as_user: str | None,
                  as_admin: bool, timeout: float | None) -> None:
-        self._candidates = socket_candidates(socket)
+        self._candidates = _candidates(socket, None)
         self.as_user = as_user
         self.as_admin = as_admin
         self.timeout = timeout
@@ -265,7 +311,11 @@ class Client(_Api[Any]):
 
     def _open(self) -> None:
         reasons = []
-        for path in self._candidates:
+        for candidate in self._candidates:
+            path = candidate.path
+            if problem := _distrust(candidate):
+                reasons.append(problem)
+                continue
             sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
             sock.settimeout(self.timeout)
             try:
@@ -273,6 +323,10 @@ class Client(_Api[Any]):
             except OSError as e:
                 sock.close()
                 reasons.append(_connect_failure(path, e))
+                continue
+            if problem := _peer_problem(candidate, sock):
+                sock.close()
+                reasons.append(problem)
                 continue
             self._sock, self._path = sock, path
             self._reader = sock.makefile("rb")
@@ -359,13 +413,21 @@ class AsyncClient(_Api[Awaitable[Any]]):
     async def _open(self) -> None:
         self._drop()
         reasons = []
-        for path in self._candidates:
+        for candidate in self._candidates:
+            path = candidate.path
+            if problem := _distrust(candidate):
+                reasons.append(problem)
+                continue
             try:
                 async with asyncio.timeout(self.timeout):
                     self._reader, self._writer = await asyncio.open_unix_connection(
                         str(path), limit=MAX_LINE_BYTES)
             except (OSError, TimeoutError) as e:
                 reasons.append(_connect_failure(path, e))
+                continue
+            if problem := _peer_problem(candidate, self._writer.get_extra_info("socket")):
+                self._drop()
+                reasons.append(problem)
                 continue
             self._path = path
             return

@@ -14,15 +14,40 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 from pathlib import Path
 
-__all__ = ["InUse", "StateLock", "LOCK_NAME", "make_private_dir"]
+__all__ = ["InUse", "StateLock", "LOCK_NAME", "make_private_dir", "private_dir_problem"]
 
 LOCK_NAME = "jobd.lock"
 
 
 class InUse(Exception):
     """Another jobd process holds the state folder's lock."""
+
+
+def private_dir_problem(path: Path, uid: int) -> str | None:
+    """Why ``path`` is not a folder only ``uid`` controls, or None when it is.
+
+    The rule for the per-user socket folder (``/tmp/jobd-$UID``, ``$XDG_RUNTIME_DIR/jobd``):
+    a real folder, not a symlink, owned by ``uid``, not writable by group or others.
+    Anyone else could put a socket of their own there, or swap the folder.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return f"{path} does not exist"
+    except OSError as e:
+        return f"{path} cannot be examined ({e.strerror})"
+    if stat.S_ISLNK(st.st_mode):
+        return f"{path} is a symbolic link, not a folder"
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{path} is not a folder"
+    if st.st_uid != uid:
+        return f"{path} is owned by uid {st.st_uid}, not by uid {uid}"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"{path} is writable by {'others' if st.st_mode & stat.S_IWOTH else 'its group'}"
+    return None
 
 
 def make_private_dir(path: Path) -> None:

@@ -1,0 +1,233 @@
+"""The daemon as an operator meets it (SPEC §1, §7): one daemon per state folder, the db
+tools beside a live daemon, options anywhere, private files, SIGHUP reloads."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from conftest import FAST_CONFIG, Daemon, group_alive, wait_for
+
+SLOW = ["sh", "-c", "sleep 30"]
+
+
+def ok(d: Daemon, method: str, **params: Any) -> Any:
+    resp = d.raw(method, **params)
+    assert "result" in resp, f"{method} {params}: {resp}"
+    return resp["result"]
+
+
+def jobd(*args: str, env: dict[str, str] | None = None,
+         timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "jobd", *args], env=env or os.environ.copy(),
+                          capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+def other_socket() -> Path:
+    return Path(tempfile.mkdtemp(prefix="jobd-", dir="/tmp")) / "b.sock"
+
+
+def running_command(d: Daemon) -> dict[str, Any]:
+    job = ok(d, "jobs.submit", type="command", options={"argv": SLOW})
+    return wait_for(lambda: (j := ok(d, "jobs.get", job_id=job["id"]))["status"] == "running"
+                    and j, what="the command to run")
+
+
+# -- one daemon per state folder ----------------------------------------------------------
+
+def test_a_second_daemon_on_the_same_database_refuses_and_touches_nothing(
+        make_daemon: Callable[..., Daemon]) -> None:
+    first = make_daemon()
+    job = running_command(first)
+    pgid = wait_for(lambda: _pgid(first, job["id"]), what="the job's process group")
+
+    started = time.monotonic()
+    second = jobd("--config", str(first.config), "--socket", str(other_socket()),
+                  "--db", str(first.db), "serve", env=first.env)
+    assert time.monotonic() - started < 10
+    assert second.returncode == 1
+    lines = second.stderr.strip().splitlines()
+    assert lines == [f"jobd: database {first.db} is in use by jobd (pid {first.proc.pid}); "
+                     "stop it first (systemctl stop jobd), or give this one its own --db"]
+    # the first daemon's job runs on, its processes untouched, and it still answers
+    assert group_alive(pgid)
+    assert ok(first, "jobs.get", job_id=job["id"])["status"] == "running"
+    assert "unclean_stop_detected" not in first.log() + second.stderr
+
+
+def test_a_lock_left_by_a_killed_daemon_is_taken_over(
+        make_daemon: Callable[..., Daemon]) -> None:
+    d = make_daemon()
+    d.kill()
+    lock = d.state / "jobd.lock"
+    assert lock.exists()
+    d.start()
+    assert lock.read_text().strip() == str(d.proc.pid)
+
+
+def _answers(d: Daemon) -> bool:
+    try:
+        return "result" in d.raw("ping")
+    except OSError:
+        return False
+
+
+def _pgid(d: Daemon, job_id: str) -> int | None:
+    with sqlite3.connect(f"file:{d.db}?mode=ro", uri=True) as conn:
+        row = conn.execute("SELECT pgid FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    return row[0] if row else None
+
+
+def test_recover_refuses_while_a_daemon_runs_whatever_its_socket(
+        make_daemon: Callable[..., Daemon]) -> None:
+    d = make_daemon()
+    ok(d, "jobs.submit", type="noop")
+    env = {k: v for k, v in d.env.items() if k != "JOBD_SOCKET"}
+    # no socket of the daemon's in sight: the lock alone must tell
+    proc = jobd("db", "recover", "--db", str(d.db), "--socket", str(other_socket()), env=env)
+    assert proc.returncode == 1
+    assert f"database {d.db} is in use by jobd (pid {d.proc.pid})" in proc.stderr
+    assert "recover works on a stopped database only" in proc.stderr
+    assert not list(d.state.glob("jobd.db.damaged-*"))
+    # the daemon's data stayed where it was, and later writes land there
+    after = ok(d, "jobs.submit", type="noop")
+    d.stop()
+    with sqlite3.connect(d.db) as conn:
+        assert conn.execute("SELECT count(*) FROM jobs WHERE id = ?",
+                            (after["id"],)).fetchone() == (1,)
+
+
+def test_recover_on_a_healthy_database_changes_nothing(make_daemon: Callable[..., Daemon]
+                                                       ) -> None:
+    d = make_daemon()
+    ok(d, "jobs.submit", type="noop")
+    d.stop()
+    before = d.db.read_bytes()
+    proc = jobd("db", "recover", "--db", str(d.db), env=d.env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"{d.db}: integrity check ok; nothing to recover"
+    assert d.db.read_bytes() == before
+    assert not list(d.state.glob("jobd.db.damaged-*"))
+
+
+def test_recover_reads_tables_not_indexes_and_fails_when_rows_are_lost(tmp_path: Path) -> None:
+    from jobd.store import Store
+    db = tmp_path / "state" / "jobd.db"
+    store = Store(db, synchronous="normal").open()
+    import uuid
+    from jobd.models import Job, JobStatus
+    for n in range(400):
+        store.submit_job(Job(id=str(uuid.uuid4()), type="noop", user_id=f"u{n % 7}",
+                             project_id=f"p{n}", status=JobStatus.CREATED, created_at=0,
+                             updated_at=0, version=0, metadata={"pad": "x" * 300}),
+                         actor="jobd")
+    store.close()
+    with sqlite3.connect(db, isolation_level=None) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        page = conn.execute("PRAGMA page_size").fetchone()[0]
+        # a leaf page of the jobs table itself, in the middle of it
+        pages = [r[0] for r in conn.execute(
+            "SELECT pageno FROM dbstat WHERE name = 'jobs' AND pagetype = 'leaf'")]
+    victim = pages[len(pages) // 2]
+    with open(db, "r+b") as f:
+        f.seek((victim - 1) * page)
+        f.write(b"\xff" * page)
+    proc = jobd("db", "recover", "--db", str(db))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    # the damaged page cannot be counted, so the loss is unknown; the events say it
+    lines = dict(line.split(": ", 1) for line in proc.stdout.splitlines() if ": saved" in line)
+    n_saved = int(lines["jobs"].split()[1].rstrip(","))
+    assert 300 < n_saved < 400 and lines["jobs"].endswith("lost unknown")
+    assert lines["job_events"] == f"saved {2 * n_saved}, lost {800 - 2 * n_saved}"
+    assert "recovered with losses" in proc.stderr
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert conn.execute("SELECT count(*) FROM jobs").fetchone() == (n_saved,)
+
+
+def test_backup_into_a_missing_folder_is_one_line(make_daemon: Callable[..., Daemon],
+                                                  tmp_path: Path) -> None:
+    d = make_daemon()
+    target = tmp_path / "no" / "such" / "folder" / "b.db"
+    proc = jobd("db", "backup", str(target), "--db", str(d.db), env=d.env)
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [
+        f"jobd: {target}: no such folder {target.parent}; create it first"]
+
+
+# -- options anywhere -----------------------------------------------------------------------
+
+def test_global_options_work_after_the_command(make_daemon: Callable[..., Daemon]) -> None:
+    d = make_daemon(start=False)
+    d.state.mkdir(parents=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobd", "serve", "--socket", str(d.socket), "--db", str(d.db),
+         "--config", str(d.config), "--log-format", "json"],
+        env=d.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    d.proc = proc
+    try:
+        wait_for(lambda: _answers(d), what="the daemon to answer")
+        check = jobd("db", "check", "--db", str(d.db), env=d.env)
+        assert check.returncode == 0 and check.stdout.strip() == f"{d.db}: ok", check.stderr
+        # before and after: the one after the command wins
+        check = jobd("--db", "/nonexistent/x.db", "db", "check", "--db", str(d.db), env=d.env)
+        assert check.returncode == 0, check.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+    assert jobd("--version").stdout.strip().startswith("jobd ")
+
+
+# -- private files outside systemd ----------------------------------------------------------
+
+def test_a_new_state_folder_is_private(make_daemon: Callable[..., Daemon]) -> None:
+    d = make_daemon(start=False)
+    d.db = d.state / "fresh" / "jobd.db"  # a folder jobd makes itself
+    d.start()
+    ok(d, "jobs.submit", type="noop")
+    assert stat.S_IMODE(d.db.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(d.db.stat().st_mode) == 0o600
+    assert stat.S_IMODE((d.db.parent / "jobd.lock").stat().st_mode) == 0o600
+
+
+# -- SIGHUP ---------------------------------------------------------------------------------
+
+def test_sighup_reloads_workers_and_running_jobs_go_on(make_daemon: Callable[..., Daemon]
+                                                       ) -> None:
+    d = make_daemon(config=FAST_CONFIG.replace("[execution]", "[execution]\nworkers = 1"))
+    first = running_command(d)
+    second = ok(d, "jobs.submit", type="command", options={"argv": SLOW})
+    time.sleep(0.3)
+    assert ok(d, "jobs.get", job_id=second["id"])["status"] == "queued"
+
+    d.config.write_text(FAST_CONFIG.replace("[execution]", "[execution]\nworkers = 2"))
+    d.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: ok(d, "jobs.get", job_id=second["id"])["status"] == "running",
+             what="the second job to start after the reload")
+    assert ok(d, "jobs.get", job_id=first["id"])["status"] == "running"
+    assert d.proc.poll() is None
+    assert "config_reloaded" in d.log()
+
+
+def test_sighup_with_a_broken_config_keeps_the_old_one(make_daemon: Callable[..., Daemon]
+                                                       ) -> None:
+    d = make_daemon()
+    d.config.write_text("[execution]\nworkers = -3\n")
+    d.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "config_reload_failed" in d.log(), what="the reload to be refused")
+    assert d.proc.poll() is None and ok(d, "ping")
+    assert "execution.workers must be positive" in d.log()
+    # and a socket change is kept until a restart, with a warning
+    d.config.write_text(FAST_CONFIG + '\n[storage]\nsynchronous = "normal"\n')
+    d.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "config_change_needs_restart" in d.log(), what="the restart warning")
+    assert ok(d, "ping")
