@@ -187,6 +187,12 @@ class Dispatcher:
         with self._lock:
             self.paused = paused
 
+    def set_limits(self, *, workers: int, max_running_per_user: int) -> None:
+        """New limits for every ``take`` from now on; jobs already taken keep running."""
+        with self._lock:
+            self.workers = workers
+            self.max_running_per_user = max_running_per_user
+
     # -- answers ---------------------------------------------------------------------------
 
     def position(self, job_id: str) -> tuple[int | None, str | None]:

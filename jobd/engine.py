@@ -6,6 +6,14 @@ dispatch thread. A worker moves its job ``queued -> running`` by compare-and-set
 the handler with a ``Context``, and records the end. Progress lives in memory (every
 ``jobs.get``/``jobs.wait`` sees the latest value at once) and is written to the database
 at most every ``FLUSH_S`` per job.
+
+An end that cannot be recorded because storage is unavailable (a full disk) is kept in
+memory and retried, with backoff, for as long as it takes: the job is shown running
+with a message saying so, a cancel meanwhile still ends it cancelled, and its worker
+slot stays taken until the end commits, so a job is never left running without a
+worker. An end the store refuses for any other reason (a text it cannot hold) is
+recorded as a sanitised failure instead. ``reconfigure`` applies a reloaded config to
+every decision from then on; running jobs keep the settings they started with.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import structlog
 from jobd import process
 from jobd.config import Config
 from jobd.dispatch import Dispatcher, Entry
-from jobd.errors import Conflict, Unavailable
+from jobd.errors import Conflict, NotFound, Unavailable
 from jobd.handlers import Cancelled, Handler, JobFailed
 from jobd.models import Job, JobStatus
 from jobd.store import Store
@@ -33,6 +41,11 @@ log = structlog.get_logger()
 
 #: how often a running job's progress is written to the database, at most
 FLUSH_S = 0.5
+#: an end waiting for storage is retried after this, doubling up to RETRY_MAX_S
+RETRY_S = 0.25
+RETRY_MAX_S = 5.0
+#: the longest error text recorded when an end had to be sanitised
+MAX_ERROR_CHARS = 4096
 
 
 @dataclasses.dataclass
@@ -65,10 +78,12 @@ class Context:
         self.log = log.bind(job_id=job.id, user_id=job.user_id, type=job.type)
         self.joblog = process.JobLog(engine.log_path(job.id), engine.config.execution.max_log_bytes)
         self.stop_event = threading.Event()
-        self.reason: str | None = None  #: cancel, timeout or shutdown
-        limit = job.timeout_s or engine.config.execution.default_timeout
-        self.timeout_s = limit
-        self.deadline = time.monotonic() + limit
+        self.reason: str | None = None  #: cancel, timeout or shutdown: what stopped it first
+        self.cancel_asked = False  #: a cancel came, whatever else stopped it
+        self.wake = threading.Event()  #: set by every stop: an end waiting for storage retries
+        self.timeout_s = _time_limit(job.timeout_s, engine.config.execution.default_timeout)
+        self.deadline = (None if self.timeout_s is None
+                         else time.monotonic() + self.timeout_s)
         self.live = Live(job.progress, job.phase, job.message, job.version,
                          base_progress=job.progress)
         self.finishing = False  #: its end is being recorded (guards against recording twice)
@@ -79,11 +94,15 @@ class Context:
     def stop(self, reason: str) -> None:
         if self.reason is None:
             self.reason = reason
+        if reason == "cancel":
+            self.cancel_asked = True
         self.stop_event.set()
+        self.wake.set()
 
     @property
     def cancelled(self) -> bool:
-        if not self.stop_event.is_set() and time.monotonic() > self.deadline:
+        if (not self.stop_event.is_set() and self.deadline is not None
+                and time.monotonic() > self.deadline):
             self.stop("timeout")
         return self.stop_event.is_set()
 
@@ -143,8 +162,7 @@ class Context:
         done = process.run(
             argv, cwd=cwd, env={**(env or {}), process.JOB_ENV: self.job.id}, log=self.joblog, stop=self.stop_event,
             deadline=self.deadline, grace=self.config.execution.cancel_grace,
-            on_progress=on_progress, capture=capture,
-            on_spawn=lambda pgid, start: self.engine.store.set_process(self.job.id, pgid, start))
+            on_progress=on_progress, capture=capture, on_spawn=self._record_process)
         if done.timed_out:
             self.stop("timeout")
         if done.cancelled or done.timed_out:
@@ -153,6 +171,31 @@ class Context:
             raise JobFailed(f"{Path(argv[0]).name} exited with {_exit_text(done.returncode)}"
                             + (f": {_last_line(self.joblog)}" if _last_line(self.joblog) else ""))
         return done
+
+    def _record_process(self, pgid: int, start: int) -> None:
+        try:
+            self.engine.store.set_process(self.job.id, pgid, start)
+        except Unavailable as e:
+            # only restart recovery needs it, and the job's mark and supervisor cover that
+            self.log.warning("job_process_unrecorded", pgid=pgid, error=str(e))
+
+    def show_pending(self, end: JobStatus, error: str) -> None:
+        """Say on the running job that its end waits to be recorded."""
+        self.set_message(f"ended {end}; not recorded yet: {error}")
+
+
+def _time_limit(timeout_s: float | None, default: float | None) -> float | None:
+    """A job's run-time limit in seconds, None for none: its own ``timeout_s`` (0 is no
+    limit) or else the configured default (None is no limit)."""
+    if timeout_s is None:
+        return default
+    return timeout_s or None
+
+
+def _safe_text(text: str) -> str:
+    """Valid UTF-8 (lone surrogates written as escapes), at most MAX_ERROR_CHARS."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS - 1] + "…"
 
 
 def _exit_text(code: int) -> str:
@@ -198,10 +241,32 @@ class Engine:
         self._kick = threading.Event()
         self._stopping = False
         self._pool = concurrent.futures.ThreadPoolExecutor(ex.workers, "jobd-worker")
+        self._pool_size = ex.workers
         self._thread = threading.Thread(target=self._loop, name="jobd-dispatch", daemon=True)
 
     def log_path(self, job_id: str) -> Path:
         return self.config.log_dir / f"{job_id}.log"
+
+    def reconfigure(self, config: Config) -> None:
+        """Use ``config`` for every decision from now on (SIGHUP): limits, timeouts and
+        grace of jobs not yet started. Running jobs go on with the settings they started
+        with; a lower ``workers`` starts no job until fewer run than the new limit."""
+        ex = config.execution
+        with self._lock:
+            self.config = config
+            if ex.workers > self._pool_size:
+                # a pool cannot grow: new jobs go to a larger one, the old one's running
+                # jobs finish where they are
+                old, self._pool = self._pool, concurrent.futures.ThreadPoolExecutor(
+                    ex.workers, "jobd-worker")
+                self._pool_size = ex.workers
+                old.shutdown(wait=False)
+        self.dispatcher.set_limits(workers=ex.workers,
+                                   max_running_per_user=ex.max_running_per_user)
+        log.info("engine_reconfigured", workers=ex.workers,
+                 max_running_per_user=ex.max_running_per_user,
+                 default_timeout=ex.default_timeout, cancel_grace=ex.cancel_grace)
+        self._kick.set()
 
     # -- start and stop ----------------------------------------------------------------
 
@@ -291,7 +356,8 @@ class Engine:
             self._kick.wait(FLUSH_S)
             self._kick.clear()
             while not self._stopping and (entry := self.dispatcher.take()) is not None:
-                self._pool.submit(self._run, entry)
+                with self._lock:  # reconfigure may swap the pool
+                    self._pool.submit(self._run, entry)
             for ctx in list(self._contexts.values()):
                 ctx.cancelled  # noqa: B018 - passes the deadline: stops a job that never checks
                 ctx.flush()
@@ -341,38 +407,19 @@ class Engine:
                 return
             ctx.finishing = True
         ctx.flush()
+        if failure is not None and not isinstance(failure, (JobFailed, Cancelled)):
+            ctx.log.error("job_crashed", exc_info=failure)
         try:
-            handler = self.handlers.get(job.type)
-            # a cancel asked for meanwhile wins in the store's transition all the same
-            if ctx.reason == "cancel":
-                end, kw = JobStatus.CANCELLED, {"message": "cancelled"}
-            elif ctx.reason == "timeout":
-                end, kw = JobStatus.FAILED, {"error": f"timed out after {_duration(ctx.timeout_s)}"}
-            elif ctx.reason == "shutdown" and failure is not None:
-                if handler is not None and handler.resumable:
-                    end, kw = JobStatus.QUEUED, {"message": "interrupted by shutdown"}
-                else:
-                    end, kw = JobStatus.FAILED, {"error": "interrupted by daemon shutdown"}
-            elif isinstance(failure, JobFailed):
-                end, kw = JobStatus.FAILED, {"error": str(failure)}
-            elif isinstance(failure, Cancelled):
-                end, kw = JobStatus.CANCELLED, {"message": "cancelled"}
-            elif failure is not None:
-                ctx.log.error("job_crashed", exc_info=failure)
-                end, kw = JobStatus.FAILED, {
-                    "error": f"internal error in the {job.type} handler: "
-                             f"{type(failure).__name__}: {failure}"}
-            else:
-                end, kw = JobStatus.COMPLETED, {"result": result or {}}
-            done = self._record_end(job.id, end, kw)
-            end = done.status
-            event = {JobStatus.COMPLETED: "job_completed", JobStatus.FAILED: "job_failed",
-                     JobStatus.CANCELLED: "job_cancelled", JobStatus.QUEUED: "job_requeued"}[end]
-            ctx.log.info(event, error=done.error, seconds=round(
-                time.monotonic() - ctx.live.started, 3))
+            done = self._record_end(ctx, result, failure)
+            if done is not None:
+                event = {JobStatus.COMPLETED: "job_completed", JobStatus.FAILED: "job_failed",
+                         JobStatus.CANCELLED: "job_cancelled",
+                         JobStatus.QUEUED: "job_requeued"}[done.status]
+                ctx.log.info(event, error=done.error, seconds=round(
+                    time.monotonic() - ctx.live.started, 3))
         except Exception:
-            # the job stays running in the store (the next start recovers it); its worker
-            # slot is free all the same
+            # only when stopping: the job stays running in the store and the next start
+            # recovers it; its worker slot is free all the same
             ctx.log.exception("job_finish_failed")
             self.dispatcher.finish(job.id)
         finally:
@@ -385,17 +432,66 @@ class Engine:
                 self._cancels.discard(job.id)
             self._kick.set()
 
-    def _record_end(self, job_id: str, end: JobStatus, kw: dict[str, Any]) -> Job:
-        """The end's transition, retried a few times: storage may come back (disk full)."""
-        for attempt in range(6):
+    def _end_of(self, ctx: Context, result: dict[str, Any] | None,
+                failure: BaseException | None) -> tuple[JobStatus, dict[str, Any]]:
+        """The end a handler's outcome means, and what goes with it."""
+        # a cancel asked for meanwhile also wins in the store's transition
+        if ctx.cancel_asked or ctx.reason == "cancel":
+            return JobStatus.CANCELLED, {"message": "cancelled"}
+        if ctx.reason == "timeout":
+            assert ctx.timeout_s is not None
+            return JobStatus.FAILED, {"error": f"timed out after {_duration(ctx.timeout_s)}"}
+        if ctx.reason == "shutdown" and failure is not None:
+            handler = self.handlers.get(ctx.job.type)
+            if handler is not None and handler.resumable:
+                return JobStatus.QUEUED, {"message": "interrupted by shutdown"}
+            return JobStatus.FAILED, {"error": "interrupted by daemon shutdown"}
+        if isinstance(failure, JobFailed):
+            return JobStatus.FAILED, {"error": str(failure)}
+        if isinstance(failure, Cancelled):
+            return JobStatus.CANCELLED, {"message": "cancelled"}
+        if failure is not None:
+            return JobStatus.FAILED, {"error": f"internal error in the {ctx.job.type} handler: "
+                                               f"{type(failure).__name__}: {failure}"}
+        return JobStatus.COMPLETED, {"result": result or {}}
+
+    def _record_end(self, ctx: Context, result: dict[str, Any] | None,
+                    failure: BaseException | None) -> Job | None:
+        """Commit the job's end; None if it is no longer running (nothing to record).
+
+        Storage that is unavailable is waited for, however long (until the daemon stops):
+        the end is worked out again at each try, so a cancel that came meanwhile wins. An
+        end the store refuses otherwise is recorded as a sanitised failure.
+        """
+        delay = RETRY_S
+        refused: Exception | None = None
+        while True:
+            end, kw = self._end_of(ctx, result, failure)
+            if refused is not None:
+                what = kw.get("error") or kw.get("message") or f"ended {end}"
+                end, kw = JobStatus.FAILED, {"error": _safe_text(
+                    f"{what} (recorded as failed: the store refused the end: "
+                    f"{type(refused).__name__}: {refused})")}
             try:
-                return self.store.transition(job_id, end, actor="jobd",
+                return self.store.transition(ctx.job.id, end, actor="jobd",
                                              expect=[JobStatus.RUNNING], **kw)
-            except Unavailable:
-                if attempt == 5 or self._stopping:
+            except Unavailable as e:
+                if self._stopping:
                     raise
-                time.sleep(0.25 * 2 ** attempt)
-        raise AssertionError("unreachable")
+                if delay == RETRY_S:
+                    ctx.log.warning("job_end_pending", end=str(end), error=str(e))
+                    ctx.show_pending(end, str(e))
+                ctx.wake.wait(delay)
+                ctx.wake.clear()
+                delay = min(delay * 2, RETRY_MAX_S)
+            except (Conflict, NotFound) as e:
+                ctx.log.warning("job_end_unrecorded", end=str(end), error=str(e))
+                return None
+            except Exception as e:
+                if refused is not None:
+                    raise
+                ctx.log.error("job_end_refused", end=str(end), exc_info=e)
+                refused = e
 
     def _requeue_later(self, job_id: str) -> None:
         """A job that could not be started stays queued in the store: keep it in the queue."""

@@ -159,6 +159,7 @@ class JobLog:
         self._closed = False
         self._size = self._dropped = 0
         self._at_line_start = True
+        self._failed = False  #: a write failed (disk full): warned once
 
     def _open(self) -> int:
         return os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
@@ -177,15 +178,23 @@ class JobLog:
 
     def write(self, data: bytes) -> None:
         with self._lock:
-            self._append(data)
+            self._append_or_drop(data)
 
     def note(self, text: str) -> None:
         """A line of jobd's own, ``[jobd] <text>``, on a line of its own."""
         lines = b"".join(b"[jobd] " + part.encode("utf-8", "replace") + b"\n"
                          for part in (text.splitlines() or [""]))
         with self._lock:
-            self._ensure_open()
-            self._append(lines if self._at_line_start else b"\n" + lines)
+            self._append_or_drop(lines, own_line=True)
+
+    def _append_or_drop(self, data: bytes, *, own_line: bool = False) -> None:
+        """Append; output that cannot be written (a full disk) is dropped, not the job."""
+        try:
+            self._append(data, own_line=own_line)
+        except OSError as e:
+            if not self._failed:
+                _log.warning("job_log_write_failed", path=str(self.path), error=str(e))
+            self._failed = True
 
     def close(self) -> None:
         with self._lock:
@@ -194,10 +203,12 @@ class JobLog:
                 os.close(self._fd)
                 self._fd = None
 
-    def _append(self, data: bytes) -> None:
+    def _append(self, data: bytes, *, own_line: bool = False) -> None:
         if not data:
             return
         self._ensure_open()
+        if own_line and not self._at_line_start:
+            data = b"\n" + data
         assert self._fd is not None
         if self._size + len(data) <= self.max_bytes:
             _write_all(self._fd, data)

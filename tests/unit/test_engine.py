@@ -1,15 +1,101 @@
-"""The engine's bookkeeping between the store's commits and the dispatcher."""
+"""The engine on a real store: bookkeeping with the dispatcher, time limits, a reloaded
+config, ends the store refuses, and ends that wait for a full disk."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import threading
+import time
+import uuid
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
-from jobd.config import load
+import pytest
+
+from jobd.config import Config, load
 from jobd.engine import Engine
-from jobd.handlers import load_handlers
+from jobd.handlers import Handler, JobContext, JobFailed, load_handlers
 from jobd.models import Job, JobStatus
-from jobd.store import Store
+from jobd.store import Listeners, Store
+
+
+def config_of(tmp_path: Path, text: str = "", db: Path | None = None) -> Config:
+    path = tmp_path / "jobd.toml"
+    path.write_text(text)
+    return load(path, socket=str(tmp_path / "s"), db=str(db or tmp_path / "jobd.db"), env={})
+
+
+class Held(Handler):
+    """Runs until the test releases it (or it is cancelled); returns what it was given."""
+
+    name = "held"
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.result: dict[str, Any] = {"ok": True}
+        self.error: str | None = None
+
+    def run(self, ctx: JobContext) -> dict[str, Any]:
+        while not self.release.wait(0.01):
+            if ctx.cancelled:
+                raise JobFailed("stopped")  # the engine records why it stopped
+        if self.error is not None:
+            raise JobFailed(self.error)
+        return self.result
+
+
+class Rig:
+    """A started engine on a real store, and ways to drive it."""
+
+    def __init__(self, config: Config) -> None:
+        self.held = Held()
+        handlers = {**load_handlers(), "held": self.held}
+        engine: list[Engine] = []
+        self.store = Store(config.db, listeners=Listeners(
+            changed=lambda job: engine[0].on_changed(job) if engine else None)).open()
+        self.engine = Engine(config, self.store, handlers)
+        engine.append(self.engine)
+        self.engine.start()
+
+    def submit(self, type_: str = "noop", user: str = "alice", timeout_s: float | None = None,
+               **options: Any) -> str:
+        job = Job(id=str(uuid.uuid4()), type=type_, user_id=user, project_id=None,
+                  status=JobStatus.CREATED, created_at=0, updated_at=0, version=0,
+                  options=options, timeout_s=timeout_s)
+        return self.store.submit_job(job, actor="root")[0].id
+
+    def get(self, job_id: str) -> Job:
+        return self.store.get_job(job_id)
+
+    def wait(self, job_id: str, *statuses: JobStatus, timeout: float = 10.0) -> Job:
+        until = time.monotonic() + timeout
+        while (job := self.get(job_id)).status not in statuses:
+            assert time.monotonic() < until, f"{job_id} still {job.status}, not {statuses}"
+            time.sleep(0.01)
+        return job
+
+    def running(self) -> int:
+        return len(self.store.running_jobs())
+
+    def close(self) -> None:
+        self.held.release.set()
+        self.engine.stop()
+        self.store.close()
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Callable[..., Rig]]:
+    rigs: list[Rig] = []
+
+    def make(text: str = "", db: Path | None = None) -> Rig:
+        rigs.append(Rig(config_of(tmp_path, text, db)))
+        return rigs[-1]
+
+    yield make
+    for r in rigs:
+        r.close()
 
 
 def test_a_job_retried_the_moment_it_ends_is_queued_again(tmp_path: Path) -> None:
@@ -31,3 +117,150 @@ def test_a_job_retried_the_moment_it_ends_is_queued_again(tmp_path: Path) -> Non
         assert not engine._cancels
     finally:
         store.close()
+
+
+# -- time limits (SPEC §1: "none" or "0" is no limit; timeout_s 0 is no limit) -----------------
+
+@pytest.mark.parametrize("default", ['"none"', '"0"', '"0s"', "0"])
+def test_a_default_timeout_of_none_lets_jobs_run(rig: Callable[..., Rig], default: str) -> None:
+    r = rig(f"[execution]\ndefault_timeout = {default}\n")
+    job = r.submit(seconds=0.3)
+    done = r.wait(job, JobStatus.COMPLETED, JobStatus.FAILED)
+    assert (done.status, done.error) == (JobStatus.COMPLETED, None)
+
+
+def test_timeout_s_0_is_no_limit_and_none_takes_the_default(rig: Callable[..., Rig]) -> None:
+    r = rig('[execution]\ndefault_timeout = "1s"\n')
+    unlimited = r.submit(seconds=1.5, timeout_s=0)
+    limited = r.submit(seconds=1.5, user="bob")
+    assert r.wait(unlimited, JobStatus.COMPLETED, JobStatus.FAILED).status is JobStatus.COMPLETED
+    failed = r.wait(limited, JobStatus.COMPLETED, JobStatus.FAILED)
+    assert (failed.status, failed.error) == (JobStatus.FAILED, "timed out after 1s")
+
+
+# -- a reloaded config (SIGHUP) -----------------------------------------------------------------
+
+def test_reconfigure_raises_and_cuts_workers_while_running_jobs_go_on(
+        tmp_path: Path, rig: Callable[..., Rig]) -> None:
+    r = rig("[execution]\nworkers = 1\nmax_running_per_user = 10\n")
+    r.held.release.clear()
+    jobs = [r.submit("held") for _ in range(4)]
+    r.wait(jobs[0], JobStatus.RUNNING)
+    time.sleep(0.1)
+    assert r.running() == 1
+
+    r.engine.reconfigure(config_of(tmp_path, "[execution]\nworkers = 3\nmax_running_per_user = 10\n"))
+    for job in jobs[1:3]:
+        r.wait(job, JobStatus.RUNNING)
+    time.sleep(0.1)
+    assert r.running() == 3 and r.get(jobs[3]).status is JobStatus.QUEUED
+
+    # a cut stops nothing that runs, and starts nothing until fewer run than the limit
+    r.engine.reconfigure(config_of(tmp_path, "[execution]\nworkers = 1\nmax_running_per_user = 10\n"))
+    time.sleep(0.1)
+    assert r.running() == 3
+    r.held.release.set()
+    for job in jobs[:3]:
+        assert r.wait(job, JobStatus.COMPLETED).status is JobStatus.COMPLETED
+    assert r.wait(jobs[3], JobStatus.COMPLETED).status is JobStatus.COMPLETED
+
+
+def test_reconfigure_applies_per_user_limits_and_timeouts_to_jobs_not_yet_started(
+        tmp_path: Path, rig: Callable[..., Rig]) -> None:
+    r = rig('[execution]\nworkers = 4\nmax_running_per_user = 1\ndefault_timeout = "1s"\n')
+    first = r.submit(seconds=1.5)
+    second = r.submit(seconds=1.5)
+    r.wait(first, JobStatus.RUNNING)
+    assert r.get(second).status is JobStatus.QUEUED  # alice's limit
+
+    r.engine.reconfigure(config_of(
+        tmp_path, '[execution]\nworkers = 4\nmax_running_per_user = 2\ndefault_timeout = "none"\n'))
+    r.wait(second, JobStatus.RUNNING)
+    # the running one keeps the limit it started with; the new one has none
+    assert r.wait(first, JobStatus.FAILED).error == "timed out after 1s"
+    assert r.wait(second, JobStatus.COMPLETED, JobStatus.FAILED).status is JobStatus.COMPLETED
+
+
+# -- ends the store refuses (issue 7, item 4) ---------------------------------------------------
+
+def test_an_error_text_with_lone_surrogates_is_recorded_escaped(rig: Callable[..., Rig]) -> None:
+    r = rig()
+    r.held.error = "merge failed: CONFLICT in caf\udce9.txt"
+    r.held.release.set()
+    done = r.wait(r.submit("held"), JobStatus.FAILED, JobStatus.COMPLETED)
+    assert done.status is JobStatus.FAILED
+    assert "caf\\udce9.txt" in (done.error or "")
+    done.error.encode("utf-8")  # valid text
+
+
+def test_an_end_the_store_refuses_is_recorded_as_a_bounded_failure(rig: Callable[..., Rig]) -> None:
+    r = rig()
+    # JSON cannot hold a set: the completed end cannot be stored as it is
+    r.held.result = {"files": {"a", "b"}, "note": "\udcff" * 10_000}
+    r.held.release.set()
+    done = r.wait(r.submit("held"), JobStatus.FAILED, JobStatus.COMPLETED)
+    assert done.status is JobStatus.FAILED
+    assert done.error is not None and "the store refused the end" in done.error
+    assert "TypeError" in done.error and len(done.error) <= 4096
+    assert r.running() == 0
+
+
+# -- ends that wait for a full disk (issue 7, item 3) -------------------------------------------
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs holding the database, so the disk fills up for real."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    where = tmp_path / "small"
+    where.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(where)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+def fill(disk: Path) -> Path:
+    """Fill ``disk`` to the last byte; the file that holds the space."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        for size in (1 << 16, 4096, 512, 1):
+            try:
+                while os.write(fd, b"\0" * size):
+                    pass
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("cancel", [False, True], ids=["completed", "cancelled"])
+def test_an_end_on_a_full_disk_is_recorded_once_space_returns(
+        rig: Callable[..., Rig], small_disk: Path, cancel: bool) -> None:
+    r = rig(db=small_disk / "jobd.db")
+    job = r.submit("held")
+    r.wait(job, JobStatus.RUNNING)
+    filler = fill(small_disk)
+    if cancel:
+        r.engine.cancel(job)  # the store cannot record the request: memory must hold it
+    else:
+        r.held.release.set()
+    time.sleep(1.0)  # several tries fail meanwhile
+
+    assert r.get(job).status is JobStatus.RUNNING
+    live = r.engine.live(job)
+    assert live is not None and "not recorded yet: storage full" in (live.message or "")
+    assert r.engine.dispatcher.running_count() == 1  # its worker still holds it
+
+    filler.unlink()
+    want = JobStatus.CANCELLED if cancel else JobStatus.COMPLETED
+    done = r.wait(job, JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED, timeout=10)
+    assert done.status is want, done
+    assert r.engine.live(job) is None and r.engine.dispatcher.running_count() == 0
