@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import math
 import re
+import reprlib
 import time
 import uuid
 from typing import Any
@@ -30,11 +32,42 @@ __all__ = ["Hub", "Manager"]
 
 log = structlog.get_logger()
 
-JOB_ID_RE = re.compile(r"^[0-9a-f-]{4,36}$")
+# fullmatch everywhere: with match or search, "$" also matches before a final newline
+JOB_ID_RE = re.compile(r"[0-9a-f-]{4,36}")
+_CURSOR_RE = re.compile(r"[A-Za-z0-9_-]{1,32}={0,2}")
+_SEQ_RE = re.compile(r"[0-9]{1,19}")
 MAX_OPTIONS = 16 * 1024
 MAX_METADATA = 64 * 1024
 MAX_DESCRIPTION = 1024
 MAX_WAIT_S = 60.0
+_STATUSES = frozenset(str(s) for s in JobStatus)
+#: SPEC §2's job fields, the names jobs.list's ``fields`` may pick (Job.to_dict is the shape)
+JOB_FIELDS = tuple(Job(id="", type="", user_id="", project_id=None, status=JobStatus.QUEUED,
+                       created_at=0, updated_at=0, version=0).to_dict())
+#: what a response line holds around a jobs.list result: the JSON-RPC envelope with its id
+#: (a client's id longer than about 1 KiB may push a full page over the limit: -32050)
+_ENVELOPE_BYTES = 1024
+#: jobs.list reads its rows in chunks of at most this many, sized to the bytes still free
+_CHUNK_ROWS = 128
+
+
+#: a client's value as an error message quotes it: short, however big or deep the value
+_SHOWN = reprlib.Repr()
+_SHOWN.maxlevel, _SHOWN.maxstring, _SHOWN.maxother, _SHOWN.maxlong = 3, 60, 60, 40
+
+
+def _shown(value: Any) -> str:
+    # repr escapes lone surrogates, so the message stays encodable
+    return _SHOWN.repr(value)
+
+
+def _utf8(text: str, field: str) -> bytes:
+    """``text`` as UTF-8; a lone surrogate (a ``\\ud800`` escape) is refused naming ``field``."""
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        raise InvalidParams(f"{field} is not valid Unicode: it holds a lone surrogate (such as "
+                            "\\ud800); send UTF-8 text", field=field) from None
 
 
 def _optional_id(value: Any, field: str) -> str | None:
@@ -42,26 +75,45 @@ def _optional_id(value: Any, field: str) -> str | None:
 
 
 def _check_job_id(job_id: Any) -> str:
-    if not isinstance(job_id, str) or not JOB_ID_RE.match(job_id):
-        raise InvalidParams(f"job_id must be a job's UUID (got {job_id!r})", field="job_id")
+    if not isinstance(job_id, str) or not JOB_ID_RE.fullmatch(job_id):
+        raise InvalidParams(f"job_id must be a job's UUID (got {_shown(job_id)})",
+                            field="job_id")
     return job_id
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def _json_size(value: Any, field: str, limit: int) -> int:
     try:
-        size = len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
-    except (TypeError, ValueError) as e:
-        raise InvalidParams(f"{field} is not JSON: {e}", field=field) from None
+        size = len(_dumps(value).encode())
+    except UnicodeEncodeError:
+        raise InvalidParams(f"{field} holds text that is not valid Unicode (a lone surrogate "
+                            "such as \\ud800); send UTF-8 text", field=field) from None
+    except ValueError:
+        raise InvalidParams(f"{field} holds a number JSON cannot carry (NaN or infinite); "
+                            "send finite numbers", field=field) from None
+    except RecursionError:
+        raise InvalidParams(f"{field} is nested too deeply", field=field) from None
     if size > limit:
         raise InvalidParams(f"{field} is {size} bytes as JSON; the limit is {limit}", field=field)
     return size
 
 
-def _number(value: Any, field: str, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise InvalidParams(f"{field} must be a number from {low:g} to {high:g} (got {value!r})",
+def _number(value: Any, field: str, low: float, high: float | None, hint: str = "") -> float:
+    """A finite number in low … high (None: no upper bound), else InvalidParams naming it."""
+    number = math.nan
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except OverflowError:  # an integer past any float
+            number = math.inf
+    if not (math.isfinite(number) and low <= number and (high is None or number <= high)):
+        span = f"from {low:g} to {high:g}" if high is not None else f"of at least {low:g}"
+        raise InvalidParams(f"{field} must be a number {span}{hint} (got {_shown(value)})",
                             field=field)
-    return float(value)
+    return number
 
 
 def _time(value: Any, field: str) -> int | None:
@@ -71,7 +123,50 @@ def _time(value: Any, field: str) -> int | None:
         return from_iso(value)
     except (TypeError, ValueError, AttributeError):
         raise InvalidParams(f"{field} must be an ISO 8601 time like 2026-11-22T10:00:00Z "
-                            f"(got {value!r})", field=field) from None
+                            f"(got {_shown(value)})", field=field) from None
+
+
+def _statuses(status: Any) -> list[str]:
+    """jobs.list's ``status`` filter: one status or a list of them ([] or None: every one)."""
+    statuses = [status] if isinstance(status, str) else [] if status is None else status
+    if not isinstance(statuses, list) or not all(isinstance(s, str) and s in _STATUSES
+                                                 for s in statuses):
+        raise InvalidParams(f"status must be one of {', '.join(JobStatus)} or a list of them "
+                            f"(got {_shown(status)})", field="status")
+    return statuses
+
+
+def _fields(fields: Any) -> frozenset[str] | None:
+    """jobs.list's ``fields``: the job fields to send, ``id`` always among them (for paging)."""
+    if fields is None:
+        return None
+    if not isinstance(fields, list) or not all(isinstance(f, str) for f in fields):
+        raise InvalidParams(f"fields must be a list of job field names (got {_shown(fields)})",
+                            field="fields")
+    unknown = [f for f in fields if f not in JOB_FIELDS]
+    if unknown:
+        raise InvalidParams(f"fields: {_shown(unknown[0])} is not a job field (known: "
+                            f"{', '.join(JOB_FIELDS)})", field="fields")
+    return frozenset(fields) | {"id"}
+
+
+def _cursor(seq: int) -> str:
+    return base64.urlsafe_b64encode(str(seq).encode()).decode()
+
+
+def _cursor_seq(cursor: Any) -> int | None:
+    """The ``seq`` a cursor given out by ``_cursor`` pages below; anything else is refused."""
+    if cursor is None:
+        return None
+    if isinstance(cursor, str) and _CURSOR_RE.fullmatch(cursor):
+        try:
+            text = base64.urlsafe_b64decode(cursor).decode("ascii")
+        except ValueError:  # bad padding, or bytes that are not digits
+            text = ""
+        if _SEQ_RE.fullmatch(text) and int(text) < 2**63:  # beyond SQLite's integers: forged
+            return int(text)
+    raise InvalidParams("cursor is not one this daemon gave out: pass next_cursor of the "
+                        "previous page as it came", field="cursor")
 
 
 def _admin_only(method: str, scope: Scope) -> str:
@@ -166,6 +261,7 @@ class Manager:
             raise InvalidParams("after_version must be an integer (a job's version)",
                                 field="after_version")
         timeout = _number(timeout_s, "timeout_s", 0, MAX_WAIT_S)
+        _check_job_id(job_id)  # before the hub files a waiter under it
         return await self._watch(scope, job_id, timeout, lambda job: after_version is None
                                  or job["version"] > after_version)
 
@@ -197,45 +293,73 @@ class Manager:
 
     def list(self, scope: Scope, *, status: Any = None, type: Any = None, user_id: Any = None,
              project_id: Any = None, created_after: Any = None, created_before: Any = None,
-             id_prefix: Any = None, limit: Any = 50, cursor: Any = None) -> RawJSON:
-        statuses = [status] if isinstance(status, str) else status or []
-        if not isinstance(statuses, list) or any(s not in JobStatus.__members__.values()
-                                                 for s in statuses):
-            raise InvalidParams(f"status must be one of {', '.join(JobStatus)} or a list of "
-                                f"them (got {status!r})", field="status")
-        if type is not None and not isinstance(type, str):
-            raise InvalidParams("type must be a string", field="type")
+             id_prefix: Any = None, limit: Any = 50, cursor: Any = None,
+             fields: Any = None) -> RawJSON:
+        """A page of jobs, newest first; it ends early rather than pass max_response_bytes."""
+        statuses = _statuses(status)
+        if type is not None:
+            if not isinstance(type, str):
+                raise InvalidParams(f"type must be a job type's name (got {_shown(type)})",
+                                    field="type")
+            _utf8(type, "type")
         user_filter = scope.check_filter(_optional_id(user_id, "user_id"))
         _optional_id(project_id, "project_id")
         if id_prefix is not None and (not isinstance(id_prefix, str)
-                                      or not JOB_ID_RE.match(id_prefix)):
-            raise InvalidParams("id_prefix must be at least 4 of [0-9a-f-]", field="id_prefix")
+                                      or not JOB_ID_RE.fullmatch(id_prefix)):
+            raise InvalidParams(f"id_prefix must be at least 4 of [0-9a-f-] (got "
+                                f"{_shown(id_prefix)})", field="id_prefix")
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
-            raise InvalidParams(f"limit must be an integer from 1 to 1000 (got {limit!r})",
+            raise InvalidParams(f"limit must be an integer from 1 to 1000 (got {_shown(limit)})",
                                 field="limit")
-        before = None
-        if cursor is not None:
-            try:
-                before = int(base64.urlsafe_b64decode(cursor.encode()).decode())
-                if not 0 <= before < 2**63:  # beyond SQLite's integers: forged
-                    raise ValueError(before)
-            except (ValueError, AttributeError, UnicodeDecodeError):
-                raise InvalidParams("cursor is not one this daemon gave out",
-                                    field="cursor") from None
-        rows = self.store.list_wire(
-            statuses=statuses, type=type, user_id=user_filter, project_id=project_id,
-            created_after=_time(created_after, "created_after"),
-            created_before=_time(created_before, "created_before"),
-            id_prefix=id_prefix, before_seq=before, limit=limit + 1)
-        next_cursor = None
-        if len(rows) > limit:
-            rows = rows[:limit]
-            next_cursor = base64.urlsafe_b64encode(str(rows[-1][0]).encode()).decode()
-        # finished jobs go out as SQLite encoded them; active ones get what the daemon knows
-        jobs = [wire if status not in (JobStatus.QUEUED, JobStatus.RUNNING)
-                else json.dumps(self._live(json.loads(wire)), ensure_ascii=False)
-                for _, status, wire in rows]
+        wanted = _fields(fields)
+        filters = dict(statuses=statuses, type=type, user_id=user_filter, project_id=project_id,
+                       created_after=_time(created_after, "created_after"),
+                       created_before=_time(created_before, "created_before"),
+                       id_prefix=id_prefix)
+        budget = self.config.server.max_response_bytes - _ENVELOPE_BYTES
+        frame = len('{"jobs":[],"next_cursor":""}') + len(_cursor(2**63 - 1))
+        jobs: list[str] = []
+        size, before, last, more = frame, _cursor_seq(cursor), 0, False
+        # rows are read in chunks, so a page that fills its bytes early reads little more
+        chunk = _CHUNK_ROWS
+        while True:
+            want = min(limit + 1 - len(jobs), chunk)
+            rows = self.store.list_wire(**filters, before_seq=before, limit=want)
+            for seq, job_status, wire in rows:
+                if len(jobs) == limit:  # the row past the page: there is a next one
+                    more = True
+                    break
+                text = self._listed(job_status, wire, wanted)
+                cost = len(text.encode()) + 1  # its comma
+                # the first job always goes out, however small the configured limit: an
+                # empty page with a cursor would have a client page on the spot for ever
+                # (a job bigger than the limit cannot be stored at the default limit; at
+                # a tiny one the rpc layer answers that line -32050 "response too large")
+                if jobs and size + cost > budget:
+                    more = True
+                    break
+                jobs.append(text)
+                size += cost
+                last = seq
+            if more or len(rows) < want:
+                break
+            before = rows[-1][0]
+            chunk = max(1, min(_CHUNK_ROWS, (budget - size) * len(jobs) // (size - frame) + 1))
+        next_cursor = _cursor(last) if more else None
         return RawJSON(f'{{"jobs":[{",".join(jobs)}],"next_cursor":{json.dumps(next_cursor)}}}')
+
+    def _listed(self, status: str, wire: str, wanted: frozenset[str] | None) -> str:
+        """One job of a list page: finished jobs go out as SQLite encoded them; active ones
+        get what the daemon knows; with ``fields``, only those."""
+        active = status in (JobStatus.QUEUED, JobStatus.RUNNING)
+        if not active and wanted is None:
+            return wire
+        out = json.loads(wire)
+        if active:
+            out = self._live(out)
+        if wanted is not None:
+            out = {k: v for k, v in out.items() if k in wanted}
+        return _dumps(out)
 
     def events(self, scope: Scope, job_id: str) -> list[dict[str, Any]]:
         job = self._job(scope, job_id)
@@ -306,21 +430,24 @@ class Manager:
         if not isinstance(metadata, dict):
             raise InvalidParams("metadata must be an object", field="metadata")
         _json_size(metadata, "metadata", MAX_METADATA)
-        if description is not None and (not isinstance(description, str)
-                                        or len(description.encode()) > MAX_DESCRIPTION):
-            raise InvalidParams("description must be text of at most 1 KiB", field="description")
+        if description is not None:
+            if (not isinstance(description, str)
+                    or len(_utf8(description, "description")) > MAX_DESCRIPTION):
+                raise InvalidParams(f"description must be text of at most 1 KiB as UTF-8 "
+                                    f"(got {_shown(description)})", field="description")
         if isinstance(priority, bool) or not isinstance(priority, int) or not -100 <= priority <= 100:
-            raise InvalidParams(f"priority must be an integer from -100 to 100 (got {priority!r})",
-                                field="priority")
+            raise InvalidParams(f"priority must be an integer from -100 to 100 (got "
+                                f"{_shown(priority)})", field="priority")
         if priority > 0 and not scope.may_raise_priority:
             raise Forbidden("only admins and services may set a priority above 0",
                             field="priority")
         if timeout_s is not None:
-            timeout_s = _number(timeout_s, "timeout_s", 1, 366 * 86400)
-        if idempotency_key is not None and (not isinstance(idempotency_key, str)
-                                            or not 0 < len(idempotency_key) <= 128):
-            raise InvalidParams("idempotency_key must be 1 to 128 characters",
-                                field="idempotency_key")
+            timeout_s = self._timeout(scope, timeout_s)
+        if idempotency_key is not None:
+            if not isinstance(idempotency_key, str) or not 0 < len(idempotency_key) <= 128:
+                raise InvalidParams(f"idempotency_key must be 1 to 128 characters (got "
+                                    f"{_shown(idempotency_key)})", field="idempotency_key")
+            _utf8(idempotency_key, "idempotency_key")
         if "repo_path" in options and not scope.may_repo_path:
             raise Forbidden("only admins and services may pass options.repo_path",
                             field="options.repo_path")
@@ -331,6 +458,17 @@ class Manager:
                    priority=priority, options=options, metadata=metadata,
                    description=description, timeout_s=timeout_s,
                    idempotency_key=idempotency_key)
+
+    def _timeout(self, scope: Scope, timeout_s: Any) -> float:
+        """A submit's ``timeout_s`` (SPEC §3a): 0 is no limit (services and admins only);
+        a plain user asks from 1 s up to ``max_timeout``."""
+        # may_repo_path is exactly the trust of services and admins not acting as_role "user"
+        if scope.may_repo_path:
+            return _number(timeout_s, "timeout_s", 0, None, " seconds (0: no limit)")
+        high = self.config.execution.max_timeout
+        bound = "" if high is None else "the max_timeout; "
+        return _number(timeout_s, "timeout_s", 1, high,
+                       f" seconds ({bound}0, no limit, is for services and admins)")
 
     def cancel(self, scope: Scope, job_id: str) -> dict[str, Any]:
         """Cancel at once if queued; if running, ask the engine to stop it."""

@@ -688,7 +688,7 @@ def test_method_not_found(jd: Daemon) -> None:
     ("jobs.submit", {"type": "command", "options": {"argv": "ls"}}, "options.argv"),
     ("jobs.submit", {"type": "noop", "priority": 101}, "priority"),
     ("jobs.submit", {"type": "noop", "priority": "high"}, "priority"),
-    ("jobs.submit", {"type": "noop", "timeout_s": 0}, "timeout_s"),
+    ("jobs.submit", {"type": "noop", "timeout_s": -1}, "timeout_s"),
     ("jobs.submit", {"type": "sync", "project_id": "p", "options": {"branch": "-x"}}, None),
     ("admin.stats", {"verbose": True}, "verbose"),
 ])
