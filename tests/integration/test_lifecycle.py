@@ -142,9 +142,20 @@ def test_stale_socket_is_replaced_and_a_live_one_refuses_a_second_daemon(
     proc = subprocess.run(second.argv(), env=second.env, capture_output=True, text=True,
                           timeout=30, stdin=subprocess.DEVNULL)
     assert proc.returncode == 1, proc.stderr
+    # one daemon per state folder (SPEC §1): the lock refuses before the socket is looked at
+    assert "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("jobd: "), proc.stderr
+    assert f"database {first.db} is in use by jobd (pid {first.proc.pid})" in last, last
+    assert "store_migrated" not in proc.stderr and "jobd_started" not in proc.stderr
+    # its own database but the live socket: that socket answers, so it is already running
+    third = make_daemon(start=False)
+    third.socket = first.socket
+    proc = subprocess.run(third.argv(), env=third.env, capture_output=True, text=True,
+                          timeout=30, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 1, proc.stderr
     assert "already running" in proc.stderr and str(first.socket) in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("jobd: ")
-    assert "store_migrated" not in proc.stderr and "jobd_started" not in proc.stderr
     assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in files if p.exists()} == before
     assert ok(first, "jobs.get", job_id=job["id"])["status"] == "completed"
     assert first.socket.exists()
