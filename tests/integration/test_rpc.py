@@ -624,8 +624,7 @@ def test_invalid_request(jd: Daemon, request_: Any) -> None:
     resp = send(jd, json.dumps(request_).encode())
     item = resp[0] if isinstance(resp, list) else resp
     assert item["error"]["code"] == -32600
-    if isinstance(request_, dict) and request_.get("id") == 7:
-        assert item["id"] == 7
+    assert item["id"] is None  # SPEC §4: an invalid Request is answered with "id": null
 
 
 def test_batch_over_max_batch_is_refused_whole(jd: Daemon) -> None:
@@ -712,7 +711,11 @@ def test_metadata_at_the_limit_is_accepted(jd: Daemon) -> None:
 def test_params_must_be_named(jd: Daemon, params: Any) -> None:
     resp = send(jd, json.dumps({"jsonrpc": "2.0", "id": 3, "method": "jobs.get",
                                 "params": params}).encode())
-    assert resp["id"] == 3 and resp["error"]["code"] in (-32600, -32602)
+    if isinstance(params, list):  # positional params on a valid call
+        assert resp["id"] == 3 and resp["error"]["code"] == -32602, resp
+        assert resp["error"]["data"]["field"] == "params", resp
+    else:  # SPEC §4: "anything else is -32600 or -32602"
+        assert (resp["id"], resp["error"]["code"]) in ((None, -32600), (3, -32602)), resp
 
 
 def test_unknown_job_is_not_found_in_every_job_method(jd: Daemon) -> None:
