@@ -32,6 +32,7 @@ import structlog
 
 from jobd.errors import Conflict, JobdError, LimitExceeded, NotFound, Unavailable
 from jobd.models import TERMINAL, Job, JobStatus, sources
+from jobd.state import make_private_dir
 
 __all__ = ["Corrupt", "Listeners", "Store", "StoreError", "backup", "check", "now_us", "recover"]
 
@@ -451,13 +452,21 @@ class Store:
     def open(self) -> "Store":
         """Open (creating if need be), migrate, and check the file after an unclean stop."""
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            make_private_dir(self.path.parent)
         except OSError as e:
             raise StoreError(f"{self.path.parent}: cannot create the database directory: "
                              f"{e.strerror}") from None
         if not os.access(self.path.parent, os.W_OK | os.X_OK):
             raise StoreError(f"{self.path.parent}: no write permission for the database "
                              f"directory (SQLite needs it for its journal)")
+        try:
+            # a new database is the daemon's alone (SQLite would make it 0644 less the
+            # umask); its -wal and -shm files take the same mode
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise StoreError(f"{self.path}: cannot create the database: {e.strerror}") from None
         conn = self._connect()
         try:
             self._migrate(conn)
@@ -1012,18 +1021,27 @@ def check(path: Path) -> list[str]:
 
 def backup(path: Path, target: Path) -> int:
     """Copy a live database with SQLite's online backup API; returns the bytes written."""
+    if not path.exists():
+        raise StoreError(f"{path}: no such database")
     if target.exists():
         raise StoreError(f"{target}: already exists; choose a new file")
-    src = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    dst = sqlite3.connect(target)
+    if not target.parent.is_dir():
+        raise StoreError(f"{target}: no such folder {target.parent}; create it first")
+    if not os.access(target.parent, os.W_OK | os.X_OK):
+        raise StoreError(f"{target}: cannot write in {target.parent} (permission denied)")
+    try:
+        src = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        dst = sqlite3.connect(target)
+    except sqlite3.Error as e:
+        raise StoreError(f"{target}: cannot back up {path} there: {e}") from None
     try:
         # one step, from one read snapshot: copied in slices, a backup starts over after
         # every commit of the live daemon and never ends on a busy database
         src.backup(dst)
-    except sqlite3.DatabaseError as e:
+    except sqlite3.Error as e:
         dst.close()
         target.unlink(missing_ok=True)
-        raise StoreError(f"{path}: backup failed: {e}") from None
+        raise StoreError(f"{path}: backup to {target} failed: {e}") from None
     finally:
         src.close()
     dst.close()
@@ -1098,23 +1116,32 @@ def recover(path: Path) -> dict[str, Any]:
 
 
 def _safe_count(conn: sqlite3.Connection, table: str) -> int | str:
-    try:
-        return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-    except sqlite3.DatabaseError:
-        return "unknown"
+    """How many rows ``table`` held: the higher count of its table scan and of an index.
+
+    Either may be damaged; an index still counts the rows of a damaged table page.
+    """
+    counts = []
+    for how in ("NOT INDEXED", ""):
+        try:
+            counts.append(conn.execute(f"SELECT count(*) FROM {table} {how}").fetchone()[0])
+        except sqlite3.DatabaseError:
+            pass
+    return max(counts) if counts else "unknown"
 
 
 def _readable_rows(conn: sqlite3.Connection, table: str, cols: list[str],
                    key: str | None) -> Iterator[tuple[Any, ...]]:
     """Every row that can be read, stepping over damaged pages by key where possible."""
+    # NOT INDEXED: rows are read from the table's own b-tree, never through an index,
+    # which may be the damaged part
     names = ", ".join(cols)
     if key is None:
         try:
-            yield from conn.execute(f"SELECT {names} FROM {table}").fetchall()
+            yield from conn.execute(f"SELECT {names} FROM {table} NOT INDEXED").fetchall()
         except sqlite3.DatabaseError:
             return
         return
-    select = f"SELECT {key}, {names} FROM {table} WHERE {key} >= ? ORDER BY {key}"
+    select = f"SELECT {key}, {names} FROM {table} NOT INDEXED WHERE {key} >= ? ORDER BY {key}"
     after, failures = -(1 << 63), 0
     while True:
         try:

@@ -156,6 +156,31 @@ class Daemon:
         return json.loads(buf)
 
 
+@pytest.fixture(scope="session")
+def readable_jobd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """An environment in which another uid's Python imports this checkout's jobd.
+
+    The checkout (and its venv) may lie in a folder only root can enter, such as a clone in
+    /root: jobd and the libraries it imports are copied into a temp folder anyone may read,
+    and ``PYTHONPATH`` points there.
+    """
+    import importlib.util
+    import shutil
+    top = Path(tempfile.mkdtemp(prefix="jobd-readable-"))
+    try:
+        top.chmod(0o755)
+        for name in ("jobd", "structlog"):
+            spec = importlib.util.find_spec(name)
+            assert spec is not None and spec.origin is not None, name
+            shutil.copytree(Path(spec.origin).parent, top / name,
+                            ignore=shutil.ignore_patterns("__pycache__"))
+        for path in top.rglob("*"):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        yield {"PYTHONPATH": str(top), "PYTHONDONTWRITEBYTECODE": "1"}
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02,
              what: str = "condition") -> Any:
     """Poll until ``predicate()`` is truthy; its value. Fails the test at the deadline."""

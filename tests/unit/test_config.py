@@ -11,7 +11,7 @@ import sys
 import tempfile
 import textwrap
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -76,7 +76,12 @@ def shared_dir() -> Iterator[Path]:
         shutil.rmtree(top)
 
 
-def load_as_ordinary_user(env: dict[str, str]) -> dict[str, Any]:
+@pytest.fixture
+def load_as_ordinary_user(readable_jobd: dict[str, str]) -> Callable[[dict[str, str]], dict[str, Any]]:
+    return lambda env: _load_as_ordinary_user(env, readable_jobd)
+
+
+def _load_as_ordinary_user(env: dict[str, str], readable: dict[str, str]) -> dict[str, Any]:
     """``load(env=env)`` run by an ordinary user: here, or as nobody when the tests are root."""
     script = textwrap.dedent("""
         import json, os, sys
@@ -91,12 +96,13 @@ def load_as_ordinary_user(env: dict[str, str]) -> dict[str, Any]:
         if not shutil.which("setpriv"):
             pytest.skip("setpriv (util-linux) is needed to test an ordinary user's defaults")
         command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd="/")
+    run = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd="/",
+                         env={**os.environ, **readable})
     assert run.returncode == 0, run.stderr
     return json.loads(run.stdout)
 
 
-def test_ordinary_user_defaults_follow_xdg(shared_dir: Path) -> None:
+def test_ordinary_user_defaults_follow_xdg(shared_dir: Path, load_as_ordinary_user: Any) -> None:
     conf = write(shared_dir / "conf" / "jobd" / "jobd.toml", "[execution]\nworkers = 7\n")
     out = load_as_ordinary_user({
         "HOME": str(shared_dir / "home"), "XDG_RUNTIME_DIR": str(shared_dir / "run"),
@@ -107,7 +113,7 @@ def test_ordinary_user_defaults_follow_xdg(shared_dir: Path) -> None:
     assert (out["config_file"], out["workers"]) == (str(conf), 7)
 
 
-def test_ordinary_user_defaults_without_xdg(shared_dir: Path) -> None:
+def test_ordinary_user_defaults_without_xdg(shared_dir: Path, load_as_ordinary_user: Any) -> None:
     home = shared_dir / "home"
     conf = write(home / ".config" / "jobd" / "jobd.toml", "[execution]\nworkers = 5\n")
     out = load_as_ordinary_user({"HOME": str(home)})
@@ -116,7 +122,7 @@ def test_ordinary_user_defaults_without_xdg(shared_dir: Path) -> None:
     assert (out["config_file"], out["workers"]) == (str(conf), 5)
 
 
-def test_an_ordinary_user_under_systemd_uses_its_directories(shared_dir: Path) -> None:
+def test_an_ordinary_user_under_systemd_uses_its_directories(shared_dir: Path, load_as_ordinary_user: Any) -> None:
     out = load_as_ordinary_user({"HOME": str(shared_dir), "STATE_DIRECTORY": str(shared_dir),
                                  "JOBD_CONFIG": str(write(shared_dir / "j.toml", ""))})
     assert (out["socket"], out["db"]) == ("/run/jobd/jobd.sock", str(shared_dir / "jobd.db"))

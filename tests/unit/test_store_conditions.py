@@ -95,7 +95,8 @@ def test_damage_found_after_an_unclean_stop_stops_the_open(tmp_path: Path) -> No
     assert str(db) in str(refused.value) and "jobd db recover" in str(refused.value)
 
 
-def test_a_directory_without_write_permission_is_a_clear_error() -> None:
+def test_a_directory_without_write_permission_is_a_clear_error(
+        readable_jobd: dict[str, str]) -> None:
     # a place an unprivileged user can reach (pytest's tmp_path is private to root)
     top = Path(tempfile.mkdtemp(prefix="jobd-perm-"))
     try:
@@ -118,7 +119,8 @@ def test_a_directory_without_write_permission_is_a_clear_error() -> None:
             run = subprocess.run(
                 ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
                  sys.executable, "-c", child],
-                capture_output=True, text=True, timeout=60, cwd="/")
+                capture_output=True, text=True, timeout=60, cwd="/",
+                env={**os.environ, **readable_jobd})
             assert run.returncode == 3, run.stderr
             message = run.stdout
         else:
