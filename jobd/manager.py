@@ -395,7 +395,7 @@ class Manager:
         """
         handler = self.handlers.get(type) if isinstance(type, str) else None
         if handler is None:
-            raise InvalidParams(f"unknown job type {type!r} (known: "
+            raise InvalidParams(f"unknown job type {_shown(type)} (known: "
                                 f"{', '.join(sorted(self.handlers))})", field="type")
         params = dict(project_id=project_id, options=options, priority=priority,
                       metadata=metadata, description=description, timeout_s=timeout_s,

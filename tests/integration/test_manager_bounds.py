@@ -156,6 +156,23 @@ def test_timeout_0_is_no_limit_for_an_admin(make_daemon: Any) -> None:
         assert err["code"] == -32602 and err["data"]["field"] == "timeout_s", (value, err)
 
 
+def test_as_role_user_gives_an_admin_a_plain_users_timeout_range(make_daemon: Any) -> None:
+    d = make_daemon(f'{FAST_CONFIG}max_timeout = "1h"\n')
+    who = user()
+    err = error_of(d, "jobs.submit", type="sync", project_id="p0", timeout_s=0, as_user=who,
+                   as_role="user")
+    assert err["code"] == -32602 and err["data"]["field"] == "timeout_s", err
+    assert f"from 1 to {MAX_TIMEOUT_S}" in err["message"], err
+    err = error_of(d, "jobs.submit", type="sync", project_id="p1",
+                   timeout_s=MAX_TIMEOUT_S + 1, as_user=who, as_role="user")
+    assert err["data"]["field"] == "timeout_s", err
+    assert result_of(d, "jobs.submit", type="sync", project_id="p2", timeout_s=MAX_TIMEOUT_S,
+                     as_user=who, as_role="user")["timeout_s"] == MAX_TIMEOUT_S
+    # the same admin for the same user, with its own rights: no limit is its to ask
+    assert result_of(d, "jobs.submit", type="sync", project_id="p3", timeout_s=0,
+                     as_user=who)["timeout_s"] == 0
+
+
 PLAIN_USER = f"jobdt_mb{uuid.uuid4().hex[:6]}"
 
 CALLS_SCRIPT = (
