@@ -84,7 +84,7 @@ class World:
                 wrong.append(f"{name}: {label} ({method} {params}): expected {expected}, "
                              f"got {resp.get('error') or 'a result'}")
             elif "error" in resp:
-                status = {FORBIDDEN: 403, UNAUTHENTICATED: 401}[got]
+                status = {FORBIDDEN: 403, UNAUTHENTICATED: 401, -32602: 422}[got]
                 assert resp["error"]["data"]["http_status"] == status, resp
         assert not wrong, "\n".join(wrong)
         assert by_label["ping"]["result"]["caller"] == {
@@ -233,14 +233,50 @@ def test_service_acting_for_one_of_its_admins(world: World) -> None:
         ("retry command", "jobs.retry", {"job_id": cmd, **scope}, FORBIDDEN),
         ("stats", "admin.stats", scope, "ok"),
         ("cleanup", "admin.cleanup", {"dry_run": True, **scope}, "ok"),
-        ("pause", "admin.pause", scope, FORBIDDEN),
-        ("resume", "admin.resume", scope, FORBIDDEN),
+        # resume first: dispatch stays paused for the other checks of the table
+        ("resume", "admin.resume", scope, "ok"),
+        ("pause", "admin.pause", scope, "ok"),
     ]
     got = world.run(CIDX, "service", calls)
     assert {ALICE, BOB} <= {j["user_id"] for j in got["list"]["result"]["jobs"]}
     assert {j["user_id"] for j in got["list other"]["result"]["jobs"]} == {BOB}
     assert got["sync"]["result"]["user_id"] == ALICE
     assert "paused" in got["stats"]["result"]
+
+
+def test_a_service_acting_as_role_user_has_a_plain_users_rights(world: World) -> None:
+    own, other = world.jobs["alice"]["id"], world.jobs["bob"]["id"]
+    repo = str(world.d.repos / ALICE / "proj")
+    scope = {"as_user": ALICE, "as_role": "user"}
+    calls = [
+        *job_calls(own, "ok", **scope),
+        *job_calls(other, FORBIDDEN, **scope),
+        ("list other", "jobs.list", {"user_id": BOB, **scope}, FORBIDDEN),
+        ("sync", "jobs.submit", {"type": "sync", "project_id": "proj", **scope}, "ok"),
+        ("repo_path", "jobs.submit", {"type": "index", "project_id": "elsewhere",
+                                      "options": {"repo_path": repo}, **scope}, FORBIDDEN),
+        ("priority up", "jobs.submit", {"type": "index", "project_id": "proj",
+                                        "priority": 50, **scope}, FORBIDDEN),
+        ("stats", "admin.stats", scope, FORBIDDEN),
+        ("with as_admin", "admin.stats", {**scope, "as_admin": True}, -32602),
+    ]
+    got = world.run(CIDX, "service", calls)
+    assert got["sync"]["result"]["user_id"] == ALICE
+    assert got["with as_admin"]["error"]["data"]["field"] == "as_role"
+
+
+def test_a_service_may_not_act_as_a_local_admin(world: World) -> None:
+    root_job = world.root_call("jobs.submit", type="noop")  # root's own
+    calls = [
+        ("as root", "jobs.get", {"job_id": root_job["id"], "as_user": "root"}, FORBIDDEN),
+        ("list as root", "jobs.list", {"as_user": "root"}, FORBIDDEN),
+        ("as an admin by group", "jobs.list", {"as_user": CAROL}, FORBIDDEN),
+        ("as root for its own admin", "jobs.get",
+         {"job_id": root_job["id"], "as_user": "root", "as_admin": True}, "ok"),
+    ]
+    got = world.run(CIDX, "service", calls)
+    assert "as_admin" in got["as root"]["error"]["message"]
+    world.root_call("jobs.cancel", job_id=root_job["id"])
 
 
 def test_admin_by_group_and_admin_acting_for_a_user(world: World) -> None:

@@ -231,3 +231,27 @@ def test_sighup_with_a_broken_config_keeps_the_old_one(make_daemon: Callable[...
     d.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: "config_change_needs_restart" in d.log(), what="the restart warning")
     assert ok(d, "ping")
+
+
+# -- max_stored_per_user ----------------------------------------------------------------------
+
+def test_a_user_keeps_at_most_max_stored_finished_jobs(make_daemon: Callable[..., Daemon]
+                                                       ) -> None:
+    d = make_daemon(config=FAST_CONFIG.replace("[execution]",
+                                               "[execution]\nmax_stored_per_user = 3"))
+    ids = []
+    for n in range(5):
+        job = ok(d, "jobs.submit", type="command", as_user="greedy",
+                 options={"argv": ["sh", "-c", f"echo run {n}"]})
+        wait_for(lambda: ok(d, "jobs.get", job_id=job["id"])["status"] == "completed",
+                 what=f"job {n} to complete")
+        ids.append(job["id"])
+    other = ok(d, "jobs.submit", type="noop", as_user="modest")
+    kept = [j["id"] for j in ok(d, "jobs.list", user_id="greedy")["jobs"]]
+    assert kept == ids[:1:-1]  # the three newest, newest first
+    for gone in ids[:2]:
+        assert d.raw("jobs.get", job_id=gone)["error"]["code"] == -32004
+        assert not (d.state / "logs" / f"{gone}.log").exists()
+    assert (d.state / "logs" / f"{ids[-1]}.log").exists()
+    assert ok(d, "jobs.get", job_id=other["id"])["user_id"] == "modest"
+    assert "jobs_forgotten" in d.log()

@@ -460,3 +460,32 @@ def test_sync_wait_draws_a_bar_on_a_terminal_and_lines_otherwise(jd: Daemon,
     assert lines[-1].startswith("result: ") and "files_added=1" in lines[-1]
     assert ESC not in proc.stdout
 
+
+
+# -- global options anywhere (SPEC §7) ------------------------------------------------------
+
+def test_global_options_go_before_or_after_the_command(jd: Daemon, who: str) -> None:
+    job = submit(jd, who, "noop")
+    until_status(jd, job["id"], "completed")
+    before = subprocess.run([JOBCTL, "--json", "--socket", str(jd.socket), "--as-user", who,
+                             "list"], capture_output=True, text=True, timeout=30,
+                            env=base_env(), stdin=subprocess.DEVNULL)
+    after = subprocess.run([JOBCTL, "list", "--json", "--socket", str(jd.socket), "--as-user",
+                            who], capture_output=True, text=True, timeout=30, env=base_env(),
+                           stdin=subprocess.DEVNULL)
+    mixed = subprocess.run([JOBCTL, "--socket", str(jd.socket), "list", "--as-user", who,
+                            "--json"], capture_output=True, text=True, timeout=30,
+                           env=base_env(), stdin=subprocess.DEVNULL)
+    assert [j["id"] for j in as_json(before)] == [job["id"]]
+    assert as_json(after) == as_json(before) and as_json(mixed) == as_json(before)
+    # the one after the command wins, as for jobd's own options
+    wrong = subprocess.run([JOBCTL, "--socket", "/nonexistent/jobd.sock", "ping", "--socket",
+                            str(jd.socket)], capture_output=True, text=True, timeout=30,
+                           env=base_env(), stdin=subprocess.DEVNULL)
+    assert wrong.returncode == 0, wrong.stderr
+
+
+def test_version_flag() -> None:
+    import jobd
+    proc = subprocess.run([JOBCTL, "--version"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0 and proc.stdout == f"jobctl {jobd.__version__}\n"
