@@ -142,6 +142,22 @@ def test_merge_conflict_fails_and_leaves_the_work_tree_at_the_old_revision(
     assert "work tree put back" in joblog(daemon, done["id"])
 
 
+def test_a_merge_conflict_on_a_file_named_in_no_encoding_fails_naming_it(
+        daemon: Daemon, tmp_path: Path, project: str) -> None:
+    upstream, repo = checkout(daemon, tmp_path, project)
+    name = os.fsdecode(b"caf\xe9.txt")  # Latin-1, not UTF-8
+    local = commit_files(repo, {name: "local\n"})
+    commit_files(upstream, {name: "upstream\n"})
+
+    done = wait_terminal(daemon, submit_sync(daemon, project, strategy="merge")["id"])
+
+    assert done["status"] == "failed", done
+    assert done["error"] == (f"merging origin/main into main conflicts in caf\\xe9.txt; "
+                             f"resolve them in {repo} or use strategy reset to take the "
+                             "upstream version")
+    assert head(repo) == local and git("status", "--porcelain", cwd=repo) == ""
+
+
 def test_a_remote_that_cannot_be_reached_fails_the_fetch(
         daemon: Daemon, tmp_path: Path, project: str) -> None:
     upstream, repo = checkout(daemon, tmp_path, project)
@@ -172,7 +188,10 @@ def test_a_branch_missing_upstream_fails_and_keeps_the_checkout(
     done = wait_terminal(daemon, submit_sync(daemon, project, branch="no-such-branch")["id"])
 
     assert done["status"] == "failed"
-    assert done["error"].startswith("fetching no-such-branch from origin failed")
+    # git's own reason, not whatever line it printed last
+    assert done["error"] == ("fetching no-such-branch from origin failed: git fetch exited "
+                             "with status 128: fatal: couldn't find remote ref "
+                             "refs/heads/no-such-branch")
     assert head(repo) == old
     assert git("symbolic-ref", "--short", "HEAD", cwd=repo) == "main"
 
