@@ -330,7 +330,8 @@ class Manager:
                     more = True
                     break
                 text = self._listed(job_status, wire, wanted)
-                cost = len(text.encode()) + 1  # its comma
+                # its bytes as UTF-8, and its comma (isascii is a flag, not a scan)
+                cost = (len(text) if text.isascii() else len(text.encode())) + 1
                 # the first job always goes out, however small the configured limit: an
                 # empty page with a cursor would have a client page on the spot for ever
                 # (a job bigger than the limit cannot be stored at the default limit; at
