@@ -6,7 +6,12 @@ Built on jsonrpcserver 5: its dispatcher binds named params to each method's sig
 check of the envelope; batches are split here so each item is answered on its own.
 Every error's ``data`` is an object ``{http_status, field?, detail?}``, and no code
 outside SPEC §4's table is ever sent. Database work runs on a thread pool, never on the
-event loop.
+event loop, and so does encoding its answers, which may be large.
+
+What a client sends is checked before any method sees it (SPEC §4, §3a): nesting deeper
+than 64 levels is refused before decoding, and one walk over the params refuses lone
+surrogates and non-finite numbers, naming the field. No client line reaches -32603, and
+hostile lines are logged once per connection.
 """
 
 from __future__ import annotations
@@ -15,7 +20,10 @@ import asyncio
 import concurrent.futures
 import contextvars
 import functools
+import itertools
 import json
+import math
+import operator
 import re
 from typing import Any, Awaitable, Callable
 
@@ -27,16 +35,41 @@ from jobd import auth, errors
 from jobd.auth import Caller
 from jobd.models import RawJSON
 from jobd.manager import Manager
+from jobd.server import Connection
 
-__all__ = ["Rpc", "error_line"]
+__all__ = ["MAX_DEPTH", "Rpc", "error_line"]
 
 log = structlog.get_logger()
 
 _FIELD = re.compile(r"argument:? '(\w+)'")
+#: SPEC §4: JSON nested deeper than this is refused before it is decoded
+MAX_DEPTH = 64
+_STRING = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"')  # possessive: no backtracking
+#: bytes.translate: [ and { become (, ] and } become ), everything else goes
+_BRACKETS = bytes.maketrans(b"[{]}", b"(())")
+_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
+_TOO_DEEP = b"(" * (MAX_DEPTH + 1)
+_RUNS = re.compile(rb"\(+|\)+")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+#: methods whose answer may be large: they hold answer memory until it is sent
+_LARGE_ANSWERS = frozenset({"jobs.list", "jobs.events", "jobs.logs"})
+_TOO_LARGE = "response too large"
+_DECODE_ON_LOOP = 65536   # longer request lines are decoded on the pool
+_SHOWN = 80   # characters of a client's string quoted back in a message
 
 
 def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _encode(value: Any) -> bytes:
+    """A result as JSON bytes (a RawJSON page is already JSON)."""
+    return (value if isinstance(value, RawJSON) else _dumps(value)).encode()
+
+
+def _shown(text: str) -> str:
+    """A client's string as quoted back: escaped, and cut if long."""
+    return repr(text) if len(text) <= _SHOWN else repr(text[:_SHOWN]) + "…"
 
 
 def error_line(err: errors.JobdError, id: Any = None) -> str:
@@ -45,29 +78,151 @@ def error_line(err: errors.JobdError, id: Any = None) -> str:
                    "error": {"code": err.code, "message": err.message, "data": err.data()}})
 
 
+def _error_bytes(err: errors.JobdError, id: Any = None) -> bytes:
+    return error_line(err, id).encode()
+
+
+def _nested_over(line: bytes, limit: int = MAX_DEPTH) -> bool:
+    """Whether JSON ``line`` nests deeper than ``limit``, decided without decoding it.
+
+    A line with few brackets is answered by counting. Otherwise strings are cut out, the
+    brackets kept, the innermost pairs taken off (one level), and the depth read from
+    the alternating runs of openers and closers that remain: all C-speed passes, a few
+    milliseconds for a megabyte. Brackets that do not pair are counted as nesting: such
+    a line is not valid JSON either way.
+    """
+    if line.count(b"[") + line.count(b"{") <= limit:
+        return False
+    if b'"' in line:
+        line = _STRING.sub(b"", line)
+    marks = line.translate(_BRACKETS, _NOT_BRACKET)
+    if _TOO_DEEP in marks:
+        return True
+    runs = _RUNS.findall(marks.replace(b"()", b""))
+    if runs and runs[0][:1] == b")":
+        del runs[0]  # closers before any opener: not JSON; what follows still counts
+    if not runs:
+        return False
+    opened = itertools.accumulate(map(len, runs[0::2]))
+    closed = itertools.accumulate(map(len, runs[1::2]), initial=0)
+    return max(map(operator.sub, opened, closed)) + 1 > limit  # +1: the pairs taken off
+
+
+def _decode(line: bytes) -> Any:
+    """The JSON value of a request line; raises the JobdError that answers a bad one."""
+    if _nested_over(line):
+        raise errors.InvalidRequest(f"JSON nested deeper than {MAX_DEPTH} levels; "
+                                    "send flatter requests", detail="too deep")
+    try:
+        text = line.decode()
+    except UnicodeDecodeError as e:
+        raise errors.ParseError(f"request is not valid UTF-8 (byte {e.start}); "
+                                "send JSON encoded as UTF-8") from None
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise errors.InvalidRequest(f"JSON nested deeper than {MAX_DEPTH} levels; "
+                                    "send flatter requests", detail="too deep") from None
+    except ValueError as e:
+        if "integer string conversion" in str(e):  # Python's int-from-text limit
+            raise errors.ParseError("not valid JSON here: an integer of more than 4300 "
+                                    "digits; send smaller numbers") from None
+        raise errors.ParseError(f"not valid JSON: {e}") from None
+
+
+def _bad_text(text: str) -> bool:
+    return not text.isascii() and _SURROGATE.search(text) is not None
+
+
+def _unfit(value: Any) -> tuple[list[str | int], str] | None:
+    """(path, problem) of the first lone surrogate or non-finite number in ``value``."""
+    kind = type(value)
+    if kind is str:
+        if _bad_text(value):
+            return [], "holds a lone surrogate (\\ud800-\\udfff): send valid Unicode"
+    elif kind is float:
+        if not math.isfinite(value):
+            return [], "must be a finite number (NaN, Infinity and 1e400 are refused)"
+    elif kind is dict:
+        for key, item in value.items():
+            if _bad_text(key):
+                return [], "has a key holding a lone surrogate: send valid Unicode"
+            if type(item) in (str, float, dict, list):
+                found = _unfit(item)
+                if found is not None:
+                    found[0].append(key)
+                    return found
+    elif kind is list:
+        for index, item in enumerate(value):
+            if type(item) in (str, float, dict, list):
+                found = _unfit(item)
+                if found is not None:
+                    found[0].append(index)
+                    return found
+    return None
+
+
+def _path(segments: list[str | int]) -> str:
+    """``["type", "filter"]`` (innermost first) -> ``filter.type``; list items as ``[i]``."""
+    out = ""
+    for segment in reversed(segments):
+        if isinstance(segment, int):
+            out += f"[{segment}]"
+        else:
+            out += f".{segment}" if out else segment
+    return out
+
+
+def _check_params(params: dict[str, Any]) -> None:
+    """Refuse lone surrogates and non-finite numbers anywhere in ``params`` (SPEC §3a)."""
+    found = _unfit(params)
+    if found is not None:
+        segments, problem = found
+        field = _path(segments) or "params"
+        raise errors.InvalidParams(f"{field} {problem}", field=field)
+
+
 def _envelope_problem(item: Any) -> str | None:
-    """Why ``item`` is not a JSON-RPC 2.0 request with named params, or None."""
+    """Why ``item`` is not a JSON-RPC 2.0 Request object, or None."""
     if not isinstance(item, dict):
         return "a request must be a JSON object"
     if item.get("jsonrpc") != "2.0":
         return 'a request must have "jsonrpc": "2.0"'
-    if not isinstance(item.get("method"), str):
+    method = item.get("method")
+    if not isinstance(method, str):
         return 'a request must have a "method" string'
-    if "id" in item and not (item["id"] is None or isinstance(item["id"], (str, int))
-                             and not isinstance(item["id"], bool)):
-        return 'a request\'s "id" must be a string, an integer or null'
+    if _bad_text(method):
+        return 'a request\'s "method" must be valid Unicode (it holds a lone surrogate)'
+    if "id" in item:
+        ident = item["id"]
+        if not (ident is None or isinstance(ident, (str, int)) and not isinstance(ident, bool)):
+            return 'a request\'s "id" must be a string, an integer or null'
+        if isinstance(ident, str) and _bad_text(ident):
+            return 'a request\'s "id" must be valid Unicode (it holds a lone surrogate)'
     extra = set(item) - {"jsonrpc", "method", "params", "id"}
     if extra:
-        return f"unknown request member {sorted(extra)[0]!r}"
+        return f"unknown request member {_shown(sorted(extra)[0])}"
     return None
 
 
-class Rpc:
-    """Maps JSON-RPC methods onto the manager for one daemon."""
+def _may_answer_large(item: Any) -> bool:
+    return isinstance(item, dict) and "id" in item and (
+        item.get("method") in _LARGE_ANSWERS
+        or isinstance(item.get("params"), dict) and "filter" in item["params"])
 
-    def __init__(self, manager: Manager, *, max_batch: int, threads: int = 16) -> None:
+
+class Rpc:
+    """Maps JSON-RPC methods onto the manager for one daemon.
+
+    Its limits (``max_batch``, ``max_response_bytes``) are read from ``manager.config``
+    for each line, so a reload that replaces the manager's config changes them.
+    """
+
+    def __init__(self, manager: Manager, *, max_batch: int | None = None,
+                 threads: int = 16) -> None:
+        # max_batch: taken for daemon.py's sake; the limit in force is manager.config's
+        del max_batch
         self.manager = manager
-        self.max_batch = max_batch
         self.pool = concurrent.futures.ThreadPoolExecutor(threads, "jobd-rpc")
         self.shutting_down = False
         self.methods = self._table()
@@ -83,45 +238,98 @@ class Rpc:
 
     # -- the protocol --------------------------------------------------------------------
 
-    async def dispatch(self, line: str, caller: Caller) -> str | None:
-        """One request line -> one response line, or None (notifications only)."""
+    async def dispatch(self, line: bytes, conn: Connection) -> bytes | None:
+        """One request line -> one answer line (with its newline), or None."""
+        limits = self.manager.config.server
         try:
-            doc = json.loads(line)
-        except ValueError as e:
-            return error_line(errors.ParseError(f"not valid JSON: {e}"))
+            # a long line is decoded on the pool: a megabyte of JSON takes milliseconds
+            doc = await self.offload(_decode, line) if len(line) > _DECODE_ON_LOOP else _decode(line)
+        except errors.JobdError as e:
+            conn.refused(e.message)
+            return _error_bytes(e) + b"\n"
         if not isinstance(doc, list):
-            return await self._one(doc, caller)
+            if _may_answer_large(doc):
+                await conn.reserve()
+            answer = await self._one(doc, conn)
+            if answer is None:
+                return None
+            if len(answer) > limits.max_response_bytes:
+                answer = self._too_large(doc, limits.max_response_bytes)
+            conn.settle(len(answer) + 1)
+            return answer + b"\n"
         if not doc:
-            return error_line(errors.InvalidRequest("an empty batch is not a request"))
-        if len(doc) > self.max_batch:
-            return error_line(errors.InvalidRequest(
-                f"a batch holds at most {self.max_batch} requests (got {len(doc)})"))
-        answers = [a for a in [await self._one(item, caller) for item in doc] if a is not None]
-        return f"[{','.join(answers)}]" if answers else None
+            return _error_bytes(errors.InvalidRequest("an empty batch is not a request")) + b"\n"
+        if len(doc) > limits.max_batch:
+            return _error_bytes(errors.InvalidRequest(
+                f"a batch holds at most {limits.max_batch} requests (got {len(doc)})")) + b"\n"
+        if any(_may_answer_large(item) for item in doc):
+            await conn.reserve()
+        return await self._batch(doc, conn, limits.max_response_bytes)
 
-    async def _one(self, item: Any, caller: Caller) -> str | None:
+    async def _batch(self, doc: list[Any], conn: Connection, limit: int) -> bytes | None:
+        """A batch's answers, in order, within ``limit`` bytes: items past it are -32050.
+
+        Room is kept for a "response too large" error for every item still to come, so
+        the line never passes the limit, and an answer that does not fit is dropped as
+        soon as it is built.
+        """
+        spares = [len(self._too_large(item, limit)) + 1 if _has_id(item) else 0
+                  for item in doc]
+        room = limit - 2 - sum(spares)  # 2: the brackets
+        answers: list[bytes] = []
+        for item, spare in zip(doc, spares):
+            room += spare
+            answer = await self._one(item, conn)
+            if answer is None:
+                continue
+            if len(answer) + 1 > room:
+                answer = self._too_large(item, limit)
+            room -= len(answer) + 1
+            answers.append(answer)
+        if not answers:
+            return None
+        out = b"[" + b",".join(answers) + b"]\n"
+        conn.settle(len(out))
+        return out
+
+    def _too_large(self, item: Any, limit: int) -> bytes:
+        method = item.get("method") if isinstance(item, dict) else None
+        return _error_bytes(errors.Unavailable(
+            f"the answer to {method} is larger than server.max_response_bytes "
+            f"({limit} bytes); ask for less (a smaller limit, fields) or fewer items "
+            "per batch", detail=_TOO_LARGE), item.get("id") if _has_id(item) else None)
+
+    async def _one(self, item: Any, conn: Connection) -> bytes | None:
+        """One Request object's answer (no newline), or None for a notification."""
         problem = _envelope_problem(item)
         if problem is not None:
-            ident = item.get("id") if isinstance(item, dict) else None
-            return error_line(errors.InvalidRequest(problem),
-                              ident if isinstance(ident, (str, int)) else None)
+            conn.refused(problem)
+            return _error_bytes(errors.InvalidRequest(problem))
+        notification = "id" not in item
+        ident = item.get("id")
         params = item.get("params", {})
-        if not isinstance(params, dict):
-            err = errors.InvalidParams("params must be an object of named params", field="params")
-            return error_line(err, item.get("id"))
-        if self.shutting_down and "id" in item:
-            return error_line(errors.Unavailable("jobd is shutting down; retry shortly"),
-                              item["id"])
+        try:
+            if not isinstance(params, dict):
+                raise errors.InvalidParams("params must be an object of named params "
+                                           "(positional params are not taken)", field="params")
+            _check_params(params)
+        except errors.InvalidParams as e:
+            if not notification:
+                conn.refused(e.message)
+            return None if notification else _error_bytes(e, ident)
+        if self.shutting_down:
+            return None if notification else _error_bytes(
+                errors.Unavailable("jobd is shutting down; retry shortly"), ident)
         response = await async_dispatch_to_response(
-            item, self.methods, context=caller, deserializer=lambda x: x,
+            item, self.methods, context=conn.caller, deserializer=lambda x: x,
             validator=lambda x: x, post_process=to_serializable_one)
         if response is None:
             return None
         if "error" in response:
-            return self._error(response["error"], response["id"])
-        if isinstance(response["result"], RawJSON):
-            return f'{{"jsonrpc":"2.0","id":{_dumps(response["id"])},"result":{response["result"]}}}'
-        return _dumps(response)
+            return self._error(response["error"], response["id"]).encode()
+        result = response["result"]
+        encoded = result if isinstance(result, bytes) else _encode(result)
+        return b'{"jsonrpc":"2.0","id":%s,"result":%s}' % (_dumps(ident).encode(), encoded)
 
     @staticmethod
     def _error(error: dict[str, Any], ident: Any) -> str:
@@ -131,7 +339,9 @@ class Rpc:
             return _dumps({"jsonrpc": "2.0", "id": ident, "error": error})
         detail = data if isinstance(data, str) else None
         if error["code"] == errors.MethodNotFound.code:
-            err: errors.JobdError = errors.MethodNotFound(f"no such method: {detail}")
+            name = detail or ""
+            err: errors.JobdError = errors.MethodNotFound(
+                f"no such method: {name if len(name) <= _SHOWN else _shown(name)}")
         elif error["code"] == errors.InvalidParams.code:
             m = _FIELD.search(detail or "")
             err = errors.InvalidParams(f"invalid params: {detail}",
@@ -147,18 +357,19 @@ class Rpc:
         m = self.manager
 
         def scoped(name: str, fn: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
-            """A user-scoped method: takes as_user/as_admin, runs ``fn(scope, ...)`` off-loop."""
+            """A user-scoped method: takes as_user/as_admin/as_role, runs ``fn(scope, ...)``."""
             @functools.wraps(fn)
             async def method(caller: Caller, *, as_user: Any = None, as_admin: Any = False,
-                             **params: Any) -> Any:
+                             as_role: Any = None, **params: Any) -> Any:
                 structlog.contextvars.clear_contextvars()
                 structlog.contextvars.bind_contextvars(method=name, caller=caller.user)
                 if isinstance(params.get("job_id"), str):
                     structlog.contextvars.bind_contextvars(job_id=params["job_id"])
-                scope = auth.scope(caller, as_user, as_admin)
+                scope = auth.scope(caller, as_user, as_admin, as_role, config=m.config)
                 if asyncio.iscoroutinefunction(fn):
                     return await fn(scope, **params)
-                return await self.offload(fn, scope, **params)
+                # encoded where it was built, so a large answer costs the event loop nothing
+                return await self.offload(lambda: _encode(fn(scope, **params)))
             return _answer(method, fn)
 
         async def ping(caller: Caller) -> Any:
@@ -187,7 +398,7 @@ def _answer(method: Callable[..., Awaitable[Any]], signature_of: Callable[..., A
     """Wrap a method so a JobdError or a crash becomes a JSON-RPC error in our shape.
 
     The wrapper shows jsonrpcserver the signature of ``signature_of`` plus the context
-    and as_user/as_admin, so missing or unknown params are refused before the call.
+    and as_user/as_admin/as_role, so missing or unknown params are refused before the call.
     """
     @functools.wraps(method)
     async def answer(caller: Caller, **params: Any) -> Any:
@@ -204,13 +415,20 @@ def _answer(method: Callable[..., Awaitable[Any]], signature_of: Callable[..., A
 
 
 def _signature(fn: Callable[..., Any], *, scoped: bool) -> Any:
-    """``fn``'s keyword params after its first (the scope), plus context and as_user/as_admin."""
+    """``fn``'s keyword params after its first (the scope), plus context and as_user,
+    as_admin and as_role."""
     import inspect
     params = list(inspect.signature(fn).parameters.values())
     if scoped:
         params = params[1:]  # drop the scope
         params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in params]
         params += [inspect.Parameter("as_user", inspect.Parameter.KEYWORD_ONLY, default=None),
-                   inspect.Parameter("as_admin", inspect.Parameter.KEYWORD_ONLY, default=False)]
+                   inspect.Parameter("as_admin", inspect.Parameter.KEYWORD_ONLY, default=False),
+                   inspect.Parameter("as_role", inspect.Parameter.KEYWORD_ONLY, default=None)]
         params.insert(0, inspect.Parameter("caller", inspect.Parameter.POSITIONAL_ONLY))
     return inspect.Signature(params)
+
+
+def _has_id(item: Any) -> bool:
+    """A Request that gets an answer: a valid one with an id (an invalid one gets id null)."""
+    return isinstance(item, dict) and "id" in item and _envelope_problem(item) is None

@@ -2,63 +2,144 @@
 
 It owns the listening socket (bound here, or adopted from systemd on fd 3) and every
 connection on it: lines in, lines out, in order (SPEC §4). What a line means is not its
-business: each complete line goes to ``dispatch`` with the Caller the kernel vouches for,
-and whatever comes back is written as one line. Framing errors and refusals are answered
-with ``error_line``, which rpc.py provides so that every error has the same shape.
+business: each complete line goes to ``dispatch`` with its ``Connection`` (the Caller the
+kernel vouches for, and the answer memory it may hold), and whatever comes back is
+written as one line. A connection is not read while its last answer is unsent, and one
+whose client does not read its answers within ``line_timeout`` is closed. Framing errors
+and refusals are answered with ``error_line``, which rpc.py provides so that every error
+has the same shape.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
+import fcntl
 import os
 import socket
 import stat
+import struct
+import termios
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 import structlog
 
 from jobd import auth
-from jobd.config import Config
-from jobd.errors import InternalError, InvalidRequest, JobdError, LimitExceeded, ParseError
+from jobd.config import Config, _user_socket
+from jobd.errors import InternalError, InvalidRequest, JobdError, LimitExceeded
 from jobd.models import Role
 
-__all__ = ["AlreadyRunning", "Dispatch", "Server", "notify", "watchdog_loop"]
+__all__ = ["AlreadyRunning", "Connection", "Dispatch", "Server", "notify", "watchdog_loop"]
 
 log = structlog.get_logger()
 
-#: one request line (no newline) and its caller -> one response line (no newline), or None
-Dispatch = Callable[[str, auth.Caller], Awaitable[str | None]]
+#: one request line (no newline) on its connection -> one answer line (ending in a
+#: newline), or None (notifications)
+Dispatch = Callable[[bytes, "Connection"], Awaitable[bytes | None]]
 
 _SD_LISTEN_FD = 3
 _READ_CHUNK = 65536
 _STOP_GRACE_S = 3.0      # how long stop() lets in-flight requests finish
 _PROBE_TIMEOUT_S = 1.0   # connect to an existing socket file: does a daemon answer?
 _EXEMPT = (Role.ADMIN, Role.SERVICE)
+#: answer bytes one uid may have being built or unsent, in max_response_bytes
+_ANSWERS_PER_UID = 2
+_RECHECK_S = 0.5          # an idle connection with input waiting is looked at again after this
+_USER_SOCKET_MODE = 0o600  # in the per-user folder, whatever server.socket_mode says
 
 
 class AlreadyRunning(Exception):
     """Another jobd answers on the socket."""
 
 
-class _Conn:
-    """One client connection and its read deadline.
+class _AnswerMemory:
+    """Bytes of answers being built or waiting to be sent, per uid.
 
-    A single timer per connection enforces both timeouts: it is re-armed only when it
-    fires early or when a nearer deadline is set, so answering a request costs no timer
-    work at all.
+    A call that may answer big reserves a whole ``max_response_bytes`` before it is
+    built, shrinks that to the answer's size once built, and gives it back when the
+    answer has reached the kernel: one user's unread answers hold at most
+    ``_ANSWERS_PER_UID`` × ``max_response_bytes``, however many connections they open.
     """
 
-    __slots__ = ("caller", "transport", "deadline", "reason", "timer", "timed_out")
+    def __init__(self) -> None:
+        self.held: collections.Counter[int] = collections.Counter()
+        self._waiters: list[asyncio.Future[None]] = []
 
-    def __init__(self, caller: auth.Caller, transport: asyncio.BaseTransport) -> None:
+    async def reserve(self, uid: int, nbytes: int, capacity: int) -> None:
+        # one reservation always fits, whatever its size: the limit only makes callers wait
+        while self.held[uid] and self.held[uid] + nbytes > capacity:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+        self.held[uid] += nbytes
+
+    def release(self, uid: int, nbytes: int) -> None:
+        if not nbytes:
+            return
+        self.held[uid] -= nbytes
+        if self.held[uid] <= 0:
+            del self.held[uid]
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+
+class Connection:
+    """One client connection: its caller, its read deadline, the answer memory it holds.
+
+    A single timer per connection enforces both read timeouts: it is re-armed only when
+    it fires early or when a nearer deadline is set, so answering a request costs no
+    timer work at all.
+    """
+
+    __slots__ = ("caller", "transport", "deadline", "reason", "timer", "timed_out",
+                 "held", "refusals", "_server")
+
+    def __init__(self, server: Server, caller: auth.Caller,
+                 transport: asyncio.BaseTransport) -> None:
+        self._server = server
         self.caller = caller
         self.transport = transport
         self.deadline: float | None = None   # None while a request is being answered
         self.reason = ""
         self.timer: asyncio.TimerHandle | None = None
         self.timed_out = ""
+        self.held = 0        # bytes reserved in the server's answer memory
+        self.refusals = 0    # hostile lines refused so far
+
+    @property
+    def max_response_bytes(self) -> int:
+        return self._server.limits.max_response_bytes
+
+    async def reserve(self) -> None:
+        """Hold room for one answer of up to ``max_response_bytes`` before building it."""
+        limit = self.max_response_bytes
+        await self._server.answers.reserve(self.caller.uid, limit, limit * _ANSWERS_PER_UID)
+        self.held += limit
+
+    def settle(self, nbytes: int) -> None:
+        """The answer is built: hold only its ``nbytes`` until it is sent."""
+        if self.held > nbytes:
+            self._server.answers.release(self.caller.uid, self.held - nbytes)
+            self.held = nbytes
+
+    def release(self) -> None:
+        self._server.answers.release(self.caller.uid, self.held)
+        self.held = 0
+
+    def refused(self, reason: str, **details: Any) -> None:
+        """Log a hostile line: the first one per connection at info, later ones at debug."""
+        self.refusals += 1
+        emit = log.info if self.refusals == 1 else log.debug
+        emit("request_refused", user=self.caller.user, uid=self.caller.uid, reason=reason,
+             refusals=self.refusals, **details)
 
     def wait_until(self, loop: asyncio.AbstractEventLoop, deadline: float, reason: str) -> None:
         self.deadline, self.reason = deadline, reason
@@ -74,13 +155,36 @@ class _Conn:
         if loop.time() < self.deadline:
             self.timer = loop.call_at(self.deadline, self._expire, loop)
             return
-        self.timed_out = self.reason
-        self.transport.close()
+        if self.reason == "idle_timeout" and _pending_input(self.transport):
+            # a request came in while the daemon could not run (SIGSTOP, a long pause):
+            # it is read, not dropped
+            self.timer = loop.call_at(loop.time() + _RECHECK_S, self._expire, loop)
+            return
+        # data read in this same loop turn wakes the reading task on the next one:
+        # close only if it is still waiting then
+        loop.call_soon(self._close_if_waiting, loop)
+
+    def _close_if_waiting(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.deadline is not None and loop.time() >= self.deadline:
+            self.timed_out = self.reason
+            self.transport.close()
 
     def cancel_timer(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+
+
+def _pending_input(transport: asyncio.BaseTransport) -> bool:
+    """Bytes wait in the kernel to be read on this connection."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return False
+    try:
+        waiting = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    except OSError:
+        return False
+    return struct.unpack("i", waiting)[0] > 0
 
 
 class Server:
@@ -92,15 +196,31 @@ class Server:
         self._dispatch = dispatch
         self._error_line = error_line
         self._server: asyncio.AbstractServer | None = None
-        self._conns: dict[asyncio.Task[None], _Conn] = {}
+        self._conns: dict[asyncio.Task[None], Connection] = {}
         self._per_uid: collections.Counter[int] = collections.Counter()
         self._stopping = False
+        self.answers = _AnswerMemory()
         # (path, inode) of the socket file we bound; None when systemd owns it
         self._bound: tuple[Path, int] | None = None
 
     @property
     def connections(self) -> int:
         return len(self._conns)
+
+    @property
+    def limits(self) -> Any:
+        """The ``[server]`` section in force (a reload may change it)."""
+        return self._config.server
+
+    def reconfigure(self, config: Config) -> None:
+        """Use ``config``'s ``[server]`` limits and timeouts for new connections and lines.
+
+        The socket path and its mode stay as they were bound: only a restart changes them.
+        """
+        self._config = dataclasses.replace(
+            config, socket=self._config.socket,
+            server=dataclasses.replace(config.server,
+                                       socket_mode=self._config.server.socket_mode))
 
     async def start(self, *, accept: bool = True) -> None:
         """Listen: on the socket systemd passed in, else on ``config.socket``.
@@ -127,20 +247,25 @@ class Server:
 
     def _bind(self) -> socket.socket:
         path = self._config.socket
-        if not path.parent.is_dir():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.parent.chmod(0o755)  # whatever the umask: clients must reach the socket
+        if path.parent in _user_folders():
+            _trusted_user_folder(path.parent)
+            mode = _USER_SOCKET_MODE
+        else:
+            if not path.parent.is_dir():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.parent.chmod(0o755)  # whatever the umask: clients must reach the socket
+            mode = int(self._config.server.socket_mode, 8)
         _remove_stale(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind(str(path))
             # before listen(): nobody can connect while the mode is still the umask's
-            path.chmod(int(self._config.server.socket_mode, 8))
+            path.chmod(mode)
             self._bound = (path, path.stat().st_ino)
         except OSError as e:
             sock.close()
             raise OSError(e.errno, f"cannot listen on {path}: {e.strerror or e}") from None
-        log.info("socket_bound", socket=str(path), mode=self._config.server.socket_mode)
+        log.info("socket_bound", socket=str(path), mode=f"{mode:04o}")
         return sock
 
     async def stop(self) -> None:
@@ -174,7 +299,7 @@ class Server:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         transport = writer.transport
-        limits = self._config.server
+        limits = self.limits
         if self._stopping:
             transport.close()
             return
@@ -204,10 +329,12 @@ class Server:
 
         task = asyncio.current_task()
         assert task is not None
-        conn = _Conn(caller, transport)
+        conn = Connection(self, caller, transport)
         self._conns[task] = conn
         if not exempt:
             self._per_uid[uid] += 1
+        # drain() then waits until an answer has wholly reached the kernel
+        transport.set_write_buffer_limits(high=0)  # type: ignore[attr-defined]
         log.debug("connection_opened", user=caller.user, uid=uid, pid=pid, role=str(caller.role))
         try:
             reason = await self._lines(conn, reader, writer)
@@ -221,12 +348,16 @@ class Server:
             reason = "internal error"
         finally:
             conn.cancel_timer()
+            conn.release()
             del self._conns[task]
             if not exempt:
                 self._per_uid[uid] -= 1
                 if not self._per_uid[uid]:
                     del self._per_uid[uid]
-            transport.close()
+            if conn.timed_out == "answer_unread":
+                transport.abort()  # drop the unread answer now, not when the client reads
+            else:
+                transport.close()
             if conn.timed_out:
                 log.info("connection_timed_out", user=caller.user, pid=pid, timeout=conn.timed_out)
             else:
@@ -236,17 +367,14 @@ class Server:
         writer.write((self._error_line(error) + "\n").encode())
         writer.close()
 
-    async def _lines(self, conn: _Conn, reader: asyncio.StreamReader,
+    async def _lines(self, conn: Connection, reader: asyncio.StreamReader,
                      writer: asyncio.StreamWriter) -> str:
         """Answer request lines until EOF, a framing error, a timeout or shutdown."""
         loop = asyncio.get_running_loop()
-        limits = self._config.server
-        max_bytes = limits.max_message_bytes
-        transport = writer.transport
-        caller = conn.caller
         tail = bytearray()        # the start of a line whose newline has not arrived yet
         line_started = 0.0
         while not self._stopping:
+            limits = self.limits
             if tail:
                 conn.wait_until(loop, line_started + limits.line_timeout, "line_timeout")
             else:
@@ -256,6 +384,7 @@ class Server:
                 return "eof"
             conn.deadline = None
             arrived = loop.time()
+            max_bytes = limits.max_message_bytes
             if tail:
                 tail += chunk
                 data: bytes | bytearray = tail
@@ -265,19 +394,17 @@ class Server:
             while (nl := data.find(b"\n", start)) >= 0:
                 if nl - start > max_bytes:
                     break
-                line = data[start:nl]
+                line = bytes(data[start:nl])
                 start = nl + 1
                 if line and not line.isspace():
-                    response = await self._answer(line, caller)
-                    if response is not None:
-                        writer.write((response + "\n").encode())
-                        if transport.get_write_buffer_size():
-                            await writer.drain()  # the client reads slower than we answer
+                    answer = await self._answer(line, conn)
+                    if answer is not None and not await self._send(conn, writer, answer):
+                        return "answer unread"
+                    conn.release()
                 if self._stopping:
                     return "shutdown"
             if len(data) - start > max_bytes:
-                log.info("request_refused", user=caller.user, reason="line too long",
-                         max_message_bytes=max_bytes)
+                conn.refused("line too long", max_message_bytes=max_bytes)
                 writer.write((self._error_line(InvalidRequest(
                     f"request line longer than {max_bytes} bytes "
                     "(server.max_message_bytes); send smaller requests")) + "\n").encode())
@@ -293,17 +420,55 @@ class Server:
                 line_started = arrived
         return "shutdown"
 
-    async def _answer(self, line: bytes | bytearray, caller: auth.Caller) -> str | None:
+    async def _send(self, conn: Connection, writer: asyncio.StreamWriter, answer: bytes) -> bool:
+        """Write one answer and wait until it has reached the kernel; False if it never did."""
+        writer.write(answer)
+        if writer.transport.get_write_buffer_size():
+            # nothing more is read or answered on this connection until the client
+            # reads this answer
+            try:
+                await asyncio.wait_for(writer.drain(), self.limits.line_timeout)
+            except asyncio.TimeoutError:
+                conn.timed_out = "answer_unread"
+                return False
+        return True
+
+    async def _answer(self, line: bytes, conn: Connection) -> bytes | None:
         try:
-            text = line.decode()
-        except UnicodeDecodeError as e:
-            return self._error_line(ParseError(
-                f"request is not valid UTF-8 (byte {e.start}); send JSON encoded as UTF-8"))
-        try:
-            return await self._dispatch(text, caller)
+            return await self._dispatch(line, conn)
         except Exception:
-            log.exception("request_failed", user=caller.user)
-            return self._error_line(InternalError())
+            log.exception("request_failed", user=conn.caller.user)
+            return (self._error_line(InternalError()) + "\n").encode()
+
+
+def _user_folders() -> set[Path]:
+    """The per-user socket folders (SPEC §1): ``$XDG_RUNTIME_DIR/jobd``, ``/tmp/jobd-$UID``."""
+    return {_user_socket(os.environ).parent, _user_socket({}).parent}
+
+
+def _trusted_user_folder(folder: Path) -> None:
+    """Make the per-user socket folder 0700, or refuse one that someone else could control."""
+    try:
+        os.mkdir(folder, 0o700)
+        os.chmod(folder, 0o700)  # whatever the umask
+        return
+    except FileExistsError:
+        pass
+    st = folder.lstat()
+    uid = os.geteuid()
+    if stat.S_ISLNK(st.st_mode):
+        problem = "is a symbolic link"
+    elif not stat.S_ISDIR(st.st_mode):
+        problem = "is not a folder"
+    elif st.st_uid != uid:
+        problem = f"is owned by uid {st.st_uid}, not by jobd's uid {uid}"
+    elif st.st_mode & 0o022:
+        problem = f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
+    else:
+        return
+    raise OSError(f"socket folder {folder} {problem}: jobd binds only in a per-user folder "
+                  "that is its own; remove it (jobd makes it 0700) or choose another "
+                  "socket path (--socket)")
 
 
 def _adopt() -> socket.socket | None:
