@@ -4,6 +4,7 @@ choose, a repository swapped for a link mid-run, and a daemon killed during a ch
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shutil
@@ -246,24 +247,33 @@ def test_a_daemon_killed_during_a_checkout_resumes_and_later_syncs_work(
     upstream = make_upstream(tmp_path / "upstream")
     repo = clone(upstream, d.repos / "root" / "big")
     old = head(repo)
-    many = [upstream / f"d{i // 150}" / f"f{i}.txt" for i in range(1500)]
+    many = [upstream / f"d{i // 100}" / f"f{i}.txt" for i in range(300)]
     for path in many:
         path.parent.mkdir(exist_ok=True)
         path.write_text(f"{path.name}\n")
     git("add", ".", cwd=upstream)
     git("commit", "-q", "-m", "many files", cwd=upstream)
     new = head(upstream)
+    # the checkout writes each file slowly while `slow` exists (the repository's own filter)
+    slow = tmp_path / "slow"
+    slow.touch()
+    git("config", "filter.slow.smudge", f"[ -e {slow} ] && sleep 0.05; cat", cwd=repo)
+    (repo / ".git" / "info" / "attributes").write_text("*.txt filter=slow\n")
     job = submit_sync(d, "big")
 
-    # freeze the checkout once it has written some files, then crash the daemon under it
-    pids = wait_for(lambda: _git_processes((b"merge", b"--ff-only")), timeout=20,
-                    interval=0.001, what="the checkout to start")
-    wait_for((repo / "d0" / "f0.txt").exists, interval=0.001, what="files to be written")
-    for pid in pids:
-        os.killpg(pid, signal.SIGSTOP)
+    # crash the daemon, and kill its git, once the checkout has written some files
+    wait_for((repo / "d0" / "f0.txt").exists, timeout=20, interval=0.002,
+             what="the checkout to write files")
+    pids = _git_processes((b"merge", b"--ff-only"))
+    assert pids, "the checkout ended before it could be stopped"
+    groups = {os.getpgid(pid) for pid in pids}
+    for pgid in groups:
+        os.killpg(pgid, signal.SIGSTOP)
     d.kill()
-    for pid in pids:
-        os.killpg(pid, signal.SIGKILL)
+    for pgid in groups:
+        with contextlib.suppress(ProcessLookupError):  # its supervisor may have killed it
+            os.killpg(pgid, signal.SIGKILL)
+    slow.unlink()
     # the wedge: HEAD still old, the new files left untracked
     assert head(repo) == old
     status = git("status", "--porcelain", "--untracked-files=all", cwd=repo).splitlines()
@@ -275,7 +285,7 @@ def test_a_daemon_killed_during_a_checkout_resumes_and_later_syncs_work(
     assert done["status"] == "completed", done
     assert done["attempts"] == 2 and done["result"]["new_revision"] == new
     # the restore said what it took away
-    assert "files a stopped checkout had written (d" in joblog(d, job["id"])
+    assert "a stopped checkout had written (d0/f0.txt" in joblog(d, job["id"])
     assert git("status", "--porcelain", "--untracked-files=all", cwd=repo) == ""
 
     # and the repository is not wedged for the ff-only syncs after it
