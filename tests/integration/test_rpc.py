@@ -762,11 +762,6 @@ def test_service_without_as_user_is_unauthenticated(jd: Daemon, local_accounts: 
     assert answers[4]["result"]["jobs"] == []
 
 
-def test_internal_error_is_not_provoked() -> None:
-    pytest.skip("-32603 needs a daemon bug to provoke: the two found (a forged jobs.list "
-                "cursor, a jobs.logs offset past 2^63) now answer -32602 above")
-
-
 # -- notifications, batches, pipelining --------------------------------------------------------
 
 def test_a_notification_gets_no_response(jd: Daemon) -> None:
