@@ -7,7 +7,9 @@ Phases (SPEC §5), with their share of the whole job's progress:
 - ``git_sync`` (5–40): ``git fetch`` of the branch into ``refs/remotes/<remote>/``
   (git's own percentages drive the progress), a switch to the branch if another one is
   checked out, then the merge by strategy: ``ff-only``, ``merge`` or ``reset``. If
-  anything fails or the job is cancelled, the work tree is put back where it was.
+  anything fails, the job is cancelled or the daemon dies, the work tree is put back
+  where it was, including the untracked files a stopped checkout had written (a user's
+  own untracked file in the way is refused before git writes anything).
 - ``indexing`` (40–95): the configured indexer (see ``index.py``).
 - ``finalizing`` (95–100): the result.
 
@@ -258,7 +260,7 @@ def _fetch_and_merge(ctx: JobContext, repo: git.Repository, init: dict[str, Any]
         incoming.extend(revisions)
     if switch:
         git.run_in_job(ctx, repo, *switch)
-    if step and step[0] == "merge" and strategy == "merge":
+    if step and strategy == "merge":
         _merge(ctx, repo, step, upstream, branch)
     elif step:
         git.run_in_job(ctx, repo, *step)
