@@ -92,6 +92,7 @@ class Scope:
     may_raise_priority: bool  #: priority above 0
     may_stats: bool          #: admin.stats and admin.cleanup
     may_pause: bool          #: admin.pause and admin.resume
+    may_any_timeout: bool = False  #: timeout_s of 0 (no limit) or past max_timeout
 
     def check_filter(self, user_id: str | None) -> str | None:
         """The ``user_id`` filter of jobs.list, as it applies in this scope."""
@@ -181,7 +182,8 @@ def scope(caller: Caller, as_user: str | None, as_admin: bool, as_role: str | No
             return _plain(caller, as_user, actor=actor)
         return Scope(caller, user_id=None if as_admin else as_user, owner=as_user,
                      actor=actor, may_repo_path=True, may_admin_types=False,
-                     may_raise_priority=True, may_stats=as_admin, may_pause=as_admin)
+                     may_raise_priority=True, may_stats=as_admin, may_pause=as_admin,
+                     may_any_timeout=True)
 
     actor = f"admin:{name}"
     if as_role is not None:
@@ -190,7 +192,8 @@ def scope(caller: Caller, as_user: str | None, as_admin: bool, as_role: str | No
     scoped = as_user is not None and not as_admin
     return Scope(caller, user_id=as_user if scoped else None, owner=as_user or name,
                  actor=actor, may_repo_path=True, may_admin_types=True,
-                 may_raise_priority=True, may_stats=not scoped, may_pause=not scoped)
+                 may_raise_priority=True, may_stats=not scoped, may_pause=not scoped,
+                 may_any_timeout=True)
 
 
 def _plain(caller: Caller, user: str, *, actor: str) -> Scope:

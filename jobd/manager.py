@@ -463,8 +463,7 @@ class Manager:
     def _timeout(self, scope: Scope, timeout_s: Any) -> float:
         """A submit's ``timeout_s`` (SPEC §3a): 0 is no limit (services and admins only);
         a plain user asks from 1 s up to ``max_timeout``."""
-        # may_repo_path is exactly the trust of services and admins not acting as_role "user"
-        if scope.may_repo_path:
+        if scope.may_any_timeout:
             return _number(timeout_s, "timeout_s", 0, None, " seconds (0: no limit)")
         high = self.config.execution.max_timeout
         bound = "" if high is None else "the max_timeout; "

@@ -127,6 +127,16 @@ MIGRATIONS: tuple[str, ...] = (
     UPDATE jobs SET weight = 1 + (length(CAST(options AS BLOB)) + length(CAST(metadata AS BLOB))
                                   + ifnull(length(CAST(description AS BLOB)), 0)) / 4096
         WHERE length(options) + length(metadata) + ifnull(length(description), 0) >= 1024;
+    -- before numbers were checked, NaN and Infinity could be stored: SQLite's JSON
+    -- functions refuse such a row, so every jobs.list page holding it failed
+    UPDATE jobs SET
+        options = CASE WHEN json_valid(options) THEN options ELSE
+            replace(replace(replace(options, '-Infinity', 'null'), 'Infinity', 'null'),
+                    'NaN', 'null') END,
+        metadata = CASE WHEN json_valid(metadata) THEN metadata ELSE
+            replace(replace(replace(metadata, '-Infinity', 'null'), 'Infinity', 'null'),
+                    'NaN', 'null') END
+        WHERE NOT json_valid(options) OR NOT json_valid(metadata);
     CREATE TABLE user_stored (user_id TEXT PRIMARY KEY, weight INTEGER NOT NULL) WITHOUT ROWID;
     INSERT INTO user_stored SELECT user_id, sum(weight) FROM jobs
         WHERE status IN ('completed', 'failed', 'cancelled') GROUP BY user_id;

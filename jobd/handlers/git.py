@@ -70,6 +70,8 @@ ENV: dict[str, str] = {
     "SSH_ASKPASS": "/bin/false",
     "GIT_MERGE_AUTOEDIT": "no",
     "LC_ALL": "C",
+    # the environment would win over core.sshCommand=ssh: plain ssh, whatever jobd inherited
+    "GIT_SSH_COMMAND": "ssh",
 }
 
 

@@ -179,6 +179,7 @@ TABLE = {
     "may_raise_priority": (False, True, True, True, True),
     "may_stats": (False, False, True, True, False),
     "may_pause": (False, False, True, True, False),
+    "may_any_timeout": (False, True, True, True, True),
 }
 
 

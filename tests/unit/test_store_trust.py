@@ -137,3 +137,23 @@ def test_the_migration_weighs_jobs_stored_before_it(tmp_path: Path) -> None:
         store.close()
     with raw(db) as check:
         assert check.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+def test_the_migration_repairs_stored_nan_and_infinity(tmp_path: Path) -> None:
+    db = tmp_path / "old.db"
+    conn = sqlite3.connect(db, isolation_level=None)
+    for number, script in enumerate(MIGRATIONS[:2], 1):
+        conn.executescript(script)
+        conn.execute(f"PRAGMA user_version = {number}")
+    conn.execute("INSERT INTO jobs (id, type, user_id, status, options, metadata, version, "
+                 "created_at, updated_at) VALUES ('j1', 'noop', 'alice', 'completed', "
+                 "'{\"a\":NaN}', '{\"b\":Infinity,\"c\":-Infinity,\"d\":\"ok\"}', 1, 1, 1)")
+    conn.close()
+    store = Store(db, synchronous="normal").open()
+    try:
+        job = store.get_job("j1")
+        assert job.options == {"a": None}
+        assert job.metadata == {"b": None, "c": None, "d": "ok"}
+        assert len(store.list_wire(limit=5)) == 1  # SQLite's json() takes the row again
+    finally:
+        store.close()
