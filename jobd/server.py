@@ -384,7 +384,7 @@ class Server:
                 return "eof"
             conn.deadline = None
             arrived = loop.time()
-            max_bytes = limits.max_message_bytes
+            max_bytes = self.limits.max_message_bytes  # a reload meanwhile counts
             if tail:
                 tail += chunk
                 data: bytes | bytearray = tail

@@ -571,3 +571,121 @@ async def test_watchdog_does_nothing_when_not_asked(env: dict[str, str],
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     await asyncio.wait_for(server.watchdog_loop(), 1)  # returns at once
+
+
+# -- answers: flushed before the next line, bounded, a client that does not read --------------
+
+@aio
+async def test_no_line_is_read_while_an_answer_is_unsent(sock_dir: Path) -> None:
+    seen: list[bytes] = []
+
+    async def recording(data: bytes, conn: server.Connection) -> bytes | None:
+        seen.append(data)
+        return await echo(data, conn)
+
+    async with serving(make_config(sock_dir), recording):
+        reader, writer = await asyncio.open_unix_connection(str(sock_dir / "jobd.sock"),
+                                                            limit=1 << 24)
+        writer.transport.pause_reading()  # a client that does not read, for now
+        writer.write(b"big 4000000\nafter\n")
+        await writer.drain()
+        await asyncio.sleep(0.3)
+        assert seen == [b"big 4000000"]  # "after" waits in the socket, unread
+        writer.transport.resume_reading()
+        assert len(json.loads(await reader.readline())["echo"]) == 4_000_000
+        assert json.loads(await reader.readline())["echo"] == "after"
+        assert seen == [b"big 4000000", b"after"]
+        writer.close()
+
+
+@aio
+async def test_a_client_that_does_not_read_its_answer_is_closed_after_line_timeout(
+        sock_dir: Path) -> None:
+    async with serving(make_config(sock_dir, line_timeout=0.5, idle_timeout=60)) as srv:
+        reader, writer = await asyncio.open_unix_connection(str(sock_dir / "jobd.sock"))
+        writer.transport.pause_reading()
+        writer.write(b"big 8000000\n")
+        await writer.drain()
+        await until(lambda: srv.connections == 1)
+        started = time.monotonic()
+        await until(lambda: srv.connections == 0, within=5)
+        assert 0.4 < time.monotonic() - started < 3
+        assert not srv.answers.held  # the unread answer's memory is given back
+        writer.close()
+
+
+@aio
+async def test_one_uid_holds_at_most_two_large_answers_however_many_connections(
+        sock_dir: Path) -> None:
+    limit = 1_000_000
+    async with serving(make_config(sock_dir, max_response_bytes=limit)) as srv:
+        hogs = []
+        for _ in range(5):
+            reader, writer = await asyncio.open_unix_connection(str(sock_dir / "jobd.sock"))
+            writer.transport.pause_reading()
+            writer.write(b"big 900000\n")
+            hogs.append(writer)
+        await asyncio.sleep(0.3)
+        held = sum(srv.answers.held.values())
+        assert 0 < held <= 2 * limit
+        c = await Client.open(sock_dir / "jobd.sock")  # a small answer does not wait
+        await c.send(b"quick\n")
+        assert (await c.line())["echo"] == "quick"
+        for w in hogs:
+            w.close()
+        await until(lambda: srv.connections == 1)
+        assert not srv.answers.held
+
+
+# -- reload ----------------------------------------------------------------------------------
+
+@aio
+async def test_reconfigure_applies_new_limits_to_new_lines_and_keeps_the_socket(
+        sock_dir: Path) -> None:
+    config = make_config(sock_dir, max_message_bytes=1000, socket_mode="0660")
+    async with serving(config) as srv:
+        c = await Client.open(config.socket)
+        await c.send(b"a" * 500 + b"\n")
+        assert len((await c.line())["echo"]) == 500
+        moved = Config(socket=sock_dir / "elsewhere.sock", db=config.db,
+                       server=ServerSection(max_message_bytes=100, socket_mode="0600",
+                                            idle_timeout=0.3))
+        srv.reconfigure(moved)
+        await c.send(b"b" * 500 + b"\n")  # the same connection, a new line: the new limit
+        error = await c.line()
+        assert error["error"]["code"] == -32600 and "longer than 100 bytes" in error["error"]["message"]
+        assert await c.closed()
+        idle = await Client.open(config.socket)  # the socket and its mode stay as bound
+        assert stat.S_IMODE(config.socket.stat().st_mode) == 0o660
+        assert not moved.socket.exists()
+        assert await idle.closed(within=3)  # the new idle_timeout
+    assert srv.limits.socket_mode == "0660" and srv.limits.max_message_bytes == 100
+
+
+# -- the per-user socket folder ----------------------------------------------------------------
+
+@pytest.mark.parametrize("problem", ["missing", "0777", "0755", "symlink"])
+@aio
+async def test_the_per_user_folder_is_made_private_or_refused(
+        sock_dir: Path, monkeypatch: pytest.MonkeyPatch, problem: str) -> None:
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(sock_dir))
+    folder = sock_dir / "jobd"
+    if problem == "0777":
+        folder.mkdir()
+        folder.chmod(0o777)
+    elif problem == "0755":
+        folder.mkdir()
+        folder.chmod(0o755)
+    elif problem == "symlink":
+        (sock_dir / "real").mkdir(mode=0o700)
+        folder.symlink_to(sock_dir / "real")
+    config = Config(socket=folder / "jobd.sock", db=sock_dir / "jobd.db",
+                    server=ServerSection(socket_mode="0666"))
+    if problem in ("0777", "symlink"):
+        with pytest.raises(OSError, match=f"socket folder {folder} is "):
+            await server.Server(config, echo, error_line=error_line).start()
+        assert not (sock_dir / "real" / "jobd.sock").exists()
+        return
+    async with serving(config):
+        assert stat.S_IMODE(folder.lstat().st_mode) == (0o700 if problem == "missing" else 0o755)
+        assert stat.S_IMODE(config.socket.stat().st_mode) == 0o600  # not socket_mode
