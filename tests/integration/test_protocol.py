@@ -348,6 +348,7 @@ def test_a_request_sent_while_the_daemon_was_stopped_is_answered_after_it_goes_o
     assert d.proc is not None
     for _ in range(3):  # the race is in one loop turn: try it a few times
         with Wire(d.socket) as w:
+            assert "result" in w.call("ping")  # accepted, and its idle timer armed
             os.kill(d.proc.pid, signal.SIGSTOP)
             try:
                 w.write(request("ping", "while-stopped"))
