@@ -10,11 +10,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import time
 import tomllib
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["Config", "ConfigError", "default_socket_paths", "load", "parse_duration",
+from jobd.models import iso
+
+__all__ = ["Config", "ConfigError", "ConfigState", "default_socket_paths", "load", "parse_duration",
            "parse_limit"]
 
 
@@ -152,6 +155,27 @@ class Config:
     @property
     def allowed_roots(self) -> tuple[Path, ...]:
         return tuple(Path(os.path.realpath(self.expand(r))) for r in self.sync.allowed_roots)
+
+
+class ConfigState:
+    """The config in force, and how the last reload went (``admin.stats`` shows it)."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.loaded_at = time.time()
+        self.error: str | None = None
+
+    def loaded(self, config: Config) -> None:
+        self.config, self.loaded_at, self.error = config, time.time(), None
+
+    def failed(self, error: str) -> None:
+        """A reload that did not load: the config in force stays."""
+        self.error = error
+
+    def to_dict(self) -> dict[str, Any]:
+        file = self.config.config_file
+        return {"file": str(file) if file else None, "loaded_at": iso(int(self.loaded_at * 1e6)),
+                "error": self.error}
 
 
 def _is_system(env: Mapping[str, str]) -> bool:

@@ -24,8 +24,8 @@ from typing import Any, Callable
 import structlog
 
 from jobd import __version__
-from jobd import logs
-from jobd.config import Config, ConfigError
+from jobd import logs, process
+from jobd.config import Config, ConfigError, ConfigState
 from jobd.engine import Engine
 from jobd.handlers import load_handlers
 from jobd.maintenance import Maintenance
@@ -48,15 +48,6 @@ def run(config: Config, reload: Callable[[], Config] | None = None) -> int:
     """Serve until told to stop; the exit status. ``reload`` loads the config anew (SIGHUP)."""
     with StateLock(config.state_dir, config.db):
         return asyncio.run(_serve(config, reload))
-
-
-class ConfigState:
-    """The config in force, and how the last reload went (``admin.stats`` shows it)."""
-
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        self.loaded_at = time.time()
-        self.error: str | None = None
 
 
 def reloaded(old: Config, new: Config) -> tuple[Config, list[str]]:
@@ -90,18 +81,16 @@ async def _serve(config: Config, reload: Callable[[], Config] | None) -> int:
 
     def deleted(job_ids: list[str]) -> None:
         """Jobs the store forgot (retention, max_stored_per_user): their logs go too."""
-        for job_id in job_ids:
-            log_file = config.log_dir / f"{job_id}.log"
-            for path in (log_file, log_file.with_name(log_file.name + ".base")):
-                path.unlink(missing_ok=True)
+        if engine is not None:
+            for job_id in job_ids:
+                process.remove_log(engine.log_path(job_id))
 
     store = Store(config.db, synchronous=config.storage.synchronous,
                   max_stored_per_user=config.execution.max_stored_per_user,
                   listeners=Listeners(changed=changed, deleted=deleted))
     engine = Engine(config, store, handlers, notify=hub.notify)
-    manager = Manager(config, store, engine, handlers, hub)
-    manager.config_state = current
-    rpc = Rpc(manager, max_batch=config.server.max_batch)
+    manager = Manager(config, store, engine, handlers, hub, config_state=current)
+    rpc = Rpc(manager)
     server = Server(config, rpc.dispatch, error_line=error_line)
 
     await server.start(accept=False)
@@ -139,12 +128,11 @@ async def _serve(config: Config, reload: Callable[[], Config] | None) -> int:
         manager.config = config
         engine.reconfigure(config)
         server.reconfigure(config)
-        rpc.max_batch = config.server.max_batch
         store.max_stored_per_user = config.execution.max_stored_per_user
         maintenance.reschedule(cleanup_every=config.retention.cleanup_every)
         if config.log_level != current.config.log_level:
             logs.setup(config.log_level, config.log_format)
-        current.config, current.loaded_at, current.error = config, time.time(), None
+        current.loaded(config)
         log.info("config_reloaded", file=str(config.config_file or ""),
                  workers=config.execution.workers, log_level=config.log_level)
 
@@ -162,7 +150,7 @@ async def _serve(config: Config, reload: Callable[[], Config] | None) -> int:
             try:
                 new = await loop.run_in_executor(None, reload)
             except ConfigError as e:
-                current.error = str(e)
+                current.failed(str(e))
                 log.error("config_reload_failed", error=str(e), kept="the config in force")
                 continue
             apply(new)

@@ -21,7 +21,7 @@ import structlog
 
 from jobd import __version__, process
 from jobd.auth import Scope, check_id
-from jobd.config import Config
+from jobd.config import Config, ConfigState
 from jobd.engine import Engine
 from jobd.errors import Conflict, Forbidden, InvalidParams, LimitExceeded, NotFound, Unavailable
 from jobd.handlers import Handler
@@ -213,8 +213,11 @@ class Hub:
 
 class Manager:
     def __init__(self, config: Config, store: Store, engine: Engine,
-                 handlers: dict[str, Handler], hub: Hub | None = None) -> None:
+                 handlers: dict[str, Handler], hub: Hub | None = None,
+                 config_state: ConfigState | None = None) -> None:
         self.config = config
+        #: how the config in force was loaded (a SIGHUP reload may have failed)
+        self.config_state = config_state or ConfigState(config)
         self.store = store
         self.engine = engine
         self.handlers = handlers
@@ -482,7 +485,15 @@ class Manager:
             except Conflict:
                 job = self.store.get_job(job.id)  # it started meanwhile
         if job.status is JobStatus.RUNNING:
-            job = self.store.request_cancel(job.id, actor=scope.actor)
+            try:
+                job = self.store.request_cancel(job.id, actor=scope.actor)
+            except Unavailable:
+                # storage full or read-only: the engine still stops the job, and records
+                # it cancelled once the store takes writes again (its end waits for that)
+                self.engine.cancel(job.id)
+                log.warning("job_cancel_requested", job_id=job.id, actor=scope.actor,
+                            recorded=False)
+                return dict(self._view(job), cancel_requested=True)
             if job.status is JobStatus.RUNNING:  # else it ended meanwhile: answered below
                 self.engine.cancel(job.id)
                 log.info("job_cancel_requested", job_id=job.id, actor=scope.actor)
@@ -521,6 +532,7 @@ class Manager:
         return {"jobs": counts, "running": dispatcher.running_count(),
                 "queued": dispatcher.queued_count(), "workers": dispatcher.workers,
                 "per_user": dispatcher.per_user(), "paused": dispatcher.paused,
+                "config": self.config_state.to_dict(),
                 "db_bytes": self.store.size_bytes(), "uptime_s": self.uptime_s()}
 
     def cleanup(self, scope: Scope, *, older_than_s: Any = None,
@@ -535,21 +547,18 @@ class Manager:
 
     def run_cleanup(self, *, older_than_s: float | None = None, dry_run: bool = False,
                     actor: str = "jobd", now: int | None = None) -> dict[str, Any]:
-        """Delete terminal jobs past retention, with their logs; also the scheduled job."""
+        """Delete terminal jobs past retention (and users' finished jobs past
+        ``max_stored_per_user``), with their logs; also the scheduled job."""
         now = now if now is not None else time.time_ns() // 1000
         keep = older_than_s if older_than_s is not None else self.config.retention.keep
         keep_failed = (older_than_s if older_than_s is not None
                        else self.config.retention.keep_failed)
         cutoffs = (now - int(keep * 1e6), now - int(keep_failed * 1e6))
         deleted = 0
+        # the logs of deleted jobs go with them (the store's ``deleted`` listener)
         for ids in self.store.cleanup(keep_before=cutoffs[0], keep_failed_before=cutoffs[1],
                                       dry_run=dry_run):
             deleted += len(ids)
-            if not dry_run:
-                for job_id in ids:
-                    for path in (self.engine.log_path(job_id),
-                                 self.engine.log_path(job_id).with_suffix(".log.base")):
-                        path.unlink(missing_ok=True)
         log.info("cleanup_finished", deleted=deleted, dry_run=dry_run, actor=actor)
         return {"deleted": deleted, "dry_run": dry_run,
                 "cutoffs": {"keep": iso(cutoffs[0]), "keep_failed": iso(cutoffs[1])}}

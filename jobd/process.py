@@ -34,7 +34,7 @@ from jobd import supervise
 
 __all__ = [
     "Completed", "JobLog", "JOB_ENV", "SUPERVISOR", "kill_marked", "kill_orphan_group",
-    "parse_progress", "process_start_time", "read_log", "run",
+    "parse_progress", "process_start_time", "read_log", "remove_log", "run",
 ]
 
 _log = structlog.get_logger()
@@ -245,6 +245,14 @@ class JobLog:
         self._fd = self._open()
         self._size = len(tail)
         self._dropped = dropped
+
+
+def remove_log(path: Path) -> None:
+    """Delete a forgotten job's log with its sidecars (a trim's leftovers too)."""
+    path = Path(path)
+    for p in (path, _base_path(path), path.with_name(path.name + ".tmp"),
+              path.with_name(path.name + ".base.tmp")):
+        p.unlink(missing_ok=True)
 
 
 def read_log(path: Path, offset: int, limit: int) -> tuple[bytes, int]:

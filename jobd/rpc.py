@@ -218,10 +218,7 @@ class Rpc:
     for each line, so a reload that replaces the manager's config changes them.
     """
 
-    def __init__(self, manager: Manager, *, max_batch: int | None = None,
-                 threads: int = 16) -> None:
-        # max_batch: taken for daemon.py's sake; the limit in force is manager.config's
-        del max_batch
+    def __init__(self, manager: Manager, *, threads: int = 16) -> None:
         self.manager = manager
         self.pool = concurrent.futures.ThreadPoolExecutor(threads, "jobd-rpc")
         self.shutting_down = False

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ctypes
 import dataclasses
 import fcntl
 import os
@@ -63,9 +64,13 @@ class _AnswerMemory:
     ``_ANSWERS_PER_UID`` × ``max_response_bytes``, however many connections they open.
     """
 
+    #: after this many bytes of big answers, the heap is handed back once none is held
+    TRIM_AFTER = 32 << 20
+
     def __init__(self) -> None:
         self.held: collections.Counter[int] = collections.Counter()
         self._waiters: list[asyncio.Future[None]] = []
+        self._since_trim = 0
 
     async def reserve(self, uid: int, nbytes: int, capacity: int) -> None:
         # one reservation always fits, whatever its size: the limit only makes callers wait
@@ -85,10 +90,23 @@ class _AnswerMemory:
         self.held[uid] -= nbytes
         if self.held[uid] <= 0:
             del self.held[uid]
+        self._since_trim += nbytes
+        if not self.held and self._since_trim >= self.TRIM_AFTER:
+            # a burst of big answers is over: give its memory back to the system (glibc
+            # keeps freed heap otherwise), off the event loop
+            self._since_trim = 0
+            asyncio.get_running_loop().run_in_executor(None, _trim_heap)
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
+
+
+def _trim_heap() -> None:
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 class Connection:

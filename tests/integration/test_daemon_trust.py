@@ -216,6 +216,8 @@ def test_sighup_reloads_workers_and_running_jobs_go_on(make_daemon: Callable[...
     assert ok(d, "jobs.get", job_id=first["id"])["status"] == "running"
     assert d.proc.poll() is None
     assert "config_reloaded" in d.log()
+    assert ok(d, "admin.stats")["config"]["error"] is None
+    assert ok(d, "admin.stats")["workers"] == 2
 
 
 def test_sighup_with_a_broken_config_keeps_the_old_one(make_daemon: Callable[..., Daemon]
@@ -226,6 +228,8 @@ def test_sighup_with_a_broken_config_keeps_the_old_one(make_daemon: Callable[...
     wait_for(lambda: "config_reload_failed" in d.log(), what="the reload to be refused")
     assert d.proc.poll() is None and ok(d, "ping")
     assert "execution.workers must be positive" in d.log()
+    shown = ok(d, "admin.stats")["config"]
+    assert shown["file"] == str(d.config) and "execution.workers must be positive" in shown["error"]
     # and a socket change is kept until a restart, with a warning
     d.config.write_text(FAST_CONFIG + '\n[storage]\nsynchronous = "normal"\n')
     d.proc.send_signal(signal.SIGHUP)
