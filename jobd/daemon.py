@@ -19,7 +19,6 @@ import contextlib
 import ctypes
 import dataclasses
 import signal
-import time
 from typing import Any, Callable
 
 import structlog

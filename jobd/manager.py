@@ -23,7 +23,7 @@ from jobd import __version__, process
 from jobd.auth import Scope, check_id
 from jobd.config import Config, ConfigState
 from jobd.engine import Engine
-from jobd.errors import Conflict, Forbidden, InvalidParams, LimitExceeded, NotFound, Unavailable
+from jobd.errors import Conflict, Forbidden, InvalidParams, LimitExceeded, Unavailable
 from jobd.handlers import Handler
 from jobd.models import TERMINAL, Job, JobStatus, RawJSON, Role, from_iso, iso
 from jobd.store import Store

@@ -156,6 +156,42 @@ class Daemon:
         return json.loads(buf)
 
 
+@pytest.fixture
+def small_disk(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A small real tmpfs (4 MiB; ``@pytest.mark.disk_size("2m")`` for another size), so
+    the disk fills up for real. Skips unless root may mount one here."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    marker = request.node.get_closest_marker("disk_size")
+    size = marker.args[0] if marker else "4m"
+    where = tmp_path / "small"
+    where.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
+                              str(where)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+def fill(disk: Path) -> Path:
+    """Fill ``disk`` to the last byte; the file that holds the space."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        for size in (1 << 16, 4096, 512, 1):
+            try:
+                while os.write(fd, b"\0" * size):
+                    pass
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+    return filler
+
+
 @pytest.fixture(scope="session")
 def readable_jobd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """An environment in which another uid's Python imports this checkout's jobd.

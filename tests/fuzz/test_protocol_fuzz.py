@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import Daemon
-from fuzz.wire import Wire, checked, ping_ms, rss_mb, tracebacks
+from fuzz.wire import Wire, ping_ms, rss_mb, tracebacks
 
 EXAMPLES = int(os.environ.get("JOBD_FUZZ_EXAMPLES", "60"))
 PING_MS = 100

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import os
 import statistics
-import subprocess
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pytest
 
-from conftest import (FAST_CONFIG, Daemon, pid_alive, result_of, wait_for,
+from conftest import (FAST_CONFIG, Daemon, fill, pid_alive, result_of, wait_for,
                       wait_terminal)
 
 
@@ -142,39 +141,6 @@ def test_timeout_s_0_from_an_admin_is_no_limit(make_daemon: Callable[..., Daemon
 
 
 # -- a full disk (item 3) -----------------------------------------------------------------------
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 4 MiB tmpfs for the daemon's state folder, so the disk fills up for real."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    where = tmp_path / "small"
-    where.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(where)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=True)
-
-
-def fill(disk: Path) -> Path:
-    """Fill ``disk`` to the last byte; the file that holds the space."""
-    filler = disk / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    try:
-        for size in (1 << 16, 4096, 512, 1):
-            try:
-                while os.write(fd, b"\0" * size):
-                    pass
-            except OSError:
-                pass
-    finally:
-        os.close(fd)
-    return filler
-
 
 def on_small_disk(make_daemon: Callable[..., Daemon], disk: Path) -> Daemon:
     d = make_daemon(start=False)

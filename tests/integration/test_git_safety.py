@@ -9,13 +9,12 @@ import itertools
 import os
 import shutil
 import signal
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
 
-from conftest import (FAST_CONFIG, Daemon, LocalAccounts, clone, commit_files, error_of,
+from conftest import (Daemon, LocalAccounts, clone, commit_files, error_of,
                       git, joblog, make_upstream, result_of, wait_for, wait_terminal)
 
 _projects = itertools.count(1)

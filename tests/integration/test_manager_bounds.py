@@ -11,7 +11,6 @@ import json
 import socket
 import sys
 import uuid
-from pathlib import Path
 from typing import Any, Iterator
 
 import pytest

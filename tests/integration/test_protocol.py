@@ -15,7 +15,6 @@ import signal
 import socket
 import stat
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path

@@ -4,8 +4,6 @@ config, ends the store refuses, and ends that wait for a full disk."""
 from __future__ import annotations
 
 import dataclasses
-import os
-import subprocess
 import threading
 import time
 import uuid
@@ -14,6 +12,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+from conftest import fill
 from jobd.config import Config, load
 from jobd.engine import Engine
 from jobd.handlers import Handler, JobContext, JobFailed, load_handlers
@@ -206,39 +205,6 @@ def test_an_end_the_store_refuses_is_recorded_as_a_bounded_failure(rig: Callable
 
 
 # -- ends that wait for a full disk (issue 7, item 3) -------------------------------------------
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 4 MiB tmpfs holding the database, so the disk fills up for real."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    where = tmp_path / "small"
-    where.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(where)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=True)
-
-
-def fill(disk: Path) -> Path:
-    """Fill ``disk`` to the last byte; the file that holds the space."""
-    filler = disk / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    try:
-        for size in (1 << 16, 4096, 512, 1):
-            try:
-                while os.write(fd, b"\0" * size):
-                    pass
-            except OSError:
-                pass
-    finally:
-        os.close(fd)
-    return filler
-
 
 @pytest.mark.root
 @pytest.mark.parametrize("cancel", [False, True], ids=["completed", "cancelled"])

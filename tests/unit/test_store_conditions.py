@@ -15,7 +15,6 @@ import textwrap
 import threading
 import uuid
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -135,24 +134,8 @@ def test_a_directory_without_write_permission_is_a_clear_error(
         shutil.rmtree(top)
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 2 MiB tmpfs, so the disk fills up for real."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    where = tmp_path / "small"
-    where.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(where)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=True)
-
-
 @pytest.mark.root
+@pytest.mark.disk_size("2m")
 def test_a_full_disk_refuses_writes_keeps_what_is_stored_and_recovers(
         small_disk: Path) -> None:
     filler = small_disk / "filler"
