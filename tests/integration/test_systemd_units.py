@@ -61,9 +61,9 @@ def analyze(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[
 def test_units_verify_without_warnings(tmp_path: Path) -> None:
     # verify insists that ExecStart= exists; point it at a real executable.
     service = (UNITS / "jobd.service").read_text(encoding="utf-8")
-    service, n = re.subn(r"^ExecStart=/usr/local/bin/jobd ",
+    service, n = re.subn(r"^ExecStart=/opt/jobd/bin/jobd ",
                          f"ExecStart={sys.executable} ", service, flags=re.M)
-    assert n == 1, "jobd.service: expected ExecStart=/usr/local/bin/jobd serve"
+    assert n == 1, "jobd.service: expected ExecStart=/opt/jobd/bin/jobd serve"
     (tmp_path / "jobd.service").write_text(service, encoding="utf-8")
     shutil.copy(UNITS / "jobd.socket", tmp_path / "jobd.socket")
 
