@@ -2,8 +2,9 @@
 
 This module owns the client side of SPEC §4 and §8: finding the daemon's socket
 (SPEC §1's order), the line framing, one reused connection per client, and turning
-JSON-RPC errors back into the ``jobd.errors`` class of their code. ``jobctl`` and the
-CIDX web server both use it.
+JSON-RPC errors back into the ``jobd.errors`` class of their code, and the follow
+protocol (``watch``, ``tail``, ``resolve``) written once, as steps that each client
+drives with its own I/O. ``jobctl`` and the CIDX web server both use it.
 """
 
 from __future__ import annotations
@@ -13,20 +14,33 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import grp
 import itertools
 import json
 import os
+import pwd
+import re
 import select
 import socket as _socket
 import struct
 import threading
+import time
 from pathlib import Path
-from typing import Any, Awaitable, Generic, Mapping, TypeVar
+from typing import (Any, AsyncIterator, Awaitable, Callable, Generator, Generic, Iterator,
+                    Mapping, TypeVar)
 
 from jobd import errors, state
 from jobd.config import default_socket_paths
+from jobd.errors import (Conflict, Forbidden, InternalError, InvalidParams, InvalidRequest,
+                         JobdError, LimitExceeded, MethodNotFound, NotFound, ParseError,
+                         Unauthenticated, Unavailable, Unreachable)
 
-__all__ = ["AsyncClient", "Client", "MAX_LINE_BYTES", "socket_candidates"]
+__all__ = [
+    "AsyncClient", "AsyncClientPool", "Client", "Conflict", "Forbidden", "InternalError",
+    "InvalidParams", "InvalidRequest", "JobdError", "LimitExceeded", "MAX_LINE_BYTES",
+    "MethodNotFound", "NotFound", "ParseError", "RECONNECT_S", "Unauthenticated",
+    "Unavailable", "Unreachable", "socket_candidates",
+]
 
 #: the longest response line read; a page of jobs.list with big metadata stays under it
 MAX_LINE_BYTES = 64 * 1024 * 1024
@@ -36,7 +50,23 @@ _START_HINT = ("start it with `systemctl start jobd` (or `jobd serve` as yoursel
 
 #: methods that may be sent again after the connection broke mid-call
 _READS = frozenset({"ping", "jobs.get", "jobs.list", "jobs.wait", "jobs.events", "jobs.logs",
-                    "admin.stats"})
+                    "admin.stats", "admin.metrics"})
+
+#: how long ``watch`` and ``tail`` keep trying while the daemon restarts (jobs survive it)
+RECONNECT_S = 30.0
+#: the longest single long poll of ``watch``; short enough that its timeout is kept closely
+_POLL_S = 30.0
+#: how long ``tail(follow=True)`` waits for the job to change before reading again
+_LOG_POLL_S = 1.0
+#: the pause between two tries to reach a restarting daemon
+_RETRY_S = 0.5
+#: how many of an ambiguous prefix's matches ``resolve`` names, and reads at most
+_MATCHES_SHOWN = 10
+_MATCHES_READ = 1000
+
+_FULL_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+_PREFIX = re.compile(r"^[0-9a-f-]{4,36}$")
+_TERMINAL = frozenset({"completed", "failed", "cancelled"})
 
 _R = TypeVar("_R")
 
@@ -111,15 +141,31 @@ def _connect_failure(path: Path, exc: BaseException) -> str:
     if code == errno.ECONNREFUSED:
         return f"socket {path}: no daemon answers (connection refused)"
     if code in (errno.EACCES, errno.EPERM):
-        return (f"socket {path}: permission denied; only the socket's owner and group may "
-                "connect (ask an admin to add you to the daemon's group)")
+        return _denied(path)
     if code == errno.ENOTSOCK:
         return f"socket {path}: no daemon answers (not a socket)"
     return f"socket {path}: no daemon answers ({getattr(exc, 'strerror', None) or exc})"
 
 
+def _denied(path: Path) -> str:
+    """Why a socket that is there refused us: who may connect, and how to become one."""
+    owner = group = "?"
+    with contextlib.suppress(OSError):
+        st = path.stat()
+        owner, group = str(st.st_uid), str(st.st_gid)
+        with contextlib.suppress(KeyError):
+            owner = pwd.getpwuid(st.st_uid).pw_name
+        with contextlib.suppress(KeyError):
+            group = grp.getgrgid(st.st_gid).gr_name
+    return (f"socket {path}: permission denied; only its owner ({owner}) and members of its "
+            f"group ({group}) may connect (`ls -l {path}` shows them): ask an admin to add you "
+            f"to the group (`usermod -aG {group} $USER`), then log in again")
+
+
 def _unreachable(reasons: list[str]) -> errors.Unreachable:
-    return errors.Unreachable("; ".join(reasons + [_START_HINT]), detail={"tried": reasons})
+    # a daemon that refuses us is running: starting one is no advice then
+    hint = [] if reasons and all(": permission denied;" in r for r in reasons) else [_START_HINT]
+    return errors.Unreachable("; ".join(reasons + hint), detail={"tried": reasons})
 
 
 def _broken(path: Path | None, method: str, exc: BaseException | None) -> errors.Unreachable:
@@ -174,6 +220,139 @@ def _result(path: Path | None, req_id: int, line: bytes) -> Any:
     raise exc
 
 
+@dataclasses.dataclass(frozen=True)
+class _Call:
+    """A step of the follow protocol: make this call; its result (or error) comes back."""
+
+    method: str
+    params: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Sleep:
+    """A step: pause this long (seconds)."""
+
+    seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class _Emit:
+    """A step: hand this value to the caller of ``watch`` or ``tail``."""
+
+    value: Any
+
+
+_Steps = Generator["_Call | _Sleep | _Emit", Any, Any]
+
+#: called with the error each time ``watch`` or ``tail`` lost the daemon and tries again
+OnReconnect = Callable[[JobdError], None]
+
+
+def _call(method: str, **params: Any) -> _Steps:
+    """One call as a step: its result, or its error raised here."""
+    return (yield _Call(method, params))
+
+
+def _patient(method: str, params: dict[str, Any], deadline: float,
+             on_reconnect: OnReconnect | None, clock: Callable[[], float]) -> _Steps:
+    """A read call that outlasts a daemon restart: tried again until ``deadline``."""
+    while True:
+        try:
+            return (yield _Call(method, params))
+        except (Unreachable, Unavailable) as e:
+            if clock() >= deadline:
+                raise
+            if on_reconnect is not None:
+                on_reconnect(e)
+            yield _Sleep(_RETRY_S)
+
+
+def _watch(job_id: str, timeout: float | None, reconnect_s: float,
+           on_reconnect: OnReconnect | None, clock: Callable[[], float]) -> _Steps:
+    """Emit the job now and at every change until it ends or ``timeout`` runs out.
+
+    After the daemon was lost and found again the job is emitted even if unchanged,
+    so a caller showing "reconnecting…" learns that it is back.
+    """
+    deadline = None if timeout is None else clock() + timeout
+    job = yield from _call("jobs.wait", job_id=job_id)
+    yield _Emit(job)
+    lost = False
+
+    def note(e: JobdError) -> None:
+        nonlocal lost
+        lost = True
+        if on_reconnect is not None:
+            on_reconnect(e)
+
+    while job["status"] not in _TERMINAL:
+        left = None if deadline is None else deadline - clock()
+        if left is not None and left <= 0:
+            return
+        poll = _POLL_S if left is None else min(_POLL_S, left)
+        params = dict(job_id=job_id, after_version=job["version"], timeout_s=poll)
+        fresh = yield from _patient("jobs.wait", params, clock() + reconnect_s, note, clock)
+        if fresh["version"] != job["version"] or fresh["status"] in _TERMINAL or lost:
+            yield _Emit(fresh)
+        job, lost = fresh, False
+
+
+def _tail(job_id: str, follow: bool, offset: int, timeout: float | None, reconnect_s: float,
+          on_reconnect: OnReconnect | None, clock: Callable[[], float]) -> _Steps:
+    """Emit every ``jobs.logs`` page that carries data; with ``follow``, until the job ends.
+
+    Without ``follow`` it stops at the end of what is written now. It returns the
+    offset to go on from.
+    """
+    deadline = None if timeout is None else clock() + timeout
+    version = None
+    while True:
+        page = yield from _patient("jobs.logs", dict(job_id=job_id, offset=offset),
+                                   clock() + reconnect_s, on_reconnect, clock)
+        offset = page["next_offset"]
+        if page["data"]:
+            yield _Emit(page)
+        if page["eof"]:
+            return offset
+        if page["data"]:
+            continue  # the next page may be there already
+        left = None if deadline is None else deadline - clock()
+        if not follow or (left is not None and left <= 0):
+            return offset
+        # no new output yet: a short long poll, so that the job's end is seen at once
+        params = dict(job_id=job_id, after_version=version,
+                      timeout_s=_LOG_POLL_S if left is None else min(_LOG_POLL_S, left))
+        job = yield from _patient("jobs.wait", params, clock() + reconnect_s, on_reconnect,
+                                  clock)
+        version = job["version"]
+
+
+def _capture(steps: _Steps, box: list[Any]) -> _Steps:
+    """``steps``, with what they return put into ``box`` (a driver only sees the emits)."""
+    box.append((yield from steps))
+
+
+def _resolve(ref: str) -> _Steps:
+    """The full id that ``ref`` (an id, or a unique prefix of ≥ 4 characters) names."""
+    ref = ref.strip().lower()
+    if _FULL_ID.match(ref):
+        return ref
+    if not _PREFIX.match(ref):
+        raise InvalidParams(f"{ref!r} is not a job id; give the id or at least its first "
+                            "4 characters (0-9, a-f)", field="job_id")
+    page = yield from _call("jobs.list", id_prefix=ref, limit=_MATCHES_READ, fields=["id"])
+    ids = [j["id"] for j in page["jobs"]]
+    if not ids:
+        raise NotFound(f"no job matches {ref!r}; `jobctl list` shows the jobs you may see")
+    if len(ids) == 1:
+        return ids[0]
+    shown = ", ".join(ids[:_MATCHES_SHOWN])
+    count = f"{len(ids)}{' or more' if page.get('next_cursor') else ''}"
+    more = f" and {len(ids) - _MATCHES_SHOWN} more" if len(ids) > _MATCHES_SHOWN else ""
+    raise InvalidParams(f"ambiguous prefix {ref!r}: it matches {count} jobs: {shown}{more}; "
+                        "give more characters", field="job_id", detail={"matches": ids})
+
+
 class _Api(abc.ABC, Generic[_R]):
     """The methods of SPEC §4, written once for both clients.
 
@@ -216,6 +395,14 @@ class _Api(abc.ABC, Generic[_R]):
     def call(self, method: str, **params: Any) -> _R:
         """Send one request and return its result (None params are left out)."""
 
+    @abc.abstractmethod
+    def _stream(self, steps: _Steps) -> Any:
+        """Drive ``steps``: an iterator (async for AsyncClient) of what they emit."""
+
+    @abc.abstractmethod
+    def _complete(self, steps: _Steps) -> _R:
+        """Drive ``steps`` to their end: what they return."""
+
     def ping(self) -> _R:
         return self.call("ping")
 
@@ -232,14 +419,19 @@ class _Api(abc.ABC, Generic[_R]):
 
     def list(self, **filters: Any) -> _R:
         """``{jobs, next_cursor}``; filters: status, type, user_id, project_id,
-        created_after, created_before, id_prefix, limit, cursor."""
+        created_after, created_before, id_prefix, order, limit, cursor, with_total, fields."""
         return self.call("jobs.list", **filters)
 
-    def cancel(self, job_id: str, wait: bool = False) -> _R:
-        return self.call("jobs.cancel", job_id=job_id, wait=wait or None)
+    def cancel(self, job_id: str | None = None, wait: bool = False, *,
+               filter: dict[str, Any] | None = None, dry_run: bool = False) -> _R:
+        """One job (the job), or every job matching ``filter`` in one call (``{jobs, count}``)."""
+        return self.call("jobs.cancel", job_id=job_id, wait=wait or None, filter=filter,
+                         dry_run=dry_run or None)
 
-    def retry(self, job_id: str) -> _R:
-        return self.call("jobs.retry", job_id=job_id)
+    def retry(self, job_id: str | None = None, *, filter: dict[str, Any] | None = None,
+              dry_run: bool = False) -> _R:
+        """One job (the job), or every job matching ``filter`` in one call (``{jobs, count}``)."""
+        return self.call("jobs.retry", job_id=job_id, filter=filter, dry_run=dry_run or None)
 
     def wait(self, job_id: str, after_version: int | None = None,
              timeout_s: float | None = None) -> _R:
@@ -252,17 +444,56 @@ class _Api(abc.ABC, Generic[_R]):
     def logs(self, job_id: str, offset: int = 0, limit_bytes: int | None = None) -> _R:
         return self.call("jobs.logs", job_id=job_id, offset=offset, limit_bytes=limit_bytes)
 
-    def stats(self) -> _R:
-        return self.call("admin.stats")
+    def stats(self, since: str | None = None) -> _R:
+        return self.call("admin.stats", since=since)
 
-    def cleanup(self, older_than_s: float | None = None, dry_run: bool = False) -> _R:
-        return self.call("admin.cleanup", older_than_s=older_than_s, dry_run=dry_run or None)
+    def cleanup(self, older_than_s: float | None = None, dry_run: bool = False,
+                status: list[str] | None = None) -> _R:
+        return self.call("admin.cleanup", older_than_s=older_than_s, dry_run=dry_run or None,
+                         status=status or None)
 
     def pause(self) -> _R:
         return self.call("admin.pause")
 
     def resume(self) -> _R:
         return self.call("admin.resume")
+
+    def maintenance(self, enabled: bool | None = None, reason: str | None = None) -> _R:
+        """Switch maintenance on or off; without ``enabled`` only report it."""
+        return self.call("admin.maintenance", enabled=enabled, reason=reason)
+
+    def metrics(self) -> _R:
+        return self.call("admin.metrics")
+
+    def watch(self, job_id: str, timeout: float | None = None, *,
+              reconnect_s: float = RECONNECT_S, on_reconnect: OnReconnect | None = None,
+              clock: Callable[[], float] = time.monotonic) -> Any:
+        """The job now and at every change until it ends (long polls by version).
+
+        Stops early, the job not ended, once ``timeout`` seconds have passed. While the
+        daemon cannot be reached (a restart) it tries again for up to ``reconnect_s``,
+        calling ``on_reconnect(error)`` at each try, then yields the job again.
+        """
+        return self._stream(_watch(job_id, timeout, reconnect_s, on_reconnect, clock))
+
+    def tail(self, job_id: str, follow: bool = False, *, offset: int = 0,
+             timeout: float | None = None, reconnect_s: float = RECONNECT_S,
+             on_reconnect: OnReconnect | None = None,
+             clock: Callable[[], float] = time.monotonic) -> Any:
+        """The job's log from ``offset`` as ``jobs.logs`` pages ``{data, next_offset, eof}``.
+
+        Without ``follow`` it ends at what is written now; with it, when the job has
+        ended and all was read (or ``timeout`` ran out).
+        """
+        return self._stream(_tail(job_id, follow, offset, timeout, reconnect_s, on_reconnect,
+                                  clock))
+
+    def resolve(self, ref: str) -> _R:
+        """The id of the one job that ``ref``, an id or a prefix of ≥ 4 characters, names.
+
+        NotFound when none in scope does; InvalidParams listing the matches when several do.
+        """
+        return self._complete(_resolve(ref))
 
 
 class Client(_Api[Any]):
@@ -308,6 +539,31 @@ class Client(_Api[Any]):
                     raise _broken(self._path, method, None)
                 return _result(self._path, req_id, line)
         raise AssertionError("unreachable")  # the loop returns or raises
+
+    def _stream(self, steps: _Steps) -> Iterator[Any]:
+        reply: Any = None
+        failure: JobdError | None = None
+        while True:
+            try:
+                step = steps.throw(failure) if failure else steps.send(reply)
+            except StopIteration:
+                return
+            reply, failure = None, None
+            if isinstance(step, _Call):
+                try:
+                    reply = self.call(step.method, **step.params)
+                except JobdError as e:
+                    failure = e
+            elif isinstance(step, _Sleep):
+                time.sleep(step.seconds)
+            else:
+                yield step.value
+
+    def _complete(self, steps: _Steps) -> Any:
+        box: list[Any] = []
+        for _ in self._stream(_capture(steps, box)):
+            pass
+        return box[0]
 
     def _open(self) -> None:
         reasons = []
@@ -372,7 +628,36 @@ class Client(_Api[Any]):
         self.close()
 
 
-class AsyncClient(_Api[Awaitable[Any]]):
+class _AsyncApi(_Api[Awaitable[Any]]):
+    """The asyncio driver of the follow protocol's steps (``Client._stream`` is the other)."""
+
+    async def _stream(self, steps: _Steps) -> AsyncIterator[Any]:
+        reply: Any = None
+        failure: JobdError | None = None
+        while True:
+            try:
+                step = steps.throw(failure) if failure else steps.send(reply)
+            except StopIteration:
+                return
+            reply, failure = None, None
+            if isinstance(step, _Call):
+                try:
+                    reply = await self.call(step.method, **step.params)
+                except JobdError as e:
+                    failure = e
+            elif isinstance(step, _Sleep):
+                await asyncio.sleep(step.seconds)
+            else:
+                yield step.value
+
+    async def _complete(self, steps: _Steps) -> Any:
+        box: list[Any] = []
+        async for _ in self._stream(_capture(steps, box)):
+            pass
+        return box[0]
+
+
+class AsyncClient(_AsyncApi):
     """The asyncio twin of ``Client``: every method is a coroutine, one connection per client."""
 
     def __init__(self, socket: str | os.PathLike[str] | None = None, as_user: str | None = None,
@@ -453,6 +738,49 @@ class AsyncClient(_Api[Awaitable[Any]]):
                     await writer.wait_closed()
 
     async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class AsyncClientPool(_AsyncApi):
+    """``size`` AsyncClients behind one face, for a web server: up to ``size`` calls at once.
+
+    Each connection serves one call at a time; a call waits for a free one. A
+    ``watch`` or ``tail`` takes a connection for each of its long polls only.
+    """
+
+    def __init__(self, size: int, socket: str | os.PathLike[str] | None = None,
+                 as_user: str | None = None, as_admin: bool = False,
+                 timeout: float | None = 60.0) -> None:
+        if size < 1:
+            raise ValueError(f"a pool needs at least one connection (got size={size})")
+        super().__init__(socket, as_user, as_admin, timeout)
+        self.size = size
+        self._members = [AsyncClient(socket, as_user, as_admin, timeout) for _ in range(size)]
+        self._idle: asyncio.Queue[AsyncClient] | None = None
+
+    @property
+    def socket_path(self) -> Path | None:
+        return next((m.socket_path for m in self._members if m.socket_path), None)
+
+    async def call(self, method: str, **params: Any) -> Any:
+        if self._idle is None:  # made here, inside the event loop that uses the pool
+            self._idle = asyncio.Queue()
+            for member in self._members:
+                self._idle.put_nowait(member)
+        member = await self._idle.get()
+        try:
+            return await member.call(method, **params)
+        finally:
+            self._idle.put_nowait(member)
+
+    async def close(self) -> None:
+        for member in self._members:
+            await member.close()
+
+    async def __aenter__(self) -> AsyncClientPool:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
