@@ -9,14 +9,20 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.metadata
 import json
 import os
-import re
+import select
+import sys
+import termios
 import time
-from typing import Any, Iterable, NoReturn
+import tty
+from typing import Any, Iterable, Iterator, NoReturn
 
 import click
+from click.shell_completion import CompletionItem, get_completion_class
 from rich.console import Console
+from rich.live import Live
 
 from jobctl import render
 from jobd import errors
@@ -25,9 +31,9 @@ from jobd.config import parse_duration
 from jobd.models import TERMINAL, JobStatus, iso
 
 __all__ = [
-    "EXIT_CANCELLED", "EXIT_FAILED", "EXIT_OK", "EXIT_TIMEOUT", "EXIT_UNREACHABLE",
-    "EXIT_USAGE", "build_options", "exit_code", "main", "parse_option", "resolve_job",
-    "since", "sync_target",
+    "EXIT_CANCELLED", "EXIT_FAILED", "EXIT_OK", "EXIT_TIMEOUT", "EXIT_UNAVAILABLE",
+    "EXIT_UNREACHABLE", "EXIT_USAGE", "build_options", "exit_code", "is_path", "main",
+    "parse_option", "since", "sync_target", "worst",
 ]
 
 EXIT_OK = 0            #: done; for cancel: the job ended cancelled
@@ -36,17 +42,15 @@ EXIT_USAGE = 2         #: click's own, for a bad command line
 EXIT_CANCELLED = 3     #: a waited-for job was cancelled (by someone else)
 EXIT_TIMEOUT = 4       #: --wait/--timeout ran out
 EXIT_UNREACHABLE = 69  #: no daemon answers (sysexits' EX_UNAVAILABLE)
+EXIT_UNAVAILABLE = 75  #: -32050: shutting down, storage full, maintenance (EX_TEMPFAIL)
 EXIT_INTERRUPTED = 130  #: Ctrl-C while watching; the job goes on
 
-#: the longest single long poll; short enough that --timeout is kept closely
-_POLL_S = 30.0
-#: how long logs --follow waits for new output before asking again
-_LOG_POLL_S = 1.0
-#: how long --wait/--follow keep trying while the daemon restarts (jobs survive it)
-_RECONNECT_S = 30.0
-
-_FULL_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-_PREFIX = re.compile(r"^[0-9a-f-]{4,36}$")
+#: SPEC §7: of several jobs' codes the worst wins, in this order
+_SEVERITY = (EXIT_FAILED, EXIT_TIMEOUT, EXIT_CANCELLED, EXIT_OK)
+#: how often ``top`` and ``list --watch`` redraw
+_REFRESH_S = 1.0
+#: how many recent jobs the completion of a JOB argument offers
+_COMPLETE_LIMIT = 50
 
 
 def exit_code(status: str, *, cancelling: bool = False) -> int:
@@ -60,6 +64,13 @@ def exit_code(status: str, *, cancelling: bool = False) -> int:
         return EXIT_OK if status == JobStatus.CANCELLED else EXIT_FAILED
     return {JobStatus.COMPLETED: EXIT_OK, JobStatus.FAILED: EXIT_FAILED,
             JobStatus.CANCELLED: EXIT_CANCELLED}[status]
+
+
+def worst(codes: Iterable[int]) -> int:
+    """The exit code of a command about several jobs: 1 > 4 > 3 > 0 (others, e.g. 75, first)."""
+    codes = list(codes)
+    return min(codes, key=lambda c: _SEVERITY.index(c) if c in _SEVERITY else -1,
+               default=EXIT_OK)
 
 
 def parse_option(text: str) -> tuple[str, Any]:
@@ -90,22 +101,32 @@ def build_options(pairs: Iterable[str], options_json: str | None) -> dict[str, A
     return options or None
 
 
-def sync_target(project: str, repo: str | None) -> tuple[str, str | None]:
-    """(project id, repo_path) for ``jobctl sync PROJECT [--repo PATH]``.
+def is_path(project: str) -> bool:
+    """SPEC §7: PROJECT is a path only when it starts ``/``, ``./``, ``../`` or ``~``,
+    or is ``.`` or ``..``; anything else (``org/repo``) is a project id."""
+    return project in (".", "..") or project.startswith(("/", "./", "../", "~"))
 
-    A PROJECT that is a path (contains ``/``, or is ``.``) is the repository itself:
-    its real path is the repo_path and its folder's name the project id.
+
+def sync_target(project: str, repo: str | None,
+                project_id: str | None = None) -> tuple[str, str | None]:
+    """(project id, repo_path) for ``jobctl sync PROJECT [--repo PATH] [--project-id ID]``.
+
+    A PROJECT that is a path is the repository itself: its real path is the repo_path
+    and its folder's name the project id, unless ``project_id`` names one.
     """
-    if "/" in project or project == ".":
+    if is_path(project):
         if repo is not None:
             raise click.UsageError(f"PROJECT {project!r} is already a path; drop --repo, or "
                                    "give a project id with --repo PATH")
         path = os.path.realpath(os.path.expanduser(project))
-        name = os.path.basename(path)
+        name = project_id or os.path.basename(path)
         if not name:
-            raise click.BadParameter(f"{path} has no folder name to use as the project id",
-                                     param_hint="PROJECT")
+            raise click.BadParameter(f"{path} has no folder name to use as the project id; "
+                                     "give one with --project-id", param_hint="PROJECT")
         return name, path
+    if project_id is not None:
+        raise click.UsageError("--project-id is for a PROJECT given as a path; here "
+                               f"{project!r} is the project id already")
     return project, os.path.realpath(os.path.expanduser(repo)) if repo is not None else None
 
 
@@ -114,22 +135,12 @@ def since(seconds: float, now_us: int) -> str:
     return iso(now_us - int(seconds * 1_000_000)) or ""
 
 
-def resolve_job(client: Client, ref: str) -> str:
-    """The full id of the job that ``ref`` (an id, or a unique prefix of ≥ 4 characters) names."""
-    ref = ref.strip().lower()
-    if _FULL_ID.match(ref):
-        return ref
-    if not _PREFIX.match(ref):
-        raise click.BadParameter(f"{ref!r} is not a job id; give the id or at least its first "
-                                 "4 characters (0-9, a-f)", param_hint="JOB")
-    jobs = client.list(id_prefix=ref, limit=2)["jobs"]
-    if not jobs:
-        raise errors.NotFound(f"no job matches {ref!r}; `jobctl list` shows the jobs you may see")
-    if len(jobs) > 1:
-        raise click.BadParameter(f"ambiguous prefix {ref!r}: it matches {jobs[0]['id']}, "
-                                 f"{jobs[1]['id']} and maybe more; give more characters",
-                                 param_hint="JOB")
-    return str(jobs[0]["id"])
+def _resolve(client: Client, ref: str) -> str:
+    """The id that JOB names; a malformed or ambiguous JOB is a usage error (exit 2)."""
+    try:
+        return str(client.resolve(ref))
+    except errors.InvalidParams as e:
+        raise click.BadParameter(e.message, param_hint="JOB") from None
 
 
 def _now_us() -> int:
@@ -204,8 +215,28 @@ def _fail(message: str) -> None:
     click.echo(f"jobctl: {message}", err=True)
 
 
+def _error_exit(ctx: click.Context, e: errors.JobdError) -> NoReturn:
+    """Say what the daemon refused (JSON on stderr with --json) and exit with its code."""
+    st = ctx.find_object(_State)
+    message = e.message + (f" (field: {e.field})" if e.field else "")
+    if st is not None and st.json:
+        click.echo(render.error_json(e.code, e.message, e.data()), err=True)
+    else:
+        _fail(message)
+    ctx.exit(_error_code(e))
+
+
+def _error_code(e: errors.JobdError) -> int:
+    if isinstance(e, errors.Unreachable):
+        return EXIT_UNREACHABLE
+    if isinstance(e, errors.Unavailable):
+        return EXIT_UNAVAILABLE
+    return EXIT_FAILED
+
+
 class _Group(click.Group):
-    """Turns the client's errors into SPEC §7's exit codes: 69 unreachable, else 1.
+    """Turns the client's errors into SPEC §7's exit codes: 69 unreachable, 75 unavailable,
+    else 1.
 
     Every command it makes also takes the global options (``jobctl list --json``).
     """
@@ -224,12 +255,8 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except errors.Unreachable as e:
-            _fail(e.message)
-            ctx.exit(EXIT_UNREACHABLE)
         except errors.JobdError as e:
-            _fail(e.message + (f" (field: {e.field})" if e.field else ""))
-            ctx.exit(EXIT_FAILED)
+            _error_exit(ctx, e)
 
 
 def _show_json(value: Any) -> None:
@@ -248,7 +275,15 @@ def _show(st: _State, result: Any, people: Any) -> None:
     elif isinstance(people, str):
         _say(st, people)
     else:
-        st.out.print(people)
+        render.print_plain(st.out, people)
+
+
+def _has_output(st: _State, job_id: str) -> bool:
+    """Whether the job's log holds more than jobd's own ``[jobd]`` lines."""
+    with contextlib.suppress(errors.JobdError):
+        data = st.client.logs(job_id)["data"]
+        return any(ln.strip() and not ln.startswith("[jobd]") for ln in data.splitlines())
+    return True
 
 
 def _finish(st: _State, job: dict[str, Any], *, cancelling: bool = False,
@@ -258,6 +293,13 @@ def _finish(st: _State, job: dict[str, Any], *, cancelling: bool = False,
     ``show_job``: print the final job on stdout (as JSON, or its result for people);
     off where stdout carries something else (JSON lines, the job's log).
     """
+    code = _report(st, job, cancelling=cancelling, show_job=show_job)
+    raise click.exceptions.Exit(code)
+
+
+def _report(st: _State, job: dict[str, Any], *, cancelling: bool = False,
+            show_job: bool = True) -> int:
+    """Say how a waited-for job ended (stdout, and stderr when not well); its exit code."""
     code = exit_code(job["status"], cancelling=cancelling)
     if show_job and st.json:
         _show_json(job)
@@ -269,13 +311,35 @@ def _finish(st: _State, job: dict[str, Any], *, cancelling: bool = False,
               f"({render.percent(job.get('progress'))}) and goes on; "
               f"`jobctl status {ref} --follow` to watch it")
     elif job["status"] == JobStatus.FAILED:
-        _fail(f"job {ref} failed: {job.get('error') or 'no reason given'}; "
-              f"`jobctl logs {ref}` shows its output")
+        where = (f"; `jobctl logs {ref}` shows its output" if _has_output(st, job["id"])
+                 else "; it wrote no output")
+        _fail(f"job {ref} failed: {job.get('error') or 'no reason given'}{where}")
     elif job["status"] == JobStatus.CANCELLED and not cancelling:
         _fail(f"job {ref} was cancelled; `jobctl events {ref}` says by whom")
     elif cancelling and code != EXIT_OK:
         _fail(f"job {ref} ended {job['status']} before the cancel took effect")
-    raise click.exceptions.Exit(code)
+    return code
+
+
+def _watched(st: _State, job: dict[str, Any], timeout: float | None,
+             view: render.Follow | None) -> dict[str, Any]:
+    """Follow ``job`` through the client's ``watch`` until it ends or ``timeout``; the last job.
+
+    Ctrl-C stops watching (exit 130); the job goes on.
+    """
+    def lost(e: errors.JobdError) -> None:
+        if view:
+            view.reconnecting(job["id"], e.message.split(";")[0])
+    try:
+        for job in st.client.watch(job["id"], timeout, on_reconnect=lost):
+            if view:
+                view.update(job)
+    except KeyboardInterrupt:
+        ref = render.short_id(job["id"])
+        _fail(f"stopped watching; job {ref} goes on (`jobctl status {ref} --follow` to watch "
+              f"again, `jobctl cancel {ref}` to stop it)")
+        raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
+    return job
 
 
 def _follow(st: _State, job: dict[str, Any], timeout: float | None, *,
@@ -286,36 +350,9 @@ def _follow(st: _State, job: dict[str, Any], timeout: float | None, *,
     ``--json`` only the final job is printed, unless ``stream_json`` asks for every
     change as a line of JSON.
     """
-    deadline = None if timeout is None else time.monotonic() + timeout
     view = render.Follow(st.out, json_lines=stream_json) if stream_json or not st.json else None
-    lost_at = None
-    try:
-        with view or contextlib.nullcontext():
-            if view:
-                view.update(job)
-            while job["status"] not in TERMINAL:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    break
-                try:
-                    job = st.client.wait(job["id"], after_version=job["version"],
-                                         timeout_s=_POLL_S if left is None
-                                         else min(_POLL_S, left))
-                except (errors.Unreachable, errors.Unavailable):
-                    # a restarting daemon keeps its jobs: keep watching once it is back
-                    lost_at = lost_at or time.monotonic()
-                    if time.monotonic() - lost_at > _RECONNECT_S:
-                        raise
-                    time.sleep(1.0)
-                    continue
-                lost_at = None
-                if view:
-                    view.update(job)
-    except KeyboardInterrupt:
-        ref = render.short_id(job["id"])
-        _fail(f"stopped watching; job {ref} goes on (`jobctl status {ref} --follow` to watch "
-              f"again, `jobctl cancel {ref}` to stop it)")
-        raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
+    with view or contextlib.nullcontext():
+        job = _watched(st, job, timeout, view)
     _finish(st, job, cancelling=cancelling, show_job=not stream_json)
 
 
@@ -329,7 +366,25 @@ _PRIORITY = click.option("--priority", type=click.IntRange(-100, 100), default=N
 _JOB_TIMEOUT = click.option("--job-timeout", type=DURATION, default=None, metavar="DURATION",
                             help="The job's own run-time limit (else the daemon's "
                                  "default_timeout).")
-_JOB = click.argument("job", metavar="JOB")
+
+
+def _complete_job(ctx: click.Context, param: click.Parameter,
+                  incomplete: str) -> list[CompletionItem]:
+    """Recent job ids from ``jobs.list`` for a JOB argument (none when the daemon is away)."""
+    st = ctx.find_object(_State)
+    client = st.client if st is not None else Client()
+    prefix = incomplete.strip().lower()
+    try:
+        page = client.list(limit=_COMPLETE_LIMIT, fields=["id", "type", "status"],
+                           id_prefix=prefix if len(prefix) >= 4 else None)
+    except (errors.JobdError, OSError):
+        return []
+    return [CompletionItem(j["id"], help=f"{j['type']} {j['status']}") for j in page["jobs"]
+            if j["id"].startswith(prefix)]
+
+
+_JOB = click.argument("job", metavar="JOB", shell_complete=_complete_job)
+_JOBS = click.argument("jobs", metavar="JOB...", nargs=-1, shell_complete=_complete_job)
 
 
 def _state(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
@@ -357,25 +412,68 @@ def main() -> None:
       jobctl sync ~/src/myrepo --wait    (admin) sync the repository at that path
       jobctl submit noop -o seconds=5    (admin) a job that only sleeps
       jobctl list --status running       what runs now
-      jobctl list --since 2h --all       everything from the last two hours
+      jobctl top                         a live view of running and queued jobs
       jobctl status 3f2a --follow        watch one job (its id, or 4+ characters of it)
       jobctl logs 3f2a --follow          its output as it comes
       jobctl cancel 3f2a --wait          stop it, and wait until it has stopped
       jobctl --json list | jq -r '.[].id'
+      source <(jobctl completion bash)   complete commands, options and job ids
 
     \b
     Exit codes: 0 done (cancel: the job ended cancelled); 1 the job failed or the
     daemon refused; 2 usage; 3 the waited-for job was cancelled; 4 --wait/--timeout
-    ran out; 69 the daemon cannot be reached. NO_COLOR=1 turns colours off.
+    ran out; 69 the daemon cannot be reached; 75 the daemon is unavailable for now
+    (shutting down, storage full, maintenance). NO_COLOR=1 turns colours off.
     """
 
 
 @main.command()
 @click.pass_obj
 def ping(st: _State) -> None:
-    """Check that the daemon answers, and how it sees you."""
+    """Check that the daemon answers, and how it sees you.
+
+    \b
+      jobctl ping
+      jobctl --socket /run/user/1000/jobd/jobd.sock ping --json
+    """
     result = st.client.ping()
     _show(st, result, render.ping_line(result, st.client.socket_path))
+
+
+@main.command()
+@click.pass_obj
+def version(st: _State) -> None:
+    """Print jobctl's version, and the daemon's when one answers.
+
+    \b
+      jobctl version
+    """
+    mine = importlib.metadata.version("jobd")
+    try:
+        daemon: dict[str, Any] | None = st.client.ping()
+    except errors.JobdError as e:
+        daemon, why = None, e.message.split(";")[0]
+    if st.json:
+        _show_json({"jobctl": mine, "jobd": daemon and daemon.get("version")})
+        return
+    _say(st, f"jobctl {mine}")
+    _say(st, f"jobd {daemon.get('version')} at {st.client.socket_path}" if daemon
+         else f"jobd: not reached ({why})")
+
+
+@main.command()
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell: str) -> None:
+    """Print the completion script for SHELL: commands, options and job ids.
+
+    \b
+      source <(jobctl completion bash)              (in ~/.bashrc)
+      jobctl completion zsh > "${fpath[1]}/_jobctl"
+      jobctl completion fish > ~/.config/fish/completions/jobctl.fish
+    """
+    cls = get_completion_class(shell)
+    assert cls is not None  # the choices are click's own shells
+    click.echo(cls(main, {}, "jobctl", "_JOBCTL_COMPLETE").source())
 
 
 def _submitted(st: _State, job: dict[str, Any], wait: bool, timeout: float | None,
@@ -393,32 +491,56 @@ def _submitted(st: _State, job: dict[str, Any], wait: bool, timeout: float | Non
 @main.command()
 @click.argument("project")
 @click.option("--branch", default=None, help="Merge this branch (else the repository's current).")
+@click.option("--strategy", type=click.Choice(["ff-only", "merge", "reset"]), default=None,
+              help="How to bring in the fetched branch (else the daemon's default).")
 @click.option("--full-reindex", is_flag=True, help="Rebuild the index from scratch.")
 @click.option("--repo", default=None, metavar="PATH",
               help="The repository's work tree (admins and services; under allowed_roots).")
+@click.option("--project-id", default=None, metavar="ID",
+              help="The project id when PROJECT is a path (else the folder's name).")
+@click.option("--url", default=None, metavar="URL",
+              help="Clone the repository from here when it is missing (admins and services).")
 @_PRIORITY
 @_JOB_TIMEOUT
 @_WAIT
 @_TIMEOUT
 @click.pass_obj
-def sync(st: _State, project: str, branch: str | None, full_reindex: bool, repo: str | None,
+def sync(st: _State, project: str, branch: str | None, strategy: str | None,
+         full_reindex: bool, repo: str | None, project_id: str | None, url: str | None,
          priority: int | None, job_timeout: float | None, wait: bool,
          timeout: float | None) -> None:
     """Fetch and merge PROJECT's repository, then re-index it.
 
-    PROJECT is a project id, or a path (containing "/", or "."): then that
-    repository is synced and its folder's name is the project id.
+    PROJECT is a project id (org/repo stays one), or a path when it starts with
+    /, ./, ../ or ~, or is . or ..: then that repository is synced and its
+    folder's name is the project id.
 
     \b
       jobctl sync myproject --branch main --wait
+      jobctl sync org/repo --strategy reset --wait
       jobctl sync . --full-reindex --wait --timeout 30m
+      jobctl sync newproj --url https://git.example.com/newproj.git --wait
     """
-    project_id, repo_path = sync_target(project, repo)
-    options = {"branch": branch, "full_reindex": full_reindex or None, "repo_path": repo_path}
-    job = st.client.submit("sync", project_id,
+    pid, repo_path = sync_target(project, repo, project_id)
+    options = {"branch": branch, "strategy": strategy, "full_reindex": full_reindex or None,
+               "repo_path": repo_path, "url": url}
+    job = st.client.submit("sync", pid,
                            options={k: v for k, v in options.items() if v is not None} or None,
                            priority=priority, timeout_s=job_timeout)
     _submitted(st, job, wait, timeout)
+
+
+def _json_object(text: str | None, hint: str) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise click.BadParameter(f"not valid JSON: {e}", param_hint=hint) from None
+    if not isinstance(value, dict):
+        raise click.BadParameter('must be a JSON object, e.g. \'{"ticket": "OPS-12"}\'',
+                                 param_hint=hint)
+    return value
 
 
 @main.command()
@@ -429,67 +551,151 @@ def sync(st: _State, project: str, branch: str | None, full_reindex: bool, repo:
                    "'[\"make\", \"all\"]'), else as text. Repeat for more.")
 @click.option("--options-json", default=None, metavar="JSON",
               help="All options as one JSON object; -o values go on top.")
+@click.option("--description", default=None, metavar="TEXT",
+              help="Free text shown with the job (up to 1 KiB).")
+@click.option("--metadata-json", default=None, metavar="JSON",
+              help="Free client data as one JSON object, stored and returned as given.")
 @_PRIORITY
 @_JOB_TIMEOUT
 @_WAIT
 @_TIMEOUT
 @click.pass_obj
 def submit(st: _State, type_: str, project: str | None, option_pairs: tuple[str, ...],
-           options_json: str | None, priority: int | None, job_timeout: float | None,
-           wait: bool, timeout: float | None) -> None:
+           options_json: str | None, description: str | None, metadata_json: str | None,
+           priority: int | None, job_timeout: float | None, wait: bool,
+           timeout: float | None) -> None:
     """Submit a job of TYPE (sync, index, command, noop, or a plugin's).
 
     \b
       jobctl submit index --project myproject --wait
-      jobctl submit noop -o seconds=30
+      jobctl submit noop -o seconds=30 --description "try the queue"
       jobctl submit command -o argv='["make", "-C", "/srv/docs"]' --wait
+      jobctl submit index --project p --metadata-json '{"ticket": "OPS-12"}'
     """
     job = st.client.submit(type_, project, options=build_options(option_pairs, options_json),
-                           priority=priority, timeout_s=job_timeout)
+                           priority=priority, timeout_s=job_timeout, description=description,
+                           metadata=_json_object(metadata_json, "--metadata-json"))
     _submitted(st, job, wait, timeout)
 
 
+_STATUS_CHOICE = click.Choice([s.value for s in JobStatus if s != JobStatus.CREATED])
+
+
 @main.command("list")
-@click.option("--status", "statuses", multiple=True,
-              type=click.Choice([s.value for s in JobStatus if s != JobStatus.CREATED]),
+@click.option("--status", "statuses", multiple=True, type=_STATUS_CHOICE,
               help="Only jobs in this status; repeat for several.")
 @click.option("--type", "type_", default=None, metavar="T", help="Only jobs of this type.")
 @click.option("--user", default=None, metavar="U", help="Only this user's jobs.")
 @click.option("--project", default=None, metavar="P", help="Only jobs of this project.")
 @click.option("--since", "since_s", type=DURATION, default=None, metavar="DURATION",
               help="Only jobs created within this long (30m, 2h, 7d).")
+@click.option("--until", "until_s", type=DURATION, default=None, metavar="DURATION",
+              help="Only jobs created longer ago than this (1h).")
+@click.option("--order", type=click.Choice(["created", "started", "completed"]), default=None,
+              help="Newest first by this time (default: created).")
 @click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True,
               help="How many jobs, newest first.")
 @click.option("--all", "every", is_flag=True, help="Every matching job, page after page.")
+@click.option("--watch", is_flag=True, help="Redraw the list every second; q or Ctrl-C quits.")
 @click.pass_obj
 def list_(st: _State, statuses: tuple[str, ...], type_: str | None, user: str | None,
-          project: str | None, since_s: float | None, limit: int, every: bool) -> None:
-    """List jobs, newest first.
+          project: str | None, since_s: float | None, until_s: float | None,
+          order: str | None, limit: int, every: bool, watch: bool) -> None:
+    """List jobs, newest first, with the wait reason, run time and a failure's first line.
 
     \b
       jobctl list --status queued --status running
       jobctl list --user alice --since 1d --all
+      jobctl list --order completed --until 1h
+      jobctl list --status running --watch
     """
-    filters = dict(status=list(statuses) or None, type=type_, user_id=user, project_id=project,
-                   created_after=since(since_s, _now_us()) if since_s is not None else None,
-                   limit=limit)
-    jobs: list[dict[str, Any]] = []
-    cursor = None
-    while True:
-        page = st.client.list(**filters, cursor=cursor)
-        jobs.extend(page["jobs"])
-        cursor = page.get("next_cursor")
-        if not (every and cursor):
-            break
+    def jobs_now() -> tuple[list[dict[str, Any]], str | None]:
+        now = _now_us()
+        filters = dict(status=list(statuses) or None, type=type_, user_id=user,
+                       project_id=project, order=order, limit=limit,
+                       created_after=since(since_s, now) if since_s is not None else None,
+                       created_before=since(until_s, now) if until_s is not None else None)
+        jobs: list[dict[str, Any]] = []
+        cursor = None
+        while True:
+            page = st.client.list(**filters, cursor=cursor)
+            jobs.extend(page["jobs"])
+            cursor = page.get("next_cursor")
+            if not (every and cursor):
+                return jobs, cursor
+
+    if watch:
+        _live(st, lambda frame: render.job_table(jobs_now()[0], _now_us()))
+    jobs, cursor = jobs_now()
     if st.json:
         _show_json(jobs)
         return
     if not jobs:
         _say(st, "no jobs match")
         return
-    st.out.print(render.job_table(jobs, _now_us()))
+    render.print_plain(st.out, render.job_table(jobs, _now_us()))
     if cursor:
         _fail(f"showing the newest {len(jobs)}; --all (or --limit) for more")
+
+
+@contextlib.contextmanager
+def _keys() -> Iterator[Any]:
+    """Single key presses from the terminal on stdin (none when stdin is no terminal)."""
+    if not sys.stdin.isatty():
+        yield lambda timeout: (time.sleep(timeout), "")[1]
+        return
+    fd = sys.stdin.fileno()
+    saved = termios.tcgetattr(fd)
+    tty.setcbreak(fd)  # keys at once, Ctrl-C still a signal
+
+    def read(timeout: float) -> str:
+        ready, _, _ = select.select([fd], [], [], timeout)
+        return os.read(fd, 32).decode(errors="replace") if ready else ""
+    try:
+        yield read
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+def _live(st: _State, draw: Any) -> NoReturn:
+    """Redraw ``draw(frame)`` every second until q or Ctrl-C (exit 0)."""
+    frame = 0
+    try:
+        with _keys() as key, Live(draw(frame), console=st.out, auto_refresh=False,
+                                  screen=st.out.is_terminal) as live:
+            while True:
+                deadline = time.monotonic() + _REFRESH_S
+                while (left := deadline - time.monotonic()) > 0:
+                    if "q" in key(left).lower():
+                        raise click.exceptions.Exit(EXIT_OK)
+                frame += 1
+                live.update(draw(frame), refresh=True)
+    except KeyboardInterrupt:
+        raise click.exceptions.Exit(EXIT_OK) from None
+
+
+@main.command()
+@click.pass_obj
+def top(st: _State) -> None:
+    """A live view: running jobs with bars, the queue with wait reasons, per-user counts.
+
+    Redrawn every second; q or Ctrl-C quits.
+
+    \b
+      jobctl top
+      jobctl --as-user alice top
+    """
+    def draw(frame: int) -> Any:
+        running = st.client.list(status="running", limit=1000)["jobs"]
+        queued = sorted(st.client.list(status="queued", limit=1000)["jobs"],
+                        key=lambda j: j.get("queue_position") or 0)
+        per_user: dict[str, dict[str, int]] = {}
+        for job in running + queued:
+            counts = per_user.setdefault(job["user_id"], {"running": 0, "queued": 0})
+            counts[job["status"]] += 1
+        title = f"jobd at {st.client.socket_path}  {time.strftime('%H:%M:%S')}  (q quits)"
+        return render.top_view(running, queued, per_user, _now_us(), frame=frame, title=title)
+    _live(st, draw)
 
 
 @main.command()
@@ -502,48 +708,158 @@ def status(st: _State, job: str, follow: bool, timeout: float | None) -> None:
     """Show one job: status, progress, timings, result.
 
     JOB is the job's id or a unique prefix of at least 4 characters.
+
+    \b
+      jobctl status 3f2a
+      jobctl status 3f2a --follow --timeout 10m
     """
-    found = st.client.get(resolve_job(st.client, job))
+    found = st.client.get(_resolve(st.client, job))
     if follow:
         _follow(st, found, timeout, stream_json=st.json)
     _show(st, found, render.job_detail(found, _now_us()))
 
 
+def _filter(statuses: tuple[str, ...], user: str | None, project: str | None,
+            since_s: float | None) -> dict[str, Any] | None:
+    """The jobs.cancel/jobs.retry ``filter`` of the options, None when none was given."""
+    found = dict(status=list(statuses) or None, user_id=user, project_id=project,
+                 created_after=since(since_s, _now_us()) if since_s is not None else None)
+    return {k: v for k, v in found.items() if v is not None} or None
+
+
+def _bulk_options(fn: Any) -> Any:
+    for option in reversed([
+        _JOBS,
+        click.option("--status", "statuses", multiple=True, type=_STATUS_CHOICE,
+                     help="Every job in this status (admins); repeat for several."),
+        click.option("--user", default=None, metavar="U", help="Only this user's jobs."),
+        click.option("--project", default=None, metavar="P", help="Only this project's jobs."),
+        click.option("--since", "since_s", type=DURATION, default=None, metavar="DURATION",
+                     help="Only jobs created within this long (2h)."),
+        click.option("--yes", "-y", is_flag=True,
+                     help="Do not ask before touching more than one job."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+def _confirm(st: _State, verb: str, ids: list[str], yes: bool) -> None:
+    """Ask before touching more than one job; without a terminal (and --yes) refuse, exit 2."""
+    if len(ids) <= 1 or yes:
+        return
+    shown = ", ".join(render.short_id(i) for i in ids[:10]) + (" …" if len(ids) > 10 else "")
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        _fail(f"{len(ids)} jobs would be {verb}d ({shown}); nothing done: add --yes to "
+              f"{verb} them all")
+        raise click.exceptions.Exit(EXIT_USAGE)
+    if not click.confirm(f"{verb} {len(ids)} jobs ({shown})?", err=True):
+        raise click.exceptions.Exit(EXIT_USAGE)
+
+
+def _bulk(st: _State, verb: str, refs: tuple[str, ...], where: dict[str, Any] | None,
+          yes: bool, wait: bool, timeout: float | None) -> NoReturn:
+    """``cancel``/``retry`` of several jobs, or of a filter in one call; exit with the worst."""
+    if refs and where:
+        raise click.UsageError(f"give jobs or filters (--status, --user, --project, --since) "
+                               f"to {verb}, not both")
+    if not refs and not where:
+        raise click.UsageError(f"name the jobs to {verb} (JOB...), or filter them with "
+                               "--status, --user, --project or --since")
+    call = st.client.cancel if verb == "cancel" else st.client.retry
+    codes: list[int] = []
+    done: list[dict[str, Any]] = []
+    if where:
+        if not yes:
+            _confirm(st, verb, call(filter=where, dry_run=True)["jobs"], yes)
+        ids = call(filter=where)["jobs"]
+        if not ids:
+            _say(st, "no jobs match") if not st.json else _show_json([])
+            raise click.exceptions.Exit(EXIT_OK)
+        done = [st.client.get(i) for i in ids]
+    else:
+        ids = []
+        for ref in refs:
+            try:
+                ids.append(_resolve(st.client, ref))
+            except errors.JobdError as e:
+                _fail(f"{ref}: {e.message}")
+                codes.append(_error_code(e))
+        _confirm(st, verb, ids, yes)
+        for job_id in ids:
+            try:
+                done.append(st.client.cancel(job_id) if verb == "cancel"
+                            else st.client.retry(job_id))
+            except errors.JobdError as e:
+                _fail(e.message)
+                codes.append(_error_code(e))
+    shown = []
+    for job in done:
+        if wait:
+            with render.Follow(st.out) if not st.json else contextlib.nullcontext() as view:
+                job = _watched(st, job, timeout, view)
+            codes.append(_report(st, job, cancelling=verb == "cancel", show_job=False))
+        else:
+            codes.append(EXIT_OK)
+        shown.append(job)
+        if not st.json:
+            _say(st, _done_line(verb, job))
+    if st.json:
+        # one job named: that job, as before; several, or a filter: the list of them
+        _show_json(shown[0] if len(refs) == 1 and len(shown) == 1 else shown)
+    raise click.exceptions.Exit(worst(codes))
+
+
+def _done_line(verb: str, job: dict[str, Any]) -> str:
+    ref = render.short_id(job["id"])
+    if verb == "retry":
+        return render.submitted_line(job, "queued again")
+    if job["status"] == JobStatus.CANCELLED:
+        return f"cancelled {ref}"
+    if job["status"] == JobStatus.RUNNING:
+        return (f"cancel requested for {ref}; it is stopping "
+                f"(`jobctl status {ref} --follow` to watch)")
+    return f"{ref} is {job['status']}"
+
+
 @main.command()
-@_JOB
-@click.option("--wait", is_flag=True, help="Wait until the job has stopped; exit 0 once it is "
-                                             "cancelled.")
+@_bulk_options
+@click.option("--wait", is_flag=True, help="Wait until each job has stopped; exit 0 once "
+                                             "they are cancelled.")
 @_TIMEOUT
 @click.pass_obj
-def cancel(st: _State, job: str, wait: bool, timeout: float | None) -> None:
-    """Cancel a queued or running job.
+def cancel(st: _State, jobs: tuple[str, ...], statuses: tuple[str, ...], user: str | None,
+           project: str | None, since_s: float | None, yes: bool, wait: bool,
+           timeout: float | None) -> None:
+    """Cancel queued or running jobs: those named, or every one a filter matches.
 
     A running job's processes get SIGTERM, then SIGKILL after the daemon's
     cancel_grace. Without --wait the command returns once the cancel is asked for.
+    A filter goes to the daemon as one call (admins); more than one job is only
+    touched after you confirm, or with --yes.
+
+    \b
+      jobctl cancel 3f2a --wait
+      jobctl cancel 3f2a 77b0 9c1d
+      jobctl cancel --status queued --user alice --yes
     """
-    found = st.client.cancel(resolve_job(st.client, job), wait=wait)
-    if wait:
-        _follow(st, found, timeout, cancelling=True)
-    if st.json:
-        _show_json(found)
-        return
-    ref = render.short_id(found["id"])
-    if found["status"] == JobStatus.CANCELLED:
-        _say(st, f"cancelled {ref}")
-    else:
-        _say(st, f"cancel requested for {ref}; it is stopping "
-                 f"(`jobctl status {ref} --follow` to watch)")
+    _bulk(st, "cancel", jobs, _filter(statuses, user, project, since_s), yes, wait, timeout)
 
 
 @main.command()
-@_JOB
+@_bulk_options
 @_WAIT
 @_TIMEOUT
 @click.pass_obj
-def retry(st: _State, job: str, wait: bool, timeout: float | None) -> None:
-    """Queue a failed or cancelled job again (same id)."""
-    found = st.client.retry(resolve_job(st.client, job))
-    _submitted(st, found, wait, timeout, verb="queued again")
+def retry(st: _State, jobs: tuple[str, ...], statuses: tuple[str, ...], user: str | None,
+          project: str | None, since_s: float | None, yes: bool, wait: bool,
+          timeout: float | None) -> None:
+    """Queue failed or cancelled jobs again (same ids): those named, or a filter's.
+
+    \b
+      jobctl retry 3f2a --wait
+      jobctl retry --status failed --since 2h --yes
+    """
+    _bulk(st, "retry", jobs, _filter(statuses, user, project, since_s), yes, wait, timeout)
 
 
 @main.command()
@@ -554,8 +870,11 @@ def events(st: _State, job: str) -> None:
 
     Every status and phase change, cancel request, retry and recovery, with who
     acted.
+
+    \b
+      jobctl events 3f2a
     """
-    history = st.client.events(resolve_job(st.client, job))
+    history = st.client.events(_resolve(st.client, job))
     _show(st, history, render.events_table(history))
 
 
@@ -563,9 +882,12 @@ def events(st: _State, job: str) -> None:
 @_JOB
 @click.option("--follow", is_flag=True, help="Keep printing new output until the job ends "
                                                "(exit codes as --wait).")
+@click.option("--tail", "tail_n", type=click.IntRange(0), default=None, metavar="N",
+              help="Only the last N lines of what is there now.")
 @_TIMEOUT
 @click.pass_obj
-def logs(st: _State, job: str, follow: bool, timeout: float | None) -> None:
+def logs(st: _State, job: str, follow: bool, tail_n: int | None,
+         timeout: float | None) -> None:
     """Print a job's captured output.
 
     The stdout and stderr of its processes, oldest output dropped first past
@@ -573,61 +895,74 @@ def logs(st: _State, job: str, follow: bool, timeout: float | None) -> None:
 
     With --json: one object {data, next_offset, eof}; with --follow, one line of
     JSON per page.
+
+    \b
+      jobctl logs 3f2a
+      jobctl logs 3f2a --tail 20 --follow
     """
-    job_id = resolve_job(st.client, job)
-    deadline = None if timeout is None else time.monotonic() + timeout
-    offset, version, data = 0, None, []
+    job_id = _resolve(st.client, job)
+    offset, eof, data = 0, False, []
     try:
-        while True:
-            page = st.client.logs(job_id, offset=offset)
-            offset = page["next_offset"]
-            if page["data"]:
+        if tail_n is not None:
+            pages = list(st.client.tail(job_id))
+            text = "".join(p["data"] for p in pages)
+            lines = text.splitlines(keepends=True)
+            data.append("".join(lines[len(lines) - tail_n:] if tail_n else []))
+            if pages:
+                offset, eof = pages[-1]["next_offset"], pages[-1]["eof"]
+            if not st.json:
+                click.echo(data[-1], nl=False)
+        if follow or tail_n is None:
+            for page in st.client.tail(job_id, follow=follow, offset=offset, timeout=timeout):
+                offset, eof = page["next_offset"], page["eof"]
                 if not st.json:
                     click.echo(page["data"], nl=False)
                 elif follow:
                     click.echo(json.dumps(page, ensure_ascii=False))
                 else:
                     data.append(page["data"])
-            if page["eof"]:
-                break
-            if page["data"]:
-                continue  # the next page may be there already
-            if not follow:
-                break
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                _finish(st, st.client.get(job_id), show_job=False)
-            # no new output yet: a short long poll, so that the job's end is seen at once
-            version = st.client.wait(job_id, after_version=version,
-                                     timeout_s=_LOG_POLL_S if left is None
-                                     else min(_LOG_POLL_S, left))["version"]
     except KeyboardInterrupt:
         raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
     if follow:
         _finish(st, st.client.get(job_id), show_job=False)
     if st.json:
-        _show_json({"data": "".join(data), "next_offset": offset, "eof": page["eof"]})
+        _show_json({"data": "".join(data), "next_offset": offset, "eof": eof})
 
 
 @main.command()
+@click.option("--since", "since_s", type=DURATION, default=None, metavar="DURATION",
+              help="Count finished jobs from this long ago (default 24h, at most 35d).")
 @click.pass_obj
-def stats(st: _State) -> None:
-    """Show job counts and load (admins)."""
-    result = st.client.stats()
+def stats(st: _State, since_s: float | None) -> None:
+    """Show job counts and load (admins).
+
+    \b
+      jobctl stats
+      jobctl stats --since 7d --json
+    """
+    result = st.client.stats(since=since(since_s, _now_us()) if since_s is not None else None)
     _show(st, result, render.stats_view(result))
 
 
 @main.command()
 @click.pass_obj
 def pause(st: _State) -> None:
-    """Stop starting queued jobs; running jobs go on (admins)."""
+    """Stop starting queued jobs; running jobs go on (admins).
+
+    \b
+      jobctl pause
+    """
     _set_paused(st, True)
 
 
 @main.command()
 @click.pass_obj
 def resume(st: _State) -> None:
-    """Start queued jobs again after a pause (admins)."""
+    """Start queued jobs again after a pause (admins).
+
+    \b
+      jobctl resume
+    """
     _set_paused(st, False)
 
 
@@ -638,15 +973,55 @@ def _set_paused(st: _State, paused: bool) -> None:
 
 
 @main.command()
+@click.argument("switch", type=click.Choice(["on", "off"]), required=False)
+@click.option("--reason", default=None, metavar="TEXT",
+              help="Why, told to everyone whose submit is refused meanwhile.")
+@click.option("--wait-drained", is_flag=True,
+              help="Then wait until no job runs and none can start.")
+@_TIMEOUT
+@click.pass_obj
+def maintenance(st: _State, switch: str | None, reason: str | None, wait_drained: bool,
+                timeout: float | None) -> None:
+    """Refuse new submits and retries (on), or take them again (off); alone, report (admins).
+
+    \b
+      jobctl maintenance on --reason "upgrade to 2.1" --wait-drained
+      jobctl maintenance off
+    """
+    result = st.client.maintenance(None if switch is None else switch == "on", reason)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while wait_drained and not result.get("drained"):
+        if deadline is not None and time.monotonic() >= deadline:
+            _fail(f"gave up waiting: {result.get('running')} running, "
+                  f"{result.get('queued')} queued")
+            raise click.exceptions.Exit(EXIT_TIMEOUT)
+        time.sleep(_REFRESH_S)
+        result = st.client.maintenance()
+    state = "on" if result.get("maintenance") else "off"
+    why = f" ({result['reason']})" if result.get("reason") else ""
+    _show(st, result, f"maintenance {state}{why}: {result.get('running', 0)} running, "
+          f"{result.get('queued', 0)} queued{', drained' if result.get('drained') else ''}")
+
+
+@main.command()
 @click.option("--older-than", type=DURATION, default=None, metavar="DURATION",
               help="Delete finished jobs older than this (7d), overriding both retentions.")
+@click.option("--status", "statuses", multiple=True,
+              type=click.Choice(["completed", "failed", "cancelled"]),
+              help="Only finished jobs in this status; repeat for several.")
 @click.option("--dry-run", is_flag=True, help="Only count what would be deleted.")
 @click.pass_obj
-def cleanup(st: _State, older_than: float | None, dry_run: bool) -> None:
+def cleanup(st: _State, older_than: float | None, statuses: tuple[str, ...],
+            dry_run: bool) -> None:
     """Delete finished jobs past retention now (admins).
 
     Their events, checkpoints and log files go with them; active jobs are never
     touched.
+
+    \b
+      jobctl cleanup --dry-run
+      jobctl cleanup --older-than 7d --status failed
     """
-    result = st.client.cleanup(older_than_s=older_than, dry_run=dry_run)
+    result = st.client.cleanup(older_than_s=older_than, dry_run=dry_run,
+                               status=list(statuses) or None)
     _show(st, result, render.cleanup_line(result, dry_run))

@@ -15,17 +15,18 @@ import os
 import re
 from typing import Any, Iterable, Mapping
 
-from rich.console import Console, Group, RenderableType
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from rich.table import Column, Table
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
+from rich.live import Live
+from rich.table import Table
 from rich.text import Text
 
 from jobd.models import from_iso
 
 __all__ = [
-    "Follow", "cleanup_line", "console", "events_table", "human_duration", "job_detail",
-    "job_note", "job_table", "percent", "ping_line", "result_line", "short_id", "stats_view",
-    "status_line", "submitted_line", "to_json",
+    "Follow", "bar_line", "cleanup_line", "console", "elapsed", "error_json", "events_table",
+    "first_line", "human_duration", "job_detail", "job_note", "job_table", "percent",
+    "ping_line", "print_plain", "result_lines", "short_id", "stats_view", "status_line",
+    "submitted_line", "to_json", "top_view",
 ]
 
 STATUS_STYLE = {
@@ -67,6 +68,43 @@ def short_id(job_id: str) -> str:
     return job_id[:8]
 
 
+def error_json(code: int, message: str, data: Mapping[str, Any]) -> str:
+    """SPEC §7: an error for scripts, one line on stderr."""
+    return json.dumps({"error": {"code": code, "message": message, "data": dict(data)}},
+                      ensure_ascii=False)
+
+
+def print_plain(out: Console, renderable: RenderableType) -> None:
+    """Print ``renderable``; off a terminal without the spaces that pad a table's last column."""
+    if out.is_terminal:
+        out.print(renderable)
+        return
+    with out.capture() as captured:
+        out.print(renderable)
+    for line in captured.get().splitlines():
+        out.out(line.rstrip(), highlight=False)
+
+
+def first_line(text: str | None) -> str:
+    return (text or "").strip().split("\n", 1)[0].rstrip()
+
+
+def elapsed(job: Mapping[str, Any], now_us: int) -> float | None:
+    """Seconds the job has run: from its ``started_at`` to its end, or to now."""
+    if not job.get("started_at"):
+        return None
+    end = from_iso(job["completed_at"]) if job.get("completed_at") else now_us
+    return max(0.0, (end - from_iso(job["started_at"])) / 1e6)
+
+
+def clock_time(seconds: float | None) -> str:
+    """``0:01:05``; ``-`` before the job started."""
+    if seconds is None:
+        return "-:--:--"
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
 def human_duration(seconds: float, parts: int = 1) -> str:
     """``42s``, ``5m``, ``3h``, ``2d``; with ``parts=2``: ``2h 5m``."""
     seconds = max(0, int(seconds))
@@ -101,7 +139,7 @@ def percent(progress: float | None) -> str:
 def job_note(job: Mapping[str, Any]) -> str | None:
     """The one thing worth saying about the job beside its status."""
     if job.get("status") == "failed" and job.get("error"):
-        return str(job["error"])
+        return first_line(job["error"])
     if job.get("status") == "queued":
         where = f"#{job['queue_position']} in queue" if job.get("queue_position") else None
         why = WAIT_REASONS.get(job.get("wait_reason") or "", job.get("wait_reason"))
@@ -126,20 +164,36 @@ def _styled_status(status: str) -> Text:
 
 
 def job_table(jobs: Iterable[Mapping[str, Any]], now_us: int) -> Table:
-    """The jobs, one row each: id, type, user, project, status, progress, phase, age."""
+    """The jobs, one row each: id, type, user, project, status, progress, phase, age, run
+    time, and the note: where and why a queued job waits, the first line of a failure."""
     table = Table(box=None, pad_edge=False, header_style="bold")
     for name in ("ID", "TYPE", "USER", "PROJECT", "STATUS"):
         table.add_column(name, no_wrap=True)
     table.add_column("PROGRESS", justify="right", no_wrap=True)
     table.add_column("PHASE", no_wrap=True)
     table.add_column("AGE", justify="right", no_wrap=True)
+    table.add_column("RAN", justify="right", no_wrap=True)
+    table.add_column("NOTE", no_wrap=True, overflow="ellipsis", ratio=1)
     for job in jobs:
+        ran = elapsed(job, now_us)
+        note = _list_note(job)
         table.add_row(
             Text(short_id(job["id"])), Text(job["type"]), Text(job["user_id"]),
             Text(job.get("project_id") or "-"), _styled_status(job["status"]),
             Text(percent(job.get("progress"))), Text(job.get("phase") or "-"),
-            Text(_age(job.get("created_at"), now_us)))
+            Text(_age(job.get("created_at"), now_us)),
+            Text("-" if ran is None else human_duration(ran, 2)), Text(note))
     return table
+
+
+def _list_note(job: Mapping[str, Any]) -> str:
+    """A list row's note: the short wait reason of a queued job, a failure's first line."""
+    if job.get("status") == "queued":
+        where = f"#{job['queue_position']}" if job.get("queue_position") else ""
+        return " ".join(p for p in (where, job.get("wait_reason") or "") if p)
+    if job.get("status") == "failed":
+        return first_line(job.get("error"))
+    return job_note(job) or ""
 
 
 def _value(value: Any) -> str:
@@ -198,9 +252,26 @@ def job_detail(job: Mapping[str, Any], now_us: int) -> Table:
     for name in ("options", "metadata"):
         if job.get(name):
             row(name, job[name])
-    for key, value in (job.get("result") or {}).items():
-        row(f"result.{key}", value)
+    if job.get("result"):
+        row("result", "\n".join(result_lines(job["result"])))
     return grid
+
+
+def result_lines(value: Any, indent: str = "") -> list[str]:
+    """A result as ``key: value`` lines, nested objects and lists of them indented."""
+    lines = []
+    items = value.items() if isinstance(value, Mapping) else enumerate(value)
+    for key, item in items:
+        name = f"{indent}{key}:" if isinstance(value, Mapping) else f"{indent}-"
+        if isinstance(item, Mapping) and item or (
+                isinstance(item, list) and any(isinstance(i, (dict, list)) for i in item)):
+            lines.append(name)
+            lines.extend(result_lines(item, indent + "  "))
+        elif isinstance(item, list):
+            lines.append(f"{name} {', '.join(_value(i) for i in item) or '-'}")
+        else:
+            lines.append(f"{name} {_value(item)}")
+    return lines
 
 
 def result_line(result: Mapping[str, Any]) -> str:
@@ -280,62 +351,174 @@ def cleanup_line(result: Mapping[str, Any], dry_run: bool) -> str:
             f"failed before {cutoffs.get('keep_failed')})")
 
 
-class _NoteColumn(TextColumn):
-    """The job's note: plain text (never markup), cut short to fit the line."""
+_SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
+_BAR_MAX = 30
+_BAR_MIN = 6
+
+
+def _cut(text: str, width: int) -> str:
+    if width <= 0:
+        return ""
+    return text if len(text) <= width else text[:max(0, width - 1)] + "…"
+
+
+def bar_line(job: Mapping[str, Any], width: int, now_us: int, *, frame: int = 0,
+             note: str | None = None) -> Text:
+    """The live bar of one job, fitted to ``width`` columns without wrapping.
+
+    What always stays: id, percentage, status (with phase) and the time it has run
+    (from its ``started_at``), then the ETA when known. Room left goes to the bar,
+    then the type and project, then the message (``note`` in its place), cut first.
+    """
+    status = str(job["status"])
+    active = status not in ("completed", "failed", "cancelled")
+    state = status + (f" {job['phase']}" if job.get("phase") else "")
+    head = f"{_SPINNER[frame % len(_SPINNER)] if active else ' '} {short_id(job['id'])}"
+    tail = [percent(job.get("progress")).rjust(4), state, clock_time(elapsed(job, now_us))]
+    if active and job.get("eta_s") is not None:
+        tail.append(f"eta {human_duration(job['eta_s'], 2)}")
+    fixed = len(head) + sum(len(p) + 1 for p in tail)
+    room = width - 1 - fixed  # the last column stays free: writing it can wrap the line
+    bar_w = max(0, min(_BAR_MAX, room // 3))
+    if bar_w < _BAR_MIN:
+        bar_w = 0
+    room -= bar_w + 1 if bar_w else 0
+    what = " ".join(p for p in (job.get("type"), job.get("project_id")) if p)
+    message = job_note(job) if note is None else note
+    show_what = bool(what) and room >= len(what) + 1 + 12
+    if show_what:
+        room -= len(what) + 1
+    line = Text(head)
+    if show_what:
+        line.append(" " + what)
+    if bar_w:
+        done = round(bar_w * min(100.0, max(0.0, job.get("progress") or 0)) / 100)
+        style = STATUS_STYLE.get(status, "") if not active else "cyan"
+        line.append(" ")
+        line.append("━" * done, style=style)
+        line.append("━" * (bar_w - done), style="grey23")
+    line.append(" " + tail[0])
+    line.append(" ")
+    line.append(state, style=STATUS_STYLE.get(status, ""))
+    for part in tail[2:]:
+        line.append(" " + part)
+    if message and room > 1:
+        line.append(" " + _cut(message, room - 1), style="yellow" if note else "")
+    return line
+
+
+class _Bars:
+    """The renderable a Live view redraws: one bar per job, sized at each drawing."""
 
     def __init__(self) -> None:
-        super().__init__("{task.fields[note]}", markup=False,
-                         table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1))
+        self.jobs: dict[str, Mapping[str, Any]] = {}
+        self.note: str | None = None
+        self.frame = 0
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        self.frame += 1
+        now_us = _now_us()
+        for job in self.jobs.values():
+            yield bar_line(job, options.max_width, now_us, frame=self.frame, note=self.note)
+
+
+def _now_us() -> int:
+    import time
+    return time.time_ns() // 1000
 
 
 class Follow:
     """Shows a job as it changes: a live bar on a terminal, else a line per visible change.
 
     With ``json_lines`` every new version of the job is printed as one line of JSON.
+    ``reconnecting(why)`` says that the daemon is being reached again.
     """
 
     def __init__(self, out: Console, *, json_lines: bool = False) -> None:
         self._out = out
         self._json = json_lines
         self._last: str | None = None
-        self._bar: Progress | None = None
-        self._task: Any = None
+        self._bars: _Bars | None = None
+        self._live: Live | None = None
 
     def __enter__(self) -> Follow:
         if not self._json and self._out.is_terminal and not self._out.is_dumb_terminal:
-            self._bar = Progress(
-                SpinnerColumn(), TextColumn("{task.description}", markup=False), BarColumn(),
-                TextColumn("{task.fields[pct]:>4}", markup=False),
-                TextColumn("{task.fields[state]}", markup=False), _NoteColumn(),
-                TimeElapsedColumn(), console=self._out)
-            self._bar.start()
+            self._bars = _Bars()
+            self._live = Live(self._bars, console=self._out, refresh_per_second=8,
+                              transient=False)
+            self._live.start()
         return self
 
     def update(self, job: Mapping[str, Any]) -> None:
+        if self._bars is not None:
+            self._bars.note = None
+            self._bars.jobs[job["id"]] = job
+            assert self._live is not None
+            self._live.refresh()
+            return
         if self._json:
             line = seen = json.dumps(job, separators=(",", ":"), ensure_ascii=False)
         else:
             line = status_line(job)
             # git repeats one message with rising counts ("Counting objects:  12% (20/161)"):
             # a line for each would bury the rest, so a line needs more than new counts
-            seen = line if self._bar is not None or not job.get("message") else status_line(
+            seen = line if not job.get("message") else status_line(
                 {**job, "message": _COUNTS.sub("#", job["message"])})
         if seen == self._last:
             return
         self._last = seen
-        if self._bar is None:
-            self._out.out(line, highlight=False)
+        self._out.out(line, highlight=False)
+
+    def reconnecting(self, job_id: str, why: str) -> None:
+        """The daemon is gone for now (a restart): say so until the next update."""
+        if self._bars is not None:
+            self._bars.note = "reconnecting…"
             return
-        state = job["status"] + (f" {job['phase']}" if job.get("phase") else "")
-        fields = dict(pct=percent(job.get("progress")), state=state, note=job_note(job) or "")
-        if self._task is None:
-            description = " ".join(p for p in (short_id(job["id"]), job["type"],
-                                               job.get("project_id")) if p)
-            self._task = self._bar.add_task(description, total=100, **fields)
-        self._bar.update(self._task, completed=job.get("progress") or 0, **fields)
-        if job["status"] in ("completed", "failed", "cancelled"):
-            self._bar.stop_task(self._task)
+        line = f"{short_id(job_id)} reconnecting… ({why})"
+        if self._json or line == self._last:
+            return
+        self._last = line
+        self._out.out(line, highlight=False)
 
     def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.stop()
+        if self._live is not None:
+            self._live.stop()
+
+
+def top_view(running: list[Mapping[str, Any]], queued: list[Mapping[str, Any]],
+             per_user: Mapping[str, Mapping[str, int]], now_us: int, *, frame: int = 0,
+             title: str = "") -> RenderableType:
+    """``jobctl top``: running jobs with bars, the queue in dispatch order, per-user counts."""
+    return _Top(running, queued, per_user, now_us, frame, title)
+
+
+class _Top:
+    def __init__(self, running: list[Mapping[str, Any]], queued: list[Mapping[str, Any]],
+                 per_user: Mapping[str, Mapping[str, int]], now_us: int, frame: int,
+                 title: str) -> None:
+        self.running, self.queued, self.per_user = running, queued, per_user
+        self.now_us, self.frame, self.title = now_us, frame, title
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        width = options.max_width
+        yield Text(_cut(self.title, width - 1), style="bold")
+        yield Text(f"running ({len(self.running)})", style="bold cyan")
+        for job in self.running:
+            yield bar_line(job, width, self.now_us, frame=self.frame)
+        if not self.running:
+            yield Text("  none")
+        yield Text(f"queued ({len(self.queued)})", style="bold yellow")
+        for job in self.queued:
+            pos = f"#{job.get('queue_position') or '?'}"
+            why = WAIT_REASONS.get(job.get("wait_reason") or "", job.get("wait_reason") or "")
+            line = f"  {pos:>4} {short_id(job['id'])} {job['type']} {job['user_id']} " \
+                   f"{job.get('project_id') or '-'} {_age(job.get('created_at'), self.now_us)}" \
+                   f" {why}"
+            yield Text(_cut(line, width - 1))
+        if not self.queued:
+            yield Text("  none")
+        if self.per_user:
+            yield Text("users (running / queued)", style="bold")
+            for user, n in sorted(self.per_user.items()):
+                yield Text(_cut(f"  {user}: {n.get('running', 0)} / {n.get('queued', 0)}",
+                                width - 1))

@@ -53,10 +53,11 @@ def test_job_table_shows_one_row_per_job_with_short_id_and_age() -> None:
                      created_at=NOW - 3 * 24 * HOUR)]
     lines = text_of(render.job_table(jobs, NOW)).splitlines()
     assert lines[0].split() == ["ID", "TYPE", "USER", "PROJECT", "STATUS", "PROGRESS", "PHASE",
-                                "AGE"]
+                                "AGE", "RAN", "NOTE"]
     assert lines[1].split() == ["3f2a9c1e", "sync", "alice", "web", "running", "42%", "indexing",
-                                "2h"]
-    assert lines[2].split() == ["0badc0de", "noop", "bob", "-", "failed", "99%", "-", "3d"]
+                                "2h", "1h", "120/300", "files"]
+    assert lines[2].split() == ["0badc0de", "noop", "bob", "-", "failed", "99%", "-", "3d",
+                                "1h"]
     assert JOB_ID not in "\n".join(lines)
 
 
@@ -97,8 +98,8 @@ def test_text_from_the_daemon_is_shown_literally_not_as_markup() -> None:
                    completed_at=NOW)
     shown = text_of(render.job_detail(job, NOW))
     assert "[red]merge[/red] done" in shown
-    assert re.search(r"result\.files_indexed\s+12\s*\n", shown)
-    assert re.search(r'result\.seconds\s+\{"indexing": 1\.5\}', shown)
+    assert re.search(r"^result\s+files_indexed: 12 *$", shown, re.M), shown
+    assert re.search(r"^( +)seconds: *\n\1  indexing: 1\.5 *$", shown, re.M), shown
     events = [{"at": "2026-11-22T10:00:00Z", "status": "running", "phase": "git_sync",
                "progress": 5, "message": "[b]x[/b]", "actor": "admin:root"}]
     assert "[b]x[/b]" in text_of(render.events_table(events))
@@ -194,10 +195,22 @@ def test_a_project_that_is_a_path_means_that_repository(tmp_path: Path,
     real = os.path.realpath(repo)
     monkeypatch.chdir(repo)
     assert sync_target(".", None) == ("myrepo", real)
+    assert sync_target("..", None) == ("src", os.path.dirname(real))
     monkeypatch.chdir(tmp_path)
-    assert sync_target("src/myrepo/", None) == ("myrepo", real)
+    assert sync_target("./src/myrepo/", None) == ("myrepo", real)
     assert sync_target("./link", None) == ("myrepo", real)
     assert sync_target(str(repo), None) == ("myrepo", real)
+    assert sync_target(str(repo), None, "web") == ("web", real)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert sync_target("~/src/myrepo", None) == ("myrepo", real)
+
+
+@pytest.mark.parametrize("project", ["org/repo", "src/myrepo", "a/b/c", "myrepo", ".hidden"])
+def test_a_project_id_with_a_slash_stays_a_project_id(tmp_path: Path, project: str,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "src" / "myrepo").mkdir(parents=True)  # even when such a folder exists here
+    monkeypatch.chdir(tmp_path)
+    assert sync_target(project, None) == (project, None)
 
 
 def test_a_plain_project_is_an_id_and_repo_is_made_real(tmp_path: Path) -> None:
