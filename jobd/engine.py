@@ -87,13 +87,21 @@ class Context:
         self.live = Live(job.progress, job.phase, job.message, job.version,
                          base_progress=job.progress)
         self.finishing = False  #: its end is being recorded (guards against recording twice)
+        self.in_process = False  #: a program of the job runs (a stop sends it SIGTERM)
+        self.ended: str | None = None  #: the end last told in its log
         self._lock = threading.Lock()
 
     # -- stopping ----------------------------------------------------------------------
 
-    def stop(self, reason: str) -> None:
+    def stop(self, reason: str, by: str | None = None) -> None:
+        """Stop the job for ``reason`` (cancel, timeout, shutdown); ``by``: who cancelled.
+        The first reason is told in the job's log."""
         if self.reason is None:
             self.reason = reason
+            why = {"cancel": f"cancelled by {by}" if by else "cancelled",
+                   "timeout": f"timed out after {_duration(self.timeout_s or 0)}",
+                   "shutdown": "interrupted by daemon shutdown"}.get(reason, reason)
+            self.joblog.story(why + (": sending SIGTERM" if self.in_process else ""))
         if reason == "cancel":
             self.cancel_asked = True
         self.stop_event.set()
@@ -159,10 +167,16 @@ class Context:
         if self.cancelled:
             raise Cancelled(self.reason or "cancelled")
         self.joblog.note("$ " + " ".join(argv))
-        done = process.run(
-            argv, cwd=cwd, env={**(env or {}), process.JOB_ENV: self.job.id}, log=self.joblog, stop=self.stop_event,
-            deadline=self.deadline, grace=self.config.execution.cancel_grace,
-            on_progress=on_progress, capture=capture, on_spawn=self._record_process)
+        self.in_process = True
+        try:
+            done = process.run(
+                argv, cwd=cwd, env={**(env or {}), process.JOB_ENV: self.job.id},
+                log=self.joblog, stop=self.stop_event, deadline=self.deadline,
+                grace=self.config.execution.cancel_grace, on_progress=on_progress,
+                capture=capture, on_spawn=self._record_process,
+                on_timeout=lambda: self.stop("timeout"))
+        finally:
+            self.in_process = False
         if done.timed_out:
             self.stop("timeout")
         if done.cancelled or done.timed_out:
@@ -212,7 +226,7 @@ def _last_line(joblog: process.JobLog) -> str:
     except OSError:
         return ""
     lines = [ln.strip() for ln in tail.replace("\r", "\n").split("\n")]
-    lines = [ln for ln in lines if ln and not ln.startswith("[jobd]")]
+    lines = [ln for ln in lines if ln and not process.is_note(ln)]
     return lines[-1][:300] if lines else ""
 
 
@@ -221,6 +235,35 @@ def _duration(seconds: float) -> str:
         if seconds >= size and seconds % size == 0:
             return f"{int(seconds // size)}{unit}"
     return f"{seconds:g}s"
+
+
+def end_story(status: JobStatus | str, message: str | None) -> str:
+    """The closing line of an attempt in the job's story (its log, or its events)."""
+    if status == JobStatus.QUEUED:
+        return f"{message or 'stopped'}; queued again"
+    if status == JobStatus.COMPLETED or not message or message == str(status):
+        return f"ended {status}"
+    return f"ended {status}: {message}"
+
+
+def story(events: list[dict[str, Any]]) -> bytes:
+    """A job's story told from its events, as the engine writes it in a job's log: for
+    a job that never ran a program, and so has no log file."""
+    out, attempt, before = [], 0, None
+    for event in events:
+        status, message, at = event["status"], event["message"], event["at"]
+        if status == "running" and before != "running":
+            attempt += 1
+            out.append(process.note_lines(f"attempt {attempt} started", at))
+        elif status == "running" and message == "cancel requested":
+            out.append(process.note_lines(f"cancelled by {event['actor']}", at))
+        elif status in ("completed", "failed", "cancelled") or (
+                status == "queued" and before == "running"):
+            if status == "cancelled" and before == "queued":
+                message = f"cancelled by {event['actor']} while queued"
+            out.append(process.note_lines(end_story(status, message), at))
+        before = status
+    return b"".join(out)
 
 
 class Engine:
@@ -236,7 +279,8 @@ class Engine:
         self.dispatcher = Dispatcher(workers=ex.workers,
                                      max_running_per_user=ex.max_running_per_user)
         self._contexts: dict[str, Context] = {}
-        self._cancels: set[str] = set()  #: asked for before the job's context existed
+        #: asked for before the job's context existed: job id -> who asked
+        self._cancels: dict[str, str | None] = {}
         self._lock = threading.Lock()
         self._kick = threading.Event()
         self._stopping = False
@@ -377,11 +421,11 @@ class Engine:
             self._requeue_later(entry.id)
             return
         ctx = Context(self, job)
+        ctx.joblog.story(f"attempt {job.attempts} started", job.started_at)
         with self._lock:
             self._contexts[job.id] = ctx
             if job.id in self._cancels:
-                self._cancels.discard(job.id)
-                ctx.stop("cancel")
+                ctx.stop("cancel", self._cancels.pop(job.id))
             if self._stopping:
                 ctx.stop("shutdown")
         ctx.log.info("job_started", attempt=job.attempts)
@@ -429,7 +473,7 @@ class Engine:
             with self._lock:
                 if self._contexts.get(job.id) is ctx:  # a retry may already run it anew
                     del self._contexts[job.id]
-                self._cancels.discard(job.id)
+                self._cancels.pop(job.id, None)
             self._kick.set()
 
     def _end_of(self, ctx: Context, result: dict[str, Any] | None,
@@ -472,6 +516,10 @@ class Engine:
                 end, kw = JobStatus.FAILED, {"error": _safe_text(
                     f"{what} (recorded as failed: the store refused the end: "
                     f"{type(refused).__name__}: {refused})")}
+            told = end_story(end, kw.get("error") or kw.get("message"))
+            if told != ctx.ended:  # before the commit: a reader seeing the end sees it told
+                ctx.ended = told
+                ctx.joblog.story(told)
             try:
                 return self.store.transition(ctx.job.id, end, actor="jobd",
                                              expect=[JobStatus.RUNNING], **kw)
@@ -505,15 +553,16 @@ class Engine:
 
     # -- answers for the manager ---------------------------------------------------------
 
-    def cancel(self, job_id: str) -> None:
-        """Stop a running job's handler and process group (now, or as soon as it starts)."""
+    def cancel(self, job_id: str, actor: str | None = None) -> None:
+        """Stop a running job's handler and process group (now, or as soon as it starts);
+        ``actor``, who asked, is told in its log."""
         with self._lock:
             ctx = self._contexts.get(job_id)
             if ctx is None:
                 if self.dispatcher.is_taken(job_id):
-                    self._cancels.add(job_id)
+                    self._cancels[job_id] = actor
                 return
-        ctx.stop("cancel")
+        ctx.stop("cancel", actor)
 
     def live(self, job_id: str) -> Live | None:
         ctx = self._contexts.get(job_id)

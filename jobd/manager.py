@@ -22,8 +22,8 @@ import structlog
 from jobd import __version__, process
 from jobd.auth import Scope, check_id
 from jobd.config import Config, ConfigState
-from jobd.engine import Engine
-from jobd.errors import Conflict, Forbidden, InvalidParams, LimitExceeded, Unavailable
+from jobd.engine import Engine, story
+from jobd.errors import Conflict, Forbidden, InvalidParams, Unavailable
 from jobd.handlers import Handler
 from jobd.models import TERMINAL, Job, JobStatus, RawJSON, Role, from_iso, iso
 from jobd.store import Store
@@ -47,6 +47,11 @@ JOB_FIELDS = tuple(Job(id="", type="", user_id="", project_id=None, status=JobSt
 #: what a response line holds around a jobs.list result: the JSON-RPC envelope with its id
 #: (a client's id longer than about 1 KiB may push a full page over the limit: -32050)
 _ENVELOPE_BYTES = 1024
+#: the filter of a filtered jobs.cancel / jobs.retry
+FILTER_KEYS = ("status", "type", "user_id", "project_id", "created_after", "created_before")
+#: the most jobs one filtered cancel or retry touches: all in one write transaction, which
+#: holds every other write (submits, progress) until it commits; ``more`` says to call again
+MAX_BULK = 1000
 #: jobs.list reads its rows in chunks of at most this many, sized to the bytes still free
 _CHUNK_ROWS = 128
 
@@ -126,13 +131,13 @@ def _time(value: Any, field: str) -> int | None:
                             f"(got {_shown(value)})", field=field) from None
 
 
-def _statuses(status: Any) -> list[str]:
-    """jobs.list's ``status`` filter: one status or a list of them ([] or None: every one)."""
+def _statuses(status: Any, field: str = "status") -> list[str]:
+    """The ``status`` filter: one status or a list of them ([] or None: every one)."""
     statuses = [status] if isinstance(status, str) else [] if status is None else status
     if not isinstance(statuses, list) or not all(isinstance(s, str) and s in _STATUSES
                                                  for s in statuses):
         raise InvalidParams(f"status must be one of {', '.join(JobStatus)} or a list of them "
-                            f"(got {_shown(status)})", field="status")
+                            f"(got {_shown(status)})", field=field)
     return statuses
 
 
@@ -299,14 +304,9 @@ class Manager:
              id_prefix: Any = None, limit: Any = 50, cursor: Any = None,
              fields: Any = None) -> RawJSON:
         """A page of jobs, newest first; it ends early rather than pass max_response_bytes."""
-        statuses = _statuses(status)
-        if type is not None:
-            if not isinstance(type, str):
-                raise InvalidParams(f"type must be a job type's name (got {_shown(type)})",
-                                    field="type")
-            _utf8(type, "type")
-        user_filter = scope.check_filter(_optional_id(user_id, "user_id"))
-        _optional_id(project_id, "project_id")
+        filters = self._filters(scope, status=status, type=type, user_id=user_id,
+                                project_id=project_id, created_after=created_after,
+                                created_before=created_before)
         if id_prefix is not None and (not isinstance(id_prefix, str)
                                       or not JOB_ID_RE.fullmatch(id_prefix)):
             raise InvalidParams(f"id_prefix must be at least 4 of [0-9a-f-] (got "
@@ -315,10 +315,7 @@ class Manager:
             raise InvalidParams(f"limit must be an integer from 1 to 1000 (got {_shown(limit)})",
                                 field="limit")
         wanted = _fields(fields)
-        filters = dict(statuses=statuses, type=type, user_id=user_filter, project_id=project_id,
-                       created_after=_time(created_after, "created_after"),
-                       created_before=_time(created_before, "created_before"),
-                       id_prefix=id_prefix)
+        filters["id_prefix"] = id_prefix
         budget = self.config.server.max_response_bytes - _ENVELOPE_BYTES
         frame = len('{"jobs":[],"next_cursor":""}') + len(_cursor(2**63 - 1))
         jobs: list[str] = []
@@ -352,6 +349,24 @@ class Manager:
         next_cursor = _cursor(last) if more else None
         return RawJSON(f'{{"jobs":[{",".join(jobs)}],"next_cursor":{json.dumps(next_cursor)}}}')
 
+    @staticmethod
+    def _filters(scope: Scope, *, status: Any = None, type: Any = None, user_id: Any = None,
+                 project_id: Any = None, created_after: Any = None, created_before: Any = None,
+                 prefix: str = "") -> dict[str, Any]:
+        """The job filters jobs.list and the filtered cancel and retry share, checked (a
+        ``user_id`` outside the scope is Forbidden), as the store takes them. ``prefix``
+        names the fields as the client sent them (``filter.``)."""
+        if type is not None:
+            if not isinstance(type, str):
+                raise InvalidParams(f"{prefix}type must be a job type's name (got "
+                                    f"{_shown(type)})", field=f"{prefix}type")
+            _utf8(type, f"{prefix}type")
+        return dict(statuses=_statuses(status, f"{prefix}status"), type=type,
+                    user_id=scope.check_filter(_optional_id(user_id, f"{prefix}user_id")),
+                    project_id=_optional_id(project_id, f"{prefix}project_id"),
+                    created_after=_time(created_after, f"{prefix}created_after"),
+                    created_before=_time(created_before, f"{prefix}created_before"))
+
     def _listed(self, status: str, wire: str, wanted: frozenset[str] | None) -> str:
         """One job of a list page: finished jobs go out as SQLite encoded them; active ones
         get what the daemon knows; with ``fields``, only those."""
@@ -378,12 +393,19 @@ class Manager:
         if (isinstance(limit_bytes, bool) or not isinstance(limit_bytes, int)
                 or not 1 <= limit_bytes <= 1_048_576):
             raise InvalidParams("limit_bytes must be from 1 to 1048576", field="limit_bytes")
-        data, next_offset = process.read_log(self.engine.log_path(job.id), offset, limit_bytes)
-        eof = False
-        if job.terminal:
-            more, _ = process.read_log(self.engine.log_path(job.id), next_offset, 1)
-            eof = not more
-        return {"data": data.decode("utf-8", "replace"), "next_offset": next_offset, "eof": eof}
+        path = self.engine.log_path(job.id)
+        if path.exists():
+            data, next_offset = process.read_log(path, offset, limit_bytes)
+            more = job.terminal and bool(process.read_log(path, next_offset, 1)[0])
+        else:
+            # a job that never ran a program has no log: its story is told from its events,
+            # byte for byte as a log would begin (so offsets hold if a log appears later)
+            told = story(self.store.events(job.id))
+            data = told[offset:offset + limit_bytes]
+            next_offset = offset + len(data)
+            more = next_offset < len(told)
+        return {"data": data.decode("utf-8", "replace"), "next_offset": next_offset,
+                "eof": job.terminal and not more}
 
     # -- changing ------------------------------------------------------------------------
 
@@ -473,53 +495,103 @@ class Manager:
         return _number(timeout_s, "timeout_s", 1, high,
                        f" seconds ({bound}0, no limit, is for services and admins)")
 
-    def cancel(self, scope: Scope, job_id: str) -> dict[str, Any]:
-        """Cancel at once if queued; if running, ask the engine to stop it."""
-        job = self._job(scope, job_id)
-        if job.status is JobStatus.QUEUED:
-            try:
-                job = self.store.transition(job.id, JobStatus.CANCELLED, actor=scope.actor,
-                                            expect=[JobStatus.QUEUED], message="cancelled")
-                log.info("job_cancelled", job_id=job.id, actor=scope.actor)
-                return self._view(job)
-            except Conflict:
-                job = self.store.get_job(job.id)  # it started meanwhile
-        if job.status is JobStatus.RUNNING:
-            try:
-                job = self.store.request_cancel(job.id, actor=scope.actor)
-            except Unavailable:
-                # storage full or read-only: the engine still stops the job, and records
-                # it cancelled once the store takes writes again (its end waits for that)
-                self.engine.cancel(job.id)
-                log.warning("job_cancel_requested", job_id=job.id, actor=scope.actor,
-                            recorded=False)
-                return dict(self._view(job), cancel_requested=True)
-            if job.status is JobStatus.RUNNING:  # else it ended meanwhile: answered below
-                self.engine.cancel(job.id)
+    def _selection(self, scope: Scope, method: str, job_id: Any, filter: Any,
+                   dry_run: Any) -> tuple[Job | None, dict[str, Any]]:
+        """What a cancel or retry acts on: one job (found and in scope), or the store's
+        filters of a ``filter`` (admins, and services acting with as_admin)."""
+        if not isinstance(dry_run, bool):
+            raise InvalidParams("dry_run must be true or false", field="dry_run")
+        if (job_id is None) == (filter is None):
+            raise InvalidParams(f"{method} takes job_id (one job) or filter (every job it "
+                                f"matches): exactly one of them",
+                                field="filter" if filter is not None else "job_id")
+        if job_id is not None:
+            if dry_run:
+                raise InvalidParams("dry_run goes with filter; for one job, jobs.get shows "
+                                    "what it would touch", field="dry_run")
+            job = self._job(scope, job_id)
+            return job, {"job_id": job.id}
+        if not scope.may_repo_path or (scope.caller.role is not Role.ADMIN
+                                       and scope.user_id is not None):
+            raise Forbidden(f"{method} with a filter is for jobd admins and services acting "
+                            f"with as_admin; name each job by job_id instead", field="filter")
+        if not isinstance(filter, dict):
+            raise InvalidParams(f"filter must be an object of {', '.join(FILTER_KEYS)} "
+                                f"(got {_shown(filter)})", field="filter")
+        unknown = sorted(set(filter) - set(FILTER_KEYS))
+        if unknown:
+            raise InvalidParams(f"filter.{unknown[0]} is not a filter (known: "
+                                f"{', '.join(FILTER_KEYS)})", field=f"filter.{unknown[0]}")
+        return None, self._filters(scope, **filter, prefix="filter.")
+
+    @staticmethod
+    def _touched(jobs: list[Job], more: bool, dry_run: bool) -> dict[str, Any]:
+        """The answer of a filtered cancel or retry."""
+        return {"jobs": [job.id for job in jobs], "count": len(jobs), "more": more,
+                "dry_run": dry_run}
+
+    def cancel(self, scope: Scope, job_id: Any = None, filter: Any = None,
+               dry_run: Any = False) -> dict[str, Any]:
+        """Cancel queued jobs at once; for running ones, ask the engine to stop them.
+
+        One job (``job_id``: the job is answered) or every active job ``filter`` matches,
+        up to MAX_BULK in one transaction (``{jobs, count, more, dry_run}``).
+        """
+        one, filters = self._selection(scope, "jobs.cancel", job_id, filter, dry_run)
+        try:
+            jobs, more = self.store.cancel_jobs(actor=scope.actor, limit=MAX_BULK,
+                                                dry_run=dry_run, **filters)
+        except Unavailable:
+            if one is None or one.status is not JobStatus.RUNNING:
+                raise
+            # storage full or read-only: the engine still stops the job, and records it
+            # cancelled once the store takes writes again (its end waits for that)
+            self.engine.cancel(one.id, actor=scope.actor)
+            log.warning("job_cancel_requested", job_id=one.id, actor=scope.actor,
+                        recorded=False)
+            return dict(self._view(one), cancel_requested=True)
+        for job in jobs if not dry_run else ():
+            if job.status is JobStatus.RUNNING:
+                self.engine.cancel(job.id, actor=scope.actor)
                 log.info("job_cancel_requested", job_id=job.id, actor=scope.actor)
-                return self._view(job)
-        if job.status is JobStatus.CANCELLED:
+            else:
+                log.info("job_cancelled", job_id=job.id, actor=scope.actor)
+        if one is None:
+            return self._touched(jobs, more, dry_run)
+        job = jobs[0] if jobs else self.store.get_job(one.id)
+        if job.status is JobStatus.RUNNING and not jobs:  # asked before: ask again, harmless
+            self.engine.cancel(job.id, actor=scope.actor)
+        if job.status in (JobStatus.RUNNING, JobStatus.CANCELLED):
             return self._view(job)
         raise Conflict(f"job {job.id} is {job.status}; only queued or running jobs can be "
                        f"cancelled", detail={"status": str(job.status)})
 
-    def retry(self, scope: Scope, job_id: str) -> dict[str, Any]:
-        job = self._job(scope, job_id)
-        handler = self.handlers.get(job.type)
-        if handler is not None and handler.admin_only and not scope.may_admin_types:
-            raise Forbidden(f"only admins may retry {job.type} jobs")
-        if job.status not in (JobStatus.FAILED, JobStatus.CANCELLED):
-            raise Conflict(f"job {job.id} is {job.status}; only failed or cancelled jobs can be "
-                           f"retried", detail={"status": str(job.status)})
-        limit = self.config.execution.max_queued_per_user
-        if self.store.queued_count(job.user_id) >= limit:
-            raise LimitExceeded(f"user {job.user_id} already has {limit} queued jobs "
-                                f"(max_queued_per_user); retry later")
-        job = self.store.transition(job.id, JobStatus.QUEUED, actor=scope.actor,
-                                    expect=[JobStatus.FAILED, JobStatus.CANCELLED],
-                                    message="retried")
-        log.info("job_retried", job_id=job.id, actor=scope.actor)
-        return self._view(job)
+    def retry(self, scope: Scope, job_id: Any = None, filter: Any = None,
+              dry_run: Any = False) -> dict[str, Any]:
+        """Queue failed or cancelled jobs again: one (``job_id``), or every one ``filter``
+        matches (as ``cancel``); a user past max_queued_per_user gets none retried."""
+        one, filters = self._selection(scope, "jobs.retry", job_id, filter, dry_run)
+        denied = [] if scope.may_admin_types else sorted(
+            name for name, handler in self.handlers.items() if handler.admin_only)
+        retryable = (JobStatus.FAILED, JobStatus.CANCELLED)
+        if one is not None:
+            if one.type in denied:
+                raise Forbidden(f"only admins may retry {one.type} jobs")
+            if one.status not in retryable:
+                raise Conflict(f"job {one.id} is {one.status}; only failed or cancelled jobs "
+                               f"can be retried", detail={"status": str(one.status)})
+        jobs, more = self.store.retry_jobs(
+            actor=scope.actor, limit=MAX_BULK, dry_run=dry_run, exclude_types=denied,
+            max_queued_per_user=self.config.execution.max_queued_per_user, **filters)
+        for job in jobs if not dry_run else ():
+            log.info("job_retried", job_id=job.id, actor=scope.actor)
+        if one is None:
+            return self._touched(jobs, more, dry_run)
+        if not jobs:  # it changed meanwhile
+            job = self.store.get_job(one.id)
+            raise Conflict(f"job {job.id} is {job.status}; only failed or cancelled jobs can "
+                           f"be retried", detail={"status": str(job.status)})
+        return self._view(jobs[0])
 
     # -- admin ---------------------------------------------------------------------------
 

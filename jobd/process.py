@@ -33,8 +33,9 @@ import structlog
 from jobd import supervise
 
 __all__ = [
-    "Completed", "JobLog", "JOB_ENV", "SUPERVISOR", "kill_marked", "kill_orphan_group",
-    "parse_progress", "process_start_time", "read_log", "remove_log", "run",
+    "Completed", "JobLog", "JOB_ENV", "SUPERVISOR", "is_note", "kill_marked",
+    "kill_orphan_group", "note_lines", "parse_progress", "process_start_time", "read_log",
+    "remove_log", "run",
 ]
 
 _log = structlog.get_logger()
@@ -133,6 +134,61 @@ def _read_base(path: Path) -> int:
         return 0
 
 
+def note_lines(text: str, at_us: int | None = None) -> bytes:
+    """jobd's own lines in a job's log: ``[jobd 2026-11-22T10:00:00Z] <text>``, one per
+    line of ``text``, stamped with ``at_us`` (microseconds since the epoch; default now)."""
+    at = time.time() if at_us is None else at_us / 1e6
+    mark = time.strftime("[jobd %Y-%m-%dT%H:%M:%SZ] ", time.gmtime(at)).encode()
+    return b"".join(mark + part.encode("utf-8", "replace") + b"\n"
+                    for part in (text.splitlines() or [""]))
+
+
+def is_note(line: str) -> bool:
+    """Whether a log line is one of jobd's own (``note_lines``), not a program's output."""
+    return line.startswith("[jobd ") and "] " in line[:40]
+
+
+class _Terminal:
+    """Keeps only the last state of each ``\r`` run, as a terminal would show it: git
+    redraws its progress with ``\r``, and the log keeps the line, not every redraw.
+
+    A ``\r`` not followed by ``\n`` starts the line over; ``\r\n`` is a line end. What
+    follows the last line end is held back while it may still be redrawn (at most
+    ``_MAX_LINE`` bytes of it; a longer one goes out as it is).
+    """
+
+    __slots__ = ("held",)
+
+    def __init__(self) -> None:
+        self.held = b""
+
+    def feed(self, data: bytes) -> bytes:
+        text = self.held + data
+        end = text.rfind(b"\n") + 1
+        done, self.held = text[:end], text[end:]
+        if b"\r" in done:
+            done = b"".join(_last_state(line) + b"\n" for line in done.split(b"\n")[:-1])
+        self.held = _last_state(self.held, keep_trailing=True)
+        if len(self.held) > _MAX_LINE:
+            done, self.held = done + self.held, b""
+        return done
+
+    def flush(self) -> bytes:
+        held, self.held = _last_state(self.held), b""
+        return held + b"\n" if held else b""
+
+
+def _last_state(line: bytes, keep_trailing: bool = False) -> bytes:
+    """What a terminal shows of ``line`` after its ``\r`` redraws: the last non-empty
+    state (with ``keep_trailing``, a final ``\r`` is kept: the next write redraws)."""
+    if b"\r" not in line:
+        return line
+    trailing = keep_trailing and line.endswith(b"\r")
+    states = [state for state in line.split(b"\r") if state]
+    last = states[-1] if states else b""
+    return last + b"\r" if trailing else last
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -160,6 +216,7 @@ class JobLog:
         self._size = self._dropped = 0
         self._at_line_start = True
         self._failed = False  #: a write failed (disk full): warned once
+        self._story: list[bytes] = []  #: story lines held until the log has a file
 
     def _open(self) -> int:
         return os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
@@ -181,11 +238,20 @@ class JobLog:
             self._append_or_drop(data)
 
     def note(self, text: str) -> None:
-        """A line of jobd's own, ``[jobd] <text>``, on a line of its own."""
-        lines = b"".join(b"[jobd] " + part.encode("utf-8", "replace") + b"\n"
-                         for part in (text.splitlines() or [""]))
+        """A line of jobd's own (``note_lines``), on a line of its own."""
         with self._lock:
-            self._append_or_drop(lines, own_line=True)
+            self._append_or_drop(note_lines(text), own_line=True)
+
+    def story(self, text: str, at_us: int | None = None) -> None:
+        """A line of the job's story (an attempt started, a cancel, the end): written at
+        once when the job has a log, else held until it gets one (a job that never runs a
+        program gets none: ``jobs.logs`` tells its story from its events)."""
+        lines = note_lines(text, at_us)
+        with self._lock:
+            if self._fd is None and not self.path.exists():
+                self._story.append(lines)
+            else:
+                self._append_or_drop(lines, own_line=True)
 
     def _append_or_drop(self, data: bytes, *, own_line: bool = False) -> None:
         """Append; output that cannot be written (a full disk) is dropped, not the job."""
@@ -207,6 +273,9 @@ class JobLog:
         if not data:
             return
         self._ensure_open()
+        if self._story:
+            story, self._story = b"".join(self._story), []
+            self._append(story, own_line=True)
         if own_line and not self._at_line_start:
             data = b"\n" + data
         assert self._fd is not None
@@ -321,7 +390,7 @@ class _Child:
         self.on_progress = on_progress
         self.captured: list[bytes] | None = [] if capture else None
         self.lines = {fd: _Lines() for fd in (out, err, prog)}
-        self.logged = {out, err}
+        self.logged = {out: _Terminal(), err: _Terminal()}
         self.open = {out, err, prog}
         self.reports = b""  #: the supervisor's unfinished last line
         self.first: list[str] | None = None  #: its first report: started or error
@@ -360,8 +429,8 @@ class _Child:
     def exited(self) -> bool:
         return self.proc.poll() is not None
 
-    def supervise(self, stop: threading.Event, deadline: float | None,
-                  grace: float) -> tuple[bool, bool]:
+    def supervise(self, stop: threading.Event, deadline: float | None, grace: float,
+                  on_timeout: Callable[[], None] | None = None) -> tuple[bool, bool]:
         """Read output until the supervisor exits; (cancelled, timed_out)."""
         cancelled = timed_out = False
         # the supervisor SIGKILLs after the grace itself; this is for one that cannot
@@ -371,6 +440,8 @@ class _Child:
             if kill_at is None:
                 cancelled = stop.is_set()
                 timed_out = not cancelled and deadline is not None and now >= deadline
+                if timed_out and on_timeout is not None:
+                    on_timeout()
                 if cancelled or timed_out:
                     self.tell(b"term\n")
                     kill_at = now + grace + _UNRESPONSIVE
@@ -426,9 +497,11 @@ class _Child:
             self.sel.unregister(fd)
             self.open.discard(fd)
             self.parse(self.lines[fd].partial)
+            if fd in self.logged:
+                self.log.write(self.logged[fd].flush())
             return
         if fd in self.logged:
-            self.log.write(data)
+            self.log.write(self.logged[fd].feed(data))
         if fd == self.out and self.captured is not None:
             self.captured.append(data)
         if self.on_progress is not None:
@@ -500,6 +573,7 @@ def run(argv: Sequence[str], *, cwd: str | Path | None, env: Mapping[str, str] |
         log: JobLog, stop: threading.Event, deadline: float | None, grace: float,
         on_progress: Callable[[float | None, str | None], None] | None = None,
         on_spawn: Callable[[int, int], None] | None = None,
+        on_timeout: Callable[[], None] | None = None,
         capture: bool = False) -> Completed:
     """Run ``argv`` under a per-job supervisor, in its own session and process group.
 
@@ -509,7 +583,8 @@ def run(argv: Sequence[str], *, cwd: str | Path | None, env: Mapping[str, str] |
     ``time.monotonic()`` value) passes, every process of the program gets SIGTERM, then
     SIGKILL after ``grace`` seconds. When the program exits, every process it left
     behind is killed and reaped, wherever it moved (``jobd.supervise``).
-    ``on_spawn(pgid, start_time)`` is called once the program started. A missing
+    ``on_spawn(pgid, start_time)`` is called once the program started, ``on_timeout()``
+    when the deadline passed, before the SIGTERM. A missing
     program raises FileNotFoundError naming it; another failure to start it, OSError.
     """
     args = tuple(argv)
@@ -548,7 +623,7 @@ def run(argv: Sequence[str], *, cwd: str | Path | None, env: Mapping[str, str] |
             raise OSError(e.errno, e.strerror, args[0]) from None
         if on_spawn is not None:
             on_spawn(pgid, start)
-        cancelled, timed_out = child.supervise(stop, deadline, grace)
+        cancelled, timed_out = child.supervise(stop, deadline, grace, on_timeout)
         returncode = child.finish()
     except BaseException:
         if child.proc.returncode is None:

@@ -372,10 +372,14 @@ class Rpc:
         async def ping(caller: Caller) -> Any:
             return m.ping(caller)
 
-        async def cancel(scope: auth.Scope, job_id: Any, wait: Any = False) -> Any:
+        async def cancel(scope: auth.Scope, job_id: Any = None, wait: Any = False,
+                         filter: Any = None, dry_run: Any = False) -> Any:
             if not isinstance(wait, bool):
                 raise errors.InvalidParams("wait must be true or false", field="wait")
-            job = await self.offload(m.cancel, scope, job_id)
+            if wait and filter is not None:
+                raise errors.InvalidParams("wait goes with job_id; after a filtered cancel, "
+                                           "wait on each job it answered", field="wait")
+            job = await self.offload(m.cancel, scope, job_id, filter, dry_run)
             if wait and job["status"] == "running":
                 job = await m.wait_stopped(scope, job_id)
             return job

@@ -268,6 +268,39 @@ def _storage_error(e: sqlite3.Error, path: Path) -> JobdError | sqlite3.Error:
     return e
 
 
+def _conditions(*, job_id: str | None = None, statuses: Sequence[str] = (),
+                type: str | None = None, user_id: str | None = None,
+                project_id: str | None = None, created_after: int | None = None,
+                created_before: int | None = None, id_prefix: str | None = None,
+                exclude_types: Sequence[str] = ()) -> tuple[list[str], list[Any]]:
+    """The WHERE terms and their arguments of the job filters every selection shares
+    (jobs.list, and the filtered cancel and retry)."""
+    where, args = [], []  # type: list[str], list[Any]
+    if job_id is not None:
+        where.append("id = ?")
+        args.append(job_id)
+    if statuses:
+        where.append(f"status IN ({', '.join('?' * len(statuses))})")
+        args += statuses
+    for column, value in (("type", type), ("user_id", user_id), ("project_id", project_id)):
+        if value is not None:
+            where.append(f"{column} = ?")
+            args.append(value)
+    if created_after is not None:
+        where.append("created_at >= ?")
+        args.append(created_after)
+    if created_before is not None:
+        where.append("created_at < ?")
+        args.append(created_before)
+    if id_prefix:
+        where.append("id >= ? AND id < ?")
+        args += [id_prefix, id_prefix + "\U0010ffff"]
+    if exclude_types:
+        where.append(f"type NOT IN ({', '.join('?' * len(exclude_types))})")
+        args += exclude_types
+    return where, args
+
+
 @dataclasses.dataclass
 class Tx:
     """What a write sees: the connection, and hooks that run once the commit holds."""
@@ -818,19 +851,17 @@ class Store:
         """The version after ``previous``: what every write stores (``max(version + 1, now)``)."""
         return max(previous + 1, self.clock())
 
-    def request_cancel(self, job_id: str, *, actor: str) -> Job:
+    def _request_cancel(self, tx: Tx, job_id: str, actor: str) -> Job:
         """Mark a running job's cancel as asked for (the engine stops it)."""
-        def fn(tx: Tx) -> Job:
-            row = tx.conn.execute(
-                f"UPDATE jobs SET cancel_requested = 1, version = max(version + 1, ?), "
-                f"updated_at = ? WHERE id = ? AND status = 'running' AND cancel_requested = 0 "
-                f"RETURNING {_COLUMNS}", (tx.now, tx.now, job_id)).fetchone()
-            if row is None:
-                return self._fetch(tx.conn, job_id)
-            job = _job(row)
-            self._event(tx, job, actor, "cancel requested")
-            return self._changed(tx, job)
-        return self.write(fn)
+        row = tx.conn.execute(
+            f"UPDATE jobs SET cancel_requested = 1, version = max(version + 1, ?), "
+            f"updated_at = ? WHERE id = ? AND status = 'running' AND cancel_requested = 0 "
+            f"RETURNING {_COLUMNS}", (tx.now, tx.now, job_id)).fetchone()
+        if row is None:
+            return self._fetch(tx.conn, job_id)
+        job = _job(row)
+        self._event(tx, job, actor, "cancel requested")
+        return self._changed(tx, job)
 
     def update_progress(self, job_id: str, *, progress: float, phase: str | None,
                         message: str | None, actor: str | None = None
@@ -877,29 +908,9 @@ class Store:
         """``list_jobs`` as ``(seq, status, the job's wire JSON)``, encoded by SQLite."""
         return self._list(f"seq, status, {_WIRE}", **filters)
 
-    def _list(self, columns: str, *, statuses: Sequence[str] = (), type: str | None = None,
-              user_id: str | None = None, project_id: str | None = None,
-              created_after: int | None = None, created_before: int | None = None,
-              id_prefix: str | None = None, before_seq: int | None = None,
-              limit: int = 50) -> list[Any]:
-        where, args = [], []  # type: list[str], list[Any]
-        if statuses:
-            where.append(f"status IN ({', '.join('?' * len(statuses))})")
-            args += statuses
-        for column, value in (("type", type), ("user_id", user_id),
-                              ("project_id", project_id)):
-            if value is not None:
-                where.append(f"{column} = ?")
-                args.append(value)
-        if created_after is not None:
-            where.append("created_at >= ?")
-            args.append(created_after)
-        if created_before is not None:
-            where.append("created_at < ?")
-            args.append(created_before)
-        if id_prefix:
-            where.append("id >= ? AND id < ?")
-            args += [id_prefix, id_prefix + "\U0010ffff"]
+    def _list(self, columns: str, *, before_seq: int | None = None, limit: int = 50,
+              **filters: Any) -> list[Any]:
+        where, args = _conditions(**filters)
         if before_seq is not None:
             where.append("seq < ?")
             args.append(before_seq)
@@ -908,6 +919,67 @@ class Store:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY seq DESC LIMIT ?"
         return self._read().execute(sql, (*args, limit)).fetchall()
+
+    # -- cancel and retry, of one job or of every job a filter matches -------------------
+
+    def cancel_jobs(self, *, actor: str, limit: int, dry_run: bool = False,
+                    **filters: Any) -> tuple[list[Job], bool]:
+        """Cancel, in one transaction, the active jobs matching ``filters`` (``job_id`` for
+        one): queued ones become cancelled, running ones get their cancel requested (the
+        engine stops them). Jobs already stopping are not matched again.
+
+        Returns (the jobs as they are now, oldest first, at most ``limit``; whether more
+        matched). With ``dry_run`` nothing changes and the jobs are returned as found.
+        """
+        def fn(tx: Tx) -> tuple[list[Job], bool]:
+            rows, more = self._matching(
+                tx, "(status = 'queued' OR status = 'running' AND cancel_requested = 0)",
+                limit, filters)
+            if dry_run:
+                return rows, more
+            done = []
+            for job in rows:
+                if job.status is JobStatus.QUEUED:
+                    done.append(self._transition(tx, job.id, JobStatus.CANCELLED, actor,
+                                                 "cancelled", None, None, [JobStatus.QUEUED],
+                                                 False))
+                else:
+                    done.append(self._request_cancel(tx, job.id, actor))
+            return done, more
+        return self.write(fn)
+
+    def retry_jobs(self, *, actor: str, limit: int, max_queued_per_user: int | None,
+                   dry_run: bool = False, **filters: Any) -> tuple[list[Job], bool]:
+        """Put the failed and cancelled jobs matching ``filters`` back to queued, in one
+        transaction: all of them or, when a user would pass ``max_queued_per_user``, none
+        (LimitExceeded). Returns as ``cancel_jobs`` does."""
+        def fn(tx: Tx) -> tuple[list[Job], bool]:
+            rows, more = self._matching(tx, "status IN ('failed', 'cancelled')", limit, filters)
+            if max_queued_per_user is not None:
+                adding = Counter(job.user_id for job in rows)
+                for user_id, count in adding.items():
+                    if self._queued[user_id] + count > max_queued_per_user:
+                        raise LimitExceeded(
+                            f"user {user_id} already has {self._queued[user_id]} queued jobs; "
+                            f"retrying {count} more would pass max_queued_per_user "
+                            f"({max_queued_per_user}); retry fewer, or later")
+            if dry_run:
+                return rows, more
+            return [self._transition(tx, job.id, JobStatus.QUEUED, actor, "retried", None,
+                                     None, [JobStatus.FAILED, JobStatus.CANCELLED], False)
+                    for job in rows], more
+        return self.write(fn)
+
+    @staticmethod
+    def _matching(tx: Tx, state: str, limit: int, filters: dict[str, Any]
+                  ) -> tuple[list[Job], bool]:
+        """Up to ``limit`` jobs in ``state`` matching ``filters``, oldest first; and whether
+        more matched."""
+        where, args = _conditions(**filters)
+        where.append(state)
+        rows = tx.conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE {' AND '.join(where)} "
+                               f"ORDER BY seq LIMIT ?", (*args, limit + 1)).fetchall()
+        return [_job(r) for r in rows[:limit]], len(rows) > limit
 
     def queued_jobs(self) -> list[Job]:
         """Every queued job, in stored dispatch order (priority, then age)."""

@@ -32,7 +32,7 @@ import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from jobd import errors
+from jobd import errors, process
 from jobd.handlers import JobFailed
 
 if TYPE_CHECKING:
@@ -173,10 +173,10 @@ def revision(repo: Repository, name: str = "HEAD") -> str | None:
 
 def error_line(data: bytes) -> str:
     """Why git failed, from its output: its first ``error:`` or ``fatal:`` line (with the
-    names it lists under it), else the last line. jobd's own ``[jobd]`` lines are skipped.
+    names it lists under it), else the last line. jobd's own lines are skipped.
     """
     lines = [ln.rstrip() for ln in readable(data).replace("\r", "\n").split("\n")
-             if not ln.startswith("[jobd]")]
+             if not process.is_note(ln)]
     for i, line in enumerate(lines):
         if line.startswith(("error:", "fatal:")):
             listed = [ln.strip() for ln in itertools.takewhile(

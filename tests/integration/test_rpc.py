@@ -511,7 +511,9 @@ def test_logs_page_by_offset_until_eof(jd: Daemon) -> None:
         if page["eof"]:
             break
         assert pages < 100
-    assert text.endswith(expected)  # after the daemon's own header lines
+    # between the daemon's own story lines: the attempt's start, its end
+    assert re.fullmatch(r"\[jobd [0-9T:Z-]+\] attempt 1 started\n(?s:.*)"
+                        + re.escape(expected) + r"\[jobd [0-9T:Z-]+\] ended completed\n", text)
     assert offset == len(text.encode()) - 2  # U+FFFD is 3 bytes, the byte it replaced 1
     assert pages == -(-offset // 1000)
     whole = ok(jd, "jobs.logs", job_id=job["id"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from jobd.process import (
-    kill_marked,
+    kill_marked, _Terminal, is_note,
     JobLog, kill_orphan_group, parse_progress, process_start_time, read_log, run,
 )
 
@@ -110,8 +111,31 @@ def test_output_goes_to_the_log_and_progress_split_on_carriage_returns(tmp_path,
     assert [p for p, _ in hits] == [10.0, 50.0, 100.0]
     assert hits[-1][1] == "Receiving objects: 100% (10/10), done."
     data, end = read_log(log.path, 0, 1 << 16)
-    assert b"hello there\n" in data and b"(1/10)\rReceiving objects:  50%" in data
+    # the log keeps what a terminal shows: the last state of the \r run, as one line
+    assert data == b"hello there\nReceiving objects: 100% (10/10), done.\n"
     assert end == len(data)
+
+
+@pytest.mark.parametrize("chunks, kept", [
+    ([b"a 1%\ra 2", b"%\ra 3%\n"], b"a 3%\n"),          # a redraw split across reads
+    ([b"one\r\n", b"two\n"], b"one\ntwo\n"),           # \r\n ends a line
+    ([b"x 1%\r", b"\n"], b"x 1%\n"),                     # a final \r, then the line end
+    ([b"no end\rlast"], b"last\n"),                      # the end of output ends the line
+])
+def test_the_log_keeps_the_last_state_of_each_carriage_return_run(chunks, kept):
+    terminal = _Terminal()
+    assert b"".join(terminal.feed(c) for c in chunks) + terminal.flush() == kept
+
+
+def test_a_long_redrawn_line_is_stored_as_its_last_state(tmp_path, log):
+    """git prints thousands of \r states: the log gets one short line, progress sees all."""
+    hits = []
+    states = "".join(f"Receiving objects: {i:3d}% ({i}/100)\r" for i in range(101))
+    run(["sh", "-c", 'printf "%s\\n" "$1" >&2', "sh", states], cwd=tmp_path, env=None, log=log,
+        stop=threading.Event(), deadline=None, grace=1.0,
+        on_progress=lambda p, m: hits.append(p))
+    assert read_log(log.path, 0, 1 << 16)[0] == b"Receiving objects: 100% (100/100)\n"
+    assert len(hits) == 101
 
 
 def test_stdout_is_not_kept_unless_captured(log):
@@ -218,16 +242,37 @@ def test_log_reopened_appends_and_keeps_offsets(tmp_path):
     again.note("phase git_sync")
     again.close()
     data, end = read_log(path, 0, 1000)
-    assert end == 150 + len(b"\n[jobd] phase git_sync\n")
-    assert data.endswith(b"x\n[jobd] phase git_sync\n")
+    assert end == 150 + len(b"\n[jobd 2026-11-22T10:00:00Z] phase git_sync\n")
+    assert re.search(rb"\[jobd \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ\] phase git_sync\n$", data)
 
 
 def test_note_writes_a_jobd_line(log):
     log.note("$ git fetch --progress origin")
     log.write(b"output\n")
     log.note("phase indexing")
-    assert read_log(log.path, 0, 1000)[0] == (
-        b"[jobd] $ git fetch --progress origin\noutput\n[jobd] phase indexing\n")
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()).encode()
+    data = read_log(log.path, 0, 1000)[0]
+    # the stamp is the wall clock: a second may tick between the notes and the read
+    assert re.sub(rb"\[jobd [0-9T:Z-]{20}\]", b"[jobd " + stamp + b"]", data) == (
+        b"[jobd %s] $ git fetch --progress origin\noutput\n[jobd %s] phase indexing\n"
+        % (stamp, stamp))
+    assert all(is_note(line) for line in data.decode().splitlines() if line != "output")
+
+
+def test_story_lines_wait_for_a_log_and_are_dropped_without_one(tmp_path):
+    """A job that never writes output gets no file; one that does gets its story first."""
+    quiet = JobLog(tmp_path / "quiet.log", 1000)
+    quiet.story("attempt 1 started", 1_795_000_000_000_000)
+    quiet.close()
+    assert not (tmp_path / "quiet.log").exists()
+    busy = JobLog(tmp_path / "busy.log", 1000)
+    busy.story("attempt 1 started", 1_795_000_000_000_000)
+    busy.write(b"out\n")
+    busy.story("ended completed", 1_795_000_001_000_000)
+    busy.close()
+    assert read_log(tmp_path / "busy.log", 0, 1000)[0] == (
+        b"[jobd 2026-11-18T11:06:40Z] attempt 1 started\nout\n"
+        b"[jobd 2026-11-18T11:06:41Z] ended completed\n")
 
 
 # ------------------------------------------------------------------- cancel, timeout, groups

@@ -46,6 +46,12 @@ def submit(store: Store, job: Job | None = None, **kw: Any) -> Job:
     return store.submit_job(job or new_job(), actor=kw.pop("actor", "alice"), **kw)[0]
 
 
+def request_cancel(store: Store, job_id: str, actor: str) -> Job:
+    """The single cancel of a running job as the manager asks for it: the job as it is."""
+    jobs, _ = store.cancel_jobs(job_id=job_id, actor=actor, limit=1)
+    return jobs[0] if jobs else store.get_job(job_id)
+
+
 @pytest.fixture
 def clock() -> Clock:
     return Clock()
@@ -220,7 +226,7 @@ def test_version_only_rises_also_across_reopen(db: Path) -> None:
     seen = [job.version]
     for to in (JobStatus.RUNNING, JobStatus.QUEUED, JobStatus.RUNNING):
         seen.append(store.transition(job.id, to, actor="jobd").version)
-    seen.append(store.request_cancel(job.id, actor="alice").version)
+    seen.append(request_cancel(store, job.id, "alice").version)
     store.close()
     clock.now -= 3_600_000_000  # the clock went back an hour while jobd was down
     store = Store(db, synchronous="normal", clock=clock).open()
@@ -489,8 +495,8 @@ def test_events_oldest_first_with_actors(store: Store, clock: Clock) -> None:
                           actor="jobd").result()
     store.update_progress(job.id, progress=20, phase="git_sync", message="tick").result()
     clock.now += 10
-    store.request_cancel(job.id, actor="admin:root")
-    store.request_cancel(job.id, actor="admin:root")  # asking twice records it once
+    request_cancel(store, job.id, "admin:root")
+    request_cancel(store, job.id, "admin:root")  # asking twice records it once
     clock.now += 10
     store.transition(job.id, JobStatus.CANCELLED, actor="jobd", message="stopped")
     events = store.events(job.id)
@@ -703,7 +709,7 @@ def test_a_job_whose_cancel_was_asked_for_ends_cancelled_whatever_it_did(
         store: Store, end: JobStatus) -> None:
     job = submit(store)
     store.transition(job.id, JobStatus.RUNNING, actor="jobd")
-    store.request_cancel(job.id, actor="bob")
+    request_cancel(store, job.id, "bob")
     done = store.transition(job.id, end, actor="jobd", expect=[JobStatus.RUNNING],
                             error="boom" if end is JobStatus.FAILED else None,
                             result={"x": 1} if end is JobStatus.COMPLETED else None)
@@ -727,7 +733,7 @@ def test_the_wire_shape_sqlite_builds_is_the_one_job_to_dict_gives(store: Store)
     store.transition(rich.id, JobStatus.RUNNING, actor="jobd")
     store.update_progress(rich.id, progress=33.33333, phase="indexing",
                           message="tab\there").result()
-    store.request_cancel(rich.id, actor="bob")
+    request_cancel(store, rich.id, "bob")
     store.transition(rich.id, JobStatus.CANCELLED, actor="jobd")
     done = submit(store, new_job(project="p3"))
     store.transition(done.id, JobStatus.RUNNING, actor="jobd")
