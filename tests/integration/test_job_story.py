@@ -1,0 +1,75 @@
+"""The job log tells the story of the job (SPEC §5): jobd's own stamped lines for each
+attempt's start, a cancel and by whom, a timeout, and the end; told from the events for a
+job that never ran a program."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from conftest import Daemon, joblog, result_of, wait_for, wait_terminal
+
+MARK = r"\[jobd \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ\] "
+
+
+def story(d: Daemon, job_id: str) -> list[str]:
+    """jobd's own lines of a job's log, without their stamps."""
+    return [line[len("[jobd 2026-11-22T10:00:00Z] "):] for line in joblog(d, job_id).splitlines()
+            if re.match(MARK, line)]
+
+
+def command(d: Daemon, argv: list[str], **params: Any) -> dict[str, Any]:
+    return result_of(d, "jobs.submit", type="command", options={"argv": argv}, **params)
+
+
+def test_a_cancelled_job_says_who_cancelled_it_and_the_end_is_told_before_eof(
+        daemon: Daemon) -> None:
+    job = command(daemon, ["sh", "-c", "echo working; sleep 30"])
+    wait_for(lambda: "working" in joblog(daemon, job["id"]), what="the program to start")
+    result_of(daemon, "jobs.cancel", job_id=job["id"], wait=True)
+    page = result_of(daemon, "jobs.logs", job_id=job["id"])
+    assert page["eof"] is True
+    lines = story(daemon, job["id"])
+    assert lines[0] == "attempt 1 started"
+    assert lines[-2:] == ["cancelled by admin:root: sending SIGTERM", "ended cancelled"]
+    assert all(re.match(MARK, ln) for ln in page["data"].splitlines() if ln != "working")
+
+
+def test_a_retried_job_tells_its_attempts_apart(daemon: Daemon) -> None:
+    job = command(daemon, ["sh", "-c", "echo nope; exit 3"])
+    wait_terminal(daemon, job["id"])
+    result_of(daemon, "jobs.retry", job_id=job["id"])
+    wait_terminal(daemon, job["id"])
+    told = [ln for ln in story(daemon, job["id"]) if not ln.startswith("$ ")]
+    assert told == ["attempt 1 started", "ended failed: sh exited with status 3: nope",
+                    "attempt 2 started", "ended failed: sh exited with status 3: nope"]
+
+
+def test_a_timed_out_job_says_so_before_it_is_stopped(daemon: Daemon) -> None:
+    job = command(daemon, ["sleep", "30"], timeout_s=1)
+    assert wait_terminal(daemon, job["id"])["error"] == "timed out after 1s"
+    assert story(daemon, job["id"])[-2:] == ["timed out after 1s: sending SIGTERM",
+                                             "ended failed: timed out after 1s"]
+
+
+def test_a_job_without_a_program_has_no_file_and_its_story_comes_from_its_events(
+        daemon: Daemon) -> None:
+    job = result_of(daemon, "jobs.submit", type="noop", options={"seconds": 30})
+    wait_for(lambda: result_of(daemon, "jobs.get", job_id=job["id"])["status"] == "running",
+             what="the noop to run")
+    result_of(daemon, "jobs.cancel", job_id=job["id"], wait=True)
+    result_of(daemon, "jobs.retry", job_id=job["id"])
+    wait_for(lambda: result_of(daemon, "jobs.get", job_id=job["id"])["attempts"] == 2,
+             what="the second attempt")
+    result_of(daemon, "jobs.cancel", job_id=job["id"], wait=True)
+    assert not (daemon.state / "logs" / f"{job['id']}.log").exists()
+    assert story(daemon, job["id"]) == [
+        "attempt 1 started", "cancelled by admin:root", "ended cancelled",
+        "attempt 2 started", "cancelled by admin:root", "ended cancelled"]
+    # paged like a file, to the end
+    whole = joblog(daemon, job["id"]).encode()
+    first = result_of(daemon, "jobs.logs", job_id=job["id"], limit_bytes=10)
+    rest = result_of(daemon, "jobs.logs", job_id=job["id"], offset=first["next_offset"],
+                     limit_bytes=1 << 20)
+    assert (first["eof"], rest["eof"]) == (False, True)
+    assert (first["data"] + rest["data"]).encode() == whole
