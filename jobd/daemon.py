@@ -18,7 +18,9 @@ import asyncio
 import contextlib
 import ctypes
 import dataclasses
+import os
 import signal
+import socket
 from typing import Any, Callable
 
 import structlog
@@ -68,6 +70,14 @@ def _map_big_blocks() -> None:
         pass
 
 
+def _adopted_name() -> str:
+    """The address of the socket systemd passed on fd 3, which the server adopted: what
+    clients reach, whatever ``config.socket`` says."""
+    with socket.socket(fileno=os.dup(3)) as sock:  # a copy: closing it leaves fd 3 open
+        name = sock.getsockname()
+    return name if isinstance(name, str) and name else "(unnamed socket on fd 3)"
+
+
 def reloaded(old: Config, new: Config) -> tuple[Config, list[str]]:
     """``new`` with what only a restart may change put back as in ``old``; the keys kept."""
     kept = [name for name in _RESTART_ONLY if getattr(old, name) != getattr(new, name)]
@@ -111,7 +121,9 @@ async def _serve(config: Config, reload: Callable[[], Config] | None) -> int:
     rpc = Rpc(manager)
     server = Server(config, rpc.dispatch, error_line=error_line)
 
+    adopted = "LISTEN_FDS" in os.environ and os.environ.get("LISTEN_PID") == str(os.getpid())
     await server.start(accept=False)
+    listening = _adopted_name() if adopted else str(config.socket)
     try:
         store.open()
     except BaseException:
@@ -133,7 +145,7 @@ async def _serve(config: Config, reload: Callable[[], Config] | None) -> int:
     maintenance.start()
     watchdog = asyncio.create_task(watchdog_loop())
     queued = engine.dispatcher.queued_count()
-    log.info("jobd_started", version=__version__, socket=str(config.socket),
+    log.info("jobd_started", version=__version__, socket=listening,
              db=str(config.db), workers=config.execution.workers, queued=queued,
              handlers=sorted(handlers))
     notify(f"READY=1\nSTATUS=serving; {queued} jobs queued")

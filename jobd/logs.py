@@ -60,6 +60,10 @@ def setup(level: str = "info", fmt: str = "auto") -> None:
     root.addHandler(handler)
     root.setLevel(levelno)
     _handler = handler
+    # APScheduler says "Adding job tentatively", "Added job", "Scheduler started" at INFO
+    # on every start: chatter for an operator, shown only when debugging
+    logging.getLogger("apscheduler").setLevel(levelno if levelno <= logging.DEBUG
+                                              else logging.WARNING)
 
     # jobd's own events skip the stdlib logging machinery (a third of the cost of a
     # no-op job went there); other libraries' loggers still render through the formatter

@@ -259,6 +259,17 @@ def test_db_check_backup_while_serving_and_recover(make_daemon: Callable[..., Da
         assert conn.execute("SELECT value FROM meta WHERE key = 'clean'").fetchone() == ("1",)
 
 
+def test_a_start_logs_no_scheduler_chatter(make_daemon: Callable[..., Daemon]) -> None:
+    """APScheduler's INFO lines at every start are for debugging only."""
+    d = make_daemon()
+    assert "jobd_started" in d.log()
+    for chatter in ("Adding job tentatively", "Added job", "Scheduler started"):
+        assert chatter not in d.log()
+    d.stop()
+    debugging = make_daemon(env={"JOBD_LOG_LEVEL": "debug"})
+    assert "Scheduler started" in debugging.log()
+
+
 def test_version() -> None:
     proc = subprocess.run([sys.executable, "-m", "jobd", "version"], capture_output=True,
                           text=True, timeout=30)
@@ -287,6 +298,9 @@ def test_socket_activation_starts_on_first_connect_and_leaves_the_socket(tmp_pat
         answer = d.raw("ping")  # execs jobd, which answers on the socket it was passed
         assert answer["result"]["caller"]["role"] == "admin"
         assert "socket_adopted" in events(d) and "socket_bound" not in events(d)
+        # the socket clients reach, not the configured default it never bound
+        started = [e for e in d.log_events() if e.get("event") == "jobd_started"]
+        assert [e["socket"] for e in started] == [str(d.socket)]
         job = ok(d, "jobs.submit", type="noop")
         until_status(d, job["id"], "completed")
         assert d.stop(signal.SIGTERM) == 0  # Popen's pid is the daemon: it was exec'd
