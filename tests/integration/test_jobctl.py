@@ -282,7 +282,8 @@ def test_list_pages_and_filters(jd: Daemon, who: str) -> None:
     table = jobctl(jd, "--as-user", who, "list", "--limit", "2")
     assert table.returncode == 0
     assert table.stdout.split("\n")[0].split() == ["ID", "TYPE", "USER", "PROJECT", "STATUS",
-                                                   "PROGRESS", "PHASE", "AGE"]
+                                                   "PROGRESS", "PHASE", "AGE", "RAN", "NOTE"]
+    assert not [ln for ln in table.stdout.splitlines() if ln != ln.rstrip()], "trailing spaces"
     assert [ln.split()[0] for ln in table.stdout.splitlines()[1:]] == [
         i[:8] for i in newest_first[:2]]
     assert "showing the newest 2; --all (or --limit) for more" in table.stderr
