@@ -743,13 +743,16 @@ def _bulk_options(fn: Any) -> Any:
     return fn
 
 
+_DONE = {"cancel": "cancelled", "retry": "retried"}
+
+
 def _confirm(st: _State, verb: str, ids: list[str], yes: bool) -> None:
     """Ask before touching more than one job; without a terminal (and --yes) refuse, exit 2."""
     if len(ids) <= 1 or yes:
         return
     shown = ", ".join(render.short_id(i) for i in ids[:10]) + (" …" if len(ids) > 10 else "")
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
-        _fail(f"{len(ids)} jobs would be {verb}d ({shown}); nothing done: add --yes to "
+        _fail(f"{len(ids)} jobs would be {_DONE[verb]} ({shown}); nothing done: add --yes to "
               f"{verb} them all")
         raise click.exceptions.Exit(EXIT_USAGE)
     if not click.confirm(f"{verb} {len(ids)} jobs ({shown})?", err=True):

@@ -9,6 +9,7 @@ other's jobs.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import json
@@ -28,6 +29,7 @@ from typing import Any, Iterator
 import pytest
 
 from conftest import Daemon, clone, commit_files, git, make_upstream
+from jobd import errors
 from jobd.models import from_iso
 
 JOBCTL = str(Path(sys.executable).parent / "jobctl")
@@ -490,3 +492,114 @@ def test_version_flag() -> None:
     import jobd
     proc = subprocess.run([JOBCTL, "--version"], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0 and proc.stdout == f"jobctl {jobd.__version__}\n"
+
+
+# -- issue 8: several jobs, filters, errors for scripts, the small commands ----------------
+
+def test_cancel_of_several_jobs_prints_a_line_each_and_exits_with_the_worst(jd: Daemon,
+                                                                            who: str) -> None:
+    a, b = (submit(jd, who, "noop", options={"seconds": 30}) for _ in range(2))
+    done = submit(jd, who, "noop", options={"seconds": 0})
+    until_status(jd, done["id"], "completed")
+    # more than one job and no terminal: nothing is touched without --yes
+    proc = jobctl(jd, "--as-user", who, "cancel", a["id"][:8], b["id"][:8])
+    assert proc.returncode == 2 and "add --yes" in proc.stderr, proc.stderr
+    with jd.client() as c:
+        assert {c.get(j["id"])["status"] for j in (a, b)} <= {"queued", "running"}
+
+    proc = jobctl(jd, "--as-user", who, "cancel", a["id"][:8], b["id"][:8], done["id"][:8],
+                  "--yes", "--wait")
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)  # the completed one: a conflict
+    assert f"cancelled {a['id'][:8]}" in proc.stdout.splitlines()
+    assert f"cancelled {b['id'][:8]}" in proc.stdout.splitlines()
+    assert f"job {done['id']} is completed" in proc.stderr
+
+    proc = jobctl(jd, "--as-user", who, "retry", a["id"][:8], "--wait", "--timeout", "1s")
+    assert proc.returncode == 4, proc.stderr  # worst of one: ran out
+    with jd.client() as c:
+        c.cancel(a["id"], wait=True)
+
+
+def test_cancel_and_retry_by_filter_is_one_call_and_asks_first(jd: Daemon, who: str) -> None:
+    jobs = [submit(jd, who, "noop", options={"seconds": 30}) for _ in range(3)]
+    other = submit(jd, who + "o", "noop", options={"seconds": 30})
+    try:
+        _filtered_cancel_and_retry(jd, who, jobs, other)
+    finally:
+        with jd.client() as c:
+            for job in (*jobs, other):
+                with contextlib.suppress(errors.Conflict):
+                    c.cancel(job["id"], wait=True)
+
+
+def _filtered_cancel_and_retry(jd: Daemon, who: str, jobs: list[dict[str, Any]],
+                               other: dict[str, Any]) -> None:
+    proc = jobctl(jd, "cancel", "--user", who, "--status", "queued", "--status", "running")
+    assert proc.returncode == 2 and "3 jobs would be cancelled" in proc.stderr, proc.stderr
+    with jd.client() as c:
+        assert all(c.get(j["id"])["status"] in ("queued", "running") for j in jobs)
+
+    proc = jobctl(jd, "--json", "cancel", "--user", who, "--status", "queued", "--status",
+                  "running", "--yes", "--wait")
+    assert proc.returncode == 0, proc.stderr
+    assert {j["id"] for j in json.loads(proc.stdout)} == {j["id"] for j in jobs}
+    with jd.client() as c:
+        assert {c.get(j["id"])["status"] for j in jobs} == {"cancelled"}
+        assert c.get(other["id"])["status"] in ("queued", "running")
+
+    proc = jobctl(jd, "retry", "--user", who, "--status", "cancelled", "--since", "1h", "--yes")
+    assert proc.returncode == 0, proc.stderr
+    assert len([ln for ln in proc.stdout.splitlines() if ln.startswith("queued again")]) == 3
+    proc = jobctl(jd, "cancel", "--user", who, "--status", "failed")
+    assert (proc.returncode, proc.stdout.strip()) == (0, "no jobs match"), proc.stderr
+
+
+def test_errors_with_json_are_json_on_stderr(jd: Daemon, who: str) -> None:
+    proc = jobctl(jd, "--as-user", who, "--json", "status", "0000-0000")
+    assert proc.returncode == 1 and proc.stdout == ""
+    error = json.loads(proc.stderr)["error"]
+    assert error["code"] == -32004 and error["data"]["http_status"] == 404
+    assert "no job matches" in error["message"]
+
+    proc = jobctl(None, "--socket", "/nonexistent/jobd.sock", "ping", "--json")
+    assert proc.returncode == 69
+    assert json.loads(proc.stderr)["error"]["data"]["http_status"] == 503
+
+
+def test_version_names_both_sides(jd: Daemon) -> None:
+    import jobd
+    proc = jobctl(jd, "version")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [f"jobctl {jobd.__version__}",
+                                        f"jobd {jobd.__version__} at {jd.socket}"]
+    alone = jobctl(None, "--socket", "/nonexistent/jobd.sock", "version")
+    assert alone.returncode == 0 and "jobd: not reached (socket /nonexistent" in alone.stdout
+
+
+def test_logs_tail_and_a_silent_failure(jd: Daemon, who: str) -> None:
+    job = sh_job(jd, who, "for i in $(seq 1 50); do echo line $i; done")
+    until_status(jd, job["id"], "completed")
+    proc = jobctl(jd, "logs", job["id"][:8], "--tail", "3")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-3:] == ["line 48", "line 49", "line 50"]
+    assert "line 47" not in proc.stdout
+    assert jobctl(jd, "logs", job["id"][:8], "--tail", "3", "--follow").stdout == proc.stdout
+
+    silent = jobctl(jd, "--as-user", who, "submit", "command", "-o", 'argv=["sh", "-c", "exit 3"]',
+                    "--wait")
+    assert silent.returncode == 1
+    assert "failed: sh exited with status 3" in silent.stderr
+    assert "jobctl logs" not in silent.stderr and "it wrote no output" in silent.stderr
+
+
+def test_submit_description_and_metadata_and_list_until(jd: Daemon, who: str) -> None:
+    job = as_json(jobctl(jd, "--json", "--as-user", who, "submit", "noop", "-o", "seconds=0",
+                         "--description", "try the queue", "--metadata-json", '{"t": ["ü", 1]}'))
+    assert (job["description"], job["metadata"]) == ("try the queue", {"t": ["ü", 1]})
+    bad = jobctl(jd, "submit", "noop", "--metadata-json", "[1]")
+    assert bad.returncode == 2 and "must be a JSON object" in bad.stderr
+    until_status(jd, job["id"], "completed")
+    time.sleep(1.1)
+    old = as_json(jobctl(jd, "--json", "--as-user", who, "list", "--until", "1s"))
+    assert [j["id"] for j in old] == [job["id"]]
+    assert as_json(jobctl(jd, "--json", "--as-user", who, "list", "--until", "1h")) == []
