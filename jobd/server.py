@@ -17,6 +17,7 @@ import collections
 import ctypes
 import dataclasses
 import fcntl
+import math
 import os
 import socket
 import stat
@@ -27,7 +28,7 @@ from typing import Any, Awaitable, Callable
 
 import structlog
 
-from jobd import auth
+from jobd import auth, state
 from jobd.config import Config, _user_socket
 from jobd.errors import InternalError, InvalidRequest, JobdError, LimitExceeded
 from jobd.models import Role
@@ -72,7 +73,7 @@ class _AnswerMemory:
         self._waiters: list[asyncio.Future[None]] = []
         self._since_trim = 0
 
-    async def reserve(self, uid: int, nbytes: int, capacity: int) -> None:
+    async def reserve(self, uid: int, nbytes: int, capacity: float) -> None:
         # one reservation always fits, whatever its size: the limit only makes callers wait
         while self.held[uid] and self.held[uid] + nbytes > capacity:
             waiter = asyncio.get_running_loop().create_future()
@@ -137,9 +138,15 @@ class Connection:
         return self._server.limits.max_response_bytes
 
     async def reserve(self) -> None:
-        """Hold room for one answer of up to ``max_response_bytes`` before building it."""
+        """Hold room for one answer of up to ``max_response_bytes`` before building it.
+
+        A service is not held back: a web server is one uid for all its users, and one of
+        them reading slowly must not stall every other user's lists (it reads its answers
+        at once, and forwards them itself).
+        """
         limit = self.max_response_bytes
-        await self._server.answers.reserve(self.caller.uid, limit, limit * _ANSWERS_PER_UID)
+        capacity = math.inf if self.caller.role is Role.SERVICE else limit * _ANSWERS_PER_UID
+        await self._server.answers.reserve(self.caller.uid, limit, capacity)
         self.held += limit
 
     def settle(self, nbytes: int) -> None:
@@ -472,21 +479,11 @@ def _trusted_user_folder(folder: Path) -> None:
         return
     except FileExistsError:
         pass
-    st = folder.lstat()
-    uid = os.geteuid()
-    if stat.S_ISLNK(st.st_mode):
-        problem = "is a symbolic link"
-    elif not stat.S_ISDIR(st.st_mode):
-        problem = "is not a folder"
-    elif st.st_uid != uid:
-        problem = f"is owned by uid {st.st_uid}, not by jobd's uid {uid}"
-    elif st.st_mode & 0o022:
-        problem = f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
-    else:
-        return
-    raise OSError(f"socket folder {folder} {problem}: jobd binds only in a per-user folder "
-                  "that is its own; remove it (jobd makes it 0700) or choose another "
-                  "socket path (--socket)")
+    problem = state.private_dir_problem(folder, os.geteuid())
+    if problem is not None:
+        raise OSError(f"socket folder {folder} {problem}: jobd binds only in a per-user "
+                      "folder that is its own; remove it (jobd makes it 0700) or choose "
+                      "another socket path (--socket)")
 
 
 def _adopt() -> socket.socket | None:

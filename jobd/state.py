@@ -27,26 +27,29 @@ class InUse(Exception):
 
 
 def private_dir_problem(path: Path, uid: int) -> str | None:
-    """Why ``path`` is not a folder only ``uid`` controls, or None when it is.
+    """What makes ``path`` not a folder only ``uid`` controls ("is a symbolic link", ...),
+    or None when it is one.
 
-    The rule for the per-user socket folder (``/tmp/jobd-$UID``, ``$XDG_RUNTIME_DIR/jobd``):
-    a real folder, not a symlink, owned by ``uid``, not writable by group or others.
-    Anyone else could put a socket of their own there, or swap the folder.
+    The rule for the per-user socket folder (``/tmp/jobd-$UID``, ``$XDG_RUNTIME_DIR/jobd``),
+    applied by the daemon before it binds and by the client before it connects: a real
+    folder, not a symlink, owned by ``uid``, not writable by group or others. Anyone else
+    could put a socket of their own there, or swap the folder.
     """
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        return f"{path} does not exist"
+        return "does not exist"
     except OSError as e:
-        return f"{path} cannot be examined ({e.strerror})"
+        return f"cannot be examined ({e.strerror})"
     if stat.S_ISLNK(st.st_mode):
-        return f"{path} is a symbolic link, not a folder"
+        return "is a symbolic link, not a folder"
     if not stat.S_ISDIR(st.st_mode):
-        return f"{path} is not a folder"
+        return "is not a folder"
     if st.st_uid != uid:
-        return f"{path} is owned by uid {st.st_uid}, not by uid {uid}"
+        return f"is owned by uid {st.st_uid}, not by uid {uid}"
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        return f"{path} is writable by {'others' if st.st_mode & stat.S_IWOTH else 'its group'}"
+        who = "others" if st.st_mode & stat.S_IWOTH else "its group"
+        return f"is writable by {who} (mode {stat.S_IMODE(st.st_mode):04o})"
     return None
 
 

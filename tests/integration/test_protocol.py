@@ -387,7 +387,7 @@ def _other_owner(folder: Path) -> str:
 def _open_to_all(folder: Path) -> str:
     folder.mkdir()
     folder.chmod(0o777)
-    return "is writable by group or others (mode 0777)"
+    return "is writable by others (mode 0777)"
 
 
 def _symlink(folder: Path) -> str:

@@ -614,20 +614,38 @@ async def test_a_client_that_does_not_read_its_answer_is_closed_after_line_timeo
         writer.close()
 
 
+@pytest.fixture
+def as_service(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every peer is taken for a service (the suite runs as root, an admin)."""
+    identify = server.auth.identify
+
+    def service(*args: Any, **kw: Any) -> Any:
+        import dataclasses
+        return dataclasses.replace(identify(*args, **kw), role=server.Role.SERVICE)
+    monkeypatch.setattr(server.auth, "identify", service)
+
+
+async def _hogs(sock_dir: Path, n: int, size: int) -> list[asyncio.StreamWriter]:
+    """``n`` connections that each ask for a big answer and never read it."""
+    hogs = []
+    for _ in range(n):
+        _, writer = await asyncio.open_unix_connection(str(sock_dir / "jobd.sock"))
+        writer.transport.pause_reading()
+        writer.write(f"big {size}\n".encode())
+        hogs.append(writer)
+    return hogs
+
+
 @aio
 async def test_one_uid_holds_at_most_two_large_answers_however_many_connections(
         sock_dir: Path) -> None:
     limit = 1_000_000
     async with serving(make_config(sock_dir, max_response_bytes=limit)) as srv:
-        hogs = []
-        for _ in range(5):
-            reader, writer = await asyncio.open_unix_connection(str(sock_dir / "jobd.sock"))
-            writer.transport.pause_reading()
-            writer.write(b"big 900000\n")
-            hogs.append(writer)
-        await asyncio.sleep(0.3)
-        held = sum(srv.answers.held.values())
-        assert 0 < held <= 2 * limit
+        hogs = await _hogs(sock_dir, 5, 900_000)
+        # two answers built and held (each shrunk to its size), the others wait their turn
+        await until(lambda: sum(srv.answers.held.values()) >= 2 * 900_000)
+        await asyncio.sleep(0.2)
+        assert 2 * 900_000 <= sum(srv.answers.held.values()) <= 2 * limit
         c = await Client.open(sock_dir / "jobd.sock")  # a small answer does not wait
         await c.send(b"quick\n")
         assert (await c.line())["echo"] == "quick"
@@ -635,6 +653,22 @@ async def test_one_uid_holds_at_most_two_large_answers_however_many_connections(
             w.close()
         await until(lambda: srv.connections == 1)
         assert not srv.answers.held
+
+
+@aio
+async def test_a_service_is_not_held_to_the_answer_memory_of_a_uid(
+        sock_dir: Path, as_service: None) -> None:
+    # a web server is one uid for all its users: one slow reader must not stall the rest
+    limit = 1_000_000
+    async with serving(make_config(sock_dir, max_response_bytes=limit)) as srv:
+        hogs = await _hogs(sock_dir, 3, 900_000)
+        await until(lambda: sum(srv.answers.held.values()) >= 3 * 900_000)
+        c = await Client.open(sock_dir / "jobd.sock")
+        await c.send(b"big 10\n")  # a big call of the same uid goes through at once
+        assert (await asyncio.wait_for(c.line(), 2))["echo"] == "x" * 10
+        for w in hogs:
+            w.close()
+        await until(lambda: srv.connections == 1)
 
 
 # -- reload ----------------------------------------------------------------------------------
