@@ -64,15 +64,19 @@ def make_private_dir(path: Path) -> None:
 class StateLock:
     """``flock`` on ``<state dir>/jobd.lock`` holding the owner's pid, for a process's life."""
 
-    def __init__(self, state_dir: Path, db: Path) -> None:
+    def __init__(self, state_dir: Path, db: Path, *, create: bool = True) -> None:
         self.path = state_dir / LOCK_NAME
         self.db = db
+        #: make a missing state folder (a daemon's first start); a tool that works on an
+        #: existing database does not
+        self.create = create
         self._fd: int | None = None
 
     def acquire(self) -> "StateLock":
         """Take the lock, or raise ``InUse`` naming the database and the holder's pid."""
         try:
-            make_private_dir(self.path.parent)
+            if self.create:
+                make_private_dir(self.path.parent)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         except OSError as e:
             raise OSError(e.errno, f"{self.path}: cannot open the lock file: "
@@ -80,15 +84,20 @@ class StateLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
-            holder = _read_pid(fd)
+            pid, db = _holder(fd)
             os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                who = f"pid {holder}" if holder else "another process"
-                raise InUse(f"database {self.db} is in use by jobd ({who}); stop it first "
-                            "(systemctl stop jobd), or give this one its own --db") from None
+                who = f"pid {pid}" if pid else "another process"
+                if db is None or db == str(self.db):
+                    what = f"database {self.db} is in use by jobd ({who})"
+                else:  # another database in the same folder: its logs and repos too
+                    what = (f"state folder {self.path.parent} is in use by jobd ({who}, "
+                            f"database {db})")
+                raise InUse(f"{what}; stop it first (systemctl stop jobd), or give this "
+                            "one a folder of its own (--db)") from None
             raise
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        os.pwrite(fd, f"{os.getpid()}\n{self.db}\n".encode(), 0)
         self._fd = fd
         return self
 
@@ -104,8 +113,14 @@ class StateLock:
         self.release()
 
 
-def _read_pid(fd: int) -> int | None:
+def _holder(fd: int) -> tuple[int | None, str | None]:
+    """(pid, database) the lock's holder wrote into it, each None when unreadable."""
     try:
-        return int(os.pread(fd, 32, 0).split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
+        lines = os.pread(fd, 4096, 0).decode("utf-8", "replace").splitlines()
+    except OSError:
+        return None, None
+    try:
+        pid = int(lines[0])
+    except (ValueError, IndexError):
+        pid = None
+    return pid, (lines[1] if len(lines) > 1 and lines[1] else None)

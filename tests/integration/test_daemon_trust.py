@@ -57,11 +57,25 @@ def test_a_second_daemon_on_the_same_database_refuses_and_touches_nothing(
     assert second.returncode == 1
     lines = second.stderr.strip().splitlines()
     assert lines == [f"jobd: database {first.db} is in use by jobd (pid {first.proc.pid}); "
-                     "stop it first (systemctl stop jobd), or give this one its own --db"]
+                     "stop it first (systemctl stop jobd), or give this one a folder of its own "
+                     "(--db)"]
     # the first daemon's job runs on, its processes untouched, and it still answers
     assert group_alive(pgid)
     assert ok(first, "jobs.get", job_id=job["id"])["status"] == "running"
     assert "unclean_stop_detected" not in first.log() + second.stderr
+
+
+def test_another_database_in_the_same_folder_is_refused_naming_the_holders(
+        make_daemon: Callable[..., Daemon]) -> None:
+    # logs, repositories and manifests live beside the database: one daemon per folder
+    first = make_daemon()
+    other_db = first.state / "other.db"
+    second = jobd("--config", str(first.config), "--socket", str(other_socket()),
+                  "--db", str(other_db), "serve", env=first.env)
+    assert second.returncode == 1
+    assert (f"state folder {first.state} is in use by jobd (pid {first.proc.pid}, "
+            f"database {first.db})") in second.stderr
+    assert not other_db.exists()
 
 
 def test_a_lock_left_by_a_killed_daemon_is_taken_over(
@@ -71,7 +85,7 @@ def test_a_lock_left_by_a_killed_daemon_is_taken_over(
     lock = d.state / "jobd.lock"
     assert lock.exists()
     d.start()
-    assert lock.read_text().strip() == str(d.proc.pid)
+    assert lock.read_text().splitlines() == [str(d.proc.pid), str(d.db)]
 
 
 def _answers(d: Daemon) -> bool:
