@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import bisect
 import json
 import math
 import re
@@ -34,7 +35,9 @@ log = structlog.get_logger()
 
 # fullmatch everywhere: with match or search, "$" also matches before a final newline
 JOB_ID_RE = re.compile(r"[0-9a-f-]{4,36}")
-_CURSOR_RE = re.compile(r"[A-Za-z0-9_-]{1,32}={0,2}")
+_CURSOR_RE = re.compile(r"[A-Za-z0-9_-]{1,96}={0,2}")
+#: jobs.list's orders: by a time, newest first (jobs without it last), or dispatch order
+ORDERS = ("created", "started", "completed", "queue")
 _SEQ_RE = re.compile(r"[0-9]{1,19}")
 MAX_OPTIONS = 16 * 1024
 MAX_METADATA = 64 * 1024
@@ -155,21 +158,36 @@ def _fields(fields: Any) -> frozenset[str] | None:
     return frozenset(fields) | {"id"}
 
 
-def _cursor(seq: int) -> str:
-    return base64.urlsafe_b64encode(str(seq).encode()).decode()
+def _cursor(seq: int, order: str = "created", key: int | None = None) -> str:
+    """The cursor past a page's last job: its seq for the default order, else the order's
+    name, its sort key and seq (so a cursor of another order is refused)."""
+    text = str(seq) if order == "created" else f"{order}.{key}.{seq}"
+    return base64.urlsafe_b64encode(text.encode()).decode()
 
 
-def _cursor_seq(cursor: Any) -> int | None:
-    """The ``seq`` a cursor given out by ``_cursor`` pages below; anything else is refused."""
+def _cursor_key(cursor: Any, order: str) -> tuple[int, int] | None:
+    """The (sort key, seq) a cursor given out by ``_cursor`` for ``order`` pages below;
+    anything else (a cursor of another order too) is refused."""
     if cursor is None:
         return None
     if isinstance(cursor, str) and _CURSOR_RE.fullmatch(cursor):
         try:
             text = base64.urlsafe_b64decode(cursor).decode("ascii")
-        except ValueError:  # bad padding, or bytes that are not digits
+        except ValueError:  # bad padding, or bytes that are not text
             text = ""
-        if _SEQ_RE.fullmatch(text) and int(text) < 2**63:  # beyond SQLite's integers: forged
-            return int(text)
+        if order == "created":
+            name, numbers = "created", [text, text]
+        else:
+            name, _, rest = text.partition(".")
+            numbers = rest.split(".")
+        # beyond SQLite's integers: forged
+        if (name == order and len(numbers) == 2
+                and all(_SEQ_RE.fullmatch(n) and int(n) < 2**63 for n in numbers)):
+            return int(numbers[0]), int(numbers[1])
+        if name != order and (name in ORDERS or _SEQ_RE.fullmatch(text)):
+            raise InvalidParams(f"cursor belongs to another order than {order!r}: page with "
+                                "the order the cursor came with, or start again without a "
+                                "cursor", field="cursor")
     raise InvalidParams("cursor is not one this daemon gave out: pass next_cursor of the "
                         "previous page as it came", field="cursor")
 
@@ -301,9 +319,13 @@ class Manager:
 
     def list(self, scope: Scope, *, status: Any = None, type: Any = None, user_id: Any = None,
              project_id: Any = None, created_after: Any = None, created_before: Any = None,
-             id_prefix: Any = None, limit: Any = 50, cursor: Any = None,
-             fields: Any = None) -> RawJSON:
-        """A page of jobs, newest first; it ends early rather than pass max_response_bytes."""
+             id_prefix: Any = None, order: Any = "created", limit: Any = 50,
+             cursor: Any = None, fields: Any = None) -> RawJSON:
+        """A page of jobs in ``order`` (newest first by creation, start or end, or queued
+        jobs in dispatch order); it ends early rather than pass max_response_bytes."""
+        if order not in ORDERS:
+            raise InvalidParams(f"order must be one of {', '.join(ORDERS)} (got "
+                                f"{_shown(order)})", field="order")
         filters = self._filters(scope, status=status, type=type, user_id=user_id,
                                 project_id=project_id, created_after=created_after,
                                 created_before=created_before)
@@ -317,15 +339,20 @@ class Manager:
         wanted = _fields(fields)
         filters["id_prefix"] = id_prefix
         budget = self.config.server.max_response_bytes - _ENVELOPE_BYTES
-        frame = len('{"jobs":[],"next_cursor":""}') + len(_cursor(2**63 - 1))
+        frame = len('{"jobs":[],"next_cursor":""}') + len(_cursor(2**63 - 1, "completed",
+                                                                   2**63 - 1))
         jobs: list[str] = []
-        size, before, last, more = frame, _cursor_seq(cursor), 0, False
+        before = _cursor_key(cursor, order)
+        size, last, more = frame, (0, 0), False
+        fetch = (self._queue_rows(filters) if order == "queue" else
+                 lambda before, want: self.store.list_wire(**filters, order=order,
+                                                           before=before, limit=want))
         # rows are read in chunks, so a page that fills its bytes early reads little more
         chunk = _CHUNK_ROWS
         while True:
             want = min(limit + 1 - len(jobs), chunk)
-            rows = self.store.list_wire(**filters, before_seq=before, limit=want)
-            for seq, job_status, wire in rows:
+            rows = fetch(before, want)
+            for key, seq, job_status, wire in rows:
                 if len(jobs) == limit:  # the row past the page: there is a next one
                     more = True
                     break
@@ -341,13 +368,34 @@ class Manager:
                     break
                 jobs.append(text)
                 size += cost
-                last = seq
+                last = key, seq
             if more or len(rows) < want:
                 break
-            before = rows[-1][0]
+            before = rows[-1][0], rows[-1][1]
             chunk = max(1, min(_CHUNK_ROWS, (budget - size) * len(jobs) // (size - frame) + 1))
-        next_cursor = _cursor(last) if more else None
+        next_cursor = _cursor(last[1], order, last[0]) if more else None
         return RawJSON(f'{{"jobs":[{",".join(jobs)}],"next_cursor":{json.dumps(next_cursor)}}}')
+
+    def _queue_rows(self, filters: dict[str, Any]) -> Any:
+        """jobs.list's rows in dispatch order: the matching queued jobs by their place in
+        the dispatcher's queue (the sort key), paged past the place of the last one. The
+        queue moves as jobs start: a page holds the places as they were when it was read.
+        """
+        statuses = filters["statuses"]
+        if statuses and "queued" not in statuses:
+            return lambda before, want: []
+        ids = self.store.list_ids(**dict(filters, statuses=["queued"]))
+        places = sorted((place, job_id) for job_id in ids
+                        if (place := self.engine.dispatcher.position(job_id)[0]) is not None)
+
+        def rows(before: tuple[int, int] | None, want: int) -> list[Any]:
+            start = bisect.bisect_right(places, (before[0], "\uffff")) if before else 0
+            page = places[start:start + want]
+            # a queued job's wire is decoded for its live fields anyway (``_listed``)
+            found = {json.loads(row[3])["id"]: row for row in self.store.list_wire(
+                ids=[job_id for _, job_id in page], limit=want)}
+            return [(place, *found[job_id][1:]) for place, job_id in page if job_id in found]
+        return rows
 
     @staticmethod
     def _filters(scope: Scope, *, status: Any = None, type: Any = None, user_id: Any = None,

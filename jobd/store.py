@@ -159,7 +159,16 @@ MIGRATIONS: tuple[str, ...] = (
         UPDATE user_stored SET weight = weight - OLD.weight WHERE user_id = OLD.user_id;
     END;
     """,
+    # 4: jobs.list by start or end time, newest first, jobs without that time last
+    """
+    CREATE INDEX jobs_by_started ON jobs (ifnull(started_at, -1), seq);
+    CREATE INDEX jobs_by_completed ON jobs (ifnull(completed_at, -1), seq);
+    """,
 )
+
+#: jobs.list's orders by time: the sort key of each (newest first; -1, no time, sorts last)
+ORDER_KEYS = {"created": "seq", "started": "ifnull(started_at, -1)",
+              "completed": "ifnull(completed_at, -1)"}
 
 #: a job's weight against max_stored_per_user: 1, plus 1 per this many bytes it carries
 WEIGHT_BYTES = 4096
@@ -268,7 +277,7 @@ def _storage_error(e: sqlite3.Error, path: Path) -> JobdError | sqlite3.Error:
     return e
 
 
-def _conditions(*, job_id: str | None = None, statuses: Sequence[str] = (),
+def _conditions(*, job_id: str | None = None, ids: Sequence[str] | None = None, statuses: Sequence[str] = (),
                 type: str | None = None, user_id: str | None = None,
                 project_id: str | None = None, created_after: int | None = None,
                 created_before: int | None = None, id_prefix: str | None = None,
@@ -279,6 +288,9 @@ def _conditions(*, job_id: str | None = None, statuses: Sequence[str] = (),
     if job_id is not None:
         where.append("id = ?")
         args.append(job_id)
+    if ids is not None:
+        where.append(f"id IN ({', '.join('?' * len(ids)) or 'NULL'})")
+        args += ids
     if statuses:
         where.append(f"status IN ({', '.join('?' * len(statuses))})")
         args += statuses
@@ -900,24 +912,37 @@ class Store:
         """Jobs matching every given filter, newest first, from ``before_seq`` (keyset).
 
         Filters: ``statuses``, ``type``, ``user_id``, ``project_id``, ``created_after``,
-        ``created_before``, ``id_prefix``, ``before_seq``, ``limit`` (default 50).
+        ``created_before``, ``id_prefix``, ``ids``, ``before_seq``, ``limit`` (default 50).
         """
-        return [_job(r) for r in self._list(_COLUMNS, **filters)]
+        return [_job(r[2:]) for r in self._list(_COLUMNS, **filters)]
 
-    def list_wire(self, **filters: Any) -> list[tuple[int, str, str]]:
-        """``list_jobs`` as ``(seq, status, the job's wire JSON)``, encoded by SQLite."""
-        return self._list(f"seq, status, {_WIRE}", **filters)
+    def list_wire(self, **filters: Any) -> list[tuple[int, int, str, str]]:
+        """``list_jobs`` as ``(sort key, seq, status, the job's wire JSON)``, encoded by
+        SQLite; ``order`` (``ORDER_KEYS``) and ``before`` (the (key, seq) of the previous
+        page's last job) page by another time than creation."""
+        return self._list(f"status, {_WIRE}", **filters)
 
-    def _list(self, columns: str, *, before_seq: int | None = None, limit: int = 50,
-              **filters: Any) -> list[Any]:
+    def list_ids(self, **filters: Any) -> list[str]:
+        """The ids of every job matching ``filters`` (as ``list_jobs``), newest first."""
+        return [r[2] for r in self._list("id", limit=-1, **filters)]
+
+    def _list(self, columns: str, *, order: str = "created", before: tuple[int, int] | None = None,
+              before_seq: int | None = None, limit: int = 50, **filters: Any) -> list[Any]:
+        key = ORDER_KEYS[order]
         where, args = _conditions(**filters)
         if before_seq is not None:
-            where.append("seq < ?")
-            args.append(before_seq)
-        sql = f"SELECT {columns} FROM jobs"
+            before = (before_seq, before_seq)
+        if before is not None:
+            if key == "seq":
+                where.append("seq < ?")
+                args.append(before[1])
+            else:  # a row value: the index on (key, seq) pages it
+                where.append(f"({key}, seq) < (?, ?)")
+                args += before
+        sql = f"SELECT {key}, seq, {columns} FROM jobs"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY seq DESC LIMIT ?"
+        sql += f" ORDER BY {key} DESC{', seq DESC' if key != 'seq' else ''} LIMIT ?"
         return self._read().execute(sql, (*args, limit)).fetchall()
 
     # -- cancel and retry, of one job or of every job a filter matches -------------------

@@ -587,6 +587,39 @@ def test_pause_holds_queued_jobs_and_resume_runs_them(jd: Daemon) -> None:
         assert finished["queue_position"] is None and finished["wait_reason"] is None
 
 
+def test_list_in_queue_order_follows_the_dispatcher_and_cursors_keep_their_order(
+        jd: Daemon) -> None:
+    who, other = user(), user()
+    with paused(jd):
+        # priorities and turns: the dispatch order is not the submit order
+        jobs = [ok(jd, "jobs.submit", type="noop", priority=p, as_user=u)
+                for p, u in ((0, who), (0, who), (5, who), (0, other))]
+        seen, cursor = [], None
+        while True:
+            page = ok(jd, "jobs.list", order="queue", limit=2, cursor=cursor)
+            seen += [j for j in page["jobs"] if j["user_id"] in (who, other)]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        places = {j["id"]: j["queue_position"] for j in seen}
+        assert [j["id"] for j in seen] == sorted(places, key=places.__getitem__)
+        assert [j["id"] for j in seen][:2] == [jobs[2]["id"], jobs[0]["id"]]
+        assert set(places) == {j["id"] for j in jobs}
+        # a cursor of one order is refused by another
+        created = ok(jd, "jobs.list", limit=1, as_user=who)["next_cursor"]
+        err = error(jd, -32602, "jobs.list", order="queue", cursor=created, as_user=who)
+        assert err["data"]["field"] == "cursor" and "another order" in err["message"]
+        queue = ok(jd, "jobs.list", order="queue", limit=1, as_user=who)["next_cursor"]
+        assert error(jd, -32602, "jobs.list", cursor=queue, as_user=who)["data"]["field"] == "cursor"
+        assert error(jd, -32602, "jobs.list", order="oldest")["data"]["field"] == "order"
+    for job in jobs:
+        until_status(jd, job["id"], "completed")
+    # by end time, newest first: the last to finish comes first
+    done = ok(jd, "jobs.list", order="completed", as_user=who)["jobs"]
+    ends = [j["completed_at"] for j in done]
+    assert ends == sorted(ends, reverse=True) and len(ends) == 3
+
+
 def test_too_many_queued_jobs_is_a_limit(jd: Daemon) -> None:
     who = user()
     with paused(jd):

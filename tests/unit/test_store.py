@@ -655,6 +655,26 @@ def test_the_wal_is_checkpointed_in_the_background_and_cut_back(db: Path) -> Non
 
 # -- every query the store runs uses an index ------------------------------------------------
 
+@pytest.mark.parametrize("order, column", [("started", "started_at"),
+                                           ("completed", "completed_at")])
+def test_a_list_by_a_time_pages_newest_first_with_jobs_without_it_last(
+        store: Store, clock: Clock, order: str, column: str) -> None:
+    jobs = [submit(store, new_job(user="o")) for _ in range(9)]
+    # started (and completed) in an order of their own: 4, 1, 7, 2, 5; the rest never
+    for i in (4, 1, 7, 2, 5):
+        clock.now += 1000
+        store.transition(jobs[i].id, JobStatus.RUNNING, actor="jobd")
+        clock.now += 1000
+        store.transition(jobs[i].id, JobStatus.COMPLETED, actor="jobd")
+    expected = [jobs[i].id for i in (5, 2, 7, 1, 4, 8, 6, 3, 0)]
+    seen, before = [], None
+    while page := store.list_wire(order=order, before=before, limit=2, user_id="o"):
+        seen += [json.loads(wire)["id"] for _, _, _, wire in page]
+        before = page[-1][0], page[-1][1]
+    assert seen == expected
+    assert [json.loads(w)[column] is None for *_, w in store.list_wire(order=order)][-4:] == [True] * 4
+
+
 def test_queries_use_indexes(store: Store, clock: Clock, db: Path) -> None:
     for n in range(30):
         job = submit(store, new_job(user=f"u{n % 3}", project=f"p{n % 5}",
@@ -667,6 +687,8 @@ def test_queries_use_indexes(store: Store, clock: Clock, db: Path) -> None:
     store.list_jobs(project_id="p2")
     store.list_jobs(id_prefix="abcd")
     store.list_jobs(user_id="u1", before_seq=10)
+    store.list_jobs(order="started", before=(T0, 10))
+    store.list_jobs(order="completed")
     store.queued_jobs()
     store.running_jobs()
     store.submit_job(new_job(user="u1", project="p1", idempotency_key="k-new"), actor="jobd",
@@ -689,7 +711,8 @@ def test_queries_use_indexes(store: Store, clock: Clock, db: Path) -> None:
                and not any(s.strip() in m for m in MIGRATIONS)}
     wanted = ["user_id = ?", "status IN (?)", "project_id = ?", "id >= ?",
               "status = 'queued' ORDER BY priority", "idempotency_key = ?",
-              "AND type = ? AND status = 'queued'", "DELETE FROM jobs"]
+              "AND type = ? AND status = 'queued'", "DELETE FROM jobs",
+              "(ifnull(started_at, -1), seq) < (?, ?)", "ORDER BY ifnull(completed_at, -1)"]
     for part in wanted:
         assert any(part in q for q in queries), f"no statement with {part!r} seen"
     with raw(db) as conn:
@@ -738,7 +761,7 @@ def test_the_wire_shape_sqlite_builds_is_the_one_job_to_dict_gives(store: Store)
     done = submit(store, new_job(project="p3"))
     store.transition(done.id, JobStatus.RUNNING, actor="jobd")
     store.transition(done.id, JobStatus.COMPLETED, actor="jobd", result={"files": 3})
-    wire = {json.loads(text)["id"]: json.loads(text) for _, _, text in store.list_wire()}
+    wire = {json.loads(text)["id"]: json.loads(text) for _, _, _, text in store.list_wire()}
     for job_id in (plain.id, rich.id, done.id):
         assert wire[job_id] == store.get_job(job_id).to_dict()
         assert list(wire[job_id]) == list(store.get_job(job_id).to_dict())
