@@ -16,6 +16,7 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -25,7 +26,7 @@ import pytest
 
 from conftest import Daemon
 from jobd import errors
-from jobd.client import AsyncClient, Client
+from jobd.client import AsyncClient, AsyncClientPool, Client
 
 CONFIG = """
 [server]
@@ -315,3 +316,163 @@ def test_unreachable_lists_every_path_tried(monkeypatch: pytest.MonkeyPatch, mak
             f"socket {runtime / 'elsewhere.sock'}: no daemon answers (no such file)"]}
     finally:
         shutil.rmtree(runtime)
+
+
+# -- the follow protocol (SPEC §8): watch, tail, resolve; the pool --------------------------
+
+async def collect(client: Client | AsyncClient, method: str, *args: Any, **kw: Any) -> list[Any]:
+    """Everything ``client.method(...)`` yields, iterated with ``async for`` when async."""
+    stream = getattr(client, method)(*args, **kw)
+    if hasattr(stream, "__aiter__"):
+        return [item async for item in stream]
+    return list(stream)
+
+
+def test_errors_are_importable_from_jobd_client() -> None:
+    from jobd import client
+    from jobd.client import Client as C, Forbidden, NotFound, Unreachable  # noqa: F401
+    for name in ("InvalidRequest", "MethodNotFound", "InvalidParams", "Unauthenticated",
+                 "Forbidden", "NotFound", "Conflict", "LimitExceeded", "Unavailable",
+                 "InternalError", "Unreachable", "JobdError"):
+        assert getattr(client, name) is getattr(errors, name) and name in client.__all__
+
+
+def test_watch_yields_every_change_until_the_end_and_tail_the_log(jd: Daemon, who: str,
+                                                                  make: Any) -> None:
+    script = "for p in 20 40 60; do echo line $p; echo \"{\\\"progress\\\": $p}\"; sleep 0.2; done"
+
+    async def scenario() -> None:
+        client = make(socket=jd.socket, as_user="root")
+        try:
+            job = await call(client, "submit", "command",
+                             options={"argv": ["sh", "-c", script]})
+            seen = await collect(client, "watch", job["id"])
+            assert seen[-1]["status"] == "completed"
+            versions = [j["version"] for j in seen]
+            assert versions == sorted(set(versions)), "a change yielded twice or out of order"
+            assert {20.0, 40.0, 60.0} <= {j["progress"] for j in seen}
+            pages = await collect(client, "tail", job["id"])
+            text = "".join(p["data"] for p in pages)
+            assert [ln for ln in text.splitlines() if ln.startswith("line")] == [
+                "line 20", "line 40", "line 60"]
+            assert pages[-1]["eof"] is True
+            # from an offset: only what follows it
+            rest = await collect(client, "tail", job["id"], offset=pages[-1]["next_offset"] - 8)
+            assert "".join(p["data"] for p in rest) == text[-8:]
+        finally:
+            await close(client)
+    asyncio.run(scenario())
+
+
+def test_watch_stops_at_its_timeout_and_tail_follows_to_the_end(jd: Daemon, who: str,
+                                                                make: Any) -> None:
+    async def scenario() -> None:
+        client = make(socket=jd.socket, as_user="root")
+        try:
+            job = await call(client, "submit", "command", options={
+                "argv": ["sh", "-c", "sleep 0.8; echo late"]})
+            started = time.monotonic()
+            seen = await collect(client, "watch", job["id"], timeout=0.3)
+            assert time.monotonic() - started < 2 and seen[-1]["status"] in ("queued", "running")
+            pages = await collect(client, "tail", job["id"], follow=True)
+            assert "late" in "".join(p["data"] for p in pages) and pages[-1]["eof"]
+        finally:
+            await close(client)
+    asyncio.run(scenario())
+
+
+@pytest.fixture(scope="module")
+def crowd(jd: Daemon) -> tuple[str, list[str], list[str]]:
+    """(user, their job ids, the ids that share a 4-character prefix): jobs are submitted
+    until two ids share one (about 300 of them for 16^4 prefixes)."""
+    user = f"crowd{os.getpid()}"
+    ids: list[str] = []
+    seen: dict[str, str] = {}
+    with jd.client(as_user=user) as c:
+        while len(ids) < 20_000:
+            job_id = c.submit("noop", options={"seconds": 0})["id"]
+            ids.append(job_id)
+            if job_id[:4] in seen:
+                return user, ids, [i for i in ids if i.startswith(job_id[:4])]
+            seen[job_id[:4]] = job_id
+    pytest.fail("no two of 20,000 ids share 4 characters")
+
+
+def test_resolve_names_the_one_match_and_every_match_of_an_ambiguous_prefix(
+        jd: Daemon, crowd: tuple[str, list[str], list[str]], make: Any) -> None:
+    user, ids, shared = crowd
+
+    async def scenario() -> None:
+        client = make(socket=jd.socket, as_user=user)
+        try:
+            unique = next(i for i in ids if i[:6] != shared[0][:6])
+            assert await call(client, "resolve", unique[:6].upper()) == unique
+            assert await call(client, "resolve", unique) == unique
+            e = await raises(errors.InvalidParams, client, "resolve", shared[0][:4])
+            assert f"ambiguous prefix {shared[0][:4]!r}: it matches {len(shared)} jobs: " \
+                   f"{', '.join(sorted(shared, key=ids.index, reverse=True))}; " in e.message
+            assert e.detail == {"matches": sorted(shared, key=ids.index, reverse=True)}
+            free = next(p for p in ("ffff", "0000", "1234") if not any(
+                i.startswith(p) for i in ids))
+            await raises(errors.NotFound, client, "resolve", free)
+            await raises(errors.InvalidParams, client, "resolve", "abc")
+        finally:
+            await close(client)
+    asyncio.run(scenario())
+
+
+def test_a_pool_makes_calls_at_once_each_connection_one_at_a_time(make_daemon: Any) -> None:
+    d = make_daemon()
+
+    async def scenario() -> None:
+        async with AsyncClientPool(3, socket=d.socket) as pool:
+            await pool.pause()  # a queued job does not change: each long poll lasts its timeout
+            job = await pool.submit("noop", options={"seconds": 0})
+
+            async def polls(n: int, timeout_s: float) -> float:
+                started = time.monotonic()
+                held = await asyncio.gather(*(pool.wait(job["id"], after_version=job["version"],
+                                                        timeout_s=timeout_s) for _ in range(n)))
+                assert all(h["version"] == job["version"] for h in held)
+                return time.monotonic() - started
+
+            together = await polls(3, 1.0)
+            assert 0.95 <= together < 1.8, f"3 long polls on a pool of 3 took {together:.1f} s"
+            assert await polls(4, 0.5) >= 0.95  # the fourth waits for a free connection
+            assert pool.socket_path == d.socket
+    asyncio.run(scenario())
+
+
+def test_watch_reconnects_across_a_restart_and_says_so(make_daemon: Any, make: Any) -> None:
+    d = make_daemon()
+
+    async def scenario() -> None:
+        client = make(socket=d.socket)
+        lost: list[errors.JobdError] = []
+        try:
+            job = await call(client, "submit", "noop", options={"seconds": 2})
+            # the restart happens while the watch long-polls, as it would for real
+            restart = threading.Timer(0.5, lambda: (d.kill(), time.sleep(1), d.start()))
+            restart.start()
+            try:
+                seen = await collect(client, "watch", job["id"], on_reconnect=lost.append)
+            finally:
+                restart.join()
+            assert lost and all(isinstance(e, (errors.Unreachable, errors.Unavailable))
+                                for e in lost)
+            assert seen[-1]["status"] in ("completed", "failed"), seen[-1]
+        finally:
+            await close(client)
+    asyncio.run(scenario())
+
+
+def test_permission_denied_explains_group_membership(tmp_path: Path) -> None:
+    import errno as _errno
+    from jobd.client import _connect_failure, _unreachable
+    path = tmp_path / "jobd.sock"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(path))
+    why = _connect_failure(path, PermissionError(_errno.EACCES, "Permission denied"))
+    assert f"only its owner (root) and members of its group (root) may connect" in why
+    assert f"`ls -l {path}`" in why and "add you to the group" in why
+    assert "systemctl start" not in _unreachable([why]).message
