@@ -1,4 +1,5 @@
-"""The ``jobd`` command: ``serve`` (also plain ``jobd``), ``db check|backup|recover``, ``version``.
+"""The ``jobd`` command: ``serve`` (also plain ``jobd``), ``db check|backup|recover``,
+``config check``, ``version``.
 
 A start-up failure (bad config, a damaged database, a daemon already running, a socket
 that cannot be bound) is one line on stderr and exit status 1.
@@ -6,7 +7,10 @@ that cannot be bound) is one line on stderr and exit status 1.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -199,3 +203,88 @@ def db_recover(ctx: click.Context) -> None:
     click.echo(f"the damaged file is now {report['moved_to']}")
     if lost_any:
         _fail(f"{path}: recovered with losses (above); the damaged file is kept for study")
+
+
+@main.group("config")
+@global_options
+def config_group() -> None:
+    """Check the config file (see --config)."""
+
+
+@config_group.command("check")
+@global_options
+@click.pass_context
+def config_check(ctx: click.Context) -> None:
+    """Load the config as `serve` would: print what is wrong (exit 1), or the effective
+    settings, every section and key, with secrets shown as ***."""
+    click.echo(effective(_config(ctx)), nl=False)
+
+
+def _masked_values(value: Any) -> Any:
+    """An environment table: its names shown, every value ***."""
+    return {name: "***" for name in value} if isinstance(value, dict) else "***"
+
+
+def _masked_dsn(value: Any) -> Any:
+    """A libpq connection string or URL with its password ***."""
+    text = str(value)
+    text = re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", text)
+    return re.sub(r"(://[^:/@\s]+:)[^@\s]+@", r"\1***@", text)
+
+
+#: settings whose values are secrets, by (section, key): how each is shown. Keys a
+#: config does not have are skipped, so a new secret is one line here.
+_SECRETS: dict[tuple[str, str], Callable[[Any], Any]] = {
+    ("storage", "dsn"): _masked_dsn, ("sync", "index_env"): _masked_values,
+    ("types", "env"): _masked_values}
+
+
+def _toml(value: Any, duration: bool = False) -> str:
+    """``value`` as a TOML value; seconds of a duration field as a duration string."""
+    if value is None:
+        return '"none"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if duration and isinstance(value, (int, float)):
+        for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+            if value >= size and value % size == 0:
+                return f'"{int(value // size)}{unit}"'
+        return f'"{value:g}s"'
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{json.dumps(str(k))} = {_toml(v)}"
+                                for k, v in value.items()) + " }" if value else "{}"
+    return json.dumps(str(value), ensure_ascii=False)
+
+
+def _section(name: str, values: Any) -> list[str]:
+    """The lines of one section (a config dataclass), secrets masked."""
+    from jobd.config import _Duration
+    lines = [f"[{name}]"]
+    for field in dataclasses.fields(values):
+        value = getattr(values, field.name)
+        mask = _SECRETS.get((name.split(".")[0], field.name))
+        if mask is not None and value not in (None, "", {}, ()):
+            value = mask(value)
+        lines.append(f"{field.name} = {_toml(value, isinstance(field.default, _Duration))}")
+    return lines
+
+
+def effective(config: Config) -> str:
+    """The settings ``config`` holds, TOML-like: where they came from, then each section."""
+    source = config.config_file if config.config_file and config.config_file.exists() else None
+    lines = [f"# {source}" if source else "# no config file: the defaults", "",
+             f"socket = {_toml(str(config.socket))}", f"db = {_toml(str(config.db))}",
+             f"log_level = {_toml(config.log_level)}"]
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if dataclasses.is_dataclass(value):
+            lines += ["", *_section(field.name, value)]
+        elif isinstance(value, dict):  # named tables, such as [types.NAME]
+            for name, entry in value.items():
+                if dataclasses.is_dataclass(entry):
+                    lines += ["", *_section(f"{field.name}.{name}", entry)]
+    return "\n".join(lines) + "\n"

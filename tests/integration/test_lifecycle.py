@@ -270,6 +270,38 @@ def test_a_start_logs_no_scheduler_chatter(make_daemon: Callable[..., Daemon]) -
     assert "Scheduler started" in debugging.log()
 
 
+def test_config_check_prints_the_effective_settings_or_one_line(tmp_path: Path) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text('[execution]\nworkers = 2\ncancel_grace = "5s"\n'
+                    '[sync]\nallowed_roots = ["/srv/src"]\n')
+    # the global option after the command, as SPEC §1 allows
+    proc = subprocess.run([sys.executable, "-m", "jobd", "config", "check", "--config",
+                           str(good)], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == f"# {good}"
+    for line in ("[server]", "[storage]", "[execution]", "workers = 2", 'cancel_grace = "5s"',
+                 'shutdown_grace = "10s"', "[retention]", 'keep = "7d"', "[auth]", "[sync]",
+                 'allowed_roots = ["/srv/src"]', 'default_timeout = "6h"'):
+        assert line in lines, line
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[execution]\nworkers = "many"\n')
+    proc = subprocess.run([sys.executable, "-m", "jobd", "--config", str(bad), "config",
+                           "check"], capture_output=True, text=True, timeout=30)
+    assert (proc.returncode, proc.stdout) == (1, "")
+    assert proc.stderr.count("\n") == 1 and "execution.workers" in proc.stderr
+
+
+def test_config_check_masks_secrets() -> None:
+    from jobd.cli import _SECRETS
+    dsn = _SECRETS[("storage", "dsn")]
+    assert dsn("host=/run/postgresql password=s3cret dbname=jobd") == (
+        "host=/run/postgresql password=*** dbname=jobd")
+    assert dsn("postgresql://jobd:s3cret@db/jobd") == "postgresql://jobd:***@db/jobd"
+    assert _SECRETS[("sync", "index_env")]({"TOKEN": "s3cret"}) == {"TOKEN": "***"}
+    assert _SECRETS[("types", "env")]({"A": "b"}) == {"A": "***"}
+
+
 def test_version() -> None:
     proc = subprocess.run([sys.executable, "-m", "jobd", "version"], capture_output=True,
                           text=True, timeout=30)
