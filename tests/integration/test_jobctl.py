@@ -581,8 +581,9 @@ def test_logs_tail_and_a_silent_failure(jd: Daemon, who: str) -> None:
     until_status(jd, job["id"], "completed")
     proc = jobctl(jd, "logs", job["id"][:8], "--tail", "3")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines()[-3:] == ["line 48", "line 49", "line 50"]
-    assert "line 47" not in proc.stdout
+    whole = jobctl(jd, "logs", job["id"][:8]).stdout.splitlines()
+    assert "line 50" in whole and len(whole) > 3
+    assert proc.stdout.splitlines() == whole[-3:]
     assert jobctl(jd, "logs", job["id"][:8], "--tail", "3", "--follow").stdout == proc.stdout
 
     silent = jobctl(jd, "--as-user", who, "submit", "command", "-o", 'argv=["sh", "-c", "exit 3"]',
