@@ -279,10 +279,11 @@ def _show(st: _State, result: Any, people: Any) -> None:
 
 
 def _has_output(st: _State, job_id: str) -> bool:
-    """Whether the job's log holds more than jobd's own ``[jobd]`` lines."""
+    """Whether the job's log holds more than jobd's own lines (``[jobd …] …``, SPEC §5)."""
     with contextlib.suppress(errors.JobdError):
         data = st.client.logs(job_id)["data"]
-        return any(ln.strip() and not ln.startswith("[jobd]") for ln in data.splitlines())
+        return any(ln.strip() and not (ln.startswith("[jobd") and "] " in ln[:40])
+                   for ln in data.splitlines())
     return True
 
 
