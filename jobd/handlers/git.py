@@ -143,16 +143,18 @@ def run(repo: Repository | None, *args: str, check: bool = True,
     return done
 
 
-def run_in_job(ctx: JobContext, repo: Repository, *args: str, config: Sequence[str] = (),
+def run_in_job(ctx: JobContext, repo: Repository | None, *args: str,
+               config: Sequence[str] = (),
                on_progress: Callable[[float | None, str | None], None] | None = None,
-               check: bool = True) -> Completed:
-    """Run a long git command through the job (logged, cancellable) in ``repo``.
+               check: bool = True, cwd: str | None = None) -> Completed:
+    """Run a long git command through the job (logged, cancellable) in ``repo`` (or, for
+    a clone, in the folder ``cwd``).
 
     A failure raises GitError quoting git's own error line from the job's log.
     """
     start = _log_size(ctx.joblog.path)
-    done = ctx.run(argv(repo, *args, config=config), cwd=repo.cwd, env=ENV,
-                   on_progress=on_progress, check=False)
+    done = ctx.run(argv(repo, *args, config=config), cwd=repo.cwd if repo is not None else cwd,
+                   env=ENV, on_progress=on_progress, check=False)
     if check and done.returncode != 0:
         raise GitError(f"git {args[0]} exited with {_status(done.returncode)}: "
                        f"{error_line(_log_since(ctx.joblog.path, start))}")

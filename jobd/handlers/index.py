@@ -30,14 +30,15 @@ _PLACEHOLDER = re.compile(r"\{(repo|user_id|project_id)\}")
 
 
 def validate_repository(options: dict[str, Any], *, user_id: str, project_id: str | None,
-                        trusted: bool, config: Config
+                        trusted: bool, config: Config, may_be_missing: bool = False
                         ) -> tuple[dict[str, Any], git.Repository | None]:
     """Check ``project_id``, ``repo_path`` and ``full_reindex``: (normalised options, the
     repository opened and checked, or None when it does not exist yet).
 
     The caller closes the repository. A ``repo_path`` must already be a git work tree; a
     repository from the template may not exist yet (the job then fails when it runs
-    unless it has been cloned by then).
+    unless it has been cloned by then). With ``may_be_missing`` (a sync that clones it),
+    a ``repo_path`` need not exist yet either.
     """
     if project_id is None:
         raise errors.InvalidParams("project_id is required for this job type", field="project_id")
@@ -55,7 +56,7 @@ def validate_repository(options: dict[str, Any], *, user_id: str, project_id: st
     path = git.locate(config, user_id=user_id, project_id=project_id, repo_path=repo_path)
     if repo_path is not None:
         out["repo_path"] = str(path)
-    elif not os.path.lexists(path):
+    if (repo_path is None or may_be_missing) and not os.path.lexists(path):
         return out, None
     try:
         return out, git.open_repository(path)

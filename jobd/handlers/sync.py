@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -45,7 +46,8 @@ PHASES: dict[str, tuple[float, float]] = {
 #: how a fetched branch is brought into the work tree
 STRATEGIES = ("ff-only", "merge", "reset")
 
-_OPTIONS = ("branch", "remote", "full_reindex", "strategy", "repo_path")
+_OPTIONS = ("branch", "remote", "full_reindex", "strategy", "repo_path", "url")
+_MAX_URL = 4096
 _FETCH_END = 35.0  # of git_sync's 5–40, the fetch takes 5–35; merge and diff the rest
 # the stages git fetch reports, each 0–100%, as parts of the whole fetch
 _FETCH_STAGES = (
@@ -70,9 +72,10 @@ class SyncHandler(Handler):
     def validate(self, options: dict[str, Any], *, user_id: str, project_id: str | None,
                  trusted: bool, config: Config) -> dict[str, Any]:
         reject_unknown(options, _OPTIONS)
+        url = _check_url(options.get("url"), trusted)
         common, repo = index.validate_repository(options, user_id=user_id,
                                                  project_id=project_id, trusted=trusted,
-                                                 config=config)
+                                                 config=config, may_be_missing=url is not None)
         with repo if repo is not None else contextlib.nullcontext():
             branch = options.get("branch")
             if branch is not None and (problem := git.branch_problem(branch)):
@@ -96,7 +99,8 @@ class SyncHandler(Handler):
                     raise errors.InvalidParams(str(e), field="options.remote") from None
         return {"branch": branch, "remote": remote, "full_reindex": common["full_reindex"],
                 "strategy": strategy, **({"repo_path": common["repo_path"]}
-                                         if "repo_path" in common else {})}
+                                         if "repo_path" in common else {}),
+                **({"url": url} if url is not None else {})}
 
     def run(self, ctx: JobContext) -> dict[str, Any]:
         opts = ctx.job.options
@@ -105,6 +109,9 @@ class SyncHandler(Handler):
         if finished:
             ctx.joblog.note(f"resuming after the finished phases {', '.join(finished)}")
         path = index.repository_path(ctx)
+        if Phase.INIT not in done and opts.get("url") and not os.path.lexists(path):
+            ctx.set_phase(Phase.INIT, f"cloning {opts['url']} into {path}")
+            _clone(ctx, opts["url"], path)
         init = _phase(ctx, done, Phase.INIT, f"checking {path}",
                       lambda repo: _init(ctx, repo, opts))
         pulled = _phase(ctx, done, Phase.GIT_SYNC,
@@ -371,9 +378,9 @@ def _restore(ctx: JobContext, repo: git.Repository, init: dict[str, Any], *,
         ctx.log.info("sync_work_tree_restored", repo=str(repo), revision=old)
 
 
-def _fetch_progress(ctx: JobContext) -> Callable[[float | None, str | None], None]:
-    """Map git fetch's per-stage percentages onto the fetch's share of the job."""
-    low, high = PHASES[Phase.GIT_SYNC][0], _FETCH_END
+def _fetch_progress(ctx: JobContext, low: float = PHASES[Phase.GIT_SYNC][0],
+                    high: float = _FETCH_END) -> Callable[[float | None, str | None], None]:
+    """Map git fetch's (or clone's) per-stage percentages onto ``low``–``high`` of the job."""
 
     def report(percent: float | None, message: str | None) -> None:
         text = (message or "").lower()
@@ -386,6 +393,58 @@ def _fetch_progress(ctx: JobContext) -> Callable[[float | None, str | None], Non
         if message:
             ctx.set_message(message)
     return report
+
+
+def _check_url(url: Any, trusted: bool) -> str | None:
+    """``options.url``, where a missing repository is cloned from (admins and services)."""
+    if url is None:
+        return None
+    if not trusted:
+        raise errors.Forbidden("only admins and services may pass options.url; ask one to "
+                               "clone the repository", field="options.url")
+    if (not isinstance(url, str) or not url or len(url) > _MAX_URL
+            or any(ord(c) < 32 or ord(c) == 127 for c in url)):
+        raise errors.InvalidParams("url must be a repository URL git accepts (at most 4096 "
+                                   "characters, no control characters)", field="options.url")
+    if url.startswith("-"):
+        raise errors.InvalidParams("url must not start with '-' (git would read it as an "
+                                   "option)", field="options.url")
+    return url
+
+
+def _clone(ctx: JobContext, url: str, path: Path) -> None:
+    """Clone ``url`` to ``path`` (missing, under the allowed roots) with progress.
+
+    git clones into a folder beside it, renamed into place once complete: a clone
+    stopped by a cancel or a crash leaves no half-made repository (the next attempt
+    removes what a crashed one left). ``protocol.allow=user`` and
+    ``protocol.ext.allow=never`` (git.argv) refuse ``ext::`` and other unsafe transports.
+    """
+    roots = ctx.config.allowed_roots
+    # the configured root itself may not exist yet (a fresh state folder): it is the
+    # daemon's own to make; below it, only what lies under a root is created
+    for root in roots:
+        if root in path.parents and not os.path.lexists(root):
+            root.mkdir(parents=True, exist_ok=True)
+    existing = path.parent
+    while not existing.exists():
+        existing = existing.parent
+    existing = Path(os.path.realpath(existing))
+    if not any(existing == root or root in existing.parents for root in roots):
+        raise JobFailed(f"cannot clone into {path}: its deepest existing folder {existing} is "
+                        f"outside the allowed roots ({', '.join(map(str, roots))})")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.clone-{ctx.job.id}")
+    shutil.rmtree(temp, ignore_errors=True)
+    try:
+        git.run_in_job(ctx, None, "clone", "--progress", "--", url, str(temp),
+                       cwd=str(path.parent),
+                       on_progress=_fetch_progress(ctx, *PHASES[Phase.INIT]))
+        os.rename(temp, path)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    ctx.joblog.note(f"cloned {url} into {path}")
 
 
 def _require_remote(repo: git.Repository, remote: str) -> None:
