@@ -105,8 +105,9 @@ def _distrust(candidate: _Candidate) -> str | None:
     """Why a socket found by searching must not be used, before connecting; None if it may."""
     if not candidate.searched or candidate.path.parent == _SYSTEM_DIR:
         return None
-    problem = state.private_dir_problem(candidate.path.parent, os.getuid())
-    return f"socket {candidate.path}: skipped, {problem}" if problem else None
+    folder = candidate.path.parent
+    problem = state.private_dir_problem(folder, os.getuid())
+    return f"socket {candidate.path}: skipped, {folder} {problem}" if problem else None
 
 
 def _peer_problem(candidate: _Candidate, sock: _socket.socket) -> str | None:
