@@ -409,6 +409,11 @@ def _check_url(url: Any, trusted: bool) -> str | None:
     if url.startswith("-"):
         raise errors.InvalidParams("url must not start with '-' (git would read it as an "
                                    "option)", field="options.url")
+    # git's protocol config refuses it too (protocol.ext.allow=never); saying so at submit
+    # spares a job that can only fail
+    if url.lower().startswith("ext::"):
+        raise errors.InvalidParams("url: the ext:: transport runs a program and is refused; "
+                                   "give an https, ssh, git or file URL", field="options.url")
     return url
 
 

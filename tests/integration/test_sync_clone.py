@@ -45,7 +45,9 @@ def test_a_missing_repository_is_cloned_from_url_then_synced(
     assert done["result"]["files_indexed"] == 2
     assert seen == sorted(seen)
     text = joblog(daemon, job["id"])
+    # the clone runs with every git command's hardened config (ext:: refused by git too)
     assert "git -c core.hooksPath=/dev/null" in text and " clone --progress -- " in text
+    assert "-c protocol.allow=user -c protocol.ext.allow=never" in text
     assert f"cloned {upstream} into {target}" in text
     # nothing left beside it
     assert sorted(p.name for p in target.parent.iterdir()) == [project]
@@ -64,14 +66,14 @@ def test_a_failed_clone_leaves_no_half_made_repository(
     assert not any((daemon.repos / "root").glob(f".{project}.clone-*"))
 
 
-def test_ext_urls_are_refused_by_gits_protocol_config(
-        daemon: Daemon, tmp_path: Path, project: str) -> None:
+@pytest.mark.parametrize("url", ["ext::sh -c touch% {marker}", "EXT::sh -c touch% {marker}"])
+def test_ext_urls_are_refused_at_submit(daemon: Daemon, tmp_path: Path, project: str,
+                                        url: str) -> None:
     marker = tmp_path / "ran"
-    job = sync(daemon, project, options={"url": f"ext::sh -c touch% {marker}"})
-    done = wait_terminal(daemon, job["id"])
-    assert done["status"] == "failed"
+    err = error_of(daemon, "jobs.submit", type="sync", project_id=project,
+                   options={"url": url.format(marker=marker)})
+    assert (err["code"], err["data"]["field"]) == (-32602, "options.url")
     assert not marker.exists()
-    assert not (daemon.repos / "root" / project).exists()
 
 
 def test_a_cancelled_clone_leaves_nothing(daemon: Daemon, project: str) -> None:
