@@ -43,6 +43,8 @@ MAX_OPTIONS = 16 * 1024
 MAX_METADATA = 64 * 1024
 MAX_DESCRIPTION = 1024
 MAX_WAIT_S = 60.0
+#: the largest file offset the OS takes (off_t is a signed 64-bit integer)
+MAX_FILE_OFFSET = 2**63 - 1
 _STATUSES = frozenset(str(s) for s in JobStatus)
 #: SPEC §2's job fields, the names jobs.list's ``fields`` may pick (Job.to_dict is the shape)
 JOB_FIELDS = tuple(Job(id="", type="", user_id="", project_id=None, status=JobStatus.QUEUED,
@@ -435,12 +437,14 @@ class Manager:
     def logs(self, scope: Scope, job_id: str, offset: Any = 0,
              limit_bytes: Any = 65536) -> dict[str, Any]:
         job = self._job(scope, job_id)
-        if (isinstance(offset, bool) or not isinstance(offset, int)
-                or not 0 <= offset < 2**63):  # past 2^63 the OS cannot seek
-            raise InvalidParams("offset must be a byte offset ≥ 0", field="offset")
         if (isinstance(limit_bytes, bool) or not isinstance(limit_bytes, int)
                 or not 1 <= limit_bytes <= 1_048_576):
             raise InvalidParams("limit_bytes must be from 1 to 1048576", field="limit_bytes")
+        # offset + limit_bytes stays within what the OS seeks to (a signed 64-bit off_t)
+        high = MAX_FILE_OFFSET - limit_bytes
+        if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset <= high:
+            raise InvalidParams(f"offset must be a byte offset from 0 to {high} (2**63 - 1 "
+                                f"less limit_bytes; got {_shown(offset)})", field="offset")
         path = self.engine.log_path(job.id)
         if path.exists():
             data, next_offset = process.read_log(path, offset, limit_bytes)

@@ -523,8 +523,14 @@ def test_logs_page_by_offset_until_eof(jd: Daemon) -> None:
 
     for bad, field in ((dict(offset=-1), "offset"), (dict(offset=2**70), "offset"),
                        (dict(offset="0"), "offset"), (dict(limit_bytes=0), "limit_bytes"),
-                       (dict(limit_bytes=1_048_577), "limit_bytes")):
+                       (dict(limit_bytes=1_048_577), "limit_bytes"),
+                       # offset + limit_bytes past what the OS seeks to
+                       (dict(offset=2**63 - 1), "offset"),
+                       (dict(offset=2**63 - 1000, limit_bytes=1000), "offset")):
         assert error(jd, -32602, "jobs.logs", job_id=job["id"], **bad)["data"]["field"] == field
+    # the last offset allowed is answered (nothing there), never -32603
+    last = ok(jd, "jobs.logs", job_id=job["id"], offset=2**63 - 1001, limit_bytes=1000)
+    assert last == {"data": "", "next_offset": 2**63 - 1001, "eof": True}
 
 
 def test_logs_of_a_running_job_are_not_at_eof(jd: Daemon) -> None:
