@@ -78,6 +78,17 @@ def _adopted_name() -> str:
     return name if isinstance(name, str) and name else "(unnamed socket on fd 3)"
 
 
+def _status(queued: int, paused: bool, manager: Manager) -> str:
+    """systemd's STATUS= line at start: what is queued, and the switches left on."""
+    parts = [f"serving; {queued} jobs queued"]
+    if paused:
+        parts.append("dispatch paused (jobctl resume)")
+    if manager.maintenance_on:
+        why = f" ({manager.maintenance_reason})" if manager.maintenance_reason else ""
+        parts.append(f"maintenance{why}: submits refused (jobctl maintenance off)")
+    return "; ".join(parts)
+
+
 def reloaded(old: Config, new: Config) -> tuple[Config, list[str]]:
     """``new`` with what only a restart may change put back as in ``old``; the keys kept."""
     kept = [name for name in _RESTART_ONLY if getattr(old, name) != getattr(new, name)]
@@ -132,7 +143,9 @@ async def _serve(config: Config, reload: Callable[[], Config] | None) -> int:
     if not store.was_clean:
         log.warning("unclean_stop_detected", db=str(config.db), check="quick_check passed")
     try:
-        engine.start()
+        # the pause and maintenance an operator set stay set across the restart
+        paused = manager.restore()
+        engine.start(paused=paused)
     except BaseException:
         # recovery failed: leave the socket and the database as a stop would
         await server.stop()
@@ -147,8 +160,9 @@ async def _serve(config: Config, reload: Callable[[], Config] | None) -> int:
     queued = engine.dispatcher.queued_count()
     log.info("jobd_started", version=__version__, socket=listening,
              db=str(config.db), workers=config.execution.workers, queued=queued,
-             handlers=sorted(handlers))
-    notify(f"READY=1\nSTATUS=serving; {queued} jobs queued")
+             handlers=sorted(handlers), paused=paused, maintenance=manager.maintenance_on,
+             maintenance_reason=manager.maintenance_reason)
+    notify(f"READY=1\nSTATUS={_status(queued, paused, manager)}")
 
     def apply(new: Config) -> None:
         """Put a reloaded config in force for every part that decides something."""

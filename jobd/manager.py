@@ -43,6 +43,10 @@ MAX_OPTIONS = 16 * 1024
 MAX_METADATA = 64 * 1024
 MAX_DESCRIPTION = 1024
 MAX_WAIT_S = 60.0
+#: admin.maintenance's reason, in characters
+MAX_REASON = 200
+#: the store's ``meta`` keys of the switches that survive a restart
+_PAUSED_KEY, _MAINTENANCE_KEY = "paused", "maintenance"
 #: the largest file offset the OS takes (off_t is a signed 64-bit integer)
 MAX_FILE_OFFSET = 2**63 - 1
 _STATUSES = frozenset(str(s) for s in JobStatus)
@@ -248,6 +252,25 @@ class Manager:
         self.handlers = handlers
         self.hub = hub
         self.started = time.monotonic()
+        #: admin.maintenance: on, and the reason told to those refused (restore() loads it)
+        self.maintenance_on = False
+        self.maintenance_reason: str | None = None
+
+    def restore(self) -> bool:
+        """Load the stored maintenance switch; whether dispatch was left paused (the
+        engine starts so). Both survive a restart: an operator's pause before an upgrade
+        must not end with the upgrade."""
+        reason = self.store.get_meta(_MAINTENANCE_KEY)
+        self.maintenance_on, self.maintenance_reason = reason is not None, reason or None
+        return self.store.get_meta(_PAUSED_KEY) == "1"
+
+    def _refusal(self) -> Unavailable | None:
+        """What a submit or retry gets while maintenance is on."""
+        if not self.maintenance_on:
+            return None
+        why = f" ({self.maintenance_reason})" if self.maintenance_reason else ""
+        return Unavailable(f"jobd is in maintenance{why}: new jobs and retries are refused "
+                           f"until it ends; try again later")
 
     # -- reading -------------------------------------------------------------------------
 
@@ -485,7 +508,8 @@ class Manager:
         ex = self.config.execution
         job, deduplicated = await asyncio.wrap_future(self.store.submit_job_async(
             draft, actor=scope.actor, dedupe=handler.exclusive,
-            max_queued_per_user=ex.max_queued_per_user, max_queued_total=ex.max_queued_total))
+            max_queued_per_user=ex.max_queued_per_user, max_queued_total=ex.max_queued_total,
+            refuse_new=self._refusal()))
         if not deduplicated:
             log.info("job_submitted", job_id=job.id, user_id=job.user_id, type=job.type,
                      project_id=job.project_id, actor=scope.actor)
@@ -623,6 +647,9 @@ class Manager:
         """Queue failed or cancelled jobs again: one (``job_id``), or every one ``filter``
         matches (as ``cancel``); a user past max_queued_per_user gets none retried."""
         one, filters = self._selection(scope, "jobs.retry", job_id, filter, dry_run)
+        refusal = self._refusal()
+        if refusal is not None:
+            raise refusal
         denied = [] if scope.may_admin_types else sorted(
             name for name, handler in self.handlers.items() if handler.admin_only)
         retryable = (JobStatus.FAILED, JobStatus.CANCELLED)
@@ -656,6 +683,7 @@ class Manager:
         return {"jobs": counts, "running": dispatcher.running_count(),
                 "queued": dispatcher.queued_count(), "workers": dispatcher.workers,
                 "per_user": dispatcher.per_user(), "paused": dispatcher.paused,
+                "maintenance": self.maintenance_on,
                 "config": self.config_state.to_dict(),
                 "db_bytes": self.store.size_bytes(), "uptime_s": self.uptime_s()}
 
@@ -696,9 +724,39 @@ class Manager:
     def _set_paused(self, scope: Scope, paused: bool) -> dict[str, Any]:
         if not scope.may_pause:
             raise Forbidden(_admin_only(f"admin.{'pause' if paused else 'resume'}", scope))
+        self.store.set_meta(_PAUSED_KEY, "1" if paused else None)
         self.engine.set_paused(paused)
         log.info("dispatch_paused" if paused else "dispatch_resumed", actor=scope.actor)
         return {"paused": paused}
+
+    def maintenance(self, scope: Scope, enabled: Any = None,
+                        reason: Any = None) -> dict[str, Any]:
+        """admin.maintenance: switch it on (``reason`` told to those refused) or off; without
+        ``enabled`` only report. The answer says whether the daemon is drained."""
+        if not scope.may_pause:
+            raise Forbidden(_admin_only("admin.maintenance", scope))
+        if enabled is not None and not isinstance(enabled, bool):
+            raise InvalidParams(f"enabled must be true or false (got {_shown(enabled)})",
+                                field="enabled")
+        if reason is not None:
+            if not isinstance(reason, str) or len(reason) > MAX_REASON:
+                raise InvalidParams(f"reason must be text of at most {MAX_REASON} characters "
+                                    f"(got {_shown(reason)})", field="reason")
+            _utf8(reason, "reason")
+            if enabled is not True:
+                raise InvalidParams("reason goes with enabled: true (it is told to everyone "
+                                    "refused while maintenance is on)", field="reason")
+        if enabled is not None:
+            reason = (reason or None) if enabled else None
+            self.store.set_meta(_MAINTENANCE_KEY, (reason or "") if enabled else None)
+            self.maintenance_on, self.maintenance_reason = enabled, reason
+            log.info("maintenance_enabled" if enabled else "maintenance_disabled",
+                     actor=scope.actor, reason=reason)
+        dispatcher = self.engine.dispatcher
+        running, queued = dispatcher.running_count(), dispatcher.queued_count()
+        return {"maintenance": self.maintenance_on, "reason": self.maintenance_reason,
+                "running": running, "queued": queued,
+                "drained": running == 0 and (queued == 0 or dispatcher.paused)}
 
     def ping(self, caller: Any) -> dict[str, Any]:
         return {"version": __version__, "uptime_s": self.uptime_s(),

@@ -389,6 +389,7 @@ class Rpc:
             "jobs.cancel": cancel, "jobs.retry": m.retry, "jobs.wait": m.wait,
             "jobs.events": m.events, "jobs.logs": m.logs, "admin.stats": m.stats,
             "admin.cleanup": m.cleanup, "admin.pause": m.pause, "admin.resume": m.resume,
+            "admin.maintenance": m.maintenance,
         }
         return {"ping": _answer(ping, ping),
                 **{name: scoped(name, fn) for name, fn in scoped_methods.items()}}

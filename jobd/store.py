@@ -680,27 +680,33 @@ class Store:
 
     def submit_job(self, job: Job, *, actor: str, dedupe: bool = False,
                    max_queued_per_user: int | None = None,
-                   max_queued_total: int | None = None) -> tuple[Job, bool]:
+                   max_queued_total: int | None = None,
+                   refuse_new: Unavailable | None = None) -> tuple[Job, bool]:
         """Record ``job`` (``created``, then ``queued``, in one transaction).
 
         Returns ``(job, deduplicated)``: the job first created with the same idempotency
         key by the same user, or with ``dedupe`` the queued job of the same type for the
         same (user, project) — which becomes a full reindex if either asked for one.
+        ``refuse_new`` (maintenance) is raised for anything but an idempotent resend.
         """
         return self.submit_job_async(job, actor=actor, dedupe=dedupe,
                                      max_queued_per_user=max_queued_per_user,
-                                     max_queued_total=max_queued_total).result()
+                                     max_queued_total=max_queued_total,
+                                     refuse_new=refuse_new).result()
 
     def submit_job_async(self, job: Job, *, actor: str, dedupe: bool = False,
                          max_queued_per_user: int | None = None,
-                         max_queued_total: int | None = None
+                         max_queued_total: int | None = None,
+                         refuse_new: Unavailable | None = None
                          ) -> concurrent.futures.Future[tuple[Job, bool]]:
         """``submit_job`` for a caller that awaits the commit rather than blocking on it."""
         return self.write_async(lambda tx: self._submit(tx, job, actor, dedupe,
-                                                        max_queued_per_user, max_queued_total))
+                                                        max_queued_per_user, max_queued_total,
+                                                        refuse_new))
 
     def _submit(self, tx: Tx, job: Job, actor: str, dedupe: bool,
-                per_user: int | None, total: int | None) -> tuple[Job, bool]:
+                per_user: int | None, total: int | None,
+                refuse_new: Unavailable | None) -> tuple[Job, bool]:
         conn = tx.conn
         job = dataclasses.replace(job, description=_opt_text(job.description),
                                   idempotency_key=_opt_text(job.idempotency_key))
@@ -710,6 +716,9 @@ class Store:
                                (job.user_id, job.idempotency_key)).fetchone()
             if row is not None:
                 return _job(row), True
+        # SPEC §4's order: idempotency key, then maintenance and limits, then dedupe
+        if refuse_new is not None:
+            raise refuse_new
         if dedupe and job.project_id is not None:
             row = conn.execute(
                 f"SELECT {_COLUMNS} FROM jobs WHERE user_id = ? AND project_id = ? AND type = ? "
@@ -1036,6 +1045,21 @@ class Store:
                    if p.exists())
 
     # -- checkpoints ---------------------------------------------------------------------
+
+    def get_meta(self, key: str) -> str | None:
+        """One of the daemon's own stored settings (the pause, maintenance), None if unset."""
+        row = self._read().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def set_meta(self, key: str, value: str | None) -> None:
+        """Store one of the daemon's own settings (None: remove it); durable on return."""
+        def fn(tx: Tx) -> None:
+            if value is None:
+                tx.conn.execute("DELETE FROM meta WHERE key = ?", (key,))
+            else:
+                tx.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                                (key, _text(value)))
+        self.write(fn)
 
     def save_checkpoint(self, job_id: str, phase: str, data: dict[str, Any]) -> None:
         self.write(lambda tx: tx.conn.execute(
