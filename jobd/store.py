@@ -18,6 +18,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import json
+import math
 import os
 import queue
 import shutil
@@ -52,8 +53,58 @@ class Corrupt(StoreError):
     """The database file is damaged."""
 
 
-# Each entry is one migration, applied in its own transaction; user_version counts them.
-MIGRATIONS: tuple[str, ...] = (
+def _repair_json(conn: sqlite3.Connection) -> None:
+    """Make stored options and metadata that SQLite's JSON functions refuse valid again.
+
+    Before numbers were checked, NaN and Infinity could be stored, and every jobs.list page
+    holding such a row failed. Python's parser takes them: non-finite numbers become null
+    and the rest stays as it was (a string holding "NaN" too). Text that does not parse
+    even so becomes ``{"unreadable": "<the text>"}``, so nothing is lost silently.
+    """
+    broken, repair = _REPAIR_JSON_SQL
+    for seq, options, metadata in conn.execute(broken).fetchall():
+        conn.execute(repair, (_repaired(options), _repaired(metadata), seq))
+        log.warning("store_json_repaired", seq=seq)
+
+
+#: the rows ``_repair_json`` finds (the text of each column SQLite refuses, else NULL),
+#: and how it writes one back
+_REPAIR_JSON_SQL = (
+    "SELECT seq, CASE WHEN json_valid(options) THEN NULL ELSE options END, "
+    "CASE WHEN json_valid(metadata) THEN NULL ELSE metadata END FROM jobs "
+    "WHERE NOT json_valid(options) OR NOT json_valid(metadata)",
+    "UPDATE jobs SET options = ifnull(?, options), metadata = ifnull(?, metadata) "
+    "WHERE seq = ?")
+
+
+def _repaired(text: str | None) -> str | None:
+    """``text`` (None: valid as it is) as valid JSON: see ``_repair_json``."""
+    if text is None:
+        return None
+    try:
+        value = _finite(json.loads(text))
+    except (ValueError, RecursionError):
+        value = {"unreadable": text}
+    return _dumps(value)
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every NaN and infinite number replaced by None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(v) for key, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+#: one step of a migration: SQL (one or more statements), or Python given the connection
+Step = str | Callable[[sqlite3.Connection], None]
+
+# Each entry is one migration (a step, or several in order), applied in its own
+# transaction; user_version counts them.
+MIGRATIONS: tuple[Step | tuple[Step, ...], ...] = (
     # 1: jobs, their history and their checkpoints
     """
     CREATE TABLE jobs (
@@ -122,21 +173,13 @@ MIGRATIONS: tuple[str, ...] = (
     # 3: what each user's finished jobs weigh, against execution.max_stored_per_user; a
     # job weighs 1, plus 1 per 4 KiB of its options, metadata and description (kept in
     # step by triggers, so no write path can forget it)
-    """
+    # (the rows are repaired before they are weighed)
+    (_repair_json,
+     """
     ALTER TABLE jobs ADD COLUMN weight INTEGER NOT NULL DEFAULT 1;
     UPDATE jobs SET weight = 1 + (length(CAST(options AS BLOB)) + length(CAST(metadata AS BLOB))
                                   + ifnull(length(CAST(description AS BLOB)), 0)) / 4096
         WHERE length(options) + length(metadata) + ifnull(length(description), 0) >= 1024;
-    -- before numbers were checked, NaN and Infinity could be stored: SQLite's JSON
-    -- functions refuse such a row, so every jobs.list page holding it failed
-    UPDATE jobs SET
-        options = CASE WHEN json_valid(options) THEN options ELSE
-            replace(replace(replace(options, '-Infinity', 'null'), 'Infinity', 'null'),
-                    'NaN', 'null') END,
-        metadata = CASE WHEN json_valid(metadata) THEN metadata ELSE
-            replace(replace(replace(metadata, '-Infinity', 'null'), 'Infinity', 'null'),
-                    'NaN', 'null') END
-        WHERE NOT json_valid(options) OR NOT json_valid(metadata);
     CREATE TABLE user_stored (user_id TEXT PRIMARY KEY, weight INTEGER NOT NULL) WITHOUT ROWID;
     INSERT INTO user_stored SELECT user_id, sum(weight) FROM jobs
         WHERE status IN ('completed', 'failed', 'cancelled') GROUP BY user_id;
@@ -158,7 +201,7 @@ MIGRATIONS: tuple[str, ...] = (
     BEGIN
         UPDATE user_stored SET weight = weight - OLD.weight WHERE user_id = OLD.user_id;
     END;
-    """,
+    """),
     # 4: jobs.list by start or end time, newest first, jobs without that time last
     """
     CREATE INDEX jobs_by_started ON jobs (ifnull(started_at, -1), seq);
@@ -586,9 +629,14 @@ class Store:
                              f"knows ({len(MIGRATIONS)}); upgrade jobd")
         for number in range(version + 1, len(MIGRATIONS) + 1):
             conn.execute("BEGIN IMMEDIATE")
+            migration = MIGRATIONS[number - 1]
             try:
-                for statement in _statements(MIGRATIONS[number - 1]):
-                    conn.execute(statement)
+                for step in migration if isinstance(migration, tuple) else (migration,):
+                    if callable(step):
+                        step(conn)
+                        continue
+                    for statement in _statements(step):
+                        conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {number}")
                 conn.execute("COMMIT")
             except BaseException:
@@ -706,7 +754,7 @@ class Store:
 
     def _submit(self, tx: Tx, job: Job, actor: str, dedupe: bool,
                 per_user: int | None, total: int | None,
-                refuse_new: Unavailable | None) -> tuple[Job, bool]:
+                refuse_new: Unavailable | None = None) -> tuple[Job, bool]:
         conn = tx.conn
         job = dataclasses.replace(job, description=_opt_text(job.description),
                                   idempotency_key=_opt_text(job.idempotency_key))

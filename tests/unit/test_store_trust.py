@@ -157,3 +157,39 @@ def test_the_migration_repairs_stored_nan_and_infinity(tmp_path: Path) -> None:
         assert len(store.list_wire(limit=5)) == 1  # SQLite's json() takes the row again
     finally:
         store.close()
+
+
+def test_the_migration_repair_keeps_strings_and_keeps_unparsable_text(tmp_path: Path) -> None:
+    db = tmp_path / "old.db"
+    conn = sqlite3.connect(db, isolation_level=None)
+    for number, script in enumerate(MIGRATIONS[:2], 1):
+        conn.executescript(script)
+        conn.execute(f"PRAGMA user_version = {number}")
+    rows = (
+        # a NaN beside strings that hold "NaN" and "Infinity": only the number changes
+        ("j1", '{"title":"Infinity War","note":"NaN here","n":NaN,"l":[-Infinity,1.5]}',
+         '{"ok":true}'),
+        # valid already: left byte for byte, even a string holding NaN
+        ("j2", '{"s":"NaN"}', '{"x":"-Infinity"}'),
+        # no JSON at all, even to Python: kept as a string
+        ("j3", '{"a":NaN,', '{"b": 1}'),
+    )
+    for job_id, options, metadata in rows:
+        conn.execute("INSERT INTO jobs (id, type, user_id, status, options, metadata, version, "
+                     "created_at, updated_at) VALUES (?, 'noop', 'alice', 'completed', ?, ?, "
+                     "1, 1, 1)", (job_id, options, metadata))
+    conn.close()
+    store = Store(db, synchronous="normal").open()
+    try:
+        j1, j2, j3 = (store.get_job(job_id) for job_id in ("j1", "j2", "j3"))
+        assert j1.options == {"title": "Infinity War", "note": "NaN here", "n": None,
+                              "l": [None, 1.5]}
+        assert j1.metadata == {"ok": True}
+        assert (j2.options, j2.metadata) == ({"s": "NaN"}, {"x": "-Infinity"})
+        assert j3.options == {"unreadable": '{"a":NaN,'} and j3.metadata == {"b": 1}
+        assert len(store.list_wire(limit=5)) == 3
+    finally:
+        store.close()
+    with raw(db) as check:
+        assert check.execute("SELECT metadata FROM jobs WHERE id = 'j2'").fetchone() == (
+            '{"x":"-Infinity"}',)
