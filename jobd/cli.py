@@ -183,10 +183,11 @@ def db_recover(ctx: click.Context) -> None:
 
     config = _config(ctx)
     path = config.db
+    if not path.exists():  # before the lock, which would leave a jobd.lock behind
+        _fail(f"{path}: no such database; name the database jobd serves with --db")
     try:
-        with StateLock(config.state_dir, path):
-            if not path.exists():
-                _fail(f"{path}: no such database")
+        # a tool on an existing database: it makes no folder
+        with StateLock(config.state_dir, path, create=False):
             if check(path) == ["ok"]:
                 click.echo(f"{path}: integrity check ok; nothing to recover")
                 return

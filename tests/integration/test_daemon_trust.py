@@ -133,6 +133,15 @@ def test_recover_on_a_healthy_database_changes_nothing(make_daemon: Callable[...
     assert not list(d.state.glob("jobd.db.damaged-*"))
 
 
+def test_recover_on_a_mistyped_path_makes_nothing(tmp_path: Path) -> None:
+    # a typo in the folder, then in the file name of an existing folder
+    for db in (tmp_path / "stat" / "jobd.db", tmp_path / "jobs.db"):
+        proc = jobd("db", "recover", "--db", str(db))
+        assert proc.returncode == 1
+        assert f"{db}: no such database" in proc.stderr and "Traceback" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []  # no folder, no jobd.lock
+
+
 def test_recover_reads_tables_not_indexes_and_fails_when_rows_are_lost(tmp_path: Path) -> None:
     from jobd.store import Store
     db = tmp_path / "state" / "jobd.db"
