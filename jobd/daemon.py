@@ -50,7 +50,7 @@ _RESTART_ONLY = ("socket", "db", "storage", "log_format")
 _M_MMAP_THRESHOLD, _MMAP_FROM = -3, 256 * 1024
 
 
-def run(config: Config, reload: Callable[[], Config] | None = None) -> int:
+def run(config: Config, reload: Callable[[], Config]) -> int:
     """Serve until told to stop; the exit status. ``reload`` loads the config anew (SIGHUP)."""
     with StateLock(config.state_dir, config.db):
         _map_big_blocks()
@@ -100,13 +100,13 @@ def reloaded(old: Config, new: Config) -> tuple[Config, list[str]]:
     return config, kept
 
 
-async def _serve(config: Config, reload: Callable[[], Config] | None) -> int:
+async def _serve(config: Config, reload: Callable[[], Config]) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     hup = asyncio.Event()
-    # SIGHUP never stops the daemon: without a way to reload it is logged and ignored
+    # SIGHUP never stops the daemon: it reloads the config
     loop.add_signal_handler(signal.SIGHUP, hup.set)
     current = ConfigState(config)
 
@@ -188,9 +188,6 @@ async def _serve(config: Config, reload: Callable[[], Config] | None) -> int:
         hupped.cancel()
         if hup.is_set() and not stop.is_set():
             hup.clear()
-            if reload is None:
-                log.info("reload_ignored", reason="no config file to reload from")
-                continue
             try:
                 new = await loop.run_in_executor(None, reload)
             except ConfigError as e:
