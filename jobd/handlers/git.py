@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from jobd.process import Completed
 
 __all__ = ["ENV", "GitError", "Repository", "argv", "branch_problem", "error_line", "locate",
-           "open_repository", "output", "readable", "remote_problem", "remotes", "revision",
+           "open_git_dir", "open_repository", "output", "readable", "remote_problem", "remotes", "revision",
            "run", "run_in_job"]
 
 #: local git commands (queries, abort, reset) get this long before they count as hung
@@ -316,21 +316,29 @@ def open_repository(path: Path) -> Repository:
     return repo
 
 
-def _check_git_dir(repo: Repository) -> None:
-    """The git dir (``.git``, or where a ``.git`` link or file leads) and its config."""
+def open_git_dir(repo: Repository) -> tuple[Path, int]:
+    """The git dir of ``repo`` (``.git`` in the opened folder, or where a ``.git`` link or
+    file leads), opened without following a symbolic link: its path and a descriptor,
+    which the caller closes."""
     try:
         st = os.stat(".git", dir_fd=repo.fd, follow_symlinks=False)
     except FileNotFoundError:
         raise GitError(f"{_shown(repo.path)} is not a git work tree (it has no .git)") from None
     if stat.S_ISDIR(st.st_mode):
-        where, fd = repo.path / ".git", os.open(".git", _DIR_FLAGS, dir_fd=repo.fd)
+        where, dir_fd, name = repo.path / ".git", repo.fd, ".git"
     else:
         where = Path(os.path.realpath(repo.path / _git_file_target(repo)))
-        try:
-            fd = os.open(where, _DIR_FLAGS)
-        except OSError as e:
-            raise GitError(f"the git dir {_shown(where)} of {_shown(repo.path)} cannot be "
-                           f"opened: {e.strerror}") from None
+        dir_fd, name = None, str(where)
+    try:
+        return where, os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except OSError as e:
+        raise GitError(f"the git dir {_shown(where)} of {_shown(repo.path)} cannot be "
+                       f"opened: {e.strerror}") from None
+
+
+def _check_git_dir(repo: Repository) -> None:
+    """The git dir and its config."""
+    where, fd = open_git_dir(repo)
     try:
         _check_owner(f"the git dir {_shown(where)}", os.fstat(fd), where)
         try:

@@ -5,6 +5,12 @@ Which repository a sync or index job acts on (options ``repo_path`` and
 configured indexer is run (``builtin:manifest``, or an argv with ``{repo}``,
 ``{user_id}`` and ``{project_id}`` filled in, reporting progress by SPEC §5's protocol)
 live here; ``sync.py`` adds fetching and merging in front.
+
+An external indexer runs with its working directory in the repository folder as
+opened and checked (``git.Repository.cwd``), so a folder swapped after the check cannot
+move it. ``{repo}`` is the checked path as text, for the indexer's own records (CIDX
+stores it), not a way into the folder: an indexer that opens ``{repo}`` rather than its
+working directory follows the path as it is then, which jobd's descriptor does not cover.
 """
 
 from __future__ import annotations
@@ -99,6 +105,7 @@ def index_repository(ctx: JobContext, repo: git.Repository, *, full: bool, low: 
               "project_id": ctx.job.project_id or ""}
     argv = [_PLACEHOLDER.sub(lambda m: values[m.group(1)], arg) for arg in command]
     # run in the opened folder: its path may have been swapped since it was checked
+    # ({repo} is that path, for the indexer's records; its cwd is the folder itself)
     ctx.run(argv, cwd=repo.cwd, on_progress=progress_between(ctx, low, high))
     return {"command": argv, "returncode": 0, "files_indexed": None}
 

@@ -342,11 +342,16 @@ def _restore(ctx: JobContext, repo: git.Repository, init: dict[str, Any], *,
     try:
         if git_was_stopped:
             # nothing else works on this repository while the job runs (one sync per
-            # project), so the lock is the stopped git's
-            lock = Path(git.output(repo, "rev-parse", "--absolute-git-dir")) / "index.lock"
-            if lock.exists():
-                lock.unlink()
+            # project), so the lock is the stopped git's; removed in the git dir as opened,
+            # so a path swapped since the check cannot point the unlink elsewhere
+            _, git_dir = git.open_git_dir(repo)
+            try:
+                os.unlink("index.lock", dir_fd=git_dir)
                 done.append("removed the index.lock left by the stopped git")
+            except FileNotFoundError:
+                pass
+            finally:
+                os.close(git_dir)
         if git.revision(repo, "MERGE_HEAD"):
             git.run(repo, "merge", "--abort", check=False)
             done.append("aborted the merge")
