@@ -263,14 +263,14 @@ def _toml(value: Any, duration: bool = False) -> str:
 
 def _section(name: str, values: Any) -> list[str]:
     """The lines of one section (a config dataclass), secrets masked."""
-    from jobd.config import _Duration
+    from jobd.config import Duration
     lines = [f"[{name}]"]
     for field in dataclasses.fields(values):
         value = getattr(values, field.name)
         mask = _SECRETS.get((name.split(".")[0], field.name))
         if mask is not None and value not in (None, "", {}, ()):
             value = mask(value)
-        lines.append(f"{field.name} = {_toml(value, isinstance(field.default, _Duration))}")
+        lines.append(f"{field.name} = {_toml(value, isinstance(field.default, Duration))}")
     return lines
 
 

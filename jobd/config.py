@@ -17,8 +17,8 @@ from typing import Any, Mapping
 
 from jobd.models import iso
 
-__all__ = ["Config", "ConfigError", "ConfigState", "default_socket_paths", "load", "parse_duration",
-           "parse_limit"]
+__all__ = ["Config", "ConfigError", "ConfigState", "Duration", "default_socket_paths", "load",
+           "parse_duration", "parse_limit"]
 
 
 class ConfigError(Exception):
@@ -43,11 +43,12 @@ def parse_duration(value: str | int | float) -> float:
     return float(m.group(1)) * _UNITS[m.group(2) or "s"]
 
 
-class _Duration(float):
-    """Marks a field whose file form is a duration string."""
+class Duration(float):
+    """Marks a field whose file form is a duration string (``jobd config check`` prints
+    such a field as one)."""
 
 
-class _Limit(_Duration):
+class _Limit(Duration):
     """Marks a duration that is a limit: ``"none"`` (or ``"0"``, ``0``) means no limit (None)."""
 
 
@@ -68,8 +69,8 @@ class Server:
     max_batch: int = 100
     max_response_bytes: int = 8_388_608
     log_level: str = "info"
-    line_timeout: _Duration = _Duration(30)
-    idle_timeout: _Duration = _Duration(600)
+    line_timeout: Duration = Duration(30)
+    idle_timeout: Duration = Duration(600)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,15 +91,15 @@ class Execution:
     default_timeout: float | None = _Limit(6 * 3600)
     #: the most a plain user's timeout_s may ask; None: no limit
     max_timeout: float | None = _Limit(6 * 3600)
-    cancel_grace: _Duration = _Duration(3)
-    shutdown_grace: _Duration = _Duration(10)
+    cancel_grace: Duration = Duration(3)
+    shutdown_grace: Duration = Duration(10)
 
 
 @dataclasses.dataclass(frozen=True)
 class Retention:
-    keep: _Duration = _Duration(7 * 86400)
-    keep_failed: _Duration = _Duration(30 * 86400)
-    cleanup_every: _Duration = _Duration(3600)
+    keep: Duration = Duration(7 * 86400)
+    keep_failed: Duration = Duration(30 * 86400)
+    cleanup_every: Duration = Duration(3600)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,8 +216,8 @@ def _coerce(where: str, key: str, default: Any, value: Any, section: str) -> Any
     if isinstance(default, _Limit):
         limit = parse_limit(value)
         return None if limit is None else _Limit(limit)
-    if isinstance(default, _Duration):
-        return _Duration(parse_duration(value))
+    if isinstance(default, Duration):
+        return Duration(parse_duration(value))
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ValueError(f"must be true or false, not {value!r}")

@@ -15,7 +15,7 @@ from typing import Any
 
 __all__ = [
     "EXCLUSIVE_TYPES", "RawJSON", "TERMINAL", "TRANSITIONS", "Job", "JobStatus", "Phase",
-    "Role", "WaitReason", "from_iso", "iso",
+    "NOTE_MARK", "Role", "WaitReason", "from_iso", "is_note", "iso",
 ]
 
 
@@ -162,3 +162,15 @@ class Job:
             "updated_at": iso(self.updated_at),
             "eta_s": self.eta_s,
         }
+
+
+#: how jobd's own lines in a job's log begin: ``[jobd 2026-11-22T10:00:00Z] <text>``
+NOTE_MARK = "[jobd "
+
+
+def is_note(line: str) -> bool:
+    """Whether a job's log line is one of jobd's own (SPEC §5), not a program's output.
+
+    The one home of the rule, for the daemon and for its clients (jobctl tells a failure
+    whose log holds only jobd's lines by it)."""
+    return line.startswith(NOTE_MARK) and "] " in line[:40]

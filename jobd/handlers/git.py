@@ -32,8 +32,9 @@ import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from jobd import errors, process
+from jobd import errors
 from jobd.handlers import JobFailed
+from jobd.models import is_note
 
 if TYPE_CHECKING:
     from jobd.config import Config
@@ -178,7 +179,7 @@ def error_line(data: bytes) -> str:
     names it lists under it), else the last line. jobd's own lines are skipped.
     """
     lines = [ln.rstrip() for ln in readable(data).replace("\r", "\n").split("\n")
-             if not process.is_note(ln)]
+             if not is_note(ln)]
     for i, line in enumerate(lines):
         if line.startswith(("error:", "fatal:")):
             listed = [ln.strip() for ln in itertools.takewhile(
