@@ -8,7 +8,7 @@ import signal
 from pathlib import Path
 from typing import Any, Callable
 
-from jobd.process import SUPERVISOR
+from jobd.process import SUPERVISOR, is_note
 
 from conftest import (FAST_CONFIG, Daemon, clone, commit_files, error_of, git, group_alive,
                       joblog, make_upstream, pid_alive, result_of, wait_for, wait_terminal)
@@ -43,8 +43,9 @@ def sync_in_indexing(d: Daemon, tmp_path: Path, pids: Path) -> tuple[dict[str, A
 
 
 def fetches(log: str) -> int:
-    return sum(1 for line in log.splitlines() if line.startswith("[jobd] $ git")
-               and " fetch " in line)
+    """How many times jobd ran ``git fetch`` for the job, as its own log notes tell."""
+    return sum(1 for line in log.splitlines() if is_note(line)
+               and line.split("] ", 1)[1].startswith("$ git") and " fetch " in line)
 
 
 def messages(d: Daemon, job_id: str) -> list[tuple[str, str | None]]:
