@@ -7,12 +7,14 @@ the handler with a ``Context``, and records the end. Progress lives in memory (e
 ``jobs.get``/``jobs.wait`` sees the latest value at once) and is written to the database
 at most every ``FLUSH_S`` per job.
 
-An end that cannot be recorded because storage is unavailable (a full disk) is kept in
-memory and retried, with backoff, for as long as it takes: the job is shown running
-with a message saying so, a cancel meanwhile still ends it cancelled, and its worker
-slot stays taken until the end commits, so a job is never left running without a
-worker. An end the store refuses for any other reason (a text it cannot hold) is
-recorded as a sanitised failure instead. ``reconfigure`` applies a reloaded config to
+A job's end is decided once, when its handler returns: a cancel or timeout that came
+before that wins, one after it changes nothing. An end that cannot be committed because
+storage is unavailable (a full disk) is kept in memory and its commit retried, with
+backoff, for as long as it takes: the job is shown running with a message saying so,
+and its worker slot stays taken until the end commits, so a job is never left running
+without a worker. An end the store refuses for any other reason (a text it cannot
+hold) is recorded as a sanitised failure instead, and if that is refused as well, as a
+failure of fixed text, retried like the wait for storage. ``reconfigure`` applies a reloaded config to
 every decision from then on; running jobs keep the settings they started with.
 """
 
@@ -86,7 +88,7 @@ class Context:
                          else time.monotonic() + self.timeout_s)
         self.live = Live(job.progress, job.phase, job.message, job.version,
                          base_progress=job.progress)
-        self.finishing = False  #: its end is being recorded (guards against recording twice)
+        self.finishing = False  #: its end is decided and being recorded (see ``settle``)
         self.in_process = False  #: a program of the job runs (a stop sends it SIGTERM)
         self.ended: str | None = None  #: the end last told in its log
         self._lock = threading.Lock()
@@ -96,16 +98,33 @@ class Context:
     def stop(self, reason: str, by: str | None = None) -> None:
         """Stop the job for ``reason`` (cancel, timeout, shutdown); ``by``: who cancelled.
         The first reason is told in the job's log."""
-        if self.reason is None:
-            self.reason = reason
+        with self._lock:
+            if self.finishing:
+                # its end is decided (the handler returned): a stop now only wakes the
+                # commit that waits for storage, so a shutdown can end the wait
+                self.wake.set()
+                return
+            first = self.reason is None
+            if first:
+                self.reason = reason
+            if reason == "cancel":
+                self.cancel_asked = True
+        if first:
             why = {"cancel": f"cancelled by {by}" if by else "cancelled",
                    "timeout": f"timed out after {_duration(self.timeout_s or 0)}",
                    "shutdown": "interrupted by daemon shutdown"}.get(reason, reason)
             self.joblog.story(why + (": sending SIGTERM" if self.in_process else ""))
-        if reason == "cancel":
-            self.cancel_asked = True
         self.stop_event.set()
         self.wake.set()
+
+    def settle(self) -> bool:
+        """Mark the handler's outcome final: stops from now on change nothing about the
+        end. False if it was settled already (its end is being recorded elsewhere)."""
+        with self._lock:
+            if self.finishing:
+                return False
+            self.finishing = True
+            return True
 
     @property
     def cancelled(self) -> bool:
@@ -210,6 +229,18 @@ def _safe_text(text: str) -> str:
     """Valid UTF-8 (lone surrogates written as escapes), at most MAX_ERROR_CHARS."""
     text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS - 1] + "…"
+
+
+def _refused_text(end: JobStatus, kw: dict[str, Any], refused: Exception,
+                  refusals: int) -> str:
+    """The failure recorded in place of an end the store refused: the end and why it was
+    refused (sanitised), or after a second refusal a fixed text that needs nothing of
+    the job's own."""
+    if refusals > 1:
+        return "the job's end could not be recorded (the store refused it); see jobd's log"
+    what = kw.get("error") or kw.get("message") or f"ended {end}"
+    return _safe_text(f"{what} (recorded as failed: the store refused the end: "
+                      f"{type(refused).__name__}: {refused})")
 
 
 def _exit_text(code: int) -> str:
@@ -403,6 +434,8 @@ class Engine:
                 with self._lock:  # reconfigure may swap the pool
                     self._pool.submit(self._run, entry)
             for ctx in list(self._contexts.values()):
+                if ctx.finishing:
+                    continue  # its end is decided: a deadline passing now changes nothing
                 ctx.cancelled  # noqa: B018 - passes the deadline: stops a job that never checks
                 ctx.flush()
 
@@ -446,15 +479,14 @@ class Engine:
     def _finish(self, ctx: Context, result: dict[str, Any] | None,
                 failure: BaseException | None) -> None:
         job = ctx.job
-        with self._lock:
-            if ctx.finishing:
-                return
-            ctx.finishing = True
+        if not ctx.settle():
+            return
+        end, kw = self._end_of(ctx, result, failure)
         ctx.flush()
         if failure is not None and not isinstance(failure, (JobFailed, Cancelled)):
             ctx.log.error("job_crashed", exc_info=failure)
         try:
-            done = self._record_end(ctx, result, failure)
+            done = self._commit_end(ctx, end, kw)
             if done is not None:
                 event = {JobStatus.COMPLETED: "job_completed", JobStatus.FAILED: "job_failed",
                          JobStatus.CANCELLED: "job_cancelled",
@@ -462,8 +494,9 @@ class Engine:
                 ctx.log.info(event, error=done.error, seconds=round(
                     time.monotonic() - ctx.live.started, 3))
         except Exception:
-            # only when stopping: the job stays running in the store and the next start
-            # recovers it; its worker slot is free all the same
+            # the daemon stops while the end waits to be committed: the job stays running
+            # in the store and the next start recovers it; its worker slot is free all
+            # the same
             ctx.log.exception("job_finish_failed")
             self.dispatcher.finish(job.id)
         finally:
@@ -478,8 +511,8 @@ class Engine:
 
     def _end_of(self, ctx: Context, result: dict[str, Any] | None,
                 failure: BaseException | None) -> tuple[JobStatus, dict[str, Any]]:
-        """The end a handler's outcome means, and what goes with it."""
-        # a cancel asked for meanwhile also wins in the store's transition
+        """The end a handler's outcome means, and what goes with it: decided once, when
+        the handler returned (a cancel or timeout that came before that wins)."""
         if ctx.cancel_asked or ctx.reason == "cancel":
             return JobStatus.CANCELLED, {"message": "cancelled"}
         if ctx.reason == "timeout":
@@ -499,23 +532,17 @@ class Engine:
                                                f"{type(failure).__name__}: {failure}"}
         return JobStatus.COMPLETED, {"result": result or {}}
 
-    def _record_end(self, ctx: Context, result: dict[str, Any] | None,
-                    failure: BaseException | None) -> Job | None:
-        """Commit the job's end; None if it is no longer running (nothing to record).
+    def _commit_end(self, ctx: Context, end: JobStatus, kw: dict[str, Any]) -> Job | None:
+        """Commit the decided end; None if the job is no longer running (nothing to record).
 
-        Storage that is unavailable is waited for, however long (until the daemon stops):
-        the end is worked out again at each try, so a cancel that came meanwhile wins. An
-        end the store refuses otherwise is recorded as a sanitised failure.
+        Storage that is unavailable is waited for, however long (until the daemon stops),
+        with backoff. An end the store refuses otherwise is recorded as a sanitised
+        failure instead, and if that is refused too, as a failure of fixed text, retried
+        with the same backoff: a job is never left running without a worker.
         """
         delay = RETRY_S
-        refused: Exception | None = None
+        refusals = 0
         while True:
-            end, kw = self._end_of(ctx, result, failure)
-            if refused is not None:
-                what = kw.get("error") or kw.get("message") or f"ended {end}"
-                end, kw = JobStatus.FAILED, {"error": _safe_text(
-                    f"{what} (recorded as failed: the store refused the end: "
-                    f"{type(refused).__name__}: {refused})")}
             told = end_story(end, kw.get("error") or kw.get("message"))
             if told != ctx.ended:  # before the commit: a reader seeing the end sees it told
                 ctx.ended = told
@@ -523,23 +550,27 @@ class Engine:
             try:
                 return self.store.transition(ctx.job.id, end, actor="jobd",
                                              expect=[JobStatus.RUNNING], **kw)
-            except Unavailable as e:
-                if self._stopping:
-                    raise
-                if delay == RETRY_S:
-                    ctx.log.warning("job_end_pending", end=str(end), error=str(e))
-                    ctx.show_pending(end, str(e))
-                ctx.wake.wait(delay)
-                ctx.wake.clear()
-                delay = min(delay * 2, RETRY_MAX_S)
             except (Conflict, NotFound) as e:
                 ctx.log.warning("job_end_unrecorded", end=str(end), error=str(e))
                 return None
             except Exception as e:
-                if refused is not None:
+                if self._stopping:
                     raise
-                ctx.log.error("job_end_refused", end=str(end), exc_info=e)
-                refused = e
+                if isinstance(e, Unavailable):
+                    ctx.log.warning("job_end_pending", end=str(end), error=str(e),
+                                    retry_in_s=delay)
+                    if delay == RETRY_S:
+                        ctx.show_pending(end, str(e))
+                else:
+                    refusals += 1
+                    ctx.log.error("job_end_refused", end=str(end), refusals=refusals,
+                                  exc_info=e)
+                    end, kw = JobStatus.FAILED, {"error": _refused_text(end, kw, e, refusals)}
+                    if refusals == 1:
+                        continue  # the sanitised failure is tried at once
+                ctx.wake.wait(delay)
+                ctx.wake.clear()
+                delay = min(delay * 2, RETRY_MAX_S)
 
     def _requeue_later(self, job_id: str) -> None:
         """A job that could not be started stays queued in the store: keep it in the queue."""

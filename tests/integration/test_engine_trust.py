@@ -142,6 +142,18 @@ def test_timeout_s_0_from_an_admin_is_no_limit(make_daemon: Callable[..., Daemon
 
 # -- a full disk (item 3) -----------------------------------------------------------------------
 
+def end_tries(d: Daemon, job_id: str) -> int:
+    """How many times the daemon tried to commit the job's end and found storage full."""
+    return sum(1 for e in d.log_events()
+               if e.get("event") == "job_end_pending" and e.get("job_id") == job_id)
+
+
+def wait_tries(d: Daemon, job_id: str, more: int) -> None:
+    want = end_tries(d, job_id) + more
+    wait_for(lambda: end_tries(d, job_id) >= want, timeout=20,
+             what=f"{more} more failed tries of the job's end")
+
+
 def on_small_disk(make_daemon: Callable[..., Daemon], disk: Path) -> Daemon:
     d = make_daemon(start=False)
     d.state = disk / "state"
@@ -163,7 +175,7 @@ def test_a_job_that_ends_on_a_full_disk_is_recorded_when_space_returns(
                        and "not recorded yet" in (j["message"] or "") and j,
                        what="the job to say its end waits for storage")
     assert pending["status"] == "running" and "storage full" in pending["message"]
-    time.sleep(1.0)  # several tries fail meanwhile
+    wait_tries(d, job["id"], 3)
     assert result_of(d, "jobs.get", job_id=job["id"])["status"] == "running"
 
     filler.unlink()
@@ -184,7 +196,27 @@ def test_a_cancel_on_a_full_disk_ends_the_job_cancelled(
     # the store cannot record the request, yet the engine stops the job at once ...
     answer = d.raw("jobs.cancel", job_id=job["id"])
     assert answer["result"]["cancel_requested"] is True, answer
-    time.sleep(0.5)
+    wait_tries(d, job["id"], 2)
     filler.unlink()
     # ... and its end is recorded cancelled once there is room again
     assert wait_terminal(d, job["id"], timeout=15)["status"] == "cancelled"
+
+
+@pytest.mark.root
+@pytest.mark.disk_size("8m")
+def test_a_job_that_fills_the_disk_and_completes_is_not_recorded_timed_out(
+        make_daemon: Callable[..., Daemon], small_disk: Path) -> None:
+    """B1: its end waited for storage past its time limit, and was then recorded "timed
+    out after 3s", its result lost."""
+    d = on_small_disk(make_daemon, small_disk)
+    filler = small_disk / "filler"
+    submitted = time.monotonic()
+    job = command(d, f"cat /dev/zero > {filler} 2>/dev/null; sleep 1; exit 0", timeout_s=3)
+    wait_for(lambda: end_tries(d, job["id"]), timeout=20, what="the end to wait for storage")
+    # past the limit, with room for the dispatch loop to look at it (every 0.5 s)
+    wait_for(lambda: time.monotonic() > submitted + 4, what="the time limit to pass")
+    wait_tries(d, job["id"], 1)
+    filler.unlink()
+    done = wait_terminal(d, job["id"], timeout=15)
+    assert (done["status"], done["error"]) == ("completed", None), done
+    assert done["result"] is not None

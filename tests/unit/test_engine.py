@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
+import structlog.testing
 
-from conftest import fill
+from conftest import fill, wait_for
 from jobd.config import Config, load
 from jobd.engine import Engine
 from jobd.handlers import Handler, JobContext, JobFailed, load_handlers
-from jobd.models import Job, JobStatus
+from jobd.models import TERMINAL, Job, JobStatus
 from jobd.store import Listeners, Store
 
 
@@ -48,11 +49,11 @@ class Held(Handler):
 class Rig:
     """A started engine on a real store, and ways to drive it."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, store: type[Store] = Store) -> None:
         self.held = Held()
         handlers = {**load_handlers(), "held": self.held}
         engine: list[Engine] = []
-        self.store = Store(config.db, listeners=Listeners(
+        self.store = store(config.db, listeners=Listeners(
             changed=lambda job: engine[0].on_changed(job) if engine else None)).open()
         self.engine = Engine(config, self.store, handlers)
         engine.append(self.engine)
@@ -78,6 +79,13 @@ class Rig:
     def running(self) -> int:
         return len(self.store.running_jobs())
 
+    def full(self, count: int) -> None:
+        """``count`` jobs run, and the dispatcher may start no other: so none will start
+        while the limits stay (a check that needs no waiting)."""
+        assert self.engine.dispatcher.running_count() == count
+        assert not self.engine.dispatcher.may_take()
+        wait_for(lambda: self.running() == count, what=f"{count} jobs running in the store")
+
     def close(self) -> None:
         self.held.release.set()
         self.engine.stop()
@@ -88,8 +96,8 @@ class Rig:
 def rig(tmp_path: Path) -> Iterator[Callable[..., Rig]]:
     rigs: list[Rig] = []
 
-    def make(text: str = "", db: Path | None = None) -> Rig:
-        rigs.append(Rig(config_of(tmp_path, text, db)))
+    def make(text: str = "", db: Path | None = None, store: type[Store] = Store) -> Rig:
+        rigs.append(Rig(config_of(tmp_path, text, db), store))
         return rigs[-1]
 
     yield make
@@ -145,19 +153,17 @@ def test_reconfigure_raises_and_cuts_workers_while_running_jobs_go_on(
     r.held.release.clear()
     jobs = [r.submit("held") for _ in range(4)]
     r.wait(jobs[0], JobStatus.RUNNING)
-    time.sleep(0.1)
-    assert r.running() == 1
+    r.full(1)
 
     r.engine.reconfigure(config_of(tmp_path, "[execution]\nworkers = 3\nmax_running_per_user = 10\n"))
     for job in jobs[1:3]:
         r.wait(job, JobStatus.RUNNING)
-    time.sleep(0.1)
-    assert r.running() == 3 and r.get(jobs[3]).status is JobStatus.QUEUED
+    r.full(3)
+    assert r.get(jobs[3]).status is JobStatus.QUEUED
 
     # a cut stops nothing that runs, and starts nothing until fewer run than the limit
     r.engine.reconfigure(config_of(tmp_path, "[execution]\nworkers = 1\nmax_running_per_user = 10\n"))
-    time.sleep(0.1)
-    assert r.running() == 3
+    r.full(3)
     r.held.release.set()
     for job in jobs[:3]:
         assert r.wait(job, JobStatus.COMPLETED).status is JobStatus.COMPLETED
@@ -204,29 +210,98 @@ def test_an_end_the_store_refuses_is_recorded_as_a_bounded_failure(rig: Callable
     assert r.running() == 0
 
 
+class Refusing(Store):
+    """A real store that refuses the first ``refusals`` ends of the jobs in ``refuse``, as
+    a constraint or a driver error would (not as storage that is unavailable)."""
+
+    refuse: set[str] = set()
+    refusals = 0
+
+    def transition(self, job_id: str, to: JobStatus, **kw: Any) -> Job:
+        if job_id in self.refuse and to in TERMINAL and self.refusals > 0:
+            type(self).refusals -= 1
+            raise ValueError(f"refused {to} for {job_id}")
+        return super().transition(job_id, to, **kw)
+
+
+def test_an_end_refused_twice_is_retried_until_it_is_recorded(rig: Callable[..., Rig]) -> None:
+    r = rig(store=Refusing)
+    Refusing.refuse, Refusing.refusals = set(), 4
+    r.held.release.clear()
+    job = r.submit("held")
+    Refusing.refuse.add(job)
+    r.wait(job, JobStatus.RUNNING)
+    with structlog.testing.capture_logs() as logs:
+        r.held.release.set()
+        done = r.wait(job, JobStatus.FAILED, JobStatus.COMPLETED, timeout=15)
+    assert done.status is JobStatus.FAILED
+    assert done.error == "the job's end could not be recorded (the store refused it); see jobd's log"
+    assert [e["refusals"] for e in logs if e["event"] == "job_end_refused"] == [1, 2, 3, 4]
+    assert not [e for e in logs if e["event"] == "job_finish_failed"]
+    assert r.running() == 0 and r.engine.dispatcher.running_count() == 0
+
+
 # -- ends that wait for a full disk (issue 7, item 3) -------------------------------------------
+
+def pending_tries(logs: list[dict[str, Any]], job_id: str) -> int:
+    """How many times the engine tried to commit the job's end and found storage full."""
+    return sum(1 for e in logs if e["event"] == "job_end_pending" and e.get("job_id") == job_id)
+
+
+def wait_tries(logs: list[dict[str, Any]], job_id: str, more: int) -> None:
+    """Until ``more`` further tries of the job's end failed (at 0.25 s, then doubling)."""
+    want = pending_tries(logs, job_id) + more
+    wait_for(lambda: pending_tries(logs, job_id) >= want, timeout=15,
+             what=f"{more} more failed tries of the end")
+
 
 @pytest.mark.root
 @pytest.mark.parametrize("cancel", [False, True], ids=["completed", "cancelled"])
 def test_an_end_on_a_full_disk_is_recorded_once_space_returns(
         rig: Callable[..., Rig], small_disk: Path, cancel: bool) -> None:
     r = rig(db=small_disk / "jobd.db")
-    job = r.submit("held")
-    r.wait(job, JobStatus.RUNNING)
-    filler = fill(small_disk)
-    if cancel:
-        r.engine.cancel(job)  # the store cannot record the request: memory must hold it
-    else:
-        r.held.release.set()
-    time.sleep(1.0)  # several tries fail meanwhile
+    with structlog.testing.capture_logs() as logs:
+        job = r.submit("held")
+        r.wait(job, JobStatus.RUNNING)
+        filler = fill(small_disk)
+        if cancel:
+            r.engine.cancel(job)  # the store cannot record the request: memory must hold it
+        else:
+            r.held.release.set()
+        wait_tries(logs, job, 3)
 
-    assert r.get(job).status is JobStatus.RUNNING
-    live = r.engine.live(job)
-    assert live is not None and "not recorded yet: storage full" in (live.message or "")
-    assert r.engine.dispatcher.running_count() == 1  # its worker still holds it
+        assert r.get(job).status is JobStatus.RUNNING
+        live = r.engine.live(job)
+        assert live is not None and "not recorded yet: storage full" in (live.message or "")
+        assert r.engine.dispatcher.running_count() == 1  # its worker still holds it
 
-    filler.unlink()
-    want = JobStatus.CANCELLED if cancel else JobStatus.COMPLETED
-    done = r.wait(job, JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED, timeout=10)
+        filler.unlink()
+        want = JobStatus.CANCELLED if cancel else JobStatus.COMPLETED
+        done = r.wait(job, JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED, timeout=10)
     assert done.status is want, done
     assert r.engine.live(job) is None and r.engine.dispatcher.running_count() == 0
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("after", ["timeout", "cancel"])
+def test_a_completed_end_waiting_for_storage_stays_completed(
+        rig: Callable[..., Rig], small_disk: Path, after: str) -> None:
+    """Its time limit passing, or a cancel, while the end waits changes nothing: the job
+    had ended (B1: it was recorded "timed out" or cancelled, its result lost)."""
+    r = rig(db=small_disk / "jobd.db")
+    with structlog.testing.capture_logs() as logs:
+        job = r.submit("held", timeout_s=1)
+        r.wait(job, JobStatus.RUNNING)
+        deadline = time.monotonic() + 1
+        r.held.result = {"answer": 42}
+        filler = fill(small_disk)
+        r.held.release.set()
+        wait_tries(logs, job, 1)
+        if after == "timeout":
+            wait_for(lambda: time.monotonic() > deadline, what="the time limit to pass")
+        else:
+            r.engine.cancel(job, "alice")
+        wait_tries(logs, job, 2)  # the dispatch loop ticked meanwhile, each retry woke
+        filler.unlink()
+        done = r.wait(job, JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED, timeout=10)
+    assert (done.status, done.error, done.result) == (JobStatus.COMPLETED, None, {"answer": 42})
