@@ -326,7 +326,8 @@ def remove_log(path: Path) -> None:
 
 def read_log(path: Path, offset: int, limit: int) -> tuple[bytes, int]:
     """(data, next_offset) from absolute ``offset``; an offset in the dropped part starts
-    at the oldest kept byte. A missing file gives ``(b"", offset)``."""
+    at the oldest kept byte. A missing file, or an offset at or past the end, gives
+    ``(b"", offset)``."""
     path = Path(path)
     with _SWAP:
         base = _read_base(path)
@@ -336,7 +337,10 @@ def read_log(path: Path, offset: int, limit: int) -> tuple[bytes, int]:
             return b"", offset
     try:
         start = max(offset, base)
-        data = os.pread(fd, limit, start - base) if limit > 0 else b""
+        # read no further than the file's end: an offset past it, up to any size a
+        # client may send, is an empty page, not an error of pread's
+        want = min(limit, os.fstat(fd).st_size - (start - base))
+        data = os.pread(fd, want, start - base) if want > 0 else b""
     finally:
         os.close(fd)
     return data, start + len(data)

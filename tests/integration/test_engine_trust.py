@@ -220,3 +220,20 @@ def test_a_job_that_fills_the_disk_and_completes_is_not_recorded_timed_out(
     done = wait_terminal(d, job["id"], timeout=15)
     assert (done["status"], done["error"]) == ("completed", None), done
     assert done["result"] is not None
+
+
+# -- a log read past its end (B2) -----------------------------------------------------------------
+
+@pytest.mark.parametrize("offset", [2**63 - 1, 2**63 - 2**20, 2**62, 2**63 - 11])
+@pytest.mark.parametrize("limit", [10, 1 << 20])
+def test_a_log_read_far_past_its_end_is_an_empty_page_or_a_clear_error(
+        daemon: Daemon, offset: int, limit: int) -> None:
+    job = command(daemon, "echo some output")
+    assert wait_terminal(daemon, job["id"])["status"] == "completed"
+    answer = daemon.raw("jobs.logs", job_id=job["id"], offset=offset, limit_bytes=limit)
+    if "error" in answer:
+        assert answer["error"]["code"] == -32602, answer
+    else:
+        page = answer["result"]
+        assert page["data"] == "" and page["next_offset"] == offset, page
+    assert "Traceback" not in daemon.log()

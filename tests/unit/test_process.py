@@ -524,3 +524,11 @@ def test_a_killed_parent_takes_the_program_and_its_detached_children_down(tmp_pa
         proc.kill()  # kill -9: no chance to clean up
         proc.wait()
     wait_for(lambda: not any(alive(pid) for pid in spawned), timeout=2)
+
+
+@pytest.mark.parametrize("offset", [4, 5, 1 << 40, 2**63 - 1, 2**63, 2**64])
+def test_read_log_at_or_past_the_end_is_an_empty_page(tmp_path: Path, offset: int) -> None:
+    log = JobLog(tmp_path / "job.log", 1 << 20)
+    log.write(b"abcd")
+    assert read_log(log.path, offset, 1 << 20) == (b"", offset)
+    assert read_log(log.path, 2, 1 << 20) == (b"cd", 4)
