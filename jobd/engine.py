@@ -200,6 +200,11 @@ class Context:
             self.stop("timeout")
         if done.cancelled or done.timed_out:
             raise Cancelled(self.reason or "cancelled")
+        if done.supervisor_died:
+            # the program's own end is unknown: what its supervisor's death tells is all
+            what = "killed" if done.returncode < 0 else "ended"
+            raise JobFailed(f"the job's supervisor was {what} ({_exit_text(done.returncode)}); "
+                            "its processes were killed")
         if check and done.returncode != 0:
             raise JobFailed(f"{Path(argv[0]).name} exited with {_exit_text(done.returncode)}"
                             + (f": {_last_line(self.joblog)}" if _last_line(self.joblog) else ""))
@@ -433,6 +438,7 @@ class Engine:
             while not self._stopping and (entry := self.dispatcher.take()) is not None:
                 with self._lock:  # reconfigure may swap the pool
                     self._pool.submit(self._run, entry)
+            process.sweep_orphans()  # what a job whose supervisor died left behind
             for ctx in list(self._contexts.values()):
                 if ctx.finishing:
                     continue  # its end is decided: a deadline passing now changes nothing

@@ -8,10 +8,14 @@ or when jobd dies (SPEC §5: no child outlives its job). Output goes to the job'
 capped at ``max_log_bytes`` with the oldest output dropped first (SPEC §1), and every
 output line is checked for progress. After a daemon crash, ``kill_orphan_group`` and
 ``kill_marked`` take down whatever the dead daemon's jobs left behind (SPEC §6).
+jobd is a child subreaper as well, as a backstop: if a program kills its supervisor,
+what the supervisor held is re-parented to jobd, and ``sweep_orphans`` (after such a
+death, and on every tick of the engine) kills and reaps it.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import errno
 import json
@@ -35,7 +39,7 @@ from jobd import supervise
 __all__ = [
     "Completed", "JobLog", "JOB_ENV", "SUPERVISOR", "is_note", "kill_marked",
     "kill_orphan_group", "note_lines", "parse_progress", "process_start_time", "read_log",
-    "remove_log", "run",
+    "remove_log", "run", "sweep_orphans",
 ]
 
 _log = structlog.get_logger()
@@ -65,6 +69,8 @@ class Completed:
     cancelled: bool            #: stopped because `stop` was set
     timed_out: bool            #: stopped because `deadline` passed
     stdout: str                #: captured stdout text (only when capture=True, else "")
+    #: the supervisor died without reporting the program's end: ``returncode`` is its own
+    supervisor_died: bool = False
 
 
 def _number(value: Any) -> float | None:
@@ -538,6 +544,7 @@ class _Child:
             kill_orphan_group(self.pgid, self.start)
             if mark := self.env.get(JOB_ENV):
                 kill_marked(mark)
+            sweep_orphans(wait=_ABORT)  # what left the group and carries no mark
             return code
         return self.status
 
@@ -599,12 +606,16 @@ def run(argv: Sequence[str], *, cwd: str | Path | None, env: Mapping[str, str] |
     (out_r, out_w), (err_r, err_w), (prog_r, prog_w) = os.pipe(), os.pipe(), os.pipe()
     ctl, ctl_child = socket.socketpair()
     child_env = {**os.environ, **(env or {}), "JOBD_PROGRESS_FD": str(prog_w)}
+    _become_subreaper()
     try:
-        proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", str(SUPERVISOR), str(ctl_child.fileno()), repr(grace),
-             "--", *args], cwd=cwd, env=child_env, stdin=subprocess.DEVNULL, stdout=out_w,
-            stderr=err_w, pass_fds=(prog_w, ctl_child.fileno()), close_fds=True,
-            start_new_session=True)
+        with _SUPERVISORS_LOCK:  # a sweep meanwhile must know it for a supervisor
+            proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", str(SUPERVISOR), str(ctl_child.fileno()),
+                 repr(grace), "--", *args], cwd=cwd, env=child_env,
+                stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w,
+                pass_fds=(prog_w, ctl_child.fileno()), close_fds=True,
+                start_new_session=True)
+            _SUPERVISORS[proc.pid] = proc
     except BaseException as exc:
         for fd in (out_r, err_r, prog_r):
             os.close(fd)
@@ -635,8 +646,89 @@ def run(argv: Sequence[str], *, cwd: str | Path | None, env: Mapping[str, str] |
         raise
     finally:
         child.close()
+        _forget_supervisor(child.proc)
     return Completed(argv=args, returncode=returncode, cancelled=cancelled,
-                     timed_out=timed_out, stdout=child.stdout())
+                     timed_out=timed_out, stdout=child.stdout(),
+                     supervisor_died=child.status is None)
+
+
+# jobd is a child subreaper too, as a backstop: when a job's supervisor dies (killed by
+# its own program, say), what it held is re-parented here instead of to init, and
+# sweep_orphans kills and reaps it.
+_PR_SET_CHILD_SUBREAPER = 36
+_subreaper = False
+#: jobd's live supervisors, pid -> process: a sweep never touches these (nor reaps one:
+#: its Popen would lose the exit status)
+_SUPERVISORS: dict[int, subprocess.Popen[bytes]] = {}
+_SUPERVISORS_LOCK = threading.Lock()
+
+
+def _become_subreaper() -> None:
+    global _subreaper
+    with _SUPERVISORS_LOCK:
+        if _subreaper:
+            return
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+            _log.warning("subreaper_unavailable", error=os.strerror(ctypes.get_errno()))
+        _subreaper = True
+
+
+def _forget_supervisor(proc: subprocess.Popen[bytes]) -> None:
+    with _SUPERVISORS_LOCK:
+        if proc.returncode is not None and _SUPERVISORS.get(proc.pid) is proc:
+            del _SUPERVISORS[proc.pid]
+
+
+def _orphans() -> dict[int, tuple[str, int]]:
+    """pid -> (state, start time) of every child of jobd that a job left: in a session other than
+    jobd's (a job's programs run in their own; jobd's own short ``subprocess.run``
+    children stay in jobd's), and not one of jobd's live supervisors."""
+    me, session = os.getpid(), os.getsid(0)
+    found = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        stat = supervise.stat(pid)
+        if stat is None or stat[1] != me or pid in _SUPERVISORS:
+            continue
+        try:
+            if os.getsid(pid) == session:
+                continue
+        except ProcessLookupError:
+            continue
+        found[pid] = stat[0], stat[3]
+    return found
+
+
+def sweep_orphans(wait: float = 0.0) -> int:
+    """SIGKILL every orphan a job left under jobd (see ``_orphans``) with its
+    descendants, and reap them; how many were killed. With ``wait``, go on for up to that
+    many seconds until none is left (a killed orphan's children are re-parented here)."""
+    if not _subreaper:
+        return 0
+    until = time.monotonic() + wait
+    killed = 0
+    while True:
+        with _SUPERVISORS_LOCK:
+            orphans = _orphans()
+            for pid, (state, start) in orphans.items():
+                tree = {p: st for p, (p_state, st) in supervise.descendants(pid).items()
+                        if p_state not in ("Z", "X")}
+                if state not in ("Z", "X"):
+                    tree[pid] = start
+                killed += sum(1 for p, st in tree.items() if _kill_if_same(p, st))
+                try:
+                    os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    pass
+        if not orphans or time.monotonic() >= until:
+            break
+        time.sleep(0.01)
+    if killed:
+        _log.warning("orphan_processes_killed", killed=killed)
+    return killed
 
 
 def kill_orphan_group(pgid: int, start_time: int | None) -> int:

@@ -99,8 +99,35 @@ def test_orphans_of_job_programs_leave_no_zombie_under_the_daemon(daemon: Daemon
     jobs = [command(daemon, s) for s in scripts for _ in range(3)]
     for job in jobs:
         assert wait_terminal(daemon, job["id"])["status"] == "completed"
-    time.sleep(0.3)
-    assert zombies_of(daemon.proc.pid) == []
+    wait_for(lambda: zombies_of(daemon.proc.pid) == [], timeout=5,
+             what="no zombie under the daemon")
+
+
+def processes_running(cmdline: bytes) -> list[int]:
+    found = []
+    for entry in os.scandir("/proc"):
+        try:
+            if Path(f"/proc/{entry.name}/cmdline").read_bytes() == cmdline:
+                found.append(int(entry.name))
+        except (OSError, ValueError):
+            continue
+    return [pid for pid in found if pid_alive(pid)]
+
+
+def test_a_job_that_kills_its_supervisor_leaves_no_process_behind(daemon: Daemon) -> None:
+    """B4: a grandchild in a session of its own, with a cleared environment, survived
+    (re-parented to init) when the program killed its supervisor, and the job's error
+    told the supervisor's status as the program's."""
+    assert daemon.proc is not None
+    job = command(daemon, "setsid env -i sleep 333 & sleep .3; kill -9 $PPID; sleep 1")
+    left = wait_for(lambda: processes_running(b"sleep\x00333\x00"), what="sleep 333 to start")
+    done = wait_terminal(daemon, job["id"])
+    assert (done["status"], done["error"]) == (
+        "failed", "the job's supervisor was killed (signal 9); its processes were killed")
+    wait_for(lambda: all_dead(left), timeout=5, what="sleep 333 to be killed")
+    wait_for(lambda: zombies_of(daemon.proc.pid) == [], timeout=5,
+             what="no zombie under the daemon")
+    assert daemon.proc.poll() is None
 
 
 # -- cancel latency (SPEC §9: ≤ 250 ms) ---------------------------------------------------------
