@@ -35,6 +35,7 @@ from typing import Any, Callable, Mapping, Sequence
 import structlog
 
 from jobd import supervise
+from jobd.models import is_note  # the one rule for jobd's own lines, named here too
 
 __all__ = [
     "Completed", "JobLog", "JOB_ENV", "SUPERVISOR", "is_note", "kill_marked",
@@ -147,11 +148,6 @@ def note_lines(text: str, at_us: int | None = None) -> bytes:
     mark = time.strftime("[jobd %Y-%m-%dT%H:%M:%SZ] ", time.gmtime(at)).encode()
     return b"".join(mark + part.encode("utf-8", "replace") + b"\n"
                     for part in (text.splitlines() or [""]))
-
-
-def is_note(line: str) -> bool:
-    """Whether a log line is one of jobd's own (``note_lines``), not a program's output."""
-    return line.startswith("[jobd ") and "] " in line[:40]
 
 
 class _Terminal:
