@@ -28,7 +28,7 @@ from jobctl import render
 from jobd import errors
 from jobd.client import Client
 from jobd.config import parse_duration
-from jobd.models import TERMINAL, JobStatus, iso
+from jobd.models import TERMINAL, JobStatus, is_note, iso
 
 __all__ = [
     "EXIT_CANCELLED", "EXIT_FAILED", "EXIT_OK", "EXIT_TIMEOUT", "EXIT_UNAVAILABLE",
@@ -282,8 +282,7 @@ def _has_output(st: _State, job_id: str) -> bool:
     """Whether the job's log holds more than jobd's own lines (``[jobd …] …``, SPEC §5)."""
     with contextlib.suppress(errors.JobdError):
         data = st.client.logs(job_id)["data"]
-        return any(ln.strip() and not (ln.startswith("[jobd") and "] " in ln[:40])
-                   for ln in data.splitlines())
+        return any(ln.strip() and not is_note(ln) for ln in data.splitlines())
     return True
 
 

@@ -275,8 +275,12 @@ def result_lines(value: Any, indent: str = "") -> list[str]:
 
 
 def result_line(result: Mapping[str, Any]) -> str:
-    """A finished job's result on one line: ``result: files_indexed=120, ...``."""
-    return "result: " + ", ".join(f"{k}={_value(v)}" for k, v in result.items())
+    """A finished job's result on one line: its plain values (``result: files_indexed=120,
+    ...``); nested ones are left to ``jobctl status``, which shows the whole result."""
+    plain = [f"{k}={_value(v)}" for k, v in result.items()
+             if not isinstance(v, (Mapping, list))]
+    nested = len(result) - len(plain)
+    return "result: " + ", ".join(plain) + (f" (+{nested} more: jobctl status)" if nested else "")
 
 
 def submitted_line(job: Mapping[str, Any], verb: str = "submitted") -> str:

@@ -91,7 +91,7 @@ class Scope:
     may_admin_types: bool    #: submit or retry `command` and `noop`
     may_raise_priority: bool  #: priority above 0
     may_stats: bool          #: admin.stats and admin.cleanup
-    may_pause: bool          #: admin.pause and admin.resume
+    may_pause: bool          #: admin.pause, admin.resume and admin.maintenance
     may_any_timeout: bool = False  #: timeout_s of 0 (no limit) or past max_timeout
 
     def check_filter(self, user_id: str | None) -> str | None:

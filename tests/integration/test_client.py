@@ -137,7 +137,7 @@ def test_every_method_returns_its_documented_shape(jd: Daemon, who: str, make: A
                 assert [a_job(j)["id"] for j in page["jobs"]] == [job["id"]]
                 stats = await call(admin, "stats")
                 assert set(stats) == {"jobs", "running", "queued", "workers", "per_user",
-                                      "paused", "config", "db_bytes", "uptime_s"}
+                                      "paused", "maintenance", "config", "db_bytes", "uptime_s"}
                 assert stats["paused"] is True and stats["jobs"]["queued"] >= 1
                 assert stats["per_user"][who] == {"running": 0, "queued": 1}
             finally:
