@@ -34,7 +34,7 @@ from jobd.config import Config
 from jobd.dispatch import Dispatcher, Entry
 from jobd.errors import Conflict, NotFound, Unavailable
 from jobd.handlers import Cancelled, Handler, JobFailed
-from jobd.models import Job, JobStatus
+from jobd.models import Job, JobStatus, readable
 from jobd.store import Store
 
 __all__ = ["Context", "Engine", "Live"]
@@ -230,12 +230,6 @@ def _time_limit(timeout_s: float | None, default: float | None) -> float | None:
     return timeout_s or None
 
 
-def _safe_text(text: str) -> str:
-    """Valid UTF-8 (lone surrogates written as escapes), at most MAX_ERROR_CHARS."""
-    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS - 1] + "…"
-
-
 def _refused_text(end: JobStatus, kw: dict[str, Any], refused: Exception,
                   refusals: int) -> str:
     """The failure recorded in place of an end the store refused: the end and why it was
@@ -244,8 +238,8 @@ def _refused_text(end: JobStatus, kw: dict[str, Any], refused: Exception,
     if refusals > 1:
         return "the job's end could not be recorded (the store refused it); see jobd's log"
     what = kw.get("error") or kw.get("message") or f"ended {end}"
-    return _safe_text(f"{what} (recorded as failed: the store refused the end: "
-                      f"{type(refused).__name__}: {refused})")
+    return readable(f"{what} (recorded as failed: the store refused the end: "
+                    f"{type(refused).__name__}: {refused})", MAX_ERROR_CHARS)
 
 
 def _exit_text(code: int) -> str:

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 __all__ = [
+    "readable",
     "EXCLUSIVE_TYPES", "RawJSON", "TERMINAL", "TRANSITIONS", "Job", "JobStatus", "Phase",
     "NOTE_MARK", "Role", "WaitReason", "from_iso", "is_note", "iso",
 ]
@@ -166,6 +167,27 @@ class Job:
 
 #: how jobd's own lines in a job's log begin: ``[jobd 2026-11-22T10:00:00Z] <text>``
 NOTE_MARK = "[jobd "
+
+
+def readable(value: str | bytes, limit: int | None = None) -> str:
+    """``value`` as text that is always valid UTF-8, cut to ``limit`` characters (with …).
+
+    Undecodable bytes (a file name git reports) and lone surrogates (what surrogateescape
+    made of such bytes) become backslash escapes: SQLite refuses text it cannot encode,
+    and a job whose end cannot be recorded would stay running. Valid text comes back as
+    the very same object.
+    """
+    if isinstance(value, bytes):
+        text = value.decode("utf-8", "backslashreplace")
+    else:
+        try:
+            value.encode()
+            text = value
+        except UnicodeEncodeError:
+            text = value.encode("utf-8", "backslashreplace").decode()
+    if limit is not None and len(text) > limit:
+        text = text[:limit - 1] + "…"
+    return text
 
 
 def is_note(line: str) -> bool:

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 import structlog
 
 from jobd.errors import Conflict, JobdError, LimitExceeded, NotFound, Unavailable
-from jobd.models import TERMINAL, Job, JobStatus, sources
+from jobd.models import TERMINAL, Job, JobStatus, readable, sources
 from jobd.state import make_private_dir
 
 __all__ = ["Corrupt", "Listeners", "Store", "StoreError", "backup", "check", "now_us", "recover"]
@@ -285,17 +285,8 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def _text(value: str) -> str:
-    """``value`` as valid UTF-8 text: lone surrogates (from undecodable bytes) escaped.
-
-    SQLite refuses text that cannot be encoded, and a job whose end cannot be recorded
-    would stay running: every text the store writes passes through here.
-    """
-    try:
-        value.encode()
-    except UnicodeEncodeError:
-        return value.encode("utf-8", "backslashreplace").decode()
-    return value
+#: every text the store writes passes through here (valid UTF-8, SQLite's condition)
+_text = readable
 
 
 def _opt_text(value: str | None) -> str | None:

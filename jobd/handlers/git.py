@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 from jobd import errors
 from jobd.handlers import JobFailed
-from jobd.models import is_note
+from jobd.models import is_note, readable
 
 if TYPE_CHECKING:
     from jobd.config import Config
@@ -105,11 +105,6 @@ class Repository:
 
     def __str__(self) -> str:
         return str(self.path)
-
-
-def readable(data: bytes) -> str:
-    """Bytes from git or the file system as text that is always valid UTF-8."""
-    return data.decode("utf-8", "backslashreplace")
 
 
 def argv(repo: Repository | None, *args: str, config: Sequence[str] = ()) -> list[str]:
@@ -188,13 +183,9 @@ def error_line(data: bytes) -> str:
                 more = len(listed) - _LISTED
                 line += " " + ", ".join(listed[:_LISTED]) + (f" and {more} more"
                                                              if more > 0 else "")
-            return _cut(line)
+            return readable(line, _ERROR_CHARS)
     shown = [ln.strip() for ln in lines if ln.strip()]
-    return _cut(shown[-1]) if shown else "no output"
-
-
-def _cut(text: str) -> str:
-    return text if len(text) <= _ERROR_CHARS else text[:_ERROR_CHARS - 1] + "…"
+    return readable(shown[-1], _ERROR_CHARS) if shown else "no output"
 
 
 def _status(code: int) -> str:

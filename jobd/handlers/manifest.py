@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from jobd.handlers import Cancelled, JobContext, JobFailed, git
+from jobd.models import readable
 
 if TYPE_CHECKING:
     from jobd.config import Config
@@ -151,7 +152,7 @@ def _entry(root: int, name: str, old: dict[str, Any] | None
         # or a file (ENOTDIR): nothing to record
         if e.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
             return None, 0
-        raise JobFailed(f"cannot read {git.readable(os.fsencode(name))}: {e.strerror}"
+        raise JobFailed(f"cannot read {readable(os.fsencode(name))}: {e.strerror}"
                         ) from None
     finally:
         for dir_fd in opened:

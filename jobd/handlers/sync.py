@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from jobd import errors
 from jobd.handlers import Cancelled, Handler, JobContext, JobFailed, git, index, reject_unknown
-from jobd.models import Phase
+from jobd.models import Phase, readable
 
 if TYPE_CHECKING:
     from jobd.config import Config
@@ -472,7 +472,7 @@ def _current_branch(repo: git.Repository) -> str | None:
         return name.decode("utf-8") or None
     except UnicodeDecodeError:
         # it would be stored with the job and shown in its messages
-        raise JobFailed(f"the branch checked out in {repo}, {git.readable(name)}, is not "
+        raise JobFailed(f"the branch checked out in {repo}, {readable(name)}, is not "
                         "named in UTF-8; check out another one or pass options.branch"
                         ) from None
 
@@ -520,7 +520,7 @@ def _split(data: bytes) -> list[bytes]:
 
 
 def _names(paths: list[bytes]) -> str:
-    shown = ", ".join(git.readable(p) for p in paths[:_SHOWN_FILES])
+    shown = ", ".join(readable(p) for p in paths[:_SHOWN_FILES])
     more = len(paths) - _SHOWN_FILES
     return f"{shown} and {more} more" if more > 0 else shown
 

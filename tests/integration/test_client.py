@@ -473,6 +473,6 @@ def test_permission_denied_explains_group_membership(tmp_path: Path) -> None:
     with socket.socket(socket.AF_UNIX) as s:
         s.bind(str(path))
     why = _connect_failure(path, PermissionError(_errno.EACCES, "Permission denied"))
-    assert f"only its owner (root) and members of its group (root) may connect" in why
+    assert "only its owner (root) and members of its group (root) may connect" in why
     assert f"`ls -l {path}`" in why and "add you to the group" in why
     assert "systemctl start" not in _unreachable([why]).message
