@@ -191,8 +191,6 @@ def _envelope_problem(item: Any) -> str | None:
     method = item.get("method")
     if not isinstance(method, str):
         return 'a request must have a "method" string'
-    if _bad_text(method):
-        return 'a request\'s "method" must be valid Unicode (it holds a lone surrogate)'
     if "id" in item:
         ident = item["id"]
         if not (ident is None or isinstance(ident, (str, int)) and not isinstance(ident, bool)):
@@ -304,6 +302,11 @@ class Rpc:
             return _error_bytes(errors.InvalidRequest(problem))
         notification = "id" not in item
         ident = item.get("id")
+        if _bad_text(item["method"]):
+            # no method has such a name: a notification of it is not answered, as for any
+            # unknown method, and a call hears so without the name echoed back
+            return None if notification else _error_bytes(errors.MethodNotFound(
+                "no such method (its name holds a lone surrogate: send valid Unicode)"), ident)
         params = item.get("params", {})
         try:
             if not isinstance(params, dict):

@@ -64,12 +64,13 @@ NOTIFICATIONS = [
     b'{"jsonrpc":"2.0","method":"jobs.submit","params":{"type":"noop","description":"\\ud800"}}',
     b'{"jsonrpc":"2.0","method":"jobs.submit","params":{"type":"noop","metadata":{"x":NaN}}}',
     b'{"jsonrpc":"2.0","method":"ping","params":{"unknown":1}}',
+    b'{"jsonrpc":"2.0","method":"\\ud800"}',
 ]
 
 
 @pytest.mark.parametrize("line", NOTIFICATIONS, ids=[
     "positional", "bad-param", "scalar-params", "unknown-method", "surrogate", "nan",
-    "unknown-param"])
+    "unknown-param", "surrogate-method"])
 def test_a_failing_notification_is_never_answered(jd: Daemon, line: bytes) -> None:
     with Wire(jd.socket) as w:
         w.write(line + b"\n")
@@ -180,15 +181,22 @@ def test_surrogates_and_non_finite_numbers_are_invalid_params_naming_the_field(
 
 @pytest.mark.parametrize("line", [
     b'{"jsonrpc":"2.0","id":"\\ud800","method":"ping"}',
-    b'{"jsonrpc":"2.0","id":1,"method":"\\ud800"}',
     b'{"jsonrpc":"2.0","id":1,"method":"ping","\\ud800":1}',
-], ids=["id", "method", "member"])
+], ids=["id", "member"])
 def test_a_surrogate_in_the_envelope_is_answered_and_the_connection_goes_on(
         jd: Daemon, line: bytes) -> None:
     with Wire(jd.socket) as w:
         answer = w.ask(line)
         assert answer["id"] is None
         error_of(answer, -32600)
+        assert "result" in w.call("ping")
+
+
+def test_a_method_named_with_a_lone_surrogate_is_no_such_method(jd: Daemon) -> None:
+    # a valid Request for a method that cannot exist: -32601, the name not echoed back
+    with Wire(jd.socket) as w:
+        answer = w.ask(b'{"jsonrpc":"2.0","id":7,"method":"\\ud800"}')
+        assert answer["id"] == 7 and "lone surrogate" in error_of(answer, -32601)["message"]
         assert "result" in w.call("ping")
 
 
