@@ -63,6 +63,9 @@ FILTER_KEYS = ("status", "type", "user_id", "project_id", "created_after", "crea
 MAX_BULK = 1000
 #: jobs.list reads its rows in chunks of at most this many, sized to the bytes still free
 _CHUNK_ROWS = 128
+#: the most one stored job's wire JSON can take: its options, metadata and description at
+#: their limits, and room for every other field
+_MAX_JOB_BYTES = MAX_OPTIONS + MAX_METADATA + MAX_DESCRIPTION + 4096
 
 
 #: a client's value as an error message quotes it: short, however big or deep the value
@@ -372,8 +375,10 @@ class Manager:
         fetch = (self._queue_rows(filters) if order == "queue" else
                  lambda before, want: self.store.list_wire(**filters, order=order,
                                                            before=before, limit=want))
-        # rows are read in chunks, so a page that fills its bytes early reads little more
-        chunk = _CHUNK_ROWS
+        # rows are read in chunks, so a page that fills its bytes early reads little more;
+        # the first as many as fit the budget even if every job is as big as one can be
+        # (a small max_response_bytes must not read eight times the page it sends)
+        chunk = max(1, min(_CHUNK_ROWS, budget // _MAX_JOB_BYTES))
         while True:
             want = min(limit + 1 - len(jobs), chunk)
             rows = fetch(before, want)

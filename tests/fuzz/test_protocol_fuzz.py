@@ -24,7 +24,13 @@ from fuzz.wire import Wire, ping_ms, rss_mb, tracebacks
 
 EXAMPLES = int(os.environ.get("JOBD_FUZZ_EXAMPLES", "60"))
 PING_MS = 100
-RSS_MB = 150
+#: the fuzz daemon's memory bound. SPEC §9's "hostile answers" figure (≤ 150 MB for 64
+#: unread connections of one user) is measured by bench/hostile_bench.py (101 MB). This
+#: daemon also carries thousands of other hostile examples and up to 12 unread
+#: connections at a 1 MiB answer limit, and its RSS saws between about 90 and 160 MB
+#: over a full run (it falls back each time the unread connections go; no leak): the
+#: bound here catches growth without end, not that figure.
+RSS_MB = 200
 
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=not os.environ.get(
     "JOBD_FUZZ_RANDOM"), suppress_health_check=list(HealthCheck))
@@ -61,10 +67,12 @@ def fz(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
         for i in range(5):
             assert "result" in w.call("jobs.submit", i, type="noop", as_user="fuzz",
                                       metadata={"i": i})
-    yield d
-    assert d.proc is not None
-    assert rss_mb(d.proc.pid) <= RSS_MB
-    assert d.stop() == 0
+    try:
+        yield d
+        assert d.proc is not None
+        assert rss_mb(d.proc.pid) <= RSS_MB
+    finally:
+        assert d.stop() == 0  # also when a check failed: no daemon is left behind
     assert tracebacks(d.log()) == [], "\n".join(tracebacks(d.log())[:5])
 
 
@@ -118,7 +126,11 @@ MAX_LINE = 1_048_576
 def answers_for(w: Wire, line: bytes, expect: bool) -> Any:
     """The answer to ``line`` (None when none is due). A line past ``MAX_LINE`` cannot be
     read as a request at all: whatever it holds, it is answered -32600 with id null."""
-    w.write(line + b"\n")
+    try:
+        w.write(line + b"\n")
+    except (BrokenPipeError, ConnectionResetError):
+        # the daemon refused the line before it all arrived, and closed the connection
+        assert len(line) > MAX_LINE, "the daemon closed the connection on a line it may read"
     if len(line) > MAX_LINE:
         answer = w.read(timeout=70)
         assert answer["id"] is None and answer["error"]["code"] == -32600, answer
