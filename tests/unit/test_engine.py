@@ -176,6 +176,10 @@ def test_reconfigure_applies_per_user_limits_and_timeouts_to_jobs_not_yet_starte
     first = r.submit(seconds=1.5)
     second = r.submit(seconds=1.5)
     r.wait(first, JobStatus.RUNNING)
+    # its limits are set when its worker takes it up, just after the store says running
+    deadline = time.monotonic() + 5
+    while r.engine.live(first) is None and time.monotonic() < deadline:
+        time.sleep(0.005)
     assert r.get(second).status is JobStatus.QUEUED  # alice's limit
 
     r.engine.reconfigure(config_of(
