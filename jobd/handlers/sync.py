@@ -346,12 +346,11 @@ def _restore(ctx: JobContext, repo: git.Repository, init: dict[str, Any], *,
             # so a path swapped since the check cannot point the unlink elsewhere
             _, git_dir = git.open_git_dir(repo)
             try:
-                os.unlink("index.lock", dir_fd=git_dir)
-                done.append("removed the index.lock left by the stopped git")
-            except FileNotFoundError:
-                pass
+                stale = _remove_locks(git_dir)
             finally:
                 os.close(git_dir)
+            if stale:
+                done.append(f"removed the {', '.join(stale)} left by the stopped git")
         if git.revision(repo, "MERGE_HEAD"):
             git.run(repo, "merge", "--abort", check=False)
             done.append("aborted the merge")
@@ -381,6 +380,21 @@ def _restore(ctx: JobContext, repo: git.Repository, init: dict[str, Any], *,
     if done:
         ctx.joblog.note(f"work tree put back: {'; '.join(done)}")
         ctx.log.info("sync_work_tree_restored", repo=str(repo), revision=old)
+
+
+def _remove_locks(git_dir: int) -> list[str]:
+    """Remove the ``*.lock`` files a stopped git left in the git dir (the index, HEAD,
+    ORIG_HEAD, refs and the rest), all relative to its open descriptor; their names."""
+    removed = []
+    for top, _, files, top_fd in os.fwalk(".", dir_fd=git_dir):
+        if top.startswith(("./objects", "./modules", "./worktrees")):
+            continue  # no lock of this job's there could block the sync
+        for name in files:
+            if name.endswith(".lock"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name, dir_fd=top_fd)
+                    removed.append(os.path.normpath(os.path.join(top, name)))
+    return sorted(removed)
 
 
 def _fetch_progress(ctx: JobContext, low: float = PHASES[Phase.GIT_SYNC][0],
