@@ -192,6 +192,12 @@ def fill(disk: Path) -> Path:
     return filler
 
 
+#: the interpreter for a process run as another uid: the venv's base Python, which lies
+#: outside the checkout (a venv inside a clone under /root is not another uid's to enter);
+#: what it imports of jobd comes from ``readable_jobd``
+OTHER_UID_PYTHON = os.path.realpath(sys.executable)
+
+
 @pytest.fixture(scope="session")
 def readable_jobd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """An environment in which another uid's Python imports this checkout's jobd.

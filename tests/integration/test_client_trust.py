@@ -11,12 +11,13 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Iterator
 
 import pytest
+
+from conftest import OTHER_UID_PYTHON
 
 from jobd import errors
 from jobd.client import Client
@@ -120,7 +121,7 @@ def test_a_daemon_running_as_someone_else_is_skipped(runtime: Path) -> None:
               "s.listen(); print('ready', flush=True); c, _ = s.accept(); c.recv(9999); "
               f"c.sendall({json.dumps(json.dumps(FAKE))}.encode() + b'\\n')")
     child = subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                              sys.executable, "-S", "-c", script, str(sock.fileno())],
+                              OTHER_UID_PYTHON, "-S", "-c", script, str(sock.fileno())],
                              pass_fds=(sock.fileno(),), stdin=subprocess.DEVNULL,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert child.stdout is not None and child.stdout.readline() == "ready\n", child.stderr

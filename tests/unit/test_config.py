@@ -7,13 +7,14 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import textwrap
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
+
+from conftest import OTHER_UID_PYTHON
 
 from jobd import config
 from jobd.config import ConfigError, default_socket_paths, load, parse_duration
@@ -91,7 +92,7 @@ def _load_as_ordinary_user(env: dict[str, str], readable: dict[str, str]) -> dic
                           "config_file": str(c.config_file), "workers": c.execution.workers,
                           "uid": os.getuid()}))
     """)
-    command = [sys.executable, "-c", script, json.dumps(env)]
+    command = [OTHER_UID_PYTHON, "-c", script, json.dumps(env)]
     if os.geteuid() == 0:
         if not shutil.which("setpriv"):
             pytest.skip("setpriv (util-linux) is needed to test an ordinary user's defaults")

@@ -9,7 +9,6 @@ import os
 import shutil
 import sqlite3
 import subprocess
-import sys
 import tempfile
 import textwrap
 import threading
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import OTHER_UID_PYTHON
 from jobd.errors import Conflict, Unavailable
 from jobd.models import Job, JobStatus
 from jobd.store import Corrupt, Store, StoreError, backup, check, recover
@@ -117,7 +117,7 @@ def test_a_directory_without_write_permission_is_a_clear_error(
             """)
             run = subprocess.run(
                 ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                 sys.executable, "-c", child],
+                 OTHER_UID_PYTHON, "-c", child],
                 capture_output=True, text=True, timeout=60, cwd="/",
                 env={**os.environ, **readable_jobd})
             assert run.returncode == 3, run.stderr
