@@ -26,7 +26,7 @@ from typing import Any, Callable
 import structlog
 
 from jobd import __version__
-from jobd import logs, process
+from jobd import joblogs, logs
 from jobd.config import Config, ConfigError, ConfigState
 from jobd.engine import Engine
 from jobd.handlers import load_handlers
@@ -129,9 +129,8 @@ async def _serve(config: Config, reload: Callable[[], Config]) -> int:
 
     def deleted(job_ids: list[str]) -> None:
         """Jobs the store forgot (retention, max_stored_per_user): their logs go too."""
-        if engine is not None:
-            for job_id in job_ids:
-                process.remove_log(engine.log_path(job_id))
+        for job_id in job_ids:
+            joblogs.delete(joblogs.path(config.log_dir, job_id))
 
     store = Store(config.db, synchronous=config.storage.synchronous,
                   max_stored_per_user=config.execution.max_stored_per_user,

@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 import structlog
 
-from jobd import process
+from jobd import joblogs, orphans, process
 from jobd.config import Config
 from jobd.dispatch import Dispatcher, Entry
 from jobd.errors import Conflict, NotFound, Unavailable
@@ -78,7 +78,7 @@ class Context:
         self.job = job
         self.config = engine.config
         self.log = log.bind(job_id=job.id, user_id=job.user_id, type=job.type)
-        self.joblog = process.JobLog(engine.log_path(job.id), engine.config.execution.max_log_bytes)
+        self.joblog = joblogs.JobLog(engine.log_path(job.id), engine.config.execution.max_log_bytes)
         self.stop_event = threading.Event()
         self.reason: str | None = None  #: cancel, timeout or shutdown: what stopped it first
         self.cancel_asked = False  #: a cancel came, whatever else stopped it
@@ -206,8 +206,9 @@ class Context:
             raise JobFailed(f"the job's supervisor was {what} ({_exit_text(done.returncode)}); "
                             "its processes were killed")
         if check and done.returncode != 0:
+            last = joblogs.tail(self.joblog.path)
             raise JobFailed(f"{Path(argv[0]).name} exited with {_exit_text(done.returncode)}"
-                            + (f": {_last_line(self.joblog)}" if _last_line(self.joblog) else ""))
+                            + (f": {last}" if last else ""))
         return done
 
     def _record_process(self, pgid: int, start: int) -> None:
@@ -246,20 +247,6 @@ def _exit_text(code: int) -> str:
     return f"signal {-code}" if code < 0 else f"status {code}"
 
 
-def _last_line(joblog: process.JobLog) -> str:
-    """The process's last output line (not one of jobd's own notes), for an error message."""
-    try:
-        with open(joblog.path, "rb") as f:
-            f.seek(0, 2)
-            f.seek(max(0, f.tell() - 4096))
-            tail = f.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
-    lines = [ln.strip() for ln in tail.replace("\r", "\n").split("\n")]
-    lines = [ln for ln in lines if ln and not process.is_note(ln)]
-    return lines[-1][:300] if lines else ""
-
-
 def _duration(seconds: float) -> str:
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size and seconds % size == 0:
@@ -284,14 +271,14 @@ def story(events: list[dict[str, Any]]) -> bytes:
         status, message, at = event["status"], event["message"], event["at"]
         if status == "running" and before != "running":
             attempt += 1
-            out.append(process.note_lines(f"attempt {attempt} started", at))
+            out.append(joblogs.note_lines(f"attempt {attempt} started", at))
         elif status == "running" and message == "cancel requested":
-            out.append(process.note_lines(f"cancelled by {event['actor']}", at))
+            out.append(joblogs.note_lines(f"cancelled by {event['actor']}", at))
         elif status in ("completed", "failed", "cancelled") or (
                 status == "queued" and before == "running"):
             if status == "cancelled" and before == "queued":
                 message = f"cancelled by {event['actor']} while queued"
-            out.append(process.note_lines(end_story(status, message), at))
+            out.append(joblogs.note_lines(end_story(status, message), at))
         before = status
     return b"".join(out)
 
@@ -319,7 +306,7 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="jobd-dispatch", daemon=True)
 
     def log_path(self, job_id: str) -> Path:
-        return self.config.log_dir / f"{job_id}.log"
+        return joblogs.path(self.config.log_dir, job_id)
 
     def reconfigure(self, config: Config) -> None:
         """Use ``config`` for every decision from now on (SIGHUP): limits, timeouts and
@@ -355,13 +342,13 @@ class Engine:
     def recover(self) -> None:
         """Jobs still ``running`` belong to a daemon that died: kill what they left, requeue."""
         for job_id, pgid, start in self.store.processes():
-            killed = process.kill_orphan_group(pgid, start)
+            killed = orphans.kill_orphan_group(pgid, start)
             if killed:
                 log.warning("orphan_processes_killed", job_id=job_id, pgid=pgid, count=killed)
         max_recoveries = self.config.execution.max_recoveries
         for job in self.store.running_jobs():
             # what the recorded group missed: started just before the crash, or moved out
-            process.kill_marked(job.id)
+            orphans.kill_marked(job.id)
             handler = self.handlers.get(job.type)
             bound = log.bind(job_id=job.id, user_id=job.user_id, type=job.type)
             if job.cancel_requested:
@@ -432,7 +419,7 @@ class Engine:
             while not self._stopping and (entry := self.dispatcher.take()) is not None:
                 with self._lock:  # reconfigure may swap the pool
                     self._pool.submit(self._run, entry)
-            process.sweep_orphans()  # what a job whose supervisor died left behind
+            orphans.sweep_orphans()  # what a job whose supervisor died left behind
             for ctx in list(self._contexts.values()):
                 if ctx.finishing:
                     continue  # its end is decided: a deadline passing now changes nothing

@@ -20,7 +20,7 @@ from typing import Any
 
 import structlog
 
-from jobd import __version__, process
+from jobd import __version__, joblogs
 from jobd.auth import Scope, check_id
 from jobd.config import Config, ConfigState
 from jobd.engine import Engine, story
@@ -473,10 +473,10 @@ class Manager:
         if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset <= high:
             raise InvalidParams(f"offset must be a byte offset from 0 to {high} (2**63 - 1 "
                                 f"less limit_bytes; got {_shown(offset)})", field="offset")
-        path = self.engine.log_path(job.id)
+        path = joblogs.path(self.config.log_dir, job.id)
         if path.exists():
-            data, next_offset = process.read_log(path, offset, limit_bytes)
-            more = job.terminal and bool(process.read_log(path, next_offset, 1)[0])
+            data, next_offset = joblogs.read(path, offset, limit_bytes)
+            more = job.terminal and bool(joblogs.read(path, next_offset, 1)[0])
         else:
             # a job that never ran a program has no log: its story is told from its events,
             # byte for byte as a log would begin (so offsets hold if a log appears later)

@@ -20,7 +20,8 @@ is its process group, and its start time in clock ticks since boot), ``error ERR
 (the program could not be started), ``killed N`` (the grace passed: N processes got
 SIGKILL), ``exit CODE`` (negative: killed by that signal).
 
-jobd imports ``stat`` and ``descendants`` from here, so /proc is parsed in one place.
+jobd imports ``stat`` and ``descendants`` from here, so /proc is parsed in one place,
+and ``SCRIPT``, by which it starts the supervisor and tells its processes after a crash.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ import signal
 import sys
 import time
 
+#: this script, as jobd runs it (``jobd.process``) and finds it in /proc (``jobd.orphans``)
+SCRIPT = __file__
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
 #: how long killed descendants may take to be reaped before the supervisor gives up on them

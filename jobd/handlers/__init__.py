@@ -19,7 +19,8 @@ from jobd import errors
 if TYPE_CHECKING:
     from jobd.config import Config
     from jobd.models import Job
-    from jobd.process import Completed, JobLog
+    from jobd.joblogs import JobLog
+    from jobd.process import Completed
 
 __all__ = ["ENTRY_POINT_GROUP", "Cancelled", "Handler", "JobContext", "JobFailed",
            "load_handlers", "progress_between", "reject_unknown"]

@@ -8,7 +8,8 @@ import signal
 from pathlib import Path
 from typing import Any, Callable
 
-from jobd.process import SUPERVISOR, is_note
+from jobd.joblogs import is_note
+from jobd.supervise import SCRIPT as SUPERVISOR
 
 from conftest import (FAST_CONFIG, Daemon, clone, commit_files, error_of, git, group_alive,
                       joblog, make_upstream, pid_alive, result_of, wait_for, wait_terminal)
@@ -63,7 +64,7 @@ def supervisors(d: Daemon) -> list[int]:
         except OSError:
             continue
         ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
-        if ppid == d.proc.pid and bytes(SUPERVISOR) in cmdline:
+        if ppid == d.proc.pid and os.fsencode(SUPERVISOR) in cmdline:
             found.append(int(entry.name))
     return found
 

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import structlog
 
-from jobd import process
+from jobd import joblogs, process
 from jobd.config import Config
 from jobd.handlers import Cancelled, JobFailed
 from jobd.models import Job, JobStatus
@@ -47,7 +47,7 @@ class Context:
         self.job = job
         self.config = config
         self.log = structlog.get_logger().bind(job_id=job.id, user_id=job.user_id)
-        self.joblog = process.JobLog(config.log_dir / f"{job.id}.log",
+        self.joblog = joblogs.JobLog(joblogs.path(config.log_dir, job.id),
                                      config.execution.max_log_bytes)
         self.stop = threading.Event()
         self.deadline = time.monotonic() + timeout
