@@ -189,15 +189,17 @@ def test_tail_is_the_last_line_a_program_printed_not_a_jobd_note(tmp_path, log):
 
 @pytest.mark.parametrize("cap", [1 << 30, 100_000])
 def test_a_chatty_program_s_log_is_exactly_what_it_printed(tmp_path, cap):
-    """A line per write, flushed each time: each read of the pipe reaches the log in one
-    write, nothing lost, reordered or doubled; with a cap, the log is the end of it all
-    and offsets count everything."""
+    """Half a line per write, flushed each time: what each read of the pipe completes
+    reaches the log in one write, nothing lost, reordered or doubled; with a cap, the log
+    is the end of it all and offsets count everything."""
     child = tmp_path / "chatty.py"
     child.write_text(
         "import sys\n"
         "for i in range(20000):\n"
-        "    sys.stdout.buffer.write(b'line %05d %s\\n' % (i, b'x' * (i % 37)))\n"
-        "    sys.stdout.flush()\n")
+        "    line = b'line %05d %s\\n' % (i, b'x' * (i % 37))\n"
+        "    for part in (line[:7], line[7:]):\n"
+        "        sys.stdout.buffer.write(part)\n"
+        "        sys.stdout.flush()\n")
     printed = b"".join(b"line %05d %s\n" % (i, b"x" * (i % 37)) for i in range(20000))
     log = JobLog(tmp_path / "chatty.log", cap)
     done = run([sys.executable, str(child)], cwd=None, env=None, log=log,
