@@ -6,8 +6,9 @@ jobd's own story lines (``[jobd <time>] ...``, SPEC §5). It is capped at
 that was ever written, the dropped count kept in ``<log>.base``. Trimming rewrites the
 log through ``<log>.tmp`` and ``<log>.base.tmp``, which an interrupted trim can leave
 behind: ``delete`` removes all four. ``JobLog`` writes, ``read`` pages through,
-``tail`` gives the last line a program printed, ``delete`` forgets; nothing else in
-jobd builds a log's path or opens a log file.
+``end`` and ``since`` give what one command added (a failed git's error line), ``tail``
+the last line a program printed, ``delete`` forgets; nothing else in jobd builds a log's
+path or opens a log file.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import structlog
 
 from jobd.models import NOTE_MARK, is_note  # is_note: the rule clients share lives in models
 
-__all__ = ["JobLog", "Stream", "delete", "is_note", "note_lines", "path", "read", "tail"]
+__all__ = ["JobLog", "Stream", "delete", "end", "is_note", "note_lines", "path", "read",
+           "since", "tail"]
 
 _log = structlog.get_logger()
 
@@ -266,6 +268,22 @@ def read(log: Path, offset: int, limit: int) -> tuple[bytes, int]:
     finally:
         os.close(fd)
     return data, start + len(data)
+
+
+def end(log: Path) -> int:
+    """The absolute offset of the log's end: how many bytes were ever written to it."""
+    log = Path(log)
+    with _SWAP:
+        try:
+            return _read_base(log) + os.stat(log).st_size
+        except FileNotFoundError:
+            return 0
+
+
+def since(log: Path, offset: int, limit: int) -> bytes:
+    """What was written at or after absolute ``offset`` (``end`` before it was written):
+    its last ``limit`` bytes, or what is kept of it if the log was cut back meanwhile."""
+    return read(log, max(offset, end(log) - limit), limit)[0]
 
 
 def tail(log: Path) -> str:

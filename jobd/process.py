@@ -4,10 +4,10 @@ Every program a job runs starts under its own small supervisor process
 (``jobd.supervise``), in a session and process group of its own. The supervisor is a
 child subreaper: whatever the program spawns stays its descendant, however it
 detaches, and is killed and reaped when the program ends, is cancelled or times out,
-or when jobd dies (SPEC §5: no child outlives its job). ``run`` reads the program's
-stdout and stderr into the job's log (``jobd.joblogs``) and every output line, and the
-progress pipe, for progress (``jobd.progress``). If the supervisor itself dies, what it
-held is killed here at once (``jobd.orphans``, which also owns the forensics after a
+or when jobd dies (SPEC §5: no child outlives its job). ``run`` writes the program's
+stdout and stderr to the job's log (``jobd.joblogs``) and reads progress from each line
+of them and of the progress pipe (``jobd.progress``). If the supervisor itself dies,
+what it held is killed at once (``jobd.orphans``, which also owns the forensics after a
 daemon crash).
 """
 
@@ -58,15 +58,11 @@ class Completed:
     supervisor_died: bool = False
 
 
-
-
 def _signal_group(pgid: int, sig: int) -> None:
     try:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
         pass
-
-
 
 
 class _Child:

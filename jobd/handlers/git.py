@@ -32,7 +32,7 @@ import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from jobd import errors
+from jobd import errors, joblogs
 from jobd.handlers import JobFailed
 from jobd.models import is_note, readable
 
@@ -148,12 +148,12 @@ def run_in_job(ctx: JobContext, repo: Repository | None, *args: str,
 
     A failure raises GitError quoting git's own error line from the job's log.
     """
-    start = _log_size(ctx.joblog.path)
+    start = joblogs.end(ctx.joblog.path)
     done = ctx.run(argv(repo, *args, config=config), cwd=repo.cwd if repo is not None else cwd,
                    env=ENV, on_progress=on_progress, check=False)
     if check and done.returncode != 0:
         raise GitError(f"git {args[0]} exited with {_status(done.returncode)}: "
-                       f"{error_line(_log_since(ctx.joblog.path, start))}")
+                       f"{error_line(joblogs.since(ctx.joblog.path, start, _TAIL_BYTES))}")
     return done
 
 
@@ -190,25 +190,6 @@ def error_line(data: bytes) -> str:
 
 def _status(code: int) -> str:
     return f"signal {-code}" if code < 0 else f"status {code}"
-
-
-def _log_size(path: Path) -> int:
-    try:
-        return os.stat(path).st_size
-    except FileNotFoundError:
-        return 0
-
-
-def _log_since(path: Path, start: int) -> bytes:
-    """What the job's log gained since it was ``start`` bytes long (at most its tail; all
-    of the tail if the log was cut back meanwhile)."""
-    try:
-        with open(path, "rb") as f:
-            size = f.seek(0, os.SEEK_END)
-            f.seek(max(start if start <= size else 0, size - _TAIL_BYTES))
-            return f.read()
-    except FileNotFoundError:
-        return b""
 
 
 def branch_problem(branch: object) -> str | None:

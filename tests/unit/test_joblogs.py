@@ -213,3 +213,19 @@ def test_a_chatty_program_s_log_is_exactly_what_it_printed(tmp_path, cap):
     else:
         assert printed.endswith(data) and len(data) <= cap
         assert data.startswith(b"line ")  # the kept part opens on a line
+
+
+def test_since_is_what_was_written_after_an_offset_even_across_a_trim(tmp_path):
+    log = JobLog(tmp_path / "job.log", 100)
+    assert joblogs.end(log.path) == 0  # no file yet
+    log.write(b"a" * 59 + b"\n")
+    start = joblogs.end(log.path)
+    assert start == 60
+    log.write(b"fatal: one\n")
+    assert joblogs.since(log.path, start, 1000) == b"fatal: one\n"
+    log.write(b"b" * 79 + b"\n")  # past the cap: the log is cut back to its end
+    assert joblogs.end(log.path) == 60 + 11 + 80
+    # the offset fell in the dropped part: what is kept of the output since
+    assert joblogs.since(log.path, start, 1000) == b"b" * 74 + b"\n"
+    assert joblogs.since(log.path, start, 10) == b"b" * 9 + b"\n"  # its last bytes
+    log.close()
