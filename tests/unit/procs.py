@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Callable
 
 
-def _stat(pid: int) -> tuple[str, int] | None:
+def state_and_group(pid: int) -> tuple[str, int] | None:
+    """(state, process group) of a process from /proc, None if it is gone."""
     try:
         raw = Path(f"/proc/{pid}/stat").read_bytes()
     except FileNotFoundError:
@@ -21,14 +22,14 @@ def group(pgid: int, *, zombies: bool = True) -> list[int]:
     """Every process in /proc whose process group is ``pgid``."""
     found = []
     for name in os.listdir("/proc"):
-        if name.isdigit() and (stat := _stat(int(name))) and stat[1] == pgid:
+        if name.isdigit() and (stat := state_and_group(int(name))) and stat[1] == pgid:
             if zombies or stat[0] != "Z":
                 found.append(int(name))
     return found
 
 
 def alive(pid: int) -> bool:
-    stat = _stat(pid)
+    stat = state_and_group(pid)
     return stat is not None and stat[0] != "Z"
 
 

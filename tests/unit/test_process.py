@@ -14,7 +14,7 @@ import pytest
 from jobd.joblogs import JobLog, read
 from jobd.orphans import process_start_time
 from jobd.process import run
-from procs import _stat, alive, group, wait_for
+from procs import alive, group, state_and_group, wait_for
 
 PY = sys.executable
 
@@ -200,7 +200,7 @@ def test_setsid_grandchildren_die_when_the_program_exits(tmp_path, log):
     assert done.returncode == 0
     escaped = _pids(pids, 2)
     assert not any(alive(pid) for pid in escaped)
-    assert all(_stat(pid) is None for pid in escaped)  # reaped too, not left as zombies
+    assert all(state_and_group(pid) is None for pid in escaped)  # reaped too, not left as zombies
 
 
 def test_cancel_stops_setsid_grandchildren_quickly(tmp_path, log):
