@@ -207,8 +207,9 @@ class JobLog:
             return
         self._ensure_open()
         if self._story:
-            story, self._story = b"".join(self._story), []
-            self._append(story, own_line=True)
+            # the held story goes out in the same write as what made the log (story lines
+            # end their line, so what follows them starts one)
+            data, self._story, own_line = b"".join(self._story) + data, [], True
         if own_line and not self._at_line_start:
             data = b"\n" + data
         assert self._fd is not None
