@@ -27,7 +27,7 @@ __all__ = ["JobLog", "Stream", "delete", "end", "is_note", "note_lines", "path",
 
 _log = structlog.get_logger()
 
-#: an unfinished output line is held back for redraws (``\r``) at most this long
+#: an unfinished output line is held back for redraws (carriage returns) at most this long
 _MAX_HELD = 16384
 #: how much of a log's end ``tail`` reads for the last output line
 _TAIL_BYTES = 4096
@@ -73,7 +73,7 @@ def note_lines(text: str, at_us: int | None = None) -> bytes:
 
 
 def _last_state(line: bytes, keep_trailing: bool = False) -> bytes:
-    """What a terminal shows of ``line`` after its ``\r`` redraws: the last non-empty
+    r"""What a terminal shows of ``line`` after its ``\r`` redraws: the last non-empty
     state (with ``keep_trailing``, a final ``\r`` is kept: the next write redraws)."""
     if b"\r" not in line:
         return line
@@ -84,7 +84,7 @@ def _last_state(line: bytes, keep_trailing: bool = False) -> bytes:
 
 
 class Stream:
-    """One output stream of a program (its stdout, its stderr) going into a job's log.
+    r"""One output stream of a program (its stdout, its stderr) going into a job's log.
 
     Keeps only the last state of each ``\r`` run, as a terminal would show it: git
     redraws its progress with ``\r``, and the log keeps the line, not every redraw. A
@@ -102,8 +102,8 @@ class Stream:
 
     def write(self, data: bytes) -> None:
         text = self.held + data
-        end = text.rfind(b"\n") + 1
-        done, self.held = text[:end], text[end:]
+        cut = text.rfind(b"\n") + 1
+        done, self.held = text[:cut], text[cut:]
         if b"\r" in done:
             done = b"".join(_last_state(line) + b"\n" for line in done.split(b"\n")[:-1])
         self.held = _last_state(self.held, keep_trailing=True)
