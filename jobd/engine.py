@@ -32,10 +32,10 @@ import structlog
 from jobd import joblogs, orphans, process
 from jobd.config import Config
 from jobd.dispatch import Dispatcher, Entry
-from jobd.errors import Conflict, NotFound, Unavailable
 from jobd.handlers import Cancelled, Handler, JobFailed
 from jobd.models import Job, JobStatus, readable
-from jobd.store import Store
+from jobd.store import JobNotFound, StateConflict, StorageUnavailable
+from jobd.store.interface import JobStore
 
 __all__ = ["Context", "Engine", "Live"]
 
@@ -214,7 +214,7 @@ class Context:
     def _record_process(self, pgid: int, start: int) -> None:
         try:
             self.engine.store.set_process(self.job.id, pgid, start)
-        except Unavailable as e:
+        except StorageUnavailable as e:
             # only restart recovery needs it, and the job's mark and supervisor cover that
             self.log.warning("job_process_unrecorded", pgid=pgid, error=str(e))
 
@@ -286,7 +286,7 @@ def story(events: list[dict[str, Any]]) -> bytes:
 class Engine:
     """Runs queued jobs on ``config.execution.workers`` threads."""
 
-    def __init__(self, config: Config, store: Store, handlers: dict[str, Handler],
+    def __init__(self, config: Config, store: JobStore, handlers: dict[str, Handler],
                  notify: Callable[[str], None] = lambda job_id: None) -> None:
         self.config = config
         self.store = store
@@ -352,21 +352,20 @@ class Engine:
             handler = self.handlers.get(job.type)
             bound = log.bind(job_id=job.id, user_id=job.user_id, type=job.type)
             if job.cancel_requested:
-                self.store.transition(job.id, JobStatus.CANCELLED, actor="jobd",
+                self.store.finish_job(job.id, JobStatus.CANCELLED,
                                       message="cancelled (the daemon restarted while stopping)")
                 bound.info("job_cancelled", reason="restart")
             elif handler is None or not handler.resumable:
-                self.store.transition(job.id, JobStatus.FAILED, actor="jobd",
+                self.store.finish_job(job.id, JobStatus.FAILED,
                                       error="interrupted by daemon restart")
                 bound.warning("job_failed", reason="interrupted by daemon restart")
             elif job.recoveries + 1 >= max_recoveries:
                 error = (f"interrupted by {job.recoveries + 1} daemon restarts; gave up "
                          f"(max_recoveries = {max_recoveries})")
-                self.store.transition(job.id, JobStatus.FAILED, actor="jobd", error=error)
+                self.store.finish_job(job.id, JobStatus.FAILED, error=error)
                 bound.warning("job_failed", reason=error)
             else:
-                self.store.transition(job.id, JobStatus.QUEUED, actor="jobd", recovered=True,
-                                      message="recovered after restart")
+                self.store.requeue_job(job.id, reason="recovered after restart", recovered=True)
                 bound.info("job_recovered", phase=job.phase)
 
     def stop(self) -> None:
@@ -430,8 +429,8 @@ class Engine:
 
     def _run(self, entry: Entry) -> None:
         try:
-            job = self.store.transition(entry.id, JobStatus.RUNNING, actor="jobd")
-        except Conflict:  # cancelled between take and start
+            job = self.store.start_job(entry.id)
+        except StateConflict:  # cancelled between take and start
             self.dispatcher.finish(entry.id)
             self._kick.set()
             return
@@ -535,15 +534,16 @@ class Engine:
                 ctx.ended = told
                 ctx.joblog.story(told)
             try:
-                return self.store.transition(ctx.job.id, end, actor="jobd",
-                                             expect=[JobStatus.RUNNING], **kw)
-            except (Conflict, NotFound) as e:
+                if end is JobStatus.QUEUED:
+                    return self.store.requeue_job(ctx.job.id, reason=kw["message"])
+                return self.store.finish_job(ctx.job.id, end, **kw)
+            except (StateConflict, JobNotFound) as e:
                 ctx.log.warning("job_end_unrecorded", end=str(end), error=str(e))
                 return None
             except Exception as e:
                 if self._stopping:
                     raise
-                if isinstance(e, Unavailable):
+                if isinstance(e, StorageUnavailable):
                     ctx.log.warning("job_end_pending", end=str(end), error=str(e),
                                     retry_in_s=delay)
                     if delay == RETRY_S:

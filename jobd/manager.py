@@ -24,12 +24,15 @@ from jobd import __version__, joblogs
 from jobd.auth import Scope, check_id
 from jobd.config import Config, ConfigState
 from jobd.engine import Engine, story
-from jobd.errors import Conflict, Forbidden, InvalidParams, Unavailable
+from jobd.errors import Conflict, Forbidden, InvalidParams, JobdError, NotFound, Unavailable
 from jobd.handlers import Handler
 from jobd.models import TERMINAL, Job, JobStatus, RawJSON, Role, from_iso, iso
-from jobd.store import Store
+from jobd.rules import Rules
+from jobd.store import (DuplicateId, JobNotFound, StateConflict, StorageUnavailable,
+                        StoreError)
+from jobd.store.interface import JobStore
 
-__all__ = ["Hub", "Manager"]
+__all__ = ["Hub", "Manager", "jobd_error"]
 
 log = structlog.get_logger()
 
@@ -244,7 +247,7 @@ class Hub:
 
 
 class Manager:
-    def __init__(self, config: Config, store: Store, engine: Engine,
+    def __init__(self, config: Config, store: JobStore, engine: Engine,
                  handlers: dict[str, Handler], hub: Hub | None = None,
                  config_state: ConfigState | None = None) -> None:
         self.config = config
@@ -266,6 +269,11 @@ class Manager:
         reason = self.store.get_meta(_MAINTENANCE_KEY)
         self.maintenance_on, self.maintenance_reason = reason is not None, reason or None
         return self.store.get_meta(_PAUSED_KEY) == "1"
+
+    def _rules(self) -> Rules:
+        """The rules a submit or retry passes now (the config and maintenance in force)."""
+        return Rules.of(self.config, refusal=self._refusal(),
+                        exclusive=[n for n, h in self.handlers.items() if h.exclusive])
 
     def _refusal(self) -> Unavailable | None:
         """What a submit or retry gets while maintenance is on."""
@@ -510,11 +518,8 @@ class Manager:
             draft = await asyncio.to_thread(self._draft, scope, handler, **params)
         else:
             draft = self._draft(scope, handler, **params)
-        ex = self.config.execution
         job, deduplicated = await asyncio.wrap_future(self.store.submit_job_async(
-            draft, actor=scope.actor, dedupe=handler.exclusive,
-            max_queued_per_user=ex.max_queued_per_user, max_queued_total=ex.max_queued_total,
-            refuse_new=self._refusal()))
+            draft, actor=scope.actor, rules=self._rules()))
         if not deduplicated:
             log.info("job_submitted", job_id=job.id, user_id=job.user_id, type=job.type,
                      project_id=job.project_id, actor=scope.actor)
@@ -620,9 +625,14 @@ class Manager:
         """
         one, filters = self._selection(scope, "jobs.cancel", job_id, filter, dry_run)
         try:
-            jobs, more = self.store.cancel_jobs(actor=scope.actor, limit=MAX_BULK,
-                                                dry_run=dry_run, **filters)
-        except Unavailable:
+            if one is None:
+                jobs, more = self.store.cancel_jobs(actor=scope.actor, limit=MAX_BULK,
+                                                    dry_run=dry_run, **filters)
+            else:
+                jobs, more = [self.store.cancel_job(one.id, actor=scope.actor)], False
+        except StateConflict:
+            jobs, more = [], False  # cancelled or stopping already: answered below
+        except StorageUnavailable:
             if one is None or one.status is not JobStatus.RUNNING:
                 raise
             # storage full or read-only: the engine still stops the job, and records it
@@ -664,17 +674,21 @@ class Manager:
             if one.status not in retryable:
                 raise Conflict(f"job {one.id} is {one.status}; only failed or cancelled jobs "
                                f"can be retried", detail={"status": str(one.status)})
-        jobs, more = self.store.retry_jobs(
-            actor=scope.actor, limit=MAX_BULK, dry_run=dry_run, exclude_types=denied,
-            max_queued_per_user=self.config.execution.max_queued_per_user, **filters)
+        if one is None:
+            jobs, more = self.store.retry_jobs(actor=scope.actor, limit=MAX_BULK,
+                                               rules=self._rules(), dry_run=dry_run,
+                                               exclude_types=denied, **filters)
+        else:
+            try:
+                jobs, more = [self.store.retry_job(one.id, actor=scope.actor,
+                                                   rules=self._rules())], False
+            except StateConflict as e:  # it changed meanwhile
+                raise Conflict(f"job {one.id} is {e.status}; only failed or cancelled jobs "
+                               f"can be retried", detail={"status": e.status}) from None
         for job in jobs if not dry_run else ():
             log.info("job_retried", job_id=job.id, actor=scope.actor)
         if one is None:
             return self._touched(jobs, more, dry_run)
-        if not jobs:  # it changed meanwhile
-            job = self.store.get_job(one.id)
-            raise Conflict(f"job {job.id} is {job.status}; only failed or cancelled jobs can "
-                           f"be retried", detail={"status": str(job.status)})
         return self._view(jobs[0])
 
     # -- admin ---------------------------------------------------------------------------
@@ -769,3 +783,16 @@ class Manager:
 
     def uptime_s(self) -> float:
         return round(time.monotonic() - self.started, 3)
+
+
+def jobd_error(e: StoreError) -> JobdError:
+    """The one place a store error becomes what the client hears."""
+    if isinstance(e, JobNotFound):
+        return NotFound(str(e), field="job_id")
+    if isinstance(e, StateConflict):
+        return Conflict(str(e), detail={"status": e.status})
+    if isinstance(e, DuplicateId):
+        return Conflict(str(e), field="id")
+    if isinstance(e, StorageUnavailable):
+        return Unavailable(str(e))
+    return Unavailable(f"storage unusable: {e}")

@@ -34,7 +34,8 @@ from jsonrpcserver.response import to_serializable_one
 from jobd import auth, errors
 from jobd.auth import Caller
 from jobd.models import RawJSON
-from jobd.manager import Manager
+from jobd.manager import Manager, jobd_error
+from jobd.store import StoreError
 from jobd.server import Connection
 
 __all__ = ["MAX_DEPTH", "Rpc", "error_line"]
@@ -411,6 +412,9 @@ def _answer(method: Callable[..., Awaitable[Any]], signature_of: Callable[..., A
             return Success(await method(caller, **params))
         except errors.JobdError as e:
             return Error(e.code, e.message, e.data())
+        except StoreError as e:
+            err = jobd_error(e)
+            return Error(err.code, err.message, err.data())
         except Exception:
             log.exception("rpc_method_crashed", method=getattr(signature_of, "__name__", "?"))
             crash = errors.InternalError()  # the client gets no traceback

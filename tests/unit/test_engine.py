@@ -221,11 +221,11 @@ class Refusing(Store):
     refuse: set[str] = set()
     refusals = 0
 
-    def transition(self, job_id: str, to: JobStatus, **kw: Any) -> Job:
-        if job_id in self.refuse and to in TERMINAL and self.refusals > 0:
+    def finish_job(self, job_id: str, status: JobStatus, **kw: Any) -> Job:
+        if job_id in self.refuse and self.refusals > 0:
             type(self).refusals -= 1
-            raise ValueError(f"refused {to} for {job_id}")
-        return super().transition(job_id, to, **kw)
+            raise ValueError(f"refused {status} for {job_id}")
+        return super().finish_job(job_id, status, **kw)
 
 
 def test_an_end_refused_twice_is_retried_until_it_is_recorded(rig: Callable[..., Rig]) -> None:
