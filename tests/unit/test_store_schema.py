@@ -15,7 +15,7 @@ from jobd.rules import Rules
 from jobd.store import Store
 from jobd.store.sql import MIGRATIONS
 
-from test_store import T0, Clock, move, new_job, raw, submit
+from test_store import T0, Clock, new_job, raw, submit
 
 FIXTURE = Path(__file__).parent / "fixtures" / "store_v4.sql"
 #: the fixture's jobs by the state it left them in (see its header)

@@ -12,7 +12,6 @@ from typing import Any, Iterator
 import pytest
 
 from conftest import fill
-from jobd.errors import LimitExceeded
 from jobd.models import JobStatus
 from jobd.rules import Rules
 from jobd.store import (Corrupt, DuplicateId, ReadOnly, StateConflict, StorageFull,
