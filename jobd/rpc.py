@@ -34,6 +34,7 @@ from jsonrpcserver.response import to_serializable_one
 from jobd import auth, errors
 from jobd.auth import Caller
 from jobd.models import RawJSON
+from jobd.params import flag
 from jobd.manager import Manager
 from jobd.server import Connection
 
@@ -377,8 +378,7 @@ class Rpc:
 
         async def cancel(scope: auth.Scope, job_id: Any = None, wait: Any = False,
                          filter: Any = None, dry_run: Any = False) -> Any:
-            if not isinstance(wait, bool):
-                raise errors.InvalidParams("wait must be true or false", field="wait")
+            flag(wait, "wait")
             if wait and filter is not None:
                 raise errors.InvalidParams("wait goes with job_id; after a filtered cancel, "
                                            "wait on each job it answered", field="wait")
