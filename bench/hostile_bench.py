@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import Conn, Jobd, pct, request, rss_mb, workdir  # noqa: E402
+from _harness import Conn, Jobd, machine, pct, request, rss_mb, workdir  # noqa: E402
 
 CONFIG = """
 [execution]
@@ -59,6 +59,7 @@ def main() -> int:
 
     root = workdir(args.keep)
     daemon = Jobd(root, CONFIG)
+    load = machine()
     try:
         daemon.start()
         conn = daemon.connect()
@@ -85,7 +86,8 @@ def main() -> int:
             s.close()
         time.sleep(1.0)
         end = rss_mb(daemon.pid)
-        print()
+        print(f"\nhostile_bench: {args.connections} connections x {args.batch} jobs.list of "
+              f"{args.jobs} jobs; {load}")
         print(f"{'':28}{'p50':>9}{'p99':>9}{'max':>9}   n")
         for name, values in (("ping, idle daemon (ref)", idle), ("ping, under hostile load", loaded)):
             print(f"{name:28}{pct(values, 50):8.2f}ms{pct(values, 99):7.2f}ms"

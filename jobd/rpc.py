@@ -35,6 +35,7 @@ from jobd import auth, errors
 from jobd.auth import Caller
 from jobd.models import RawJSON
 from jobd.manager import Manager, jobd_error
+from jobd.params import flag
 from jobd.store import StoreError
 from jobd.server import Connection
 
@@ -378,8 +379,7 @@ class Rpc:
 
         async def cancel(scope: auth.Scope, job_id: Any = None, wait: Any = False,
                          filter: Any = None, dry_run: Any = False) -> Any:
-            if not isinstance(wait, bool):
-                raise errors.InvalidParams("wait must be true or false", field="wait")
+            flag(wait, "wait")
             if wait and filter is not None:
                 raise errors.InvalidParams("wait goes with job_id; after a filtered cancel, "
                                            "wait on each job it answered", field="wait")

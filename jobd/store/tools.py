@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from jobd.store.errors import StoreError
+from jobd.store.sql import QUERIES
 from jobd.store.sqlite import SqliteStore
 
 __all__ = ["backup", "check", "recover"]
@@ -115,7 +116,7 @@ def recover(path: Path) -> dict[str, Any]:
         before = totals.get(table)
         if isinstance(before, int):
             lost[table] = before - saved[table]
-    dst.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('clean', '1')")
+    dst.execute(QUERIES["set_meta"], {"key": "clean", "value": "1"})
     dst.close()
     aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}")
     for suffix in ("", "-wal", "-shm"):

@@ -17,7 +17,7 @@ from conftest import fill, wait_for
 from jobd.config import Config, load
 from jobd.engine import Engine
 from jobd.handlers import Handler, JobContext, JobFailed, load_handlers
-from jobd.models import TERMINAL, Job, JobStatus
+from jobd.models import Job, JobStatus
 from jobd.store import Listeners, Store
 
 

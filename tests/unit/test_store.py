@@ -4,7 +4,6 @@ listing and paging, submit rules, cleanup, the clean-shutdown marker and the ind
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import re
 import sqlite3
