@@ -14,6 +14,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import os
 import queue
 import sqlite3
 import threading
@@ -26,7 +27,7 @@ import structlog
 from jobd.store.errors import StoreError, from_sqlite
 from jobd.store.sql import MIGRATIONS, QUERIES
 
-__all__ = ["Checkpointer", "Tx", "Writer", "connect", "migrate"]
+__all__ = ["Checkpointer", "Tx", "Writer", "connect", "create_private", "migrate"]
 
 log = structlog.get_logger()
 T = TypeVar("T")
@@ -54,6 +55,18 @@ class Tx:
         for fn in reversed(self.undo[undos:]):
             fn()
         del self.after_commit[hooks:], self.undo[undos:]
+
+
+def create_private(path: Path) -> Path:
+    """``path``, created empty if need be with mode 0600: a database is the daemon's alone
+    (SQLite would make it 0644 less the umask), and its -wal and -shm files take its mode."""
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise StoreError(f"{path}: cannot create the database: {e.strerror}") from None
+    return path
 
 
 def connect(path: Path, *, synchronous: str = "FULL", readonly: bool = False
@@ -93,19 +106,19 @@ def repair_json(conn: sqlite3.Connection) -> None:
 PYTHON_STEPS: dict[int, Callable[[sqlite3.Connection], None]] = {3: repair_json}
 
 
-def migrate(conn: sqlite3.Connection, path: Path) -> None:
-    """Apply the migrations ``user_version`` has not counted yet, each in its own
-    transaction, with foreign keys off (a table rebuild drops the old table) and checked
-    before the commit."""
+def migrate(conn: sqlite3.Connection, path: Path, *, to: int = len(MIGRATIONS)) -> None:
+    """Apply the migrations ``user_version`` has not counted yet, up to number ``to``
+    (``jobd db recover`` stops at its source's schema), each in its own transaction, with
+    foreign keys off (a table rebuild drops the old table) and checked before the commit."""
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version > len(MIGRATIONS):
         raise StoreError(f"{path}: schema version {version} is newer than this jobd "
                          f"knows ({len(MIGRATIONS)}); upgrade jobd")
-    if version == len(MIGRATIONS):
+    if version >= to:
         return
     conn.execute("PRAGMA foreign_keys = OFF")
     try:
-        for number, name, script in MIGRATIONS[version:]:
+        for number, name, script in MIGRATIONS[version:to]:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 if number in PYTHON_STEPS:

@@ -200,6 +200,12 @@ WHERE j.id = :job_id ORDER BY c.saved_at
 -- What a user's finished jobs weigh against max_stored_per_user
 SELECT weight FROM user_stored WHERE user_id = :user_id
 
+-- restore_user_stored --
+-- Every user's stored weight counted again from the jobs (jobd db recover's copy)
+INSERT OR REPLACE INTO user_stored (user_id, weight)
+SELECT user_id, sum(weight) FROM jobs WHERE status IN ('completed', 'failed', 'cancelled')
+GROUP BY user_id
+
 -- users_over_weight --
 -- Users whose finished jobs weigh more than they may keep
 SELECT user_id FROM user_stored WHERE weight > :limit
