@@ -280,11 +280,6 @@ class Manager:
         return await self._watch(scope, job_id, timeout, lambda job: after_version is None
                                  or job["version"] > after_version)
 
-    async def wait_stopped(self, scope: Scope, job_id: str) -> dict[str, Any]:
-        """For ``jobs.cancel`` with ``wait``: the job once it stopped (bounded)."""
-        return await self._watch(scope, job_id, self.config.execution.cancel_grace + 2,
-                                 lambda job: False)
-
     async def _watch(self, scope: Scope, job_id: str, timeout: float,
                      ready: Any) -> dict[str, Any]:
         assert self.hub is not None
@@ -554,13 +549,25 @@ class Manager:
         return {"jobs": [job.id for job in jobs], "count": len(jobs), "more": more,
                 "dry_run": dry_run}
 
-    def cancel(self, scope: Scope, job_id: Any = None, filter: Any = None,
-               dry_run: Any = False) -> dict[str, Any]:
+    async def cancel(self, scope: Scope, job_id: Any = None, filter: Any = None,
+                     dry_run: Any = False, wait: Any = False) -> dict[str, Any]:
         """Cancel queued jobs at once; for running ones, ask the engine to stop them.
 
-        One job (``job_id``: the job is answered) or every active job ``filter`` matches,
-        up to MAX_BULK in one transaction (``{jobs, count, more, dry_run}``).
+        One job (``job_id``: the job is answered; with ``wait``, once it has stopped,
+        within ``cancel_grace`` and a little) or every active job ``filter`` matches, up
+        to MAX_BULK in one transaction (``{jobs, count, more, dry_run}``).
         """
+        flag(wait, "wait")
+        if wait and filter is not None:
+            raise InvalidParams("wait goes with job_id; after a filtered cancel, wait on "
+                                "each job it answered", field="wait")
+        answer = await asyncio.to_thread(self._cancel, scope, job_id, filter, dry_run)
+        if wait and answer["status"] == JobStatus.RUNNING:
+            answer = await self._watch(scope, answer["id"],
+                                       self.config.execution.cancel_grace + 2, lambda job: False)
+        return answer
+
+    def _cancel(self, scope: Scope, job_id: Any, filter: Any, dry_run: Any) -> dict[str, Any]:
         one, filters = self._selection(scope, "jobs.cancel", job_id, filter, dry_run)
         try:
             if one is None:

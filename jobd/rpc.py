@@ -35,7 +35,6 @@ from jobd import auth, errors
 from jobd.auth import Caller
 from jobd.models import RawJSON
 from jobd.manager import Manager, jobd_error
-from jobd.params import flag
 from jobd.store import StoreError
 from jobd.server import Connection
 
@@ -377,20 +376,9 @@ class Rpc:
         async def ping(caller: Caller) -> Any:
             return m.ping(caller)
 
-        async def cancel(scope: auth.Scope, job_id: Any = None, wait: Any = False,
-                         filter: Any = None, dry_run: Any = False) -> Any:
-            flag(wait, "wait")
-            if wait and filter is not None:
-                raise errors.InvalidParams("wait goes with job_id; after a filtered cancel, "
-                                           "wait on each job it answered", field="wait")
-            job = await self.offload(m.cancel, scope, job_id, filter, dry_run)
-            if wait and job["status"] == "running":
-                job = await m.wait_stopped(scope, job_id)
-            return job
-
         scoped_methods = {
             "jobs.submit": m.submit, "jobs.get": m.get, "jobs.list": m.list,
-            "jobs.cancel": cancel, "jobs.retry": m.retry, "jobs.wait": m.wait,
+            "jobs.cancel": m.cancel, "jobs.retry": m.retry, "jobs.wait": m.wait,
             "jobs.events": m.events, "jobs.logs": m.logs, "admin.stats": m.stats,
             "admin.cleanup": m.cleanup, "admin.pause": m.pause, "admin.resume": m.resume,
             "admin.maintenance": m.maintenance,

@@ -3,9 +3,10 @@
 One writer thread owns the one write connection and commits whatever writes are waiting
 in one transaction (group commit: with ``synchronous=full`` one fsync covers many
 submissions); no caller is answered before the commit that holds its write. A batch runs
-plainly; only when one of its writes raises is it rolled back and run again with a
-savepoint per write, so that one refused change does not undo its neighbours and costs
-nothing while none is refused. Reads use a connection per thread and never wait for the
+plainly; a write refused before it wrote (a lost compare-and-set, a rule) is simply
+answered with its error, and only when one raises after writing is the batch rolled back
+and run again with a savepoint per write, so that one refused change does not undo its
+neighbours and savepoints cost nothing while none is needed. Reads use a connection per thread and never wait for the
 writer (WAL). The checkpointer copies the WAL back off the writer's path.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import os
 import queue
 import sqlite3
 import threading
@@ -23,10 +25,10 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import structlog
 
-from jobd.store.errors import StoreError, from_sqlite
+from jobd.store.errors import StoreClosed, StoreError, from_sqlite
 from jobd.store.sql import MIGRATIONS, QUERIES
 
-__all__ = ["Checkpointer", "Tx", "Writer", "connect", "migrate"]
+__all__ = ["Checkpointer", "Tx", "Writer", "connect", "create_private", "migrate"]
 
 log = structlog.get_logger()
 T = TypeVar("T")
@@ -54,6 +56,18 @@ class Tx:
         for fn in reversed(self.undo[undos:]):
             fn()
         del self.after_commit[hooks:], self.undo[undos:]
+
+
+def create_private(path: Path) -> Path:
+    """``path``, created empty if need be with mode 0600: a database is the daemon's alone
+    (SQLite would make it 0644 less the umask), and its -wal and -shm files take its mode."""
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise StoreError(f"{path}: cannot create the database: {e.strerror}") from None
+    return path
 
 
 def connect(path: Path, *, synchronous: str = "FULL", readonly: bool = False
@@ -93,19 +107,19 @@ def repair_json(conn: sqlite3.Connection) -> None:
 PYTHON_STEPS: dict[int, Callable[[sqlite3.Connection], None]] = {3: repair_json}
 
 
-def migrate(conn: sqlite3.Connection, path: Path) -> None:
-    """Apply the migrations ``user_version`` has not counted yet, each in its own
-    transaction, with foreign keys off (a table rebuild drops the old table) and checked
-    before the commit."""
+def migrate(conn: sqlite3.Connection, path: Path, *, to: int = len(MIGRATIONS)) -> None:
+    """Apply the migrations ``user_version`` has not counted yet, up to number ``to``
+    (``jobd db recover`` stops at its source's schema), each in its own transaction, with
+    foreign keys off (a table rebuild drops the old table) and checked before the commit."""
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version > len(MIGRATIONS):
         raise StoreError(f"{path}: schema version {version} is newer than this jobd "
                          f"knows ({len(MIGRATIONS)}); upgrade jobd")
-    if version == len(MIGRATIONS):
+    if version >= to:
         return
     conn.execute("PRAGMA foreign_keys = OFF")
     try:
-        for number, name, script in MIGRATIONS[version:]:
+        for number, name, script in MIGRATIONS[version:to]:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 if number in PYTHON_STEPS:
@@ -215,14 +229,23 @@ class Writer(threading.Thread):
         self.checkpointer = checkpointer
         self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.longest_tx_s = 0.0
+        # a write queued behind stop()'s end mark would wait for ever: submit and stop
+        # take turns, and no write is queued once the mark is
+        self._closing = threading.Lock()
+        self._closed = False
 
     def submit(self, fn: Callable[[Tx], T]) -> concurrent.futures.Future[T]:
         fut: concurrent.futures.Future[T] = concurrent.futures.Future()
-        self.queue.put((fn, fut))
+        with self._closing:
+            if self._closed:
+                raise StoreClosed()
+            self.queue.put((fn, fut))
         return fut
 
     def stop(self) -> None:
-        self.queue.put(None)
+        with self._closing:
+            self._closed = True
+            self.queue.put(None)
         self.join()
 
     def run(self) -> None:
@@ -287,18 +310,21 @@ class Writer(threading.Thread):
 
     def _run(self, batch: list[tuple[Write, concurrent.futures.Future[Any]]], now: int, *,
              savepoints: bool) -> tuple[Tx, list[tuple[Any, Any, BaseException | None]]] | None:
-        """Run ``batch`` in a new transaction, left open for the commit. Without
-        ``savepoints``: None (all rolled back) as soon as one write raises. With them:
-        a write that raises is undone alone and its error kept for its caller. A
-        failure that ended the transaction itself (disk full, I/O) is raised."""
+        """Run ``batch`` in a new transaction, left open for the commit. A write refused
+        before it wrote anything (a compare-and-set that matched no row, a rule) leaves
+        nothing to undo: its error is kept for its caller and the batch goes on. Without
+        ``savepoints``: None (all rolled back) as soon as a write raises after writing.
+        With them: such a write is undone alone and its error kept. A failure that ended
+        the transaction itself (disk full, I/O) is raised."""
         conn = self.conn
         tx = Tx(conn, now)
         outcomes: list[tuple[Any, Any, BaseException | None]] = []
         conn.execute("BEGIN IMMEDIATE")
         try:
             for fn, fut in batch:
+                marks = len(tx.after_commit), len(tx.undo)
+                changes = conn.total_changes
                 if savepoints:
-                    marks = len(tx.after_commit), len(tx.undo)
                     conn.execute("SAVEPOINT op")
                 try:
                     outcomes.append((fut, fn(tx), None))
@@ -307,6 +333,10 @@ class Writer(threading.Thread):
                         if not conn.in_transaction:
                             raise  # SQLite rolled back the whole transaction
                         e = from_sqlite(e, self.path)
+                    if not savepoints and conn.total_changes == changes and marks == (
+                            len(tx.after_commit), len(tx.undo)):
+                        outcomes.append((fut, None, e))  # refused before it wrote
+                        continue
                     if not savepoints:
                         conn.execute("ROLLBACK")
                         tx.rollback_to(0, 0)

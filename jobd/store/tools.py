@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from jobd.store.db import connect, create_private, migrate
 from jobd.store.errors import StoreError
-from jobd.store.sql import QUERIES
-from jobd.store.sqlite import SqliteStore
+from jobd.store.sql import MIGRATIONS, QUERIES
 
 __all__ = ["backup", "check", "recover"]
 
@@ -70,12 +70,8 @@ def recover(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise StoreError(f"{path}: no such database")
     fresh = path.with_name(path.name + ".recovering")
-    fresh.unlink(missing_ok=True)
-    new = SqliteStore(fresh)
-    new.open()
-    new.close()
-    dst = sqlite3.connect(fresh, isolation_level=None)
-    dst.execute("PRAGMA foreign_keys = OFF")
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{fresh}{suffix}").unlink(missing_ok=True)
     saved: dict[str, int] = {}
     lost: dict[str, Any] = {}
     totals: dict[str, int | str] = {}
@@ -83,6 +79,15 @@ def recover(path: Path) -> dict[str, Any]:
         src = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     except sqlite3.DatabaseError as e:
         raise StoreError(f"{path}: cannot be opened at all: {e}") from None
+    try:
+        version = src.execute("PRAGMA user_version").fetchone()[0] or len(MIGRATIONS)
+    except sqlite3.DatabaseError:
+        version = len(MIGRATIONS)
+    # the fresh file takes the rows at their own schema, then the later migrations run on
+    # them as an upgrade would (repairing rows a later schema refuses, not dropping them)
+    dst = connect(create_private(fresh))
+    migrate(dst, fresh, to=min(version, len(MIGRATIONS)))
+    dst.execute("PRAGMA foreign_keys = OFF")
     new_columns = {t: [r[1] for r in dst.execute(f"PRAGMA table_info({t})")]
                    for t in ("jobs", "job_events", "job_checkpoints", "meta")}
     for table, columns in new_columns.items():
@@ -97,9 +102,9 @@ def recover(path: Path) -> dict[str, Any]:
             dst.execute("BEGIN")
             for row in rows:
                 try:
-                    dst.execute(f"INSERT OR IGNORE INTO {table} ({names}) VALUES "
-                                f"({', '.join('?' * len(cols))})", row)
-                    saved[table] += 1
+                    saved[table] += dst.execute(
+                        f"INSERT OR IGNORE INTO {table} ({names}) VALUES "
+                        f"({', '.join('?' * len(cols))})", row).rowcount
                 except sqlite3.Error:
                     pass
             dst.execute("COMMIT")
@@ -116,7 +121,12 @@ def recover(path: Path) -> dict[str, Any]:
         before = totals.get(table)
         if isinstance(before, int):
             lost[table] = before - saved[table]
+    migrate(dst, fresh)
+    # the weights are kept by triggers on changes, never on an insert (the status counts
+    # are, and were kept by the copy)
+    dst.execute(QUERIES["restore_user_stored"])
     dst.execute(QUERIES["set_meta"], {"key": "clean", "value": "1"})
+    dst.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     dst.close()
     aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}")
     for suffix in ("", "-wal", "-shm"):

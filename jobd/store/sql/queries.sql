@@ -103,6 +103,8 @@ UPDATE jobs SET
     cancel_requested = CASE WHEN status = 'running' THEN 1 ELSE 0 END,
     message = CASE WHEN status = 'running' THEN message ELSE 'cancelled' END,
     completed_at = CASE WHEN status = 'running' THEN NULL ELSE :now END,
+    pgid = CASE WHEN status = 'running' THEN pgid END,
+    pgid_start = CASE WHEN status = 'running' THEN pgid_start END,
     version = max(version + 1, :now), updated_at = :now
 WHERE id = :job_id AND (status = 'queued' OR status = 'running' AND cancel_requested = 0)
 RETURNING {job_columns}
@@ -199,6 +201,12 @@ WHERE j.id = :job_id ORDER BY c.saved_at
 -- stored_weight --
 -- What a user's finished jobs weigh against max_stored_per_user
 SELECT weight FROM user_stored WHERE user_id = :user_id
+
+-- restore_user_stored --
+-- Every user's stored weight counted again from the jobs (jobd db recover's copy)
+INSERT OR REPLACE INTO user_stored (user_id, weight)
+SELECT user_id, sum(weight) FROM jobs WHERE status IN ('completed', 'failed', 'cancelled')
+GROUP BY user_id
 
 -- users_over_weight --
 -- Users whose finished jobs weigh more than they may keep
