@@ -113,15 +113,21 @@ def test_a_job_retried_the_moment_it_ends_is_queued_again(tmp_path: Path) -> Non
         job = Job(id="j1", type="noop", user_id="alice", project_id=None,
                   status=JobStatus.QUEUED, created_at=1, updated_at=1, version=1, seq=1)
         engine.on_changed(job)
-        assert engine.dispatcher.take() is not None
+        first = engine.dispatcher.take()
+        assert first is not None
         # the end commits, and a retry commits before the worker has let go of the job
-        engine.on_changed(dataclasses.replace(job, status=JobStatus.FAILED))
-        engine.on_changed(dataclasses.replace(job, status=JobStatus.QUEUED))
+        ended = dataclasses.replace(job, status=JobStatus.FAILED, attempts=1)
+        engine.on_changed(ended)
+        engine.on_changed(dataclasses.replace(ended, status=JobStatus.QUEUED))
         assert engine.dispatcher.queued_count() == 1
-        assert engine.dispatcher.take() is not None
+        second = engine.dispatcher.take()
+        assert second is not None and second.number == first.number + 1
+        # the old attempt's finish frees its own slot, not the retry's
+        engine.dispatcher.finish(first)
+        assert engine.stats()["running"] == 1
         # a cancel asked for a job no worker holds leaves nothing behind for a later run
         engine.cancel("j2")
-        assert not engine._cancels
+        assert not engine._attempts
     finally:
         store.close()
 
@@ -221,11 +227,11 @@ class Refusing(Store):
     refuse: set[str] = set()
     refusals = 0
 
-    def transition(self, job_id: str, to: JobStatus, **kw: Any) -> Job:
+    def _transition(self, tx: Any, job_id: str, to: JobStatus, *args: Any) -> Job:
         if job_id in self.refuse and to in TERMINAL and self.refusals > 0:
             type(self).refusals -= 1
             raise ValueError(f"refused {to} for {job_id}")
-        return super().transition(job_id, to, **kw)
+        return super()._transition(tx, job_id, to, *args)
 
 
 def test_an_end_refused_twice_is_retried_until_it_is_recorded(rig: Callable[..., Rig]) -> None:
