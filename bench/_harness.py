@@ -1,4 +1,5 @@
-"""What the benchmarks share: a jobd launcher, a cheap NDJSON client, the echo reference.
+"""What the benchmarks share: a jobd launcher, a cheap NDJSON client, the echo reference,
+a fast prefill of finished jobs, and readings of a process from /proc.
 
 The client is kept as thin as a client can be (prebuilt request bytes, a blocking socket,
 one ``recv`` per answer, or one ``selectors`` loop for many connections) so that the
@@ -15,6 +16,7 @@ import selectors
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -23,7 +25,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 __all__ = ["BenchError", "Conn", "Jobd", "Row", "cpu_seconds", "drive", "EchoServer",
-           "fsync_latency", "iso_us", "machine", "pct", "print_table", "request", "workdir"]
+           "fsync_latency", "iso_us", "latencies", "machine", "noop_submit", "pct", "prefill",
+           "print_table", "request", "rss_mb", "workdir"]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -96,6 +99,30 @@ class Conn:
 def request(method: str, params: dict[str, Any], ident: int = 1) -> bytes:
     return (json.dumps({"jsonrpc": "2.0", "id": ident, "method": method, "params": params},
                        separators=(",", ":")) + "\n").encode()
+
+
+def noop_submit(ident: int, user: bytes, metadata: bytes = b"") -> bytes:
+    """A prebuilt ``jobs.submit`` of a ``noop`` job owned by ``user`` (``as_user``);
+    ``metadata`` is a JSON object's bytes, or empty for none."""
+    extra = b',"metadata":' + metadata if metadata else b""
+    return (b'{"jsonrpc":"2.0","id":%d,"method":"jobs.submit","params":'
+            b'{"type":"noop","as_user":"%s"%s}}\n' % (ident, user, extra))
+
+
+def latencies(conn: Conn, lines: Sequence[bytes], warmup: int = 0) -> list[float]:
+    """Seconds per round trip of each line after the first ``warmup`` ones; an error
+    answer stops the bench."""
+    out = []
+    clock = time.perf_counter
+    for n, line in enumerate(lines):
+        t = clock()
+        answer = conn.roundtrip(line)
+        t = clock() - t
+        if b'"error":{' in answer:
+            raise BenchError(f"refused: {answer[:300].decode(errors='replace')}")
+        if n >= warmup:
+            out.append(t)
+    return out
 
 
 class Jobd:
@@ -257,6 +284,15 @@ def fsync_latency(folder: Path, n: int = 200) -> list[float]:
     return out
 
 
+def rss_mb(pid: int) -> float:
+    """A process's resident set now (``VmRSS``), in MB of 2**20 bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        for row in f:
+            if row.startswith("VmRSS:"):
+                return int(row.split()[1]) / 1024
+    raise BenchError(f"no VmRSS for pid {pid}")
+
+
 def cpu_seconds(pid: int) -> float:
     """User plus system CPU time a process (all its threads) has used so far."""
     with open(f"/proc/{pid}/stat", "rb") as f:
@@ -311,3 +347,121 @@ def print_table(title: str, rows: Sequence[Row]) -> None:
         print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
         if n == 0:
             print("  ".join("-" * w for w in widths))
+
+
+# -- a big database, fast ------------------------------------------------------------------
+
+_DAY_US = 86_400_000_000
+
+# Rows are made inside SQLite (a recursive CTE feeding INSERT ... SELECT), not in Python:
+# a million jobs and four million events then take seconds, not minutes. The first
+# :expired jobs finished 60 to 40 days ago (past every default retention), the others
+# within the last six days.
+_JOBS = """
+WITH RECURSIVE n(seq) AS (SELECT 1 UNION ALL SELECT seq + 1 FROM n WHERE seq < :n),
+-- materialized: otherwise every use of h would draw new random bytes
+u AS MATERIALIZED (SELECT seq, lower(hex(randomblob(16))) AS h FROM n),
+r AS (SELECT seq, h,
+             CASE WHEN seq <= :expired THEN :old + seq * :old_step
+                  ELSE :recent + (seq - :expired) * :step END AS created,
+             CASE WHEN seq % 10 < 7 THEN 'sync' WHEN seq % 10 < 9 THEN 'index'
+                  ELSE 'noop' END AS type,
+             CASE WHEN seq % 20 = 0 THEN 'failed' WHEN seq % 50 = 1 THEN 'cancelled'
+                  ELSE 'completed' END AS status
+      FROM u)
+INSERT INTO jobs (seq, id, type, user_id, project_id, status, progress, phase, options,
+                  result, error, attempts, version, created_at, started_at, completed_at,
+                  updated_at)
+SELECT seq,
+       substr(h, 1, 8) || '-' || substr(h, 9, 4) || '-4' || substr(h, 14, 3) || '-'
+           || substr('89ab', 1 + unicode(substr(h, 17, 1)) % 4, 1) || substr(h, 18, 3)
+           || '-' || substr(h, 21, 12),
+       type, 'user' || (seq * 7919 % :users),
+       CASE WHEN type = 'noop' THEN NULL ELSE 'project' || (seq % 17) END,
+       status, CASE WHEN status = 'completed' THEN 100.0 ELSE 40.0 END,
+       CASE WHEN type = 'sync' THEN 'finalizing' END,
+       CASE WHEN type = 'sync' THEN :options ELSE '{}' END,
+       CASE WHEN status != 'completed' THEN NULL WHEN type = 'sync' THEN :result ELSE '{}' END,
+       CASE WHEN status = 'failed' THEN 'git exited with status 1: network unreachable' END,
+       1, created + 3000000, created, created + 1000, created + 3000000, created + 3000000
+FROM r
+"""
+
+# created, queued, running, and how it ended: each job's history in order
+_EVENTS = """
+INSERT INTO job_events (job, at, status, message, progress, actor)
+SELECT seq,
+       CASE k WHEN 2 THEN started_at WHEN 3 THEN completed_at ELSE created_at END,
+       CASE k WHEN 0 THEN 'created' WHEN 1 THEN 'queued' WHEN 2 THEN 'running'
+              ELSE status END,
+       CASE WHEN k = 3 THEN error END, CASE WHEN k = 3 THEN progress ELSE 0 END,
+       CASE WHEN k < 2 THEN 'service:cidx' ELSE 'jobd' END
+FROM jobs CROSS JOIN (SELECT 0 AS k UNION ALL SELECT 1 UNION ALL SELECT 2 UNION ALL SELECT 3)
+ORDER BY seq, k
+"""
+
+#: the columns the prefill writes: a schema without them needs _JOBS and _EVENTS updated
+_WRITES = {"jobs": ("seq", "id", "type", "user_id", "project_id", "status", "progress",
+                    "phase", "options", "result", "error", "attempts", "version",
+                    "created_at", "started_at", "completed_at", "updated_at"),
+           "job_events": ("job", "at", "status", "message", "progress", "actor")}
+
+
+def prefill(db: Path, n: int, *, expired: int = 0, users: int = 1000) -> float:
+    """Store ``n`` finished jobs with their four events each, fast; the seconds it took.
+
+    The schema comes from ``jobd.store.Store`` itself (opened once, closed); the rows go
+    in with bulk INSERTs on a raw connection, with the store's indexes dropped meanwhile
+    and then created again from their own SQL. The jobs are mostly completed syncs of
+    ``users`` users, some failed or cancelled; the oldest ``expired`` of them finished 60
+    to 40 days ago, the rest within the last six days. ``meta.clean`` says the last stop
+    was clean, as after ``jobd`` stopped normally.
+    """
+    sys.path.insert(0, str(ROOT))
+    import logging
+
+    import structlog
+
+    from jobd.store import Store
+
+    # the store logs its migrations; the bench's output is the table
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+
+    started = time.perf_counter()
+    db.parent.mkdir(parents=True, exist_ok=True)
+    Store(db).open().close()
+    conn = sqlite3.connect(db, isolation_level=None)
+    for table, columns in _WRITES.items():
+        have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if missing := [c for c in columns if c not in have]:
+            raise BenchError(f"the store's table {table} has no {', '.join(missing)}: "
+                             f"bench/_harness.py's prefill writes an older schema; update it")
+    # a crash here only means building it again
+    conn.execute("PRAGMA synchronous = OFF")
+    conn.execute("PRAGMA cache_size = -524288")
+    now = time.time_ns() // 1000
+    options = json.dumps({"branch": "main", "full_reindex": False, "remote": "origin",
+                          "strategy": "ff-only"}, separators=(",", ":"))
+    result = json.dumps({"old_revision": "0" * 40, "new_revision": "1" * 40,
+                         "files_changed": 3, "files_added": 1, "files_deleted": 0,
+                         "files_indexed": 4, "seconds": {"git_sync": 0.8, "indexing": 2.1}},
+                        separators=(",", ":"))
+    conn.execute("BEGIN")
+    indexes = conn.execute("SELECT name, sql FROM sqlite_master "
+                           "WHERE type = 'index' AND sql IS NOT NULL").fetchall()
+    for name, _ in indexes:
+        conn.execute(f"DROP INDEX {name}")
+    conn.execute(_JOBS, {"n": n, "expired": expired, "users": users,
+                         "old": now - 60 * _DAY_US, "old_step": 20 * _DAY_US // max(expired, 1),
+                         "recent": now - 6 * _DAY_US,  # within the default retention of 7 days
+                         "step": max(1, 6 * _DAY_US // max(n - expired, 1)),
+                         "options": options, "result": result})
+    conn.execute(_EVENTS)
+    for _, sql in indexes:
+        conn.execute(sql)
+    conn.execute("COMMIT")
+    conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('clean', '1')")
+    conn.execute("PRAGMA optimize")  # as the store does when it closes
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    return time.perf_counter() - started

@@ -19,19 +19,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import BenchError, Conn, Jobd, request, workdir  # noqa: E402
+from _harness import Conn, Jobd, machine, pct, request, rss_mb, workdir  # noqa: E402
 
 CONFIG = """
 [execution]
 max_queued_per_user = 100000
 """
-
-
-def rss_mb(pid: int) -> float:
-    for row in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if row.startswith("VmRSS:"):
-            return int(row.split()[1]) / 1024
-    raise BenchError(f"no VmRSS for pid {pid}")
 
 
 def pings(path: Path, seconds: float, pid: int) -> tuple[list[float], float]:
@@ -52,11 +45,6 @@ def pings(path: Path, seconds: float, pid: int) -> tuple[list[float], float]:
     return out, peak
 
 
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=1000, help="jobs stored (default 1000)")
@@ -71,6 +59,7 @@ def main() -> int:
 
     root = workdir(args.keep)
     daemon = Jobd(root, CONFIG)
+    load = machine()
     try:
         daemon.start()
         conn = daemon.connect()
@@ -97,10 +86,11 @@ def main() -> int:
             s.close()
         time.sleep(1.0)
         end = rss_mb(daemon.pid)
-        print()
+        print(f"\nhostile_bench: {args.connections} connections x {args.batch} jobs.list of "
+              f"{args.jobs} jobs; {load}")
         print(f"{'':28}{'p50':>9}{'p99':>9}{'max':>9}   n")
         for name, values in (("ping, idle daemon (ref)", idle), ("ping, under hostile load", loaded)):
-            print(f"{name:28}{pct(values, .5):8.2f}ms{pct(values, .99):7.2f}ms"
+            print(f"{name:28}{pct(values, 50):8.2f}ms{pct(values, 99):7.2f}ms"
                   f"{max(values):7.2f}ms   {len(values)}")
         print(f"RSS: {base:.0f} MB before, {peak:.0f} MB at peak, {end:.0f} MB after "
               f"(goal <= 150 MB); ping max {max(loaded):.1f} ms (goal <= 100 ms)")

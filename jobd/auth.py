@@ -18,6 +18,7 @@ import struct
 from jobd.config import Config
 from jobd.errors import Forbidden, InvalidParams, Unauthenticated
 from jobd.models import Role
+from jobd.params import flag
 
 __all__ = ["Caller", "Scope", "check_id", "identify", "peer_credentials", "scope"]
 
@@ -145,8 +146,7 @@ def scope(caller: Caller, as_user: str | None, as_admin: bool, as_role: str | No
     """
     if as_user is not None:
         check_id(as_user, "as_user")
-    if not isinstance(as_admin, bool):
-        raise InvalidParams(f"as_admin must be true or false, not {as_admin!r}", field="as_admin")
+    flag(as_admin, "as_admin")
     if as_role is not None and as_role != "user":
         raise InvalidParams(f'as_role must be "user" when given, not {as_role!r}',
                             field="as_role")

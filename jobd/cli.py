@@ -138,7 +138,8 @@ def db() -> None:
 @click.pass_context
 def db_check(ctx: click.Context) -> None:
     """Run SQLite's integrity_check; exit 1 if the database is damaged (safe while serving)."""
-    from jobd.store import StoreError, check
+    from jobd.store import StoreError
+    from jobd.store.tools import check
 
     path = _config(ctx).db
     try:
@@ -159,7 +160,8 @@ def db_check(ctx: click.Context) -> None:
 @click.pass_context
 def db_backup(ctx: click.Context, target: Path) -> None:
     """Copy the database to TARGET with SQLite's online backup (safe while serving)."""
-    from jobd.store import StoreError, backup
+    from jobd.store import StoreError
+    from jobd.store.tools import backup
 
     path = _config(ctx).db
     try:
@@ -179,7 +181,8 @@ def db_recover(ctx: click.Context) -> None:
     healthy database it says so and changes nothing. Exit status 1 when rows were lost.
     """
     from jobd.state import InUse, StateLock
-    from jobd.store import StoreError, check, recover
+    from jobd.store import StoreError
+    from jobd.store.tools import check, recover
 
     config = _config(ctx)
     path = config.db

@@ -36,10 +36,10 @@ from jobd import process
 from jobd.attempt import Attempt, StopReason, outcome
 from jobd.config import Config
 from jobd.dispatch import Dispatcher
-from jobd.errors import Conflict, NotFound, Unavailable
 from jobd.handlers import Cancelled, Handler, JobFailed
 from jobd.models import Job, JobStatus, readable
-from jobd.store import Store
+from jobd.store import JobNotFound, StateConflict, StorageUnavailable
+from jobd.store.interface import JobStore
 
 __all__ = ["Context", "Engine", "Live"]
 
@@ -202,7 +202,7 @@ class Context:
     def _record_process(self, pgid: int, start: int) -> None:
         try:
             self.engine.store.set_process(self.job.id, pgid, start)
-        except Unavailable as e:
+        except StorageUnavailable as e:
             # only restart recovery needs it, and the job's mark and supervisor cover that
             self.log.warning("job_process_unrecorded", pgid=pgid, error=str(e))
 
@@ -286,7 +286,7 @@ class Engine:
     """Runs queued jobs on ``config.execution.workers`` threads; ``clock`` is the time
     every time limit, progress rate and ``tick`` counts in."""
 
-    def __init__(self, config: Config, store: Store, handlers: dict[str, Handler],
+    def __init__(self, config: Config, store: JobStore, handlers: dict[str, Handler],
                  notify: Callable[[str], None] = lambda job_id: None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
@@ -358,21 +358,20 @@ class Engine:
             handler = self.handlers.get(job.type)
             bound = log.bind(job_id=job.id, user_id=job.user_id, type=job.type)
             if job.cancel_requested:
-                self.store.transition(job.id, JobStatus.CANCELLED, actor="jobd",
+                self.store.finish_job(job.id, JobStatus.CANCELLED,
                                       message="cancelled (the daemon restarted while stopping)")
                 bound.info("job_cancelled", reason="restart")
             elif handler is None or not handler.resumable:
-                self.store.transition(job.id, JobStatus.FAILED, actor="jobd",
+                self.store.finish_job(job.id, JobStatus.FAILED,
                                       error="interrupted by daemon restart")
                 bound.warning("job_failed", reason="interrupted by daemon restart")
             elif job.recoveries + 1 >= max_recoveries:
                 error = (f"interrupted by {job.recoveries + 1} daemon restarts; gave up "
                          f"(max_recoveries = {max_recoveries})")
-                self.store.transition(job.id, JobStatus.FAILED, actor="jobd", error=error)
+                self.store.finish_job(job.id, JobStatus.FAILED, error=error)
                 bound.warning("job_failed", reason=error)
             else:
-                self.store.transition(job.id, JobStatus.QUEUED, actor="jobd", recovered=True,
-                                      message="recovered after restart")
+                self.store.requeue_job(job.id, reason="recovered after restart", recovered=True)
                 bound.info("job_recovered", phase=job.phase)
 
     def stop(self) -> None:
@@ -455,7 +454,7 @@ class Engine:
             self._release(attempt)
 
     def _not_started(self, attempt: Attempt, error: BaseException) -> None:
-        if not isinstance(error, Conflict):  # else: cancelled between take and start
+        if not isinstance(error, StateConflict):  # else: cancelled between take and start
             log.error("job_start_failed", job_id=attempt.job_id, exc_info=error)
             self._submit_quietly(self._requeue_later, attempt.job_id)
         self._release(attempt)
@@ -561,7 +560,7 @@ class Engine:
 
     def _end_failed(self, ctx: Context, end: JobStatus, kw: dict[str, Any],
                     error: BaseException) -> None:
-        if isinstance(error, (Conflict, NotFound)):
+        if isinstance(error, (StateConflict, JobNotFound)):
             ctx.log.warning("job_end_unrecorded", end=str(end), error=str(error))
             self._ended(ctx, None)
             return
@@ -592,7 +591,7 @@ class Engine:
             if self._stopping:
                 self._end_lost(ctx, error)
                 return
-            if isinstance(error, Unavailable):
+            if isinstance(error, StorageUnavailable):
                 ctx.log.warning("job_end_pending", end=str(end), error=str(error),
                                 retry_in_s=delay)
                 if delay == RETRY_S:
@@ -611,7 +610,7 @@ class Engine:
             self._tell_end(ctx, end, kw)
             try:
                 done = self._write_end(ctx.job.id, end, kw).result()
-            except (Conflict, NotFound) as e:
+            except (StateConflict, JobNotFound) as e:
                 ctx.log.warning("job_end_unrecorded", end=str(end), error=str(e))
                 self._ended(ctx, None)
                 return
@@ -643,16 +642,13 @@ class Engine:
         self._dispatch()
 
     def _write_start(self, job_id: str) -> concurrent.futures.Future[Job]:
-        store = self.store
-        return store.write_async(lambda tx: store._transition(
-            tx, job_id, JobStatus.RUNNING, "jobd", None, None, None, None, False))
+        return self.store.start_job_async(job_id)
 
     def _write_end(self, job_id: str, end: JobStatus,
                    kw: dict[str, Any]) -> concurrent.futures.Future[Job]:
-        store = self.store
-        return store.write_async(lambda tx: store._transition(
-            tx, job_id, end, "jobd", kw.get("message"), kw.get("error"), kw.get("result"),
-            [JobStatus.RUNNING], False))
+        if end is JobStatus.QUEUED:
+            return self.store.requeue_job_async(job_id, reason=kw["message"])
+        return self.store.finish_job_async(job_id, end, **kw)
 
     def _requeue_later(self, job_id: str) -> None:
         """A job that could not be started stays queued in the store: keep it in the queue."""

@@ -11,9 +11,7 @@ import asyncio
 import base64
 import bisect
 import json
-import math
 import re
-import reprlib
 import time
 import uuid
 from typing import Any
@@ -24,12 +22,16 @@ from jobd import __version__, process
 from jobd.auth import Scope, check_id
 from jobd.config import Config, ConfigState
 from jobd.engine import Engine, story
-from jobd.errors import Conflict, Forbidden, InvalidParams, Unavailable
+from jobd.errors import Conflict, Forbidden, InvalidParams, JobdError, NotFound, Unavailable
 from jobd.handlers import Handler
-from jobd.models import TERMINAL, Job, JobStatus, RawJSON, Role, from_iso, iso
-from jobd.store import Store
+from jobd.models import TERMINAL, Job, JobStatus, RawJSON, Role, iso
+from jobd.params import flag, integer, iso_time, number, shown, text, utf8
+from jobd.rules import Rules
+from jobd.store import (DuplicateId, JobNotFound, StateConflict, StorageUnavailable,
+                        StoreError)
+from jobd.store.interface import JobStore
 
-__all__ = ["Hub", "Manager"]
+__all__ = ["Hub", "Manager", "jobd_error"]
 
 log = structlog.get_logger()
 
@@ -68,32 +70,13 @@ _CHUNK_ROWS = 128
 _MAX_JOB_BYTES = MAX_OPTIONS + MAX_METADATA + MAX_DESCRIPTION + 4096
 
 
-#: a client's value as an error message quotes it: short, however big or deep the value
-_SHOWN = reprlib.Repr()
-_SHOWN.maxlevel, _SHOWN.maxstring, _SHOWN.maxother, _SHOWN.maxlong = 3, 60, 60, 40
-
-
-def _shown(value: Any) -> str:
-    # repr escapes lone surrogates, so the message stays encodable
-    return _SHOWN.repr(value)
-
-
-def _utf8(text: str, field: str) -> bytes:
-    """``text`` as UTF-8; a lone surrogate (a ``\\ud800`` escape) is refused naming ``field``."""
-    try:
-        return text.encode()
-    except UnicodeEncodeError:
-        raise InvalidParams(f"{field} is not valid Unicode: it holds a lone surrogate (such as "
-                            "\\ud800); send UTF-8 text", field=field) from None
-
-
 def _optional_id(value: Any, field: str) -> str | None:
     return None if value is None else check_id(value, field)
 
 
 def _check_job_id(job_id: Any) -> str:
     if not isinstance(job_id, str) or not JOB_ID_RE.fullmatch(job_id):
-        raise InvalidParams(f"job_id must be a job's UUID (got {_shown(job_id)})",
+        raise InvalidParams(f"job_id must be a job's UUID (got {shown(job_id)})",
                             field="job_id")
     return job_id
 
@@ -118,38 +101,13 @@ def _json_size(value: Any, field: str, limit: int) -> int:
     return size
 
 
-def _number(value: Any, field: str, low: float, high: float | None, hint: str = "") -> float:
-    """A finite number in low … high (None: no upper bound), else InvalidParams naming it."""
-    number = math.nan
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        try:
-            number = float(value)
-        except OverflowError:  # an integer past any float
-            number = math.inf
-    if not (math.isfinite(number) and low <= number and (high is None or number <= high)):
-        span = f"from {low:g} to {high:g}" if high is not None else f"of at least {low:g}"
-        raise InvalidParams(f"{field} must be a number {span}{hint} (got {_shown(value)})",
-                            field=field)
-    return number
-
-
-def _time(value: Any, field: str) -> int | None:
-    if value is None:
-        return None
-    try:
-        return from_iso(value)
-    except (TypeError, ValueError, AttributeError):
-        raise InvalidParams(f"{field} must be an ISO 8601 time like 2026-11-22T10:00:00Z "
-                            f"(got {_shown(value)})", field=field) from None
-
-
 def _statuses(status: Any, field: str = "status") -> list[str]:
     """The ``status`` filter: one status or a list of them ([] or None: every one)."""
     statuses = [status] if isinstance(status, str) else [] if status is None else status
     if not isinstance(statuses, list) or not all(isinstance(s, str) and s in _STATUSES
                                                  for s in statuses):
         raise InvalidParams(f"status must be one of {', '.join(JobStatus)} or a list of them "
-                            f"(got {_shown(status)})", field=field)
+                            f"(got {shown(status)})", field=field)
     return statuses
 
 
@@ -158,11 +116,11 @@ def _fields(fields: Any) -> frozenset[str] | None:
     if fields is None:
         return None
     if not isinstance(fields, list) or not all(isinstance(f, str) for f in fields):
-        raise InvalidParams(f"fields must be a list of job field names (got {_shown(fields)})",
+        raise InvalidParams(f"fields must be a list of job field names (got {shown(fields)})",
                             field="fields")
     unknown = [f for f in fields if f not in JOB_FIELDS]
     if unknown:
-        raise InvalidParams(f"fields: {_shown(unknown[0])} is not a job field (known: "
+        raise InvalidParams(f"fields: {shown(unknown[0])} is not a job field (known: "
                             f"{', '.join(JOB_FIELDS)})", field="fields")
     return frozenset(fields) | {"id"}
 
@@ -244,7 +202,7 @@ class Hub:
 
 
 class Manager:
-    def __init__(self, config: Config, store: Store, engine: Engine,
+    def __init__(self, config: Config, store: JobStore, engine: Engine,
                  handlers: dict[str, Handler], hub: Hub | None = None,
                  config_state: ConfigState | None = None) -> None:
         self.config = config
@@ -266,6 +224,11 @@ class Manager:
         reason = self.store.get_meta(_MAINTENANCE_KEY)
         self.maintenance_on, self.maintenance_reason = reason is not None, reason or None
         return self.store.get_meta(_PAUSED_KEY) == "1"
+
+    def _rules(self) -> Rules:
+        """The rules a submit or retry passes now (the config and maintenance in force)."""
+        return Rules.of(self.config, refusal=self._refusal(),
+                        exclusive=[n for n, h in self.handlers.items() if h.exclusive])
 
     def _refusal(self) -> Unavailable | None:
         """What a submit or retry gets while maintenance is on."""
@@ -300,19 +263,12 @@ class Manager:
 
         A long poll: it wakes on the change itself (the hub), not on a timer.
         """
-        if after_version is not None and (isinstance(after_version, bool)
-                                          or not isinstance(after_version, int)):
-            raise InvalidParams("after_version must be an integer (a job's version)",
-                                field="after_version")
-        timeout = _number(timeout_s, "timeout_s", 0, MAX_WAIT_S)
+        if after_version is not None:
+            integer(after_version, "after_version", hint=" (a job's version)")
+        timeout = number(timeout_s, "timeout_s", 0, MAX_WAIT_S)
         _check_job_id(job_id)  # before the hub files a waiter under it
         return await self._watch(scope, job_id, timeout, lambda job: after_version is None
                                  or job["version"] > after_version)
-
-    async def wait_stopped(self, scope: Scope, job_id: str) -> dict[str, Any]:
-        """For ``jobs.cancel`` with ``wait``: the job once it stopped (bounded)."""
-        return await self._watch(scope, job_id, self.config.execution.cancel_grace + 2,
-                                 lambda job: False)
 
     async def _watch(self, scope: Scope, job_id: str, timeout: float,
                      ready: Any) -> dict[str, Any]:
@@ -343,17 +299,15 @@ class Manager:
         jobs in dispatch order); it ends early rather than pass max_response_bytes."""
         if order not in ORDERS:
             raise InvalidParams(f"order must be one of {', '.join(ORDERS)} (got "
-                                f"{_shown(order)})", field="order")
+                                f"{shown(order)})", field="order")
         filters = self._filters(scope, status=status, type=type, user_id=user_id,
                                 project_id=project_id, created_after=created_after,
                                 created_before=created_before)
         if id_prefix is not None and (not isinstance(id_prefix, str)
                                       or not JOB_ID_RE.fullmatch(id_prefix)):
             raise InvalidParams(f"id_prefix must be at least 4 of [0-9a-f-] (got "
-                                f"{_shown(id_prefix)})", field="id_prefix")
-        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
-            raise InvalidParams(f"limit must be an integer from 1 to 1000 (got {_shown(limit)})",
-                                field="limit")
+                                f"{shown(id_prefix)})", field="id_prefix")
+        integer(limit, "limit", 1, 1000)
         wanted = _fields(fields)
         filters["id_prefix"] = id_prefix
         budget = self.config.server.max_response_bytes - _ENVELOPE_BYTES
@@ -429,13 +383,13 @@ class Manager:
         if type is not None:
             if not isinstance(type, str):
                 raise InvalidParams(f"{prefix}type must be a job type's name (got "
-                                    f"{_shown(type)})", field=f"{prefix}type")
-            _utf8(type, f"{prefix}type")
+                                    f"{shown(type)})", field=f"{prefix}type")
+            utf8(type, f"{prefix}type")
         return dict(statuses=_statuses(status, f"{prefix}status"), type=type,
                     user_id=scope.check_filter(_optional_id(user_id, f"{prefix}user_id")),
                     project_id=_optional_id(project_id, f"{prefix}project_id"),
-                    created_after=_time(created_after, f"{prefix}created_after"),
-                    created_before=_time(created_before, f"{prefix}created_before"))
+                    created_after=iso_time(created_after, f"{prefix}created_after"),
+                    created_before=iso_time(created_before, f"{prefix}created_before"))
 
     def _listed(self, status: str, wire: str, wanted: frozenset[str] | None) -> str:
         """One job of a list page: finished jobs go out as SQLite encoded them; active ones
@@ -457,14 +411,10 @@ class Manager:
     def logs(self, scope: Scope, job_id: str, offset: Any = 0,
              limit_bytes: Any = 65536) -> dict[str, Any]:
         job = self._job(scope, job_id)
-        if (isinstance(limit_bytes, bool) or not isinstance(limit_bytes, int)
-                or not 1 <= limit_bytes <= 1_048_576):
-            raise InvalidParams("limit_bytes must be from 1 to 1048576", field="limit_bytes")
+        integer(limit_bytes, "limit_bytes", 1, 1_048_576)
         # offset + limit_bytes stays within what the OS seeks to (a signed 64-bit off_t)
         high = MAX_FILE_OFFSET - limit_bytes
-        if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset <= high:
-            raise InvalidParams(f"offset must be a byte offset from 0 to {high} (2**63 - 1 "
-                                f"less limit_bytes; got {_shown(offset)})", field="offset")
+        integer(offset, "offset", 0, high, " (a byte offset: 2**63 - 1 less limit_bytes)")
         path = self.engine.log_path(job.id)
         if path.exists():
             data, next_offset = process.read_log(path, offset, limit_bytes)
@@ -493,7 +443,7 @@ class Manager:
         """
         handler = self.handlers.get(type) if isinstance(type, str) else None
         if handler is None:
-            raise InvalidParams(f"unknown job type {_shown(type)} (known: "
+            raise InvalidParams(f"unknown job type {shown(type)} (known: "
                                 f"{', '.join(sorted(self.handlers))})", field="type")
         params = dict(project_id=project_id, options=options, priority=priority,
                       metadata=metadata, description=description, timeout_s=timeout_s,
@@ -502,11 +452,8 @@ class Manager:
             draft = await asyncio.to_thread(self._draft, scope, handler, **params)
         else:
             draft = self._draft(scope, handler, **params)
-        ex = self.config.execution
         job, deduplicated = await asyncio.wrap_future(self.store.submit_job_async(
-            draft, actor=scope.actor, dedupe=handler.exclusive,
-            max_queued_per_user=ex.max_queued_per_user, max_queued_total=ex.max_queued_total,
-            refuse_new=self._refusal()))
+            draft, actor=scope.actor, rules=self._rules()))
         if not deduplicated:
             log.info("job_submitted", job_id=job.id, user_id=job.user_id, type=job.type,
                      project_id=job.project_id, actor=scope.actor)
@@ -530,23 +477,15 @@ class Manager:
             raise InvalidParams("metadata must be an object", field="metadata")
         _json_size(metadata, "metadata", MAX_METADATA)
         if description is not None:
-            if (not isinstance(description, str)
-                    or len(_utf8(description, "description")) > MAX_DESCRIPTION):
-                raise InvalidParams(f"description must be text of at most 1 KiB as UTF-8 "
-                                    f"(got {_shown(description)})", field="description")
-        if isinstance(priority, bool) or not isinstance(priority, int) or not -100 <= priority <= 100:
-            raise InvalidParams(f"priority must be an integer from -100 to 100 (got "
-                                f"{_shown(priority)})", field="priority")
+            text(description, "description", max_bytes=MAX_DESCRIPTION)
+        integer(priority, "priority", -100, 100)
         if priority > 0 and not scope.may_raise_priority:
             raise Forbidden("only admins and services may set a priority above 0",
                             field="priority")
         if timeout_s is not None:
             timeout_s = self._timeout(scope, timeout_s)
         if idempotency_key is not None:
-            if not isinstance(idempotency_key, str) or not 0 < len(idempotency_key) <= 128:
-                raise InvalidParams(f"idempotency_key must be 1 to 128 characters (got "
-                                    f"{_shown(idempotency_key)})", field="idempotency_key")
-            _utf8(idempotency_key, "idempotency_key")
+            text(idempotency_key, "idempotency_key", min_chars=1, max_chars=128)
         if "repo_path" in options and not scope.may_repo_path:
             raise Forbidden("only admins and services may pass options.repo_path",
                             field="options.repo_path")
@@ -562,18 +501,17 @@ class Manager:
         """A submit's ``timeout_s`` (SPEC §3a): 0 is no limit (services and admins only);
         a plain user asks from 1 s up to ``max_timeout``."""
         if scope.may_any_timeout:
-            return _number(timeout_s, "timeout_s", 0, None, " seconds (0: no limit)")
+            return number(timeout_s, "timeout_s", 0, None, " seconds (0: no limit)")
         high = self.config.execution.max_timeout
         bound = "" if high is None else "the max_timeout; "
-        return _number(timeout_s, "timeout_s", 1, high,
+        return number(timeout_s, "timeout_s", 1, high,
                        f" seconds ({bound}0, no limit, is for services and admins)")
 
     def _selection(self, scope: Scope, method: str, job_id: Any, filter: Any,
                    dry_run: Any) -> tuple[Job | None, dict[str, Any]]:
         """What a cancel or retry acts on: one job (found and in scope), or the store's
         filters of a ``filter`` (admins, and services acting with as_admin)."""
-        if not isinstance(dry_run, bool):
-            raise InvalidParams("dry_run must be true or false", field="dry_run")
+        flag(dry_run, "dry_run")
         if (job_id is None) == (filter is None):
             raise InvalidParams(f"{method} takes job_id (one job) or filter (every job it "
                                 f"matches): exactly one of them",
@@ -590,7 +528,7 @@ class Manager:
                             f"with as_admin; name each job by job_id instead", field="filter")
         if not isinstance(filter, dict):
             raise InvalidParams(f"filter must be an object of {', '.join(FILTER_KEYS)} "
-                                f"(got {_shown(filter)})", field="filter")
+                                f"(got {shown(filter)})", field="filter")
         unknown = sorted(set(filter) - set(FILTER_KEYS))
         if unknown:
             raise InvalidParams(f"filter.{unknown[0]} is not a filter (known: "
@@ -603,18 +541,35 @@ class Manager:
         return {"jobs": [job.id for job in jobs], "count": len(jobs), "more": more,
                 "dry_run": dry_run}
 
-    def cancel(self, scope: Scope, job_id: Any = None, filter: Any = None,
-               dry_run: Any = False) -> dict[str, Any]:
+    async def cancel(self, scope: Scope, job_id: Any = None, filter: Any = None,
+                     dry_run: Any = False, wait: Any = False) -> dict[str, Any]:
         """Cancel queued jobs at once; for running ones, ask the engine to stop them.
 
-        One job (``job_id``: the job is answered) or every active job ``filter`` matches,
-        up to MAX_BULK in one transaction (``{jobs, count, more, dry_run}``).
+        One job (``job_id``: the job is answered; with ``wait``, once it has stopped,
+        within ``cancel_grace`` and a little) or every active job ``filter`` matches, up
+        to MAX_BULK in one transaction (``{jobs, count, more, dry_run}``).
         """
+        flag(wait, "wait")
+        if wait and filter is not None:
+            raise InvalidParams("wait goes with job_id; after a filtered cancel, wait on "
+                                "each job it answered", field="wait")
+        answer = await asyncio.to_thread(self._cancel, scope, job_id, filter, dry_run)
+        if wait and answer["status"] == JobStatus.RUNNING:
+            answer = await self._watch(scope, answer["id"],
+                                       self.config.execution.cancel_grace + 2, lambda job: False)
+        return answer
+
+    def _cancel(self, scope: Scope, job_id: Any, filter: Any, dry_run: Any) -> dict[str, Any]:
         one, filters = self._selection(scope, "jobs.cancel", job_id, filter, dry_run)
         try:
-            jobs, more = self.store.cancel_jobs(actor=scope.actor, limit=MAX_BULK,
-                                                dry_run=dry_run, **filters)
-        except Unavailable:
+            if one is None:
+                jobs, more = self.store.cancel_jobs(actor=scope.actor, limit=MAX_BULK,
+                                                    dry_run=dry_run, **filters)
+            else:
+                jobs, more = [self.store.cancel_job(one.id, actor=scope.actor)], False
+        except StateConflict:
+            jobs, more = [], False  # cancelled or stopping already: answered below
+        except StorageUnavailable:
             if one is None or one.status is not JobStatus.RUNNING:
                 raise
             # storage full or read-only: the engine still stops the job, and records it
@@ -656,17 +611,21 @@ class Manager:
             if one.status not in retryable:
                 raise Conflict(f"job {one.id} is {one.status}; only failed or cancelled jobs "
                                f"can be retried", detail={"status": str(one.status)})
-        jobs, more = self.store.retry_jobs(
-            actor=scope.actor, limit=MAX_BULK, dry_run=dry_run, exclude_types=denied,
-            max_queued_per_user=self.config.execution.max_queued_per_user, **filters)
+        if one is None:
+            jobs, more = self.store.retry_jobs(actor=scope.actor, limit=MAX_BULK,
+                                               rules=self._rules(), dry_run=dry_run,
+                                               exclude_types=denied, **filters)
+        else:
+            try:
+                jobs, more = [self.store.retry_job(one.id, actor=scope.actor,
+                                                   rules=self._rules())], False
+            except StateConflict as e:  # it changed meanwhile
+                raise Conflict(f"job {one.id} is {e.status}; only failed or cancelled jobs "
+                               f"can be retried", detail={"status": e.status}) from None
         for job in jobs if not dry_run else ():
             log.info("job_retried", job_id=job.id, actor=scope.actor)
         if one is None:
             return self._touched(jobs, more, dry_run)
-        if not jobs:  # it changed meanwhile
-            job = self.store.get_job(one.id)
-            raise Conflict(f"job {job.id} is {job.status}; only failed or cancelled jobs can "
-                           f"be retried", detail={"status": str(job.status)})
         return self._view(jobs[0])
 
     # -- admin ---------------------------------------------------------------------------
@@ -686,9 +645,8 @@ class Manager:
         if not scope.may_stats:
             raise Forbidden(_admin_only("admin.cleanup", scope))
         if older_than_s is not None:
-            older_than_s = _number(older_than_s, "older_than_s", 0, 100 * 366 * 86400)
-        if not isinstance(dry_run, bool):
-            raise InvalidParams("dry_run must be true or false", field="dry_run")
+            older_than_s = number(older_than_s, "older_than_s", 0, 100 * 366 * 86400)
+        flag(dry_run, "dry_run")
         return self.run_cleanup(older_than_s=older_than_s, dry_run=dry_run, actor=scope.actor)
 
     def run_cleanup(self, *, older_than_s: float | None = None, dry_run: bool = False,
@@ -729,14 +687,10 @@ class Manager:
         ``enabled`` only report. The answer says whether the daemon is drained."""
         if not scope.may_pause:
             raise Forbidden(_admin_only("admin.maintenance", scope))
-        if enabled is not None and not isinstance(enabled, bool):
-            raise InvalidParams(f"enabled must be true or false (got {_shown(enabled)})",
-                                field="enabled")
+        if enabled is not None:
+            flag(enabled, "enabled")
         if reason is not None:
-            if not isinstance(reason, str) or len(reason) > MAX_REASON:
-                raise InvalidParams(f"reason must be text of at most {MAX_REASON} characters "
-                                    f"(got {_shown(reason)})", field="reason")
-            _utf8(reason, "reason")
+            text(reason, "reason", max_chars=MAX_REASON)
             if enabled is not True:
                 raise InvalidParams("reason goes with enabled: true (it is told to everyone "
                                     "refused while maintenance is on)", field="reason")
@@ -758,3 +712,16 @@ class Manager:
 
     def uptime_s(self) -> float:
         return round(time.monotonic() - self.started, 3)
+
+
+def jobd_error(e: StoreError) -> JobdError:
+    """The one place a store error becomes what the client hears."""
+    if isinstance(e, JobNotFound):
+        return NotFound(str(e), field="job_id")
+    if isinstance(e, StateConflict):
+        return Conflict(str(e), detail={"status": e.status})
+    if isinstance(e, DuplicateId):
+        return Conflict(str(e), field="id")
+    if isinstance(e, StorageUnavailable):
+        return Unavailable(str(e))
+    return Unavailable(f"storage unusable: {e}")

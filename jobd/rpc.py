@@ -34,7 +34,8 @@ from jsonrpcserver.response import to_serializable_one
 from jobd import auth, errors
 from jobd.auth import Caller
 from jobd.models import RawJSON
-from jobd.manager import Manager
+from jobd.manager import Manager, jobd_error
+from jobd.store import StoreError
 from jobd.server import Connection
 
 __all__ = ["MAX_DEPTH", "Rpc", "error_line"]
@@ -375,21 +376,9 @@ class Rpc:
         async def ping(caller: Caller) -> Any:
             return m.ping(caller)
 
-        async def cancel(scope: auth.Scope, job_id: Any = None, wait: Any = False,
-                         filter: Any = None, dry_run: Any = False) -> Any:
-            if not isinstance(wait, bool):
-                raise errors.InvalidParams("wait must be true or false", field="wait")
-            if wait and filter is not None:
-                raise errors.InvalidParams("wait goes with job_id; after a filtered cancel, "
-                                           "wait on each job it answered", field="wait")
-            job = await self.offload(m.cancel, scope, job_id, filter, dry_run)
-            if wait and job["status"] == "running":
-                job = await m.wait_stopped(scope, job_id)
-            return job
-
         scoped_methods = {
             "jobs.submit": m.submit, "jobs.get": m.get, "jobs.list": m.list,
-            "jobs.cancel": cancel, "jobs.retry": m.retry, "jobs.wait": m.wait,
+            "jobs.cancel": m.cancel, "jobs.retry": m.retry, "jobs.wait": m.wait,
             "jobs.events": m.events, "jobs.logs": m.logs, "admin.stats": m.stats,
             "admin.cleanup": m.cleanup, "admin.pause": m.pause, "admin.resume": m.resume,
             "admin.maintenance": m.maintenance,
@@ -411,6 +400,9 @@ def _answer(method: Callable[..., Awaitable[Any]], signature_of: Callable[..., A
             return Success(await method(caller, **params))
         except errors.JobdError as e:
             return Error(e.code, e.message, e.data())
+        except StoreError as e:
+            err = jobd_error(e)
+            return Error(err.code, err.message, err.data())
         except Exception:
             log.exception("rpc_method_crashed", method=getattr(signature_of, "__name__", "?"))
             crash = errors.InternalError()  # the client gets no traceback

@@ -7,11 +7,10 @@ progress and stopping as soon as it is cancelled.
 
 from __future__ import annotations
 
-import math
 import time
 from typing import TYPE_CHECKING, Any
 
-from jobd import errors
+from jobd.params import number
 from jobd.handlers import Cancelled, Handler, JobContext, reject_unknown
 
 if TYPE_CHECKING:
@@ -36,10 +35,7 @@ class NoopHandler(Handler):
                  trusted: bool, config: Config) -> dict[str, Any]:
         reject_unknown(options, ("seconds",))
         seconds = options.get("seconds", 0)
-        if (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
-                or not math.isfinite(seconds) or not 0 <= seconds <= MAX_SECONDS):
-            raise errors.InvalidParams(f"seconds must be a number from 0 to {MAX_SECONDS}",
-                                       field="options.seconds")
+        number(seconds, "options.seconds", 0, MAX_SECONDS)
         return {"seconds": seconds}
 
     def run(self, ctx: JobContext) -> dict[str, Any]:

@@ -3,6 +3,7 @@ config, ends the store refuses, and ends that wait for a full disk."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import threading
 import time
@@ -18,7 +19,7 @@ from jobd.attempt import Attempt, StopReason, outcome
 from jobd.config import Config, load
 from jobd.engine import Engine
 from jobd.handlers import Cancelled, Handler, JobContext, JobFailed, load_handlers
-from jobd.models import TERMINAL, Job, JobStatus
+from jobd.models import Job, JobStatus
 from jobd.store import Listeners, Store
 
 
@@ -228,11 +229,14 @@ class Refusing(Store):
     refuse: set[str] = set()
     refusals = 0
 
-    def _transition(self, tx: Any, job_id: str, to: JobStatus, *args: Any) -> Job:
-        if job_id in self.refuse and to in TERMINAL and self.refusals > 0:
+    def finish_job_async(self, job_id: str, status: JobStatus,
+                         **kw: Any) -> concurrent.futures.Future[Job]:
+        if job_id in self.refuse and self.refusals > 0:
             type(self).refusals -= 1
-            raise ValueError(f"refused {to} for {job_id}")
-        return super()._transition(tx, job_id, to, *args)
+            refused: concurrent.futures.Future[Job] = concurrent.futures.Future()
+            refused.set_exception(ValueError(f"refused {status} for {job_id}"))
+            return refused
+        return super().finish_job_async(job_id, status, **kw)
 
 
 def test_an_end_refused_twice_is_retried_until_it_is_recorded(rig: Callable[..., Rig]) -> None:

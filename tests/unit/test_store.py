@@ -4,8 +4,8 @@ listing and paging, submit rules, cleanup, the clean-shutdown marker and the ind
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
+import re
 import sqlite3
 import subprocess
 import sys
@@ -18,9 +18,12 @@ from typing import Any, Iterator
 
 import pytest
 
-from jobd.errors import Conflict, LimitExceeded, NotFound
+from jobd.errors import LimitExceeded
 from jobd.models import TERMINAL, TRANSITIONS, Job, JobStatus
-from jobd.store import MIGRATIONS, Store, StoreError, Tx
+from jobd.rules import Rules
+from jobd.store import DuplicateId, JobNotFound, StateConflict, Store, StoreError
+from jobd.store.db import Tx
+from jobd.store.sql import MIGRATIONS, QUERIES
 
 T0 = 1_795_000_000_000_000  # 2026-11-18, in microseconds
 
@@ -42,14 +45,39 @@ def new_job(user: str = "alice", type: str = "sync", project: str | None = "p1",
                version=0, **fields)
 
 
+#: the rules of a submit that folds the same work of the exclusive types
+DEDUPE = Rules(exclusive=frozenset({"sync", "index"}))
+
+
 def submit(store: Store, job: Job | None = None, **kw: Any) -> Job:
-    return store.submit_job(job or new_job(), actor=kw.pop("actor", "alice"), **kw)[0]
+    """Submit under the rules ``kw`` names (``max_queued_per_user``, ...)."""
+    actor = kw.pop("actor", "alice")
+    return store.submit_job(job or new_job(), actor=actor, rules=Rules(**kw))[0]
+
+
+def move(store: Store, job_id: str, to: JobStatus, *, actor: str = "jobd",
+         message: str | None = None, error: str | None = None,
+         result: dict[str, Any] | None = None, recovered: bool = False) -> Job:
+    """Take a job to ``to`` by the transition that leads there from where it is."""
+    now = store.get_job(job_id).status
+    if to is JobStatus.RUNNING:
+        return store.start_job(job_id)
+    if to is JobStatus.QUEUED and now is JobStatus.RUNNING:
+        return store.requeue_job(job_id, reason=message or "interrupted by shutdown",
+                                 recovered=recovered)
+    if to is JobStatus.QUEUED:
+        return store.retry_job(job_id, actor=actor)
+    if to is JobStatus.CANCELLED and now is JobStatus.QUEUED:
+        return store.cancel_job(job_id, actor=actor)
+    return store.finish_job(job_id, to, message=message, error=error, result=result)
 
 
 def request_cancel(store: Store, job_id: str, actor: str) -> Job:
     """The single cancel of a running job as the manager asks for it: the job as it is."""
-    jobs, _ = store.cancel_jobs(job_id=job_id, actor=actor, limit=1)
-    return jobs[0] if jobs else store.get_job(job_id)
+    try:
+        return store.cancel_job(job_id, actor=actor)
+    except StateConflict:
+        return store.get_job(job_id)
 
 
 @pytest.fixture
@@ -96,15 +124,7 @@ def queued_in_db(db: Path) -> dict[str, int]:
 
 
 def job_in(store: Store, db: Path, status: JobStatus, user: str = "alice") -> Job:
-    """A stored job in ``status``, reached by allowed transitions (``created`` by hand:
-    the store never leaves a job there)."""
-    if status is JobStatus.CREATED:
-        job_id = str(uuid.uuid4())
-        with raw(db) as conn:
-            conn.execute("INSERT INTO jobs (id, type, user_id, status, version, created_at, "
-                         "updated_at) VALUES (?, 'noop', ?, 'created', 1, 1, 1)",
-                         (job_id, user))
-        return store.get_job(job_id)
+    """A stored job in ``status``, reached by allowed transitions."""
     job = submit(store, new_job(user=user, type="noop", project=None))
     path = {
         JobStatus.QUEUED: [],
@@ -114,67 +134,97 @@ def job_in(store: Store, db: Path, status: JobStatus, user: str = "alice") -> Jo
         JobStatus.CANCELLED: [JobStatus.CANCELLED],
     }[status]
     for to in path:
-        job = store.transition(job.id, to, actor="jobd")
+        job = move(store, job.id, to)
     assert job.status is status
     return job
 
 
 # -- the state machine ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("frm,to", list(itertools.product(JobStatus, JobStatus)),
-                         ids=lambda s: str(s))
-def test_every_transition_pair(store: Store, db: Path, clock: Clock, frm: JobStatus,
-                               to: JobStatus) -> None:
-    job = job_in(store, db, frm)
-    before = row(db, job.id)
-    events_before = store.events(job.id)
-    clock.now += 1_000
-    if to in TRANSITIONS[frm]:
-        after = store.transition(job.id, to, actor="admin:root", message="why")
-        assert after.status is to
-        assert after.version > job.version
-        assert store.get_job(job.id) == after
-        event = store.events(job.id)[-1]
-        assert (event["status"], event["actor"], event["at"]) == (str(to), "admin:root",
-                                                                   clock.now)
-        assert len(store.events(job.id)) == len(events_before) + 1
-        if to is JobStatus.RUNNING:
-            assert after.attempts == job.attempts + 1 and after.started_at == clock.now
-        if to in TERMINAL:
-            assert after.completed_at == clock.now
-    else:
-        with pytest.raises(Conflict) as refused:
-            store.transition(job.id, to, actor="admin:root")
-        assert str(frm) in refused.value.message and job.id in refused.value.message
-        assert row(db, job.id) == before
-        assert store.events(job.id) == events_before
+#: every transition method, as a test calls it: (name, the call)
+METHODS: dict[str, Any] = {
+    "start_job": lambda store, job_id: store.start_job(job_id),
+    "finish_job(completed)": lambda store, job_id: store.finish_job(
+        job_id, JobStatus.COMPLETED, result={"ok": 1}),
+    "finish_job(failed)": lambda store, job_id: store.finish_job(
+        job_id, JobStatus.FAILED, error="boom"),
+    "finish_job(cancelled)": lambda store, job_id: store.finish_job(
+        job_id, JobStatus.CANCELLED, message="stopped"),
+    "cancel_job": lambda store, job_id: store.cancel_job(job_id, actor="admin:root"),
+    "retry_job": lambda store, job_id: store.retry_job(job_id, actor="admin:root"),
+    "requeue_job": lambda store, job_id: store.requeue_job(job_id, reason="interrupted"),
+}
+#: where a job may be when a method is called: every stored status, and a running job
+#: whose cancel was requested
+STARTS = ["queued", "running", "stopping", "completed", "failed", "cancelled"]
+
+
+def started_in(store: Store, db: Path, start: str) -> Job:
+    if start == "stopping":
+        job = job_in(store, db, JobStatus.RUNNING)
+        return store.cancel_job(job.id, actor="alice")
+    return job_in(store, db, JobStatus(start))
+
+
+def test_each_transition_method_moves_only_along_transitions(
+        store: Store, db: Path, clock: Clock) -> None:
+    """Every method over every starting status on a real database: each (from, to) it
+    makes is in TRANSITIONS, with its event row and a higher version; each refusal is a
+    StateConflict naming the status and leaves the row and its history as they were.
+    Together with submit_job (created -> queued) they make every allowed pair."""
+    seen: set[tuple[JobStatus, JobStatus]] = set()
+    first = submit(store)
+    assert [e["status"] for e in store.events(first.id)] == ["created", "queued"]
+    seen.add((JobStatus.CREATED, JobStatus.QUEUED))
+    for name, call in METHODS.items():
+        for start in STARTS:
+            job = started_in(store, db, start)
+            before, history = row(db, job.id), store.events(job.id)
+            clock.now += 1_000
+            try:
+                after = call(store, job.id)
+            except StateConflict as e:
+                assert (e.job_id, e.status) == (job.id, str(job.status)), (name, start)
+                assert row(db, job.id) == before and store.events(job.id) == history
+                continue
+            assert after == store.get_job(job.id) and after.version > job.version
+            event = store.events(job.id)[-1]
+            assert len(store.events(job.id)) == len(history) + 1, (name, start)
+            assert (event["status"], event["at"]) == (str(after.status), clock.now)
+            if after.status is not job.status:
+                pair = (job.status, after.status)
+                assert after.status in TRANSITIONS[job.status], (name, start, pair)
+                seen.add(pair)
+            else:  # a cancel request: the job runs on, stopping
+                assert (name, start, after.cancel_requested) == ("cancel_job", "running", True)
+            if after.status is JobStatus.RUNNING and job.status is JobStatus.QUEUED:
+                assert after.attempts == job.attempts + 1 and after.started_at == clock.now
+            assert (after.completed_at == clock.now) is (after.status in TERMINAL)
+    allowed = {(frm, to) for frm, tos in TRANSITIONS.items() for to in tos}
+    assert seen == allowed
     counted = store.queued_count("alice")
     assert queued_in_db(db) == ({"alice": counted} if counted else {})
 
 
-def test_transition_of_a_missing_job_is_not_found(store: Store) -> None:
-    with pytest.raises(NotFound):
-        store.transition(str(uuid.uuid4()), JobStatus.CANCELLED, actor="jobd")
-
-
-def test_expect_narrows_the_allowed_sources(store: Store, db: Path) -> None:
-    job = job_in(store, db, JobStatus.FAILED)
-    with pytest.raises(Conflict):
-        store.transition(job.id, JobStatus.QUEUED, actor="jobd", expect=[JobStatus.RUNNING])
-    assert store.get_job(job.id).status is JobStatus.FAILED
+@pytest.mark.parametrize("name", list(METHODS))
+def test_a_transition_of_a_missing_job_is_not_found(store: Store, name: str) -> None:
+    missing = str(uuid.uuid4())
+    with pytest.raises(JobNotFound) as refused:
+        METHODS[name](store, missing)
+    assert refused.value.job_id == missing and missing in str(refused.value)
 
 
 def test_retry_clears_the_attempt_but_resume_keeps_progress(store: Store, db: Path) -> None:
     job = job_in(store, db, JobStatus.RUNNING)
     store.update_progress(job.id, progress=40.0, phase="indexing", message="half",
                           actor="jobd").result()
-    resumed = store.transition(job.id, JobStatus.QUEUED, actor="jobd", recovered=True,
+    resumed = move(store, job.id, JobStatus.QUEUED, actor="jobd", recovered=True,
                                message="recovered after restart")
     assert (resumed.progress, resumed.phase, resumed.recoveries) == (40.0, "indexing", 1)
-    store.transition(job.id, JobStatus.RUNNING, actor="jobd")
-    failed = store.transition(job.id, JobStatus.FAILED, actor="jobd", error="boom")
+    move(store, job.id, JobStatus.RUNNING, actor="jobd")
+    failed = move(store, job.id, JobStatus.FAILED, actor="jobd", error="boom")
     assert failed.error == "boom" and failed.attempts == 2
-    retried = store.transition(job.id, JobStatus.QUEUED, actor="alice")
+    retried = move(store, job.id, JobStatus.QUEUED, actor="alice")
     assert (retried.progress, retried.phase, retried.error, retried.completed_at) == (
         0.0, None, None, None)
     assert retried.attempts == 2
@@ -188,32 +238,37 @@ def test_racing_transitions_exactly_one_wins(db: Path) -> None:
         for round in range(60):
             job = submit(first)
             barrier = threading.Barrier(2)
-            outcome: list[Job | Conflict] = []
+            outcome: list[Job | StateConflict] = []
             # even rounds: two workers start the same job; odd: a start races a cancel
-            # of a queued job (expect=queued, as cancelling a queued job does)
-            moves = [(first, JobStatus.RUNNING, None), (second, JobStatus.RUNNING, None)]
+            moves = [(first, "start_job"), (second, "start_job")]
             if round % 2:
-                moves[1] = (second, JobStatus.CANCELLED, [JobStatus.QUEUED])
+                moves[1] = (second, "cancel_job")
 
-            def move(store: Store, to: JobStatus, expect: list[JobStatus] | None) -> None:
+            def race(store: Store, name: str) -> None:
                 barrier.wait()
                 try:
-                    outcome.append(store.transition(job.id, to, actor="jobd", expect=expect))
-                except Conflict as e:
+                    outcome.append(METHODS[name](store, job.id))
+                except StateConflict as e:
                     outcome.append(e)
 
-            threads = [threading.Thread(target=move, args=m) for m in moves]
+            threads = [threading.Thread(target=race, args=m) for m in moves]
             for t in threads:
                 t.start()
             for t in threads:
                 t.join()
             winners = [r for r in outcome if isinstance(r, Job)]
-            assert len(winners) == 1 and len(outcome) == 2, outcome
             final = first.get_job(job.id)
-            assert final.status is winners[0].status
+            assert len(outcome) == 2, outcome
             assert final.attempts == (1 if final.status is JobStatus.RUNNING else 0)
-            assert [e["status"] for e in first.events(job.id)] == [
-                "created", "queued", str(final.status)]
+            history = [e["status"] for e in first.events(job.id)]
+            if round % 2 and len(winners) == 2:
+                # the start won, and the cancel then asked the running job to stop
+                assert final.status is JobStatus.RUNNING and final.cancel_requested
+                assert history == ["created", "queued", "running", "running"]
+            else:
+                assert len(winners) == 1, outcome
+                assert final.status is winners[0].status
+                assert history == ["created", "queued", str(final.status)]
     finally:
         first.close()
         second.close()
@@ -225,7 +280,7 @@ def test_version_only_rises_also_across_reopen(db: Path) -> None:
     job = submit(store)
     seen = [job.version]
     for to in (JobStatus.RUNNING, JobStatus.QUEUED, JobStatus.RUNNING):
-        seen.append(store.transition(job.id, to, actor="jobd").version)
+        seen.append(move(store, job.id, to, actor="jobd").version)
     seen.append(request_cancel(store, job.id, "alice").version)
     store.close()
     clock.now -= 3_600_000_000  # the clock went back an hour while jobd was down
@@ -234,7 +289,7 @@ def test_version_only_rises_also_across_reopen(db: Path) -> None:
         seen.append(store.get_job(job.id).version)
         seen.append(store.update_progress(job.id, progress=5, phase=None,
                                           message=None).result().version)
-        seen.append(store.transition(job.id, JobStatus.CANCELLED, actor="jobd").version)
+        seen.append(move(store, job.id, JobStatus.CANCELLED, actor="jobd").version)
     finally:
         store.close()
     assert seen[5] == seen[4]
@@ -246,7 +301,7 @@ def test_version_only_rises_also_across_reopen(db: Path) -> None:
 
 def test_a_version_1_database_is_upgraded_and_keeps_its_rows(db: Path) -> None:
     conn = sqlite3.connect(db, isolation_level=None)
-    conn.executescript(MIGRATIONS[0])  # as the first release of jobd left it
+    conn.executescript(MIGRATIONS[0][2])  # as the first release of jobd left it
     conn.execute("PRAGMA user_version = 1")
     conn.execute("INSERT INTO jobs (id, type, user_id, project_id, status, version, "
                  "created_at, updated_at, options) VALUES "
@@ -298,11 +353,11 @@ def test_list_filters_newest_first(store: Store, clock: Clock) -> None:
         clock.now += 1_000_000
         job = submit(store, new_job(user=user, type=type, project=project))
         if status is JobStatus.CANCELLED:
-            store.transition(job.id, status, actor="jobd")
+            move(store, job.id, status, actor="jobd")
         elif status is not JobStatus.QUEUED:
-            store.transition(job.id, JobStatus.RUNNING, actor="jobd")
+            move(store, job.id, JobStatus.RUNNING, actor="jobd")
             if status is not JobStatus.RUNNING:
-                store.transition(job.id, status, actor="jobd")
+                move(store, job.id, status, actor="jobd")
         jobs.append(job)
 
     def ids(**filters: Any) -> list[str]:
@@ -361,18 +416,18 @@ def test_idempotency_key_is_per_user(store: Store) -> None:
     assert again.id == first.id
     assert other.id != first.id and other.user_id == "bob"
     # the key still answers once the job has finished
-    store.transition(first.id, JobStatus.CANCELLED, actor="alice")
+    move(store, first.id, JobStatus.CANCELLED, actor="alice")
     assert store.submit_job(new_job(idempotency_key="k1"), actor="alice")[0].id == first.id
     assert store.queued_count("alice") == 0 and store.queued_count("bob") == 1
 
 
 def test_dedupe_of_a_queued_sync_keeps_full_reindex(store: Store, db: Path) -> None:
     first, dup = store.submit_job(new_job(options={"branch": "main"}), actor="alice",
-                                  dedupe=True)
+                                  rules=DEDUPE)
     full, dup_full = store.submit_job(new_job(options={"branch": "main", "full_reindex": True}),
-                                      actor="alice", dedupe=True)
+                                      actor="alice", rules=DEDUPE)
     plain, dup_plain = store.submit_job(new_job(options={"branch": "main"}), actor="alice",
-                                        dedupe=True)
+                                        rules=DEDUPE)
     assert (dup, dup_full, dup_plain) == (False, True, True)
     assert first.id == full.id == plain.id
     assert full.options == {"branch": "main", "full_reindex": True}
@@ -381,19 +436,19 @@ def test_dedupe_of_a_queued_sync_keeps_full_reindex(store: Store, db: Path) -> N
     assert store.get_job(first.id).options["full_reindex"] is True
     # another project, another type, another user, or no dedupe asked: new jobs
     others = [
-        store.submit_job(new_job(project="p2"), actor="alice", dedupe=True),
-        store.submit_job(new_job(type="index"), actor="alice", dedupe=True),
-        store.submit_job(new_job(user="bob"), actor="bob", dedupe=True),
+        store.submit_job(new_job(project="p2"), actor="alice", rules=DEDUPE),
+        store.submit_job(new_job(type="index"), actor="alice", rules=DEDUPE),
+        store.submit_job(new_job(user="bob"), actor="bob", rules=DEDUPE),
         store.submit_job(new_job(), actor="alice"),
     ]
     assert all(not d for _, d in others)
     assert len({j.id for j, _ in others} | {first.id}) == 5
     # a running sync does not absorb a new one: the new one queues behind it
-    store.transition(first.id, JobStatus.RUNNING, actor="jobd")
+    move(store, first.id, JobStatus.RUNNING, actor="jobd")
     for job, _ in others:
         if job.user_id == "alice" and job.type == "sync" and job.project_id == "p1":
-            store.transition(job.id, JobStatus.CANCELLED, actor="alice")
-    behind, dup_behind = store.submit_job(new_job(), actor="alice", dedupe=True)
+            move(store, job.id, JobStatus.CANCELLED, actor="alice")
+    behind, dup_behind = store.submit_job(new_job(), actor="alice", rules=DEDUPE)
     assert not dup_behind and behind.id != first.id
     assert count(db, "jobs", "user_id = 'alice' AND project_id = 'p1' AND type = 'sync' "
                  "AND status = 'queued'") == 1
@@ -409,18 +464,18 @@ def test_queue_limits_refuse_and_keep_the_counter_right(store: Store, db: Path) 
         submit(store, new_job(user="carol"), actor="carol", **limits)
     assert store.queued_count("alice") == 3 and store.queued_count() == 5
     # a duplicate id is refused inside the write and must not be counted
-    with pytest.raises(Conflict):
+    with pytest.raises(DuplicateId):
         submit(store, new_job(id=bob[0].id, user="bob"), actor="bob")
     # a write that recorded a job and then failed is rolled back, counter included
     def submit_then_fail(tx: Tx) -> None:
-        store._submit(tx, new_job(user="dave"), "dave", False, None, None)
+        store._submit(tx, new_job(user="dave"), "dave", Rules())
         raise RuntimeError("the rest of this write failed")
     with pytest.raises(RuntimeError):
         store.write(submit_then_fail)
     assert store.queued_count("dave") == 0 and store.queued_count() == 5
     # leaving the queue frees a place
-    store.transition(alice[0].id, JobStatus.RUNNING, actor="jobd")
-    store.transition(alice[1].id, JobStatus.CANCELLED, actor="alice")
+    move(store, alice[0].id, JobStatus.RUNNING, actor="jobd")
+    move(store, alice[1].id, JobStatus.CANCELLED, actor="alice")
     assert store.queued_count("alice") == 1
     submit(store, new_job(), **limits)
     assert queued_in_db(db) == {"alice": 2, "bob": 2}
@@ -489,7 +544,7 @@ def test_group_commit_concurrent_submits_all_stored(store: Store, db: Path) -> N
 def test_events_oldest_first_with_actors(store: Store, clock: Clock) -> None:
     job = submit(store, actor="service:cidx")
     clock.now += 10
-    store.transition(job.id, JobStatus.RUNNING, actor="jobd")
+    move(store, job.id, JobStatus.RUNNING, actor="jobd")
     clock.now += 10
     store.update_progress(job.id, progress=10, phase="git_sync", message="fetching",
                           actor="jobd").result()
@@ -498,7 +553,7 @@ def test_events_oldest_first_with_actors(store: Store, clock: Clock) -> None:
     request_cancel(store, job.id, "admin:root")
     request_cancel(store, job.id, "admin:root")  # asking twice records it once
     clock.now += 10
-    store.transition(job.id, JobStatus.CANCELLED, actor="jobd", message="stopped")
+    move(store, job.id, JobStatus.CANCELLED, actor="jobd", message="stopped")
     events = store.events(job.id)
     assert [(e["status"], e["phase"], e["actor"], e["message"]) for e in events] == [
         ("created", None, "service:cidx", None),
@@ -510,7 +565,7 @@ def test_events_oldest_first_with_actors(store: Store, clock: Clock) -> None:
     ]
     assert [e["at"] for e in events] == sorted(e["at"] for e in events)
     assert store.get_job(job.id).message == "stopped"
-    with pytest.raises(NotFound):
+    with pytest.raises(JobNotFound):
         store.events(str(uuid.uuid4()))
 
 
@@ -524,7 +579,8 @@ def test_checkpoints_save_replace_load(store: Store) -> None:
     store.save_checkpoint(other.id, "init", {"repo": "/other"})
     assert store.load_checkpoints(job.id) == {"init": {"repo": "/r"},
                                               "git_sync": {"old": "a", "new": "c"}}
-    store.write(lambda tx: store.clear_checkpoints(tx, job.id))
+    move(store, job.id, JobStatus.CANCELLED)
+    move(store, job.id, JobStatus.QUEUED)  # a retry starts over
     assert store.load_checkpoints(job.id) == {}
     assert store.load_checkpoints(other.id) == {"init": {"repo": "/other"}}
 
@@ -550,7 +606,7 @@ def test_cleanup_respects_status_and_retention(store: Store, clock: Clock, db: P
     failed_recent = finished_at(store, clock, db, JobStatus.FAILED, recent)
     # a retried job finished long ago, now queued again: active, kept
     retried = finished_at(store, clock, db, JobStatus.FAILED, old)
-    store.transition(retried.id, JobStatus.QUEUED, actor="alice")
+    move(store, retried.id, JobStatus.QUEUED, actor="alice")
     for job in gone + [failed_old]:
         store.save_checkpoint(job.id, "init", {"x": 1})
     store.save_checkpoint(running.id, "init", {"x": 1})
@@ -663,9 +719,9 @@ def test_a_list_by_a_time_pages_newest_first_with_jobs_without_it_last(
     # started (and completed) in an order of their own: 4, 1, 7, 2, 5; the rest never
     for i in (4, 1, 7, 2, 5):
         clock.now += 1000
-        store.transition(jobs[i].id, JobStatus.RUNNING, actor="jobd")
+        move(store, jobs[i].id, JobStatus.RUNNING, actor="jobd")
         clock.now += 1000
-        store.transition(jobs[i].id, JobStatus.COMPLETED, actor="jobd")
+        move(store, jobs[i].id, JobStatus.COMPLETED, actor="jobd")
     expected = [jobs[i].id for i in (5, 2, 7, 1, 4, 8, 6, 3, 0)]
     seen, before = [], None
     while page := store.list_wire(order=order, before=before, limit=2, user_id="o"):
@@ -680,7 +736,7 @@ def test_queries_use_indexes(store: Store, clock: Clock, db: Path) -> None:
         job = submit(store, new_job(user=f"u{n % 3}", project=f"p{n % 5}",
                                     idempotency_key=f"k{n}"), actor="jobd")
         if n % 2:
-            store.transition(job.id, JobStatus.CANCELLED, actor="jobd")
+            move(store, job.id, JobStatus.CANCELLED, actor="jobd")
     store.list_jobs(user_id="u1")
     store.list_jobs(statuses=["queued"])
     store.list_jobs(statuses=["completed", "failed"])
@@ -692,7 +748,7 @@ def test_queries_use_indexes(store: Store, clock: Clock, db: Path) -> None:
     store.queued_jobs()
     store.running_jobs()
     store.submit_job(new_job(user="u1", project="p1", idempotency_key="k-new"), actor="jobd",
-                     dedupe=True)
+                     rules=DEDUPE)
     list(store.cleanup(keep_before=T0 + 1, keep_failed_before=T0 + 1, chunk=5))
     list(store.cleanup(keep_before=T0 + 1, keep_failed_before=T0 + 1, dry_run=True))
 
@@ -705,22 +761,22 @@ def test_queries_use_indexes(store: Store, clock: Clock, db: Path) -> None:
     statements |= {sql for (sql,) in store.write(
         lambda tx: tx.conn.execute("SELECT sql FROM sqlite_stmt").fetchall())}
     # a migration's one-time statements may scan; the queries of daily work may not
-    from jobd.store import _REPAIR_JSON_SQL
-    one_time = [*(step for m in MIGRATIONS for step in (m if isinstance(m, tuple) else (m,))
-                  if isinstance(step, str)), *_REPAIR_JSON_SQL]
+    one_time = [*(script for _, _, script in MIGRATIONS), QUERIES["find_broken_json"],
+                QUERIES["repair_json"], QUERIES["queued_per_user"]]
     queries = {s for s in statements if " jobs" in s and "sqlite_stmt" not in s
                and s.lstrip().upper().startswith(("SELECT", "UPDATE", "DELETE"))
                and not any(s.strip() in m for m in one_time)}
-    wanted = ["user_id = ?", "status IN (?)", "project_id = ?", "id >= ?",
-              "status = 'queued' ORDER BY priority", "idempotency_key = ?",
-              "AND type = ? AND status = 'queued'", "DELETE FROM jobs",
-              "(ifnull(started_at, -1), seq) < (?, ?)", "ORDER BY ifnull(completed_at, -1)"]
+    wanted = ["user_id = :user_id", "status IN (:status0)", "project_id = :project_id",
+              "id >= :prefix_low", "status = 'queued' ORDER BY priority",
+              "idempotency_key = :key", "AND type = :type AND status = 'queued'",
+              "DELETE FROM jobs", "(ifnull(started_at, -1), seq) < (:before_key, :before_seq)",
+              "ORDER BY ifnull(completed_at, -1)"]
     for part in wanted:
         assert any(part in q for q in queries), f"no statement with {part!r} seen"
     with raw(db) as conn:
         for sql in queries:
-            plan = [r[3] for r in conn.execute(f"EXPLAIN QUERY PLAN {sql}",
-                                               (None,) * sql.count("?"))]
+            names = dict.fromkeys(re.findall(r":(\w+)", sql))
+            plan = [r[3] for r in conn.execute(f"EXPLAIN QUERY PLAN {sql}", names)]
             scans = [p for p in plan if p.startswith("SCAN jobs") and "INDEX" not in p]
             assert not scans, f"{sql}\n  plan: {plan}"
             if sql.startswith("DELETE FROM jobs"):
@@ -733,10 +789,9 @@ def test_queries_use_indexes(store: Store, clock: Clock, db: Path) -> None:
 def test_a_job_whose_cancel_was_asked_for_ends_cancelled_whatever_it_did(
         store: Store, end: JobStatus) -> None:
     job = submit(store)
-    store.transition(job.id, JobStatus.RUNNING, actor="jobd")
+    move(store, job.id, JobStatus.RUNNING, actor="jobd")
     request_cancel(store, job.id, "bob")
-    done = store.transition(job.id, end, actor="jobd", expect=[JobStatus.RUNNING],
-                            error="boom" if end is JobStatus.FAILED else None,
+    done = store.finish_job(job.id, end, error="boom" if end is JobStatus.FAILED else None,
                             result={"x": 1} if end is JobStatus.COMPLETED else None)
     assert done.status is JobStatus.CANCELLED
     assert done.cancel_requested is False and done.error is None and done.result is None
@@ -755,14 +810,14 @@ def test_the_wire_shape_sqlite_builds_is_the_one_job_to_dict_gives(store: Store)
     rich = submit(store, new_job(project="p2", options={"branch": "main", "list": [1, "é"]},
                                  metadata={"quote": "a \"b\"\n\tc", "n": 1.5},
                                  description="über", timeout_s=12.5))
-    store.transition(rich.id, JobStatus.RUNNING, actor="jobd")
+    move(store, rich.id, JobStatus.RUNNING, actor="jobd")
     store.update_progress(rich.id, progress=33.33333, phase="indexing",
                           message="tab\there").result()
     request_cancel(store, rich.id, "bob")
-    store.transition(rich.id, JobStatus.CANCELLED, actor="jobd")
+    move(store, rich.id, JobStatus.CANCELLED, actor="jobd")
     done = submit(store, new_job(project="p3"))
-    store.transition(done.id, JobStatus.RUNNING, actor="jobd")
-    store.transition(done.id, JobStatus.COMPLETED, actor="jobd", result={"files": 3})
+    move(store, done.id, JobStatus.RUNNING, actor="jobd")
+    move(store, done.id, JobStatus.COMPLETED, actor="jobd", result={"files": 3})
     wire = {json.loads(text)["id"]: json.loads(text) for _, _, _, text in store.list_wire()}
     for job_id in (plain.id, rich.id, done.id):
         assert wire[job_id] == store.get_job(job_id).to_dict()

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from conftest import OTHER_UID_PYTHON
-from jobd.errors import Conflict, Unavailable
 from jobd.models import Job, JobStatus
-from jobd.store import Corrupt, Store, StoreError, backup, check, recover
+from jobd.store import Corrupt, DuplicateId, StorageFull, Store, StoreError
+from jobd.store.tools import backup, check, recover
 
 
 def new_job(user: str = "alice", metadata: dict[str, str] | None = None,
@@ -52,7 +52,8 @@ def bulk(db: Path, jobs: int, payload: int) -> None:
         conn.execute("BEGIN")
         conn.executemany(
             "INSERT INTO jobs (id, type, user_id, status, version, created_at, updated_at, "
-            "metadata) VALUES (?, 'noop', 'bulk', 'completed', 1, 1, 1, ?)",
+            "completed_at, "
+            "metadata) VALUES (?, 'noop', 'bulk', 'completed', 1, 1, 1, 1, ?)",
             ((str(uuid.uuid4()), "x" * payload) for _ in range(jobs)))
         conn.execute("COMMIT")
 
@@ -147,14 +148,14 @@ def test_a_full_disk_refuses_writes_keeps_what_is_stored_and_recovers(
         for _ in range(100):
             try:
                 stored.append(store.submit_job(new_job(metadata=big), actor="alice")[0])
-            except Unavailable as e:
+            except StorageFull as e:
                 assert "storage full" in str(e)
                 break
         else:
             pytest.fail("100 jobs of 60 KB fitted on a 2 MiB disk")
         assert stored
         # one write larger than the whole disk fails inside the transaction, not at commit
-        with pytest.raises(Unavailable, match="storage full"):
+        with pytest.raises(StorageFull, match="storage full"):
             store.submit_job(new_job(metadata={"blob": "h" * 3_000_000}), actor="alice")
 
         # every acknowledged job is still there and reads still work
@@ -167,7 +168,7 @@ def test_a_full_disk_refuses_writes_keeps_what_is_stored_and_recovers(
         after = store.submit_job(new_job(metadata={"small": "yes"}), actor="alice")[0]
         assert store.get_job(after.id).status is JobStatus.QUEUED
         assert store.queued_count("alice") == len(stored) + 1
-        assert store.transition(stored[0].id, JobStatus.CANCELLED, actor="alice").status is (
+        assert store.cancel_job(stored[0].id, actor="alice").status is (
             JobStatus.CANCELLED)
     finally:
         store.close()
@@ -177,7 +178,7 @@ def test_a_duplicate_id_is_a_conflict_naming_it(tmp_path: Path) -> None:
     store = Store(tmp_path / "jobd.db").open()
     try:
         first = store.submit_job(new_job(job_id="0123abcd-dup"), actor="alice")[0]
-        with pytest.raises(Conflict, match="0123abcd-dup"):
+        with pytest.raises(DuplicateId, match="0123abcd-dup"):
             store.submit_job(new_job(user="bob", job_id="0123abcd-dup"), actor="bob")
         assert store.get_job("0123abcd-dup") == first
         assert store.queued_count("bob") == 0

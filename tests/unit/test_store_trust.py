@@ -10,9 +10,11 @@ from typing import Iterator
 import pytest
 
 from jobd.models import JobStatus
-from jobd.store import MIGRATIONS, WEIGHT_BYTES, Listeners, Store
+from jobd.store import Listeners, Store
+from jobd.store.sql import MIGRATIONS
+from jobd.store.sqlite import WEIGHT_BYTES
 
-from test_store import Clock, new_job, raw, submit
+from test_store import Clock, move, new_job, raw, submit
 
 BAD = "caf\udce9.txt"  # what surrogateescape makes of the bytes b"caf\xe9.txt"
 
@@ -31,17 +33,17 @@ def capped(tmp_path: Path, forgotten: list[str]) -> Iterator[Store]:
 
 
 def finish(store: Store, job_id: str, to: JobStatus = JobStatus.COMPLETED) -> None:
-    store.transition(job_id, JobStatus.RUNNING, actor="jobd")
-    store.transition(job_id, to, actor="jobd", error="no" if to is JobStatus.FAILED else None)
+    move(store, job_id, JobStatus.RUNNING, actor="jobd")
+    move(store, job_id, to, actor="jobd", error="no" if to is JobStatus.FAILED else None)
 
 
 # -- text ---------------------------------------------------------------------------------
 
 def test_an_end_whose_text_is_not_utf8_is_recorded_escaped(capped: Store) -> None:
     job = submit(capped, new_job(type="command", project=None))
-    capped.transition(job.id, JobStatus.RUNNING, actor="jobd")
+    move(capped, job.id, JobStatus.RUNNING, actor="jobd")
     capped.update_progress(job.id, progress=10, phase="git\udcff", message=BAD).result()
-    done = capped.transition(job.id, JobStatus.FAILED, actor="jobd",
+    done = move(capped, job.id, JobStatus.FAILED, actor="jobd",
                              error=f"merge conflicts in {BAD}", result={"file": BAD})
     assert done.status is JobStatus.FAILED
     assert done.error == "merge conflicts in caf\\udce9.txt"
@@ -102,9 +104,9 @@ def test_a_retried_job_no_longer_counts_until_it_ends_again(capped: Store) -> No
     job = submit(capped, new_job())
     finish(capped, job.id, JobStatus.FAILED)
     assert capped.stored_weight("alice") == 1
-    capped.transition(job.id, JobStatus.QUEUED, actor="alice")
+    move(capped, job.id, JobStatus.QUEUED, actor="alice")
     assert capped.stored_weight("alice") == 0
-    capped.transition(job.id, JobStatus.CANCELLED, actor="alice")
+    move(capped, job.id, JobStatus.CANCELLED, actor="alice")
     assert capped.stored_weight("alice") == 1
 
 
@@ -121,7 +123,7 @@ def test_cleanup_applies_a_lowered_limit(capped: Store, forgotten: list[str]) ->
 def test_the_migration_weighs_jobs_stored_before_it(tmp_path: Path) -> None:
     db = tmp_path / "old.db"
     conn = sqlite3.connect(db, isolation_level=None)
-    for number, script in enumerate(MIGRATIONS[:2], 1):
+    for number, _, script in MIGRATIONS[:2]:
         conn.executescript(script)
         conn.execute(f"PRAGMA user_version = {number}")
     for seq, status, metadata in ((1, "completed", "{}"), (2, "failed", '{"b":"%s"}' % ("x" * 9000)),
@@ -142,7 +144,7 @@ def test_the_migration_weighs_jobs_stored_before_it(tmp_path: Path) -> None:
 def test_the_migration_repairs_stored_nan_and_infinity(tmp_path: Path) -> None:
     db = tmp_path / "old.db"
     conn = sqlite3.connect(db, isolation_level=None)
-    for number, script in enumerate(MIGRATIONS[:2], 1):
+    for number, _, script in MIGRATIONS[:2]:
         conn.executescript(script)
         conn.execute(f"PRAGMA user_version = {number}")
     conn.execute("INSERT INTO jobs (id, type, user_id, status, options, metadata, version, "
@@ -162,7 +164,7 @@ def test_the_migration_repairs_stored_nan_and_infinity(tmp_path: Path) -> None:
 def test_the_migration_repair_keeps_strings_and_keeps_unparsable_text(tmp_path: Path) -> None:
     db = tmp_path / "old.db"
     conn = sqlite3.connect(db, isolation_level=None)
-    for number, script in enumerate(MIGRATIONS[:2], 1):
+    for number, _, script in MIGRATIONS[:2]:
         conn.executescript(script)
         conn.execute(f"PRAGMA user_version = {number}")
     rows = (

@@ -1,0 +1,36 @@
+"""The store's SQL: named queries (``queries.sql``) and numbered migrations.
+
+``queries.sql`` holds every statement the store runs, each after a ``-- name --`` line
+and one comment line saying what it does (as procrastinate's). A ``{name}`` in a query
+is replaced by the query of that name (shared column lists); other braces are left for
+the caller to fill (``{where}`` of a filtered list).
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+
+__all__ = ["MIGRATIONS", "QUERIES", "parse_queries"]
+
+_NAMED = re.compile(r"(?:\n|^)-- ([a-z0-9_]+) --\n(?:-- .+\n)*", re.MULTILINE)
+
+
+def parse_queries(text: str) -> dict[str, str]:
+    """The queries of a ``queries.sql`` text by name, shared parts filled in."""
+    parts = _NAMED.split(text)[1:]  # the file's header goes
+    found = {name: sql.strip() for name, sql in zip(parts[::2], parts[1::2])}
+    include = re.compile(r"\{(%s)\}" % "|".join(map(re.escape, found)))
+    while any(include.search(sql) for sql in found.values()):
+        found = {name: include.sub(lambda m: found[m.group(1)], sql)
+                 for name, sql in found.items()}
+    return found
+
+
+_HERE = resources.files(__name__)
+QUERIES = parse_queries((_HERE / "queries.sql").read_text(encoding="utf-8"))
+#: the schema migrations in order, as (number, file name, SQL); user_version counts them
+MIGRATIONS: tuple[tuple[int, str, str], ...] = tuple(
+    (int(f.name[:4]), f.name, f.read_text(encoding="utf-8"))
+    for f in sorted((_HERE / "migrations").iterdir(), key=lambda f: f.name)
+    if f.name.endswith(".sql"))

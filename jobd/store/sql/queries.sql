@@ -1,0 +1,247 @@
+-- Every statement the store runs, by name (loaded by jobd/store/sql/__init__.py).
+-- "What does retry do to a row?": grep -A12 -- '-- retry_job --'.
+-- Timestamps are integer microseconds; a job's version is max(version + 1, now).
+
+-- job_columns --
+-- A job as jobd.store.sqlite reads it: options, metadata and result as one JSON array
+seq, id, type, user_id, project_id, status, progress, phase, message, priority,
+'[' || options || ',' || metadata || ',' || ifnull(result, 'null') || ']',
+error, attempts, recoveries, cancel_requested, version, description, timeout_s,
+idempotency_key, created_at, started_at, completed_at, updated_at
+
+-- job_wire --
+-- SPEC §2's wire shape of a job, built by SQLite (models.Job.to_dict is the reference)
+json_object('id', id, 'type', type, 'user_id', user_id, 'project_id', project_id,
+    'status', status, 'progress', round(progress, 2), 'phase', phase,
+    'message', message, 'priority', priority, 'options', json(options),
+    'metadata', json(metadata), 'result', json(result), 'error', error,
+    'attempts', attempts, 'queue_position', NULL, 'wait_reason', NULL,
+    'cancel_requested', json(CASE WHEN cancel_requested THEN 'true' ELSE 'false' END),
+    'version', version, 'description', description, 'timeout_s', timeout_s,
+    'created_at', strftime('%Y-%m-%dT%H:%M:%S', created_at / 1000000, 'unixepoch')
+        || printf('.%06dZ', created_at % 1000000),
+    'started_at', strftime('%Y-%m-%dT%H:%M:%S', started_at / 1000000, 'unixepoch')
+        || printf('.%06dZ', started_at % 1000000),
+    'completed_at', strftime('%Y-%m-%dT%H:%M:%S', completed_at / 1000000, 'unixepoch')
+        || printf('.%06dZ', completed_at % 1000000),
+    'updated_at', strftime('%Y-%m-%dT%H:%M:%S', updated_at / 1000000, 'unixepoch')
+        || printf('.%06dZ', updated_at % 1000000),
+    'eta_s', NULL)
+
+-- get_job --
+-- One job by id
+SELECT {job_columns} FROM jobs WHERE id = :job_id
+
+-- job_status --
+-- What a refused transition finds: the job's status now (no row: no such job)
+SELECT status FROM jobs WHERE id = :job_id
+
+-- find_by_idempotency_key --
+-- The job a user first submitted with this idempotency key
+SELECT {job_columns} FROM jobs WHERE user_id = :user_id AND idempotency_key = :key
+
+-- find_queued_work --
+-- The oldest queued job of the same work: user, repository and type (dedupe)
+SELECT {job_columns} FROM jobs
+WHERE user_id = :user_id AND project_id = :project_id AND type = :type AND status = 'queued'
+ORDER BY seq LIMIT 1
+
+-- set_options --
+-- A queued job's options changed by a folded submit (full_reindex asked by either)
+UPDATE jobs SET options = :options, version = max(version + 1, :now), updated_at = :now
+WHERE seq = :seq AND status = 'queued'
+RETURNING {job_columns}
+
+-- submit_job --
+-- created -> queued: a new job, admitted in the transaction that records it
+INSERT INTO jobs (id, type, user_id, project_id, status, priority, options, metadata,
+                  description, timeout_s, idempotency_key, version, created_at, updated_at,
+                  weight)
+VALUES (:id, :type, :user_id, :project_id, 'queued', :priority, :options, :metadata,
+        :description, :timeout_s, :idempotency_key, :now, :now, :now, :weight)
+
+-- submit_events --
+-- A new job's first two events: created, then queued
+INSERT INTO job_events (job, at, status, phase, progress, message, actor)
+VALUES (:seq, :now, 'created', NULL, 0, NULL, :actor),
+       (:seq, :now, 'queued', NULL, 0, NULL, :actor)
+
+-- add_event --
+-- One entry of a job's history: a status or phase change, a cancel request, a retry
+INSERT INTO job_events (job, at, status, phase, progress, message, actor)
+VALUES (:seq, :now, :status, :phase, :progress, :message, :actor)
+
+-- start_job --
+-- queued -> running: a new attempt
+UPDATE jobs SET status = 'running', version = max(version + 1, :now), updated_at = :now,
+    started_at = :now, attempts = attempts + 1, completed_at = NULL, pgid = NULL,
+    pgid_start = NULL
+WHERE id = :job_id AND status = 'queued'
+RETURNING {job_columns}
+
+-- finish_job --
+-- running -> completed | failed | cancelled; a job whose cancel was requested ends
+-- cancelled whatever :status says (its process's exit does not count)
+UPDATE jobs SET
+    status = CASE WHEN cancel_requested THEN 'cancelled' ELSE :status END,
+    message = CASE WHEN cancel_requested AND :status <> 'cancelled' THEN 'cancelled'
+                   ELSE ifnull(:message, message) END,
+    error = CASE WHEN cancel_requested THEN error ELSE ifnull(:error, error) END,
+    result = CASE WHEN cancel_requested THEN result ELSE ifnull(:result, result) END,
+    progress = CASE WHEN NOT cancel_requested AND :status = 'completed' THEN 100
+                    ELSE progress END,
+    version = max(version + 1, :now), updated_at = :now, completed_at = :now,
+    cancel_requested = 0, pgid = NULL, pgid_start = NULL
+WHERE id = :job_id AND status = 'running'
+RETURNING {job_columns}
+
+-- cancel_job --
+-- queued -> cancelled; running: its cancel requested (the engine stops it, then
+-- finish_job records it cancelled). One statement for both, as River's JobCancel.
+UPDATE jobs SET
+    status = CASE WHEN status = 'running' THEN status ELSE 'cancelled' END,
+    cancel_requested = CASE WHEN status = 'running' THEN 1 ELSE 0 END,
+    message = CASE WHEN status = 'running' THEN message ELSE 'cancelled' END,
+    completed_at = CASE WHEN status = 'running' THEN NULL ELSE :now END,
+    version = max(version + 1, :now), updated_at = :now
+WHERE id = :job_id AND (status = 'queued' OR status = 'running' AND cancel_requested = 0)
+RETURNING {job_columns}
+
+-- retry_job --
+-- failed | cancelled -> queued: a fresh attempt (progress, phase, error, result cleared;
+-- attempts kept); its checkpoints go (clear_checkpoints)
+UPDATE jobs SET status = 'queued', version = max(version + 1, :now), updated_at = :now,
+    progress = 0, phase = NULL, message = 'retried', error = NULL, result = NULL,
+    completed_at = NULL, cancel_requested = 0, pgid = NULL, pgid_start = NULL
+WHERE id = :job_id AND status IN ('failed', 'cancelled')
+RETURNING {job_columns}
+
+-- requeue_job --
+-- running -> queued when the daemon stops or restarts: phase, progress and checkpoints
+-- kept to resume from; :recovered counts a recovery after a crash
+UPDATE jobs SET status = 'queued', version = max(version + 1, :now), updated_at = :now,
+    message = :reason, error = NULL, result = NULL, completed_at = NULL,
+    cancel_requested = 0, pgid = NULL, pgid_start = NULL,
+    recoveries = recoveries + :recovered
+WHERE id = :job_id AND status = 'running'
+RETURNING {job_columns}
+
+-- clear_checkpoints --
+-- A job's checkpoints, gone (a retry starts over)
+DELETE FROM job_checkpoints WHERE job = :seq
+
+-- update_progress --
+-- A running job's latest progress, phase and message
+UPDATE jobs SET progress = :progress, phase = :phase, message = :message,
+    version = max(version + 1, :now), updated_at = :now
+WHERE id = :job_id AND status = 'running'
+RETURNING {job_columns}
+
+-- set_process --
+-- The process group a running job's subprocess lives in (NULLs: none now)
+UPDATE jobs SET pgid = :pgid, pgid_start = :start WHERE id = :job_id
+
+-- processes --
+-- Running jobs with a recorded process group: what a restart kills
+SELECT id, pgid, pgid_start FROM jobs WHERE status = 'running' AND pgid IS NOT NULL
+
+-- queued_jobs --
+-- Every queued job in stored dispatch order (priority, then age)
+SELECT {job_columns} FROM jobs WHERE status = 'queued' ORDER BY priority DESC, seq
+
+-- running_jobs --
+-- Every running job, oldest first
+SELECT {job_columns} FROM jobs WHERE status = 'running' ORDER BY seq
+
+-- queued_per_user --
+-- How many jobs each user has queued (loaded at open; the queue is bounded)
+SELECT user_id, count(*) FROM jobs WHERE status = 'queued' GROUP BY user_id
+
+-- events --
+-- A job's history, oldest first
+SELECT at, status, phase, progress, message, actor FROM job_events WHERE job = :seq
+ORDER BY rowid
+
+-- counts --
+-- How many jobs are stored by status (kept by triggers: O(1))
+SELECT status, n FROM job_counts WHERE n > 0
+
+-- list_jobs --
+-- jobs.list: a page of jobs matching {where}, newest first by {key} (keyset paging)
+SELECT {key}, seq, {select} FROM jobs {where} ORDER BY {order} LIMIT :limit
+
+-- matching_jobs --
+-- The jobs a filtered cancel or retry acts on, oldest first
+SELECT {job_columns} FROM jobs WHERE {where} ORDER BY seq LIMIT :limit
+
+-- get_meta --
+-- One of the daemon's own settings (the pause, maintenance, a clean stop)
+SELECT value FROM meta WHERE key = :key
+
+-- set_meta --
+-- Store one of the daemon's own settings
+INSERT OR REPLACE INTO meta (key, value) VALUES (:key, :value)
+
+-- delete_meta --
+-- Remove one of the daemon's own settings
+DELETE FROM meta WHERE key = :key
+
+-- save_checkpoint --
+-- A running job's checkpoint of one phase (replacing the phase's previous one)
+INSERT OR REPLACE INTO job_checkpoints (job, phase, data, saved_at)
+SELECT seq, :phase, :data, :now FROM jobs WHERE id = :job_id
+
+-- load_checkpoints --
+-- A job's checkpoints, oldest first
+SELECT c.phase, c.data FROM job_checkpoints c JOIN jobs j ON j.seq = c.job
+WHERE j.id = :job_id ORDER BY c.saved_at
+
+-- stored_weight --
+-- What a user's finished jobs weigh against max_stored_per_user
+SELECT weight FROM user_stored WHERE user_id = :user_id
+
+-- restore_user_stored --
+-- Every user's stored weight counted again from the jobs (jobd db recover's copy)
+INSERT OR REPLACE INTO user_stored (user_id, weight)
+SELECT user_id, sum(weight) FROM jobs WHERE status IN ('completed', 'failed', 'cancelled')
+GROUP BY user_id
+
+-- users_over_weight --
+-- Users whose finished jobs weigh more than they may keep
+SELECT user_id FROM user_stored WHERE weight > :limit
+
+-- oldest_finished --
+-- A user's oldest finished jobs, what max_stored_per_user forgets first
+SELECT seq, id, weight FROM jobs
+WHERE user_id = :user_id AND status IN ('completed', 'failed', 'cancelled') AND seq IS NOT :keep_seq
+ORDER BY seq LIMIT :limit
+
+-- delete_jobs --
+-- Jobs deleted by id (a JSON array), with their events and checkpoints (cascade)
+DELETE FROM jobs WHERE id IN (SELECT value FROM json_each(:ids))
+
+-- expired_jobs --
+-- Finished jobs of one status past the cutoff, oldest first (cleanup's dry run)
+SELECT id FROM jobs
+WHERE status IN ('completed', 'failed', 'cancelled') AND status = :status AND completed_at < :cutoff
+ORDER BY completed_at
+
+-- delete_expired --
+-- One chunk of cleanup: finished jobs of one status past the cutoff, oldest first
+DELETE FROM jobs WHERE seq IN (
+    SELECT seq FROM jobs
+    WHERE status IN ('completed', 'failed', 'cancelled') AND status = :status
+      AND completed_at < :cutoff
+    ORDER BY completed_at LIMIT :limit)
+RETURNING id
+
+-- find_broken_json --
+-- Migration 3's repair: rows whose options or metadata SQLite's JSON refuses
+SELECT seq, CASE WHEN json_valid(options) THEN NULL ELSE options END,
+       CASE WHEN json_valid(metadata) THEN NULL ELSE metadata END
+FROM jobs WHERE NOT json_valid(options) OR NOT json_valid(metadata)
+
+-- repair_json --
+-- Migration 3's repair: one row's options and metadata written back (NULL: as it was)
+UPDATE jobs SET options = ifnull(:options, options), metadata = ifnull(:metadata, metadata)
+WHERE seq = :seq

@@ -1,0 +1,185 @@
+"""The writer and the errors: a batch runs without savepoints unless a write fails, one
+refused write leaves its neighbours stored, SQLite's errors become the store's by their
+error name (a real full disk among them), and cleanup goes in short chunks."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from conftest import fill
+from jobd.models import JobStatus
+from jobd.rules import Rules
+from jobd.store import (Corrupt, DuplicateId, ReadOnly, StateConflict, StorageFull,
+                        StorageUnavailable, Store, StoreError)
+from jobd.store.db import Tx
+from jobd.store.errors import from_sqlite
+
+from test_store import T0, Clock, new_job, raw, submit
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = Store(tmp_path / "jobd.db", synchronous="normal", clock=Clock()).open()
+    yield s
+    s.close()
+
+
+def traced(store: Store) -> list[str]:
+    """The statements the writer's connection runs from now on."""
+    seen: list[str] = []
+    assert store._writer is not None
+    store._writer.conn.set_trace_callback(seen.append)
+    return seen
+
+
+def one_batch(store: Store, writes: list[Any]) -> list[Any]:
+    """Run ``writes`` in one transaction of the writer: queued while it is held up."""
+    gate = threading.Event()
+    held = store.write_async(lambda tx: gate.wait(5))
+    futures = [store.write_async(w) for w in writes]
+    gate.set()
+    held.result()
+    outcomes = []
+    for fut in futures:
+        try:
+            outcomes.append(fut.result())
+        except Exception as e:  # noqa: BLE001 - what the caller would get
+            outcomes.append(e)
+    return outcomes
+
+
+def test_a_batch_of_good_writes_takes_no_savepoint(store: Store) -> None:
+    seen = traced(store)
+    jobs = one_batch(store, [lambda tx, n=n: store._submit(tx, new_job(project=f"p{n}"),
+                                                           "alice", Rules())
+                             for n in range(20)])
+    assert all(not dup for _, dup in jobs)
+    assert not [s for s in seen if "SAVEPOINT" in s.upper()]
+    assert sum(1 for s in seen if s.strip().upper() == "COMMIT") <= 2
+
+
+def test_one_refused_write_leaves_its_neighbours_stored(store: Store) -> None:
+    rules = Rules(max_queued_per_user=3)
+    taken = submit(store, new_job(user="bob"), actor="bob")
+    seen = traced(store)
+
+    def fails_after_writing(tx: Tx) -> None:
+        store._submit(tx, new_job(user="dave"), "dave", Rules())  # written, then undone
+        raise RuntimeError("the rest of this write failed")
+
+    writes = [lambda tx, n=n: store._submit(tx, new_job(project=f"a{n}"), "alice", rules)
+              for n in range(5)]
+    writes.insert(2, fails_after_writing)
+    writes.insert(4, lambda tx: store._submit(tx, new_job(id=taken.id), "alice", Rules()))
+    outcomes = one_batch(store, writes)
+    kinds = [type(o).__name__ if isinstance(o, Exception) else "stored" for o in outcomes]
+    # the same as one transaction per write: the limit counts the writes before it
+    assert kinds == ["stored", "stored", "RuntimeError", "stored", "DuplicateId",
+                     "LimitExceeded", "LimitExceeded"]
+    assert isinstance(outcomes[4], DuplicateId) and outcomes[4].job_id == taken.id
+    assert store.queued_count("alice") == 3 and store.queued_count("dave") == 0
+    with raw(store.path) as conn:
+        assert dict(conn.execute("SELECT user_id, count(*) FROM jobs GROUP BY user_id")) == {
+            "alice": 3, "bob": 1}
+    # the batch ran plainly, then again with a savepoint per write
+    assert [s for s in seen if "SAVEPOINT" in s.upper()]
+
+
+def test_sqlite_errors_are_told_apart_by_their_name(tmp_path: Path) -> None:
+    db = tmp_path / "x.db"
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("CREATE TABLE t (id TEXT UNIQUE, n INTEGER CHECK (n > 0))")
+    conn.execute("INSERT INTO t VALUES ('a', 1)")
+    conn.close()
+    errors: dict[str, sqlite3.Error] = {}
+    for name, sql, uri in (("unique", "INSERT INTO t VALUES ('a', 2)", str(db)),
+                           ("check", "INSERT INTO t VALUES ('b', 0)", str(db)),
+                           ("readonly", "INSERT INTO t VALUES ('c', 1)", f"file:{db}?mode=ro")):
+        c = sqlite3.connect(uri, uri=True)
+        try:
+            c.execute(sql)
+        except sqlite3.Error as e:
+            errors[name] = e
+        finally:
+            c.close()
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"this is not a database, " * 100)
+    try:
+        sqlite3.connect(garbage).execute("SELECT * FROM sqlite_master")
+    except sqlite3.Error as e:
+        errors["notadb"] = e
+    assert {k: e.sqlite_errorname for k, e in errors.items()} == {
+        "unique": "SQLITE_CONSTRAINT_UNIQUE", "check": "SQLITE_CONSTRAINT_CHECK",
+        "readonly": "SQLITE_READONLY", "notadb": "SQLITE_NOTADB"}
+    assert isinstance(from_sqlite(errors["unique"], db, job_id="j1"), DuplicateId)
+    assert from_sqlite(errors["unique"], db) is errors["unique"]  # not an insert of a job
+    assert from_sqlite(errors["check"], db) is errors["check"]  # a bug: passed on as it is
+    readonly = from_sqlite(errors["readonly"], db)
+    assert isinstance(readonly, ReadOnly) and isinstance(readonly, StorageUnavailable)
+    assert str(readonly).startswith(f"storage read-only: {db}")
+    assert isinstance(from_sqlite(errors["notadb"], garbage), Corrupt)
+    opening = from_sqlite(errors["readonly"], db, opening=True)
+    assert type(opening) is StoreError and "check the file's owner" in str(opening)
+
+
+@pytest.mark.root
+def test_a_full_disk_is_storage_full_and_writes_come_back(small_disk: Path) -> None:
+    store = Store(small_disk / "jobd.db", synchronous="normal").open()
+    try:
+        kept = submit(store)
+        filler = fill(small_disk)
+        with pytest.raises(StorageFull) as full:
+            for _ in range(50):
+                submit(store, new_job(metadata={"blob": "x" * 200_000}))
+        assert isinstance(full.value, StorageUnavailable)
+        assert str(full.value).startswith(f"storage full: {small_disk / 'jobd.db'}")
+        assert "free space, then retry" in str(full.value)
+        filler.unlink()
+        assert store.start_job(kept.id).status is JobStatus.RUNNING
+    finally:
+        store.close()
+
+
+def test_a_refused_transition_names_the_status_now(store: Store) -> None:
+    job = store.finish_job(store.start_job(submit(store).id).id, JobStatus.FAILED, error="x")
+    with pytest.raises(StateConflict) as refused:
+        store.start_job(job.id)
+    assert (refused.value.job_id, refused.value.status, refused.value.wanted) == (
+        job.id, "failed", "running")
+    assert str(refused.value) == f"job {job.id} is failed; it cannot become running"
+
+
+def test_cleanup_goes_in_short_chunks_and_holds_the_checkpointer_off(store: Store) -> None:
+    clock: Any = store.clock
+    with raw(store.path) as conn:  # 5,000 finished jobs with a few events each, at once
+        conn.execute("BEGIN")
+        for n in range(5000):
+            seq = conn.execute(
+                "INSERT INTO jobs (id, type, user_id, status, version, created_at, updated_at, "
+                "started_at, completed_at) VALUES (?, 'noop', 'bulk', 'completed', 1, ?, ?, ?, ?)",
+                (f"bulk-{n:05}", T0, T0, T0, T0 + n)).lastrowid
+            conn.executemany("INSERT INTO job_events (job, at, status, progress, actor) "
+                             "VALUES (?, ?, ?, 0, 'jobd')",
+                             [(seq, T0, s) for s in ("created", "queued", "running", "completed")])
+        conn.execute("COMMIT")
+    live = submit(store)
+    assert store._writer is not None
+    checkpointer = store._writer.checkpointer
+    holds: list[int] = []
+    clock.now = T0 + 10**9
+    chunks = []
+    for ids in store.cleanup(keep_before=T0 + 10**8, keep_failed_before=T0 + 10**8):
+        holds.append(checkpointer._holds)
+        chunks.append(len(ids))
+    assert sum(chunks) == 5000 and max(chunks) <= 1000 and len(chunks) >= 5
+    assert holds and set(holds) == {1} and checkpointer._holds == 0
+    assert store.longest_write_s < 0.05, store.longest_write_s
+    assert store.get_job(live.id).status is JobStatus.QUEUED
+    with raw(store.path) as conn:
+        assert conn.execute("SELECT count(*) FROM job_events").fetchone() == (2,)
+    assert store.counts() == {"queued": 1}
