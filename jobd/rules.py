@@ -3,7 +3,8 @@
 SPEC §4's order for a submit: its idempotency key first (a resend gets its job, even in
 maintenance), then the maintenance refusal, then same-work dedupe (a queued job of an
 exclusive type with the same user, repository and type takes the submit in, keeping a
-``full_reindex`` asked by either), then the queue limits. A retry passes the limits too.
+``full_reindex`` asked by either), then the queue limits. A retry passes the maintenance
+refusal and the per-user limit.
 The manager builds a ``Rules`` from the config in force; the store runs it inside the
 writer's transaction, against a ``View`` of what is stored, so that no two writes can
 pass a limit between them. Rules may raise ``JobdError``s: they speak to the client.
@@ -76,8 +77,11 @@ class Rules:
         return None
 
     def retry(self, jobs: Iterable[Job], view: View) -> None:
-        """Refuse (LimitExceeded) a retry of ``jobs`` that would take a user past
-        ``max_queued_per_user``: all of them go back to the queue, or none."""
+        """Refuse a retry of ``jobs`` while maintenance is on, or (LimitExceeded) one that
+        would take a user past ``max_queued_per_user``: all of them go back to the queue,
+        or none."""
+        if self.refusal is not None:
+            raise self.refusal
         per_user = self.max_queued_per_user
         if per_user is None:
             return

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import structlog
 
-from jobd.store.errors import StoreError, from_sqlite
+from jobd.store.errors import StoreClosed, StoreError, from_sqlite
 from jobd.store.sql import MIGRATIONS, QUERIES
 
 __all__ = ["Checkpointer", "Tx", "Writer", "connect", "create_private", "migrate"]
@@ -228,14 +228,23 @@ class Writer(threading.Thread):
         self.checkpointer = checkpointer
         self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.longest_tx_s = 0.0
+        # a write queued behind stop()'s end mark would wait for ever: submit and stop
+        # take turns, and no write is queued once the mark is
+        self._closing = threading.Lock()
+        self._closed = False
 
     def submit(self, fn: Callable[[Tx], T]) -> concurrent.futures.Future[T]:
         fut: concurrent.futures.Future[T] = concurrent.futures.Future()
-        self.queue.put((fn, fut))
+        with self._closing:
+            if self._closed:
+                raise StoreClosed()
+            self.queue.put((fn, fut))
         return fut
 
     def stop(self) -> None:
-        self.queue.put(None)
+        with self._closing:
+            self._closed = True
+            self.queue.put(None)
         self.join()
 
     def run(self) -> None:

@@ -92,4 +92,8 @@ def from_sqlite(e: sqlite3.Error, path: Path, *, opening: bool = False,
         return ReadOnly(f"storage read-only: {path}: {text}")
     if name.startswith(("SQLITE_IOERR", "SQLITE_CANTOPEN")):
         return StorageUnavailable(f"storage unavailable: {path}: {text}")
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+        # past the busy timeout: another program (an operator's sqlite3 shell) holds the lock
+        return StorageUnavailable(f"storage busy: {path}: {text}; another program holds "
+                                  f"the database's lock; retry once it lets go")
     return e

@@ -127,6 +127,27 @@ def test_sqlite_errors_are_told_apart_by_their_name(tmp_path: Path) -> None:
     assert type(opening) is StoreError and "check the file's owner" in str(opening)
 
 
+def test_a_database_locked_by_another_program_is_storage_unavailable(tmp_path: Path) -> None:
+    """An operator's sqlite3 shell holding a write transaction makes a write wait out the
+    busy timeout and fail: the client hears "unavailable, retry" (-32050), not an
+    internal error."""
+    db = tmp_path / "jobd.db"
+    Store(db).open().close()
+    holder = sqlite3.connect(db, isolation_level=None)
+    waiter = sqlite3.connect(db, isolation_level=None, timeout=0)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        with pytest.raises(sqlite3.Error) as busy:
+            waiter.execute("BEGIN IMMEDIATE")
+    finally:
+        holder.close()
+        waiter.close()
+    assert busy.value.sqlite_errorname == "SQLITE_BUSY"
+    mapped = from_sqlite(busy.value, db)
+    assert isinstance(mapped, StorageUnavailable)
+    assert str(mapped).startswith(f"storage busy: {db}") and "retry" in str(mapped)
+
+
 @pytest.mark.root
 def test_a_full_disk_is_storage_full_and_writes_come_back(small_disk: Path) -> None:
     store = Store(small_disk / "jobd.db", synchronous="normal").open()

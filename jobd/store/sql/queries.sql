@@ -103,6 +103,8 @@ UPDATE jobs SET
     cancel_requested = CASE WHEN status = 'running' THEN 1 ELSE 0 END,
     message = CASE WHEN status = 'running' THEN message ELSE 'cancelled' END,
     completed_at = CASE WHEN status = 'running' THEN NULL ELSE :now END,
+    pgid = CASE WHEN status = 'running' THEN pgid END,
+    pgid_start = CASE WHEN status = 'running' THEN pgid_start END,
     version = max(version + 1, :now), updated_at = :now
 WHERE id = :job_id AND (status = 'queued' OR status = 'running' AND cancel_requested = 0)
 RETURNING {job_columns}

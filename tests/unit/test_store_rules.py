@@ -1,0 +1,74 @@
+"""The rules run inside the writer's transaction: maintenance refuses a retry there as it
+refuses a submit (one home for the rule), and a write refused in a batch leaves no
+trace: its listeners are not told and the queued counts are as before."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from jobd.errors import Unavailable
+from jobd.models import Job, JobStatus
+from jobd.rules import Rules
+from jobd.store import Listeners, Store
+from jobd.store.db import Tx
+
+from test_store import Clock, new_job, submit
+
+MAINTENANCE = Rules(refusal=Unavailable("jobd is in maintenance: try again later"))
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = Store(tmp_path / "jobd.db", synchronous="off", clock=Clock()).open()
+    yield s
+    s.close()
+
+
+def failed(store: Store) -> Job:
+    job = submit(store, new_job(type="noop", project=None))
+    store.start_job(job.id)
+    return store.finish_job(job.id, JobStatus.FAILED, error="boom")
+
+
+def test_maintenance_refuses_a_retry_inside_the_store(store: Store) -> None:
+    one, many = failed(store), failed(store)
+    with pytest.raises(Unavailable, match="maintenance"):
+        store.retry_job(one.id, actor="alice", rules=MAINTENANCE)
+    with pytest.raises(Unavailable, match="maintenance"):
+        store.retry_jobs(actor="alice", limit=10, rules=MAINTENANCE, user_id="alice")
+    assert store.get_job(one.id).status is store.get_job(many.id).status is JobStatus.FAILED
+    assert store.queued_count("alice") == 0
+    assert store.retry_job(one.id, actor="alice", rules=Rules()).status is JobStatus.QUEUED
+
+
+def test_a_refused_write_in_a_batch_tells_no_listener(tmp_path: Path) -> None:
+    told: list[str] = []
+    store = Store(tmp_path / "jobd.db", synchronous="off", clock=Clock(),
+                  listeners=Listeners(changed=lambda job: told.append(job.user_id))).open()
+    try:
+        def written_then_refused(tx: Tx) -> None:
+            store._submit(tx, new_job(user="dave"), "dave", Rules())
+            raise RuntimeError("refused after writing")
+
+        gate = threading.Event()
+        held = store.write_async(lambda tx: gate.wait(5))
+        writes: list[Any] = [lambda tx: store._submit(tx, new_job(user="alice"), "alice",
+                                                      Rules()),
+                             written_then_refused,
+                             lambda tx: store._submit(tx, new_job(user="bob"), "bob", Rules())]
+        futures = [store.write_async(w) for w in writes]
+        gate.set()
+        held.result()
+        assert isinstance(futures[1].exception(5), RuntimeError)
+        assert futures[0].result(5)[0].user_id == "alice"
+        assert futures[2].result(5)[0].user_id == "bob"
+        # each stored job told once (the batch ran twice: plainly, then with savepoints)
+        assert sorted(told) == ["alice", "bob"]
+        assert (store.queued_count("alice"), store.queued_count("bob"),
+                store.queued_count("dave")) == (1, 1, 0)
+    finally:
+        store.close()
