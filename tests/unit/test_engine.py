@@ -407,3 +407,21 @@ def test_a_job_past_its_time_limit_is_stopped_by_tick_at_that_time(tmp_path: Pat
         held.release.set()
         engine[0].stop()
         store.close()
+
+
+def test_annotate_and_stats_answer_what_only_the_engine_knows(rig: Callable[..., Rig]) -> None:
+    r = rig("[execution]\nworkers = 1\nmax_running_per_user = 10\n")
+    r.held.release.clear()
+    running = r.submit("held")
+    r.wait(running, JobStatus.RUNNING)
+    wait_for(lambda: r.engine.live(running) is not None, what="the job's worker")
+    queued = r.submit("held", user="bob")
+    r.full(1)
+    shown = r.engine.annotate({"id": queued, "status": "queued"})
+    assert (shown["queue_position"], shown["wait_reason"]) == (1, "slots")
+    r.engine.live(running).message = "halfway"  # type: ignore[union-attr]
+    live = r.engine.annotate({"id": running, "status": "running", "version": 0})
+    assert live["message"] == "halfway" and live["version"] > 0
+    assert r.engine.stats() == {"running": 1, "queued": 1, "workers": 1, "paused": False,
+                                "per_user": {"alice": {"running": 1, "queued": 0},
+                                             "bob": {"running": 0, "queued": 1}}}
