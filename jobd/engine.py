@@ -11,14 +11,15 @@ at most every ``FLUSH_S`` per job. ``tick(now)`` is one turn of housekeeping (ti
 limits, progress flushes, orphans) on the engine's clock, so a test can pass the time.
 
 A job's end is decided once, when its handler returns (``outcome``): a cancel or
-timeout that came before that wins, one after it changes nothing. An end that cannot be committed because
-storage is unavailable (a full disk) is kept in memory and its commit retried, with
-backoff, for as long as it takes: the job is shown running with a message saying so,
-and its worker slot stays taken until the end commits, so a job is never left running
-without a worker. An end the store refuses for any other reason (a text it cannot
-hold) is recorded as a sanitised failure instead, and if that is refused as well, as a
-failure of fixed text, retried like the wait for storage. ``reconfigure`` applies a reloaded config to
-every decision from then on; running jobs keep the settings they started with.
+timeout that came before that wins, one after it changes nothing. An end that cannot be
+committed because storage is unavailable (a full disk) is kept in memory and its commit
+retried on a worker, with backoff, for as long as it takes: the job is shown running
+with a message saying so, and its slot stays taken until the end commits, so a job is
+never left running without a worker. An end the store refuses for any other reason (a
+text it cannot hold) is recorded as a sanitised failure instead, and if that is refused
+as well, as a failure of fixed text, retried like the wait for storage. ``reconfigure``
+applies a reloaded config to every decision from then on; running jobs keep the
+settings they started with.
 """
 
 from __future__ import annotations
