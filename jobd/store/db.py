@@ -3,9 +3,10 @@
 One writer thread owns the one write connection and commits whatever writes are waiting
 in one transaction (group commit: with ``synchronous=full`` one fsync covers many
 submissions); no caller is answered before the commit that holds its write. A batch runs
-plainly; only when one of its writes raises is it rolled back and run again with a
-savepoint per write, so that one refused change does not undo its neighbours and costs
-nothing while none is refused. Reads use a connection per thread and never wait for the
+plainly; a write refused before it wrote (a lost compare-and-set, a rule) is simply
+answered with its error, and only when one raises after writing is the batch rolled back
+and run again with a savepoint per write, so that one refused change does not undo its
+neighbours and savepoints cost nothing while none is needed. Reads use a connection per thread and never wait for the
 writer (WAL). The checkpointer copies the WAL back off the writer's path.
 """
 
@@ -309,18 +310,21 @@ class Writer(threading.Thread):
 
     def _run(self, batch: list[tuple[Write, concurrent.futures.Future[Any]]], now: int, *,
              savepoints: bool) -> tuple[Tx, list[tuple[Any, Any, BaseException | None]]] | None:
-        """Run ``batch`` in a new transaction, left open for the commit. Without
-        ``savepoints``: None (all rolled back) as soon as one write raises. With them:
-        a write that raises is undone alone and its error kept for its caller. A
-        failure that ended the transaction itself (disk full, I/O) is raised."""
+        """Run ``batch`` in a new transaction, left open for the commit. A write refused
+        before it wrote anything (a compare-and-set that matched no row, a rule) leaves
+        nothing to undo: its error is kept for its caller and the batch goes on. Without
+        ``savepoints``: None (all rolled back) as soon as a write raises after writing.
+        With them: such a write is undone alone and its error kept. A failure that ended
+        the transaction itself (disk full, I/O) is raised."""
         conn = self.conn
         tx = Tx(conn, now)
         outcomes: list[tuple[Any, Any, BaseException | None]] = []
         conn.execute("BEGIN IMMEDIATE")
         try:
             for fn, fut in batch:
+                marks = len(tx.after_commit), len(tx.undo)
+                changes = conn.total_changes
                 if savepoints:
-                    marks = len(tx.after_commit), len(tx.undo)
                     conn.execute("SAVEPOINT op")
                 try:
                     outcomes.append((fut, fn(tx), None))
@@ -329,6 +333,10 @@ class Writer(threading.Thread):
                         if not conn.in_transaction:
                             raise  # SQLite rolled back the whole transaction
                         e = from_sqlite(e, self.path)
+                    if not savepoints and conn.total_changes == changes and marks == (
+                            len(tx.after_commit), len(tx.undo)):
+                        outcomes.append((fut, None, e))  # refused before it wrote
+                        continue
                     if not savepoints:
                         conn.execute("ROLLBACK")
                         tx.rollback_to(0, 0)

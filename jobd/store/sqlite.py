@@ -681,6 +681,9 @@ class SqliteStore:
                 if not ids:
                     break
                 size = max(50, size // 2) if took > _CHUNK_S else min(chunk, size * 2)
+                # their files go here, once the chunk is durable: on the writer's thread a
+                # thousand unlinks would hold up every write queued behind the chunk
+                self.listeners.deleted(ids)
                 yield ids
         # then users whose finished jobs still weigh more than they may keep (a lowered
         # limit, or jobs that finished before the limit existed)
@@ -697,8 +700,6 @@ class SqliteStore:
         started = time.perf_counter()
         ids = [r[0] for r in tx.run("delete_expired", status=status, cutoff=cutoff,
                                     limit=size).fetchall()]
-        if ids:
-            tx.after_commit.append(lambda: self.listeners.deleted(ids))
         return ids, time.perf_counter() - started
 
     def stored_weight(self, user_id: str) -> int:

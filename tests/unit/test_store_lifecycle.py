@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from jobd.models import JobStatus
-from jobd.store import Store, StoreClosed
+from jobd.store import Listeners, Store, StoreClosed
 
-from test_store import Clock, new_job, raw, submit
+from test_store import T0, Clock, new_job, raw, submit
 
 
 def test_a_write_racing_close_is_answered_not_left_waiting(tmp_path: Path) -> None:
@@ -59,5 +59,24 @@ def test_every_end_clears_the_recorded_process_group(tmp_path: Path, end: str) -
         with raw(store.path) as conn:
             assert conn.execute("SELECT pgid, pgid_start FROM jobs WHERE id = ?",
                                 (job.id,)).fetchone() == (None, None)
+    finally:
+        store.close()
+
+
+def test_cleanup_removes_files_off_the_writers_thread(tmp_path: Path) -> None:
+    """The files of the jobs a cleanup chunk deleted go once the chunk is durable, in the
+    cleanup's own thread: writes queued behind the chunk do not wait for the unlinks."""
+    told: list[tuple[str, int]] = []
+    store = Store(tmp_path / "jobd.db", synchronous="off", clock=Clock(),
+                  listeners=Listeners(deleted=lambda ids: told.append(
+                      (threading.current_thread().name, len(ids))))).open()
+    try:
+        for _ in range(30):
+            job = submit(store, new_job(type="noop", project=None))
+            store.cancel_job(job.id, actor="alice")
+        deleted = [i for ids in store.cleanup(keep_before=T0 * 2, keep_failed_before=0,
+                                              chunk=10) for i in ids]
+        assert len(deleted) == 30 and sum(n for _, n in told) == 30
+        assert {name for name, _ in told} == {threading.current_thread().name}
     finally:
         store.close()

@@ -4,8 +4,6 @@ only the rows the fresh database took."""
 
 from __future__ import annotations
 
-import contextlib
-import sqlite3
 from pathlib import Path
 
 from jobd.models import JobStatus

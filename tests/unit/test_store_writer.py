@@ -90,6 +90,31 @@ def test_one_refused_write_leaves_its_neighbours_stored(store: Store) -> None:
     assert [s for s in seen if "SAVEPOINT" in s.upper()]
 
 
+def test_writes_refused_before_writing_cost_the_batch_nothing(store: Store) -> None:
+    """A start that lost its race, a submit past a limit, an id taken: each is refused
+    before it changed a row, so the batch neither rolls back nor runs again."""
+    taken = submit(store, new_job(user="bob"), actor="bob")
+    done = store.finish_job(store.start_job(submit(store).id).id, JobStatus.FAILED,
+                            error="x")
+    seen = traced(store)
+    limit = Rules(max_queued_per_user=1)
+    outcomes = one_batch(store, [
+        lambda tx: store._submit(tx, new_job(user="carol"), "carol", limit),
+        lambda tx: store._start(tx, done.id),
+        lambda tx: store._submit(tx, new_job(user="carol"), "carol", limit),
+        lambda tx: store._submit(tx, new_job(id=taken.id), "alice", Rules()),
+        lambda tx: store._submit(tx, new_job(user="dave"), "dave", Rules()),
+    ])
+    kinds = [type(o).__name__ if isinstance(o, Exception) else "stored" for o in outcomes]
+    assert kinds == ["stored", "StateConflict", "LimitExceeded", "DuplicateId", "stored"]
+    assert not [s for s in seen if "SAVEPOINT" in s.upper() or s.upper() == "ROLLBACK"]
+    assert (store.queued_count("carol"), store.queued_count("dave")) == (1, 1)
+    assert store.get_job(done.id).status is JobStatus.FAILED
+    with raw(store.path) as conn:
+        assert dict(conn.execute("SELECT user_id, count(*) FROM jobs GROUP BY user_id")) == {
+            "alice": 1, "bob": 1, "carol": 1, "dave": 1}
+
+
 def test_sqlite_errors_are_told_apart_by_their_name(tmp_path: Path) -> None:
     db = tmp_path / "x.db"
     conn = sqlite3.connect(db, isolation_level=None)

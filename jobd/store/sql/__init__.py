@@ -19,7 +19,11 @@ _NAMED = re.compile(r"(?:\n|^)-- ([a-z0-9_]+) --\n(?:-- .+\n)*", re.MULTILINE)
 def parse_queries(text: str) -> dict[str, str]:
     """The queries of a ``queries.sql`` text by name, shared parts filled in."""
     parts = _NAMED.split(text)[1:]  # the file's header goes
-    found = {name: sql.strip() for name, sql in zip(parts[::2], parts[1::2])}
+    names = parts[::2]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:  # the second would silently replace the first
+        raise ValueError(f"queries.sql: {', '.join(twice)} named more than once")
+    found = {name: sql.strip() for name, sql in zip(names, parts[1::2])}
     include = re.compile(r"\{(%s)\}" % "|".join(map(re.escape, found)))
     while any(include.search(sql) for sql in found.values()):
         found = {name: include.sub(lambda m: found[m.group(1)], sql)
@@ -34,3 +38,7 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = tuple(
     (int(f.name[:4]), f.name, f.read_text(encoding="utf-8"))
     for f in sorted((_HERE / "migrations").iterdir(), key=lambda f: f.name)
     if f.name.endswith(".sql"))
+if [m[0] for m in MIGRATIONS] != list(range(1, len(MIGRATIONS) + 1)):
+    # the runner applies them by position and stores the number: a gap would skip one
+    raise RuntimeError(f"jobd/store/sql/migrations: numbers not 1..n: "
+                       f"{[m[1] for m in MIGRATIONS]}")
