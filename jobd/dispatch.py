@@ -4,8 +4,13 @@ An in-memory mirror of the queue, loaded from the store at start and kept by the
 store's commit listener (``add``/``remove``) and the engine (``take``/``finish``). Order:
 highest priority first; within a priority, users take turns (round-robin); each user's
 jobs go oldest first. A job waits while every worker is busy (``slots``), while its user
-runs ``max_running_per_user`` jobs (``user_limit``), while a sync/index of the same
-(user, project) runs (``project_busy``), or while dispatching is paused (``paused``).
+runs ``max_running_per_user`` jobs (``user_limit``), while an exclusive job (its
+handler says ``exclusive``: sync, index) of the same (user, project) runs
+(``project_busy``), or while dispatching is paused (``paused``).
+
+``take`` hands out an ``Attempt``; its slot is ``(job id, attempt number)`` and
+``finish(attempt)`` frees exactly that one: a retry reuses the job id and may start
+before the previous attempt's worker has let go of it.
 """
 
 from __future__ import annotations
@@ -13,9 +18,8 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections import Counter, OrderedDict, defaultdict
-from typing import Iterable
-
-from jobd.models import EXCLUSIVE_TYPES, Job, WaitReason
+from jobd.attempt import Attempt
+from jobd.models import Job, WaitReason
 
 __all__ = ["Dispatcher", "Entry"]
 
@@ -30,14 +34,21 @@ class Entry:
     project_id: str | None
     type: str
     priority: int
+    exclusive: bool  #: its handler's ``exclusive``: one at a time per (user, project)
+    number: int  #: the attempt its next start is
 
     @classmethod
-    def of(cls, job: Job) -> "Entry":
-        return cls(job.id, job.seq, job.user_id, job.project_id, job.type, job.priority)
+    def of(cls, job: Job, *, exclusive: bool) -> "Entry":
+        return cls(job.id, job.seq, job.user_id, job.project_id, job.type, job.priority,
+                   exclusive, job.attempts + 1)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.id, self.number)
 
     @property
     def project_key(self) -> tuple[str, str] | None:
-        if self.type in EXCLUSIVE_TYPES and self.project_id is not None:
+        if self.exclusive and self.project_id is not None:
             return (self.user_id, self.project_id)
         return None
 
@@ -102,20 +113,18 @@ class Dispatcher:
         self._lock = threading.Lock()
         self._levels: dict[int, _Level] = defaultdict(_Level)
         self._queued: dict[str, Entry] = {}
-        self._running: dict[str, Entry] = {}
+        #: (job id, attempt number) -> what runs in that slot
+        self._running: dict[tuple[str, int], Entry] = {}
         self._running_per_user: Counter[str] = Counter()
         self._busy_projects: Counter[tuple[str, str]] = Counter()
 
     # -- the queue -------------------------------------------------------------------------
 
-    def load(self, jobs: Iterable[Job]) -> None:
-        for job in jobs:
-            self.add(job)
-
-    def add(self, job: Job) -> None:
-        entry = Entry.of(job)
+    def add(self, job: Job, *, exclusive: bool) -> None:
+        """Queue ``job``; ``exclusive``: its handler's (the engine knows the handlers)."""
+        entry = Entry.of(job, exclusive=exclusive)
         with self._lock:
-            if entry.id in self._queued or entry.id in self._running:
+            if entry.id in self._queued or entry.key in self._running:
                 return
             self._queued[entry.id] = entry
             self._levels[entry.priority].add(entry)
@@ -133,8 +142,8 @@ class Dispatcher:
         if not level.users:
             del self._levels[entry.priority]
 
-    def take(self) -> Entry | None:
-        """The next job to run, now counted as running; None if none may start."""
+    def take(self) -> Attempt | None:
+        """The next job's attempt, its slot now taken; None if none may start."""
         with self._lock:
             if self.paused or len(self._running) >= self.workers:
                 return None
@@ -150,19 +159,21 @@ class Dispatcher:
                             self._queued.pop(entry.id)
                             self._drop(entry)
                             self._start(entry)
-                            return entry
+                            return Attempt(entry.id, entry.number)
             return None
 
     def _start(self, entry: Entry) -> None:
-        self._running[entry.id] = entry
+        self._running[entry.key] = entry
         self._running_per_user[entry.user_id] += 1
         if entry.project_key:
             self._busy_projects[entry.project_key] += 1
 
-    def finish(self, job_id: str) -> None:
-        """A job taken by ``take`` stopped running (whatever its end)."""
+    def finish(self, attempt: Attempt | tuple[str, int]) -> None:
+        """Free the slot of an attempt ``take`` handed out (or of its key), whatever its
+        end; a slot already free is left as it is."""
+        key = attempt.key if isinstance(attempt, Attempt) else attempt
         with self._lock:
-            entry = self._running.pop(job_id, None)
+            entry = self._running.pop(key, None)
             if entry is None:
                 return
             self._running_per_user[entry.user_id] -= 1
@@ -172,11 +183,6 @@ class Dispatcher:
                 self._busy_projects[entry.project_key] -= 1
                 if not self._busy_projects[entry.project_key]:
                     del self._busy_projects[entry.project_key]
-
-    def is_taken(self, job_id: str) -> bool:
-        """Whether ``take`` gave this job to a worker that has not finished it."""
-        with self._lock:
-            return job_id in self._running
 
     def may_take(self) -> bool:
         """Whether ``take`` could start a job now: else there is no one to wake."""

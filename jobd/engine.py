@@ -1,21 +1,25 @@
 """The worker pool: dispatching, the job context, cancellation, timeouts, restarts.
 
 Dispatch runs on events (a job queued, a job finished, resume), not on a timer: the
-store's commit listener calls ``on_changed``, which feeds the dispatcher and wakes the
-dispatch thread. A worker moves its job ``queued -> running`` by compare-and-set, runs
-the handler with a ``Context``, and records the end. Progress lives in memory (every
+store's commit listener calls ``on_changed``, which feeds the dispatcher and starts what
+may start at once. Each start is an ``Attempt`` (``jobd.attempt``): its ``queued ->
+running`` is written without anyone waiting on the commit, and once it holds a worker
+runs the handler with a ``Context``; the end is written the same way, and the attempt's
+slot is freed when that commit holds. Progress lives in memory (every
 ``jobs.get``/``jobs.wait`` sees the latest value at once) and is written to the database
-at most every ``FLUSH_S`` per job.
+at most every ``FLUSH_S`` per job. ``tick(now)`` is one turn of housekeeping (time
+limits, progress flushes, orphans) on the engine's clock, so a test can pass the time.
 
-A job's end is decided once, when its handler returns: a cancel or timeout that came
-before that wins, one after it changes nothing. An end that cannot be committed because
-storage is unavailable (a full disk) is kept in memory and its commit retried, with
-backoff, for as long as it takes: the job is shown running with a message saying so,
-and its worker slot stays taken until the end commits, so a job is never left running
-without a worker. An end the store refuses for any other reason (a text it cannot
-hold) is recorded as a sanitised failure instead, and if that is refused as well, as a
-failure of fixed text, retried like the wait for storage. ``reconfigure`` applies a reloaded config to
-every decision from then on; running jobs keep the settings they started with.
+A job's end is decided once, when its handler returns (``outcome``): a cancel or
+timeout that came before that wins, one after it changes nothing. An end that cannot be
+committed because storage is unavailable (a full disk) is kept in memory and its commit
+retried on a worker, with backoff, for as long as it takes: the job is shown running
+with a message saying so, and its slot stays taken until the end commits, so a job is
+never left running without a worker. An end the store refuses for any other reason (a
+text it cannot hold) is recorded as a sanitised failure instead, and if that is refused
+as well, as a failure of fixed text, retried like the wait for storage. ``reconfigure``
+applies a reloaded config to every decision from then on; running jobs keep the
+settings they started with.
 """
 
 from __future__ import annotations
@@ -30,8 +34,9 @@ from typing import Any, Callable
 import structlog
 
 from jobd import joblogs, orphans, process
+from jobd.attempt import Attempt, StopReason, outcome
 from jobd.config import Config
-from jobd.dispatch import Dispatcher, Entry
+from jobd.dispatch import Dispatcher
 from jobd.handlers import Cancelled, Handler, JobFailed
 from jobd.models import Job, JobStatus, readable
 from jobd.store import JobNotFound, StateConflict, StorageUnavailable
@@ -58,79 +63,60 @@ class Live:
     phase: str | None
     message: str | None
     version: int
-    started: float = dataclasses.field(default_factory=time.monotonic)
+    started: float  #: on the engine's clock
     base_progress: float = 0.0  #: where this attempt started (a resumed job starts higher)
     dirty: bool = False
 
-    def eta_s(self, now: float | None = None) -> float | None:
+    def eta_s(self, now: float) -> float | None:
         done = self.progress - self.base_progress
         if done < 1 or self.progress >= 100:
             return None
-        elapsed = (now or time.monotonic()) - self.started
-        return round(elapsed * (100 - self.progress) / done, 1)
+        return round((now - self.started) * (100 - self.progress) / done, 1)
 
 
 class Context:
-    """What a handler sees of its running job (``jobd.handlers.JobContext``)."""
+    """What a handler sees of its running job (``jobd.handlers.JobContext``); why it
+    stops is its ``attempt``'s."""
 
-    def __init__(self, engine: "Engine", job: Job) -> None:
+    def __init__(self, engine: "Engine", job: Job, attempt: Attempt) -> None:
         self.engine = engine
         self.job = job
+        self.attempt = attempt
         self.config = engine.config
         self.log = log.bind(job_id=job.id, user_id=job.user_id, type=job.type)
         self.joblog = joblogs.JobLog(engine.log_path(job.id), engine.config.execution.max_log_bytes)
         self.stop_event = threading.Event()
-        self.reason: str | None = None  #: cancel, timeout or shutdown: what stopped it first
-        self.cancel_asked = False  #: a cancel came, whatever else stopped it
         self.wake = threading.Event()  #: set by every stop: an end waiting for storage retries
-        self.timeout_s = _time_limit(job.timeout_s, engine.config.execution.default_timeout)
-        self.deadline = (None if self.timeout_s is None
-                         else time.monotonic() + self.timeout_s)
-        self.live = Live(job.progress, job.phase, job.message, job.version,
+        now = engine.clock()
+        attempt.timeout_s = _time_limit(job.timeout_s, engine.config.execution.default_timeout)
+        attempt.deadline = None if attempt.timeout_s is None else now + attempt.timeout_s
+        self.live = Live(job.progress, job.phase, job.message, job.version, started=now,
                          base_progress=job.progress)
-        self.finishing = False  #: its end is decided and being recorded (see ``settle``)
         self.in_process = False  #: a program of the job runs (a stop sends it SIGTERM)
         self.ended: str | None = None  #: the end last told in its log
         self._lock = threading.Lock()
 
     # -- stopping ----------------------------------------------------------------------
 
-    def stop(self, reason: str, by: str | None = None) -> None:
-        """Stop the job for ``reason`` (cancel, timeout, shutdown); ``by``: who cancelled.
-        The first reason is told in the job's log."""
-        with self._lock:
-            if self.finishing:
-                # its end is decided (the handler returned): a stop now only wakes the
-                # commit that waits for storage, so a shutdown can end the wait
-                self.wake.set()
-                return
-            first = self.reason is None
-            if first:
-                self.reason = reason
-            if reason == "cancel":
-                self.cancel_asked = True
-        if first:
-            why = {"cancel": f"cancelled by {by}" if by else "cancelled",
-                   "timeout": f"timed out after {_duration(self.timeout_s or 0)}",
-                   "shutdown": "interrupted by daemon shutdown"}.get(reason, reason)
-            self.joblog.story(why + (": sending SIGTERM" if self.in_process else ""))
-        self.stop_event.set()
+    def stop(self, reason: StopReason, by: str | None = None) -> None:
+        """Stop the job for ``reason`` (``by``: who cancelled); the first reason is told
+        in the job's log. Once its end is decided a stop only wakes the commit that waits
+        for storage, so a shutdown can end the wait."""
+        if self.attempt.request_stop(reason, by):
+            self.tell_stop(reason, by)
+        if not self.attempt.settled:
+            self.stop_event.set()
         self.wake.set()
 
-    def settle(self) -> bool:
-        """Mark the handler's outcome final: stops from now on change nothing about the
-        end. False if it was settled already (its end is being recorded elsewhere)."""
-        with self._lock:
-            if self.finishing:
-                return False
-            self.finishing = True
-            return True
+    def tell_stop(self, reason: StopReason, by: str | None) -> None:
+        """Tell the attempt's first stop in the job's log and stop its handler."""
+        self.joblog.story(self.attempt.told(reason, by, self.in_process))
+        self.stop_event.set()
 
     @property
     def cancelled(self) -> bool:
-        if (not self.stop_event.is_set() and self.deadline is not None
-                and time.monotonic() > self.deadline):
-            self.stop("timeout")
+        if not self.stop_event.is_set() and self.attempt.due(self.engine.clock()):
+            self.stop(StopReason.TIMEOUT)
         return self.stop_event.is_set()
 
     # -- progress ----------------------------------------------------------------------
@@ -184,22 +170,26 @@ class Context:
             on_progress: Callable[[float | None, str | None], None] | None = None,
             capture: bool = False, check: bool = True) -> process.Completed:
         if self.cancelled:
-            raise Cancelled(self.reason or "cancelled")
+            raise Cancelled(_stopped(self.attempt))
         self.joblog.note("$ " + " ".join(argv))
         self.in_process = True
+        deadline = self.attempt.deadline
         try:
             done = process.run(
                 argv, cwd=cwd, env={**(env or {}), process.JOB_ENV: self.job.id},
-                log=self.joblog, stop=self.stop_event, deadline=self.deadline,
+                log=self.joblog, stop=self.stop_event,
+                # the program's supervisor counts on the system's monotonic clock
+                deadline=None if deadline is None else (
+                    time.monotonic() + deadline - self.engine.clock()),
                 grace=self.config.execution.cancel_grace, on_progress=on_progress,
                 capture=capture, on_spawn=self._record_process,
-                on_timeout=lambda: self.stop("timeout"))
+                on_timeout=lambda: self.stop(StopReason.TIMEOUT))
         finally:
             self.in_process = False
         if done.timed_out:
-            self.stop("timeout")
+            self.stop(StopReason.TIMEOUT)
         if done.cancelled or done.timed_out:
-            raise Cancelled(self.reason or "cancelled")
+            raise Cancelled(_stopped(self.attempt))
         if done.supervisor_died:
             # the program's own end is unknown: what its supervisor's death tells is all
             what = "killed" if done.returncode < 0 else "ended"
@@ -221,6 +211,10 @@ class Context:
     def show_pending(self, end: JobStatus, error: str) -> None:
         """Say on the running job that its end waits to be recorded."""
         self.set_message(f"ended {end}; not recorded yet: {error}")
+
+
+def _stopped(attempt: Attempt) -> str:
+    return attempt.stop.value if attempt.stop is not None else "cancelled"
 
 
 def _time_limit(timeout_s: float | None, default: float | None) -> float | None:
@@ -245,13 +239,6 @@ def _refused_text(end: JobStatus, kw: dict[str, Any], refused: Exception,
 
 def _exit_text(code: int) -> str:
     return f"signal {-code}" if code < 0 else f"status {code}"
-
-
-def _duration(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size and seconds % size == 0:
-            return f"{int(seconds // size)}{unit}"
-    return f"{seconds:g}s"
 
 
 def end_story(status: JobStatus | str, message: str | None) -> str:
@@ -284,22 +271,27 @@ def story(events: list[dict[str, Any]]) -> bytes:
 
 
 class Engine:
-    """Runs queued jobs on ``config.execution.workers`` threads."""
+    """Runs queued jobs on ``config.execution.workers`` threads; ``clock`` is the time
+    every time limit, progress rate and ``tick`` counts in."""
 
     def __init__(self, config: Config, store: JobStore, handlers: dict[str, Handler],
-                 notify: Callable[[str], None] = lambda job_id: None) -> None:
+                 notify: Callable[[str], None] = lambda job_id: None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.store = store
         self.handlers = handlers
         self.notify = notify
+        self.clock = clock
         ex = config.execution
         self.dispatcher = Dispatcher(workers=ex.workers,
                                      max_running_per_user=ex.max_running_per_user)
+        #: the attempt of each job taken from the queue (from ``take`` until its end is
+        #: recorded), and the context of those whose handler has been given the job
+        self._attempts: dict[str, Attempt] = {}
         self._contexts: dict[str, Context] = {}
-        #: asked for before the job's context existed: job id -> who asked
-        self._cancels: dict[str, str | None] = {}
         self._lock = threading.Lock()
         self._kick = threading.Event()
+        self._started = False
         self._stopping = False
         self._pool = concurrent.futures.ThreadPoolExecutor(ex.workers, "jobd-worker")
         self._pool_size = ex.workers
@@ -335,7 +327,9 @@ class Engine:
         """Recover what a crash left running, load the queue, start dispatching."""
         self.recover()
         self.dispatcher.set_paused(paused)
-        self.dispatcher.load(self.store.queued_jobs())
+        for job in self.store.queued_jobs():
+            self._enqueue(job)
+        self._started = True
         self._thread.start()
         self.kick()
 
@@ -370,21 +364,31 @@ class Engine:
 
     def stop(self) -> None:
         """Stop dispatching, stop running jobs, requeue what is resumable."""
-        with self._lock:  # a job starting now sees _stopping once registered (see _run)
+        with self._lock:  # an attempt starting now sees _stopping once registered (_run)
             self._stopping = True
             contexts = list(self._contexts.values())
+            for job_id, attempt in self._attempts.items():
+                ctx = self._contexts.get(job_id)
+                if ctx is None or ctx.attempt is not attempt:
+                    attempt.request_stop(StopReason.SHUTDOWN)  # told by its context (_run)
         self.dispatcher.set_paused(True)
         self._kick.set()
         for ctx in contexts:
-            ctx.stop("shutdown")
-        deadline = time.monotonic() + self.config.execution.shutdown_grace
-        while self._contexts and time.monotonic() < deadline:
-            time.sleep(0.02)
+            ctx.stop(StopReason.SHUTDOWN)
+        grace = self.config.execution.shutdown_grace
+        self._wait_for_ends(grace)
         for ctx in list(self._contexts.values()):
             # its handler ignores stop requests: record the end for it
             self._finish(ctx, None, Cancelled("shutdown"))
+        self._wait_for_ends(min(grace, 5.0))  # those ends are being written
         self._pool.shutdown(wait=False, cancel_futures=True)
-        self._thread.join(timeout=1)
+        if self._started:
+            self._thread.join(timeout=1)
+
+    def _wait_for_ends(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while self._attempts and time.monotonic() < deadline:
+            time.sleep(0.02)
 
     # -- dispatching -------------------------------------------------------------------
 
@@ -392,70 +396,111 @@ class Engine:
         self._kick.set()
 
     def on_changed(self, job: Job) -> None:
-        """The store's commit listener: keep the dispatcher's queue in step."""
-        if job.status is not JobStatus.RUNNING:
-            # its worker slot is free once the end is committed (a retry may follow at once)
-            self.dispatcher.finish(job.id)
+        """The store's commit listener: keep the dispatcher's queue in step, and start
+        what may start now (its start goes into the writer's next transaction)."""
         if job.status is JobStatus.QUEUED:
-            self.dispatcher.add(job)
-            # paused or every worker busy: resume() or the next finished job kicks anyway,
-            # and waking the dispatch thread for nothing costs a GIL hand-off per submit
-            if self.dispatcher.may_take():
-                self._kick.set()
+            self._enqueue(job)
+            self._dispatch()
         else:
             self.dispatcher.remove(job.id)
         self.notify(job.id)
+
+    def _enqueue(self, job: Job) -> None:
+        handler = self.handlers.get(job.type)
+        self.dispatcher.add(job, exclusive=handler is not None and handler.exclusive)
 
     def set_paused(self, paused: bool) -> None:
         self.dispatcher.set_paused(paused)
         if not paused:
             self._kick.set()
 
+    def _dispatch(self) -> None:
+        """Start every attempt the dispatcher lets start now."""
+        while self._started and not self._stopping and (
+                attempt := self.dispatcher.take()) is not None:
+            with self._lock:
+                self._attempts[attempt.job_id] = attempt
+            try:
+                started = self._write_start(attempt.job_id)
+            except Exception as e:  # the store is closed: the job stays queued in it
+                self._not_started(attempt, e)
+                continue
+            started.add_done_callback(lambda fut, attempt=attempt: self._started_or_not(
+                attempt, fut))
+
+    def _started_or_not(self, attempt: Attempt, fut: concurrent.futures.Future[Job]) -> None:
+        """The start's commit came back (on the store's writer thread)."""
+        error = fut.exception()
+        if error is not None:
+            self._not_started(attempt, error)
+            return
+        try:
+            self._submit(self._run, attempt, fut.result())
+        except RuntimeError:  # the pool is shut down: the daemon stopped meanwhile
+            log.warning("job_start_dropped", job_id=attempt.job_id,
+                        reason="the daemon stopped; the next start recovers it")
+            self._release(attempt)
+
+    def _not_started(self, attempt: Attempt, error: BaseException) -> None:
+        if not isinstance(error, StateConflict):  # else: cancelled between take and start
+            log.error("job_start_failed", job_id=attempt.job_id, exc_info=error)
+            self._submit_quietly(self._requeue_later, attempt.job_id)
+        self._release(attempt)
+
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        with self._lock:  # reconfigure may swap the pool
+            self._pool.submit(fn, *args)
+
+    def _submit_quietly(self, fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            self._submit(fn, *args)
+        except RuntimeError:  # the pool is shut down: nothing more is run
+            pass
+
     def _loop(self) -> None:
         while not self._stopping:
             self._kick.wait(FLUSH_S)
             self._kick.clear()
-            while not self._stopping and (entry := self.dispatcher.take()) is not None:
-                with self._lock:  # reconfigure may swap the pool
-                    self._pool.submit(self._run, entry)
-            orphans.sweep_orphans()  # what a job whose supervisor died left behind
-            for ctx in list(self._contexts.values()):
-                if ctx.finishing:
-                    continue  # its end is decided: a deadline passing now changes nothing
-                ctx.cancelled  # noqa: B018 - passes the deadline: stops a job that never checks
-                ctx.flush()
+            self._dispatch()
+            self.tick()
+
+    def tick(self, now: float | None = None) -> None:
+        """One turn of housekeeping at ``now`` (the engine's clock by default): a running
+        job past its time limit is stopped (timeout), changed progress is written, and
+        what a job whose supervisor died left behind is killed."""
+        now = self.clock() if now is None else now
+        orphans.sweep_orphans()  # what a job whose supervisor died left behind
+        for ctx in list(self._contexts.values()):
+            if ctx.attempt.settled:
+                continue  # its end is decided: a deadline passing now changes nothing
+            if not ctx.stop_event.is_set() and ctx.attempt.due(now):
+                ctx.stop(StopReason.TIMEOUT)  # also a job that never checks ``cancelled``
+            ctx.flush()
 
     # -- running -----------------------------------------------------------------------
 
-    def _run(self, entry: Entry) -> None:
-        try:
-            job = self.store.start_job(entry.id)
-        except StateConflict:  # cancelled between take and start
-            self.dispatcher.finish(entry.id)
-            self._kick.set()
-            return
-        except Exception:
-            log.exception("job_start_failed", job_id=entry.id)
-            self.dispatcher.finish(entry.id)
-            self._requeue_later(entry.id)
-            return
-        ctx = Context(self, job)
+    def _run(self, attempt: Attempt, job: Job) -> None:
+        """On a worker: run the handler of a job whose start is recorded."""
+        ctx = Context(self, job, attempt)
         ctx.joblog.story(f"attempt {job.attempts} started", job.started_at)
         with self._lock:
             self._contexts[job.id] = ctx
-            if job.id in self._cancels:
-                ctx.stop("cancel", self._cancels.pop(job.id))
             if self._stopping:
-                ctx.stop("shutdown")
-        ctx.log.info("job_started", attempt=job.attempts)
+                attempt.request_stop(StopReason.SHUTDOWN)
+            # a stop asked for before the job had a context is told now; one from now on
+            # goes through the context (``cancel`` finds it under this lock)
+            early = attempt.stop, attempt.cancelled_by
+        if early[0] is not None:
+            ctx.tell_stop(*early)
+        ctx.log.debug("job_started", attempt=job.attempts)
         handler = self.handlers.get(job.type)
         result: dict[str, Any] | None = None
         failure: BaseException | None = None
         try:
             if handler is None:
                 raise JobFailed(f"no handler for job type {job.type!r} (a plugin went missing?)")
-            if job.cancel_requested or ctx.reason == "cancel":
-                ctx.stop("cancel")
+            if job.cancel_requested or attempt.stop is StopReason.CANCEL:
+                ctx.stop(StopReason.CANCEL)
                 raise Cancelled("cancel")
             result = handler.run(ctx)
         except Exception as e:  # every end of a handler is recorded below
@@ -464,62 +509,64 @@ class Engine:
 
     def _finish(self, ctx: Context, result: dict[str, Any] | None,
                 failure: BaseException | None) -> None:
+        """Decide the end (once) and write it; the worker does not wait for the commit."""
         job = ctx.job
-        if not ctx.settle():
+        if not ctx.attempt.settle():
             return
-        end, kw = self._end_of(ctx, result, failure)
-        ctx.flush()
         if failure is not None and not isinstance(failure, (JobFailed, Cancelled)):
             ctx.log.error("job_crashed", exc_info=failure)
+            failure = JobFailed(f"internal error in the {job.type} handler: "
+                                f"{type(failure).__name__}: {failure}")
+        handler = self.handlers.get(job.type)
+        end, kw = outcome(ctx.attempt.stop, failure,
+                          resumable=handler is not None and handler.resumable,
+                          result=result, timeout_s=ctx.attempt.timeout_s)
+        ctx.flush()
+        self._tell_end(ctx, end, kw)
         try:
-            done = self._commit_end(ctx, end, kw)
-            if done is not None:
-                event = {JobStatus.COMPLETED: "job_completed", JobStatus.FAILED: "job_failed",
-                         JobStatus.CANCELLED: "job_cancelled",
-                         JobStatus.QUEUED: "job_requeued"}[done.status]
-                ctx.log.info(event, error=done.error, seconds=round(
-                    time.monotonic() - ctx.live.started, 3))
-        except Exception:
-            # the daemon stops while the end waits to be committed: the job stays running
-            # in the store and the next start recovers it; its worker slot is free all
-            # the same
-            ctx.log.exception("job_finish_failed")
-            self.dispatcher.finish(job.id)
-        finally:
-            # a recorded end freed the slot in on_changed already: finishing here again
-            # could free the slot of a retry that started the same job anew meanwhile
-            ctx.joblog.close()
-            with self._lock:
-                if self._contexts.get(job.id) is ctx:  # a retry may already run it anew
-                    del self._contexts[job.id]
-                self._cancels.pop(job.id, None)
-            self._kick.set()
+            written = self._write_end(job.id, end, kw)
+        except Exception as e:  # the store is closed
+            self._end_failed(ctx, end, kw, e)
+            return
+        written.add_done_callback(lambda fut: self._end_written(ctx, end, kw, fut))
 
-    def _end_of(self, ctx: Context, result: dict[str, Any] | None,
-                failure: BaseException | None) -> tuple[JobStatus, dict[str, Any]]:
-        """The end a handler's outcome means, and what goes with it: decided once, when
-        the handler returned (a cancel or timeout that came before that wins)."""
-        if ctx.cancel_asked or ctx.reason == "cancel":
-            return JobStatus.CANCELLED, {"message": "cancelled"}
-        if ctx.reason == "timeout":
-            assert ctx.timeout_s is not None
-            return JobStatus.FAILED, {"error": f"timed out after {_duration(ctx.timeout_s)}"}
-        if ctx.reason == "shutdown" and failure is not None:
-            handler = self.handlers.get(ctx.job.type)
-            if handler is not None and handler.resumable:
-                return JobStatus.QUEUED, {"message": "interrupted by shutdown"}
-            return JobStatus.FAILED, {"error": "interrupted by daemon shutdown"}
-        if isinstance(failure, JobFailed):
-            return JobStatus.FAILED, {"error": str(failure)}
-        if isinstance(failure, Cancelled):
-            return JobStatus.CANCELLED, {"message": "cancelled"}
-        if failure is not None:
-            return JobStatus.FAILED, {"error": f"internal error in the {ctx.job.type} handler: "
-                                               f"{type(failure).__name__}: {failure}"}
-        return JobStatus.COMPLETED, {"result": result or {}}
+    def _tell_end(self, ctx: Context, end: JobStatus, kw: dict[str, Any]) -> None:
+        """The closing story line, before the commit: a reader seeing the end sees it told."""
+        told = end_story(end, kw.get("error") or kw.get("message"))
+        if told != ctx.ended:
+            ctx.ended = told
+            ctx.joblog.story(told)
 
-    def _commit_end(self, ctx: Context, end: JobStatus, kw: dict[str, Any]) -> Job | None:
-        """Commit the decided end; None if the job is no longer running (nothing to record).
+    def _end_written(self, ctx: Context, end: JobStatus, kw: dict[str, Any],
+                     fut: concurrent.futures.Future[Job]) -> None:
+        """The end's commit came back (on the store's writer thread)."""
+        error = fut.exception()
+        if error is None:
+            self._ended(ctx, fut.result())
+        else:
+            self._end_failed(ctx, end, kw, error)
+
+    def _end_failed(self, ctx: Context, end: JobStatus, kw: dict[str, Any],
+                    error: BaseException) -> None:
+        if isinstance(error, (StateConflict, JobNotFound)):
+            ctx.log.warning("job_end_unrecorded", end=str(end), error=str(error))
+            self._ended(ctx, None)
+            return
+        try:
+            # waiting for storage holds a worker, as the attempt holds its slot
+            self._submit(self._commit_end, ctx, end, kw, error)
+        except RuntimeError:
+            self._end_lost(ctx, error)
+
+    def _end_lost(self, ctx: Context, error: BaseException) -> None:
+        """The daemon stops while the end waits to be committed: the job stays running in
+        the store and the next start recovers it; its slot is free all the same."""
+        ctx.log.error("job_finish_failed", exc_info=error)
+        self._ended(ctx, None)
+
+    def _commit_end(self, ctx: Context, end: JobStatus, kw: dict[str, Any],
+                    error: BaseException) -> None:
+        """Commit an end whose first write failed with ``error``, on a worker.
 
         Storage that is unavailable is waited for, however long (until the daemon stops),
         with backoff. An end the store refuses otherwise is recorded as a sanitised
@@ -529,35 +576,67 @@ class Engine:
         delay = RETRY_S
         refusals = 0
         while True:
-            told = end_story(end, kw.get("error") or kw.get("message"))
-            if told != ctx.ended:  # before the commit: a reader seeing the end sees it told
-                ctx.ended = told
-                ctx.joblog.story(told)
-            try:
-                if end is JobStatus.QUEUED:
-                    return self.store.requeue_job(ctx.job.id, reason=kw["message"])
-                return self.store.finish_job(ctx.job.id, end, **kw)
-            except (StateConflict, JobNotFound) as e:
-                ctx.log.warning("job_end_unrecorded", end=str(end), error=str(e))
-                return None
-            except Exception as e:
-                if self._stopping:
-                    raise
-                if isinstance(e, StorageUnavailable):
-                    ctx.log.warning("job_end_pending", end=str(end), error=str(e),
-                                    retry_in_s=delay)
-                    if delay == RETRY_S:
-                        ctx.show_pending(end, str(e))
-                else:
-                    refusals += 1
-                    ctx.log.error("job_end_refused", end=str(end), refusals=refusals,
-                                  exc_info=e)
-                    end, kw = JobStatus.FAILED, {"error": _refused_text(end, kw, e, refusals)}
-                    if refusals == 1:
-                        continue  # the sanitised failure is tried at once
+            if self._stopping:
+                self._end_lost(ctx, error)
+                return
+            if isinstance(error, StorageUnavailable):
+                ctx.log.warning("job_end_pending", end=str(end), error=str(error),
+                                retry_in_s=delay)
+                if delay == RETRY_S:
+                    ctx.show_pending(end, str(error))
+                wait = True
+            else:
+                refusals += 1
+                ctx.log.error("job_end_refused", end=str(end), refusals=refusals,
+                              exc_info=error)
+                end, kw = JobStatus.FAILED, {"error": _refused_text(end, kw, error, refusals)}
+                wait = refusals > 1  # the sanitised failure is tried at once
+            if wait:
                 ctx.wake.wait(delay)
                 ctx.wake.clear()
                 delay = min(delay * 2, RETRY_MAX_S)
+            self._tell_end(ctx, end, kw)
+            try:
+                done = self._write_end(ctx.job.id, end, kw).result()
+            except (StateConflict, JobNotFound) as e:
+                ctx.log.warning("job_end_unrecorded", end=str(end), error=str(e))
+                self._ended(ctx, None)
+                return
+            except Exception as e:
+                error = e
+                continue
+            self._ended(ctx, done)
+            return
+
+    def _ended(self, ctx: Context, done: Job | None) -> None:
+        """The attempt is over (its end recorded, or nothing left to record): one log
+        line, its slot freed, the next job started."""
+        if done is not None:
+            ctx.log.info(_END_EVENTS[done.status], attempt=ctx.attempt.number,
+                         error=done.error,
+                         seconds=round(self.clock() - ctx.live.started, 3))
+        ctx.joblog.close()
+        self._release(ctx.attempt)
+        with self._lock:
+            if self._contexts.get(ctx.job.id) is ctx:  # a retry may already run it anew
+                del self._contexts[ctx.job.id]
+
+    def _release(self, attempt: Attempt) -> None:
+        """Free the attempt's slot (only its own: a retry of the job may hold another)."""
+        with self._lock:
+            if self._attempts.get(attempt.job_id) is attempt:
+                del self._attempts[attempt.job_id]
+        self.dispatcher.finish(attempt)
+        self._dispatch()
+
+    def _write_start(self, job_id: str) -> concurrent.futures.Future[Job]:
+        return self.store.start_job_async(job_id)
+
+    def _write_end(self, job_id: str, end: JobStatus,
+                   kw: dict[str, Any]) -> concurrent.futures.Future[Job]:
+        if end is JobStatus.QUEUED:
+            return self.store.requeue_job_async(job_id, reason=kw["message"])
+        return self.store.finish_job_async(job_id, end, **kw)
 
     def _requeue_later(self, job_id: str) -> None:
         """A job that could not be started stays queued in the store: keep it in the queue."""
@@ -567,7 +646,7 @@ class Engine:
             log.exception("job_requeue_failed", job_id=job_id)
             return
         if job.status is JobStatus.QUEUED:
-            self.dispatcher.add(job)
+            self._enqueue(job)
 
     # -- answers for the manager ---------------------------------------------------------
 
@@ -576,12 +655,43 @@ class Engine:
         ``actor``, who asked, is told in its log."""
         with self._lock:
             ctx = self._contexts.get(job_id)
-            if ctx is None:
-                if self.dispatcher.is_taken(job_id):
-                    self._cancels[job_id] = actor
+            attempt = self._attempts.get(job_id)
+            if attempt is None:
+                return  # no worker holds it: nothing to stop
+            if ctx is None or ctx.attempt is not attempt:
+                attempt.request_stop(StopReason.CANCEL, actor)  # told once it starts (_run)
                 return
-        ctx.stop("cancel", actor)
+        ctx.stop(StopReason.CANCEL, actor)
+
+    def annotate(self, out: dict[str, Any]) -> dict[str, Any]:
+        """Add to a stored job's wire shape what only the daemon knows: a running job's
+        live progress, phase, message, version and ETA; a queued one's place and why it
+        waits."""
+        if out["status"] == JobStatus.RUNNING:
+            ctx = self._contexts.get(out["id"])
+            if ctx is not None:
+                live = ctx.live
+                # memory is ahead of the database (a flush may commit older values under a
+                # newer version): its values, with whichever version is higher
+                out.update(progress=round(live.progress, 2), phase=live.phase,
+                           message=live.message, version=max(live.version, out["version"]),
+                           eta_s=live.eta_s(self.clock()))
+        elif out["status"] == JobStatus.QUEUED:
+            out["queue_position"], out["wait_reason"] = self.dispatcher.position(out["id"])
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        """What runs and waits: ``running``, ``queued``, ``workers``, ``per_user``
+        (user -> running and queued counts) and ``paused``."""
+        d = self.dispatcher
+        return {"running": d.running_count(), "queued": d.queued_count(),
+                "workers": d.workers, "per_user": d.per_user(), "paused": d.paused}
 
     def live(self, job_id: str) -> Live | None:
         ctx = self._contexts.get(job_id)
         return ctx.live if ctx is not None else None
+
+
+#: the one log line of an attempt's end, by the status it was recorded with
+_END_EVENTS = {JobStatus.COMPLETED: "job_completed", JobStatus.FAILED: "job_failed",
+               JobStatus.CANCELLED: "job_cancelled", JobStatus.QUEUED: "job_requeued"}

@@ -246,17 +246,7 @@ class Manager:
 
     def _live(self, out: dict[str, Any]) -> dict[str, Any]:
         """Add to a stored job's wire shape what only the daemon knows."""
-        if out["status"] == JobStatus.RUNNING:
-            live = self.engine.live(out["id"])
-            if live is not None:
-                # memory is ahead of the database (a flush may commit older values under a
-                # newer version): its values, with whichever version is higher
-                out.update(progress=round(live.progress, 2), phase=live.phase,
-                           message=live.message, version=max(live.version, out["version"]),
-                           eta_s=live.eta_s())
-        elif out["status"] == JobStatus.QUEUED:
-            out["queue_position"], out["wait_reason"] = self.engine.dispatcher.position(out["id"])
-        return out
+        return self.engine.annotate(out)
 
     def _job(self, scope: Scope, job_id: Any) -> Job:
         job = self.store.get_job(_check_job_id(job_id))
@@ -370,7 +360,9 @@ class Manager:
             return lambda before, want: []
         ids = self.store.list_ids(**dict(filters, statuses=["queued"]))
         places = sorted((place, job_id) for job_id in ids
-                        if (place := self.engine.dispatcher.position(job_id)[0]) is not None)
+                        if (place := self.engine.annotate(
+                            {"id": job_id, "status": JobStatus.QUEUED})["queue_position"])
+                        is not None)
 
         def rows(before: tuple[int, int] | None, want: int) -> list[Any]:
             start = bisect.bisect_right(places, (before[0], "\uffff")) if before else 0
@@ -640,10 +632,7 @@ class Manager:
             raise Forbidden(_admin_only("admin.stats", scope))
         counts = {str(s): 0 for s in JobStatus if s is not JobStatus.CREATED}
         counts.update(self.store.counts())
-        dispatcher = self.engine.dispatcher
-        return {"jobs": counts, "running": dispatcher.running_count(),
-                "queued": dispatcher.queued_count(), "workers": dispatcher.workers,
-                "per_user": dispatcher.per_user(), "paused": dispatcher.paused,
+        return {"jobs": counts, **self.engine.stats(),
                 "maintenance": self.maintenance_on,
                 "config": self.config_state.to_dict(),
                 "db_bytes": self.store.size_bytes(), "uptime_s": self.uptime_s()}
@@ -708,11 +697,11 @@ class Manager:
             self.maintenance_on, self.maintenance_reason = enabled, reason
             log.info("maintenance_enabled" if enabled else "maintenance_disabled",
                      actor=scope.actor, reason=reason)
-        dispatcher = self.engine.dispatcher
-        running, queued = dispatcher.running_count(), dispatcher.queued_count()
+        now = self.engine.stats()
+        running, queued = now["running"], now["queued"]
         return {"maintenance": self.maintenance_on, "reason": self.maintenance_reason,
                 "running": running, "queued": queued,
-                "drained": running == 0 and (queued == 0 or dispatcher.paused)}
+                "drained": running == 0 and (queued == 0 or now["paused"])}
 
     def ping(self, caller: Any) -> dict[str, Any]:
         return {"version": __version__, "uptime_s": self.uptime_s(),

@@ -15,7 +15,7 @@ from typing import Any
 
 __all__ = [
     "readable",
-    "EXCLUSIVE_TYPES", "RawJSON", "TERMINAL", "TRANSITIONS", "Job", "JobStatus", "Phase",
+    "RawJSON", "TERMINAL", "TRANSITIONS", "Job", "JobStatus", "Phase",
     "NOTE_MARK", "Role", "WaitReason", "from_iso", "is_note", "iso",
 ]
 
@@ -41,10 +41,6 @@ TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
 }
 
 TERMINAL = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED})
-
-#: job types of which only one may run at a time per (user, project)
-EXCLUSIVE_TYPES = frozenset({"sync", "index"})
-
 
 def sources(to: JobStatus) -> tuple[JobStatus, ...]:
     """The statuses a job may leave to become ``to``."""

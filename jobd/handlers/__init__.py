@@ -74,7 +74,9 @@ class Handler:
     admin_only: ClassVar[bool] = False
     #: after a daemon crash it is requeued to resume (else it fails: a plugin must opt in)
     resumable: ClassVar[bool] = False
-    #: one at a time per (user, project); project_id is required
+    #: one at a time per (user, project), and a queued duplicate is folded into the job
+    #: already queued; project_id is required. The one source of a type's exclusivity:
+    #: the engine hands it to the dispatcher with each queued job.
     exclusive: ClassVar[bool] = False
 
     def validate(self, options: dict[str, Any], *, user_id: str, project_id: str | None,

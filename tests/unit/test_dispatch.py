@@ -8,6 +8,7 @@ waits when a rule holds it back, and that every queued job runs once runners fin
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections import Counter
 
@@ -16,10 +17,14 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (Bundle, RuleBasedStateMachine, consumes, invariant,
                                  precondition, rule)
 
+from jobd.attempt import Attempt
 from jobd.dispatch import Dispatcher
+from jobd.handlers import load_handlers
 from jobd.models import Job, JobStatus
 
 _seq = itertools.count(1)
+#: the registered handlers: a job type's ``exclusive`` comes from its handler alone
+HANDLERS = load_handlers()
 
 
 def job(user: str = "alice", *, priority: int = 0, type: str = "noop",
@@ -30,25 +35,51 @@ def job(user: str = "alice", *, priority: int = 0, type: str = "noop",
                priority=priority, seq=n)
 
 
+class Queue(Dispatcher):
+    """A dispatcher told each job's exclusivity by its handler, as the engine does, and
+    whose attempts can be finished by job id (each test job runs once at a time)."""
+
+    def __init__(self, *, workers: int, max_running_per_user: int) -> None:
+        super().__init__(workers=workers, max_running_per_user=max_running_per_user)
+        self.taken: dict[str, Attempt] = {}
+
+    def add(self, job: Job, *, exclusive: bool | None = None) -> None:  # type: ignore[override]
+        super().add(job, exclusive=HANDLERS[job.type].exclusive if exclusive is None
+                    else exclusive)
+
+    def load(self, jobs: list[Job]) -> None:
+        for j in jobs:
+            self.add(j)
+
+    def take(self) -> Attempt | None:
+        attempt = super().take()
+        if attempt is not None:
+            self.taken[attempt.job_id] = attempt
+        return attempt
+
+    def finish(self, attempt: Attempt | tuple[str, int] | str) -> None:  # type: ignore[override]
+        super().finish(self.taken.pop(attempt) if isinstance(attempt, str) else attempt)
+
+
 def drain(d: Dispatcher) -> list[str]:
     """Take and finish one job at a time until none is left; the ids in order."""
     order = []
-    while (entry := d.take()) is not None:
-        order.append(entry.id)
-        d.finish(entry.id)
+    while (attempt := d.take()) is not None:
+        order.append(attempt.job_id)
+        d.finish(attempt)
     return order
 
 
 def take_all(d: Dispatcher) -> list[str]:
     """Take until nothing more may start (without finishing any); the ids."""
     taken = []
-    while (entry := d.take()) is not None:
-        taken.append(entry.id)
+    while (attempt := d.take()) is not None:
+        taken.append(attempt.job_id)
     return taken
 
 
-def dispatcher(workers: int = 1, per_user: int = 100) -> Dispatcher:
-    return Dispatcher(workers=workers, max_running_per_user=per_user)
+def dispatcher(workers: int = 1, per_user: int = 100) -> Queue:
+    return Queue(workers=workers, max_running_per_user=per_user)
 
 
 # -- order -----------------------------------------------------------------------------
@@ -74,7 +105,7 @@ def test_a_user_who_just_had_a_turn_waits_behind_the_others() -> None:
     d = dispatcher()
     d.add(job("alice", name="a1"))
     d.add(job("bob", name="b1"))
-    assert d.take().id == "a1"  # type: ignore[union-attr]
+    assert d.take().job_id == "a1"  # type: ignore[union-attr]
     d.finish("a1")
     # alice queues again at once: bob, who waited, goes first
     d.add(job("alice", name="a2"))
@@ -97,7 +128,7 @@ def test_adding_a_job_twice_or_while_it_runs_changes_nothing() -> None:
     d.add(j)
     d.add(j)
     assert d.queued_count() == 1
-    assert d.take().id == "j"  # type: ignore[union-attr]
+    assert d.take().job_id == "j"  # type: ignore[union-attr]
     d.add(j)  # the commit listener may echo the running job
     assert d.queued_count() == 0 and d.take() is None
 
@@ -123,7 +154,7 @@ def test_no_more_than_workers_run_at_once() -> None:
     assert d.position("c") == (1, "slots")
     d.finish("a")
     assert take_all(d) == ["c"]
-    d.finish("unknown")  # harmless
+    d.finish(("unknown", 1))  # harmless
     assert d.running_count() == 2
 
 
@@ -169,7 +200,7 @@ def test_pause_stops_dispatching_and_resume_restarts_it() -> None:
     assert d.take() is None
     assert d.position("j1") == (1, "paused")
     d.set_paused(False)
-    assert d.take().id == "j1"  # type: ignore[union-attr]
+    assert d.take().job_id == "j1"  # type: ignore[union-attr]
 
 
 def test_pause_leaves_running_jobs_counted() -> None:
@@ -259,7 +290,7 @@ class DispatchMachine(RuleBasedStateMachine):
         super().__init__()
         self.workers = 3
         self.per_user = 2
-        self.d = Dispatcher(workers=self.workers, max_running_per_user=self.per_user)
+        self.d = dispatcher(workers=self.workers, per_user=self.per_user)
         self.jobs: dict[str, Job] = {}
         self.waiting: set[str] = set()
         self.running: set[str] = set()
@@ -287,20 +318,20 @@ class DispatchMachine(RuleBasedStateMachine):
     @rule()
     def take(self) -> None:
         eligible = self._eligible()
-        entry = self.d.take()
-        if entry is None:
+        attempt = self.d.take()
+        if attempt is None:
             assert not eligible or self.d.paused or len(self.running) >= self.workers, (
                 f"nothing taken although {sorted(eligible)} may run")
             return
-        assert entry.id in eligible, f"{entry.id} started against a limit"
-        chosen = self.jobs[entry.id]
+        assert attempt.job_id in eligible, f"{attempt.job_id} started against a limit"
+        chosen = self.jobs[attempt.job_id]
         top = max(self.jobs[i].priority for i in eligible)
         assert chosen.priority == top, "a lower priority ran while a higher one could"
         older = [i for i in eligible if self.jobs[i].user_id == chosen.user_id
                  and self.jobs[i].priority == top and self.jobs[i].seq < chosen.seq]
-        assert not older, f"{entry.id} ran before its user's older {older}"
-        self.waiting.discard(entry.id)
-        self.running.add(entry.id)
+        assert not older, f"{attempt.job_id} ran before its user's older {older}"
+        self.waiting.discard(attempt.job_id)
+        self.running.add(attempt.job_id)
 
     @precondition(lambda self: self.running)
     @rule(data=st.data())
@@ -367,17 +398,48 @@ class DispatchMachine(RuleBasedStateMachine):
             for job_id in list(self.running):
                 self.d.finish(job_id)
             self.running.clear()
-            while (entry := self.d.take()) is not None:
-                self.waiting.discard(entry.id)
-                self.running.add(entry.id)
+            while (attempt := self.d.take()) is not None:
+                self.waiting.discard(attempt.job_id)
+                self.running.add(attempt.job_id)
         assert not self.waiting, f"never ran: {sorted(self.waiting)}"
         assert self.d.queued_count() == 0
 
 
 def _project(j: Job) -> tuple[str, str] | None:
-    return (j.user_id, j.project_id) if j.type in ("sync", "index") and j.project_id else None
+    return (j.user_id, j.project_id) if HANDLERS[j.type].exclusive and j.project_id else None
 
 
 DispatchMachine.TestCase.settings = settings(max_examples=100, stateful_step_count=30,
                                              deadline=None)
 test_dispatch_machine = DispatchMachine.TestCase
+
+
+# -- attempts: a slot is (job id, attempt number) --------------------------------------
+
+def test_a_retry_started_before_the_old_attempt_finished_keeps_its_own_slot() -> None:
+    d = Dispatcher(workers=2, max_running_per_user=10)
+    first_run = job("alice", name="j")
+    d.add(first_run, exclusive=False)
+    first = d.take()
+    assert first is not None and first.key == ("j", 1)
+    # its end and a retry commit before its worker lets go: the retry is attempt 2
+    d.add(dataclasses.replace(first_run, attempts=1), exclusive=False)
+    second = d.take()
+    assert second is not None and second.key == ("j", 2)
+    assert d.running_count() == 2
+    d.finish(first)  # frees attempt 1's slot only
+    assert d.running_count() == 1
+    d.finish(first)  # again: harmless, attempt 2 still holds its slot
+    assert d.running_count() == 1 and d.may_take()
+    d.finish(second)
+    assert d.running_count() == 0
+
+
+def test_exclusivity_is_what_the_engine_says_of_the_handler_not_the_type_name() -> None:
+    d = Dispatcher(workers=10, max_running_per_user=10)
+    d.add(job("alice", name="x1", type="golden", project="p"), exclusive=True)
+    d.add(job("alice", name="x2", type="golden", project="p"), exclusive=True)
+    d.add(job("alice", name="s1", type="sync", project="q"), exclusive=False)
+    d.add(job("alice", name="s2", type="sync", project="q"), exclusive=False)
+    assert sorted(take_all(d)) == ["s1", "s2", "x1"]
+    assert d.position("x2") == (1, "project_busy")

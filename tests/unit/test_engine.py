@@ -3,6 +3,7 @@ config, ends the store refuses, and ends that wait for a full disk."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import threading
 import time
@@ -14,9 +15,10 @@ import pytest
 import structlog.testing
 
 from conftest import fill, wait_for
+from jobd.attempt import Attempt, StopReason, outcome
 from jobd.config import Config, load
 from jobd.engine import Engine
-from jobd.handlers import Handler, JobContext, JobFailed, load_handlers
+from jobd.handlers import Cancelled, Handler, JobContext, JobFailed, load_handlers
 from jobd.models import Job, JobStatus
 from jobd.store import Listeners, Store
 
@@ -113,15 +115,21 @@ def test_a_job_retried_the_moment_it_ends_is_queued_again(tmp_path: Path) -> Non
         job = Job(id="j1", type="noop", user_id="alice", project_id=None,
                   status=JobStatus.QUEUED, created_at=1, updated_at=1, version=1, seq=1)
         engine.on_changed(job)
-        assert engine.dispatcher.take() is not None
+        first = engine.dispatcher.take()
+        assert first is not None
         # the end commits, and a retry commits before the worker has let go of the job
-        engine.on_changed(dataclasses.replace(job, status=JobStatus.FAILED))
-        engine.on_changed(dataclasses.replace(job, status=JobStatus.QUEUED))
+        ended = dataclasses.replace(job, status=JobStatus.FAILED, attempts=1)
+        engine.on_changed(ended)
+        engine.on_changed(dataclasses.replace(ended, status=JobStatus.QUEUED))
         assert engine.dispatcher.queued_count() == 1
-        assert engine.dispatcher.take() is not None
+        second = engine.dispatcher.take()
+        assert second is not None and second.number == first.number + 1
+        # the old attempt's finish frees its own slot, not the retry's
+        engine.dispatcher.finish(first)
+        assert engine.stats()["running"] == 1
         # a cancel asked for a job no worker holds leaves nothing behind for a later run
         engine.cancel("j2")
-        assert not engine._cancels
+        assert not engine._attempts
     finally:
         store.close()
 
@@ -221,11 +229,14 @@ class Refusing(Store):
     refuse: set[str] = set()
     refusals = 0
 
-    def finish_job(self, job_id: str, status: JobStatus, **kw: Any) -> Job:
+    def finish_job_async(self, job_id: str, status: JobStatus,
+                         **kw: Any) -> concurrent.futures.Future[Job]:
         if job_id in self.refuse and self.refusals > 0:
             type(self).refusals -= 1
-            raise ValueError(f"refused {status} for {job_id}")
-        return super().finish_job(job_id, status, **kw)
+            refused: concurrent.futures.Future[Job] = concurrent.futures.Future()
+            refused.set_exception(ValueError(f"refused {status} for {job_id}"))
+            return refused
+        return super().finish_job_async(job_id, status, **kw)
 
 
 def test_an_end_refused_twice_is_retried_until_it_is_recorded(rig: Callable[..., Rig]) -> None:
@@ -309,3 +320,108 @@ def test_a_completed_end_waiting_for_storage_stays_completed(
         filler.unlink()
         done = r.wait(job, JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED, timeout=10)
     assert (done.status, done.error, done.result) == (JobStatus.COMPLETED, None, {"answer": 42})
+
+
+# -- the end of an attempt as a table (issue 9: one pure function) -------------------------------
+
+_FAILED = JobFailed("git fetch exited with status 128")
+_HANDLER_CANCELLED = Cancelled("cancelled after 0.20s of 30s")
+
+#: (stop, failure, resumable) -> (end, fields): every row of ``outcome``
+OUTCOMES = [
+    (StopReason.CANCEL, None, False, JobStatus.CANCELLED, {"message": "cancelled"}),
+    (StopReason.CANCEL, _FAILED, True, JobStatus.CANCELLED, {"message": "cancelled"}),
+    (StopReason.CANCEL, _HANDLER_CANCELLED, True, JobStatus.CANCELLED, {"message": "cancelled"}),
+    (StopReason.TIMEOUT, None, False, JobStatus.FAILED, {"error": "timed out after 90s"}),
+    (StopReason.TIMEOUT, _HANDLER_CANCELLED, True, JobStatus.FAILED,
+     {"error": "timed out after 90s"}),
+    (StopReason.SHUTDOWN, _HANDLER_CANCELLED, True, JobStatus.QUEUED,
+     {"message": "interrupted by shutdown"}),
+    (StopReason.SHUTDOWN, _FAILED, True, JobStatus.QUEUED, {"message": "interrupted by shutdown"}),
+    (StopReason.SHUTDOWN, _HANDLER_CANCELLED, False, JobStatus.FAILED,
+     {"error": "interrupted by daemon shutdown"}),
+    (StopReason.SHUTDOWN, None, False, JobStatus.COMPLETED, {"result": {"n": 1}}),
+    (None, _FAILED, True, JobStatus.FAILED, {"error": "git fetch exited with status 128"}),
+    (None, _HANDLER_CANCELLED, False, JobStatus.CANCELLED, {"message": "cancelled"}),
+    (None, None, False, JobStatus.COMPLETED, {"result": {"n": 1}}),
+]
+
+
+@pytest.mark.parametrize("stop, failure, resumable, end, fields", OUTCOMES)
+def test_the_end_of_an_attempt_follows_the_table(
+        stop: StopReason | None, failure: JobFailed | Cancelled | None, resumable: bool,
+        end: JobStatus, fields: dict[str, Any]) -> None:
+    assert outcome(stop, failure, resumable=resumable, result={"n": 1},
+                   timeout_s=90) == (end, fields)
+
+
+def test_a_handler_that_returns_nothing_completes_with_an_empty_result() -> None:
+    assert outcome(None, None, resumable=False) == (JobStatus.COMPLETED, {"result": {}})
+
+
+def test_a_cancel_wins_over_an_earlier_timeout_but_nothing_changes_a_settled_attempt() -> None:
+    attempt = Attempt("j", 1, deadline=10.0, timeout_s=5)
+    assert attempt.request_stop(StopReason.TIMEOUT)  # the first stop: told in the log
+    assert not attempt.request_stop(StopReason.CANCEL, "admin:root")  # not told again
+    assert (attempt.stop, attempt.cancelled_by) == (StopReason.CANCEL, "admin:root")
+    settled = Attempt("k", 2)
+    assert settled.settle() and not settled.settle()
+    assert not settled.request_stop(StopReason.CANCEL, "alice")
+    assert settled.stop is None
+
+
+# -- time limits on the engine's clock: tick(now) instead of sleeping ----------------------------
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_job_past_its_time_limit_is_stopped_by_tick_at_that_time(tmp_path: Path) -> None:
+    clock = FakeClock()
+    config = config_of(tmp_path)
+    held = Held()
+    engine: list[Engine] = []
+    store = Store(config.db, listeners=Listeners(
+        changed=lambda job: engine[0].on_changed(job) if engine else None)).open()
+    engine.append(Engine(config, store, {**load_handlers(), "held": held}, clock=clock))
+    engine[0].start()
+    try:
+        job = Job(id=str(uuid.uuid4()), type="held", user_id="alice", project_id=None,
+                  status=JobStatus.CREATED, created_at=0, updated_at=0, version=0,
+                  timeout_s=30)
+        job_id = store.submit_job(job, actor="root")[0].id
+        wait_for(lambda: engine[0].live(job_id) is not None, what="the job's worker")
+        engine[0].tick(clock.now + 29.9)  # within its limit: nothing happens
+        time.sleep(0.1)
+        assert store.get_job(job_id).status is JobStatus.RUNNING
+        engine[0].tick(clock.now + 30.1)
+        wait_for(lambda: store.get_job(job_id).status is JobStatus.FAILED,
+                 what="the job to time out")
+        assert store.get_job(job_id).error == "timed out after 30s"
+        assert engine[0].stats()["running"] == 0
+    finally:
+        held.release.set()
+        engine[0].stop()
+        store.close()
+
+
+def test_annotate_and_stats_answer_what_only_the_engine_knows(rig: Callable[..., Rig]) -> None:
+    r = rig("[execution]\nworkers = 1\nmax_running_per_user = 10\n")
+    r.held.release.clear()
+    running = r.submit("held")
+    r.wait(running, JobStatus.RUNNING)
+    wait_for(lambda: r.engine.live(running) is not None, what="the job's worker")
+    queued = r.submit("held", user="bob")
+    r.full(1)
+    shown = r.engine.annotate({"id": queued, "status": "queued"})
+    assert (shown["queue_position"], shown["wait_reason"]) == (1, "slots")
+    r.engine.live(running).message = "halfway"  # type: ignore[union-attr]
+    live = r.engine.annotate({"id": running, "status": "running", "version": 0})
+    assert live["message"] == "halfway" and live["version"] > 0
+    assert r.engine.stats() == {"running": 1, "queued": 1, "workers": 1, "paused": False,
+                                "per_user": {"alice": {"running": 1, "queued": 0},
+                                             "bob": {"running": 0, "queued": 1}}}
