@@ -8,6 +8,7 @@ store's transaction, speaks to the client).
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 from typing import Any, Iterator, Protocol
 
@@ -27,8 +28,9 @@ class JobStore(Protocol):
 
     # the transitions: each returns the job as stored now, or raises JobNotFound or
     # StateConflict
-    def submit_job_async(self, job: Job, *, actor: str, rules: Rules
-                         ) -> concurrent.futures.Future[tuple[Job, bool]]: ...
+    # answered on the caller's asyncio loop (one wake-up of the loop per commit)
+    def submit_job_on(self, loop: asyncio.AbstractEventLoop, job: Job, *, actor: str,
+                      rules: Rules) -> asyncio.Future[tuple[Job, bool]]: ...
     def start_job(self, job_id: str) -> Job: ...
     def finish_job(self, job_id: str, status: JobStatus, *, error: str | None = None,
                    message: str | None = None, result: dict[str, Any] | None = None

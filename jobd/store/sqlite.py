@@ -14,6 +14,7 @@ being tied to the clock, stays above any value handed out before a crash.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import dataclasses
 import json
@@ -324,6 +325,14 @@ class SqliteStore:
             raise StoreClosed()
         return self._writer.submit(fn)
 
+    def write_on(self, loop: asyncio.AbstractEventLoop, fn: Callable[[Tx], T]
+                 ) -> asyncio.Future[T]:
+        """``write_async`` for a caller on ``loop``: the answers of one commit reach the
+        loop in one wake-up."""
+        if self._writer is None:
+            raise StoreClosed()
+        return self._writer.submit_on(loop, fn)
+
     @staticmethod
     def _fetch(conn: sqlite3.Connection, job_id: str) -> Job:
         row = conn.execute(QUERIES["get_job"], {"job_id": job_id}).fetchone()
@@ -372,8 +381,13 @@ class SqliteStore:
 
     def submit_job_async(self, job: Job, *, actor: str, rules: Rules = _NO_RULES
                          ) -> concurrent.futures.Future[tuple[Job, bool]]:
-        """``submit_job`` for a caller that awaits the commit rather than blocking on it."""
+        """``submit_job`` for a caller that waits on a future rather than blocking."""
         return self.write_async(lambda tx: self._submit(tx, job, actor, rules))
+
+    def submit_job_on(self, loop: asyncio.AbstractEventLoop, job: Job, *, actor: str,
+                      rules: Rules = _NO_RULES) -> asyncio.Future[tuple[Job, bool]]:
+        """``submit_job`` for a caller on ``loop`` that awaits the commit."""
+        return self.write_on(loop, lambda tx: self._submit(tx, job, actor, rules))
 
     def _submit(self, tx: Tx, job: Job, actor: str, rules: Rules) -> tuple[Job, bool]:
         description, key = _opt_text(job.description), _opt_text(job.idempotency_key)
