@@ -161,16 +161,25 @@ class Checkpointer(threading.Thread):
     Left to itself SQLite checkpoints inside whichever commit takes the WAL past 1000
     pages: that commit, and every write queued behind it, then waits for the copy and its
     fsync. Here the writer only notices the size and wakes this thread; a passive
-    checkpoint never blocks the writer. A long sweep (cleanup) holds it off, to let the
-    WAL grow up to HELD_BYTES, and a checkpoint follows the sweep.
+    checkpoint never blocks the writer.
+
+    A long sweep (cleanup) holds it off: its commits do not wake it, and between two of
+    its chunks, once the WAL has passed SWEEP_BYTES, the sweep asks for a checkpoint
+    (``catch_up``) and waits for it. Run beside the sweep's next chunk, a checkpoint never
+    ended before that chunk began, so the WAL could never start over: it grew by every
+    chunk (850 MB for a cleanup of 100k jobs at 1M) while the checkpoints copied the same
+    pages again and again, and their fsyncs met the chunks' commits. Between chunks, the
+    sweep's next transaction starts the WAL over, unless another client's write began
+    during the checkpoint (holding writes off for the checkpoint's fsync would stall them
+    for 50 ms and more). One checkpoint follows the sweep.
     """
 
     #: the WAL size that starts a checkpoint
     START_BYTES = 4 << 20
     #: the size the WAL is cut back to when it restarts after a complete checkpoint
     LIMIT_BYTES = 1 << 20
-    #: while held off, the WAL size that starts a checkpoint all the same
-    HELD_BYTES = 50 << 20
+    #: the WAL size past which a sweep waits for a checkpoint between two chunks
+    SWEEP_BYTES = 40 << 20
 
     def __init__(self, conn: sqlite3.Connection, wal: Path) -> None:
         super().__init__(name="jobd-store-checkpointer", daemon=True)
@@ -180,18 +189,25 @@ class Checkpointer(threading.Thread):
         self.stopping = False
         self._holds = 0
         self._lock = threading.Lock()
+        # checkpoints begun and ended, for a catch_up to wait for one begun after it asked
+        self._runs = threading.Condition()
+        self._begun = self._ended = 0
+
+    def _wal_bytes(self) -> int:
+        try:
+            return self.wal.stat().st_size
+        except OSError:  # never stop the writer over a size
+            return 0
 
     def poke(self) -> None:
-        """After a commit: start a checkpoint once the WAL has grown past its bound."""
-        try:
-            if self.wal.stat().st_size >= (self.HELD_BYTES if self._holds else self.START_BYTES):
-                self.wake.set()
-        except OSError:  # never stop the writer over a size
-            pass
+        """After a commit: start a checkpoint once the WAL has grown past its bound (not
+        during a sweep, which asks for its own)."""
+        if not self._holds and self._wal_bytes() >= self.START_BYTES:
+            self.wake.set()
 
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:
-        """Hold checkpoints off (up to HELD_BYTES of WAL) meanwhile; one follows."""
+        """Hold checkpoints off meanwhile, but for those asked by ``catch_up``; one follows."""
         with self._lock:
             self._holds += 1
         try:
@@ -200,6 +216,16 @@ class Checkpointer(threading.Thread):
             with self._lock:
                 self._holds -= 1
             self.wake.set()
+
+    def catch_up(self) -> None:
+        """Between two writes of a sweep: once the WAL has passed SWEEP_BYTES, checkpoint
+        and wait for it, so that the sweep's next transaction starts the WAL over."""
+        if self._wal_bytes() < self.SWEEP_BYTES or not self.is_alive():
+            return
+        with self._runs:
+            wanted = self._begun + 1
+            self.wake.set()
+            self._runs.wait_for(lambda: self._ended >= wanted or self.stopping, timeout=10.0)
 
     def stop(self) -> None:
         self.stopping = True
@@ -212,11 +238,18 @@ class Checkpointer(threading.Thread):
             self.wake.wait()
             self.wake.clear()
             if self.stopping:
+                with self._runs:
+                    self._runs.notify_all()
                 return
+            with self._runs:
+                self._begun += 1
             try:
                 self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
             except sqlite3.Error as e:
                 log.warning("store_checkpoint_failed", error=str(e))
+            with self._runs:
+                self._ended += 1
+                self._runs.notify_all()
 
 
 class _LoopAnswer:

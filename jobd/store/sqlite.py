@@ -667,26 +667,28 @@ class SqliteStore:
         """Delete terminal jobs finished before their cutoff, a chunk per transaction.
 
         Completed and cancelled jobs go when ``completed_at < keep_before``, failed ones
-        when ``completed_at < keep_failed_before``; events and checkpoints cascade. Yields
+        when ``completed_at < keep_failed_before``, with their events and checkpoints. Yields
         the ids of each chunk deleted (or that would be, with ``dry_run``). A chunk is
-        ``chunk`` jobs at most, halved while one takes longer than 25 ms; the WAL
-        checkpointer waits for the sweep (up to its cap) and runs after it.
+        ``chunk`` jobs at most, halved while one takes longer than 25 ms. The WAL is
+        checkpointed between chunks once it passes ``Checkpointer.SWEEP_BYTES``, and
+        after the sweep.
         """
         if dry_run:
             for status, cutoff in (("completed", keep_before), ("cancelled", keep_before),
                                    ("failed", keep_failed_before)):
-                ids = [r[0] for r in self._read().execute(
-                    QUERIES["expired_jobs"], {"status": status, "cutoff": cutoff})]
+                ids = [r[1] for r in self._read().execute(
+                    QUERIES["expired_jobs"], {"status": status, "cutoff": cutoff, "limit": -1})]
                 if ids:
                     yield ids
             return
         if self._writer is None:
             raise StoreClosed()
-        with self._writer.checkpointer.held():
-            yield from self._sweep(keep_before, keep_failed_before, chunk)
+        checkpointer = self._writer.checkpointer
+        with checkpointer.held():
+            yield from self._sweep(keep_before, keep_failed_before, chunk, checkpointer)
 
-    def _sweep(self, keep_before: int, keep_failed_before: int, chunk: int
-               ) -> Iterator[list[str]]:
+    def _sweep(self, keep_before: int, keep_failed_before: int, chunk: int,
+               checkpointer: Checkpointer) -> Iterator[list[str]]:
         size = chunk
         for status, cutoff in (("completed", keep_before), ("cancelled", keep_before),
                                ("failed", keep_failed_before)):
@@ -698,6 +700,7 @@ class SqliteStore:
                 # their files go here, once the chunk is durable: on the writer's thread a
                 # thousand unlinks would hold up every write queued behind the chunk
                 self.listeners.deleted(ids)
+                checkpointer.catch_up()
                 yield ids
         # then users whose finished jobs still weigh more than they may keep (a lowered
         # limit, or jobs that finished before the limit existed)
@@ -707,14 +710,29 @@ class SqliteStore:
         for (user_id,) in self._read().execute(QUERIES["users_over_weight"],
                                                {"limit": limit}).fetchall():
             while ids := self.write(lambda tx: self._forget_excess(tx, user_id, limit)):
+                checkpointer.catch_up()
                 yield ids
 
     def _delete_chunk(self, tx: Tx, status: str, cutoff: int, size: int
                       ) -> tuple[list[str], float]:
         started = time.perf_counter()
-        ids = [r[0] for r in tx.run("delete_expired", status=status, cutoff=cutoff,
-                                    limit=size).fetchall()]
-        return ids, time.perf_counter() - started
+        seqs = [r[0] for r in tx.run("expired_jobs", status=status, cutoff=cutoff, limit=size)]
+        return self._delete(tx, seqs), time.perf_counter() - started
+
+    @staticmethod
+    def _delete(tx: Tx, seqs: list[int]) -> list[str]:
+        """Delete the jobs ``seqs`` with their events and checkpoints; their ids.
+
+        The one way jobs leave the database: it takes them off the status counts and their
+        users' stored weights with one statement each (migration 6 says why not per row),
+        and deletes their events before them, so that the cascade finds nothing to do.
+        """
+        if not seqs:
+            return []
+        chunk = json.dumps(seqs)
+        for query in ("uncount_jobs", "unweigh_jobs", "delete_events", "delete_checkpoints"):
+            tx.run(query, seqs=chunk)
+        return [r[0] for r in tx.run("delete_jobs", seqs=chunk)]
 
     def stored_weight(self, user_id: str) -> int:
         """What ``user_id``'s finished jobs weigh against ``max_stored_per_user``."""
@@ -732,16 +750,16 @@ class SqliteStore:
         if row is None or row[0] <= limit:
             return []
         excess = row[0] - limit
-        victims: list[str] = []
+        seqs: list[int] = []
         freed = 0
-        for _, job_id, w in tx.run("oldest_finished", user_id=user_id, keep_seq=keep_seq,
-                                   limit=_EXCESS_CHUNK):
-            victims.append(job_id)
+        for seq, _, w in tx.run("oldest_finished", user_id=user_id, keep_seq=keep_seq,
+                                limit=_EXCESS_CHUNK):
+            seqs.append(seq)
             freed += w
             if freed >= excess:
                 break
+        victims = self._delete(tx, seqs)
         if victims:
-            tx.run("delete_jobs", ids=json.dumps(victims))
 
             def forgotten() -> None:
                 log.info("jobs_forgotten", user_id=user_id, count=len(victims),

@@ -218,24 +218,39 @@ SELECT seq, id, weight FROM jobs
 WHERE user_id = :user_id AND status IN ('completed', 'failed', 'cancelled') AND seq IS NOT :keep_seq
 ORDER BY seq LIMIT :limit
 
--- delete_jobs --
--- Jobs deleted by id (a JSON array), with their events and checkpoints (cascade)
-DELETE FROM jobs WHERE id IN (SELECT value FROM json_each(:ids))
-
 -- expired_jobs --
--- Finished jobs of one status past the cutoff, oldest first (cleanup's dry run)
-SELECT id FROM jobs
+-- Finished jobs of one status past the cutoff, oldest first (cleanup's chunks, its dry run)
+SELECT seq, id FROM jobs
 WHERE status IN ('completed', 'failed', 'cancelled') AND status = :status AND completed_at < :cutoff
-ORDER BY completed_at
+ORDER BY completed_at LIMIT :limit
 
--- delete_expired --
--- One chunk of cleanup: finished jobs of one status past the cutoff, oldest first
-DELETE FROM jobs WHERE seq IN (
-    SELECT seq FROM jobs
-    WHERE status IN ('completed', 'failed', 'cancelled') AND status = :status
-      AND completed_at < :cutoff
-    ORDER BY completed_at LIMIT :limit)
-RETURNING id
+-- uncount_jobs --
+-- The status counts, less the jobs about to be deleted (seqs: a JSON array)
+UPDATE job_counts SET n = n - gone.k
+FROM (SELECT status, count(*) AS k FROM jobs WHERE seq IN (SELECT value FROM json_each(:seqs))
+      GROUP BY status) AS gone
+WHERE job_counts.status = gone.status
+
+-- unweigh_jobs --
+-- Each user's stored weight, less their finished jobs about to be deleted
+UPDATE user_stored SET weight = weight - gone.w
+FROM (SELECT user_id, sum(weight) AS w FROM jobs
+      WHERE seq IN (SELECT value FROM json_each(:seqs))
+        AND status IN ('completed', 'failed', 'cancelled')
+      GROUP BY user_id) AS gone
+WHERE user_stored.user_id = gone.user_id
+
+-- delete_events --
+-- The history of jobs about to be deleted, before them: the cascade then finds nothing
+DELETE FROM job_events WHERE job IN (SELECT value FROM json_each(:seqs))
+
+-- delete_checkpoints --
+-- The checkpoints of jobs about to be deleted
+DELETE FROM job_checkpoints WHERE job IN (SELECT value FROM json_each(:seqs))
+
+-- delete_jobs --
+-- Jobs deleted by seq (a JSON array), after their counts, weights, events and checkpoints
+DELETE FROM jobs WHERE seq IN (SELECT value FROM json_each(:seqs)) RETURNING id
 
 -- find_broken_json --
 -- Migration 3's repair: rows whose options or metadata SQLite's JSON refuses
