@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from jobd.models import iso
+from jobd.paths import segment
 
 __all__ = ["Config", "ConfigError", "ConfigState", "Duration", "default_socket_paths", "load",
            "parse_duration", "parse_limit"]
@@ -149,9 +150,16 @@ class Config:
     def log_dir(self) -> Path:
         return self.state_dir / "logs"
 
-    def expand(self, template: str, **values: str) -> str:
-        """Fill ``{state_dir}`` (and any given value) into a path template."""
-        return template.format(state_dir=str(self.state_dir), **values)
+    def expand(self, template: str, *, user_id: str | None = None,
+               project_id: str | None = None) -> str:
+        """Fill ``{state_dir}``, and the ids given, into a path template.
+
+        Each id fills its placeholder as one path segment (``paths.segment``): ``org/repo``
+        is ``org%2Frepo``, so no id can name a parent folder or another id's folder.
+        """
+        ids = {name: segment(value) for name, value in
+               (("user_id", user_id), ("project_id", project_id)) if value is not None}
+        return template.format(state_dir=str(self.state_dir), **ids)
 
     @property
     def allowed_roots(self) -> tuple[Path, ...]:
