@@ -146,6 +146,9 @@ class JobLog:
         self._at_line_start = True
         self._failed = False  #: a write failed (disk full): warned once
         self._story: list[bytes] = []  #: story lines held until the log has a file
+        #: whether the file was there before this writer (a previous attempt's): looked
+        #: up once, not on every story line
+        self._existed: bool | None = None
 
     def _open(self) -> int:
         return os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
@@ -181,7 +184,9 @@ class JobLog:
         program gets none: ``jobs.logs`` tells its story from its events)."""
         lines = note_lines(text, at_us)
         with self._lock:
-            if self._fd is None and not self.path.exists():
+            if self._fd is None and self._existed is None:
+                self._existed = self.path.exists()
+            if self._fd is None and not self._existed:
                 self._story.append(lines)
             else:
                 self._append_or_drop(lines, own_line=True)

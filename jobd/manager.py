@@ -452,10 +452,11 @@ class Manager:
             draft = await asyncio.to_thread(self._draft, scope, handler, **params)
         else:
             draft = self._draft(scope, handler, **params)
-        job, deduplicated = await asyncio.wrap_future(self.store.submit_job_async(
-            draft, actor=scope.actor, rules=self._rules()))
+        job, deduplicated = await self.store.submit_job_on(
+            asyncio.get_running_loop(), draft, actor=scope.actor, rules=self._rules())
         if not deduplicated:
-            log.info("job_submitted", job_id=job.id, user_id=job.user_id, type=job.type,
+            # one line per job at info, at its end (the engine's)
+            log.debug("job_submitted", job_id=job.id, user_id=job.user_id, type=job.type,
                      project_id=job.project_id, actor=scope.actor)
         return dict(self._view(job), deduplicated=deduplicated)
 

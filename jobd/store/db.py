@@ -6,12 +6,16 @@ submissions); no caller is answered before the commit that holds its write. A ba
 plainly; a write refused before it wrote (a lost compare-and-set, a rule) is simply
 answered with its error, and only when one raises after writing is the batch rolled back
 and run again with a savepoint per write, so that one refused change does not undo its
-neighbours and savepoints cost nothing while none is needed. Reads use a connection per thread and never wait for the
-writer (WAL). The checkpointer copies the WAL back off the writer's path.
+neighbours and savepoints cost nothing while none is needed. The answers of writes
+submitted from an asyncio loop are handed back with one ``call_soon_threadsafe`` per
+commit, not one wake-up of the loop per write. Reads use a connection per thread and
+never wait for the writer (WAL). The checkpointer copies the WAL back off the writer's
+path.
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -215,6 +219,57 @@ class Checkpointer(threading.Thread):
                 log.warning("store_checkpoint_failed", error=str(e))
 
 
+class _LoopAnswer:
+    """Where the answer of a write submitted on an asyncio loop goes: its future there.
+    The writer resolves every such answer of one commit in one hop onto the loop."""
+
+    __slots__ = ("loop", "future")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.future: asyncio.Future[Any] = loop.create_future()
+
+    def set_running_or_notify_cancel(self) -> bool:
+        return True  # a caller gone meanwhile is seen when answered (``_resolve``)
+
+    def done(self) -> bool:
+        return False
+
+
+#: a write's answer: a concurrent future (any thread) or a future on an asyncio loop
+Answer = concurrent.futures.Future[Any] | _LoopAnswer
+
+
+def _answer(answers: list[tuple[Answer, Any, BaseException | None]]) -> None:
+    """Hand each answer to its future: a concurrent one at once (its callbacks run here),
+    those on a loop in one ``call_soon_threadsafe`` per loop."""
+    on_loops: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any,
+                                                          BaseException | None]]] = {}
+    for fut, value, exc in answers:
+        if isinstance(fut, _LoopAnswer):
+            on_loops.setdefault(fut.loop, []).append((fut.future, value, exc))
+        elif exc is None:
+            fut.set_result(value)
+        else:
+            fut.set_exception(exc)
+    for loop, items in on_loops.items():
+        try:
+            loop.call_soon_threadsafe(_resolve, items)
+        except RuntimeError:  # the loop is closed: no one is left to answer
+            pass
+
+
+def _resolve(items: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    """On the loop: resolve the futures of one commit's writes."""
+    for fut, value, exc in items:
+        if fut.cancelled():  # the caller went away (its connection closed)
+            continue
+        if exc is None:
+            fut.set_result(value)
+        else:
+            fut.set_exception(exc)
+
+
 class Writer(threading.Thread):
     """Runs writes in order on the one write connection, many per transaction."""
 
@@ -236,11 +291,21 @@ class Writer(threading.Thread):
 
     def submit(self, fn: Callable[[Tx], T]) -> concurrent.futures.Future[T]:
         fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._put(fn, fut)
+        return fut
+
+    def submit_on(self, loop: asyncio.AbstractEventLoop, fn: Callable[[Tx], T]
+                  ) -> asyncio.Future[T]:
+        """``submit`` for a caller on ``loop`` (its thread): the future is the loop's."""
+        answer = _LoopAnswer(loop)
+        self._put(fn, answer)
+        return answer.future
+
+    def _put(self, fn: Callable[[Tx], Any], fut: Answer) -> None:
         with self._closing:
             if self._closed:
                 raise StoreClosed()
             self.queue.put((fn, fut))
-        return fut
 
     def stop(self) -> None:
         with self._closing:
@@ -267,7 +332,7 @@ class Writer(threading.Thread):
             if live:
                 self._commit(live)
 
-    def _commit(self, batch: list[tuple[Write, concurrent.futures.Future[Any]]]) -> None:
+    def _commit(self, batch: list[tuple[Write, Answer]]) -> None:
         conn = self.conn
         now = self.clock()
         started = time.perf_counter()
@@ -290,9 +355,7 @@ class Writer(threading.Thread):
                 tx.rollback_to(0, 0)
             failure = from_sqlite(e, self.path)
             log.error("store_write_failed", error=str(e), writes=len(batch))
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_exception(failure)
+            _answer([(fut, None, failure) for _, fut in batch if not fut.done()])
             return
         finally:
             self.longest_tx_s = max(self.longest_tx_s, time.perf_counter() - started)
@@ -301,14 +364,10 @@ class Writer(threading.Thread):
                 hook()
             except Exception:  # a listener's bug must not stall the writer
                 log.exception("store_listener_failed")
-        for fut, value, exc in outcomes:
-            if exc is None:
-                fut.set_result(value)
-            else:
-                fut.set_exception(exc)
+        _answer(outcomes)
         self.checkpointer.poke()
 
-    def _run(self, batch: list[tuple[Write, concurrent.futures.Future[Any]]], now: int, *,
+    def _run(self, batch: list[tuple[Write, Answer]], now: int, *,
              savepoints: bool) -> tuple[Tx, list[tuple[Any, Any, BaseException | None]]] | None:
         """Run ``batch`` in a new transaction, left open for the commit. A write refused
         before it wrote anything (a compare-and-set that matched no row, a rule) leaves

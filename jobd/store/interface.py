@@ -8,13 +8,16 @@ store's transaction, speaks to the client).
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol, TypeVar
 
 from jobd.models import Job, JobStatus
 from jobd.rules import Rules
 
 __all__ = ["JobStore"]
+
+T = TypeVar("T")
 
 
 class JobStore(Protocol):
@@ -27,8 +30,9 @@ class JobStore(Protocol):
 
     # the transitions: each returns the job as stored now, or raises JobNotFound or
     # StateConflict
-    def submit_job_async(self, job: Job, *, actor: str, rules: Rules
-                         ) -> concurrent.futures.Future[tuple[Job, bool]]: ...
+    # answered on the caller's asyncio loop (one wake-up of the loop per commit)
+    def submit_job_on(self, loop: asyncio.AbstractEventLoop, job: Job, *, actor: str,
+                      rules: Rules) -> asyncio.Future[tuple[Job, bool]]: ...
     def start_job(self, job_id: str) -> Job: ...
     def finish_job(self, job_id: str, status: JobStatus, *, error: str | None = None,
                    message: str | None = None, result: dict[str, Any] | None = None
@@ -43,6 +47,22 @@ class JobStore(Protocol):
                          ) -> concurrent.futures.Future[Job]: ...
     def requeue_job_async(self, job_id: str, *, reason: str, recovered: bool = False
                           ) -> concurrent.futures.Future[Job]: ...
+    # one write of several transitions (the one composition above the store: the engine
+    # ends an attempt and starts the next job, or submits a job and starts it, in one
+    # transaction). ``fn`` gets the write's transaction (``Tx``: opaque above the store)
+    # and calls the ``*_in`` forms with it; ``undo`` of the transaction takes what must be
+    # reverted in memory if it does not commit.
+    def write_async(self, fn: Callable[[Any], T]) -> concurrent.futures.Future[T]: ...
+    def write_on(self, loop: asyncio.AbstractEventLoop, fn: Callable[[Any], T]
+                 ) -> asyncio.Future[T]: ...
+    def submit_job_in(self, tx: Any, job: Job, actor: str, rules: Rules
+                      ) -> tuple[Job, bool]: ...
+    def start_job_in(self, tx: Any, job_id: str) -> Job: ...
+    def finish_job_in(self, tx: Any, job_id: str, status: JobStatus, *,
+                      error: str | None = None, message: str | None = None,
+                      result: dict[str, Any] | None = None) -> Job: ...
+    def requeue_job_in(self, tx: Any, job_id: str, *, reason: str,
+                       recovered: bool = False) -> Job: ...
     def cancel_jobs(self, *, actor: str, limit: int, dry_run: bool = False,
                     **filters: Any) -> tuple[list[Job], bool]: ...
     def retry_jobs(self, *, actor: str, limit: int, rules: Rules, dry_run: bool = False,

@@ -14,6 +14,7 @@ being tied to the clock, stays above any value handed out before a crash.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import dataclasses
 import json
@@ -324,6 +325,14 @@ class SqliteStore:
             raise StoreClosed()
         return self._writer.submit(fn)
 
+    def write_on(self, loop: asyncio.AbstractEventLoop, fn: Callable[[Tx], T]
+                 ) -> asyncio.Future[T]:
+        """``write_async`` for a caller on ``loop``: the answers of one commit reach the
+        loop in one wake-up."""
+        if self._writer is None:
+            raise StoreClosed()
+        return self._writer.submit_on(loop, fn)
+
     @staticmethod
     def _fetch(conn: sqlite3.Connection, job_id: str) -> Job:
         row = conn.execute(QUERIES["get_job"], {"job_id": job_id}).fetchone()
@@ -372,10 +381,17 @@ class SqliteStore:
 
     def submit_job_async(self, job: Job, *, actor: str, rules: Rules = _NO_RULES
                          ) -> concurrent.futures.Future[tuple[Job, bool]]:
-        """``submit_job`` for a caller that awaits the commit rather than blocking on it."""
-        return self.write_async(lambda tx: self._submit(tx, job, actor, rules))
+        """``submit_job`` for a caller that waits on a future rather than blocking."""
+        return self.write_async(lambda tx: self.submit_job_in(tx, job, actor, rules))
 
-    def _submit(self, tx: Tx, job: Job, actor: str, rules: Rules) -> tuple[Job, bool]:
+    def submit_job_on(self, loop: asyncio.AbstractEventLoop, job: Job, *, actor: str,
+                      rules: Rules = _NO_RULES) -> asyncio.Future[tuple[Job, bool]]:
+        """``submit_job`` for a caller on ``loop`` that awaits the commit."""
+        return self.write_on(loop, lambda tx: self.submit_job_in(tx, job, actor, rules))
+
+    def submit_job_in(self, tx: Tx, job: Job, actor: str, rules: Rules = _NO_RULES
+                      ) -> tuple[Job, bool]:
+        """``submit_job``'s statements inside a caller's write (``write_async``)."""
         description, key = _opt_text(job.description), _opt_text(job.idempotency_key)
         if description is not job.description or key is not job.idempotency_key:
             # only when a lone surrogate was replaced: a copy of a Job costs ~10 µs a submit
@@ -403,9 +419,11 @@ class SqliteStore:
         return self.start_job_async(job_id).result()
 
     def start_job_async(self, job_id: str) -> concurrent.futures.Future[Job]:
-        return self.write_async(lambda tx: self._start(tx, job_id))
+        return self.write_async(lambda tx: self.start_job_in(tx, job_id))
 
-    def _start(self, tx: Tx, job_id: str) -> Job:
+    def start_job_in(self, tx: Tx, job_id: str) -> Job:
+        """``start_job`` inside a caller's write: the engine starts the next job in the
+        transaction that ends one, or that submits it."""
         job = self._cas(tx, "start_job", job_id, "running")
         self._event(tx, job, "jobd")
         self._count_queued(tx, job.user_id, -1)
@@ -421,13 +439,15 @@ class SqliteStore:
     def finish_job_async(self, job_id: str, status: JobStatus, *, error: str | None = None,
                          message: str | None = None, result: dict[str, Any] | None = None
                          ) -> concurrent.futures.Future[Job]:
+        return self.write_async(lambda tx: self.finish_job_in(
+            tx, job_id, status, error=error, message=message, result=result))
+
+    def finish_job_in(self, tx: Tx, job_id: str, status: JobStatus, *,
+                      error: str | None = None, message: str | None = None,
+                      result: dict[str, Any] | None = None) -> Job:
+        """``finish_job`` inside a caller's write."""
         if status not in TERMINAL:
             raise ValueError(f"finish_job ends a job: {status} is not an end")
-        return self.write_async(lambda tx: self._finish(tx, job_id, status, error, message,
-                                                        result))
-
-    def _finish(self, tx: Tx, job_id: str, status: JobStatus, error: str | None,
-                message: str | None, result: dict[str, Any] | None) -> Job:
         message, error = _opt_text(message), _opt_text(error)
         job = self._cas(tx, "finish_job", job_id, str(status), status=str(status),
                         message=message, error=error,
@@ -472,9 +492,12 @@ class SqliteStore:
 
     def requeue_job_async(self, job_id: str, *, reason: str, recovered: bool = False
                           ) -> concurrent.futures.Future[Job]:
-        return self.write_async(lambda tx: self._requeue(tx, job_id, reason, recovered))
+        return self.write_async(lambda tx: self.requeue_job_in(tx, job_id, reason=reason,
+                                                               recovered=recovered))
 
-    def _requeue(self, tx: Tx, job_id: str, reason: str, recovered: bool) -> Job:
+    def requeue_job_in(self, tx: Tx, job_id: str, *, reason: str,
+                       recovered: bool = False) -> Job:
+        """``requeue_job`` inside a caller's write."""
         reason = _text(reason)
         job = self._cas(tx, "requeue_job", job_id, "queued", reason=reason,
                         recovered=int(recovered))

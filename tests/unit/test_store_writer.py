@@ -55,7 +55,7 @@ def one_batch(store: Store, writes: list[Any]) -> list[Any]:
 
 def test_a_batch_of_good_writes_takes_no_savepoint(store: Store) -> None:
     seen = traced(store)
-    jobs = one_batch(store, [lambda tx, n=n: store._submit(tx, new_job(project=f"p{n}"),
+    jobs = one_batch(store, [lambda tx, n=n: store.submit_job_in(tx, new_job(project=f"p{n}"),
                                                            "alice", Rules())
                              for n in range(20)])
     assert all(not dup for _, dup in jobs)
@@ -69,13 +69,13 @@ def test_one_refused_write_leaves_its_neighbours_stored(store: Store) -> None:
     seen = traced(store)
 
     def fails_after_writing(tx: Tx) -> None:
-        store._submit(tx, new_job(user="dave"), "dave", Rules())  # written, then undone
+        store.submit_job_in(tx, new_job(user="dave"), "dave", Rules())  # written, then undone
         raise RuntimeError("the rest of this write failed")
 
-    writes = [lambda tx, n=n: store._submit(tx, new_job(project=f"a{n}"), "alice", rules)
+    writes = [lambda tx, n=n: store.submit_job_in(tx, new_job(project=f"a{n}"), "alice", rules)
               for n in range(5)]
     writes.insert(2, fails_after_writing)
-    writes.insert(4, lambda tx: store._submit(tx, new_job(id=taken.id), "alice", Rules()))
+    writes.insert(4, lambda tx: store.submit_job_in(tx, new_job(id=taken.id), "alice", Rules()))
     outcomes = one_batch(store, writes)
     kinds = [type(o).__name__ if isinstance(o, Exception) else "stored" for o in outcomes]
     # the same as one transaction per write: the limit counts the writes before it
@@ -99,11 +99,11 @@ def test_writes_refused_before_writing_cost_the_batch_nothing(store: Store) -> N
     seen = traced(store)
     limit = Rules(max_queued_per_user=1)
     outcomes = one_batch(store, [
-        lambda tx: store._submit(tx, new_job(user="carol"), "carol", limit),
-        lambda tx: store._start(tx, done.id),
-        lambda tx: store._submit(tx, new_job(user="carol"), "carol", limit),
-        lambda tx: store._submit(tx, new_job(id=taken.id), "alice", Rules()),
-        lambda tx: store._submit(tx, new_job(user="dave"), "dave", Rules()),
+        lambda tx: store.submit_job_in(tx, new_job(user="carol"), "carol", limit),
+        lambda tx: store.start_job_in(tx, done.id),
+        lambda tx: store.submit_job_in(tx, new_job(user="carol"), "carol", limit),
+        lambda tx: store.submit_job_in(tx, new_job(id=taken.id), "alice", Rules()),
+        lambda tx: store.submit_job_in(tx, new_job(user="dave"), "dave", Rules()),
     ])
     kinds = [type(o).__name__ if isinstance(o, Exception) else "stored" for o in outcomes]
     assert kinds == ["stored", "StateConflict", "LimitExceeded", "DuplicateId", "stored"]
