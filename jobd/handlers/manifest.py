@@ -3,8 +3,9 @@
 For each path ``git ls-files`` lists it stores size, modification time, line count and
 SHA-256 in ``<state dir>/manifests/<user>/<project>.json`` (each id one segment as
 ``paths.segment`` encodes it; outside the repository, written to a temporary file and
-renamed, so a reader sees the old or the new manifest, never half of one). A file whose (size, mtime_ns) is unchanged since the last manifest
-keeps its old hash unless a full re-index is asked for.
+renamed, so a reader sees the old or the new manifest, never half of one). A file whose
+(size, mtime_ns) is unchanged since the last manifest keeps its old hash unless a full
+re-index is asked for.
 
 Symbolic links are never followed (SPEC §3a): a tracked link is recorded with its
 target string, and every directory on the way to a file is opened with O_NOFOLLOW, so a

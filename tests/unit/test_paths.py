@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import random
 import re
+import string
+import textwrap
 from pathlib import Path
 
 import pytest
 
+import jobd.paths
+from jobd.auth import check_id
 from jobd.config import Config
 from jobd.handlers.manifest import manifest_path
 from jobd.paths import segment
@@ -42,6 +47,21 @@ def test_ids_the_old_rule_allowed_encode_to_themselves(id: str) -> None:
     # the old rule: [A-Za-z0-9_][A-Za-z0-9._-]{0,127}; their folders must not move
     assert re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}", id)
     assert segment(id) == id
+
+
+def old_rule_ids(count: int = 500) -> list[str]:
+    """Random ids of the rule before SPEC §3a: ``[A-Za-z0-9_][A-Za-z0-9._-]{0,127}``."""
+    rng = random.Random(10)
+    first = string.ascii_letters + string.digits + "_"
+    rest = first + ".-"
+    return [rng.choice(first) + "".join(rng.choices(rest, k=rng.randrange(128)))
+            for _ in range(count)]
+
+
+def test_every_old_rule_id_is_still_valid_and_keeps_its_folder() -> None:
+    for id in old_rule_ids():
+        assert check_id(id, "project_id") == id
+        assert segment(id) == id
 
 
 def test_an_encoding_of_exactly_200_bytes_is_kept_whole() -> None:
@@ -117,3 +137,14 @@ def test_the_repository_template_and_the_manifest_use_the_segment(tmp_path: Path
                          project_id="p-1.x") == f"{tmp_path}/state/repos/alice/p-1.x"
     assert manifest_path(config, "alice", "proj") == (
         tmp_path / "state" / "manifests" / "alice" / "proj.json")
+
+
+def test_the_documented_recipe_computes_the_same_segments() -> None:
+    # the module docstring is what a CIDX server copies: it must agree with the code
+    doc = jobd.paths.__doc__ or ""
+    recipe = textwrap.dedent(doc.split("In Python::\n", 1)[1].split("\nDistinct ids", 1)[0])
+    namespace: dict[str, object] = {"hashlib": hashlib}
+    exec(recipe, namespace)
+    documented = namespace["segment"]
+    for id in TRICKY + old_rule_ids(50) + ["ü" * 120, "b" + "ü" * 120, "bb" + "ü" * 120]:
+        assert documented(id) == segment(id), id  # type: ignore[operator]
