@@ -150,16 +150,15 @@ class Config:
     def log_dir(self) -> Path:
         return self.state_dir / "logs"
 
-    def expand(self, template: str, *, user_id: str | None = None,
-               project_id: str | None = None) -> str:
-        """Fill ``{state_dir}``, and the ids given, into a path template.
+    def expand(self, template: str, **values: str) -> str:
+        """Fill ``{state_dir}``, and each of ``values`` (ids, options), into a path template.
 
-        Each id fills its placeholder as one path segment (``paths.segment``): ``org/repo``
-        is ``org%2Frepo``, so no id can name a parent folder or another id's folder.
+        Each value fills its placeholder as one path segment (``paths.segment``):
+        ``org/repo`` is ``org%2Frepo``, so no value can name a parent folder or another
+        value's folder.
         """
-        ids = {name: segment(value) for name, value in
-               (("user_id", user_id), ("project_id", project_id)) if value is not None}
-        return template.format(state_dir=str(self.state_dir), **ids)
+        segments = {name: segment(value) for name, value in values.items()}
+        return template.format(state_dir=str(self.state_dir), **segments)
 
     @property
     def allowed_roots(self) -> tuple[Path, ...]:

@@ -132,6 +132,9 @@ def test_the_repository_template_and_the_manifest_use_the_segment(tmp_path: Path
     assert path == f"{tmp_path}/state/repos/alice%40example.com/%2E.%2Forg%2Frepo"
     assert manifest_path(config, "Jane Doe", "org/repo") == (
         tmp_path / "state" / "manifests" / "Jane%20Doe" / "org%2Frepo.json")
+    # any value a template takes (a [types] repo's option) is one segment too
+    assert config.expand("{state_dir}/golden/{alias}", alias="../x") == (
+        f"{tmp_path}/state/golden/%2E.%2Fx")
     # ids the old rule allowed keep the paths they had
     assert config.expand(config.sync.repo_path_template, user_id="alice",
                          project_id="p-1.x") == f"{tmp_path}/state/repos/alice/p-1.x"
