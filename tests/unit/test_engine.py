@@ -3,7 +3,6 @@ config, ends the store refuses, and ends that wait for a full disk."""
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import threading
 import time
@@ -229,14 +228,11 @@ class Refusing(Store):
     refuse: set[str] = set()
     refusals = 0
 
-    def finish_job_async(self, job_id: str, status: JobStatus,
-                         **kw: Any) -> concurrent.futures.Future[Job]:
+    def finish_job_in(self, tx: Any, job_id: str, status: JobStatus, **kw: Any) -> Job:
         if job_id in self.refuse and self.refusals > 0:
             type(self).refusals -= 1
-            refused: concurrent.futures.Future[Job] = concurrent.futures.Future()
-            refused.set_exception(ValueError(f"refused {status} for {job_id}"))
-            return refused
-        return super().finish_job_async(job_id, status, **kw)
+            raise ValueError(f"refused {status} for {job_id}")
+        return super().finish_job_in(tx, job_id, status, **kw)
 
 
 def test_an_end_refused_twice_is_retried_until_it_is_recorded(rig: Callable[..., Rig]) -> None:
