@@ -384,10 +384,6 @@ class SqliteStore:
         """``submit_job`` for a caller that waits on a future rather than blocking."""
         return self.write_async(lambda tx: self.submit_job_in(tx, job, actor, rules))
 
-    def submit_job_on(self, loop: asyncio.AbstractEventLoop, job: Job, *, actor: str,
-                      rules: Rules = _NO_RULES) -> asyncio.Future[tuple[Job, bool]]:
-        """``submit_job`` for a caller on ``loop`` that awaits the commit."""
-        return self.write_on(loop, lambda tx: self.submit_job_in(tx, job, actor, rules))
 
     def submit_job_in(self, tx: Tx, job: Job, actor: str, rules: Rules = _NO_RULES
                       ) -> tuple[Job, bool]:
@@ -433,13 +429,7 @@ class SqliteStore:
                    message: str | None = None, result: dict[str, Any] | None = None) -> Job:
         """running -> completed | failed | cancelled; a job whose cancel was requested
         ends cancelled, whatever ``status`` says."""
-        return self.finish_job_async(job_id, status, error=error, message=message,
-                                     result=result).result()
-
-    def finish_job_async(self, job_id: str, status: JobStatus, *, error: str | None = None,
-                         message: str | None = None, result: dict[str, Any] | None = None
-                         ) -> concurrent.futures.Future[Job]:
-        return self.write_async(lambda tx: self.finish_job_in(
+        return self.write(lambda tx: self.finish_job_in(
             tx, job_id, status, error=error, message=message, result=result))
 
     def finish_job_in(self, tx: Tx, job_id: str, status: JobStatus, *,
@@ -488,12 +478,8 @@ class SqliteStore:
     def requeue_job(self, job_id: str, *, reason: str, recovered: bool = False) -> Job:
         """running -> queued when the daemon stops or restarts (``recovered``: after a
         crash): phase, progress and checkpoints are kept to resume from."""
-        return self.requeue_job_async(job_id, reason=reason, recovered=recovered).result()
-
-    def requeue_job_async(self, job_id: str, *, reason: str, recovered: bool = False
-                          ) -> concurrent.futures.Future[Job]:
-        return self.write_async(lambda tx: self.requeue_job_in(tx, job_id, reason=reason,
-                                                               recovered=recovered))
+        return self.write(lambda tx: self.requeue_job_in(tx, job_id, reason=reason,
+                                                         recovered=recovered))
 
     def requeue_job_in(self, tx: Tx, job_id: str, *, reason: str,
                        recovered: bool = False) -> Job:
