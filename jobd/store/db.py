@@ -164,7 +164,7 @@ class Checkpointer(threading.Thread):
     checkpoint never blocks the writer.
 
     A long sweep (cleanup) holds it off: its commits do not wake it, and between two of
-    its chunks, once the WAL has passed SWEEP_BYTES, the sweep asks for a checkpoint
+    its chunks, once the WAL has grown by SWEEP_BYTES, the sweep asks for a checkpoint
     (``catch_up``) and waits for it. Run beside the sweep's next chunk, a checkpoint never
     ended before that chunk began, so the WAL could never start over: it grew by every
     chunk (850 MB for a cleanup of 100k jobs at 1M) while the checkpoints copied the same
@@ -178,7 +178,7 @@ class Checkpointer(threading.Thread):
     START_BYTES = 4 << 20
     #: the size the WAL is cut back to when it restarts after a complete checkpoint
     LIMIT_BYTES = 1 << 20
-    #: the WAL size past which a sweep waits for a checkpoint between two chunks
+    #: the WAL growth after which a sweep waits for a checkpoint between two chunks
     SWEEP_BYTES = 40 << 20
 
     def __init__(self, conn: sqlite3.Connection, wal: Path) -> None:
@@ -192,6 +192,8 @@ class Checkpointer(threading.Thread):
         # checkpoints begun and ended, for a catch_up to wait for one begun after it asked
         self._runs = threading.Condition()
         self._begun = self._ended = 0
+        #: the WAL's size after a sweep's last checkpoint
+        self._swept = 0
 
     def _wal_bytes(self) -> int:
         try:
@@ -218,14 +220,20 @@ class Checkpointer(threading.Thread):
             self.wake.set()
 
     def catch_up(self) -> None:
-        """Between two writes of a sweep: once the WAL has passed SWEEP_BYTES, checkpoint
-        and wait for it, so that the sweep's next transaction starts the WAL over."""
-        if self._wal_bytes() < self.SWEEP_BYTES or not self.is_alive():
+        """Between two writes of a sweep: once the WAL has grown by SWEEP_BYTES since the
+        last, checkpoint and wait for it, so that the sweep's next transaction can start
+        the WAL over. (Not after every chunk once past the bound: a WAL that could not
+        start over would then cost a checkpoint, and its fsync, per chunk.)"""
+        size = self._wal_bytes()
+        if size < self._swept:  # it started over
+            self._swept = 0
+        if size - self._swept < self.SWEEP_BYTES or not self.is_alive():
             return
         with self._runs:
             wanted = self._begun + 1
             self.wake.set()
             self._runs.wait_for(lambda: self._ended >= wanted or self.stopping, timeout=10.0)
+        self._swept = self._wal_bytes()
 
     def stop(self) -> None:
         self.stopping = True
