@@ -665,7 +665,7 @@ class SqliteStore:
         when ``completed_at < keep_failed_before``, with their events and checkpoints. Yields
         the ids of each chunk deleted (or that would be, with ``dry_run``). A chunk is
         ``chunk`` jobs at most, halved while one takes longer than 25 ms with its commit,
-        doubled while one takes less (starting at an eighth). The WAL is
+        doubled again while one takes less. The WAL is
         checkpointed between chunks once it passes ``Checkpointer.SWEEP_BYTES``, and
         after the sweep.
         """
@@ -685,9 +685,7 @@ class SqliteStore:
 
     def _sweep(self, keep_before: int, keep_failed_before: int, chunk: int,
                checkpointer: Checkpointer) -> Iterator[list[str]]:
-        # the first chunk is small: its pages are not cached yet, and a write waiting
-        # behind it would wait the longest
-        size = max(1, chunk // 8)
+        size = chunk
         for status, cutoff in (("completed", keep_before), ("cancelled", keep_before),
                                ("failed", keep_failed_before)):
             while True:
