@@ -668,9 +668,8 @@ class SqliteStore:
         when ``completed_at < keep_failed_before``, with their events and checkpoints. Yields
         the ids of each chunk deleted (or that would be, with ``dry_run``). A chunk is
         ``chunk`` jobs at most, halved while one takes longer than 25 ms with its commit,
-        doubled again while one takes less. The WAL is
-        checkpointed between chunks once it passes ``Checkpointer.SWEEP_BYTES``, and
-        after the sweep.
+        doubled again while one takes less. The WAL is checkpointed between chunks each
+        time it has grown by ``Checkpointer.SWEEP_BYTES``, and after the sweep.
         """
         if dry_run:
             for status, cutoff in (("completed", keep_before), ("cancelled", keep_before),
@@ -753,8 +752,8 @@ class SqliteStore:
         excess = row[0] - limit
         seqs: list[int] = []
         freed = 0
-        for seq, _, w in tx.run("oldest_finished", user_id=user_id, keep_seq=keep_seq,
-                                limit=_EXCESS_CHUNK):
+        for seq, w in tx.run("oldest_finished", user_id=user_id, keep_seq=keep_seq,
+                             limit=_EXCESS_CHUNK):
             seqs.append(seq)
             freed += w
             if freed >= excess:

@@ -214,7 +214,7 @@ SELECT user_id FROM user_stored WHERE weight > :limit
 
 -- oldest_finished --
 -- A user's oldest finished jobs, what max_stored_per_user forgets first
-SELECT seq, id, weight FROM jobs
+SELECT seq, weight FROM jobs
 WHERE user_id = :user_id AND status IN ('completed', 'failed', 'cancelled') AND seq IS NOT :keep_seq
 ORDER BY seq LIMIT :limit
 
