@@ -348,12 +348,12 @@ def _names(value: Any, what: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _template_names(template: str) -> list[str]:
-    """The ``{name}``s of a path template; a brace outside one is refused."""
-    names = [m.group(1) for m in _WHOLE.finditer(template)]
-    if "{" in _WHOLE.sub("", template) or "}" in _WHOLE.sub("", template):
-        raise ValueError(f"{template!r} has a brace that is not part of a {{name}}")
-    return names
+def _template_names(template: str, key: str) -> list[str]:
+    """The ``{name}``s of the path template at ``key``; a brace outside one is refused."""
+    rest = _WHOLE.sub("", template)
+    if "{" in rest or "}" in rest:
+        raise ValueError(f".{key}: {template!r} has a brace that is not part of a {{name}}")
+    return [m.group(1) for m in _WHOLE.finditer(template)]
 
 
 #: the keys of a [types.NAME] table, and how each is read
@@ -483,7 +483,7 @@ def _type_spec(name: str, table: Any, default_timeout: float | None) -> TypeSpec
             f"is not one of its options ({', '.join(sorted(taken)) or 'none'}) nor "
             f"{', '.join(_ARGV_VALUES)}"))
     if repo:
-        for used in _template_names(repo):
+        for used in _template_names(repo, "repo"):
             if used in options or used in ("state_dir", "user_id"):
                 continue
             if used == "project_id" and project == "required":
@@ -497,7 +497,7 @@ def _type_spec(name: str, table: Any, default_timeout: float | None) -> TypeSpec
             raise ValueError(f".repo: {repo!r} must be an absolute path (it may start with "
                              "{state_dir})")
     if cwd:
-        for used in _template_names(cwd):
+        for used in _template_names(cwd, "cwd"):
             if used == "state_dir" or (used == "repo_path" and spec.has_repository):
                 continue
             raise ValueError(f".cwd: {{{used}}} may not be used here (only {{state_dir}}, "
