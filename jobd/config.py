@@ -466,10 +466,11 @@ def _type_spec(name: str, table: Any, default_timeout: float | None) -> TypeSpec
     for element in program:
         used = placeholder(element)
         if used is None:
-            if "{" in element or "}" in element:
-                raise ValueError(f".argv: {element!r}: a {{name}} must be a whole element "
-                                 "(jobd passes it as one argument, never through a shell)")
-            continue
+            if partial := _WHOLE.search(element):
+                raise ValueError(f".argv: {element!r}: {partial.group()} must be a whole "
+                                 "element (jobd passes it as one argument, never through a "
+                                 "shell)")
+            continue  # other braces are the program's own
         if used in taken or used in ("user_id", "job_id"):
             continue
         if used == "project_id" and project != "none":
