@@ -117,6 +117,8 @@ class Dispatcher:
         self._running: dict[tuple[str, int], Entry] = {}
         self._running_per_user: Counter[str] = Counter()
         self._busy_projects: Counter[tuple[str, str]] = Counter()
+        #: attempts whose slot ``take(instead_of=)`` handed on, until their end commits
+        self._handed: dict[tuple[str, int], Entry] = {}
 
     # -- the queue -------------------------------------------------------------------------
 
@@ -142,25 +144,73 @@ class Dispatcher:
         if not level.users:
             del self._levels[entry.priority]
 
-    def take(self) -> Attempt | None:
-        """The next job's attempt, its slot now taken; None if none may start."""
+    def take(self, *, instead_of: Attempt | None = None) -> Attempt | None:
+        """The next job's attempt, its slot now taken; None if none may start.
+
+        ``instead_of``: an attempt whose end is being written, its slot handed to the
+        next job as if free (the end and the next start commit together); when none may
+        start, it keeps its slot. ``put_back`` undoes a hand-over whose commit failed.
+        """
         with self._lock:
-            if self.paused or len(self._running) >= self.workers:
+            ending = None if instead_of is None else self._running.get(instead_of.key)
+            if ending is not None:
+                self._free(ending)
+            attempt = self._take()
+            if ending is not None:
+                if attempt is None:
+                    self._start(ending)
+                else:
+                    self._handed[instead_of.key] = ending  # type: ignore[union-attr]
+            return attempt
+
+    def take_new(self, job: Job, *, exclusive: bool) -> Attempt | None:
+        """A job being submitted, its slot taken at once, when it would be the next to
+        start anyway: nothing else is queued and its limits let it run. None: it is queued
+        as any other once its submit commits."""
+        entry = Entry.of(job, exclusive=exclusive)
+        with self._lock:
+            if (self._queued or self.paused or len(self._running) >= self.workers
+                    or self._running_per_user[entry.user_id] >= self.max_running_per_user
+                    or entry.project_key and self._busy_projects[entry.project_key]):
                 return None
-            for priority in sorted(self._levels, reverse=True):
-                level = self._levels[priority]
-                for user_id, jobs in list(level.users.items()):
-                    if self._running_per_user[user_id] >= self.max_running_per_user:
-                        continue
-                    for entry in jobs.values():
-                        key = entry.project_key
-                        if key is None or not self._busy_projects[key]:
-                            level.served(user_id)
-                            self._queued.pop(entry.id)
-                            self._drop(entry)
-                            self._start(entry)
-                            return Attempt(entry.id, entry.number)
+            self._start(entry)
+            return Attempt(entry.id, entry.number)
+
+    def put_back(self, attempt: Attempt, *, instead_of: Attempt | None = None,
+                 queued: bool = True) -> None:
+        """Undo a ``take`` whose start did not commit: its slot is freed and, if
+        ``queued`` (the job still waits), the job is queued again in its place by age;
+        the slot of ``instead_of`` goes back to it."""
+        with self._lock:
+            entry = self._running.get(attempt.key)
+            if entry is not None:
+                self._free(entry)
+                if queued and entry.id not in self._queued:
+                    self._queued[entry.id] = entry
+                    self._levels[entry.priority].add(entry)
+            if instead_of is not None:
+                ending = self._handed.pop(instead_of.key, None)
+                if ending is not None:
+                    self._start(ending)
+
+    def _take(self) -> Attempt | None:
+        """``take``, under the lock."""
+        if self.paused or len(self._running) >= self.workers:
             return None
+        for priority in sorted(self._levels, reverse=True):
+            level = self._levels[priority]
+            for user_id, jobs in list(level.users.items()):
+                if self._running_per_user[user_id] >= self.max_running_per_user:
+                    continue
+                for entry in jobs.values():
+                    key = entry.project_key
+                    if key is None or not self._busy_projects[key]:
+                        level.served(user_id)
+                        self._queued.pop(entry.id)
+                        self._drop(entry)
+                        self._start(entry)
+                        return Attempt(entry.id, entry.number)
+        return None
 
     def _start(self, entry: Entry) -> None:
         self._running[entry.key] = entry
@@ -173,9 +223,13 @@ class Dispatcher:
         end; a slot already free is left as it is."""
         key = attempt.key if isinstance(attempt, Attempt) else attempt
         with self._lock:
-            entry = self._running.pop(key, None)
-            if entry is None:
-                return
+            self._handed.pop(key, None)  # its slot went to the next job with its end
+            entry = self._running.get(key)
+            if entry is not None:
+                self._free(entry)
+
+    def _free(self, entry: Entry) -> None:
+        if self._running.pop(entry.key, None) is not None:
             self._running_per_user[entry.user_id] -= 1
             if not self._running_per_user[entry.user_id]:
                 del self._running_per_user[entry.user_id]

@@ -434,12 +434,64 @@ class Engine:
         if error is not None:
             self._not_started(attempt, error)
             return
+        self._hand_to_worker(attempt, fut.result())
+
+    def _hand_to_worker(self, attempt: Attempt, job: Job) -> None:
+        """A start has committed: a worker of the pool runs it."""
         try:
-            self._submit(self._run, attempt, fut.result())
+            self._submit(self._run, attempt, job)
         except RuntimeError:  # the pool is shut down: the daemon stopped meanwhile
             log.warning("job_start_dropped", job_id=attempt.job_id,
                         reason="the daemon stopped; the next start recovers it")
             self._release(attempt)
+
+    def start_in(self, tx: Any, job: Job) -> None:
+        """In the transaction that submits ``job``: start it in the same commit when it
+        would be the next to start anyway (a worker is free and nothing is queued); a
+        worker runs it once that commit holds. Otherwise it is queued as usual."""
+        if not self._started or self._stopping:
+            return
+        handler = self.handlers.get(job.type)
+        attempt = self.dispatcher.take_new(job, exclusive=handler is not None
+                                           and handler.exclusive)
+        if attempt is None:
+            return
+        self._taken(tx, attempt, queued=False)  # no job is left to queue if it fails
+        started = self.store.start_job_in(tx, job.id)
+        tx.after_commit.append(lambda: self._hand_to_worker(attempt, started))
+
+    def _start_next_in(self, tx: Any, ending: Attempt) -> tuple[Attempt, Job] | None:
+        """In the transaction that records ``ending``'s end: start the next job the
+        dispatcher picks in its slot (None: none may start; ``ending`` keeps its slot
+        until its end commits)."""
+        while self._started and not self._stopping:
+            attempt = self.dispatcher.take(instead_of=ending)
+            if attempt is None:
+                return None
+            self._taken(tx, attempt, ending=ending)
+            try:
+                return attempt, self.store.start_job_in(tx, attempt.job_id)
+            except (StateConflict, JobNotFound):
+                # cancelled earlier in this same batch (its listener has not run yet): no
+                # longer queued, so its slot goes back and the next one is tried
+                tx.undo.pop()()
+                self.dispatcher.remove(attempt.job_id)
+        return None
+
+    def _taken(self, tx: Any, attempt: Attempt, *, ending: Attempt | None = None,
+               queued: bool = True) -> None:
+        """``attempt`` was taken inside ``tx``: it is the engine's from now on, and if the
+        transaction does not commit its slot is freed (the job queued again in its place
+        if ``queued``) and ``ending`` keeps its own."""
+        with self._lock:
+            self._attempts[attempt.job_id] = attempt
+
+        def undo() -> None:
+            with self._lock:
+                if self._attempts.get(attempt.job_id) is attempt:
+                    del self._attempts[attempt.job_id]
+            self.dispatcher.put_back(attempt, instead_of=ending, queued=queued)
+        tx.undo.append(undo)
 
     def _not_started(self, attempt: Attempt, error: BaseException) -> None:
         if not isinstance(error, StateConflict):  # else: cancelled between take and start
@@ -480,7 +532,15 @@ class Engine:
     # -- running -----------------------------------------------------------------------
 
     def _run(self, attempt: Attempt, job: Job) -> None:
-        """On a worker: run the handler of a job whose start is recorded."""
+        """On a worker: run the handler of a job whose start is recorded, then the job
+        started in its slot by the same commit as its end, and so on: a worker hands its
+        slot on without a hop through the pool."""
+        following: tuple[Attempt, Job] | None = (attempt, job)
+        while following is not None:
+            following = self._run_one(*following)
+
+    def _run_one(self, attempt: Attempt, job: Job) -> tuple[Attempt, Job] | None:
+        """Run one attempt to its recorded end; the attempt started in its slot, if any."""
         ctx = Context(self, job, attempt)
         ctx.joblog.story(f"attempt {job.attempts} started", job.started_at)
         with self._lock:
@@ -505,14 +565,19 @@ class Engine:
             result = handler.run(ctx)
         except Exception as e:  # every end of a handler is recorded below
             failure = e
-        self._finish(ctx, result, failure)
+        return self._finish(ctx, result, failure)
 
     def _finish(self, ctx: Context, result: dict[str, Any] | None,
-                failure: BaseException | None) -> None:
-        """Decide the end (once) and write it; the worker does not wait for the commit."""
+                failure: BaseException | None) -> tuple[Attempt, Job] | None:
+        """Decide the end (once) and write it, with the start of the next job in the
+        attempt's slot in the same transaction; the attempt started so, if any.
+
+        The caller waits for the commit: its slot is taken until then in any case, and
+        the worker then runs the next job itself.
+        """
         job = ctx.job
         if not ctx.attempt.settle():
-            return
+            return None
         if failure is not None and not isinstance(failure, (JobFailed, Cancelled)):
             ctx.log.error("job_crashed", exc_info=failure)
             failure = JobFailed(f"internal error in the {job.type} handler: "
@@ -524,11 +589,18 @@ class Engine:
         ctx.flush()
         self._tell_end(ctx, end, kw)
         try:
-            written = self._write_end(job.id, end, kw)
-        except Exception as e:  # the store is closed
-            self._end_failed(ctx, end, kw, e)
-            return
-        written.add_done_callback(lambda fut: self._end_written(ctx, end, kw, fut))
+            done, following = self.store.write_async(lambda tx: (
+                self._write_end_in(tx, job.id, end, kw),
+                self._start_next_in(tx, ctx.attempt))).result()
+        except (StateConflict, JobNotFound) as e:
+            ctx.log.warning("job_end_unrecorded", end=str(end), error=str(e))
+            self._ended(ctx, None)
+            return None
+        except Exception as e:  # storage unavailable, the store closed, or a refusal
+            self._commit_end(ctx, end, kw, e)
+            return None
+        self._ended(ctx, done)
+        return following
 
     def _tell_end(self, ctx: Context, end: JobStatus, kw: dict[str, Any]) -> None:
         """The closing story line, before the commit: a reader seeing the end sees it told."""
@@ -536,27 +608,6 @@ class Engine:
         if told != ctx.ended:
             ctx.ended = told
             ctx.joblog.story(told)
-
-    def _end_written(self, ctx: Context, end: JobStatus, kw: dict[str, Any],
-                     fut: concurrent.futures.Future[Job]) -> None:
-        """The end's commit came back (on the store's writer thread)."""
-        error = fut.exception()
-        if error is None:
-            self._ended(ctx, fut.result())
-        else:
-            self._end_failed(ctx, end, kw, error)
-
-    def _end_failed(self, ctx: Context, end: JobStatus, kw: dict[str, Any],
-                    error: BaseException) -> None:
-        if isinstance(error, (StateConflict, JobNotFound)):
-            ctx.log.warning("job_end_unrecorded", end=str(end), error=str(error))
-            self._ended(ctx, None)
-            return
-        try:
-            # waiting for storage holds a worker, as the attempt holds its slot
-            self._submit(self._commit_end, ctx, end, kw, error)
-        except RuntimeError:
-            self._end_lost(ctx, error)
 
     def _end_lost(self, ctx: Context, error: BaseException) -> None:
         """The daemon stops while the end waits to be committed: the job stays running in
@@ -566,7 +617,8 @@ class Engine:
 
     def _commit_end(self, ctx: Context, end: JobStatus, kw: dict[str, Any],
                     error: BaseException) -> None:
-        """Commit an end whose first write failed with ``error``, on a worker.
+        """Commit an end whose first write failed with ``error``, on the worker (waiting
+        for storage holds it, as the attempt holds its slot).
 
         Storage that is unavailable is waited for, however long (until the daemon stops),
         with backoff. An end the store refuses otherwise is recorded as a sanitised
@@ -597,7 +649,8 @@ class Engine:
                 delay = min(delay * 2, RETRY_MAX_S)
             self._tell_end(ctx, end, kw)
             try:
-                done = self._write_end(ctx.job.id, end, kw).result()
+                done = self.store.write_async(
+                    lambda tx: self._write_end_in(tx, ctx.job.id, end, kw)).result()
             except (StateConflict, JobNotFound) as e:
                 ctx.log.warning("job_end_unrecorded", end=str(end), error=str(e))
                 self._ended(ctx, None)
@@ -632,11 +685,10 @@ class Engine:
     def _write_start(self, job_id: str) -> concurrent.futures.Future[Job]:
         return self.store.start_job_async(job_id)
 
-    def _write_end(self, job_id: str, end: JobStatus,
-                   kw: dict[str, Any]) -> concurrent.futures.Future[Job]:
+    def _write_end_in(self, tx: Any, job_id: str, end: JobStatus, kw: dict[str, Any]) -> Job:
         if end is JobStatus.QUEUED:
-            return self.store.requeue_job_async(job_id, reason=kw["message"])
-        return self.store.finish_job_async(job_id, end, **kw)
+            return self.store.requeue_job_in(tx, job_id, reason=kw["message"])
+        return self.store.finish_job_in(tx, job_id, end, **kw)
 
     def _requeue_later(self, job_id: str) -> None:
         """A job that could not be started stays queued in the store: keep it in the queue."""

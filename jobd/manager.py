@@ -452,8 +452,17 @@ class Manager:
             draft = await asyncio.to_thread(self._draft, scope, handler, **params)
         else:
             draft = self._draft(scope, handler, **params)
-        job, deduplicated = await self.store.submit_job_on(
-            asyncio.get_running_loop(), draft, actor=scope.actor, rules=self._rules())
+        rules = self._rules()
+
+        def submit_and_start(tx: Any) -> tuple[Job, bool]:
+            # a job that would start at once starts in its submit's commit
+            job, deduplicated = self.store.submit_job_in(tx, draft, scope.actor, rules)
+            if not deduplicated:
+                self.engine.start_in(tx, job)
+            return job, deduplicated
+
+        job, deduplicated = await self.store.write_on(asyncio.get_running_loop(),
+                                                      submit_and_start)
         if not deduplicated:
             # one line per job at info, at its end (the engine's)
             log.debug("job_submitted", job_id=job.id, user_id=job.user_id, type=job.type,

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol, TypeVar
 
 from jobd.models import Job, JobStatus
 from jobd.rules import Rules
 
 __all__ = ["JobStore"]
+
+T = TypeVar("T")
 
 
 class JobStore(Protocol):
@@ -28,9 +30,6 @@ class JobStore(Protocol):
 
     # the transitions: each returns the job as stored now, or raises JobNotFound or
     # StateConflict
-    # answered on the caller's asyncio loop (one wake-up of the loop per commit)
-    def submit_job_on(self, loop: asyncio.AbstractEventLoop, job: Job, *, actor: str,
-                      rules: Rules) -> asyncio.Future[tuple[Job, bool]]: ...
     def start_job(self, job_id: str) -> Job: ...
     def finish_job(self, job_id: str, status: JobStatus, *, error: str | None = None,
                    message: str | None = None, result: dict[str, Any] | None = None
@@ -38,13 +37,25 @@ class JobStore(Protocol):
     def cancel_job(self, job_id: str, *, actor: str) -> Job: ...
     def retry_job(self, job_id: str, *, actor: str, rules: Rules) -> Job: ...
     def requeue_job(self, job_id: str, *, reason: str, recovered: bool = False) -> Job: ...
-    # the same, for a worker that must not wait on the commit (the future holds the job)
+    # a start for the dispatcher, which must not wait on the commit
     def start_job_async(self, job_id: str) -> concurrent.futures.Future[Job]: ...
-    def finish_job_async(self, job_id: str, status: JobStatus, *, error: str | None = None,
-                         message: str | None = None, result: dict[str, Any] | None = None
-                         ) -> concurrent.futures.Future[Job]: ...
-    def requeue_job_async(self, job_id: str, *, reason: str, recovered: bool = False
-                          ) -> concurrent.futures.Future[Job]: ...
+    # one write of several transitions: the engine records an attempt's end and starts
+    # the next job in its slot, the manager submits a job and the engine starts it, each
+    # in one transaction. ``fn`` gets the write's transaction (opaque above the store but
+    # for its ``after_commit`` and ``undo`` lists of callables: what runs once the commit
+    # holds, what reverts memory if it does not) and calls the ``*_in`` forms with it.
+    def write_async(self, fn: Callable[[Any], T]) -> concurrent.futures.Future[T]: ...
+    # the same answered on the caller's asyncio loop: one wake-up of it per commit
+    def write_on(self, loop: asyncio.AbstractEventLoop, fn: Callable[[Any], T]
+                 ) -> asyncio.Future[T]: ...
+    def submit_job_in(self, tx: Any, job: Job, actor: str, rules: Rules
+                      ) -> tuple[Job, bool]: ...
+    def start_job_in(self, tx: Any, job_id: str) -> Job: ...
+    def finish_job_in(self, tx: Any, job_id: str, status: JobStatus, *,
+                      error: str | None = None, message: str | None = None,
+                      result: dict[str, Any] | None = None) -> Job: ...
+    def requeue_job_in(self, tx: Any, job_id: str, *, reason: str,
+                       recovered: bool = False) -> Job: ...
     def cancel_jobs(self, *, actor: str, limit: int, dry_run: bool = False,
                     **filters: Any) -> tuple[list[Job], bool]: ...
     def retry_jobs(self, *, actor: str, limit: int, rules: Rules, dry_run: bool = False,

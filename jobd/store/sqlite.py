@@ -382,14 +382,12 @@ class SqliteStore:
     def submit_job_async(self, job: Job, *, actor: str, rules: Rules = _NO_RULES
                          ) -> concurrent.futures.Future[tuple[Job, bool]]:
         """``submit_job`` for a caller that waits on a future rather than blocking."""
-        return self.write_async(lambda tx: self._submit(tx, job, actor, rules))
+        return self.write_async(lambda tx: self.submit_job_in(tx, job, actor, rules))
 
-    def submit_job_on(self, loop: asyncio.AbstractEventLoop, job: Job, *, actor: str,
-                      rules: Rules = _NO_RULES) -> asyncio.Future[tuple[Job, bool]]:
-        """``submit_job`` for a caller on ``loop`` that awaits the commit."""
-        return self.write_on(loop, lambda tx: self._submit(tx, job, actor, rules))
 
-    def _submit(self, tx: Tx, job: Job, actor: str, rules: Rules) -> tuple[Job, bool]:
+    def submit_job_in(self, tx: Tx, job: Job, actor: str, rules: Rules = _NO_RULES
+                      ) -> tuple[Job, bool]:
+        """``submit_job``'s statements inside a caller's write (``write_async``)."""
         description, key = _opt_text(job.description), _opt_text(job.idempotency_key)
         if description is not job.description or key is not job.idempotency_key:
             # only when a lone surrogate was replaced: a copy of a Job costs ~10 µs a submit
@@ -417,9 +415,11 @@ class SqliteStore:
         return self.start_job_async(job_id).result()
 
     def start_job_async(self, job_id: str) -> concurrent.futures.Future[Job]:
-        return self.write_async(lambda tx: self._start(tx, job_id))
+        return self.write_async(lambda tx: self.start_job_in(tx, job_id))
 
-    def _start(self, tx: Tx, job_id: str) -> Job:
+    def start_job_in(self, tx: Tx, job_id: str) -> Job:
+        """``start_job`` inside a caller's write: the engine starts the next job in the
+        transaction that ends one, or that submits it."""
         job = self._cas(tx, "start_job", job_id, "running")
         self._event(tx, job, "jobd")
         self._count_queued(tx, job.user_id, -1)
@@ -429,19 +429,15 @@ class SqliteStore:
                    message: str | None = None, result: dict[str, Any] | None = None) -> Job:
         """running -> completed | failed | cancelled; a job whose cancel was requested
         ends cancelled, whatever ``status`` says."""
-        return self.finish_job_async(job_id, status, error=error, message=message,
-                                     result=result).result()
+        return self.write(lambda tx: self.finish_job_in(
+            tx, job_id, status, error=error, message=message, result=result))
 
-    def finish_job_async(self, job_id: str, status: JobStatus, *, error: str | None = None,
-                         message: str | None = None, result: dict[str, Any] | None = None
-                         ) -> concurrent.futures.Future[Job]:
+    def finish_job_in(self, tx: Tx, job_id: str, status: JobStatus, *,
+                      error: str | None = None, message: str | None = None,
+                      result: dict[str, Any] | None = None) -> Job:
+        """``finish_job`` inside a caller's write."""
         if status not in TERMINAL:
             raise ValueError(f"finish_job ends a job: {status} is not an end")
-        return self.write_async(lambda tx: self._finish(tx, job_id, status, error, message,
-                                                        result))
-
-    def _finish(self, tx: Tx, job_id: str, status: JobStatus, error: str | None,
-                message: str | None, result: dict[str, Any] | None) -> Job:
         message, error = _opt_text(message), _opt_text(error)
         job = self._cas(tx, "finish_job", job_id, str(status), status=str(status),
                         message=message, error=error,
@@ -482,13 +478,12 @@ class SqliteStore:
     def requeue_job(self, job_id: str, *, reason: str, recovered: bool = False) -> Job:
         """running -> queued when the daemon stops or restarts (``recovered``: after a
         crash): phase, progress and checkpoints are kept to resume from."""
-        return self.requeue_job_async(job_id, reason=reason, recovered=recovered).result()
+        return self.write(lambda tx: self.requeue_job_in(tx, job_id, reason=reason,
+                                                         recovered=recovered))
 
-    def requeue_job_async(self, job_id: str, *, reason: str, recovered: bool = False
-                          ) -> concurrent.futures.Future[Job]:
-        return self.write_async(lambda tx: self._requeue(tx, job_id, reason, recovered))
-
-    def _requeue(self, tx: Tx, job_id: str, reason: str, recovered: bool) -> Job:
+    def requeue_job_in(self, tx: Tx, job_id: str, *, reason: str,
+                       recovered: bool = False) -> Job:
+        """``requeue_job`` inside a caller's write."""
         reason = _text(reason)
         job = self._cas(tx, "requeue_job", job_id, "queued", reason=reason,
                         recovered=int(recovered))

@@ -12,6 +12,7 @@ import dataclasses
 import itertools
 from collections import Counter
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (Bundle, RuleBasedStateMachine, consumes, invariant,
@@ -443,3 +444,59 @@ def test_exclusivity_is_what_the_engine_says_of_the_handler_not_the_type_name() 
     d.add(job("alice", name="s2", type="sync", project="q"), exclusive=False)
     assert sorted(take_all(d)) == ["s1", "s2", "x1"]
     assert d.position("x2") == (1, "project_busy")
+
+
+# -- a slot handed on with an end, a submit started at once (issue 9) ----------------------------
+
+def test_a_slot_handed_on_goes_back_with_its_job_when_the_commit_fails() -> None:
+    d = Dispatcher(workers=1, max_running_per_user=1)
+    first, second, third = job("alice"), job("alice"), job("alice")
+    for j in (first, second, third):
+        d.add(j, exclusive=False)
+    ending = d.take()
+    assert ending is not None and ending.job_id == first.id
+    # the per-user limit of 1 counts the ending attempt's slot as free: it is handed on
+    nxt = d.take(instead_of=ending)
+    assert nxt is not None and nxt.job_id == second.id and d.running_count() == 1
+    d.put_back(nxt, instead_of=ending)  # the end and the start did not commit
+    assert d.running_count("alice") == 1 and d.position(second.id)[0] == 1
+    assert d.position(third.id)[0] == 2
+    d.finish(ending)  # the end committed alone later: its slot is freed, and only then
+    assert d.running_count() == 0 and d.take().job_id == second.id  # type: ignore[union-attr]
+
+
+def test_an_ending_attempt_keeps_its_slot_when_no_job_may_take_it() -> None:
+    d = Dispatcher(workers=2, max_running_per_user=2)
+    d.add(job("bob", type="sync", project="p", name="s1"), exclusive=True)
+    d.add(job("bob", type="sync", project="p", name="s2"), exclusive=True)
+    ending = d.take()
+    assert ending is not None
+    d.set_paused(True)
+    assert d.take(instead_of=ending) is None and d.running_count() == 1
+    d.finish(ending)
+    assert d.running_count() == 0
+
+
+@pytest.mark.parametrize("why", ["queued", "paused", "slots", "user_limit", "project_busy"])
+def test_a_submitted_job_starts_at_once_only_when_it_would_be_next(why: str) -> None:
+    d = Dispatcher(workers=2, max_running_per_user=1)
+    new = job("carol", type="sync", project="p")
+    if why == "queued":
+        d.add(job("dave"), exclusive=False)
+    elif why == "paused":
+        d.set_paused(True)
+    elif why == "slots":
+        d.set_limits(workers=0, max_running_per_user=1)
+    elif why == "user_limit":
+        d.add(job("carol"), exclusive=False)
+        d.take()
+    else:
+        d.set_limits(workers=2, max_running_per_user=2)
+        d.add(job("carol", type="sync", project="p"), exclusive=True)
+        d.take()
+    running = d.running_count()
+    assert d.take_new(new, exclusive=True) is None and d.running_count() == running
+    fresh = Dispatcher(workers=2, max_running_per_user=1)
+    attempt = fresh.take_new(new, exclusive=True)
+    assert attempt is not None and attempt.key == (new.id, 1)
+    assert fresh.running_count("carol") == 1 and fresh.position(new.id) == (None, None)

@@ -3,7 +3,6 @@ config, ends the store refuses, and ends that wait for a full disk."""
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import threading
 import time
@@ -20,7 +19,7 @@ from jobd.config import Config, load
 from jobd.engine import Engine
 from jobd.handlers import Cancelled, Handler, JobContext, JobFailed, load_handlers
 from jobd.models import Job, JobStatus
-from jobd.store import Listeners, Store
+from jobd.store import Listeners, StorageUnavailable, Store
 
 
 def config_of(tmp_path: Path, text: str = "", db: Path | None = None) -> Config:
@@ -229,14 +228,11 @@ class Refusing(Store):
     refuse: set[str] = set()
     refusals = 0
 
-    def finish_job_async(self, job_id: str, status: JobStatus,
-                         **kw: Any) -> concurrent.futures.Future[Job]:
+    def finish_job_in(self, tx: Any, job_id: str, status: JobStatus, **kw: Any) -> Job:
         if job_id in self.refuse and self.refusals > 0:
             type(self).refusals -= 1
-            refused: concurrent.futures.Future[Job] = concurrent.futures.Future()
-            refused.set_exception(ValueError(f"refused {status} for {job_id}"))
-            return refused
-        return super().finish_job_async(job_id, status, **kw)
+            raise ValueError(f"refused {status} for {job_id}")
+        return super().finish_job_in(tx, job_id, status, **kw)
 
 
 def test_an_end_refused_twice_is_retried_until_it_is_recorded(rig: Callable[..., Rig]) -> None:
@@ -425,3 +421,60 @@ def test_annotate_and_stats_answer_what_only_the_engine_knows(rig: Callable[...,
     assert r.engine.stats() == {"running": 1, "queued": 1, "workers": 1, "paused": False,
                                 "per_user": {"alice": {"running": 1, "queued": 0},
                                              "bob": {"running": 0, "queued": 1}}}
+
+
+# -- a freed slot handed to the next job in the end's transaction (issue 9) ---------------------
+
+def at_of(r: Rig, job_id: str, status: str) -> list[int]:
+    """When (the transaction's time, µs) each event of ``job_id`` with ``status`` was written."""
+    return [e["at"] for e in r.store.events(job_id) if e["status"] == status]
+
+
+def test_the_next_job_is_running_when_the_end_that_freed_its_slot_commits(
+        rig: Callable[..., Rig]) -> None:
+    r = rig("[execution]\nworkers = 1\n")
+    first = r.submit("held")
+    r.wait(first, JobStatus.RUNNING)
+    second, third = r.submit("noop"), r.submit("noop")
+    r.held.release.set()
+    for job in (first, second, third):
+        r.wait(job, JobStatus.COMPLETED)
+    # one transaction: the end of each and the start of the next share its time
+    assert at_of(r, first, "completed") == at_of(r, second, "running")
+    assert at_of(r, second, "completed") == at_of(r, third, "running")
+    assert r.get(second).attempts == 1 and r.engine.dispatcher.running_count() == 0
+
+
+class FailingStart(Store):
+    """A real store whose start of the jobs in ``refuse`` fails after the write has
+    written (the end in the same transaction), ``refusals`` times."""
+
+    refuse: set[str] = set()
+    refusals = 0
+
+    def start_job_in(self, tx: Any, job_id: str) -> Job:
+        job = super().start_job_in(tx, job_id)
+        if job_id in self.refuse and self.refusals > 0:
+            type(self).refusals -= 1
+            raise StorageUnavailable(f"{self.path}: storage full (test)")
+        return job
+
+
+def test_an_end_whose_transaction_fails_puts_the_next_job_back_in_its_place(
+        rig: Callable[..., Rig]) -> None:
+    r = rig("[execution]\nworkers = 1\n", store=FailingStart)
+    first = r.submit("held")
+    r.wait(first, JobStatus.RUNNING)
+    second, third = r.submit("noop"), r.submit("noop")
+    # the batch fails, and again when run with a savepoint per write
+    FailingStart.refuse, FailingStart.refusals = {second}, 2
+    with structlog.testing.capture_logs() as logs:
+        r.held.release.set()
+        for job in (first, second, third):
+            r.wait(job, JobStatus.COMPLETED)
+    assert [e for e in logs if e["event"] == "job_end_pending"]  # the end waited, alone
+    # the second job went back to the queue ahead of the third, and ran once
+    assert at_of(r, second, "running") < at_of(r, third, "running")
+    assert at_of(r, first, "completed") != at_of(r, second, "running")
+    assert r.get(second).attempts == 1 and r.get(third).attempts == 1
+    assert r.engine.dispatcher.running_count() == 0 and not r.engine._attempts

@@ -468,7 +468,7 @@ def test_queue_limits_refuse_and_keep_the_counter_right(store: Store, db: Path) 
         submit(store, new_job(id=bob[0].id, user="bob"), actor="bob")
     # a write that recorded a job and then failed is rolled back, counter included
     def submit_then_fail(tx: Tx) -> None:
-        store._submit(tx, new_job(user="dave"), "dave", Rules())
+        store.submit_job_in(tx, new_job(user="dave"), "dave", Rules())
         raise RuntimeError("the rest of this write failed")
     with pytest.raises(RuntimeError):
         store.write(submit_then_fail)

@@ -51,15 +51,15 @@ def test_a_refused_write_in_a_batch_tells_no_listener(tmp_path: Path) -> None:
                   listeners=Listeners(changed=lambda job: told.append(job.user_id))).open()
     try:
         def written_then_refused(tx: Tx) -> None:
-            store._submit(tx, new_job(user="dave"), "dave", Rules())
+            store.submit_job_in(tx, new_job(user="dave"), "dave", Rules())
             raise RuntimeError("refused after writing")
 
         gate = threading.Event()
         held = store.write_async(lambda tx: gate.wait(5))
-        writes: list[Any] = [lambda tx: store._submit(tx, new_job(user="alice"), "alice",
+        writes: list[Any] = [lambda tx: store.submit_job_in(tx, new_job(user="alice"), "alice",
                                                       Rules()),
                              written_then_refused,
-                             lambda tx: store._submit(tx, new_job(user="bob"), "bob", Rules())]
+                             lambda tx: store.submit_job_in(tx, new_job(user="bob"), "bob", Rules())]
         futures = [store.write_async(w) for w in writes]
         gate.set()
         held.result()

@@ -4,6 +4,7 @@ error name (a real full disk among them), and cleanup goes in short chunks."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import threading
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 from conftest import fill
 from jobd.models import JobStatus
 from jobd.rules import Rules
-from jobd.store import (Corrupt, DuplicateId, ReadOnly, StateConflict, StorageFull,
+from jobd.store import (Corrupt, DuplicateId, JobNotFound, ReadOnly, StateConflict, StorageFull,
                         StorageUnavailable, Store, StoreError)
 from jobd.store.db import Tx
 from jobd.store.errors import from_sqlite
@@ -55,7 +56,7 @@ def one_batch(store: Store, writes: list[Any]) -> list[Any]:
 
 def test_a_batch_of_good_writes_takes_no_savepoint(store: Store) -> None:
     seen = traced(store)
-    jobs = one_batch(store, [lambda tx, n=n: store._submit(tx, new_job(project=f"p{n}"),
+    jobs = one_batch(store, [lambda tx, n=n: store.submit_job_in(tx, new_job(project=f"p{n}"),
                                                            "alice", Rules())
                              for n in range(20)])
     assert all(not dup for _, dup in jobs)
@@ -69,13 +70,13 @@ def test_one_refused_write_leaves_its_neighbours_stored(store: Store) -> None:
     seen = traced(store)
 
     def fails_after_writing(tx: Tx) -> None:
-        store._submit(tx, new_job(user="dave"), "dave", Rules())  # written, then undone
+        store.submit_job_in(tx, new_job(user="dave"), "dave", Rules())  # written, then undone
         raise RuntimeError("the rest of this write failed")
 
-    writes = [lambda tx, n=n: store._submit(tx, new_job(project=f"a{n}"), "alice", rules)
+    writes = [lambda tx, n=n: store.submit_job_in(tx, new_job(project=f"a{n}"), "alice", rules)
               for n in range(5)]
     writes.insert(2, fails_after_writing)
-    writes.insert(4, lambda tx: store._submit(tx, new_job(id=taken.id), "alice", Rules()))
+    writes.insert(4, lambda tx: store.submit_job_in(tx, new_job(id=taken.id), "alice", Rules()))
     outcomes = one_batch(store, writes)
     kinds = [type(o).__name__ if isinstance(o, Exception) else "stored" for o in outcomes]
     # the same as one transaction per write: the limit counts the writes before it
@@ -99,11 +100,11 @@ def test_writes_refused_before_writing_cost_the_batch_nothing(store: Store) -> N
     seen = traced(store)
     limit = Rules(max_queued_per_user=1)
     outcomes = one_batch(store, [
-        lambda tx: store._submit(tx, new_job(user="carol"), "carol", limit),
-        lambda tx: store._start(tx, done.id),
-        lambda tx: store._submit(tx, new_job(user="carol"), "carol", limit),
-        lambda tx: store._submit(tx, new_job(id=taken.id), "alice", Rules()),
-        lambda tx: store._submit(tx, new_job(user="dave"), "dave", Rules()),
+        lambda tx: store.submit_job_in(tx, new_job(user="carol"), "carol", limit),
+        lambda tx: store.start_job_in(tx, done.id),
+        lambda tx: store.submit_job_in(tx, new_job(user="carol"), "carol", limit),
+        lambda tx: store.submit_job_in(tx, new_job(id=taken.id), "alice", Rules()),
+        lambda tx: store.submit_job_in(tx, new_job(user="dave"), "dave", Rules()),
     ])
     kinds = [type(o).__name__ if isinstance(o, Exception) else "stored" for o in outcomes]
     assert kinds == ["stored", "StateConflict", "LimitExceeded", "DuplicateId", "stored"]
@@ -229,3 +230,31 @@ def test_cleanup_goes_in_short_chunks_and_holds_the_checkpointer_off(store: Stor
     with raw(store.path) as conn:
         assert conn.execute("SELECT count(*) FROM job_events").fetchone() == (2,)
     assert store.counts() == {"queued": 1}
+
+
+def test_a_commit_wakes_the_event_loop_once_for_all_its_answers(store: Store) -> None:
+    """Writes submitted from an asyncio loop are answered there in one hop per commit
+    (one ``call_soon_threadsafe``), an error as well as a value."""
+    async def main() -> tuple[list[Any], int]:
+        loop = asyncio.get_running_loop()
+        wakes = 0
+        real = loop.call_soon_threadsafe
+
+        def counting(*args: Any, **kw: Any) -> Any:
+            nonlocal wakes
+            wakes += 1
+            return real(*args, **kw)
+
+        loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+        hold = threading.Event()
+        store.write_async(lambda tx: hold.wait(5))  # the writes below queue behind it
+        futures = [store.write_on(loop, lambda tx, n=n: n) for n in range(20)]
+        futures.append(store.write_on(loop, lambda tx: store.start_job_in(tx, "nope")))
+        hold.set()
+        answers = await asyncio.gather(*futures, return_exceptions=True)
+        return answers, wakes
+
+    answers, wakes = asyncio.run(main())
+    assert answers[:20] == list(range(20))
+    assert isinstance(answers[20], JobNotFound)
+    assert wakes == 1
