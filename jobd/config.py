@@ -493,7 +493,7 @@ def _type_spec(name: str, table: Any, default_timeout: float | None) -> TypeSpec
                 "is an optional option; a repository path needs a value always"
                 if used in optional else
                 "needs project = \"required\"" if used == "project_id" else
-                f"is not one of its options nor state_dir, user_id, project_id"))
+                "is not one of its options nor state_dir, user_id, project_id"))
         if not os.path.isabs(repo.replace("{state_dir}", "/")):
             raise ValueError(f".repo: {repo!r} must be an absolute path (it may start with "
                              "{state_dir})")

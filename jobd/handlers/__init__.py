@@ -13,7 +13,7 @@ handlers only see the ``JobContext`` interface below and raise ``JobFailed`` or
 from __future__ import annotations
 
 import importlib.metadata
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Protocol
 
 import structlog
 

@@ -5,7 +5,6 @@ process group, and a reload that removes a type a queued job has."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 import textwrap
