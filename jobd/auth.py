@@ -11,18 +11,24 @@ import dataclasses
 import grp
 import os
 import pwd
-import re
 import socket
 import struct
+import unicodedata
+from typing import Iterable, Sequence
 
 from jobd.config import Config
 from jobd.errors import Forbidden, InvalidParams, Unauthenticated
 from jobd.models import Role
 from jobd.params import flag
 
-__all__ = ["Caller", "Scope", "check_id", "identify", "peer_credentials", "scope"]
+__all__ = ["MAX_ID_BYTES", "Caller", "Scope", "check_argv_ids", "check_id", "identify",
+           "peer_credentials", "scope"]
 
-_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+#: the longest user or project id, in UTF-8 bytes (SPEC §3a)
+MAX_ID_BYTES = 255
+#: the categories no id may contain, and what they are called in a refusal
+_REFUSED_CATEGORIES = {"Cc": "a control character", "Cf": "a format character",
+                       "Zl": "a line separator", "Zp": "a paragraph separator"}
 _UCRED = struct.Struct("3i")
 
 
@@ -35,13 +41,65 @@ class Caller:
     groups: frozenset[str]
 
 
-def check_id(value: object, field: str) -> str:
-    """A user or project id as SPEC §3a allows it, else InvalidParams naming ``field``."""
-    if not isinstance(value, str) or not _ID.fullmatch(value) or value in (".", ".."):
-        raise InvalidParams(
-            f"{field} {value!r} is not a valid id: use 1-128 letters, digits, '_', '.' or '-', "
-            "not starting with '.' or '-'", field=field)
-    return value
+def check_id(value: object, field: str, *, argument: bool = False) -> str:
+    """A user or project id as SPEC §3a allows it, else InvalidParams naming ``field``.
+
+    1-255 UTF-8 bytes of valid Unicode text, no character of category Cc, Cf, Zl or Zp
+    (control, format such as bidi overrides and zero-width characters, line and
+    paragraph separators), no white space at either end; compared exactly, never
+    normalised. ``argument``: the id also becomes a program argument, so it may not start
+    with ``-``. Where it becomes a path, ``paths.segment`` encodes it.
+    """
+    problem = _id_problem(value, argument=argument)
+    if problem is not None:
+        raise InvalidParams(f"{field} {_shown(value)} is not a valid id: {problem}",
+                            field=field)
+    return value  # type: ignore[return-value]
+
+
+def check_argv_ids(argvs: Iterable[str | Sequence[str]], *, user_id: str,
+                   project_id: str | None) -> None:
+    """Refuse ids that would start an argument of one of ``argvs`` with ``-`` (SPEC §3a).
+
+    ``argvs`` are argv templates (a plain string is a built-in command, not an argv);
+    an argument beginning with ``{user_id}`` or ``{project_id}`` would begin with the
+    id, which a program could read as an option.
+    """
+    args = [arg for argv in argvs if not isinstance(argv, str) for arg in argv]
+    for field, value in (("user_id", user_id), ("project_id", project_id)):
+        if value is not None and any(arg.startswith(f"{{{field}}}") for arg in args):
+            check_id(value, field, argument=True)
+
+
+def _id_problem(value: object, *, argument: bool) -> str | None:
+    if not isinstance(value, str):
+        return "it must be a string"
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "it contains a lone surrogate; send valid Unicode text"
+    if not size:
+        return f"it is empty; an id has 1 to {MAX_ID_BYTES} bytes of UTF-8"
+    if size > MAX_ID_BYTES:
+        return f"it is {size} bytes of UTF-8; an id has 1 to {MAX_ID_BYTES}"
+    for char in value:
+        category = unicodedata.category(char)
+        if category in _REFUSED_CATEGORIES:
+            return (f"it contains U+{ord(char):04X}, {_REFUSED_CATEGORIES[category]} "
+                    f"(category {category}); remove it")
+    if value != value.strip():
+        return "it starts or ends with white space; strip it"
+    if argument and value.startswith("-"):
+        return ("it starts with '-' and would begin a program's argument, which the "
+                "program could read as an option; use an id that does not start with '-'")
+    return None
+
+
+def _shown(value: object) -> str:
+    """``value`` for an error message: repr escapes what a terminal should not see, and a
+    long one is cut."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:

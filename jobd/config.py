@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from jobd.models import iso
+from jobd.paths import segment
 
 __all__ = ["BUILTIN_TYPES", "Config", "ConfigError", "ConfigState", "Duration", "ROLES",
            "TypeSpec", "default_socket_paths", "load", "parse_duration", "parse_limit",
@@ -221,8 +222,14 @@ class Config:
         return self.state_dir / "logs"
 
     def expand(self, template: str, **values: str) -> str:
-        """Fill ``{state_dir}`` (and any given value) into a path template."""
-        return template.format(state_dir=str(self.state_dir), **values)
+        """Fill ``{state_dir}``, and each of ``values`` (ids, options), into a path template.
+
+        Each value fills its placeholder as one path segment (``paths.segment``):
+        ``org/repo`` is ``org%2Frepo``, so no value can name a parent folder or another
+        value's folder.
+        """
+        segments = {name: segment(value) for name, value in values.items()}
+        return template.format(state_dir=str(self.state_dir), **segments)
 
     @property
     def allowed_roots(self) -> tuple[Path, ...]:

