@@ -89,7 +89,9 @@ class ProgramHandler(Handler):
         if not spec.repo:
             return git.locate(config, user_id=user_id, project_id=project_id, repo_path=None)
         values = {name: options[name] for name in spec.options}
-        raw = config.expand(spec.repo, user_id=user_id, project_id=project_id or "", **values)
+        if project_id is not None:
+            values["project_id"] = project_id
+        raw = config.expand(spec.repo, user_id=user_id, **values)
         try:
             return git.locate(config, user_id=user_id, project_id=project_id, repo_path=raw)
         except errors.InvalidParams as e:
@@ -121,7 +123,9 @@ class ProgramHandler(Handler):
                 raise JobFailed(e.message) from None
             values["repo_path"] = str(repo)
         if cwd is not None:
-            cwd = ctx.config.expand(cwd, repo_path=values.get("repo_path") or "")
+            # {repo_path} is a whole path here, not a segment to encode
+            cwd = cwd.format(state_dir=str(ctx.config.state_dir),
+                             repo_path=values.get("repo_path") or "")
         argv = []
         for element in spec.argv:
             name = placeholder(element)

@@ -70,8 +70,11 @@ def _validate(handler: Handler, config: Config, options: dict[str, Any], *,
                             config=config)
 
 
-def test_options_are_checked_at_submit(config: Config) -> None:
+def test_options_are_checked_at_submit(config: Config, tmp_path: Path) -> None:
     refresh = ProgramHandler("refresh", config.types["refresh"])
+    golden = config.state_dir / "repos" / "golden"
+    golden.mkdir(parents=True)
+    (golden / "escape").symlink_to(tmp_path)  # its real path lies outside the roots
     for options, project_id, field, words in [
         ({}, None, "options.alias", "options.alias is required"),
         ({"alias": "a", "colour": "x"}, None, "options.colour", "unknown option"),
@@ -80,7 +83,7 @@ def test_options_are_checked_at_submit(config: Config) -> None:
         ({"alias": "-rf"}, None, "options.alias", "must not start with '-'"),
         ({"alias": "a", "branch": "--force"}, None, "options.branch", "must not start"),
         ({"alias": "a\0b"}, None, "options.alias", "NUL"),
-        ({"alias": "../../../etc"}, None, "options.alias", "outside the allowed roots"),
+        ({"alias": "escape"}, None, "options.alias", "outside the allowed roots"),
         ({"alias": "a"}, "proj", "project_id", "take no project_id"),
     ]:
         with pytest.raises(errors.InvalidParams) as refused:
@@ -89,8 +92,10 @@ def test_options_are_checked_at_submit(config: Config) -> None:
         assert words in refused.value.message, refused.value.message
     # an option the type allows a dash in; the repository need not exist yet
     out = _validate(refresh, config, {"alias": "a", "query": "-x"})
-    assert out == {"alias": "a", "query": "-x",
-                   "repo_path": str(config.state_dir / "repos" / "golden" / "a")}
+    assert out == {"alias": "a", "query": "-x", "repo_path": str(golden / "a")}
+    # an option in the repo template is one path segment: it cannot climb out
+    assert _validate(refresh, config, {"alias": "../../etc"})["repo_path"] == str(
+        golden / "%2E.%2F..%2Fetc")
 
     activate = ProgramHandler("activate", config.types["activate"])
     with pytest.raises(errors.InvalidParams, match="project_id is required") as refused:
