@@ -221,3 +221,14 @@ def test_a_command_hands_back_its_last_result_line(config: Config) -> None:
         sys.executable, "-c", "import sys; sys.stderr.write('{\"result\": {\"x\": 1}}\\n')"]},
         project_id=None), config)
     assert CommandHandler().run(quiet) == {"returncode": 0}
+
+
+def test_a_result_line_past_64_kib_is_ignored_and_said_so(config: Config) -> None:
+    from jobd.handlers.command import CommandHandler
+    script = ("import json\n"
+              "print(json.dumps({'result': {'small': True}}))\n"
+              "print(json.dumps({'result': {'big': 'x' * 70000}}))\n")
+    ctx = Context(make_job("command", {"argv": [sys.executable, "-c", script]},
+                           project_id=None), config)
+    assert CommandHandler().run(ctx) == {"small": True}
+    assert "a result line of 70023 bytes was ignored" in ctx.log_text()
