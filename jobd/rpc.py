@@ -28,8 +28,10 @@ import re
 from typing import Any, Awaitable, Callable
 
 import structlog
-from jsonrpcserver import Error, Success, async_dispatch_to_response
-from jsonrpcserver.response import to_serializable_one
+from jsonrpcserver import Error, Success
+from jsonrpcserver.async_dispatcher import dispatch_request
+from jsonrpcserver.dispatcher import create_request, to_response
+from jsonrpcserver.response import ServerErrorResponse, to_serializable_one
 
 from jobd import auth, errors
 from jobd.auth import Caller
@@ -321,9 +323,7 @@ class Rpc:
         if self.shutting_down:
             return None if notification else _error_bytes(
                 errors.Unavailable("jobd is shutting down; retry shortly"), ident)
-        response = await async_dispatch_to_response(
-            item, self.methods, context=conn.caller, deserializer=lambda x: x,
-            validator=lambda x: x, post_process=to_serializable_one)
+        response = await self._call(item, conn.caller)
         if response is None:
             return None
         if "error" in response:
@@ -331,6 +331,22 @@ class Rpc:
         result = response["result"]
         encoded = result if isinstance(result, bytes) else _encode(result)
         return b'{"jsonrpc":"2.0","id":%s,"result":%s}' % (_dumps(ident).encode(), encoded)
+
+    async def _call(self, item: dict[str, Any], caller: Caller) -> dict[str, Any] | None:
+        """jsonrpcserver's dispatch of one request whose envelope and params are checked:
+        its ``dispatch_request`` (method lookup, arguments bound to the signature, the
+        call) and ``to_response``; None for a notification. Its ``dispatch_to_response``
+        would add only what is done here already (decoding, validation) and a task per
+        request for batches: one more turn of the event loop for every call."""
+        request = create_request(item)
+        try:
+            _, result = await dispatch_request(self.methods, caller, request)
+        except Exception as exc:  # as dispatch_to_response answers it
+            log.exception("rpc_library_failed")
+            return to_serializable_one(ServerErrorResponse(str(exc), None))
+        if "id" not in item:
+            return None
+        return to_serializable_one(to_response(request, result))
 
     @staticmethod
     def _error(error: dict[str, Any], ident: Any) -> str:
