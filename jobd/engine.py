@@ -4,8 +4,13 @@ Dispatch runs on events (a job queued, a job finished, resume), not on a timer: 
 store's commit listener calls ``on_changed``, which feeds the dispatcher and starts what
 may start at once. Each start is an ``Attempt`` (``jobd.attempt``): its ``queued ->
 running`` is written without anyone waiting on the commit, and once it holds a worker
-runs the handler with a ``Context``; the end is written the same way, and the attempt's
-slot is freed when that commit holds. Progress lives in memory (every
+runs the handler with a ``Context``. Starts share transactions where they can: a job
+submitted while a worker is free and nothing is queued starts in its submit's commit
+(``start_in``, called by the manager's submit), and an attempt's end is written together
+with the start of the job the dispatcher hands its slot to (``_start_next_in``); the
+worker waits for that commit (its slot is taken until then anyway) and runs the next job
+itself. If the transaction fails, its undo gives the slot back and the next job returns
+to the queue in its place. The attempt's slot is freed when its end's commit holds. Progress lives in memory (every
 ``jobs.get``/``jobs.wait`` sees the latest value at once) and is written to the database
 at most every ``FLUSH_S`` per job. ``tick(now)`` is one turn of housekeeping (time
 limits, progress flushes, orphans) on the engine's clock, so a test can pass the time.

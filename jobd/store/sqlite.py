@@ -5,6 +5,9 @@ One method and one named query per transition (``submit_job``, ``start_job``,
 compare-and-set ``UPDATE … WHERE id = ? AND status …`` with its event row, with no read
 of the status before it; a refused one raises ``JobNotFound`` or ``StateConflict``. The
 rules a submit or retry must pass (``jobd.rules``) run inside the writer's transaction.
+Submit, start, finish and requeue also have an ``*_in(tx, …)`` form, run inside a
+caller's ``write_async``: the engine composes an attempt's end with the next start, and
+a submit with its start, each in one transaction (the store knows no dispatch rule).
 
 Timestamps are integer microseconds since the epoch. ``seq`` (the rowid) is insertion
 order: ``jobs.list`` pages newest first by it, so jobs sharing a ``created_at`` still page

@@ -229,3 +229,18 @@ def test_since_is_what_was_written_after_an_offset_even_across_a_trim(tmp_path):
     assert joblogs.since(log.path, start, 1000) == b"b" * 74 + b"\n"
     assert joblogs.since(log.path, start, 10) == b"b" * 9 + b"\n"  # its last bytes
     log.close()
+
+
+
+def test_a_job_log_asks_once_whether_its_file_exists(tmp_path, monkeypatch):
+    """Whether a job's log is there already (a retry's) is asked once per attempt, not
+    on every story line: a noop job tells two and had two stat calls for them."""
+    looked: list[Path] = []
+    real = Path.exists
+    monkeypatch.setattr(Path, "exists", lambda self: looked.append(self) or real(self))
+    quiet = JobLog(tmp_path / "quiet.log", 1000)
+    for n in range(3):
+        quiet.story(f"line {n}", 1_795_000_000_000_000)
+    quiet.close()
+    assert looked.count(tmp_path / "quiet.log") == 1
+    assert not (tmp_path / "quiet.log").exists()  # held, and dropped without output
