@@ -120,7 +120,7 @@ async def _serve(config: Config, reload: Callable[[], Config]) -> int:
     current = ConfigState(config)
 
     hub = Hub(loop)
-    handlers = load_handlers()
+    handlers = load_handlers(config)
     engine: Engine | None = None
 
     def changed(job: Any) -> None:
@@ -198,6 +198,7 @@ async def _serve(config: Config, reload: Callable[[], Config]) -> int:
             hup.clear()
             try:
                 new = await loop.run_in_executor(None, reload)
+                handlers.reconfigure(new)  # refuses a [types] name a plugin has
             except ConfigError as e:
                 current.failed(str(e))
                 log.error("config_reload_failed", error=str(e), kept="the config in force")

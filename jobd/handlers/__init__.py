@@ -87,12 +87,6 @@ class Handler:
     #: dispatcher with each queued job.
     exclusive: bool = False
 
-    @property
-    def admin_only(self) -> bool:
-        """Closed to plain users and services alike, as a caller that knows no ``roles``
-        must read it (it then refuses a type open to services, never lets one in)."""
-        return "user" not in self.roles
-
     def may_submit(self, scope: Scope) -> bool:
         """Whether the call's role is among ``roles`` (submit and retry alike)."""
         return role_of(scope) in self.roles
@@ -221,5 +215,6 @@ def load_handlers(config: Config | None = None) -> Registry:
         log.info("handler_plugin_loaded", entry_point=ep.name, handler=name)
     for handler in handlers.values():
         if getattr(type(handler), "admin_only", None) is True:
-            handler.roles = ADMINS  # a type written before roles: it still means admins only
+            # a plugin written before roles (``admin_only = True``): still admins only
+            handler.roles = ADMINS
     return Registry(handlers, config)

@@ -521,7 +521,7 @@ def test_index_job_and_an_external_indexer(config: Config, tmp_path: Path,
 
 def test_command_validation(config: Config, tmp_path: Path) -> None:
     handler = CommandHandler()
-    assert handler.admin_only and not handler.resumable and not handler.exclusive
+    assert handler.roles == {"admin"} and not handler.resumable and not handler.exclusive
     for options, field in [
         ({}, "options.argv"), ({"argv": []}, "options.argv"), ({"argv": "ls -l"}, "options.argv"),
         ({"argv": ["ls", 3]}, "options.argv"), ({"argv": [""]}, "options.argv"),
@@ -558,7 +558,7 @@ def test_command_runs_with_progress_env_and_cwd(config: Config, tmp_path: Path) 
 
 def test_noop_validation(config: Config) -> None:
     handler = NoopHandler()
-    assert handler.admin_only and handler.resumable
+    assert handler.roles == {"admin"} and handler.resumable
     for seconds in (-1, 86401, "5", True, float("nan"), None):
         assert invalid(handler, {"seconds": seconds}, config).field == "options.seconds"
     assert invalid(handler, {"sleep": 1}, config).field == "options.sleep"
