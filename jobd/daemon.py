@@ -165,7 +165,7 @@ async def _serve(config: Config, reload: Callable[[], Config]) -> int:
         cleanup_every=config.retention.cleanup_every)
     maintenance.start()
     watchdog = asyncio.create_task(watchdog_loop())
-    queued = engine.dispatcher.queued_count()
+    queued = engine.stats()["queued"]
     log.info("jobd_started", version=__version__, socket=listening,
              db=str(config.db), workers=config.execution.workers, queued=queued,
              handlers=sorted(handlers), paused=paused, maintenance=manager.maintenance_on,
