@@ -112,7 +112,7 @@ def serve(ctx: click.Context) -> None:
     flags = _flags(ctx)
     try:
         code = daemon.run(config, reload=lambda: load(**flags))
-    except (AlreadyRunning, InUse, StoreError, OSError, JobdError) as e:
+    except (AlreadyRunning, InUse, StoreError, OSError, JobdError, ConfigError) as e:
         _fail(str(e))
     # the database is closed and every job recorded: do not wait at exit for a worker
     # thread whose handler ignores stop requests (its processes are already killed)

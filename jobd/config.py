@@ -2,7 +2,9 @@
 
 SPEC §1 fixes the defaults and the file's shape. A bad file (unknown key, wrong type,
 bad duration) raises ``ConfigError`` whose message is one line naming the file, the key
-and the problem.
+and the problem. ``[types.NAME]`` tables (SPEC §5: job types that run a program) are
+read into ``TypeSpec``s here, every rule of their templates checked, so a bad one stops
+jobd at start or is refused by a reload.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from typing import Any, Mapping
 from jobd.models import iso
 from jobd.paths import segment
 
-__all__ = ["Config", "ConfigError", "ConfigState", "Duration", "default_socket_paths", "load",
-           "parse_duration", "parse_limit"]
+__all__ = ["BUILTIN_TYPES", "Config", "ConfigError", "ConfigState", "Duration", "ROLES",
+           "TypeSpec", "default_socket_paths", "load", "parse_duration", "parse_limit",
+           "placeholder"]
 
 
 class ConfigError(Exception):
@@ -115,7 +118,73 @@ class Sync:
     allowed_roots: tuple[str, ...] = ("{state_dir}/repos",)
     index_command: str | tuple[str, ...] = "builtin:manifest"
     full_index_command: str | tuple[str, ...] = "builtin:manifest"
+    #: how many times the indexer counts over the files (CIDX: 2, hashing then embedding)
+    index_passes: int = 1
+    #: added to the indexer's environment
+    index_env: dict[str, str] = dataclasses.field(default_factory=dict)
     remote: str = "origin"
+
+
+#: the job types jobd has itself: no ``[types]`` entry may take their names
+BUILTIN_TYPES = frozenset({"sync", "index", "command", "noop"})
+#: who may submit a job type (SPEC §3)
+ROLES = ("user", "service", "admin")
+#: a ``[types]`` entry's ``project``: whether its jobs take a project_id
+_PROJECT_MODES = ("required", "optional", "none")
+#: the values jobd itself fills into a ``[types]`` argv
+_ARGV_VALUES = ("user_id", "project_id", "repo_path", "job_id")
+_NAME = r"[A-Za-z_][A-Za-z0-9_]*"
+_WHOLE = re.compile(rf"\{{({_NAME})\}}")
+_TYPE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+
+
+def placeholder(element: str) -> str | None:
+    """The name an argv element stands for when it is one whole ``{name}``, else None."""
+    m = _WHOLE.fullmatch(element)
+    return m.group(1) if m else None
+
+
+@dataclasses.dataclass(frozen=True)
+class TypeSpec:
+    """One ``[types.NAME]`` entry (SPEC §5): a program jobd runs like ``command``."""
+
+    #: the program and its arguments; a ``{name}`` element is an option's value or one of
+    #: user_id, project_id, repo_path, job_id
+    argv: tuple[str, ...] = ()
+    #: string options the submitter must give
+    options: tuple[str, ...] = ()
+    #: string options that may be left out (their ``{name}`` elements are then dropped)
+    optional_options: tuple[str, ...] = ()
+    #: the options whose value may start with "-" (``true`` in the file: all of them)
+    allow_dash: tuple[str, ...] = ()
+    #: who may submit and retry it
+    roles: tuple[str, ...] = ("admin",)
+    #: "required", "optional" or "none": whether its jobs take a project_id
+    project: str = "none"
+    #: the repository it works on when not the project's: a path template of options,
+    #: {state_dir}, {user_id} and {project_id} ("": none)
+    repo: str = ""
+    #: one at a time per repository, and a queued duplicate is folded
+    exclusive: bool = False
+    #: its jobs' run-time limit when they ask none (``timeout_s``); None: no limit
+    timeout: float | None = _Limit(6 * 3600)
+    #: added to the daemon's environment
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: its working directory, a path template of {state_dir} and {repo_path} ("": jobd's)
+    cwd: str = ""
+    #: after a daemon crash it runs again from the start (else it fails)
+    resumable: bool = False
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every option it takes."""
+        return self.options + self.optional_options
+
+    @property
+    def has_repository(self) -> bool:
+        """Whether its jobs work on a repository (the ``{repo_path}``): its ``repo``, or
+        the project's."""
+        return bool(self.repo) or self.project == "required"
 
 
 _SECTIONS: dict[str, type] = {
@@ -140,6 +209,8 @@ class Config:
     retention: Retention = Retention()
     auth: Auth = Auth()
     sync: Sync = Sync()
+    #: the ``[types.NAME]`` entries, by name
+    types: dict[str, TypeSpec] = dataclasses.field(default_factory=dict)
 
     @property
     def state_dir(self) -> Path:
@@ -243,6 +314,8 @@ def _coerce(where: str, key: str, default: Any, value: Any, section: str) -> Any
         if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
             return tuple(value)
         raise ValueError('must be "builtin:manifest" or a non-empty list of strings (argv)')
+    if isinstance(default, dict):
+        return _environment(value)
     if isinstance(default, tuple):
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ValueError(f"must be a list of strings, not {value!r}")
@@ -257,6 +330,192 @@ def _coerce(where: str, key: str, default: Any, value: Any, section: str) -> Any
             raise ValueError(f"must be an octal mode like \"0660\", not {value!r}")
         return value.lower() if choices else value
     raise ValueError(f"unexpected value {value!r}")
+
+
+def _environment(value: Any) -> dict[str, str]:
+    """A table of environment variables: names (no "=") to strings."""
+    if not isinstance(value, dict) or not all(
+            isinstance(k, str) and k and "=" not in k and "\0" not in k
+            and isinstance(v, str) and "\0" not in v for k, v in value.items()):
+        raise ValueError("must be a table of variable names (without '=') to strings, "
+                         'e.g. { VOYAGE_API_KEY = "..." }')
+    return dict(value)
+
+
+def _names(value: Any, what: str) -> tuple[str, ...]:
+    """A list of distinct names (option names, roles)."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"must be a list of {what}, not {value!r}")
+    for v in value:
+        if not re.fullmatch(_NAME, v):
+            raise ValueError(f"{v!r} is not a name (letters, digits and '_', not starting "
+                             "with a digit)")
+    if len(set(value)) != len(value):
+        raise ValueError(f"names {what} twice")
+    return tuple(value)
+
+
+def _template_names(template: str, key: str) -> list[str]:
+    """The ``{name}``s of the path template at ``key``; a brace outside one is refused."""
+    rest = _WHOLE.sub("", template)
+    if "{" in rest or "}" in rest:
+        raise ValueError(f".{key}: {template!r} has a brace that is not part of a {{name}}")
+    return [m.group(1) for m in _WHOLE.finditer(template)]
+
+
+#: the keys of a [types.NAME] table, and how each is read
+_TYPE_KEYS = {f.name for f in dataclasses.fields(TypeSpec)}
+
+
+def _type_spec(name: str, table: Any, default_timeout: float | None) -> TypeSpec:
+    """One ``[types.NAME]`` table checked; ValueError("<key>: <problem>") naming the key."""
+    if name in BUILTIN_TYPES:
+        raise ValueError(f": {name} is a built-in job type; give this one another name")
+    if not _TYPE_NAME.fullmatch(name):
+        raise ValueError(": a type name is 1-64 letters, digits, '_', '.' or '-', "
+                         "not starting with '.' or '-'")
+    if not isinstance(table, dict):
+        raise ValueError(f" must be a table [types.{name}]")
+    for key in table:
+        if key not in _TYPE_KEYS:
+            raise ValueError(f": unknown key {key!r} (known: {', '.join(sorted(_TYPE_KEYS))})")
+    values: dict[str, Any] = {}
+
+    def field(key: str, read: Any) -> Any:
+        if key in table:
+            try:
+                values[key] = read(table[key])
+            except ValueError as e:
+                raise ValueError(f".{key}: {e}") from None
+        return values.get(key, getattr(TypeSpec, key, None))
+
+    def text(value: Any) -> str:
+        if not isinstance(value, str):
+            raise ValueError(f"must be a string, not {value!r}")
+        return value
+
+    def boolean(value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"must be true or false, not {value!r}")
+        return value
+
+    def choice(choices: tuple[str, ...]) -> Any:
+        def read(value: Any) -> str:
+            if value not in choices:
+                raise ValueError(f"must be one of {', '.join(choices)}, not {value!r}")
+            return str(value)
+        return read
+
+    def argv(value: Any) -> tuple[str, ...]:
+        if (not isinstance(value, list) or not value
+                or not all(isinstance(v, str) and "\0" not in v for v in value)):
+            raise ValueError('must be a non-empty list of strings, the program first, e.g. '
+                             '["cidx-admin", "refresh", "{alias}"]')
+        if not value[0] or "{" in value[0]:
+            raise ValueError(f"the program (its first element) must be written out, "
+                             f"not {value[0]!r}")
+        return tuple(value)
+
+    options = field("options", lambda v: _names(v, "option names"))
+    optional = field("optional_options", lambda v: _names(v, "option names"))
+    if "optional_options" in values:
+        both = set(options) & set(optional)
+        if both:
+            raise ValueError(f".optional_options: {sorted(both)[0]!r} is in options too")
+    taken = set(options) | set(optional)
+    for key in ("options", "optional_options"):
+        clash = [o for o in values.get(key, ()) if o in (*_ARGV_VALUES, "state_dir")]
+        if clash:
+            raise ValueError(f".{key}: {clash[0]!r} is filled in by jobd; name the option "
+                             "otherwise")
+    project = field("project", choice(_PROJECT_MODES))
+    if "argv" not in table:
+        raise ValueError(".argv: missing: the program to run, e.g. "
+                         '["cidx-admin", "refresh", "{alias}"]')
+    program = field("argv", argv)
+    repo = field("repo", text)
+
+    def dash(value: Any) -> tuple[str, ...]:
+        if isinstance(value, bool):
+            return tuple(sorted(taken)) if value else ()
+        allowed = _names(value, "option names")
+        for o in allowed:
+            if o not in taken:
+                raise ValueError(f"{o!r} is not one of its options")
+        return allowed
+
+    field("allow_dash", dash)
+
+    def roles(value: Any) -> tuple[str, ...]:
+        listed = _names(value, "roles")
+        if not listed:
+            raise ValueError(f"must name at least one of {', '.join(ROLES)}")
+        for role in listed:
+            if role not in ROLES:
+                raise ValueError(f"{role!r} is not a role (roles: {', '.join(ROLES)})")
+        return listed
+
+    field("roles", roles)
+    exclusive = field("exclusive", boolean)
+    field("resumable", boolean)
+    field("env", _environment)
+    cwd = field("cwd", text)
+
+    def timeout(value: Any) -> float | None:
+        limit = parse_limit(value)
+        return None if limit is None else _Limit(limit)
+
+    values["timeout"] = field("timeout", timeout) if "timeout" in table else (
+        None if default_timeout is None else _Limit(default_timeout))
+
+    spec = TypeSpec(**values)
+    # the names each template may use
+    for element in program:
+        used = placeholder(element)
+        if used is None:
+            if partial := _WHOLE.search(element):
+                raise ValueError(f".argv: {element!r}: {partial.group()} must be a whole "
+                                 "element (jobd passes it as one argument, never through a "
+                                 "shell)")
+            continue  # other braces are the program's own
+        if used in taken or used in ("user_id", "job_id"):
+            continue
+        if used == "project_id" and project != "none":
+            continue
+        if used == "repo_path" and spec.has_repository:
+            continue
+        raise ValueError(f".argv: {{{used}}} " + (
+            "needs a repository: set repo, or project = \"required\""
+            if used == "repo_path" else
+            "needs project = \"required\" or \"optional\"" if used == "project_id" else
+            f"is not one of its options ({', '.join(sorted(taken)) or 'none'}) nor "
+            f"{', '.join(_ARGV_VALUES)}"))
+    if repo:
+        for used in _template_names(repo, "repo"):
+            if used in options or used in ("state_dir", "user_id"):
+                continue
+            if used == "project_id" and project == "required":
+                continue
+            raise ValueError(f".repo: {{{used}}} " + (
+                "is an optional option; a repository path needs a value always"
+                if used in optional else
+                "needs project = \"required\"" if used == "project_id" else
+                "is not one of its options nor state_dir, user_id, project_id"))
+        if not os.path.isabs(repo.replace("{state_dir}", "/")):
+            raise ValueError(f".repo: {repo!r} must be an absolute path (it may start with "
+                             "{state_dir})")
+    if cwd:
+        for used in _template_names(cwd, "cwd"):
+            if used == "state_dir" or (used == "repo_path" and spec.has_repository):
+                continue
+            raise ValueError(f".cwd: {{{used}}} may not be used here (only {{state_dir}}, "
+                             "and {repo_path} for a type with a repository)")
+        if not os.path.isabs(cwd.replace("{state_dir}", "/").replace("{repo_path}", "/")):
+            raise ValueError(f".cwd: {cwd!r} must be an absolute path")
+    if exclusive and not spec.has_repository:
+        raise ValueError('.exclusive: needs a repository to be exclusive on: set repo, or '
+                         'project = "required"')
+    return spec
 
 
 def _env_value(raw: str, default: Any, key: str) -> Any:
@@ -279,6 +538,7 @@ def load(config_file: str | os.PathLike[str] | None = None, *, socket: str | Non
     explicit = config_file or env.get("JOBD_CONFIG")
     path = Path(explicit) if explicit else d_conf
     sections: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+    types: dict[str, Any] = {}
 
     if path.exists() or explicit:
         try:
@@ -290,6 +550,11 @@ def load(config_file: str | os.PathLike[str] | None = None, *, socket: str | Non
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: not valid TOML: {e}") from None
         for name, table in raw.items():
+            if name == "types":
+                if not isinstance(table, dict):
+                    raise ConfigError(f"{path}: types must hold tables [types.NAME]")
+                types = table
+                continue
             if name not in _SECTIONS:
                 raise ConfigError(f"{path}: unknown section [{name}] "
                                   f"(known: {', '.join(_SECTIONS)})")
@@ -321,11 +586,38 @@ def load(config_file: str | os.PathLike[str] | None = None, *, socket: str | Non
                 raise ConfigError(f"{where}: {name}.{key} {e}") from None
         built[name] = dataclasses.replace(defaults, **values)
 
-    return Config(
+    specs: dict[str, TypeSpec] = {}
+    for name, table in types.items():
+        try:
+            specs[name] = _type_spec(name, table, built["execution"].default_timeout)
+        except ValueError as e:
+            raise ConfigError(f"{path}: types.{name}{e}") from None
+    config = Config(
         socket=Path(socket or env.get("JOBD_SOCKET") or d_socket),
         db=Path(db or env.get("JOBD_DB") or d_db),
         config_file=path if path.exists() else None,
         log_level=(log_level or env.get("JOBD_LOG_LEVEL") or built["server"].log_level).lower(),
         log_format=(log_format or env.get("JOBD_LOG_FORMAT") or "auto").lower(),
+        types=specs,
         **built,
     )
+    for name, spec in specs.items():
+        if problem := _repo_outside(config, spec):
+            raise ConfigError(f"{path}: types.{name}.repo: {problem}")
+    return config
+
+
+def _repo_outside(config: Config, spec: TypeSpec) -> str | None:
+    """Why no value could put a type's ``repo`` under ``allowed_roots``, or None.
+
+    What comes before its first option (or id) is fixed: that folder must lie under a root.
+    """
+    if not spec.repo:
+        return None
+    fixed = spec.repo.replace("{state_dir}", str(config.state_dir)).split("{", 1)[0]
+    folder = Path(os.path.realpath(fixed if fixed.endswith("/") else os.path.dirname(fixed)))
+    roots = config.allowed_roots
+    if any(folder == root or root in folder.parents for root in roots):
+        return None
+    return (f"{folder} lies outside sync.allowed_roots ({', '.join(map(str, roots))}); "
+            "add a root that holds it")

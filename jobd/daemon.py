@@ -120,7 +120,7 @@ async def _serve(config: Config, reload: Callable[[], Config]) -> int:
     current = ConfigState(config)
 
     hub = Hub(loop)
-    handlers = load_handlers()
+    handlers = load_handlers(config)
     engine: Engine | None = None
 
     def changed(job: Any) -> None:
@@ -165,7 +165,7 @@ async def _serve(config: Config, reload: Callable[[], Config]) -> int:
         cleanup_every=config.retention.cleanup_every)
     maintenance.start()
     watchdog = asyncio.create_task(watchdog_loop())
-    queued = engine.dispatcher.queued_count()
+    queued = engine.stats()["queued"]
     log.info("jobd_started", version=__version__, socket=listening,
              db=str(config.db), workers=config.execution.workers, queued=queued,
              handlers=sorted(handlers), paused=paused, maintenance=manager.maintenance_on,
@@ -198,6 +198,7 @@ async def _serve(config: Config, reload: Callable[[], Config]) -> int:
             hup.clear()
             try:
                 new = await loop.run_in_executor(None, reload)
+                handlers.reconfigure(new)  # refuses a [types] name a plugin has
             except ConfigError as e:
                 current.failed(str(e))
                 log.error("config_reload_failed", error=str(e), kept="the config in force")

@@ -93,7 +93,10 @@ class Context:
         self.stop_event = threading.Event()
         self.wake = threading.Event()  #: set by every stop: an end waiting for storage retries
         now = engine.clock()
-        attempt.timeout_s = _time_limit(job.timeout_s, engine.config.execution.default_timeout)
+        handler = engine.handlers.get(job.type)
+        attempt.timeout_s = _time_limit(job.timeout_s, engine.config.execution.default_timeout
+                                        if handler is None
+                                        else handler.default_timeout(engine.config))
         attempt.deadline = None if attempt.timeout_s is None else now + attempt.timeout_s
         self.live = Live(job.progress, job.phase, job.message, job.version, started=now,
                          base_progress=job.progress)
@@ -563,7 +566,8 @@ class Engine:
         failure: BaseException | None = None
         try:
             if handler is None:
-                raise JobFailed(f"no handler for job type {job.type!r} (a plugin went missing?)")
+                raise JobFailed(f"type {job.type} is no longer defined (no built-in, plugin or "
+                                "[types] entry has that name)")
             if job.cancel_requested or attempt.stop is StopReason.CANCEL:
                 ctx.stop(StopReason.CANCEL)
                 raise Cancelled("cancel")

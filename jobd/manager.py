@@ -474,10 +474,9 @@ class Manager:
                idempotency_key: Any) -> Job:
         """The job as submitted, every input checked (SPEC §3, §3a), not yet stored."""
         type = handler.name
-        if handler.admin_only and not scope.may_admin_types:
-            raise Forbidden(f"only admins may submit {type} jobs")
-        project_id = (check_id(project_id, "project_id") if handler.exclusive
-                      else _optional_id(project_id, "project_id"))
+        if not handler.may_submit(scope):
+            raise Forbidden(handler.refusal("submit"))
+        project_id = _optional_id(project_id, "project_id")
         options = {} if options is None else options
         if not isinstance(options, dict):
             raise InvalidParams("options must be an object", field="options")
@@ -609,12 +608,12 @@ class Manager:
         """Queue failed or cancelled jobs again: one (``job_id``), or every one ``filter``
         matches (as ``cancel``); a user past max_queued_per_user gets none retried."""
         one, filters = self._selection(scope, "jobs.retry", job_id, filter, dry_run)
-        denied = [] if scope.may_admin_types else sorted(
-            name for name, handler in self.handlers.items() if handler.admin_only)
+        denied = sorted(name for name, handler in self.handlers.items()
+                        if not handler.may_submit(scope))
         retryable = (JobStatus.FAILED, JobStatus.CANCELLED)
         if one is not None:
             if one.type in denied:
-                raise Forbidden(f"only admins may retry {one.type} jobs")
+                raise Forbidden(self.handlers[one.type].refusal("retry"))
             if one.status not in retryable:
                 raise Conflict(f"job {one.id} is {one.status}; only failed or cancelled jobs "
                                f"can be retried", detail={"status": str(one.status)})

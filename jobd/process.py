@@ -6,7 +6,8 @@ child subreaper: whatever the program spawns stays its descendant, however it
 detaches, and is killed and reaped when the program ends, is cancelled or times out,
 or when jobd dies (SPEC §5: no child outlives its job). ``run`` writes the program's
 stdout and stderr to the job's log (``jobd.joblogs``) and reads progress from each line
-of them and of the progress pipe (``jobd.progress``). If the supervisor itself dies,
+of them and of the progress pipe (``jobd.progress``), and the program's last
+``{"result": {...}}`` line on stdout or that pipe. If the supervisor itself dies,
 what it held is killed at once (``jobd.orphans``, which also owns the forensics after a
 daemon crash).
 """
@@ -25,7 +26,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import structlog
 
@@ -33,7 +34,7 @@ from jobd import supervise
 from jobd.joblogs import JobLog
 from jobd.orphans import (JOB_ENV, forget_supervisor, kill_marked, kill_orphan_group,
                           spawn_supervisor, sweep_orphans)
-from jobd.progress import Lines, parse_progress
+from jobd.progress import MAX_RESULT, Lines, Passes, parse_progress, parse_result
 
 __all__ = ["Completed", "JOB_ENV", "run"]
 
@@ -56,6 +57,8 @@ class Completed:
     stdout: str                #: captured stdout text (only when capture=True, else "")
     #: the supervisor died without reporting the program's end: ``returncode`` is its own
     supervisor_died: bool = False
+    #: the object of its last ``{"result": {...}}`` line on stdout or the progress pipe
+    result: dict[str, Any] | None = None
 
 
 def _signal_group(pgid: int, sig: int) -> None:
@@ -79,6 +82,8 @@ class _Child:
         self.log = log
         self.on_progress = on_progress
         self.captured: list[bytes] | None = [] if capture else None
+        self.result: dict[str, Any] | None = None
+        self.results = {out, prog}  #: where a result line counts
         self.lines = {fd: Lines() for fd in (out, err, prog)}
         self.logged = {out: log.stream(), err: log.stream()}
         self.open = {out, err, prog}
@@ -186,7 +191,7 @@ class _Child:
         if not data:
             self.sel.unregister(fd)
             self.open.discard(fd)
-            self.parse(self.lines[fd].partial)
+            self.parse(fd, self.lines[fd].partial)
             if fd in self.logged:
                 self.logged[fd].close()
             return
@@ -194,16 +199,31 @@ class _Child:
             self.logged[fd].write(data)
         if fd == self.out and self.captured is not None:
             self.captured.append(data)
-        if self.on_progress is not None:
+        if self.on_progress is not None or fd in self.results:
             for line in self.lines[fd].feed(data):
-                self.parse(line)
+                self.parse(fd, line)
 
-    def parse(self, line: bytes) -> None:
-        if self.on_progress is None or (b"%" not in line and b"{" not in line):
+    def parse(self, fd: int, line: bytes) -> None:
+        if b"%" not in line and b"{" not in line:
+            return
+        if fd in self.results and line.lstrip().startswith(b'{"result"'):
+            result = parse_result(line)
+            if result is not None:
+                self.result = result
+            elif len(line.strip()) > MAX_RESULT:
+                self.log.note(f"a result line of {len(line.strip())} bytes was ignored: "
+                              f"the most a result may take is {MAX_RESULT} bytes")
+            return
+        if self.on_progress is None:
             return
         hit = parse_progress(line.decode("utf-8", "replace"))
-        if hit is not None:
-            self.on_progress(*hit)
+        if hit is None:
+            return
+        percent, message, counts = hit
+        if counts is not None and isinstance(self.on_progress, Passes):
+            self.on_progress.count(counts, message)
+        else:
+            self.on_progress(percent, message)
 
     def finish(self) -> int:
         """Reap the supervisor, read what the pipes still hold; the program's exit code."""
@@ -270,7 +290,9 @@ def run(argv: Sequence[str], *, cwd: str | Path | None, env: Mapping[str, str] |
 
     stdin is /dev/null; the environment is ``os.environ`` updated with ``env`` plus
     ``JOBD_PROGRESS_FD``, a pipe for progress lines. Progress lines on stdout, stderr
-    and that pipe go to ``on_progress``. When ``stop`` is set or ``deadline`` (a
+    and that pipe go to ``on_progress`` (the counts of a ``{"current", "total"}`` line to
+    ``on_progress.count`` when it is a ``Passes``); the last ``{"result": {...}}`` line on
+    stdout or that pipe is the ``result``. When ``stop`` is set or ``deadline`` (a
     ``time.monotonic()`` value) passes, every process of the program gets SIGTERM, then
     SIGKILL after ``grace`` seconds. When the program exits, every process it left
     behind is killed and reaped, wherever it moved (``jobd.supervise``).
@@ -326,4 +348,4 @@ def run(argv: Sequence[str], *, cwd: str | Path | None, env: Mapping[str, str] |
         forget_supervisor(child.proc)
     return Completed(argv=args, returncode=returncode, cancelled=cancelled,
                      timed_out=timed_out, stdout=child.stdout(),
-                     supervisor_died=child.status is None)
+                     supervisor_died=child.status is None, result=child.result)

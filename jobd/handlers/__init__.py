@@ -1,32 +1,40 @@
 """The job types: the Handler base, the context a handler runs with, and the registry.
 
 A handler checks its options when a job is submitted (``validate``) and does the work
-when a worker runs it (``run``). The built-in types are ``sync``, ``index``, ``command``
-and ``noop``; more come from Python entry points in the group ``jobd.handlers``, each
-naming a Handler subclass (or instance). The engine owns the context; handlers only
-see the ``JobContext`` interface below and raise ``JobFailed`` or ``Cancelled``.
+when a worker runs it (``run``); its ``roles`` say who may submit and retry its jobs.
+The built-in types are ``sync``, ``index``, ``command`` and ``noop``; more come from
+Python entry points in the group ``jobd.handlers``, each naming a Handler subclass (or
+instance), and from the config's ``[types.NAME]`` entries (``jobd.handlers.program``),
+which a reload replaces (``Registry.reconfigure``). The engine owns the context;
+handlers only see the ``JobContext`` interface below and raise ``JobFailed`` or
+``Cancelled``.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Protocol
 
 import structlog
 
 from jobd import errors
+from jobd.config import ROLES, Config, ConfigError
 
 if TYPE_CHECKING:
-    from jobd.config import Config
+    from jobd.auth import Scope
     from jobd.models import Job
     from jobd.joblogs import JobLog
     from jobd.process import Completed
 
-__all__ = ["ENTRY_POINT_GROUP", "Cancelled", "Handler", "JobContext", "JobFailed",
-           "load_handlers", "progress_between", "reject_unknown"]
+__all__ = ["ADMINS", "ENTRY_POINT_GROUP", "EVERYONE", "Cancelled", "Handler", "JobContext",
+           "JobFailed", "Registry", "load_handlers", "progress_between", "reject_unknown",
+           "role_of"]
 
 #: Python entry points in this group add job types
 ENTRY_POINT_GROUP = "jobd.handlers"
+#: ``roles`` of a type anyone may submit, and of one only admins may
+EVERYONE = frozenset(ROLES)
+ADMINS = frozenset({"admin"})
 
 log = structlog.get_logger()
 
@@ -69,15 +77,31 @@ class JobContext(Protocol):
 class Handler:
     """One job type. Subclasses set ``name`` and override ``validate`` and ``run``."""
 
-    name: ClassVar[str]
-    #: only admins may submit or retry it
-    admin_only: ClassVar[bool] = False
+    name: str
+    #: who may submit and retry it (SPEC §3): any of "user", "service", "admin"
+    roles: frozenset[str] = EVERYONE
     #: after a daemon crash it is requeued to resume (else it fails: a plugin must opt in)
-    resumable: ClassVar[bool] = False
-    #: one at a time per (user, project), and a queued duplicate is folded into the job
-    #: already queued; project_id is required. The one source of a type's exclusivity:
-    #: the engine hands it to the dispatcher with each queued job.
-    exclusive: ClassVar[bool] = False
+    resumable: bool = False
+    #: one at a time per repository, and a queued duplicate is folded into the job
+    #: already queued. The one source of a type's exclusivity: the engine hands it to the
+    #: dispatcher with each queued job.
+    exclusive: bool = False
+
+    def may_submit(self, scope: Scope) -> bool:
+        """Whether the call's role is among ``roles`` (submit and retry alike)."""
+        return role_of(scope) in self.roles
+
+    def refusal(self, verb: str) -> str:
+        """What a caller gets whom ``may_submit`` refuses; ``verb`` is submit or retry."""
+        if self.roles == ADMINS:
+            return f"only admins may {verb} {self.name} jobs"
+        plural = {"user": "plain users", "service": "services", "admin": "admins"}
+        who = " and ".join(plural[r] for r in ROLES if r in self.roles)
+        return f"only {who} may {verb} {self.name} jobs (the type's roles)"
+
+    def default_timeout(self, config: Config) -> float | None:
+        """The run-time limit of a job of this type that asks none (``timeout_s``)."""
+        return config.execution.default_timeout
 
     def validate(self, options: dict[str, Any], *, user_id: str, project_id: str | None,
                  trusted: bool, config: Config) -> dict[str, Any]:
@@ -115,8 +139,54 @@ def progress_between(ctx: JobContext, low: float, high: float
     return report
 
 
-def load_handlers() -> dict[str, Handler]:
-    """The built-in handlers plus every plugin that loads; a broken plugin is logged and skipped."""
+def role_of(scope: Scope) -> str:
+    """The role a call acts with (SPEC §3): an admin's (also acting for a user), a
+    service's (also with as_admin), or a plain user's (also a service or admin sending
+    ``as_role: "user"``)."""
+    if scope.may_admin_types:
+        return "admin"
+    return "service" if scope.may_repo_path else "user"
+
+
+class Registry(Mapping[str, Handler]):
+    """The job types in force, by name: built-ins and plugins, fixed at start, and the
+    config's ``[types]``, which ``reconfigure`` replaces. Read from any thread; a reload
+    swaps the whole table at once."""
+
+    def __init__(self, fixed: dict[str, Handler], config: Config | None = None) -> None:
+        self.fixed = fixed
+        self._all = dict(fixed)
+        if config is not None:
+            self.reconfigure(config)
+
+    def reconfigure(self, config: Config) -> None:
+        """Put ``config``'s ``[types]`` in force: a removed type's queued jobs fail when
+        they come to run, a running job keeps the definition it started with. A name a
+        built-in or plugin type has is refused (ConfigError) and nothing changes."""
+        from jobd.handlers.program import ProgramHandler
+
+        where = config.config_file or "the config"
+        for name in config.types:
+            if name in self.fixed:
+                raise ConfigError(f"{where}: types.{name}: a plugin job type has that name "
+                                  "(entry point group jobd.handlers); give this one another")
+        self._all = {**self.fixed, **{name: ProgramHandler(name, spec)
+                                      for name, spec in config.types.items()}}
+
+    def __getitem__(self, name: str) -> Handler:
+        return self._all[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all)
+
+    def __len__(self) -> int:
+        return len(self._all)
+
+
+def load_handlers(config: Config | None = None) -> Registry:
+    """The built-in handlers, every plugin that loads (a broken plugin is logged and
+    skipped), and ``config``'s ``[types]``; ConfigError if one of those has a plugin's
+    name."""
     from jobd.handlers.command import CommandHandler
     from jobd.handlers.index import IndexHandler
     from jobd.handlers.noop import NoopHandler
@@ -143,4 +213,8 @@ def load_handlers() -> dict[str, Handler]:
             continue
         handlers[name] = handler
         log.info("handler_plugin_loaded", entry_point=ep.name, handler=name)
-    return handlers
+    for handler in handlers.values():
+        if getattr(type(handler), "admin_only", None) is True:
+            # a plugin written before roles (``admin_only = True``): still admins only
+            handler.roles = ADMINS
+    return Registry(handlers, config)

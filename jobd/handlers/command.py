@@ -2,7 +2,8 @@
 
 Options: ``argv`` (the program and its arguments, never through a shell), ``cwd`` and
 ``env`` (added to the daemon's environment). The program may report progress by SPEC
-§5's protocol. It is not resumable: a command interrupted by a daemon crash fails and
+§5's protocol, and hand back the job's result as a last ``{"result": {...}}`` line.
+``run_program`` is how ``[types]`` jobs run too (``jobd.handlers.program``). It is not resumable: a command interrupted by a daemon crash fails and
 can be retried, since running it twice might not be safe.
 """
 
@@ -12,19 +13,20 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from jobd import errors
-from jobd.handlers import Handler, JobContext, JobFailed, progress_between, reject_unknown
+from jobd.handlers import (ADMINS, Handler, JobContext, JobFailed, progress_between,
+                           reject_unknown)
 
 if TYPE_CHECKING:
     from jobd.config import Config
 
-__all__ = ["CommandHandler"]
+__all__ = ["CommandHandler", "run_program"]
 
 
 class CommandHandler(Handler):
     """Run one program with the job's log, cancellation and progress."""
 
     name = "command"
-    admin_only = True
+    roles = ADMINS
 
     def validate(self, options: dict[str, Any], *, user_id: str, project_id: str | None,
                  trusted: bool, config: Config) -> dict[str, Any]:
@@ -57,13 +59,19 @@ class CommandHandler(Handler):
 
     def run(self, ctx: JobContext) -> dict[str, Any]:
         opts = ctx.job.options
-        argv, cwd = opts["argv"], opts.get("cwd")
-        if cwd is not None and not os.path.isdir(cwd):
-            raise JobFailed(f"working directory {cwd} no longer exists")
-        ctx.set_message(f"running {argv[0]}")
-        try:
-            ctx.run(argv, cwd=cwd, env=opts.get("env"), on_progress=progress_between(ctx, 0, 100))
-        except OSError as e:
-            raise JobFailed(str(e) if isinstance(e, FileNotFoundError)
-                            else f"cannot run {argv[0]}: {e.strerror or e}") from None
-        return {"returncode": 0}
+        return run_program(ctx, opts["argv"], cwd=opts.get("cwd"), env=opts.get("env"))
+
+
+def run_program(ctx: JobContext, argv: list[str], *, cwd: str | None,
+                env: dict[str, str] | None) -> dict[str, Any]:
+    """Run a job's one program (``command`` and ``[types]`` jobs); the job's result: the
+    program's last ``{"result": {...}}`` line, else its exit status."""
+    if cwd is not None and not os.path.isdir(cwd):
+        raise JobFailed(f"working directory {cwd} no longer exists")
+    ctx.set_message(f"running {argv[0]}")
+    try:
+        done = ctx.run(argv, cwd=cwd, env=env, on_progress=progress_between(ctx, 0, 100))
+    except OSError as e:
+        raise JobFailed(str(e) if isinstance(e, FileNotFoundError)
+                        else f"cannot run {argv[0]}: {e.strerror or e}") from None
+    return done.result if done.result is not None else {"returncode": 0}

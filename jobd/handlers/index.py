@@ -25,6 +25,7 @@ from jobd import errors
 from jobd.handlers import (Handler, JobContext, JobFailed, git, manifest, progress_between,
                            reject_unknown)
 from jobd.models import Phase
+from jobd.progress import Passes
 
 if TYPE_CHECKING:
     from jobd.config import Config
@@ -92,7 +93,9 @@ def index_repository(ctx: JobContext, repo: git.Repository, *, full: bool, low: 
     """Run the configured indexer over ``repo``; return its summary.
 
     The summary of ``builtin:manifest`` counts files; an external indexer's summary is
-    its argv and exit status (its own output is in the job's log).
+    its argv, exit status, the passes it made and the files it indexed (its last
+    ``total``; its own output is in the job's log). It runs with ``index_env`` added to
+    the environment, its progress spread over ``index_passes`` passes (SPEC §5).
     """
     sync = ctx.config.sync
     command = sync.full_index_command if full else sync.index_command
@@ -104,10 +107,12 @@ def index_repository(ctx: JobContext, repo: git.Repository, *, full: bool, low: 
     values = {"repo": str(repo.path), "user_id": ctx.job.user_id,
               "project_id": ctx.job.project_id or ""}
     argv = [_PLACEHOLDER.sub(lambda m: values[m.group(1)], arg) for arg in command]
+    passes = Passes(progress_between(ctx, low, high), sync.index_passes)
     # run in the opened folder: its path may have been swapped since it was checked
     # ({repo} is that path, for the indexer's records; its cwd is the folder itself)
-    ctx.run(argv, cwd=repo.cwd, on_progress=progress_between(ctx, low, high))
-    return {"command": argv, "returncode": 0, "files_indexed": None}
+    ctx.run(argv, cwd=repo.cwd, env=dict(sync.index_env) or None, on_progress=passes)
+    files = None if passes.total is None else int(passes.total)
+    return {"command": argv, "returncode": 0, "files_indexed": files, "passes": passes.number}
 
 
 class IndexHandler(Handler):

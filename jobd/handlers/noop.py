@@ -11,7 +11,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from jobd.params import number
-from jobd.handlers import Cancelled, Handler, JobContext, reject_unknown
+from jobd.handlers import ADMINS, Cancelled, Handler, JobContext, reject_unknown
 
 if TYPE_CHECKING:
     from jobd.config import Config
@@ -29,7 +29,7 @@ class NoopHandler(Handler):
 
     name = "noop"
     resumable = True
-    admin_only = True
+    roles = ADMINS
 
     def validate(self, options: dict[str, Any], *, user_id: str, project_id: str | None,
                  trusted: bool, config: Config) -> dict[str, Any]:

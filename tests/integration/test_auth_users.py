@@ -33,6 +33,16 @@ shutdown_grace = "5s"
 [auth]
 admins = ["root", "@{ADMINS_GROUP}"]
 services = ["{CIDX}"]
+
+[types.golden]
+argv = ["true", "{{alias}}"]
+options = ["alias"]
+roles = ["service", "admin"]
+
+[types.mine]
+argv = ["true", "{{project_id}}"]
+project = "required"
+roles = ["user"]
 """
 
 #: runs as the test user: sends each (method, params) on one connection, prints each answer
@@ -341,3 +351,20 @@ def test_a_second_user_is_kept_apart_the_same_way(world: World) -> None:
              ("list other", "jobs.list", {"user_id": ALICE}, FORBIDDEN)]
     got = world.run(BOB, "user", calls)
     assert {j["user_id"] for j in got["list"]["result"]["jobs"]} == {BOB}
+
+
+def test_a_types_roles_decide_who_may_submit_it(world: World) -> None:
+    golden = {"type": "golden", "options": {"alias": "org-repo"}}
+    mine = {"type": "mine", "project_id": "proj"}
+    world.run(ALICE, "user", [("golden", "jobs.submit", golden, FORBIDDEN),
+                              ("mine", "jobs.submit", mine, "ok")])
+    got = world.run(CIDX, "service", [
+        ("golden", "jobs.submit", {**golden, "as_user": ALICE}, "ok"),
+        ("golden as_admin", "jobs.submit", {**golden, "as_user": "boss", "as_admin": True}, "ok"),
+        ("mine", "jobs.submit", {**mine, "as_user": ALICE}, FORBIDDEN),
+        ("mine as_role user", "jobs.submit", {**mine, "as_user": ALICE, "as_role": "user"}, "ok"),
+        ("golden as_role user", "jobs.submit", {**golden, "as_user": ALICE, "as_role": "user"},
+         FORBIDDEN)])
+    assert got["golden"]["result"]["user_id"] == ALICE
+    world.run(CAROL, "admin", [("golden", "jobs.submit", golden, "ok"),
+                               ("mine", "jobs.submit", mine, FORBIDDEN)])

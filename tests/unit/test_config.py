@@ -293,3 +293,137 @@ def test_config_is_frozen(tmp_path: Path) -> None:
     with pytest.raises(AttributeError):
         c.execution.workers = 9  # type: ignore[misc]
     assert isinstance(c, config.Config)
+
+
+# -- [types.NAME] and the indexer's settings ------------------------------------------------
+
+_GOOD_TYPE = '''
+[types.refresh]
+argv = ["cidx-admin", "refresh", "{alias}", "{branch}", "{job_id}", "{user_id}"]
+options = ["alias"]
+optional_options = ["branch"]
+allow_dash = ["branch"]
+roles = ["service", "admin"]
+repo = "{state_dir}/repos/golden/{alias}"
+exclusive = true
+timeout = "none"
+env = { KEY = "v" }
+cwd = "{repo_path}"
+
+[types.activate]
+argv = ["cidx-admin", "activate", "{project_id}", "{repo_path}"]
+project = "required"
+roles = ["user", "service", "admin"]
+timeout = "90s"
+resumable = true
+'''
+
+
+def test_types_and_the_indexers_settings_are_read(tmp_path: Path) -> None:
+    path = write(tmp_path / "jobd.toml", _GOOD_TYPE + '''
+[sync]
+index_passes = 2
+index_env = { VOYAGE_API_KEY = "k" }
+[execution]
+default_timeout = "2h"
+''')
+    c = load(path, env={})
+    assert (c.sync.index_passes, c.sync.index_env) == (2, {"VOYAGE_API_KEY": "k"})
+    refresh, activate = c.types["refresh"], c.types["activate"]
+    assert refresh.argv[2] == "{alias}" and refresh.options == ("alias",)
+    assert (refresh.optional_options, refresh.allow_dash, refresh.roles) == (
+        ("branch",), ("branch",), ("service", "admin"))
+    assert (refresh.project, refresh.exclusive, refresh.timeout, refresh.env, refresh.cwd) == (
+        "none", True, None, {"KEY": "v"}, "{repo_path}")
+    assert refresh.has_repository and not refresh.resumable
+    assert (activate.project, activate.timeout, activate.resumable, activate.roles) == (
+        "required", 90.0, True, ("user", "service", "admin"))
+    # a type that says no timeout has the configured default; allow_dash = true is all
+    c = load(write(tmp_path / "b.toml", '''
+[execution]
+default_timeout = "2h"
+[types.t]
+argv = ["prog", "{a}"]
+options = ["a"]
+allow_dash = true
+'''), env={})
+    assert (c.types["t"].timeout, c.types["t"].allow_dash, c.types["t"].roles) == (
+        7200.0, ("a",), ("admin",))
+    assert load(write(tmp_path / "none.toml", ""), env={}).types == {}
+
+
+_T = '[types.t]\nargv = ["prog", "{a}"]\noptions = ["a"]\n'
+
+
+@pytest.mark.parametrize("text,key,problem", [
+    ("[sync]\nindex_passes = 0\n", "sync.index_passes", "must be positive"),
+    ("[sync]\nindex_passes = \"2\"\n", "sync.index_passes", "must be an integer"),
+    ("[sync]\nindex_env = { A = 1 }\n", "sync.index_env", "table of variable names"),
+    ("[sync]\nindex_env = [\"A=1\"]\n", "sync.index_env", "table of variable names"),
+    ("types = 3\n", "types", "must hold tables"),
+    ("[types]\nt = 3\n", "types.t", "must be a table"),
+    ("[types.sync]\nargv = [\"x\"]\n", "types.sync", "is a built-in job type"),
+    ("[types.\"-x\"]\nargv = [\"x\"]\n", "types.-x", "a type name is"),
+    ("[types.t]\noptions = [\"a\"]\n", "types.t.argv", "missing"),
+    ("[types.t]\nargv = []\n", "types.t.argv", "non-empty list of strings"),
+    ("[types.t]\nargv = \"prog {a}\"\n", "types.t.argv", "non-empty list of strings"),
+    ("[types.t]\nargv = [\"{a}\"]\noptions = [\"a\"]\n", "types.t.argv",
+     "the program (its first element) must be written out"),
+    ("[types.t]\nargv = [\"prog\", \"--alias={a}\"]\noptions = [\"a\"]\n", "types.t.argv",
+     "must be a whole element"),
+    ("[types.t]\nargv = [\"prog\", \"{b}\"]\noptions = [\"a\"]\n", "types.t.argv",
+     "{b} is not one of its options"),
+    ("[types.t]\nargv = [\"prog\", \"{repo_path}\"]\n", "types.t.argv",
+     "{repo_path} needs a repository"),
+    ("[types.t]\nargv = [\"prog\", \"{project_id}\"]\n", "types.t.argv",
+     "{project_id} needs project"),
+    (_T + "colour = \"red\"\n", "types.t", "unknown key 'colour'"),
+    (_T + "optional_options = [\"a\"]\n", "types.t.optional_options", "'a' is in options too"),
+    ("[types.t]\nargv = [\"prog\"]\noptions = [\"job_id\"]\n", "types.t.options",
+     "'job_id' is filled in by jobd"),
+    ("[types.t]\nargv = [\"prog\"]\noptions = [\"a-b\"]\n", "types.t.options", "is not a name"),
+    ("[types.t]\nargv = [\"prog\"]\noptions = [\"a\", \"a\"]\n", "types.t.options", "twice"),
+    (_T + "allow_dash = [\"b\"]\n", "types.t.allow_dash", "'b' is not one of its options"),
+    (_T + "roles = [\"guest\"]\n", "types.t.roles", "'guest' is not a role"),
+    (_T + "roles = []\n", "types.t.roles", "at least one"),
+    (_T + "project = \"maybe\"\n", "types.t.project", "must be one of required, optional"),
+    (_T + "exclusive = true\n", "types.t.exclusive", "needs a repository"),
+    (_T + "exclusive = \"yes\"\n", "types.t.exclusive", "must be true or false"),
+    (_T + "timeout = \"soon\"\n", "types.t.timeout", "not a duration"),
+    (_T + "env = { A = 2 }\n", "types.t.env", "table of variable names"),
+    (_T + "cwd = \"relative\"\n", "types.t.cwd", "must be an absolute path"),
+    (_T + "cwd = \"{repo_path}\"\n", "types.t.cwd", "{repo_path} may not be used here"),
+    (_T + "repo = \"golden/{a}\"\n", "types.t.repo", "must be an absolute path"),
+    (_T + "repo = \"{state_dir}/repos/{b}\"\n", "types.t.repo", "{b} is not one of its options"),
+    ("[types.t]\nargv = [\"prog\"]\noptional_options = [\"a\"]\nrepo = \"{state_dir}/repos/{a}\"\n",
+     "types.t.repo", "{a} is an optional option"),
+    (_T + "repo = \"{state_dir}/repos/{a\"\n", "types.t.repo", "a brace"),
+    (_T + "repo = \"{state_dir}/golden/{a}\"\n", "types.t.repo", "lies outside sync.allowed_roots"),
+    (_T + "resumable = 1\n", "types.t.resumable", "must be true or false"),
+])
+def test_each_bad_type_entry_is_one_line_naming_its_key(
+        tmp_path: Path, text: str, key: str, problem: str) -> None:
+    path = write(tmp_path / "jobd.toml", text)
+    with pytest.raises(ConfigError) as refused:
+        load(path, env={})
+    message = str(refused.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path}: {key}")
+    assert problem in message, message
+
+
+def test_a_type_may_name_the_repository_under_the_roots_or_the_projects(tmp_path: Path) -> None:
+    c = load(write(tmp_path / "jobd.toml", '''
+[sync]
+allowed_roots = ["{state_dir}/repos", "/srv/golden"]
+[types.g]
+argv = ["prog", "{repo_path}"]
+options = ["a"]
+repo = "/srv/golden/{a}"
+exclusive = true
+[types.p]
+argv = ["prog", "{repo_path}", "{project_id}"]
+project = "required"
+exclusive = true
+'''), env={})
+    assert c.types["g"].has_repository and c.types["p"].has_repository

@@ -494,19 +494,22 @@ def test_index_job_and_an_external_indexer(config: Config, tmp_path: Path,
     assert result["files_indexed"] == 4 and result["revision"] == head(clone)
 
     record = tmp_path / "indexer-args.json"
-    script = ("import json, sys\n"
-              f"json.dump(sys.argv[1:], open({str(record)!r}, 'w'))\n"
+    script = ("import json, os, sys\n"
+              "json.dump(sys.argv[1:] + [os.environ.get('INDEX_KEY')],"
+              f" open({str(record)!r}, 'w'))\n"
               "for i in range(1, 5): print(json.dumps({'current': i, 'total': 4, 'info': 'f'}),"
               " flush=True)\n")
     external = dataclasses.replace(config, sync=Sync(
         index_command=(sys.executable, "-c", script, "{repo}", "{user_id}", "{project_id}",
-                       "--x={repo}")))
+                       "--x={repo}"), index_env={"INDEX_KEY": "secret"}))
     ctx = Context(make_job("index", {"full_reindex": False}), external)
     result = IndexHandler().run(ctx)
-    assert json.loads(record.read_text()) == [str(clone), "alice", "proj", f"--x={clone}"]
+    assert json.loads(record.read_text()) == [str(clone), "alice", "proj", f"--x={clone}",
+                                              "secret"]
     percents = [r.percent for r in ctx.reports if r.phase == "indexing" and r.percent]
     assert percents == [23.75, 47.5, 71.25, 95.0]
-    assert result["index"]["returncode"] == 0 and result["files_indexed"] is None
+    # the indexer's total is the files it indexed
+    assert result["index"]["returncode"] == 0 and result["files_indexed"] == 4
 
     failing = dataclasses.replace(config, sync=Sync(
         index_command=(sys.executable, "-c", "import sys; print('no index'); sys.exit(3)")))
@@ -518,7 +521,7 @@ def test_index_job_and_an_external_indexer(config: Config, tmp_path: Path,
 
 def test_command_validation(config: Config, tmp_path: Path) -> None:
     handler = CommandHandler()
-    assert handler.admin_only and not handler.resumable and not handler.exclusive
+    assert handler.roles == {"admin"} and not handler.resumable and not handler.exclusive
     for options, field in [
         ({}, "options.argv"), ({"argv": []}, "options.argv"), ({"argv": "ls -l"}, "options.argv"),
         ({"argv": ["ls", 3]}, "options.argv"), ({"argv": [""]}, "options.argv"),
@@ -555,7 +558,7 @@ def test_command_runs_with_progress_env_and_cwd(config: Config, tmp_path: Path) 
 
 def test_noop_validation(config: Config) -> None:
     handler = NoopHandler()
-    assert handler.admin_only and handler.resumable
+    assert handler.roles == {"admin"} and handler.resumable
     for seconds in (-1, 86401, "5", True, float("nan"), None):
         assert invalid(handler, {"seconds": seconds}, config).field == "options.seconds"
     assert invalid(handler, {"sleep": 1}, config).field == "options.sleep"
