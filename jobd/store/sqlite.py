@@ -61,6 +61,7 @@ _EXCESS_CHUNK = 250
 #: cleanup deletes this many jobs per transaction at most, fewer while a chunk takes longer
 #: than _CHUNK_S (a write waiting behind it waits that long)
 CLEANUP_CHUNK = 1000
+_FIRST_CHUNK = 250
 _CHUNK_S = 0.025
 
 _STATUS = {str(s): s for s in JobStatus}
@@ -667,8 +668,8 @@ class SqliteStore:
         Completed and cancelled jobs go when ``completed_at < keep_before``, failed ones
         when ``completed_at < keep_failed_before``, with their events and checkpoints. Yields
         the ids of each chunk deleted (or that would be, with ``dry_run``). A chunk is
-        ``chunk`` jobs at most, halved while one takes longer than 25 ms with its commit,
-        doubled again while one takes less. The WAL is checkpointed between chunks each
+        ``chunk`` jobs at most (the first a quarter of the default), halved while one takes
+        longer than 25 ms with its commit, doubled again while one takes less. The WAL is checkpointed between chunks each
         time it has grown by ``Checkpointer.SWEEP_BYTES``, and after the sweep.
         """
         if dry_run:
@@ -687,7 +688,8 @@ class SqliteStore:
 
     def _sweep(self, keep_before: int, keep_failed_before: int, chunk: int,
                checkpointer: Checkpointer) -> Iterator[list[str]]:
-        size = chunk
+        # the first chunk is smaller: its pages are not cached yet, so it takes longest
+        size = min(chunk, _FIRST_CHUNK)
         for status, cutoff in (("completed", keep_before), ("cancelled", keep_before),
                                ("failed", keep_failed_before)):
             while True:
