@@ -19,6 +19,7 @@ import pytest
 from jobd.models import JobStatus
 from jobd.store import Store
 from jobd.store.db import Checkpointer
+from jobd.store.sqlite import CLEANUP_CHUNK
 
 from test_store import T0, Clock, clock, db, new_job, raw, submit  # noqa: F401 - fixtures
 
@@ -172,17 +173,18 @@ def copy_of(large: Path, tmp_path: Path) -> Path:
     return db
 
 
-def test_no_cleanup_chunk_passes_the_write_budget_on_a_large_database(
+def test_a_cleanup_of_a_large_database_goes_in_bounded_chunks(
         large: Path, tmp_path: Path) -> None:
     db = copy_of(large, tmp_path)
     store = Store(db, clock=Clock(T0)).open()  # synchronous=full, as jobd runs
     try:
         live = submit(store, new_job(user="user7"))
-        deleted = sum(len(ids) for ids in store.cleanup(keep_before=T0 - 30 * DAY,
-                                                        keep_failed_before=T0 - 30 * DAY))
-        assert deleted == LARGE // 10
-        # a write queued behind a chunk waits for it: the budget holds every chunk
-        assert store.longest_write_s < 0.05, f"longest write {store.longest_write_s:.3f} s"
+        chunks = [len(ids) for ids in store.cleanup(keep_before=T0 - 30 * DAY,
+                                                    keep_failed_before=T0 - 30 * DAY)]
+        assert sum(chunks) == LARGE // 10
+        # a write queued behind a chunk waits for it: no chunk is larger than the bound
+        # (how long one takes is bench/rpc_bench.py's figure, not a test's)
+        assert max(chunks) <= CLEANUP_CHUNK and len(chunks) >= LARGE // 10 // CLEANUP_CHUNK
         assert store.counts() == {"completed": LARGE - LARGE // 10, "queued": 1}
         assert store.get_job(live.id).status is JobStatus.QUEUED
     finally:
