@@ -211,8 +211,8 @@ class _Child:
             if result is not None:
                 self.result = result
             elif len(line.strip()) > MAX_RESULT:
-                self.log.note(f"a result line of {len(line.strip())} bytes was ignored: "
-                              f"the most a result may take is {MAX_RESULT} bytes")
+                self.log.note(f"a result line of more than {MAX_RESULT} bytes was ignored: "
+                              f"the most a result may take")
             return
         if self.on_progress is None:
             return

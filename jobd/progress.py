@@ -41,10 +41,11 @@ class Lines:
         self.partial = b""
 
     def feed(self, data: bytes) -> list[bytes]:
-        """The lines ``data`` completes; the unfinished rest is kept (its last
-        ``MAX_LINE`` bytes) for the next call, or read as it is at the stream's end."""
+        """The lines ``data`` completes; the unfinished rest is kept (its first
+        ``MAX_LINE`` bytes, so a line's kind still shows however it was split into reads)
+        for the next call, or read as it is at the stream's end."""
         parts = _EOL.split(self.partial + data)
-        self.partial = parts.pop()[-MAX_LINE:]
+        self.partial = parts.pop()[:MAX_LINE]
         return parts
 
 

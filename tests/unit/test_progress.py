@@ -118,3 +118,16 @@ def test_a_changed_total_rescales_the_pass_and_a_pass_field_starts_one():
 def test_a_zero_total_reports_only_the_message():
     _, seen = _run_passes([json.dumps({"current": 0, "total": 0, "info": "scanning"})], 2)
     assert seen == [(None, "pass 1/2: scanning")]
+
+
+def test_a_long_line_split_over_many_reads_keeps_its_start() -> None:
+    # a pipe hands a long line over in pieces: what is kept must still say what it is
+    # (a result line too big to take), whatever the pieces were
+    from jobd.progress import MAX_LINE, Lines
+    line = b'{"result": {"big": "' + b"x" * 70000 + b'"}}\n'
+    lines = Lines()
+    out = []
+    for start in range(0, len(line), 4096):
+        out += lines.feed(line[start:start + 4096])
+    assert len(out) == 1
+    assert out[0].startswith(b'{"result"') and MAX_LINE <= len(out[0]) < MAX_LINE + 4096

@@ -231,4 +231,4 @@ def test_a_result_line_past_64_kib_is_ignored_and_said_so(config: Config) -> Non
     ctx = Context(make_job("command", {"argv": [sys.executable, "-c", script]},
                            project_id=None), config)
     assert CommandHandler().run(ctx) == {"small": True}
-    assert "a result line of 70023 bytes was ignored" in ctx.log_text()
+    assert "a result line of more than 65536 bytes was ignored" in ctx.log_text()
