@@ -61,6 +61,10 @@ class ProgramHandler(Handler):
             text(value, f"options.{name}", max_bytes=MAX_OPTION_BYTES)
             if problem := self._problem(name, value):
                 raise errors.InvalidParams(problem, field=f"options.{name}")
+            if not value and f"{{{name}}}" in (spec.repo or ""):
+                raise errors.InvalidParams(
+                    f"options.{name} must not be empty: it names the repository "
+                    f"(types.{self.name}.repo)", field=f"options.{name}")
             out[name] = value
         for name, value in (("user_id", user_id), ("project_id", project_id)):
             if problem := self._problem(name, value):

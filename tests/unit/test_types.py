@@ -84,6 +84,7 @@ def test_options_are_checked_at_submit(config: Config, tmp_path: Path) -> None:
         ({"alias": "a", "branch": "--force"}, None, "options.branch", "must not start"),
         ({"alias": "a\0b"}, None, "options.alias", "NUL"),
         ({"alias": "escape"}, None, "options.alias", "outside the allowed roots"),
+        ({"alias": ""}, None, "options.alias", "must not be empty"),
         ({"alias": "a"}, "proj", "project_id", "take no project_id"),
     ]:
         with pytest.raises(errors.InvalidParams) as refused:
