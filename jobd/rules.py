@@ -21,7 +21,7 @@ from typing import Any, Iterable, Protocol
 
 from jobd.config import Config
 from jobd.errors import Conflict, LimitExceeded, Unavailable
-from jobd.models import Job
+from jobd.models import Job, JobStatus
 
 __all__ = ["Rules", "View"]
 
@@ -99,10 +99,15 @@ class Rules:
         if self.refusal is not None:
             raise self.refusal
         jobs = list(jobs)
+        retried: dict[tuple[str, str], Job] = {}
         for job in jobs:
             work = self.work(job)
-            if work is not None and (found := view.same_work(job, work, running=True)):
+            if work is None:
+                continue
+            found = retried.get((job.user_id, work)) or view.same_work(job, work, running=True)
+            if found is not None:
                 raise _duplicate(found, f"job {job.id} can't be retried")
+            retried[(job.user_id, work)] = job
         per_user = self.max_queued_per_user
         if per_user is None:
             return
@@ -130,5 +135,8 @@ def work_key(job: Job) -> str:
 
 
 def _duplicate(found: Job, refused: str) -> Conflict:
-    return Conflict(f"job {found.id} of the same work is already {found.status}: {refused}; "
-                    f"wait for that job to end, or cancel it", job_id=found.id)
+    if found.status in (JobStatus.QUEUED, JobStatus.RUNNING):
+        return Conflict(f"job {found.id} of the same work is already {found.status}: "
+                        f"{refused}; wait for that job to end, or cancel it", job_id=found.id)
+    return Conflict(f"job {found.id} of the same work is retried in this call: {refused}; "
+                    f"retry one of them", job_id=found.id)
