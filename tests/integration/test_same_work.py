@@ -15,39 +15,46 @@ from typing import Any
 from conftest import (FAST_CONFIG, Daemon, clone, error_of, git, make_upstream, result_of,
                       wait_for, wait_terminal)
 
-#: an indexer that records when it ran on which work tree (its cwd), slowly
+#: an indexer that records when it ran on which work tree (its cwd, or its third
+#: argument), slowly
 INDEXER = """\
 import json, os, sys, time
-record = sys.argv[1]
+record, where = sys.argv[1], (sys.argv[3:] or [os.getcwd()])[0]
 with open(record, "a") as f:
-    f.write(json.dumps(["start", os.getcwd(), time.time()]) + "\\n")
+    f.write(json.dumps(["start", where, time.time()]) + "\\n")
 time.sleep(float(sys.argv[2]))
 with open(record, "a") as f:
-    f.write(json.dumps(["end", os.getcwd(), time.time()]) + "\\n")
+    f.write(json.dumps(["end", where, time.time()]) + "\\n")
 """
 
 
 def slow_daemon(make_daemon: Any, tmp_path: Path, *, seconds: float = 0.4,
                 workers: int = 4) -> tuple[Daemon, Path]:
-    """A daemon whose indexer takes ``seconds``; the file its runs are recorded in."""
+    """A daemon whose indexer takes ``seconds``, as does its exclusive ``[types]`` type
+    ``refresh`` of ``repos/golden/{alias}``; the file their runs are recorded in."""
     indexer, record = tmp_path / "indexer.py", tmp_path / "runs.jsonl"
     indexer.write_text(INDEXER)
     argv = json.dumps([sys.executable, str(indexer), str(record), str(seconds)])
+    refresh = json.dumps([sys.executable, str(indexer), str(record), str(seconds),
+                          "{repo_path}"])
     d = make_daemon(config=FAST_CONFIG + f"workers = {workers}\n"
-                    f"[sync]\nindex_command = {argv}\nfull_index_command = {argv}\n")
+                    f"[sync]\nindex_command = {argv}\nfull_index_command = {argv}\n"
+                    f"[types.refresh]\nargv = {refresh}\noptions = [\"alias\"]\n"
+                    'roles = ["service", "admin"]\nrepo = "{state_dir}/repos/golden/{alias}"\n'
+                    "exclusive = true\n")
     return d, record
 
 
 def runs(record: Path) -> dict[str, list[tuple[float, float]]]:
     """Each work tree's runs as (start, end), from the indexer's record."""
     out: dict[str, list[tuple[float, float]]] = {}
-    open_: dict[str, float] = {}
+    started: dict[str, list[float]] = {}
     for line in record.read_text().splitlines():
         what, where, at = json.loads(line)
         if what == "start":
-            open_[where] = at
-        else:
-            out.setdefault(where, []).append((open_.pop(where), at))
+            started.setdefault(where, []).append(at)
+        else:  # runs that overlap end in any order: pair each end with the oldest start
+            out.setdefault(where, []).append((started[where].pop(0), at))
     return out
 
 
@@ -162,14 +169,28 @@ def test_one_work_tree_never_runs_two_jobs_whoever_owns_them(
         make_daemon: Any, tmp_path: Path) -> None:
     d, record = slow_daemon(make_daemon, tmp_path, seconds=0.2)
     shared = repository(tmp_path, d, "shared")
+    golden = clone(tmp_path / "upstream-shared-proj", d.repos / "golden" / "org-repo")
     jobs = []
     for n in range(6):  # six owners, syncs and indexes, all on one work tree
         jobs.append(submit(d, f"user{n}", ("sync", "index")[n % 2], project=f"p{n}",
                            options={"repo_path": str(shared)}))
         time.sleep(0.05)
+    # a [types] program's repository is the same work tree as a sync's of that path
+    for n in range(2):
+        jobs.append(submit(d, f"service{n}", "refresh", project=None,
+                           options={"alias": "org-repo"}))
+        jobs.append(submit(d, f"user{n}", options={"repo_path": str(golden)}, project="g"))
     for job in jobs:
-        assert wait_terminal(d, job["id"], timeout=30)["status"] == "completed"
-    spans = sorted(runs(record)[str(shared)])
+        assert wait_terminal(d, job["id"], timeout=30)["status"] == "completed", job
+    spans = runs(record)
+    assert len(spans[str(golden)]) == 4, spans
+    overlapping(sorted(spans[str(golden)]))
+    spans = sorted(spans[str(shared)])
     assert len(spans) == 6, spans
+    overlapping(spans)
+
+
+def overlapping(spans: list[tuple[float, float]]) -> None:
+    """Fail if any of the (start, end) spans, sorted, overlap."""
     for (_, end), (start, _) in zip(spans, spans[1:]):
         assert start >= end, spans

@@ -83,8 +83,8 @@ def failed_sync(store: Store, **changed: Any) -> Job:
 
 def test_a_retry_of_work_queued_or_retried_with_it_is_refused_naming_the_job(
         store: Store) -> None:
-    first, second, other = failed_sync(store), failed_sync(store), failed_sync(store,
-                                                                                branch="dev")
+    first, second = failed_sync(store), failed_sync(store)
+    other = failed_sync(store, branch="dev")
     # two failed jobs of one work retried together: none of them goes back
     with pytest.raises(Conflict, match="retried in this call") as e:
         store.retry_jobs(actor="alice", limit=10, rules=DEDUPE, user_id="alice")
