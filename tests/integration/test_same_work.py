@@ -9,8 +9,12 @@ from __future__ import annotations
 import json
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
+
+from jobd.models import Job, JobStatus
+from jobd.store import Store
 
 from conftest import (FAST_CONFIG, Daemon, clone, error_of, git, make_upstream, result_of,
                       wait_for, wait_terminal)
@@ -194,3 +198,28 @@ def overlapping(spans: list[tuple[float, float]]) -> None:
     """Fail if any of the (start, end) spans, sorted, overlap."""
     for (_, end), (start, _) in zip(spans, spans[1:]):
         assert start >= end, spans
+
+
+def test_a_sync_queued_before_paths_were_stored_waits_on_its_work_tree(
+        make_daemon: Any, tmp_path: Path) -> None:
+    d, record = slow_daemon(make_daemon, tmp_path, seconds=0.5)
+    d.stop()
+    repo = repository(tmp_path, d, "alice")
+    # as an older jobd stored it: no repo_path, and no work key
+    store = Store(d.db).open()
+    try:
+        old = store.submit_job(Job(id=str(uuid.uuid4()), type="sync", user_id="alice",
+                                   project_id="proj", status=JobStatus.CREATED,
+                                   created_at=0, updated_at=0, version=0,
+                                   options={"branch": None, "remote": "origin",
+                                            "full_reindex": False, "strategy": "ff-only"}),
+                               actor="alice")[0]
+    finally:
+        store.close()
+    d.start()
+    new = submit(d, "alice", "index")
+    for job_id in (old.id, new["id"]):
+        assert wait_terminal(d, job_id)["status"] == "completed"
+    spans = sorted(runs(record)[str(repo)])
+    assert len(spans) == 2, spans
+    overlapping(spans)
