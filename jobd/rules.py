@@ -47,9 +47,10 @@ class View(Protocol):
 def fold_options(found: Job, job: Job) -> dict[str, Any]:
     """``found``'s options once ``job`` is folded into it: a ``full_reindex`` asked by
     either is kept (the rest is equal: it is the same work)."""
-    full = bool(found.options.get("full_reindex") or job.options.get("full_reindex"))
-    return dict(found.options, full_reindex=full) if "full_reindex" in found.options \
-        else dict(found.options)
+    if "full_reindex" not in found.options:  # a [types] program's options have none
+        return dict(found.options)
+    return dict(found.options, full_reindex=bool(found.options["full_reindex"]
+                                                 or job.options.get("full_reindex")))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,15 +124,10 @@ class Rules:
         repository): what two jobs of the same user are the same work by."""
         if job.type not in self.exclusive or "repo_path" not in job.options:
             return None
-        return work_key(job)
-
-
-def work_key(job: Job) -> str:
-    """The type, resolved repository path and options but ``full_reindex`` (with the
-    defaults the handler's ``validate`` filled in), as one comparable text."""
-    options = {k: v for k, v in job.options.items() if k != "full_reindex"}
-    return json.dumps([job.type, options], sort_keys=True, separators=(",", ":"),
-                      ensure_ascii=False)
+        # the type, the resolved path and the other options with the defaults ``validate``
+        # filled in, as one text (ASCII: an option's lone surrogate is stored escaped)
+        options = {k: v for k, v in job.options.items() if k != "full_reindex"}
+        return json.dumps([job.type, options], sort_keys=True, separators=(",", ":"))
 
 
 def _duplicate(found: Job, refused: str) -> Conflict:
