@@ -13,6 +13,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from jobd import errors
+from jobd.client import Client
 from jobd.models import Job, JobStatus
 from jobd.store import Store
 
@@ -123,6 +127,11 @@ def test_reject_names_the_queued_or_running_job_of_the_same_work(
                    on_duplicate="reject")
     assert (err["code"], err["data"]["job_id"]) == (-32009, queued["id"]), err
     assert queued["id"] in err["message"] and "queued" in err["message"]
+    # a client gets the same error, and the job it names
+    with Client(socket=str(d.socket), as_user="alice") as client:
+        with pytest.raises(errors.Conflict) as refused:
+            client.submit("sync", "proj", on_duplicate="reject")
+    assert (refused.value.job_id, refused.value.http_status) == (queued["id"], 409)
     # running counts as well for reject (a fold would queue behind it instead)
     err = error_of(d, "jobs.submit", type="index", as_user="blocker", project_id="busy",
                    on_duplicate="reject")
