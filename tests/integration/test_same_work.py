@@ -7,6 +7,7 @@ the work tree they touch, not on (user, project)."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import time
 import uuid
@@ -232,3 +233,20 @@ def test_a_sync_queued_before_paths_were_stored_waits_on_its_work_tree(
     spans = sorted(runs(record)[str(repo)])
     assert len(spans) == 2, spans
     overlapping(spans)
+
+
+def test_jobctl_reject_duplicate_names_the_job_of_the_same_work(
+        make_daemon: Any, tmp_path: Path) -> None:
+    d, _ = slow_daemon(make_daemon, tmp_path, seconds=3.0, workers=1)
+    repo = repository(tmp_path, d, "ops")
+    occupied(d, tmp_path)
+    jobctl = [str(Path(sys.executable).parent / "jobctl"), "--socket", str(d.socket),
+              "--json", "sync", str(repo)]
+    first = subprocess.run(jobctl, capture_output=True, text=True, timeout=30)
+    assert first.returncode == 0, first.stderr
+    queued = json.loads(first.stdout)["id"]
+    folded = subprocess.run(jobctl, capture_output=True, text=True, timeout=30)
+    assert json.loads(folded.stdout)["id"] == queued
+    refused = subprocess.run([*jobctl, "--reject-duplicate"], capture_output=True, text=True,
+                             timeout=30)
+    assert refused.returncode != 0 and queued in refused.stderr, refused
