@@ -363,6 +363,9 @@ _TIMEOUT = click.option("--timeout", type=DURATION, default=None, metavar="DURAT
                              "goes on.")
 _PRIORITY = click.option("--priority", type=click.IntRange(-100, 100), default=None,
                          help="-100..100, higher runs first (above 0: admins and services).")
+_REJECT = click.option("--reject-duplicate", "on_duplicate", flag_value="reject", default=None,
+                       help="Refuse (exit with the job's id named) rather than fold into a "
+                            "queued or running job of the same work.")
 _JOB_TIMEOUT = click.option("--job-timeout", type=DURATION, default=None, metavar="DURATION",
                             help="The job's own run-time limit (else the daemon's "
                                  "default_timeout).")
@@ -501,14 +504,15 @@ def _submitted(st: _State, job: dict[str, Any], wait: bool, timeout: float | Non
 @click.option("--url", default=None, metavar="URL",
               help="Clone the repository from here when it is missing (admins and services).")
 @_PRIORITY
+@_REJECT
 @_JOB_TIMEOUT
 @_WAIT
 @_TIMEOUT
 @click.pass_obj
 def sync(st: _State, project: str, branch: str | None, strategy: str | None,
          full_reindex: bool, repo: str | None, project_id: str | None, url: str | None,
-         priority: int | None, job_timeout: float | None, wait: bool,
-         timeout: float | None) -> None:
+         priority: int | None, on_duplicate: str | None, job_timeout: float | None,
+         wait: bool, timeout: float | None) -> None:
     """Fetch and merge PROJECT's repository, then re-index it.
 
     PROJECT is a project id (org/repo stays one), or a path when it starts with
@@ -526,7 +530,8 @@ def sync(st: _State, project: str, branch: str | None, strategy: str | None,
                "repo_path": repo_path, "url": url}
     job = st.client.submit("sync", pid,
                            options={k: v for k, v in options.items() if v is not None} or None,
-                           priority=priority, timeout_s=job_timeout)
+                           priority=priority, timeout_s=job_timeout,
+                           on_duplicate=on_duplicate)
     _submitted(st, job, wait, timeout)
 
 
@@ -556,14 +561,15 @@ def _json_object(text: str | None, hint: str) -> dict[str, Any] | None:
 @click.option("--metadata-json", default=None, metavar="JSON",
               help="Free client data as one JSON object, stored and returned as given.")
 @_PRIORITY
+@_REJECT
 @_JOB_TIMEOUT
 @_WAIT
 @_TIMEOUT
 @click.pass_obj
 def submit(st: _State, type_: str, project: str | None, option_pairs: tuple[str, ...],
            options_json: str | None, description: str | None, metadata_json: str | None,
-           priority: int | None, job_timeout: float | None, wait: bool,
-           timeout: float | None) -> None:
+           priority: int | None, on_duplicate: str | None, job_timeout: float | None,
+           wait: bool, timeout: float | None) -> None:
     """Submit a job of TYPE (sync, index, command, noop, or a plugin's).
 
     \b
@@ -574,7 +580,8 @@ def submit(st: _State, type_: str, project: str | None, option_pairs: tuple[str,
     """
     job = st.client.submit(type_, project, options=build_options(option_pairs, options_json),
                            priority=priority, timeout_s=job_timeout, description=description,
-                           metadata=_json_object(metadata_json, "--metadata-json"))
+                           metadata=_json_object(metadata_json, "--metadata-json"),
+                           on_duplicate=on_duplicate)
     _submitted(st, job, wait, timeout)
 
 

@@ -213,7 +213,8 @@ def _result(path: Path | None, req_id: int, line: bytes) -> Any:
     code = error.get("code")
     cls = errors.BY_CODE.get(code, errors.JobdError) if isinstance(code, int) else errors.JobdError
     exc = cls(str(error.get("message") or cls.__doc__ or "error"),
-              field=data.get("field"), detail=data.get("detail"))
+              field=data.get("field"), detail=data.get("detail"),
+              job_id=data["job_id"] if isinstance(data.get("job_id"), str) else None)
     if isinstance(code, int):
         exc.code = code
     if isinstance(data.get("http_status"), int):
@@ -410,10 +411,12 @@ class _Api(abc.ABC, Generic[_R]):
     def submit(self, type: str, project_id: str | None = None, *,
                options: dict[str, Any] | None = None, priority: int | None = None,
                metadata: dict[str, Any] | None = None, description: str | None = None,
-               timeout_s: float | None = None, idempotency_key: str | None = None) -> _R:
+               timeout_s: float | None = None, idempotency_key: str | None = None,
+               on_duplicate: str | None = None) -> _R:
         return self.call("jobs.submit", type=type, project_id=project_id, options=options,
                          priority=priority, metadata=metadata, description=description,
-                         timeout_s=timeout_s, idempotency_key=idempotency_key)
+                         timeout_s=timeout_s, idempotency_key=idempotency_key,
+                         on_duplicate=on_duplicate)
 
     def get(self, job_id: str) -> _R:
         return self.call("jobs.get", job_id=job_id)

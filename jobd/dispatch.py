@@ -5,8 +5,9 @@ store's commit listener (``add``/``remove``) and the engine (``take``/``finish``
 highest priority first; within a priority, users take turns (round-robin); each user's
 jobs go oldest first. A job waits while every worker is busy (``slots``), while its user
 runs ``max_running_per_user`` jobs (``user_limit``), while an exclusive job (its
-handler says ``exclusive``: sync, index) of the same (user, project) runs
-(``project_busy``), or while dispatching is paused (``paused``).
+handler says ``exclusive``: sync, index, an exclusive ``[types]``) on the same resolved
+repository path runs, whoever owns it (``project_busy``), or while dispatching is paused
+(``paused``).
 
 ``take`` hands out an ``Attempt``; its slot is ``(job id, attempt number)`` and
 ``finish(attempt)`` frees exactly that one: a retry reuses the job id and may start
@@ -31,26 +32,32 @@ class Entry:
     id: str
     seq: int
     user_id: str
-    project_id: str | None
+    #: what an exclusive job waits on: its resolved repository path (None: not exclusive)
+    repository: str | None
     type: str
     priority: int
-    exclusive: bool  #: its handler's ``exclusive``: one at a time per (user, project)
     number: int  #: the attempt its next start is
 
     @classmethod
     def of(cls, job: Job, *, exclusive: bool) -> "Entry":
-        return cls(job.id, job.seq, job.user_id, job.project_id, job.type, job.priority,
-                   exclusive, job.attempts + 1)
+        return cls(job.id, job.seq, job.user_id, _repository(job) if exclusive else None,
+                   job.type, job.priority, job.attempts + 1)
 
     @property
     def key(self) -> tuple[str, int]:
         return (self.id, self.number)
 
-    @property
-    def project_key(self) -> tuple[str, str] | None:
-        if self.exclusive and self.project_id is not None:
-            return (self.user_id, self.project_id)
+
+
+def _repository(job: Job) -> str | None:
+    """The work tree an exclusive job acts on: its ``repo_path`` as ``validate`` resolved
+    it; a job queued before paths were stored waits on its (user, project) instead."""
+    path = job.options.get("repo_path")
+    if isinstance(path, str):
+        return path
+    if job.project_id is None:
         return None
+    return f"{job.user_id}\0{job.project_id}"
 
 
 class _Level:
@@ -116,7 +123,7 @@ class Dispatcher:
         #: (job id, attempt number) -> what runs in that slot
         self._running: dict[tuple[str, int], Entry] = {}
         self._running_per_user: Counter[str] = Counter()
-        self._busy_projects: Counter[tuple[str, str]] = Counter()
+        self._busy_repositories: Counter[str] = Counter()
         #: attempts whose slot ``take(instead_of=)`` handed on, until their end commits
         self._handed: dict[tuple[str, int], Entry] = {}
 
@@ -126,8 +133,13 @@ class Dispatcher:
         """Queue ``job``; ``exclusive``: its handler's (the engine knows the handlers)."""
         entry = Entry.of(job, exclusive=exclusive)
         with self._lock:
-            if entry.id in self._queued or entry.key in self._running:
+            if entry.key in self._running:
                 return
+            queued = self._queued.get(entry.id)
+            if queued is not None:
+                if queued.priority == entry.priority:
+                    return
+                self._drop(queued)  # a fold raised its priority
             self._queued[entry.id] = entry
             self._levels[entry.priority].add(entry)
 
@@ -171,7 +183,7 @@ class Dispatcher:
         with self._lock:
             if (self._queued or self.paused or len(self._running) >= self.workers
                     or self._running_per_user[entry.user_id] >= self.max_running_per_user
-                    or entry.project_key and self._busy_projects[entry.project_key]):
+                    or entry.repository and self._busy_repositories[entry.repository]):
                 return None
             self._start(entry)
             return Attempt(entry.id, entry.number)
@@ -203,8 +215,8 @@ class Dispatcher:
                 if self._running_per_user[user_id] >= self.max_running_per_user:
                     continue
                 for entry in jobs.values():
-                    key = entry.project_key
-                    if key is None or not self._busy_projects[key]:
+                    key = entry.repository
+                    if key is None or not self._busy_repositories[key]:
                         level.served(user_id)
                         self._queued.pop(entry.id)
                         self._drop(entry)
@@ -215,8 +227,8 @@ class Dispatcher:
     def _start(self, entry: Entry) -> None:
         self._running[entry.key] = entry
         self._running_per_user[entry.user_id] += 1
-        if entry.project_key:
-            self._busy_projects[entry.project_key] += 1
+        if entry.repository:
+            self._busy_repositories[entry.repository] += 1
 
     def finish(self, attempt: Attempt | tuple[str, int]) -> None:
         """Free the slot of an attempt ``take`` handed out (or of its key), whatever its
@@ -233,10 +245,10 @@ class Dispatcher:
             self._running_per_user[entry.user_id] -= 1
             if not self._running_per_user[entry.user_id]:
                 del self._running_per_user[entry.user_id]
-            if entry.project_key:
-                self._busy_projects[entry.project_key] -= 1
-                if not self._busy_projects[entry.project_key]:
-                    del self._busy_projects[entry.project_key]
+            if entry.repository:
+                self._busy_repositories[entry.repository] -= 1
+                if not self._busy_repositories[entry.repository]:
+                    del self._busy_repositories[entry.repository]
 
     def may_take(self) -> bool:
         """Whether ``take`` could start a job now: else there is no one to wake."""
@@ -270,7 +282,7 @@ class Dispatcher:
         """Why ``entry`` waits; None when nothing holds it (a worker is about to take it)."""
         if self.paused:
             return WaitReason.PAUSED
-        if entry.project_key and self._busy_projects[entry.project_key]:
+        if entry.repository and self._busy_repositories[entry.repository]:
             return WaitReason.PROJECT_BUSY
         if self._running_per_user[entry.user_id] >= self.max_running_per_user:
             return WaitReason.USER_LIMIT

@@ -42,7 +42,8 @@ from jobd import joblogs, orphans, process
 from jobd.attempt import Attempt, StopReason, outcome
 from jobd.config import Config
 from jobd.dispatch import Dispatcher
-from jobd.handlers import Cancelled, Handler, JobFailed
+from jobd.errors import JobdError
+from jobd.handlers import Cancelled, Handler, JobFailed, git
 from jobd.models import Job, JobStatus, readable
 from jobd.store import JobNotFound, StateConflict, StorageUnavailable
 from jobd.store.interface import JobStore
@@ -414,8 +415,24 @@ class Engine:
         self.notify(job.id)
 
     def _enqueue(self, job: Job) -> None:
+        seen, exclusive = self._exclusivity(job)
+        self.dispatcher.add(seen, exclusive=exclusive)
+
+    def _exclusivity(self, job: Job) -> tuple[Job, bool]:
+        """``job`` as the dispatcher sees it, and whether its handler is exclusive. An
+        exclusive job without a resolved ``repo_path`` (queued before sync and index
+        stored it, or a plugin's) gets its project's from the template here, so that it
+        waits on the same work tree as every other job there."""
         handler = self.handlers.get(job.type)
-        self.dispatcher.add(job, exclusive=handler is not None and handler.exclusive)
+        exclusive = handler is not None and handler.exclusive
+        if exclusive and "repo_path" not in job.options and job.project_id is not None:
+            try:
+                path = git.locate(self.config, user_id=job.user_id,
+                                  project_id=job.project_id, repo_path=None)
+            except JobdError:  # its run fails on the same check
+                return job, exclusive
+            job = dataclasses.replace(job, options={**job.options, "repo_path": str(path)})
+        return job, exclusive
 
     def set_paused(self, paused: bool) -> None:
         self.dispatcher.set_paused(paused)
@@ -459,9 +476,8 @@ class Engine:
         worker runs it once that commit holds. Otherwise it is queued as usual."""
         if not self._started or self._stopping:
             return
-        handler = self.handlers.get(job.type)
-        attempt = self.dispatcher.take_new(job, exclusive=handler is not None
-                                           and handler.exclusive)
+        seen, exclusive = self._exclusivity(job)
+        attempt = self.dispatcher.take_new(seen, exclusive=exclusive)
         if attempt is None:
             return
         self._taken(tx, attempt, queued=False)  # no job is left to queue if it fails

@@ -17,10 +17,12 @@ class JobdError(Exception):
     http_status: int = 500
 
     def __init__(self, message: str | None = None, *, field: str | None = None,
-                 detail: Any = None) -> None:
+                 detail: Any = None, job_id: str | None = None) -> None:
         self.message = message or (self.__doc__ or "").strip()
         self.field = field
         self.detail = detail
+        #: the job the error is about, when it is another than the one asked for
+        self.job_id = job_id
         super().__init__(self.message)
 
     def data(self) -> dict[str, Any]:
@@ -30,6 +32,8 @@ class JobdError(Exception):
             out["field"] = self.field
         if self.detail is not None:
             out["detail"] = self.detail
+        if self.job_id is not None:
+            out["job_id"] = self.job_id
         return out
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import bisect
+import dataclasses
 import json
 import re
 import time
@@ -434,7 +435,8 @@ class Manager:
     async def submit(self, scope: Scope, *, type: Any, project_id: Any = None,
                      options: Any = None, priority: Any = 0, metadata: Any = None,
                      description: Any = None, timeout_s: Any = None,
-                     idempotency_key: Any = None) -> dict[str, Any]:
+                     idempotency_key: Any = None, on_duplicate: Any = "fold"
+                     ) -> dict[str, Any]:
         """Check and record a job; answered once its commit is durable.
 
         The checks of a sync or index look at the repository (git), so they run off the
@@ -452,7 +454,10 @@ class Manager:
             draft = await asyncio.to_thread(self._draft, scope, handler, **params)
         else:
             draft = self._draft(scope, handler, **params)
-        rules = self._rules()
+        if on_duplicate not in ("fold", "reject"):
+            raise InvalidParams(f'on_duplicate must be "fold" or "reject", not '
+                                f'{shown(on_duplicate)}', field="on_duplicate")
+        rules = dataclasses.replace(self._rules(), reject_duplicates=on_duplicate == "reject")
 
         def submit_and_start(tx: Any) -> tuple[Job, bool]:
             # a job that would start at once starts in its submit's commit

@@ -2,9 +2,11 @@
 
 SPEC §4's order for a submit: its idempotency key first (a resend gets its job, even in
 maintenance), then the maintenance refusal, then same-work dedupe (a queued job of an
-exclusive type with the same user, repository and type takes the submit in, keeping a
-``full_reindex`` asked by either), then the queue limits. A retry passes the maintenance
-refusal and the per-user limit.
+exclusive type with the same user, type, resolved repository path and options but
+``full_reindex`` takes the submit in, keeping a ``full_reindex`` asked by either and the
+higher priority; with ``on_duplicate: "reject"`` a queued or running one refuses it),
+then the queue limits. A retry passes the maintenance refusal, the same-work refusal (a
+queued or running job of its work) and the per-user limit.
 The manager builds a ``Rules`` from the config in force; the store runs it inside the
 writer's transaction, against a ``View`` of what is stored, so that no two writes can
 pass a limit between them. Rules may raise ``JobdError``s: they speak to the client.
@@ -13,12 +15,13 @@ pass a limit between them. Rules may raise ``JobdError``s: they speak to the cli
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections import Counter
 from typing import Any, Iterable, Protocol
 
 from jobd.config import Config
-from jobd.errors import LimitExceeded, Unavailable
-from jobd.models import Job
+from jobd.errors import Conflict, LimitExceeded, Unavailable
+from jobd.models import Job, JobStatus
 
 __all__ = ["Rules", "View"]
 
@@ -29,14 +32,25 @@ class View(Protocol):
     def by_idempotency_key(self, user_id: str, key: str) -> Job | None:
         """The job ``user_id`` first submitted with ``key``."""
 
-    def queued_work(self, job: Job) -> Job | None:
-        """The oldest queued job of ``job``'s user, repository and type."""
+    def same_work(self, job: Job, work: str, *, running: bool) -> Job | None:
+        """The oldest queued (``running``: or running) job other than ``job`` of its user
+        whose work key is ``work``."""
 
     def queued(self, user_id: str | None = None) -> int:
         """How many jobs ``user_id`` (None: everyone) has queued."""
 
-    def fold(self, found: Job, options: dict[str, Any]) -> Job:
-        """Store ``options`` as the queued job ``found``'s; the job as stored now."""
+    def fold(self, found: Job, job: Job) -> Job:
+        """Fold the submit ``job`` into the queued ``found`` (``fold_options``, the higher
+        priority, ``job``'s idempotency key); the job as stored now."""
+
+
+def fold_options(found: Job, job: Job) -> dict[str, Any]:
+    """``found``'s options once ``job`` is folded into it: a ``full_reindex`` asked by
+    either is kept (the rest is equal: it is the same work)."""
+    if "full_reindex" not in found.options:  # a [types] program's options have none
+        return dict(found.options)
+    return dict(found.options, full_reindex=bool(found.options["full_reindex"]
+                                                 or job.options.get("full_reindex")))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +61,8 @@ class Rules:
     max_queued_total: int | None = None
     #: while maintenance is on: what a new submit or a retry is refused with
     refusal: Unavailable | None = None
+    #: a submit's ``on_duplicate: "reject"``: same work queued or running refuses it
+    reject_duplicates: bool = False
 
     @classmethod
     def of(cls, config: Config, *, exclusive: Iterable[str],
@@ -62,12 +78,13 @@ class Rules:
                 return found
         if self.refusal is not None:
             raise self.refusal
-        if job.type in self.exclusive and job.project_id is not None:
-            found = view.queued_work(job)
+        work = self.work(job)
+        if work is not None:
+            found = view.same_work(job, work, running=self.reject_duplicates)
             if found is not None:
-                if job.options.get("full_reindex") and not found.options.get("full_reindex"):
-                    found = view.fold(found, dict(found.options, full_reindex=True))
-                return found
+                if self.reject_duplicates:
+                    raise _duplicate(found, "this submit is refused (on_duplicate \"reject\")")
+                return view.fold(found, job)
         per_user, total = self.max_queued_per_user, self.max_queued_total
         if per_user is not None and view.queued(job.user_id) >= per_user:
             raise LimitExceeded(f"user {job.user_id} already has {view.queued(job.user_id)} "
@@ -82,6 +99,16 @@ class Rules:
         or none."""
         if self.refusal is not None:
             raise self.refusal
+        jobs = list(jobs)
+        retried: dict[tuple[str, str], Job] = {}
+        for job in jobs:
+            work = self.work(job)
+            if work is None:
+                continue
+            found = retried.get((job.user_id, work)) or view.same_work(job, work, running=True)
+            if found is not None:
+                raise _duplicate(found, f"job {job.id} can't be retried")
+            retried[(job.user_id, work)] = job
         per_user = self.max_queued_per_user
         if per_user is None:
             return
@@ -91,3 +118,21 @@ class Rules:
                 raise LimitExceeded(
                     f"user {user_id} already has {queued} queued jobs; retrying {count} more "
                     f"would pass max_queued_per_user ({per_user}); retry fewer, or later")
+
+    def work(self, job: Job) -> str | None:
+        """``job``'s work key, or None when its type folds nothing (not exclusive, or no
+        repository): what two jobs of the same user are the same work by."""
+        if job.type not in self.exclusive or "repo_path" not in job.options:
+            return None
+        # the type, the resolved path and the other options with the defaults ``validate``
+        # filled in, as one text (ASCII: an option's lone surrogate is stored escaped)
+        options = {k: v for k, v in job.options.items() if k != "full_reindex"}
+        return json.dumps([job.type, options], sort_keys=True, separators=(",", ":"))
+
+
+def _duplicate(found: Job, refused: str) -> Conflict:
+    if found.status in (JobStatus.QUEUED, JobStatus.RUNNING):
+        return Conflict(f"job {found.id} of the same work is already {found.status}: "
+                        f"{refused}; wait for that job to end, or cancel it", job_id=found.id)
+    return Conflict(f"job {found.id} of the same work is retried in this call: {refused}; "
+                    f"retry one of them", job_id=found.id)

@@ -61,8 +61,8 @@ def validate_repository(options: dict[str, Any], *, user_id: str, project_id: st
             "only admins and services may pass repo_path; omit it to use the project's "
             "repository", field="options.repo_path")
     path = git.locate(config, user_id=user_id, project_id=project_id, repo_path=repo_path)
-    if repo_path is not None:
-        out["repo_path"] = str(path)
+    # the resolved path is stored whoever names it: the key of exclusivity and dedupe
+    out["repo_path"] = str(path)
     if (repo_path is None or may_be_missing) and not os.path.lexists(path):
         return out, None
     try:

@@ -102,8 +102,7 @@ class SyncHandler(Handler):
                 except JobFailed as e:
                     raise errors.InvalidParams(str(e), field="options.remote") from None
         return {"branch": branch, "remote": remote, "full_reindex": common["full_reindex"],
-                "strategy": strategy, **({"repo_path": common["repo_path"]}
-                                         if "repo_path" in common else {}),
+                "strategy": strategy, "repo_path": common["repo_path"],
                 **({"url": url} if url is not None else {})}
 
     def run(self, ctx: JobContext) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 import structlog
 
 from jobd.models import TERMINAL, Job, JobStatus, readable
-from jobd.rules import Rules
+from jobd.rules import Rules, fold_options
 from jobd.state import make_private_dir
 from jobd.store.db import Checkpointer, Tx, Writer, connect, create_private, migrate
 from jobd.store.errors import (Corrupt, JobNotFound, StateConflict, StoreClosed, StoreError,
@@ -201,17 +201,19 @@ class _View:
         row = self.tx.run("find_by_idempotency_key", user_id=user_id, key=key).fetchone()
         return None if row is None else _job(row)
 
-    def queued_work(self, job: Job) -> Job | None:
-        row = self.tx.run("find_queued_work", user_id=job.user_id, project_id=job.project_id,
-                          type=job.type).fetchone()
+    def same_work(self, job: Job, work: str, *, running: bool) -> Job | None:
+        row = self.tx.run("find_queued_work", user_id=job.user_id, work=work,
+                          seq=job.seq or -1, running=running).fetchone()
         return None if row is None else _job(row)
 
     def queued(self, user_id: str | None = None) -> int:
         return self.store.queued_count(user_id)
 
-    def fold(self, found: Job, options: dict[str, Any]) -> Job:
-        job = _job(self.tx.run("set_options", seq=found.seq, options=_dumps(options)).fetchone())
-        return self.store._changed(self.tx, job)
+    def fold(self, found: Job, job: Job) -> Job:
+        row = self.tx.run("fold_job", seq=found.seq, options=_dumps(fold_options(found, job)),
+                          priority=max(found.priority, job.priority),
+                          idempotency_key=job.idempotency_key).fetchone()
+        return self.store._changed(self.tx, _job(row))
 
 
 class SqliteStore:
@@ -405,7 +407,8 @@ class SqliteStore:
                          project_id=job.project_id, priority=job.priority, options=options,
                          metadata=metadata, description=job.description,
                          timeout_s=job.timeout_s, idempotency_key=job.idempotency_key,
-                         weight=weight(options, metadata, job.description)).lastrowid
+                         weight=weight(options, metadata, job.description),
+                         work=rules.work(job)).lastrowid
         except sqlite3.IntegrityError as e:
             raise from_sqlite(e, self.path, job_id=job.id) from None
         tx.run("submit_events", seq=seq, actor=_text(actor))

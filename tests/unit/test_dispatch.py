@@ -92,6 +92,28 @@ def test_higher_priority_runs_first_even_when_younger() -> None:
     assert drain(d) == ["new-high", "mid", "old-low"]
 
 
+def test_a_queued_job_whose_priority_a_fold_raised_moves_up() -> None:
+    d = dispatcher()
+    older = job(name="older")
+    waiting = job(name="folded-into")
+    d.load([older, waiting])
+    d.add(dataclasses.replace(waiting, priority=10, version=2))
+    assert drain(d) == ["folded-into", "older"]
+
+
+def test_exclusive_jobs_wait_on_the_repository_path_not_on_user_and_project() -> None:
+    d = dispatcher(workers=4)
+    def on(path: str, user: str, name: str) -> Job:
+        return dataclasses.replace(job(user, type="sync", project="proj", name=name),
+                                   options={"repo_path": path})
+    d.load([on("/r/a/proj", "alice", "a"), on("/r/b/proj", "alice", "b"),
+            on("/r/a/proj", "bob", "same-tree")])
+    assert sorted(take_all(d)) == ["a", "b"]
+    assert d.position("same-tree")[1] == "project_busy"
+    d.finish("a")
+    assert take_all(d) == ["same-tree"]
+
+
 def test_users_take_turns_within_a_priority() -> None:
     d = dispatcher()
     for name in ("a1", "a2", "a3"):

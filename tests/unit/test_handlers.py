@@ -400,7 +400,8 @@ def test_unknown_options_are_named(config: Config, clone: Path) -> None:
     assert invalid(SyncHandler(), {}, config, project_id=None).field == "project_id"
     assert SyncHandler().validate({}, user_id="alice", project_id="proj", trusted=False,
                                   config=config) == {
-        "branch": None, "remote": "origin", "full_reindex": False, "strategy": "ff-only"}
+        "branch": None, "remote": "origin", "full_reindex": False, "strategy": "ff-only",
+        "repo_path": os.path.realpath(clone)}
 
 
 def test_resume_after_git_sync_does_not_fetch_again(config: Config, upstream: Path,

@@ -421,34 +421,46 @@ def test_idempotency_key_is_per_user(store: Store) -> None:
     assert store.queued_count("alice") == 0 and store.queued_count("bob") == 1
 
 
+def sync_options(**changed: Any) -> dict[str, Any]:
+    """A sync's options as its ``validate`` leaves them (defaults filled in)."""
+    return {"branch": "main", "remote": "origin", "full_reindex": False,
+            "strategy": "ff-only", "repo_path": "/r/p1", **changed}
+
+
 def test_dedupe_of_a_queued_sync_keeps_full_reindex(store: Store, db: Path) -> None:
-    first, dup = store.submit_job(new_job(options={"branch": "main"}), actor="alice",
+    first, dup = store.submit_job(new_job(options=sync_options()), actor="alice",
                                   rules=DEDUPE)
-    full, dup_full = store.submit_job(new_job(options={"branch": "main", "full_reindex": True}),
+    full, dup_full = store.submit_job(new_job(options=sync_options(full_reindex=True)),
                                       actor="alice", rules=DEDUPE)
-    plain, dup_plain = store.submit_job(new_job(options={"branch": "main"}), actor="alice",
+    plain, dup_plain = store.submit_job(new_job(options=sync_options()), actor="alice",
                                         rules=DEDUPE)
     assert (dup, dup_full, dup_plain) == (False, True, True)
     assert first.id == full.id == plain.id
-    assert full.options == {"branch": "main", "full_reindex": True}
+    assert full.options == sync_options(full_reindex=True)
     assert full.version > first.version
     assert plain.options["full_reindex"] is True
     assert store.get_job(first.id).options["full_reindex"] is True
-    # another project, another type, another user, or no dedupe asked: new jobs
+    # another repository, branch, type, user, or no dedupe asked: new jobs
     others = [
-        store.submit_job(new_job(project="p2"), actor="alice", rules=DEDUPE),
-        store.submit_job(new_job(type="index"), actor="alice", rules=DEDUPE),
-        store.submit_job(new_job(user="bob"), actor="bob", rules=DEDUPE),
-        store.submit_job(new_job(), actor="alice"),
+        store.submit_job(new_job(project="p2", options=sync_options(repo_path="/r/p2")),
+                         actor="alice", rules=DEDUPE),
+        store.submit_job(new_job(options=sync_options(branch="dev")), actor="alice",
+                         rules=DEDUPE),
+        store.submit_job(new_job(type="index", options=sync_options()), actor="alice",
+                         rules=DEDUPE),
+        store.submit_job(new_job(user="bob", options=sync_options()), actor="bob",
+                         rules=DEDUPE),
+        store.submit_job(new_job(options=sync_options()), actor="alice"),
     ]
     assert all(not d for _, d in others)
-    assert len({j.id for j, _ in others} | {first.id}) == 5
+    assert len({j.id for j, _ in others} | {first.id}) == 6
     # a running sync does not absorb a new one: the new one queues behind it
     move(store, first.id, JobStatus.RUNNING, actor="jobd")
     for job, _ in others:
         if job.user_id == "alice" and job.type == "sync" and job.project_id == "p1":
             move(store, job.id, JobStatus.CANCELLED, actor="alice")
-    behind, dup_behind = store.submit_job(new_job(), actor="alice", rules=DEDUPE)
+    behind, dup_behind = store.submit_job(new_job(options=sync_options()), actor="alice",
+                                          rules=DEDUPE)
     assert not dup_behind and behind.id != first.id
     assert count(db, "jobs", "user_id = 'alice' AND project_id = 'p1' AND type = 'sync' "
                  "AND status = 'queued'") == 1
@@ -747,8 +759,8 @@ def test_queries_use_indexes(store: Store, clock: Clock, db: Path) -> None:
     store.list_jobs(order="completed")
     store.queued_jobs()
     store.running_jobs()
-    store.submit_job(new_job(user="u1", project="p1", idempotency_key="k-new"), actor="jobd",
-                     rules=DEDUPE)
+    store.submit_job(new_job(user="u1", project="p1", idempotency_key="k-new",
+                             options=sync_options()), actor="jobd", rules=DEDUPE)
     list(store.cleanup(keep_before=T0 + 1, keep_failed_before=T0 + 1, chunk=5))
     list(store.cleanup(keep_before=T0 + 1, keep_failed_before=T0 + 1, dry_run=True))
 
@@ -768,7 +780,7 @@ def test_queries_use_indexes(store: Store, clock: Clock, db: Path) -> None:
                and not any(s.strip() in m for m in one_time)}
     wanted = ["user_id = :user_id", "status IN (:status0)", "project_id = :project_id",
               "id >= :prefix_low", "status = 'queued' ORDER BY priority",
-              "idempotency_key = :key", "AND type = :type AND status = 'queued'",
+              "idempotency_key = :key", "AND work = :work",
               "DELETE FROM jobs", "(ifnull(started_at, -1), seq) < (:before_key, :before_seq)",
               "ORDER BY ifnull(completed_at, -1)"]
     for part in wanted:

@@ -10,13 +10,13 @@ from typing import Any, Iterator
 
 import pytest
 
-from jobd.errors import Unavailable
+from jobd.errors import Conflict, Unavailable
 from jobd.models import Job, JobStatus
 from jobd.rules import Rules
 from jobd.store import Listeners, Store
 from jobd.store.db import Tx
 
-from test_store import Clock, new_job, submit
+from test_store import DEDUPE, Clock, new_job, submit, sync_options
 
 MAINTENANCE = Rules(refusal=Unavailable("jobd is in maintenance: try again later"))
 
@@ -72,3 +72,28 @@ def test_a_refused_write_in_a_batch_tells_no_listener(tmp_path: Path) -> None:
                 store.queued_count("dave")) == (1, 1, 0)
     finally:
         store.close()
+
+
+def failed_sync(store: Store, **changed: Any) -> Job:
+    job = store.submit_job(new_job(options=sync_options(**changed)), actor="alice",
+                           rules=DEDUPE)[0]
+    store.start_job(job.id)
+    return store.finish_job(job.id, JobStatus.FAILED, error="boom")
+
+
+def test_a_retry_of_work_queued_or_retried_with_it_is_refused_naming_the_job(
+        store: Store) -> None:
+    first, second = failed_sync(store), failed_sync(store)
+    other = failed_sync(store, branch="dev")
+    # two failed jobs of one work retried together: none of them goes back
+    with pytest.raises(Conflict, match="retried in this call") as e:
+        store.retry_jobs(actor="alice", limit=10, rules=DEDUPE, user_id="alice")
+    assert e.value.data()["job_id"] == first.id
+    assert store.queued_count("alice") == 0
+    assert store.retry_job(first.id, actor="alice", rules=DEDUPE).status is JobStatus.QUEUED
+    with pytest.raises(Conflict, match="already queued") as e:
+        store.retry_job(second.id, actor="alice", rules=DEDUPE)
+    assert e.value.data() == {"http_status": 409, "job_id": first.id}
+    assert store.get_job(second.id).status is JobStatus.FAILED
+    # another branch is another work
+    assert store.retry_job(other.id, actor="alice", rules=DEDUPE).status is JobStatus.QUEUED

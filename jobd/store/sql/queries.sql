@@ -41,14 +41,18 @@ SELECT status FROM jobs WHERE id = :job_id
 SELECT {job_columns} FROM jobs WHERE user_id = :user_id AND idempotency_key = :key
 
 -- find_queued_work --
--- The oldest queued job of the same work: user, repository and type (dedupe)
+-- The oldest queued (:running: or running) job of the same work as another (dedupe)
 SELECT {job_columns} FROM jobs
-WHERE user_id = :user_id AND project_id = :project_id AND type = :type AND status = 'queued'
+WHERE user_id = :user_id AND work = :work AND seq != :seq
+  AND status IN ('queued', 'running') AND (:running OR status = 'queued')
 ORDER BY seq LIMIT 1
 
--- set_options --
--- A queued job's options changed by a folded submit (full_reindex asked by either)
-UPDATE jobs SET options = :options, version = max(version + 1, :now), updated_at = :now
+-- fold_job --
+-- A queued job a submit of the same work was folded into: full_reindex asked by either,
+-- the higher priority, and the submit's idempotency key when the job has none
+UPDATE jobs SET options = :options, priority = :priority,
+                idempotency_key = coalesce(idempotency_key, :idempotency_key),
+                version = max(version + 1, :now), updated_at = :now
 WHERE seq = :seq AND status = 'queued'
 RETURNING {job_columns}
 
@@ -56,9 +60,9 @@ RETURNING {job_columns}
 -- created -> queued: a new job, admitted in the transaction that records it
 INSERT INTO jobs (id, type, user_id, project_id, status, priority, options, metadata,
                   description, timeout_s, idempotency_key, version, created_at, updated_at,
-                  weight)
+                  weight, work)
 VALUES (:id, :type, :user_id, :project_id, 'queued', :priority, :options, :metadata,
-        :description, :timeout_s, :idempotency_key, :now, :now, :now, :weight)
+        :description, :timeout_s, :idempotency_key, :now, :now, :now, :weight, :work)
 
 -- submit_events --
 -- A new job's first two events: created, then queued
