@@ -142,7 +142,7 @@ def weight(options: str, metadata: str, description: str | None) -> int:
 
 
 def _conditions(*, job_id: str | None = None, ids: Sequence[str] | None = None,
-                statuses: Sequence[str] = (), type: str | None = None,
+                statuses: Sequence[str] = (), types: Sequence[str] = (),
                 user_id: str | None = None, project_id: str | None = None,
                 created_after: int | None = None, created_before: int | None = None,
                 id_prefix: str | None = None, exclude_types: Sequence[str] = ()
@@ -164,7 +164,9 @@ def _conditions(*, job_id: str | None = None, ids: Sequence[str] | None = None,
         some("id", ids, "id")
     if statuses:
         some("status", statuses, "status")
-    for column, value in (("type", type), ("user_id", user_id), ("project_id", project_id)):
+    if types:
+        some("type", types, "type")
+    for column, value in (("user_id", user_id), ("project_id", project_id)):
         if value is not None:
             where.append(f"{column} = :{column}")
             args[column] = value
@@ -586,7 +588,7 @@ class SqliteStore:
     def list_jobs(self, **filters: Any) -> list[Job]:
         """Jobs matching every given filter, newest first, from ``before_seq`` (keyset).
 
-        Filters: ``statuses``, ``type``, ``user_id``, ``project_id``, ``created_after``,
+        Filters: ``statuses``, ``types``, ``user_id``, ``project_id``, ``created_after``,
         ``created_before``, ``id_prefix``, ``ids``, ``before_seq``, ``limit`` (default 50).
         """
         return [_job(r[2:]) for r in self._list(QUERIES["job_columns"], **filters)]
@@ -601,8 +603,16 @@ class SqliteStore:
         """The ids of every job matching ``filters`` (as ``list_jobs``), newest first."""
         return [r[2] for r in self._list("id", limit=-1, **filters)]
 
+    def count_jobs(self, cap: int, **filters: Any) -> int:
+        """How many jobs match ``filters`` (as ``list_jobs``), counted no further than ``cap``
+        (the scan stops there, so a count costs at most ``cap`` index rows)."""
+        where, args = _conditions(**filters)
+        sql = QUERIES["count_jobs"].format(where=f"WHERE {' AND '.join(where)}" if where else "")
+        return self._read().execute(sql, dict(args, cap=cap)).fetchone()[0]
+
     def _list(self, select: str, *, order: str = "created", before: tuple[int, int] | None = None,
-              before_seq: int | None = None, limit: int = 50, **filters: Any) -> list[Any]:
+              before_seq: int | None = None, limit: int = 50, offset: int = 0,
+              **filters: Any) -> list[Any]:
         key = ORDER_KEYS[order]
         where, args = _conditions(**filters)
         if before_seq is not None:
@@ -617,7 +627,7 @@ class SqliteStore:
         sql = QUERIES["list_jobs"].format(
             key=key, select=select, where=f"WHERE {' AND '.join(where)}" if where else "",
             order=f"{key} DESC" + (", seq DESC" if key != "seq" else ""))
-        return self._read().execute(sql, dict(args, limit=limit)).fetchall()
+        return self._read().execute(sql, dict(args, limit=limit, offset=offset)).fetchall()
 
     def queued_jobs(self) -> list[Job]:
         """Every queued job, in stored dispatch order (priority, then age)."""

@@ -170,7 +170,11 @@ SELECT status, n FROM job_counts WHERE n > 0
 
 -- list_jobs --
 -- jobs.list: a page of jobs matching {where}, newest first by {key} (keyset paging)
-SELECT {key}, seq, {select} FROM jobs {where} ORDER BY {order} LIMIT :limit
+SELECT {key}, seq, {select} FROM jobs {where} ORDER BY {order} LIMIT :limit OFFSET :offset
+
+-- count_jobs --
+-- jobs.list's total: the jobs matching {where}, counted no further than :cap
+SELECT count(*) FROM (SELECT 1 FROM jobs {where} LIMIT :cap)
 
 -- matching_jobs --
 -- The jobs a filtered cancel or retry acts on, oldest first
