@@ -30,7 +30,7 @@ from jobd.params import flag, integer, iso_time, number, shown, text, utf8
 from jobd.rules import Rules
 from jobd.store import (DuplicateId, JobNotFound, StateConflict, StorageUnavailable,
                         StoreError)
-from jobd.store.interface import JobStore
+from jobd.store.interface import FINISHED_KEEP_US, HOUR_US, JobStore
 
 __all__ = ["Hub", "Manager", "jobd_error"]
 
@@ -42,9 +42,12 @@ _CURSOR_RE = re.compile(r"[A-Za-z0-9_-]{1,96}={0,2}")
 #: jobs.list's orders: by a time, newest first (jobs without it last), or dispatch order
 ORDERS = ("created", "started", "completed", "queue")
 _SEQ_RE = re.compile(r"[0-9]{1,19}")
+TERMINAL_NAMES = ("completed", "failed", "cancelled")
 _BOUND_RE = re.compile(r"[0-9a-f]{12}")
 #: jobs.list's deepest ``offset`` and the count ``with_total`` stops at
 MAX_OFFSET = TOTAL_CAP = 10_000
+#: admin.stats' per_user: the users with the most active jobs
+PER_USER_TOP = 100
 MAX_OPTIONS = 16 * 1024
 MAX_METADATA = 64 * 1024
 MAX_DESCRIPTION = 1024
@@ -162,6 +165,22 @@ def _cursor_key(cursor: Any, order: str, bound: str) -> tuple[int, int] | None:
                                 field="cursor")
     raise InvalidParams("cursor is not one this daemon gave out: pass next_cursor of the "
                         "previous page as it came", field="cursor")
+
+
+def _quantile(hist: list[int], uppers: list[int | None], q: float) -> float | None:
+    """The ``q`` quantile (seconds) of the run times counted in ``hist``, interpolated
+    linearly inside its bucket; in the last, unbounded bucket, that bucket's lower bound."""
+    target = q * sum(hist)
+    if not target:
+        return None
+    seen, lower = 0, 0
+    for n, upper in zip(hist, uppers):
+        if n and seen + n >= target:
+            if upper is None:
+                return lower / 1e6
+            return (lower + (target - seen) / n * (upper - lower)) / 1e6
+        seen, lower = seen + n, upper if upper is not None else lower
+    return lower / 1e6
 
 
 def _admin_only(method: str, scope: Scope) -> str:
@@ -662,15 +681,56 @@ class Manager:
 
     # -- admin ---------------------------------------------------------------------------
 
-    def stats(self, scope: Scope) -> dict[str, Any]:
+    def stats(self, scope: Scope, since: Any = None) -> dict[str, Any]:
+        """admin.stats: counts kept as jobs change, the jobs finished since ``since``
+        (rounded down to the hour, default 24 h ago, at most 35 days back) by type, and
+        the top ``PER_USER_TOP`` users by active jobs."""
         if not scope.may_stats:
             raise Forbidden(_admin_only("admin.stats", scope))
+        now = time.time_ns() // 1000
+        since_us = iso_time(since, "since")
+        if since_us is None:
+            since_us = now - 24 * HOUR_US
+        elif since_us < now - FINISHED_KEEP_US:
+            raise InvalidParams(f"since is more than 35 days ago (got {shown(since)}); "
+                                "finished jobs are counted for 35 days: ask for a later "
+                                "time", field="since")
         counts = {str(s): 0 for s in JobStatus if s is not JobStatus.CREATED}
         counts.update(self.store.counts())
-        return {"jobs": counts, **self.engine.stats(),
+        live = self.engine.stats()
+        users = sorted(live["per_user"].items(),
+                       key=lambda kv: (-kv[1]["running"] - kv[1]["queued"], kv[0]))
+        return {"jobs": counts, "by_type": self.store.type_counts(),
+                "finished": self._finished(since_us // HOUR_US), **live,
+                "per_user": dict(users[:PER_USER_TOP]),
+                "per_user_truncated": len(users) > PER_USER_TOP,
                 "maintenance": self.maintenance_on,
                 "config": self.config_state.to_dict(),
                 "db_bytes": self.store.size_bytes(), "uptime_s": self.uptime_s()}
+
+    def _finished(self, since_hour: int) -> dict[str, dict[str, Any]]:
+        """admin.stats' ``finished``: by type, the end statuses' counts, the success rate
+        and the run time's mean, p50 and p95 (interpolated in the fixed histogram)."""
+        uppers = self.store.run_buckets()
+        by_type: dict[str, dict[str, Any]] = {}
+        for type, status, bucket, n, run_us in self.store.finished(since_hour):
+            entry = by_type.setdefault(type, {"ends": dict.fromkeys(TERMINAL_NAMES, 0),
+                                              "hist": [0] * len(uppers), "run_us": 0})
+            entry["ends"][status] += n
+            if bucket >= 0:
+                entry["hist"][bucket] += n
+                entry["run_us"] += run_us
+        out = {}
+        for type, entry in by_type.items():
+            ends, hist = entry["ends"], entry["hist"]
+            judged = ends["completed"] + ends["failed"]
+            ran = sum(hist)
+            out[type] = {**ends, "success_rate": ends["completed"] / judged if judged else None,
+                         "duration_s": {
+                             "mean": entry["run_us"] / ran / 1e6 if ran else None,
+                             "p50": _quantile(hist, uppers, 0.5),
+                             "p95": _quantile(hist, uppers, 0.95)}}
+        return out
 
     def cleanup(self, scope: Scope, *, older_than_s: Any = None,
                 dry_run: Any = False) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from jobd.models import TERMINAL, Job, JobStatus, readable
 from jobd.rules import Rules
 from jobd.state import make_private_dir
 from jobd.store.db import Checkpointer, Tx, Writer, connect, create_private, migrate
+from jobd.store.interface import FINISHED_KEEP_US, HOUR_US
 from jobd.store.errors import (Corrupt, JobNotFound, StateConflict, StoreClosed, StoreError,
                                from_sqlite)
 from jobd.store.sql import QUERIES
@@ -296,8 +297,12 @@ class SqliteStore:
             self._readers.clear()
         self._local = threading.local()
 
-    def upkeep(self) -> None:
-        """Database housekeeping: refresh planner statistics, fold the WAL back."""
+    def upkeep(self, now: int | None = None) -> None:
+        """Database housekeeping: drop the hourly finished counts past ``FINISHED_KEEP_US``,
+        refresh planner statistics, fold the WAL back."""
+        now = now if now is not None else time.time_ns() // 1000
+        self.write(lambda tx: tx.run("prune_finished",
+                                     hour=(now - FINISHED_KEEP_US) // HOUR_US))
         self.write(lambda tx: tx.conn.execute("PRAGMA optimize"))
         # a checkpoint cannot run inside the writer's transaction; any connection may run it
         conn = sqlite3.connect(self.path, timeout=10.0)
@@ -650,6 +655,23 @@ class SqliteStore:
     def counts(self) -> dict[str, int]:
         """How many jobs are stored, by status (kept as jobs change: one small read)."""
         return dict(self._read().execute(QUERIES["counts"]))
+
+    def type_counts(self) -> dict[str, dict[str, int]]:
+        """How many jobs are stored, by type and status (kept as jobs change)."""
+        out: dict[str, dict[str, int]] = {}
+        for type, status, n in self._read().execute(QUERIES["type_counts"]):
+            out.setdefault(type, {})[status] = n
+        return out
+
+    def finished(self, since_hour: int) -> list[tuple[str, str, int, int, int]]:
+        """``(type, end status, run-time bucket, count, run µs)`` of the jobs that ended
+        from hour ``since_hour`` (µs since the epoch // 3600 s) on; bucket -1: never ran.
+        Read from hourly rows kept as jobs end: its cost grows with hours and types only."""
+        return self._read().execute(QUERIES["finished_since"], {"hour": since_hour}).fetchall()
+
+    def run_buckets(self) -> list[int | None]:
+        """The upper bound (µs) of each bucket ``finished`` counts in; the last has none."""
+        return [r[0] for r in self._read().execute(QUERIES["run_buckets"])]
 
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in (self.path, Path(f"{self.path}-wal"))

@@ -284,6 +284,7 @@ PARAMS: list[tuple[str, str, set[str], dict[str, Any]]] = [
     ("jobs.logs", "job_id", set(), {}),
     ("jobs.logs", "offset", set(), {}),
     ("jobs.logs", "limit_bytes", set(), {}),
+    ("admin.stats", "since", {"null"}, {}),
     ("admin.cleanup", "older_than_s", {"null", "fraction"}, {"dry_run": True}),
     ("admin.cleanup", "dry_run", {"true"}, {}),
 ]
