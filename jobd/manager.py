@@ -11,6 +11,7 @@ import asyncio
 import base64
 import bisect
 import dataclasses
+import hashlib
 import json
 import re
 import time
@@ -30,7 +31,7 @@ from jobd.params import flag, integer, iso_time, number, shown, text, utf8
 from jobd.rules import Rules
 from jobd.store import (DuplicateId, JobNotFound, StateConflict, StorageUnavailable,
                         StoreError)
-from jobd.store.interface import JobStore
+from jobd.store.interface import FINISHED_KEEP_US, HOUR_US, JobStore
 
 __all__ = ["Hub", "Manager", "jobd_error"]
 
@@ -42,6 +43,12 @@ _CURSOR_RE = re.compile(r"[A-Za-z0-9_-]{1,96}={0,2}")
 #: jobs.list's orders: by a time, newest first (jobs without it last), or dispatch order
 ORDERS = ("created", "started", "completed", "queue")
 _SEQ_RE = re.compile(r"[0-9]{1,19}")
+TERMINAL_NAMES = ("completed", "failed", "cancelled")
+_BOUND_RE = re.compile(r"[0-9a-f]{12}")
+#: jobs.list's deepest ``offset`` and the count ``with_total`` stops at
+MAX_OFFSET = TOTAL_CAP = 10_000
+#: admin.stats' per_user: the users with the most active jobs
+PER_USER_TOP = 100
 MAX_OPTIONS = 16 * 1024
 MAX_METADATA = 64 * 1024
 MAX_DESCRIPTION = 1024
@@ -126,16 +133,20 @@ def _fields(fields: Any) -> frozenset[str] | None:
     return frozenset(fields) | {"id"}
 
 
-def _cursor(seq: int, order: str = "created", key: int | None = None) -> str:
-    """The cursor past a page's last job: its seq for the default order, else the order's
-    name, its sort key and seq (so a cursor of another order is refused)."""
-    text = str(seq) if order == "created" else f"{order}.{key}.{seq}"
-    return base64.urlsafe_b64encode(text.encode()).decode()
+def _bound(order: str, filters: dict[str, Any]) -> str:
+    """What a cursor is bound to: its order and the checked filters, as a short digest."""
+    text = json.dumps([order, filters], sort_keys=True, default=str)
+    return hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
 
 
-def _cursor_key(cursor: Any, order: str) -> tuple[int, int] | None:
-    """The (sort key, seq) a cursor given out by ``_cursor`` for ``order`` pages below;
-    anything else (a cursor of another order too) is refused."""
+def _cursor(key: int, seq: int, bound: str) -> str:
+    """The cursor past a page's last job: its sort key, its seq and what it is bound to."""
+    return base64.urlsafe_b64encode(f"{key}.{seq}.{bound}".encode()).decode()
+
+
+def _cursor_key(cursor: Any, order: str, bound: str) -> tuple[int, int] | None:
+    """The (sort key, seq) a cursor given out by ``_cursor`` for this order and these
+    filters pages below; a cursor of another order or other filters is refused."""
     if cursor is None:
         return None
     if isinstance(cursor, str) and _CURSOR_RE.fullmatch(cursor):
@@ -143,21 +154,34 @@ def _cursor_key(cursor: Any, order: str) -> tuple[int, int] | None:
             text = base64.urlsafe_b64decode(cursor).decode("ascii")
         except ValueError:  # bad padding, or bytes that are not text
             text = ""
-        if order == "created":
-            name, numbers = "created", [text, text]
-        else:
-            name, _, rest = text.partition(".")
-            numbers = rest.split(".")
+        numbers = text.split(".")
         # beyond SQLite's integers: forged
-        if (name == order and len(numbers) == 2
-                and all(_SEQ_RE.fullmatch(n) and int(n) < 2**63 for n in numbers)):
-            return int(numbers[0]), int(numbers[1])
-        if name != order and (name in ORDERS or _SEQ_RE.fullmatch(text)):
-            raise InvalidParams(f"cursor belongs to another order than {order!r}: page with "
-                                "the order the cursor came with, or start again without a "
-                                "cursor", field="cursor")
+        if (len(numbers) == 3 and _BOUND_RE.fullmatch(numbers[2])
+                and all(_SEQ_RE.fullmatch(n) and int(n) < 2**63 for n in numbers[:2])):
+            if numbers[2] == bound:
+                return int(numbers[0]), int(numbers[1])
+            raise InvalidParams(f"cursor belongs to another order or other filters than "
+                                f"these (order {order!r}): page with the order and filters "
+                                "the cursor came with, or start again without a cursor",
+                                field="cursor")
     raise InvalidParams("cursor is not one this daemon gave out: pass next_cursor of the "
                         "previous page as it came", field="cursor")
+
+
+def _quantile(hist: list[int], uppers: list[int | None], q: float) -> float | None:
+    """The ``q`` quantile (seconds) of the run times counted in ``hist``, interpolated
+    linearly inside its bucket; in the last, unbounded bucket, that bucket's lower bound."""
+    target = q * sum(hist)
+    if not target:
+        return None
+    seen, lower = 0, 0
+    for n, upper in zip(hist, uppers):
+        if n and seen + n >= target:
+            if upper is None:
+                return lower / 1e6
+            return (lower + (target - seen) / n * (upper - lower)) / 1e6
+        seen, lower = seen + n, upper if upper is not None else lower
+    return lower / 1e6
 
 
 def _admin_only(method: str, scope: Scope) -> str:
@@ -295,9 +319,11 @@ class Manager:
     def list(self, scope: Scope, *, status: Any = None, type: Any = None, user_id: Any = None,
              project_id: Any = None, created_after: Any = None, created_before: Any = None,
              id_prefix: Any = None, order: Any = "created", limit: Any = 50,
-             cursor: Any = None, fields: Any = None) -> RawJSON:
+             cursor: Any = None, offset: Any = None, with_total: Any = False,
+             fields: Any = None) -> RawJSON:
         """A page of jobs in ``order`` (newest first by creation, start or end, or queued
-        jobs in dispatch order); it ends early rather than pass max_response_bytes."""
+        jobs in dispatch order), from a cursor or an offset, with the matching jobs' count
+        if asked; it ends early rather than pass max_response_bytes."""
         if order not in ORDERS:
             raise InvalidParams(f"order must be one of {', '.join(ORDERS)} (got "
                                 f"{shown(order)})", field="order")
@@ -309,24 +335,32 @@ class Manager:
             raise InvalidParams(f"id_prefix must be at least 4 of [0-9a-f-] (got "
                                 f"{shown(id_prefix)})", field="id_prefix")
         integer(limit, "limit", 1, 1000)
+        if offset is not None:
+            integer(offset, "offset", 0, MAX_OFFSET)
+            if cursor is not None:
+                raise InvalidParams("offset and cursor cannot both be given: page with "
+                                    "next_cursor, or jump with offset", field="offset")
+        flag(with_total, "with_total")
         wanted = _fields(fields)
         filters["id_prefix"] = id_prefix
+        bound = _bound(order, filters)
         budget = self.config.server.max_response_bytes - _ENVELOPE_BYTES
-        frame = len('{"jobs":[],"next_cursor":""}') + len(_cursor(2**63 - 1, "completed",
-                                                                   2**63 - 1))
+        frame = len('{"jobs":[],"next_cursor":"","total":10000,"total_capped":false}') + len(
+            _cursor(2**63 - 1, 2**63 - 1, bound))
         jobs: list[str] = []
-        before = _cursor_key(cursor, order)
+        before = _cursor_key(cursor, order, bound)
         size, last, more = frame, (0, 0), False
-        fetch = (self._queue_rows(filters) if order == "queue" else
-                 lambda before, want: self.store.list_wire(**filters, order=order,
-                                                           before=before, limit=want))
+        fetch, queued = (self._queue_rows(filters) if order == "queue" else (
+            lambda before, want, skip: self.store.list_wire(
+                **filters, order=order, before=before, limit=want, offset=skip), None))
+        skip = offset or 0
         # rows are read in chunks, so a page that fills its bytes early reads little more;
         # the first as many as fit the budget even if every job is as big as one can be
         # (a small max_response_bytes must not read eight times the page it sends)
         chunk = max(1, min(_CHUNK_ROWS, budget // _MAX_JOB_BYTES))
         while True:
             want = min(limit + 1 - len(jobs), chunk)
-            rows = fetch(before, want)
+            rows = fetch(before, want, skip)
             for key, seq, job_status, wire in rows:
                 if len(jobs) == limit:  # the row past the page: there is a next one
                     more = True
@@ -346,33 +380,43 @@ class Manager:
                 last = key, seq
             if more or len(rows) < want:
                 break
-            before = rows[-1][0], rows[-1][1]
+            # later chunks page by key from the last row, past the offset already
+            before, skip = (rows[-1][0], rows[-1][1]), 0
             chunk = max(1, min(_CHUNK_ROWS, (budget - size) * len(jobs) // (size - frame) + 1))
-        next_cursor = _cursor(last[1], order, last[0]) if more else None
-        return RawJSON(f'{{"jobs":[{",".join(jobs)}],"next_cursor":{json.dumps(next_cursor)}}}')
+        next_cursor = _cursor(last[0], last[1], bound) if more else None
+        total = ""
+        if with_total:
+            counted = (queued if queued is not None
+                       else self.store.count_jobs(TOTAL_CAP + 1, **filters))
+            total = (f',"total":{min(counted, TOTAL_CAP)},'
+                     f'"total_capped":{json.dumps(counted > TOTAL_CAP)}')
+        return RawJSON(f'{{"jobs":[{",".join(jobs)}],"next_cursor":{json.dumps(next_cursor)}'
+                       f'{total}}}')
 
-    def _queue_rows(self, filters: dict[str, Any]) -> Any:
-        """jobs.list's rows in dispatch order: the matching queued jobs by their place in
-        the dispatcher's queue (the sort key), paged past the place of the last one. The
-        queue moves as jobs start: a page holds the places as they were when it was read.
+    def _queue_rows(self, filters: dict[str, Any]) -> tuple[Any, int]:
+        """jobs.list's rows in dispatch order, and how many there are: the matching queued
+        jobs by their place in the dispatcher's queue (the sort key), paged past the place
+        of the last one. The queue moves as jobs start: a page holds the places as they
+        were when it was read.
         """
         statuses = filters["statuses"]
         if statuses and "queued" not in statuses:
-            return lambda before, want: []
-        ids = self.store.list_ids(**dict(filters, statuses=["queued"]))
-        places = sorted((place, job_id) for job_id in ids
-                        if (place := self.engine.annotate(
-                            {"id": job_id, "status": JobStatus.QUEUED})["queue_position"])
-                        is not None)
+            places: list[tuple[int, str]] = []
+        else:
+            ids = self.store.list_ids(**dict(filters, statuses=["queued"]))
+            places = sorted((place, job_id) for job_id in ids
+                            if (place := self.engine.annotate(
+                                {"id": job_id, "status": JobStatus.QUEUED})["queue_position"])
+                            is not None)
 
-        def rows(before: tuple[int, int] | None, want: int) -> list[Any]:
-            start = bisect.bisect_right(places, (before[0], "\uffff")) if before else 0
+        def rows(before: tuple[int, int] | None, want: int, skip: int) -> list[Any]:
+            start = skip + (bisect.bisect_right(places, (before[0], "\uffff")) if before else 0)
             page = places[start:start + want]
             # a queued job's wire is decoded for its live fields anyway (``_listed``)
             found = {json.loads(row[3])["id"]: row for row in self.store.list_wire(
                 ids=[job_id for _, job_id in page], limit=want)}
             return [(place, *found[job_id][1:]) for place, job_id in page if job_id in found]
-        return rows
+        return rows, len(places)
 
     @staticmethod
     def _filters(scope: Scope, *, status: Any = None, type: Any = None, user_id: Any = None,
@@ -381,12 +425,13 @@ class Manager:
         """The job filters jobs.list and the filtered cancel and retry share, checked (a
         ``user_id`` outside the scope is Forbidden), as the store takes them. ``prefix``
         names the fields as the client sent them (``filter.``)."""
-        if type is not None:
-            if not isinstance(type, str):
-                raise InvalidParams(f"{prefix}type must be a job type's name (got "
-                                    f"{shown(type)})", field=f"{prefix}type")
-            utf8(type, f"{prefix}type")
-        return dict(statuses=_statuses(status, f"{prefix}status"), type=type,
+        types = [type] if isinstance(type, str) else [] if type is None else type
+        if not isinstance(types, list) or not all(isinstance(t, str) for t in types):
+            raise InvalidParams(f"{prefix}type must be a job type's name or a list of them "
+                                f"(got {shown(type)})", field=f"{prefix}type")
+        for name in types:
+            utf8(name, f"{prefix}type")
+        return dict(statuses=_statuses(status, f"{prefix}status"), types=types,
                     user_id=scope.check_filter(_optional_id(user_id, f"{prefix}user_id")),
                     project_id=_optional_id(project_id, f"{prefix}project_id"),
                     created_after=iso_time(created_after, f"{prefix}created_after"),
@@ -641,15 +686,56 @@ class Manager:
 
     # -- admin ---------------------------------------------------------------------------
 
-    def stats(self, scope: Scope) -> dict[str, Any]:
+    def stats(self, scope: Scope, since: Any = None) -> dict[str, Any]:
+        """admin.stats: counts kept as jobs change, the jobs finished since ``since``
+        (rounded down to the hour, default 24 h ago, at most 35 days back) by type, and
+        the top ``PER_USER_TOP`` users by active jobs."""
         if not scope.may_stats:
             raise Forbidden(_admin_only("admin.stats", scope))
+        now = time.time_ns() // 1000
+        since_us = iso_time(since, "since")
+        if since_us is None:
+            since_us = now - 24 * HOUR_US
+        elif since_us < now - FINISHED_KEEP_US:
+            raise InvalidParams(f"since is more than 35 days ago (got {shown(since)}); "
+                                "finished jobs are counted for 35 days: ask for a later "
+                                "time", field="since")
         counts = {str(s): 0 for s in JobStatus if s is not JobStatus.CREATED}
         counts.update(self.store.counts())
-        return {"jobs": counts, **self.engine.stats(),
+        live = self.engine.stats()
+        users = sorted(live["per_user"].items(),
+                       key=lambda kv: (-kv[1]["running"] - kv[1]["queued"], kv[0]))
+        return {"jobs": counts, "by_type": self.store.type_counts(),
+                "finished": self._finished(since_us // HOUR_US), **live,
+                "per_user": dict(users[:PER_USER_TOP]),
+                "per_user_truncated": len(users) > PER_USER_TOP,
                 "maintenance": self.maintenance_on,
                 "config": self.config_state.to_dict(),
                 "db_bytes": self.store.size_bytes(), "uptime_s": self.uptime_s()}
+
+    def _finished(self, since_hour: int) -> dict[str, dict[str, Any]]:
+        """admin.stats' ``finished``: by type, the end statuses' counts, the success rate
+        and the run time's mean, p50 and p95 (interpolated in the fixed histogram)."""
+        uppers = self.store.run_buckets()
+        by_type: dict[str, dict[str, Any]] = {}
+        for type, status, bucket, n, run_us in self.store.finished(since_hour):
+            entry = by_type.setdefault(type, {"ends": dict.fromkeys(TERMINAL_NAMES, 0),
+                                              "hist": [0] * len(uppers), "run_us": 0})
+            entry["ends"][status] += n
+            if bucket >= 0:
+                entry["hist"][bucket] += n
+                entry["run_us"] += run_us
+        out = {}
+        for type, entry in by_type.items():
+            ends, hist = entry["ends"], entry["hist"]
+            judged = ends["completed"] + ends["failed"]
+            ran = sum(hist)
+            out[type] = {**ends, "success_rate": ends["completed"] / judged if judged else None,
+                         "duration_s": {
+                             "mean": entry["run_us"] / ran / 1e6 if ran else None,
+                             "p50": _quantile(hist, uppers, 0.5),
+                             "p95": _quantile(hist, uppers, 0.95)}}
+        return out
 
     def cleanup(self, scope: Scope, *, older_than_s: Any = None,
                 dry_run: Any = False) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from jobd.models import TERMINAL, Job, JobStatus, readable
 from jobd.rules import Rules, fold_options
 from jobd.state import make_private_dir
 from jobd.store.db import Checkpointer, Tx, Writer, connect, create_private, migrate
+from jobd.store.interface import FINISHED_KEEP_US, HOUR_US
 from jobd.store.errors import (Corrupt, JobNotFound, StateConflict, StoreClosed, StoreError,
                                from_sqlite)
 from jobd.store.sql import QUERIES
@@ -142,7 +143,7 @@ def weight(options: str, metadata: str, description: str | None) -> int:
 
 
 def _conditions(*, job_id: str | None = None, ids: Sequence[str] | None = None,
-                statuses: Sequence[str] = (), type: str | None = None,
+                statuses: Sequence[str] = (), types: Sequence[str] = (),
                 user_id: str | None = None, project_id: str | None = None,
                 created_after: int | None = None, created_before: int | None = None,
                 id_prefix: str | None = None, exclude_types: Sequence[str] = ()
@@ -164,7 +165,9 @@ def _conditions(*, job_id: str | None = None, ids: Sequence[str] | None = None,
         some("id", ids, "id")
     if statuses:
         some("status", statuses, "status")
-    for column, value in (("type", type), ("user_id", user_id), ("project_id", project_id)):
+    if types:
+        some("type", types, "type")
+    for column, value in (("user_id", user_id), ("project_id", project_id)):
         if value is not None:
             where.append(f"{column} = :{column}")
             args[column] = value
@@ -296,8 +299,12 @@ class SqliteStore:
             self._readers.clear()
         self._local = threading.local()
 
-    def upkeep(self) -> None:
-        """Database housekeeping: refresh planner statistics, fold the WAL back."""
+    def upkeep(self, now: int | None = None) -> None:
+        """Database housekeeping: drop the hourly finished counts past ``FINISHED_KEEP_US``,
+        refresh planner statistics, fold the WAL back."""
+        now = now if now is not None else time.time_ns() // 1000
+        self.write(lambda tx: tx.run("prune_finished",
+                                     hour=(now - FINISHED_KEEP_US) // HOUR_US))
         self.write(lambda tx: tx.conn.execute("PRAGMA optimize"))
         # a checkpoint cannot run inside the writer's transaction; any connection may run it
         conn = sqlite3.connect(self.path, timeout=10.0)
@@ -589,7 +596,7 @@ class SqliteStore:
     def list_jobs(self, **filters: Any) -> list[Job]:
         """Jobs matching every given filter, newest first, from ``before_seq`` (keyset).
 
-        Filters: ``statuses``, ``type``, ``user_id``, ``project_id``, ``created_after``,
+        Filters: ``statuses``, ``types``, ``user_id``, ``project_id``, ``created_after``,
         ``created_before``, ``id_prefix``, ``ids``, ``before_seq``, ``limit`` (default 50).
         """
         return [_job(r[2:]) for r in self._list(QUERIES["job_columns"], **filters)]
@@ -604,8 +611,16 @@ class SqliteStore:
         """The ids of every job matching ``filters`` (as ``list_jobs``), newest first."""
         return [r[2] for r in self._list("id", limit=-1, **filters)]
 
+    def count_jobs(self, cap: int, **filters: Any) -> int:
+        """How many jobs match ``filters`` (as ``list_jobs``), counted no further than ``cap``
+        (the scan stops there, so a count costs at most ``cap`` index rows)."""
+        where, args = _conditions(**filters)
+        sql = QUERIES["count_jobs"].format(where=f"WHERE {' AND '.join(where)}" if where else "")
+        return self._read().execute(sql, dict(args, cap=cap)).fetchone()[0]
+
     def _list(self, select: str, *, order: str = "created", before: tuple[int, int] | None = None,
-              before_seq: int | None = None, limit: int = 50, **filters: Any) -> list[Any]:
+              before_seq: int | None = None, limit: int = 50, offset: int = 0,
+              **filters: Any) -> list[Any]:
         key = ORDER_KEYS[order]
         where, args = _conditions(**filters)
         if before_seq is not None:
@@ -620,7 +635,7 @@ class SqliteStore:
         sql = QUERIES["list_jobs"].format(
             key=key, select=select, where=f"WHERE {' AND '.join(where)}" if where else "",
             order=f"{key} DESC" + (", seq DESC" if key != "seq" else ""))
-        return self._read().execute(sql, dict(args, limit=limit)).fetchall()
+        return self._read().execute(sql, dict(args, limit=limit, offset=offset)).fetchall()
 
     def queued_jobs(self) -> list[Job]:
         """Every queued job, in stored dispatch order (priority, then age)."""
@@ -643,6 +658,23 @@ class SqliteStore:
     def counts(self) -> dict[str, int]:
         """How many jobs are stored, by status (kept as jobs change: one small read)."""
         return dict(self._read().execute(QUERIES["counts"]))
+
+    def type_counts(self) -> dict[str, dict[str, int]]:
+        """How many jobs are stored, by type and status (kept as jobs change)."""
+        out: dict[str, dict[str, int]] = {}
+        for type, status, n in self._read().execute(QUERIES["type_counts"]):
+            out.setdefault(type, {})[status] = n
+        return out
+
+    def finished(self, since_hour: int) -> list[tuple[str, str, int, int, int]]:
+        """``(type, end status, run-time bucket, count, run µs)`` of the jobs that ended
+        from hour ``since_hour`` (µs since the epoch // 3600 s) on; bucket -1: never ran.
+        Read from hourly rows kept as jobs end: its cost grows with hours and types only."""
+        return self._read().execute(QUERIES["finished_since"], {"hour": since_hour}).fetchall()
+
+    def run_buckets(self) -> list[int | None]:
+        """The upper bound (µs) of each bucket ``finished`` counts in; the last has none."""
+        return [r[0] for r in self._read().execute(QUERIES["run_buckets"])]
 
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in (self.path, Path(f"{self.path}-wal"))

@@ -136,8 +136,9 @@ def test_every_method_returns_its_documented_shape(jd: Daemon, who: str, make: A
                 assert set(page) == {"jobs", "next_cursor"} and page["next_cursor"] is None
                 assert [a_job(j)["id"] for j in page["jobs"]] == [job["id"]]
                 stats = await call(admin, "stats")
-                assert set(stats) == {"jobs", "running", "queued", "workers", "per_user",
-                                      "paused", "maintenance", "config", "db_bytes", "uptime_s"}
+                assert set(stats) == {"jobs", "by_type", "finished", "running", "queued",
+                                      "workers", "per_user", "per_user_truncated", "paused",
+                                      "maintenance", "config", "db_bytes", "uptime_s"}
                 assert stats["paused"] is True and stats["jobs"]["queued"] >= 1
                 assert stats["per_user"][who] == {"running": 0, "queued": 1}
             finally:

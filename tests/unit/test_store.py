@@ -369,9 +369,10 @@ def test_list_filters_newest_first(store: Store, clock: Clock) -> None:
     assert ids() == expect(0, 1, 2, 3, 4, 5)
     assert ids(statuses=["queued"]) == expect(0, 5)
     assert ids(statuses=["failed", "cancelled", "completed"]) == expect(2, 3, 4)
-    assert ids(type="sync") == expect(0, 2, 4)
+    assert ids(types=["sync"]) == expect(0, 2, 4)
+    assert ids(types=["sync", "noop"]) == expect(0, 2, 3, 4, 5)
     assert ids(user_id="alice") == expect(0, 1, 5)
-    assert ids(user_id="alice", statuses=["queued"], type="noop") == expect(5)
+    assert ids(user_id="alice", statuses=["queued"], types=["noop"]) == expect(5)
     assert ids(project_id="p1") == expect(0, 2)
     assert ids(created_after=jobs[2].created_at) == expect(2, 3, 4, 5)
     assert ids(created_before=jobs[2].created_at) == expect(0, 1)
@@ -380,6 +381,15 @@ def test_list_filters_newest_first(store: Store, clock: Clock) -> None:
     assert ids(id_prefix=jobs[3].id[:8]) == expect(3)
     assert ids(limit=2) == expect(4, 5)
     assert ids(user_id="nobody") == []
+
+
+def test_count_jobs_counts_what_matches_up_to_its_cap(store: Store) -> None:
+    for n in range(5):
+        submit(store, new_job(type="sync" if n % 2 else "noop"))
+    assert store.count_jobs(100) == 5
+    assert store.count_jobs(100, types=["sync"]) == 2
+    assert store.count_jobs(3) == 3  # the scan stops at the cap
+    assert store.count_jobs(100, types=["sync"], statuses=["completed"]) == 0
 
 
 def test_id_prefix_matches_only_that_prefix(store: Store) -> None:

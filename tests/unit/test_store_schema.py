@@ -47,6 +47,7 @@ def test_a_database_of_the_old_store_migrates_and_keeps_working(tmp_path: Path) 
         stored = dict(conn.execute("SELECT * FROM user_stored"))
     store = Store(db, synchronous="normal", max_stored_per_user=100).open()
     try:
+        assert store.type_counts() == counted_by_type(db) and store.type_counts()
         with raw(db) as conn:
             assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
             # every row as it was, seq kept: events and checkpoints still point at their job;
@@ -148,12 +149,24 @@ def test_a_running_job_needs_its_start_and_an_ended_one_keeps_its_end(store: Sto
                 conn.execute(f"UPDATE jobs SET {change} WHERE id = ?", (job_id,))
 
 
+def counted_by_type(db: Path) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    with raw(db) as conn:
+        for type, status, n in conn.execute(
+                "SELECT type, status, count(*) FROM jobs GROUP BY type, status"):
+            out.setdefault(type, {})[status] = n
+    return out
+
+
 def test_counts_stay_in_step_across_every_transition_and_cleanup(store: Store) -> None:
     def check() -> None:
         assert store.counts() == counted(store.path)
+        assert store.type_counts() == counted_by_type(store.path)
 
     check()
-    jobs = [submit(store, new_job(user=f"u{n % 3}", project=f"p{n}")) for n in range(12)]
+    jobs = [submit(store, new_job(user=f"u{n % 3}", project=f"p{n}",
+                                  type=("sync", "noop")[n % 2]))
+            for n in range(12)]
     check()
     for job in jobs[:9]:
         store.start_job(job.id)

@@ -169,12 +169,33 @@ SELECT at, status, phase, progress, message, actor FROM job_events WHERE job = :
 ORDER BY rowid
 
 -- counts --
--- How many jobs are stored by status (kept by triggers: O(1))
-SELECT status, n FROM job_counts WHERE n > 0
+-- How many jobs are stored by status (kept by triggers by type: O(types))
+SELECT status, sum(n) FROM type_counts GROUP BY status HAVING sum(n) > 0
+
+-- type_counts --
+-- How many jobs are stored by type and status (kept by triggers: O(types))
+SELECT type, status, n FROM type_counts WHERE n > 0
+
+-- finished_since --
+-- The jobs that ended from hour :hour on, by type, end status and run-time bucket
+SELECT type, status, bucket, sum(n), sum(run_us) FROM finished_hours
+WHERE hour >= :hour GROUP BY type, status, bucket
+
+-- run_buckets --
+-- The run-time histogram's fixed buckets: the upper bound of each (the last has none)
+SELECT upper_us FROM run_buckets ORDER BY bucket
+
+-- prune_finished --
+-- The hourly finished counts older than hour :hour
+DELETE FROM finished_hours WHERE hour < :hour
 
 -- list_jobs --
 -- jobs.list: a page of jobs matching {where}, newest first by {key} (keyset paging)
-SELECT {key}, seq, {select} FROM jobs {where} ORDER BY {order} LIMIT :limit
+SELECT {key}, seq, {select} FROM jobs {where} ORDER BY {order} LIMIT :limit OFFSET :offset
+
+-- count_jobs --
+-- jobs.list's total: the jobs matching {where}, counted no further than :cap
+SELECT count(*) FROM (SELECT 1 FROM jobs {where} LIMIT :cap)
 
 -- matching_jobs --
 -- The jobs a filtered cancel or retry acts on, oldest first
@@ -229,11 +250,11 @@ WHERE status IN ('completed', 'failed', 'cancelled') AND status = :status AND co
 ORDER BY completed_at LIMIT :limit
 
 -- uncount_jobs --
--- The status counts, less the jobs about to be deleted (seqs: a JSON array)
-UPDATE job_counts SET n = n - gone.k
-FROM (SELECT status, count(*) AS k FROM jobs WHERE seq IN (SELECT value FROM json_each(:seqs))
-      GROUP BY status) AS gone
-WHERE job_counts.status = gone.status
+-- The type and status counts, less the jobs about to be deleted (seqs: a JSON array)
+UPDATE type_counts SET n = n - gone.k
+FROM (SELECT type, status, count(*) AS k FROM jobs
+      WHERE seq IN (SELECT value FROM json_each(:seqs)) GROUP BY type, status) AS gone
+WHERE type_counts.type = gone.type AND type_counts.status = gone.status
 
 -- unweigh_jobs --
 -- Each user's stored weight, less their finished jobs about to be deleted

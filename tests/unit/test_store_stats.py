@@ -1,0 +1,73 @@
+"""admin.stats' finished jobs in the store: hourly rows per (type, end status) with a fixed
+run-time histogram, written in the end's transaction, pruned after 35 days by upkeep."""
+
+from __future__ import annotations
+
+from jobd.models import JobStatus
+from jobd.store import Store
+from jobd.store.interface import FINISHED_KEEP_US, HOUR_US
+
+from test_store import T0, Clock, clock, db, new_job, raw, store, submit  # noqa: F401 - fixtures
+
+
+def ended(store: Store, clock: Clock, type: str, status: JobStatus, run_s: float) -> None:
+    job = store.start_job(submit(store, new_job(type=type, project=None)).id)
+    clock.now += int(run_s * 1e6)
+    store.finish_job(job.id, status)
+
+
+def by_key(store: Store, since_hour: int) -> dict[tuple[str, str, int], tuple[int, int]]:
+    return {(t, s, b): (n, run) for t, s, b, n, run in store.finished(since_hour)}
+
+
+def test_each_end_lands_in_its_hour_type_status_and_run_time_bucket(
+        store: Store, clock: Clock) -> None:
+    uppers = store.run_buckets()
+    assert uppers[-1] is None and uppers[:-1] == sorted(uppers[:-1])
+    hour = T0 // HOUR_US
+    ended(store, clock, "sync", JobStatus.COMPLETED, 0.05)
+    ended(store, clock, "sync", JobStatus.COMPLETED, 0.07)
+    ended(store, clock, "sync", JobStatus.FAILED, 3)
+    ended(store, clock, "noop", JobStatus.COMPLETED, 10**6)  # past the last bound
+    queued = submit(store, new_job(type="noop", project=None))
+    store.cancel_job(queued.id, actor="alice")  # never ran: counted, no run time
+    rows = by_key(store, hour)
+    assert rows[("sync", "completed", 0)] == (2, 120_000)
+    assert rows[("sync", "failed", uppers.index(5_000_000))] == (1, 3_000_000)
+    assert rows[("noop", "completed", len(uppers) - 1)] == (1, 10**12)
+    assert rows[("noop", "cancelled", -1)] == (1, 0)
+    assert sum(n for n, _ in rows.values()) == 5
+    # a retried job that is cancelled while queued again has no second run time
+    store.retry_job(queued.id, actor="alice")
+    store.cancel_job(queued.id, actor="alice")
+    assert by_key(store, hour)[("noop", "cancelled", -1)] == (2, 0)
+    # hours before ``since_hour`` are left out
+    assert by_key(store, clock.now // HOUR_US + 1) == {}
+
+
+def test_upkeep_prunes_finished_hours_past_35_days(store: Store, clock: Clock) -> None:
+    ended(store, clock, "sync", JobStatus.COMPLETED, 1)
+    first = T0 // HOUR_US
+    store.upkeep(now=clock.now + FINISHED_KEEP_US - HOUR_US)
+    assert by_key(store, first)  # 34 days and 23 hours later: kept
+    clock.now += FINISHED_KEEP_US + 2 * HOUR_US
+    ended(store, clock, "sync", JobStatus.COMPLETED, 1)
+    store.upkeep(now=clock.now)
+    assert [r[:4] for r in store.finished(0)] == [("sync", "completed", 3, 1)]
+
+
+def test_a_cleanup_takes_each_type_off_its_own_counts(store: Store, clock: Clock) -> None:
+    for type, n in (("sync", 3), ("noop", 1)):
+        for _ in range(n):
+            ended(store, clock, type, JobStatus.COMPLETED, 1)
+    submit(store, new_job(type="sync", project=None))
+    assert store.type_counts() == {"sync": {"completed": 3, "queued": 1},
+                                   "noop": {"completed": 1}}
+    clock.now += 10**9
+    assert sum(len(ids) for ids in store.cleanup(keep_before=clock.now,
+                                                 keep_failed_before=clock.now)) == 4
+    assert store.type_counts() == {"sync": {"queued": 1}}
+    with raw(store.path) as conn:  # none taken off another type's count (none below 0)
+        assert conn.execute("SELECT min(n) FROM type_counts").fetchone()[0] == 0
+    # the finished counts outlive the jobs (kept 35 days whatever the retention)
+    assert sum(r[3] for r in store.finished(0)) == 4
