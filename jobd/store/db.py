@@ -282,22 +282,27 @@ Answer = concurrent.futures.Future[Any] | _LoopAnswer
 
 
 def _answer(answers: list[tuple[Answer, Any, BaseException | None]]) -> None:
-    """Hand each answer to its future: a concurrent one at once (its callbacks run here),
-    those on a loop in one ``call_soon_threadsafe`` per loop."""
+    """Hand each answer to its future: those on a loop first, in one
+    ``call_soon_threadsafe`` per loop (the loop answers its clients meanwhile), then the
+    concurrent ones (their callbacks run here)."""
     on_loops: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any,
                                                           BaseException | None]]] = {}
+    others: list[tuple[concurrent.futures.Future[Any], Any, BaseException | None]] = []
     for fut, value, exc in answers:
         if isinstance(fut, _LoopAnswer):
             on_loops.setdefault(fut.loop, []).append((fut.future, value, exc))
-        elif exc is None:
-            fut.set_result(value)
         else:
-            fut.set_exception(exc)
+            others.append((fut, value, exc))
     for loop, items in on_loops.items():
         try:
             loop.call_soon_threadsafe(_resolve, items)
         except RuntimeError:  # the loop is closed: no one is left to answer
             pass
+    for fut, value, exc in others:
+        if exc is None:
+            fut.set_result(value)
+        else:
+            fut.set_exception(exc)
 
 
 def _resolve(items: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
