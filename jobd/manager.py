@@ -89,8 +89,8 @@ def _check_job_id(job_id: Any) -> str:
     return job_id
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+#: compact JSON; one encoder made once (``json.dumps`` with options builds one per call)
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 
 
 def _json_size(value: Any, field: str, limit: int) -> int:

@@ -62,8 +62,8 @@ _DECODE_ON_LOOP = 65536   # longer request lines are decoded on the pool
 _SHOWN = 80   # characters of a client's string quoted back in a message
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+#: compact JSON; one encoder made once (``json.dumps`` with options builds one per call)
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 def _encode(value: Any) -> bytes:

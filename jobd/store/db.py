@@ -51,6 +51,9 @@ class Tx:
     after_commit: list[Callable[[], None]] = dataclasses.field(default_factory=list)
     #: reverts in-memory changes made by a write whose savepoint (or commit) failed
     undo: list[Callable[[], None]] = dataclasses.field(default_factory=list)
+    #: the last state of each row the transaction's writes changed, by key (the store
+    #: tells its listener of a job once per commit, as the commit leaves it)
+    latest: dict[Any, Any] = dataclasses.field(default_factory=dict)
 
     def run(self, query: str, **params: Any) -> sqlite3.Cursor:
         """Run the named query of ``queries.sql`` (``now`` is the transaction's time)."""
@@ -185,6 +188,7 @@ class Checkpointer(threading.Thread):
         super().__init__(name="jobd-store-checkpointer", daemon=True)
         self.conn = conn
         self.wal = wal
+        self._wal_name = str(wal)  # looked at after every commit: no Path work each time
         self.wake = threading.Event()
         self.stopping = False
         self._holds = 0
@@ -197,7 +201,7 @@ class Checkpointer(threading.Thread):
 
     def _wal_bytes(self) -> int:
         try:
-            return self.wal.stat().st_size
+            return os.stat(self._wal_name).st_size
         except OSError:  # never stop the writer over a size
             return 0
 

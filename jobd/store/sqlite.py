@@ -81,13 +81,17 @@ def _job(row: Sequence[Any]) -> Job:
     )
 
 
+#: compact JSON; one encoder made once (``json.dumps`` with options builds one per call)
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
 def _dumps(value: Any) -> str:
-    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    text = _encode(value)
     if _text(text) is text:
         return text
     # a lone surrogate somewhere: escape it in the text itself, so the stored JSON decodes
     # to valid text again (an escaped surrogate would decode back into a surrogate)
-    return json.dumps(_clean(value), separators=(",", ":"), ensure_ascii=False)
+    return _encode(_clean(value))
 
 
 def _clean(value: Any) -> Any:
@@ -371,7 +375,23 @@ class SqliteStore:
                actor=_text(actor))
 
     def _changed(self, tx: Tx, job: Job) -> Job:
-        tx.after_commit.append(lambda: self.listeners.changed(job))
+        """Tell the listener of ``job`` once the commit holds, unless a later write of the
+        same commit changed it again (a job submitted and started at once is told once,
+        running): the listener acts on the state the commit left."""
+        latest, before = tx.latest, tx.latest.get(job.id)
+        latest[job.id] = job
+
+        def told() -> None:
+            if latest.get(job.id) is job:
+                self.listeners.changed(job)
+
+        def undone() -> None:  # the write's savepoint rolled back: the state before it stands
+            if before is None:
+                latest.pop(job.id, None)
+            else:
+                latest[job.id] = before
+        tx.after_commit.append(told)
+        tx.undo.append(undone)
         return job
 
     def _count_queued(self, tx: Tx, user_id: str, delta: int) -> None:
