@@ -55,7 +55,8 @@ def refresh_golden_repo(alias: str, path: str) -> dict[str, Any]:
     report(10, f"fetching {alias}")
     git("pull", "-q", "--ff-only", cwd=path)
     report(90, "indexing and publishing a snapshot (not in this stand-in)")
-    return {"alias": alias, "old_revision": old, "new_revision": git("rev-parse", "HEAD", cwd=path)}
+    new = git("rev-parse", "HEAD", cwd=path)
+    return {"alias": alias, "old_revision": old, "new_revision": new}
 
 
 def remove_golden_repo(alias: str, path: str) -> dict[str, Any]:

@@ -7,7 +7,8 @@ caller's, 403/400 from ``DELETE /api/jobs/{id}``, 409 for a duplicate. The web u
 named by the ``X-Cidx-User`` header (``X-Cidx-Admin: 1`` for CIDX's admins): a stand-in
 for CIDX's own login check (JWT, sessions), which a real server keeps.
 
-    python server.py --data-dir /srv/cidx/data [--socket /run/jobd/jobd.sock] [--listen 127.0.0.1:8090]
+    python server.py --data-dir /srv/cidx/data [--socket /run/jobd/jobd.sock]
+                     [--listen 127.0.0.1:8090]
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ class CidxLike:
                 status, answer = 409, {"detail": str(e)}
             except JobdError as e:  # each carries the HTTP status of SPEC §4's table
                 status, answer = e.http_status, {"detail": e.message}
-            except (KeyError, ValueError) as e:
+            except (KeyError, TypeError, ValueError) as e:  # a missing or malformed field
                 status, answer = 422, {"detail": f"bad request: {e}"}
             self.head(writer, status, len(data := json.dumps(answer).encode()))
             writer.write(data)

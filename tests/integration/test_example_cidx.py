@@ -130,12 +130,12 @@ def cidx(make_daemon: Callable[..., Daemon], tmp_path: Path, service_account: st
         ["setpriv", f"--reuid={service_account}", f"--regid={service_account}",
          "--init-groups", "--", OTHER_UID_PYTHON, str(readable_example / "server.py"),
          "--data-dir", str(data), "--socket", str(d.socket), "--listen", "127.0.0.1:0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/",
-        env={"PATH": "/usr/bin:/bin", "HOME": "/", **readable_jobd})
+        stdout=subprocess.PIPE, stderr=(tmp_path / "server.stderr").open("w"), text=True,
+        cwd="/", env={"PATH": "/usr/bin:/bin", "HOME": "/", **readable_jobd})
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
-        assert line.startswith("listening on "), (line, proc.stderr.read() if proc.stderr else "")
+        assert line.startswith("listening on "), (tmp_path / "server.stderr").read_text()
         yield Cidx(line.split()[-1]), d, data
     finally:
         proc.terminate()
