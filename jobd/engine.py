@@ -5,11 +5,11 @@ store's commit listener calls ``on_changed``, which feeds the dispatcher and sta
 may start at once. Each start is an ``Attempt`` (``jobd.attempt``): its ``queued ->
 running`` is written without anyone waiting on the commit, and once it holds a worker
 runs the handler with a ``Context``. Starts share transactions where they can: a job
-submitted while a worker is free and nothing is queued starts in its submit's commit
-(``start_in``, called by the manager's submit), and an attempt's end is written together
-with the start of the job the dispatcher hands its slot to (``_start_next_in``). No
-worker waits for that commit: once it holds, the store's writer thread frees the
-attempt's slot and hands the next job to a worker (``_end_written``). If the
+submitted while a worker is free and nothing is queued starts in its submit's own
+statement (``start_in``, asked by the store's ``submit_job_in``), and an attempt's end is
+written together with the start of the job the dispatcher hands its slot to
+(``_start_next_in``). No worker waits for that commit: once it holds, the store's writer
+thread frees the attempt's slot and hands the next job to a worker (``_end_written``). If the
 transaction fails, its undo gives the slot back, the next job returns to the queue in
 its place, and the end is committed again on a worker. Progress lives in memory (every
 ``jobs.get``/``jobs.wait`` sees the latest value at once) and is written to the database
@@ -471,19 +471,21 @@ class Engine:
                         reason="the daemon stopped; the next start recovers it")
             self._release(attempt)
 
-    def start_in(self, tx: Any, job: Job) -> None:
-        """In the transaction that submits ``job``: start it in the same commit when it
-        would be the next to start anyway (a worker is free and nothing is queued); a
-        worker runs it once that commit holds. Otherwise it is queued as usual."""
+    def start_in(self, tx: Any, job: Job) -> Callable[[Job], None] | None:
+        """In the transaction that submits ``job`` (the store's ``submit_job_in`` asks):
+        take a worker's slot for it when it would be the next to start anyway (a worker
+        is free and nothing is queued), and return what the store calls with the job as
+        started in the same statement: a worker runs it once the commit holds. None: it
+        is queued as usual."""
         if not self._started or self._stopping:
-            return
+            return None
         seen, exclusive = self._exclusivity(job)
         attempt = self.dispatcher.take_new(seen, exclusive=exclusive)
         if attempt is None:
-            return
+            return None
         self._taken(tx, attempt, queued=False)  # no job is left to queue if it fails
-        started = self.store.start_job_in(tx, job.id)
-        tx.after_commit.append(lambda: self._hand_to_worker(attempt, started))
+        return lambda started: tx.after_commit.append(
+            lambda: self._hand_to_worker(attempt, started))
 
     def _start_next_in(self, tx: Any, ending: Attempt) -> tuple[Attempt, Job] | None:
         """In the transaction that records ``ending``'s end: start the next job the

@@ -505,15 +505,10 @@ class Manager:
                                 f'{shown(on_duplicate)}', field="on_duplicate")
         rules = dataclasses.replace(self._rules(), reject_duplicates=on_duplicate == "reject")
 
-        def submit_and_start(tx: Any) -> tuple[Job, bool]:
-            # a job that would start at once starts in its submit's commit
-            job, deduplicated = self.store.submit_job_in(tx, draft, scope.actor, rules)
-            if not deduplicated:
-                self.engine.start_in(tx, job)
-            return job, deduplicated
-
-        job, deduplicated = await self.store.write_on(asyncio.get_running_loop(),
-                                                      submit_and_start)
+        # a job that would start at once starts in its submit's statement
+        job, deduplicated = await self.store.write_on(
+            asyncio.get_running_loop(), lambda tx: self.store.submit_job_in(
+                tx, draft, scope.actor, rules, start=self.engine.start_in))
         if not deduplicated:
             # one line per job at info, at its end (the engine's)
             log.debug("job_submitted", job_id=job.id, user_id=job.user_id, type=job.type,
