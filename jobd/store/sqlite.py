@@ -246,6 +246,7 @@ class SqliteStore:
         self._writer: Writer | None = None
         # queued counts per user, kept by the writer thread (the limits are checked there)
         self._queued: Counter[str] = Counter()
+        self._queued_total = 0  # their sum, asked by every submit under max_queued_total
 
     # -- opening and closing -------------------------------------------------------------
 
@@ -272,6 +273,7 @@ class SqliteStore:
                                   f"stop jobd and run `jobd db recover`")
             conn.execute(QUERIES["set_meta"], {"key": "clean", "value": "0"})
             self._queued = Counter(dict(conn.execute(QUERIES["queued_per_user"])))
+            self._queued_total = sum(self._queued.values())
             checkpointer = Checkpointer(self._connect(), Path(f"{self.path}-wal"))
         except sqlite3.DatabaseError as e:
             conn.close()
@@ -402,8 +404,11 @@ class SqliteStore:
 
     def _count_queued(self, tx: Tx, user_id: str, delta: int) -> None:
         # applied now (later writes in the same batch must see it), undone if the write fails
-        self._queued[user_id] += delta
-        tx.undo.append(lambda: self._queued.subtract({user_id: delta}))
+        def add(n: int) -> None:
+            self._queued[user_id] += n
+            self._queued_total += n
+        add(delta)
+        tx.undo.append(lambda: add(-delta))
 
     def _ended(self, tx: Tx, job: Job) -> None:
         """A job has just ended: past max_stored_per_user, its user's oldest go."""
@@ -697,7 +702,7 @@ class SqliteStore:
                     QUERIES["events"], {"seq": job.seq})]
 
     def queued_count(self, user_id: str | None = None) -> int:
-        return self._queued[user_id] if user_id is not None else sum(self._queued.values())
+        return self._queued[user_id] if user_id is not None else self._queued_total
 
     def counts(self) -> dict[str, int]:
         """How many jobs are stored, by status (kept as jobs change: one small read)."""
