@@ -44,7 +44,12 @@ _CURSOR_RE = re.compile(r"[A-Za-z0-9_-]{1,96}={0,2}")
 #: jobs.list's orders: by a time, newest first (jobs without it last), or dispatch order
 ORDERS = ("created", "started", "completed", "queue")
 _SEQ_RE = re.compile(r"[0-9]{1,19}")
-TERMINAL_NAMES = ("completed", "failed", "cancelled")
+#: a cursor's sort key: a time, or -1 for a job without it (ORDER_KEYS)
+_KEY_RE = re.compile(r"-1|[0-9]{1,19}")
+#: the most job types one filter may name (each is a bound parameter of the query)
+MAX_TYPE_FILTER = 100
+#: the end statuses, as admin.stats' finished names them
+_END_NAMES = sorted(map(str, TERMINAL))
 _BOUND_RE = re.compile(r"[0-9a-f]{12}")
 #: jobs.list's deepest ``offset`` and the count ``with_total`` stops at
 MAX_OFFSET = TOTAL_CAP = 10_000
@@ -117,7 +122,8 @@ def _statuses(status: Any, field: str = "status") -> list[str]:
                                                  for s in statuses):
         raise InvalidParams(f"status must be one of {', '.join(JobStatus)} or a list of them "
                             f"(got {shown(status)})", field=field)
-    return statuses
+    # each once, in one order: the query's size is bounded and the same filter is one cursor's
+    return sorted(set(statuses))
 
 
 def _fields(fields: Any) -> frozenset[str] | None:
@@ -158,7 +164,8 @@ def _cursor_key(cursor: Any, order: str, bound: str) -> tuple[int, int] | None:
         numbers = text.split(".")
         # beyond SQLite's integers: forged
         if (len(numbers) == 3 and _BOUND_RE.fullmatch(numbers[2])
-                and all(_SEQ_RE.fullmatch(n) and int(n) < 2**63 for n in numbers[:2])):
+                and _KEY_RE.fullmatch(numbers[0]) and _SEQ_RE.fullmatch(numbers[1])
+                and all(int(n) < 2**63 for n in numbers[:2])):
             if numbers[2] == bound:
                 return int(numbers[0]), int(numbers[1])
             raise InvalidParams(f"cursor belongs to another order or other filters than "
@@ -430,6 +437,11 @@ class Manager:
         if not isinstance(types, list) or not all(isinstance(t, str) for t in types):
             raise InvalidParams(f"{prefix}type must be a job type's name or a list of them "
                                 f"(got {shown(type)})", field=f"{prefix}type")
+        types = sorted(set(types))
+        if len(types) > MAX_TYPE_FILTER:
+            raise InvalidParams(f"{prefix}type names {len(types)} job types; at most "
+                                f"{MAX_TYPE_FILTER} may be asked for at once",
+                                field=f"{prefix}type")
         for name in types:
             utf8(name, f"{prefix}type")
         return dict(statuses=_statuses(status, f"{prefix}status"), types=types,
@@ -493,6 +505,10 @@ class Manager:
         if handler is None:
             raise InvalidParams(f"unknown job type {shown(type)} (known: "
                                 f"{', '.join(sorted(self.handlers))})", field="type")
+        # before the draft's checks, which may run git
+        if on_duplicate not in ("fold", "reject"):
+            raise InvalidParams(f'on_duplicate must be "fold" or "reject", not '
+                                f'{shown(on_duplicate)}', field="on_duplicate")
         params = dict(project_id=project_id, options=options, priority=priority,
                       metadata=metadata, description=description, timeout_s=timeout_s,
                       idempotency_key=idempotency_key)
@@ -500,9 +516,6 @@ class Manager:
             draft = await asyncio.to_thread(self._draft, scope, handler, **params)
         else:
             draft = self._draft(scope, handler, **params)
-        if on_duplicate not in ("fold", "reject"):
-            raise InvalidParams(f'on_duplicate must be "fold" or "reject", not '
-                                f'{shown(on_duplicate)}', field="on_duplicate")
         rules = dataclasses.replace(self._rules(), reject_duplicates=on_duplicate == "reject")
 
         # a job that would start at once starts in its submit's statement
@@ -693,9 +706,10 @@ class Manager:
         if since_us is None:
             since_us = now - 24 * HOUR_US
         elif since_us < now - FINISHED_KEEP_US:
-            raise InvalidParams(f"since is more than 35 days ago (got {shown(since)}); "
-                                "finished jobs are counted for 35 days: ask for a later "
-                                "time", field="since")
+            days = FINISHED_KEEP_US // (24 * HOUR_US)
+            raise InvalidParams(f"since is more than {days} days ago (got {shown(since)}); "
+                                f"finished jobs are counted for {days} days: ask for a "
+                                "later time", field="since")
         counts = {str(s): 0 for s in JobStatus if s is not JobStatus.CREATED}
         counts.update(self.store.counts())
         live = self.engine.stats()
@@ -716,7 +730,7 @@ class Manager:
         uppers = self.store.run_buckets()
         by_type: dict[str, dict[str, Any]] = {}
         for type, status, bucket, n, run_us in self.store.finished(since_hour):
-            entry = by_type.setdefault(type, {"ends": dict.fromkeys(TERMINAL_NAMES, 0),
+            entry = by_type.setdefault(type, {"ends": dict.fromkeys(_END_NAMES, 0),
                                               "hist": [0] * len(uppers), "run_us": 0})
             entry["ends"][status] += n
             if bucket >= 0:
