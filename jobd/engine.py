@@ -9,12 +9,13 @@ submitted while a worker is free and nothing is queued starts in its submit's ow
 statement (``start_in``, asked by the store's ``submit_job_in``), and an attempt's end is
 written together with the start of the job the dispatcher hands its slot to
 (``_start_next_in``). No worker waits for that commit: once it holds, the store's writer
-thread frees the attempt's slot and hands the next job to a worker (``_end_written``). If the
-transaction fails, its undo gives the slot back, the next job returns to the queue in
-its place, and the end is committed again on a worker. Progress lives in memory (every
-``jobs.get``/``jobs.wait`` sees the latest value at once) and is written to the database
-at most every ``FLUSH_S`` per job. ``tick(now)`` is one turn of housekeeping (time
-limits, progress flushes, orphans) on the engine's clock, so a test can pass the time.
+thread frees the attempt's slot and hands the next job to a worker (``_end_written``).
+If the transaction fails, its undo gives the slot back, the next job returns to the
+queue in its place, and the end is committed again on a worker. Progress lives in
+memory (every ``jobs.get``/``jobs.wait`` sees the latest value at once) and is written to
+the database at most every ``FLUSH_S`` per job. ``tick(now)`` is one turn of
+housekeeping (time limits, progress flushes, orphans) on the engine's clock, so a test
+can pass the time.
 
 A job's end is decided once, when its handler returns (``outcome``): a cancel or
 timeout that came before that wins, one after it changes nothing. An end that cannot be

@@ -452,7 +452,8 @@ class _Checked(inspect.Signature):
     def bind(self, *args: Any, **kwargs: Any) -> inspect.BoundArguments:
         if len(args) == len(self._positional) and (
                 self._required <= kwargs.keys() <= self._keywords):
-            return inspect.BoundArguments(self, dict(zip(self._positional, args), **kwargs))  # type: ignore[arg-type]
+            arguments = dict(zip(self._positional, args), **kwargs)
+            return inspect.BoundArguments(self, arguments)  # type: ignore[arg-type]
         return super().bind(*args, **kwargs)
 
 
