@@ -10,6 +10,7 @@ ones are cancelled first, other users' jobs stay; who may call it.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import threading
@@ -337,3 +338,41 @@ def test_services_and_plain_users_see_their_scope_and_may_not_purge(
     assert [j["id"] for j in own["result"]["jobs"]] == [jobs[PLAIN]]
     assert refused["error"]["code"] == -32003, refused
     assert result_of(d, "jobs.get", job_id=jobs[ALICE])["status"] == "queued"
+
+
+def test_jobctl_purge_asks_first_and_with_yes_purges(daemon: Daemon) -> None:
+    from test_jobctl import as_json, jobctl
+    job = result_of(daemon, "jobs.submit", type="noop", as_user=ALICE)
+    wait_terminal(daemon, job["id"])
+    refused = jobctl(daemon, "purge", ALICE)  # no terminal to ask on, and no --yes
+    assert refused.returncode == 2 and "--yes" in refused.stderr, refused
+    assert result_of(daemon, "jobs.get", job_id=job["id"])["status"] == "completed"
+    assert as_json(jobctl(daemon, "purge", ALICE, "--yes", "--json")) == {"deleted": 1}
+    done = jobctl(daemon, "purge", ALICE, "--yes")
+    assert done.returncode == 0 and f"purged {ALICE}: 0 jobs deleted" in done.stdout, done
+
+
+def test_every_client_has_changes_follow_changes_and_purge(daemon: Daemon) -> None:
+    from jobd.client import AsyncClient, AsyncClientPool, Client
+    result_of(daemon, "admin.pause")
+    # the answer's wait is added to the client's own timeout, as for jobs.wait
+    with Client(socket=str(daemon.socket), timeout=0.5) as c:
+        first = c.changes()
+        assert c.changes(after=first["cursor"], timeout_s=1)["jobs"] == []
+        job = c.submit("noop")
+        answer = next(iter(c.follow_changes(first["cursor"])))
+        assert [j["id"] for j in answer["jobs"]] == [job["id"]]
+
+    async def main() -> None:
+        async with AsyncClientPool(2, socket=str(daemon.socket), as_user=ALICE) as pool:
+            start = await pool.changes()
+            mine = await pool.submit("noop")
+            follow = pool.follow_changes(start["cursor"], status="queued")
+            assert [j["id"] for j in (await follow.__anext__())["jobs"]] == [mine["id"]]
+            await follow.aclose()
+        async with AsyncClient(socket=str(daemon.socket)) as admin:
+            assert await admin.purge(ALICE) == {"deleted": 1}
+            answer = await admin.changes(after=start["cursor"], timeout_s=0)
+            assert mine["id"] not in [j["id"] for j in answer["jobs"]]
+
+    asyncio.run(main())
