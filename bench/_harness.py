@@ -404,7 +404,19 @@ ORDER BY seq, k
 _WRITES = {"jobs": ("seq", "id", "type", "user_id", "project_id", "status", "progress",
                     "phase", "options", "result", "error", "attempts", "version",
                     "created_at", "started_at", "completed_at", "updated_at"),
-           "job_events": ("job", "at", "status", "message", "progress", "actor")}
+           "job_events": ("job", "at", "status", "message", "progress", "actor"),
+           "finished_hours": ("hour", "type", "status", "bucket", "n", "run_us")}
+
+#: admin.stats' finished counts of the prefilled jobs, as the store's trigger counts an end
+_FINISHED = """
+INSERT INTO finished_hours (hour, type, status, bucket, n, run_us)
+SELECT completed_at / 3600000000, type, status,
+       CASE WHEN started_at IS NULL THEN -1 ELSE (
+           SELECT min(bucket) FROM run_buckets
+           WHERE upper_us IS NULL OR upper_us >= completed_at - started_at) END,
+       count(*), sum(coalesce(completed_at - started_at, 0))
+FROM jobs WHERE completed_at >= :since GROUP BY 1, 2, 3, 4
+"""
 
 
 def prefill(db: Path, n: int, *, expired: int = 0, users: int = 1000) -> float:
@@ -414,8 +426,9 @@ def prefill(db: Path, n: int, *, expired: int = 0, users: int = 1000) -> float:
     in with bulk INSERTs on a raw connection, with the store's indexes dropped meanwhile
     and then created again from their own SQL. The jobs are mostly completed syncs of
     ``users`` users, some failed or cancelled; the oldest ``expired`` of them finished 60
-    to 40 days ago, the rest within the last six days. ``meta.clean`` says the last stop
-    was clean, as after ``jobd`` stopped normally.
+    to 40 days ago, the rest within the last six days; those of the last 35 days are in
+    ``admin.stats``' finished counts. ``meta.clean`` says the last stop was clean, as
+    after ``jobd`` stopped normally.
     """
     sys.path.insert(0, str(ROOT))
     import logging
@@ -457,6 +470,7 @@ def prefill(db: Path, n: int, *, expired: int = 0, users: int = 1000) -> float:
                          "step": max(1, 6 * _DAY_US // max(n - expired, 1)),
                          "options": options, "result": result})
     conn.execute(_EVENTS)
+    conn.execute(_FINISHED, {"since": now - 35 * _DAY_US})
     for _, sql in indexes:
         conn.execute(sql)
     conn.execute("COMMIT")

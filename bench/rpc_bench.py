@@ -7,8 +7,10 @@ reference, and measures in the same run:
   * ping and jobs.submit latency, one connection, one call at a time (p50/p99)
   * jobs.submit per second from several connections, one call in flight on each
 
-  * jobs.list of the newest 100 of one user, p50
-  * admin.stats, p50, beside admin.stats on an empty database (a daemon of its own)
+  * jobs.list of the newest 100 of one user, p50; a UI's page (two types, offset 100,
+    with_total) of one user, p50
+  * admin.stats, p50, beside admin.stats on an empty database (a daemon of its own);
+    admin.stats with ``since`` 35 days back (finished jobs by type from the daily counts)
   * admin.cleanup of the prefill's expired tenth while another connection submits one
     job after another: how long it took and the longest any of those submits waited
 
@@ -53,11 +55,11 @@ _DAY_US = 86_400_000_000
 _CLEANUP_OLDER_THAN_S = 20 * 86_400
 
 
-def stats_latencies(daemon: Jobd, count: int) -> list[float]:
+def stats_latencies(daemon: Jobd, count: int, **params: object) -> list[float]:
     """Seconds per ``admin.stats`` round trip, ``count`` of them after ten warm-up calls."""
     conn = daemon.connect()
     try:
-        return latencies(conn, [request("admin.stats", {})] * (count + 10), 10)
+        return latencies(conn, [request("admin.stats", params)] * (count + 10), 10)
     finally:
         conn.close()
 
@@ -173,9 +175,18 @@ def main() -> int:
             list_lines = [request("jobs.list", {"user_id": f"user{n % 50}", "limit": 100})
                           for n in range(warmup + 500)]
             listed = latencies(conn, list_lines, warmup)
+            # a UI's third page of a user's jobs of two types, with the total
+            page_lines = [request("jobs.list", {"user_id": f"user{n % 50}", "limit": 50,
+                                                "type": ["sync", "index"], "offset": 100,
+                                                "with_total": True})
+                          for n in range(warmup + 500)]
+            paged = latencies(conn, page_lines, warmup)
             e_conn.close()
             print("admin.stats latency ...", flush=True)
             big_stats = stats_latencies(daemon, args.stats)
+            since = time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                  time.gmtime(time.time() - 35 * 86_400 + 3_600))
+            month_stats = stats_latencies(daemon, args.stats, since=since)
 
             print(f"submit rate, {args.clients} connections, {args.duration:g} s ...", flush=True)
             per_conn = 1_000_003  # distinct owners per connection without a shared counter
@@ -233,6 +244,11 @@ def main() -> int:
                 "≤ 3,000 µs" + ("" if big else " @1M stored"),
                 f"p99 {us(pct(listed, 99))}, end to end",
                 pct(listed, 50) <= 0.003 if big else None),
+            Row("list page 3 (offset 100), two types, with_total, p50", us(pct(paged, 50)),
+                "", f"p99 {us(pct(paged, 99))}, end to end"),
+            Row("admin.stats since 35 days back, p50", ms(pct(month_stats, 50)),
+                "≤ 5 ms" + ("" if big else " @1M stored"), "finished by day and hour",
+                pct(month_stats, 50) <= 0.005 if big else None),
             Row("admin.stats p50", ms(stats_p50),
                 "≤ 5 ms and ≤ ×3 empty" + ("" if big else " @1M stored"),
                 f"empty database {ms(empty_p50)} (×{stats_p50 / empty_p50:.1f})",

@@ -14,6 +14,7 @@ import contextlib
 import contextvars
 import dataclasses
 import hashlib
+import heapq
 import json
 import re
 import shutil
@@ -852,8 +853,9 @@ class Manager:
         counts = {str(s): 0 for s in JobStatus if s is not JobStatus.CREATED}
         counts.update(self.store.counts())
         live = self.engine.stats()
-        users = sorted(live["per_user"].items(),
-                       key=lambda kv: (-kv[1]["running"] - kv[1]["queued"], kv[0]))
+        # the busiest first: a bounded heap, not a sort of every user with a job
+        users = heapq.nsmallest(PER_USER_TOP + 1, live["per_user"].items(),
+                                key=lambda kv: (-kv[1]["running"] - kv[1]["queued"], kv[0]))
         return {"jobs": counts, "by_type": self.store.type_counts(),
                 "finished": self._finished(since_us // HOUR_US), **live,
                 "per_user": dict(users[:PER_USER_TOP]),

@@ -303,8 +303,10 @@ class SqliteStore:
         """Database housekeeping: drop the hourly finished counts past ``FINISHED_KEEP_US``,
         refresh planner statistics, fold the WAL back."""
         now = now if now is not None else time.time_ns() // 1000
-        self.write(lambda tx: tx.run("prune_finished",
-                                     hour=(now - FINISHED_KEEP_US) // HOUR_US))
+        def prune(tx: Tx) -> None:
+            for query in ("prune_finished", "prune_finished_days"):
+                tx.run(query, hour=(now - FINISHED_KEEP_US) // HOUR_US)
+        self.write(prune)
         self.write(lambda tx: tx.conn.execute("PRAGMA optimize"))
         # a checkpoint cannot run inside the writer's transaction; any connection may run it
         conn = sqlite3.connect(self.path, timeout=10.0)
@@ -611,6 +613,11 @@ class SqliteStore:
         """The ids of every job matching ``filters`` (as ``list_jobs``), newest first."""
         return [r[2] for r in self._list("id", limit=-1, **filters)]
 
+    def known_ids(self, job_ids: list[str]) -> set[str]:
+        """Which of ``job_ids`` are stored jobs (one lookup by the id index each)."""
+        return {r[0] for r in self._read().execute(QUERIES["known_ids"],
+                                                   {"ids": json.dumps(job_ids)})}
+
     def count_jobs(self, cap: int, **filters: Any) -> int:
         """How many jobs match ``filters`` (as ``list_jobs``), counted no further than ``cap``
         (the scan stops there, so a count costs at most ``cap`` index rows)."""
@@ -681,8 +688,11 @@ class SqliteStore:
     def finished(self, since_hour: int) -> list[tuple[str, str, int, int, int]]:
         """``(type, end status, run-time bucket, count, run µs)`` of the jobs that ended
         from hour ``since_hour`` (µs since the epoch // 3600 s) on; bucket -1: never ran.
-        Read from hourly rows kept as jobs end: its cost grows with hours and types only."""
-        return self._read().execute(QUERIES["finished_since"], {"hour": since_hour}).fetchall()
+        Read from the rows kept as jobs end, by day and by hour: whole days, and the hours
+        of the first and the last day; its cost grows with days and types only."""
+        return self._read().execute(QUERIES["finished_since"], {
+            "hour": since_hour, "first_day": -(-since_hour // 24),
+            "today": self.clock() // HOUR_US // 24}).fetchall()
 
     def run_buckets(self) -> list[int | None]:
         """The upper bound (µs) of each bucket ``finished`` counts in; the last has none."""

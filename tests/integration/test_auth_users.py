@@ -114,6 +114,8 @@ def world(local_accounts: LocalAccounts, tmp_path_factory: pytest.TempPathFactor
     upstream = make_upstream(root / "upstream")
     for name in (ALICE, BOB, CAROL):
         clone(upstream, d.repos / name / "proj")
+    for tree in ("tree2", "tree3"):  # other work than the seeded jobs' (no fold into them)
+        clone(upstream, d.repos / ALICE / tree)
     d.start()
     w = World(d, local_accounts, entries)
     w.root_call("admin.pause")
@@ -196,7 +198,7 @@ def test_service_must_say_whom_it_acts_for(world: World) -> None:
 
 def test_service_acting_for_a_user(world: World) -> None:
     own, other, cmd = (world.jobs[k]["id"] for k in ("alice", "bob", "alice_cmd"))
-    repo = str(world.d.repos / ALICE / "proj")
+    repo, repo3 = (str(world.d.repos / ALICE / tree) for tree in ("tree2", "tree3"))
     scope = {"as_user": ALICE}
     calls = [
         *job_calls(own, "ok", **scope),
@@ -209,7 +211,7 @@ def test_service_acting_for_a_user(world: World) -> None:
         ("repo_path", "jobs.submit", {"type": "index", "project_id": "elsewhere",
                                       "options": {"repo_path": repo}, **scope}, "ok"),
         ("priority up", "jobs.submit", {"type": "index", "project_id": "p2", "priority": 50,
-                                        "options": {"repo_path": repo}, **scope}, "ok"),
+                                        "options": {"repo_path": repo3}, **scope}, "ok"),
         ("noop", "jobs.submit", {"type": "noop", **scope}, FORBIDDEN),
         ("command", "jobs.submit", {"type": "command", "options": {"argv": ["id"]}, **scope},
          FORBIDDEN),
@@ -223,6 +225,8 @@ def test_service_acting_for_a_user(world: World) -> None:
     assert {j["user_id"] for j in got["list"]["result"]["jobs"]} == {ALICE}
     for label in ("sync", "repo_path", "priority up"):
         assert got[label]["result"]["user_id"] == ALICE
+    for label in ("repo_path", "priority up"):
+        assert got[label]["result"]["deduplicated"] is False
     assert got["repo_path"]["result"]["options"]["repo_path"] == repo
     assert got["priority up"]["result"]["priority"] == 50
     created = world.root_call("jobs.events", job_id=got["repo_path"]["result"]["id"])[0]
@@ -368,3 +372,34 @@ def test_a_types_roles_decide_who_may_submit_it(world: World) -> None:
     assert got["golden"]["result"]["user_id"] == ALICE
     world.run(CAROL, "admin", [("golden", "jobs.submit", golden, "ok"),
                                ("mine", "jobs.submit", mine, FORBIDDEN)])
+
+
+def test_a_service_acts_for_web_identities_and_drains_as_admin(world: World) -> None:
+    """SPEC §3a and §4 with a real service account: CIDX's own user names and aliases
+    are ids; a web user's jobs are its own; maintenance is for admins, and for a service
+    only ``as_admin``."""
+    web, jane = "alice@example.com", "Jane Doe"
+    golden = {"type": "golden", "options": {"alias": "org/repo"}}
+    got = world.run(CIDX, "service", [
+        ("submit", "jobs.submit", {**golden, "as_user": web}, "ok"),
+        ("list", "jobs.list", {"as_user": web}, "ok"),
+        ("list jane", "jobs.list", {"as_user": jane}, "ok"),
+        ("control character", "jobs.list", {"as_user": "eve\n"}, -32602),
+        ("maintenance as user", "admin.maintenance", {"as_user": web}, FORBIDDEN),
+        ("maintenance as_admin", "admin.maintenance", {"as_user": web, "as_admin": True}, "ok"),
+        ("stats as_admin", "admin.stats", {"as_user": web, "as_admin": True}, "ok")])
+    job = got["submit"]["result"]
+    assert job["user_id"] == web and job["options"] == {"alias": "org/repo"}
+    assert [j["id"] for j in got["list"]["result"]["jobs"]] == [job["id"]]
+    assert got["list jane"]["result"]["jobs"] == []
+    assert got["control character"]["error"]["data"]["field"] == "as_user"
+    assert got["maintenance as_admin"]["result"]["maintenance"] is False
+    assert got["stats as_admin"]["result"]["by_type"]["golden"]["queued"] >= 1
+    got = world.run(CIDX, "service", [
+        ("get", "jobs.get", {"job_id": job["id"], "as_user": web}, "ok"),
+        ("get as jane", "jobs.get", {"job_id": job["id"], "as_user": jane}, FORBIDDEN),
+        ("cancel as jane", "jobs.cancel", {"job_id": job["id"], "as_user": jane}, FORBIDDEN),
+        ("cancel", "jobs.cancel", {"job_id": job["id"], "as_user": web}, "ok")])
+    assert got["cancel"]["result"]["status"] == "cancelled"
+    world.run(ALICE, "user", [("maintenance", "admin.maintenance", {}, FORBIDDEN),
+                              ("as a web user", "jobs.list", {"as_user": web}, FORBIDDEN)])

@@ -53,7 +53,36 @@ def test_upkeep_prunes_finished_hours_past_35_days(store: Store, clock: Clock) -
     clock.now += FINISHED_KEEP_US + 2 * HOUR_US
     ended(store, clock, "sync", JobStatus.COMPLETED, 1)
     store.upkeep(now=clock.now)
-    assert [r[:4] for r in store.finished(0)] == [("sync", "completed", 3, 1)]
+    oldest = (clock.now - FINISHED_KEEP_US) // HOUR_US  # the earliest ``since`` allowed
+    assert [r[:4] for r in store.finished(oldest)] == [("sync", "completed", 3, 1)]
+    with raw(store.path) as conn:
+        assert conn.execute("SELECT count(*) FROM finished_hours WHERE hour < ?",
+                            (oldest,)).fetchone()[0] == 0
+        assert conn.execute("SELECT count(*) FROM finished_days WHERE (day + 1) * 24 <= ?",
+                            (oldest,)).fetchone()[0] == 0
+
+
+def test_finished_since_any_hour_equals_the_sum_of_its_hours(
+        store: Store, clock: Clock) -> None:
+    """Whole days are read from the daily rows: whatever the ``since``, the answer is the
+    sum of the hours from it on."""
+    start = clock.now
+    for i in range(80):  # an end every hour for three days and more, of two types
+        clock.now = start + i * HOUR_US + 7 * 60 * 10**6
+        ended(store, clock, ("sync", "noop")[i % 2],
+              (JobStatus.COMPLETED, JobStatus.FAILED)[i % 3 == 0], 0.3 * (i % 5 + 1))
+    with raw(store.path) as conn:
+        hours = conn.execute("SELECT hour, type, status, bucket, n, run_us "
+                             "FROM finished_hours").fetchall()
+        assert conn.execute("SELECT count(*) FROM finished_days").fetchone()[0] < len(hours)
+    first, last = min(h[0] for h in hours), max(h[0] for h in hours)
+    for since in range(first - 1, last + 2):
+        expected: dict[tuple[str, str, int], tuple[int, int]] = {}
+        for hour, type, status, bucket, n, run_us in hours:
+            if hour >= since:
+                total = expected.get((type, status, bucket), (0, 0))
+                expected[(type, status, bucket)] = (total[0] + n, total[1] + run_us)
+        assert by_key(store, since) == expected, f"since hour {since - first}"
 
 
 def test_a_cleanup_takes_each_type_off_its_own_counts(store: Store, clock: Clock) -> None:

@@ -32,6 +32,10 @@ json_object('id', id, 'type', type, 'user_id', user_id, 'project_id', project_id
 -- One job by id
 SELECT {job_columns} FROM jobs WHERE id = :job_id
 
+-- known_ids --
+-- Which of the ids in the JSON array :ids are stored jobs
+SELECT id FROM jobs WHERE id IN (SELECT value FROM json_each(:ids))
+
 -- job_status --
 -- What a refused transition finds: the job's status now (no row: no such job)
 SELECT status FROM jobs WHERE id = :job_id
@@ -177,9 +181,19 @@ SELECT status, sum(n) FROM type_counts GROUP BY status HAVING sum(n) > 0
 SELECT type, status, n FROM type_counts WHERE n > 0
 
 -- finished_since --
--- The jobs that ended from hour :hour on, by type, end status and run-time bucket
-SELECT type, status, bucket, sum(n), sum(run_us) FROM finished_hours
-WHERE hour >= :hour GROUP BY type, status, bucket
+-- The jobs that ended from hour :hour on, by type, end status and run-time bucket: the
+-- hours up to the first whole day :first_day, the whole days before day :today, and the
+-- hours from :today on (three ranges of the keys, not one scan of every hour)
+SELECT type, status, bucket, sum(n), sum(run_us) FROM (
+    SELECT type, status, bucket, n, run_us FROM finished_hours
+    WHERE hour >= :hour AND hour < :first_day * 24
+    UNION ALL
+    SELECT type, status, bucket, n, run_us FROM finished_days
+    WHERE day >= :first_day AND day < :today
+    UNION ALL
+    SELECT type, status, bucket, n, run_us FROM finished_hours
+    WHERE hour >= max(:hour, :first_day * 24, :today * 24))
+GROUP BY type, status, bucket
 
 -- run_buckets --
 -- The run-time histogram's fixed buckets: the upper bound of each (the last has none)
@@ -188,6 +202,10 @@ SELECT upper_us FROM run_buckets ORDER BY bucket
 -- prune_finished --
 -- The hourly finished counts older than hour :hour
 DELETE FROM finished_hours WHERE hour < :hour
+
+-- prune_finished_days --
+-- The daily finished counts of days wholly before hour :hour
+DELETE FROM finished_days WHERE (day + 1) * 24 <= :hour
 
 -- list_jobs --
 -- jobs.list: a page of jobs matching {where}, newest first by {key} (keyset paging)

@@ -51,3 +51,23 @@ BEGIN
     ON CONFLICT (hour, type, status, bucket) DO UPDATE SET n = n + 1,
         run_us = run_us + excluded.run_us;
 END;
+
+-- The same counts by day (UTC), kept as the sums of their day's hours by two triggers,
+-- so that finished since a time weeks back reads whole days and at most two days' hours.
+CREATE TABLE finished_days (
+    day INTEGER NOT NULL, type TEXT NOT NULL, status TEXT NOT NULL, bucket INTEGER NOT NULL,
+    n INTEGER NOT NULL, run_us INTEGER NOT NULL,
+    PRIMARY KEY (day, type, status, bucket)) WITHOUT ROWID;
+CREATE TRIGGER finished_daily_in AFTER INSERT ON finished_hours
+BEGIN
+    INSERT INTO finished_days (day, type, status, bucket, n, run_us)
+    VALUES (NEW.hour / 24, NEW.type, NEW.status, NEW.bucket, NEW.n, NEW.run_us)
+    ON CONFLICT (day, type, status, bucket) DO UPDATE SET n = n + excluded.n,
+        run_us = run_us + excluded.run_us;
+END;
+CREATE TRIGGER finished_daily_move AFTER UPDATE OF n, run_us ON finished_hours
+BEGIN
+    UPDATE finished_days SET n = n + NEW.n - OLD.n, run_us = run_us + NEW.run_us - OLD.run_us
+    WHERE day = NEW.hour / 24 AND type = NEW.type AND status = NEW.status
+        AND bucket = NEW.bucket;
+END;
