@@ -21,9 +21,9 @@ database is longer than one answer may be, its cursor is ``d1.<µs>.<seq>``, the
 job sent in (change time, seq) order.
 
 A waiting call files a ``Waiter`` under the user its filters name (None: every user's
-jobs). A change costs the recording thread an append and, only while anyone waits, one
-wake-up of the event loop per batch of changes; there each change is checked against
-the waiters of its user and the unscoped ones, a comparison of a few fields each.
+jobs). A change costs the recording thread an append and two dict lookups; only while
+someone waits for its user's jobs (or every user's) is the event loop woken, once per
+batch of changes, to check each against those waiters, a comparison of a few fields.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from jobd.params import shown
 __all__ = ["Change", "ChangeLog", "KEEP", "Position", "REWIND_US", "matches"]
 
 #: how many changes the log keeps at least (a cursor older than that reads the database)
-KEEP = 50_000
+KEEP = 10_000
 #: how far before a cursor's time a read from the database starts
 REWIND_US = 2_000_000
 _CURSOR_RE = re.compile(r"[A-Za-z0-9_-]{1,120}={0,2}")
@@ -132,7 +132,11 @@ class ChangeLog:
             entries.append(change)
             if len(entries) >= 2 * self.keep:
                 self._log = (base + len(entries) - self.keep, entries[-self.keep:])
-        if self._waiters and not self._scheduled and self._loop is not None:
+        # the loop is woken only for a change someone may wait for: its user's waiters,
+        # or the unscoped ones (a waiter filed after this check reads the entry itself)
+        waiters = self._waiters
+        if ((change.user_id in waiters or None in waiters) and not self._scheduled
+                and self._loop is not None):
             self._scheduled = True
             try:
                 self._loop.call_soon_threadsafe(self._wake)

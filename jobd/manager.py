@@ -81,6 +81,8 @@ MAX_BULK = 1000
 _CHUNK_ROWS = 128
 #: the most jobs one jobs.changes answer holds (its cursor goes on from the last)
 MAX_CHANGES = 1000
+#: how many changed jobs' texts jobs.changes keeps for the next poll, and the largest kept
+_CHANGED_TEXTS, _CHANGED_TEXT_BYTES = 1000, 4096
 #: what a jobs.changes answer holds around its jobs, the longest cursor included
 _CHANGES_FRAME = len('{"jobs":[],"cursor":""}') + 120
 #: the most one stored job's wire JSON can take: its options, metadata and description at
@@ -272,6 +274,9 @@ class Manager:
         self.hub = hub
         #: every job change this start saw, for jobs.changes (the daemon records into it)
         self.change_log = change_log or ChangeLog()
+        #: (job id, fields) -> (the change log's head when it was read, the job's text):
+        #: every poll of jobs.changes that a change wakes sends that job, read once
+        self._changed_texts: dict[tuple[str, frozenset[str] | None], tuple[int, str]] = {}
         self.started = time.monotonic()
         #: admin.maintenance: on, and the reason told to those refused (restore() loads it)
         self.maintenance_on = False
@@ -491,20 +496,33 @@ class Manager:
                         filters: dict[str, Any], wanted: frozenset[str] | None
                         ) -> tuple[list[str], str, Position]:
         """The answer from the change log: ``latest`` holds each job changed since the
-        cursor at its latest change; their states are read now, with the filters again
-        (a job whose state now fails them is passed over)."""
+        cursor at its latest change. A job's text read after that change (by an earlier
+        poll: many polls send the same changes) is sent again; the others are read now,
+        with the filters again (a job whose state now fails them is passed over)."""
         budget = self.config.server.max_response_bytes - _ENVELOPE_BYTES
+        texts = self._changed_texts
         jobs: list[str] = []
         size, to = _CHANGES_FRAME, (head, head_us)
         for start in range(0, len(latest), MAX_CHANGES):
             chunk = latest[start:start + MAX_CHANGES]
+            known = {change.job_id: hit[1] for number, change in chunk
+                     if (hit := texts.get((change.job_id, wanted))) is not None
+                     and hit[0] >= number}
+            missing = [change.job_id for _, change in chunk if change.job_id not in known]
             rows = {row[1]: row for row in self.store.list_wire(
-                ids=[change.job_id for _, change in chunk], limit=len(chunk), **filters)}
+                ids=missing, limit=len(missing), **filters)} if missing else {}
+            if len(texts) + len(missing) > _CHANGED_TEXTS:
+                texts.clear()
             for i, (_, change) in enumerate(chunk, start):
-                row = rows.get(change.seq)
-                if row is None:
-                    continue  # deleted since, or its state now fails the filters
-                text = self._listed(row[2], row[3], wanted)
+                text = known.get(change.job_id)
+                if text is None:
+                    row = rows.get(change.seq)
+                    if row is None:
+                        continue  # deleted since, or its state now fails the filters
+                    text = self._listed(row[2], row[3], wanted)
+                    if len(text) <= _CHANGED_TEXT_BYTES:
+                        # read after every change up to the head: as true for them all
+                        texts[(change.job_id, wanted)] = (head, text)
                 cost = (len(text) if text.isascii() else len(text.encode())) + 1
                 if len(jobs) == MAX_CHANGES or (jobs and size + cost > budget):
                     # the cursor goes on from the change before this job's
