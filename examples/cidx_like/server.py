@@ -19,7 +19,7 @@ import json
 import re
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from cidx_jobs import DuplicateJobError, JobdJobManager, Layout
 from jobd.client import JobdError
@@ -66,6 +66,11 @@ class CidxLike:
                                            golden_alias=body["golden_repo_alias"],
                                            branch=body.get("branch_name"))
             return 202, {"job_id": job_id, "message": f"Activating '{alias}'"}
+        if (m := re.fullmatch(r"/api/repos/([^/]+)", path)) and method == "DELETE":
+            alias = unquote(m[1])  # a user alias may hold "/": org%2Frepo
+            job_id = await jobs.submit_job("deactivate_repository", submitter_username=user,
+                                           repo_alias=alias)
+            return 202, {"job_id": job_id, "message": f"Deactivating '{alias}'"}
         if path == "/api/repos/sync" and method == "POST":
             alias = body["repository_alias"]
             job_id = await jobs.submit_job("sync_repository", submitter_username=user,

@@ -225,11 +225,44 @@ def test_a_refresh_waits_for_a_branch_change_of_the_same_golden_repo_only(
     assert git("branch", "--show-current", cwd=data / "golden-repos" / "busy") == "next"
 
 
-def _alices_repository(server: Cidx, data: Path, tmp_path: Path) -> None:
+def _alices_repository(server: Cidx, data: Path, tmp_path: Path) -> Path:
+    """Alice's activation of golden ``shared`` as ``org/repo``: its work tree."""
     golden(data, tmp_path, "shared")
     activated = server.ok("POST", "/api/repos/activate", ALICE,
                           {"golden_repo_alias": "shared", "user_alias": "org/repo"})
     assert server.done(activated["job_id"], ALICE)["status"] == "completed"
+    return data / "activated-repos" / ALICE / "org" / "repo"
+
+
+@pytest.mark.root
+def test_a_deactivation_waits_for_a_sync_of_the_same_activated_tree_only(
+        cidx: tuple[Cidx, Daemon, Path], tmp_path: Path) -> None:
+    """The activated tree is the job's work tree (options.repo_path): a deactivation and a
+    sync of it never overlap, while another user's activation of the same golden
+    repository runs meanwhile."""
+    server, d, data = cidx
+    work_tree = _alices_repository(server, data, tmp_path)
+    sync = server.ok("POST", "/api/repos/sync", ALICE, {"repository_alias": "org/repo"})
+    wait_for(lambda: server.job(sync["job_id"], ALICE)["status"] == "running",
+             what="the sync to run")
+    gone = server.ok("DELETE", "/api/repos/org%2Frepo", ALICE)
+    bobs = server.ok("POST", "/api/repos/activate", BOB,
+                     {"golden_repo_alias": "shared", "user_alias": "org/repo"})
+    waiting = server.job(gone["job_id"], ALICE)
+    assert (waiting["status"], waiting["wait_reason"]) == ("pending", "project_busy"), waiting
+    # the same deactivation again is the one already waiting (the tree is the work key)
+    status, answer = server.call("DELETE", "/api/repos/org%2Frepo", ALICE)
+    assert status == 409 and gone["job_id"] in answer["detail"], answer
+    activated = server.done(bobs["job_id"], BOB)
+    synced = server.done(sync["job_id"], ALICE)
+    removed = server.done(gone["job_id"], ALICE)
+    assert activated["status"] == synced["status"] == removed["status"] == "completed"
+    assert activated["completed_at"] < synced["completed_at"], "Bob's activation waited"
+    assert removed["started_at"] >= synced["completed_at"]
+    assert removed["operation_type"] == "deactivate_repository"
+    assert removed["result"] == {"removed": str(work_tree)}
+    assert not work_tree.exists()
+    assert (data / "activated-repos" / BOB / "org" / "repo" / "README.md").exists()
 
 
 @pytest.mark.root
@@ -301,5 +334,7 @@ def test_the_docs_config_is_the_examples_and_every_toml_block_loads(tmp_path: Pa
     loaded = config.load(EXAMPLE / "jobd.toml", env={})
     assert loaded.sync.index_passes == 2 and loaded.execution.default_timeout is None
     assert all(t.timeout is None for t in loaded.types.values())
-    assert {n for n, t in loaded.types.items() if t.exclusive} == {
-        "add_golden_repo", "refresh_golden_repo", "remove_golden_repo"}
+    assert {n for n, t in loaded.types.items() if t.exclusive} == set(loaded.types)
+    # an activated tree is a project's work tree that CIDX names by options.repo_path
+    assert {n for n, t in loaded.types.items() if t.project == "required" and not t.repo} == {
+        "activate_repository", "deactivate_repository"}
