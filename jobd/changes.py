@@ -165,10 +165,12 @@ class ChangeLog:
         seen: set[str] = set()
         latest: list[tuple[int, Change]] = []
         number = head
+        # every user's jobs, unfiltered (0 is a time: created_before the epoch is a filter)
+        everything = all(v is None or v == [] for v in filters.values())
         for change in reversed(newer):
             if change.job_id not in seen:
                 seen.add(change.job_id)
-                if matches(filters, change):
+                if everything or matches(filters, change):
                     latest.append((number, change))
             number -= 1
         latest.reverse()
