@@ -49,6 +49,10 @@ _CURSOR_RE = re.compile(r"[A-Za-z0-9_-]{1,96}={0,2}")
 #: jobs.list's orders: by a time, newest first (jobs without it last), or dispatch order
 ORDERS = ("created", "started", "completed", "queue")
 _SEQ_RE = re.compile(r"[0-9]{1,19}")
+#: a cursor's sort key: a time, or -1 for a job without it (ORDER_KEYS)
+_KEY_RE = re.compile(r"-1|[0-9]{1,19}")
+#: the most job types one filter may name (each is a bound parameter of the query)
+MAX_TYPE_FILTER = 100
 TERMINAL_NAMES = ("completed", "failed", "cancelled")
 _BOUND_RE = re.compile(r"[0-9a-f]{12}")
 #: jobs.list's deepest ``offset`` and the count ``with_total`` stops at
@@ -150,7 +154,8 @@ def _statuses(status: Any, field: str = "status") -> list[str]:
                                                  for s in statuses):
         raise InvalidParams(f"status must be one of {', '.join(JobStatus)} or a list of them "
                             f"(got {shown(status)})", field=field)
-    return statuses
+    # each once, in one order: the query's size is bounded and the same filter is one cursor's
+    return sorted(set(statuses))
 
 
 def _fields(fields: Any) -> frozenset[str] | None:
@@ -191,7 +196,8 @@ def _cursor_key(cursor: Any, order: str, bound: str) -> tuple[int, int] | None:
         numbers = text.split(".")
         # beyond SQLite's integers: forged
         if (len(numbers) == 3 and _BOUND_RE.fullmatch(numbers[2])
-                and all(_SEQ_RE.fullmatch(n) and int(n) < 2**63 for n in numbers[:2])):
+                and _KEY_RE.fullmatch(numbers[0]) and _SEQ_RE.fullmatch(numbers[1])
+                and all(int(n) < 2**63 for n in numbers[:2])):
             if numbers[2] == bound:
                 return int(numbers[0]), int(numbers[1])
             raise InvalidParams(f"cursor belongs to another order or other filters than "
@@ -597,6 +603,11 @@ class Manager:
         if not isinstance(types, list) or not all(isinstance(t, str) for t in types):
             raise InvalidParams(f"{prefix}type must be a job type's name or a list of them "
                                 f"(got {shown(type)})", field=f"{prefix}type")
+        types = sorted(set(types))
+        if len(types) > MAX_TYPE_FILTER:
+            raise InvalidParams(f"{prefix}type names {len(types)} job types; at most "
+                                f"{MAX_TYPE_FILTER} may be asked for at once",
+                                field=f"{prefix}type")
         for name in types:
             utf8(name, f"{prefix}type")
         return dict(statuses=_statuses(status, f"{prefix}status"), types=types,
