@@ -969,7 +969,7 @@ class Manager:
     def _purge(self, user_id: str) -> int:
         """Delete ``user_id``'s finished jobs (their logs go with them: the store's
         ``deleted`` listener) and manifests; how many jobs went."""
-        deleted = sum(len(ids) for ids in self.store.purge_user(user_id))
+        deleted = sum(len(ids) for ids in self.store.purge(user_id))
         shutil.rmtree(user_manifests(self.config, user_id), ignore_errors=True)
         return deleted
 

@@ -774,7 +774,7 @@ class SqliteStore:
                 checkpointer.catch_up()
                 yield ids
 
-    def purge_user(self, user_id: str, *, chunk: int = CLEANUP_CHUNK) -> Iterator[list[str]]:
+    def purge(self, user_id: str, *, chunk: int = CLEANUP_CHUNK) -> Iterator[list[str]]:
         """Delete every finished job of ``user_id`` (a removed account) with its events and
         checkpoints, a chunk per transaction (``_delete``, as cleanup); yields each chunk's
         ids once it is durable, after their files went (``Listeners.deleted``)."""

@@ -132,6 +132,8 @@ def test_changes_sees_only_the_callers_scope_and_applies_the_filters(daemon: Dae
     def ids(**params: Any) -> list[str]:
         return [j["id"] for j in changes(daemon, after=cursor, timeout_s=0, **params)["jobs"]]
 
+    # the start (no cursor) is the active jobs in scope
+    assert [j["id"] for j in changes(daemon, as_user=ALICE)["jobs"]] == [alice_p1["id"]]
     assert ids(as_user=ALICE) == [alice_p1["id"], alice_p2["id"]]
     assert ids(as_user=BOB) == [bob["id"]]
     assert ids() == [alice_p1["id"], bob["id"], alice_p2["id"]]  # by latest change

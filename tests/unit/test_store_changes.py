@@ -65,12 +65,12 @@ def test_a_purge_deletes_only_the_users_finished_jobs_and_tells_the_deleted_list
             store.start_job(job.id)
             done.append(store.finish_job(job.id, JobStatus.FAILED, error="boom").id)
         queued = submit(store, new_job(user="alice"))
-        chunks = list(store.purge_user("alice", chunk=2))
+        chunks = list(store.purge("alice", chunk=2))
         assert [len(c) for c in chunks] == [2, 1]
         assert sorted(told) == sorted(done[:3]) == sorted(i for c in chunks for i in c)
         assert store.counts() == {"failed": 1, "queued": 1}
         assert store.get_job(queued.id).status is JobStatus.QUEUED
         assert store.stored_weight("alice") == 0 and store.stored_weight("bob") == 1
-        assert list(store.purge_user("nobody")) == []
+        assert list(store.purge("nobody")) == []
     finally:
         store.close()
