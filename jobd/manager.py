@@ -53,7 +53,8 @@ _SEQ_RE = re.compile(r"[0-9]{1,19}")
 _KEY_RE = re.compile(r"-1|[0-9]{1,19}")
 #: the most job types one filter may name (each is a bound parameter of the query)
 MAX_TYPE_FILTER = 100
-TERMINAL_NAMES = ("completed", "failed", "cancelled")
+#: the end statuses, as admin.stats' finished names them
+_END_NAMES = sorted(map(str, TERMINAL))
 _BOUND_RE = re.compile(r"[0-9a-f]{12}")
 #: jobs.list's deepest ``offset`` and the count ``with_total`` stops at
 MAX_OFFSET = TOTAL_CAP = 10_000
@@ -671,6 +672,10 @@ class Manager:
         if handler is None:
             raise InvalidParams(f"unknown job type {shown(type)} (known: "
                                 f"{', '.join(sorted(self.handlers))})", field="type")
+        # before the draft's checks, which may run git
+        if on_duplicate not in ("fold", "reject"):
+            raise InvalidParams(f'on_duplicate must be "fold" or "reject", not '
+                                f'{shown(on_duplicate)}', field="on_duplicate")
         params = dict(project_id=project_id, options=options, priority=priority,
                       metadata=metadata, description=description, timeout_s=timeout_s,
                       idempotency_key=idempotency_key)
@@ -678,9 +683,6 @@ class Manager:
             draft = await asyncio.to_thread(self._draft, scope, handler, **params)
         else:
             draft = self._draft(scope, handler, **params)
-        if on_duplicate not in ("fold", "reject"):
-            raise InvalidParams(f'on_duplicate must be "fold" or "reject", not '
-                                f'{shown(on_duplicate)}', field="on_duplicate")
         rules = dataclasses.replace(self._rules(), reject_duplicates=on_duplicate == "reject")
 
         def submit_and_start(tx: Any) -> tuple[Job, bool]:
@@ -876,9 +878,10 @@ class Manager:
         if since_us is None:
             since_us = now - 24 * HOUR_US
         elif since_us < now - FINISHED_KEEP_US:
-            raise InvalidParams(f"since is more than 35 days ago (got {shown(since)}); "
-                                "finished jobs are counted for 35 days: ask for a later "
-                                "time", field="since")
+            days = FINISHED_KEEP_US // (24 * HOUR_US)
+            raise InvalidParams(f"since is more than {days} days ago (got {shown(since)}); "
+                                f"finished jobs are counted for {days} days: ask for a "
+                                "later time", field="since")
         counts = {str(s): 0 for s in JobStatus if s is not JobStatus.CREATED}
         counts.update(self.store.counts())
         live = self.engine.stats()
@@ -899,7 +902,7 @@ class Manager:
         uppers = self.store.run_buckets()
         by_type: dict[str, dict[str, Any]] = {}
         for type, status, bucket, n, run_us in self.store.finished(since_hour):
-            entry = by_type.setdefault(type, {"ends": dict.fromkeys(TERMINAL_NAMES, 0),
+            entry = by_type.setdefault(type, {"ends": dict.fromkeys(_END_NAMES, 0),
                                               "hist": [0] * len(uppers), "run_us": 0})
             entry["ends"][status] += n
             if bucket >= 0:

@@ -216,6 +216,9 @@ class _View:
         row = self.tx.run("fold_job", seq=found.seq, options=_dumps(fold_options(found, job)),
                           priority=max(found.priority, job.priority),
                           idempotency_key=job.idempotency_key).fetchone()
+        if found.idempotency_key is not None and job.idempotency_key is not None:
+            self.tx.run("keep_folded_key", user_id=job.user_id, key=job.idempotency_key,
+                        seq=found.seq)
         return self.store._changed(self.tx, _job(row))
 
 
@@ -803,7 +806,8 @@ class SqliteStore:
         if not seqs:
             return []
         chunk = json.dumps(seqs)
-        for query in ("uncount_jobs", "unweigh_jobs", "delete_events", "delete_checkpoints"):
+        for query in ("uncount_jobs", "unweigh_jobs", "delete_events", "delete_keys",
+                      "delete_checkpoints"):
             tx.run(query, seqs=chunk)
         return [r[0] for r in tx.run("delete_jobs", seqs=chunk)]
 

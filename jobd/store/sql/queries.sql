@@ -41,8 +41,16 @@ SELECT id FROM jobs WHERE id IN (SELECT value FROM json_each(:ids))
 SELECT status FROM jobs WHERE id = :job_id
 
 -- find_by_idempotency_key --
--- The job a user first submitted with this idempotency key
+-- The job a user submitted with this idempotency key, or folded a submit with it into
 SELECT {job_columns} FROM jobs WHERE user_id = :user_id AND idempotency_key = :key
+UNION ALL
+SELECT {job_columns} FROM jobs
+WHERE seq = (SELECT job FROM job_keys WHERE user_id = :user_id AND key = :key)
+LIMIT 1
+
+-- keep_folded_key --
+-- A folded submit's idempotency key, for a job that has another one
+INSERT OR IGNORE INTO job_keys (user_id, key, job) VALUES (:user_id, :key, :seq)
 
 -- find_queued_work --
 -- The oldest queued (:running: or running) job of the same work as another (dedupe)
@@ -199,6 +207,18 @@ GROUP BY type, status, bucket
 -- The run-time histogram's fixed buckets: the upper bound of each (the last has none)
 SELECT upper_us FROM run_buckets ORDER BY bucket
 
+-- count_finished --
+-- The finished counts of the stored jobs that ended since :since, as the end trigger of
+-- migration 8 counts them (its upgrade, and a database built other than by the store)
+INSERT INTO finished_hours (hour, type, status, bucket, n, run_us)
+SELECT completed_at / 3600000000, type, status,
+       CASE WHEN started_at IS NULL THEN -1 ELSE (
+           SELECT min(bucket) FROM run_buckets
+           WHERE upper_us IS NULL OR upper_us >= completed_at - started_at) END,
+       count(*), sum(coalesce(completed_at - started_at, 0))
+FROM jobs WHERE status IN ('completed', 'failed', 'cancelled') AND completed_at >= :since
+GROUP BY 1, 2, 3, 4
+
 -- prune_finished --
 -- The hourly finished counts older than hour :hour
 DELETE FROM finished_hours WHERE hour < :hour
@@ -305,6 +325,10 @@ WHERE user_stored.user_id = gone.user_id
 -- delete_events --
 -- The history of jobs about to be deleted, before them: the cascade then finds nothing
 DELETE FROM job_events WHERE job IN (SELECT value FROM json_each(:seqs))
+
+-- delete_keys --
+-- The folded submits' idempotency keys of jobs about to be deleted
+DELETE FROM job_keys WHERE job IN (SELECT value FROM json_each(:seqs))
 
 -- delete_checkpoints --
 -- The checkpoints of jobs about to be deleted
