@@ -3,8 +3,8 @@
 This module owns the client side of SPEC §4 and §8: finding the daemon's socket
 (SPEC §1's order), the line framing, one reused connection per client, and turning
 JSON-RPC errors back into the ``jobd.errors`` class of their code, and the follow
-protocol (``watch``, ``tail``, ``resolve``, ``follow_changes``) written once, as steps that each client
-drives with its own I/O. ``jobctl`` and the CIDX web server both use it.
+protocol (``watch``, ``tail``, ``resolve``, ``follow_changes``) written once, as steps
+that each client drives with its own I/O. ``jobctl`` and the CIDX web server both use it.
 """
 
 from __future__ import annotations

@@ -95,6 +95,12 @@ _CHANGES_FRAME = len('{"jobs":[],"cursor":""}') + 120
 _MAX_JOB_BYTES = MAX_OPTIONS + MAX_METADATA + MAX_DESCRIPTION + 4096
 
 
+#: a jobs.changes answer as built: the jobs' texts, the cursor past them, its position
+_Answer = tuple[list[str], str, Position]
+#: each job changed since a cursor, once, at its latest change: (counter, change)
+_Latest = list[tuple[int, Change]]
+
+
 class AnswerRoom(Protocol):
     """The server's answer memory for one call (``jobd.server.Connection``)."""
 
@@ -489,7 +495,7 @@ class Manager:
                 feed.unsubscribe(waiter)
 
     def _changed(self, position: Position, filters: dict[str, Any],
-                 wanted: frozenset[str] | None) -> tuple[list[str], str, Position]:
+                 wanted: frozenset[str] | None) -> _Answer:
         """One jobs.changes answer from ``position``: the jobs' wire texts, the cursor
         past them, and the position that cursor stands for."""
         if position.counter is not None:
@@ -499,9 +505,9 @@ class Manager:
             position = Position(at_us=position.at_us - REWIND_US)
         return self._changed_in_store(position, filters, wanted)
 
-    def _changed_in_log(self, latest: list[tuple[int, Change]], head: int, head_us: int,
+    def _changed_in_log(self, latest: _Latest, head: int, head_us: int,
                         filters: dict[str, Any], wanted: frozenset[str] | None
-                        ) -> tuple[list[str], str, Position]:
+                        ) -> _Answer:
         """The answer from the change log: ``latest`` holds each job changed since the
         cursor at its latest change. A job's text read after that change (by an earlier
         poll: many polls send the same changes) is sent again; the others are read now,
@@ -544,7 +550,7 @@ class Manager:
         return jobs, self.change_log.cursor(*to), Position(counter=to[0], at_us=to[1])
 
     def _changed_in_store(self, position: Position, filters: dict[str, Any],
-                          wanted: frozenset[str] | None) -> tuple[list[str], str, Position]:
+                          wanted: frozenset[str] | None) -> _Answer:
         """The answer from the database, in (last change, seq) order: the active jobs
         for a ``snapshot``, else every job changed after the position. Once it is all
         sent, the cursor goes on in the change log from where the log stood before the
