@@ -386,3 +386,17 @@ def test_every_client_has_changes_follow_changes_and_purge(daemon: Daemon) -> No
             assert mine["id"] not in [j["id"] for j in answer["jobs"]]
 
     asyncio.run(main())
+
+
+def test_waiting_polls_hold_no_answer_memory_from_the_callers_other_calls(
+        daemon: Daemon) -> None:
+    # one uid may hold room for two big answers at once; polls that wait hold none, so
+    # three of them leave its jobs.list free to answer at once
+    cursor = changes(daemon)["cursor"]
+    joins = [in_thread(lambda: changes(daemon, after=cursor, timeout_s=3)) for _ in range(3)]
+    time.sleep(0.3)
+    began = time.monotonic()
+    result_of(daemon, "jobs.list", limit=1)
+    assert time.monotonic() - began < 1.0
+    for join in joins:
+        assert join()[0]["jobs"] == []
