@@ -37,7 +37,7 @@ from jsonrpcserver.response import ServerErrorResponse, to_serializable_one
 from jobd import auth, errors
 from jobd.auth import Caller
 from jobd.models import RawJSON
-from jobd.manager import Manager, jobd_error
+from jobd.manager import ANSWER_ROOM, Manager, jobd_error
 from jobd.store import StoreError
 from jobd.server import Connection
 
@@ -56,7 +56,9 @@ _TOO_DEEP = b"(" * (MAX_DEPTH + 1)
 _RUNS = re.compile(rb"\(+|\)+")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 #: methods whose answer may be large: they hold answer memory until it is sent
-_LARGE_ANSWERS = frozenset({"jobs.list", "jobs.events", "jobs.logs"})
+_LARGE_ANSWERS = frozenset({"jobs.list", "jobs.changes", "jobs.events", "jobs.logs"})
+#: of those, the long polls: they may wait a while before they build their answer
+_WAIT_FIRST = frozenset({"jobs.changes"})
 _TOO_LARGE = "response too large"
 _DECODE_ON_LOOP = 65536   # longer request lines are decoded on the pool
 _SHOWN = 80   # characters of a client's string quoted back in a message
@@ -247,9 +249,19 @@ class Rpc:
             conn.refused(e.message)
             return _error_bytes(e) + b"\n"
         if not isinstance(doc, list):
+            room = None
             if _may_answer_large(doc):
-                await conn.reserve()
-            answer = await self._one(doc, conn)
+                if doc.get("method") in _WAIT_FIRST:
+                    # a long poll holds room only while it builds an answer, not while it
+                    # waits: the manager reserves it (``ANSWER_ROOM``)
+                    room = ANSWER_ROOM.set(conn)
+                else:
+                    await conn.reserve()
+            try:
+                answer = await self._one(doc, conn)
+            finally:
+                if room is not None:
+                    ANSWER_ROOM.reset(room)
             if answer is None:
                 return None
             if len(answer) > limits.max_response_bytes:
@@ -398,9 +410,9 @@ class Rpc:
         scoped_methods = {
             "jobs.submit": m.submit, "jobs.get": m.get, "jobs.list": m.list,
             "jobs.cancel": m.cancel, "jobs.retry": m.retry, "jobs.wait": m.wait,
-            "jobs.events": m.events, "jobs.logs": m.logs, "admin.stats": m.stats,
+            "jobs.changes": m.changes, "jobs.events": m.events, "jobs.logs": m.logs, "admin.stats": m.stats,
             "admin.cleanup": m.cleanup, "admin.pause": m.pause, "admin.resume": m.resume,
-            "admin.maintenance": m.maintenance,
+            "admin.maintenance": m.maintenance, "admin.purge": m.purge,
         }
         return {"ping": _answer(ping, ping),
                 **{name: scoped(name, fn) for name, fn in scoped_methods.items()}}

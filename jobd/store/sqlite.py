@@ -670,6 +670,18 @@ class SqliteStore:
         sql = QUERIES["count_jobs"].format(where=f"WHERE {' AND '.join(where)}" if where else "")
         return self._read().execute(sql, dict(args, cap=cap)).fetchone()[0]
 
+    def changed_wire(self, *, after: tuple[int, int], limit: int, active_only: bool = False,
+                     **filters: Any) -> list[tuple[int, int, str, str]]:
+        """jobs.changes from the database: ``(last change µs, seq, status, wire JSON)`` of
+        the jobs matching ``filters`` (as ``list_jobs``) whose last change comes after
+        ``after`` (a (µs, seq) pair) in that order, at most ``limit``; with
+        ``active_only``, the queued and running ones only."""
+        where, args = _conditions(**filters)
+        sql = QUERIES["changed_jobs"].format(where="".join(f" AND {w}" for w in where))
+        return self._read().execute(sql, dict(args, after_us=after[0], after_seq=after[1],
+                                              limit=limit, active_only=int(active_only))
+                                    ).fetchall()
+
     def _list(self, select: str, *, order: str = "created", before: tuple[int, int] | None = None,
               before_seq: int | None = None, limit: int = 50, offset: int = 0,
               **filters: Any) -> list[Any]:
@@ -804,6 +816,20 @@ class SqliteStore:
         for (user_id,) in self._read().execute(QUERIES["users_over_weight"],
                                                {"limit": limit}).fetchall():
             while ids := self.write(lambda tx: self._forget_excess(tx, user_id, limit)):
+                checkpointer.catch_up()
+                yield ids
+
+    def purge(self, user_id: str, *, chunk: int = CLEANUP_CHUNK) -> Iterator[list[str]]:
+        """Delete every finished job of ``user_id`` (a removed account) with its events and
+        checkpoints, a chunk per transaction (``_delete``, as cleanup); yields each chunk's
+        ids once it is durable, after their files went (``Listeners.deleted``)."""
+        if self._writer is None:
+            raise StoreClosed()
+        checkpointer = self._writer.checkpointer
+        with checkpointer.held():
+            while ids := self.write(lambda tx: self._delete(tx, [seq for seq, _ in tx.run(
+                    "oldest_finished", user_id=user_id, keep_seq=None, limit=chunk)])):
+                self.listeners.deleted(ids)
                 checkpointer.catch_up()
                 yield ids
 

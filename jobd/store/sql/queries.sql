@@ -236,6 +236,25 @@ DELETE FROM finished_days WHERE (day + 1) * 24 <= :hour
 -- jobs.list: a page of jobs matching {where}, newest first by {key} (keyset paging)
 SELECT {key}, seq, {select} FROM jobs {where} ORDER BY {order} LIMIT :limit OFFSET :offset
 
+-- changed_jobs --
+-- jobs.changes read from the database (after a restart, or past what the change log
+-- keeps): the jobs matching {where} whose last change is after (:after_us, :after_seq), in
+-- that order. A finished job's last change is its end (nothing but a retry changes it,
+-- and that makes it queued), so its completed_at is its updated_at and the finished ones
+-- are read in order from jobs_by_completed; the active ones are few, read by status. No
+-- index on updated_at has to be kept up on every write.
+SELECT * FROM (
+    SELECT ifnull(completed_at, -1) AS changed, seq, status, {job_wire} FROM jobs
+    WHERE NOT :active_only AND ifnull(completed_at, -1) >= max(:after_us, 0)
+      AND (ifnull(completed_at, -1), seq) > (:after_us, :after_seq){where}
+    ORDER BY ifnull(completed_at, -1), seq LIMIT :limit)
+UNION ALL
+SELECT * FROM (
+    SELECT updated_at AS changed, seq, status, {job_wire} FROM jobs
+    WHERE status IN ('queued', 'running') AND (updated_at, seq) > (:after_us, :after_seq){where}
+    ORDER BY updated_at, seq LIMIT :limit)
+ORDER BY changed, seq LIMIT :limit
+
 -- count_jobs --
 -- jobs.list's total: the jobs matching {where}, counted no further than :cap
 SELECT count(*) FROM (SELECT 1 FROM jobs {where} LIMIT :cap)
