@@ -961,6 +961,22 @@ def stats(st: _State, since_s: float | None) -> None:
 
 @main.command()
 @click.pass_obj
+def metrics(st: _State) -> None:
+    """Print the Prometheus text of jobd's metrics (admins).
+
+    \b
+      jobctl metrics
+      jobctl metrics | grep jobd_jobs_finished_total
+    """
+    result = st.client.metrics()
+    if st.json:
+        _show_json(result)
+    else:
+        click.echo(result["text"], nl=False)
+
+
+@main.command()
+@click.pass_obj
 def pause(st: _State) -> None:
     """Stop starting queued jobs; running jobs go on (admins).
 

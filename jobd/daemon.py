@@ -27,12 +27,13 @@ from typing import Any, Callable
 import structlog
 
 from jobd import __version__
-from jobd import joblogs, logs
+from jobd import errors, joblogs, logs
 from jobd.changes import ChangeLog
 from jobd.config import Config, ConfigError, ConfigState
 from jobd.engine import Engine
 from jobd.handlers import load_handlers
 from jobd.maintenance import Maintenance
+from jobd.metrics import Metrics
 from jobd.manager import Hub, Manager
 from jobd.rpc import Rpc, error_line
 from jobd.server import Server, notify, watchdog_loop
@@ -136,10 +137,12 @@ async def _serve(config: Config, reload: Callable[[], Config]) -> int:
     hub = Hub(loop)
     change_log = ChangeLog()
     handlers = load_handlers(config)
+    telemetry = Metrics(types=lambda: handlers, codes=errors.BY_CODE)
     engine: Engine | None = None
 
     def changed(job: Any) -> None:
         change_log.record(job)
+        telemetry.job_changed(job)
         if engine is not None:
             engine.on_changed(job)
 
@@ -153,7 +156,7 @@ async def _serve(config: Config, reload: Callable[[], Config]) -> int:
                   listeners=Listeners(changed=changed, deleted=deleted))
     engine = Engine(config, store, handlers, notify=hub.notify, live_changed=change_log.record)
     manager = Manager(config, store, engine, handlers, hub, config_state=current,
-                      change_log=change_log)
+                      change_log=change_log, telemetry=telemetry)
     rpc = Rpc(manager)
     server = Server(config, rpc.dispatch, error_line=error_line)
 

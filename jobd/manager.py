@@ -29,9 +29,11 @@ from jobd.auth import Scope, check_id
 from jobd.changes import REWIND_US, Change, ChangeLog, Position
 from jobd.config import Config, ConfigState
 from jobd.engine import Engine, story
-from jobd.errors import Conflict, Forbidden, InvalidParams, JobdError, NotFound, Unavailable
+from jobd.errors import (BY_CODE, Conflict, Forbidden, InvalidParams, JobdError, NotFound,
+                         Unavailable)
 from jobd.handlers import Handler
 from jobd.handlers.manifest import user_manifests
+from jobd.metrics import Metrics
 from jobd.models import TERMINAL, Job, JobStatus, RawJSON, Role, iso
 from jobd.params import flag, integer, iso_time, number, shown, text, utf8
 from jobd.rules import Rules
@@ -277,7 +279,8 @@ class Manager:
     def __init__(self, config: Config, store: JobStore, engine: Engine,
                  handlers: dict[str, Handler], hub: Hub | None = None,
                  config_state: ConfigState | None = None,
-                 change_log: ChangeLog | None = None) -> None:
+                 change_log: ChangeLog | None = None,
+                 telemetry: Metrics | None = None) -> None:
         self.config = config
         #: how the config in force was loaded (a SIGHUP reload may have failed)
         self.config_state = config_state or ConfigState(config)
@@ -287,6 +290,8 @@ class Manager:
         self.hub = hub
         #: every job change this start saw, for jobs.changes (the daemon records into it)
         self.change_log = change_log or ChangeLog()
+        #: admin.metrics' counters (the daemon records jobs into it, the RPC layer calls)
+        self.telemetry = telemetry or Metrics(types=lambda: self.handlers, codes=BY_CODE)
         #: (job id, fields) -> (the change log's head when it was read, the job's text):
         #: every poll of jobs.changes that a change wakes sends that job, read once
         self._changed_texts: dict[tuple[str, frozenset[str] | None], tuple[int, str]] = {}
@@ -696,6 +701,7 @@ class Manager:
             asyncio.get_running_loop(), lambda tx: self.store.submit_job_in(
                 tx, draft, scope.actor, rules, start=self.engine.start_in))
         if not deduplicated:
+            self.telemetry.submitted(job.type)
             # one line per job at info, at its end (the engine's)
             log.debug("job_submitted", job_id=job.id, user_id=job.user_id, type=job.type,
                      project_id=job.project_id, actor=scope.actor)
@@ -1015,6 +1021,19 @@ class Manager:
         return {"maintenance": self.maintenance_on, "reason": self.maintenance_reason,
                 "running": running, "queued": queued,
                 "drained": running == 0 and (queued == 0 or now["paused"])}
+
+    def metrics(self, scope: Scope) -> dict[str, str]:
+        """admin.metrics: the Prometheus text of SPEC §10, gauges read now."""
+        if not scope.may_stats:
+            raise Forbidden(_admin_only("admin.metrics", scope))
+        counts = {str(s): 0 for s in JobStatus if s is not JobStatus.CREATED}
+        counts.update(self.store.counts())
+        live = self.engine.stats()
+        return {"text": self.telemetry.text({
+            "jobd_jobs": counts, "jobd_running": live["running"],
+            "jobd_queued": live["queued"], "jobd_workers": live["workers"],
+            "jobd_paused": live["paused"], "jobd_maintenance": self.maintenance_on,
+            "jobd_db_bytes": self.store.size_bytes()})}
 
     def ping(self, caller: Any) -> dict[str, Any]:
         return {"version": __version__, "uptime_s": self.uptime_s(),

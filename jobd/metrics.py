@@ -1,8 +1,9 @@
 """The daemon's metrics (SPEC §10): counted as things happen, written as Prometheus text.
 
 jobd writes the text exposition (format 0.0.4) itself: no metrics library in the daemon.
-Every label value comes from a closed set — a method of the RPC table or ``other``, a
-registered job type or ``other``, a code of SPEC §4, a status of §2 — so no client
+Every label value comes from a closed set — a method of the RPC table or ``other`` (the
+RPC layer names it), a registered job type or ``other``, a code of SPEC §4, a status of
+§2 — so no client
 input can grow the set of series, and no label names a user. Counters and histograms
 live from the daemon's start (a scraper sees the reset, as Prometheus expects); the
 gauges are read from the daemon's own counts when the text is written.
@@ -19,7 +20,9 @@ import threading
 from collections import defaultdict
 from typing import Callable, Container, Iterable, Mapping
 
-__all__ = ["JOB_BUCKETS", "Metrics", "RPC_BUCKETS"]
+from jobd.models import TERMINAL, Job, JobStatus
+
+__all__ = ["JOB_BUCKETS", "OTHER", "Metrics", "RPC_BUCKETS"]
 
 #: upper bounds (seconds) of ``jobd_rpc_seconds``: a ping to a 60 s long poll
 RPC_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
@@ -59,14 +62,11 @@ class _Histogram:
 class Metrics:
     """What the daemon counts; ``text`` writes it with the gauges of the moment.
 
-    ``methods`` is the RPC table's method names; ``types`` gives the job types
-    registered now (a reload may change them); ``codes`` the error codes a call may end
-    with (0 is a result).
+    ``types`` gives the job types registered now (a reload may change them); ``codes``
+    the error codes a call may end with (0 is a result).
     """
 
-    def __init__(self, methods: Iterable[str], types: Callable[[], Container[str]],
-                 codes: Iterable[int]) -> None:
-        self._methods = frozenset(methods)
+    def __init__(self, types: Callable[[], Container[str]], codes: Iterable[int]) -> None:
         self._types = types
         self._codes = frozenset(codes) | {0}
         self._lock = threading.Lock()
@@ -77,23 +77,20 @@ class Metrics:
         self._waited: dict[str, _Histogram] = {}
         self._ran: dict[str, _Histogram] = {}
 
-    def _method(self, method: object) -> str:
-        return method if isinstance(method, str) and method in self._methods else OTHER
-
     def _type(self, type: str) -> str:
         return type if type in self._types() else OTHER
 
     # -- recording -------------------------------------------------------------------------
 
-    def rpc(self, method: object, code: int, seconds: float) -> None:
-        """One call answered: ``code`` 0 for a result, else its error's code."""
-        name = self._method(method)
+    def rpc(self, method: str, code: int, seconds: float) -> None:
+        """One call answered: ``method`` a name of the RPC table or ``OTHER`` (the RPC
+        layer knows its table), ``code`` 0 for a result, else its error's code."""
         code = code if code in self._codes else -32603
         with self._lock:
-            self._requests[(name, code)] += 1
-            hist = self._rpc_seconds.get(name)
+            self._requests[(method, code)] += 1
+            hist = self._rpc_seconds.get(method)
             if hist is None:
-                hist = self._rpc_seconds[name] = _Histogram(RPC_BUCKETS)
+                hist = self._rpc_seconds[method] = _Histogram(RPC_BUCKETS)
             hist.observe(max(0.0, seconds))
 
     def submitted(self, type: str) -> None:
@@ -113,6 +110,21 @@ class Metrics:
             self._finished[(name, status)] += 1
         if ran_s is not None:
             self._observe(self._ran, name, ran_s)
+
+    def job_changed(self, job: Job) -> None:
+        """The store's after-commit listener, a job in the state a commit left it: an
+        attempt that began now counts as started (its queue wait from the submit, for a
+        first attempt), a job that ended now as finished; any other change (progress, a
+        cancel request) as nothing. (Submits are counted by the submit, which knows a
+        fold from a new job.)"""
+        status = job.status
+        if status is JobStatus.RUNNING:
+            if job.started_at == job.updated_at and job.attempts == 1:
+                self.started(job.type, (job.started_at - job.created_at) / 1e6)
+        elif status in TERMINAL and job.completed_at == job.updated_at:
+            ran = (None if job.started_at is None
+                   else (job.completed_at - job.started_at) / 1e6)
+            self.finished(job.type, str(status), ran)
 
     def _observe(self, table: dict[str, _Histogram], name: str, value: float) -> None:
         with self._lock:
