@@ -1,0 +1,13 @@
+"""jobd's HTTP face (SPEC §10), the optional part ``pip install 'jobd[http]'``.
+
+``router`` is what a FastAPI web server mounts behind its own login;
+``jobd.http.gateway`` (the ``jobd-http`` command) serves it alone, checking JWTs. The
+daemon and ``jobd.client`` never import this package, so plain ``pip install .`` needs
+none of FastAPI, uvicorn or PyJWT.
+"""
+
+from __future__ import annotations
+
+from jobd.http.api import Principal, error_body, router
+
+__all__ = ["Principal", "error_body", "router"]
