@@ -1,6 +1,7 @@
 """What the HTTP tests share: the check that the ``http`` extra is installed, a real
-uvicorn on a loopback port in a thread, the web login the router is mounted behind, and
-a jobd configured for the web (a slow CIDX-like indexer, a step-by-step program type).
+uvicorn on a loopback port in a thread, the web login the router is mounted behind, a
+real ``jobd-http`` process, and a jobd configured for the web (a slow CIDX-like indexer,
+a step-by-step program type).
 
 Without FastAPI, uvicorn, PyJWT or httpx the HTTP tests skip, unless
 ``JOBD_REQUIRE_HTTP=1`` (CI sets it) makes the missing extra a failure.
@@ -11,7 +12,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -128,3 +131,41 @@ def events(response: httpx.Response) -> Iterator[dict[str, Any]]:
             fields[name] = json.loads(value) if name == "data" else value
     if fields:
         yield fields
+
+
+class Gateway:
+    """A real ``jobd-http`` process (``python -m jobd.http``) on a free loopback port."""
+
+    def __init__(self, root: Path, *args: str) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.argv = [sys.executable, "-m", "jobd.http", "--listen", f"127.0.0.1:{port}", *args]
+        self.stderr = root / f"jobd-http-{port}.stderr"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> "Gateway":
+        with open(self.stderr, "wb") as err:
+            self.proc = subprocess.Popen(self.argv, stdout=err, stderr=err,
+                                         stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"jobd-http exited {self.proc.returncode}:\n"
+                                   f"{self.stderr.read_text()}")
+            try:
+                httpx.get(self.url + "/api/jobs", timeout=1)
+                return self
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "jobd-http did not start listening"
+                time.sleep(0.05)
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
