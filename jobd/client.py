@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import copy
 import dataclasses
 import errno
 import grp
@@ -363,10 +364,12 @@ class _Api(abc.ABC, Generic[_R]):
     """
 
     def __init__(self, socket: str | os.PathLike[str] | None, as_user: str | None,
-                 as_admin: bool, timeout: float | None) -> None:
+                 as_admin: bool, timeout: float | None, as_role: str | None = None) -> None:
         self._candidates = _candidates(socket, None)
         self.as_user = as_user
         self.as_admin = as_admin
+        #: ``"user"``: a service or admin acting with a plain user's rights (SPEC §3)
+        self.as_role = as_role
         self.timeout = timeout
         self._ids = itertools.count(1)
         self._path: Path | None = None
@@ -385,6 +388,8 @@ class _Api(abc.ABC, Generic[_R]):
                 params.setdefault("as_user", self.as_user)
             if self.as_admin:
                 params.setdefault("as_admin", True)
+            if self.as_role is not None:
+                params.setdefault("as_role", self.as_role)
         timeout = self.timeout
         if timeout is not None and method == "jobs.wait":
             # the daemon holds a long poll open for up to timeout_s (default 30)
@@ -508,8 +513,9 @@ class Client(_Api[Any]):
     """
 
     def __init__(self, socket: str | os.PathLike[str] | None = None, as_user: str | None = None,
-                 as_admin: bool = False, timeout: float | None = 60.0) -> None:
-        super().__init__(socket, as_user, as_admin, timeout)
+                 as_admin: bool = False, timeout: float | None = 60.0, *,
+                 as_role: str | None = None) -> None:
+        super().__init__(socket, as_user, as_admin, timeout, as_role)
         self._lock = threading.Lock()
         self._sock: _socket.socket | None = None
         self._reader: Any = None
@@ -665,8 +671,9 @@ class AsyncClient(_AsyncApi):
     """The asyncio twin of ``Client``: every method is a coroutine, one connection per client."""
 
     def __init__(self, socket: str | os.PathLike[str] | None = None, as_user: str | None = None,
-                 as_admin: bool = False, timeout: float | None = 60.0) -> None:
-        super().__init__(socket, as_user, as_admin, timeout)
+                 as_admin: bool = False, timeout: float | None = 60.0, *,
+                 as_role: str | None = None) -> None:
+        super().__init__(socket, as_user, as_admin, timeout, as_role)
         self._lock = asyncio.Lock()
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -752,28 +759,40 @@ class AsyncClientPool(_AsyncApi):
     """``size`` AsyncClients behind one face, for a web server: up to ``size`` calls at once.
 
     Each connection serves one call at a time; a call waits for a free one. A
-    ``watch`` or ``tail`` takes a connection for each of its long polls only.
+    ``watch`` or ``tail`` takes a connection for each of its long polls only. A web
+    server keeps one pool for all its users and hands each request
+    ``pool.acting(user)``: the same connections, every call acting for that user.
     """
 
     def __init__(self, size: int, socket: str | os.PathLike[str] | None = None,
                  as_user: str | None = None, as_admin: bool = False,
-                 timeout: float | None = 60.0) -> None:
+                 timeout: float | None = 60.0, *, as_role: str | None = None) -> None:
         if size < 1:
             raise ValueError(f"a pool needs at least one connection (got size={size})")
-        super().__init__(socket, as_user, as_admin, timeout)
+        super().__init__(socket, as_user, as_admin, timeout, as_role)
         self.size = size
-        self._members = [AsyncClient(socket, as_user, as_admin, timeout) for _ in range(size)]
-        self._idle: asyncio.Queue[AsyncClient] | None = None
+        # the members act for nobody: each call brings the scope of the pool (or view)
+        self._members = [AsyncClient(socket, None, False, timeout) for _ in range(size)]
+        # binds to the event loop at its first use (Python ≥ 3.10), shared by every view
+        self._idle: asyncio.Queue[AsyncClient] = asyncio.Queue()
+        for member in self._members:
+            self._idle.put_nowait(member)
+
+    def acting(self, as_user: str | None, *, as_admin: bool = False,
+               as_role: str | None = None) -> AsyncClientPool:
+        """A view of this pool whose calls act for ``as_user`` (SPEC §3: with
+        ``as_admin``, or ``as_role="user"`` for a plain user's rights); it shares the
+        connections, so closing either closes both."""
+        view = copy.copy(self)
+        view.as_user, view.as_admin, view.as_role = as_user, as_admin, as_role
+        return view
 
     @property
     def socket_path(self) -> Path | None:
         return next((m.socket_path for m in self._members if m.socket_path), None)
 
     async def call(self, method: str, **params: Any) -> Any:
-        if self._idle is None:  # made here, inside the event loop that uses the pool
-            self._idle = asyncio.Queue()
-            for member in self._members:
-                self._idle.put_nowait(member)
+        params, _, _ = self._prepare(method, params)
         member = await self._idle.get()
         try:
             return await member.call(method, **params)

@@ -21,6 +21,7 @@ import dataclasses
 import os
 import signal
 import socket
+from pathlib import Path
 from typing import Any, Callable
 
 import structlog
@@ -109,6 +110,18 @@ def reloaded(old: Config, new: Config) -> tuple[Config, list[str]]:
     return config, kept
 
 
+def remove_stray_logs(log_dir: Path, store: Store) -> None:
+    """After an unclean stop: the logs of jobs forgotten just before it (their rows went,
+    the crash came before their files did) go now, in the background."""
+    try:
+        removed = joblogs.remove_strays(log_dir, store.known_ids)
+    except Exception:  # the sweep is housekeeping: it never stops the daemon
+        log.exception("stray_logs_sweep_failed", log_dir=str(log_dir))
+        return
+    if removed:
+        log.info("stray_logs_removed", jobs=removed, log_dir=str(log_dir))
+
+
 async def _serve(config: Config, reload: Callable[[], Config]) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -160,6 +173,8 @@ async def _serve(config: Config, reload: Callable[[], Config]) -> int:
         store.close()
         raise
     await server.accept()
+    if not store.was_clean:
+        loop.run_in_executor(None, remove_stray_logs, config.log_dir, store)
     maintenance = Maintenance(
         cleanup=manager.run_cleanup, upkeep=store.upkeep,
         cleanup_every=config.retention.cleanup_every)

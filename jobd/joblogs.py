@@ -7,23 +7,26 @@ that was ever written, the dropped count kept in ``<log>.base``. Trimming rewrit
 log through ``<log>.tmp`` and ``<log>.base.tmp``, which an interrupted trim can leave
 behind: ``delete`` removes all four. ``JobLog`` writes, ``read`` pages through,
 ``end`` and ``since`` give what one command added (a failed git's error line), ``tail``
-the last line a program printed, ``delete`` forgets; nothing else in jobd builds a log's
-path or opens a log file.
+the last line a program printed, ``delete`` forgets, ``remove_strays`` sweeps the logs a
+crash left of jobs already forgotten; nothing else in jobd builds a log's path or opens a
+log file.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import structlog
 
 from jobd.models import NOTE_MARK, is_note  # is_note: the rule clients share lives in models
 
 __all__ = ["JobLog", "Stream", "delete", "end", "is_note", "note_lines", "path", "read",
-           "since", "tail"]
+           "remove_strays", "since", "tail"]
 
 _log = structlog.get_logger()
 
@@ -312,3 +315,29 @@ def delete(log: Path) -> None:
     log = Path(log)
     for p in (log, _base_path(log), *_tmp_paths(log)):
         p.unlink(missing_ok=True)
+
+
+#: the names a job's log files may have (``delete`` removes all of them)
+_LOG_NAME = re.compile(r"(.+)\.log(?:\.base)?(?:\.tmp)?")
+
+
+def remove_strays(log_dir: Path, known: Callable[[list[str]], set[str]],
+                  chunk: int = 1000) -> int:
+    """Delete the logs of jobs that ``known`` (the store's ``known_ids``) no longer has,
+    asking it ``chunk`` ids at a time; how many jobs' logs went.
+
+    A job's rows and its log go in two steps (the rows first), so a crash between them
+    leaves logs of forgotten jobs behind: after an unclean stop, these are swept."""
+    removed = 0
+    try:
+        names = os.scandir(log_dir)
+    except FileNotFoundError:
+        return 0
+    with names:
+        ids = sorted({m.group(1) for e in names if (m := _LOG_NAME.fullmatch(e.name))})
+    for start in range(0, len(ids), chunk):
+        batch = ids[start:start + chunk]
+        for job_id in set(batch) - known(batch):
+            delete(path(log_dir, job_id))
+            removed += 1
+    return removed

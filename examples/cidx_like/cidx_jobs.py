@@ -4,8 +4,9 @@ A CIDX server keeps its routes and its callers: ``submit_job``, ``get_job_status
 ``list_jobs`` and ``cancel_job`` take and return what CIDX's own do (statuses
 ``pending``/``running``/..., fields ``job_id``, ``operation_type``, ``username``, ...).
 Underneath, every call goes to jobd through one ``AsyncClientPool`` as jobd's *service*
-account, acting ``as_user`` for the web user (``as_admin`` for CIDX's admins), so jobd
-decides whose jobs each one sees. docs/cidx.md has the tables this module implements.
+account, on a view of the pool acting for the web user (``pool.acting(username,
+as_admin=...)``, ``as_admin`` for CIDX's admins), so jobd decides whose jobs each one
+sees. docs/cidx.md has the tables this module implements.
 """
 
 from __future__ import annotations
@@ -72,12 +73,13 @@ OPERATIONS: dict[str, Operation] = {
     "change_branch": lambda lay, user, alias, p: (
         "sync", alias, {"repo_path": lay.golden(alias), "branch": p["branch"],
                        "remote": "origin"}),
+    # the activated tree is the job's work tree: exclusive with the syncs of that tree
     "activate_repository": lambda lay, user, alias, p: (
-        "activate_repository", alias, {"golden_alias": p["golden_alias"],
-                                       "target": lay.activated(user, alias),
+        "activate_repository", alias, {"repo_path": lay.activated(user, alias),
+                                       "golden_alias": p["golden_alias"],
                                        **_given(p, "branch")}),
     "deactivate_repository": lambda lay, user, alias, p: (
-        "deactivate_repository", alias, {"target": lay.activated(user, alias)}),
+        "deactivate_repository", alias, {"repo_path": lay.activated(user, alias)}),
     "sync_repository": lambda lay, user, alias, p: (
         "sync", alias, {"repo_path": lay.activated(user, alias),
                         "full_reindex": bool(p.get("full_reindex"))}),
@@ -85,11 +87,6 @@ OPERATIONS: dict[str, Operation] = {
         "index", alias, {"repo_path": lay.activated(user, alias),
                          "full_reindex": bool(p.get("clear"))}),
 }
-
-
-def _acting(username: str, is_admin: bool) -> dict[str, Any]:
-    """Whom a call acts for: the web user, and for CIDX's admins all jobs (SPEC §3)."""
-    return {"as_user": username, "as_admin": True} if is_admin else {"as_user": username}
 
 
 def _time(value: str | None) -> str | None:
@@ -145,10 +142,8 @@ class JobdJobManager:
         metadata = {"operation_type": operation_type, "repo_alias": repo_alias,
                     "actor_username": actor_username or submitter_username}
         try:
-            job = await self.jobd.call("jobs.submit", type=type_, project_id=project_id,
-                                       options=options, metadata=metadata,
-                                       on_duplicate="reject",
-                                       **_acting(submitter_username, is_admin))
+            job = await self.jobd.acting(submitter_username, as_admin=is_admin).submit(
+                type_, project_id, options=options, metadata=metadata, on_duplicate="reject")
         except Conflict as e:
             raise DuplicateJobError(operation_type, repo_alias, e.job_id) from None
         return str(job["id"])
@@ -157,7 +152,7 @@ class JobdJobManager:
                              is_admin: bool = False) -> dict[str, Any] | None:
         """The job, or None when there is none or it is not the user's (as CIDX: one 404)."""
         try:
-            job = await self.jobd.call("jobs.get", job_id=job_id, **_acting(username, is_admin))
+            job = await self.jobd.acting(username, as_admin=is_admin).get(job_id)
         except (NotFound, Forbidden, InvalidParams):
             return None
         return to_cidx(job)
@@ -173,21 +168,21 @@ class JobdJobManager:
                 raise InvalidParams(f"unknown status {status_filter!r} (one of "
                                     f"{', '.join(JOBD_STATUS)})", field="status")
             status = JOBD_STATUS[status_filter]
-        page = await self.jobd.call("jobs.list", status=status, limit=limit, offset=offset,
-                                    with_total=True, **_acting(username, is_admin))
+        jobd = self.jobd.acting(username, as_admin=is_admin)
+        page = await jobd.list(status=status, limit=limit, offset=offset, with_total=True)
         return {"jobs": [to_cidx(j) for j in page["jobs"]], "total": page["total"],
                 "limit": limit, "offset": offset}
 
     async def cancel_job(self, job_id: str, username: str,
                          is_admin: bool = False) -> dict[str, Any]:
         """CIDX's ``{success, message}``; a running job stops within jobd's cancel_grace."""
-        acting = _acting(username, is_admin)
+        jobd = self.jobd.acting(username, as_admin=is_admin)
         try:
-            await self.jobd.call("jobs.cancel", job_id=job_id, **acting)
+            await jobd.cancel(job_id)
         except (NotFound, Forbidden, InvalidParams):
             return {"success": False, "message": "Job not found or not authorized"}
         except Conflict:
-            job = await self.jobd.call("jobs.get", job_id=job_id, **acting)
+            job = await jobd.get(job_id)
             return {"success": False,
                     "message": f"Cannot cancel job in {STATUS[job['status']]} status"}
         return {"success": True, "message": "Job cancelled successfully"}
@@ -196,7 +191,9 @@ class JobdJobManager:
                          is_admin: bool = False) -> AsyncIterator[dict[str, Any]]:
         """The job at every change until it ends (jobd's ``watch``: long polls by version).
 
-        A follower holds a long poll open, so it gets its own connection, not a pooled one.
+        A follower holds a long poll open for up to 30 s at a time, so it gets its own
+        connection: on the pool (``pool.acting(...).watch``) each poll would hold one of
+        the pool's few connections, and a handful of followers would stall every call.
         """
         async with AsyncClient(self.socket, as_user=username, as_admin=is_admin) as own:
             async for job in own.watch(job_id):

@@ -10,8 +10,12 @@ progress lines ``{"progress": n, "message": "..."}`` on stdout and, last, a
     cidx-server-op add-golden-repo ALIAS URL PATH [BRANCH]
     cidx-server-op refresh-golden-repo ALIAS PATH
     cidx-server-op remove-golden-repo ALIAS PATH
-    cidx-server-op activate GOLDEN_PATH TARGET [BRANCH]
-    cidx-server-op deactivate TARGET
+    cidx-server-op activate GOLDEN_ALIAS PATH [BRANCH]
+    cidx-server-op deactivate PATH
+
+An activation's or deactivation's PATH is the activated work tree jobd was given as the
+job's ``options.repo_path`` (checked under ``allowed_roots``, the key of its exclusivity);
+CIDX_SERVER_DATA_DIR is the data folder its golden and activated trees lie in.
 """
 
 from __future__ import annotations
@@ -34,14 +38,27 @@ def git(*args: str, cwd: str | None = None) -> str:
                           capture_output=True).stdout.strip()
 
 
-def activated(target: str) -> Path:
-    """``target`` if it is a folder under CIDX's activated-repos; jobd does not check an
-    option that is a path, so the program must."""
-    root = Path(os.environ["CIDX_SERVER_DATA_DIR"], "activated-repos").resolve()
-    path = Path(target).resolve()
-    if root not in path.parents:
-        sys.exit(f"{target} is not under {root}")
-    return path
+def data_dir() -> Path:
+    return Path(os.environ["CIDX_SERVER_DATA_DIR"]).resolve()
+
+
+def activated(path: str) -> Path:
+    """``path`` if it is a folder under CIDX's activated-repos: jobd checked it lies under
+    ``allowed_roots``, which hold the golden trees too, and a deactivation must never
+    remove one of those."""
+    root = data_dir() / "activated-repos"
+    tree = Path(path).resolve()
+    if root not in tree.parents:
+        sys.exit(f"{path} is not under {root}")
+    return tree
+
+
+def golden(alias: str) -> Path:
+    """The golden work tree of ``alias``, an ordinary option that jobd does not read as a
+    path: one folder name, or the program refuses it."""
+    if not alias or Path(alias).name != alias or alias in (".", ".."):
+        sys.exit(f"golden alias {alias!r} is not a folder name")
+    return data_dir() / "golden-repos" / alias
 
 
 def add_golden_repo(alias: str, url: str, path: str, branch: str | None = None) -> dict[str, Any]:
@@ -55,7 +72,8 @@ def refresh_golden_repo(alias: str, path: str) -> dict[str, Any]:
     report(10, f"fetching {alias}")
     git("pull", "-q", "--ff-only", cwd=path)
     report(90, "indexing and publishing a snapshot (not in this stand-in)")
-    return {"alias": alias, "old_revision": old, "new_revision": git("rev-parse", "HEAD", cwd=path)}
+    new = git("rev-parse", "HEAD", cwd=path)
+    return {"alias": alias, "old_revision": old, "new_revision": new}
 
 
 def remove_golden_repo(alias: str, path: str) -> dict[str, Any]:
@@ -63,19 +81,19 @@ def remove_golden_repo(alias: str, path: str) -> dict[str, Any]:
     return {"alias": alias, "removed": path}
 
 
-def activate(golden: str, target: str, branch: str | None = None) -> dict[str, Any]:
-    path = activated(target)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    report(10, f"cloning {golden}")
-    git("clone", "-q", "-o", "golden", *(["-b", branch] if branch else []), "--", golden,
-        str(path))
-    return {"path": str(path), "revision": git("rev-parse", "HEAD", cwd=str(path))}
+def activate(golden_alias: str, path: str, branch: str | None = None) -> dict[str, Any]:
+    source, tree = golden(golden_alias), activated(path)
+    tree.parent.mkdir(parents=True, exist_ok=True)
+    report(10, f"cloning {golden_alias}")
+    git("clone", "-q", "-o", "golden", *(["-b", branch] if branch else []), "--", str(source),
+        str(tree))
+    return {"path": str(tree), "revision": git("rev-parse", "HEAD", cwd=str(tree))}
 
 
-def deactivate(target: str) -> dict[str, Any]:
-    path = activated(target)
-    shutil.rmtree(path)
-    return {"removed": str(path)}
+def deactivate(path: str) -> dict[str, Any]:
+    tree = activated(path)
+    shutil.rmtree(tree)
+    return {"removed": str(tree)}
 
 
 OPERATIONS = {"add-golden-repo": add_golden_repo, "refresh-golden-repo": refresh_golden_repo,

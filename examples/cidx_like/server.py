@@ -7,7 +7,8 @@ caller's, 403/400 from ``DELETE /api/jobs/{id}``, 409 for a duplicate. The web u
 named by the ``X-Cidx-User`` header (``X-Cidx-Admin: 1`` for CIDX's admins): a stand-in
 for CIDX's own login check (JWT, sessions), which a real server keeps.
 
-    python server.py --data-dir /srv/cidx/data [--socket /run/jobd/jobd.sock] [--listen 127.0.0.1:8090]
+    python server.py --data-dir /srv/cidx/data [--socket /run/jobd/jobd.sock]
+                     [--listen 127.0.0.1:8090]
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import json
 import re
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from cidx_jobs import DuplicateJobError, JobdJobManager, Layout
 from jobd.client import JobdError
@@ -65,6 +66,11 @@ class CidxLike:
                                            golden_alias=body["golden_repo_alias"],
                                            branch=body.get("branch_name"))
             return 202, {"job_id": job_id, "message": f"Activating '{alias}'"}
+        if (m := re.fullmatch(r"/api/repos/([^/]+)", path)) and method == "DELETE":
+            alias = unquote(m[1])  # a user alias may hold "/": org%2Frepo
+            job_id = await jobs.submit_job("deactivate_repository", submitter_username=user,
+                                           repo_alias=alias)
+            return 202, {"job_id": job_id, "message": f"Deactivating '{alias}'"}
         if path == "/api/repos/sync" and method == "POST":
             alias = body["repository_alias"]
             job_id = await jobs.submit_job("sync_repository", submitter_username=user,
@@ -111,7 +117,7 @@ class CidxLike:
                 status, answer = 409, {"detail": str(e)}
             except JobdError as e:  # each carries the HTTP status of SPEC §4's table
                 status, answer = e.http_status, {"detail": e.message}
-            except (KeyError, ValueError) as e:
+            except (KeyError, TypeError, ValueError) as e:  # a missing or malformed field
                 status, answer = 422, {"detail": f"bad request: {e}"}
             self.head(writer, status, len(data := json.dumps(answer).encode()))
             writer.write(data)

@@ -36,8 +36,9 @@ __all__ = ["IndexHandler", "index_repository", "repository", "validate_repositor
 _PLACEHOLDER = re.compile(r"\{(repo|user_id|project_id)\}")
 
 
-def validate_repository(options: dict[str, Any], *, user_id: str, project_id: str | None,
-                        trusted: bool, config: Config, may_be_missing: bool = False
+def validate_repository(options: dict[str, Any], *, type: str, user_id: str,
+                        project_id: str | None, trusted: bool, config: Config,
+                        may_be_missing: bool = False
                         ) -> tuple[dict[str, Any], git.Repository | None]:
     """Check ``project_id``, ``repo_path`` and ``full_reindex``: (normalised options, the
     repository opened and checked, or None when it does not exist yet).
@@ -48,7 +49,9 @@ def validate_repository(options: dict[str, Any], *, user_id: str, project_id: st
     a ``repo_path`` need not exist yet either.
     """
     if project_id is None:
-        raise errors.InvalidParams("project_id is required for this job type", field="project_id")
+        raise errors.InvalidParams(
+            f"project_id is required for {type} jobs, also with options.repo_path: it names "
+            "the job's project, a repo_path only where its work tree is", field="project_id")
     out: dict[str, Any] = {}
     full = options.get("full_reindex", False)
     if not isinstance(full, bool):
@@ -125,7 +128,8 @@ class IndexHandler(Handler):
     def validate(self, options: dict[str, Any], *, user_id: str, project_id: str | None,
                  trusted: bool, config: Config) -> dict[str, Any]:
         reject_unknown(options, ("repo_path", "full_reindex"))
-        out, repo = validate_repository(options, user_id=user_id, project_id=project_id,
+        out, repo = validate_repository(options, type="index", user_id=user_id,
+                                        project_id=project_id,
                                         trusted=trusted, config=config)
         if repo is not None:
             repo.close()

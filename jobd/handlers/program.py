@@ -4,7 +4,8 @@
 At submit, ``validate`` checks the job's options against the entry (only its string
 options, each at most 1 KiB, the required ones present, none starting with ``-`` unless
 ``allow_dash`` says so), its ``project_id`` against the entry's ``project``, and
-resolves its repository (``repo``, or the project's), which is stored with the job as
+resolves its repository (``repo``, or the project's: an admin's or a service's
+``options.repo_path``, else the template's), which is stored with the job as
 ``options.repo_path``: the key of its exclusivity. When the job runs, the argv is
 rendered from the entry as defined then (a reload meanwhile applies), each ``{name}``
 element replaced by one argument or, for an optional option left out, dropped: no
@@ -50,6 +51,10 @@ class ProgramHandler(Handler):
         if spec.project == "required" and project_id is None:
             raise errors.InvalidParams(f"project_id is required for {self.name} jobs",
                                        field="project_id")
+        repo_path = None
+        if "repo_path" in options and "repo_path" not in spec.names:
+            repo_path = self._given_repo_path(options["repo_path"])
+            options = {k: v for k, v in options.items() if k != "repo_path"}
         reject_unknown(options, spec.names)
         for name in spec.options:
             if name not in options:
@@ -71,8 +76,19 @@ class ProgramHandler(Handler):
                 raise errors.InvalidParams(problem, field=name)
         if spec.has_repository:
             out["repo_path"] = str(self._repository(config, out, user_id=user_id,
-                                                    project_id=project_id))
+                                                    project_id=project_id,
+                                                    repo_path=repo_path))
         return out
+
+    def _given_repo_path(self, value: Any) -> Any:
+        """A submitter's ``options.repo_path`` (the manager lets only admins and services
+        pass one, as for ``sync``): only for a type that works on its project's repository."""
+        if self.spec.repo or self.spec.project != "required":
+            why = (f"its repository comes from types.{self.name}.repo" if self.spec.repo
+                   else "they work on no project's repository")
+            raise errors.InvalidParams(f"{self.name} jobs take no options.repo_path: {why}",
+                                       field="options.repo_path")
+        return value
 
     def _problem(self, name: str, value: str | None) -> str | None:
         """Why ``value`` may not go into the argv as ``{name}``, or None."""
@@ -86,12 +102,14 @@ class ProgramHandler(Handler):
         return None
 
     def _repository(self, config: Config, options: dict[str, Any], *, user_id: str,
-                    project_id: str | None) -> Path:
+                    project_id: str | None, repo_path: str | None) -> Path:
         """The job's repository, a real path under the allowed roots (it need not exist
-        yet); InvalidParams naming the option or id it was built from."""
+        yet): from the type's ``repo``, else ``repo_path`` or the project's template;
+        InvalidParams naming the option or id it was built from."""
         spec = self.spec
         if not spec.repo:
-            return git.locate(config, user_id=user_id, project_id=project_id, repo_path=None)
+            return git.locate(config, user_id=user_id, project_id=project_id,
+                              repo_path=repo_path)
         values = {name: options[name] for name in spec.options}
         if project_id is not None:
             values["project_id"] = project_id
@@ -121,8 +139,12 @@ class ProgramHandler(Handler):
         cwd = spec.cwd or None
         if spec.has_repository:
             try:
+                # a project's repository as stored at submit (a given repo_path, or the
+                # template's), checked again; a ``repo`` template is rendered again
                 repo = self._repository(ctx.config, options, user_id=job.user_id,
-                                        project_id=job.project_id)
+                                        project_id=job.project_id,
+                                        repo_path=(None if spec.repo
+                                                   else options.get("repo_path")))
             except errors.InvalidParams as e:
                 raise JobFailed(e.message) from None
             values["repo_path"] = str(repo)

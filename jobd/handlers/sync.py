@@ -77,7 +77,7 @@ class SyncHandler(Handler):
         check_argv_ids((config.sync.index_command, config.sync.full_index_command),
                        user_id=user_id, project_id=project_id)
         url = _check_url(options.get("url"), trusted)
-        common, repo = index.validate_repository(options, user_id=user_id,
+        common, repo = index.validate_repository(options, type="sync", user_id=user_id,
                                                  project_id=project_id, trusted=trusted,
                                                  config=config, may_be_missing=url is not None)
         with repo if repo is not None else contextlib.nullcontext():

@@ -613,6 +613,11 @@ class SqliteStore:
         """The ids of every job matching ``filters`` (as ``list_jobs``), newest first."""
         return [r[2] for r in self._list("id", limit=-1, **filters)]
 
+    def known_ids(self, job_ids: list[str]) -> set[str]:
+        """Which of ``job_ids`` are stored jobs (one lookup by the id index each)."""
+        return {r[0] for r in self._read().execute(QUERIES["known_ids"],
+                                                   {"ids": json.dumps(job_ids)})}
+
     def count_jobs(self, cap: int, **filters: Any) -> int:
         """How many jobs match ``filters`` (as ``list_jobs``), counted no further than ``cap``
         (the scan stops there, so a count costs at most ``cap`` index rows)."""

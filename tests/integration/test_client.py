@@ -444,6 +444,34 @@ def test_a_pool_makes_calls_at_once_each_connection_one_at_a_time(make_daemon: A
     asyncio.run(scenario())
 
 
+def test_a_pool_acts_for_each_web_user_on_the_same_connections(make_daemon: Any) -> None:
+    """What a web server does: one pool, and for each request a view acting for its user
+    (with a plain user's rights through ``as_role``), the scope sent with every call."""
+    d = make_daemon()
+
+    async def scenario() -> None:
+        async with AsyncClientPool(2, socket=d.socket) as pool:
+            await pool.pause()
+            alice_job = await pool.acting("alice@example.com").submit(
+                "noop", options={"seconds": 0})
+            assert alice_job["user_id"] == "alice@example.com"
+            alice = pool.acting("alice@example.com", as_role="user")
+            jane = pool.acting("Jane Doe", as_role="user")
+            with pytest.raises(errors.Forbidden):  # noop is for admins: the role is sent
+                await alice.submit("noop", options={"seconds": 0})
+            assert [j["id"] for j in (await alice.list())["jobs"]] == [alice_job["id"]]
+            assert (await jane.list())["jobs"] == []
+            with pytest.raises(errors.Forbidden):
+                await jane.get(alice_job["id"])
+            seen = [j async for j in alice.watch(alice_job["id"], timeout=0.2)]
+            assert seen and seen[0]["id"] == alice_job["id"]
+            assert await alice.resolve(alice_job["id"][:8]) == alice_job["id"]
+            # the views took no connections of their own, and the pool acts for nobody
+            assert pool.as_user is None and pool.size == 2
+            assert (await pool.stats())["jobs"]["queued"] == 1
+    asyncio.run(scenario())
+
+
 def test_watch_reconnects_across_a_restart_and_says_so(make_daemon: Any, make: Any) -> None:
     d = make_daemon()
 

@@ -48,3 +48,25 @@ def test_a_job_forgotten_past_max_stored_per_user_leaves_none_of_its_log_files(
     second = chatty(d)
     wait_for(lambda: files_of(d, first["id"]) == [], what="the forgotten job's log files to go")
     assert f"{second['id']}.log" in files_of(d, second["id"])
+
+
+def test_after_a_crash_the_logs_of_jobs_already_forgotten_are_swept(
+        make_daemon: Callable[..., Daemon]) -> None:
+    """A cleanup deletes a job's rows, then its files: a crash in between leaves them. The
+    start after an unclean stop removes every log file of a job the store does not know,
+    and none of a job it knows."""
+    d = make_daemon(config=SMALL_LOGS)
+    kept = chatty(d)
+    logs = d.state / "logs"
+    gone = "0b7e8a52-1f4c-4c47-9e0e-5d3c1a2b9f00"  # a job a cleanup forgot just before
+    for suffix in ("", ".base", ".tmp", ".base.tmp"):
+        (logs / f"{gone}.log{suffix}").write_text("left by a crash")
+    (logs / "README").write_text("not a job's log")  # not one of jobd's names: left alone
+    d.kill()
+    d.start()
+    wait_for(lambda: files_of(d, gone) == [], what="the forgotten job's log files to go")
+    assert files_of(d, kept["id"]) == [f"{kept['id']}.log{suffix}" for suffix in
+                                       ("", ".base", ".base.tmp", ".tmp")]
+    assert (logs / "README").exists()
+    swept = [e for e in d.log_events() if e.get("event") == "stray_logs_removed"]
+    assert [e["jobs"] for e in swept] == [1]

@@ -13,8 +13,8 @@ from typing import Any, Callable
 
 import pytest
 
-from conftest import (FAST_CONFIG, Daemon, error_of, group_alive, joblog, result_of,
-                      wait_for, wait_terminal)
+from conftest import (FAST_CONFIG, Daemon, clone, error_of, group_alive, joblog,
+                      make_upstream, result_of, wait_for, wait_terminal)
 
 #: prints its arguments and working directory as the job's result
 ECHO = textwrap.dedent("""\
@@ -54,6 +54,12 @@ roles = ["user"]
 [types.sleeper]
 argv = [{q(python)}, "-c", {q(SLEEPER)}]
 roles = ["admin"]
+
+[types.activate]
+argv = [{q(python)}, "-c", {q(SLEEPER)}, "{{repo_path}}"]
+project = "required"
+exclusive = true
+roles = ["service", "admin"]
 
 [types.slow]
 argv = [{q(python)}, "-c", {q(SLEEPER)}]
@@ -125,6 +131,35 @@ def test_roles_say_who_may_submit_and_retry(d: Daemon) -> None:
     wait_terminal(d, failed["id"])
     err = error_of(d, "jobs.retry", job_id=failed["id"], **as_user)
     assert err["code"] == -32003 and "retry refresh_golden_repo" in err["message"], err
+
+
+def test_an_admin_or_service_names_a_project_type_s_work_tree_by_repo_path(
+        d: Daemon, tmp_path: Path) -> None:
+    """As for ``sync``: a trusted submitter's ``options.repo_path`` is the job's
+    repository (it need not exist yet), the key of its exclusivity with syncs of it."""
+    tree = d.state / "repos" / "activated" / "alice@example.com" / "org" / "repo"
+    job = submit(d, "activate", project_id="org/repo", as_user="alice@example.com",
+                 options={"repo_path": str(tree)})
+    assert job["options"] == {"repo_path": str(tree)}
+    _child_of(d, job["id"])
+    clone(make_upstream(tmp_path / "upstream"), tree)  # the program made the tree
+    sync = submit(d, "sync", project_id="org/repo", as_user="bob",
+                  options={"repo_path": str(tree)})
+    assert result_of(d, "jobs.get", job_id=sync["id"])["wait_reason"] == "project_busy"
+    result_of(d, "jobs.cancel", job_id=job["id"], wait=True)
+    assert wait_terminal(d, sync["id"])["status"] == "completed"
+    err = error_of(d, "jobs.submit", type="user_echo", project_id="p", as_user="alice",
+                   as_role="user", options={"repo_path": str(tree)})
+    assert err["code"] == -32003 and err["data"]["field"] == "options.repo_path", err
+    err = error_of(d, "jobs.submit", type="refresh_golden_repo", as_user="alice",
+                   options={"alias": "a", "repo_path": str(tree)})
+    assert err["data"]["field"] == "options.repo_path", err
+    assert "types.refresh_golden_repo.repo" in err["message"]
+    err = error_of(d, "jobs.submit", type="sync", as_user="bob", options={"repo_path": str(tree)})
+    assert "project_id is required for sync jobs, also with options.repo_path" in err["message"]
+    err = error_of(d, "jobs.submit", type="activate", project_id="p", as_user="alice",
+                   options={"repo_path": "/etc"})
+    assert err["data"]["field"] == "options.repo_path" and "allowed roots" in err["message"]
 
 
 def _child_of(d: Daemon, job_id: str) -> tuple[int, int]:

@@ -32,6 +32,10 @@ json_object('id', id, 'type', type, 'user_id', user_id, 'project_id', project_id
 -- One job by id
 SELECT {job_columns} FROM jobs WHERE id = :job_id
 
+-- known_ids --
+-- Which of the ids in the JSON array :ids are stored jobs
+SELECT id FROM jobs WHERE id IN (SELECT value FROM json_each(:ids))
+
 -- job_status --
 -- What a refused transition finds: the job's status now (no row: no such job)
 SELECT status FROM jobs WHERE id = :job_id
