@@ -204,9 +204,9 @@ def _body(model: type[_Input], body: Any) -> Any:
     return model.model_validate(snake_keys(body, "body"))
 
 
-def _identity(who: Principal) -> dict[str, Any]:
-    """The params that make a call act for ``who`` (SPEC §3): a plain user's rights for
-    an ordinary user, the web server's admin rights for one of its admins."""
+def _acting(who: Principal) -> dict[str, Any]:
+    """Whom a client acts for, for ``who`` (SPEC §3): a plain user's rights for an
+    ordinary user, the web server's admin rights for one of its admins."""
     if who.admin:
         return {"as_user": who.user, "as_admin": True}
     return {"as_user": who.user, "as_role": "user"}
@@ -248,16 +248,16 @@ class _Jobd:
         self.streams = 0
 
     async def call(self, who: Principal, method: str, **params: Any) -> Any:
-        return await self.pool.call(method, **params, **_identity(who))
+        return await self.pool.acting(**_acting(who)).call(method, **params)
 
     @contextlib.asynccontextmanager
-    async def own(self) -> AsyncIterator[AsyncClient]:
+    async def own(self, who: Principal) -> AsyncIterator[AsyncClient]:
         """A connection of its own, for a call that waits; Unavailable past ``max_streams``."""
         if self.streams >= self.max_streams:
             raise errors.Unavailable(f"{self.max_streams} streams and waiting calls are open "
                                      "already; try again in a moment")
         self.streams += 1
-        client = AsyncClient(self.socket)
+        client = AsyncClient(self.socket, **_acting(who))
         try:
             yield client
         finally:
@@ -364,8 +364,8 @@ def router(principal: Callable[..., Any], socket: str | None = None, pool_size: 
     async def cancel(job_id: str, request: Request, who: Principal = Who) -> Any:
         if not _query(request, _CancelQuery).wait:
             return await jobd.call(who, "jobs.cancel", job_id=job_id)
-        async with jobd.own() as client:
-            return await client.call("jobs.cancel", job_id=job_id, wait=True, **_identity(who))
+        async with jobd.own(who) as client:
+            return await client.call("jobs.cancel", job_id=job_id, wait=True)
 
     @r.post("/api/jobs/{job_id}/retry")
     async def retry(job_id: str, who: Principal = Who) -> Any:
@@ -387,16 +387,15 @@ def router(principal: Callable[..., Any], socket: str | None = None, pool_size: 
         last = _last_event_id(last_event_id)
         hold = contextlib.AsyncExitStack()
         try:
-            client = await hold.enter_async_context(jobd.own())
+            client = await hold.enter_async_context(jobd.own(who))
             # the first answer comes before the response starts: an unknown or foreign
             # job is a 404 or 403, not a stream that says so
             job = await client.call("jobs.wait", job_id=job_id, after_version=last,
-                                    timeout_s=None if last is None else heartbeat_s,
-                                    **_identity(who))
+                                    timeout_s=None if last is None else heartbeat_s)
         except BaseException:
             await hold.aclose()
             raise
-        return _EventStream(_follow(client, who, job, last, heartbeat_s), hold)
+        return _EventStream(_follow(client, job, last, heartbeat_s), hold)
 
     @r.get("/api/admin/jobs/stats")
     async def stats(request: Request, who: Principal = Admin) -> Any:
@@ -424,7 +423,7 @@ def router(principal: Callable[..., Any], socket: str | None = None, pool_size: 
     return r
 
 
-async def _follow(client: AsyncClient, who: Principal, job: dict[str, Any], last: int | None,
+async def _follow(client: AsyncClient, job: dict[str, Any], last: int | None,
                   heartbeat_s: float) -> AsyncIterator[str]:
     """The events of a stream: the job at each version the long poll returns, a heartbeat
     comment when one returned unchanged, until the job's end has been sent."""
@@ -435,8 +434,7 @@ async def _follow(client: AsyncClient, who: Principal, job: dict[str, Any], last
             yield ": heartbeat\n\n"
         while job["status"] not in _TERMINAL:
             fresh = await client.call("jobs.wait", job_id=job["id"],
-                                      after_version=job["version"], timeout_s=heartbeat_s,
-                                      **_identity(who))
+                                      after_version=job["version"], timeout_s=heartbeat_s)
             yield _event(fresh) if fresh["version"] > job["version"] else ": heartbeat\n\n"
             job = fresh
     except JobdError as e:
