@@ -8,6 +8,10 @@ none of FastAPI, uvicorn or PyJWT.
 
 from __future__ import annotations
 
-from jobd.http.api import Principal, error_body, router
+try:
+    from jobd.http.api import Principal, error_body, router
+except ModuleNotFoundError as e:  # the extra is not installed: say which, and how
+    raise ModuleNotFoundError(f"jobd.http needs {e.name}, which is not installed: "
+                              "pip install 'jobd[http]'", name=e.name) from None
 
 __all__ = ["Principal", "error_body", "router"]

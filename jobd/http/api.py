@@ -27,6 +27,7 @@ from starlette.types import Receive, Scope, Send
 
 from jobd import errors
 from jobd.client import AsyncClient, AsyncClientPool, JobdError
+from jobd.models import TERMINAL
 
 __all__ = ["Principal", "error_body", "router", "snake_keys"]
 
@@ -34,7 +35,6 @@ log = structlog.get_logger()
 
 #: how long one long poll of a stream waits; a heartbeat comment is sent when it ends unchanged
 HEARTBEAT_S = 15.0
-_TERMINAL = frozenset({"completed", "failed", "cancelled"})
 _UPPER = re.compile(r"(?<=[a-z0-9])([A-Z])")
 #: SPEC §4's JSON-RPC code for an HTTP status, for errors that FastAPI raises itself (the
 #: last class of a status wins: 400 is an invalid request, 404 an unknown job)
@@ -432,7 +432,7 @@ async def _follow(client: AsyncClient, job: dict[str, Any], last: int | None,
             yield _event(job)
         else:
             yield ": heartbeat\n\n"
-        while job["status"] not in _TERMINAL:
+        while job["status"] not in TERMINAL:
             fresh = await client.call("jobs.wait", job_id=job["id"],
                                       after_version=job["version"], timeout_s=heartbeat_s)
             yield _event(fresh) if fresh["version"] > job["version"] else ": heartbeat\n\n"

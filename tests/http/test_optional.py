@@ -46,3 +46,11 @@ def test_the_daemon_checks_and_ignores_the_http_section(tmp_path: Path) -> None:
                           text=True, env=bad.env, timeout=60)
     assert proc.returncode == 1, proc
     assert "http.listen must be a string" in proc.stderr, proc.stderr
+
+
+def test_jobd_http_without_the_extra_says_how_to_install_it() -> None:
+    proc = _python("import sys; sys.modules['fastapi'] = None; import jobd.http")
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines()[-1] == (
+        "ModuleNotFoundError: jobd.http needs fastapi, which is not installed: "
+        "pip install 'jobd[http]'"), proc.stderr
