@@ -143,12 +143,14 @@ class Gateway:
         self.url = f"http://127.0.0.1:{port}"
         self.argv = [sys.executable, "-m", "jobd.http", "--listen", f"127.0.0.1:{port}", *args]
         self.stderr = root / f"jobd-http-{port}.stderr"
+        #: the process's environment (None: this one's)
+        self.env: dict[str, str] | None = None
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> "Gateway":
         with open(self.stderr, "wb") as err:
-            self.proc = subprocess.Popen(self.argv, stdout=err, stderr=err,
-                                         stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(self.argv, stdout=err, stderr=err, env=self.env,
+                                         stdin=subprocess.DEVNULL, cwd="/")
         deadline = time.monotonic() + 20
         while True:
             if self.proc.poll() is not None:
