@@ -53,7 +53,8 @@ def snake_keys(data: Mapping[str, Any], where: str) -> dict[str, Any]:
     """``data`` with camelCase keys written in snake_case (``projectId`` → ``project_id``).
 
     The one converter of every input: bodies, their ``options`` and query strings. A key
-    given in both spellings is refused, naming it.
+    given in both spellings is refused, naming it. Option names are therefore snake_case,
+    as jobd's own are (a ``[types]`` option named in camelCase cannot be sent over HTTP).
     """
     out: dict[str, Any] = {}
     for key, value in data.items():

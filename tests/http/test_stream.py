@@ -4,8 +4,9 @@ poll through a real uvicorn — rising progress, the job's end as the last event
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -108,3 +109,21 @@ def test_a_stream_of_an_unknown_or_foreign_job_is_an_error_not_a_stream(
     unknown = web.get("/api/jobs/00000000-0000-4000-8000-000000000000/stream", headers=ALICE)
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == -32004
     stream(web, job["id"])
+
+
+def test_a_stream_whose_jobd_goes_away_ends_with_an_error_event(
+        make_daemon: Callable[..., Daemon]) -> None:
+    d = make_daemon(config=WEB_CONFIG, env=WEB_ENV)
+    with Served(web_app(d.socket, heartbeat_s=HEARTBEAT_S)) as server, \
+            httpx.Client(base_url=server.url, timeout=30) as web:
+        job = web.post("/api/jobs", json={"type": "steps"}, headers=ALICE).json()
+        with web.stream("GET", f"/api/jobs/{job['id']}/stream", headers=ALICE) as r:
+            seen = []
+            for item in events(r):
+                seen.append(item)
+                if len(seen) == 1:
+                    d.kill()  # a crash: the long poll's connection breaks
+        assert seen[0]["event"] == "job"
+        last = seen[-1]
+        assert last["event"] == "error" and last["data"]["error"]["code"] == -32050, seen
+        assert str(d.socket) not in json.dumps(last)
