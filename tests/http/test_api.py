@@ -179,6 +179,22 @@ def test_cancel_is_200_waits_when_asked_409_once_completed_and_retry_is_200(
     error(web.post(f"/api/jobs/{running['id']}/retry", headers=ALICE), 409, -32009)
 
 
+def test_a_retry_of_work_already_queued_is_409_naming_that_job(
+        web: httpx.Client, project: Callable[[str, str], str]) -> None:
+    name = project("alice", "twice")
+    web.post("/api/admin/pause", headers=ADMIN)
+    try:
+        first = web.post("/api/sync", json={"projectId": name}, headers=ALICE).json()["jobId"]
+        web.delete(f"/api/jobs/{first}", headers=ALICE)
+        second = web.post("/api/sync", json={"projectId": name}, headers=ALICE).json()
+        assert second["deduplicated"] is False
+        refused = error(web.post(f"/api/jobs/{first}/retry", headers=ALICE), 409, -32009)
+        assert refused["jobId"] == second["jobId"]
+    finally:
+        web.post("/api/admin/resume", headers=ADMIN)
+    ended(web, second["jobId"], ALICE)
+
+
 def test_list_filters_pages_and_user_id_is_for_admins(web: httpx.Client) -> None:
     mine = [steps(web, as_user("carol"), description=f"list {k}")["id"] for k in range(3)]
     page = web.get("/api/jobs", params={"type": "steps", "limit": 2, "withTotal": "true"},
