@@ -198,4 +198,4 @@ def main(socket: str | None, config_file: str | None, log_level: str, **flags: s
     logs.setup(log_level)
     # uvicorn logs through the root logger that logs.setup configured
     uvicorn.run(app(gateway), host=gateway.host, port=gateway.port, log_config=None,
-                log_level=log_level, proxy_headers=False)
+                log_level=log_level)
