@@ -35,6 +35,9 @@ log = structlog.get_logger()
 
 #: how long one long poll of a stream waits; a heartbeat comment is sent when it ends unchanged
 HEARTBEAT_S = 15.0
+#: the largest request body taken: a submit's options, metadata and description at their
+#: limits (16 KiB, 64 KiB, 1 KiB) with room for JSON escapes, well under jobd's line limit
+MAX_BODY_BYTES = 256 * 1024
 _UPPER = re.compile(r"(?<=[a-z0-9])([A-Z])")
 #: SPEC §4's JSON-RPC code for an HTTP status, for errors that FastAPI raises itself (the
 #: last class of a status wins: 400 is an invalid request, 404 an unknown job)
@@ -120,6 +123,17 @@ def _invalid(problems: Any) -> errors.InvalidParams:
     return errors.InvalidParams("; ".join(lines), field=fields[0] if fields else None)
 
 
+async def _bounded(request: Request) -> None:
+    """Refuse a body over MAX_BODY_BYTES before it is parsed, or sent to jobd (whose
+    answer to an overlong line is to close the connection)."""
+    length = request.headers.get("content-length", "")
+    size = int(length) if length.isdigit() else len(await request.body())
+    if size > MAX_BODY_BYTES:
+        raise HTTPException(413, f"the request body is {size} bytes; the most taken is "
+                                 f"{MAX_BODY_BYTES} (options ≤ 16 KiB, metadata ≤ 64 KiB, "
+                                 "description ≤ 1 KiB)")
+
+
 class _ShapedRoute(APIRoute):
     """A route whose every failure is answered in the one error shape.
 
@@ -133,6 +147,7 @@ class _ShapedRoute(APIRoute):
 
         async def shaped(request: Request) -> Response:
             try:
+                await _bounded(request)
                 return await handler(request)
             except (JobdError, RequestValidationError, pydantic.ValidationError,
                     HTTPException) as e:

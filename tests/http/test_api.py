@@ -6,6 +6,7 @@ real uvicorn; only the login dependency is overridden."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -299,6 +300,23 @@ def test_invalid_input_is_422_in_the_one_error_shape(web: httpx.Client, body: by
     response = web.post("/api/sync", content=body,
                         headers={**ALICE, "Content-Type": "application/json"})
     assert error(response, 422, -32602)["field"] == field
+
+
+def test_a_body_past_the_limit_is_413_before_it_reaches_jobd(web: httpx.Client) -> None:
+    big = {"type": "steps", "metadata": {"x": "y" * 300_000}}
+    refused = error(web.post("/api/jobs", json=big, headers=ALICE), 413, -32600)
+    assert "300" in refused["message"] and "bytes" in refused["message"]
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the body is counted as read
+        yield json.dumps(big).encode()
+
+    chunked = web.post("/api/jobs", content=chunks(),
+                       headers={**ALICE, "Content-Type": "application/json"})
+    error(chunked, 413, -32600)
+    # jobd itself still answers, and names what is too big below the HTTP limit
+    near = {"type": "steps", "metadata": {"x": "y" * 100_000}}
+    assert error(web.post("/api/jobs", json=near, headers=ALICE), 422, -32602)[
+        "field"] == "metadata"
 
 
 def test_jobd_stopped_is_503(make_daemon: Callable[..., Daemon]) -> None:
