@@ -17,6 +17,9 @@ import served
 from served import Served, WEB_CONFIG, WEB_ENV, as_user, web_app
 
 import httpx  # noqa: E402  (after served: skips without the http extra)
+from fastapi import FastAPI  # noqa: E402
+
+import jobd.http  # noqa: E402
 
 from conftest import Daemon, clone, make_upstream, wait_for  # noqa: E402
 
@@ -352,6 +355,21 @@ def test_streams_and_waiting_cancels_past_max_streams_are_503(daemon: Daemon) ->
                 break
             time.sleep(0.05)
         assert response.status_code == 200 and response.json()["status"] == "cancelled"
+
+
+def test_mounted_under_a_prefix_the_location_names_the_prefixed_path(
+        daemon: Daemon, project: Callable[[str, str], str]) -> None:
+    name = project("alice", "prefixed")
+    app = FastAPI()
+    app.include_router(jobd.http.router(principal=served.cidx_login, socket=str(daemon.socket)),
+                       prefix="/jobd")
+    app.dependency_overrides[served.cidx_login] = served.header_login
+    with Served(app) as server, httpx.Client(base_url=server.url) as web:
+        submitted = web.post("/jobd/api/sync", json={"projectId": name}, headers=ALICE)
+        assert submitted.status_code == 202, submitted.text
+        location = submitted.headers["Location"]
+        assert location == f"/jobd/api/jobs/{submitted.json()['jobId']}"
+        assert web.get(location, headers=ALICE).json()["project_id"] == name
 
 
 def test_the_router_keeps_the_host_apps_own_errors(daemon: Daemon) -> None:
