@@ -42,25 +42,31 @@ print("\\n".join(sorted(tops)))
 
 
 @pytest.fixture(scope="module")
-def readable_gateway(readable_jobd: dict[str, str]) -> dict[str, str]:
-    """``readable_jobd``'s environment, with the libraries of jobd-http copied beside jobd."""
-    top = Path(readable_jobd["PYTHONPATH"])
+def readable_gateway(readable_jobd: dict[str, str]) -> Iterator[dict[str, str]]:
+    """``readable_jobd``'s environment, with the libraries of jobd-http copied into a
+    folder of their own that the service account may read."""
+    top = Path(tempfile.mkdtemp(prefix="jobd-http-libraries-"))
     found = subprocess.run([sys.executable, "-c", _LIBRARIES], check=True, text=True,
                            capture_output=True).stdout.split()
     site = Path(__import__("fastapi").__file__).parent.parent
-    for name in found:
-        source, target = site / name, top / name
-        if target.exists() or name == "jobd":
-            continue
-        # with their bytecode: the service account may write none, and compiling FastAPI
-        # and pydantic at every start takes seconds
-        if source.is_dir():
-            shutil.copytree(source, target)
-        else:
-            shutil.copy2(source, target)
-    for path in top.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    return readable_jobd
+    try:
+        for name in found:
+            source = site / name
+            # jobd is readable_jobd's copy; an editable install's finder is not wanted
+            if name == "jobd" or name.startswith("__editable__") or not source.exists():
+                continue
+            # with their bytecode: the service account may write none, and compiling
+            # FastAPI and pydantic at every start takes seconds
+            if source.is_dir():
+                shutil.copytree(source, top / name)
+            else:
+                shutil.copy2(source, top / name)
+        for path in [top, *top.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        yield {**readable_jobd,
+               "PYTHONPATH": f"{readable_jobd['PYTHONPATH']}:{top}"}
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
