@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -120,26 +120,30 @@ def now() -> int:
     return int(time.time())
 
 
-BAD_TOKENS = {
-    "missing": None,
-    "not-bearer": "Basic YWxpY2U6cGFzcw==",
-    "malformed": "Bearer not.a.jwt",
-    "bad-signature": "Bearer " + jwt.encode(claims(), b"another secret of 32 bytes or more!",
-                                            algorithm="HS256"),
-    "expired": "Bearer " + jwt.encode(claims(exp=now() - 120), SECRET, algorithm="HS256"),
-    "no-exp": "Bearer " + jwt.encode({"username": "alice"}, SECRET, algorithm="HS256"),
-    "not-yet": "Bearer " + jwt.encode(claims(nbf=now() + 120), SECRET, algorithm="HS256"),
-    "alg-none": "Bearer " + unsigned(claims()),
-    "wrong-alg": "Bearer " + jwt.encode(claims(), SECRET, algorithm="HS512"),
-    "no-user": "Bearer " + jwt.encode({"exp": now() + 300, "sub": "alice"}, SECRET,
-                                      algorithm="HS256"),
-    "empty-user": "Bearer " + jwt.encode(claims(username=""), SECRET, algorithm="HS256"),
+def _hs256(payload: dict[str, Any], key: bytes = SECRET, alg: str = "HS256") -> str:
+    return "Bearer " + jwt.encode(payload, key, algorithm=alg)
+
+
+#: each made when its test runs: a token made at collection could expire (or start to be
+#: valid) before the test, in a long run
+BAD_TOKENS: dict[str, Callable[[], str | None]] = {
+    "missing": lambda: None,
+    "not-bearer": lambda: "Basic YWxpY2U6cGFzcw==",
+    "malformed": lambda: "Bearer not.a.jwt",
+    "bad-signature": lambda: _hs256(claims(), b"another secret, of 32 bytes or more"),
+    "expired": lambda: _hs256(claims(exp=now() - 120)),
+    "no-exp": lambda: _hs256({"username": "alice"}),
+    "not-yet": lambda: _hs256(claims(nbf=now() + 120)),
+    "alg-none": lambda: "Bearer " + unsigned(claims()),
+    "wrong-alg": lambda: _hs256(claims(), alg="HS512"),
+    "no-user": lambda: _hs256({"exp": now() + 300, "sub": "alice"}),
+    "empty-user": lambda: _hs256(claims(username="")),
 }
 
 
 @pytest.mark.parametrize("name", list(BAD_TOKENS))
 def test_a_bad_token_is_401_in_the_one_error_shape(hs256: str, name: str) -> None:
-    value = BAD_TOKENS[name]
+    value = BAD_TOKENS[name]()
     response = httpx.get(f"{hs256}/api/jobs", headers={"Authorization": value} if value else {})
 
     assert response.status_code == 401, (name, response.text)
