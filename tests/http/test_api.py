@@ -336,25 +336,30 @@ def test_jobd_stopped_is_503(make_daemon: Callable[..., Daemon]) -> None:
 
 
 def test_streams_and_waiting_cancels_past_max_streams_are_503(daemon: Daemon) -> None:
-    with Served(web_app(daemon.socket, max_streams=1)) as server, \
+    with Served(web_app(daemon.socket, max_streams=1, heartbeat_s=0.2)) as server, \
             httpx.Client(base_url=server.url, timeout=30) as web:
-        job = steps(web, ALICE)
-        with web.stream("GET", f"/api/jobs/{job['id']}/stream", headers=ALICE) as held:
-            assert held.status_code == 200
-            error(web.get(f"/api/jobs/{job['id']}/stream", headers=ALICE), 503, -32050)
-            error(web.delete(f"/api/jobs/{job['id']}", params={"wait": "true"},
-                             headers=ALICE), 503, -32050)
-            # short calls have their own pool, whatever the streams hold
-            assert web.get(f"/api/jobs/{job['id']}", headers=ALICE).status_code == 200
-        # the stream's connection is given back when its client goes away
-        deadline = time.monotonic() + 10
-        while True:
-            response = web.delete(f"/api/jobs/{job['id']}", params={"wait": "true"},
-                                  headers=ALICE)
-            if response.status_code != 503 or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        assert response.status_code == 200 and response.json()["status"] == "cancelled"
+        # queued while dispatch is paused, so the held stream cannot end by itself
+        web.post("/api/admin/pause", headers=ADMIN)
+        try:
+            job = steps(web, ALICE)
+            with web.stream("GET", f"/api/jobs/{job['id']}/stream", headers=ALICE) as held:
+                assert held.status_code == 200
+                error(web.get(f"/api/jobs/{job['id']}/stream", headers=ALICE), 503, -32050)
+                error(web.delete(f"/api/jobs/{job['id']}", params={"wait": "true"},
+                                 headers=ALICE), 503, -32050)
+                # short calls have their own pool, whatever the streams hold
+                assert web.get(f"/api/jobs/{job['id']}", headers=ALICE).status_code == 200
+            # the stream's connection is given back when its client goes away
+            deadline = time.monotonic() + 10
+            while True:
+                response = web.delete(f"/api/jobs/{job['id']}", params={"wait": "true"},
+                                      headers=ALICE)
+                if response.status_code != 503 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            assert response.status_code == 200 and response.json()["status"] == "cancelled"
+        finally:
+            web.post("/api/admin/resume", headers=ADMIN)
 
 
 def test_mounted_under_a_prefix_the_location_names_the_prefixed_path(
