@@ -125,6 +125,22 @@ class Sync:
     remote: str = "origin"
 
 
+@dataclasses.dataclass(frozen=True)
+class Http:
+    """``[http]``: the settings of the ``jobd-http`` gateway (SPEC §10). The daemon checks
+    them as it checks every section, and uses none."""
+
+    listen: str = "127.0.0.1:8095"
+    jwt_secret_file: str = ""      #: HS256
+    jwt_public_key_file: str = ""  #: RS256 or ES256
+    algorithm: str = ""            #: "": the key's own
+    user_claim: str = "username"
+    admin_claim: str = "role=admin"
+    audience: str = ""             #: "": not checked
+    issuer: str = ""               #: "": not checked
+    metrics_listen: str = ""       #: HOST:PORT serving GET /metrics with no sign-in; "": none
+
+
 #: the job types jobd has itself: no ``[types]`` entry may take their names
 BUILTIN_TYPES = frozenset({"sync", "index", "command", "noop"})
 #: who may submit a job type (SPEC §3)
@@ -189,11 +205,12 @@ class TypeSpec:
 
 _SECTIONS: dict[str, type] = {
     "server": Server, "storage": Storage, "execution": Execution,
-    "retention": Retention, "auth": Auth, "sync": Sync,
+    "retention": Retention, "auth": Auth, "sync": Sync, "http": Http,
 }
 
 _CHOICES = {("storage", "synchronous"): ("off", "normal", "full", "extra"),
-            ("server", "log_level"): ("debug", "info", "warning", "error")}
+            ("server", "log_level"): ("debug", "info", "warning", "error"),
+            ("http", "algorithm"): ("", "hs256", "rs256", "es256")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,6 +226,7 @@ class Config:
     retention: Retention = Retention()
     auth: Auth = Auth()
     sync: Sync = Sync()
+    http: Http = Http()
     #: the ``[types.NAME]`` entries, by name
     types: dict[str, TypeSpec] = dataclasses.field(default_factory=dict)
 
