@@ -25,6 +25,7 @@ RUNS = {
     "hostile_bench.py": ["--jobs", "20", "--connections", "2", "--batch", "2",
                          "--duration", "1"],
     "changes_bench.py": ["--seconds", "0.2", "--rounds", "1", "--waiters", "3"],
+    "http_bench.py": ["--requests", "20"],
 }
 
 
