@@ -40,6 +40,7 @@ DASHBOARD_CONFIG = WEB_CONFIG + f"""
 [types.crawl]
 argv = {json.dumps([sys.executable, "-c", CRAWL])}
 roles = ["user", "service", "admin"]
+project = "optional"
 """
 
 
