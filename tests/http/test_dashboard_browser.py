@@ -39,6 +39,8 @@ if _MISSING:
 
 import httpx  # noqa: E402
 from selenium import webdriver  # noqa: E402
+from selenium.common.exceptions import (  # noqa: E402
+    NoSuchElementException, StaleElementReferenceException)
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
@@ -77,9 +79,17 @@ def browser(request: pytest.FixtureRequest, artifacts: Path) -> Iterator[WebDriv
 
 def until(driver: WebDriver, check: Callable[[], Any], what: str, timeout: float = 10) -> Any:
     """``check()``'s first truthy value within ``timeout`` seconds, else a failure saying
-    what was awaited."""
-    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(
+    what was awaited. An element a poll has just replaced is looked up again."""
+    return WebDriverWait(driver, timeout, poll_frequency=0.1, ignored_exceptions=(
+        NoSuchElementException, StaleElementReferenceException)).until(
         lambda _: check(), message=f"the page did not show {what} within {timeout} s")
+
+
+def text(driver: WebDriver, selector: str) -> str | None:
+    """The text an element shows now, read in one script (polls replace list items)."""
+    return driver.execute_script(  # type: ignore[no-any-return]
+        "const e = document.querySelector(arguments[0]); return e ? e.innerText : null",
+        selector)
 
 
 def sign_in(driver: WebDriver, url: str, user: str, admin: bool = False) -> None:
@@ -123,7 +133,7 @@ def test_a_user_signs_in_watches_a_job_move_and_cancels_it(
                   or None, "the running job's bar above 0")
     until(browser, lambda: progress_of(browser.find_element(By.CSS_SELECTOR, bar)) > first,
           "the running job's bar moving")
-    assert "page " in browser.find_element(By.CSS_SELECTOR, f"{row} .message").text
+    assert "page " in (text(browser, f"{row} .message") or "")
 
     # its page: live progress from the stream, the log followed while it runs
     browser.find_element(By.CSS_SELECTOR, f"{row} a.job-link").click()
@@ -178,3 +188,100 @@ def test_the_page_fits_a_360_pixel_screen(gateway: Gateway, browser: WebDriver) 
     until(browser, lambda: browser.find_element(By.ID, "job-log").text, "the job's log")
     assert fits(), "the job page scrolls sideways at 360 px"
     httpx.delete(f"{gateway.url}/api/jobs/{job['id']}", headers=alice)
+
+
+@full
+def test_an_admin_pauses_dispatch_sees_why_a_job_waits_and_filters_by_user(
+        gateway: Gateway, browser: WebDriver) -> None:
+    sign_in(browser, gateway.url, "ada", admin=True)
+    state = browser.find_element(By.ID, "admin-state")
+    until(browser, lambda: "Dispatch runs." in state.text, "the admin controls")
+    assert browser.find_element(By.ID, "f-user").is_displayed(), "no user filter for an admin"
+    try:
+        browser.find_element(By.ID, "pause").click()
+        until(browser, lambda: "Dispatch is paused." in state.text, "dispatch paused")
+        assert browser.find_element(By.ID, "resume").is_displayed()
+        job = httpx.post(gateway.url + "/api/jobs", json={"type": "crawl"},
+                         headers=bearer("bob")).json()
+        row = f'#queued li[data-job-id="{job["id"]}"]'
+        waiting = until(browser, lambda: text(browser, row), "bob's job in the queue")
+        assert "dispatch is paused" in waiting and "position 1" in waiting, waiting
+        assert "user bob" in waiting
+
+        for user, listed in (("alice", False), ("bob", True)):
+            field = browser.find_element(By.ID, "f-user")
+            field.clear()
+            field.send_keys(user)
+            browser.find_element(By.CSS_SELECTOR, "#filters button[type=submit]").click()
+            until(browser, lambda: bool(browser.find_elements(By.CSS_SELECTOR, row)) == listed,
+                  f"bob's job {'listed' if listed else 'gone'} for user {user}")
+
+        browser.find_element(By.ID, "maintenance-reason").send_keys("upgrading jobd")
+        browser.find_element(By.ID, "maintenance-on").click()
+        until(browser, lambda: "Maintenance is on." in state.text, "maintenance on")
+        refused = httpx.post(gateway.url + "/api/jobs", json={"type": "crawl"},
+                             headers=bearer("bob"))
+        assert refused.status_code == 503 and "upgrading jobd" in refused.text
+        browser.find_element(By.ID, "maintenance-off").click()
+        until(browser, lambda: "Maintenance is off." in state.text, "maintenance off")
+
+        browser.find_element(By.ID, "resume").click()
+        until(browser, lambda: "Dispatch runs." in state.text, "dispatch resumed")
+        until(browser, lambda: browser.find_elements(
+            By.CSS_SELECTOR, f'#running li[data-job-id="{job["id"]}"]'), "bob's job running")
+    finally:
+        admin = bearer("ada", admin=True)
+        httpx.post(gateway.url + "/api/admin/maintenance", json={"enabled": False},
+                   headers=admin)
+        httpx.post(gateway.url + "/api/admin/resume", headers=admin)
+    httpx.delete(f"{gateway.url}/api/jobs/{job['id']}", headers=bearer("bob"))
+
+
+@full
+def test_load_more_pages_the_finished_jobs_and_retry_and_sign_out_work(
+        gateway: Gateway, browser: WebDriver) -> None:
+    carol, admin = bearer("carol"), bearer("ada", admin=True)
+    httpx.post(gateway.url + "/api/admin/pause", headers=admin)
+    try:
+        ids = []
+        for _ in range(23):  # cancelled while queued: finished at once, none runs
+            job = httpx.post(gateway.url + "/api/jobs", json={"type": "crawl"},
+                             headers=carol).json()
+            httpx.delete(f"{gateway.url}/api/jobs/{job['id']}", headers=carol)
+            ids.append(job["id"])
+    finally:
+        httpx.post(gateway.url + "/api/admin/resume", headers=admin)
+    sign_in(browser, gateway.url, "carol")
+    assert not browser.find_element(By.ID, "f-user-field").is_displayed()
+    browser.find_element(By.ID, "f-status").send_keys("cancelled")
+    browser.find_element(By.CSS_SELECTOR, "#filters button[type=submit]").click()
+    until(browser, lambda: not browser.find_element(By.ID, "running").is_displayed(),
+          "only the finished jobs for status cancelled")
+
+    def shown() -> list[str]:
+        # in one script: each poll puts new list items in place
+        return browser.execute_script("return [...document.querySelectorAll("
+                                      "'#finished li.job')].map(li => li.dataset.jobId)")
+
+    until(browser, lambda: len(shown()) == 20, "a first page of 20")
+    more = browser.find_element(By.CSS_SELECTOR, "#finished .more")
+    more.click()
+    until(browser, lambda: len(shown()) == 23, "all 23 after load more")
+    assert sorted(shown()) == sorted(ids) and not more.is_displayed()
+    time.sleep(2.5)  # a poll keeps what "load more" added
+    assert len(shown()) == 23
+
+    browser.find_element(By.CSS_SELECTOR, f'li[data-job-id="{ids[0]}"] a.job-link').click()
+    until(browser, lambda: browser.find_element(By.ID, "job-status").text == "cancelled",
+          "the cancelled job's page")
+    browser.find_element(By.ID, "job-retry").click()
+    until(browser, lambda: browser.find_element(By.ID, "job-status").text == "running",
+          "the retried job running")
+    browser.find_element(By.ID, "job-cancel").click()
+    until(browser, lambda: browser.find_element(By.ID, "job-status").text == "cancelled",
+          "the retried job cancelled again")
+
+    browser.find_element(By.ID, "sign-out").click()
+    until(browser, lambda: browser.find_element(By.ID, "sign-in").is_displayed(),
+          "the sign-in field after signing out")
+    assert browser.execute_script("return sessionStorage.getItem('jobd.token')") is None
