@@ -34,6 +34,7 @@ const state = {
   logEof: false,
   pollTimer: null,
   polling: false,
+  pollFailed: false,
 };
 
 // ---- calls ----------------------------------------------------------------------------
@@ -477,7 +478,11 @@ async function poll() {
     if (state.admin) renderAdmin(await api("api/admin/jobs/stats"));
     if (route().page === "job") await pollJob();
     else await pollOverview();
+    // a poll that works again clears what the failed one said
+    if (state.pollFailed) notify("");
+    state.pollFailed = false;
   } catch (error) {
+    state.pollFailed = true;
     report(error);
   } finally {
     state.polling = false;
