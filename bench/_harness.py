@@ -407,17 +407,6 @@ _WRITES = {"jobs": ("seq", "id", "type", "user_id", "project_id", "status", "pro
            "job_events": ("job", "at", "status", "message", "progress", "actor"),
            "finished_hours": ("hour", "type", "status", "bucket", "n", "run_us")}
 
-#: admin.stats' finished counts of the prefilled jobs, as the store's trigger counts an end
-_FINISHED = """
-INSERT INTO finished_hours (hour, type, status, bucket, n, run_us)
-SELECT completed_at / 3600000000, type, status,
-       CASE WHEN started_at IS NULL THEN -1 ELSE (
-           SELECT min(bucket) FROM run_buckets
-           WHERE upper_us IS NULL OR upper_us >= completed_at - started_at) END,
-       count(*), sum(coalesce(completed_at - started_at, 0))
-FROM jobs WHERE completed_at >= :since GROUP BY 1, 2, 3, 4
-"""
-
 
 def prefill(db: Path, n: int, *, expired: int = 0, users: int = 1000) -> float:
     """Store ``n`` finished jobs with their four events each, fast; the seconds it took.
@@ -436,6 +425,7 @@ def prefill(db: Path, n: int, *, expired: int = 0, users: int = 1000) -> float:
     import structlog
 
     from jobd.store import Store
+    from jobd.store.db import count_finished
 
     # the store logs its migrations; the bench's output is the table
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
@@ -470,7 +460,7 @@ def prefill(db: Path, n: int, *, expired: int = 0, users: int = 1000) -> float:
                          "step": max(1, 6 * _DAY_US // max(n - expired, 1)),
                          "options": options, "result": result})
     conn.execute(_EVENTS)
-    conn.execute(_FINISHED, {"since": now - 35 * _DAY_US})
+    count_finished(conn)
     for _, sql in indexes:
         conn.execute(sql)
     conn.execute("COMMIT")

@@ -758,11 +758,16 @@ def _confirm(st: _State, verb: str, ids: list[str], yes: bool) -> None:
     if len(ids) <= 1 or yes:
         return
     shown = ", ".join(render.short_id(i) for i in ids[:10]) + (" …" if len(ids) > 10 else "")
+    _ask(f"{verb} {len(ids)} jobs ({shown})?", f"{len(ids)} jobs would be {_DONE[verb]} "
+         f"({shown}); nothing done: add --yes to {verb} them all")
+
+
+def _ask(question: str, refusal: str) -> None:
+    """Ask ``question`` on a terminal; a no, or no terminal (``refusal`` said), exits 2."""
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
-        _fail(f"{len(ids)} jobs would be {_DONE[verb]} ({shown}); nothing done: add --yes to "
-              f"{verb} them all")
+        _fail(refusal)
         raise click.exceptions.Exit(EXIT_USAGE)
-    if not click.confirm(f"{verb} {len(ids)} jobs ({shown})?", err=True):
+    if not click.confirm(question, err=True):
         raise click.exceptions.Exit(EXIT_USAGE)
 
 
@@ -956,6 +961,22 @@ def stats(st: _State, since_s: float | None) -> None:
 
 @main.command()
 @click.pass_obj
+def metrics(st: _State) -> None:
+    """Print the Prometheus text of jobd's metrics (admins).
+
+    \b
+      jobctl metrics
+      jobctl metrics | grep jobd_jobs_finished_total
+    """
+    result = st.client.metrics()
+    if st.json:
+        _show_json(result)
+    else:
+        click.echo(result["text"], nl=False)
+
+
+@main.command()
+@click.pass_obj
 def pause(st: _State) -> None:
     """Stop starting queued jobs; running jobs go on (admins).
 
@@ -1011,6 +1032,26 @@ def maintenance(st: _State, switch: str | None, reason: str | None, wait_drained
     why = f" ({result['reason']})" if result.get("reason") else ""
     _show(st, result, f"maintenance {state}{why}: {result.get('running', 0)} running, "
           f"{result.get('queued', 0)} queued{', drained' if result.get('drained') else ''}")
+
+
+@main.command()
+@click.argument("user")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask before deleting.")
+@click.pass_obj
+def purge(st: _State, user: str, yes: bool) -> None:
+    """Delete every job of a removed account (admins).
+
+    Its queued and running jobs are cancelled first (running ones waited for), then
+    all its jobs go with their events, logs and manifests. Asks first unless --yes.
+
+    \b
+      jobctl purge alice@example.com --yes
+    """
+    if not yes:
+        _ask(f"cancel and delete every job of {user!r}?",
+             f"purge deletes every job of {user!r}; nothing done: add --yes to purge them")
+    result = st.client.purge(user)
+    _show(st, result, f"purged {user}: {result['deleted']} jobs deleted")
 
 
 @main.command()

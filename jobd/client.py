@@ -3,8 +3,8 @@
 This module owns the client side of SPEC §4 and §8: finding the daemon's socket
 (SPEC §1's order), the line framing, one reused connection per client, and turning
 JSON-RPC errors back into the ``jobd.errors`` class of their code, and the follow
-protocol (``watch``, ``tail``, ``resolve``) written once, as steps that each client
-drives with its own I/O. ``jobctl`` and the CIDX web server both use it.
+protocol (``watch``, ``tail``, ``resolve``, ``follow_changes``) written once, as steps
+that each client drives with its own I/O. ``jobctl`` and the CIDX web server both use it.
 """
 
 from __future__ import annotations
@@ -50,8 +50,10 @@ _START_HINT = ("start it with `systemctl start jobd` (or `jobd serve` as yoursel
                "or name its socket with JOBD_SOCKET")
 
 #: methods that may be sent again after the connection broke mid-call
-_READS = frozenset({"ping", "jobs.get", "jobs.list", "jobs.wait", "jobs.events", "jobs.logs",
-                    "admin.stats", "admin.metrics"})
+_READS = frozenset({"ping", "jobs.get", "jobs.list", "jobs.wait", "jobs.changes",
+                    "jobs.events", "jobs.logs", "admin.stats", "admin.metrics"})
+#: the long polls: the daemon holds each open for up to its timeout_s (default 30)
+_LONG_POLLS = frozenset({"jobs.wait", "jobs.changes"})
 
 #: how long ``watch`` and ``tail`` keep trying while the daemon restarts (jobs survive it)
 RECONNECT_S = 30.0
@@ -330,6 +332,20 @@ def _tail(job_id: str, follow: bool, offset: int, timeout: float | None, reconne
         version = job["version"]
 
 
+def _follow_changes(after: str | None, filters: dict[str, Any], reconnect_s: float,
+                    on_reconnect: OnReconnect | None, clock: Callable[[], float]) -> _Steps:
+    """Emit every ``jobs.changes`` answer that holds jobs, for ever: one long poll after
+    another from the last cursor, outlasting a daemon restart as ``watch`` does."""
+    cursor = after
+    while True:
+        answer = yield from _patient("jobs.changes", dict(filters, after=cursor,
+                                                          timeout_s=_POLL_S),
+                                     clock() + reconnect_s, on_reconnect, clock)
+        if answer["jobs"]:
+            yield _Emit(answer)
+        cursor = answer["cursor"]
+
+
 def _capture(steps: _Steps, box: list[Any]) -> _Steps:
     """``steps``, with what they return put into ``box`` (a driver only sees the emits)."""
     box.append((yield from steps))
@@ -391,8 +407,7 @@ class _Api(abc.ABC, Generic[_R]):
             if self.as_role is not None:
                 params.setdefault("as_role", self.as_role)
         timeout = self.timeout
-        if timeout is not None and method == "jobs.wait":
-            # the daemon holds a long poll open for up to timeout_s (default 30)
+        if timeout is not None and method in _LONG_POLLS:
             timeout += float(params.get("timeout_s", 30))
         # a submit with an idempotency key returns the same job when sent twice
         safe = method in _READS or (method == "jobs.submit" and "idempotency_key" in params)
@@ -447,6 +462,15 @@ class _Api(abc.ABC, Generic[_R]):
         return self.call("jobs.wait", job_id=job_id, after_version=after_version,
                          timeout_s=timeout_s)
 
+    def changes(self, after: str | None = None, timeout_s: float | None = None,
+                **filters: Any) -> _R:
+        """``{jobs, cursor}``: every job in scope changed after the cursor ``after``, at once
+        or when one changes (a long poll of up to ``timeout_s``, default 30); without
+        ``after``, the queued and running jobs now. The next call passes ``cursor``.
+        Filters as ``list``'s: status, type, user_id, project_id, created_after,
+        created_before, id_prefix, fields."""
+        return self.call("jobs.changes", after=after, timeout_s=timeout_s, **filters)
+
     def events(self, job_id: str) -> _R:
         return self.call("jobs.events", job_id=job_id)
 
@@ -474,6 +498,11 @@ class _Api(abc.ABC, Generic[_R]):
     def metrics(self) -> _R:
         return self.call("admin.metrics")
 
+    def purge(self, user_id: str) -> _R:
+        """``{deleted}``: every job of a removed account gone (its active ones cancelled
+        first), with their events, logs and manifests."""
+        return self.call("admin.purge", user_id=user_id)
+
     def watch(self, job_id: str, timeout: float | None = None, *,
               reconnect_s: float = RECONNECT_S, on_reconnect: OnReconnect | None = None,
               clock: Callable[[], float] = time.monotonic) -> Any:
@@ -496,6 +525,14 @@ class _Api(abc.ABC, Generic[_R]):
         """
         return self._stream(_tail(job_id, follow, offset, timeout, reconnect_s, on_reconnect,
                                   clock))
+
+    def follow_changes(self, after: str | None = None, *, reconnect_s: float = RECONNECT_S,
+                       on_reconnect: OnReconnect | None = None,
+                       clock: Callable[[], float] = time.monotonic, **filters: Any) -> Any:
+        """Every ``changes`` answer that holds jobs (``{jobs, cursor}``), without end: what
+        a web server following its users' jobs runs on one connection. Keep the last
+        ``cursor`` to go on from it later (also after a daemon restart)."""
+        return self._stream(_follow_changes(after, filters, reconnect_s, on_reconnect, clock))
 
     def resolve(self, ref: str) -> _R:
         """The id of the one job that ``ref``, an id or a prefix of ≥ 4 characters, names.

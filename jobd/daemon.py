@@ -27,11 +27,13 @@ from typing import Any, Callable
 import structlog
 
 from jobd import __version__
-from jobd import joblogs, logs
+from jobd import errors, joblogs, logs
+from jobd.changes import ChangeLog
 from jobd.config import Config, ConfigError, ConfigState
 from jobd.engine import Engine
 from jobd.handlers import load_handlers
 from jobd.maintenance import Maintenance
+from jobd.metrics import Metrics
 from jobd.manager import Hub, Manager
 from jobd.rpc import Rpc, error_line
 from jobd.server import Server, notify, watchdog_loop
@@ -133,10 +135,14 @@ async def _serve(config: Config, reload: Callable[[], Config]) -> int:
     current = ConfigState(config)
 
     hub = Hub(loop)
+    change_log = ChangeLog()
     handlers = load_handlers(config)
+    telemetry = Metrics(types=lambda: handlers, codes=errors.BY_CODE)
     engine: Engine | None = None
 
     def changed(job: Any) -> None:
+        change_log.record(job)
+        telemetry.job_changed(job)
         if engine is not None:
             engine.on_changed(job)
 
@@ -148,8 +154,9 @@ async def _serve(config: Config, reload: Callable[[], Config]) -> int:
     store = Store(config.db, synchronous=config.storage.synchronous,
                   max_stored_per_user=config.execution.max_stored_per_user,
                   listeners=Listeners(changed=changed, deleted=deleted))
-    engine = Engine(config, store, handlers, notify=hub.notify)
-    manager = Manager(config, store, engine, handlers, hub, config_state=current)
+    engine = Engine(config, store, handlers, notify=hub.notify, live_changed=change_log.record)
+    manager = Manager(config, store, engine, handlers, hub, config_state=current,
+                      change_log=change_log, telemetry=telemetry)
     rpc = Rpc(manager)
     server = Server(config, rpc.dispatch, error_line=error_line)
 
@@ -224,6 +231,7 @@ async def _serve(config: Config, reload: Callable[[], Config]) -> int:
     notify("STOPPING=1\nSTATUS=stopping: finishing running jobs")
     rpc.shutting_down = True
     hub.close()  # long polls answer now, so they do not hold up the stop
+    change_log.close()
     watchdog.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await watchdog

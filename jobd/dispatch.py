@@ -120,6 +120,7 @@ class Dispatcher:
         self._lock = threading.Lock()
         self._levels: dict[int, _Level] = defaultdict(_Level)
         self._queued: dict[str, Entry] = {}
+        self._queued_per_user: Counter[str] = Counter()
         #: (job id, attempt number) -> what runs in that slot
         self._running: dict[tuple[str, int], Entry] = {}
         self._running_per_user: Counter[str] = Counter()
@@ -139,22 +140,30 @@ class Dispatcher:
             if queued is not None:
                 if queued.priority == entry.priority:
                     return
-                self._drop(queued)  # a fold raised its priority
-            self._queued[entry.id] = entry
-            self._levels[entry.priority].add(entry)
+                self._dequeue(queued)  # a fold raised its priority
+            self._enqueue(entry)
 
     def remove(self, job_id: str) -> None:
         """A queued job left the queue other than by ``take`` (cancelled)."""
         with self._lock:
-            entry = self._queued.pop(job_id, None)
+            entry = self._queued.get(job_id)
             if entry is not None:
-                self._drop(entry)
+                self._dequeue(entry)
 
-    def _drop(self, entry: Entry) -> None:
+    def _enqueue(self, entry: Entry) -> None:
+        self._queued[entry.id] = entry
+        self._levels[entry.priority].add(entry)
+        self._queued_per_user[entry.user_id] += 1
+
+    def _dequeue(self, entry: Entry) -> None:
+        del self._queued[entry.id]
         level = self._levels[entry.priority]
         level.remove(entry)
         if not level.users:
             del self._levels[entry.priority]
+        self._queued_per_user[entry.user_id] -= 1
+        if not self._queued_per_user[entry.user_id]:
+            del self._queued_per_user[entry.user_id]
 
     def take(self, *, instead_of: Attempt | None = None) -> Attempt | None:
         """The next job's attempt, its slot now taken; None if none may start.
@@ -198,8 +207,7 @@ class Dispatcher:
             if entry is not None:
                 self._free(entry)
                 if queued and entry.id not in self._queued:
-                    self._queued[entry.id] = entry
-                    self._levels[entry.priority].add(entry)
+                    self._enqueue(entry)
             if instead_of is not None:
                 ending = self._handed.pop(instead_of.key, None)
                 if ending is not None:
@@ -218,8 +226,7 @@ class Dispatcher:
                     key = entry.repository
                     if key is None or not self._busy_repositories[key]:
                         level.served(user_id)
-                        self._queued.pop(entry.id)
-                        self._drop(entry)
+                        self._dequeue(entry)
                         self._start(entry)
                         return Attempt(entry.id, entry.number)
         return None
@@ -297,13 +304,12 @@ class Dispatcher:
             return self._running_per_user[user_id]
 
     def per_user(self) -> dict[str, dict[str, int]]:
+        """Each user with a job queued or running: O(users), counted as jobs move."""
         with self._lock:
-            out: dict[str, dict[str, int]] = {}
-            for e in self._queued.values():
-                out.setdefault(e.user_id, {"running": 0, "queued": 0})["queued"] += 1
-            for user, n in self._running_per_user.items():
-                out.setdefault(user, {"running": 0, "queued": 0})["running"] = n
-            return out
+            return {user: {"running": self._running_per_user[user],
+                           "queued": self._queued_per_user[user]}
+                    for user in self._queued_per_user.keys() | self._running_per_user.keys()
+                    if self._running_per_user[user] or self._queued_per_user[user]}
 
     def queued_count(self) -> int:
         return len(self._queued)

@@ -140,7 +140,7 @@ class Context:
         self.joblog.note(f"phase {phase}" + (f": {message}" if message else ""))
         self.engine.store.update_progress(self.job.id, progress=live.progress, phase=phase,
                                           message=live.message, actor="jobd")
-        self.engine.notify(self.job.id)
+        self.engine.progressed(self.job)
 
     def set_progress(self, percent: float, message: str | None = None) -> None:
         with self._lock:
@@ -152,7 +152,7 @@ class Context:
             live.version = self.engine.store.next_version(live.version)
             if message is not None:
                 live.message = message
-        self.engine.notify(self.job.id)
+        self.engine.progressed(self.job)
 
     def set_message(self, message: str) -> None:
         self.set_progress(self.live.progress, message)
@@ -285,11 +285,15 @@ class Engine:
 
     def __init__(self, config: Config, store: JobStore, handlers: dict[str, Handler],
                  notify: Callable[[str], None] = lambda job_id: None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 live_changed: Callable[[Job], None] = lambda job: None) -> None:
         self.config = config
         self.store = store
         self.handlers = handlers
+        #: told the id of every job that changed (its commit holds, or it progressed)
         self.notify = notify
+        #: told every running job whose phase or live progress changed (``jobs.changes``)
+        self.live_changed = live_changed
         self.clock = clock
         ex = config.execution
         self.dispatcher = Dispatcher(workers=ex.workers,
@@ -403,6 +407,11 @@ class Engine:
 
     def kick(self) -> None:
         self._kick.set()
+
+    def progressed(self, job: Job) -> None:
+        """A running job's phase or live progress changed (``Context``): tell its waiters."""
+        self.notify(job.id)
+        self.live_changed(job)
 
     def on_changed(self, job: Job) -> None:
         """The store's commit listener: keep the dispatcher's queue in step, and start

@@ -10,23 +10,30 @@ from __future__ import annotations
 import asyncio
 import base64
 import bisect
+import contextlib
+import contextvars
 import dataclasses
 import hashlib
 import heapq
 import json
 import re
+import shutil
 import time
 import uuid
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
 from jobd import __version__, joblogs
 from jobd.auth import Scope, check_id
+from jobd.changes import REWIND_US, Change, ChangeLog, Position
 from jobd.config import Config, ConfigState
 from jobd.engine import Engine, story
-from jobd.errors import Conflict, Forbidden, InvalidParams, JobdError, NotFound, Unavailable
+from jobd.errors import (BY_CODE, Conflict, Forbidden, InvalidParams, JobdError, NotFound,
+                         Unavailable)
 from jobd.handlers import Handler
+from jobd.handlers.manifest import user_manifests
+from jobd.metrics import Metrics
 from jobd.models import TERMINAL, Job, JobStatus, RawJSON, Role, iso
 from jobd.params import flag, integer, iso_time, number, shown, text, utf8
 from jobd.rules import Rules
@@ -34,7 +41,7 @@ from jobd.store import (DuplicateId, JobNotFound, StateConflict, StorageUnavaila
                         StoreError)
 from jobd.store.interface import FINISHED_KEEP_US, HOUR_US, JobStore
 
-__all__ = ["Hub", "Manager", "jobd_error"]
+__all__ = ["ANSWER_ROOM", "AnswerRoom", "Hub", "Manager", "jobd_error"]
 
 log = structlog.get_logger()
 
@@ -44,7 +51,12 @@ _CURSOR_RE = re.compile(r"[A-Za-z0-9_-]{1,96}={0,2}")
 #: jobs.list's orders: by a time, newest first (jobs without it last), or dispatch order
 ORDERS = ("created", "started", "completed", "queue")
 _SEQ_RE = re.compile(r"[0-9]{1,19}")
-TERMINAL_NAMES = ("completed", "failed", "cancelled")
+#: a cursor's sort key: a time, or -1 for a job without it (ORDER_KEYS)
+_KEY_RE = re.compile(r"-1|[0-9]{1,19}")
+#: the most job types one filter may name (each is a bound parameter of the query)
+MAX_TYPE_FILTER = 100
+#: the end statuses, as admin.stats' finished names them
+_END_NAMES = sorted(map(str, TERMINAL))
 _BOUND_RE = re.compile(r"[0-9a-f]{12}")
 #: jobs.list's deepest ``offset`` and the count ``with_total`` stops at
 MAX_OFFSET = TOTAL_CAP = 10_000
@@ -74,13 +86,47 @@ FILTER_KEYS = ("status", "type", "user_id", "project_id", "created_after", "crea
 MAX_BULK = 1000
 #: jobs.list reads its rows in chunks of at most this many, sized to the bytes still free
 _CHUNK_ROWS = 128
+#: the most jobs one jobs.changes answer holds (its cursor goes on from the last)
+MAX_CHANGES = 1000
+#: how many changed jobs' texts jobs.changes keeps for the next poll, and the largest kept
+_CHANGED_TEXTS, _CHANGED_TEXT_BYTES = 1000, 4096
+#: what a jobs.changes answer holds around its jobs, the longest cursor included
+_CHANGES_FRAME = len('{"jobs":[],"cursor":""}') + 120
 #: the most one stored job's wire JSON can take: its options, metadata and description at
 #: their limits, and room for every other field
 _MAX_JOB_BYTES = MAX_OPTIONS + MAX_METADATA + MAX_DESCRIPTION + 4096
 
 
+#: a jobs.changes answer as built: the jobs' texts, the cursor past them, its position
+_Answer = tuple[list[str], str, Position]
+#: each job changed since a cursor, once, at its latest change: (counter, change)
+_Latest = list[tuple[int, Change]]
+
+
+class AnswerRoom(Protocol):
+    """The server's answer memory for one call (``jobd.server.Connection``)."""
+
+    async def reserve(self) -> None: ...
+    def settle(self, nbytes: int) -> None: ...
+
+
+#: set by the rpc layer for a long poll whose answer may be large (jobs.changes): the
+#: call holds room for an answer while it builds one, and none while it waits
+ANSWER_ROOM: contextvars.ContextVar[AnswerRoom | None] = contextvars.ContextVar(
+    "answer_room", default=None)
+
+
 def _optional_id(value: Any, field: str) -> str | None:
     return None if value is None else check_id(value, field)
+
+
+def _id_prefix(id_prefix: Any) -> str | None:
+    """The ``id_prefix`` filter of jobs.list and jobs.changes, checked."""
+    if id_prefix is not None and (not isinstance(id_prefix, str)
+                                  or not JOB_ID_RE.fullmatch(id_prefix)):
+        raise InvalidParams(f"id_prefix must be at least 4 of [0-9a-f-] (got "
+                            f"{shown(id_prefix)})", field="id_prefix")
+    return id_prefix
 
 
 def _check_job_id(job_id: Any) -> str:
@@ -117,7 +163,8 @@ def _statuses(status: Any, field: str = "status") -> list[str]:
                                                  for s in statuses):
         raise InvalidParams(f"status must be one of {', '.join(JobStatus)} or a list of them "
                             f"(got {shown(status)})", field=field)
-    return statuses
+    # each once, in one order: the query's size is bounded and the same filter is one cursor's
+    return sorted(set(statuses))
 
 
 def _fields(fields: Any) -> frozenset[str] | None:
@@ -158,7 +205,8 @@ def _cursor_key(cursor: Any, order: str, bound: str) -> tuple[int, int] | None:
         numbers = text.split(".")
         # beyond SQLite's integers: forged
         if (len(numbers) == 3 and _BOUND_RE.fullmatch(numbers[2])
-                and all(_SEQ_RE.fullmatch(n) and int(n) < 2**63 for n in numbers[:2])):
+                and _KEY_RE.fullmatch(numbers[0]) and _SEQ_RE.fullmatch(numbers[1])
+                and all(int(n) < 2**63 for n in numbers[:2])):
             if numbers[2] == bound:
                 return int(numbers[0]), int(numbers[1])
             raise InvalidParams(f"cursor belongs to another order or other filters than "
@@ -230,7 +278,9 @@ class Hub:
 class Manager:
     def __init__(self, config: Config, store: JobStore, engine: Engine,
                  handlers: dict[str, Handler], hub: Hub | None = None,
-                 config_state: ConfigState | None = None) -> None:
+                 config_state: ConfigState | None = None,
+                 change_log: ChangeLog | None = None,
+                 telemetry: Metrics | None = None) -> None:
         self.config = config
         #: how the config in force was loaded (a SIGHUP reload may have failed)
         self.config_state = config_state or ConfigState(config)
@@ -238,6 +288,13 @@ class Manager:
         self.engine = engine
         self.handlers = handlers
         self.hub = hub
+        #: every job change this start saw, for jobs.changes (the daemon records into it)
+        self.change_log = change_log or ChangeLog()
+        #: admin.metrics' counters (the daemon records jobs into it, the RPC layer calls)
+        self.telemetry = telemetry or Metrics(types=lambda: self.handlers, codes=BY_CODE)
+        #: (job id, fields) -> (the change log's head when it was read, the job's text):
+        #: every poll of jobs.changes that a change wakes sends that job, read once
+        self._changed_texts: dict[tuple[str, frozenset[str] | None], tuple[int, str]] = {}
         self.started = time.monotonic()
         #: admin.maintenance: on, and the reason told to those refused (restore() loads it)
         self.maintenance_on = False
@@ -331,10 +388,7 @@ class Manager:
         filters = self._filters(scope, status=status, type=type, user_id=user_id,
                                 project_id=project_id, created_after=created_after,
                                 created_before=created_before)
-        if id_prefix is not None and (not isinstance(id_prefix, str)
-                                      or not JOB_ID_RE.fullmatch(id_prefix)):
-            raise InvalidParams(f"id_prefix must be at least 4 of [0-9a-f-] (got "
-                                f"{shown(id_prefix)})", field="id_prefix")
+        filters["id_prefix"] = _id_prefix(id_prefix)
         integer(limit, "limit", 1, 1000)
         if offset is not None:
             integer(offset, "offset", 0, MAX_OFFSET)
@@ -343,7 +397,6 @@ class Manager:
                                     "next_cursor, or jump with offset", field="offset")
         flag(with_total, "with_total")
         wanted = _fields(fields)
-        filters["id_prefix"] = id_prefix
         bound = _bound(order, filters)
         budget = self.config.server.max_response_bytes - _ENVELOPE_BYTES
         frame = len('{"jobs":[],"next_cursor":"","total":10000,"total_capped":false}') + len(
@@ -394,6 +447,138 @@ class Manager:
         return RawJSON(f'{{"jobs":[{",".join(jobs)}],"next_cursor":{json.dumps(next_cursor)}'
                        f'{total}}}')
 
+    async def changes(self, scope: Scope, *, after: Any = None, timeout_s: Any = 30,
+                      status: Any = None, type: Any = None, user_id: Any = None,
+                      project_id: Any = None, created_after: Any = None,
+                      created_before: Any = None, id_prefix: Any = None,
+                      fields: Any = None) -> RawJSON:
+        """Every job in scope passing the filters (jobs.list's) that changed after the
+        cursor ``after``, each once in its latest state, in the order of their changes:
+        at once if any did, else as soon as one does, else none at ``timeout_s`` (0-60 s,
+        default 30). ``{jobs, cursor}``: the next call passes ``cursor`` as ``after``.
+
+        A change is any status transition, cancel request, retry, phase change or live
+        progress tick (as fresh as jobs.wait's). Without ``after`` the answer is, at once,
+        the jobs queued or running now, and a cursor from which every later change
+        follows: what a web server following its users' jobs shows first (finished ones
+        are jobs.list's). An answer holds at most MAX_CHANGES jobs and stays under
+        max_response_bytes; its cursor then goes on from the last job it holds. A cursor
+        from before a restart, or older than the change log keeps, is answered from the
+        database by time (``jobd.changes``): a job may come twice then, none is missed.
+        """
+        filters = self._filters(scope, status=status, type=type, user_id=user_id,
+                                project_id=project_id, created_after=created_after,
+                                created_before=created_before)
+        filters["id_prefix"] = _id_prefix(id_prefix)
+        timeout = number(timeout_s, "timeout_s", 0, MAX_WAIT_S)
+        wanted = _fields(fields)
+        feed = self.change_log
+        position = feed.position(after)
+        deadline = time.monotonic() + timeout
+        room = ANSWER_ROOM.get()
+        while True:
+            waiter = feed.subscribe(filters)  # before reading: a change in between wakes it
+            try:
+                if room is not None:
+                    await room.reserve()
+                jobs, cursor, position = await asyncio.to_thread(
+                    self._changed, position, filters, wanted)
+                remaining = deadline - time.monotonic()
+                if jobs or after is None or remaining <= 0:
+                    return RawJSON(f'{{"jobs":[{",".join(jobs)}],'
+                                   f'"cursor":{json.dumps(cursor)}}}')
+                if room is not None:
+                    room.settle(0)  # nothing to send yet: no room held while waiting
+                if feed.closed:
+                    raise Unavailable("jobd is shutting down; ask again in a moment with "
+                                      "the same after")
+                try:
+                    await asyncio.wait_for(asyncio.shield(waiter.future), remaining)
+                except asyncio.TimeoutError:
+                    pass
+            finally:
+                feed.unsubscribe(waiter)
+
+    def _changed(self, position: Position, filters: dict[str, Any],
+                 wanted: frozenset[str] | None) -> _Answer:
+        """One jobs.changes answer from ``position``: the jobs' wire texts, the cursor
+        past them, and the position that cursor stands for."""
+        if position.counter is not None:
+            found = self.change_log.since(position.counter, filters)
+            if found is not None:
+                return self._changed_in_log(*found, filters, wanted)
+            position = Position(at_us=position.at_us - REWIND_US)
+        return self._changed_in_store(position, filters, wanted)
+
+    def _changed_in_log(self, latest: _Latest, head: int, head_us: int,
+                        filters: dict[str, Any], wanted: frozenset[str] | None
+                        ) -> _Answer:
+        """The answer from the change log: ``latest`` holds each job changed since the
+        cursor at its latest change. A job's text read after that change (by an earlier
+        poll: many polls send the same changes) is sent again; the others are read now,
+        with the filters again (a job whose state now fails them is passed over)."""
+        budget = self.config.server.max_response_bytes - _ENVELOPE_BYTES
+        texts = self._changed_texts
+        jobs: list[str] = []
+        size, to = _CHANGES_FRAME, (head, head_us)
+        for start in range(0, len(latest), MAX_CHANGES):
+            chunk = latest[start:start + MAX_CHANGES]
+            known = {change.job_id: hit[1] for number, change in chunk
+                     if (hit := texts.get((change.job_id, wanted))) is not None
+                     and hit[0] >= number}
+            missing = [change.job_id for _, change in chunk if change.job_id not in known]
+            rows = {row[1]: row for row in self.store.list_wire(
+                ids=missing, limit=len(missing), **filters)} if missing else {}
+            if len(texts) + len(missing) > _CHANGED_TEXTS:
+                texts.clear()
+            for i, (_, change) in enumerate(chunk, start):
+                text = known.get(change.job_id)
+                if text is None:
+                    row = rows.get(change.seq)
+                    if row is None:
+                        continue  # deleted since, or its state now fails the filters
+                    text = self._listed(row[2], row[3], wanted)
+                    if len(text) <= _CHANGED_TEXT_BYTES:
+                        # read after every change up to the head: as true for them all
+                        texts[(change.job_id, wanted)] = (head, text)
+                cost = (len(text) if text.isascii() else len(text.encode())) + 1
+                if len(jobs) == MAX_CHANGES or (jobs and size + cost > budget):
+                    # the cursor goes on from the change before this job's
+                    before, previous = latest[i - 1]
+                    to = before, previous.at_us
+                    break
+                jobs.append(text)
+                size += cost
+            else:
+                continue
+            break
+        return jobs, self.change_log.cursor(*to), Position(counter=to[0], at_us=to[1])
+
+    def _changed_in_store(self, position: Position, filters: dict[str, Any],
+                          wanted: frozenset[str] | None) -> _Answer:
+        """The answer from the database, in (last change, seq) order: the active jobs
+        for a ``snapshot``, else every job changed after the position. Once it is all
+        sent, the cursor goes on in the change log from where the log stood before the
+        read, so a change committed meanwhile comes next time (perhaps twice), never
+        not at all."""
+        budget = self.config.server.max_response_bytes - _ENVELOPE_BYTES
+        head, head_us = self.change_log.head()
+        rows = self.store.changed_wire(after=(position.at_us, position.seq),
+                                       limit=MAX_CHANGES + 1, active_only=position.snapshot,
+                                       **filters)
+        jobs: list[str] = []
+        size, last = _CHANGES_FRAME, (position.at_us, position.seq)
+        for changed, seq, job_status, wire in rows:
+            text = self._listed(job_status, wire, wanted)
+            cost = (len(text) if text.isascii() else len(text.encode())) + 1
+            if len(jobs) == MAX_CHANGES or (jobs and size + cost > budget):
+                return (jobs, self.change_log.database_cursor(*last),
+                        Position(at_us=last[0], seq=last[1]))
+            jobs.append(text)
+            size += cost
+            last = changed, seq
+        return jobs, self.change_log.cursor(head, head_us), Position(counter=head, at_us=head_us)
+
     def _queue_rows(self, filters: dict[str, Any]) -> tuple[Any, int]:
         """jobs.list's rows in dispatch order, and how many there are: the matching queued
         jobs by their place in the dispatcher's queue (the sort key), paged past the place
@@ -430,6 +615,11 @@ class Manager:
         if not isinstance(types, list) or not all(isinstance(t, str) for t in types):
             raise InvalidParams(f"{prefix}type must be a job type's name or a list of them "
                                 f"(got {shown(type)})", field=f"{prefix}type")
+        types = sorted(set(types))
+        if len(types) > MAX_TYPE_FILTER:
+            raise InvalidParams(f"{prefix}type names {len(types)} job types; at most "
+                                f"{MAX_TYPE_FILTER} may be asked for at once",
+                                field=f"{prefix}type")
         for name in types:
             utf8(name, f"{prefix}type")
         return dict(statuses=_statuses(status, f"{prefix}status"), types=types,
@@ -493,6 +683,10 @@ class Manager:
         if handler is None:
             raise InvalidParams(f"unknown job type {shown(type)} (known: "
                                 f"{', '.join(sorted(self.handlers))})", field="type")
+        # before the draft's checks, which may run git
+        if on_duplicate not in ("fold", "reject"):
+            raise InvalidParams(f'on_duplicate must be "fold" or "reject", not '
+                                f'{shown(on_duplicate)}', field="on_duplicate")
         params = dict(project_id=project_id, options=options, priority=priority,
                       metadata=metadata, description=description, timeout_s=timeout_s,
                       idempotency_key=idempotency_key)
@@ -500,9 +694,6 @@ class Manager:
             draft = await asyncio.to_thread(self._draft, scope, handler, **params)
         else:
             draft = self._draft(scope, handler, **params)
-        if on_duplicate not in ("fold", "reject"):
-            raise InvalidParams(f'on_duplicate must be "fold" or "reject", not '
-                                f'{shown(on_duplicate)}', field="on_duplicate")
         rules = dataclasses.replace(self._rules(), reject_duplicates=on_duplicate == "reject")
 
         def submit_and_start(tx: Any) -> tuple[Job, bool]:
@@ -515,6 +706,7 @@ class Manager:
         job, deduplicated = await self.store.write_on(asyncio.get_running_loop(),
                                                       submit_and_start)
         if not deduplicated:
+            self.telemetry.submitted(job.type)
             # one line per job at info, at its end (the engine's)
             log.debug("job_submitted", job_id=job.id, user_id=job.user_id, type=job.type,
                      project_id=job.project_id, actor=scope.actor)
@@ -698,9 +890,10 @@ class Manager:
         if since_us is None:
             since_us = now - 24 * HOUR_US
         elif since_us < now - FINISHED_KEEP_US:
-            raise InvalidParams(f"since is more than 35 days ago (got {shown(since)}); "
-                                "finished jobs are counted for 35 days: ask for a later "
-                                "time", field="since")
+            days = FINISHED_KEEP_US // (24 * HOUR_US)
+            raise InvalidParams(f"since is more than {days} days ago (got {shown(since)}); "
+                                f"finished jobs are counted for {days} days: ask for a "
+                                "later time", field="since")
         counts = {str(s): 0 for s in JobStatus if s is not JobStatus.CREATED}
         counts.update(self.store.counts())
         live = self.engine.stats()
@@ -721,7 +914,7 @@ class Manager:
         uppers = self.store.run_buckets()
         by_type: dict[str, dict[str, Any]] = {}
         for type, status, bucket, n, run_us in self.store.finished(since_hour):
-            entry = by_type.setdefault(type, {"ends": dict.fromkeys(TERMINAL_NAMES, 0),
+            entry = by_type.setdefault(type, {"ends": dict.fromkeys(_END_NAMES, 0),
                                               "hist": [0] * len(uppers), "run_us": 0})
             entry["ends"][status] += n
             if bucket >= 0:
@@ -766,6 +959,35 @@ class Manager:
         return {"deleted": deleted, "dry_run": dry_run,
                 "cutoffs": {"keep": iso(cutoffs[0]), "keep_failed": iso(cutoffs[1])}}
 
+    async def purge(self, scope: Scope, user_id: Any) -> dict[str, Any]:
+        """admin.purge: a removed account's jobs, gone. Its active jobs are cancelled
+        first (the running ones waited for, at most cancel_grace + 2 s, as jobs.cancel
+        with wait); then every finished job of the user goes with its events,
+        checkpoints and log by the store's one delete (as cleanup), and its manifests.
+        ``{deleted}``: how many jobs went (0 for a user jobd never saw)."""
+        if not scope.may_stats:
+            raise Forbidden(_admin_only("admin.purge", scope))
+        user_id = check_id(user_id, "user_id")
+        mine = {"user_id": user_id}
+        while (await asyncio.to_thread(self._cancel, scope, None, mine, False))["more"]:
+            pass
+        deadline = time.monotonic() + self.config.execution.cancel_grace + 2
+        for job_id in await asyncio.to_thread(self.store.list_ids, user_id=user_id,
+                                              statuses=["running"]):
+            with contextlib.suppress(JobNotFound):  # gone meanwhile: nothing to wait for
+                await self._watch(scope, job_id, max(0.0, deadline - time.monotonic()),
+                                  lambda job: False)
+        deleted = await asyncio.to_thread(self._purge, user_id)
+        log.info("jobs_purged", user=user_id, deleted=deleted, actor=scope.actor)
+        return {"deleted": deleted}
+
+    def _purge(self, user_id: str) -> int:
+        """Delete ``user_id``'s finished jobs (their logs go with them: the store's
+        ``deleted`` listener) and manifests; how many jobs went."""
+        deleted = sum(len(ids) for ids in self.store.purge(user_id))
+        shutil.rmtree(user_manifests(self.config, user_id), ignore_errors=True)
+        return deleted
+
     def pause(self, scope: Scope) -> dict[str, Any]:
         return self._set_paused(scope, True)
 
@@ -804,6 +1026,19 @@ class Manager:
         return {"maintenance": self.maintenance_on, "reason": self.maintenance_reason,
                 "running": running, "queued": queued,
                 "drained": running == 0 and (queued == 0 or now["paused"])}
+
+    def metrics(self, scope: Scope) -> dict[str, str]:
+        """admin.metrics: the Prometheus text of SPEC §10, gauges read now."""
+        if not scope.may_stats:
+            raise Forbidden(_admin_only("admin.metrics", scope))
+        counts = {str(s): 0 for s in JobStatus if s is not JobStatus.CREATED}
+        counts.update(self.store.counts())
+        live = self.engine.stats()
+        return {"text": self.telemetry.text({
+            "jobd_jobs": counts, "jobd_running": live["running"],
+            "jobd_queued": live["queued"], "jobd_workers": live["workers"],
+            "jobd_paused": live["paused"], "jobd_maintenance": self.maintenance_on,
+            "jobd_db_bytes": self.store.size_bytes()})}
 
     def ping(self, caller: Any) -> dict[str, Any]:
         return {"version": __version__, "uptime_s": self.uptime_s(),

@@ -25,6 +25,7 @@ import json
 import math
 import operator
 import re
+import time
 from typing import Any, Awaitable, Callable
 
 import structlog
@@ -36,7 +37,8 @@ from jsonrpcserver.response import ServerErrorResponse, to_serializable_one
 from jobd import auth, errors
 from jobd.auth import Caller
 from jobd.models import RawJSON
-from jobd.manager import Manager, jobd_error
+from jobd.manager import ANSWER_ROOM, Manager, jobd_error
+from jobd.metrics import OTHER
 from jobd.store import StoreError
 from jobd.server import Connection
 
@@ -55,7 +57,9 @@ _TOO_DEEP = b"(" * (MAX_DEPTH + 1)
 _RUNS = re.compile(rb"\(+|\)+")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 #: methods whose answer may be large: they hold answer memory until it is sent
-_LARGE_ANSWERS = frozenset({"jobs.list", "jobs.events", "jobs.logs"})
+_LARGE_ANSWERS = frozenset({"jobs.list", "jobs.changes", "jobs.events", "jobs.logs"})
+#: of those, the long polls: they may wait a while before they build their answer
+_WAIT_FIRST = frozenset({"jobs.changes"})
 _TOO_LARGE = "response too large"
 _DECODE_ON_LOOP = 65536   # longer request lines are decoded on the pool
 _SHOWN = 80   # characters of a client's string quoted back in a message
@@ -224,6 +228,7 @@ class Rpc:
         self.pool = concurrent.futures.ThreadPoolExecutor(threads, "jobd-rpc")
         self.shutting_down = False
         self.methods = self._table()
+        self.telemetry = manager.telemetry
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
@@ -246,9 +251,19 @@ class Rpc:
             conn.refused(e.message)
             return _error_bytes(e) + b"\n"
         if not isinstance(doc, list):
+            room = None
             if _may_answer_large(doc):
-                await conn.reserve()
-            answer = await self._one(doc, conn)
+                if doc.get("method") in _WAIT_FIRST:
+                    # a long poll holds room only while it builds an answer, not while it
+                    # waits: the manager reserves it (``ANSWER_ROOM``)
+                    room = ANSWER_ROOM.set(conn)
+                else:
+                    await conn.reserve()
+            try:
+                answer = await self._one(doc, conn)
+            finally:
+                if room is not None:
+                    ANSWER_ROOM.reset(room)
             if answer is None:
                 return None
             if len(answer) > limits.max_response_bytes:
@@ -298,18 +313,22 @@ class Rpc:
             "per batch", detail=_TOO_LARGE), item.get("id") if _has_id(item) else None)
 
     async def _one(self, item: Any, conn: Connection) -> bytes | None:
-        """One Request object's answer (no newline), or None for a notification."""
+        """One Request object's answer (no newline), or None for a notification; each
+        answered call counted in the metrics by its method and code, with its time."""
+        started = time.perf_counter()
         problem = _envelope_problem(item)
         if problem is not None:
             conn.refused(problem)
-            return _error_bytes(errors.InvalidRequest(problem))
+            return self._refused(errors.InvalidRequest(problem), None, OTHER, started)
         notification = "id" not in item
         ident = item.get("id")
+        method = item["method"] if item["method"] in self.methods else OTHER
         if _bad_text(item["method"]):
             # no method has such a name: a notification of it is not answered, as for any
             # unknown method, and a call hears so without the name echoed back
-            return None if notification else _error_bytes(errors.MethodNotFound(
-                "no such method (its name holds a lone surrogate: send valid Unicode)"), ident)
+            return None if notification else self._refused(errors.MethodNotFound(
+                "no such method (its name holds a lone surrogate: send valid Unicode)"),
+                ident, method, started)
         params = item.get("params", {})
         try:
             if not isinstance(params, dict):
@@ -319,18 +338,28 @@ class Rpc:
         except errors.InvalidParams as e:
             if not notification:
                 conn.refused(e.message)
-            return None if notification else _error_bytes(e, ident)
+            return None if notification else self._refused(e, ident, method, started)
         if self.shutting_down:
-            return None if notification else _error_bytes(
-                errors.Unavailable("jobd is shutting down; retry shortly"), ident)
+            return None if notification else self._refused(
+                errors.Unavailable("jobd is shutting down; retry shortly"), ident, method,
+                started)
         response = await self._call(item, conn.caller)
         if response is None:
             return None
         if "error" in response:
-            return self._error(response["error"], response["id"]).encode()
+            code, answer = self._error(response["error"], response["id"])
+            self.telemetry.rpc(method, code, time.perf_counter() - started)
+            return answer.encode()
+        self.telemetry.rpc(method, 0, time.perf_counter() - started)
         result = response["result"]
         encoded = result if isinstance(result, bytes) else _encode(result)
         return b'{"jsonrpc":"2.0","id":%s,"result":%s}' % (_dumps(ident).encode(), encoded)
+
+    def _refused(self, err: errors.JobdError, ident: Any, method: str,
+                 started: float) -> bytes:
+        """A call refused before its method ran: its error line, counted."""
+        self.telemetry.rpc(method, err.code, time.perf_counter() - started)
+        return _error_bytes(err, ident)
 
     async def _call(self, item: dict[str, Any], caller: Caller) -> dict[str, Any] | None:
         """jsonrpcserver's dispatch of one request whose envelope and params are checked:
@@ -349,11 +378,12 @@ class Rpc:
         return to_serializable_one(to_response(request, result))
 
     @staticmethod
-    def _error(error: dict[str, Any], ident: Any) -> str:
-        """An error in our shape: ours pass as they are, jsonrpcserver's own are mapped."""
+    def _error(error: dict[str, Any], ident: Any) -> tuple[int, str]:
+        """An error in our shape, and its code: ours pass as they are, jsonrpcserver's
+        own are mapped."""
         data = error.get("data")
         if isinstance(data, dict) and "http_status" in data:
-            return _dumps({"jsonrpc": "2.0", "id": ident, "error": error})
+            return error["code"], _dumps({"jsonrpc": "2.0", "id": ident, "error": error})
         detail = data if isinstance(data, str) else None
         if error["code"] == errors.MethodNotFound.code:
             name = detail or ""
@@ -366,7 +396,7 @@ class Rpc:
         else:
             log.error("rpc_library_error", code=error["code"], detail=detail)
             err = errors.InternalError()
-        return error_line(err, ident)
+        return err.code, error_line(err, ident)
 
     # -- the methods -----------------------------------------------------------------------
 
@@ -395,9 +425,11 @@ class Rpc:
         scoped_methods = {
             "jobs.submit": m.submit, "jobs.get": m.get, "jobs.list": m.list,
             "jobs.cancel": m.cancel, "jobs.retry": m.retry, "jobs.wait": m.wait,
-            "jobs.events": m.events, "jobs.logs": m.logs, "admin.stats": m.stats,
+            "jobs.changes": m.changes, "jobs.events": m.events, "jobs.logs": m.logs,
+            "admin.stats": m.stats,
             "admin.cleanup": m.cleanup, "admin.pause": m.pause, "admin.resume": m.resume,
-            "admin.maintenance": m.maintenance,
+            "admin.maintenance": m.maintenance, "admin.purge": m.purge,
+            "admin.metrics": m.metrics,
         }
         return {"ping": _answer(ping, ping),
                 **{name: scoped(name, fn) for name, fn in scoped_methods.items()}}

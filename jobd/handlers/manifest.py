@@ -31,7 +31,7 @@ from jobd.paths import segment
 if TYPE_CHECKING:
     from jobd.config import Config
 
-__all__ = ["FORMAT", "build", "manifest_path"]
+__all__ = ["FORMAT", "build", "manifest_path", "user_manifests"]
 
 #: version of the manifest file's layout
 FORMAT = 1
@@ -43,14 +43,20 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 
+def user_manifests(config: Config, user_id: str) -> Path:
+    """``<state dir>/manifests/<user>``: the folder of every manifest of ``user_id``
+    (``admin.purge`` removes it). ValueError if the id cannot name a folder."""
+    return config.state_dir / "manifests" / segment(user_id)
+
+
 def manifest_path(config: Config, user_id: str, project_id: str) -> Path:
     """``<state dir>/manifests/<user>/<project>.json``, each id one segment as
     ``paths.segment`` encodes it (``org/repo`` is ``org%2Frepo.json``)."""
     try:
-        user, project = segment(user_id), segment(project_id)
+        folder, project = user_manifests(config, user_id), segment(project_id)
     except ValueError as e:
         raise JobFailed(f"{user_id!r}/{project_id!r} cannot name a manifest: {e}") from None
-    return config.state_dir / "manifests" / user / f"{project}.json"
+    return folder / f"{project}.json"
 
 
 def build(ctx: JobContext, repo: git.Repository, *, full: bool, low: float,

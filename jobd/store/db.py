@@ -30,9 +30,11 @@ from typing import Any, Callable, Iterator, TypeVar
 import structlog
 
 from jobd.store.errors import StoreClosed, StoreError, from_sqlite
+from jobd.store.interface import FINISHED_KEEP_US
 from jobd.store.sql import MIGRATIONS, QUERIES
 
-__all__ = ["Checkpointer", "Tx", "Writer", "connect", "create_private", "migrate"]
+__all__ = ["Checkpointer", "Tx", "Writer", "connect", "count_finished", "create_private",
+           "migrate"]
 
 log = structlog.get_logger()
 T = TypeVar("T")
@@ -107,8 +109,18 @@ def repair_json(conn: sqlite3.Connection) -> None:
         log.warning("store_json_repaired", seq=seq)
 
 
+def count_finished(conn: sqlite3.Connection, now: int | None = None) -> None:
+    """Migration 8's Python step, after its SQL: count the stored jobs that ended in the
+    35 days before ``now`` (µs) in ``admin.stats``' finished counts, as their ends would
+    have been."""
+    now = time.time_ns() // 1000 if now is None else now
+    conn.execute(QUERIES["count_finished"], {"since": now - FINISHED_KEEP_US})
+
+
 #: Python run before a migration's SQL, by migration number
 PYTHON_STEPS: dict[int, Callable[[sqlite3.Connection], None]] = {3: repair_json}
+#: Python run after a migration's SQL, by migration number
+PYTHON_AFTER: dict[int, Callable[[sqlite3.Connection], None]] = {8: count_finished}
 
 
 def migrate(conn: sqlite3.Connection, path: Path, *, to: int = len(MIGRATIONS)) -> None:
@@ -130,6 +142,8 @@ def migrate(conn: sqlite3.Connection, path: Path, *, to: int = len(MIGRATIONS)) 
                     PYTHON_STEPS[number](conn)
                 for statement in _statements(script):
                     conn.execute(statement)
+                if number in PYTHON_AFTER:
+                    PYTHON_AFTER[number](conn)
                 broken = conn.execute("PRAGMA foreign_key_check").fetchall()
                 if broken:
                     raise StoreError(f"{path}: migration {name} left {len(broken)} rows "

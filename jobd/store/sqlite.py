@@ -216,6 +216,9 @@ class _View:
         row = self.tx.run("fold_job", seq=found.seq, options=_dumps(fold_options(found, job)),
                           priority=max(found.priority, job.priority),
                           idempotency_key=job.idempotency_key).fetchone()
+        if found.idempotency_key is not None and job.idempotency_key is not None:
+            self.tx.run("keep_folded_key", user_id=job.user_id, key=job.idempotency_key,
+                        seq=found.seq)
         return self.store._changed(self.tx, _job(row))
 
 
@@ -625,6 +628,18 @@ class SqliteStore:
         sql = QUERIES["count_jobs"].format(where=f"WHERE {' AND '.join(where)}" if where else "")
         return self._read().execute(sql, dict(args, cap=cap)).fetchone()[0]
 
+    def changed_wire(self, *, after: tuple[int, int], limit: int, active_only: bool = False,
+                     **filters: Any) -> list[tuple[int, int, str, str]]:
+        """jobs.changes from the database: ``(last change µs, seq, status, wire JSON)`` of
+        the jobs matching ``filters`` (as ``list_jobs``) whose last change comes after
+        ``after`` (a (µs, seq) pair) in that order, at most ``limit``; with
+        ``active_only``, the queued and running ones only."""
+        where, args = _conditions(**filters)
+        sql = QUERIES["changed_jobs"].format(where="".join(f" AND {w}" for w in where))
+        return self._read().execute(sql, dict(args, after_us=after[0], after_seq=after[1],
+                                              limit=limit, active_only=int(active_only))
+                                    ).fetchall()
+
     def _list(self, select: str, *, order: str = "created", before: tuple[int, int] | None = None,
               before_seq: int | None = None, limit: int = 50, offset: int = 0,
               **filters: Any) -> list[Any]:
@@ -762,6 +777,20 @@ class SqliteStore:
                 checkpointer.catch_up()
                 yield ids
 
+    def purge(self, user_id: str, *, chunk: int = CLEANUP_CHUNK) -> Iterator[list[str]]:
+        """Delete every finished job of ``user_id`` (a removed account) with its events and
+        checkpoints, a chunk per transaction (``_delete``, as cleanup); yields each chunk's
+        ids once it is durable, after their files went (``Listeners.deleted``)."""
+        if self._writer is None:
+            raise StoreClosed()
+        checkpointer = self._writer.checkpointer
+        with checkpointer.held():
+            while ids := self.write(lambda tx: self._delete(tx, [seq for seq, _ in tx.run(
+                    "oldest_finished", user_id=user_id, keep_seq=None, limit=chunk)])):
+                self.listeners.deleted(ids)
+                checkpointer.catch_up()
+                yield ids
+
     def _delete_chunk(self, tx: Tx, status: str, cutoff: int, size: int) -> list[str]:
         seqs = [r[0] for r in tx.run("expired_jobs", status=status, cutoff=cutoff, limit=size)]
         return self._delete(tx, seqs)
@@ -777,7 +806,8 @@ class SqliteStore:
         if not seqs:
             return []
         chunk = json.dumps(seqs)
-        for query in ("uncount_jobs", "unweigh_jobs", "delete_events", "delete_checkpoints"):
+        for query in ("uncount_jobs", "unweigh_jobs", "delete_events", "delete_keys",
+                      "delete_checkpoints"):
             tx.run(query, seqs=chunk)
         return [r[0] for r in tx.run("delete_jobs", seqs=chunk)]
 

@@ -88,9 +88,14 @@ def recover(path: Path) -> dict[str, Any]:
     dst = connect(create_private(fresh))
     migrate(dst, fresh, to=min(version, len(MIGRATIONS)))
     dst.execute("PRAGMA foreign_keys = OFF")
+    # what the store keeps beside the jobs, where the source's schema has it: the folded
+    # submits' keys and the finished counts (their daily sums come back by trigger)
     new_columns = {t: [r[1] for r in dst.execute(f"PRAGMA table_info({t})")]
-                   for t in ("jobs", "job_events", "job_checkpoints", "meta")}
+                   for t in ("jobs", "job_events", "job_checkpoints", "meta", "job_keys",
+                             "finished_hours")}
     for table, columns in new_columns.items():
+        if not columns:  # a table of a later schema than the source's
+            continue
         saved[table] = 0
         try:
             old_columns = [r[1] for r in src.execute(f"PRAGMA table_info({table})")]
@@ -115,7 +120,9 @@ def recover(path: Path) -> dict[str, Any]:
             lost[table] = f"unknown ({e})"
     src.close()
     # orphans whose job was lost are no use without it: they count as lost
-    for table in ("job_events", "job_checkpoints"):
+    for table in ("job_events", "job_checkpoints", "job_keys"):
+        if not new_columns[table]:
+            continue
         dst.execute(f"DELETE FROM {table} WHERE job NOT IN (SELECT seq FROM jobs)")
         saved[table] = dst.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
         before = totals.get(table)

@@ -24,6 +24,7 @@ RUNS = {
     "lifecycle_bench.py": ["--jobs", "200", "--warmup", "100", "--round", "100"],
     "hostile_bench.py": ["--jobs", "20", "--connections", "2", "--batch", "2",
                          "--duration", "1"],
+    "changes_bench.py": ["--seconds", "0.2", "--rounds", "1", "--waiters", "3"],
 }
 
 

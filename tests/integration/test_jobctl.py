@@ -359,6 +359,15 @@ def test_as_user_scopes_list(jd: Daemon, who: str) -> None:
     assert proc.returncode == 1 and "belongs to another user" in proc.stderr
 
 
+def test_metrics_prints_the_prometheus_text(jd: Daemon, who: str) -> None:
+    submit(jd, who, "noop", options={"seconds": 0})
+    proc = jobctl(jd, "metrics")
+    assert proc.returncode == 0, proc.stderr
+    assert '\njobd_jobs_submitted_total{type="noop"} ' in proc.stdout
+    assert proc.stdout.startswith("# HELP ") and proc.stdout.endswith("\n")
+    assert "\njobd_rpc_requests_total{" in as_json(jobctl(jd, "--json", "metrics"))["text"]
+
+
 def test_stats_pause_resume_and_cleanup(jd: Daemon, who: str) -> None:
     stats = as_json(jobctl(jd, "--json", "stats"))
     assert {"jobs", "running", "queued", "workers", "per_user", "paused", "db_bytes",

@@ -102,3 +102,42 @@ def test_a_cursor_is_bound_to_its_filters(jd: Daemon) -> None:
         err = error_of(jd, "jobs.list", cursor=cursor, as_user=who, **other)
         assert err["code"] == -32602 and err["data"]["field"] == "cursor", other
         assert "other filters" in err["message"]
+
+
+def test_started_and_completed_orders_page_past_jobs_without_that_time(jd: Daemon) -> None:
+    """Queued jobs have no start or end: their sort key is -1 and their cursors page on."""
+    who = f"u{uuid.uuid4().hex[:8]}"
+    done = finished(jd, who, "noop")
+    result_of(jd, "admin.pause")
+    try:
+        queued = [result_of(jd, "jobs.submit", type="noop", as_user=who)["id"] for _ in range(3)]
+        for order in ("started", "completed"):
+            seen, cursor = [], None
+            while True:
+                page = result_of(jd, "jobs.list", order=order, limit=1, cursor=cursor,
+                                 as_user=who)
+                seen += ids(page)
+                if (cursor := page["next_cursor"]) is None:
+                    break
+            assert seen == [done["id"], *reversed(queued)], order
+    finally:
+        result_of(jd, "admin.resume")
+
+
+def test_a_list_filter_is_one_filter_whatever_its_order_and_repeats(jd: Daemon) -> None:
+    who = f"u{uuid.uuid4().hex[:8]}"
+    for kind in ("noop", "command", "noop"):
+        finished(jd, who, kind)
+    page = result_of(jd, "jobs.list", type=["noop", "command"], status=["completed", "failed"],
+                     limit=1, as_user=who)
+    again = result_of(jd, "jobs.list", type=["command", "noop", "noop"],
+                      status=["failed", "completed", "failed"], limit=5,
+                      cursor=page["next_cursor"], as_user=who)
+    assert len(again["jobs"]) == 2
+    # a type list is bounded: each name is a parameter of the query
+    many = [f"t{i}" for i in range(101)]
+    err = error_of(jd, "jobs.list", type=many, as_user=who)
+    assert err["data"]["field"] == "type" and "at most 100" in err["message"]
+    assert result_of(jd, "jobs.list", type=many[:100] * 50, as_user=who)["jobs"] == []
+    err = error_of(jd, "jobs.cancel", filter={"type": many}, as_user=who)
+    assert err["data"]["field"] == "filter.type"

@@ -280,6 +280,15 @@ PARAMS: list[tuple[str, str, set[str], dict[str, Any]]] = [
     ("jobs.wait", "job_id", set(), {}),
     ("jobs.wait", "after_version", {"null", "negative", "int64", "huge"}, {"timeout_s": 0}),
     ("jobs.wait", "timeout_s", {"fraction"}, {}),
+    ("jobs.changes", "after", {"null"}, {}),
+    ("jobs.changes", "timeout_s", {"fraction"}, {}),
+    ("jobs.changes", "status", {"null", "list"}, {}),
+    ("jobs.changes", "type", {"null", "empty", "newline", "long", "list"}, {}),
+    ("jobs.changes", "user_id", {"null"}, {}),
+    ("jobs.changes", "project_id", {"null"}, {}),
+    ("jobs.changes", "created_after", {"null"}, {}),
+    ("jobs.changes", "id_prefix", {"null"}, {}),
+    ("jobs.changes", "fields", {"null", "list"}, {}),
     ("jobs.events", "job_id", set(), {}),
     ("jobs.logs", "job_id", set(), {}),
     ("jobs.logs", "offset", set(), {}),
@@ -287,6 +296,7 @@ PARAMS: list[tuple[str, str, set[str], dict[str, Any]]] = [
     ("admin.stats", "since", {"null"}, {}),
     ("admin.cleanup", "older_than_s", {"null", "fraction"}, {"dry_run": True}),
     ("admin.cleanup", "dry_run", {"true"}, {}),
+    ("admin.purge", "user_id", set(), {}),
 ]
 
 #: the job options each built-in type checks, with hostile values for each

@@ -108,6 +108,7 @@ def test_a_submit_folds_only_into_the_same_work(make_daemon: Any, tmp_path: Path
     # the fold recorded the submit's key: a resend finds the job
     assert submit(d, "alice", idempotency_key="again")["id"] == first["id"]
 
+
     others = [submit(d, "alice", options={"branch": "main"}),
               submit(d, "alice", options={"strategy": "merge"}),
               submit(d, "alice", options={"remote": "mirror"}),
@@ -116,6 +117,15 @@ def test_a_submit_folds_only_into_the_same_work(make_daemon: Any, tmp_path: Path
               submit(d, "bob")]
     assert all(not o["deduplicated"] for o in others)
     assert len({first["id"], *(o["id"] for o in others)}) == 7
+    # a fold into a job that has a key of its own keeps the submit's key too: its resend
+    # finds the job once it no longer waits (and no fold could find it)
+    keyed = submit(d, "bob", idempotency_key="k1")
+    assert keyed["id"] == others[-1]["id"] and keyed["deduplicated"]
+    assert submit(d, "bob", idempotency_key="k2")["id"] == keyed["id"]
+    result_of(d, "jobs.cancel", job_id=keyed["id"])
+    for key in ("k1", "k2"):
+        resent = submit(d, "bob", idempotency_key=key)
+        assert (resent["id"], resent["status"]) == (keyed["id"], "cancelled"), key
 
 
 def test_reject_names_the_queued_or_running_job_of_the_same_work(

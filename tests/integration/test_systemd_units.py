@@ -118,11 +118,11 @@ def test_example_config_names_every_key_with_its_default() -> None:
     loaded = config.load(example, env={})
     defaults = config.load(env={})
 
-    for section in ("server", "storage", "execution", "retention", "auth", "sync"):
+    for section in ("server", "storage", "execution", "retention", "auth", "sync", "http"):
         fields = {f.name for f in dataclasses.fields(getattr(defaults, section))}
         assert set(raw[section]) == fields, f"[{section}] keys differ from the Config's"
         assert getattr(loaded, section) == getattr(defaults, section), section
-    assert set(raw) == {"server", "storage", "execution", "retention", "auth", "sync"}
+    assert set(raw) == {"server", "storage", "execution", "retention", "auth", "sync", "http"}
 
 
 @pytest.mark.root

@@ -399,6 +399,15 @@ class DispatchMachine(RuleBasedStateMachine):
         assert self.d.queued_count() == len(self.waiting)
 
     @invariant()
+    def per_user_counts_what_waits_and_runs(self) -> None:
+        expected: dict[str, dict[str, int]] = {}
+        for state, ids in (("queued", self.waiting), ("running", self.running)):
+            for i in ids:
+                counts = expected.setdefault(self.jobs[i].user_id, {"running": 0, "queued": 0})
+                counts[state] += 1
+        assert self.d.per_user() == expected
+
+    @invariant()
     def every_waiting_job_has_a_place_and_a_reason(self) -> None:
         positions = sorted(self.d.position(i)[0] for i in self.waiting)  # type: ignore[type-var]
         assert positions == list(range(1, len(self.waiting) + 1))

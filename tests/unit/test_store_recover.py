@@ -67,3 +67,32 @@ def test_recover_of_an_old_database_repairs_rows_as_the_upgrade_does(tmp_path: P
         assert store.stored_weight("alice") == 1
     finally:
         store.close()
+
+
+def test_recover_keeps_the_finished_counts_and_the_folded_keys(tmp_path: Path) -> None:
+    from jobd.rules import Rules
+    db = tmp_path / "jobd.db"
+    store = Store(db, synchronous="off", clock=Clock()).open()
+    finished(store, "alice", 2)
+    rules = Rules(exclusive=frozenset({"sync"}))
+    options = {"repo_path": str(tmp_path / "repo"), "full_reindex": False}
+    first, _ = store.submit_job(new_job(user="bob", type="sync", options=options,
+                                        idempotency_key="k1"), actor="bob", rules=rules)
+    folded, was_folded = store.submit_job(new_job(user="bob", type="sync", options=options,
+                                                  idempotency_key="k2"), actor="bob",
+                                          rules=rules)
+    assert was_folded and folded.id == first.id
+    ends = store.finished(0)
+    store.close()
+    assert ends
+
+    recover(db)
+    store = Store(db, synchronous="off", clock=Clock()).open()
+    try:
+        assert store.finished(0) == ends
+        again, was_found = store.submit_job(new_job(user="bob", type="noop", project=None,
+                                                    idempotency_key="k2"), actor="bob",
+                                            rules=rules)
+        assert was_found and again.id == first.id
+    finally:
+        store.close()

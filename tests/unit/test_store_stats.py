@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from jobd.models import JobStatus
 from jobd.store import Store
+from jobd.store.db import count_finished
 from jobd.store.interface import FINISHED_KEEP_US, HOUR_US
 
 from test_store import T0, Clock, clock, db, new_job, raw, store, submit  # noqa: F401 - fixtures
@@ -100,3 +101,25 @@ def test_a_cleanup_takes_each_type_off_its_own_counts(store: Store, clock: Clock
         assert conn.execute("SELECT min(n) FROM type_counts").fetchone()[0] == 0
     # the finished counts outlive the jobs (kept 35 days whatever the retention)
     assert sum(r[3] for r in store.finished(0)) == 4
+
+
+def test_the_upgrade_counts_stored_ends_as_their_trigger_did(store: Store, clock: Clock) -> None:
+    """Migration 8 counts the jobs that ended before it (``count_finished``) the way the
+    end trigger counts each end since: the same rows, from the same jobs, 35 days back."""
+    ended(store, clock, "sync", JobStatus.FAILED, 3)  # the oldest end
+    clock.now += 2 * 86_400 * 10**6
+    for type, status, run_s in (("sync", JobStatus.COMPLETED, 0.05),
+                                ("noop", JobStatus.COMPLETED, 100_000)):  # past the last bound
+        ended(store, clock, type, status, run_s)
+    store.cancel_job(submit(store, new_job(type="noop", project=None)).id, actor="alice")
+    counted = by_key(store, 0)
+    assert sum(n for n, _ in counted.values()) == 4
+    for now, kept in ((clock.now, 4), (T0 + 3 * 10**6 + FINISHED_KEEP_US + HOUR_US, 3)):
+        with raw(store.path) as conn:
+            conn.execute("DELETE FROM finished_hours")
+            conn.execute("DELETE FROM finished_days")
+            count_finished(conn, now=now)
+        again = by_key(store, 0)
+        assert sum(n for n, _ in again.values()) == kept
+        # the same rows as the trigger's: all of them, or all but the end 35 days back
+        assert again.items() <= counted.items() and (kept < 4 or again == counted)

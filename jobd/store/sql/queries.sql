@@ -41,8 +41,16 @@ SELECT id FROM jobs WHERE id IN (SELECT value FROM json_each(:ids))
 SELECT status FROM jobs WHERE id = :job_id
 
 -- find_by_idempotency_key --
--- The job a user first submitted with this idempotency key
+-- The job a user submitted with this idempotency key, or folded a submit with it into
 SELECT {job_columns} FROM jobs WHERE user_id = :user_id AND idempotency_key = :key
+UNION ALL
+SELECT {job_columns} FROM jobs
+WHERE seq = (SELECT job FROM job_keys WHERE user_id = :user_id AND key = :key)
+LIMIT 1
+
+-- keep_folded_key --
+-- A folded submit's idempotency key, for a job that has another one
+INSERT OR IGNORE INTO job_keys (user_id, key, job) VALUES (:user_id, :key, :seq)
 
 -- find_queued_work --
 -- The oldest queued (:running: or running) job of the same work as another (dedupe)
@@ -118,11 +126,12 @@ WHERE id = :job_id AND (status = 'queued' OR status = 'running' AND cancel_reque
 RETURNING {job_columns}
 
 -- retry_job --
--- failed | cancelled -> queued: a fresh attempt (progress, phase, error, result cleared;
--- attempts kept); its checkpoints go (clear_checkpoints)
+-- failed | cancelled -> queued: a fresh attempt (progress, phase, error, result and the
+-- last attempt's times cleared; attempts kept); its checkpoints go (clear_checkpoints)
 UPDATE jobs SET status = 'queued', version = max(version + 1, :now), updated_at = :now,
     progress = 0, phase = NULL, message = 'retried', error = NULL, result = NULL,
-    completed_at = NULL, cancel_requested = 0, pgid = NULL, pgid_start = NULL
+    started_at = NULL, completed_at = NULL, cancel_requested = 0, pgid = NULL,
+    pgid_start = NULL
 WHERE id = :job_id AND status IN ('failed', 'cancelled')
 RETURNING {job_columns}
 
@@ -199,6 +208,18 @@ GROUP BY type, status, bucket
 -- The run-time histogram's fixed buckets: the upper bound of each (the last has none)
 SELECT upper_us FROM run_buckets ORDER BY bucket
 
+-- count_finished --
+-- The finished counts of the stored jobs that ended since :since, as the end trigger of
+-- migration 8 counts them (its upgrade, and a database built other than by the store)
+INSERT INTO finished_hours (hour, type, status, bucket, n, run_us)
+SELECT completed_at / 3600000000, type, status,
+       CASE WHEN started_at IS NULL THEN -1 ELSE (
+           SELECT min(bucket) FROM run_buckets
+           WHERE upper_us IS NULL OR upper_us >= completed_at - started_at) END,
+       count(*), sum(coalesce(completed_at - started_at, 0))
+FROM jobs WHERE status IN ('completed', 'failed', 'cancelled') AND completed_at >= :since
+GROUP BY 1, 2, 3, 4
+
 -- prune_finished --
 -- The hourly finished counts older than hour :hour
 DELETE FROM finished_hours WHERE hour < :hour
@@ -210,6 +231,25 @@ DELETE FROM finished_days WHERE (day + 1) * 24 <= :hour
 -- list_jobs --
 -- jobs.list: a page of jobs matching {where}, newest first by {key} (keyset paging)
 SELECT {key}, seq, {select} FROM jobs {where} ORDER BY {order} LIMIT :limit OFFSET :offset
+
+-- changed_jobs --
+-- jobs.changes read from the database (after a restart, or past what the change log
+-- keeps): the jobs matching {where} whose last change is after (:after_us, :after_seq), in
+-- that order. A finished job's last change is its end (nothing but a retry changes it,
+-- and that makes it queued), so its completed_at is its updated_at and the finished ones
+-- are read in order from jobs_by_completed; the active ones are few, read by status. No
+-- index on updated_at has to be kept up on every write.
+SELECT * FROM (
+    SELECT ifnull(completed_at, -1) AS changed, seq, status, {job_wire} FROM jobs
+    WHERE NOT :active_only AND ifnull(completed_at, -1) >= max(:after_us, 0)
+      AND (ifnull(completed_at, -1), seq) > (:after_us, :after_seq){where}
+    ORDER BY ifnull(completed_at, -1), seq LIMIT :limit)
+UNION ALL
+SELECT * FROM (
+    SELECT updated_at AS changed, seq, status, {job_wire} FROM jobs
+    WHERE status IN ('queued', 'running') AND (updated_at, seq) > (:after_us, :after_seq){where}
+    ORDER BY updated_at, seq LIMIT :limit)
+ORDER BY changed, seq LIMIT :limit
 
 -- count_jobs --
 -- jobs.list's total: the jobs matching {where}, counted no further than :cap
@@ -286,6 +326,10 @@ WHERE user_stored.user_id = gone.user_id
 -- delete_events --
 -- The history of jobs about to be deleted, before them: the cascade then finds nothing
 DELETE FROM job_events WHERE job IN (SELECT value FROM json_each(:seqs))
+
+-- delete_keys --
+-- The folded submits' idempotency keys of jobs about to be deleted
+DELETE FROM job_keys WHERE job IN (SELECT value FROM json_each(:seqs))
 
 -- delete_checkpoints --
 -- The checkpoints of jobs about to be deleted

@@ -6,6 +6,8 @@
 DROP TRIGGER jobs_counted_in;
 DROP TRIGGER jobs_counted_move;
 DROP TABLE job_counts;
+-- jobs.list by type (one or a list) newest first, and its total, without a table scan
+CREATE INDEX jobs_type ON jobs (type, seq);
 CREATE TABLE type_counts (
     type TEXT NOT NULL, status TEXT NOT NULL, n INTEGER NOT NULL,
     PRIMARY KEY (type, status)) WITHOUT ROWID;
