@@ -285,3 +285,37 @@ def test_load_more_pages_the_finished_jobs_and_retry_and_sign_out_work(
     until(browser, lambda: browser.find_element(By.ID, "sign-in").is_displayed(),
           "the sign-in field after signing out")
     assert browser.execute_script("return sessionStorage.getItem('jobd.token')") is None
+
+
+@full
+def test_polls_go_one_at_a_time_and_stop_while_the_tab_is_hidden(
+        gateway: Gateway, browser: WebDriver) -> None:
+    sign_in(browser, gateway.url, "dave")
+    # count the page's calls as they go: how many at once, and how many in all
+    browser.execute_script("""
+        const real = window.fetch;
+        window.calls = {open: 0, most: 0, all: 0};
+        window.fetch = async (...args) => {
+            calls.open += 1; calls.all += 1; calls.most = Math.max(calls.most, calls.open);
+            try { return await real(...args); } finally { calls.open -= 1; }
+        };""")
+
+    def calls() -> dict[str, int]:
+        return browser.execute_script("return {...window.calls}")  # type: ignore[no-any-return]
+
+    until(browser, lambda: calls()["all"] >= 6, "two polls of the three lists")
+    assert calls()["most"] == 1, calls()
+
+    browser.execute_script("""
+        Object.defineProperty(document, 'hidden', {configurable: true, get: () => true});
+        document.dispatchEvent(new Event('visibilitychange'));""")
+    time.sleep(0.5)  # a poll under way may end
+    hidden = calls()["all"]
+    time.sleep(4.5)
+    assert calls()["all"] == hidden, "the page polled while hidden"
+
+    browser.execute_script("""
+        Object.defineProperty(document, 'hidden', {configurable: true, get: () => false});
+        document.dispatchEvent(new Event('visibilitychange'));""")
+    until(browser, lambda: calls()["all"] >= hidden + 3, "polls again once visible", timeout=5)
+    assert calls()["most"] == 1, calls()
