@@ -219,6 +219,7 @@ def test_an_admin_pauses_dispatch_sees_why_a_job_waits_and_filters_by_user(
         browser.find_element(By.ID, "maintenance-reason").send_keys("upgrading jobd")
         browser.find_element(By.ID, "maintenance-on").click()
         until(browser, lambda: "Maintenance is on." in state.text, "maintenance on")
+        assert "Reason: upgrading jobd." in state.text, state.text
         refused = httpx.post(gateway.url + "/api/jobs", json={"type": "crawl"},
                              headers=bearer("bob"))
         assert refused.status_code == 503 and "upgrading jobd" in refused.text

@@ -231,7 +231,7 @@ async function pollOverview() {
 // an admin is whoever the admin endpoint answers; everyone else never sees the controls
 async function probeAdmin() {
   try {
-    renderAdmin(await api("api/admin/jobs/stats"));
+    await loadAdmin();
     state.admin = true;
   } catch (error) {
     if (error.status !== 403) throw error;
@@ -241,10 +241,18 @@ async function probeAdmin() {
   $("f-user-field").hidden = !state.admin;
 }
 
-function renderAdmin(stats) {
+// the counts and switches; while in maintenance also its reason and whether it drained
+async function loadAdmin() {
+  const stats = await api("api/admin/jobs/stats");
+  renderAdmin(stats, stats.maintenance ? await api("api/admin/maintenance") : null);
+}
+
+function renderAdmin(stats, maintenance) {
   const parts = [stats.paused ? "Dispatch is paused." : "Dispatch runs.",
     stats.maintenance ? "Maintenance is on." : "Maintenance is off.",
     `${stats.running} running, ${stats.queued} queued, ${stats.workers} workers.`];
+  if (maintenance && maintenance.reason) parts.push(`Reason: ${maintenance.reason}.`);
+  if (maintenance) parts.push(maintenance.drained ? "Drained: no job runs or can start." : "Not drained yet.");
   $("admin-state").textContent = parts.join(" ");
   $("pause").hidden = stats.paused;
   $("resume").hidden = !stats.paused;
@@ -255,7 +263,7 @@ function renderAdmin(stats) {
 async function adminAction(path, body) {
   try {
     await api(path, { method: "POST", body });
-    renderAdmin(await api("api/admin/jobs/stats"));
+    await loadAdmin();
   } catch (error) {
     report(error);
   }
@@ -475,7 +483,7 @@ async function poll() {
   if (state.polling) return;
   state.polling = true;
   try {
-    if (state.admin) renderAdmin(await api("api/admin/jobs/stats"));
+    if (state.admin) await loadAdmin();
     if (route().page === "job") await pollJob();
     else await pollOverview();
     // a poll that works again clears what the failed one said
