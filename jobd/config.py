@@ -138,6 +138,7 @@ class Http:
     admin_claim: str = "role=admin"
     audience: str = ""             #: "": not checked
     issuer: str = ""               #: "": not checked
+    metrics_listen: str = ""       #: HOST:PORT serving GET /metrics with no sign-in; "": none
 
 
 #: the job types jobd has itself: no ``[types]`` entry may take their names

@@ -29,7 +29,7 @@ from jobd import errors
 from jobd.client import AsyncClient, AsyncClientPool, JobdError
 from jobd.models import TERMINAL
 
-__all__ = ["Principal", "error_body", "router", "snake_keys"]
+__all__ = ["Principal", "SCRAPER", "error_body", "metrics_router", "router", "snake_keys"]
 
 log = structlog.get_logger()
 
@@ -426,6 +426,10 @@ def router(principal: Callable[..., Any], socket: str | None = None, pool_size: 
     async def resume(who: Principal = Admin) -> Any:
         return await jobd.call(who, "admin.resume")
 
+    @r.get("/metrics")
+    async def metrics(who: Principal = Admin) -> Response:
+        return await _metrics(jobd, who)
+
     @r.get("/api/admin/maintenance")
     async def maintenance_report(who: Principal = Admin) -> Any:
         return await jobd.call(who, "admin.maintenance")
@@ -436,6 +440,34 @@ def router(principal: Callable[..., Any], socket: str | None = None, pool_size: 
         return await jobd.call(who, "admin.maintenance", enabled=data.enabled,
                                reason=data.reason)
 
+    return r
+
+
+#: whom the calls of the metrics listener act for: anyone who reaches that address may
+#: read the metrics (SPEC §10), and nothing else
+SCRAPER = Principal("jobd-http-metrics", admin=True)
+
+
+async def _metrics(jobd: _Jobd, who: Principal) -> Response:
+    text = (await jobd.call(who, "admin.metrics"))["text"]
+    return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def metrics_router(socket: str | None = None) -> APIRouter:
+    """``GET /metrics`` alone, with no sign-in: for ``jobd-http --metrics-listen``, an
+    address only a scraper reaches."""
+    jobd = _Jobd(socket, 1, 0)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await jobd.pool.close()
+
+    r = APIRouter(route_class=_ShapedRoute, lifespan=lifespan)
+
+    @r.get("/metrics")
+    async def metrics() -> Response:
+        return await _metrics(jobd, SCRAPER)
     return r
 
 

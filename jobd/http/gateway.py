@@ -9,6 +9,7 @@ stops it at start with one line.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import sys
 from pathlib import Path
@@ -24,9 +25,9 @@ from fastapi import FastAPI, Header, HTTPException
 from jobd import logs
 from jobd.config import ConfigError, Http, load
 from jobd.http import dashboard
-from jobd.http.api import Principal, router
+from jobd.http.api import Principal, metrics_router, router
 
-__all__ = ["Gateway", "TokenCheck", "app", "main"]
+__all__ = ["Gateway", "TokenCheck", "app", "main", "metrics_app", "serve"]
 
 #: how far a token's exp and nbf may be off the gateway's clock
 LEEWAY_S = 30
@@ -87,6 +88,8 @@ class Gateway:
     port: int
     check: TokenCheck
     socket: str | None = None
+    #: (host, port) serving GET /metrics to anyone who reaches it, or None
+    metrics: tuple[str, int] | None = None
 
 
 def settings(http: Http, socket: str | None = None) -> Gateway:
@@ -104,9 +107,13 @@ def settings(http: Http, socket: str | None = None) -> Gateway:
     if not http.user_claim:
         raise SettingError("user claim: name the claim that holds the user, e.g. username")
     host, port = _listen(http.listen)
+    metrics = _listen(http.metrics_listen, "metrics listen") if http.metrics_listen else None
+    if metrics == (host, port):
+        raise SettingError(f"metrics listen {http.metrics_listen!r} is the main address; "
+                           "give the scraper an address of its own")
     check = TokenCheck(key, algorithm, http.user_claim, (name, value),
                        http.audience or None, http.issuer or None)
-    return Gateway(host, port, check, socket)
+    return Gateway(host, port, check, socket, metrics)
 
 
 def _described(http: Http) -> str:
@@ -143,11 +150,11 @@ def _key(http: Http) -> tuple[Any, str]:
     raise SettingError(f"{path}: an RSA or P-256 public key is needed (RS256, ES256)")
 
 
-def _listen(listen: str) -> tuple[str, int]:
+def _listen(listen: str, what: str = "listen") -> tuple[str, int]:
     host, sep, port = listen.rpartition(":")
     host = host.removeprefix("[").removesuffix("]")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise SettingError(f"listen {listen!r}: write it HOST:PORT, e.g. 127.0.0.1:8095")
+        raise SettingError(f"{what} {listen!r}: write it HOST:PORT, e.g. 127.0.0.1:8095")
     return host, int(port)
 
 
@@ -161,6 +168,28 @@ def app(gateway: Gateway, **router_options: Any) -> FastAPI:
     return web
 
 
+def metrics_app(gateway: Gateway) -> FastAPI:
+    """The app of the metrics address: ``GET /metrics`` and nothing else."""
+    web = FastAPI(title="jobd metrics", docs_url=None, redoc_url=None, openapi_url=None)
+    web.include_router(metrics_router(socket=gateway.socket))
+    return web
+
+
+async def serve(gateway: Gateway, log_level: str) -> None:
+    """Run uvicorn on the main address, and on the metrics address if there is one, until
+    a signal stops them (each server traps SIGTERM/SIGINT; one stopping stops all)."""
+    servers = [uvicorn.Server(uvicorn.Config(web, host=host, port=port, log_config=None,
+                                             log_level=log_level))
+               for web, (host, port) in [(app(gateway), (gateway.host, gateway.port)),
+                                         *([(metrics_app(gateway), gateway.metrics)]
+                                           if gateway.metrics else [])]]
+    tasks = [asyncio.create_task(s.serve()) for s in servers]
+    await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for s in servers:
+        s.should_exit = True
+    await asyncio.gather(*tasks)
+
+
 _FLAGS: list[tuple[str, str]] = [
     ("--listen", "HOST:PORT to serve on (default 127.0.0.1:8095)."),
     ("--jwt-secret-file", "File holding the HS256 secret."),
@@ -171,6 +200,8 @@ _FLAGS: list[tuple[str, str]] = [
                       "(default role=admin)."),
     ("--audience", "Accept only tokens for this aud."),
     ("--issuer", "Accept only tokens from this iss."),
+    ("--metrics-listen", "HOST:PORT serving only GET /metrics, with no sign-in, for a "
+                         "scraper (default: none)."),
 ]
 
 
@@ -199,5 +230,4 @@ def main(socket: str | None, config_file: str | None, log_level: str, **flags: s
         sys.exit(1)
     logs.setup(log_level)
     # uvicorn logs through the root logger that logs.setup configured
-    uvicorn.run(app(gateway), host=gateway.host, port=gateway.port, log_config=None,
-                log_level=log_level)
+    asyncio.run(serve(gateway, log_level))

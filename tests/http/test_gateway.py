@@ -9,6 +9,7 @@ import base64
 import hashlib
 import hmac
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -221,6 +222,10 @@ def test_settings_that_cannot_work_are_refused_naming_the_problem(tmp_path: Path
         (Http(jwt_secret_file=str(tmp_path / "nowhere")), "cannot read the key"),
         (Http(jwt_secret_file=str(secret), listen="8095"), "write it HOST:PORT"),
         (Http(jwt_secret_file=str(secret), admin_claim="admin"), "write it CLAIM=VALUE"),
+        (Http(jwt_secret_file=str(secret), metrics_listen="9100"),
+         "metrics listen '9100': write it HOST:PORT"),
+        (Http(jwt_secret_file=str(secret), metrics_listen="127.0.0.1:8095"),
+         "is the main address"),
     ]
     for http, message in cases:
         with pytest.raises(SettingError, match=message):
@@ -246,3 +251,30 @@ def test_jobd_http_refuses_to_start_with_one_line(tmp_path: Path) -> None:
                           timeout=60)
     assert proc.returncode == 1 and len(proc.stderr.splitlines()) == 1, proc.stderr
     assert "http.algorithm must be one of" in proc.stderr
+
+
+def test_metrics_are_for_admins_and_for_anyone_on_the_metrics_address(
+        daemon: Daemon, tmp_path: Path) -> None:
+    (tmp_path / "secret").write_bytes(SECRET)
+    (tmp_path / "empty.toml").write_text("")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    scraper = f"http://127.0.0.1:{port}"
+    with Gateway(tmp_path, "--config", str(tmp_path / "empty.toml"), "--socket",
+                 str(daemon.socket), "--jwt-secret-file", str(tmp_path / "secret"),
+                 "--metrics-listen", f"127.0.0.1:{port}") as g:
+        admin = jwt.encode(claims(role="admin"), SECRET, algorithm="HS256")
+        got = httpx.get(f"{g.url}/metrics", headers=bearer(admin))
+        assert got.status_code == 200, got.text
+        assert got.headers["content-type"].startswith("text/plain; version=0.0.4")
+        assert "\njobd_rpc_requests_total{" in got.text
+        user = jwt.encode(claims(), SECRET, algorithm="HS256")
+        assert httpx.get(f"{g.url}/metrics", headers=bearer(user)).status_code == 403
+        assert httpx.get(f"{g.url}/metrics").status_code == 401
+        scraped = httpx.get(f"{scraper}/metrics")  # no token: the address is the scraper's
+        assert scraped.status_code == 200 and "# TYPE jobd_jobs gauge" in scraped.text
+        assert httpx.get(f"{scraper}/api/jobs").status_code == 404  # and nothing else
+    # SIGTERM stopped both servers gracefully (uvicorn then re-raises it: -15)
+    assert g.proc is not None and g.proc.returncode in (0, -15)
+    assert g.stderr.read_text().count("Application shutdown complete.") == 2
