@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -149,6 +150,9 @@ def test_a_user_signs_in_watches_a_job_move_and_cancels_it(
 
     browser.find_element(By.ID, "job-cancel").click()
     until(browser, lambda: status.text == "cancelled", "the job ending cancelled")
+    pages = [int(k) for k in re.findall(r"page (\d+) of 100",
+                                        browser.find_element(By.ID, "job-log").text)]
+    assert pages == sorted(set(pages)), f"the log shows lines twice or out of order: {pages}"
     until(browser, lambda: "cancelled" in browser.find_element(By.ID, "job-events").text,
           "the cancel in the job's events")
     assert not browser.find_element(By.ID, "job-cancel").is_displayed()

@@ -32,6 +32,8 @@ const state = {
   stream: null,    // AbortController of the job page's stream
   logOffset: 0,
   logEof: false,
+  logReader: false,
+  page: 0,         // counts the pages shown, so late answers for a page left are dropped
   pollTimer: null,
   polling: false,
   pollFailed: false,
@@ -311,17 +313,26 @@ async function loadEvents(id) {
 }
 
 async function loadLog(id) {
-  // read every available chunk; eof only once the job is terminal and all was read
-  for (;;) {
-    const chunk = await api(`api/jobs/${id}/logs?${query({ offset: state.logOffset })}`);
-    if (state.job === null || state.job.id !== id) return;
-    if (chunk.data) $("job-log").append(document.createTextNode(chunk.data));
-    const moved = chunk.next_offset !== state.logOffset;
-    state.logOffset = chunk.next_offset;
-    state.logEof = chunk.eof;
-    if (chunk.eof || !moved) break;
+  // one reader at a time, or two would append the same bytes; a read begun for a page
+  // since left is dropped
+  if (state.logReader) return;
+  const page = state.page;
+  state.logReader = true;
+  try {
+    // read every available chunk; eof only once the job is terminal and all was read
+    for (;;) {
+      const chunk = await api(`api/jobs/${id}/logs?${query({ offset: state.logOffset })}`);
+      if (state.page !== page) return;
+      if (chunk.data) $("job-log").append(document.createTextNode(chunk.data));
+      const moved = chunk.next_offset !== state.logOffset;
+      state.logOffset = chunk.next_offset;
+      state.logEof = chunk.eof;
+      if (chunk.eof || !moved) break;
+    }
+    $("log-state").textContent = state.logEof ? "(complete)" : "(following)";
+  } finally {
+    state.logReader = false;
   }
-  $("log-state").textContent = state.logEof ? "(complete)" : "(following)";
 }
 
 // the job's server-sent events, read with fetch so the token stays in a header;
@@ -445,6 +456,7 @@ function route() {
 
 async function show() {
   stopStream();
+  state.page += 1;
   const signedIn = Boolean(token());
   $("sign-in").hidden = signedIn;
   $("sign-out").hidden = !signedIn;
