@@ -5,15 +5,17 @@ store's commit listener calls ``on_changed``, which feeds the dispatcher and sta
 may start at once. Each start is an ``Attempt`` (``jobd.attempt``): its ``queued ->
 running`` is written without anyone waiting on the commit, and once it holds a worker
 runs the handler with a ``Context``. Starts share transactions where they can: a job
-submitted while a worker is free and nothing is queued starts in its submit's commit
-(``start_in``, called by the manager's submit), and an attempt's end is written together
-with the start of the job the dispatcher hands its slot to (``_start_next_in``); the
-worker waits for that commit (its slot is taken until then anyway) and runs the next job
-itself. If the transaction fails, its undo gives the slot back and the next job returns
-to the queue in its place. The attempt's slot is freed when its end's commit holds. Progress lives in memory (every
-``jobs.get``/``jobs.wait`` sees the latest value at once) and is written to the database
-at most every ``FLUSH_S`` per job. ``tick(now)`` is one turn of housekeeping (time
-limits, progress flushes, orphans) on the engine's clock, so a test can pass the time.
+submitted while a worker is free and nothing is queued starts in its submit's own
+statement (``start_in``, asked by the store's ``submit_job_in``), and an attempt's end is
+written together with the start of the job the dispatcher hands its slot to
+(``_start_next_in``). No worker waits for that commit: once it holds, the store's writer
+thread frees the attempt's slot and hands the next job to a worker (``_end_written``).
+If the transaction fails, its undo gives the slot back, the next job returns to the
+queue in its place, and the end is committed again on a worker. Progress lives in
+memory (every ``jobs.get``/``jobs.wait`` sees the latest value at once) and is written to
+the database at most every ``FLUSH_S`` per job. ``tick(now)`` is one turn of
+housekeeping (time limits, progress flushes, orphans) on the engine's clock, so a test
+can pass the time.
 
 A job's end is decided once, when its handler returns (``outcome``): a cancel or
 timeout that came before that wins, one after it changes nothing. An end that cannot be
@@ -479,19 +481,21 @@ class Engine:
                         reason="the daemon stopped; the next start recovers it")
             self._release(attempt)
 
-    def start_in(self, tx: Any, job: Job) -> None:
-        """In the transaction that submits ``job``: start it in the same commit when it
-        would be the next to start anyway (a worker is free and nothing is queued); a
-        worker runs it once that commit holds. Otherwise it is queued as usual."""
+    def start_in(self, tx: Any, job: Job) -> Callable[[Job], None] | None:
+        """In the transaction that submits ``job`` (the store's ``submit_job_in`` asks):
+        take a worker's slot for it when it would be the next to start anyway (a worker
+        is free and nothing is queued), and return what the store calls with the job as
+        started in the same statement: a worker runs it once the commit holds. None: it
+        is queued as usual."""
         if not self._started or self._stopping:
-            return
+            return None
         seen, exclusive = self._exclusivity(job)
         attempt = self.dispatcher.take_new(seen, exclusive=exclusive)
         if attempt is None:
-            return
+            return None
         self._taken(tx, attempt, queued=False)  # no job is left to queue if it fails
-        started = self.store.start_job_in(tx, job.id)
-        tx.after_commit.append(lambda: self._hand_to_worker(attempt, started))
+        return lambda started: tx.after_commit.append(
+            lambda: self._hand_to_worker(attempt, started))
 
     def _start_next_in(self, tx: Any, ending: Attempt) -> tuple[Attempt, Job] | None:
         """In the transaction that records ``ending``'s end: start the next job the
@@ -565,15 +569,7 @@ class Engine:
     # -- running -----------------------------------------------------------------------
 
     def _run(self, attempt: Attempt, job: Job) -> None:
-        """On a worker: run the handler of a job whose start is recorded, then the job
-        started in its slot by the same commit as its end, and so on: a worker hands its
-        slot on without a hop through the pool."""
-        following: tuple[Attempt, Job] | None = (attempt, job)
-        while following is not None:
-            following = self._run_one(*following)
-
-    def _run_one(self, attempt: Attempt, job: Job) -> tuple[Attempt, Job] | None:
-        """Run one attempt to its recorded end; the attempt started in its slot, if any."""
+        """On a worker: run the handler of a job whose start is recorded, and write its end."""
         ctx = Context(self, job, attempt)
         ctx.joblog.story(f"attempt {job.attempts} started", job.started_at)
         with self._lock:
@@ -599,19 +595,20 @@ class Engine:
             result = handler.run(ctx)
         except Exception as e:  # every end of a handler is recorded below
             failure = e
-        return self._finish(ctx, result, failure)
+        self._finish(ctx, result, failure)
 
     def _finish(self, ctx: Context, result: dict[str, Any] | None,
-                failure: BaseException | None) -> tuple[Attempt, Job] | None:
+                failure: BaseException | None) -> None:
         """Decide the end (once) and write it, with the start of the next job in the
-        attempt's slot in the same transaction; the attempt started so, if any.
+        attempt's slot in the same transaction.
 
-        The caller waits for the commit: its slot is taken until then in any case, and
-        the worker then runs the next job itself.
+        No one waits for the commit (the attempt keeps its slot until then in any case):
+        ``_end_written`` takes it from there on the store's writer thread, so an end
+        costs no wake-up of a waiting worker.
         """
         job = ctx.job
         if not ctx.attempt.settle():
-            return None
+            return
         if failure is not None and not isinstance(failure, (JobFailed, Cancelled)):
             ctx.log.error("job_crashed", exc_info=failure)
             failure = JobFailed(f"internal error in the {job.type} handler: "
@@ -623,18 +620,34 @@ class Engine:
         ctx.flush()
         self._tell_end(ctx, end, kw)
         try:
-            done, following = self.store.write_async(lambda tx: (
+            written = self.store.write_async(lambda tx: (
                 self._write_end_in(tx, job.id, end, kw),
-                self._start_next_in(tx, ctx.attempt))).result()
-        except (StateConflict, JobNotFound) as e:
-            ctx.log.warning("job_end_unrecorded", end=str(end), error=str(e))
-            self._ended(ctx, None)
-            return None
-        except Exception as e:  # storage unavailable, the store closed, or a refusal
+                self._start_next_in(tx, ctx.attempt)))
+        except Exception as e:  # the store is closed
             self._commit_end(ctx, end, kw, e)
-            return None
-        self._ended(ctx, done)
-        return following
+            return
+        written.add_done_callback(lambda fut: self._end_written(ctx, end, kw, fut))
+
+    def _end_written(self, ctx: Context, end: JobStatus, kw: dict[str, Any],
+                     written: concurrent.futures.Future[tuple[Job, tuple[Attempt, Job] | None]]
+                     ) -> None:
+        """The commit of an attempt's end came back (on the store's writer thread): the
+        attempt is over and the job started in its slot goes to a worker; an end that
+        failed is committed again on a worker, which waits for storage as long as it takes."""
+        error = written.exception()
+        if error is None:
+            done, following = written.result()
+            self._ended(ctx, done)
+            if following is not None:
+                self._hand_to_worker(*following)
+        elif isinstance(error, (StateConflict, JobNotFound)):
+            ctx.log.warning("job_end_unrecorded", end=str(end), error=str(error))
+            self._ended(ctx, None)
+        else:  # storage unavailable, or a refusal
+            try:
+                self._submit(self._commit_end, ctx, end, kw, error)
+            except RuntimeError:  # the pool is shut down: the daemon stops
+                self._end_lost(ctx, error)
 
     def _tell_end(self, ctx: Context, end: JobStatus, kw: dict[str, Any]) -> None:
         """The closing story line, before the commit: a reader seeing the end sees it told."""

@@ -136,8 +136,8 @@ def _check_job_id(job_id: Any) -> str:
     return job_id
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+#: compact JSON; one encoder made once (``json.dumps`` with options builds one per call)
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 
 
 def _json_size(value: Any, field: str, limit: int) -> int:
@@ -696,15 +696,10 @@ class Manager:
             draft = self._draft(scope, handler, **params)
         rules = dataclasses.replace(self._rules(), reject_duplicates=on_duplicate == "reject")
 
-        def submit_and_start(tx: Any) -> tuple[Job, bool]:
-            # a job that would start at once starts in its submit's commit
-            job, deduplicated = self.store.submit_job_in(tx, draft, scope.actor, rules)
-            if not deduplicated:
-                self.engine.start_in(tx, job)
-            return job, deduplicated
-
-        job, deduplicated = await self.store.write_on(asyncio.get_running_loop(),
-                                                      submit_and_start)
+        # a job that would start at once starts in its submit's statement
+        job, deduplicated = await self.store.write_on(
+            asyncio.get_running_loop(), lambda tx: self.store.submit_job_in(
+                tx, draft, scope.actor, rules, start=self.engine.start_in))
         if not deduplicated:
             self.telemetry.submitted(job.type)
             # one line per job at info, at its end (the engine's)

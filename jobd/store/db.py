@@ -53,6 +53,9 @@ class Tx:
     after_commit: list[Callable[[], None]] = dataclasses.field(default_factory=list)
     #: reverts in-memory changes made by a write whose savepoint (or commit) failed
     undo: list[Callable[[], None]] = dataclasses.field(default_factory=list)
+    #: the last state of each row the transaction's writes changed, by key (the store
+    #: tells its listener of a job once per commit, as the commit leaves it)
+    latest: dict[Any, Any] = dataclasses.field(default_factory=dict)
 
     def run(self, query: str, **params: Any) -> sqlite3.Cursor:
         """Run the named query of ``queries.sql`` (``now`` is the transaction's time)."""
@@ -199,6 +202,7 @@ class Checkpointer(threading.Thread):
         super().__init__(name="jobd-store-checkpointer", daemon=True)
         self.conn = conn
         self.wal = wal
+        self._wal_name = str(wal)  # looked at after every commit: no Path work each time
         self.wake = threading.Event()
         self.stopping = False
         self._holds = 0
@@ -211,7 +215,7 @@ class Checkpointer(threading.Thread):
 
     def _wal_bytes(self) -> int:
         try:
-            return self.wal.stat().st_size
+            return os.stat(self._wal_name).st_size
         except OSError:  # never stop the writer over a size
             return 0
 
@@ -296,22 +300,27 @@ Answer = concurrent.futures.Future[Any] | _LoopAnswer
 
 
 def _answer(answers: list[tuple[Answer, Any, BaseException | None]]) -> None:
-    """Hand each answer to its future: a concurrent one at once (its callbacks run here),
-    those on a loop in one ``call_soon_threadsafe`` per loop."""
+    """Hand each answer to its future: those on a loop first, in one
+    ``call_soon_threadsafe`` per loop (the loop answers its clients meanwhile), then the
+    concurrent ones (their callbacks run here)."""
     on_loops: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any,
                                                           BaseException | None]]] = {}
+    others: list[tuple[concurrent.futures.Future[Any], Any, BaseException | None]] = []
     for fut, value, exc in answers:
         if isinstance(fut, _LoopAnswer):
             on_loops.setdefault(fut.loop, []).append((fut.future, value, exc))
-        elif exc is None:
-            fut.set_result(value)
         else:
-            fut.set_exception(exc)
+            others.append((fut, value, exc))
     for loop, items in on_loops.items():
         try:
             loop.call_soon_threadsafe(_resolve, items)
         except RuntimeError:  # the loop is closed: no one is left to answer
             pass
+    for fut, value, exc in others:
+        if exc is None:
+            fut.set_result(value)
+        else:
+            fut.set_exception(exc)
 
 
 def _resolve(items: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:

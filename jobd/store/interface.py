@@ -54,7 +54,9 @@ class JobStore(Protocol):
     # the same answered on the caller's asyncio loop: one wake-up of it per commit
     def write_on(self, loop: asyncio.AbstractEventLoop, fn: Callable[[Any], T]
                  ) -> asyncio.Future[T]: ...
-    def submit_job_in(self, tx: Any, job: Job, actor: str, rules: Rules
+    # ``start(tx, job)``: may start the job in its submit's statement (see the backend)
+    def submit_job_in(self, tx: Any, job: Job, actor: str, rules: Rules,
+                      start: Callable[[Any, Job], Callable[[Job], None] | None] | None = None
                       ) -> tuple[Job, bool]: ...
     def start_job_in(self, tx: Any, job_id: str) -> Job: ...
     def finish_job_in(self, tx: Any, job_id: str, status: JobStatus, *,

@@ -6,8 +6,9 @@ compare-and-set ``UPDATE … WHERE id = ? AND status …`` with its event row, w
 of the status before it; a refused one raises ``JobNotFound`` or ``StateConflict``. The
 rules a submit or retry must pass (``jobd.rules``) run inside the writer's transaction.
 Submit, start, finish and requeue also have an ``*_in(tx, …)`` form, run inside a
-caller's ``write_async``: the engine composes an attempt's end with the next start, and
-a submit with its start, each in one transaction (the store knows no dispatch rule).
+caller's ``write_async``: the engine composes an attempt's end with the next start in
+one transaction, and a submit that a worker takes at once (``submit_job_in``'s ``start``)
+is written running by the submit's own statement (the store knows no dispatch rule).
 
 Timestamps are integer microseconds since the epoch. ``seq`` (the rowid) is insertion
 order: ``jobs.list`` pages newest first by it, so jobs sharing a ``created_at`` still page
@@ -66,6 +67,9 @@ _FIRST_CHUNK = 250
 _CHUNK_S = 0.025
 
 _STATUS = {str(s): s for s in JobStatus}
+#: a submit's offer to start its job at once (``submit_job_in``): what to call with the
+#: job as started, or None to leave it queued
+Start = Callable[[Tx, Job], Callable[[Job], None] | None]
 _NO_RULES = Rules()
 
 
@@ -81,13 +85,17 @@ def _job(row: Sequence[Any]) -> Job:
     )
 
 
+#: compact JSON; one encoder made once (``json.dumps`` with options builds one per call)
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
 def _dumps(value: Any) -> str:
-    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    text = _encode(value)
     if _text(text) is text:
         return text
     # a lone surrogate somewhere: escape it in the text itself, so the stored JSON decodes
     # to valid text again (an escaped surrogate would decode back into a surrogate)
-    return json.dumps(_clean(value), separators=(",", ":"), ensure_ascii=False)
+    return _encode(_clean(value))
 
 
 def _clean(value: Any) -> Any:
@@ -241,6 +249,7 @@ class SqliteStore:
         self._writer: Writer | None = None
         # queued counts per user, kept by the writer thread (the limits are checked there)
         self._queued: Counter[str] = Counter()
+        self._queued_total = 0  # their sum, asked by every submit under max_queued_total
 
     # -- opening and closing -------------------------------------------------------------
 
@@ -267,6 +276,7 @@ class SqliteStore:
                                   f"stop jobd and run `jobd db recover`")
             conn.execute(QUERIES["set_meta"], {"key": "clean", "value": "0"})
             self._queued = Counter(dict(conn.execute(QUERIES["queued_per_user"])))
+            self._queued_total = sum(self._queued.values())
             checkpointer = Checkpointer(self._connect(), Path(f"{self.path}-wal"))
         except sqlite3.DatabaseError as e:
             conn.close()
@@ -376,13 +386,32 @@ class SqliteStore:
                actor=_text(actor))
 
     def _changed(self, tx: Tx, job: Job) -> Job:
-        tx.after_commit.append(lambda: self.listeners.changed(job))
+        """Tell the listener of ``job`` once the commit holds, unless a later write of the
+        same commit changed it again (a job submitted and started at once is told once,
+        running): the listener acts on the state the commit left."""
+        latest, before = tx.latest, tx.latest.get(job.id)
+        latest[job.id] = job
+
+        def told() -> None:
+            if latest.get(job.id) is job:
+                self.listeners.changed(job)
+
+        def undone() -> None:  # the write's savepoint rolled back: the state before it stands
+            if before is None:
+                latest.pop(job.id, None)
+            else:
+                latest[job.id] = before
+        tx.after_commit.append(told)
+        tx.undo.append(undone)
         return job
 
     def _count_queued(self, tx: Tx, user_id: str, delta: int) -> None:
         # applied now (later writes in the same batch must see it), undone if the write fails
-        self._queued[user_id] += delta
-        tx.undo.append(lambda: self._queued.subtract({user_id: delta}))
+        def add(n: int) -> None:
+            self._queued[user_id] += n
+            self._queued_total += n
+        add(delta)
+        tx.undo.append(lambda: add(-delta))
 
     def _ended(self, tx: Tx, job: Job) -> None:
         """A job has just ended: past max_stored_per_user, its user's oldest go."""
@@ -403,9 +432,16 @@ class SqliteStore:
         return self.write_async(lambda tx: self.submit_job_in(tx, job, actor, rules))
 
 
-    def submit_job_in(self, tx: Tx, job: Job, actor: str, rules: Rules = _NO_RULES
-                      ) -> tuple[Job, bool]:
-        """``submit_job``'s statements inside a caller's write (``write_async``)."""
+    def submit_job_in(self, tx: Tx, job: Job, actor: str, rules: Rules = _NO_RULES,
+                      start: Start | None = None) -> tuple[Job, bool]:
+        """``submit_job``'s statements inside a caller's write (``write_async``).
+
+        ``start(tx, job)``, asked once the rules admit the job, may take a worker for it
+        at once (the engine's ``start_in``): it returns what to call with the job as
+        started, and the row is written running in the same statement, its ``running``
+        event with it (``start_job``'s change without its second write). The job is
+        returned as queued either way, as the submit left it before its start.
+        """
         description, key = _opt_text(job.description), _opt_text(job.idempotency_key)
         if description is not job.description or key is not job.idempotency_key:
             # only when a lone surrogate was replaced: a copy of a Job costs ~10 µs a submit
@@ -414,20 +450,26 @@ class SqliteStore:
         if found is not None:
             return found, True
         options, metadata = _dumps(job.options), _dumps(job.metadata)
+        started = None if start is None else start(tx, job)
         try:
             seq = tx.run("submit_job", id=job.id, type=job.type, user_id=job.user_id,
                          project_id=job.project_id, priority=job.priority, options=options,
                          metadata=metadata, description=job.description,
                          timeout_s=job.timeout_s, idempotency_key=job.idempotency_key,
                          weight=weight(options, metadata, job.description),
-                         work=rules.work(job)).lastrowid
+                         work=rules.work(job), started=int(started is not None)).lastrowid
         except sqlite3.IntegrityError as e:
             raise from_sqlite(e, self.path, job_id=job.id) from None
-        tx.run("submit_events", seq=seq, actor=_text(actor))
+        tx.run("submit_events", seq=seq, actor=_text(actor), started=int(started is not None))
         stored = dataclasses.replace(job, seq=seq, status=JobStatus.QUEUED, version=tx.now,
                                      created_at=tx.now, updated_at=tx.now)
-        self._count_queued(tx, job.user_id, +1)
-        return self._changed(tx, stored), False
+        if started is None:
+            self._count_queued(tx, job.user_id, +1)
+            return self._changed(tx, stored), False
+        running = dataclasses.replace(stored, status=JobStatus.RUNNING, attempts=1,
+                                      started_at=tx.now, version=tx.now + 1)
+        started(self._changed(tx, running))
+        return stored, False
 
     def start_job(self, job_id: str) -> Job:
         """queued -> running: a new attempt."""
@@ -675,7 +717,7 @@ class SqliteStore:
                     QUERIES["events"], {"seq": job.seq})]
 
     def queued_count(self, user_id: str | None = None) -> int:
-        return self._queued[user_id] if user_id is not None else sum(self._queued.values())
+        return self._queued[user_id] if user_id is not None else self._queued_total
 
     def counts(self) -> dict[str, int]:
         """How many jobs are stored, by status (kept as jobs change: one small read)."""

@@ -249,7 +249,10 @@ def test_an_end_refused_twice_is_retried_until_it_is_recorded(rig: Callable[...,
     assert done.error == "the job's end could not be recorded (the store refused it); see jobd's log"
     assert [e["refusals"] for e in logs if e["event"] == "job_end_refused"] == [1, 2, 3, 4]
     assert not [e for e in logs if e["event"] == "job_finish_failed"]
-    assert r.running() == 0 and r.engine.dispatcher.running_count() == 0
+    # the engine lets the attempt go once the end's commit has come back, just after the
+    # store shows the end
+    assert r.running() == 0
+    wait_for(lambda: r.engine.dispatcher.running_count() == 0, what="the attempt's slot freed")
 
 
 # -- ends that wait for a full disk (issue 7, item 3) -------------------------------------------
@@ -290,7 +293,10 @@ def test_an_end_on_a_full_disk_is_recorded_once_space_returns(
         want = JobStatus.CANCELLED if cancel else JobStatus.COMPLETED
         done = r.wait(job, JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED, timeout=10)
     assert done.status is want, done
-    assert r.engine.live(job) is None and r.engine.dispatcher.running_count() == 0
+    # the engine lets the attempt go once the end's commit has come back, just after the
+    # store shows the end
+    wait_for(lambda: r.engine.live(job) is None and r.engine.dispatcher.running_count() == 0,
+             what="the attempt's context and slot let go")
 
 
 @pytest.mark.root

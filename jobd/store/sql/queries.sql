@@ -69,18 +69,23 @@ WHERE seq = :seq AND status = 'queued'
 RETURNING {job_columns}
 
 -- submit_job --
--- created -> queued: a new job, admitted in the transaction that records it
+-- created -> queued: a new job, admitted in the transaction that records it; with
+-- :started (1), queued -> running too, as start_job would (a worker takes it at once)
 INSERT INTO jobs (id, type, user_id, project_id, status, priority, options, metadata,
                   description, timeout_s, idempotency_key, version, created_at, updated_at,
-                  weight, work)
-VALUES (:id, :type, :user_id, :project_id, 'queued', :priority, :options, :metadata,
-        :description, :timeout_s, :idempotency_key, :now, :now, :now, :weight, :work)
+                  weight, work, started_at, attempts)
+VALUES (:id, :type, :user_id, :project_id,
+        CASE WHEN :started THEN 'running' ELSE 'queued' END, :priority, :options, :metadata,
+        :description, :timeout_s, :idempotency_key, :now + :started, :now, :now, :weight,
+        :work, CASE WHEN :started THEN :now END, :started)
 
 -- submit_events --
--- A new job's first two events: created, then queued
+-- A new job's first events: created, then queued (by :actor), and with :started, running
 INSERT INTO job_events (job, at, status, phase, progress, message, actor)
-VALUES (:seq, :now, 'created', NULL, 0, NULL, :actor),
-       (:seq, :now, 'queued', NULL, 0, NULL, :actor)
+SELECT :seq, :now, status, NULL, 0, NULL, actor
+FROM (SELECT 1 AS n, 'created' AS status, :actor AS actor
+      UNION ALL SELECT 2, 'queued', :actor UNION ALL SELECT 3, 'running', 'jobd')
+WHERE n < 3 OR :started ORDER BY n
 
 -- add_event --
 -- One entry of a job's history: a status or phase change, a cancel request, a retry
