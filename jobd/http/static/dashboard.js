@@ -27,7 +27,7 @@ const $ = (id) => document.getElementById(id);
 const state = {
   admin: false,
   filters: { status: "", type: "", user: "", project: "" },
-  lists: {},       // section name -> {jobs, cursor, shown}
+  lists: {},       // section name -> {jobs, cursor}
   job: null,       // the job page's job
   stream: null,    // AbortController of the job page's stream
   logOffset: 0,
@@ -175,7 +175,7 @@ function listParams(spec) {
 }
 
 async function loadList(name, spec, more) {
-  const list = state.lists[name] || (state.lists[name] = { jobs: [], cursor: null, shown: PAGE[name] });
+  const list = state.lists[name] || (state.lists[name] = { jobs: [], cursor: null });
   if (more) {
     const page = await api(`api/jobs?${query({ ...listParams(spec), limit: PAGE[name], cursor: list.cursor })}`);
     list.jobs = list.jobs.concat(page.jobs);
@@ -456,6 +456,8 @@ function route() {
 
 async function show() {
   stopStream();
+  // the page shown now is loaded here; the next poll is timed when that is done
+  clearTimeout(state.pollTimer);
   state.page += 1;
   const signedIn = Boolean(token());
   $("sign-in").hidden = signedIn;
