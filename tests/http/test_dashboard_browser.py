@@ -135,6 +135,12 @@ def test_a_user_signs_in_watches_a_job_move_and_cancels_it(
     until(browser, lambda: progress_of(browser.find_element(By.CSS_SELECTOR, bar)) > first,
           "the running job's bar moving")
     assert "page " in (text(browser, f"{row} .message") or "")
+    unnamed = browser.execute_script("""
+        return [...document.querySelectorAll('input, select, progress, button')]
+            .filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label')
+                         && !e.textContent.trim())
+            .map(e => e.outerHTML)""")
+    assert unnamed == [], f"controls without a name for a screen reader: {unnamed}"
 
     # its page: live progress from the stream, the log followed while it runs
     browser.find_element(By.CSS_SELECTOR, f"{row} a.job-link").click()
