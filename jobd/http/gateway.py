@@ -24,6 +24,7 @@ from fastapi import FastAPI, Header, HTTPException
 
 from jobd import logs
 from jobd.config import ConfigError, Http, load
+from jobd.http import dashboard
 from jobd.http.api import Principal, metrics_router, router
 
 __all__ = ["Gateway", "TokenCheck", "app", "main", "metrics_app", "serve"]
@@ -163,6 +164,7 @@ def app(gateway: Gateway, **router_options: Any) -> FastAPI:
     web = FastAPI(title="jobd", docs_url=None, redoc_url=None)
     web.include_router(router(principal=gateway.check, socket=gateway.socket,
                               **router_options))
+    web.include_router(dashboard.router())
     return web
 
 
