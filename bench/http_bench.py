@@ -99,7 +99,8 @@ def main() -> int:
         import httpx
         import jwt
     except ImportError as e:
-        raise BenchError(f"{e.name} is not installed: pip install -e '.[http]'") from None
+        raise BenchError(f"{e.name} is not installed: pip install -e '.[http]' -r "
+                         "bench/requirements.txt") from None
     warmup = min(200, args.requests)
     root = workdir(args.keep)
     (root / "jwt.secret").write_bytes(SECRET)
