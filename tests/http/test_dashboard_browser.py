@@ -176,6 +176,32 @@ def test_a_user_signs_in_watches_a_job_move_and_cancels_it(
     assert kept not in browser.current_url
 
 
+def test_an_older_state_of_the_job_never_replaces_a_newer_one(
+        gateway: Gateway, browser: WebDriver) -> None:
+    """The cancel's answer and the stream's events race: when the job's end came first on
+    the stream, the answer's older state (running, cancelling) must not show after it (a
+    run under load once left a cancelled job showing "running" for good)."""
+    alice = bearer("alice")
+    job = httpx.post(gateway.url + "/api/jobs", json={"type": "crawl"}, headers=alice).json()
+    httpx.delete(f"{gateway.url}/api/jobs/{job['id']}", headers=alice)
+    ended = httpx.get(f"{gateway.url}/api/jobs/{job['id']}", headers=alice).json()
+    for _ in range(100):
+        if ended["status"] == "cancelled":
+            break
+        time.sleep(0.05)
+        ended = httpx.get(f"{gateway.url}/api/jobs/{job['id']}", headers=alice).json()
+    assert ended["status"] == "cancelled", ended
+    sign_in(browser, gateway.url, "alice")
+    browser.get(f"{gateway.url}/#/jobs/{job['id']}")
+    status = browser.find_element(By.ID, "job-status")
+    until(browser, lambda: status.text == "cancelled", "the cancelled job's page")
+    stale = dict(ended, status="running", cancel_requested=True, completed_at=None,
+                 version=ended["version"] - 1)
+    browser.execute_script("renderJob(arguments[0])", stale)  # as a late cancel answer would
+    assert status.text == "cancelled"
+    assert browser.find_element(By.ID, "job-retry").is_displayed()
+
+
 def test_the_page_fits_a_360_pixel_screen(gateway: Gateway, browser: WebDriver) -> None:
     alice = bearer("alice")
     # long unbroken names and messages are what push a narrow page wide

@@ -274,6 +274,10 @@ async function adminAction(path, body) {
 // ---- the job page ---------------------------------------------------------------------
 
 function renderJob(job) {
+  // the answers to this page's calls and the stream's events race: an older state of the
+  // job (a cancel's answer arriving after the end it led to) never replaces a newer one
+  const shown = state.job;
+  if (shown && shown.id === job.id && job.version < shown.version) return;
   state.job = job;
   $("job-title").textContent = `Job ${job.id}`;
   const badge = statusBadge(job);
