@@ -29,7 +29,8 @@ from jobd import errors
 from jobd.client import AsyncClient, AsyncClientPool, JobdError
 from jobd.models import TERMINAL
 
-__all__ = ["Principal", "SCRAPER", "error_body", "metrics_router", "router", "snake_keys"]
+__all__ = ["Principal", "SCRAPER", "error_body", "failure", "metrics_router", "router",
+           "snake_keys"]
 
 log = structlog.get_logger()
 
@@ -97,7 +98,7 @@ def _public(e: Exception) -> JobdError:
     return e
 
 
-def _failure(e: Exception) -> JSONResponse:
+def failure(e: Exception) -> JSONResponse:
     """The HTTP answer for what went wrong in an endpoint or while reading its input."""
     error = _public(e)
     headers = e.headers if isinstance(e, HTTPException) else None
@@ -125,13 +126,28 @@ def _invalid(problems: Any) -> errors.InvalidParams:
 
 async def _bounded(request: Request) -> None:
     """Refuse a body over MAX_BODY_BYTES before it is parsed, or sent to jobd (whose
-    answer to an overlong line is to close the connection)."""
+    answer to an overlong line is to close the connection). A body without a
+    Content-Length (chunked) is read only up to the bound: nobody, signed in or not,
+    makes the gateway hold more."""
     length = request.headers.get("content-length", "")
-    size = int(length) if length.isdigit() else len(await request.body())
-    if size > MAX_BODY_BYTES:
-        raise HTTPException(413, f"the request body is {size} bytes; the most taken is "
-                                 f"{MAX_BODY_BYTES} (options ≤ 16 KiB, metadata ≤ 64 KiB, "
-                                 "description ≤ 1 KiB)")
+    if length.isdigit():
+        if int(length) > MAX_BODY_BYTES:
+            raise _too_large(f"is {int(length)} bytes")
+        return
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise _too_large(f"goes past {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    # Starlette keeps a body it read here: the route's own reading gets it from there
+    request._body = b"".join(chunks)
+
+
+def _too_large(how: str) -> HTTPException:
+    return HTTPException(413, f"the request body {how}; the most taken is {MAX_BODY_BYTES} "
+                              "bytes (options ≤ 16 KiB, metadata ≤ 64 KiB, "
+                              "description ≤ 1 KiB)")
 
 
 class _ShapedRoute(APIRoute):
@@ -151,7 +167,7 @@ class _ShapedRoute(APIRoute):
                 return await handler(request)
             except (JobdError, RequestValidationError, pydantic.ValidationError,
                     HTTPException) as e:
-                return _failure(e)
+                return failure(e)
 
         return shaped
 
@@ -350,7 +366,7 @@ def router(principal: Callable[..., Any], socket: str | None = None, pool_size: 
         data = _body(_SyncBody, body)
         job = await jobd.call(who, "jobs.submit", type="sync", project_id=data.project_id,
                               options=_options(data.options), idempotency_key=idempotency_key)
-        response.headers["Location"] = request.url_for("get_job", job_id=job["id"]).path
+        response.headers["Location"] = request.url_for("jobd_get_job", job_id=job["id"]).path
         return {"jobId": job["id"], "status": job["status"],
                 "deduplicated": job["deduplicated"]}
 
@@ -371,7 +387,8 @@ def router(principal: Callable[..., Any], socket: str | None = None, pool_size: 
     async def status(job_id: str, who: Principal = Who) -> dict[str, Any]:
         return _status(await jobd.call(who, "jobs.get", job_id=job_id))
 
-    @r.get("/api/jobs/{job_id}")
+    # a name only jobd's router uses: url_for looks names up across the host's whole app
+    @r.get("/api/jobs/{job_id}", name="jobd_get_job")
     async def get_job(job_id: str, who: Principal = Who) -> dict[str, Any]:
         job = await jobd.call(who, "jobs.get", job_id=job_id)
         return {**job, "progress_percentage": job["progress"]}
@@ -406,8 +423,9 @@ def router(principal: Callable[..., Any], socket: str | None = None, pool_size: 
             client = await hold.enter_async_context(jobd.own(who))
             # the first answer comes before the response starts: an unknown or foreign
             # job is a 404 or 403, not a stream that says so
+            # at once, also when resuming: the headers go out now, not after a long poll
             job = await client.call("jobs.wait", job_id=job_id, after_version=last,
-                                    timeout_s=None if last is None else heartbeat_s)
+                                    timeout_s=None if last is None else 0)
         except BaseException:
             await hold.aclose()
             raise

@@ -20,17 +20,22 @@ import jwt
 import uvicorn
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
-from fastapi import FastAPI, Header, HTTPException
+from fastapi import FastAPI, Header, HTTPException, Request, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jobd import logs
 from jobd.config import ConfigError, Http, load
 from jobd.http import dashboard
-from jobd.http.api import Principal, metrics_router, router
+from jobd.auth import check_id
+from jobd.errors import InvalidParams
+from jobd.http.api import Principal, failure, metrics_router, router
 
 __all__ = ["Gateway", "TokenCheck", "app", "main", "metrics_app", "serve"]
 
 #: how far a token's exp and nbf may be off the gateway's clock
 LEEWAY_S = 30
+#: how long a stop waits for open requests (streams) before closing them
+STOP_GRACE_S = 5
 #: RFC 7518 §3.2: an HS256 key must be at least as long as the hash
 _MIN_SECRET_BYTES = 32
 
@@ -64,6 +69,10 @@ class TokenCheck:
         user = claims.get(self.user_claim)
         if not isinstance(user, str) or not user:
             raise _refused(f"the bearer token has no {self.user_claim!r} claim naming the user")
+        try:
+            check_id(user, self.user_claim)
+        except InvalidParams as e:  # a token naming nobody jobd could know is no sign-in
+            raise _refused(f"the bearer token's {e.message}") from None
         name, value = self.admin_claim
         held = claims.get(name)
         admin = held == value or (isinstance(held, list) and value in held)
@@ -159,18 +168,25 @@ def _listen(listen: str, what: str = "listen") -> tuple[str, int]:
 
 
 def app(gateway: Gateway, **router_options: Any) -> FastAPI:
-    """The gateway's FastAPI app: the router behind its token check."""
-    # no /docs or /redoc: FastAPI's pages load their scripts from a CDN
-    web = FastAPI(title="jobd", docs_url=None, redoc_url=None)
+    """The gateway's FastAPI app: the router behind its token check. Being all of the
+    app, it answers a URL or method it does not serve in the one error shape too."""
+    # no /docs or /redoc: FastAPI's pages load their scripts from a CDN; no schema either
+    web = FastAPI(title="jobd", docs_url=None, redoc_url=None, openapi_url=None)
+    web.add_exception_handler(StarletteHTTPException, _shaped)
     web.include_router(router(principal=gateway.check, socket=gateway.socket,
                               **router_options))
     web.include_router(dashboard.router())
     return web
 
 
+async def _shaped(request: Request, e: Exception) -> Response:
+    return failure(e)
+
+
 def metrics_app(gateway: Gateway) -> FastAPI:
     """The app of the metrics address: ``GET /metrics`` and nothing else."""
     web = FastAPI(title="jobd metrics", docs_url=None, redoc_url=None, openapi_url=None)
+    web.add_exception_handler(StarletteHTTPException, _shaped)
     web.include_router(metrics_router(socket=gateway.socket))
     return web
 
@@ -178,8 +194,11 @@ def metrics_app(gateway: Gateway) -> FastAPI:
 async def serve(gateway: Gateway, log_level: str) -> None:
     """Run uvicorn on the main address, and on the metrics address if there is one, until
     a signal stops them (each server traps SIGTERM/SIGINT; one stopping stops all)."""
+    # open streams end with their job, which may be never: a stop waits for them
+    # STOP_GRACE_S at most (a browser then resumes its stream with Last-Event-ID)
     servers = [uvicorn.Server(uvicorn.Config(web, host=host, port=port, log_config=None,
-                                             log_level=log_level))
+                                             log_level=log_level,
+                                             timeout_graceful_shutdown=STOP_GRACE_S))
                for web, (host, port) in [(app(gateway), (gateway.host, gateway.port)),
                                          *([(metrics_app(gateway), gateway.metrics)]
                                            if gateway.metrics else [])]]

@@ -6,6 +6,7 @@ real uvicorn; only the login dependency is overridden."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -322,6 +323,28 @@ def test_a_body_past_the_limit_is_413_before_it_reaches_jobd(web: httpx.Client) 
         "field"] == "metadata"
 
 
+def test_a_chunked_body_is_read_no_further_than_the_limit() -> None:
+    """Without a Content-Length, the gateway stops reading at the bound, whoever sends it
+    (it once read a body of any size before counting it)."""
+    from starlette.exceptions import HTTPException
+    from starlette.requests import Request
+
+    from jobd.http.api import MAX_BODY_BYTES, _bounded
+    sent = 0
+
+    async def receive() -> dict[str, Any]:  # a body of 6.4 MB, 64 KiB a message
+        nonlocal sent
+        sent += 1
+        return {"type": "http.request", "body": b"x" * 65536, "more_body": sent < 100}
+
+    request = Request({"type": "http", "method": "POST", "path": "/api/jobs",
+                       "headers": []}, receive)
+    with pytest.raises(HTTPException) as refused:
+        asyncio.run(_bounded(request))
+    assert refused.value.status_code == 413
+    assert sent == MAX_BODY_BYTES // 65536 + 1
+
+
 def test_jobd_stopped_is_503(make_daemon: Callable[..., Daemon]) -> None:
     d = make_daemon(config=WEB_CONFIG, env=WEB_ENV)
     with Served(web_app(d.socket)) as server, httpx.Client(base_url=server.url) as web:
@@ -371,6 +394,11 @@ def test_mounted_under_a_prefix_the_location_names_the_prefixed_path(
         daemon: Daemon, project: Callable[[str, str], str]) -> None:
     name = project("alice", "prefixed")
     app = FastAPI()
+
+    @app.get("/cidx/repos/{job_id}")  # the host's own route of the same name and parameter
+    def get_job(job_id: str) -> dict[str, str]:
+        return {"repo": job_id}
+
     app.include_router(jobd.http.router(principal=served.cidx_login, socket=str(daemon.socket)),
                        prefix="/jobd")
     app.dependency_overrides[served.cidx_login] = served.header_login

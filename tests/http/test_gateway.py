@@ -139,6 +139,8 @@ BAD_TOKENS: dict[str, Callable[[], str | None]] = {
     "wrong-alg": lambda: _hs256(claims(), alg="HS512"),
     "no-user": lambda: _hs256({"exp": now() + 300, "sub": "alice"}),
     "empty-user": lambda: _hs256(claims(username="")),
+    "not-an-id": lambda: _hs256(claims(username=" alice")),
+    "id-too-long": lambda: _hs256(claims(username="a" * 256)),
 }
 
 
@@ -278,3 +280,52 @@ def test_metrics_are_for_admins_and_for_anyone_on_the_metrics_address(
     # SIGTERM stopped both servers gracefully (uvicorn then re-raises it: -15)
     assert g.proc is not None and g.proc.returncode in (0, -15)
     assert g.stderr.read_text().count("Application shutdown complete.") == 2
+
+
+def test_a_url_or_method_it_does_not_serve_is_answered_in_the_one_error_shape(
+        hs256: str) -> None:
+    for method, path, status in (("GET", "/api/nope", 404), ("PUT", "/api/jobs", 405),
+                                 ("GET", "/openapi.json", 404)):
+        response = httpx.request(method, hs256 + path)
+        assert response.status_code == status, (method, path, response.text)
+        assert set(response.json()) == {"error"} and response.json()["error"]["message"]
+
+
+def test_a_stop_waits_for_open_streams_only_a_few_seconds(daemon: Daemon,
+                                                          tmp_path: Path) -> None:
+    """A stream ends with its job, which may be never (dispatch paused): a SIGTERM must
+    still stop jobd-http (it once waited for the job's end)."""
+    import signal
+    import threading
+
+    from jobd.http.gateway import STOP_GRACE_S
+    (tmp_path / "secret").write_bytes(SECRET)
+    (tmp_path / "empty.toml").write_text("")
+    admin = bearer(jwt.encode(claims(role="admin"), SECRET, algorithm="HS256"))
+    with Gateway(tmp_path, "--config", str(tmp_path / "empty.toml"), "--socket",
+                 str(daemon.socket), "--jwt-secret-file", str(tmp_path / "secret")) as g:
+        assert httpx.post(f"{g.url}/api/admin/pause", headers=admin).status_code == 200
+        try:
+            job = httpx.post(f"{g.url}/api/jobs", json={"type": "steps"}, headers=admin).json()
+            opened = threading.Event()
+
+            def follow() -> None:
+                try:
+                    with httpx.stream("GET", f"{g.url}/api/jobs/{job['id']}/stream",
+                                      headers=admin, timeout=60) as stream:
+                        opened.set()
+                        for _ in stream.iter_lines():
+                            pass
+                except httpx.HTTPError:
+                    pass
+            reader = threading.Thread(target=follow, daemon=True)
+            reader.start()
+            assert opened.wait(10), "the stream did not open"
+            assert g.proc is not None
+            started = time.monotonic()
+            g.proc.send_signal(signal.SIGTERM)
+            g.proc.wait(STOP_GRACE_S + 10)
+            assert time.monotonic() - started < STOP_GRACE_S + 5
+        finally:
+            daemon.raw("admin.resume")
+            daemon.raw("jobs.cancel", job_id=job["id"])

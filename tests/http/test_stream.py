@@ -5,6 +5,7 @@ poll through a real uvicorn — rising progress, the job's end as the last event
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -99,6 +100,27 @@ def test_a_job_that_does_not_change_gets_heartbeats(web: httpx.Client) -> None:
     finally:
         web.post("/api/admin/resume", headers=admin)
     web.delete(f"/api/jobs/{job['id']}", headers=ALICE)
+
+
+def test_a_resumed_stream_of_an_unchanged_job_starts_at_once(daemon: Daemon) -> None:
+    """Its headers and a first heartbeat go out now, not after a long poll of the
+    heartbeat's length (a proxy, or the user, saw nothing for 15 s)."""
+    admin = as_user("ada", admin=True)
+    with Served(web_app(daemon.socket, heartbeat_s=5)) as server, \
+            httpx.Client(base_url=server.url, timeout=30) as web:
+        web.post("/api/admin/pause", headers=admin)
+        try:
+            job = web.post("/api/jobs", json={"type": "steps"}, headers=ALICE).json()
+            started = time.monotonic()
+            with web.stream("GET", f"/api/jobs/{job['id']}/stream",
+                            headers={**ALICE, "Last-Event-ID": str(job["version"])}) as r:
+                assert r.status_code == 200
+                first = next(iter(events(r)))
+                took = time.monotonic() - started
+            assert first.get("comment") == "heartbeat" and took < 2, (first, took)
+        finally:
+            web.post("/api/admin/resume", headers=admin)
+            web.delete(f"/api/jobs/{job['id']}", headers=ALICE)
 
 
 def test_a_stream_of_an_unknown_or_foreign_job_is_an_error_not_a_stream(
