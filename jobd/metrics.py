@@ -100,7 +100,7 @@ class Metrics:
             self._submitted[name] += 1
 
     def started(self, type: str, waited_s: float) -> None:
-        """An attempt started after waiting ``waited_s`` in the queue."""
+        """A job's first attempt started ``waited_s`` after its submit."""
         self._observe(self._waited, self._type(type), waited_s)
 
     def finished(self, type: str, status: str, ran_s: float | None) -> None:
@@ -160,7 +160,7 @@ class Metrics:
                        for (t, s), n in sorted(self._finished.items()))
             for name, table, help in (
                     ("jobd_job_queue_wait_seconds", self._waited,
-                     "Time a job waited in the queue before an attempt started."),
+                     "Time from a job's submit to its first start."),
                     ("jobd_job_run_seconds", self._ran, "Run time of ended jobs.")):
                 family(name, "histogram", help)
                 for t, hist in sorted(table.items()):
