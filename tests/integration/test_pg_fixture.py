@@ -112,11 +112,14 @@ def test_a_server_stops_by_its_pid_and_leaves_nothing_behind() -> None:
     bindir = pg.find_bindir()
     if bindir is None:
         pg.unavailable("no PostgreSQL server binaries")
-    server = pg.PostgresServer(bindir).start()
-    assert server.pid is not None
-    pid = server.pid
-    assert Path(f"/proc/{pid}/exe").resolve() == (bindir / "postgres").resolve()
-    server.stop()
+    server = pg.PostgresServer(bindir)
+    try:
+        server.start()
+        assert server.pid is not None
+        pid = server.pid
+        assert Path(f"/proc/{pid}/exe").resolve() == (bindir / "postgres").resolve()
+    finally:
+        server.stop()
     assert not Path(f"/proc/{pid}").exists() or \
         Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     assert not server.root.exists()
