@@ -48,7 +48,6 @@ class Entry:
         return (self.id, self.number)
 
 
-
 def _repository(job: Job) -> str | None:
     """The work tree an exclusive job acts on: its ``repo_path`` as ``validate`` resolved
     it; a job queued before paths were stored waits on its (user, project) instead."""

@@ -192,6 +192,27 @@ def fill(disk: Path) -> Path:
     return filler
 
 
+@pytest.fixture(scope="session")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel ``pip wheel`` builds from the checkout's files as a fresh clone has them
+    (no build or egg-info leftovers, which would let setuptools find files the packaging
+    itself does not name); built once for every test of what it ships."""
+    import shutil
+    root = Path(__file__).resolve().parent.parent
+    work = tmp_path_factory.mktemp("wheel")
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=root,
+                            check=True, capture_output=True, text=True).stdout.split()
+    for name in listed:
+        if (root / name).is_file():
+            (work / "src" / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(root / name, work / "src" / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w",
+                    str(work / "dist"), str(work / "src")], check=True, capture_output=True,
+                   timeout=300)
+    built, = (work / "dist").glob("jobd-*.whl")
+    return built
+
+
 #: the interpreter for a process run as another uid: the venv's base Python, which lies
 #: outside the checkout (a venv inside a clone under /root is not another uid's to enter);
 #: what it imports of jobd comes from ``readable_jobd``

@@ -61,6 +61,15 @@ roles = ["user", "service", "admin"]
 WEB_ENV = {"FAKE_CIDX_DELAY": "0.03"}
 
 
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A jobd for the web (``WEB_CONFIG``), one per test module that imports this fixture."""
+    from conftest import Daemon
+    d = Daemon(tmp_path_factory.mktemp("jobd"), WEB_CONFIG, WEB_ENV).start()
+    yield d
+    assert d.stop() == 0
+
+
 def cidx_login() -> jobd.http.Principal:
     """The web server's own login dependency: here nobody is logged in until a test
     overrides it."""

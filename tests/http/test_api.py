@@ -16,6 +16,7 @@ import pytest
 
 import served
 from served import Served, WEB_CONFIG, WEB_ENV, as_user, web_app
+from served import daemon  # noqa: F401 - the fixture: a jobd for this module
 
 import httpx  # noqa: E402  (after served: skips without the http extra)
 from fastapi import FastAPI  # noqa: E402
@@ -26,13 +27,6 @@ from conftest import Daemon, clone, make_upstream, wait_for  # noqa: E402
 
 ALICE, BOB, ADMIN = as_user("alice"), as_user("bob"), as_user("ada", admin=True)
 ERROR_KEYS = {"code", "message", "field", "jobId"}
-
-
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    d = Daemon(tmp_path_factory.mktemp("jobd"), WEB_CONFIG, WEB_ENV).start()
-    yield d
-    assert d.stop() == 0
 
 
 @pytest.fixture(scope="module")

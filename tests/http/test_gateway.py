@@ -18,7 +18,8 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from served import Gateway, WEB_CONFIG, WEB_ENV
+from served import Gateway
+from served import daemon  # noqa: F401 - the fixture: a jobd for this module
 
 import httpx  # noqa: E402  (after served: skips without the http extra)
 import jwt  # noqa: E402
@@ -54,13 +55,6 @@ def hs256_with(key: bytes, payload: dict[str, Any]) -> str:
 
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
-
-
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    d = Daemon(tmp_path_factory.mktemp("jobd"), WEB_CONFIG, WEB_ENV).start()
-    yield d
-    assert d.stop() == 0
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from served import Served, WEB_CONFIG, WEB_ENV, as_user, events, web_app
+from served import daemon  # noqa: F401 - the fixture: a jobd for this module
 
 import httpx  # noqa: E402  (after served: skips without the http extra)
 
@@ -20,13 +21,6 @@ from conftest import Daemon, clone, make_upstream  # noqa: E402
 ALICE = as_user("alice")
 #: short, so that a test sees heartbeats without waiting 15 s
 HEARTBEAT_S = 0.1
-
-
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    d = Daemon(tmp_path_factory.mktemp("jobd"), WEB_CONFIG, WEB_ENV).start()
-    yield d
-    assert d.stop() == 0
 
 
 @pytest.fixture(scope="module")
