@@ -226,6 +226,37 @@ def test_the_page_fits_a_360_pixel_screen(gateway: Gateway, browser: WebDriver) 
     httpx.delete(f"{gateway.url}/api/jobs/{job['id']}", headers=alice)
 
 
+
+def test_signing_in_while_jobd_is_down_keeps_the_token_and_the_page_recovers(
+        browser: WebDriver, tmp_path: Path) -> None:
+    """jobd restarting behind the gateway (503) is no reason to sign out: the token stays,
+    the page says what is wrong, and once jobd answers the overview and the admin's
+    controls come back on their own (they used to stay hidden until a reload)."""
+    from conftest import Daemon
+    from test_dashboard import DASHBOARD_CONFIG, SECRET
+    from served import WEB_ENV
+    down = Daemon(tmp_path / "jobd", DASHBOARD_CONFIG, WEB_ENV)  # not started yet
+    (tmp_path / "secret").write_bytes(SECRET + b"\n")
+    (tmp_path / "empty.toml").write_text("")
+    with Gateway(tmp_path, "--config", str(tmp_path / "empty.toml"), "--socket",
+                 str(down.socket), "--jwt-secret-file", str(tmp_path / "secret"),
+                 "--algorithm", "HS256") as gateway:
+        sign_in(browser, gateway.url, "root", admin=True)
+        notice = browser.find_element(By.ID, "notice")
+        until(browser, lambda: notice.is_displayed() and notice.text, "why nothing loads")
+        assert browser.execute_script("return sessionStorage.getItem('jobd.token')"), \
+            "signed out because jobd was down"
+        assert browser.find_element(By.ID, "who").is_displayed()
+        assert not browser.find_element(By.ID, "admin").is_displayed()
+        down.start()
+        try:
+            until(browser, lambda: browser.find_element(By.ID, "admin").is_displayed(),
+                  "the admin's controls once jobd answers", timeout=15)
+            until(browser, lambda: not notice.is_displayed(), "the notice cleared")
+            assert "(admin)" in browser.find_element(By.ID, "who").text
+        finally:
+            assert down.stop() == 0
+
 @full
 def test_an_admin_pauses_dispatch_sees_why_a_job_waits_and_filters_by_user(
         gateway: Gateway, browser: WebDriver) -> None:

@@ -25,7 +25,7 @@ const WAIT_REASONS = {
 const $ = (id) => document.getElementById(id);
 
 const state = {
-  admin: false,
+  admin: null,     // whether the admin endpoint answers this token; null: not known yet
   filters: { status: "", type: "", user: "", project: "" },
   lists: {},       // section name -> {jobs, cursor}
   job: null,       // the job page's job
@@ -230,7 +230,8 @@ async function pollOverview() {
 
 // ---- admin ----------------------------------------------------------------------------
 
-// an admin is whoever the admin endpoint answers; everyone else never sees the controls
+// an admin is whoever the admin endpoint answers; everyone else never sees the controls.
+// Any other failure (jobd restarting: 503) leaves it unknown, and the next poll asks again.
 async function probeAdmin() {
   try {
     await loadAdmin();
@@ -241,6 +242,7 @@ async function probeAdmin() {
   }
   $("admin").hidden = !state.admin;
   $("f-user-field").hidden = !state.admin;
+  if (token()) $("who").textContent = signedInAs(token());
 }
 
 // the counts and switches; while in maintenance also its reason and whether it drained
@@ -501,7 +503,8 @@ async function poll() {
   if (state.polling) return;
   state.polling = true;
   try {
-    if (state.admin) await loadAdmin();
+    if (state.admin === null) await probeAdmin();
+    else if (state.admin) await loadAdmin();
     if (route().page === "job") await pollJob();
     else await pollOverview();
     // a poll that works again clears what the failed one said
@@ -518,17 +521,20 @@ async function poll() {
 
 async function signIn(value) {
   sessionStorage.setItem(TOKEN_KEY, value);
+  state.admin = null;
   try {
     await api("api/jobs?limit=1");
     await probeAdmin();
     notify("");
-    $("who").textContent = signedInAs(value);
-    $("who").hidden = false;
   } catch (error) {
-    if (token()) signOut(error.message);
-    else notify(error.message, "error");
-    return;
+    // refused (401): api() has signed out and said why
+    if (!token()) return;
+    // jobd or the gateway is unavailable: the token stays, and the polls try again
+    report(error);
+    state.pollFailed = true;
   }
+  $("who").textContent = signedInAs(value);
+  $("who").hidden = false;
   await show();
 }
 
@@ -545,7 +551,7 @@ function signedInAs(value) {
 
 function signOut(why) {
   sessionStorage.removeItem(TOKEN_KEY);
-  state.admin = false;
+  state.admin = null;
   state.lists = {};
   stopStream();
   clearTimeout(state.pollTimer);
@@ -600,12 +606,13 @@ function wire() {
 async function start() {
   wire();
   if (token()) {
+    $("who").textContent = signedInAs(token());
+    $("who").hidden = false;
     try {
       await probeAdmin();
-      $("who").textContent = signedInAs(token());
-      $("who").hidden = false;
     } catch (error) {
       report(error);
+      state.pollFailed = true;
     }
   }
   await show();
