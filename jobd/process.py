@@ -59,6 +59,8 @@ class Completed:
     supervisor_died: bool = False
     #: the object of its last ``{"result": {...}}`` line on stdout or the progress pipe
     result: dict[str, Any] | None = None
+    #: the supervisor killed everything because the node's lease was not extended in time
+    expired: bool = False
 
 
 def _signal_group(pgid: int, sig: int) -> None:
@@ -91,6 +93,7 @@ class _Child:
         self.first: list[str] | None = None  #: its first report: started or error
         self.ctl_open = True
         self.status: int | None = None  #: the program's exit code, as the supervisor saw it
+        self.expired = False  #: the supervisor's deadline passed (``run``'s ``lease``)
         self.pgid = self.start = 0
         self.sel = selectors.DefaultSelector()
         for fd in self.open:
@@ -125,13 +128,18 @@ class _Child:
         return self.proc.poll() is not None
 
     def supervise(self, stop: threading.Event, deadline: float | None, grace: float,
-                  on_timeout: Callable[[], None] | None = None) -> tuple[bool, bool]:
+                  on_timeout: Callable[[], None] | None = None,
+                  lease: Callable[[], float | None] | None = None) -> tuple[bool, bool]:
         """Read output until the supervisor exits; (cancelled, timed_out)."""
         cancelled = timed_out = False
         # the supervisor SIGKILLs after the grace itself; this is for one that cannot
         kill_at: float | None = None
+        held: float | None = None  # the lease's end the supervisor was last told
         while not self.exited():
             now = time.monotonic()
+            if lease is not None and (until := lease()) is not None and until != held:
+                held = until
+                self.tell(f"deadline {max(0.0, until - now):.3f}\n".encode())
             if kill_at is None:
                 cancelled = stop.is_set()
                 timed_out = not cancelled and deadline is not None and now >= deadline
@@ -182,6 +190,9 @@ class _Child:
                 self.status = int(values[0])
             elif word == "killed":  # the grace passed: SIGKILL for what was left
                 _log.info("process_group_killed", pgid=self.pgid, processes=int(values[0]))
+            elif word == "expired":
+                self.expired = True
+                _log.warning("process_group_killed_lease_lapsed", pgid=self.pgid)
 
     def read(self, fd: int) -> None:
         try:
@@ -285,6 +296,7 @@ def run(argv: Sequence[str], *, cwd: str | Path | None, env: Mapping[str, str] |
         on_progress: Callable[[float | None, str | None], None] | None = None,
         on_spawn: Callable[[int, int], None] | None = None,
         on_timeout: Callable[[], None] | None = None,
+        lease: Callable[[], float | None] | None = None,
         capture: bool = False) -> Completed:
     """Run ``argv`` under a per-job supervisor, in its own session and process group.
 
@@ -297,7 +309,11 @@ def run(argv: Sequence[str], *, cwd: str | Path | None, env: Mapping[str, str] |
     SIGKILL after ``grace`` seconds. When the program exits, every process it left
     behind is killed and reaped, wherever it moved (``jobd.supervise``).
     ``on_spawn(pgid, start_time)`` is called once the program started, ``on_timeout()``
-    when the deadline passed, before the SIGTERM. A missing
+    when the deadline passed, before the SIGTERM. ``lease()``, asked every tick, is the
+    ``time.monotonic()`` until which the node's lease holds (None: not yet known); the
+    supervisor is told each new one and kills every process of the program if that time
+    passes first, on its own, so it also happens while this process is frozen
+    (``Completed.expired``). A missing
     program raises FileNotFoundError naming it; another failure to start it, OSError.
     """
     args = tuple(argv)
@@ -337,7 +353,7 @@ def run(argv: Sequence[str], *, cwd: str | Path | None, env: Mapping[str, str] |
             raise OSError(e.errno, e.strerror, args[0]) from None
         if on_spawn is not None:
             on_spawn(pgid, start)
-        cancelled, timed_out = child.supervise(stop, deadline, grace, on_timeout)
+        cancelled, timed_out = child.supervise(stop, deadline, grace, on_timeout, lease)
         returncode = child.finish()
     except BaseException:
         if child.proc.returncode is None:
@@ -348,4 +364,5 @@ def run(argv: Sequence[str], *, cwd: str | Path | None, env: Mapping[str, str] |
         forget_supervisor(child.proc)
     return Completed(argv=args, returncode=returncode, cancelled=cancelled,
                      timed_out=timed_out, stdout=child.stdout(),
-                     supervisor_died=child.status is None, result=child.result)
+                     supervisor_died=child.status is None, result=child.result,
+                     expired=child.expired)

@@ -13,12 +13,16 @@ imports nothing from jobd (so it starts in a few milliseconds) and:
   program's exit status and exits: nothing a job started outlives it (SPEC §5).
 
 Control socket (``CTL_FD``), one line per message. From jobd: ``term`` — SIGTERM to
-every descendant, SIGKILL after ``GRACE`` seconds (cancel, timeout, shutdown). End of
-file from jobd, or SIGHUP (the parent-death signal, so also after ``kill -9`` of jobd):
-SIGKILL everything at once. To jobd: ``started PID START`` (the program's pid, which
-is its process group, and its start time in clock ticks since boot), ``error ERRNO``
-(the program could not be started), ``killed N`` (the grace passed: N processes got
-SIGKILL), ``exit CODE`` (negative: killed by that signal).
+every descendant, SIGKILL after ``GRACE`` seconds (cancel, timeout, shutdown);
+``deadline SECONDS`` — unless another ``deadline`` comes within SECONDS, SIGKILL
+everything (a cluster node extends it at each heartbeat that renewed its lease, so the
+processes of a node that froze or lost the database stop before another node may take
+the job over, SPEC §11). End of file from jobd, or SIGHUP (the parent-death signal, so
+also after ``kill -9`` of jobd): SIGKILL everything at once. To jobd: ``started PID
+START`` (the program's pid, which is its process group, and its start time in clock
+ticks since boot), ``error ERRNO`` (the program could not be started), ``killed N``
+(the grace passed: N processes got SIGKILL), ``expired`` (the deadline passed: everything
+is being killed), ``exit CODE`` (negative: killed by that signal).
 
 jobd imports ``stat`` and ``descendants`` from here, so /proc is parsed in one place,
 and ``SCRIPT``, by which it starts the supervisor and tells its processes after a crash.
@@ -100,6 +104,8 @@ class Supervisor:
         self.status: int | None = None  #: the program's exit code, once reaped
         self.kill_at: float | None = None  #: SIGKILL everything then (after a term)
         self.gone = False  #: jobd is gone (or gave up): kill everything now
+        self.expires_at: float | None = None  #: jobd's last deadline: gone past it
+        self.told = b""  #: jobd's unfinished last line
         self.killed = False  #: the grace passed and SIGKILL went out
         self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w)
@@ -178,8 +184,14 @@ class Supervisor:
             data = b""
         if not data:
             self.gone = True
-        elif b"term" in data:
-            self.term()
+            return
+        *lines, self.told = (self.told + data).split(b"\n")
+        for line in lines:
+            word, _, value = line.partition(b" ")
+            if word == b"term":
+                self.term()
+            elif word == b"deadline":
+                self.expires_at = time.monotonic() + float(value)
 
     def wait(self) -> None:
         """Until the program exits or jobd is gone, reaping orphans and acting on messages."""
@@ -187,14 +199,21 @@ class Supervisor:
         while not self.gone and not self.program_exited():
             self.reap_orphans()
             timeout = None
+            if self.expires_at is not None:
+                timeout = self.expires_at - time.monotonic()
+                if timeout <= 0:
+                    self.send("expired")
+                    self.gone = True
+                    break
             if self.kill_at is not None:
-                timeout = max(0.0, self.kill_at - time.monotonic())
-                if timeout == 0:
+                left = max(0.0, self.kill_at - time.monotonic())
+                if left == 0:
                     killed = self.signal_all(signal.SIGKILL)
                     if not self.killed:
                         self.send(f"killed {killed}")
                     self.killed = True
-                    timeout = 0.05  # until the kills are reaped
+                    left = 0.05  # until the kills are reaped
+                timeout = left if timeout is None else min(timeout, left)
             ready, _, _ = select.select([self.ctl, self.wake_r], [], [], timeout)
             if self.wake_r in ready:
                 while True:

@@ -265,3 +265,68 @@ def test_a_killed_parent_takes_the_program_and_its_detached_children_down(tmp_pa
         proc.kill()  # kill -9: no chance to clean up
         proc.wait()
     wait_for(lambda: not any(alive(pid) for pid in spawned), timeout=2)
+
+
+def test_a_lease_not_extended_in_time_kills_the_program_and_what_it_detached(tmp_path, log):
+    """A cluster node's lease (SPEC §11): the supervisor is told until when it holds, and
+    kills everything once that passes with no newer one, whatever the program does."""
+    pids = tmp_path / "pids"
+    pids.touch()
+    held = time.monotonic() + 0.4
+    began = time.monotonic()
+    stop = threading.Event()
+    threading.Timer(5, stop.set).start()  # should the lease never lapse: a cancel, not a hang
+    done = start(["sh", "-c", _detached(pids) + f"echo $$ >> {pids}; sleep 300"], log,
+                 stop=stop, lease=lambda: held)
+    assert done.expired and done.returncode == -signal.SIGKILL, done
+    assert 0.4 <= time.monotonic() - began < 3
+    spawned = [int(p) for p in pids.read_text().split()]
+    assert len(spawned) == 3
+    wait_for(lambda: not any(alive(pid) for pid in spawned), timeout=2)
+
+
+def test_a_lease_extended_at_each_heartbeat_lets_the_program_finish(log):
+    done = start([PY, "-c", "import time; time.sleep(1.0)"], log,
+                 lease=lambda: time.monotonic() + 0.3)
+    assert done.returncode == 0 and not done.expired, done
+
+
+def test_a_frozen_node_loses_its_job_processes_before_its_lease_could_be_taken_over(tmp_path):
+    """SIGSTOP of jobd freezes every thread that could kill its jobs; the supervisor
+    kills them on its own once the last deadline it was given passes, and the node,
+    woken by SIGCONT, learns that its program was killed for that."""
+    pids = tmp_path / "pids"
+    pids.touch()
+    report = tmp_path / "report"
+    parent = script(tmp_path, (
+        "import sys, threading, time\n"
+        "from pathlib import Path\n"
+        "from jobd.joblogs import JobLog\n"
+        "from jobd.process import run\n"
+        "held = time.monotonic() + 0.5\n"
+        "def heartbeat():\n"
+        "    global held\n"
+        "    while True:\n"
+        "        held = time.monotonic() + 0.5\n"
+        "        time.sleep(0.1)\n"
+        "threading.Thread(target=heartbeat, daemon=True).start()\n"
+        f"log = JobLog(Path({str(tmp_path / 'job.log')!r}), 1 << 20)\n"
+        f"done = run(['sh', '-c', {_detached(pids) + 'echo $$ >> ' + str(pids) + '; sleep 300'!r}],\n"
+        "    cwd=None, env=None, log=log, stop=threading.Event(), deadline=None, grace=5,\n"
+        "    lease=lambda: held)\n"
+        f"Path({str(report)!r}).write_text(f'{{done.expired}} {{done.returncode}}')\n"))
+    proc = subprocess.Popen([PY, parent], cwd=Path(__file__).parents[2])
+    try:
+        spawned = _pids(pids, 3)
+        time.sleep(0.8)  # heartbeats keep it running past the first deadline
+        assert all(alive(pid) for pid in spawned)
+        proc.send_signal(signal.SIGSTOP)
+        frozen = time.monotonic()
+        wait_for(lambda: not any(alive(pid) for pid in spawned), timeout=3)
+        assert time.monotonic() - frozen < 2
+        proc.send_signal(signal.SIGCONT)
+        assert proc.wait(10) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+    assert report.read_text() == f"True {-signal.SIGKILL}"
