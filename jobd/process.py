@@ -114,6 +114,9 @@ class _Child:
         until = time.monotonic() + timeout
         while self.first is None:
             left = until - time.monotonic()
+            if self.expired and not self.ctl_open:
+                raise OSError(errno.ETIMEDOUT, "the node's lease lapsed before the program "
+                                               "started")
             if left <= 0 or not self.ctl_open:
                 raise OSError(errno.ECHILD, "the job's supervisor did not start the program")
             self.pump(left)
@@ -129,17 +132,18 @@ class _Child:
 
     def supervise(self, stop: threading.Event, deadline: float | None, grace: float,
                   on_timeout: Callable[[], None] | None = None,
-                  lease: Callable[[], float | None] | None = None) -> tuple[bool, bool]:
-        """Read output until the supervisor exits; (cancelled, timed_out)."""
+                  lease: Callable[[], float | None] | None = None,
+                  held: float | None = None) -> tuple[bool, bool]:
+        """Read output until the supervisor exits; (cancelled, timed_out). ``held``: the
+        deadline the supervisor was started with."""
         cancelled = timed_out = False
         # the supervisor SIGKILLs after the grace itself; this is for one that cannot
         kill_at: float | None = None
-        held: float | None = None  # the lease's end the supervisor was last told
         while not self.exited():
             now = time.monotonic()
-            if lease is not None and (until := lease()) is not None and until != held:
+            if lease is not None and (until := lease()) != held and until is not None:
                 held = until
-                self.tell(f"deadline {max(0.0, until - now):.3f}\n".encode())
+                self.tell(f"until {until!r}\n".encode())
             if kill_at is None:
                 cancelled = stop.is_set()
                 timed_out = not cancelled and deadline is not None and now >= deadline
@@ -309,11 +313,12 @@ def run(argv: Sequence[str], *, cwd: str | Path | None, env: Mapping[str, str] |
     SIGKILL after ``grace`` seconds. When the program exits, every process it left
     behind is killed and reaped, wherever it moved (``jobd.supervise``).
     ``on_spawn(pgid, start_time)`` is called once the program started, ``on_timeout()``
-    when the deadline passed, before the SIGTERM. ``lease()``, asked every tick, is the
-    ``time.monotonic()`` until which the node's lease holds (None: not yet known); the
-    supervisor is told each new one and kills every process of the program if that time
-    passes first, on its own, so it also happens while this process is frozen
-    (``Completed.expired``). A missing
+    when the deadline passed, before the SIGTERM. ``lease()``, asked at the start and
+    then every tick, is the time (``CLOCK_BOOTTIME`` seconds) until which this node may
+    run its jobs (None: no such limit); the supervisor is told each new one and, should
+    that time pass first, stops every process of the program (SIGTERM, SIGKILL after
+    ``grace``) on its own, so also while this process is frozen (``Completed.expired``);
+    one already past means the program is not started (OSError ETIMEDOUT). A missing
     program raises FileNotFoundError naming it; another failure to start it, OSError.
     """
     args = tuple(argv)
@@ -323,11 +328,13 @@ def run(argv: Sequence[str], *, cwd: str | Path | None, env: Mapping[str, str] |
     # start meanwhile cannot hold them open
     (out_r, out_w), (err_r, err_w), (prog_r, prog_w) = os.pipe(), os.pipe(), os.pipe()
     ctl, ctl_child = socket.socketpair()
+    until = None if lease is None else lease()
     child_env = {**os.environ, **(env or {}), "JOBD_PROGRESS_FD": str(prog_w)}
     try:
         proc = spawn_supervisor(lambda: subprocess.Popen(
             [sys.executable, "-I", "-S", supervise.SCRIPT, str(ctl_child.fileno()),
-             repr(grace), "--", *args], cwd=cwd, env=child_env,
+             repr(grace), "-" if until is None else repr(until), "--", *args],
+            cwd=cwd, env=child_env,
             stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w,
             pass_fds=(prog_w, ctl_child.fileno()), close_fds=True,
             start_new_session=True))
@@ -353,7 +360,7 @@ def run(argv: Sequence[str], *, cwd: str | Path | None, env: Mapping[str, str] |
             raise OSError(e.errno, e.strerror, args[0]) from None
         if on_spawn is not None:
             on_spawn(pgid, start)
-        cancelled, timed_out = child.supervise(stop, deadline, grace, on_timeout, lease)
+        cancelled, timed_out = child.supervise(stop, deadline, grace, on_timeout, lease, until)
         returncode = child.finish()
     except BaseException:
         if child.proc.returncode is None:

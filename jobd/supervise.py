@@ -1,6 +1,6 @@
 """The per-job supervisor: one small process between jobd and each program a job runs.
 
-jobd starts it as ``python -I -S supervise.py CTL_FD GRACE -- PROGRAM ARGS...``. It
+jobd starts it as ``python -I -S supervise.py CTL_FD GRACE UNTIL -- PROGRAM ARGS...``. It
 imports nothing from jobd (so it starts in a few milliseconds) and:
 
 - makes itself a child subreaper, so every descendant of the program stays its
@@ -14,10 +14,12 @@ imports nothing from jobd (so it starts in a few milliseconds) and:
 
 Control socket (``CTL_FD``), one line per message. From jobd: ``term`` — SIGTERM to
 every descendant, SIGKILL after ``GRACE`` seconds (cancel, timeout, shutdown);
-``deadline SECONDS`` — unless another ``deadline`` comes within SECONDS, SIGKILL
-everything (a cluster node extends it at each heartbeat that renewed its lease, so the
-processes of a node that froze or lost the database stop before another node may take
-the job over, SPEC §11). End of file from jobd, or SIGHUP (the parent-death signal, so
+``until T`` — the deadline is now T (``CLOCK_BOOTTIME`` seconds, as ``UNTIL``; ``-``:
+none). When the deadline passes, the supervisor reports ``expired`` and stops everything
+as for ``term``; a deadline already past at the start means the program is not started.
+A cluster node moves it on at each heartbeat that renewed its lease, so the processes of
+a node that froze or lost the database stop before another node may take the job over
+(SPEC §11); a time, not a duration, so a message delivered late cannot extend it. End of file from jobd, or SIGHUP (the parent-death signal, so
 also after ``kill -9`` of jobd): SIGKILL everything at once. To jobd: ``started PID
 START`` (the program's pid, which is its process group, and its start time in clock
 ticks since boot), ``error ERRNO`` (the program could not be started), ``killed N``
@@ -104,7 +106,7 @@ class Supervisor:
         self.status: int | None = None  #: the program's exit code, once reaped
         self.kill_at: float | None = None  #: SIGKILL everything then (after a term)
         self.gone = False  #: jobd is gone (or gave up): kill everything now
-        self.expires_at: float | None = None  #: jobd's last deadline: gone past it
+        self.until: float | None = None  #: the deadline (CLOCK_BOOTTIME), None: none
         self.told = b""  #: jobd's unfinished last line
         self.killed = False  #: the grace passed and SIGKILL went out
         self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -131,6 +133,8 @@ class Supervisor:
         libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGHUP, 0, 0, 0)
         if os.getppid() != self.parent:  # jobd died before the death signal was armed
+            return False
+        if self.expired():
             return False
         try:
             # Python ignores SIGPIPE and SIGXFSZ; a program expects their defaults
@@ -190,8 +194,16 @@ class Supervisor:
             word, _, value = line.partition(b" ")
             if word == b"term":
                 self.term()
-            elif word == b"deadline":
-                self.expires_at = time.monotonic() + float(value)
+            elif word == b"until":
+                self.until = float(value)
+
+    def expired(self) -> bool:
+        """Whether the deadline has passed (said to jobd once, then as for ``term``)."""
+        if self.until is None or time.clock_gettime(time.CLOCK_BOOTTIME) < self.until:
+            return False
+        self.until = None
+        self.send("expired")
+        return True
 
     def wait(self) -> None:
         """Until the program exits or jobd is gone, reaping orphans and acting on messages."""
@@ -199,12 +211,10 @@ class Supervisor:
         while not self.gone and not self.program_exited():
             self.reap_orphans()
             timeout = None
-            if self.expires_at is not None:
-                timeout = self.expires_at - time.monotonic()
-                if timeout <= 0:
-                    self.send("expired")
-                    self.gone = True
-                    break
+            if self.expired():
+                self.term()
+            elif self.until is not None:
+                timeout = max(0.0, self.until - time.clock_gettime(time.CLOCK_BOOTTIME))
             if self.kill_at is not None:
                 left = max(0.0, self.kill_at - time.monotonic())
                 if left == 0:
@@ -249,10 +259,11 @@ class Supervisor:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) < 5 or argv[3] != "--":
-        sys.stderr.write("usage: supervise.py CTL_FD GRACE -- PROGRAM ARGS...\n")
+    if len(argv) < 6 or argv[4] != "--":
+        sys.stderr.write("usage: supervise.py CTL_FD GRACE UNTIL -- PROGRAM ARGS...\n")
         return 2
-    sup = Supervisor(int(argv[1]), float(argv[2]), argv[4:])
+    sup = Supervisor(int(argv[1]), float(argv[2]), argv[5:])
+    sup.until = None if argv[3] == "-" else float(argv[3])
     if not sup.start():
         return 0
     sup.wait()
