@@ -231,8 +231,9 @@ class PgDriver:
 
     error: type[Exception] = psycopg.Error
 
-    def __init__(self, dsn: str, where: str, conn: psycopg.Connection[Any]) -> None:
-        self.dsn, self.where, self.conn = dsn, where, conn
+    def __init__(self, dsn: str, where: str, conn: psycopg.Connection[Any],
+                 node_key: int) -> None:
+        self.dsn, self.where, self.conn, self.node_key = dsn, where, conn, node_key
         self._tx: PgTx | None = None
         self._admitting_at_savepoint = False
         self.committed: Callable[[], object] = lambda: None
@@ -245,7 +246,7 @@ class PgDriver:
             self.conn.close()
             self.conn = _connect(self.dsn, connect_timeout=10)
             try:
-                _hold_node(self.conn, self.where)
+                _hold_node(self.conn, self.where, self.node_key)
             except StoreError as e:  # another jobd took the database meanwhile
                 self.conn.close()
                 raise psycopg.OperationalError(str(e)) from None
@@ -286,11 +287,12 @@ class PgDriver:
         return from_pg(e, self.where)
 
 
-def _hold_node(conn: psycopg.Connection[Any], where: str) -> None:
-    """Take the one-node lock on ``conn``'s session, or refuse: another jobd uses it."""
-    if _scalar(conn.execute(QUERIES["lock_node"], {"key": NODE_KEY})):
+def _hold_node(conn: psycopg.Connection[Any], where: str, key: int) -> None:
+    """Take the one-node lock ``key`` on ``conn``'s session, or refuse: another jobd
+    uses the database."""
+    if _scalar(conn.execute(QUERIES["lock_node"], {"key": key})):
         return
-    holder = conn.execute(QUERIES["node_holder"], {"key": NODE_KEY}).fetchone()
+    holder = conn.execute(QUERIES["node_holder"], {"key": key}).fetchone()
     who = f" ({holder[0]})" if holder and holder[0] else ""
     raise StoreError(f"{where} is in use by another jobd{who}; stop it first (several jobd "
                      f"nodes on one database need cluster mode, which is not built yet)")
@@ -323,6 +325,9 @@ class PostgresStore(BaseStore):
         self.where = describe(dsn)
         self._pool: psycopg_pool.ConnectionPool[Any] | _Closed = _Closed()
         self._driver: PgDriver | None = None
+        #: the one-node lock this store holds (a test of two writers on one database, as
+        #: cluster mode will have, gives the second another)
+        self.node_key = NODE_KEY
 
     # -- opening and closing -------------------------------------------------------------
 
@@ -335,7 +340,7 @@ class PostgresStore(BaseStore):
             raise StoreError(f"{self.where}: cannot connect: {str(e).strip()}") from None
         try:
             migrate(conn, self.where)
-            _hold_node(conn, self.where)
+            _hold_node(conn, self.where, self.node_key)
             clean = conn.execute(QUERIES["get_meta"], {"key": "clean"}).fetchone()
             self.was_clean = clean is None or clean[0] == "1"
             conn.execute(QUERIES["set_meta"], {"key": "clean", "value": "0"})
@@ -352,7 +357,7 @@ class PostgresStore(BaseStore):
             conn.close()
             raise
         self._pool = pool
-        self._driver = PgDriver(self.dsn, self.where, conn)
+        self._driver = PgDriver(self.dsn, self.where, conn, self.node_key)
         self._writer = writer.Writer(self._driver, self.clock)
         self._writer.start()
         return self
