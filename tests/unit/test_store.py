@@ -830,6 +830,24 @@ def test_queries_use_indexes(store: Store, clock: Clock, db: StoreDb) -> None:
                 assert not any("TEMP B-TREE" in p for p in plan), f"{sql}\n  plan: {plan}"
 
 
+def test_an_end_records_what_the_attempt_left(store: Store) -> None:
+    """A completed job is at 100 %; a failed or cancelled one stays where it stopped, with
+    its error or message; every end clears what only a running job has."""
+    ends = {JobStatus.COMPLETED: {"result": {"files": 2}, "message": "done"},
+            JobStatus.FAILED: {"error": "boom"},
+            JobStatus.CANCELLED: {"message": "stopped"}}
+    for status, given in ends.items():
+        job = store.start_job(submit(store).id)
+        store.update_progress(job.id, progress=40.0, phase="indexing", message="half").result()
+        done = store.finish_job(job.id, status, **given)
+        assert done.status is status and done.completed_at is not None
+        assert done.progress == (100.0 if status is JobStatus.COMPLETED else 40.0)
+        assert (done.result, done.error) == (given.get("result"), given.get("error"))
+        assert done.message == given.get("message", "half")
+        assert done.phase == "indexing" and not done.cancel_requested
+        assert store.get_job(job.id) == done
+
+
 @pytest.mark.parametrize("end", [JobStatus.COMPLETED, JobStatus.FAILED])
 def test_a_job_whose_cancel_was_asked_for_ends_cancelled_whatever_it_did(
         store: Store, end: JobStatus) -> None:

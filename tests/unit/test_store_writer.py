@@ -261,8 +261,10 @@ def test_a_commit_wakes_the_event_loop_once_for_all_its_answers(store: Store) ->
             return real(*args, **kw)
 
         loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
-        hold = threading.Event()
-        store.write_async(lambda tx: hold.wait(5))  # the writes below queue behind it
+        hold, held = threading.Event(), threading.Event()
+        # the writes below queue behind it (once it runs: none joins its batch)
+        store.write_async(lambda tx: (held.set(), hold.wait(5)))
+        held.wait(5)
         futures = [store.write_on(loop, lambda tx, n=n: n) for n in range(20)]
         futures.append(store.write_on(loop, lambda tx: store.start_job_in(tx, "nope")))
         hold.set()
