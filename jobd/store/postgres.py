@@ -41,8 +41,8 @@ from jobd.store.errors import (Corrupt, DuplicateId, ReadOnly, StorageFull, Stor
                                StoreClosed, StoreError)
 from jobd.store.sql import dialect
 
-__all__ = ["MIGRATE_KEY", "NODE_KEY", "QUEUE_KEY", "TABLES", "PostgresStore", "check",
-           "describe", "from_pg", "migrate", "schema_version"]
+__all__ = ["FUNCTIONS", "MIGRATE_KEY", "NODE_KEY", "QUEUE_KEY", "TABLES", "PostgresStore",
+           "check", "describe", "from_pg", "migrate", "schema_version"]
 
 log = structlog.get_logger()
 
@@ -56,10 +56,12 @@ NODE_KEY = 0x6A6F6264_00000002
 #: taken by a write (transaction-scoped) before it reads the queued counts to admit jobs
 QUEUE_KEY = 0x6A6F6264_00000003
 
-#: jobd's tables (``jobd db backup`` dumps these)
+#: jobd's tables, and the functions its schema defines (its triggers' and ``jobd_iso``):
+#: a backup by table (``pg_dump -t``) leaves the functions out, so dump the database
 TABLES = ("jobd_schema", "jobs", "job_events", "job_checkpoints", "job_keys", "meta",
           "queued_counts", "user_stored", "type_counts", "run_buckets", "finished_hours",
           "finished_days")
+FUNCTIONS = ("jobd_iso", "jobs_counted_in", "jobs_status_moved")
 
 #: SQLSTATEs of a transaction that lost a race with another one: run it again
 _AGAIN = frozenset({"40P01", "40001"})

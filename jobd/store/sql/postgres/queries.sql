@@ -12,7 +12,8 @@ idempotency_key, created_at, started_at, completed_at, updated_at
 
 -- job_wire --
 -- SPEC §2's wire shape of a job, built by PostgreSQL (models.Job.to_dict is the
--- reference): row_to_json keeps the order of the columns and writes no spaces
+-- reference): row_to_json keeps the order of the columns and writes no spaces; times by
+-- jobd_iso (migration 1)
 (SELECT row_to_json(w)::text FROM (SELECT jobs.id AS id, jobs.type AS type,
     jobs.user_id AS user_id, jobs.project_id AS project_id, jobs.status AS status,
     round(jobs.progress::numeric, 2)::float8 AS progress, jobs.phase AS phase,
@@ -21,18 +22,8 @@ idempotency_key, created_at, started_at, completed_at, updated_at
     jobs.attempts AS attempts, NULL::int AS queue_position, NULL::text AS wait_reason,
     jobs.cancel_requested = 1 AS cancel_requested, jobs.version AS version,
     jobs.description AS description, jobs.timeout_s AS timeout_s,
-    to_char(to_timestamp(jobs.created_at / 1000000) AT TIME ZONE 'UTC',
-            'YYYY-MM-DD"T"HH24:MI:SS.') || lpad(mod(jobs.created_at, 1000000)::text, 6, '0')
-        || 'Z' AS created_at,
-    to_char(to_timestamp(jobs.started_at / 1000000) AT TIME ZONE 'UTC',
-            'YYYY-MM-DD"T"HH24:MI:SS.') || lpad(mod(jobs.started_at, 1000000)::text, 6, '0')
-        || 'Z' AS started_at,
-    to_char(to_timestamp(jobs.completed_at / 1000000) AT TIME ZONE 'UTC',
-            'YYYY-MM-DD"T"HH24:MI:SS.') || lpad(mod(jobs.completed_at, 1000000)::text, 6, '0')
-        || 'Z' AS completed_at,
-    to_char(to_timestamp(jobs.updated_at / 1000000) AT TIME ZONE 'UTC',
-            'YYYY-MM-DD"T"HH24:MI:SS.') || lpad(mod(jobs.updated_at, 1000000)::text, 6, '0')
-        || 'Z' AS updated_at,
+    jobd_iso(jobs.created_at) AS created_at, jobd_iso(jobs.started_at) AS started_at,
+    jobd_iso(jobs.completed_at) AS completed_at, jobd_iso(jobs.updated_at) AS updated_at,
     NULL::float8 AS eta_s) AS w)
 
 -- get_job --

@@ -117,6 +117,12 @@ CREATE TABLE finished_days (
     n BIGINT NOT NULL, run_us BIGINT NOT NULL,
     PRIMARY KEY (day, type, status, bucket));
 
+-- a time (µs since the epoch) as the wire writes it: 2026-11-22T10:00:00.123456Z (NULL: NULL)
+CREATE FUNCTION jobd_iso(us BIGINT) RETURNS TEXT LANGUAGE sql IMMUTABLE STRICT AS $$
+    SELECT to_char(to_timestamp(us / 1000000) AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.')
+        || lpad(mod(us, 1000000)::text, 6, '0') || 'Z'
+$$;
+
 CREATE FUNCTION jobs_counted_in() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO type_counts (type, status, n) VALUES (NEW.type, NEW.status, 1)
