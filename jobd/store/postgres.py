@@ -205,13 +205,10 @@ class PgTx(writer.Tx):
             try:
                 cur = self.conn.execute(QUERIES[query], params)
             except psycopg.DataError:
-                if not _nul(params):
+                escaped = _without_nul(params)
+                if escaped is None:
                     raise
-                # PostgreSQL text holds no NUL: written as the escape readable() writes
-                # (found only once refused: no scan of every write's text)
-                cur = self.conn.execute(QUERIES[query], {
-                    k: v.replace("\0", "\\x00") if isinstance(v, str) else v
-                    for k, v in params.items()})
+                cur = self.conn.execute(QUERIES[query], escaped)
         except psycopg.Error:
             self.writes += 1
             raise
@@ -223,8 +220,15 @@ class PgTx(writer.Tx):
         return int(_scalar(self.run(query, **params)))
 
 
-def _nul(params: Mapping[str, Any]) -> bool:
-    return any(isinstance(v, str) and "\0" in v for v in params.values())
+def _without_nul(params: Mapping[str, Any]) -> dict[str, Any] | None:
+    """``params`` with each NUL written as the escape ``readable()`` writes (``\\x00``), or
+    None if none holds one. PostgreSQL text holds no NUL; a write or a read whose text
+    does is refused by psycopg before it is sent, and only then escaped and sent again
+    (no scan of every statement's text), so that what is written is what a read finds."""
+    if not any(isinstance(v, str) and "\0" in v for v in params.values()):
+        return None
+    return {k: v.replace("\0", "\\x00") if isinstance(v, str) else v
+            for k, v in params.items()}
 
 
 class PgDriver:
@@ -393,7 +397,13 @@ class PostgresStore(BaseStore):
         for last in (False, True):
             try:
                 with self._reading() as conn:
-                    cur = conn.execute(sql, params or {})
+                    try:
+                        cur = conn.execute(sql, params or {})
+                    except psycopg.DataError:
+                        escaped = _without_nul(params or {})
+                        if escaped is None:
+                            raise
+                        cur = conn.execute(sql, escaped)
                     return cur.fetchall() if fetch == "all" else cur.fetchone()
             except psycopg_pool.PoolTimeout as e:
                 raise StorageUnavailable(f"storage unavailable: {self.where}: {e}") from None

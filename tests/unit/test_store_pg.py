@@ -17,8 +17,8 @@ import pytest
 from jobd.errors import LimitExceeded
 from jobd.models import JobStatus
 from jobd.rules import Rules
-from jobd.store import (Corrupt, DuplicateId, ReadOnly, StateConflict, StorageFull,
-                        StorageUnavailable, StoreError)
+from jobd.store import (Corrupt, DuplicateId, JobNotFound, ReadOnly, StateConflict,
+                        StorageFull, StorageUnavailable, StoreError)
 
 import pg
 from test_store import Clock, new_job, submit
@@ -213,6 +213,12 @@ def test_text_with_nul_is_stored_escaped_and_a_job_with_it_still_ends(store: Any
     done = store.finish_job(job.id, JobStatus.FAILED, error="fatal: \0 in a path")
     assert done.status is JobStatus.FAILED and done.error == "fatal: \\x00 in a path"
     assert store.events(job.id)[-1]["message"] == "fatal: \\x00 in a path"
+    # a read with NUL in its text finds what such a write stored, and refuses nothing
+    keyed = submit(store, new_job(user="a\0b", type="noop", project=None))
+    assert [j.id for j in store.list_jobs(user_id="a\0b")] == [keyed.id]
+    assert store.list_jobs(id_prefix="\0") == []
+    with pytest.raises(JobNotFound):
+        store.get_job("no\0such")
 
 
 # -- queue limits across writers ---------------------------------------------------------------
