@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import time
 from typing import Any, Callable, Iterator, Mapping
 
 import psycopg
@@ -63,6 +64,8 @@ TABLES = ("jobd_schema", "jobs", "job_events", "job_checkpoints", "job_keys", "m
           "finished_days")
 FUNCTIONS = ("jobd_iso", "jobs_counted_in", "jobs_status_moved")
 
+#: how long an open waits for the one-node lock of a jobd that has just gone
+NODE_WAIT_S = 3.0
 #: SQLSTATEs of a transaction that lost a race with another one: run it again
 _AGAIN = frozenset({"40P01", "40001"})
 _CLEAN = (TransactionStatus.INTRANS, TransactionStatus.INERROR)
@@ -295,8 +298,14 @@ class PgDriver:
 
 def _hold_node(conn: psycopg.Connection[Any], where: str, key: int) -> None:
     """Take the one-node lock ``key`` on ``conn``'s session, or refuse: another jobd
-    uses the database."""
-    if _scalar(conn.execute(QUERIES["lock_node"], {"key": key})):
+    uses the database. A jobd killed just before holds it on until PostgreSQL has seen
+    its connection close: that is waited out for up to ``NODE_WAIT_S``."""
+    deadline = time.monotonic() + NODE_WAIT_S
+    while not _scalar(conn.execute(QUERIES["lock_node"], {"key": key})):
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
+    else:
         return
     holder = conn.execute(QUERIES["node_holder"], {"key": key}).fetchone()
     who = f" ({holder[0]})" if holder and holder[0] else ""

@@ -45,6 +45,13 @@ def second_node(dsn: str, **kw: Any) -> Any:
     return other.open()
 
 
+@pytest.fixture(autouse=True)
+def short_node_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refused open waits out a holder that is going away: not 3 s in every test."""
+    from jobd.store import postgres
+    monkeypatch.setattr(postgres, "NODE_WAIT_S", 0.3)
+
+
 @pytest.fixture
 def store(pg_dsn: str) -> Iterator[Any]:
     s = open_store(pg_dsn, clock=Clock())
@@ -125,6 +132,22 @@ def test_a_second_jobd_on_the_database_is_refused_until_the_first_closes(
         assert again.was_clean and again.queued_count() == 1
     finally:
         again.close()
+
+
+def test_an_open_waits_out_a_jobd_whose_session_is_ending(
+        pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A jobd killed a moment ago holds the lock until PostgreSQL sees its connection
+    close: a restart right after it (systemd's, an operator's) opens, not refused."""
+    from jobd.store import postgres
+    monkeypatch.setattr(postgres, "NODE_WAIT_S", 3.0)
+    open_store(pg_dsn).close()
+    with connect(pg_dsn) as going:
+        going.execute("SELECT pg_advisory_lock(%s)", (postgres.NODE_KEY,))
+        timer = threading.Timer(0.5, going.close)
+        timer.start()
+        store = open_store(pg_dsn)
+        timer.join()
+    store.close()
 
 
 # -- errors by SQLSTATE ------------------------------------------------------------------------
