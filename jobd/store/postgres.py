@@ -120,8 +120,18 @@ def _connect(dsn: str, **kw: Any) -> psycopg.Connection[Any]:
 _NAME = f"jobd on {socket.gethostname()} pid {os.getpid()}"[:63]
 
 
-def schema_version(conn: psycopg.Connection[Any]) -> int:
-    """The newest migration applied to the database of ``conn`` (0: none)."""
+def schema_version(dsn: str) -> int:
+    """The newest migration applied to the database ``dsn`` names (0: none); this jobd's
+    is ``len(MIGRATIONS)``. Raises StoreError if the database does not answer."""
+    where = describe(dsn)
+    try:
+        with _connect(dsn, connect_timeout=10) as conn:
+            return _applied(conn)
+    except psycopg.Error as e:
+        raise StoreError(f"{where}: {str(from_pg(e, where))}") from None
+
+
+def _applied(conn: psycopg.Connection[Any]) -> int:
     if conn.execute("SELECT to_regclass('jobd_schema')").fetchone() == (None,):
         return 0
     return int(_scalar(conn.execute(QUERIES["schema_version"])))
@@ -135,7 +145,7 @@ def migrate(conn: psycopg.Connection[Any], where: str) -> None:
     try:
         conn.execute("CREATE TABLE IF NOT EXISTS jobd_schema (version INTEGER PRIMARY KEY, "
                      "name TEXT NOT NULL, applied_at BIGINT NOT NULL)")
-        version = schema_version(conn)
+        version = _applied(conn)
         if version > len(MIGRATIONS):
             raise StoreError(f"{where}: schema version {version} is newer than this jobd "
                              f"knows ({len(MIGRATIONS)}); upgrade jobd")
@@ -155,7 +165,7 @@ def check(dsn: str) -> list[str]:
     where = describe(dsn)
     try:
         with _connect(dsn, connect_timeout=10) as conn:
-            version = schema_version(conn)
+            version = _applied(conn)
             if version != len(MIGRATIONS):
                 return [f"{where}: schema version {version}, this jobd's is {len(MIGRATIONS)}"]
             problems = []

@@ -313,20 +313,26 @@ def test_a_start_racing_on_two_writers_is_won_once(pg_dsn: str) -> None:
 
 def test_check_finds_counts_that_drifted_from_the_jobs(store: Any, pg_dsn: str) -> None:
     from jobd.store.postgres import check, schema_version
+    from jobd.store.postgres import MIGRATIONS
     submit(store)
-    assert check(pg_dsn) == []
+    assert check(pg_dsn) == [] and schema_version(pg_dsn) == len(MIGRATIONS)
     with connect(pg_dsn) as conn:
-        assert schema_version(conn) == 1
         conn.execute("UPDATE queued_counts SET n = n + 1")
     problems = check(pg_dsn)
     assert len(problems) == 1 and "queued count" in problems[0]
 
 
-def test_check_of_a_database_that_does_not_answer_says_so(postgres: pg.PostgresServer
-                                                          ) -> None:
-    from jobd.store.postgres import check
+def test_check_of_a_database_that_does_not_answer_says_so(postgres: pg.PostgresServer,
+                                                          pg_dsn: str) -> None:
+    from jobd.store.postgres import check, schema_version
     problems = check(postgres.dsn_for("no_such_database"))
     assert len(problems) == 1 and "no_such_database" in problems[0]
+    with pytest.raises(StoreError, match="no_such_database"):
+        schema_version(postgres.dsn_for("no_such_database"))
+    # a database jobd never opened: no schema yet, said so
+    assert schema_version(pg_dsn) == 0
+    problems = check(pg_dsn)
+    assert len(problems) == 1 and problems[0].endswith(": schema version 0, this jobd's is 1")
 
 
 def test_the_store_package_does_not_import_psycopg() -> None:
