@@ -166,8 +166,12 @@ def check(dsn: str) -> list[str]:
     try:
         with _connect(dsn, connect_timeout=10) as conn:
             version = _applied(conn)
+            if version == 0:
+                return [f"{where}: no jobd schema (jobd has never opened this database)"]
             if version != len(MIGRATIONS):
-                return [f"{where}: schema version {version}, this jobd's is {len(MIGRATIONS)}"]
+                what = ("newer than this jobd's: upgrade jobd" if version > len(MIGRATIONS)
+                        else "older than this jobd's: start jobd once to migrate it")
+                return [f"{where}: schema version {version} is {what} ({len(MIGRATIONS)})"]
             problems = []
             for name, sql in _INVARIANTS.items():
                 n = _scalar(conn.execute(sql))
