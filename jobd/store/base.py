@@ -725,7 +725,10 @@ class BaseStore(abc.ABC):
                 took = time.perf_counter() - started
                 if not ids:
                     break
-                size = max(50, size // 2) if took > _CHUNK_S else min(chunk, size * 2)
+                # halved down to 50 jobs (or the bound, if lower: a floor above it would
+                # make the next chunk larger than asked for)
+                size = (max(min(50, chunk), size // 2) if took > _CHUNK_S
+                        else min(chunk, size * 2))
                 # their files go here, once the chunk is durable: on the writer's thread a
                 # thousand unlinks would hold up every write queued behind the chunk
                 self.listeners.deleted(ids)

@@ -691,6 +691,17 @@ def test_cleanup_goes_in_chunks_and_dry_run_deletes_nothing(store: Store, clock:
     assert count(db, "jobs") == 0 and count(db, "job_events") == 0
 
 
+def test_a_slow_cleanup_chunk_shrinks_the_next_never_past_the_bound(
+        store: Store, clock: Clock, db: StoreDb, monkeypatch: pytest.MonkeyPatch) -> None:
+    from jobd.store import base
+    monkeypatch.setattr(base, "_CHUNK_S", 0.0)  # every chunk takes too long
+    for _ in range(35):
+        finished_at(store, clock, db, JobStatus.COMPLETED, T0 - 1_000)
+    chunks = list(store.cleanup(keep_before=T0, keep_failed_before=T0, chunk=10))
+    # a slow chunk's successor is halved, down to 50 jobs, but never grows past ``chunk``
+    assert [len(c) for c in chunks] == [10, 10, 10, 5]
+
+
 # -- the clean-shutdown marker --------------------------------------------------------------
 
 def test_clean_close_is_remembered(db: StoreDb) -> None:
