@@ -1,6 +1,7 @@
 """What the PostgreSQL store does beyond the suite both backends pass: its migrations under
 the advisory lock (two jobd starting at once), a newer schema refused, one jobd per
-database, errors told apart by SQLSTATE, a PostgreSQL restart while open, text with NUL,
+database, errors told apart by SQLSTATE, a deadlock's batch run again, a PostgreSQL
+restart while open, text with NUL,
 queue limits exact with two writers racing on one database (as cluster mode will have),
 and the database check ``jobd db check`` uses. On the tests' private PostgreSQL."""
 
@@ -197,6 +198,31 @@ def test_only_the_ids_unique_key_refused_is_a_duplicate_id(store: Any) -> None:
         store.submit_job(new_job(id=first.id), actor="alice", rules=NoLookup())
     assert taken.value.job_id == first.id
     assert store.counts() == {"queued": 1} and store.queued_count("alice") == 1
+
+
+def test_a_deadlock_runs_the_whole_batch_again(store: Any) -> None:
+    """A batch that lost a deadlock (40P01) to another writer is rolled back by
+    PostgreSQL; the writer runs it again, so its writes are stored once, none refused."""
+    from test_store_writer import one_batch
+    tries = []
+
+    def deadlocked_once(tx: Any) -> str:
+        tries.append(1)
+        if len(tries) == 1:
+            tx.conn.execute("DO $$ BEGIN RAISE EXCEPTION 'deadlock detected' "
+                            "USING ERRCODE = '40P01'; END $$")
+        return "written"
+
+    outcomes = one_batch(store, [
+        lambda tx: store.submit_job_in(tx, new_job(user="alice"), "alice", Rules())[0],
+        deadlocked_once,
+        lambda tx: store.submit_job_in(tx, new_job(user="bob"), "bob", Rules())[0]])
+    assert [o if isinstance(o, str) else o.status for o in outcomes] == [
+        JobStatus.QUEUED, "written", JobStatus.QUEUED]
+    assert len(tries) == 2
+    assert dict(store._all("SELECT user_id, count(*) FROM jobs GROUP BY user_id")) == {
+        "alice": 1, "bob": 1}
+    assert store.queued_count() == 2
 
 
 # -- a restart of PostgreSQL -------------------------------------------------------------------
