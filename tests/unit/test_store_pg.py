@@ -1,9 +1,9 @@
 """What the PostgreSQL store does beyond the suite both backends pass: its migrations under
 the advisory lock (two jobd starting at once), a newer schema refused, one jobd per
 database, errors told apart by SQLSTATE, a deadlock's batch run again, a PostgreSQL
-restart while open, text with NUL,
-queue limits exact with two writers racing on one database (as cluster mode will have),
-and the database check ``jobd db check`` uses. On the tests' private PostgreSQL."""
+restart while open, text with NUL, queue limits exact with two writers racing on one
+database (as cluster mode will have), and the database check ``jobd db check`` uses. On
+the tests' private PostgreSQL."""
 
 from __future__ import annotations
 
