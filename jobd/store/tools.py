@@ -264,7 +264,9 @@ def backup_postgres(dsn: str, target: Path) -> int:
              *_JOBD_OBJECTS, f"--dbname={make_conninfo(**params)}"],
             env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True)
         if proc.returncode != 0:
-            why = " ".join(proc.stderr.strip().splitlines()[-3:]) or f"exit {proc.returncode}"
+            lines = [re.sub(r"^pg_dump: (error: )?", "", line)
+                     for line in proc.stderr.strip().splitlines()[-3:]]
+            why = " ".join(lines) or f"exit status {proc.returncode}"
             raise StoreError(f"{mask_dsn(dsn)}: pg_dump failed: {why}")
         _check_target(target)  # again: the dump may have taken long
         os.replace(partial, target)
