@@ -1,70 +1,48 @@
-"""SQLite plumbing: connections and their pragmas, migrations, the writer, the checkpointer.
+"""SQLite plumbing: connections and their pragmas, migrations, the writer's driver, the
+checkpointer.
 
-One writer thread owns the one write connection and commits whatever writes are waiting
-in one transaction (group commit: with ``synchronous=full`` one fsync covers many
-submissions); no caller is answered before the commit that holds its write. A batch runs
-plainly; a write refused before it wrote (a lost compare-and-set, a rule) is simply
-answered with its error, and only when one raises after writing is the batch rolled back
-and run again with a savepoint per write, so that one refused change does not undo its
-neighbours and savepoints cost nothing while none is needed. The answers of writes
-submitted from an asyncio loop are handed back with one ``call_soon_threadsafe`` per
-commit, not one wake-up of the loop per write. Reads use a connection per thread and
-never wait for the writer (WAL). The checkpointer copies the WAL back off the writer's
-path.
+The group-commit loop itself is ``writer.Writer``; ``SqliteDriver`` is its SQLite side
+(``BEGIN IMMEDIATE``, savepoints, ``total_changes``, errors by their result code's name).
+Reads use a connection per thread and never wait for the writer (WAL). The checkpointer
+copies the WAL back off the writer's path.
 """
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import contextlib
-import dataclasses
+import functools
 import os
-import queue
 import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator
 
 import structlog
 
-from jobd.store.errors import StoreClosed, StoreError, from_sqlite
+from jobd.store import writer
+from jobd.store.errors import StoreError, from_sqlite
 from jobd.store.interface import FINISHED_KEEP_US
 from jobd.store.sql import MIGRATIONS, QUERIES
 
-__all__ = ["Checkpointer", "Tx", "Writer", "connect", "count_finished", "create_private",
-           "migrate"]
+__all__ = ["Checkpointer", "SqliteDriver", "Tx", "connect", "count_finished",
+           "create_private", "migrate"]
 
 log = structlog.get_logger()
-T = TypeVar("T")
-
-#: a write: run on the writer's connection inside its transaction
-Write = Callable[["Tx"], Any]
 
 
-@dataclasses.dataclass
-class Tx:
-    """What a write sees: the connection, the transaction's time, and hooks that run once
-    the commit holds."""
+class Tx(writer.Tx):
+    """A write's transaction on SQLite: ``run`` takes the names of ``queries.sql``."""
 
     conn: sqlite3.Connection
-    now: int
-    after_commit: list[Callable[[], None]] = dataclasses.field(default_factory=list)
-    #: reverts in-memory changes made by a write whose savepoint (or commit) failed
-    undo: list[Callable[[], None]] = dataclasses.field(default_factory=list)
-    #: the last state of each row the transaction's writes changed, by key (the store
-    #: tells its listener of a job once per commit, as the commit leaves it)
-    latest: dict[Any, Any] = dataclasses.field(default_factory=dict)
 
     def run(self, query: str, **params: Any) -> sqlite3.Cursor:
         """Run the named query of ``queries.sql`` (``now`` is the transaction's time)."""
         return self.conn.execute(QUERIES[query], dict(params, now=self.now))
 
-    def rollback_to(self, hooks: int, undos: int) -> None:
-        for fn in reversed(self.undo[undos:]):
-            fn()
-        del self.after_commit[hooks:], self.undo[undos:]
+    def insert(self, query: str, **params: Any) -> int:
+        return self.conn.execute(  # type: ignore[return-value]  # an insert has a rowid
+            QUERIES[query], dict(params, now=self.now)).lastrowid
 
 
 def create_private(path: Path) -> Path:
@@ -278,198 +256,40 @@ class Checkpointer(threading.Thread):
                 self._runs.notify_all()
 
 
-class _LoopAnswer:
-    """Where the answer of a write submitted on an asyncio loop goes: its future there.
-    The writer resolves every such answer of one commit in one hop onto the loop."""
+class SqliteDriver:
+    """The writer's side of SQLite (``writer.Driver``), on the one write connection."""
 
-    __slots__ = ("loop", "future")
+    error: type[Exception] = sqlite3.Error
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.future: asyncio.Future[Any] = loop.create_future()
-
-    def set_running_or_notify_cancel(self) -> bool:
-        return True  # a caller gone meanwhile is seen when answered (``_resolve``)
-
-    def done(self) -> bool:
-        return False
-
-
-#: a write's answer: a concurrent future (any thread) or a future on an asyncio loop
-Answer = concurrent.futures.Future[Any] | _LoopAnswer
-
-
-def _answer(answers: list[tuple[Answer, Any, BaseException | None]]) -> None:
-    """Hand each answer to its future: those on a loop first, in one
-    ``call_soon_threadsafe`` per loop (the loop answers its clients meanwhile), then the
-    concurrent ones (their callbacks run here)."""
-    on_loops: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any,
-                                                          BaseException | None]]] = {}
-    others: list[tuple[concurrent.futures.Future[Any], Any, BaseException | None]] = []
-    for fut, value, exc in answers:
-        if isinstance(fut, _LoopAnswer):
-            on_loops.setdefault(fut.loop, []).append((fut.future, value, exc))
-        else:
-            others.append((fut, value, exc))
-    for loop, items in on_loops.items():
-        try:
-            loop.call_soon_threadsafe(_resolve, items)
-        except RuntimeError:  # the loop is closed: no one is left to answer
-            pass
-    for fut, value, exc in others:
-        if exc is None:
-            fut.set_result(value)
-        else:
-            fut.set_exception(exc)
-
-
-def _resolve(items: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
-    """On the loop: resolve the futures of one commit's writes."""
-    for fut, value, exc in items:
-        if fut.cancelled():  # the caller went away (its connection closed)
-            continue
-        if exc is None:
-            fut.set_result(value)
-        else:
-            fut.set_exception(exc)
-
-
-class Writer(threading.Thread):
-    """Runs writes in order on the one write connection, many per transaction."""
-
-    MAX_BATCH = 512
-
-    def __init__(self, conn: sqlite3.Connection, path: Path, clock: Callable[[], int],
+    def __init__(self, conn: sqlite3.Connection, path: Path,
                  checkpointer: Checkpointer) -> None:
-        super().__init__(name="jobd-store-writer", daemon=True)
         self.conn = conn
         self.path = path
-        self.clock = clock
         self.checkpointer = checkpointer
-        self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self.longest_tx_s = 0.0
-        # a write queued behind stop()'s end mark would wait for ever: submit and stop
-        # take turns, and no write is queued once the mark is
-        self._closing = threading.Lock()
-        self._closed = False
+        # read once per write: C-level callables, no Python frame on the commit path
+        self.changes: Callable[[], int] = functools.partial(getattr, conn, "total_changes")
+        self.committed: Callable[[], object] = checkpointer.poke
+        self.commit: Callable[[], object] = functools.partial(conn.execute, "COMMIT")
+        self.savepoint: Callable[[], object] = functools.partial(conn.execute, "SAVEPOINT op")
+        self.rollback_to_savepoint: Callable[[], object] = functools.partial(
+            conn.execute, "ROLLBACK TO op")
+        self.release: Callable[[], object] = functools.partial(conn.execute, "RELEASE op")
+        self._begin = functools.partial(conn.execute, "BEGIN IMMEDIATE")
 
-    def submit(self, fn: Callable[[Tx], T]) -> concurrent.futures.Future[T]:
-        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
-        self._put(fn, fut)
-        return fut
+    def begin(self, now: int) -> Tx:
+        self._begin()
+        return Tx(self.conn, now)
 
-    def submit_on(self, loop: asyncio.AbstractEventLoop, fn: Callable[[Tx], T]
-                  ) -> asyncio.Future[T]:
-        """``submit`` for a caller on ``loop`` (its thread): the future is the loop's."""
-        answer = _LoopAnswer(loop)
-        self._put(fn, answer)
-        return answer.future
+    def rollback(self) -> None:
+        if self.conn.in_transaction:
+            self.conn.execute("ROLLBACK")
 
-    def _put(self, fn: Callable[[Tx], Any], fut: Answer) -> None:
-        with self._closing:
-            if self._closed:
-                raise StoreClosed()
-            self.queue.put((fn, fut))
+    def ended(self, e: Exception) -> bool:
+        return not self.conn.in_transaction  # SQLite rolled back the whole transaction
 
-    def stop(self) -> None:
-        with self._closing:
-            self._closed = True
-            self.queue.put(None)
-        self.join()
+    def again(self, e: Exception) -> bool:
+        return False  # one writer: nothing to wait out by running again
 
-    def run(self) -> None:
-        stopping = False
-        while not stopping:
-            item = self.queue.get()
-            batch = []
-            while item is not None:
-                batch.append(item)
-                if len(batch) >= self.MAX_BATCH:
-                    break
-                try:
-                    item = self.queue.get_nowait()
-                except queue.Empty:
-                    break
-            else:
-                stopping = True
-            live = [(fn, fut) for fn, fut in batch if fut.set_running_or_notify_cancel()]
-            if live:
-                self._commit(live)
-
-    def _commit(self, batch: list[tuple[Write, Answer]]) -> None:
-        conn = self.conn
-        now = self.clock()
-        started = time.perf_counter()
-        tx: Tx | None = None
-        try:
-            attempt = self._run(batch, now, savepoints=False)
-            if attempt is None:  # a write was refused: again, each in its own savepoint
-                attempt = self._run(batch, now, savepoints=True)
-            assert attempt is not None
-            tx, outcomes = attempt
-            conn.execute("COMMIT")
-        except sqlite3.Error as e:
-            try:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-            except sqlite3.Error as again:
-                # the writer must live on: the next BEGIN finds out whether the file recovered
-                log.error("store_rollback_failed", error=str(again))
-            if tx is not None:
-                tx.rollback_to(0, 0)
-            failure = from_sqlite(e, self.path)
-            log.error("store_write_failed", error=str(e), writes=len(batch))
-            _answer([(fut, None, failure) for _, fut in batch if not fut.done()])
-            return
-        finally:
-            self.longest_tx_s = max(self.longest_tx_s, time.perf_counter() - started)
-        for hook in tx.after_commit:
-            try:
-                hook()
-            except Exception:  # a listener's bug must not stall the writer
-                log.exception("store_listener_failed")
-        _answer(outcomes)
-        self.checkpointer.poke()
-
-    def _run(self, batch: list[tuple[Write, Answer]], now: int, *,
-             savepoints: bool) -> tuple[Tx, list[tuple[Any, Any, BaseException | None]]] | None:
-        """Run ``batch`` in a new transaction, left open for the commit. A write refused
-        before it wrote anything (a compare-and-set that matched no row, a rule) leaves
-        nothing to undo: its error is kept for its caller and the batch goes on. Without
-        ``savepoints``: None (all rolled back) as soon as a write raises after writing.
-        With them: such a write is undone alone and its error kept. A failure that ended
-        the transaction itself (disk full, I/O) is raised."""
-        conn = self.conn
-        tx = Tx(conn, now)
-        outcomes: list[tuple[Any, Any, BaseException | None]] = []
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            for fn, fut in batch:
-                marks = len(tx.after_commit), len(tx.undo)
-                changes = conn.total_changes
-                if savepoints:
-                    conn.execute("SAVEPOINT op")
-                try:
-                    outcomes.append((fut, fn(tx), None))
-                except BaseException as e:  # noqa: BLE001 - handed to the caller
-                    if isinstance(e, sqlite3.Error):
-                        if not conn.in_transaction:
-                            raise  # SQLite rolled back the whole transaction
-                        e = from_sqlite(e, self.path)
-                    if not savepoints and conn.total_changes == changes and marks == (
-                            len(tx.after_commit), len(tx.undo)):
-                        outcomes.append((fut, None, e))  # refused before it wrote
-                        continue
-                    if not savepoints:
-                        conn.execute("ROLLBACK")
-                        tx.rollback_to(0, 0)
-                        return None
-                    conn.execute("ROLLBACK TO op")
-                    tx.rollback_to(*marks)
-                    outcomes.append((fut, None, e))
-                if savepoints:
-                    conn.execute("RELEASE op")
-        except BaseException:
-            tx.rollback_to(0, 0)
-            raise
-        return tx, outcomes
+    def mapped(self, e: Exception) -> Exception:
+        assert isinstance(e, sqlite3.Error)
+        return from_sqlite(e, self.path)

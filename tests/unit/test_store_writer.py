@@ -34,7 +34,7 @@ def traced(store: Store) -> list[str]:
     """The statements the writer's connection runs from now on."""
     seen: list[str] = []
     assert store._writer is not None
-    store._writer.conn.set_trace_callback(seen.append)
+    store._writer.driver.conn.set_trace_callback(seen.append)
     return seen
 
 
@@ -216,7 +216,7 @@ def test_cleanup_goes_in_short_chunks_and_holds_the_checkpointer_off(store: Stor
         conn.execute("COMMIT")
     live = submit(store)
     assert store._writer is not None
-    checkpointer = store._writer.checkpointer
+    checkpointer = store._writer.driver.checkpointer
     holds: list[int] = []
     clock.now = T0 + 10**9
     chunks = []
