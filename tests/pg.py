@@ -1,4 +1,5 @@
-"""A private PostgreSQL for the tests that need one (SPEC §11), from Debian's packages.
+"""A private PostgreSQL for the tests that need one (SPEC §11), from Debian's packages,
+and the store test suite's database on either backend (``store_db``, ``backend``).
 
 A test module opts in with ``pytest_plugins = ["pg"]`` and asks for ``postgres`` (the
 session's server: one per test run, started on first use) or ``pg_dsn`` (a database of
@@ -155,6 +156,13 @@ class PostgresServer:
         self.pid = self._postmaster_pid()
         return self
 
+    def restart(self) -> None:
+        """Restart the server (fast: every session is cut, as a crash or an operator's
+        restart cuts them); its databases stay."""
+        self._run("pg_ctl", "restart", "--pgdata", str(self.data), "--mode", "fast",
+                  "--log", str(self.logfile), "--wait", "--timeout", str(START_TIMEOUT))
+        self.pid = self._postmaster_pid()
+
     def stop(self) -> None:
         """Stop the postmaster by its pid, wait for its exit, remove the folder."""
         # a start that timed out may still have left a postmaster running
@@ -224,3 +232,69 @@ def pg_dsn(postgres: PostgresServer, request: pytest.FixtureRequest) -> Iterator
         with _connect_admin(postgres) as admin:
             # FORCE: a daemon or connection the test left open must not keep it alive
             admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+# -- the store's tests on both backends ------------------------------------------------------
+
+#: the backends the store test suite runs on (SPEC §11: both pass the same suite)
+BACKENDS = ("sqlite", "postgres")
+
+
+class StoreDb:
+    """A database for one store test on one backend: a SQLite file or a PostgreSQL
+    database of its own; stores open on it, and a test peeks at its rows."""
+
+    def __init__(self, backend: str, target: Any) -> None:
+        self.backend = backend
+        #: the SQLite file's path, or the PostgreSQL database's DSN
+        self.target = target
+
+    def __repr__(self) -> str:
+        return f"StoreDb({self.backend}: {self.target})"
+
+    def open(self, **kw: Any) -> Any:
+        """An open store on this database (``kw``: the store's keyword arguments; a
+        ``synchronous`` of SQLite's is left out on PostgreSQL)."""
+        if self.backend == "sqlite":
+            from jobd.store import Store
+            kw.setdefault("synchronous", "normal")
+            return Store(self.target, **kw).open()
+        from jobd.store.postgres import PostgresStore
+        kw.pop("synchronous", None)
+        return PostgresStore(self.target, **kw).open()
+
+    def rows(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+        """The rows of a read on a connection of the test's own (``?``: an argument)."""
+        if self.backend == "sqlite":
+            import sqlite3
+            conn = sqlite3.connect(self.target, timeout=10)
+            try:
+                return conn.execute(sql, args).fetchall()
+            finally:
+                conn.close()
+        import psycopg
+        with psycopg.connect(self.target, autocommit=True) as pg:
+            return [tuple(r) for r in pg.execute(sql.replace("?", "%s"), args).fetchall()]
+
+    def value(self, sql: str, *args: Any) -> Any:
+        """The first column of the first row of a read."""
+        return self.rows(sql, *args)[0][0]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """The store's backend a test runs on; a test about one backend alone overrides it
+    (``pytest.mark.parametrize("backend", ["sqlite"], indirect=True)``)."""
+    return str(request.param)
+
+
+@pytest.fixture
+def store_db(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> StoreDb:
+    """A fresh database on ``backend`` for this test."""
+    if backend == "sqlite":
+        return StoreDb(backend, tmp_path / "jobd.db")
+    return StoreDb(backend, request.getfixturevalue("pg_dsn"))
+
+
+#: a test about SQLite itself (its file, pragmas, WAL, schema history): not run on PostgreSQL
+sqlite_only = pytest.mark.parametrize("backend", ["sqlite"], indirect=True)

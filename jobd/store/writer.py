@@ -70,18 +70,28 @@ class Tx:
 class Driver(Protocol):
     """A backend's side of the writer, on its one write connection."""
 
-    #: the backend's own error class: what the driver may map or pass on
-    error: type[Exception]
-    #: how many rows the connection has changed so far (a write that changed none and
-    #: raised leaves nothing to undo); a C-level callable on SQLite, read once per write
-    changes: Callable[[], int]
-    #: called after each commit's hooks (SQLite: wake the checkpointer)
-    committed: Callable[[], object]
-    #: the transaction's end, and a savepoint per write (after a write failed)
-    commit: Callable[[], object]
-    savepoint: Callable[[], object]
-    rollback_to_savepoint: Callable[[], object]
-    release: Callable[[], object]
+    # read-only members: SQLite's are C-level callables made once (no Python frame per
+    # write on its commit path), PostgreSQL's plain methods
+
+    @property
+    def error(self) -> type[Exception]:
+        """The backend's own error class: what the driver may map or pass on."""
+    @property
+    def changes(self) -> Callable[[], int]:
+        """How many rows the connection has changed so far (a write that changed none
+        and raised leaves nothing to undo); read once per write."""
+    @property
+    def committed(self) -> Callable[[], object]:
+        """Called after each commit's hooks (SQLite: wake the checkpointer)."""
+    @property
+    def commit(self) -> Callable[[], object]: ...
+    @property
+    def savepoint(self) -> Callable[[], object]:
+        """A savepoint before each write (once a write failed after writing)."""
+    @property
+    def rollback_to_savepoint(self) -> Callable[[], object]: ...
+    @property
+    def release(self) -> Callable[[], object]: ...
 
     def begin(self, now: int) -> Tx:
         """Begin the batch's transaction: what its writes see."""

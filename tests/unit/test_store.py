@@ -1,5 +1,7 @@
-"""The SQLite store against real database files: transitions, races, versions, migrations,
-listing and paging, submit rules, cleanup, the clean-shutdown marker and the indexes."""
+"""The store against real databases, on both backends (``pg.store_db``: a SQLite file and a
+PostgreSQL database): transitions, races, versions, listing and paging, submit rules,
+cleanup, the clean-shutdown marker. The tests about SQLite itself (its schema history,
+WAL, query plans) are marked ``sqlite_only``."""
 
 from __future__ import annotations
 
@@ -24,6 +26,10 @@ from jobd.rules import Rules
 from jobd.store import DuplicateId, JobNotFound, StateConflict, Store, StoreError
 from jobd.store.db import Tx
 from jobd.store.sql import MIGRATIONS, QUERIES
+
+from pg import StoreDb, sqlite_only
+
+pytest_plugins = ["pg"]
 
 T0 = 1_795_000_000_000_000  # 2026-11-18, in microseconds
 
@@ -86,44 +92,55 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Path:
-    return tmp_path / "jobd.db"
+def db(store_db: StoreDb) -> StoreDb:
+    """This test's database, on each backend in turn."""
+    return store_db
 
 
 @pytest.fixture
-def store(db: Path, clock: Clock) -> Iterator[Store]:
-    s = Store(db, synchronous="normal", clock=clock).open()
+def store(db: StoreDb, clock: Clock) -> Iterator[Store]:
+    s = db.open(clock=clock)
     yield s
     s.close()
 
 
+def second_store(db: StoreDb, **kw: Any) -> Store:
+    """Another store with its own writer on the same database: a second SQLite connection
+    to the file, or on PostgreSQL a second node (as cluster mode will have: the one-node
+    lock is another's)."""
+    if db.backend == "sqlite":
+        return db.open(**kw)
+    from jobd.store.postgres import PostgresStore
+    other = PostgresStore(db.target, **kw)
+    other.node_key += 1000
+    return other.open()
+
+
 @contextlib.contextmanager
-def raw(db: Path) -> Iterator[sqlite3.Connection]:
-    """A second, independent connection for looking at what the store wrote."""
-    conn = sqlite3.connect(db, isolation_level=None, timeout=10)
+def raw(db: Path | StoreDb) -> Iterator[sqlite3.Connection]:
+    """A second, independent connection for looking at what the SQLite store wrote."""
+    conn = sqlite3.connect(db.target if isinstance(db, StoreDb) else db,
+                           isolation_level=None, timeout=10)
     try:
         yield conn
     finally:
         conn.close()
 
 
-def row(db: Path, job_id: str) -> tuple[Any, ...]:
-    with raw(db) as conn:
-        return conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+def row(db: StoreDb, job_id: str) -> tuple[Any, ...]:
+    return db.rows("SELECT * FROM jobs WHERE id = ?", job_id)[0]
 
 
-def count(db: Path, table: str, where: str = "1", args: tuple[Any, ...] = ()) -> int:
-    with raw(db) as conn:
-        return conn.execute(f"SELECT count(*) FROM {table} WHERE {where}", args).fetchone()[0]
+def count(db: StoreDb, table: str, where: str = "TRUE", args: tuple[Any, ...] = ()) -> int:
+    return int(db.value(f"SELECT count(*) FROM {table} WHERE {where}", *args))
 
 
-def queued_in_db(db: Path) -> dict[str, int]:
-    with raw(db) as conn:
-        return dict(conn.execute(
-            "SELECT user_id, count(*) FROM jobs WHERE status = 'queued' GROUP BY user_id"))
+def queued_in_db(db: StoreDb) -> dict[str, int]:
+    return dict(db.rows(
+        "SELECT user_id, count(*) FROM jobs WHERE status = 'queued' GROUP BY user_id"))
 
 
-def job_in(store: Store, db: Path, status: JobStatus, user: str = "alice") -> Job:
+def job_in(store: Store, db: StoreDb, status: JobStatus, user: str = "alice") -> Job:
     """A stored job in ``status``, reached by allowed transitions."""
     job = submit(store, new_job(user=user, type="noop", project=None))
     path = {
@@ -159,7 +176,7 @@ METHODS: dict[str, Any] = {
 STARTS = ["queued", "running", "stopping", "completed", "failed", "cancelled"]
 
 
-def started_in(store: Store, db: Path, start: str) -> Job:
+def started_in(store: Store, db: StoreDb, start: str) -> Job:
     if start == "stopping":
         job = job_in(store, db, JobStatus.RUNNING)
         return store.cancel_job(job.id, actor="alice")
@@ -167,7 +184,7 @@ def started_in(store: Store, db: Path, start: str) -> Job:
 
 
 def test_each_transition_method_moves_only_along_transitions(
-        store: Store, db: Path, clock: Clock) -> None:
+        store: Store, db: StoreDb, clock: Clock) -> None:
     """Every method over every starting status on a real database: each (from, to) it
     makes is in TRANSITIONS, with its event row and a higher version; each refusal is a
     StateConflict naming the status and leaves the row and its history as they were.
@@ -214,7 +231,7 @@ def test_a_transition_of_a_missing_job_is_not_found(store: Store, name: str) -> 
     assert refused.value.job_id == missing and missing in str(refused.value)
 
 
-def test_retry_clears_the_attempt_but_resume_keeps_progress(store: Store, db: Path) -> None:
+def test_retry_clears_the_attempt_but_resume_keeps_progress(store: Store, db: StoreDb) -> None:
     job = job_in(store, db, JobStatus.RUNNING)
     store.update_progress(job.id, progress=40.0, phase="indexing", message="half",
                           actor="jobd").result()
@@ -230,10 +247,11 @@ def test_retry_clears_the_attempt_but_resume_keeps_progress(store: Store, db: Pa
     assert retried.attempts == 2
 
 
-def test_racing_transitions_exactly_one_wins(db: Path) -> None:
-    # two Store objects on one file: the compare-and-set in SQL decides, not a shared lock
-    first = Store(db, synchronous="normal").open()
-    second = Store(db, synchronous="normal").open()
+def test_racing_transitions_exactly_one_wins(db: StoreDb) -> None:
+    # two stores with a writer each on one database: the compare-and-set in SQL decides,
+    # not a shared lock
+    first = db.open()
+    second = second_store(db)
     try:
         for round in range(60):
             job = submit(first)
@@ -274,9 +292,9 @@ def test_racing_transitions_exactly_one_wins(db: Path) -> None:
         second.close()
 
 
-def test_version_only_rises_also_across_reopen(db: Path) -> None:
+def test_version_only_rises_also_across_reopen(db: StoreDb) -> None:
     clock = Clock()
-    store = Store(db, synchronous="normal", clock=clock).open()
+    store = db.open(clock=clock)
     job = submit(store)
     seen = [job.version]
     for to in (JobStatus.RUNNING, JobStatus.QUEUED, JobStatus.RUNNING):
@@ -284,7 +302,7 @@ def test_version_only_rises_also_across_reopen(db: Path) -> None:
     seen.append(request_cancel(store, job.id, "alice").version)
     store.close()
     clock.now -= 3_600_000_000  # the clock went back an hour while jobd was down
-    store = Store(db, synchronous="normal", clock=clock).open()
+    store = db.open(clock=clock)
     try:
         seen.append(store.get_job(job.id).version)
         seen.append(store.update_progress(job.id, progress=5, phase=None,
@@ -299,8 +317,9 @@ def test_version_only_rises_also_across_reopen(db: Path) -> None:
 
 # -- migrations ------------------------------------------------------------------------------
 
-def test_a_version_1_database_is_upgraded_and_keeps_its_rows(db: Path) -> None:
-    conn = sqlite3.connect(db, isolation_level=None)
+@sqlite_only
+def test_a_version_1_database_is_upgraded_and_keeps_its_rows(db: StoreDb) -> None:
+    conn = sqlite3.connect(db.target, isolation_level=None)
     conn.executescript(MIGRATIONS[0][2])  # as the first release of jobd left it
     conn.execute("PRAGMA user_version = 1")
     conn.execute("INSERT INTO jobs (id, type, user_id, project_id, status, version, "
@@ -313,7 +332,7 @@ def test_a_version_1_database_is_upgraded_and_keeps_its_rows(db: Path) -> None:
                  "VALUES (1, 'git_sync', '{\"rev\":\"abc\"}', 2)")
     conn.close()
 
-    store = Store(db, synchronous="normal").open()
+    store = db.open()
     try:
         job = store.get_job("old-job")
         assert (job.status, job.version, job.options) == (
@@ -329,12 +348,13 @@ def test_a_version_1_database_is_upgraded_and_keeps_its_rows(db: Path) -> None:
         assert conn.execute("SELECT pgid, pgid_start FROM jobs").fetchone() == (4242, 99)
 
 
-def test_a_database_from_a_newer_jobd_is_refused(db: Path) -> None:
-    Store(db).open().close()
+@sqlite_only
+def test_a_database_from_a_newer_jobd_is_refused(db: StoreDb) -> None:
+    db.open().close()
     with raw(db) as conn:
         conn.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
     with pytest.raises(StoreError, match="newer than this jobd knows.*upgrade jobd"):
-        Store(db).open()
+        db.open()
 
 
 # -- listing -----------------------------------------------------------------------------------
@@ -437,7 +457,7 @@ def sync_options(**changed: Any) -> dict[str, Any]:
             "strategy": "ff-only", "repo_path": "/r/p1", **changed}
 
 
-def test_dedupe_of_a_queued_sync_keeps_full_reindex(store: Store, db: Path) -> None:
+def test_dedupe_of_a_queued_sync_keeps_full_reindex(store: Store, db: StoreDb) -> None:
     first, dup = store.submit_job(new_job(options=sync_options()), actor="alice",
                                   rules=DEDUPE)
     full, dup_full = store.submit_job(new_job(options=sync_options(full_reindex=True)),
@@ -476,7 +496,7 @@ def test_dedupe_of_a_queued_sync_keeps_full_reindex(store: Store, db: Path) -> N
                  "AND status = 'queued'") == 1
 
 
-def test_queue_limits_refuse_and_keep_the_counter_right(store: Store, db: Path) -> None:
+def test_queue_limits_refuse_and_keep_the_counter_right(store: Store, db: StoreDb) -> None:
     limits = {"max_queued_per_user": 3, "max_queued_total": 5}
     alice = [submit(store, new_job(), **limits) for _ in range(3)]
     with pytest.raises(LimitExceeded, match="alice.*max_queued_per_user = 3"):
@@ -505,7 +525,7 @@ def test_queue_limits_refuse_and_keep_the_counter_right(store: Store, db: Path) 
         "alice": 2, "bob": 2, "carol": 0, "dave": 0}
     # reopening counts from the database
     store.close()
-    reopened = Store(db).open()
+    reopened = db.open()
     try:
         assert reopened.queued_count("alice") == 2 and reopened.queued_count() == 4
     finally:
@@ -532,7 +552,7 @@ def test_limit_holds_under_concurrent_submits(store: Store) -> None:
     assert store.queued_count("alice") == 7 == len(store.list_jobs(user_id="alice"))
 
 
-def test_group_commit_concurrent_submits_all_stored(store: Store, db: Path) -> None:
+def test_group_commit_concurrent_submits_all_stored(store: Store, db: StoreDb) -> None:
     threads_n, each = 16, 25
     barrier = threading.Barrier(threads_n)
     stored: list[Job] = []
@@ -609,14 +629,14 @@ def test_checkpoints_save_replace_load(store: Store) -> None:
 
 # -- cleanup ---------------------------------------------------------------------------------
 
-def finished_at(store: Store, clock: Clock, db: Path, status: JobStatus, at: int) -> Job:
+def finished_at(store: Store, clock: Clock, db: StoreDb, status: JobStatus, at: int) -> Job:
     clock.now = at
     job = job_in(store, db, status)
     clock.now = T0
     return job
 
 
-def test_cleanup_respects_status_and_retention(store: Store, clock: Clock, db: Path) -> None:
+def test_cleanup_respects_status_and_retention(store: Store, clock: Clock, db: StoreDb) -> None:
     day = 86_400_000_000
     old, recent = T0 - 40 * day, T0 - 10 * day
     queued = finished_at(store, clock, db, JobStatus.QUEUED, old)
@@ -661,7 +681,7 @@ def test_cleanup_respects_status_and_retention(store: Store, clock: Clock, db: P
 
 
 def test_cleanup_goes_in_chunks_and_dry_run_deletes_nothing(store: Store, clock: Clock,
-                                                           db: Path) -> None:
+                                                           db: StoreDb) -> None:
     for _ in range(35):
         finished_at(store, clock, db, JobStatus.COMPLETED, T0 - 1_000)
     dry = list(store.cleanup(keep_before=T0, keep_failed_before=T0, dry_run=True, chunk=10))
@@ -673,25 +693,26 @@ def test_cleanup_goes_in_chunks_and_dry_run_deletes_nothing(store: Store, clock:
 
 # -- the clean-shutdown marker --------------------------------------------------------------
 
-def test_clean_close_is_remembered(db: Path) -> None:
-    store = Store(db).open()
+def test_clean_close_is_remembered(db: StoreDb) -> None:
+    store = db.open()
     assert store.was_clean  # a new database
     submit(store)
     store.close()
-    store = Store(db).open()
+    store = db.open()
     try:
         assert store.was_clean
     finally:
         store.close()
 
 
-def test_a_killed_process_leaves_an_unclean_marker_and_the_job(db: Path) -> None:
-    Store(db).open().close()
+def test_a_killed_process_leaves_an_unclean_marker_and_the_job(db: StoreDb) -> None:
+    db.open().close()
     child = textwrap.dedent(f"""
-        import os, uuid
+        import os, sys, uuid
+        sys.path.insert(0, {str(Path(__file__).parent.parent)!r})
+        from pg import StoreDb
         from jobd.models import Job, JobStatus
-        from jobd.store import Store
-        store = Store({str(db)!r}).open()
+        store = StoreDb({db.backend!r}, {str(db.target)!r}).open()
         job = Job(id="killed-job", type="noop", user_id="alice", project_id=None,
                   status=JobStatus.CREATED, created_at=0, updated_at=0, version=0)
         store.submit_job(job, actor="alice")
@@ -699,7 +720,7 @@ def test_a_killed_process_leaves_an_unclean_marker_and_the_job(db: Path) -> None
     """)
     subprocess.run([sys.executable, "-c", child], check=True, timeout=60,
                    capture_output=True)
-    store = Store(db).open()
+    store = db.open()
     try:
         assert not store.was_clean
         assert store.get_job("killed-job").status is JobStatus.QUEUED
@@ -710,15 +731,16 @@ def test_a_killed_process_leaves_an_unclean_marker_and_the_job(db: Path) -> None
 
 # -- the WAL is folded back while the store runs ---------------------------------------------
 
-def test_the_wal_is_checkpointed_in_the_background_and_cut_back(db: Path) -> None:
-    store = Store(db, synchronous="normal").open()
-    wal = Path(f"{db}-wal")
+@sqlite_only
+def test_the_wal_is_checkpointed_in_the_background_and_cut_back(db: StoreDb) -> None:
+    store = db.open()
+    wal = Path(f"{db.target}-wal")
     try:
         for _ in range(250):  # ~12 MB through the WAL
             submit(store, new_job(metadata={"pad": "w" * 50_000}))
         deadline = time.monotonic() + 30
         # copied into the database file while the store is open, not only at close
-        while db.stat().st_size < 10_000_000:
+        while db.target.stat().st_size < 10_000_000:
             assert time.monotonic() < deadline, "the WAL was never checkpointed"
             time.sleep(0.01)
         # once the copy is complete, the next write starts the WAL over, cut back
@@ -753,7 +775,8 @@ def test_a_list_by_a_time_pages_newest_first_with_jobs_without_it_last(
     assert [json.loads(w)[column] is None for *_, w in store.list_wire(order=order)][-4:] == [True] * 4
 
 
-def test_queries_use_indexes(store: Store, clock: Clock, db: Path) -> None:
+@sqlite_only
+def test_queries_use_indexes(store: Store, clock: Clock, db: StoreDb) -> None:
     for n in range(30):
         job = submit(store, new_job(user=f"u{n % 3}", project=f"p{n % 5}",
                                     idempotency_key=f"k{n}"), actor="jobd")
@@ -807,6 +830,24 @@ def test_queries_use_indexes(store: Store, clock: Clock, db: Path) -> None:
                 assert not any("TEMP B-TREE" in p for p in plan), f"{sql}\n  plan: {plan}"
 
 
+def test_an_end_records_what_the_attempt_left(store: Store) -> None:
+    """A completed job is at 100 %; a failed or cancelled one stays where it stopped, with
+    its error or message; every end clears what only a running job has."""
+    ends = {JobStatus.COMPLETED: {"result": {"files": 2}, "message": "done"},
+            JobStatus.FAILED: {"error": "boom"},
+            JobStatus.CANCELLED: {"message": "stopped"}}
+    for status, given in ends.items():
+        job = store.start_job(submit(store).id)
+        store.update_progress(job.id, progress=40.0, phase="indexing", message="half").result()
+        done = store.finish_job(job.id, status, **given)
+        assert done.status is status and done.completed_at is not None
+        assert done.progress == (100.0 if status is JobStatus.COMPLETED else 40.0)
+        assert (done.result, done.error) == (given.get("result"), given.get("error"))
+        assert done.message == given.get("message", "half")
+        assert done.phase == "indexing" and not done.cancel_requested
+        assert store.get_job(job.id) == done
+
+
 @pytest.mark.parametrize("end", [JobStatus.COMPLETED, JobStatus.FAILED])
 def test_a_job_whose_cancel_was_asked_for_ends_cancelled_whatever_it_did(
         store: Store, end: JobStatus) -> None:
@@ -826,8 +867,8 @@ def test_next_version_follows_the_stores_clock_and_always_rises(store: Store) ->
     assert store.next_version(far) == far + 1
 
 
-def test_the_wire_shape_sqlite_builds_is_the_one_job_to_dict_gives(store: Store) -> None:
-    """jobs.list sends SQLite's encoding; models.Job.to_dict is the reference."""
+def test_the_wire_shape_the_database_builds_is_the_one_job_to_dict_gives(store: Store) -> None:
+    """jobs.list sends the database's encoding; models.Job.to_dict is the reference."""
     plain = submit(store)
     rich = submit(store, new_job(project="p2", options={"branch": "main", "list": [1, "é"]},
                                  metadata={"quote": "a \"b\"\n\tc", "n": 1.5},

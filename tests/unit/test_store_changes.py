@@ -1,16 +1,18 @@
-"""The store's part of jobs.changes and admin.purge on real SQLite files: jobs in the
+"""The store's part of jobs.changes and admin.purge on real databases (both backends): jobs in the
 order of their last change after a (µs, seq) position, and a user's finished jobs deleted
 by the one delete, with the counts kept and the deleted listener told."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from jobd.models import JobStatus
-from jobd.store import Listeners, Store
+from jobd.store import Listeners
 
+from pg import StoreDb
 from test_store import T0, Clock, clock, db, new_job, submit  # noqa: F401 - fixtures
+
+pytest_plugins = ["pg"]
 
 
 def ids(rows: list[tuple[int, int, str, str]]) -> list[str]:
@@ -18,8 +20,8 @@ def ids(rows: list[tuple[int, int, str, str]]) -> list[str]:
 
 
 def test_jobs_come_in_the_order_of_their_last_change_after_a_position(
-        db: Path, clock: Clock) -> None:
-    store = Store(db, synchronous="normal", clock=clock).open()
+        db: StoreDb, clock: Clock) -> None:
+    store = db.open(clock=clock)
     try:
         clock.now = T0 + 1
         a = submit(store, new_job(user="alice"))
@@ -54,10 +56,9 @@ def test_jobs_come_in_the_order_of_their_last_change_after_a_position(
 
 
 def test_a_purge_deletes_only_the_users_finished_jobs_and_tells_the_deleted_listener(
-        db: Path, clock: Clock) -> None:
+        db: StoreDb, clock: Clock) -> None:
     told: list[str] = []
-    store = Store(db, synchronous="normal", clock=clock,
-                  listeners=Listeners(deleted=told.extend)).open()
+    store = db.open(clock=clock, listeners=Listeners(deleted=told.extend))
     try:
         done = []
         for user in ("alice", "alice", "alice", "bob"):

@@ -1,7 +1,8 @@
-"""Retention on real SQLite files: a cleanup or a forgetting takes a job with all of its
+"""Retention on real databases: a cleanup or a forgetting takes a job with all of its
 events and checkpoints and leaves every other job's, keeps the status counts and stored
-weights in step, goes in chunks that never hold the writer past the budget, and keeps the
-WAL from growing by every chunk.
+weights in step (on both backends); on a large SQLite file it goes in chunks that never
+hold the writer past the budget, and keeps the WAL from growing by every chunk (SQLite
+only: its file and WAL).
 
 ``JOBD_CLEANUP_JOBS`` sets the size of the large database (default 100,000 jobs, a tenth
 of them expired; the issue's figure is for 1,000,000: ``bench/rpc_bench.py --prefill``).
@@ -21,31 +22,34 @@ from jobd.store import Store
 from jobd.store.db import Checkpointer
 from jobd.store.sqlite import CLEANUP_CHUNK
 
+from pg import StoreDb
 from test_store import T0, Clock, clock, db, new_job, raw, submit  # noqa: F401 - fixtures
+
+pytest_plugins = ["pg"]
 
 DAY = 86_400 * 10**6
 LARGE = int(os.environ.get("JOBD_CLEANUP_JOBS", "100000"))
 
 
-def stored(db: Path) -> dict[str, Any]:
+def stored(db: StoreDb) -> dict[str, Any]:
     """What the database holds, counted from the rows themselves."""
-    with raw(db) as conn:
-        return {
-            "events": {job_id: conn.execute(
-                "SELECT at, status, actor FROM job_events WHERE job = ? ORDER BY rowid",
-                (seq,)).fetchall() for seq, job_id in conn.execute("SELECT seq, id FROM jobs")},
-            "checkpoints": dict(conn.execute(
-                "SELECT j.id, count(*) FROM job_checkpoints c JOIN jobs j ON j.seq = c.job "
-                "GROUP BY j.id")),
-            "orphans": conn.execute(
-                "SELECT (SELECT count(*) FROM job_events WHERE job NOT IN (SELECT seq FROM jobs))"
-                " + (SELECT count(*) FROM job_checkpoints"
-                "    WHERE job NOT IN (SELECT seq FROM jobs))").fetchone()[0],
-            "counts": dict(conn.execute("SELECT status, count(*) FROM jobs GROUP BY status")),
-            "weights": dict(conn.execute(
-                "SELECT user_id, sum(weight) FROM jobs "
-                "WHERE status IN ('completed', 'failed', 'cancelled') GROUP BY user_id")),
-        }
+    order = "rowid" if db.backend == "sqlite" else "id"  # events in the order written
+    return {
+        "events": {job_id: db.rows(
+            f"SELECT at, status, actor FROM job_events WHERE job = ? ORDER BY {order}", seq)
+            for seq, job_id in db.rows("SELECT seq, id FROM jobs")},
+        "checkpoints": dict(db.rows(
+            "SELECT j.id, count(*) FROM job_checkpoints c JOIN jobs j ON j.seq = c.job "
+            "GROUP BY j.id")),
+        "orphans": db.value(
+            "SELECT (SELECT count(*) FROM job_events WHERE job NOT IN (SELECT seq FROM jobs))"
+            " + (SELECT count(*) FROM job_checkpoints"
+            "    WHERE job NOT IN (SELECT seq FROM jobs))"),
+        "counts": dict(db.rows("SELECT status, count(*) FROM jobs GROUP BY status")),
+        "weights": dict(db.rows(
+            "SELECT user_id, sum(weight) FROM jobs "
+            "WHERE status IN ('completed', 'failed', 'cancelled') GROUP BY user_id")),
+    }
 
 
 def weights(store: Store, users: list[str]) -> dict[str, int]:
@@ -64,8 +68,8 @@ def finished(store: Store, clock: Clock, at: int, status: JobStatus, *, user: st
 
 
 def test_cleanup_leaves_no_event_or_checkpoint_of_a_deleted_job_and_keeps_every_others(
-        db: Path, clock: Clock) -> None:
-    store = Store(db, synchronous="normal", clock=clock).open()
+        db: StoreDb, clock: Clock) -> None:
+    store = db.open(clock=clock)
     try:
         users = ["alice", "bob", "carol"]
         # active jobs older than every cutoff, among the expired ones: never touched
@@ -107,8 +111,8 @@ def test_cleanup_leaves_no_event_or_checkpoint_of_a_deleted_job_and_keeps_every_
 
 
 def test_forgetting_the_excess_keeps_counts_weights_and_the_others_history(
-        db: Path, clock: Clock) -> None:
-    store = Store(db, synchronous="normal", clock=clock, max_stored_per_user=5).open()
+        db: StoreDb, clock: Clock) -> None:
+    store = db.open(clock=clock, max_stored_per_user=5)
     try:
         first = [finished(store, clock, T0 + n, JobStatus.COMPLETED, user="alice",
                           checkpoint=True) for n in range(5)]

@@ -1,6 +1,6 @@
 """The store when things go wrong: a file that is not a database, a directory it may not
 write, a full disk, a duplicate id, damaged pages; and the offline tools check, backup and
-recover."""
+recover. All about SQLite's file but the duplicate id, tested on both backends."""
 
 from __future__ import annotations
 
@@ -21,6 +21,9 @@ from conftest import OTHER_UID_PYTHON
 from jobd.models import Job, JobStatus
 from jobd.store import Corrupt, DuplicateId, StorageFull, Store, StoreError
 from jobd.store.tools import backup, check, recover
+from pg import StoreDb
+
+pytest_plugins = ["pg"]
 
 
 def new_job(user: str = "alice", metadata: dict[str, str] | None = None,
@@ -174,8 +177,10 @@ def test_a_full_disk_refuses_writes_keeps_what_is_stored_and_recovers(
         store.close()
 
 
-def test_a_duplicate_id_is_a_conflict_naming_it(tmp_path: Path) -> None:
-    store = Store(tmp_path / "jobd.db").open()
+def test_a_duplicate_id_is_a_conflict_naming_it(store_db: StoreDb) -> None:
+    """On both backends (PostgreSQL's: its unique violation, told by SQLSTATE 23505 on
+    the id's constraint)."""
+    store = store_db.open()
     try:
         first = store.submit_job(new_job(job_id="0123abcd-dup"), actor="alice")[0]
         with pytest.raises(DuplicateId, match="0123abcd-dup"):

@@ -1,11 +1,15 @@
-"""``JobStore`` is the store the layers above use: the SQLite backend offers each of its
-methods with the same parameters, and the manager and engine call nothing else."""
+"""``JobStore`` is the store the layers above use: each backend (SQLite, PostgreSQL) offers
+each of its methods with the same parameters, and the manager and engine call nothing
+else."""
 
 from __future__ import annotations
 
 import inspect
 import re
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from jobd.store.interface import JobStore
 from jobd.store.sqlite import SqliteStore
@@ -15,10 +19,20 @@ METHODS = {name for name, value in vars(JobStore).items()
            if callable(value) and not name.startswith("_")}
 
 
-def test_the_sqlite_store_offers_every_method_of_the_interface() -> None:
+def backend_class(name: str) -> Any:
+    if name == "sqlite":
+        return SqliteStore
+    pytest.importorskip("psycopg")
+    from jobd.store.postgres import PostgresStore
+    return PostgresStore
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_each_backend_offers_every_method_of_the_interface(backend: str) -> None:
+    store_class = backend_class(backend)
     for name in METHODS:
         want = inspect.signature(getattr(JobStore, name)).parameters
-        have = inspect.signature(getattr(SqliteStore, name)).parameters
+        have = inspect.signature(getattr(store_class, name)).parameters
         assert [(p.name, p.kind) for p in want.values()] == [
             (p.name, p.kind) for p in have.values() if p.name in want], name
         # what the backend takes beyond the interface has a default (a tuning knob)

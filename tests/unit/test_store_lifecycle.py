@@ -1,25 +1,27 @@
 """The store's edges in time and state: a write racing ``close`` is answered, never left
-waiting; every end of a job clears the process group it recorded."""
+waiting; every end of a job clears the process group it recorded (on both backends)."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import threading
-from pathlib import Path
 
 import pytest
 
 from jobd.models import JobStatus
-from jobd.store import Listeners, Store, StoreClosed
+from jobd.store import Listeners, StoreClosed
 
-from test_store import T0, Clock, new_job, raw, submit
+from pg import StoreDb
+from test_store import T0, Clock, new_job, submit
+
+pytest_plugins = ["pg"]
 
 
-def test_a_write_racing_close_is_answered_not_left_waiting(tmp_path: Path) -> None:
+def test_a_write_racing_close_is_answered_not_left_waiting(store_db: StoreDb) -> None:
     """A worker finishing a job while the daemon closes the store gets its write done or
     StoreClosed; none waits for ever on a writer that has gone."""
     for round in range(20):
-        store = Store(tmp_path / f"r{round}.db", synchronous="off", clock=Clock()).open()
+        store = store_db.open(synchronous="off", clock=Clock())
         futures: list[concurrent.futures.Future[object]] = []
         started = threading.Event()
 
@@ -44,8 +46,8 @@ def test_a_write_racing_close_is_answered_not_left_waiting(tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize("end", ["completed", "failed", "cancelled", "cancel_job"])
-def test_every_end_clears_the_recorded_process_group(tmp_path: Path, end: str) -> None:
-    store = Store(tmp_path / "jobd.db", synchronous="off", clock=Clock()).open()
+def test_every_end_clears_the_recorded_process_group(store_db: StoreDb, end: str) -> None:
+    store = store_db.open(synchronous="off", clock=Clock())
     try:
         job = submit(store, new_job(type="noop", project=None))
         if end != "cancel_job":
@@ -56,20 +58,19 @@ def test_every_end_clears_the_recorded_process_group(tmp_path: Path, end: str) -
         else:
             done = store.finish_job(job.id, JobStatus(end))
         assert done.terminal
-        with raw(store.path) as conn:
-            assert conn.execute("SELECT pgid, pgid_start FROM jobs WHERE id = ?",
-                                (job.id,)).fetchone() == (None, None)
+        assert store_db.rows("SELECT pgid, pgid_start FROM jobs WHERE id = ?",
+                             job.id) == [(None, None)]
     finally:
         store.close()
 
 
-def test_cleanup_removes_files_off_the_writers_thread(tmp_path: Path) -> None:
+def test_cleanup_removes_files_off_the_writers_thread(store_db: StoreDb) -> None:
     """The files of the jobs a cleanup chunk deleted go once the chunk is durable, in the
     cleanup's own thread: writes queued behind the chunk do not wait for the unlinks."""
     told: list[tuple[str, int]] = []
-    store = Store(tmp_path / "jobd.db", synchronous="off", clock=Clock(),
-                  listeners=Listeners(deleted=lambda ids: told.append(
-                      (threading.current_thread().name, len(ids))))).open()
+    store = store_db.open(synchronous="off", clock=Clock(),
+                          listeners=Listeners(deleted=lambda ids: told.append(
+                              (threading.current_thread().name, len(ids)))))
     try:
         for _ in range(30):
             job = submit(store, new_job(type="noop", project=None))

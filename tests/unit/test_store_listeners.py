@@ -4,7 +4,6 @@ never a state that a failed write's savepoint undid."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Iterator
 
 import pytest
@@ -15,14 +14,17 @@ from jobd.store import Listeners, Store
 from jobd.store.db import Tx
 
 from test_store import Clock, new_job
+from pg import StoreDb
+
+pytest_plugins = ["pg"]
 from test_store_writer import one_batch
 
 
 @pytest.fixture
-def heard(tmp_path: Path) -> Iterator[tuple[Store, list[Job]]]:
+def heard(store_db: StoreDb) -> Iterator[tuple[Store, list[Job]]]:
     seen: list[Job] = []
-    s = Store(tmp_path / "jobd.db", synchronous="normal", clock=Clock(),
-              listeners=Listeners(changed=seen.append)).open()
+    s = store_db.open(synchronous="normal", clock=Clock(),
+              listeners=Listeners(changed=seen.append))
     yield s, seen
     s.close()
 

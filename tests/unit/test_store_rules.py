@@ -5,7 +5,6 @@ trace: its listeners are not told and the queued counts are as before."""
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
@@ -17,13 +16,16 @@ from jobd.store import Listeners, Store
 from jobd.store.db import Tx
 
 from test_store import DEDUPE, Clock, new_job, submit, sync_options
+from pg import StoreDb
+
+pytest_plugins = ["pg"]
 
 MAINTENANCE = Rules(refusal=Unavailable("jobd is in maintenance: try again later"))
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(tmp_path / "jobd.db", synchronous="off", clock=Clock()).open()
+def store(store_db: StoreDb) -> Iterator[Store]:
+    s = store_db.open(synchronous="off", clock=Clock())
     yield s
     s.close()
 
@@ -45,10 +47,10 @@ def test_maintenance_refuses_a_retry_inside_the_store(store: Store) -> None:
     assert store.retry_job(one.id, actor="alice", rules=Rules()).status is JobStatus.QUEUED
 
 
-def test_a_refused_write_in_a_batch_tells_no_listener(tmp_path: Path) -> None:
+def test_a_refused_write_in_a_batch_tells_no_listener(store_db: StoreDb) -> None:
     told: list[str] = []
-    store = Store(tmp_path / "jobd.db", synchronous="off", clock=Clock(),
-                  listeners=Listeners(changed=lambda job: told.append(job.user_id))).open()
+    store = store_db.open(synchronous="off", clock=Clock(),
+                          listeners=Listeners(changed=lambda job: told.append(job.user_id)))
     try:
         def written_then_refused(tx: Tx) -> None:
             store.submit_job_in(tx, new_job(user="dave"), "dave", Rules())

@@ -1,5 +1,6 @@
 """admin.stats' finished jobs in the store: hourly rows per (type, end status) with a fixed
-run-time histogram, written in the end's transaction, pruned after 35 days by upkeep."""
+run-time histogram, written in the end's transaction, pruned after 35 days by upkeep; on
+both backends (SQLite's upgrade that counts the ends before it: SQLite only)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ from jobd.store import Store
 from jobd.store.db import count_finished
 from jobd.store.interface import FINISHED_KEEP_US, HOUR_US
 
+from pg import StoreDb, sqlite_only
 from test_store import T0, Clock, clock, db, new_job, raw, store, submit  # noqa: F401 - fixtures
+
+pytest_plugins = ["pg"]
 
 
 def ended(store: Store, clock: Clock, type: str, status: JobStatus, run_s: float) -> None:
@@ -46,7 +50,8 @@ def test_each_end_lands_in_its_hour_type_status_and_run_time_bucket(
     assert by_key(store, clock.now // HOUR_US + 1) == {}
 
 
-def test_upkeep_prunes_finished_hours_past_35_days(store: Store, clock: Clock) -> None:
+def test_upkeep_prunes_finished_hours_past_35_days(store: Store, clock: Clock,
+                                                   db: StoreDb) -> None:
     ended(store, clock, "sync", JobStatus.COMPLETED, 1)
     first = T0 // HOUR_US
     store.upkeep(now=clock.now + FINISHED_KEEP_US - HOUR_US)
@@ -56,15 +61,13 @@ def test_upkeep_prunes_finished_hours_past_35_days(store: Store, clock: Clock) -
     store.upkeep(now=clock.now)
     oldest = (clock.now - FINISHED_KEEP_US) // HOUR_US  # the earliest ``since`` allowed
     assert [r[:4] for r in store.finished(oldest)] == [("sync", "completed", 3, 1)]
-    with raw(store.path) as conn:
-        assert conn.execute("SELECT count(*) FROM finished_hours WHERE hour < ?",
-                            (oldest,)).fetchone()[0] == 0
-        assert conn.execute("SELECT count(*) FROM finished_days WHERE (day + 1) * 24 <= ?",
-                            (oldest,)).fetchone()[0] == 0
+    assert db.value("SELECT count(*) FROM finished_hours WHERE hour < ?", oldest) == 0
+    assert db.value("SELECT count(*) FROM finished_days WHERE (day + 1) * 24 <= ?",
+                    oldest) == 0
 
 
 def test_finished_since_any_hour_equals_the_sum_of_its_hours(
-        store: Store, clock: Clock) -> None:
+        store: Store, clock: Clock, db: StoreDb) -> None:
     """Whole days are read from the daily rows: whatever the ``since``, the answer is the
     sum of the hours from it on."""
     start = clock.now
@@ -72,10 +75,8 @@ def test_finished_since_any_hour_equals_the_sum_of_its_hours(
         clock.now = start + i * HOUR_US + 7 * 60 * 10**6
         ended(store, clock, ("sync", "noop")[i % 2],
               (JobStatus.COMPLETED, JobStatus.FAILED)[i % 3 == 0], 0.3 * (i % 5 + 1))
-    with raw(store.path) as conn:
-        hours = conn.execute("SELECT hour, type, status, bucket, n, run_us "
-                             "FROM finished_hours").fetchall()
-        assert conn.execute("SELECT count(*) FROM finished_days").fetchone()[0] < len(hours)
+    hours = db.rows("SELECT hour, type, status, bucket, n, run_us FROM finished_hours")
+    assert db.value("SELECT count(*) FROM finished_days") < len(hours)
     first, last = min(h[0] for h in hours), max(h[0] for h in hours)
     for since in range(first - 1, last + 2):
         expected: dict[tuple[str, str, int], tuple[int, int]] = {}
@@ -86,7 +87,8 @@ def test_finished_since_any_hour_equals_the_sum_of_its_hours(
         assert by_key(store, since) == expected, f"since hour {since - first}"
 
 
-def test_a_cleanup_takes_each_type_off_its_own_counts(store: Store, clock: Clock) -> None:
+def test_a_cleanup_takes_each_type_off_its_own_counts(store: Store, clock: Clock,
+                                                      db: StoreDb) -> None:
     for type, n in (("sync", 3), ("noop", 1)):
         for _ in range(n):
             ended(store, clock, type, JobStatus.COMPLETED, 1)
@@ -97,12 +99,13 @@ def test_a_cleanup_takes_each_type_off_its_own_counts(store: Store, clock: Clock
     assert sum(len(ids) for ids in store.cleanup(keep_before=clock.now,
                                                  keep_failed_before=clock.now)) == 4
     assert store.type_counts() == {"sync": {"queued": 1}}
-    with raw(store.path) as conn:  # none taken off another type's count (none below 0)
-        assert conn.execute("SELECT min(n) FROM type_counts").fetchone()[0] == 0
+    # none taken off another type's count (none below 0)
+    assert db.value("SELECT min(n) FROM type_counts") == 0
     # the finished counts outlive the jobs (kept 35 days whatever the retention)
     assert sum(r[3] for r in store.finished(0)) == 4
 
 
+@sqlite_only
 def test_the_upgrade_counts_stored_ends_as_their_trigger_did(store: Store, clock: Clock) -> None:
     """Migration 8 counts the jobs that ended before it (``count_finished``) the way the
     end trigger counts each end since: the same rows, from the same jobs, 35 days back."""

@@ -4,7 +4,6 @@ slot given back when the write fails."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
@@ -15,13 +14,16 @@ from jobd.store import DuplicateId, Listeners, Store
 from jobd.store.db import Tx
 
 from test_store import T0, Clock, new_job
+from pg import StoreDb
+
+pytest_plugins = ["pg"]
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[tuple[Store, list[Job]]]:
+def store(store_db: StoreDb) -> Iterator[tuple[Store, list[Job]]]:
     heard: list[Job] = []
-    s = Store(tmp_path / "jobd.db", synchronous="normal", clock=Clock(),
-              listeners=Listeners(changed=heard.append)).open()
+    s = store_db.open(synchronous="normal", clock=Clock(),
+              listeners=Listeners(changed=heard.append))
     yield s, heard
     s.close()
 

@@ -1,5 +1,6 @@
 """The store keeps its promises against bad text and greedy users: every text it writes is
-valid UTF-8, and a user's finished jobs are capped by ``max_stored_per_user``."""
+valid UTF-8, and a user's finished jobs are capped by ``max_stored_per_user`` (on both
+backends; the migrations that weighed and repaired old SQLite rows: SQLite only)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,10 @@ from jobd.store import Listeners, Store
 from jobd.store.sql import MIGRATIONS
 from jobd.store.sqlite import WEIGHT_BYTES
 
+from pg import StoreDb
 from test_store import Clock, move, new_job, raw, submit
+
+pytest_plugins = ["pg"]
 
 BAD = "caf\udce9.txt"  # what surrogateescape makes of the bytes b"caf\xe9.txt"
 
@@ -25,9 +29,9 @@ def forgotten() -> list[str]:
 
 
 @pytest.fixture
-def capped(tmp_path: Path, forgotten: list[str]) -> Iterator[Store]:
-    s = Store(tmp_path / "jobd.db", synchronous="normal", clock=Clock(),
-              max_stored_per_user=5, listeners=Listeners(deleted=forgotten.extend)).open()
+def capped(store_db: StoreDb, forgotten: list[str]) -> Iterator[Store]:
+    s = store_db.open(clock=Clock(), max_stored_per_user=5,
+                      listeners=Listeners(deleted=forgotten.extend))
     yield s
     s.close()
 

@@ -1,4 +1,7 @@
-"""The store's SQL: named queries (``queries.sql``) and numbered migrations.
+"""The store's SQL: named queries (``queries.sql``) and numbered migrations, per dialect.
+
+SQLite's are ``queries.sql`` and ``migrations/`` here (``QUERIES``, ``MIGRATIONS``);
+another dialect's are in a folder of its name (``postgres/``), loaded by ``dialect``.
 
 ``queries.sql`` holds every statement the store runs, each after a ``-- name --`` line
 and one comment line saying what it does (as procrastinate's). A ``{name}`` in a query
@@ -10,8 +13,9 @@ from __future__ import annotations
 
 import re
 from importlib import resources
+from importlib.resources.abc import Traversable
 
-__all__ = ["MIGRATIONS", "QUERIES", "parse_queries"]
+__all__ = ["MIGRATIONS", "QUERIES", "dialect", "parse_queries"]
 
 _NAMED = re.compile(r"(?:\n|^)-- ([a-z0-9_]+) --\n(?:-- .+\n)*", re.MULTILINE)
 
@@ -32,13 +36,26 @@ def parse_queries(text: str) -> dict[str, str]:
 
 
 _HERE = resources.files(__name__)
-QUERIES = parse_queries((_HERE / "queries.sql").read_text(encoding="utf-8"))
-#: the schema migrations in order, as (number, file name, SQL); user_version counts them
-MIGRATIONS: tuple[tuple[int, str, str], ...] = tuple(
-    (int(f.name[:4]), f.name, f.read_text(encoding="utf-8"))
-    for f in sorted((_HERE / "migrations").iterdir(), key=lambda f: f.name)
-    if f.name.endswith(".sql"))
-if [m[0] for m in MIGRATIONS] != list(range(1, len(MIGRATIONS) + 1)):
-    # the runner applies them by position and stores the number: a gap would skip one
-    raise RuntimeError(f"jobd/store/sql/migrations: numbers not 1..n: "
-                       f"{[m[1] for m in MIGRATIONS]}")
+#: a migration: (number, file name, SQL); the store records the numbers applied
+Migration = tuple[int, str, str]
+
+
+def _load(folder: Traversable) -> tuple[dict[str, str], tuple[Migration, ...]]:
+    queries = parse_queries((folder / "queries.sql").read_text(encoding="utf-8"))
+    migrations = tuple(
+        (int(f.name[:4]), f.name, f.read_text(encoding="utf-8"))
+        for f in sorted((folder / "migrations").iterdir(), key=lambda f: f.name)
+        if f.name.endswith(".sql"))
+    if [m[0] for m in migrations] != list(range(1, len(migrations) + 1)):
+        # the runner applies them by position and stores the number: a gap would skip one
+        raise RuntimeError(f"{folder}/migrations: numbers not 1..n: "
+                           f"{[m[1] for m in migrations]}")
+    return queries, migrations
+
+
+def dialect(name: str) -> tuple[dict[str, str], tuple[Migration, ...]]:
+    """The named queries and the migrations in order of the dialect ``name`` (its folder)."""
+    return _load(_HERE / name)
+
+
+QUERIES, MIGRATIONS = _load(_HERE)

@@ -1,0 +1,444 @@
+"""The PostgreSQL store (SPEC §11): the rules of ``base.BaseStore`` on a PostgreSQL database.
+
+The only module that imports psycopg (``jobd[postgres]``), imported only when the
+daemon is configured with ``backend = "postgres"``. One writer connection runs the
+group-committed batches (``PgDriver`` under ``writer.Writer``); reads take a connection
+of a ``psycopg_pool.ConnectionPool`` in autocommit, and never wait for the writer.
+
+- **Schema**: ``sql/postgres/migrations`` applied in order by ``migrate`` under a session
+  advisory lock (``MIGRATE_KEY``), so that two jobd starting at once apply each one once;
+  ``jobd_schema`` records them; a database whose schema is newer than this jobd is refused.
+- **One node for now**: the writer's session holds ``NODE_KEY`` while the store is open;
+  a second jobd on the same database is refused (several need cluster mode, not built yet).
+- **Queue limits exact across writers**: the queued counts are a table (``queued_counts``)
+  the store's own statements keep in the write that changes them, read inside the write
+  that checks a limit, after the first such read of a batch took the queue's
+  transaction-scoped advisory lock (``QUEUE_KEY``, one for every user: a batch admits
+  several users, and per-user locks taken in each batch's order would deadlock).
+- **Errors** by SQLSTATE, never by message text (``from_pg``). A deadlock or a
+  serialization failure runs the batch again; a lost connection (a PostgreSQL restart)
+  fails the batch with StorageUnavailable, and the next batch connects again; a read on a
+  connection the restart broke is read again on a fresh one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from typing import Any, Callable, Iterator, Mapping
+
+import psycopg
+import psycopg.conninfo
+import psycopg.errors
+import psycopg_pool
+import structlog
+from psycopg.pq import TransactionStatus
+
+from jobd.store import writer
+from jobd.store.base import BaseStore, Listeners, now_us
+from jobd.store.errors import (Corrupt, DuplicateId, ReadOnly, StorageFull, StorageUnavailable,
+                               StoreClosed, StoreError)
+from jobd.store.sql import dialect
+
+__all__ = ["FUNCTIONS", "MIGRATE_KEY", "NODE_KEY", "QUEUE_KEY", "TABLES", "PostgresStore",
+           "check", "describe", "from_pg", "migrate", "schema_version"]
+
+log = structlog.get_logger()
+
+QUERIES, MIGRATIONS = dialect("postgres")
+
+# advisory lock keys: "jobd" in the high half, the lock's number in the low half
+#: held by a session while it migrates the schema
+MIGRATE_KEY = 0x6A6F6264_00000001
+#: held by the open store's writer session: one jobd per database until cluster mode
+NODE_KEY = 0x6A6F6264_00000002
+#: taken by a write (transaction-scoped) before it reads the queued counts to admit jobs
+QUEUE_KEY = 0x6A6F6264_00000003
+
+#: jobd's tables, and the functions its schema defines (its triggers' and ``jobd_iso``):
+#: a backup by table (``pg_dump -t``) leaves the functions out, so dump the database
+TABLES = ("jobd_schema", "jobs", "job_events", "job_checkpoints", "job_keys", "meta",
+          "queued_counts", "user_stored", "type_counts", "run_buckets", "finished_hours",
+          "finished_days")
+FUNCTIONS = ("jobd_iso", "jobs_counted_in", "jobs_status_moved")
+
+#: SQLSTATEs of a transaction that lost a race with another one: run it again
+_AGAIN = frozenset({"40P01", "40001"})
+_CLEAN = (TransactionStatus.INTRANS, TransactionStatus.INERROR)
+
+
+def describe(dsn: str) -> str:
+    """The database a DSN names, for messages and logs (never its password)."""
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.Error:
+        return "the configured PostgreSQL database (its dsn does not parse)"
+    where = info.get("host") or "the default host"
+    port = f":{info['port']}" if info.get("port") else ""
+    return f"PostgreSQL database {info.get('dbname') or '(default)'} on {where}{port}"
+
+
+def from_pg(e: Exception, where: str) -> Exception:
+    """``e`` as the store's exception, told apart by its SQLSTATE (a bug's error, such as
+    a refused CHECK, is passed on as it is); ``where``: the database, as ``describe``."""
+    if isinstance(e, StoreError):
+        return e
+    state = getattr(e, "sqlstate", None) or ""
+    text = str(e).strip()
+    if state == "53100":
+        return StorageFull(f"storage full: {where}: {text}; free space, then retry")
+    if state == "25006":
+        return ReadOnly(f"storage read-only: {where}: {text}")
+    if state in ("XX001", "XX002"):
+        return Corrupt(f"{where}: data or index corrupted ({text}); see the server's log")
+    if state in _AGAIN:
+        return StorageUnavailable(f"storage busy: {where}: {text}; retry")
+    if (state.startswith(("08", "53", "57", "58")) or state == "55P03"
+            or (isinstance(e, psycopg.OperationalError) and not state)):
+        # the server is gone, restarting, out of resources, or the connection broke
+        return StorageUnavailable(f"storage unavailable: {where}: {text}")
+    return e
+
+
+def _scalar(cur: psycopg.Cursor[Any]) -> Any:
+    """The one value of a query that always returns one row."""
+    row = cur.fetchone()
+    assert row is not None
+    return row[0]
+
+
+def _connect(dsn: str, **kw: Any) -> psycopg.Connection[Any]:
+    """A connection named for ``pg_stat_activity`` (host and pid: the one-node guard's
+    message names who holds the database)."""
+    return psycopg.connect(dsn, autocommit=True, application_name=_NAME, **kw)
+
+
+_NAME = f"jobd on {socket.gethostname()} pid {os.getpid()}"[:63]
+
+
+def schema_version(conn: psycopg.Connection[Any]) -> int:
+    """The newest migration applied to the database of ``conn`` (0: none)."""
+    if conn.execute("SELECT to_regclass('jobd_schema')").fetchone() == (None,):
+        return 0
+    return int(_scalar(conn.execute(QUERIES["schema_version"])))
+
+
+def migrate(conn: psycopg.Connection[Any], where: str) -> None:
+    """Apply the migrations not applied yet, each in its own transaction, under the
+    migration lock (another jobd migrating meanwhile is waited for; it finds the work
+    done). A schema newer than this jobd is refused. ``conn`` is in autocommit."""
+    conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATE_KEY,))
+    try:
+        conn.execute("CREATE TABLE IF NOT EXISTS jobd_schema (version INTEGER PRIMARY KEY, "
+                     "name TEXT NOT NULL, applied_at BIGINT NOT NULL)")
+        version = schema_version(conn)
+        if version > len(MIGRATIONS):
+            raise StoreError(f"{where}: schema version {version} is newer than this jobd "
+                             f"knows ({len(MIGRATIONS)}); upgrade jobd")
+        for number, name, script in MIGRATIONS[version:]:
+            with conn.transaction():
+                conn.execute(script)  # no arguments: run as one script of statements
+                conn.execute("INSERT INTO jobd_schema (version, name, applied_at) "
+                             "VALUES (%s, %s, %s)", (number, name, now_us()))
+            log.info("store_migrated", database=where, version=number, migration=name)
+    finally:
+        conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATE_KEY,))
+
+
+def check(dsn: str) -> list[str]:
+    """What is wrong with the jobd database ``dsn`` names ([] when fine): it answers, its
+    schema is this jobd's, and the counts the store keeps agree with the jobs."""
+    where = describe(dsn)
+    try:
+        with _connect(dsn, connect_timeout=10) as conn:
+            version = schema_version(conn)
+            if version != len(MIGRATIONS):
+                return [f"{where}: schema version {version}, this jobd's is {len(MIGRATIONS)}"]
+            problems = []
+            for name, sql in _INVARIANTS.items():
+                n = _scalar(conn.execute(sql))
+                if n:
+                    problems.append(f"{where}: {n} {name}")
+            return problems
+    except psycopg.Error as e:
+        return [f"{where}: {str(from_pg(e, where))}"]
+
+
+#: ``check``'s invariants: each counts what breaks it
+_INVARIANTS = {
+    "users whose queued count is not their queued jobs": """
+        SELECT count(*) FROM (SELECT user_id, count(*) AS n FROM jobs
+            WHERE status = 'queued' GROUP BY user_id) j
+        FULL JOIN (SELECT user_id, n FROM queued_counts WHERE n > 0) c USING (user_id)
+        WHERE j.n IS DISTINCT FROM c.n""",
+    "type and status counts that are not the stored jobs'": """
+        SELECT count(*) FROM (SELECT type, status, count(*) AS n FROM jobs
+            GROUP BY type, status) j
+        FULL JOIN (SELECT type, status, n FROM type_counts WHERE n > 0) c
+            USING (type, status)
+        WHERE j.n IS DISTINCT FROM c.n""",
+    "users whose stored weight is not their finished jobs'": """
+        SELECT count(*) FROM (SELECT user_id, sum(weight) AS w FROM jobs
+            WHERE status IN ('completed', 'failed', 'cancelled') GROUP BY user_id) j
+        FULL JOIN (SELECT user_id, weight AS w FROM user_stored WHERE weight > 0) c
+            USING (user_id)
+        WHERE j.w IS DISTINCT FROM c.w""",
+}
+
+
+class PgTx(writer.Tx):
+    """A write's transaction on PostgreSQL: ``run`` takes the names of
+    ``sql/postgres/queries.sql`` and counts the rows the transaction's statements
+    changed (PostgreSQL keeps no total), and a failed statement as a change: it aborted
+    the transaction, which only a rollback (to a savepoint) undoes."""
+
+    conn: psycopg.Connection[Any]
+    #: rows changed so far, failed statements included
+    writes: int = 0
+    #: the queue's admission lock is held (``PostgresStore._queued_in``)
+    admitting: bool = False
+
+    def run(self, query: str, **params: Any) -> psycopg.Cursor[Any]:
+        params["now"] = self.now
+        try:
+            try:
+                cur = self.conn.execute(QUERIES[query], params)
+            except psycopg.DataError:
+                if not _nul(params):
+                    raise
+                # PostgreSQL text holds no NUL: written as the escape readable() writes
+                # (found only once refused: no scan of every write's text)
+                cur = self.conn.execute(QUERIES[query], {
+                    k: v.replace("\0", "\\x00") if isinstance(v, str) else v
+                    for k, v in params.items()})
+        except psycopg.Error:
+            self.writes += 1
+            raise
+        if cur.statusmessage and not cur.statusmessage.startswith("SELECT"):
+            self.writes += cur.rowcount
+        return cur
+
+    def insert(self, query: str, **params: Any) -> int:
+        return int(_scalar(self.run(query, **params)))
+
+
+def _nul(params: Mapping[str, Any]) -> bool:
+    return any(isinstance(v, str) and "\0" in v for v in params.values())
+
+
+class PgDriver:
+    """The writer's side of PostgreSQL (``writer.Driver``): one connection in autocommit
+    with transactions begun and ended by statement, reconnected when it broke."""
+
+    error: type[Exception] = psycopg.Error
+
+    def __init__(self, dsn: str, where: str, conn: psycopg.Connection[Any],
+                 node_key: int) -> None:
+        self.dsn, self.where, self.conn, self.node_key = dsn, where, conn, node_key
+        self._tx: PgTx | None = None
+        self._admitting_at_savepoint = False
+        self.committed: Callable[[], object] = lambda: None
+
+    def changes(self) -> int:
+        return self._tx.writes if self._tx is not None else 0
+
+    def begin(self, now: int) -> PgTx:
+        if self.conn.broken or self.conn.closed:
+            self.conn.close()
+            self.conn = _connect(self.dsn, connect_timeout=10)
+            try:
+                _hold_node(self.conn, self.where, self.node_key)
+            except StoreError as e:  # another jobd took the database meanwhile
+                self.conn.close()
+                raise psycopg.OperationalError(str(e)) from None
+            log.info("store_reconnected", database=self.where)
+        self.conn.execute("BEGIN")
+        self._tx = PgTx(self.conn, now)
+        return self._tx
+
+    def commit(self) -> None:
+        self.conn.execute("COMMIT")
+
+    def rollback(self) -> None:
+        if not self.conn.broken and self.conn.info.transaction_status in _CLEAN:
+            self.conn.execute("ROLLBACK")
+
+    def savepoint(self) -> None:
+        assert self._tx is not None
+        self._admitting_at_savepoint = self._tx.admitting
+        self.conn.execute("SAVEPOINT op")
+
+    def rollback_to_savepoint(self) -> None:
+        assert self._tx is not None
+        # a transaction-scoped lock taken after the savepoint goes with it
+        self._tx.admitting = self._admitting_at_savepoint
+        self.conn.execute("ROLLBACK TO op")
+
+    def release(self) -> None:
+        self.conn.execute("RELEASE op")
+
+    def ended(self, e: Exception) -> bool:
+        return (self.conn.broken or self.conn.info.transaction_status not in _CLEAN
+                or getattr(e, "sqlstate", None) in _AGAIN)
+
+    def again(self, e: Exception) -> bool:
+        return getattr(e, "sqlstate", None) in _AGAIN
+
+    def mapped(self, e: Exception) -> Exception:
+        return from_pg(e, self.where)
+
+
+def _hold_node(conn: psycopg.Connection[Any], where: str, key: int) -> None:
+    """Take the one-node lock ``key`` on ``conn``'s session, or refuse: another jobd
+    uses the database."""
+    if _scalar(conn.execute(QUERIES["lock_node"], {"key": key})):
+        return
+    holder = conn.execute(QUERIES["node_holder"], {"key": key}).fetchone()
+    who = f" ({holder[0]})" if holder and holder[0] else ""
+    raise StoreError(f"{where} is in use by another jobd{who}; stop it first (several jobd "
+                     f"nodes on one database need cluster mode, which is not built yet)")
+
+
+class _Closed:
+    """The store's pool before open and after close."""
+
+    def connection(self) -> Any:
+        raise StoreClosed()
+
+
+class PostgresStore(BaseStore):
+    """Jobs, their events and checkpoints in a PostgreSQL database (one jobd for now)."""
+
+    queries = QUERIES
+    order_keys = {"created": "seq", "started": "coalesce(started_at, -1)",
+                  "completed": "coalesce(completed_at, -1)"}
+    _param = "%({})s".format
+    _integrity = psycopg.errors.UniqueViolation
+
+    def __init__(self, dsn: str, *, clock: Callable[[], int] = now_us,
+                 listeners: Listeners | None = None, max_stored_per_user: int | None = None,
+                 pool_size: int = 4) -> None:
+        super().__init__(clock=clock, listeners=listeners,
+                         max_stored_per_user=max_stored_per_user)
+        self.dsn = dsn
+        self.pool_size = pool_size
+        #: the database, as messages and logs name it (never with the password)
+        self.where = describe(dsn)
+        self._pool: psycopg_pool.ConnectionPool[Any] | _Closed = _Closed()
+        self._driver: PgDriver | None = None
+        #: the one-node lock this store holds (a test of two writers on one database, as
+        #: cluster mode will have, gives the second another)
+        self.node_key = NODE_KEY
+
+    # -- opening and closing -------------------------------------------------------------
+
+    def open(self) -> PostgresStore:
+        """Connect, migrate (under the migration lock), take the one-node lock, note
+        whether the last stop was clean, and start the writer and the read pool."""
+        try:
+            conn = _connect(self.dsn, connect_timeout=10)
+        except psycopg.Error as e:
+            raise StoreError(f"{self.where}: cannot connect: {str(e).strip()}") from None
+        try:
+            migrate(conn, self.where)
+            _hold_node(conn, self.where, self.node_key)
+            clean = conn.execute(QUERIES["get_meta"], {"key": "clean"}).fetchone()
+            self.was_clean = clean is None or clean[0] == "1"
+            conn.execute(QUERIES["set_meta"], {"key": "clean", "value": "0"})
+            pool: psycopg_pool.ConnectionPool[Any] = psycopg_pool.ConnectionPool(
+                self.dsn, min_size=1, max_size=self.pool_size, open=False, name="jobd-read",
+                kwargs={"autocommit": True, "application_name": _NAME})
+            pool.open(wait=True, timeout=10)
+        except psycopg.Error as e:
+            conn.close()
+            failure = from_pg(e, self.where)
+            raise (failure if isinstance(failure, StoreError) else StoreError(
+                f"{self.where}: {str(e).strip()}")) from None
+        except BaseException:
+            conn.close()
+            raise
+        self._pool = pool
+        self._driver = PgDriver(self.dsn, self.where, conn, self.node_key)
+        self._writer = writer.Writer(self._driver, self.clock)
+        self._writer.start()
+        return self
+
+    def close(self) -> None:
+        """Stop the writer after its queue drains, mark the stop clean, let the database go."""
+        if self._writer is None or self._driver is None:
+            return
+        store_writer, driver, self._writer, self._driver = (self._writer, self._driver,
+                                                            None, None)
+        store_writer.stop()
+        try:
+            if driver.conn.broken or driver.conn.closed:
+                raise psycopg.OperationalError("the connection was lost")
+            driver.conn.execute(QUERIES["set_meta"], {"key": "clean", "value": "1"})
+        except psycopg.Error as e:
+            log.warning("store_close_incomplete", error=str(e))
+        driver.conn.close()  # the one-node lock goes with the session
+        pool, self._pool = self._pool, _Closed()
+        if isinstance(pool, psycopg_pool.ConnectionPool):
+            pool.close()
+
+    # -- what the rules read and count ---------------------------------------------------
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[psycopg.Connection[Any]]:
+        with self._pool.connection() as conn:
+            yield conn
+
+    def _read(self, sql: str, params: Mapping[str, Any] | None, fetch: str) -> Any:
+        for last in (False, True):
+            try:
+                with self._reading() as conn:
+                    cur = conn.execute(sql, params or {})
+                    return cur.fetchall() if fetch == "all" else cur.fetchone()
+            except psycopg_pool.PoolTimeout as e:
+                raise StorageUnavailable(f"storage unavailable: {self.where}: {e}") from None
+            except psycopg.OperationalError as e:
+                # a connection a server restart broke: the pool drops it; read again once
+                if last or not _broken(e):
+                    raise from_pg(e, self.where) from None
+            except psycopg.Error as e:
+                raise from_pg(e, self.where) from None
+        raise AssertionError("unreachable")
+
+    def _all(self, sql: str, params: Mapping[str, Any] | None = None) -> list[Any]:
+        return self._read(sql, params, "all")  # type: ignore[no-any-return]
+
+    def _one(self, sql: str, params: Mapping[str, Any] | None = None) -> Any:
+        return self._read(sql, params, "one")
+
+    def _duplicate(self, e: Exception, job_id: str) -> Exception:
+        diag = getattr(e, "diag", None)
+        if diag is not None and diag.constraint_name == "jobs_id_key":
+            return DuplicateId(job_id)
+        return from_pg(e, self.where)
+
+    def _count_queued(self, tx: writer.Tx, user_id: str, delta: int) -> None:
+        tx.run("count_queued", user_id=user_id, delta=delta)
+
+    def _queued_in(self, tx: writer.Tx, user_id: str | None) -> int:
+        assert isinstance(tx, PgTx)
+        if not tx.admitting:
+            tx.run("lock_queue", key=QUEUE_KEY)
+            tx.admitting = True
+        if user_id is None:
+            return int(_scalar(tx.run("queued_total")))
+        return int(_scalar(tx.run("queued_of_user", user_id=user_id)))
+
+    def queued_count(self, user_id: str | None = None) -> int:
+        if user_id is None:
+            return int(self._one(QUERIES["queued_total"])[0])
+        return int(self._one(QUERIES["queued_of_user"], {"user_id": user_id})[0])
+
+    def size_bytes(self) -> int:
+        return int(self._one(QUERIES["size"])[0])
+
+
+def _broken(e: psycopg.OperationalError) -> bool:
+    """``e`` came from a connection that is gone (a restart, a terminated backend)."""
+    state = getattr(e, "sqlstate", None) or ""
+    return not state or state.startswith(("08", "57P"))

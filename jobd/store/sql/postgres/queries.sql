@@ -1,0 +1,369 @@
+-- Every statement the PostgreSQL store runs, by name (loaded by jobd/store/sql/__init__.py):
+-- the same names as ../queries.sql (SQLite's) where the statement is the same idea.
+-- Arguments are psycopg's %(name)s; a literal percent sign would be %%, so none is used.
+-- Timestamps are integer microseconds; a job's version is greatest(version + 1, now).
+
+-- job_columns --
+-- A job as jobd.store.base reads it: options, metadata and result as one JSON array
+seq, id, type, user_id, project_id, status, progress, phase, message, priority,
+'[' || options || ',' || metadata || ',' || coalesce(result, 'null') || ']',
+error, attempts, recoveries, cancel_requested, version, description, timeout_s,
+idempotency_key, created_at, started_at, completed_at, updated_at
+
+-- job_wire --
+-- SPEC §2's wire shape of a job, built by PostgreSQL (models.Job.to_dict is the
+-- reference): row_to_json keeps the order of the columns and writes no spaces; times by
+-- jobd_iso (migration 1)
+(SELECT row_to_json(w)::text FROM (SELECT jobs.id AS id, jobs.type AS type,
+    jobs.user_id AS user_id, jobs.project_id AS project_id, jobs.status AS status,
+    round(jobs.progress::numeric, 2)::float8 AS progress, jobs.phase AS phase,
+    jobs.message AS message, jobs.priority AS priority, jobs.options::json AS options,
+    jobs.metadata::json AS metadata, jobs.result::json AS result, jobs.error AS error,
+    jobs.attempts AS attempts, NULL::int AS queue_position, NULL::text AS wait_reason,
+    jobs.cancel_requested = 1 AS cancel_requested, jobs.version AS version,
+    jobs.description AS description, jobs.timeout_s AS timeout_s,
+    jobd_iso(jobs.created_at) AS created_at, jobd_iso(jobs.started_at) AS started_at,
+    jobd_iso(jobs.completed_at) AS completed_at, jobd_iso(jobs.updated_at) AS updated_at,
+    NULL::float8 AS eta_s) AS w)
+
+-- get_job --
+-- One job by id
+SELECT {job_columns} FROM jobs WHERE id = %(job_id)s
+
+-- known_ids --
+-- Which of the ids in the JSON array %(ids)s are stored jobs
+SELECT id FROM jobs WHERE id IN (SELECT jsonb_array_elements_text(%(ids)s::jsonb))
+
+-- job_status --
+-- What a refused transition finds: the job's status now (no row: no such job)
+SELECT status FROM jobs WHERE id = %(job_id)s
+
+-- find_by_idempotency_key --
+-- The job a user submitted with this idempotency key, or folded a submit with it into
+(SELECT {job_columns} FROM jobs WHERE user_id = %(user_id)s AND idempotency_key = %(key)s)
+UNION ALL
+(SELECT {job_columns} FROM jobs
+ WHERE seq = (SELECT job FROM job_keys WHERE user_id = %(user_id)s AND key = %(key)s))
+LIMIT 1
+
+-- keep_folded_key --
+-- A folded submit's idempotency key, for a job that has another one
+INSERT INTO job_keys (user_id, key, job) VALUES (%(user_id)s, %(key)s, %(seq)s)
+ON CONFLICT DO NOTHING
+
+-- find_queued_work --
+-- The oldest queued (%(running)s: or running) job of the same work as another (dedupe)
+SELECT {job_columns} FROM jobs
+WHERE user_id = %(user_id)s AND work = %(work)s AND seq <> %(seq)s
+  AND status IN ('queued', 'running') AND (%(running)s OR status = 'queued')
+ORDER BY seq LIMIT 1
+
+-- fold_job --
+-- A queued job a submit of the same work was folded into: full_reindex asked by either,
+-- the higher priority, and the submit's idempotency key when the job has none
+UPDATE jobs SET options = %(options)s, priority = %(priority)s,
+                idempotency_key = coalesce(idempotency_key, %(idempotency_key)s),
+                version = greatest(version + 1, %(now)s), updated_at = %(now)s
+WHERE seq = %(seq)s AND status = 'queued'
+RETURNING {job_columns}
+
+-- submit_job --
+-- created -> queued: a new job, admitted in the transaction that records it; with
+-- %(started)s (1), queued -> running too, as start_job would (a worker takes it at once)
+INSERT INTO jobs (id, type, user_id, project_id, status, priority, options, metadata,
+                  description, timeout_s, idempotency_key, version, created_at, updated_at,
+                  weight, work, started_at, attempts)
+VALUES (%(id)s, %(type)s, %(user_id)s, %(project_id)s,
+        CASE WHEN %(started)s = 1 THEN 'running' ELSE 'queued' END, %(priority)s,
+        %(options)s, %(metadata)s, %(description)s, %(timeout_s)s, %(idempotency_key)s,
+        %(now)s + %(started)s, %(now)s, %(now)s, %(weight)s, %(work)s,
+        CASE WHEN %(started)s = 1 THEN %(now)s END, %(started)s)
+RETURNING seq
+
+-- submit_events --
+-- A new job's first events: created, then queued (by %(actor)s), and with %(started)s, running
+INSERT INTO job_events (job, at, status, phase, progress, message, actor)
+SELECT %(seq)s, %(now)s, e.status, NULL, 0, NULL, e.actor
+FROM (VALUES (1, 'created', %(actor)s), (2, 'queued', %(actor)s), (3, 'running', 'jobd'))
+    AS e (n, status, actor)
+WHERE e.n < 3 OR %(started)s = 1 ORDER BY e.n
+
+-- add_event --
+-- One entry of a job's history: a status or phase change, a cancel request, a retry
+INSERT INTO job_events (job, at, status, phase, progress, message, actor)
+VALUES (%(seq)s, %(now)s, %(status)s, %(phase)s, %(progress)s, %(message)s, %(actor)s)
+
+-- start_job --
+-- queued -> running: a new attempt
+UPDATE jobs SET status = 'running', version = greatest(version + 1, %(now)s),
+    updated_at = %(now)s, started_at = %(now)s, attempts = attempts + 1,
+    completed_at = NULL, pgid = NULL, pgid_start = NULL
+WHERE id = %(job_id)s AND status = 'queued'
+RETURNING {job_columns}
+
+-- finish_job --
+-- running -> completed | failed | cancelled; a job whose cancel was requested ends
+-- cancelled whatever %(status)s says (its process's exit does not count)
+UPDATE jobs SET
+    status = CASE WHEN cancel_requested = 1 THEN 'cancelled' ELSE %(status)s END,
+    message = CASE WHEN cancel_requested = 1 AND %(status)s <> 'cancelled' THEN 'cancelled'
+                   ELSE coalesce(%(message)s, message) END,
+    error = CASE WHEN cancel_requested = 1 THEN error ELSE coalesce(%(error)s, error) END,
+    result = CASE WHEN cancel_requested = 1 THEN result ELSE coalesce(%(result)s, result) END,
+    progress = CASE WHEN cancel_requested = 0 AND %(status)s = 'completed' THEN 100
+                    ELSE progress END,
+    version = greatest(version + 1, %(now)s), updated_at = %(now)s, completed_at = %(now)s,
+    cancel_requested = 0, pgid = NULL, pgid_start = NULL
+WHERE id = %(job_id)s AND status = 'running'
+RETURNING {job_columns}
+
+-- cancel_job --
+-- queued -> cancelled; running: its cancel requested (the engine stops it, then
+-- finish_job records it cancelled). One statement for both, as River's JobCancel.
+UPDATE jobs SET
+    status = CASE WHEN status = 'running' THEN status ELSE 'cancelled' END,
+    cancel_requested = CASE WHEN status = 'running' THEN 1 ELSE 0 END,
+    message = CASE WHEN status = 'running' THEN message ELSE 'cancelled' END,
+    completed_at = CASE WHEN status = 'running' THEN NULL ELSE %(now)s END,
+    pgid = CASE WHEN status = 'running' THEN pgid END,
+    pgid_start = CASE WHEN status = 'running' THEN pgid_start END,
+    version = greatest(version + 1, %(now)s), updated_at = %(now)s
+WHERE id = %(job_id)s
+  AND (status = 'queued' OR status = 'running' AND cancel_requested = 0)
+RETURNING {job_columns}
+
+-- retry_job --
+-- failed | cancelled -> queued: a fresh attempt (progress, phase, error, result and the
+-- last attempt's times cleared; attempts kept); its checkpoints go (clear_checkpoints)
+UPDATE jobs SET status = 'queued', version = greatest(version + 1, %(now)s),
+    updated_at = %(now)s, progress = 0, phase = NULL, message = 'retried', error = NULL,
+    result = NULL, started_at = NULL, completed_at = NULL, cancel_requested = 0,
+    pgid = NULL, pgid_start = NULL
+WHERE id = %(job_id)s AND status IN ('failed', 'cancelled')
+RETURNING {job_columns}
+
+-- requeue_job --
+-- running -> queued when the daemon stops or restarts: phase, progress and checkpoints
+-- kept to resume from; %(recovered)s counts a recovery after a crash
+UPDATE jobs SET status = 'queued', version = greatest(version + 1, %(now)s),
+    updated_at = %(now)s, message = %(reason)s, error = NULL, result = NULL,
+    completed_at = NULL, cancel_requested = 0, pgid = NULL, pgid_start = NULL,
+    recoveries = recoveries + %(recovered)s
+WHERE id = %(job_id)s AND status = 'running'
+RETURNING {job_columns}
+
+-- clear_checkpoints --
+-- A job's checkpoints, gone (a retry starts over)
+DELETE FROM job_checkpoints WHERE job = %(seq)s
+
+-- update_progress --
+-- A running job's latest progress, phase and message
+UPDATE jobs SET progress = %(progress)s, phase = %(phase)s, message = %(message)s,
+    version = greatest(version + 1, %(now)s), updated_at = %(now)s
+WHERE id = %(job_id)s AND status = 'running'
+RETURNING {job_columns}
+
+-- set_process --
+-- The process group a running job's subprocess lives in (NULLs: none now)
+UPDATE jobs SET pgid = %(pgid)s, pgid_start = %(start)s WHERE id = %(job_id)s
+
+-- processes --
+-- Running jobs with a recorded process group: what a restart kills
+SELECT id, pgid, pgid_start FROM jobs WHERE status = 'running' AND pgid IS NOT NULL
+
+-- queued_jobs --
+-- Every queued job in stored dispatch order (priority, then age)
+SELECT {job_columns} FROM jobs WHERE status = 'queued' ORDER BY priority DESC, seq
+
+-- running_jobs --
+-- Every running job, oldest first
+SELECT {job_columns} FROM jobs WHERE status = 'running' ORDER BY seq
+
+-- count_queued --
+-- A user's queued count moved by %(delta)s, in the write that queued or took the jobs
+-- (a new row is checked before the conflict is: a user's first count is never below 0)
+INSERT INTO queued_counts (user_id, n) VALUES (%(user_id)s, greatest(%(delta)s, 0))
+ON CONFLICT (user_id) DO UPDATE SET n = queued_counts.n + %(delta)s
+
+-- lock_queue --
+-- Admission to the queue (a submit, a retry) is one writer at a time, from the first
+-- count a write reads to its commit, so that no two writers admit past a limit
+SELECT pg_advisory_xact_lock(%(key)s)
+
+-- queued_of_user --
+-- How many jobs a user has queued
+SELECT coalesce((SELECT n FROM queued_counts WHERE user_id = %(user_id)s), 0)
+
+-- queued_total --
+-- How many jobs are queued, all users together
+SELECT coalesce(sum(n), 0)::bigint FROM queued_counts
+
+-- events --
+-- A job's history, oldest first
+SELECT at, status, phase, progress, message, actor FROM job_events WHERE job = %(seq)s
+ORDER BY id
+
+-- counts --
+-- How many jobs are stored by status (kept by triggers by type: O(types))
+SELECT status, sum(n)::bigint FROM type_counts GROUP BY status HAVING sum(n) > 0
+
+-- type_counts --
+-- How many jobs are stored by type and status (kept by triggers: O(types))
+SELECT type, status, n FROM type_counts WHERE n > 0
+
+-- finished_since --
+-- The jobs that ended from hour %(hour)s on, by type, end status and run-time bucket: the
+-- hours up to the first whole day, the whole days before today, and today's hours
+SELECT type, status, bucket, sum(n)::bigint, sum(run_us)::bigint FROM (
+    SELECT type, status, bucket, n, run_us FROM finished_hours
+    WHERE hour >= %(hour)s AND hour < %(first_day)s * 24
+    UNION ALL
+    SELECT type, status, bucket, n, run_us FROM finished_days
+    WHERE day >= %(first_day)s AND day < %(today)s
+    UNION ALL
+    SELECT type, status, bucket, n, run_us FROM finished_hours
+    WHERE hour >= greatest(%(hour)s, %(first_day)s * 24, %(today)s * 24)) AS f
+GROUP BY type, status, bucket
+
+-- run_buckets --
+-- The run-time histogram's fixed buckets: the upper bound of each (the last has none)
+SELECT upper_us FROM run_buckets ORDER BY bucket
+
+-- prune_finished --
+-- The hourly finished counts older than hour %(hour)s
+DELETE FROM finished_hours WHERE hour < %(hour)s
+
+-- prune_finished_days --
+-- The daily finished counts of days wholly before hour %(hour)s
+DELETE FROM finished_days WHERE (day + 1) * 24 <= %(hour)s
+
+-- list_jobs --
+-- jobs.list: a page of jobs matching {where}, newest first by {key} (keyset paging)
+SELECT {key}, seq, {select} FROM jobs {where} ORDER BY {order}
+LIMIT nullif(%(limit)s, -1) OFFSET %(offset)s
+
+-- changed_jobs --
+-- jobs.changes read from the database: the jobs matching {where} whose last change is
+-- after (%(after_us)s, %(after_seq)s), in that order (as SQLite's: finished ones by
+-- their end, active ones by their last update)
+SELECT * FROM (
+    (SELECT coalesce(completed_at, -1) AS changed, seq, status, {job_wire} FROM jobs
+     WHERE %(active_only)s = 0 AND coalesce(completed_at, -1) >= greatest(%(after_us)s, 0)
+       AND (coalesce(completed_at, -1), seq) > (%(after_us)s, %(after_seq)s){where}
+     ORDER BY coalesce(completed_at, -1), seq LIMIT %(limit)s)
+    UNION ALL
+    (SELECT updated_at AS changed, seq, status, {job_wire} FROM jobs
+     WHERE status IN ('queued', 'running')
+       AND (updated_at, seq) > (%(after_us)s, %(after_seq)s){where}
+     ORDER BY updated_at, seq LIMIT %(limit)s)) AS c
+ORDER BY changed, seq LIMIT %(limit)s
+
+-- count_jobs --
+-- jobs.list's total: the jobs matching {where}, counted no further than %(cap)s
+SELECT count(*) FROM (SELECT 1 FROM jobs {where} LIMIT %(cap)s) AS capped
+
+-- matching_jobs --
+-- The jobs a filtered cancel or retry acts on, oldest first
+SELECT {job_columns} FROM jobs WHERE {where} ORDER BY seq LIMIT %(limit)s
+
+-- get_meta --
+-- One of the daemon's own settings (the pause, maintenance, a clean stop)
+SELECT value FROM meta WHERE key = %(key)s
+
+-- set_meta --
+-- Store one of the daemon's own settings
+INSERT INTO meta (key, value) VALUES (%(key)s, %(value)s)
+ON CONFLICT (key) DO UPDATE SET value = excluded.value
+
+-- delete_meta --
+-- Remove one of the daemon's own settings
+DELETE FROM meta WHERE key = %(key)s
+
+-- save_checkpoint --
+-- A running job's checkpoint of one phase (replacing the phase's previous one)
+INSERT INTO job_checkpoints (job, phase, data, saved_at)
+SELECT seq, %(phase)s, %(data)s, %(now)s FROM jobs WHERE id = %(job_id)s
+ON CONFLICT (job, phase) DO UPDATE SET data = excluded.data, saved_at = excluded.saved_at
+
+-- load_checkpoints --
+-- A job's checkpoints, oldest first
+SELECT c.phase, c.data FROM job_checkpoints c JOIN jobs j ON j.seq = c.job
+WHERE j.id = %(job_id)s ORDER BY c.saved_at
+
+-- stored_weight --
+-- What a user's finished jobs weigh against max_stored_per_user
+SELECT weight FROM user_stored WHERE user_id = %(user_id)s
+
+-- users_over_weight --
+-- Users whose finished jobs weigh more than they may keep
+SELECT user_id FROM user_stored WHERE weight > %(limit)s
+
+-- oldest_finished --
+-- A user's oldest finished jobs, what max_stored_per_user forgets first
+SELECT seq, weight FROM jobs
+WHERE user_id = %(user_id)s AND status IN ('completed', 'failed', 'cancelled')
+  AND seq IS DISTINCT FROM %(keep_seq)s
+ORDER BY seq LIMIT %(limit)s
+
+-- expired_jobs --
+-- Finished jobs of one status past the cutoff, oldest first (cleanup's chunks, its dry run)
+SELECT seq, id FROM jobs
+WHERE status IN ('completed', 'failed', 'cancelled') AND status = %(status)s
+  AND completed_at < %(cutoff)s
+ORDER BY completed_at LIMIT nullif(%(limit)s, -1)
+
+-- uncount_jobs --
+-- The type and status counts, less the jobs about to be deleted (seqs: a JSON array)
+UPDATE type_counts SET n = n - gone.k
+FROM (SELECT type, status, count(*) AS k FROM jobs
+      WHERE seq IN (SELECT jsonb_array_elements_text(%(seqs)s::jsonb)::bigint)
+      GROUP BY type, status) AS gone
+WHERE type_counts.type = gone.type AND type_counts.status = gone.status
+
+-- unweigh_jobs --
+-- Each user's stored weight, less their finished jobs about to be deleted
+UPDATE user_stored SET weight = weight - gone.w
+FROM (SELECT user_id, sum(weight) AS w FROM jobs
+      WHERE seq IN (SELECT jsonb_array_elements_text(%(seqs)s::jsonb)::bigint)
+        AND status IN ('completed', 'failed', 'cancelled')
+      GROUP BY user_id) AS gone
+WHERE user_stored.user_id = gone.user_id
+
+-- delete_events --
+-- The history of jobs about to be deleted, before them: the cascade then finds nothing
+DELETE FROM job_events
+WHERE job IN (SELECT jsonb_array_elements_text(%(seqs)s::jsonb)::bigint)
+
+-- delete_keys --
+-- The folded submits' idempotency keys of jobs about to be deleted
+DELETE FROM job_keys WHERE job IN (SELECT jsonb_array_elements_text(%(seqs)s::jsonb)::bigint)
+
+-- delete_checkpoints --
+-- The checkpoints of jobs about to be deleted
+DELETE FROM job_checkpoints
+WHERE job IN (SELECT jsonb_array_elements_text(%(seqs)s::jsonb)::bigint)
+
+-- delete_jobs --
+-- Jobs deleted by seq (a JSON array), after their counts, weights, events and checkpoints
+DELETE FROM jobs WHERE seq IN (SELECT jsonb_array_elements_text(%(seqs)s::jsonb)::bigint)
+RETURNING id
+
+-- size --
+-- What the database takes on disk
+SELECT pg_database_size(current_database())
+
+-- schema_version --
+-- The newest migration applied (0: none)
+SELECT coalesce(max(version), 0) FROM jobd_schema
+
+-- lock_node --
+-- One jobd per database until cluster mode: held by the writer's session while it is open
+SELECT pg_try_advisory_lock(%(key)s)
+
+-- node_holder --
+-- Who holds the one-node lock (its connection's application_name names host and pid)
+SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.granted AND l.database = (
+    SELECT oid FROM pg_database WHERE datname = current_database())
+  AND (l.classid::bigint << 32 | l.objid::bigint) = %(key)s
+LIMIT 1

@@ -1,0 +1,309 @@
+"""What the PostgreSQL store does beyond the suite both backends pass: its migrations under
+the advisory lock (two jobd starting at once), a newer schema refused, one jobd per
+database, errors told apart by SQLSTATE, a PostgreSQL restart while open, text with NUL,
+queue limits exact with two writers racing on one database (as cluster mode will have),
+and the database check ``jobd db check`` uses. On the tests' private PostgreSQL."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import subprocess
+import sys
+import threading
+from typing import Any, Iterator
+
+import pytest
+
+from jobd.errors import LimitExceeded
+from jobd.models import JobStatus
+from jobd.rules import Rules
+from jobd.store import (Corrupt, DuplicateId, ReadOnly, StateConflict, StorageFull,
+                        StorageUnavailable, StoreError)
+
+import pg
+from test_store import Clock, new_job, submit
+
+pytest_plugins = ["pg"]
+
+
+def connect(dsn: str) -> Any:
+    import psycopg
+    return psycopg.connect(dsn, autocommit=True)
+
+
+def open_store(dsn: str, **kw: Any) -> Any:
+    from jobd.store.postgres import PostgresStore
+    return PostgresStore(dsn, **kw).open()
+
+
+def second_node(dsn: str, **kw: Any) -> Any:
+    """A store with its own writer on the same database, as a second node of cluster mode
+    will be (the one-node lock is another's)."""
+    from jobd.store.postgres import PostgresStore
+    other = PostgresStore(dsn, **kw)
+    other.node_key += 1000
+    return other.open()
+
+
+@pytest.fixture
+def store(pg_dsn: str) -> Iterator[Any]:
+    s = open_store(pg_dsn, clock=Clock())
+    yield s
+    s.close()
+
+
+# -- the schema --------------------------------------------------------------------------------
+
+def test_two_jobd_migrating_at_once_apply_each_migration_once(pg_dsn: str) -> None:
+    from jobd.store.postgres import MIGRATIONS, migrate
+    barrier = threading.Barrier(4)
+
+    def one() -> None:
+        with connect(pg_dsn) as conn:
+            barrier.wait()
+            migrate(conn, "the test's database")
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        for fut in [pool.submit(one) for _ in range(4)]:
+            fut.result()  # none failed on a table another had just made
+    with connect(pg_dsn) as conn:
+        assert conn.execute("SELECT version, name FROM jobd_schema ORDER BY version"
+                            ).fetchall() == [(n, name) for n, name, _ in MIGRATIONS]
+
+
+def test_two_stores_opening_a_new_database_at_once_one_opens_one_is_told_why(
+        pg_dsn: str) -> None:
+    barrier = threading.Barrier(2)
+
+    def one() -> Any:
+        barrier.wait()
+        return open_store(pg_dsn)
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(one) for _ in range(2)]
+        outcomes = [f.exception() or f.result() for f in futures]
+    refused = [o for o in outcomes if isinstance(o, BaseException)]
+    opened = [o for o in outcomes if not isinstance(o, BaseException)]
+    try:
+        assert len(opened) == 1 and len(refused) == 1, outcomes
+        assert isinstance(refused[0], StoreError) and "in use by another jobd" in str(refused[0])
+        assert submit(opened[0]).status is JobStatus.QUEUED
+    finally:
+        for s in opened:
+            s.close()
+
+
+def test_a_database_from_a_newer_jobd_is_refused(pg_dsn: str) -> None:
+    from jobd.store.postgres import MIGRATIONS
+    open_store(pg_dsn).close()
+    with connect(pg_dsn) as conn:
+        conn.execute("INSERT INTO jobd_schema VALUES (%s, 'from a newer jobd', 0)",
+                     (len(MIGRATIONS) + 1,))
+    with pytest.raises(StoreError, match=rf"schema version {len(MIGRATIONS) + 1} is newer "
+                                         rf"than this jobd knows \({len(MIGRATIONS)}\); "
+                                         "upgrade jobd"):
+        open_store(pg_dsn)
+
+
+# -- one jobd per database ---------------------------------------------------------------------
+
+def test_a_second_jobd_on_the_database_is_refused_until_the_first_closes(
+        pg_dsn: str) -> None:
+    first = open_store(pg_dsn)
+    try:
+        with pytest.raises(StoreError) as refused:
+            open_store(pg_dsn)
+        message = str(refused.value)
+        assert "is in use by another jobd (jobd on " in message and "pid" in message
+        assert "cluster mode, which is not built yet" in message
+        assert "password" not in message and "postgresql:" not in message
+        submit(first)  # the first goes on as before
+    finally:
+        first.close()
+    again = open_store(pg_dsn)
+    try:
+        assert again.was_clean and again.queued_count() == 1
+    finally:
+        again.close()
+
+
+# -- errors by SQLSTATE ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sqlstate, kind", [
+    ("53100", StorageFull), ("25006", ReadOnly), ("XX001", Corrupt),
+    ("08006", StorageUnavailable), ("57P01", StorageUnavailable),
+    ("53300", StorageUnavailable), ("40P01", StorageUnavailable),
+])
+def test_postgresql_errors_are_told_apart_by_their_sqlstate(
+        pg_dsn: str, sqlstate: str, kind: type) -> None:
+    import psycopg
+    from jobd.store.postgres import from_pg
+    with connect(pg_dsn) as conn:
+        # a real error from the server, its message saying nothing of what it is
+        with pytest.raises(psycopg.Error) as raised:
+            conn.execute(f"DO $$ BEGIN RAISE EXCEPTION 'something' USING ERRCODE = "
+                         f"'{sqlstate}'; END $$")
+    mapped = from_pg(raised.value, "the database")
+    assert type(mapped) is kind and "the database" in str(mapped)
+
+
+def test_a_bugs_error_is_passed_on_as_it_is(pg_dsn: str) -> None:
+    import psycopg
+    from jobd.store.postgres import from_pg
+    with connect(pg_dsn) as conn, pytest.raises(psycopg.Error) as raised:
+        conn.execute("SELECT 1 / 0")
+    assert from_pg(raised.value, "the database") is raised.value
+
+
+class NoLookup(Rules):
+    """Rules that store every submit as new: straight to the insert."""
+
+    def admit(self, job: Any, view: Any) -> None:
+        return None
+
+
+def test_only_the_ids_unique_key_refused_is_a_duplicate_id(store: Any) -> None:
+    """SQLSTATE 23505 is DuplicateId on the id's constraint alone: another unique key
+    refused (an idempotency key, which a submit looks up first) is a bug's error, passed
+    on as it is."""
+    import psycopg
+    first = submit(store, new_job(idempotency_key="k1"))
+    with pytest.raises(psycopg.errors.UniqueViolation, match="jobs_idempotency"):
+        store.submit_job(new_job(idempotency_key="k1"), actor="alice", rules=NoLookup())
+    with pytest.raises(DuplicateId) as taken:
+        store.submit_job(new_job(id=first.id), actor="alice", rules=NoLookup())
+    assert taken.value.job_id == first.id
+    assert store.counts() == {"queued": 1} and store.queued_count("alice") == 1
+
+
+# -- a restart of PostgreSQL -------------------------------------------------------------------
+
+def test_a_postgresql_restart_fails_writes_meanwhile_and_the_store_works_again(
+        postgres: pg.PostgresServer, pg_dsn: str) -> None:
+    store = open_store(pg_dsn, clock=Clock())
+    try:
+        kept = submit(store)
+        postgres.restart()
+        outcomes: list[str] = []
+        for _ in range(5):  # the first write finds its connection gone; the next reconnects
+            try:
+                submit(store)
+                outcomes.append("stored")
+            except StorageUnavailable as e:
+                assert "storage unavailable" in str(e)
+                outcomes.append("unavailable")
+        assert outcomes[0] == "unavailable" and outcomes[-3:] == ["stored"] * 3, outcomes
+        # reads work again too (a connection the restart broke is read again on a new one)
+        assert store.get_job(kept.id).status is JobStatus.QUEUED
+        assert store.queued_count() == 1 + outcomes.count("stored")
+        assert store.start_job(kept.id).status is JobStatus.RUNNING
+        # the writer took the one-node lock again with its new connection
+        with pytest.raises(StoreError, match="in use by another jobd"):
+            open_store(pg_dsn)
+    finally:
+        store.close()
+
+
+# -- text PostgreSQL cannot hold ---------------------------------------------------------------
+
+def test_text_with_nul_is_stored_escaped_and_a_job_with_it_still_ends(store: Any) -> None:
+    job = submit(store, new_job(type="command", project=None, description="a\0b"))
+    assert store.get_job(job.id).description == "a\\x00b"
+    store.start_job(job.id)
+    done = store.finish_job(job.id, JobStatus.FAILED, error="fatal: \0 in a path")
+    assert done.status is JobStatus.FAILED and done.error == "fatal: \\x00 in a path"
+    assert store.events(job.id)[-1]["message"] == "fatal: \\x00 in a path"
+
+
+# -- queue limits across writers ---------------------------------------------------------------
+
+def test_queue_limits_hold_exactly_with_two_writers_racing(pg_dsn: str) -> None:
+    """Two stores with a writer each on one database (as two nodes of cluster mode): the
+    counts are read inside each write under the queue's lock, so however their batches
+    interleave, no user and not the queue go past a limit."""
+    first = open_store(pg_dsn)
+    second = second_node(pg_dsn)
+    rules = Rules(max_queued_per_user=25, max_queued_total=60)
+    refused = [0]
+    lock = threading.Lock()
+
+    def one(store: Any, user: str) -> None:
+        for _ in range(20):
+            try:
+                store.submit_job(new_job(user=user, type="noop", project=None),
+                                 actor=user, rules=rules)
+            except LimitExceeded:
+                with lock:
+                    refused[0] += 1
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            futures = [pool.submit(one, store, user)
+                       for store in (first, second) for user in ("alice", "bob", "carol")
+                       for _ in range(2)]
+            for fut in futures:
+                fut.result()
+        per_user = {u: first.queued_count(u) for u in ("alice", "bob", "carol")}
+        assert sum(per_user.values()) == first.queued_count() == 60, per_user
+        assert all(n <= 25 for n in per_user.values()), per_user
+        assert refused[0] == 12 * 20 - 60
+        assert dict(first._all("SELECT user_id, count(*) FROM jobs GROUP BY user_id")
+                    ) == per_user
+        # the counts the limits read are the stored jobs' (as ``jobd db check`` sees)
+        from jobd.store.postgres import check
+        assert check(pg_dsn) == []
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_start_racing_on_two_writers_is_won_once(pg_dsn: str) -> None:
+    first, second = open_store(pg_dsn), second_node(pg_dsn)
+    try:
+        for _ in range(20):
+            job = submit(first)
+            barrier = threading.Barrier(2)
+
+            def start(store: Any) -> Any:
+                barrier.wait()
+                try:
+                    return store.start_job(job.id)
+                except StateConflict as e:
+                    return e
+            with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                outcomes = list(pool.map(start, (first, second)))
+            assert sum(not isinstance(o, StateConflict) for o in outcomes) == 1, outcomes
+            assert first.get_job(job.id).attempts == 1
+        assert first.queued_count() == 0
+    finally:
+        first.close()
+        second.close()
+
+
+# -- jobd db check's helpers -------------------------------------------------------------------
+
+def test_check_finds_counts_that_drifted_from_the_jobs(store: Any, pg_dsn: str) -> None:
+    from jobd.store.postgres import check, schema_version
+    submit(store)
+    assert check(pg_dsn) == []
+    with connect(pg_dsn) as conn:
+        assert schema_version(conn) == 1
+        conn.execute("UPDATE queued_counts SET n = n + 1")
+    problems = check(pg_dsn)
+    assert len(problems) == 1 and "queued count" in problems[0]
+
+
+def test_check_of_a_database_that_does_not_answer_says_so(postgres: pg.PostgresServer
+                                                          ) -> None:
+    from jobd.store.postgres import check
+    problems = check(postgres.dsn_for("no_such_database"))
+    assert len(problems) == 1 and "no_such_database" in problems[0]
+
+
+def test_the_store_package_does_not_import_psycopg() -> None:
+    code = ("import sys, jobd.store, jobd.store.sqlite, jobd.store.base; "
+            "print(sorted(m for m in sys.modules if m == 'jobd.store.postgres' "
+            "or m.split('.')[0] in ('psycopg', 'psycopg_pool')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    assert out.strip() == "[]"
