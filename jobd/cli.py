@@ -25,7 +25,9 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 def _fail(message: str) -> None:
-    click.echo(f"jobd: {message}", err=True)
+    # one line, also for a library's text of several (libpq adds its hints on their own)
+    line = " ".join(part.strip() for part in message.splitlines() if part.strip())
+    click.echo(f"jobd: {line}", err=True)
     sys.exit(1)
 
 
@@ -139,24 +141,31 @@ def db() -> None:
 @click.pass_context
 def db_check(ctx: click.Context) -> None:
     """Check the database: SQLite's integrity_check, or on PostgreSQL the connection, the
-    schema version and jobd's invariants; exit 1 on a problem (safe while serving)."""
+    schema version and the counts jobd keeps; exit 1 on a problem (safe while serving)."""
     from jobd.store import StoreError
-    from jobd.store.tools import check, check_postgres
 
     config = _config(ctx)
-    postgres = config.storage.backend == "postgres"
+    if config.storage.backend == "postgres":
+        from jobd.store.postgres import check as check_postgres
+        problems = check_postgres(config.storage.dsn)  # each line names the database
+        if not problems:
+            click.echo(f"{config.database}: ok")
+            return
+        for line in problems[:50]:
+            click.echo(line, err=True)
+        _fail(f"{config.database}: the check found problems (above); keep a copy (jobd db "
+              "backup) before changing anything")
+    from jobd.store.tools import check
     try:
-        problems = check_postgres(config.storage.dsn) if postgres else check(config.db)
+        problems = check(config.db)
     except StoreError as e:
         _fail(str(e))
     if problems == ["ok"]:
-        click.echo(f"{config.database}: ok")
+        click.echo(f"{config.db}: ok")
         return
     for line in problems[:50]:
-        click.echo(f"{config.database}: {line}", err=True)
-    _fail(f"{config.database}: " + (
-        "not as jobd left it (above); keep a copy (jobd db backup) and report it"
-        if postgres else "damaged; stop jobd and run `jobd db recover`"))
+        click.echo(f"{config.db}: {line}", err=True)
+    _fail(f"{config.db}: damaged; stop jobd and run `jobd db recover`")
 
 
 @db.command("backup")
@@ -165,7 +174,7 @@ def db_check(ctx: click.Context) -> None:
 @click.pass_context
 def db_backup(ctx: click.Context, target: Path) -> None:
     """Copy the database to TARGET, safe while serving: SQLite's online backup, or on
-    PostgreSQL pg_dump of jobd's tables (custom format: restore with pg_restore)."""
+    PostgreSQL pg_dump of jobd's database (custom format: restore with pg_restore)."""
     from jobd.store import StoreError
     from jobd.store.tools import backup, backup_postgres
 

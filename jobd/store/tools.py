@@ -2,10 +2,8 @@
 
 On SQLite they work on the file itself, with or without a daemon running (``backup``
 reads one snapshot of a live database; ``recover`` wants the daemon stopped). On
-PostgreSQL (SPEC §11) ``check_postgres`` connects and reads the schema version and
-jobd's invariants that no constraint holds (the counts kept beside the jobs, rows of
-gone jobs), and ``backup_postgres`` runs ``pg_dump`` on jobd's schema; both work beside
-running nodes, and both import psycopg only when called. ``recover`` is SQLite's alone.
+PostgreSQL (SPEC §11) ``backup_postgres`` runs ``pg_dump`` beside running nodes (the
+check is ``postgres.check``, beside the schema it checks); ``recover`` is SQLite's alone.
 """
 
 from __future__ import annotations
@@ -25,12 +23,11 @@ from jobd.store.db import connect, create_private, migrate
 from jobd.store.errors import StoreError
 from jobd.store.sql import MIGRATIONS, QUERIES
 
-__all__ = ["backup", "backup_postgres", "check", "check_postgres", "recover"]
+__all__ = ["backup", "backup_postgres", "check", "recover"]
 
 #: where Debian's postgresql-client-<version> packages put pg_dump, when it is not on PATH
 PG_BINDIRS = "/usr/lib/postgresql/*/bin"
-#: how long a connection to PostgreSQL may take to open, in seconds
-CONNECT_TIMEOUT = 10
+
 
 def check(path: Path) -> list[str]:
     """``PRAGMA integrity_check``: ``["ok"]`` or the problems found."""
@@ -210,24 +207,6 @@ def _readable_rows(conn: sqlite3.Connection, table: str, cols: list[str],
 
 # -- PostgreSQL ------------------------------------------------------------------------------
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
-def _pg_connect(dsn: str) -> Any:
-    """A read-only connection to jobd's PostgreSQL database, or StoreError saying why not."""
-    import psycopg
-    try:
-        conn = psycopg.connect(dsn, connect_timeout=CONNECT_TIMEOUT)
-    except psycopg.Error as e:
-        raise StoreError(f"{mask_dsn(dsn)}: cannot connect to PostgreSQL: {_first_line(e)}; "
-                         "check the dsn and that the server runs") from None
-    # every check reads one snapshot, and none can write
-    conn.read_only = True
-    conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-    return conn
-
-
 def _program(name: str) -> str:
     """The path of PostgreSQL's client program ``name``: on PATH, else the newest of
     Debian's version folders; StoreError when there is none."""
@@ -245,8 +224,13 @@ def _program(name: str) -> str:
 
 
 def backup_postgres(dsn: str, target: Path) -> int:
-    """``pg_dump`` of jobd's tables into ``target`` (custom format, for ``pg_restore``),
-    from one snapshot of the live database; returns the bytes written."""
+    """``pg_dump`` of jobd's database into ``target`` (custom format, for ``pg_restore``),
+    from one snapshot of the live database; returns the bytes written.
+
+    The whole database, not ``--table`` by table: a table dump leaves out the functions
+    its triggers call (they keep the counts), so it does not restore by itself; jobd is
+    given a database of its own (README: PostgreSQL).
+    """
     from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
     _check_target(target)
@@ -256,12 +240,12 @@ def backup_postgres(dsn: str, target: Path) -> int:
     password = params.pop("password", None)
     env = {**os.environ, **({"PGPASSWORD": str(password)} if password else {})}
     partial = target.with_name(f".{target.name}.partial")
-    # made first, 0600: the dump holds every job's options and output
+    # made first, 0600: the dump holds every job's options and results
     os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
     try:
         proc = subprocess.run(
             [pg_dump, "--format=custom", "--no-password", f"--file={partial}",
-             *_JOBD_OBJECTS, f"--dbname={make_conninfo(**params)}"],
+             f"--dbname={make_conninfo(**params)}"],
             env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True)
         if proc.returncode != 0:
             lines = [re.sub(r"^pg_dump: (error: )?", "", line)
@@ -273,61 +257,3 @@ def backup_postgres(dsn: str, target: Path) -> int:
     finally:
         partial.unlink(missing_ok=True)
     return target.stat().st_size
-
-
-#: jobd's invariants that no constraint holds, as (what a row of the query means, the
-#: query): the counts kept beside the jobs by triggers (which a restore with triggers off,
-#: or session_replication_role = replica, skips), and rows whose job is gone (foreign keys
-#: are triggers too). Each query returns the offending rows, at most a few.
-_PG_INVARIANTS: tuple[tuple[str, str], ...] = (
-    ("job_events: {} events of job seq {} that has no job row",
-     "SELECT count(*), e.job FROM job_events e WHERE NOT EXISTS "
-     "(SELECT 1 FROM jobs j WHERE j.seq = e.job) GROUP BY e.job LIMIT 5"),
-    ("job_checkpoints: {} checkpoints of job seq {} that has no job row",
-     "SELECT count(*), c.job FROM job_checkpoints c WHERE NOT EXISTS "
-     "(SELECT 1 FROM jobs j WHERE j.seq = c.job) GROUP BY c.job LIMIT 5"),
-    ("job_keys: {} idempotency keys of job seq {} that has no job row",
-     "SELECT count(*), k.job FROM job_keys k WHERE NOT EXISTS "
-     "(SELECT 1 FROM jobs j WHERE j.seq = k.job) GROUP BY k.job LIMIT 5"),
-    ("type_counts: type {} status {} counts {} jobs, but {} are stored",
-     "SELECT coalesce(c.type, j.type), coalesce(c.status, j.status), coalesce(c.n, 0), "
-     "coalesce(j.n, 0) FROM type_counts c FULL JOIN "
-     "(SELECT type, status, count(*) AS n FROM jobs GROUP BY type, status) j "
-     "ON (c.type, c.status) = (j.type, j.status) "
-     "WHERE coalesce(c.n, 0) <> coalesce(j.n, 0) LIMIT 5"),
-    ("user_stored: user {} weighs {} finished jobs, but theirs weigh {}",
-     "SELECT coalesce(s.user_id, j.user_id), coalesce(s.weight, 0), coalesce(j.weight, 0) "
-     "FROM user_stored s FULL JOIN (SELECT user_id, sum(weight) AS weight FROM jobs "
-     "WHERE status IN ('completed', 'failed', 'cancelled') GROUP BY user_id) j "
-     "ON s.user_id = j.user_id WHERE coalesce(s.weight, 0) <> coalesce(j.weight, 0) LIMIT 5"),
-)
-
-
-def check_postgres(dsn: str) -> list[str]:
-    """Connect, read the schema version, check jobd's invariants: ``["ok"]`` or the
-    problems found, each a line saying what is wrong."""
-    import psycopg
-
-    from jobd.store.sql.postgres import MIGRATIONS as PG_MIGRATIONS
-
-    known = len(PG_MIGRATIONS)
-    with _pg_connect(dsn) as conn:
-        try:
-            version = _pg_schema_version(conn)
-            if version is None:
-                return ["no jobd schema in this database: check the dsn's dbname (jobd "
-                        "makes its tables at its first start)"]
-            if version > known:
-                return [f"schema version {version} is newer than this jobd's ({known}): "
-                        "check it with the newer jobd that migrated it"]
-            problems = []
-            if version < known:
-                # its tables are not all this jobd's yet: the invariants may not hold
-                return [f"schema version {version} is older than this jobd's ({known}): "
-                        "`jobd serve` migrates it at start; check it with the jobd that "
-                        "runs on it"]
-            for what, query in _PG_INVARIANTS:
-                problems += [what.format(*row) for row in conn.execute(query)]
-        except psycopg.Error as e:
-            raise StoreError(f"{mask_dsn(dsn)}: the check failed: {_first_line(e)}") from None
-    return problems or ["ok"]
