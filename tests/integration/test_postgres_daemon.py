@@ -162,7 +162,7 @@ def test_cancel_of_a_running_job_takes_its_process_group_down(
 
 
 def test_a_clean_restart_keeps_every_job_and_the_pause(
-        make_pg_daemon: Callable[..., Daemon]) -> None:
+        make_pg_daemon: Callable[..., Daemon], dsn: str) -> None:
     d = make_pg_daemon()
     done = [result_of(d, "jobs.submit", type="noop", as_user=f"u{i}") for i in range(3)]
     for job in done:
@@ -176,6 +176,7 @@ def test_a_clean_restart_keeps_every_job_and_the_pause(
     after = {j["id"]: j for j in result_of(d, "jobs.list", limit=100)["jobs"]}
     assert after == before
     assert after[waiting["id"]]["status"] == "queued"
+    assert stored(dsn, waiting["id"]) == ("queued", 0)  # kept by PostgreSQL
     assert "unclean_stop_detected" not in d.log()
     result_of(d, "admin.resume")  # the pause outlived the restart: the job waited for this
     assert wait_terminal(d, waiting["id"])["status"] == "completed"
@@ -233,6 +234,7 @@ def test_a_second_jobd_on_the_same_state_folder_is_refused_naming_the_holder(
         f"{masked(dsn)}); stop it first (systemctl stop jobd), or give this one a folder of "
         "its own ([storage] state_dir)"]
     assert not other_socket.exists()
+    assert (first.state / "jobd.lock").read_text() == f"{first.proc.pid}\n{masked(dsn)}\n"
 
 
 def test_an_unreachable_database_stops_jobd_with_one_line(
@@ -277,8 +279,19 @@ def test_db_check_and_backup_while_serving_and_a_restore_of_the_backup(
 
     target = tmp_path / "backups" / "jobd.dump"
     target.parent.mkdir()
+    # the real pg_dump, behind one that notes what it was given
+    seen = tmp_path / "wrapped"
+    seen.mkdir()
+    (seen / "pg_dump").write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > {seen}/argv\n"
+                                  f"printf '%s' \"$PGPASSWORD\" > {seen}/password\n"
+                                  f'exec {pg_program("pg_dump")} "$@"\n')
+    (seen / "pg_dump").chmod(0o755)
+    d.env["PATH"] = f"{seen}:{d.env.get('PATH', '/usr/bin:/bin')}"
     made = jobd_of(d, "db", "backup", str(target))
     assert made.returncode == 0, made.stderr
+    # the password went by the environment, never the command line others can read
+    assert PASSWORD not in (seen / "argv").read_text()
+    assert (seen / "password").read_text() == PASSWORD
     assert made.stdout == f"{masked(dsn)} -> {target}: {target.stat().st_size} bytes\n"
     assert target.stat().st_mode & 0o077 == 0  # every job's data: the owner's alone
     assert result_of(d, "ping")
