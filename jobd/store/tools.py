@@ -245,7 +245,7 @@ def backup_postgres(dsn: str, target: Path) -> int:
     try:
         proc = subprocess.run(
             [pg_dump, "--format=custom", "--no-password", f"--file={partial}",
-             f"--dbname={make_conninfo(**params)}"],
+             f"--dbname={make_conninfo('', **params)}"],
             env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True)
         if proc.returncode != 0:
             lines = [re.sub(r"^pg_dump: (error: )?", "", line)

@@ -6,7 +6,7 @@ the dsn's password in no log or message."""
 
 from __future__ import annotations
 
-import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -136,6 +136,27 @@ def test_the_node_logs_its_backend_and_the_ignored_db_once_and_never_the_passwor
     assert shown.returncode == 0, shown.stderr
     assert f'dsn = "{masked(dsn)}"' in shown.stdout.splitlines()
     assert PASSWORD not in d.log() + shown.stdout + shown.stderr
+
+
+def test_a_reload_keeps_the_database_it_started_on(
+        make_pg_daemon: Callable[..., Daemon], dsn: str, tmp_path: Path) -> None:
+    d = make_pg_daemon()
+    text = d.config.read_text()
+    elsewhere = f"postgresql:///elsewhere?host={tmp_path}&password={PASSWORD}"
+    d.config.write_text(text.replace(dsn, elsewhere).replace("[execution]\n",
+                                                             "[execution]\nworkers = 7\n"))
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGHUP)
+    reloaded = wait_for(lambda: [e for e in d.log_events() if e.get("event") == "config_reloaded"],
+                        what="the reload")
+    assert reloaded[0]["workers"] == 7  # the reloadable part took
+    kept = {e.get("key") for e in d.log_events()
+            if e.get("event") == "config_change_needs_restart"}
+    assert kept == {"storage"}
+    job = result_of(d, "jobs.submit", type="noop")
+    assert wait_terminal(d, job["id"])["status"] == "completed"
+    assert stored(dsn, job["id"]) == ("completed", 1)  # still the database it started on
+    assert PASSWORD not in d.log()
 
 
 # -- cancel, restarts ---------------------------------------------------------------------------
