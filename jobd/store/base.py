@@ -24,6 +24,7 @@ being tied to the clock, stays above any value handed out before a crash.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import concurrent.futures
 import contextlib
@@ -216,7 +217,7 @@ class _NoSweeps:
 _NO_SWEEPS = _NoSweeps()
 
 
-class BaseStore:
+class BaseStore(abc.ABC):
     """Jobs, their events and checkpoints: the rules, whatever the database."""
 
     #: the backend's named queries (the same names in every backend)
@@ -240,26 +241,26 @@ class BaseStore:
 
     # -- what a backend provides ---------------------------------------------------------
 
+    @abc.abstractmethod
     def _all(self, sql: str, params: Mapping[str, Any] | None = None) -> list[Any]:
         """The rows of a read, on a reading connection (never waits for the writer)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _one(self, sql: str, params: Mapping[str, Any] | None = None) -> Any:
         """The first row of a read, or None."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _duplicate(self, e: Exception, job_id: str) -> Exception:
         """A unique key refused on inserting ``job_id``, as the store's exception."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _count_queued(self, tx: Tx, user_id: str, delta: int) -> None:
         """``user_id`` has ``delta`` more queued jobs (the write has just made it so)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _queued_in(self, tx: Tx, user_id: str | None) -> int:
         """What the queue limits are checked against inside a write: how many jobs
         ``user_id`` (None: everyone) has queued, this write's changes included."""
-        raise NotImplementedError
 
     def _sweeps(self) -> Sweeps:
         """What a cleanup or purge holds meanwhile, and asks between two of its chunks."""

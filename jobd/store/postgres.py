@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import time
 from typing import Any, Callable, Iterator, Mapping
 
 import psycopg
@@ -63,6 +64,8 @@ TABLES = ("jobd_schema", "jobs", "job_events", "job_checkpoints", "job_keys", "m
           "finished_days")
 FUNCTIONS = ("jobd_iso", "jobs_counted_in", "jobs_status_moved")
 
+#: how long an open waits for the one-node lock of a jobd that has just gone
+NODE_WAIT_S = 3.0
 #: SQLSTATEs of a transaction that lost a race with another one: run it again
 _AGAIN = frozenset({"40P01", "40001"})
 _CLEAN = (TransactionStatus.INTRANS, TransactionStatus.INERROR)
@@ -117,8 +120,18 @@ def _connect(dsn: str, **kw: Any) -> psycopg.Connection[Any]:
 _NAME = f"jobd on {socket.gethostname()} pid {os.getpid()}"[:63]
 
 
-def schema_version(conn: psycopg.Connection[Any]) -> int:
-    """The newest migration applied to the database of ``conn`` (0: none)."""
+def schema_version(dsn: str) -> int:
+    """The newest migration applied to the database ``dsn`` names (0: none); this jobd's
+    is ``len(MIGRATIONS)``. Raises StoreError if the database does not answer."""
+    where = describe(dsn)
+    try:
+        with _connect(dsn, connect_timeout=10) as conn:
+            return _applied(conn)
+    except psycopg.Error as e:
+        raise StoreError(f"{where}: {str(from_pg(e, where))}") from None
+
+
+def _applied(conn: psycopg.Connection[Any]) -> int:
     if conn.execute("SELECT to_regclass('jobd_schema')").fetchone() == (None,):
         return 0
     return int(_scalar(conn.execute(QUERIES["schema_version"])))
@@ -132,7 +145,7 @@ def migrate(conn: psycopg.Connection[Any], where: str) -> None:
     try:
         conn.execute("CREATE TABLE IF NOT EXISTS jobd_schema (version INTEGER PRIMARY KEY, "
                      "name TEXT NOT NULL, applied_at BIGINT NOT NULL)")
-        version = schema_version(conn)
+        version = _applied(conn)
         if version > len(MIGRATIONS):
             raise StoreError(f"{where}: schema version {version} is newer than this jobd "
                              f"knows ({len(MIGRATIONS)}); upgrade jobd")
@@ -152,9 +165,13 @@ def check(dsn: str) -> list[str]:
     where = describe(dsn)
     try:
         with _connect(dsn, connect_timeout=10) as conn:
-            version = schema_version(conn)
+            version = _applied(conn)
+            if version == 0:
+                return [f"{where}: no jobd schema (jobd has never opened this database)"]
             if version != len(MIGRATIONS):
-                return [f"{where}: schema version {version}, this jobd's is {len(MIGRATIONS)}"]
+                what = ("newer than this jobd's: upgrade jobd" if version > len(MIGRATIONS)
+                        else "older than this jobd's: start jobd once to migrate it")
+                return [f"{where}: schema version {version} is {what} ({len(MIGRATIONS)})"]
             problems = []
             for name, sql in _INVARIANTS.items():
                 n = _scalar(conn.execute(sql))
@@ -205,13 +222,10 @@ class PgTx(writer.Tx):
             try:
                 cur = self.conn.execute(QUERIES[query], params)
             except psycopg.DataError:
-                if not _nul(params):
+                escaped = _without_nul(params)
+                if escaped is None:
                     raise
-                # PostgreSQL text holds no NUL: written as the escape readable() writes
-                # (found only once refused: no scan of every write's text)
-                cur = self.conn.execute(QUERIES[query], {
-                    k: v.replace("\0", "\\x00") if isinstance(v, str) else v
-                    for k, v in params.items()})
+                cur = self.conn.execute(QUERIES[query], escaped)
         except psycopg.Error:
             self.writes += 1
             raise
@@ -223,8 +237,15 @@ class PgTx(writer.Tx):
         return int(_scalar(self.run(query, **params)))
 
 
-def _nul(params: Mapping[str, Any]) -> bool:
-    return any(isinstance(v, str) and "\0" in v for v in params.values())
+def _without_nul(params: Mapping[str, Any]) -> dict[str, Any] | None:
+    """``params`` with each NUL written as the escape ``readable()`` writes (``\\x00``), or
+    None if none holds one. PostgreSQL text holds no NUL; a write or a read whose text
+    does is refused by psycopg before it is sent, and only then escaped and sent again
+    (no scan of every statement's text), so that what is written is what a read finds."""
+    if not any(isinstance(v, str) and "\0" in v for v in params.values()):
+        return None
+    return {k: v.replace("\0", "\\x00") if isinstance(v, str) else v
+            for k, v in params.items()}
 
 
 class PgDriver:
@@ -291,8 +312,14 @@ class PgDriver:
 
 def _hold_node(conn: psycopg.Connection[Any], where: str, key: int) -> None:
     """Take the one-node lock ``key`` on ``conn``'s session, or refuse: another jobd
-    uses the database."""
-    if _scalar(conn.execute(QUERIES["lock_node"], {"key": key})):
+    uses the database. A jobd killed just before holds it on until PostgreSQL has seen
+    its connection close: that is waited out for up to ``NODE_WAIT_S``."""
+    deadline = time.monotonic() + NODE_WAIT_S
+    while not _scalar(conn.execute(QUERIES["lock_node"], {"key": key})):
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
+    else:
         return
     holder = conn.execute(QUERIES["node_holder"], {"key": key}).fetchone()
     who = f" ({holder[0]})" if holder and holder[0] else ""
@@ -393,7 +420,13 @@ class PostgresStore(BaseStore):
         for last in (False, True):
             try:
                 with self._reading() as conn:
-                    cur = conn.execute(sql, params or {})
+                    try:
+                        cur = conn.execute(sql, params or {})
+                    except psycopg.DataError:
+                        escaped = _without_nul(params or {})
+                        if escaped is None:
+                            raise
+                        cur = conn.execute(sql, escaped)
                     return cur.fetchall() if fetch == "all" else cur.fetchone()
             except psycopg_pool.PoolTimeout as e:
                 raise StorageUnavailable(f"storage unavailable: {self.where}: {e}") from None

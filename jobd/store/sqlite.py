@@ -192,7 +192,8 @@ class SqliteStore(BaseStore):
         tx.undo.append(lambda: add(-delta))
 
     def _queued_in(self, tx: Tx, user_id: str | None) -> int:
-        return self.queued_count(user_id)
+        # the counters already hold this batch's changes (a submit asks twice: no hop)
+        return self._queued[user_id] if user_id is not None else self._queued_total
 
     def queued_count(self, user_id: str | None = None) -> int:
         return self._queued[user_id] if user_id is not None else self._queued_total

@@ -18,6 +18,7 @@ errors are which. Nothing else here knows a backend.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import concurrent.futures
 import dataclasses
@@ -40,7 +41,7 @@ Write = Callable[["Tx"], Any]
 
 
 @dataclasses.dataclass
-class Tx:
+class Tx(abc.ABC):
     """What a write sees: the connection, the transaction's time, and hooks that run once
     the commit holds. Each backend's subclass runs its own named queries (``run``)."""
 
@@ -53,13 +54,13 @@ class Tx:
     #: tells its listener of a job once per commit, as the commit leaves it)
     latest: dict[Any, Any] = dataclasses.field(default_factory=dict)
 
+    @abc.abstractmethod
     def run(self, query: str, **params: Any) -> Any:
         """Run the named query (``now`` is the transaction's time); its cursor."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def insert(self, query: str, **params: Any) -> int:
         """Run the named insert; the new row's ``seq``."""
-        raise NotImplementedError
 
     def rollback_to(self, hooks: int, undos: int) -> None:
         for fn in reversed(self.undo[undos:]):

@@ -17,8 +17,8 @@ import pytest
 from jobd.errors import LimitExceeded
 from jobd.models import JobStatus
 from jobd.rules import Rules
-from jobd.store import (Corrupt, DuplicateId, ReadOnly, StateConflict, StorageFull,
-                        StorageUnavailable, StoreError)
+from jobd.store import (Corrupt, DuplicateId, JobNotFound, ReadOnly, StateConflict,
+                        StorageFull, StorageUnavailable, StoreError)
 
 import pg
 from test_store import Clock, new_job, submit
@@ -43,6 +43,13 @@ def second_node(dsn: str, **kw: Any) -> Any:
     other = PostgresStore(dsn, **kw)
     other.node_key += 1000
     return other.open()
+
+
+@pytest.fixture(autouse=True)
+def short_node_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refused open waits out a holder that is going away: not 3 s in every test."""
+    from jobd.store import postgres
+    monkeypatch.setattr(postgres, "NODE_WAIT_S", 0.3)
 
 
 @pytest.fixture
@@ -125,6 +132,22 @@ def test_a_second_jobd_on_the_database_is_refused_until_the_first_closes(
         assert again.was_clean and again.queued_count() == 1
     finally:
         again.close()
+
+
+def test_an_open_waits_out_a_jobd_whose_session_is_ending(
+        pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A jobd killed a moment ago holds the lock until PostgreSQL sees its connection
+    close: a restart right after it (systemd's, an operator's) opens, not refused."""
+    from jobd.store import postgres
+    monkeypatch.setattr(postgres, "NODE_WAIT_S", 3.0)
+    open_store(pg_dsn).close()
+    with connect(pg_dsn) as going:
+        going.execute("SELECT pg_advisory_lock(%s)", (postgres.NODE_KEY,))
+        timer = threading.Timer(0.5, going.close)
+        timer.start()
+        store = open_store(pg_dsn)
+        timer.join()
+    store.close()
 
 
 # -- errors by SQLSTATE ------------------------------------------------------------------------
@@ -213,6 +236,12 @@ def test_text_with_nul_is_stored_escaped_and_a_job_with_it_still_ends(store: Any
     done = store.finish_job(job.id, JobStatus.FAILED, error="fatal: \0 in a path")
     assert done.status is JobStatus.FAILED and done.error == "fatal: \\x00 in a path"
     assert store.events(job.id)[-1]["message"] == "fatal: \\x00 in a path"
+    # a read with NUL in its text finds what such a write stored, and refuses nothing
+    keyed = submit(store, new_job(user="a\0b", type="noop", project=None))
+    assert [j.id for j in store.list_jobs(user_id="a\0b")] == [keyed.id]
+    assert store.list_jobs(id_prefix="\0") == []
+    with pytest.raises(JobNotFound):
+        store.get_job("no\0such")
 
 
 # -- queue limits across writers ---------------------------------------------------------------
@@ -284,20 +313,27 @@ def test_a_start_racing_on_two_writers_is_won_once(pg_dsn: str) -> None:
 
 def test_check_finds_counts_that_drifted_from_the_jobs(store: Any, pg_dsn: str) -> None:
     from jobd.store.postgres import check, schema_version
+    from jobd.store.postgres import MIGRATIONS
     submit(store)
-    assert check(pg_dsn) == []
+    assert check(pg_dsn) == [] and schema_version(pg_dsn) == len(MIGRATIONS)
     with connect(pg_dsn) as conn:
-        assert schema_version(conn) == 1
         conn.execute("UPDATE queued_counts SET n = n + 1")
     problems = check(pg_dsn)
     assert len(problems) == 1 and "queued count" in problems[0]
 
 
-def test_check_of_a_database_that_does_not_answer_says_so(postgres: pg.PostgresServer
-                                                          ) -> None:
-    from jobd.store.postgres import check
+def test_check_of_a_database_that_does_not_answer_says_so(postgres: pg.PostgresServer,
+                                                          pg_dsn: str) -> None:
+    from jobd.store.postgres import check, schema_version
     problems = check(postgres.dsn_for("no_such_database"))
     assert len(problems) == 1 and "no_such_database" in problems[0]
+    with pytest.raises(StoreError, match="no_such_database"):
+        schema_version(postgres.dsn_for("no_such_database"))
+    # a database jobd never opened: no schema yet, said so
+    assert schema_version(pg_dsn) == 0
+    problems = check(pg_dsn)
+    assert len(problems) == 1 and problems[0].endswith(
+        ": no jobd schema (jobd has never opened this database)")
 
 
 def test_the_store_package_does_not_import_psycopg() -> None:
