@@ -13,7 +13,7 @@ which was given, for the daemon to log).
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
+import importlib
 import os
 import re
 import time
@@ -664,10 +664,6 @@ def load(config_file: str | os.PathLike[str] | None = None, *, socket: str | Non
     return config
 
 
-#: what ``backend = "postgres"`` imports (the ``postgres`` extra)
-_POSTGRES_MODULES = ("psycopg", "psycopg_pool")
-
-
 def _check_storage(storage: Storage, where: dict[str, str], file: str) -> None:
     """Raise ConfigError for a ``[storage]`` block jobd cannot start on. ``where``: the
     origin (file or variable) of each key set; a missing key is the file's problem."""
@@ -686,10 +682,16 @@ def _check_storage(storage: Storage, where: dict[str, str], file: str) -> None:
         refuse("state_dir", 'is not set, but backend = "postgres" needs it: the folder '
                "of this node's logs, repositories, manifests and lock, e.g. "
                'state_dir = "/var/lib/jobd"')
-    missing = [m for m in _POSTGRES_MODULES if importlib.util.find_spec(m) is None]
-    if missing:
-        refuse("backend", f'= "postgres" needs {" and ".join(missing)} (not installed): '
-               "pip install 'jobd[postgres]'")
+    try:  # only here: a SQLite daemon never loads psycopg or libpq
+        import psycopg.conninfo
+        importlib.import_module("psycopg_pool")  # the store's read pool
+    except ImportError as e:
+        refuse("backend", f'= "postgres" needs psycopg with its pool, which cannot be '
+               f"imported ({e}): pip install 'jobd[postgres]'")
+    try:
+        psycopg.conninfo.conninfo_to_dict(storage.dsn)
+    except psycopg.Error as e:  # its text names keys, never values (no password shown)
+        refuse("dsn", f"is not a libpq connection string or URL: {str(e).strip()}")
 
 
 def _repo_outside(config: Config, spec: TypeSpec) -> str | None:

@@ -39,7 +39,7 @@ from jobd.manager import Hub, Manager
 from jobd.rpc import Rpc, error_line
 from jobd.server import Server, notify, watchdog_loop
 from jobd.state import locked
-from jobd.store import Listeners, Store, StoreError
+from jobd.store import Listeners, Store
 from jobd.store.interface import JobStore
 
 __all__ = ["run"]
@@ -120,11 +120,9 @@ def reloaded(old: Config, new: Config) -> tuple[Config, list[str]]:
 def make_store(config: Config, listeners: Listeners) -> JobStore:
     """The store ``[storage]`` names, not yet opened."""
     if config.storage.backend == "postgres":
-        try:  # here only: a SQLite daemon never loads psycopg or libpq
-            from jobd.store.postgres import PostgresStore
-        except ImportError as e:
-            raise StoreError(f"backend postgres: cannot load psycopg ({e}); "
-                             "pip install 'jobd[postgres]'") from None
+        # here only: a SQLite daemon never loads psycopg or libpq (the config checked
+        # that they import)
+        from jobd.store.postgres import PostgresStore
         return PostgresStore(config.storage.dsn, listeners=listeners,
                              max_stored_per_user=config.execution.max_stored_per_user)
     return Store(config.db, synchronous=config.storage.synchronous,

@@ -506,6 +506,11 @@ def test_a_dsn_is_shown_with_its_password_masked(dsn: str, shown: str) -> None:
     ('backend = "postgres"\ndsn = "dbname=jobd"\nstate_dir = "state"', "storage.state_dir",
      "must be an absolute path"),
     ("dsn = 5", "storage.dsn", "must be a string"),
+    ('backend = "postgres"\ndsn = "host=/x password=s3cret colour=red"\nstate_dir = "/srv/jobd"',
+     "storage.dsn",
+     'is not a libpq connection string or URL: invalid connection option "colour"'),
+    ('backend = "postgres"\ndsn = "dbname=jobd password"\nstate_dir = "/srv/jobd"',
+     "storage.dsn", 'missing "=" after "password"'),
 ])
 def test_each_storage_error_is_one_line_naming_file_key_and_problem(
         tmp_path: Path, text: str, key: str, problem: str) -> None:
@@ -514,7 +519,7 @@ def test_each_storage_error_is_one_line_naming_file_key_and_problem(
         load(path, env={})
     message = str(refused.value)
     assert "\n" not in message and message.startswith(f"{path}: {key} ")
-    assert problem in message
+    assert problem in message and "s3cret" not in message
 
 
 def test_a_storage_error_from_the_environment_names_the_variable(tmp_path: Path) -> None:
@@ -530,8 +535,10 @@ def test_postgres_without_psycopg_says_how_to_install_it(
     monkeypatch.setitem(sys.modules, "psycopg", None)
     with pytest.raises(ConfigError) as refused:
         load(path, env={})
-    assert str(refused.value) == (f"{path}: storage.backend = \"postgres\" needs psycopg (not "
-                                  "installed): pip install 'jobd[postgres]'")
+    message = str(refused.value)
+    assert message.startswith(f'{path}: storage.backend = "postgres" needs psycopg with its '
+                              "pool, which cannot be imported (")
+    assert message.endswith("): pip install 'jobd[postgres]'") and "\n" not in message
     # a SQLite daemon needs none of it
     assert load(write(tmp_path / "sqlite.toml", ""), env={}).storage.backend == "sqlite"
 
