@@ -24,10 +24,14 @@ __all__ = ["main"]
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
+def _one_line(text: str) -> str:
+    """``text`` on one line: a library's message may have several (libpq puts its hints
+    on their own)."""
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
 def _fail(message: str) -> None:
-    # one line, also for a library's text of several (libpq adds its hints on their own)
-    line = " ".join(part.strip() for part in message.splitlines() if part.strip())
-    click.echo(f"jobd: {line}", err=True)
+    click.echo(f"jobd: {_one_line(message)}", err=True)
     sys.exit(1)
 
 
@@ -152,9 +156,8 @@ def db_check(ctx: click.Context) -> None:
             click.echo(f"{config.database}: ok")
             return
         for line in problems[:50]:
-            click.echo(line, err=True)
-        _fail(f"{config.database}: the check found problems (above); keep a copy (jobd db "
-              "backup) before changing anything")
+            click.echo(_one_line(line), err=True)
+        _fail(f"{config.database}: the check found problems (above)")
     from jobd.store.tools import check
     try:
         problems = check(config.db)

@@ -248,7 +248,7 @@ def backup_postgres(dsn: str, target: Path) -> int:
              f"--dbname={make_conninfo('', **params)}"],
             env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True)
         if proc.returncode != 0:
-            lines = [re.sub(r"^pg_dump: (error: )?", "", line)
+            lines = [re.sub(r"^pg_dump: (error: )?", "", line.strip())
                      for line in proc.stderr.strip().splitlines()[-3:]]
             why = " ".join(lines) or f"exit status {proc.returncode}"
             raise StoreError(f"{mask_dsn(dsn)}: pg_dump failed: {why}")

@@ -258,7 +258,7 @@ def test_a_second_jobd_on_the_same_state_folder_is_refused_naming_the_holder(
     assert (first.state / "jobd.lock").read_text() == f"{first.proc.pid}\n{masked(dsn)}\n"
 
 
-def test_an_unreachable_database_stops_jobd_with_one_line(
+def test_an_unreachable_database_stops_jobd_and_its_db_tools_with_one_line_each(
         make_pg_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
     gone = f"postgresql:///jobd?host={tmp_path}/nowhere&user=jobd&password={PASSWORD}"
     d = make_pg_daemon(start=False, db=gone)
@@ -269,6 +269,15 @@ def test_an_unreachable_database_stops_jobd_with_one_line(
     assert line.startswith("jobd: ") and "Traceback" not in proc.stderr
     assert PASSWORD not in proc.stderr
     assert not d.socket.exists()
+    # libpq's hint, on a line of its own in its text, stays on the line it belongs to
+    check = jobd_of(d, "db", "check")
+    assert check.returncode == 1 and len(said(check)) == 2, check.stderr
+    assert said(check)[1] == f"jobd: {masked(gone)}: the check found problems (above)"
+    backup = jobd_of(d, "db", "backup", str(tmp_path / "b.dump"))
+    assert backup.returncode == 1 and len(said(backup)) == 1, backup.stderr
+    assert said(backup)[0].startswith(f"jobd: {masked(gone)}: pg_dump failed: ")
+    assert PASSWORD not in check.stderr + backup.stderr
+    assert not (tmp_path / "b.dump").exists() and not list(tmp_path.glob(".b.dump*"))
 
 
 # -- jobd db check / backup / recover -------------------------------------------------------------
@@ -351,8 +360,7 @@ def test_db_check_names_a_broken_invariant(make_pg_daemon: Callable[..., Daemon]
     assert check.returncode == 1 and check.stdout == ""
     lines = check.stderr.splitlines()
     assert any("type and status counts" in line for line in lines), lines
-    assert lines[-1] == (f"jobd: {masked(dsn)}: the check found problems (above); keep a "
-                         "copy (jobd db backup) before changing anything")
+    assert lines[-1] == f"jobd: {masked(dsn)}: the check found problems (above)"
     assert PASSWORD not in check.stderr
 
 
