@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -18,15 +17,21 @@ from typing import Any, Callable
 import click
 
 from jobd import __version__
-from jobd.config import Config, ConfigError, load
+from jobd.config import Config, ConfigError, load, mask_dsn
 
 __all__ = ["main"]
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
+def _one_line(text: str) -> str:
+    """``text`` on one line: a library's message may have several (libpq puts its hints
+    on their own)."""
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
 def _fail(message: str) -> None:
-    click.echo(f"jobd: {message}", err=True)
+    click.echo(f"jobd: {_one_line(message)}", err=True)
     sys.exit(1)
 
 
@@ -63,7 +68,8 @@ def global_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--socket", expose_value=False, callback=_remember,
                      help="Unix socket to listen on (env JOBD_SOCKET)."),
         click.option("--db", expose_value=False, callback=_remember,
-                     help="SQLite database file (env JOBD_DB)."),
+                     help="SQLite database file (env JOBD_DB); unused with [storage] "
+                     "backend = \"postgres\"."),
         click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
                      expose_value=False, callback=_remember,
                      help="Log level (env JOBD_LOG_LEVEL; else [server] log_level; default info)."),
@@ -83,8 +89,9 @@ def global_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 def main(ctx: click.Context) -> None:
     """jobd: the job manager daemon of a CIDX server.
 
-    Without a command it serves: JSON-RPC 2.0 over a Unix socket, jobs in SQLite. The
-    options below also work after the command (`jobd serve --db D`).
+    Without a command it serves: JSON-RPC 2.0 over a Unix socket, jobs in SQLite (or
+    PostgreSQL: [storage] in the config). The options below also work after the command
+    (`jobd serve --db D`).
 
     \b
     Examples:
@@ -130,28 +137,38 @@ def version() -> None:
 @main.group()
 @global_options
 def db() -> None:
-    """Check, back up or recover the database (see --db)."""
+    """Check, back up or recover the database ([storage] in the config, or --db)."""
 
 
 @db.command("check")
 @global_options
 @click.pass_context
 def db_check(ctx: click.Context) -> None:
-    """Run SQLite's integrity_check; exit 1 if the database is damaged (safe while serving)."""
+    """Check the database: SQLite's integrity_check, or on PostgreSQL the connection, the
+    schema version and the counts jobd keeps; exit 1 on a problem (safe while serving)."""
     from jobd.store import StoreError
-    from jobd.store.tools import check
 
-    path = _config(ctx).db
+    config = _config(ctx)
+    if config.storage.backend == "postgres":
+        from jobd.store.postgres import check as check_postgres
+        problems = check_postgres(config.storage.dsn)  # each line names the database
+        if not problems:
+            click.echo(f"{config.database}: ok")
+            return
+        for line in problems[:50]:
+            click.echo(_one_line(line), err=True)
+        _fail(f"{config.database}: the check found problems (above)")
+    from jobd.store.tools import check
     try:
-        problems = check(path)
+        problems = check(config.db)
     except StoreError as e:
         _fail(str(e))
     if problems == ["ok"]:
-        click.echo(f"{path}: ok")
+        click.echo(f"{config.db}: ok")
         return
     for line in problems[:50]:
-        click.echo(f"{path}: {line}", err=True)
-    _fail(f"{path}: damaged; stop jobd and run `jobd db recover`")
+        click.echo(f"{config.db}: {line}", err=True)
+    _fail(f"{config.db}: damaged; stop jobd and run `jobd db recover`")
 
 
 @db.command("backup")
@@ -159,16 +176,18 @@ def db_check(ctx: click.Context) -> None:
 @click.argument("target", type=click.Path(dir_okay=False, path_type=Path))
 @click.pass_context
 def db_backup(ctx: click.Context, target: Path) -> None:
-    """Copy the database to TARGET with SQLite's online backup (safe while serving)."""
+    """Copy the database to TARGET, safe while serving: SQLite's online backup, or on
+    PostgreSQL pg_dump of jobd's database (custom format: restore with pg_restore)."""
     from jobd.store import StoreError
-    from jobd.store.tools import backup
+    from jobd.store.tools import backup, backup_postgres
 
-    path = _config(ctx).db
+    config = _config(ctx)
     try:
-        size = backup(path, target)
+        size = (backup_postgres(config.storage.dsn, target)
+                if config.storage.backend == "postgres" else backup(config.db, target))
     except StoreError as e:
         _fail(str(e))
-    click.echo(f"{path} -> {target}: {size} bytes")
+    click.echo(f"{config.database} -> {target}: {size} bytes")
 
 
 @db.command("recover")
@@ -177,20 +196,25 @@ def db_backup(ctx: click.Context, target: Path) -> None:
 def db_recover(ctx: click.Context) -> None:
     """Copy every readable row into a fresh database; keep the damaged file aside.
 
-    Refuses while jobd runs on this database (it holds the state folder's lock); on a
-    healthy database it says so and changes nothing. Exit status 1 when rows were lost.
+    SQLite only. Refuses while jobd runs on this database (it holds the state folder's
+    lock); on a healthy database it says so and changes nothing. Exit status 1 when rows
+    were lost.
     """
-    from jobd.state import InUse, StateLock
+    from jobd.state import InUse, locked
     from jobd.store import StoreError
     from jobd.store.tools import check, recover
 
     config = _config(ctx)
+    if config.storage.backend == "postgres":
+        _fail("db recover works on a SQLite file only; a PostgreSQL database is repaired "
+              "with PostgreSQL's own tools (restore a pg_dump made by `jobd db backup` "
+              "with pg_restore); `jobd db check` shows what is wrong")
     path = config.db
     if not path.exists():  # before the lock, which would leave a jobd.lock behind
         _fail(f"{path}: no such database; name the database jobd serves with --db")
     try:
         # a tool on an existing database: it makes no folder
-        with StateLock(config.state_dir, path, create=False):
+        with locked(config, create=False):
             if check(path) == ["ok"]:
                 click.echo(f"{path}: integrity check ok; nothing to recover")
                 return
@@ -229,17 +253,10 @@ def _masked_values(value: Any) -> Any:
     return {name: "***" for name in value} if isinstance(value, dict) else "***"
 
 
-def _masked_dsn(value: Any) -> Any:
-    """A libpq connection string or URL with its password ***."""
-    text = str(value)
-    text = re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", text)
-    return re.sub(r"(://[^:/@\s]+:)[^@\s]+@", r"\1***@", text)
-
-
 #: settings whose values are secrets, by (section, key): how each is shown. Keys a
 #: config does not have are skipped, so a new secret is one line here.
 _SECRETS: dict[tuple[str, str], Callable[[Any], Any]] = {
-    ("storage", "dsn"): _masked_dsn, ("sync", "index_env"): _masked_values,
+    ("storage", "dsn"): mask_dsn, ("sync", "index_env"): _masked_values,
     ("types", "env"): _masked_values}
 
 
@@ -280,8 +297,14 @@ def _section(name: str, values: Any) -> list[str]:
 def effective(config: Config) -> str:
     """The settings ``config`` holds, TOML-like: where they came from, then each section."""
     source = config.config_file if config.config_file and config.config_file.exists() else None
+    if config.storage.backend == "postgres":
+        given = f" ({config.db_ignored} given)" if config.db_ignored else ""
+        db = f'# db: unused with backend = "postgres"{given}'
+    else:
+        db = f"db = {_toml(str(config.db))}"
     lines = [f"# {source}" if source else "# no config file: the defaults", "",
-             f"socket = {_toml(str(config.socket))}", f"db = {_toml(str(config.db))}",
+             f"socket = {_toml(str(config.socket))}", db,
+             f"state_dir = {_toml(str(config.state_dir))}",
              f"log_level = {_toml(config.log_level)}"]
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)

@@ -4,12 +4,16 @@ SPEC §1 fixes the defaults and the file's shape. A bad file (unknown key, wrong
 bad duration) raises ``ConfigError`` whose message is one line naming the file, the key
 and the problem. ``[types.NAME]`` tables (SPEC §5: job types that run a program) are
 read into ``TypeSpec``s here, every rule of their templates checked, so a bad one stops
-jobd at start or is refused by a reload.
+jobd at start or is refused by a reload. ``[storage]`` picks the backend: with
+``"postgres"`` it needs a dsn, a ``state_dir`` (no database file lies beside the logs)
+and psycopg installed, and ``--db``/``JOBD_DB`` are unused (``Config.db_ignored`` says
+which was given, for the daemon to log).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 import re
 import time
@@ -21,8 +25,8 @@ from jobd.models import iso
 from jobd.paths import segment
 
 __all__ = ["BUILTIN_TYPES", "Config", "ConfigError", "ConfigState", "Duration", "ROLES",
-           "TypeSpec", "default_socket_paths", "load", "parse_duration", "parse_limit",
-           "placeholder"]
+           "TypeSpec", "default_socket_paths", "load", "mask_dsn", "parse_duration",
+           "parse_limit", "placeholder"]
 
 
 class ConfigError(Exception):
@@ -80,6 +84,12 @@ class Server:
 @dataclasses.dataclass(frozen=True)
 class Storage:
     synchronous: str = "full"
+    #: "sqlite" (embedded, the default) or "postgres" (SPEC §11)
+    backend: str = "sqlite"
+    #: postgres: a libpq connection string or URL
+    dsn: str = ""
+    #: logs, repositories, manifests and the lock; "": the database's folder (SQLite only)
+    state_dir: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,6 +219,7 @@ _SECTIONS: dict[str, type] = {
 }
 
 _CHOICES = {("storage", "synchronous"): ("off", "normal", "full", "extra"),
+            ("storage", "backend"): ("sqlite", "postgres"),
             ("server", "log_level"): ("debug", "info", "warning", "error"),
             ("http", "algorithm"): ("", "hs256", "rs256", "es256")}
 
@@ -229,11 +240,22 @@ class Config:
     http: Http = Http()
     #: the ``[types.NAME]`` entries, by name
     types: dict[str, TypeSpec] = dataclasses.field(default_factory=dict)
+    #: with PostgreSQL: the ``--db`` or ``JOBD_DB`` given, which names no database then
+    db_ignored: str | None = None
 
     @property
     def state_dir(self) -> Path:
-        """Where the database lives; repositories, manifests and logs live beside it."""
-        return self.db.parent
+        """Where repositories, manifests, logs and the lock live: ``[storage] state_dir``,
+        else the SQLite database's folder."""
+        return Path(self.storage.state_dir) if self.storage.state_dir else self.db.parent
+
+    @property
+    def database(self) -> str:
+        """The database as logs and messages name it: the SQLite file, or the PostgreSQL
+        dsn with its password masked."""
+        if self.storage.backend == "postgres":
+            return mask_dsn(self.storage.dsn)
+        return str(self.db)
 
     @property
     def log_dir(self) -> Path:
@@ -273,6 +295,16 @@ class ConfigState:
         file = self.config.config_file
         return {"file": str(file) if file else None, "loaded_at": iso(int(self.loaded_at * 1e6)),
                 "error": self.error}
+
+
+def mask_dsn(dsn: str) -> str:
+    """A libpq connection string or URL with its password shown as ``***``."""
+    if re.match(r"postgres(?:ql)?://", dsn.strip()):
+        # the user info's password, and a password parameter of the query
+        text = re.sub(r"(://[^:/@?\s]*:)[^@/?\s]*@", r"\1***@", dsn)
+        return re.sub(r"([?&]password=)[^&#\s]*", r"\1***", text)
+    # key = value pairs: a value is a word, or quoted with backslash escapes
+    return re.sub(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", dsn)
 
 
 def _is_system(env: Mapping[str, str]) -> bool:
@@ -604,6 +636,10 @@ def load(config_file: str | os.PathLike[str] | None = None, *, socket: str | Non
                 raise ConfigError(f"{where}: {name}.{key} {e}") from None
         built[name] = dataclasses.replace(defaults, **values)
 
+    _check_storage(built["storage"], {k: w for k, (w, _, _) in sections["storage"].items()},
+                   str(path))
+    postgres = built["storage"].backend == "postgres"
+    given_db = db or env.get("JOBD_DB")
     specs: dict[str, TypeSpec] = {}
     for name, table in types.items():
         try:
@@ -612,7 +648,10 @@ def load(config_file: str | os.PathLike[str] | None = None, *, socket: str | Non
             raise ConfigError(f"{path}: types.{name}{e}") from None
     config = Config(
         socket=Path(socket or env.get("JOBD_SOCKET") or d_socket),
-        db=Path(db or env.get("JOBD_DB") or d_db),
+        # with PostgreSQL no file is the database: a --db given stays unused
+        db=Path(given_db if given_db and not postgres else d_db),
+        db_ignored=(f"--db {db}" if db else f"JOBD_DB={given_db}") if given_db and postgres
+        else None,
         config_file=path if path.exists() else None,
         log_level=(log_level or env.get("JOBD_LOG_LEVEL") or built["server"].log_level).lower(),
         log_format=(log_format or env.get("JOBD_LOG_FORMAT") or "auto").lower(),
@@ -623,6 +662,36 @@ def load(config_file: str | os.PathLike[str] | None = None, *, socket: str | Non
         if problem := _repo_outside(config, spec):
             raise ConfigError(f"{path}: types.{name}.repo: {problem}")
     return config
+
+
+def _check_storage(storage: Storage, where: dict[str, str], file: str) -> None:
+    """Raise ConfigError for a ``[storage]`` block jobd cannot start on. ``where``: the
+    origin (file or variable) of each key set; a missing key is the file's problem."""
+    def refuse(key: str, problem: str) -> None:
+        raise ConfigError(f"{where.get(key, where.get('backend', file))}: storage.{key} "
+                          f"{problem}")
+
+    if storage.state_dir and not os.path.isabs(storage.state_dir):
+        refuse("state_dir", f"must be an absolute path, not {storage.state_dir!r}")
+    if storage.backend != "postgres":
+        return
+    if not storage.dsn.strip():
+        refuse("dsn", 'is empty, but backend = "postgres" needs a libpq connection '
+               'string, e.g. dsn = "host=/run/postgresql dbname=jobd"')
+    if not storage.state_dir:
+        refuse("state_dir", 'is not set, but backend = "postgres" needs it: the folder '
+               "of this node's logs, repositories, manifests and lock, e.g. "
+               'state_dir = "/var/lib/jobd"')
+    try:  # only here: a SQLite daemon never loads psycopg or libpq
+        import psycopg.conninfo
+        importlib.import_module("psycopg_pool")  # the store's read pool
+    except ImportError as e:
+        refuse("backend", f'= "postgres" needs psycopg with its pool, which cannot be '
+               f"imported ({e}): pip install 'jobd[postgres]'")
+    try:
+        psycopg.conninfo.conninfo_to_dict(storage.dsn)
+    except psycopg.Error as e:  # its text names keys, never values (no password shown)
+        refuse("dsn", f"is not a libpq connection string or URL: {str(e).strip()}")
 
 
 def _repo_outside(config: Config, spec: TypeSpec) -> str | None:

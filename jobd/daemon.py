@@ -2,8 +2,9 @@
 
 Start: take the state folder's lock (a second daemon on the same database refuses there,
 before it touches anything), bind the socket (a live daemon there means "already
-running"), open the store (migrations; ``quick_check`` after an unclean
-stop), recover what a crash left running, start the workers and the scheduler, tell
+running"), open the store the config names (SQLite, or PostgreSQL, whose module and
+psycopg are imported only then; migrations; ``quick_check`` after an unclean stop of a
+SQLite file), recover what a crash left running, start the workers and the scheduler, tell
 systemd ``READY=1``. Stop (SIGTERM/SIGINT, whose handlers only set a flag): stop
 accepting and dispatching, stop running jobs and requeue the resumable ones, close the
 database cleanly, remove the socket, exit 0. SIGHUP reloads the config file: the
@@ -37,8 +38,9 @@ from jobd.metrics import Metrics
 from jobd.manager import Hub, Manager
 from jobd.rpc import Rpc, error_line
 from jobd.server import Server, notify, watchdog_loop
-from jobd.state import StateLock
+from jobd.state import locked
 from jobd.store import Listeners, Store
+from jobd.store.interface import JobStore
 
 __all__ = ["run"]
 
@@ -57,7 +59,10 @@ _MMAP_FROM, _ARENAS = 256 * 1024, 2
 
 def run(config: Config, reload: Callable[[], Config]) -> int:
     """Serve until told to stop; the exit status. ``reload`` loads the config anew (SIGHUP)."""
-    with StateLock(config.state_dir, config.db):
+    if config.db_ignored:
+        log.warning("db_option_ignored", given=config.db_ignored,
+                    backend=config.storage.backend, database=config.database)
+    with locked(config):
         _tune_malloc()
         return asyncio.run(_serve(config, reload))
 
@@ -112,7 +117,20 @@ def reloaded(old: Config, new: Config) -> tuple[Config, list[str]]:
     return config, kept
 
 
-def remove_stray_logs(log_dir: Path, store: Store) -> None:
+def make_store(config: Config, listeners: Listeners) -> JobStore:
+    """The store ``[storage]`` names, not yet opened."""
+    if config.storage.backend == "postgres":
+        # here only: a SQLite daemon never loads psycopg or libpq (the config checked
+        # that they import)
+        from jobd.store.postgres import PostgresStore
+        return PostgresStore(config.storage.dsn, listeners=listeners,
+                             max_stored_per_user=config.execution.max_stored_per_user)
+    return Store(config.db, synchronous=config.storage.synchronous,
+                 max_stored_per_user=config.execution.max_stored_per_user,
+                 listeners=listeners)
+
+
+def remove_stray_logs(log_dir: Path, store: JobStore) -> None:
     """After an unclean stop: the logs of jobs forgotten just before it (their rows went,
     the crash came before their files did) go now, in the background."""
     try:
@@ -151,9 +169,7 @@ async def _serve(config: Config, reload: Callable[[], Config]) -> int:
         for job_id in job_ids:
             joblogs.delete(joblogs.path(config.log_dir, job_id))
 
-    store = Store(config.db, synchronous=config.storage.synchronous,
-                  max_stored_per_user=config.execution.max_stored_per_user,
-                  listeners=Listeners(changed=changed, deleted=deleted))
+    store = make_store(config, Listeners(changed=changed, deleted=deleted))
     engine = Engine(config, store, handlers, notify=hub.notify, live_changed=change_log.record)
     manager = Manager(config, store, engine, handlers, hub, config_state=current,
                       change_log=change_log, telemetry=telemetry)
@@ -169,7 +185,8 @@ async def _serve(config: Config, reload: Callable[[], Config]) -> int:
         await server.stop()
         raise
     if not store.was_clean:
-        log.warning("unclean_stop_detected", db=str(config.db), check="quick_check passed")
+        log.warning("unclean_stop_detected", backend=config.storage.backend,
+                    database=config.database)
     try:
         # the pause and maintenance an operator set stay set across the restart
         paused = manager.restore()
@@ -189,7 +206,8 @@ async def _serve(config: Config, reload: Callable[[], Config]) -> int:
     watchdog = asyncio.create_task(watchdog_loop())
     queued = engine.stats()["queued"]
     log.info("jobd_started", version=__version__, socket=listening,
-             db=str(config.db), workers=config.execution.workers, queued=queued,
+             backend=config.storage.backend, database=config.database,
+             state_dir=str(config.state_dir), workers=config.execution.workers, queued=queued,
              handlers=sorted(handlers), paused=paused, maintenance=manager.maintenance_on,
              maintenance_reason=manager.maintenance_reason)
     notify(f"READY=1\nSTATUS={_status(queued, paused, manager)}")

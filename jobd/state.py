@@ -7,17 +7,25 @@ while a daemon runs refuse at once, naming the database and the holder's pid, an
 nothing. The kernel drops the lock when its holder dies, so a lock file left by a crash
 is simply taken over. Outside systemd (which makes ``StateDirectory=`` itself) a new
 state folder is made 0700: the database, every user's logs and repositories live there.
+A SQLite database outside ``[storage] state_dir`` has its folder locked too, so that no
+two daemons share the file whatever their state folders; with PostgreSQL the lock is
+the node's state folder's alone (the store refuses a second node on the database).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
 import stat
 from pathlib import Path
+from typing import Iterator
 
-__all__ = ["InUse", "StateLock", "LOCK_NAME", "make_private_dir", "private_dir_problem"]
+from jobd.config import Config
+
+__all__ = ["InUse", "StateLock", "LOCK_NAME", "locked", "make_private_dir",
+           "private_dir_problem"]
 
 LOCK_NAME = "jobd.lock"
 
@@ -62,14 +70,18 @@ def make_private_dir(path: Path) -> None:
 
 
 class StateLock:
-    """``flock`` on ``<state dir>/jobd.lock`` holding the owner's pid, for a process's life."""
+    """``flock`` on ``<folder>/jobd.lock`` holding the owner's pid and its database (as
+    ``Config.database`` names it), for a process's life."""
 
-    def __init__(self, state_dir: Path, db: Path, *, create: bool = True) -> None:
-        self.path = state_dir / LOCK_NAME
-        self.db = db
-        #: make a missing state folder (a daemon's first start); a tool that works on an
+    def __init__(self, folder: Path, database: str, *, create: bool = True,
+                 own_folder: str = "--db") -> None:
+        self.path = folder / LOCK_NAME
+        self.database = database
+        #: make a missing folder (a daemon's first start); a tool that works on an
         #: existing database does not
         self.create = create
+        #: how to give a second daemon a folder of its own (the setting that moves it)
+        self.own_folder = own_folder
         self._fd: int | None = None
 
     def acquire(self) -> "StateLock":
@@ -84,20 +96,23 @@ class StateLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
-            pid, db = _holder(fd)
+            pid, database = _holder(fd)
             os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                 who = f"pid {pid}" if pid else "another process"
-                if db is None or db == str(self.db):
-                    what = f"database {self.db} is in use by jobd ({who})"
-                else:  # another database in the same folder: its logs and repos too
-                    what = (f"state folder {self.path.parent} is in use by jobd ({who}, "
-                            f"database {db})")
+                folder = self.path.parent
+                # the lock of a database file's own folder: the file itself is in use
+                if (database is None or database == self.database) and (
+                        Path(self.database).parent == folder):
+                    what = f"database {self.database} is in use by jobd ({who})"
+                else:  # the folder's logs and repositories are another daemon's
+                    what = (f"state folder {folder} is in use by jobd ({who}, database "
+                            f"{database or 'unknown'})")
                 raise InUse(f"{what}; stop it first (systemctl stop jobd), or give this "
-                            "one a folder of its own (--db)") from None
+                            f"one a folder of its own ({self.own_folder})") from None
             raise
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n{self.db}\n".encode(), 0)
+        os.pwrite(fd, f"{os.getpid()}\n{self.database}\n".encode(), 0)
         self._fd = fd
         return self
 
@@ -111,6 +126,22 @@ class StateLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+@contextlib.contextmanager
+def locked(config: Config, *, create: bool = True) -> Iterator[None]:
+    """Hold the locks of the folders a daemon on ``config`` owns: its state folder, and a
+    SQLite database's folder when that lies elsewhere. ``create``: make missing folders
+    (a daemon's first start; a tool on an existing database makes none)."""
+    # each with the setting that moves it; a database file's first, the one most shared
+    folders = {config.db.parent: "--db"} if config.storage.backend == "sqlite" else {}
+    folders.setdefault(config.state_dir,
+                       "[storage] state_dir" if config.storage.state_dir else "--db")
+    with contextlib.ExitStack() as held:
+        for folder, own_folder in folders.items():
+            held.enter_context(StateLock(folder, config.database, create=create,
+                                         own_folder=own_folder))
+        yield
 
 
 def _holder(fd: int) -> tuple[int | None, str | None]:

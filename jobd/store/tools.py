@@ -1,23 +1,33 @@
 """The offline tools behind ``jobd db check | backup | recover`` (imported only by the CLI).
 
-They work on the file itself, with or without a daemon running (``backup`` reads one
-snapshot of a live database; ``recover`` wants the daemon stopped).
+On SQLite they work on the file itself, with or without a daemon running (``backup``
+reads one snapshot of a live database; ``recover`` wants the daemon stopped). On
+PostgreSQL (SPEC §11) ``backup_postgres`` runs ``pg_dump`` beside running nodes (the
+check is ``postgres.check``, beside the schema it checks); ``recover`` is SQLite's alone.
 """
 
 from __future__ import annotations
 
+import glob
 import os
+import re
 import shutil
 import sqlite3
+import subprocess
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from jobd.config import mask_dsn
 from jobd.store.db import connect, create_private, migrate
 from jobd.store.errors import StoreError
 from jobd.store.sql import MIGRATIONS, QUERIES
 
-__all__ = ["backup", "check", "recover"]
+__all__ = ["backup", "backup_postgres", "check", "recover"]
+
+#: where Debian's postgresql-client-<version> packages put pg_dump, when it is not on PATH
+PG_BINDIRS = "/usr/lib/postgresql/*/bin"
+
 
 def check(path: Path) -> list[str]:
     """``PRAGMA integrity_check``: ``["ok"]`` or the problems found."""
@@ -37,12 +47,7 @@ def backup(path: Path, target: Path) -> int:
     """Copy a live database with SQLite's online backup API; returns the bytes written."""
     if not path.exists():
         raise StoreError(f"{path}: no such database")
-    if target.exists():
-        raise StoreError(f"{target}: already exists; choose a new file")
-    if not target.parent.is_dir():
-        raise StoreError(f"{target}: no such folder {target.parent}; create it first")
-    if not os.access(target.parent, os.W_OK | os.X_OK):
-        raise StoreError(f"{target}: cannot write in {target.parent} (permission denied)")
+    _check_target(target)
     try:
         src = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         dst = sqlite3.connect(target)
@@ -60,6 +65,16 @@ def backup(path: Path, target: Path) -> int:
         src.close()
     dst.close()
     return target.stat().st_size
+
+
+def _check_target(target: Path) -> None:
+    """Refuse a backup target that exists or whose folder cannot take it."""
+    if target.exists():
+        raise StoreError(f"{target}: already exists; choose a new file")
+    if not target.parent.is_dir():
+        raise StoreError(f"{target}: no such folder {target.parent}; create it first")
+    if not os.access(target.parent, os.W_OK | os.X_OK):
+        raise StoreError(f"{target}: cannot write in {target.parent} (permission denied)")
 
 
 def recover(path: Path) -> dict[str, Any]:
@@ -188,3 +203,57 @@ def _readable_rows(conn: sqlite3.Connection, table: str, cols: list[str],
             after += 1 if failures <= 1024 else 1 << min(failures - 1024, 62)
             if after >= 1 << 63:
                 return
+
+
+# -- PostgreSQL ------------------------------------------------------------------------------
+
+def _program(name: str) -> str:
+    """The path of PostgreSQL's client program ``name``: on PATH, else the newest of
+    Debian's version folders; StoreError when there is none."""
+    found = shutil.which(name)
+    if found:
+        return found
+    # "9.6" < "15": compare the version folder's numbers, not its text
+    versions = sorted((p for p in glob.glob(f"{PG_BINDIRS}/{name}") if os.access(p, os.X_OK)),
+                      key=lambda p: [int(n) for n in re.findall(r"\d+", Path(p).parent.parent.name)])
+    if not versions:
+        raise StoreError(f"{name} not found on PATH nor in {PG_BINDIRS}: install PostgreSQL's "
+                         "client programs (apt-get install postgresql-client), as new as the "
+                         "server")
+    return versions[-1]
+
+
+def backup_postgres(dsn: str, target: Path) -> int:
+    """``pg_dump`` of jobd's database into ``target`` (custom format, for ``pg_restore``),
+    from one snapshot of the live database; returns the bytes written.
+
+    The whole database, not ``--table`` by table: a table dump leaves out the functions
+    its triggers call (they keep the counts), so it does not restore by itself; jobd is
+    given a database of its own (README: PostgreSQL).
+    """
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    _check_target(target)
+    pg_dump = _program("pg_dump")
+    params = conninfo_to_dict(dsn)
+    # the password goes by the environment: a command line is readable by every user
+    password = params.pop("password", None)
+    env = {**os.environ, **({"PGPASSWORD": str(password)} if password else {})}
+    partial = target.with_name(f".{target.name}.partial")
+    # made first, 0600: the dump holds every job's options and results
+    os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+    try:
+        proc = subprocess.run(
+            [pg_dump, "--format=custom", "--no-password", f"--file={partial}",
+             f"--dbname={make_conninfo('', **params)}"],
+            env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        if proc.returncode != 0:
+            lines = [re.sub(r"^pg_dump: (error: )?", "", line.strip())
+                     for line in proc.stderr.strip().splitlines()[-3:]]
+            why = " ".join(lines) or f"exit status {proc.returncode}"
+            raise StoreError(f"{mask_dsn(dsn)}: pg_dump failed: {why}")
+        _check_target(target)  # again: the dump may have taken long
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return target.stat().st_size

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import textwrap
 from pathlib import Path
@@ -427,3 +428,147 @@ project = "required"
 exclusive = true
 '''), env={})
     assert c.types["g"].has_repository and c.types["p"].has_repository
+
+
+# -- [storage]: the backend, the dsn, the state folder -----------------------------------------
+
+POSTGRES = """
+    [storage]
+    backend = "postgres"
+    dsn = "host=/run/postgresql dbname=jobd user=jobd password=s3cret"
+    state_dir = "/srv/jobd"
+"""
+
+
+def test_sqlite_is_the_default_and_its_state_folder_is_the_databases(tmp_path: Path) -> None:
+    c = load(write(tmp_path / "jobd.toml", ""), db=str(tmp_path / "db" / "jobd.db"), env={})
+    assert (c.storage.backend, c.storage.dsn, c.storage.state_dir) == ("sqlite", "", "")
+    assert (c.state_dir, c.database, c.db_ignored) == (
+        tmp_path / "db", str(tmp_path / "db" / "jobd.db"), None)
+
+
+def test_a_state_dir_moves_logs_repos_and_manifests_but_not_the_sqlite_file(
+        tmp_path: Path) -> None:
+    c = load(write(tmp_path / "jobd.toml", f'[storage]\nstate_dir = "{tmp_path}/state"\n'),
+             db=str(tmp_path / "db" / "jobd.db"), env={})
+    assert (c.state_dir, c.log_dir, c.db) == (
+        tmp_path / "state", tmp_path / "state" / "logs", tmp_path / "db" / "jobd.db")
+    assert c.expand(c.sync.repo_path_template, user_id="u", project_id="p") == (
+        f"{tmp_path}/state/repos/u/p")
+
+
+def test_postgres_reads_dsn_and_state_dir_and_ignores_db(tmp_path: Path) -> None:
+    path = write(tmp_path / "jobd.toml", POSTGRES)
+    c = load(path, db="/f/jobd.db", env={})
+    assert (c.storage.backend, c.state_dir, c.log_dir) == (
+        "postgres", Path("/srv/jobd"), Path("/srv/jobd/logs"))
+    assert c.storage.dsn.endswith("password=s3cret")
+    # what logs and messages show of the database: never its password
+    assert c.database == "host=/run/postgresql dbname=jobd user=jobd password=***"
+    assert c.db_ignored == "--db /f/jobd.db" and c.db != Path("/f/jobd.db")
+    from_env = load(path, env={"JOBD_DB": "/e/jobd.db"})
+    assert from_env.db_ignored == "JOBD_DB=/e/jobd.db"
+    assert load(path, env={}).db_ignored is None  # nothing given, nothing to say
+
+
+def test_the_storage_block_comes_from_the_environment_too(tmp_path: Path) -> None:
+    c = load(write(tmp_path / "jobd.toml", ""), env={
+        "JOBD_STORAGE_BACKEND": "postgres", "JOBD_STORAGE_DSN": "postgresql://jobd:pw@db/jobd",
+        "JOBD_STORAGE_STATE_DIR": "/srv/node1"})
+    assert (c.storage.backend, c.state_dir, c.database) == (
+        "postgres", Path("/srv/node1"), "postgresql://jobd:***@db/jobd")
+
+
+@pytest.mark.parametrize("dsn,shown", [
+    ("host=/run/postgresql password=s3cret dbname=jobd",
+     "host=/run/postgresql password=*** dbname=jobd"),
+    ("dbname=jobd password = 'a b\\' c' user=jobd", "dbname=jobd password = *** user=jobd"),
+    ("postgresql://jobd:s3cret@db:5432/jobd", "postgresql://jobd:***@db:5432/jobd"),
+    ("postgres://jobd:s3cret@db/jobd?sslmode=require", "postgres://jobd:***@db/jobd?sslmode=require"),
+    ("postgresql:///jobd?host=/tmp&password=s3cret&user=u",
+     "postgresql:///jobd?host=/tmp&password=***&user=u"),
+    ("postgresql://jobd@db/jobd", "postgresql://jobd@db/jobd"),
+    ("host=/run/postgresql dbname=jobd", "host=/run/postgresql dbname=jobd"),
+])
+def test_a_dsn_is_shown_with_its_password_masked(dsn: str, shown: str) -> None:
+    assert config.mask_dsn(dsn) == shown
+
+
+@pytest.mark.parametrize("text,key,problem", [
+    ('backend = "mysql"', "storage.backend", "must be one of sqlite, postgres, not 'mysql'"),
+    ('backend = "postgres"\nstate_dir = "/srv/jobd"', "storage.dsn",
+     'is empty, but backend = "postgres" needs a libpq connection string'),
+    ('backend = "postgres"\ndsn = "  "\nstate_dir = "/srv/jobd"', "storage.dsn", "is empty"),
+    ('backend = "postgres"\ndsn = "dbname=jobd"', "storage.state_dir",
+     'is not set, but backend = "postgres" needs it'),
+    ('state_dir = "relative/state"', "storage.state_dir",
+     "must be an absolute path, not 'relative/state'"),
+    ('backend = "postgres"\ndsn = "dbname=jobd"\nstate_dir = "state"', "storage.state_dir",
+     "must be an absolute path"),
+    ("dsn = 5", "storage.dsn", "must be a string"),
+    ('backend = "postgres"\ndsn = "host=/x password=s3cret colour=red"\nstate_dir = "/srv/jobd"',
+     "storage.dsn",
+     'is not a libpq connection string or URL: invalid connection option "colour"'),
+    ('backend = "postgres"\ndsn = "dbname=jobd password"\nstate_dir = "/srv/jobd"',
+     "storage.dsn", 'missing "=" after "password"'),
+])
+def test_each_storage_error_is_one_line_naming_file_key_and_problem(
+        tmp_path: Path, text: str, key: str, problem: str) -> None:
+    path = write(tmp_path / "jobd.toml", f"[storage]\n{text}\n")
+    with pytest.raises(ConfigError) as refused:
+        load(path, env={})
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith(f"{path}: {key} ")
+    assert problem in message and "s3cret" not in message
+
+
+def test_a_storage_error_from_the_environment_names_the_variable(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^environment JOBD_STORAGE_BACKEND: storage\.dsn "
+                                          r"is empty"):
+        load(write(tmp_path / "jobd.toml", ""), env={"JOBD_STORAGE_BACKEND": "postgres"})
+
+
+def test_postgres_without_psycopg_says_how_to_install_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path / "jobd.toml", POSTGRES)
+    # None in sys.modules is how Python marks a module as not importable
+    monkeypatch.setitem(sys.modules, "psycopg", None)
+    with pytest.raises(ConfigError) as refused:
+        load(path, env={})
+    message = str(refused.value)
+    assert message.startswith(f'{path}: storage.backend = "postgres" needs psycopg with its '
+                              "pool, which cannot be imported (")
+    assert message.endswith("): pip install 'jobd[postgres]'") and "\n" not in message
+    # a SQLite daemon needs none of it
+    assert load(write(tmp_path / "sqlite.toml", ""), env={}).storage.backend == "sqlite"
+
+
+def test_a_sqlite_file_outside_the_state_dir_is_locked_in_both_folders(tmp_path: Path) -> None:
+    from jobd.state import InUse, locked
+    shared_db = str(tmp_path / "db" / "jobd.db")
+    first = load(write(tmp_path / "a.toml", f'[storage]\nstate_dir = "{tmp_path}/a"\n'),
+                 db=shared_db, env={})
+    # another state folder, the same database file: refused by the file's folder
+    second = load(write(tmp_path / "b.toml", f'[storage]\nstate_dir = "{tmp_path}/b"\n'),
+                  db=shared_db, env={})
+    # the same state folder, another database: refused by the state folder
+    third = load(write(tmp_path / "c.toml", f'[storage]\nstate_dir = "{tmp_path}/a"\n'),
+                 db=str(tmp_path / "other" / "jobd.db"), env={})
+    with locked(first):
+        assert (tmp_path / "a" / "jobd.lock").exists() and (tmp_path / "db" / "jobd.lock").exists()
+        with pytest.raises(InUse) as same_file:
+            with locked(second):
+                pass
+        assert str(same_file.value) == (
+            f"database {shared_db} is in use by jobd (pid {os.getpid()}); stop it first "
+            "(systemctl stop jobd), or give this one a folder of its own (--db)")
+        with pytest.raises(InUse) as same_folder:
+            with locked(third):
+                pass
+        assert str(same_folder.value).startswith(
+            f"state folder {tmp_path}/a is in use by jobd (pid {os.getpid()}, database "
+            f"{shared_db}); ")
+        assert str(same_folder.value).endswith("a folder of its own ([storage] state_dir)")
+        assert not (tmp_path / "b").exists()  # refused before it made anything
+    with locked(second):  # free again once the first let go
+        pass
