@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
+import queue
 import threading
 import time
 from pathlib import Path
@@ -305,7 +307,8 @@ class Engine:
         self._attempts: dict[str, Attempt] = {}
         self._contexts: dict[str, Context] = {}
         self._lock = threading.Lock()
-        self._kick = threading.Event()
+        #: the dispatch thread's chores: None (dispatch and tick now) or an end's log line
+        self._chores: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._started = False
         self._stopping = False
         self._pool = concurrent.futures.ThreadPoolExecutor(ex.workers, "jobd-worker")
@@ -334,7 +337,7 @@ class Engine:
         log.info("engine_reconfigured", workers=ex.workers,
                  max_running_per_user=ex.max_running_per_user,
                  default_timeout=ex.default_timeout, cancel_grace=ex.cancel_grace)
-        self._kick.set()
+        self.kick()
 
     # -- start and stop ----------------------------------------------------------------
 
@@ -387,7 +390,7 @@ class Engine:
                 if ctx is None or ctx.attempt is not attempt:
                     attempt.request_stop(StopReason.SHUTDOWN)  # told by its context (_run)
         self.dispatcher.set_paused(True)
-        self._kick.set()
+        self.kick()
         for ctx in contexts:
             ctx.stop(StopReason.SHUTDOWN)
         grace = self.config.execution.shutdown_grace
@@ -399,6 +402,7 @@ class Engine:
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self._started:
             self._thread.join(timeout=1)
+        self._tell_left()
 
     def _wait_for_ends(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
@@ -408,7 +412,7 @@ class Engine:
     # -- dispatching -------------------------------------------------------------------
 
     def kick(self) -> None:
-        self._kick.set()
+        self._chores.put(None)
 
     def progressed(self, job: Job) -> None:
         """A running job's phase or live progress changed (``Context``): tell its waiters."""
@@ -448,7 +452,7 @@ class Engine:
     def set_paused(self, paused: bool) -> None:
         self.dispatcher.set_paused(paused)
         if not paused:
-            self._kick.set()
+            self.kick()
 
     def _dispatch(self) -> None:
         """Start every attempt the dispatcher lets start now."""
@@ -547,11 +551,40 @@ class Engine:
             pass
 
     def _loop(self) -> None:
+        """The dispatch thread: dispatch and ``tick`` at each kick and every ``FLUSH_S``,
+        and meanwhile log the ends the writer thread handed over (``_tell``)."""
+        due = 0.0
         while not self._stopping:
-            self._kick.wait(FLUSH_S)
-            self._kick.clear()
+            try:
+                chore = self._chores.get(timeout=max(0.0, due - time.monotonic()))
+            except queue.Empty:
+                chore = None
+            if chore is not None:
+                chore()
+                if time.monotonic() < due:
+                    continue
             self._dispatch()
             self.tick()
+            due = time.monotonic() + FLUSH_S
+
+    def _tell(self, line: Callable[[], None]) -> None:
+        """Log ``line`` on the dispatch thread while it runs, else here. An end is taken
+        over on the store's writer thread, whose time is every write's: rendering and
+        writing the line there cost a tenth of it."""
+        if self._started and not self._stopping:
+            self._chores.put(line)
+        else:
+            line()
+
+    def _tell_left(self) -> None:
+        """Log the lines handed to the dispatch thread that it did not get to (a stop)."""
+        while True:
+            try:
+                chore = self._chores.get_nowait()
+            except queue.Empty:
+                return
+            if chore is not None:
+                chore()
 
     def tick(self, now: float | None = None) -> None:
         """One turn of housekeeping at ``now`` (the engine's clock by default): a running
@@ -712,9 +745,9 @@ class Engine:
         """The attempt is over (its end recorded, or nothing left to record): one log
         line, its slot freed, the next job started."""
         if done is not None:
-            ctx.log.info(_END_EVENTS[done.status], attempt=ctx.attempt.number,
-                         error=done.error,
-                         seconds=round(self.clock() - ctx.live.started, 3))
+            self._tell(functools.partial(
+                ctx.log.info, _END_EVENTS[done.status], attempt=ctx.attempt.number,
+                error=done.error, seconds=round(self.clock() - ctx.live.started, 3)))
         ctx.joblog.close()
         self._release(ctx.attempt)
         with self._lock:
