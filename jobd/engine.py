@@ -9,7 +9,8 @@ submitted while a worker is free and nothing is queued starts in its submit's ow
 statement (``start_in``, asked by the store's ``submit_job_in``), and an attempt's end is
 written together with the start of the job the dispatcher hands its slot to
 (``_start_next_in``). No worker waits for that commit: once it holds, the store's writer
-thread frees the attempt's slot and hands the next job to a worker (``_end_written``).
+thread frees the attempt's slot and hands the next job to a worker (``_end_committed``),
+before the commit's listeners hear of the end.
 If the transaction fails, its undo gives the slot back, the next job returns to the
 queue in its place, and the end is committed again on a worker. Progress lives in
 memory (every ``jobs.get``/``jobs.wait`` sees the latest value at once) and is written to
@@ -636,7 +637,7 @@ class Engine:
         attempt's slot in the same transaction.
 
         No one waits for the commit (the attempt keeps its slot until then in any case):
-        ``_end_written`` takes it from there on the store's writer thread, so an end
+        ``_end_committed`` takes it from there on the store's writer thread, so an end
         costs no wake-up of a waiting worker.
         """
         job = ctx.job
@@ -653,27 +654,42 @@ class Engine:
         ctx.flush()
         self._tell_end(ctx, end, kw)
         try:
-            written = self.store.write_async(lambda tx: (
-                self._write_end_in(tx, job.id, end, kw),
-                self._start_next_in(tx, ctx.attempt)))
+            written = self.store.write_async(
+                lambda tx: self._end_in(tx, ctx, end, kw, start_next=True))
         except Exception as e:  # the store is closed
             self._commit_end(ctx, end, kw, e)
             return
         written.add_done_callback(lambda fut: self._end_written(ctx, end, kw, fut))
 
+    def _end_in(self, tx: Any, ctx: Context, end: JobStatus, kw: dict[str, Any], *,
+                start_next: bool) -> None:
+        """Write the attempt's end in ``tx`` (``start_next``: with the start of the next
+        job the dispatcher hands its slot to); once the commit holds, the first of this
+        write's hooks ends the attempt, so that no one who hears of the end (the commit's
+        listeners, a ``jobs.wait``, ``admin.stats``) finds its slot still taken."""
+        hooks = len(tx.after_commit)
+        done = self._write_end_in(tx, ctx.job.id, end, kw)
+        following = self._start_next_in(tx, ctx.attempt) if start_next else None
+        tx.after_commit.insert(hooks, lambda: self._end_committed(ctx, done, following))
+
+    def _end_committed(self, ctx: Context, done: Job,
+                       following: tuple[Attempt, Job] | None) -> None:
+        """An attempt's end has committed (on the store's writer thread, before the
+        commit's listeners): the attempt is over and the job started in its slot goes to
+        a worker."""
+        self._ended(ctx, done)
+        if following is not None:
+            self._hand_to_worker(*following)
+
     def _end_written(self, ctx: Context, end: JobStatus, kw: dict[str, Any],
-                     written: concurrent.futures.Future[tuple[Job, tuple[Attempt, Job] | None]]
-                     ) -> None:
-        """The commit of an attempt's end came back (on the store's writer thread): the
-        attempt is over and the job started in its slot goes to a worker; an end that
-        failed is committed again on a worker, which waits for storage as long as it takes."""
+                     written: concurrent.futures.Future[None]) -> None:
+        """The commit of an attempt's end came back (on the store's writer thread): an
+        end that failed is committed again on a worker, which waits for storage as long
+        as it takes (one that held was taken over by ``_end_committed``)."""
         error = written.exception()
         if error is None:
-            done, following = written.result()
-            self._ended(ctx, done)
-            if following is not None:
-                self._hand_to_worker(*following)
-        elif isinstance(error, (StateConflict, JobNotFound)):
+            return
+        if isinstance(error, (StateConflict, JobNotFound)):
             ctx.log.warning("job_end_unrecorded", end=str(end), error=str(error))
             self._ended(ctx, None)
         else:  # storage unavailable, or a refusal
@@ -729,8 +745,8 @@ class Engine:
                 delay = min(delay * 2, RETRY_MAX_S)
             self._tell_end(ctx, end, kw)
             try:
-                done = self.store.write_async(
-                    lambda tx: self._write_end_in(tx, ctx.job.id, end, kw)).result()
+                self.store.write_async(
+                    lambda tx: self._end_in(tx, ctx, end, kw, start_next=False)).result()
             except (StateConflict, JobNotFound) as e:
                 ctx.log.warning("job_end_unrecorded", end=str(end), error=str(e))
                 self._ended(ctx, None)
@@ -738,7 +754,6 @@ class Engine:
             except Exception as e:
                 error = e
                 continue
-            self._ended(ctx, done)
             return
 
     def _ended(self, ctx: Context, done: Job | None) -> None:
