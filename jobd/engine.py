@@ -251,6 +251,15 @@ def _refused_text(end: JobStatus, kw: dict[str, Any], refused: Exception,
                     f"{type(refused).__name__}: {refused})", MAX_ERROR_CHARS)
 
 
+def _quietly(line: Callable[[], None]) -> None:
+    """Log ``line``; a log that cannot be written (stderr gone) must not stop the
+    dispatch thread, which also keeps time limits."""
+    try:
+        line()
+    except Exception:  # noqa: BLE001 - there is nowhere left to tell it
+        pass
+
+
 def _exit_text(code: int) -> str:
     return f"signal {-code}" if code < 0 else f"status {code}"
 
@@ -561,7 +570,7 @@ class Engine:
             except queue.Empty:
                 chore = None
             if chore is not None:
-                chore()
+                _quietly(chore)
                 if time.monotonic() < due:
                     continue
             self._dispatch()
@@ -585,7 +594,7 @@ class Engine:
             except queue.Empty:
                 return
             if chore is not None:
-                chore()
+                _quietly(chore)
 
     def tick(self, now: float | None = None) -> None:
         """One turn of housekeeping at ``now`` (the engine's clock by default): a running
