@@ -9,7 +9,8 @@ submitted while a worker is free and nothing is queued starts in its submit's ow
 statement (``start_in``, asked by the store's ``submit_job_in``), and an attempt's end is
 written together with the start of the job the dispatcher hands its slot to
 (``_start_next_in``). No worker waits for that commit: once it holds, the store's writer
-thread frees the attempt's slot and hands the next job to a worker (``_end_written``).
+thread frees the attempt's slot and hands the next job to a worker (``_end_committed``),
+before the commit's listeners hear of the end.
 If the transaction fails, its undo gives the slot back, the next job returns to the
 queue in its place, and the end is committed again on a worker. Progress lives in
 memory (every ``jobs.get``/``jobs.wait`` sees the latest value at once) and is written to
@@ -33,6 +34,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
+import queue
 import threading
 import time
 from pathlib import Path
@@ -248,6 +251,15 @@ def _refused_text(end: JobStatus, kw: dict[str, Any], refused: Exception,
                     f"{type(refused).__name__}: {refused})", MAX_ERROR_CHARS)
 
 
+def _quietly(line: Callable[[], None]) -> None:
+    """Log ``line``; a log that cannot be written (stderr gone) must not stop the
+    dispatch thread, which also keeps time limits."""
+    try:
+        line()
+    except Exception:  # noqa: BLE001 - there is nowhere left to tell it
+        pass
+
+
 def _exit_text(code: int) -> str:
     return f"signal {-code}" if code < 0 else f"status {code}"
 
@@ -305,7 +317,8 @@ class Engine:
         self._attempts: dict[str, Attempt] = {}
         self._contexts: dict[str, Context] = {}
         self._lock = threading.Lock()
-        self._kick = threading.Event()
+        #: the dispatch thread's chores: None (dispatch and tick now) or an end's log line
+        self._chores: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._started = False
         self._stopping = False
         self._pool = concurrent.futures.ThreadPoolExecutor(ex.workers, "jobd-worker")
@@ -334,7 +347,7 @@ class Engine:
         log.info("engine_reconfigured", workers=ex.workers,
                  max_running_per_user=ex.max_running_per_user,
                  default_timeout=ex.default_timeout, cancel_grace=ex.cancel_grace)
-        self._kick.set()
+        self.kick()
 
     # -- start and stop ----------------------------------------------------------------
 
@@ -387,7 +400,7 @@ class Engine:
                 if ctx is None or ctx.attempt is not attempt:
                     attempt.request_stop(StopReason.SHUTDOWN)  # told by its context (_run)
         self.dispatcher.set_paused(True)
-        self._kick.set()
+        self.kick()
         for ctx in contexts:
             ctx.stop(StopReason.SHUTDOWN)
         grace = self.config.execution.shutdown_grace
@@ -399,6 +412,7 @@ class Engine:
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self._started:
             self._thread.join(timeout=1)
+        self._tell_left()
 
     def _wait_for_ends(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
@@ -408,7 +422,7 @@ class Engine:
     # -- dispatching -------------------------------------------------------------------
 
     def kick(self) -> None:
-        self._kick.set()
+        self._chores.put(None)
 
     def progressed(self, job: Job) -> None:
         """A running job's phase or live progress changed (``Context``): tell its waiters."""
@@ -448,7 +462,7 @@ class Engine:
     def set_paused(self, paused: bool) -> None:
         self.dispatcher.set_paused(paused)
         if not paused:
-            self._kick.set()
+            self.kick()
 
     def _dispatch(self) -> None:
         """Start every attempt the dispatcher lets start now."""
@@ -547,11 +561,40 @@ class Engine:
             pass
 
     def _loop(self) -> None:
+        """The dispatch thread: dispatch and ``tick`` at each kick and every ``FLUSH_S``,
+        and meanwhile log the ends the writer thread handed over (``_tell``)."""
+        due = 0.0
         while not self._stopping:
-            self._kick.wait(FLUSH_S)
-            self._kick.clear()
+            try:
+                chore = self._chores.get(timeout=max(0.0, due - time.monotonic()))
+            except queue.Empty:
+                chore = None
+            if chore is not None:
+                _quietly(chore)
+                if time.monotonic() < due:
+                    continue
             self._dispatch()
             self.tick()
+            due = time.monotonic() + FLUSH_S
+
+    def _tell(self, line: Callable[[], None]) -> None:
+        """Log ``line`` on the dispatch thread while it runs, else here. An end is taken
+        over on the store's writer thread, whose time is every write's: rendering and
+        writing the line there cost a tenth of it."""
+        if self._started and not self._stopping:
+            self._chores.put(line)
+        else:
+            line()
+
+    def _tell_left(self) -> None:
+        """Log the lines handed to the dispatch thread that it did not get to (a stop)."""
+        while True:
+            try:
+                chore = self._chores.get_nowait()
+            except queue.Empty:
+                return
+            if chore is not None:
+                _quietly(chore)
 
     def tick(self, now: float | None = None) -> None:
         """One turn of housekeeping at ``now`` (the engine's clock by default): a running
@@ -603,7 +646,7 @@ class Engine:
         attempt's slot in the same transaction.
 
         No one waits for the commit (the attempt keeps its slot until then in any case):
-        ``_end_written`` takes it from there on the store's writer thread, so an end
+        ``_end_committed`` takes it from there on the store's writer thread, so an end
         costs no wake-up of a waiting worker.
         """
         job = ctx.job
@@ -620,27 +663,42 @@ class Engine:
         ctx.flush()
         self._tell_end(ctx, end, kw)
         try:
-            written = self.store.write_async(lambda tx: (
-                self._write_end_in(tx, job.id, end, kw),
-                self._start_next_in(tx, ctx.attempt)))
+            written = self.store.write_async(
+                lambda tx: self._end_in(tx, ctx, end, kw, start_next=True))
         except Exception as e:  # the store is closed
             self._commit_end(ctx, end, kw, e)
             return
         written.add_done_callback(lambda fut: self._end_written(ctx, end, kw, fut))
 
+    def _end_in(self, tx: Any, ctx: Context, end: JobStatus, kw: dict[str, Any], *,
+                start_next: bool) -> None:
+        """Write the attempt's end in ``tx`` (``start_next``: with the start of the next
+        job the dispatcher hands its slot to); once the commit holds, the first of this
+        write's hooks ends the attempt, so that no one who hears of the end (the commit's
+        listeners, a ``jobs.wait``, ``admin.stats``) finds its slot still taken."""
+        hooks = len(tx.after_commit)
+        done = self._write_end_in(tx, ctx.job.id, end, kw)
+        following = self._start_next_in(tx, ctx.attempt) if start_next else None
+        tx.after_commit.insert(hooks, lambda: self._end_committed(ctx, done, following))
+
+    def _end_committed(self, ctx: Context, done: Job,
+                       following: tuple[Attempt, Job] | None) -> None:
+        """An attempt's end has committed (on the store's writer thread, before the
+        commit's listeners): the attempt is over and the job started in its slot goes to
+        a worker."""
+        self._ended(ctx, done)
+        if following is not None:
+            self._hand_to_worker(*following)
+
     def _end_written(self, ctx: Context, end: JobStatus, kw: dict[str, Any],
-                     written: concurrent.futures.Future[tuple[Job, tuple[Attempt, Job] | None]]
-                     ) -> None:
-        """The commit of an attempt's end came back (on the store's writer thread): the
-        attempt is over and the job started in its slot goes to a worker; an end that
-        failed is committed again on a worker, which waits for storage as long as it takes."""
+                     written: concurrent.futures.Future[None]) -> None:
+        """The commit of an attempt's end came back (on the store's writer thread): an
+        end that failed is committed again on a worker, which waits for storage as long
+        as it takes (one that held was taken over by ``_end_committed``)."""
         error = written.exception()
         if error is None:
-            done, following = written.result()
-            self._ended(ctx, done)
-            if following is not None:
-                self._hand_to_worker(*following)
-        elif isinstance(error, (StateConflict, JobNotFound)):
+            return
+        if isinstance(error, (StateConflict, JobNotFound)):
             ctx.log.warning("job_end_unrecorded", end=str(end), error=str(error))
             self._ended(ctx, None)
         else:  # storage unavailable, or a refusal
@@ -696,8 +754,8 @@ class Engine:
                 delay = min(delay * 2, RETRY_MAX_S)
             self._tell_end(ctx, end, kw)
             try:
-                done = self.store.write_async(
-                    lambda tx: self._write_end_in(tx, ctx.job.id, end, kw)).result()
+                self.store.write_async(
+                    lambda tx: self._end_in(tx, ctx, end, kw, start_next=False)).result()
             except (StateConflict, JobNotFound) as e:
                 ctx.log.warning("job_end_unrecorded", end=str(end), error=str(e))
                 self._ended(ctx, None)
@@ -705,16 +763,15 @@ class Engine:
             except Exception as e:
                 error = e
                 continue
-            self._ended(ctx, done)
             return
 
     def _ended(self, ctx: Context, done: Job | None) -> None:
         """The attempt is over (its end recorded, or nothing left to record): one log
         line, its slot freed, the next job started."""
         if done is not None:
-            ctx.log.info(_END_EVENTS[done.status], attempt=ctx.attempt.number,
-                         error=done.error,
-                         seconds=round(self.clock() - ctx.live.started, 3))
+            self._tell(functools.partial(
+                ctx.log.info, _END_EVENTS[done.status], attempt=ctx.attempt.number,
+                error=done.error, seconds=round(self.clock() - ctx.live.started, 3)))
         ctx.joblog.close()
         self._release(ctx.attempt)
         with self._lock:

@@ -713,27 +713,26 @@ class BaseStore(abc.ABC):
 
     def _sweep(self, keep_before: int, keep_failed_before: int, chunk: int,
                checkpointer: Sweeps) -> Iterator[list[str]]:
+        expired = iter((("completed", keep_before), ("cancelled", keep_before),
+                        ("failed", keep_failed_before)))
+        status, cutoff = next(expired)
         # the first chunk is smaller: its pages are not cached yet, so it takes longest
         size = min(chunk, _FIRST_CHUNK)
-        for status, cutoff in (("completed", keep_before), ("cancelled", keep_before),
-                               ("failed", keep_failed_before)):
-            while True:
-                # timed with its commit (the fsync of every page it changed), as a write
-                # queued behind it waits for both
-                started = time.perf_counter()
-                ids = self.write(lambda tx: self._delete_chunk(tx, status, cutoff, size))
-                took = time.perf_counter() - started
-                if not ids:
-                    break
+
+        def next_chunk(ids: list[str] | None, took: float) -> Callable[[Tx], list[str]] | None:
+            nonlocal status, cutoff, size
+            if ids:
                 # halved down to 50 jobs (or the bound, if lower: a floor above it would
                 # make the next chunk larger than asked for)
                 size = (max(min(50, chunk), size // 2) if took > _CHUNK_S
                         else min(chunk, size * 2))
-                # their files go here, once the chunk is durable: on the writer's thread a
-                # thousand unlinks would hold up every write queued behind the chunk
-                self.listeners.deleted(ids)
-                checkpointer.catch_up()
-                yield ids
+            elif ids is not None:  # none left of this status
+                status, cutoff = next(expired, (None, 0))
+                if status is None:
+                    return None
+            return lambda tx, status=status, cutoff=cutoff, size=size: self._delete_chunk(
+                tx, status, cutoff, size)
+        yield from self._deleting(next_chunk, checkpointer)
         # then users whose finished jobs still weigh more than they may keep (a lowered
         # limit, or jobs that finished before the limit existed)
         limit = self.max_stored_per_user
@@ -751,12 +750,60 @@ class BaseStore(abc.ABC):
         if self._writer is None:
             raise StoreClosed()
         checkpointer = self._sweeps()
+
+        def next_chunk(ids: list[str] | None, took: float) -> Callable[[Tx], list[str]] | None:
+            if ids is not None and not ids:
+                return None
+            return lambda tx: self._delete(tx, [seq for seq, _ in tx.run(
+                "oldest_finished", user_id=user_id, keep_seq=None, limit=chunk)])
         with checkpointer.held():
-            while ids := self.write(lambda tx: self._delete(tx, [seq for seq, _ in tx.run(
-                    "oldest_finished", user_id=user_id, keep_seq=None, limit=chunk)])):
-                self.listeners.deleted(ids)
-                checkpointer.catch_up()
-                yield ids
+            yield from self._deleting(next_chunk, checkpointer)
+
+    def _deleting(self, next_chunk: Callable[[list[str] | None, float],
+                                             Callable[[Tx], list[str]] | None],
+                  checkpointer: Sweeps) -> Iterator[list[str]]:
+        """Run the deletes ``next_chunk`` gives, a transaction each, until it gives None:
+        it is told the ids the last one deleted (None before the first) and the seconds
+        it took with its commit (the fsync of every page it changed: a write queued
+        behind it waits for both). Yields each chunk's ids once it is durable and its
+        files went (``Listeners.deleted``); ``checkpointer`` hears of each gap between
+        two chunks (``catch_up``).
+
+        A chunk's files go while the next chunk is written: a thousand unlinks cost a
+        sweep a third of its time after the commit, and on the writer's thread they would
+        hold up every write queued behind them.
+        """
+        gone: list[str] = []  # committed, files not yet deleted
+        written: concurrent.futures.Future[list[str]] | None = None
+        try:
+            ids: list[str] | None = None
+            took = 0.0
+            while (write := next_chunk(ids, took)) is not None:
+                started = time.perf_counter()
+                ended: list[float] = []
+                written = self.write_async(write)
+                written.add_done_callback(lambda _: ended.append(time.perf_counter()))
+                if gone:
+                    self.listeners.deleted(gone)
+                    done, gone = gone, []
+                    yield done
+                pending, written = written, None
+                ids = pending.result()
+                # its callback may run on the writer just after ``result`` returns
+                took = (ended[0] if ended else time.perf_counter()) - started
+                if ids:
+                    gone = ids
+                    checkpointer.catch_up()
+            if gone:
+                self.listeners.deleted(gone)
+                done, gone = gone, []
+                yield done
+        finally:
+            # the caller stopped early: the files of what was committed go all the same
+            if written is not None:
+                gone += written.result()
+            if gone:
+                self.listeners.deleted(gone)
 
     def _delete_chunk(self, tx: Tx, status: str, cutoff: int, size: int) -> list[str]:
         seqs = [r[0] for r in tx.run("expired_jobs", status=status, cutoff=cutoff, limit=size)]

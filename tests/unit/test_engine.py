@@ -451,6 +451,33 @@ def test_the_next_job_is_running_when_the_end_that_freed_its_slot_commits(
     assert r.get(second).attempts == 1 and r.engine.dispatcher.running_count() == 0
 
 
+def test_a_job_told_ended_no_longer_holds_its_worker(tmp_path: Path) -> None:
+    """Whoever hears of an end (a jobs.wait, admin.stats, admin.maintenance's "drained")
+    finds its slot free: the slot is let go once the end commits, before the listeners
+    hear of it."""
+    config = config_of(tmp_path, "[execution]\nworkers = 2\n")
+    engine: list[Engine] = []
+    heard: list[tuple[str, int]] = []
+
+    def changed(job: Job) -> None:
+        if job.terminal:
+            heard.append((job.id, engine[0].stats()["running"]))
+        engine[0].on_changed(job)
+    store = Store(config.db, listeners=Listeners(changed=changed)).open()
+    try:
+        engine.append(Engine(config, store, load_handlers()))
+        engine[0].start()
+        for _ in range(20):
+            job = Job(id=str(uuid.uuid4()), type="noop", user_id="alice", project_id=None,
+                      status=JobStatus.CREATED, created_at=0, updated_at=0, version=0)
+            store.submit_job(job, actor="root")
+            wait_for(lambda: any(i == job.id for i, _ in heard), what=f"{job.id} ended")
+        assert [running for _, running in heard] == [0] * 20
+    finally:
+        engine[0].stop()
+        store.close()
+
+
 class FailingStart(Store):
     """A real store whose start of the jobs in ``refuse`` fails after the write has
     written (the end in the same transaction), ``refusals`` times."""

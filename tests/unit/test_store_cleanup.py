@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from jobd.models import JobStatus
-from jobd.store import Store
+from jobd.store import Listeners, Store
 from jobd.store.db import Checkpointer
 from jobd.store.sqlite import CLEANUP_CHUNK
 
@@ -220,3 +220,23 @@ def test_a_cleanup_checkpoints_between_chunks_so_the_wal_starts_over(
     written = sizes[0] + sum(max(0, b - a) for a, b in zip(sizes, sizes[1:]))
     restarts = sum(b < a for a, b in zip(sizes, sizes[1:]))
     assert restarts >= 2 and max(sizes) < written, sizes
+
+
+def test_the_files_of_every_chunk_deleted_go_even_when_the_caller_stops_early(
+        db: StoreDb, clock: Clock) -> None:
+    # a chunk's files go while the next chunk is written: one in flight when the caller
+    # lets go of the sweep has committed, and its files must go as well
+    told: list[str] = []
+    store = db.open(clock=clock, listeners=Listeners(deleted=told.extend))
+    try:
+        ids = {finished(store, clock, T0 + n, JobStatus.COMPLETED, user="alice")
+               for n in range(120)}
+        sweep = store.cleanup(keep_before=T0 + 1000, keep_failed_before=T0 + 1000, chunk=50)
+        first = next(sweep)
+        assert set(first) <= set(told)
+        sweep.close()
+        left = {r[0] for r in db.rows("SELECT id FROM jobs")}
+        assert left < ids and set(told) == ids - left and len(told) == len(set(told))
+        assert set(told) > set(first)  # the chunk written meanwhile went with its files
+    finally:
+        store.close()
