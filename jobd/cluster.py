@@ -20,9 +20,22 @@ imports it.
   every node's jobs (``PostgresStore.claim_in``); each claimed attempt's writes are fenced
   by (node id, attempt) and the lease.
 - **A lost lease** (no row from a heartbeat, the deadline passed first, or a write was
-  fenced and the next heartbeat fails): the node ends its own row (it fences itself), its
-  deadline goes to 0 so every supervisor stops its processes at once, and it claims
-  nothing more; its fenced writes change nothing.
+  fenced and the next heartbeat fails): the node ends its lease now in the database's
+  clock (it fences itself), its deadline goes to 0 so every supervisor stops its
+  processes at once, it claims nothing more, stops its attempts (their fenced writes
+  change nothing: nothing is recorded for them) and waits for them; then it registers a
+  new node id and recovers its previous one at once, as a restart does.
+- **Rescue** (docs/cluster.md, section 7): after each heartbeat the node reads the other
+  live nodes' beats and watches each on its own clock; a node whose lease ended more
+  than ``cancel_grace`` + 1 s ago by the database's clock *and* whose beat this node has
+  seen stand still for ``lease`` + ``cancel_grace`` + 1 s is ended and its running jobs
+  taken over in one transaction under the queue lock, guarded by the beat it watched
+  (``expired_node``): requeued to resume, failed when not resumable or recovered
+  ``max_recoveries`` times, cancelled when a cancel was asked. Then its sessions are
+  ended. Never by how long a job has run.
+- **Restart recovery** (``recover``) covers only this host's and state folder's earlier
+  node ids (and jobs a one-node jobd left running): their recorded process groups are
+  killed, then they are taken over at once, without waiting for their leases.
 """
 
 from __future__ import annotations
@@ -39,10 +52,11 @@ from typing import Any, Callable, Mapping
 import psycopg
 import structlog
 
+from jobd import orphans
 from jobd.config import Config
-from jobd.models import Job
+from jobd.models import Job, JobStatus
 from jobd.store.errors import StoreError
-from jobd.store.postgres import QUERIES, PostgresStore, describe, from_pg
+from jobd.store.postgres import QUERIES, SESSION_NAME, PostgresStore, describe, from_pg
 from jobd.store.writer import Tx
 
 __all__ = ["NodeRefused", "Node", "REGISTER_KEY", "first_difference", "settings",
@@ -105,6 +119,36 @@ def first_difference(mine: Mapping[str, Any], theirs: Mapping[str, Any]) -> str 
     return None
 
 
+#: a rescued job's end, by why its node is gone: (cancelled, failed, gave up, requeued)
+_TEXTS = {
+    "restart": ("cancelled (the daemon restarted while stopping)",
+                "interrupted by daemon restart",
+                "interrupted by {n} daemon restarts; gave up (max_recoveries = {max})",
+                "recovered after restart"),
+    "lost": ("cancelled (node {node} lost its lease while stopping)",
+             "interrupted: node {node} lost its lease",
+             "interrupted {n} times, last as node {node} lost its lease; gave up "
+             "(max_recoveries = {max})",
+             "recovered: node {node} lost its lease"),
+}
+
+
+def rescued_end(job: Job, resumable: bool, max_recoveries: int, why: str, node: int | None
+                ) -> tuple[JobStatus, dict[str, Any]]:
+    """What a job whose node is gone becomes (SPEC §6, §11), and its text: cancelled if its
+    cancel was asked, failed if not resumable or recovered ``max_recoveries`` times, else
+    queued to resume from its checkpoints. ``why``: ``restart`` or ``lost``."""
+    cancelled, failed, gave_up, requeued = (
+        t.format(node=node, n=job.recoveries + 1, max=max_recoveries) for t in _TEXTS[why])
+    if job.cancel_requested:
+        return JobStatus.CANCELLED, {"message": cancelled}
+    if not resumable:
+        return JobStatus.FAILED, {"error": failed}
+    if job.recoveries + 1 >= max_recoveries:
+        return JobStatus.FAILED, {"error": gave_up}
+    return JobStatus.QUEUED, {"message": requeued}
+
+
 class Node:
     """This daemon's node of the cluster: its id, lease, heartbeat and claims.
 
@@ -121,6 +165,12 @@ class Node:
         self.id: int | None = None
         #: told the id of each job this node runs whose cancel the database says was asked
         self.on_cancel: Callable[[str], None] = lambda job_id: None
+        #: the lease is lost: stop every attempt and wait for their (fenced) ends
+        self.on_lost: Callable[[], None] = lambda: None
+        #: a new node id is registered after a loss, or jobs were rescued: claim
+        self.on_claimable: Callable[[], None] = lambda: None
+        #: other nodes' beats as this node last saw them change: id -> (beat, since)
+        self._watch: dict[int, tuple[int, float]] = {}
         self._until: float | None = None
         self._lost = False
         self._conn: psycopg.Connection[Any] | None = None
@@ -221,9 +271,15 @@ class Node:
         while not self._stopping.is_set():
             self._wake.wait(every)
             self._wake.clear()
-            if self._stopping.is_set() or self._lost:
-                continue
-            self.beat()
+            if self._stopping.is_set():
+                break
+            try:
+                if self._lost:
+                    self.rejoin()
+                elif self.beat():
+                    self.rescue()
+            except Exception:  # the heartbeat never dies: the next turn tries again
+                log.exception("node_heartbeat_crashed", node_id=self.id)
 
     def beat(self) -> bool:
         """One heartbeat: the lease renewed (True), or lost; a heartbeat that fails (the
@@ -256,14 +312,109 @@ class Node:
             return
         self._lost, self._until = True, 0.0
         log.warning("node_lease_lost", node_id=self.id, reason=why)
-        self._end()
+        self._execute("drop_lease", node=self.id)
+        self._wake.set()
 
-    def _end(self) -> None:
+    def _execute(self, query: str, **params: Any) -> list[Any] | None:
+        """A statement of the node's own on its connection: its rows, None if it failed
+        (logged; what it would have done happens by the lease's end anyway)."""
         try:
             with self._conn_lock:
-                self._connection().execute(QUERIES["end_node"], {"node": self.id})
-        except psycopg.Error as e:  # its lease lapses on its own in the database's clock
-            log.warning("node_end_unrecorded", node_id=self.id, error=str(e).strip())
+                cur = self._connection().execute(QUERIES[query], params)
+                return cur.fetchall() if cur.description else []
+        except psycopg.Error as e:
+            log.warning("node_statement_failed", node_id=self.id, statement=query,
+                        error=str(e).strip())
+            return None
+
+    def rejoin(self) -> None:
+        """After a lost lease: stop every attempt and wait for their fenced ends, register a
+        new node id (refused: tried again at the next heartbeat) and recover the previous
+        one at once (its processes are dead: the supervisors stopped them)."""
+        self.on_lost()
+        old = self.id
+        try:
+            self.register()
+        except StoreError as e:
+            log.error("node_register_failed", previous_node_id=old, error=str(e))
+            return
+        self.recover("lost", old)
+        self.on_claimable()
+
+    # -- rescue and recovery ---------------------------------------------------------------
+
+    def _margin(self) -> float:
+        """How long after a lease's end its node may be rescued: ``cancel_grace`` + 1 s."""
+        return self.config.execution.cancel_grace + 1.0
+
+    def _decide(self, why: str, node: int | None) -> Callable[[Job], tuple[JobStatus,
+                                                                          dict[str, Any]]]:
+        max_recoveries = self.config.execution.max_recoveries
+
+        def decide(job: Job) -> tuple[JobStatus, dict[str, Any]]:
+            handler = self.handlers.get(job.type)
+            return rescued_end(job, handler is not None and handler.resumable,
+                               max_recoveries, why, node)
+        return decide
+
+    def recover(self, why: str = "restart", previous: int | None = None) -> list[Job]:
+        """Restart recovery: kill the recorded process groups of this host's and state
+        folder's earlier nodes' running jobs, then take those jobs over at once (and any a
+        one-node jobd left running); the jobs as they are now. ``why``: ``lost`` after a
+        lost lease (``previous``: the node id it had), ``restart`` at a start."""
+        assert self.id is not None
+        where = {"host": self.host, "state_dir": str(self.config.state_dir), "node": self.id}
+        for job_id, pgid, start in self.store.earlier_processes(**where):
+            killed = orphans.kill_orphan_group(pgid, start)
+            if killed:
+                log.warning("orphan_processes_killed", job_id=job_id, pgid=pgid, count=killed)
+        nodes, moved = self.store.write(lambda tx: self.store.rescue_in(
+            tx, "earlier_nodes", self._decide(why, previous), orphans=True, **where))
+        for _, job in moved:
+            orphans.kill_marked(job.id)  # what the recorded group missed
+            log.info("job_recovered" if job.status is JobStatus.QUEUED else "job_" + str(
+                job.status), job_id=job.id, user_id=job.user_id, type=job.type,
+                reason=why)
+        for node in nodes:
+            log.info("node_rescued", node_id=node, by=self.id, reason=why,
+                     jobs=sum(1 for owner, _ in moved if owner == node))
+        return [job for _, job in moved]
+
+    def rescue(self) -> list[Job]:
+        """Watch the other live nodes' beats (on this node's clock) and rescue each whose
+        lease ended more than the margin ago and whose beat stood still as long."""
+        margin = self._margin()
+        rows = self._execute("live_nodes", node=self.id, margin_us=int(margin * 1_000_000))
+        if rows is None:
+            return []
+        now, wait = self.clock(), self.config.cluster.lease + margin
+        seen, moved = {}, []
+        for node, beat, expired in rows:
+            before = self._watch.get(node)
+            since = before[1] if before is not None and before[0] == beat else now
+            seen[node] = (beat, since)
+            if expired and now - since >= wait:
+                moved += self._rescue(node, beat, margin)
+        self._watch = seen
+        if moved:
+            self.on_claimable()
+        return moved
+
+    def _rescue(self, node: int, beat: int, margin: float) -> list[Job]:
+        names = self._execute("node_names", node=node) or []
+        nodes, moved = self.store.write(lambda tx: self.store.rescue_in(
+            tx, "expired_node", self._decide("lost", node), dead=node, beat=beat,
+            margin_us=int(margin * 1_000_000)))
+        if not nodes:
+            return []  # it beat meanwhile, or another node rescued it first
+        log.warning("node_rescued", node_id=node, jobs=len(moved), by=self.id, reason="lost",
+                    requeued=sum(j.status is JobStatus.QUEUED for _, j in moved))
+        # its heartbeat's, and its store's (named by host and pid: never this process's own)
+        sessions = [f"jobd node {node}"] + [name for host, pid in names
+                                            if (name := f"jobd on {host} pid {pid}"[:63])
+                                            != SESSION_NAME]
+        self._execute("end_sessions", names=sessions)
+        return [job for _, job in moved]
 
     def stop(self) -> None:
         """A clean stop: the heartbeat ends, then the node's row (after the engine wrote
@@ -273,7 +424,7 @@ class Node:
         if self._thread is not None:
             self._thread.join(timeout=5)
         if self.id is not None and not self._lost:
-            self._end()
+            self._execute("end_node", node=self.id)
         with self._conn_lock:
             if self._conn is not None:
                 self._conn.close()

@@ -203,7 +203,8 @@ async def _serve(config: Config, reload: Callable[[], Config]) -> int:
             await server.stop()
             store.close()
             raise
-        node.on_cancel = engine.cancel
+        node.on_cancel, node.on_lost, node.on_claimable = (engine.cancel,
+                                                           engine.drop_attempts, engine.kick)
         node.start()
     if not store.was_clean:
         log.warning("unclean_stop_detected", backend=config.storage.backend,

@@ -357,6 +357,9 @@ class Engine:
 
     def recover(self) -> None:
         """Jobs still ``running`` belong to a daemon that died: kill what they left, requeue."""
+        if self.cluster is not None:  # only this host's earlier nodes' (jobd.cluster)
+            self.cluster.recover()
+            return
         for job_id, pgid, start in self.store.processes():
             killed = orphans.kill_orphan_group(pgid, start)
             if killed:
@@ -406,6 +409,16 @@ class Engine:
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self._started:
             self._thread.join(timeout=1)
+
+    def drop_attempts(self) -> None:
+        """Cluster mode: the node lost its lease. Stop every attempt (their writes are
+        fenced: nothing is recorded for them) and wait for their ends, up to
+        ``shutdown_grace``."""
+        with self._lock:
+            contexts = list(self._contexts.values())
+        for ctx in contexts:
+            ctx.stop(StopReason.SHUTDOWN)
+        self._wait_for_ends(self.config.execution.shutdown_grace)
 
     def _wait_for_ends(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds

@@ -119,6 +119,8 @@ def _connect(dsn: str, **kw: Any) -> psycopg.Connection[Any]:
 
 
 _NAME = f"jobd on {socket.gethostname()} pid {os.getpid()}"[:63]
+#: what this process's store sessions are called (a rescuer never ends its own)
+SESSION_NAME = _NAME
 
 #: the writes for a running job that a cluster node's fence guards (the ``{fence}`` of
 #: their statements): by (node id, attempt), and the node's lease
@@ -225,11 +227,14 @@ class PgTx(writer.Tx):
     admitting: bool = False
     #: job id -> (node id, attempt) of each attempt this cluster node runs (``Fences``)
     fences: Mapping[str, tuple[int, int]] = {}
+    #: a rescue writes for jobs whose node is gone: its writes are not this node's own
+    unfenced: bool = False
 
     def run(self, query: str, **params: Any) -> psycopg.Cursor[Any]:
         params["now"] = self.now
         if query in FENCED:
-            params["node"], params["attempt"] = self.fences.get(params["job_id"], _UNFENCED)
+            params["node"], params["attempt"] = (_UNFENCED if self.unfenced else
+                                                 self.fences.get(params["job_id"], _UNFENCED))
         try:
             try:
                 cur = self.conn.execute(QUERIES[query], params)
@@ -518,8 +523,45 @@ class PostgresStore(BaseStore):
         if self.fences.get(job_id) == fence:
             del self.fences[job_id]
 
+    def rescue_in(self, tx: writer.Tx, guard: str, decide: Callable[[Job], tuple[JobStatus,
+                  dict[str, Any]]], *, orphans: bool = False, **params: Any
+                  ) -> tuple[list[int], list[tuple[int | None, Job]]]:
+        """Take over the running jobs of the nodes the guard ``guard`` (``expired_node``,
+        ``earlier_nodes``) ends in this write, under the queue lock: each job ends as
+        ``decide`` says (queued: requeued to resume, as a recovery). ``orphans``: also the
+        running jobs of no node. Returns the nodes ended, and each job taken over with the node
+        it was running on (None: none) and as it is now."""
+        assert isinstance(tx, PgTx)
+        if not tx.admitting:
+            tx.run("lock_queue", key=QUEUE_KEY)
+            tx.admitting = True
+        nodes = [int(r[0]) for r in tx.run(guard, **params)]
+        if not nodes and not orphans:
+            return [], []
+        moved = []
+        tx.unfenced = True
+        try:
+            for row in tx.run("nodes_jobs", nodes=nodes, orphans=orphans).fetchall():
+                job = _job(row[1:])
+                end, kw = decide(job)
+                if end is JobStatus.QUEUED:
+                    job = self.requeue_job_in(tx, job.id, reason=kw["message"], recovered=True)
+                else:
+                    job = self.finish_job_in(tx, job.id, end, **kw)
+                moved.append((row[0], job))
+        finally:
+            tx.unfenced = False
+        return nodes, moved
+
+    def earlier_processes(self, *, host: str, state_dir: str, node: int
+                          ) -> list[tuple[str, int, int | None]]:
+        """(job id, pgid, start time) of the running jobs restart recovery takes over."""
+        return self._all(QUERIES["earlier_processes"],
+                         {"host": host, "state_dir": state_dir, "node": node})
+
     def _cas(self, tx: writer.Tx, query: str, job_id: str, wanted: str, **params: Any) -> Job:
-        fence = self.fences.get(job_id) if query in FENCED else None
+        assert isinstance(tx, PgTx)
+        fence = self.fences.get(job_id) if query in FENCED and not tx.unfenced else None
         if fence is None:
             return super()._cas(tx, query, job_id, wanted, **params)
         try:

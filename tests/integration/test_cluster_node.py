@@ -1,7 +1,8 @@
 """A real jobd as a cluster node on the tests' private PostgreSQL (SPEC §11): it registers
 a node and says so, and when it is frozen (SIGSTOP) past its lease its job's processes
 are stopped by their supervisor at the node's deadline, while the daemon itself is still
-stopped; resumed, it finds its lease lost and records nothing for the old attempt."""
+stopped; resumed, it finds its lease lost, records nothing for the old attempt, and
+comes back as a new node that takes its previous id's job over."""
 
 from __future__ import annotations
 
@@ -74,10 +75,22 @@ def test_a_frozen_nodes_job_stops_at_its_deadline_and_its_late_end_changes_nothi
     finally:
         d.proc.send_signal(signal.SIGCONT)
     wait_for(lambda: events_named(d, "node_lease_lost"), what="the node to see its loss")
-    wait_for(lambda: events_named(d, "job_end_unrecorded"), what="the fenced end")
-    # nothing of the old attempt was written: it is the rescuer's to decide
-    assert row(dsn, "SELECT status, attempts, node_id FROM jobs WHERE id = %s", job["id"]) == (
-        "running", 1, registered["node_id"])
-    assert row(dsn, "SELECT ended_at IS NOT NULL FROM nodes WHERE id = %s",
-               registered["node_id"]) == (True,)
-    d.kill()
+    # it comes back as a new node, which takes its previous id's job over at once
+    wait_for(lambda: len(events_named(d, "node_registered")) == 2, what="a new node id")
+    done = wait_for(lambda: (j := result_of(d, "jobs.get", job_id=job["id"]))["status"]
+                    != "running" and j, what="the old attempt to be taken over")
+    old = registered["node_id"]
+    assert done["status"] == "failed" and done["attempts"] == 1, done
+    assert done["error"] == f"interrupted: node {old} lost its lease"
+    # the zombie recorded nothing of its own: one end, the rescue's
+    statuses = [e["status"] for e in result_of(d, "jobs.events", job_id=job["id"])]
+    assert statuses == ["created", "queued", "running", "failed"], statuses
+    assert events_named(d, "job_end_unrecorded")
+    (new,) = [e["node_id"] for e in events_named(d, "node_registered")][1:]
+    assert new != old
+    assert row(dsn, "SELECT ended_at IS NOT NULL FROM nodes WHERE id = %s", old) == (True,)
+    # and it runs jobs again, as the new node
+    again = result_of(d, "jobs.submit", type="noop")
+    assert wait_for(lambda: (j := result_of(d, "jobs.get", job_id=again["id"]))["status"]
+                    == "completed" and j)
+    assert d.stop() == 0

@@ -59,10 +59,11 @@ class Cluster:
         self.tmp_path, self.dsn = tmp_path, dsn
         self.parts: list[tuple[Any, Any]] = []
 
-    def node(self, **kw: Any) -> Any:
+    def node(self, name: str | None = None, **kw: Any) -> Any:
+        """A node (``name``: its state folder's, by default its own)."""
         from jobd.cluster import Node
         from jobd.store.postgres import PostgresStore
-        config = node_config(self.tmp_path, self.dsn, f"n{len(self.parts)}", **kw)
+        config = node_config(self.tmp_path, self.dsn, name or f"n{len(self.parts)}", **kw)
         store = PostgresStore(self.dsn)
         store.node_key += 1000 * len(self.parts)  # the one-node guard: another key each
         store.open()
@@ -164,8 +165,9 @@ def test_a_node_whose_lease_lapsed_changes_nothing_and_knows_it(cluster: Cluster
     got = rows(cluster.dsn, "SELECT id, status, progress, pgid, node_id FROM jobs ORDER BY seq")
     assert got == [(job.id, "running", 0.0, None, a.id), (other.id, "running", 0.0, None, a.id)]
     assert rows(cluster.dsn, "SELECT phase FROM job_checkpoints") == [("init",)]
-    (ended,), = rows(cluster.dsn, "SELECT ended_at IS NOT NULL FROM nodes WHERE id = %s", a.id)
-    assert ended
+    # its lease ends now; the row stays for the rescue that takes its jobs over
+    assert rows(cluster.dsn, "SELECT ended_at IS NULL, lease_until <= jobd_now_us() "
+                             "FROM nodes WHERE id = %s", a.id) == [(True, True)]
 
 
 def test_a_write_for_an_attempt_that_is_no_longer_the_nodes_is_refused(
@@ -306,3 +308,144 @@ def test_racing_nodes_keep_every_limit_across_the_cluster(cluster: Cluster) -> N
     assert rows(cluster.dsn, "SELECT count(*) FROM jobs WHERE status = 'queued'") == [(0,)]
     # every job started once
     assert rows(cluster.dsn, "SELECT max(attempts) FROM jobs") == [(1,)]
+
+
+# -- rescue and recovery -----------------------------------------------------------------------
+
+FAST_GRACE = '[execution]\ncancel_grace = "0.2s"\nmax_recoveries = 3\n'
+
+
+def lapse(node: Any) -> None:
+    """``node`` is cut off: no more heartbeats; its lease (1 s) ends in the database."""
+    node.stop = lambda: None  # as a dead node: nothing ends its row
+    time.sleep(1.05)
+
+
+def test_rescue_takes_a_lost_nodes_jobs_as_a_restart_would(cluster: Cluster) -> None:
+    """The rescue rules as a table: resumable requeued to resume, not resumable failed,
+    cancel requested cancelled, recovered max_recoveries times failed."""
+    a = cluster.node(lease="1s", heartbeat="0.3s", extra=FAST_GRACE.replace(
+        "[execution]\n", ""), workers=10)
+    a.register()
+    jobs = {
+        "resumable": submit(a.store, type="noop"),
+        "not resumable": submit(a.store, "bob", type="command", options={"argv": ["true"]}),
+        "cancel asked": submit(a.store, "cy", type="noop"),
+        "recovered twice": submit(a.store, "dee", type="noop"),
+    }
+    assert len(claim(a, 10)) == 4
+    a.store.save_checkpoint(jobs["resumable"].id, "init", {"step": 1})
+    a.store.cancel_job(jobs["cancel asked"].id, actor="cy")
+    rows(cluster.dsn, "UPDATE jobs SET recoveries = 2 WHERE id = %s RETURNING 1",
+         jobs["recovered twice"].id)
+    clock = [0.0]
+    b = cluster.node(extra=FAST_GRACE.replace("[execution]\n", ""))  # a 10 s lease
+    b.clock = lambda: clock[0]
+    b.register()
+    assert b.rescue() == []  # its first sight of a's beat
+    lapse(a)
+    clock[0] += 10 + 1.2  # b's lease + cancel_grace + 1 s of a standing beat
+    time.sleep(1.25)  # and as long past the lease's end by the database's clock
+    moved = {j.id: j for j in b.rescue()}
+    got = {what: (moved[j.id].status.value, moved[j.id].error or moved[j.id].message)
+           for what, j in jobs.items()}
+    assert got == {
+        "resumable": ("queued", f"recovered: node {a.id} lost its lease"),
+        "not resumable": ("failed", f"interrupted: node {a.id} lost its lease"),
+        "cancel asked": ("cancelled", f"cancelled (node {a.id} lost its lease while stopping)"),
+        "recovered twice": ("failed", f"interrupted 3 times, last as node {a.id} lost its "
+                                      "lease; gave up (max_recoveries = 3)"),
+    }
+    assert rows(cluster.dsn, "SELECT phase FROM job_checkpoints") == [("init",)]
+    assert rows(cluster.dsn, "SELECT count(*) FROM jobs WHERE node_id IS NOT NULL") == [(0,)]
+    assert rows(cluster.dsn, "SELECT ended_at IS NOT NULL FROM nodes WHERE id = %s",
+                a.id) == [(True,)]
+    # the requeued job resumes on b: a new attempt, its checkpoint kept
+    (again,) = claim(b)
+    assert again.id == jobs["resumable"].id and again.attempts == 2
+    assert b.store.load_checkpoints(again.id) == {"init": {"step": 1}}
+    # a's late writes change nothing
+    from jobd.store.errors import Fenced
+    with pytest.raises(Fenced):
+        a.store.finish_job(again.id, JobStatus.COMPLETED)
+    assert claim(a) == []
+
+
+@pytest.mark.parametrize("case", ["lease holds", "within the margin", "beat moved",
+                                  "beat not watched long enough"])
+def test_no_rescue_before_both_clocks_say_the_node_is_gone(cluster: Cluster, case: str) -> None:
+    grace = FAST_GRACE.replace("[execution]\n", "")
+    a = cluster.node(lease="1s", heartbeat="0.3s", extra=grace)
+    a.register()
+    job = submit(a.store)
+    claim(a)
+    clock = [0.0]
+    b = cluster.node(lease="1s", heartbeat="0.3s", extra=grace)
+    b.clock = lambda: clock[0]
+    b.register()
+    b.rescue()
+    if case == "lease holds":
+        for _ in range(8):
+            time.sleep(0.3)
+            assert a.beat()
+        clock[0] += 100  # b's own watch alone never rescues
+    elif case == "within the margin":
+        lapse(a)  # ended 0 s ago by the database's clock: within cancel_grace + 1 s
+        clock[0] += 100
+    elif case == "beat moved":
+        time.sleep(0.5)
+        assert a.beat()  # a beat b has not seen yet
+        lapse(a)
+        time.sleep(1.25)
+        clock[0] += 100
+        assert b.rescue() == []  # b sees the new beat now, and starts watching again
+    else:
+        lapse(a)
+        time.sleep(1.25)
+        clock[0] += 2.0  # below lease + margin (2.2 s)
+    assert b.rescue() == []
+    assert rows(cluster.dsn, "SELECT status, node_id FROM jobs WHERE id = %s", job.id) == [
+        ("running", a.id)]
+
+
+def test_restart_recovery_takes_only_this_hosts_and_state_folders_earlier_nodes(
+        cluster: Cluster) -> None:
+    here = cluster.node("here")
+    there = cluster.node("there")
+    here.register(), there.register()
+    mine, theirs = submit(here.store), submit(there.store, "bob")
+    claim(here), claim(there)
+    # a node left running jobs before a one-node jobd's upgrade: no node
+    orphan = submit(here.store, "cy")
+    here.store.start_job(orphan.id)
+    again = cluster.node("here")  # this state folder's next start
+    again.register()
+    moved = {j.id: j.status for j in again.recover()}
+    assert moved == {mine.id: JobStatus.QUEUED, orphan.id: JobStatus.QUEUED}
+    assert rows(cluster.dsn, "SELECT status, node_id FROM jobs WHERE id = %s", theirs.id) == [
+        ("running", there.id)]
+    assert rows(cluster.dsn, "SELECT id FROM nodes WHERE ended_at IS NOT NULL") == [(here.id,)]
+
+
+def test_a_node_that_lost_its_lease_stops_its_attempts_and_comes_back_as_a_new_node(
+        cluster: Cluster) -> None:
+    a = cluster.node(lease="1s", heartbeat="0.3s")
+    a.register()
+    old = a.id
+    job, other = submit(a.store), submit(a.store, "bob", type="command",
+                                           options={"argv": ["true"]})
+    claim(a, 2)
+    stopped: list[bool] = []
+    a.on_lost = lambda: stopped.append(True)
+    time.sleep(1.05)
+    assert not a.beat() and a.lost and a.deadline() == 0.0
+    a.rejoin()
+    assert stopped == [True] and not a.lost and a.id != old
+    assert a.deadline() is not None and a.deadline() > 0
+    assert rows(cluster.dsn, "SELECT status, node_id FROM jobs ORDER BY seq") == [
+        ("queued", None), ("failed", None)]
+    assert rows(cluster.dsn, "SELECT error FROM jobs WHERE id = %s", other.id) == [
+        (f"interrupted: node {old} lost its lease",)]
+    (resumed,) = claim(a)
+    assert resumed.id == job.id and resumed.attempts == 2
+    a.store.finish_job(job.id, JobStatus.COMPLETED)  # the new id's fence holds

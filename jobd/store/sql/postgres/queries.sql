@@ -447,5 +447,66 @@ SELECT beat.beat, beat.lease_until, j.id, j.attempts, j.cancel_requested
 FROM beat LEFT JOIN jobs j ON j.node_id = beat.id AND j.status = 'running'
 
 -- end_node --
--- This node holds no lease any more (a clean stop, or it lost its lease and fences itself)
-UPDATE nodes SET ended_at = jobd_now_us() WHERE id = %(node)s AND ended_at IS NULL
+-- A clean stop: this node holds no lease any more, and is ended unless it still owns a
+-- running job (an end that could not be written), which a rescue or this host's next
+-- start then takes over
+UPDATE nodes SET lease_until = least(lease_until, jobd_now_us()),
+    ended_at = CASE WHEN EXISTS (SELECT 1 FROM jobs WHERE status = 'running'
+                                 AND node_id = %(node)s) THEN NULL ELSE jobd_now_us() END
+WHERE id = %(node)s AND ended_at IS NULL
+
+-- drop_lease --
+-- This node lost its lease (its own deadline passed, or a heartbeat found none): it ends
+-- now in the database's clock, so that its fenced writes are refused from now on; the row
+-- stays open for the rescue that takes its jobs over
+UPDATE nodes SET lease_until = least(lease_until, jobd_now_us()) WHERE id = %(node)s
+
+-- live_nodes --
+-- Every other node not ended yet, with its beat: the rescuer watches each one's beat on
+-- its own clock
+SELECT id, beat, lease_until < jobd_now_us() - %(margin_us)s FROM nodes
+WHERE ended_at IS NULL AND id <> %(node)s
+
+-- expired_node --
+-- Which node a rescue takes over: one whose lease ended more than %(margin_us)s ago by
+-- the database's clock, and whose beat the rescuer has watched stand still as long by its
+-- own. Ended in the same transaction, so a late heartbeat finds no lease to renew.
+UPDATE nodes SET ended_at = jobd_now_us()
+WHERE id = %(dead)s AND beat = %(beat)s AND ended_at IS NULL
+  AND lease_until < jobd_now_us() - %(margin_us)s
+RETURNING id
+
+-- earlier_nodes --
+-- Which nodes restart recovery takes over: this host's and state folder's earlier node
+-- ids, dead for certain (this node holds the folder's lock and has killed their recorded
+-- process groups), without waiting for their leases
+UPDATE nodes SET ended_at = jobd_now_us()
+WHERE host = %(host)s AND state_dir = %(state_dir)s AND id <> %(node)s AND ended_at IS NULL
+RETURNING id
+
+-- earlier_processes --
+-- The recorded process groups of the running jobs restart recovery takes over: this
+-- host's and state folder's earlier nodes', and a one-node jobd's (no node)
+SELECT j.id, j.pgid, j.pgid_start FROM jobs j
+WHERE j.status = 'running' AND j.pgid IS NOT NULL AND (j.node_id IS NULL OR j.node_id IN (
+    SELECT n.id FROM nodes n WHERE n.host = %(host)s AND n.state_dir = %(state_dir)s
+    AND n.id <> %(node)s AND n.ended_at IS NULL))
+
+-- nodes_jobs --
+-- The running jobs of the nodes a rescue ended (%(orphans)s: also those of no node, which
+-- a one-node jobd left), locked until the rescue commits
+SELECT node_id, {job_columns} FROM jobs
+WHERE status = 'running' AND (node_id = ANY(%(nodes)s::bigint[])
+                              OR %(orphans)s AND node_id IS NULL)
+ORDER BY seq FOR UPDATE
+
+-- end_sessions --
+-- A rescued node's sessions, ended: any lock a frozen node still holds goes, and its
+-- place in the notification queue (the owner of the database may end its own role's)
+SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+WHERE application_name = ANY(%(names)s::text[]) AND datname = current_database()
+  AND pid <> pg_backend_pid()
+
+-- node_names --
+-- What a node's sessions are called (pg_stat_activity), to end them after its rescue
+SELECT host, pid FROM nodes WHERE id = %(node)s
