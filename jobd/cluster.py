@@ -33,6 +33,13 @@ imports it.
   (``expired_node``): requeued to resume, failed when not resumable or recovered
   ``max_recoveries`` times, cancelled when a cancel was asked. Then its sessions are
   ended. Never by how long a job has run.
+- **Notifications** (``listen``, docs/cluster.md, section 8): one connection per node
+  only ``LISTEN``s to ``jobd`` (a job changed: its waiters here re-read it; a job this
+  node runs is re-read for a cancel asked through another node), ``jobd_queue`` (a job
+  queued or a slot freed: claim) and ``jobd_meta`` (the pause or maintenance changed).
+  Every ``[cluster] poll``, and after the connection is back (LISTEN first, then this),
+  the node claims, wakes every waiter to re-read its job, and re-reads the settings, so
+  a lost notification only delays. Payloads are ``<job id>:<version>`` or a meta key.
 - **Restart recovery** (``recover``) covers only this host's and state folder's earlier
   node ids (and jobs a one-node jobd left running): their recorded process groups are
   killed, then they are taken over at once, without waiting for their leases.
@@ -66,6 +73,8 @@ log = structlog.get_logger()
 
 #: taken (transaction-scoped) by a node's registration: the settings check and the insert
 REGISTER_KEY = 0x6A6F6264_00000004
+#: what a node LISTENs to: a job changed, the queue moved, a setting changed
+CHANNELS = ("jobd", "jobd_queue", "jobd_meta")
 
 
 class NodeRefused(StoreError):
@@ -169,6 +178,14 @@ class Node:
         self.on_lost: Callable[[], None] = lambda: None
         #: a new node id is registered after a loss, or jobs were rescued: claim
         self.on_claimable: Callable[[], None] = lambda: None
+        #: told the id of each job a notification says changed (its waiters re-read it)
+        self.on_job: Callable[[str], None] = lambda job_id: None
+        #: the pause or maintenance may have changed: re-read them
+        self.on_meta: Callable[[], None] = lambda: None
+        #: a notification may have been lost: every waiter re-reads its job
+        self.on_resync: Callable[[], None] = lambda: None
+        self._listener: threading.Thread | None = None
+        self._listening: psycopg.Connection[Any] | None = None
         #: other nodes' beats as this node last saw them change: id -> (beat, since)
         self._watch: dict[int, tuple[int, float]] = {}
         self._until: float | None = None
@@ -262,9 +279,72 @@ class Node:
         return self.id
 
     def start(self) -> None:
-        """Beat every ``[cluster] heartbeat`` on a thread of its own, until ``stop``."""
+        """Beat every ``[cluster] heartbeat`` and listen for notifications, each on a
+        thread of its own, until ``stop``."""
         self._thread = threading.Thread(target=self._loop, name="jobd-heartbeat", daemon=True)
         self._thread.start()
+        self._listener = threading.Thread(target=self.listen, name="jobd-listen", daemon=True)
+        self._listener.start()
+
+    # -- notifications -------------------------------------------------------------------
+
+    def listen(self) -> None:
+        """LISTEN on a connection of its own, and act on each notification; every ``poll``
+        resync; a lost connection is opened again (and resynced) until ``stop``."""
+        poll = self.config.cluster.poll
+        lost = False
+        while not self._stopping.is_set():
+            try:
+                with psycopg.connect(self.store.dsn, autocommit=True, connect_timeout=10,
+                                     application_name=f"jobd node {self.id} listen"[:63]
+                                     ) as conn:
+                    self._listening = conn
+                    for channel in CHANNELS:
+                        conn.execute(f"LISTEN {channel}")
+                    if lost:
+                        log.info("cluster_listener_reconnected", node_id=self.id)
+                    lost = False
+                    while not self._stopping.is_set():
+                        self.resync()  # first after LISTEN: nothing falls in between
+                        for note in conn.notifies(timeout=poll):
+                            self._heard(note.channel, note.payload)
+                            if self._stopping.is_set():
+                                break
+            except psycopg.Error as e:
+                if self._stopping.is_set():
+                    break
+                if not lost:
+                    log.warning("cluster_listener_lost", node_id=self.id, error=str(e).strip())
+                lost = True
+                self._stopping.wait(min(poll, 1.0))
+            finally:
+                self._listening = None
+
+    def _heard(self, channel: str, payload: str) -> None:
+        if channel == "jobd":
+            job_id = payload.partition(":")[0]
+            self.on_job(job_id)
+            fence = self.store.fences.get(job_id)
+            if fence is not None and fence[0] == self.id:  # this node runs it: a cancel?
+                try:
+                    if self.store.get_job(job_id).cancel_requested:
+                        self.on_cancel(job_id)
+                except StoreError:  # the heartbeat reads it again in any case
+                    pass
+        elif channel == "jobd_queue":
+            self.on_claimable()
+        elif channel == "jobd_meta":
+            self.on_meta()
+
+    def resync(self) -> None:
+        """What a lost notification would have told: claim, every waiter re-reads its job,
+        the pause and maintenance re-read."""
+        self.on_claimable()
+        self.on_resync()
+        try:
+            self.on_meta()
+        except StoreError as e:
+            log.warning("cluster_resync_incomplete", node_id=self.id, error=str(e))
 
     def _loop(self) -> None:
         every = self.config.cluster.heartbeat
@@ -318,14 +398,17 @@ class Node:
     def _execute(self, query: str, **params: Any) -> list[Any] | None:
         """A statement of the node's own on its connection: its rows, None if it failed
         (logged; what it would have done happens by the lease's end anyway)."""
-        try:
-            with self._conn_lock:
-                cur = self._connection().execute(QUERIES[query], params)
-                return cur.fetchall() if cur.description else []
-        except psycopg.Error as e:
-            log.warning("node_statement_failed", node_id=self.id, statement=query,
-                        error=str(e).strip())
-            return None
+        for last in (False, True):
+            try:
+                with self._conn_lock:
+                    cur = self._connection().execute(QUERIES[query], params)
+                    return cur.fetchall() if cur.description else []
+            except psycopg.Error as e:
+                if not last and self._conn is not None and self._conn.broken:
+                    continue  # a connection a restart broke: once more on a new one
+                log.warning("node_statement_failed", node_id=self.id, statement=query,
+                            error=str(e).strip())
+        return None
 
     def rejoin(self) -> None:
         """After a lost lease: stop every attempt and wait for their fenced ends, register a
@@ -410,7 +493,7 @@ class Node:
         log.warning("node_rescued", node_id=node, jobs=len(moved), by=self.id, reason="lost",
                     requeued=sum(j.status is JobStatus.QUEUED for _, j in moved))
         # its heartbeat's, and its store's (named by host and pid: never this process's own)
-        sessions = [f"jobd node {node}"] + [name for host, pid in names
+        sessions = [f"jobd node {node}", f"jobd node {node} listen"] + [name for host, pid in names
                                             if (name := f"jobd on {host} pid {pid}"[:63])
                                             != SESSION_NAME]
         self._execute("end_sessions", names=sessions)
@@ -421,8 +504,9 @@ class Node:
         its jobs' ends, which the lease fences)."""
         self._stopping.set()
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        for thread in (self._thread, self._listener):
+            if thread is not None:
+                thread.join(timeout=self.config.cluster.poll + 5)
         if self.id is not None and not self._lost:
             self._execute("end_node", node=self.id)
         with self._conn_lock:

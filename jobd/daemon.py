@@ -206,6 +206,8 @@ async def _serve(config: Config, reload: Callable[[], Config]) -> int:
             raise
         node.on_cancel, node.on_lost, node.on_claimable = (engine.cancel,
                                                            engine.drop_attempts, engine.kick)
+        node.on_job, node.on_resync = hub.notify, hub.notify_all
+        node.on_meta = lambda: engine.set_paused(manager.restore())
         node.start()
     if not store.was_clean:
         log.warning("unclean_stop_detected", backend=config.storage.backend,

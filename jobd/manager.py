@@ -257,6 +257,11 @@ class Hub:
         if job_id in self._waiters:
             self.loop.call_soon_threadsafe(self._wake, job_id)
 
+    def notify_all(self) -> None:
+        """Every waiter re-reads its job (cluster mode: a notification may have been lost)."""
+        for job_id in list(self._waiters):
+            self.notify(job_id)
+
     def _wake(self, job_id: str) -> None:
         for fut in self._waiters.pop(job_id, ()):
             if not fut.done():

@@ -39,7 +39,7 @@ import structlog
 from psycopg.pq import TransactionStatus
 
 from jobd.store import writer
-from jobd.models import Job, JobStatus
+from jobd.models import TERMINAL, Job, JobStatus
 from jobd.store.base import BaseStore, Listeners, _dumps, _job, now_us
 from jobd.store.errors import (Corrupt, DuplicateId, Fenced, ReadOnly, StateConflict,
                                StorageFull, StorageUnavailable, StoreClosed, StoreError)
@@ -231,6 +231,8 @@ class PgTx(writer.Tx):
     fences: Mapping[str, tuple[int, int]] = {}
     #: a rescue writes for jobs whose node is gone: its writes are not this node's own
     unfenced: bool = False
+    #: (channel, payload) of each notification the commit sends (a cluster node's)
+    notes: list[tuple[str, str]]
 
     def run(self, query: str, **params: Any) -> psycopg.Cursor[Any]:
         params["now"] = self.now
@@ -299,9 +301,14 @@ class PgDriver:
         self.conn.execute("BEGIN")
         self._tx = PgTx(self.conn, now)
         self._tx.fences = self.fences
+        self._tx.notes = []
         return self._tx
 
     def commit(self) -> None:
+        notes = self._tx.notes if self._tx is not None else None
+        if notes:  # delivered with the commit, as one statement
+            self.conn.execute(QUERIES["notify"], {"channels": [c for c, _ in notes],
+                                                  "payloads": [p for _, p in notes]})
         self.conn.execute("COMMIT")
 
     def rollback(self) -> None:
@@ -526,6 +533,27 @@ class PostgresStore(BaseStore):
             self._count_queued(tx, job.user_id, -1)
             started.append(self._changed(tx, job))
         return started
+
+    def _changed(self, tx: writer.Tx, job: Job) -> Job:
+        """As every store, and a cluster node tells the others: ``jobd`` for every change
+        of a job, ``jobd_queue`` too when it entered the queue or left a slot."""
+        if self.cluster:
+            assert isinstance(tx, PgTx)
+            payload = f"{job.id}:{job.version}"
+            tx.notes.append(("jobd", payload))
+            if job.status is JobStatus.QUEUED or job.status in TERMINAL:
+                tx.notes.append(("jobd_queue", payload))
+        return super()._changed(tx, job)
+
+    def _progressed(self, tx: writer.Tx, job: Job) -> None:
+        if self.cluster:
+            assert isinstance(tx, PgTx)
+            tx.notes.append(("jobd", f"{job.id}:{job.version}"))
+
+    def _meta_changed(self, tx: writer.Tx, key: str) -> None:
+        if self.cluster:  # the pause, maintenance: every node re-reads them
+            assert isinstance(tx, PgTx)
+            tx.notes.append(("jobd_meta", key))
 
     def _fence(self, tx: writer.Tx, job_id: str, fence: tuple[int, int]) -> None:
         self.fences[job_id] = fence

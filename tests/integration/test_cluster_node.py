@@ -122,3 +122,42 @@ def test_a_node_killed_is_rescued_by_another_which_resumes_its_job(
     assert statuses == ["created", "queued", "running", "queued", "running"], statuses
     assert got["attempts"] == 2
     assert rescuer.stop() == 0
+
+
+def test_every_job_is_waited_for_and_cancelled_through_either_node(
+        make_pg_daemon: Callable[..., Daemon], dsn: str) -> None:
+    """A wait and a cancel through the node that does not run the job: woken by the
+    owner's notifications (the poll is 5 s here, so the poll alone would be late)."""
+    slow_poll = SHORT_LEASE + 'poll = "5s"\n'
+    a = make_pg_daemon(slow_poll)
+    b = make_pg_daemon(slow_poll)
+    (a_node,) = [e["node_id"] for e in events_named(a, "node_registered")]
+
+    def started(job: dict[str, Any]) -> tuple[Daemon, dict[str, Any]]:
+        """The node that does not run ``job``, and the job as it reads it running."""
+        wait_for(lambda: row(dsn, "SELECT status FROM jobs WHERE id = %s", job["id"]) == (
+            "running",), what="the job to start")
+        (owner,) = row(dsn, "SELECT node_id FROM jobs WHERE id = %s", job["id"])
+        other = b if owner == a_node else a
+        return other, result_of(other, "jobs.get", job_id=job["id"])
+
+    quick = result_of(a, "jobs.submit", type="noop", options={"seconds": 0.5})
+    other, seen = started(quick)
+    asked = time.monotonic()
+    done = seen
+    while done["status"] == "running" and time.monotonic() - asked < 10:
+        # each change wakes it: the owner's progress flushes, then the end
+        done = result_of(other, "jobs.wait", job_id=quick["id"],
+                         after_version=done["version"], timeout_s=10)
+    assert done["status"] == "completed", done
+    assert time.monotonic() - asked < 0.5 + 0.5
+    # a running job cancelled through the node that does not run it
+    long = result_of(a, "jobs.submit", type="command", options={"argv": ["sleep", "60"]})
+    other, _ = started(long)
+    asked = time.monotonic()
+    stopped = result_of(other, "jobs.cancel", job_id=long["id"], wait=True)
+    assert stopped["status"] == "cancelled", stopped
+    assert time.monotonic() - asked < 1 + 1  # cancel_grace + 1 s
+    assert [e["status"] for e in result_of(other, "jobs.events", job_id=long["id"])][-1] == (
+        "cancelled")
+    assert a.stop() == 0 and b.stop() == 0

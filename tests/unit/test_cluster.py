@@ -465,3 +465,94 @@ def test_a_node_that_lost_its_lease_stops_its_attempts_and_comes_back_as_a_new_n
     (resumed,) = claim(a)
     assert resumed.id == job.id and resumed.attempts == 2
     a.store.finish_job(job.id, JobStatus.COMPLETED)  # the new id's fence holds
+
+
+# -- notifications -----------------------------------------------------------------------------
+
+class Heard:
+    """What a node's listener told (its callbacks), with the time of each."""
+
+    def __init__(self, node: Any) -> None:
+        self.calls: list[tuple[str, Any, float]] = []
+        node.on_job = lambda job_id: self.calls.append(("job", job_id, time.monotonic()))
+        node.on_cancel = lambda job_id: self.calls.append(("cancel", job_id, time.monotonic()))
+        node.on_claimable = lambda: self.calls.append(("claim", None, time.monotonic()))
+        node.on_meta = lambda: self.calls.append(("meta", None, time.monotonic()))
+        node.on_resync = lambda: self.calls.append(("resync", None, time.monotonic()))
+        self.thread = threading.Thread(target=node.listen, daemon=True)
+        self.thread.start()
+        node._listener = self.thread  # stopped with the node
+
+    def of(self, kind: str, what: Any = None) -> list[float]:
+        return [at for k, w, at in self.calls if k == kind and (what is None or w == what)]
+
+    def wait(self, kind: str, what: Any = None, after: float = 0.0,
+             timeout: float = 5.0) -> float:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = [at for at in self.of(kind, what) if at > after]
+            if got:
+                return got[0]
+            time.sleep(0.005)
+        raise AssertionError(f"no {kind} {what or ''} heard: {self.calls}")
+
+
+def test_a_cancel_through_another_node_reaches_the_owner_by_notification(
+        cluster: Cluster) -> None:
+    a, b = cluster.node(), cluster.node()  # poll 1 s: only a notification is this fast
+    a.register(), b.register()
+    job = submit(b.store)
+    heard = Heard(a)
+    heard.wait("resync")
+    assert [j.id for j in claim(a)] == [job.id]
+    asked = time.monotonic()
+    b.store.cancel_job(job.id, actor="admin:root")
+    assert heard.wait("cancel", job.id, after=asked) - asked < 0.5
+    assert heard.of("job", job.id)  # its waiters on a were woken too
+    # and a job a does not run is only its waiters' business
+    other = submit(b.store, "bob")
+    b.store.cancel_job(other.id, actor="bob")
+    heard.wait("job", other.id)
+    assert not heard.of("cancel", other.id)
+
+
+def test_the_queue_and_the_settings_wake_every_node(cluster: Cluster) -> None:
+    a, b = cluster.node(), cluster.node()
+    a.register(), b.register()
+    heard = Heard(a)
+    start = heard.wait("resync")
+    time.sleep(0.05)
+    submitted = time.monotonic()
+    submit(b.store)
+    assert heard.wait("claim", after=submitted) - submitted < 0.5
+    paused = time.monotonic()
+    b.store.set_meta("paused", "1")
+    assert heard.wait("meta", after=paused) - paused < 0.5
+    assert start
+
+
+def test_the_listener_reconnects_after_a_postgres_restart_and_resyncs(
+        cluster: Cluster, postgres: pg.PostgresServer) -> None:
+    from structlog.testing import capture_logs
+    a, b = cluster.node(), cluster.node()
+    a.register(), b.register()
+    with capture_logs() as logs:
+        heard = Heard(a)
+        heard.wait("resync")
+        postgres.restart()
+        back = time.monotonic()
+        heard.wait("resync", after=back, timeout=10)
+        deadline = time.monotonic() + 5
+        while not [e for e in logs if e["event"] == "cluster_listener_reconnected"]:
+            assert time.monotonic() < deadline, logs
+            time.sleep(0.02)
+    # notifications flow again: a change on b reaches a
+    job = None
+    for _ in range(3):  # b's writer finds its connection broken once, then reconnects
+        try:
+            job = submit(b.store)
+            break
+        except Exception:
+            time.sleep(0.2)
+    assert job is not None
+    heard.wait("job", job.id)

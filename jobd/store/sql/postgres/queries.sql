@@ -514,3 +514,9 @@ WHERE application_name = ANY(%(names)s::text[]) AND datname = current_database()
 -- node_names --
 -- What a node's sessions are called (pg_stat_activity), to end them after its rescue
 SELECT host, pid FROM nodes WHERE id = %(node)s
+
+-- notify --
+-- A cluster node's notifications, sent with the commit (delivered only if it holds):
+-- payloads are "<job id>:<version>" or a meta key, never job data
+SELECT pg_notify(n.channel, n.payload)
+FROM unnest(%(channels)s::text[], %(payloads)s::text[]) AS n (channel, payload)
