@@ -225,6 +225,10 @@ class Node:
             max_running_per_user=ex.max_running_per_user,
             exclusive=sorted(name for name, h in self.handlers.items() if h.exclusive))
 
+    def nodes(self) -> list[dict[str, Any]]:
+        """admin.stats' ``nodes``: ``[{id, host, started_at, lease_until, running}]``."""
+        return self.store.nodes()
+
     # -- registering, beating, stopping --------------------------------------------------
 
     def _connection(self) -> psycopg.Connection[Any]:

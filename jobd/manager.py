@@ -906,7 +906,8 @@ class Manager:
                 "per_user_truncated": len(users) > PER_USER_TOP,
                 "maintenance": self.maintenance_on,
                 "config": self.config_state.to_dict(),
-                "db_bytes": self.store.size_bytes(), "uptime_s": self.uptime_s()}
+                "db_bytes": self.store.size_bytes(), "uptime_s": self.uptime_s(),
+                **({} if self.engine.cluster is None else {"nodes": self.engine.cluster.nodes()})}
 
     def _finished(self, since_hour: int) -> dict[str, dict[str, Any]]:
         """admin.stats' ``finished``: by type, the end statuses' counts, the success rate

@@ -59,6 +59,8 @@ MIGRATE_KEY = 0x6A6F6264_00000001
 NODE_KEY = 0x6A6F6264_00000002
 #: taken by a write (transaction-scoped) before it reads the queued counts to admit jobs
 QUEUE_KEY = 0x6A6F6264_00000003
+#: held (tried, for a session) by the cluster node that sweeps: one node at a time
+CLEANUP_KEY = 0x6A6F6264_00000005
 
 #: jobd's tables, and the functions its schema defines (its triggers' and ``jobd_iso``):
 #: a backup by table (``pg_dump -t``) leaves the functions out, so dump the database
@@ -592,6 +594,27 @@ class PostgresStore(BaseStore):
         finally:
             tx.unfenced = False
         return nodes, moved
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """admin.stats' ``nodes``: every cluster node not yet ended."""
+        return [{"id": id, "host": host, "started_at": started, "lease_until": until,
+                 "running": running}
+                for id, host, started, until, running in self._all(QUERIES["stats_nodes"])]
+
+    def cleanup(self, **kw: Any) -> Iterator[list[str]]:
+        """As every store's; a cluster node sweeps only while no other does (a session's
+        try-lock, held on a connection of its own for the sweep): else it skips the round."""
+        if not self.cluster or kw.get("dry_run"):
+            yield from super().cleanup(**kw)
+            return
+        with self._reading() as conn:
+            if not _scalar(conn.execute(QUERIES["cleanup_lock"], {"key": CLEANUP_KEY})):
+                log.info("cleanup_skipped", reason="another node is sweeping")
+                return
+            try:
+                yield from super().cleanup(**kw)
+            finally:
+                conn.execute(QUERIES["cleanup_unlock"], {"key": CLEANUP_KEY})
 
     def earlier_processes(self, *, host: str, state_dir: str, node: int
                           ) -> list[tuple[str, int, int | None]]:

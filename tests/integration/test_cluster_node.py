@@ -48,6 +48,9 @@ def test_a_node_registers_and_its_jobs_run_under_its_id(
         registered["node_id"],)
     time.sleep(2.5)  # past the first lease: the heartbeat keeps it
     assert result_of(d, "jobs.get", job_id=job["id"])["status"] == "running"
+    (node,) = result_of(d, "admin.stats")["nodes"]
+    assert node["id"] == registered["node_id"] and node["running"] == 1
+    assert node["started_at"].endswith("Z") and node["lease_until"] > node["started_at"]
     stopped = result_of(d, "jobs.cancel", job_id=job["id"], wait=True)
     assert stopped["status"] == "cancelled"
     assert d.stop() == 0

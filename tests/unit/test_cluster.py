@@ -556,3 +556,37 @@ def test_the_listener_reconnects_after_a_postgres_restart_and_resyncs(
             time.sleep(0.2)
     assert job is not None
     heard.wait("job", job.id)
+
+
+# -- stats and cleanup -------------------------------------------------------------------------
+
+def test_stats_nodes_lists_every_node_not_ended_with_what_it_runs(cluster: Cluster) -> None:
+    from jobd.models import iso
+    a, b = cluster.node(workers=2), cluster.node()
+    a.register(), b.register()
+    submit(a.store), submit(a.store, "bob")
+    claim(a, 2)
+    nodes = a.nodes()
+    assert [(n["id"], n["running"]) for n in nodes] == [(a.id, 2), (b.id, 0)]
+    (row,) = rows(cluster.dsn, "SELECT started_at, lease_until FROM nodes WHERE id = %s", a.id)
+    assert (nodes[0]["started_at"], nodes[0]["lease_until"]) == (iso(row[0]), iso(row[1]))
+    assert nodes[0]["host"] == a.host
+    b.stop()
+    assert [n["id"] for n in a.nodes()] == [a.id]
+
+
+def test_cleanup_runs_on_one_node_at_a_time(cluster: Cluster) -> None:
+    a, b = cluster.node(), cluster.node()
+    for i in range(6):
+        job = submit(a.store, f"u{i}")
+        a.store.cancel_job(job.id, actor="jobd")
+    far = 2**62
+    sweep = a.store.cleanup(keep_before=far, keep_failed_before=far, chunk=2)
+    first = next(sweep)  # a sweeps, and holds the turn between its chunks
+    assert list(b.store.cleanup(keep_before=far, keep_failed_before=far)) == []
+    rest = [ids for ids in sweep]
+    assert len(first) + sum(map(len, rest)) == 6
+    # a's turn is over: b sweeps the next round
+    job = submit(b.store, "late")
+    b.store.cancel_job(job.id, actor="jobd")
+    assert list(b.store.cleanup(keep_before=far, keep_failed_before=far)) == [[job.id]]

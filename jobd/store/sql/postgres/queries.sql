@@ -520,3 +520,20 @@ SELECT host, pid FROM nodes WHERE id = %(node)s
 -- payloads are "<job id>:<version>" or a meta key, never job data
 SELECT pg_notify(n.channel, n.payload)
 FROM unnest(%(channels)s::text[], %(payloads)s::text[]) AS n (channel, payload)
+
+-- stats_nodes --
+-- admin.stats' nodes: every node not yet ended (one whose lease lapsed shows until it is
+-- rescued), with how many jobs it runs; times as the wire writes them
+SELECT n.id, n.host, jobd_iso(n.started_at), jobd_iso(n.lease_until), count(j.seq)
+FROM nodes n LEFT JOIN jobs j ON j.node_id = n.id AND j.status = 'running'
+WHERE n.ended_at IS NULL
+GROUP BY n.id ORDER BY n.id
+
+-- cleanup_lock --
+-- One node sweeps at a time: a session lock on a connection held for the sweep (released
+-- by cleanup_unlock, or with the session if the node dies); false: another node sweeps
+SELECT pg_try_advisory_lock(%(key)s)
+
+-- cleanup_unlock --
+-- The sweep is over: the next node's turn
+SELECT pg_advisory_unlock(%(key)s)
