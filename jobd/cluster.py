@@ -40,6 +40,10 @@ imports it.
   Every ``[cluster] poll``, and after the connection is back (LISTEN first, then this),
   the node claims, wakes every waiter to re-read its job, and re-reads the settings, so
   a lost notification only delays. Payloads are ``<job id>:<version>`` or a meta key.
+- **Logs** (``ship``): every ``LOG_EVERY`` the node copies what its running jobs' logs
+  gained into the database in chunks at absolute offsets (fenced), and the rest in the
+  transaction that writes an attempt's end, before it: ``jobs.logs`` on any node reads
+  them (``read_log``), and ``eof`` still means the story is complete.
 - **Restart recovery** (``recover``) covers only this host's and state folder's earlier
   node ids (and jobs a one-node jobd left running): their recorded process groups are
   killed, then they are taken over at once, without waiting for their leases.
@@ -59,7 +63,7 @@ from typing import Any, Callable, Mapping
 import psycopg
 import structlog
 
-from jobd import orphans
+from jobd import joblogs, orphans
 from jobd.config import Config
 from jobd.models import Job, JobStatus
 from jobd.store.errors import StoreError
@@ -75,6 +79,9 @@ log = structlog.get_logger()
 REGISTER_KEY = 0x6A6F6264_00000004
 #: what a node LISTENs to: a job changed, the queue moved, a setting changed
 CHANNELS = ("jobd", "jobd_queue", "jobd_meta")
+#: how often running jobs' logs are copied into the database, and the largest chunk
+LOG_EVERY = 0.25
+LOG_CHUNK = 65536
 
 
 class NodeRefused(StoreError):
@@ -185,6 +192,9 @@ class Node:
         #: a notification may have been lost: every waiter re-reads its job
         self.on_resync: Callable[[], None] = lambda: None
         self._listener: threading.Thread | None = None
+        self._shipper: threading.Thread | None = None
+        #: job id -> how much of its log (absolute offset) is in the database
+        self._shipped: dict[str, int] = {}
         self._listening: psycopg.Connection[Any] | None = None
         #: other nodes' beats as this node last saw them change: id -> (beat, since)
         self._watch: dict[int, tuple[int, float]] = {}
@@ -196,6 +206,7 @@ class Node:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         store.on_fenced = lambda job_id: self._wake.set()
+        store.on_ending = self._ship_last_in
 
     # -- what the engine asks ------------------------------------------------------------
 
@@ -289,6 +300,55 @@ class Node:
         self._thread.start()
         self._listener = threading.Thread(target=self.listen, name="jobd-listen", daemon=True)
         self._listener.start()
+        self._shipper = threading.Thread(target=self._ship_loop, name="jobd-logs", daemon=True)
+        self._shipper.start()
+
+    # -- logs ----------------------------------------------------------------------------
+
+    def _ship_loop(self) -> None:
+        while not self._stopping.wait(LOG_EVERY):
+            self.ship()
+
+    def ship(self) -> None:
+        """Copy what the logs of this node's running jobs gained into the database."""
+        for job_id, (node, _) in list(self.store.fences.items()):
+            if node != self.id:
+                continue
+            if joblogs.end(joblogs.path(self.config.log_dir, job_id)) <= self._shipped.get(
+                    job_id, 0):
+                continue
+            try:
+                self.store.write(lambda tx, job_id=job_id: self._ship_in(tx, job_id))
+            except StoreError as e:  # the end copies the rest, or the next turn does
+                log.debug("job_log_copy_failed", job_id=job_id, error=str(e))
+
+    def _ship_in(self, tx: Tx, job_id: str) -> None:
+        """In ``tx``: copy the part of ``job_id``'s log not in the database yet (fenced)."""
+        fence = self.store.fences.get(job_id)
+        if fence is None or fence[0] != self.id:
+            return
+        path = joblogs.path(self.config.log_dir, job_id)
+        shipped = before = self._shipped.get(job_id, 0)
+        keep_from = max(0, joblogs.end(path) - self.config.execution.max_log_bytes)
+        while True:
+            data, next_offset = joblogs.read(path, shipped, LOG_CHUNK)
+            if not data or not self.store.append_log_in(
+                    tx, job_id, next_offset - len(data), data, keep_from):
+                break
+            shipped = next_offset
+        if shipped != before:
+            self._shipped[job_id] = shipped
+            tx.undo.append(lambda: self._shipped.__setitem__(job_id, before))
+
+    def _ship_last_in(self, tx: Tx, job_id: str) -> None:
+        """In the transaction of an attempt's end, before it: the rest of its log."""
+        self._ship_in(tx, job_id)
+        tx.after_commit.append(lambda: self._shipped.pop(job_id, None))
+
+    def read_log(self, job_id: str, offset: int, limit: int) -> tuple[bytes, int] | None:
+        """A job's log as the database holds it (``jobs.logs`` for a job another node ran),
+        or None when none of it is there."""
+        return self.store.read_log(job_id, offset, limit)
 
     # -- notifications -------------------------------------------------------------------
 
@@ -508,7 +568,7 @@ class Node:
         its jobs' ends, which the lease fences)."""
         self._stopping.set()
         self._wake.set()
-        for thread in (self._thread, self._listener):
+        for thread in (self._thread, self._listener, self._shipper):
             if thread is not None:
                 thread.join(timeout=self.config.cluster.poll + 5)
         if self.id is not None and not self._lost:

@@ -661,6 +661,12 @@ class Manager:
         if path.exists():
             data, next_offset = joblogs.read(path, offset, limit_bytes)
             more = job.terminal and bool(joblogs.read(path, next_offset, 1)[0])
+        elif self.engine.cluster is not None and (
+                copied := self.engine.cluster.read_log(job.id, offset, limit_bytes)):
+            # run on another node: the copy of its log in the database
+            data, next_offset = copied
+            more = job.terminal and bool(
+                (self.engine.cluster.read_log(job.id, next_offset, 1) or (b"",))[0])
         else:
             # a job that never ran a program has no log: its story is told from its events,
             # byte for byte as a log would begin (so offsets hold if a log appears later)

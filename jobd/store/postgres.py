@@ -40,7 +40,7 @@ from psycopg.pq import TransactionStatus
 
 from jobd.store import writer
 from jobd.models import TERMINAL, Job, JobStatus
-from jobd.store.base import BaseStore, Listeners, _dumps, _job, now_us
+from jobd.store.base import CLEANUP_CHUNK, BaseStore, Listeners, _dumps, _job, now_us
 from jobd.store.errors import (Corrupt, DuplicateId, Fenced, ReadOnly, StateConflict,
                                StorageFull, StorageUnavailable, StoreClosed, StoreError)
 from jobd.store.sql import dialect
@@ -66,7 +66,7 @@ CLEANUP_KEY = 0x6A6F6264_00000005
 #: a backup by table (``pg_dump -t``) leaves the functions out, so dump the database
 TABLES = ("jobd_schema", "jobs", "job_events", "job_checkpoints", "job_keys", "meta",
           "queued_counts", "user_stored", "type_counts", "run_buckets", "finished_hours",
-          "finished_days")
+          "finished_days", "nodes", "dispatch_turns", "job_log_chunks")
 FUNCTIONS = ("jobd_iso", "jobs_counted_in", "jobs_status_moved")
 
 #: how long an open waits for the one-node lock of a jobd that has just gone
@@ -129,7 +129,7 @@ SESSION_NAME = _NAME
 #: the writes for a running job that a cluster node's fence guards (the ``{fence}`` of
 #: their statements): by (node id, attempt), and the node's lease
 FENCED = frozenset({"finish_job", "requeue_job", "update_progress", "set_process",
-                    "save_checkpoint"})
+                    "save_checkpoint", "append_log"})
 #: the fence of a job this store does not run as a cluster node: none
 _UNFENCED = (None, None)
 
@@ -404,6 +404,9 @@ class PostgresStore(BaseStore):
         self.fences: dict[str, tuple[int, int]] = {}
         #: told the job id of a fenced write that was refused (the node checks its lease)
         self.on_fenced: Callable[[str], None] = lambda job_id: None
+        #: called in the transaction that writes the end of an attempt this node runs,
+        #: before the end (the node copies the rest of the job's log into it)
+        self.on_ending: Callable[[writer.Tx, str], None] = lambda tx, job_id: None
 
     # -- opening and closing -------------------------------------------------------------
 
@@ -601,18 +604,21 @@ class PostgresStore(BaseStore):
                  "running": running}
                 for id, host, started, until, running in self._all(QUERIES["stats_nodes"])]
 
-    def cleanup(self, **kw: Any) -> Iterator[list[str]]:
+    def cleanup(self, *, keep_before: int, keep_failed_before: int, dry_run: bool = False,
+                chunk: int = CLEANUP_CHUNK) -> Iterator[list[str]]:
         """As every store's; a cluster node sweeps only while no other does (a session's
         try-lock, held on a connection of its own for the sweep): else it skips the round."""
-        if not self.cluster or kw.get("dry_run"):
-            yield from super().cleanup(**kw)
+        sweep = super().cleanup(keep_before=keep_before, keep_failed_before=keep_failed_before,
+                                dry_run=dry_run, chunk=chunk)
+        if not self.cluster or dry_run:
+            yield from sweep
             return
         with self._reading() as conn:
             if not _scalar(conn.execute(QUERIES["cleanup_lock"], {"key": CLEANUP_KEY})):
                 log.info("cleanup_skipped", reason="another node is sweeping")
                 return
             try:
-                yield from super().cleanup(**kw)
+                yield from sweep
             finally:
                 conn.execute(QUERIES["cleanup_unlock"], {"key": CLEANUP_KEY})
 
@@ -627,6 +633,8 @@ class PostgresStore(BaseStore):
         fence = self.fences.get(job_id) if query in FENCED and not tx.unfenced else None
         if fence is None:
             return super()._cas(tx, query, job_id, wanted, **params)
+        if query in ("finish_job", "requeue_job"):
+            self.on_ending(tx, job_id)
         try:
             job = super()._cas(tx, query, job_id, wanted, **params)
         except StateConflict:

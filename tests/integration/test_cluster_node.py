@@ -164,3 +164,31 @@ def test_every_job_is_waited_for_and_cancelled_through_either_node(
     assert [e["status"] for e in result_of(other, "jobs.events", job_id=long["id"])][-1] == (
         "cancelled")
     assert a.stop() == 0 and b.stop() == 0
+
+
+def test_a_jobs_log_is_read_through_either_node(
+        make_pg_daemon: Callable[..., Daemon], dsn: str) -> None:
+    a = make_pg_daemon(SHORT_LEASE)
+    b = make_pg_daemon(SHORT_LEASE)
+    job = result_of(a, "jobs.submit", type="command", options={
+        "argv": ["sh", "-c", "for i in 1 2 3; do echo line $i; sleep 0.2; done"]})
+    (a_node,) = [e["node_id"] for e in events_named(a, "node_registered")]
+    wait_for(lambda: row(dsn, "SELECT status FROM jobs WHERE id = %s", job["id"]) != (
+        "queued",), what="the job to start")
+    (owner,) = row(dsn, "SELECT coalesce(node_id, 0) FROM jobs WHERE id = %s", job["id"])
+    here, there = (a, b) if owner == a_node else (b, a)
+    # while it runs, the other node follows its log from the database
+    seen = wait_for(lambda: "line 1" in (p := result_of(there, "jobs.logs",
+                                                           job_id=job["id"]))["data"] and p,
+                    what="the first line on the other node")
+    assert not seen["eof"]
+    wait_for(lambda: result_of(there, "jobs.get", job_id=job["id"])["status"] == "completed",
+             what="the end")
+    mine = result_of(here, "jobs.logs", job_id=job["id"])
+    theirs = result_of(there, "jobs.logs", job_id=job["id"])
+    assert theirs == mine and theirs["eof"], (theirs, mine)
+    assert "line 3" in theirs["data"] and "ended completed" in theirs["data"]
+    # paged from a middle offset, as a file is
+    middle = result_of(there, "jobs.logs", job_id=job["id"], offset=10, limit_bytes=7)
+    assert middle["data"] == mine["data"][10:17] and middle["next_offset"] == 17
+    assert a.stop() == 0 and b.stop() == 0

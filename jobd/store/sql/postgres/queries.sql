@@ -537,3 +537,29 @@ SELECT pg_try_advisory_lock(%(key)s)
 -- cleanup_unlock --
 -- The sweep is over: the next node's turn
 SELECT pg_advisory_unlock(%(key)s)
+
+-- append_log --
+-- A chunk of a running job's log at its absolute offset, fenced as a checkpoint is (the
+-- row lock keeps a rescue from slipping in before the commit)
+INSERT INTO job_log_chunks (job, pos, data)
+SELECT seq, %(pos)s, %(data)s FROM jobs WHERE id = %(job_id)s AND status = 'running'
+  AND {fence}
+FOR SHARE
+ON CONFLICT (job, pos) DO NOTHING
+
+-- trim_log --
+-- max_log_bytes: the chunks wholly before the log's kept part go, oldest first
+DELETE FROM job_log_chunks
+WHERE job = (SELECT seq FROM jobs WHERE id = %(job_id)s) AND pos + length(data) <= %(keep_from)s
+
+-- read_log --
+-- jobs.logs from any node: the chunks that hold bytes from %(offset)s on, up to
+-- %(limit)s bytes (or, from a dropped part, the oldest kept ones), in order
+SELECT c.pos, c.data FROM job_log_chunks c JOIN jobs j ON j.seq = c.job
+WHERE j.id = %(job_id)s AND c.pos + length(c.data) > %(offset)s
+ORDER BY c.pos LIMIT %(limit)s
+
+-- has_log --
+-- Whether any of a job's log is in the database (no: its story is told from its events)
+SELECT EXISTS (SELECT 1 FROM job_log_chunks c JOIN jobs j ON j.seq = c.job
+               WHERE j.id = %(job_id)s)
