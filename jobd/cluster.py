@@ -52,6 +52,7 @@ imports it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -318,7 +319,7 @@ class Node:
                     job_id, 0):
                 continue
             try:
-                self.store.write(lambda tx, job_id=job_id: self._ship_in(tx, job_id))
+                self.store.write(functools.partial(self._ship_in, job_id=job_id))
             except StoreError as e:  # the end copies the rest, or the next turn does
                 log.debug("job_log_copy_failed", job_id=job_id, error=str(e))
 
@@ -331,7 +332,11 @@ class Node:
         shipped = before = self._shipped.get(job_id, 0)
         keep_from = max(0, joblogs.end(path) - self.config.execution.max_log_bytes)
         while True:
-            data, next_offset = joblogs.read(path, shipped, LOG_CHUNK)
+            try:
+                data, next_offset = joblogs.read(path, shipped, LOG_CHUNK)
+            except OSError as e:  # the copy waits; the job's own writes must not
+                log.warning("job_log_copy_failed", job_id=job_id, error=str(e))
+                break
             if not data or not self.store.append_log_in(
                     tx, job_id, next_offset - len(data), data, keep_from):
                 break
@@ -343,7 +348,10 @@ class Node:
     def _ship_last_in(self, tx: Tx, job_id: str) -> None:
         """In the transaction of an attempt's end, before it: the rest of its log."""
         self._ship_in(tx, job_id)
-        tx.after_commit.append(lambda: self._shipped.pop(job_id, None))
+        tx.after_commit.append(lambda: self._forget_log(job_id))
+
+    def _forget_log(self, job_id: str) -> None:
+        self._shipped.pop(job_id, None)
 
     def read_log(self, job_id: str, offset: int, limit: int) -> tuple[bytes, int] | None:
         """A job's log as the database holds it (``jobs.logs`` for a job another node ran),
@@ -510,7 +518,8 @@ class Node:
         one-node jobd left running); the jobs as they are now. ``why``: ``lost`` after a
         lost lease (``previous``: the node id it had), ``restart`` at a start."""
         assert self.id is not None
-        where = {"host": self.host, "state_dir": str(self.config.state_dir), "node": self.id}
+        where: dict[str, Any] = {"host": self.host, "state_dir": str(self.config.state_dir),
+                                 "node": self.id}
         for job_id, pgid, start in self.store.earlier_processes(**where):
             killed = orphans.kill_orphan_group(pgid, start)
             if killed:

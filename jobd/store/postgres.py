@@ -622,6 +622,36 @@ class PostgresStore(BaseStore):
             finally:
                 conn.execute(QUERIES["cleanup_unlock"], {"key": CLEANUP_KEY})
 
+    def append_log_in(self, tx: writer.Tx, job_id: str, pos: int, data: bytes,
+                      keep_from: int) -> bool:
+        """Copy bytes of a running job's log at absolute offset ``pos`` into the database
+        (fenced), and drop the chunks wholly before ``keep_from`` (max_log_bytes); whether
+        it was written."""
+        written = tx.run("append_log", job_id=job_id, pos=pos, data=data).rowcount > 0
+        if written:
+            tx.run("trim_log", job_id=job_id, keep_from=keep_from)
+        return bool(written)
+
+    def read_log(self, job_id: str, offset: int, limit: int) -> tuple[bytes, int] | None:
+        """(data, next_offset) of a job's log as the database holds it, from absolute
+        ``offset`` (one in the dropped part starts at the oldest kept byte); None when
+        none of it is there."""
+        # each chunk holds one byte at least: ``limit`` of them are always enough
+        chunks = self._all(QUERIES["read_log"], {"job_id": job_id, "offset": offset,
+                                                 "limit": limit})
+        if not chunks:
+            return None if not self._one(QUERIES["has_log"], {"job_id": job_id})[0] else (
+                b"", offset)
+        start = max(offset, chunks[0][0])
+        parts, at = [], chunks[0][0]
+        for pos, data in chunks:
+            if pos != at or at >= start + limit:
+                break  # a gap (bytes dropped before they were copied): the rest is later
+            parts.append(bytes(data))
+            at += len(data)
+        data = b"".join(parts)[start - chunks[0][0]:][:limit]
+        return data, start + len(data)
+
     def earlier_processes(self, *, host: str, state_dir: str, node: int
                           ) -> list[tuple[str, int, int | None]]:
         """(job id, pgid, start time) of the running jobs restart recovery takes over."""

@@ -13,7 +13,6 @@ from typing import Any, Callable
 
 import pytest
 
-import pg
 from conftest import FAST_CONFIG, Daemon, group_alive, result_of, wait_for
 from test_postgres_daemon import connect, make_pg_daemon  # noqa: F401 (a fixture)
 
