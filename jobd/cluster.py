@@ -40,6 +40,11 @@ imports it.
   Every ``[cluster] poll``, and after the connection is back (LISTEN first, then this),
   the node claims, wakes every waiter to re-read its job, and re-reads the settings, so
   a lost notification only delays. Payloads are ``<job id>:<version>`` or a meta key.
+- **Live progress** (``progressed``, ``annotate``): a running job's progress goes to the
+  unlogged ``job_progress`` table on a connection of its own (``synchronous_commit``
+  off), at most every ``PROGRESS_EVERY`` per node (the latest value wins), with a
+  ``jobd`` notification; another node answering for the job takes that row when it is
+  newer than the job's and is the running attempt's own.
 - **Logs** (``ship``): every ``LOG_EVERY`` the node copies what its running jobs' logs
   gained into the database in chunks at absolute offsets (fenced), and the rest in the
   transaction that writes an attempt's end, before it: ``jobs.logs`` on any node reads
@@ -83,6 +88,8 @@ CHANNELS = ("jobd", "jobd_queue", "jobd_meta")
 #: how often running jobs' logs are copied into the database, and the largest chunk
 LOG_EVERY = 0.25
 LOG_CHUNK = 65536
+#: live progress is written at most this often (coalesced: the latest value wins)
+PROGRESS_EVERY = 0.02
 
 
 class NodeRefused(StoreError):
@@ -196,6 +203,10 @@ class Node:
         self._shipper: threading.Thread | None = None
         #: job id -> how much of its log (absolute offset) is in the database
         self._shipped: dict[str, int] = {}
+        #: job id -> its latest live progress not written yet
+        self._pending: dict[str, dict[str, Any]] = {}
+        self._progressed = threading.Event()
+        self._reporter: threading.Thread | None = None
         self._listening: psycopg.Connection[Any] | None = None
         #: other nodes' beats as this node last saw them change: id -> (beat, since)
         self._watch: dict[int, tuple[int, float]] = {}
@@ -303,6 +314,56 @@ class Node:
         self._listener.start()
         self._shipper = threading.Thread(target=self._ship_loop, name="jobd-logs", daemon=True)
         self._shipper.start()
+        self._reporter = threading.Thread(target=self._report_loop, name="jobd-progress",
+                                          daemon=True)
+        self._reporter.start()
+
+    # -- live progress -------------------------------------------------------------------
+
+    def progressed(self, job_id: str, live: Any) -> None:
+        """A job this node runs made progress (``live``: the engine's ``Live``): written
+        within ``PROGRESS_EVERY``, for every node's waiters."""
+        fence = self.store.fences.get(job_id)
+        if live is None or fence is None or fence[0] != self.id:
+            return
+        self._pending[job_id] = {"job_id": job_id, "node": fence[0], "attempt": fence[1],
+                                 "progress": live.progress, "phase": live.phase,
+                                 "message": live.message, "version": live.version}
+        self._progressed.set()
+
+    def _report_loop(self) -> None:
+        conn: psycopg.Connection[Any] | None = None
+        while not self._stopping.is_set():
+            self._progressed.wait(1.0)
+            self._progressed.clear()
+            batch, self._pending = self._pending, {}
+            if not batch or self._stopping.is_set():
+                continue
+            try:
+                if conn is None or conn.closed or conn.broken:
+                    conn = psycopg.connect(self.store.dsn, autocommit=True, connect_timeout=10,
+                                           application_name=f"jobd node {self.id} progress")
+                    # worth nothing after a crash: no wait for the WAL's flush
+                    conn.execute("SET synchronous_commit = off")
+                for values in batch.values():
+                    conn.execute(QUERIES["report_progress"], values)
+            except psycopg.Error as e:  # the durable flush still carries it, later
+                log.debug("live_progress_unwritten", node_id=self.id, error=str(e).strip())
+            self._stopping.wait(PROGRESS_EVERY)
+        if conn is not None:
+            conn.close()
+
+    def annotate(self, out: dict[str, Any]) -> None:
+        """A running job another node runs, as ``Engine.annotate`` answers it: its live
+        progress from the database when that is newer than its row."""
+        try:
+            live = self.store.live_progress(out["id"], out["version"])
+        except StoreError:
+            return  # the row's own values stand
+        if live is not None:
+            progress, phase, message, version = live
+            out.update(progress=round(progress, 2), phase=phase, message=message,
+                       version=version)
 
     # -- logs ----------------------------------------------------------------------------
 
@@ -348,6 +409,8 @@ class Node:
     def _ship_last_in(self, tx: Tx, job_id: str) -> None:
         """In the transaction of an attempt's end, before it: the rest of its log."""
         self._ship_in(tx, job_id)
+        self._pending.pop(job_id, None)
+        tx.run("forget_progress", job_id=job_id)
         tx.after_commit.append(lambda: self._forget_log(job_id))
 
     def _forget_log(self, job_id: str) -> None:
@@ -577,7 +640,7 @@ class Node:
         its jobs' ends, which the lease fences)."""
         self._stopping.set()
         self._wake.set()
-        for thread in (self._thread, self._listener, self._shipper):
+        for thread in (self._thread, self._listener, self._shipper, self._reporter):
             if thread is not None:
                 thread.join(timeout=self.config.cluster.poll + 5)
         if self.id is not None and not self._lost:

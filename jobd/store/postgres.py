@@ -66,7 +66,7 @@ CLEANUP_KEY = 0x6A6F6264_00000005
 #: a backup by table (``pg_dump -t``) leaves the functions out, so dump the database
 TABLES = ("jobd_schema", "jobs", "job_events", "job_checkpoints", "job_keys", "meta",
           "queued_counts", "user_stored", "type_counts", "run_buckets", "finished_hours",
-          "finished_days", "nodes", "dispatch_turns", "job_log_chunks")
+          "finished_days", "nodes", "dispatch_turns", "job_log_chunks", "job_progress")
 FUNCTIONS = ("jobd_iso", "jobs_counted_in", "jobs_status_moved")
 
 #: how long an open waits for the one-node lock of a jobd that has just gone
@@ -651,6 +651,13 @@ class PostgresStore(BaseStore):
             at += len(data)
         data = b"".join(parts)[start - chunks[0][0]:][:limit]
         return data, start + len(data)
+
+    def live_progress(self, job_id: str, version: int) -> tuple[float, str | None,
+                                                                str | None, int] | None:
+        """A running job's live progress as its node last reported it, if newer than
+        ``version``: (progress, phase, message, version)."""
+        row = self._one(QUERIES["live_progress"], {"job_id": job_id, "version": version})
+        return None if row is None else (row[0], row[1], row[2], row[3])
 
     def earlier_processes(self, *, host: str, state_dir: str, node: int
                           ) -> list[tuple[str, int, int | None]]:

@@ -191,3 +191,28 @@ def test_a_jobs_log_is_read_through_either_node(
     middle = result_of(there, "jobs.logs", job_id=job["id"], offset=10, limit_bytes=7)
     assert middle["data"] == mine["data"][10:17] and middle["next_offset"] == 17
     assert a.stop() == 0 and b.stop() == 0
+
+
+def test_progress_on_one_node_is_seen_on_the_other_at_once(
+        make_pg_daemon: Callable[..., Daemon], dsn: str, tmp_path: Path) -> None:
+    """Live progress goes through the database's unlogged table and a notification: the
+    other node answers with it well before the owner's durable flush (every 0.5 s)."""
+    a = make_pg_daemon(SHORT_LEASE)
+    b = make_pg_daemon(SHORT_LEASE)
+    (a_node,) = [e["node_id"] for e in events_named(a, "node_registered")]
+    marker = tmp_path / "reported"
+    job = result_of(a, "jobs.submit", type="command", options={"argv": [
+        "sh", "-c", f"sleep 0.5; echo '{{\"progress\": 42, \"message\": \"half\"}}'; "
+                    f"touch {marker}; sleep 30"]})
+    wait_for(lambda: row(dsn, "SELECT status FROM jobs WHERE id = %s", job["id"]) == (
+        "running",), what="the job to start")
+    (owner,) = row(dsn, "SELECT node_id FROM jobs WHERE id = %s", job["id"])
+    there = b if owner == a_node else a
+    wait_for(marker.exists, interval=0.002, what="the progress line")
+    reported = time.monotonic()
+    seen = wait_for(lambda: (j := result_of(there, "jobs.get", job_id=job["id"]))[
+        "progress"] >= 42 and j, interval=0.002, what="the progress on the other node")
+    assert time.monotonic() - reported < 0.15
+    assert seen["message"] == "half"
+    result_of(there, "jobs.cancel", job_id=job["id"], wait=True)
+    assert a.stop() == 0 and b.stop() == 0

@@ -590,3 +590,29 @@ def test_cleanup_runs_on_one_node_at_a_time(cluster: Cluster) -> None:
     job = submit(b.store, "late")
     b.store.cancel_job(job.id, actor="jobd")
     assert list(b.store.cleanup(keep_before=far, keep_failed_before=far)) == [[job.id]]
+
+
+def test_live_progress_is_taken_only_from_the_running_attempts_own_node(
+        cluster: Cluster) -> None:
+    import types
+    a, b = cluster.node(), cluster.node()
+    a.register(), b.register()
+    job = submit(a.store)
+    claim(a)
+    a._reporter = threading.Thread(target=a._report_loop, daemon=True)
+    a._reporter.start()
+    a.progressed(job.id, types.SimpleNamespace(progress=42.0, phase="git_sync",
+                                               message="half", version=job.version + 10))
+    deadline = time.monotonic() + 5
+    while b.store.live_progress(job.id, 0) is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    assert b.store.live_progress(job.id, 0) == (42.0, "git_sync", "half", job.version + 10)
+    assert b.store.live_progress(job.id, job.version + 10) is None  # not newer
+    out = {"id": job.id, "version": 0, "progress": 0}
+    b.annotate(out)
+    assert (out["progress"], out["message"]) == (42.0, "half")
+    # the row of an earlier attempt (the job rescued and run again) is not taken
+    rows(cluster.dsn, "UPDATE jobs SET attempts = attempts + 1 WHERE id = %s RETURNING 1",
+         job.id)
+    assert b.store.live_progress(job.id, 0) is None

@@ -563,3 +563,30 @@ ORDER BY c.pos LIMIT %(limit)s
 -- Whether any of a job's log is in the database (no: its story is told from its events)
 SELECT EXISTS (SELECT 1 FROM job_log_chunks c JOIN jobs j ON j.seq = c.job
                WHERE j.id = %(job_id)s)
+
+-- report_progress --
+-- Live progress of a running attempt (on a connection with synchronous_commit off), and
+-- the wake-up for every node's waiters: payload "<job id>:<version>"
+WITH p AS (
+    INSERT INTO job_progress AS p (job, node_id, attempt, progress, phase, message, version,
+                                   updated_at)
+    SELECT seq, %(node)s, %(attempt)s, %(progress)s, %(phase)s, %(message)s, %(version)s,
+           jobd_now_us()
+    FROM jobs WHERE id = %(job_id)s
+    ON CONFLICT (job) DO UPDATE SET node_id = excluded.node_id, attempt = excluded.attempt,
+        progress = excluded.progress, phase = excluded.phase, message = excluded.message,
+        version = excluded.version, updated_at = excluded.updated_at
+    RETURNING version)
+SELECT pg_notify('jobd', %(job_id)s || ':' || p.version) FROM p
+
+-- live_progress --
+-- A running job's live progress as its own node last reported it, when newer than
+-- %(version)s (a stale row of a lost node, or of an earlier attempt, is not taken)
+SELECT p.progress, p.phase, p.message, p.version FROM job_progress p
+JOIN jobs j ON j.seq = p.job
+WHERE j.id = %(job_id)s AND j.status = 'running' AND p.node_id = j.node_id
+  AND p.attempt = j.attempts AND p.version > %(version)s
+
+-- forget_progress --
+-- An attempt's end: its live progress row goes
+DELETE FROM job_progress WHERE job = (SELECT seq FROM jobs WHERE id = %(job_id)s)
