@@ -70,7 +70,7 @@ import psycopg
 import structlog
 
 from jobd import joblogs, orphans
-from jobd.config import Config
+from jobd.config import Config, ConfigError
 from jobd.models import Job, JobStatus
 from jobd.store.errors import StoreError
 from jobd.store.postgres import QUERIES, SESSION_NAME, PostgresStore, describe, from_pg
@@ -285,7 +285,7 @@ class Node:
                         "hash": digest, "settings": json.dumps(mine),
                         "lease_us": int(lease.lease * 1_000_000)}).fetchone()
                     other = None if row is not None else conn.execute(
-                        QUERIES["differing_settings"], {"hash": digest}).fetchone()
+                        QUERIES["differing_settings"], {"hash": digest, "node": None}).fetchone()
                 if row is not None:
                     conn.execute(f"SET application_name = 'jobd node {int(row[0])}'")
         except psycopg.Error as e:
@@ -304,6 +304,31 @@ class Node:
         log.info("node_registered", node_id=self.id, host=self.host,
                  state_dir=str(self.config.state_dir), lease_s=lease.lease)
         return self.id
+
+    def check_reload(self, config: Config) -> None:
+        """Refuse (ConfigError) a reloaded config whose cluster-wide settings differ from
+        another live node's, naming the first difference; else this node uses it from now
+        on (its own row says so, for the next node that registers or reloads)."""
+        mine = settings(config, self.handlers)
+        digest = settings_hash(mine)
+        try:
+            with self._conn_lock:
+                conn = self._connection()
+                other = conn.execute(QUERIES["differing_settings"],
+                                     {"hash": digest, "node": self.id}).fetchone()
+                if other is None:
+                    conn.execute(QUERIES["set_node_settings"], {
+                        "hash": digest, "settings": json.dumps(mine), "node": self.id,
+                        "workers": config.execution.workers})
+        except psycopg.Error as e:
+            raise ConfigError(f"the config was not reloaded: the cluster's settings could "
+                              f"not be checked ({str(e).strip()}); send SIGHUP again") from None
+        if other is not None:
+            node, host, theirs = other
+            what = first_difference(mine, theirs) or "the settings"
+            raise ConfigError(f"the config was not reloaded: {what} node {node} (host {host});"
+                              " cluster-wide settings change on every node alike")
+        self.config = config
 
     def start(self) -> None:
         """Beat every ``[cluster] heartbeat`` and listen for notifications, each on a

@@ -265,6 +265,8 @@ async def _serve(config: Config, reload: Callable[[], Config]) -> int:
             hup.clear()
             try:
                 new = await loop.run_in_executor(None, reload)
+                if node is not None:  # the same cluster-wide settings as every other node
+                    await loop.run_in_executor(None, node.check_reload, new)
                 handlers.reconfigure(new)  # refuses a [types] name a plugin has
             except ConfigError as e:
                 current.failed(str(e))

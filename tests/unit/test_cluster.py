@@ -616,3 +616,26 @@ def test_live_progress_is_taken_only_from_the_running_attempts_own_node(
     rows(cluster.dsn, "UPDATE jobs SET attempts = attempts + 1 WHERE id = %s RETURNING 1",
          job.id)
     assert b.store.live_progress(job.id, 0) is None
+
+
+def test_a_reload_with_other_cluster_wide_settings_is_refused_naming_the_difference(
+        cluster: Cluster, tmp_path: Path) -> None:
+    from jobd.config import ConfigError
+    a = cluster.node(max_running_per_user=3, workers=2)
+    b = cluster.node(max_running_per_user=3)
+    a.register(), b.register()
+    other = node_config(tmp_path, cluster.dsn, "n0", max_running_per_user=5, workers=2)
+    with pytest.raises(ConfigError, match=r"not reloaded: \[execution\] max_running_per_user: "
+                                          rf"5 here, 3 on node {b.id} \(host "):
+        a.check_reload(other)
+    assert a.config.execution.max_running_per_user == 3
+    # workers is the node's own: taken, and claims count it
+    more = node_config(tmp_path, cluster.dsn, "n0", max_running_per_user=3, workers=3)
+    a.check_reload(more)
+    for i in range(4):
+        submit(a.store, f"u{i}")
+    assert len(claim(a, 4)) == 3
+    # alone on the database, a node may change them
+    b.stop()
+    a.check_reload(node_config(tmp_path, cluster.dsn, "n0", max_running_per_user=5, workers=3))
+    assert a.config.execution.max_running_per_user == 5

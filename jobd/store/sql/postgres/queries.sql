@@ -435,10 +435,16 @@ WHERE NOT EXISTS (SELECT 1 FROM nodes WHERE ended_at IS NULL
 RETURNING id, lease_until
 
 -- differing_settings --
--- What a refused node compares its settings with, to name the first difference
+-- What a refused node (or reload) compares its settings with, to name the first difference
 SELECT id, host, settings FROM nodes
 WHERE ended_at IS NULL AND lease_until > jobd_now_us() AND settings_hash <> %(hash)s
+  AND id IS DISTINCT FROM %(node)s::bigint
 ORDER BY id LIMIT 1
+
+-- set_node_settings --
+-- A reload this node accepted: its cluster-wide settings and their hash now
+UPDATE nodes SET settings_hash = %(hash)s, settings = %(settings)s, workers = %(workers)s
+WHERE id = %(node)s
 
 -- heartbeat --
 -- Renew this node's lease while it holds one, and read back what it runs: the jobs and
