@@ -8,8 +8,10 @@ of a ``psycopg_pool.ConnectionPool`` in autocommit, and never wait for the write
 - **Schema**: ``sql/postgres/migrations`` applied in order by ``migrate`` under a session
   advisory lock (``MIGRATE_KEY``), so that two jobd starting at once apply each one once;
   ``jobd_schema`` records them; a database whose schema is newer than this jobd is refused.
-- **One node for now**: the writer's session holds ``NODE_KEY`` while the store is open;
-  a second jobd on the same database is refused (several need cluster mode, not built yet).
+- **One node, or cluster nodes**: the writer's session holds ``NODE_KEY`` while the store
+  is open: alone (``cluster=False``: a second store on the database is refused, for its
+  starts are not claims and its writes are not fenced) or shared by cluster nodes
+  (``cluster=True``, ``jobd.cluster``: any number of them, and no one-node store beside).
 - **Queue limits exact across writers**: the queued counts are a table (``queued_counts``)
   the store's own statements keep in the write that changes them, read inside the write
   that checks a limit, after the first such read of a batch took the queue's
@@ -37,9 +39,10 @@ import structlog
 from psycopg.pq import TransactionStatus
 
 from jobd.store import writer
-from jobd.store.base import BaseStore, Listeners, now_us
-from jobd.store.errors import (Corrupt, DuplicateId, ReadOnly, StorageFull, StorageUnavailable,
-                               StoreClosed, StoreError)
+from jobd.models import TERMINAL, Job, JobStatus
+from jobd.store.base import CLEANUP_CHUNK, BaseStore, Listeners, _dumps, _job, now_us
+from jobd.store.errors import (Corrupt, DuplicateId, Fenced, ReadOnly, StateConflict,
+                               StorageFull, StorageUnavailable, StoreClosed, StoreError)
 from jobd.store.sql import dialect
 
 __all__ = ["FUNCTIONS", "MIGRATE_KEY", "NODE_KEY", "QUEUE_KEY", "TABLES", "PostgresStore",
@@ -52,16 +55,18 @@ QUERIES, MIGRATIONS = dialect("postgres")
 # advisory lock keys: "jobd" in the high half, the lock's number in the low half
 #: held by a session while it migrates the schema
 MIGRATE_KEY = 0x6A6F6264_00000001
-#: held by the open store's writer session: one jobd per database until cluster mode
+#: held by the open store's writer session: alone by a one-node store, shared by cluster nodes
 NODE_KEY = 0x6A6F6264_00000002
 #: taken by a write (transaction-scoped) before it reads the queued counts to admit jobs
 QUEUE_KEY = 0x6A6F6264_00000003
+#: held (tried, for a session) by the cluster node that sweeps: one node at a time
+CLEANUP_KEY = 0x6A6F6264_00000005
 
 #: jobd's tables, and the functions its schema defines (its triggers' and ``jobd_iso``):
 #: a backup by table (``pg_dump -t``) leaves the functions out, so dump the database
 TABLES = ("jobd_schema", "jobs", "job_events", "job_checkpoints", "job_keys", "meta",
           "queued_counts", "user_stored", "type_counts", "run_buckets", "finished_hours",
-          "finished_days")
+          "finished_days", "nodes", "dispatch_turns", "job_log_chunks", "job_progress")
 FUNCTIONS = ("jobd_iso", "jobs_counted_in", "jobs_status_moved")
 
 #: how long an open waits for the one-node lock of a jobd that has just gone
@@ -118,6 +123,15 @@ def _connect(dsn: str, **kw: Any) -> psycopg.Connection[Any]:
 
 
 _NAME = f"jobd on {socket.gethostname()} pid {os.getpid()}"[:63]
+#: what this process's store sessions are called (a rescuer never ends its own)
+SESSION_NAME = _NAME
+
+#: the writes for a running job that a cluster node's fence guards (the ``{fence}`` of
+#: their statements): by (node id, attempt), and the node's lease
+FENCED = frozenset({"finish_job", "requeue_job", "update_progress", "set_process",
+                    "save_checkpoint", "append_log"})
+#: the fence of a job this store does not run as a cluster node: none
+_UNFENCED = (None, None)
 
 
 def schema_version(dsn: str) -> int:
@@ -215,9 +229,18 @@ class PgTx(writer.Tx):
     writes: int = 0
     #: the queue's admission lock is held (``PostgresStore._queued_in``)
     admitting: bool = False
+    #: job id -> (node id, attempt) of each attempt this cluster node runs (``Fences``)
+    fences: Mapping[str, tuple[int, int]] = {}
+    #: a rescue writes for jobs whose node is gone: its writes are not this node's own
+    unfenced: bool = False
+    #: (channel, payload) of each notification the commit sends (a cluster node's)
+    notes: list[tuple[str, str]]
 
     def run(self, query: str, **params: Any) -> psycopg.Cursor[Any]:
         params["now"] = self.now
+        if query in FENCED:
+            params["node"], params["attempt"] = (_UNFENCED if self.unfenced else
+                                                 self.fences.get(params["job_id"], _UNFENCED))
         try:
             try:
                 cur = self.conn.execute(QUERIES[query], params)
@@ -255,8 +278,11 @@ class PgDriver:
     error: type[Exception] = psycopg.Error
 
     def __init__(self, dsn: str, where: str, conn: psycopg.Connection[Any],
-                 node_key: int) -> None:
+                 node_key: int, shared: bool) -> None:
         self.dsn, self.where, self.conn, self.node_key = dsn, where, conn, node_key
+        self.shared = shared
+        #: the store's fences, given to every transaction
+        self.fences: Mapping[str, tuple[int, int]] = {}
         self._tx: PgTx | None = None
         self._admitting_at_savepoint = False
         self.committed: Callable[[], object] = lambda: None
@@ -269,16 +295,22 @@ class PgDriver:
             self.conn.close()
             self.conn = _connect(self.dsn, connect_timeout=10)
             try:
-                _hold_node(self.conn, self.where, self.node_key)
+                _hold_node(self.conn, self.where, self.node_key, self.shared)
             except StoreError as e:  # another jobd took the database meanwhile
                 self.conn.close()
                 raise psycopg.OperationalError(str(e)) from None
             log.info("store_reconnected", database=self.where)
         self.conn.execute("BEGIN")
         self._tx = PgTx(self.conn, now)
+        self._tx.fences = self.fences
+        self._tx.notes = []
         return self._tx
 
     def commit(self) -> None:
+        notes = self._tx.notes if self._tx is not None else None
+        if notes:  # delivered with the commit, as one statement
+            self.conn.execute(QUERIES["notify"], {"channels": [c for c, _ in notes],
+                                                  "payloads": [p for _, p in notes]})
         self.conn.execute("COMMIT")
 
     def rollback(self) -> None:
@@ -310,12 +342,14 @@ class PgDriver:
         return from_pg(e, self.where)
 
 
-def _hold_node(conn: psycopg.Connection[Any], where: str, key: int) -> None:
-    """Take the one-node lock ``key`` on ``conn``'s session, or refuse: another jobd
-    uses the database. A jobd killed just before holds it on until PostgreSQL has seen
-    its connection close: that is waited out for up to ``NODE_WAIT_S``."""
+def _hold_node(conn: psycopg.Connection[Any], where: str, key: int, shared: bool) -> None:
+    """Take the node lock ``key`` on ``conn``'s session (``shared``: as a cluster node), or
+    refuse: a jobd of the other kind (or, one-node, any other) uses the database. A jobd
+    killed just before holds it on until PostgreSQL has seen its connection close: that
+    is waited out for up to ``NODE_WAIT_S``."""
     deadline = time.monotonic() + NODE_WAIT_S
-    while not _scalar(conn.execute(QUERIES["lock_node"], {"key": key})):
+    while not _scalar(conn.execute(QUERIES["lock_node_shared" if shared else "lock_node"],
+                                   {"key": key})):
         if time.monotonic() >= deadline:
             break
         time.sleep(0.05)
@@ -323,8 +357,12 @@ def _hold_node(conn: psycopg.Connection[Any], where: str, key: int) -> None:
         return
     holder = conn.execute(QUERIES["node_holder"], {"key": key}).fetchone()
     who = f" ({holder[0]})" if holder and holder[0] else ""
+    if shared:
+        raise StoreError(f"{where} is in use by a jobd that is no cluster node{who}; stop it "
+                         "first (cluster nodes share a database only with each other)")
     raise StoreError(f"{where} is in use by another jobd{who}; stop it first (several jobd "
-                     f"nodes on one database need cluster mode, which is not built yet)")
+                     "on one database run as cluster nodes: jobd serve with "
+                     "[storage] backend = \"postgres\")")
 
 
 class _Closed:
@@ -335,7 +373,8 @@ class _Closed:
 
 
 class PostgresStore(BaseStore):
-    """Jobs, their events and checkpoints in a PostgreSQL database (one jobd for now)."""
+    """Jobs, their events and checkpoints in a PostgreSQL database: of one jobd, or of a
+    cluster node (``cluster``) among others."""
 
     queries = QUERIES
     order_keys = {"created": "seq", "started": "coalesce(started_at, -1)",
@@ -345,7 +384,7 @@ class PostgresStore(BaseStore):
 
     def __init__(self, dsn: str, *, clock: Callable[[], int] = now_us,
                  listeners: Listeners | None = None, max_stored_per_user: int | None = None,
-                 pool_size: int = 4) -> None:
+                 pool_size: int = 4, cluster: bool = False) -> None:
         super().__init__(clock=clock, listeners=listeners,
                          max_stored_per_user=max_stored_per_user)
         self.dsn = dsn
@@ -357,6 +396,17 @@ class PostgresStore(BaseStore):
         #: the one-node lock this store holds (a test of two writers on one database, as
         #: cluster mode will have, gives the second another)
         self.node_key = NODE_KEY
+        #: opened as a cluster node (``jobd.cluster``): the node lock is shared
+        self.cluster = cluster
+        #: job id -> (node id, attempt) of every attempt this store claimed as a cluster
+        #: node (``claim_in``), until its end commits: each write for it is fenced by them
+        #: (a refused write keeps its fence: nothing for that attempt may land, ever)
+        self.fences: dict[str, tuple[int, int]] = {}
+        #: told the job id of a fenced write that was refused (the node checks its lease)
+        self.on_fenced: Callable[[str], None] = lambda job_id: None
+        #: called in the transaction that writes the end of an attempt this node runs,
+        #: before the end (the node copies the rest of the job's log into it)
+        self.on_ending: Callable[[writer.Tx, str], None] = lambda tx, job_id: None
 
     # -- opening and closing -------------------------------------------------------------
 
@@ -369,7 +419,7 @@ class PostgresStore(BaseStore):
             raise StoreError(f"{self.where}: cannot connect: {str(e).strip()}") from None
         try:
             migrate(conn, self.where)
-            _hold_node(conn, self.where, self.node_key)
+            _hold_node(conn, self.where, self.node_key, self.cluster)
             clean = conn.execute(QUERIES["get_meta"], {"key": "clean"}).fetchone()
             self.was_clean = clean is None or clean[0] == "1"
             conn.execute(QUERIES["set_meta"], {"key": "clean", "value": "0"})
@@ -386,7 +436,8 @@ class PostgresStore(BaseStore):
             conn.close()
             raise
         self._pool = pool
-        self._driver = PgDriver(self.dsn, self.where, conn, self.node_key)
+        self._driver = PgDriver(self.dsn, self.where, conn, self.node_key, self.cluster)
+        self._driver.fences = self.fences
         self._writer = writer.Writer(self._driver, self.clock)
         self._writer.start()
         return self
@@ -461,6 +512,182 @@ class PostgresStore(BaseStore):
         if user_id is None:
             return int(_scalar(tx.run("queued_total")))
         return int(_scalar(tx.run("queued_of_user", user_id=user_id)))
+
+    # -- cluster mode: claims and fences (jobd.cluster) ------------------------------------
+
+    def claim_in(self, tx: writer.Tx, *, node: int, slots: int, workers: int,
+                 max_running_per_user: int, exclusive: list[str]) -> list[Job]:
+        """Start up to ``slots`` jobs for cluster node ``node``, as the database picks them
+        under the queue lock (``claim``: the dispatch rules over every node's jobs), inside
+        the caller's write; the jobs as started, each fenced from now on by (node,
+        attempt). ``exclusive``: the types whose jobs hold their repository."""
+        assert isinstance(tx, PgTx)
+        if not tx.admitting:
+            tx.run("lock_queue", key=QUEUE_KEY)
+            tx.admitting = True
+        started: list[Job] = []
+        for _ in range(slots):
+            row = tx.run("claim", node=node, workers=workers,
+                         max_running_per_user=max_running_per_user,
+                         exclusive=exclusive).fetchone()
+            if row is None:
+                break
+            job = _job(row)
+            self._fence(tx, job.id, (node, job.attempts))
+            self._event(tx, job, "jobd")
+            self._count_queued(tx, job.user_id, -1)
+            started.append(self._changed(tx, job))
+        return started
+
+    def _changed(self, tx: writer.Tx, job: Job) -> Job:
+        """As every store, and a cluster node tells the others: ``jobd`` for every change
+        of a job, ``jobd_queue`` too when it entered the queue or left a slot."""
+        if self.cluster:
+            assert isinstance(tx, PgTx)
+            payload = f"{job.id}:{job.version}"
+            tx.notes.append(("jobd", payload))
+            if job.status is JobStatus.QUEUED or job.status in TERMINAL:
+                tx.notes.append(("jobd_queue", payload))
+        return super()._changed(tx, job)
+
+    def _progressed(self, tx: writer.Tx, job: Job) -> None:
+        if self.cluster:
+            assert isinstance(tx, PgTx)
+            tx.notes.append(("jobd", f"{job.id}:{job.version}"))
+
+    def _meta_changed(self, tx: writer.Tx, key: str) -> None:
+        if self.cluster:  # the pause, maintenance: every node re-reads them
+            assert isinstance(tx, PgTx)
+            tx.notes.append(("jobd_meta", key))
+
+    def _fence(self, tx: writer.Tx, job_id: str, fence: tuple[int, int]) -> None:
+        self.fences[job_id] = fence
+        tx.undo.append(lambda: self._unfence(job_id, fence))
+
+    def _unfence(self, job_id: str, fence: tuple[int, int]) -> None:
+        if self.fences.get(job_id) == fence:
+            del self.fences[job_id]
+
+    def rescue_in(self, tx: writer.Tx, guard: str, decide: Callable[[Job], tuple[JobStatus,
+                  dict[str, Any]]], *, orphans: bool = False, **params: Any
+                  ) -> tuple[list[int], list[tuple[int | None, Job]]]:
+        """Take over the running jobs of the nodes the guard ``guard`` (``expired_node``,
+        ``earlier_nodes``) ends in this write, under the queue lock: each job ends as
+        ``decide`` says (queued: requeued to resume, as a recovery). ``orphans``: also the
+        running jobs of no node. Returns the nodes ended, and each job taken over with the node
+        it was running on (None: none) and as it is now."""
+        assert isinstance(tx, PgTx)
+        if not tx.admitting:
+            tx.run("lock_queue", key=QUEUE_KEY)
+            tx.admitting = True
+        nodes = [int(r[0]) for r in tx.run(guard, **params)]
+        if not nodes and not orphans:
+            return [], []
+        moved = []
+        tx.unfenced = True
+        try:
+            for row in tx.run("nodes_jobs", nodes=nodes, orphans=orphans).fetchall():
+                job = _job(row[1:])
+                end, kw = decide(job)
+                if end is JobStatus.QUEUED:
+                    job = self.requeue_job_in(tx, job.id, reason=kw["message"], recovered=True)
+                else:
+                    job = self.finish_job_in(tx, job.id, end, **kw)
+                moved.append((row[0], job))
+        finally:
+            tx.unfenced = False
+        return nodes, moved
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """admin.stats' ``nodes``: every cluster node not yet ended."""
+        return [{"id": id, "host": host, "started_at": started, "lease_until": until,
+                 "running": running}
+                for id, host, started, until, running in self._all(QUERIES["stats_nodes"])]
+
+    def cleanup(self, *, keep_before: int, keep_failed_before: int, dry_run: bool = False,
+                chunk: int = CLEANUP_CHUNK) -> Iterator[list[str]]:
+        """As every store's; a cluster node sweeps only while no other does (a session's
+        try-lock, held on a connection of its own for the sweep): else it skips the round."""
+        sweep = super().cleanup(keep_before=keep_before, keep_failed_before=keep_failed_before,
+                                dry_run=dry_run, chunk=chunk)
+        if not self.cluster or dry_run:
+            yield from sweep
+            return
+        with self._reading() as conn:
+            if not _scalar(conn.execute(QUERIES["cleanup_lock"], {"key": CLEANUP_KEY})):
+                log.info("cleanup_skipped", reason="another node is sweeping")
+                return
+            try:
+                yield from sweep
+            finally:
+                conn.execute(QUERIES["cleanup_unlock"], {"key": CLEANUP_KEY})
+
+    def append_log_in(self, tx: writer.Tx, job_id: str, pos: int, data: bytes,
+                      keep_from: int) -> bool:
+        """Copy bytes of a running job's log at absolute offset ``pos`` into the database
+        (fenced), and drop the chunks wholly before ``keep_from`` (max_log_bytes); whether
+        it was written."""
+        written = tx.run("append_log", job_id=job_id, pos=pos, data=data).rowcount > 0
+        if written:
+            tx.run("trim_log", job_id=job_id, keep_from=keep_from)
+        return bool(written)
+
+    def read_log(self, job_id: str, offset: int, limit: int) -> tuple[bytes, int] | None:
+        """(data, next_offset) of a job's log as the database holds it, from absolute
+        ``offset`` (one in the dropped part starts at the oldest kept byte); None when
+        none of it is there."""
+        # each chunk holds one byte at least: ``limit`` of them are always enough
+        chunks = self._all(QUERIES["read_log"], {"job_id": job_id, "offset": offset,
+                                                 "limit": limit})
+        if not chunks:
+            return None if not self._one(QUERIES["has_log"], {"job_id": job_id})[0] else (
+                b"", offset)
+        start = max(offset, chunks[0][0])
+        parts, at = [], chunks[0][0]
+        for pos, data in chunks:
+            if pos != at or at >= start + limit:
+                break  # a gap (bytes dropped before they were copied): the rest is later
+            parts.append(bytes(data))
+            at += len(data)
+        data = b"".join(parts)[start - chunks[0][0]:][:limit]
+        return data, start + len(data)
+
+    def live_progress(self, job_id: str, version: int) -> tuple[float, str | None,
+                                                                str | None, int] | None:
+        """A running job's live progress as its node last reported it, if newer than
+        ``version``: (progress, phase, message, version)."""
+        row = self._one(QUERIES["live_progress"], {"job_id": job_id, "version": version})
+        return None if row is None else (row[0], row[1], row[2], row[3])
+
+    def earlier_processes(self, *, host: str, state_dir: str, node: int
+                          ) -> list[tuple[str, int, int | None]]:
+        """(job id, pgid, start time) of the running jobs restart recovery takes over."""
+        return self._all(QUERIES["earlier_processes"],
+                         {"host": host, "state_dir": state_dir, "node": node})
+
+    def _cas(self, tx: writer.Tx, query: str, job_id: str, wanted: str, **params: Any) -> Job:
+        assert isinstance(tx, PgTx)
+        fence = self.fences.get(job_id) if query in FENCED and not tx.unfenced else None
+        if fence is None:
+            return super()._cas(tx, query, job_id, wanted, **params)
+        if query in ("finish_job", "requeue_job"):
+            self.on_ending(tx, job_id)
+        try:
+            job = super()._cas(tx, query, job_id, wanted, **params)
+        except StateConflict:
+            self.on_fenced(job_id)
+            raise Fenced(job_id, *fence) from None
+        if job.status is not JobStatus.RUNNING:  # the attempt's end: nothing more to fence
+            tx.after_commit.append(lambda: self._unfence(job_id, fence))
+        return job
+
+    def save_checkpoint(self, job_id: str, phase: str, data: dict[str, Any]) -> None:
+        fence = self.fences.get(job_id)
+        saved = self.write(lambda tx: tx.run("save_checkpoint", job_id=job_id, phase=phase,
+                                             data=_dumps(data)).rowcount)
+        if fence is not None and not saved:
+            self.on_fenced(job_id)
+            raise Fenced(job_id, *fence)
 
     def queued_count(self, user_id: str | None = None) -> int:
         if user_id is None:

@@ -101,6 +101,14 @@ UPDATE jobs SET status = 'running', version = greatest(version + 1, %(now)s),
 WHERE id = %(job_id)s AND status = 'queued'
 RETURNING {job_columns}
 
+-- fence --
+-- What every write for a running job adds (docs/cluster.md, section 6): when this node
+-- runs it (%(node)s; NULL: the store is no cluster node), still this attempt of this
+-- node's, and the node still holds its lease by the database's clock
+(%(node)s::bigint IS NULL OR node_id = %(node)s AND attempts = %(attempt)s AND EXISTS (
+    SELECT 1 FROM nodes WHERE id = %(node)s AND ended_at IS NULL
+    AND lease_until > jobd_now_us()))
+
 -- finish_job --
 -- running -> completed | failed | cancelled; a job whose cancel was requested ends
 -- cancelled whatever %(status)s says (its process's exit does not count)
@@ -113,8 +121,8 @@ UPDATE jobs SET
     progress = CASE WHEN cancel_requested = 0 AND %(status)s = 'completed' THEN 100
                     ELSE progress END,
     version = greatest(version + 1, %(now)s), updated_at = %(now)s, completed_at = %(now)s,
-    cancel_requested = 0, pgid = NULL, pgid_start = NULL
-WHERE id = %(job_id)s AND status = 'running'
+    cancel_requested = 0, pgid = NULL, pgid_start = NULL, node_id = NULL
+WHERE id = %(job_id)s AND status = 'running' AND {fence}
 RETURNING {job_columns}
 
 -- cancel_job --
@@ -148,8 +156,8 @@ RETURNING {job_columns}
 UPDATE jobs SET status = 'queued', version = greatest(version + 1, %(now)s),
     updated_at = %(now)s, message = %(reason)s, error = NULL, result = NULL,
     completed_at = NULL, cancel_requested = 0, pgid = NULL, pgid_start = NULL,
-    recoveries = recoveries + %(recovered)s
-WHERE id = %(job_id)s AND status = 'running'
+    recoveries = recoveries + %(recovered)s, node_id = NULL
+WHERE id = %(job_id)s AND status = 'running' AND {fence}
 RETURNING {job_columns}
 
 -- clear_checkpoints --
@@ -160,12 +168,12 @@ DELETE FROM job_checkpoints WHERE job = %(seq)s
 -- A running job's latest progress, phase and message
 UPDATE jobs SET progress = %(progress)s, phase = %(phase)s, message = %(message)s,
     version = greatest(version + 1, %(now)s), updated_at = %(now)s
-WHERE id = %(job_id)s AND status = 'running'
+WHERE id = %(job_id)s AND status = 'running' AND {fence}
 RETURNING {job_columns}
 
 -- set_process --
 -- The process group a running job's subprocess lives in (NULLs: none now)
-UPDATE jobs SET pgid = %(pgid)s, pgid_start = %(start)s WHERE id = %(job_id)s
+UPDATE jobs SET pgid = %(pgid)s, pgid_start = %(start)s WHERE id = %(job_id)s AND {fence}
 
 -- processes --
 -- Running jobs with a recorded process group: what a restart kills
@@ -280,9 +288,11 @@ ON CONFLICT (key) DO UPDATE SET value = excluded.value
 DELETE FROM meta WHERE key = %(key)s
 
 -- save_checkpoint --
--- A running job's checkpoint of one phase (replacing the phase's previous one)
+-- A running job's checkpoint of one phase (replacing the phase's previous one); the row
+-- lock of a fenced one keeps a rescue from slipping in before its commit
 INSERT INTO job_checkpoints (job, phase, data, saved_at)
-SELECT seq, %(phase)s, %(data)s, %(now)s FROM jobs WHERE id = %(job_id)s
+SELECT seq, %(phase)s, %(data)s, %(now)s FROM jobs WHERE id = %(job_id)s AND {fence}
+FOR SHARE
 ON CONFLICT (job, phase) DO UPDATE SET data = excluded.data, saved_at = excluded.saved_at
 
 -- load_checkpoints --
@@ -357,13 +367,232 @@ SELECT pg_database_size(current_database())
 SELECT coalesce(max(version), 0) FROM jobd_schema
 
 -- lock_node --
--- One jobd per database until cluster mode: held by the writer's session while it is open
+-- A one-node store's: held alone by the writer's session while it is open
 SELECT pg_try_advisory_lock(%(key)s)
 
+-- lock_node_shared --
+-- A cluster node's: held by its writer's session, shared with the other nodes
+SELECT pg_try_advisory_lock_shared(%(key)s)
+
 -- node_holder --
--- Who holds the one-node lock (its connection's application_name names host and pid)
+-- Who holds the node lock (its connection's application_name names host and pid)
 SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
 WHERE l.locktype = 'advisory' AND l.granted AND l.database = (
     SELECT oid FROM pg_database WHERE datname = current_database())
   AND (l.classid::bigint << 32 | l.objid::bigint) = %(key)s
 LIMIT 1
+
+-- claim --
+-- The next job this node may start, started for it (docs/cluster.md, section 4): highest
+-- priority first, users in turn within a priority, each user's jobs oldest first; none
+-- while paused, while this node's slots are full or its lease has lapsed; a user at
+-- max_running_per_user and an exclusive job (its type in %(exclusive)s) whose repository
+-- has a job running on any node are passed over. Run after lock_queue, as a statement of
+-- its own (its snapshot then holds every claim committed before the lock was granted).
+-- pick is MATERIALIZED: inlined into the UPDATE, it would run again for every queued job.
+WITH me AS (
+    SELECT id FROM nodes
+    WHERE id = %(node)s AND ended_at IS NULL AND lease_until > jobd_now_us()
+      AND (SELECT count(*) FROM jobs WHERE status = 'running' AND node_id = %(node)s)
+          < %(workers)s
+      AND NOT EXISTS (SELECT 1 FROM meta WHERE key = 'paused' AND value = '1')),
+pick AS MATERIALIZED (
+    SELECT next.seq AS pick_seq, next.repository AS pick_repository
+    FROM me, dispatch_turns t
+    CROSS JOIN LATERAL (
+        SELECT q.seq, CASE WHEN q.type = ANY(%(exclusive)s::text[])
+                           THEN q.options::jsonb ->> 'repo_path' END AS repository
+        FROM jobs q
+        WHERE q.status = 'queued' AND q.user_id = t.user_id AND q.priority = t.priority
+          AND (NOT q.type = ANY(%(exclusive)s::text[]) OR NOT EXISTS (
+              SELECT 1 FROM jobs r WHERE r.status = 'running'
+              AND r.repository = q.options::jsonb ->> 'repo_path'))
+        ORDER BY q.seq LIMIT 1) AS next
+    WHERE t.queued > 0
+      AND (SELECT count(*) FROM jobs u WHERE u.status = 'running' AND u.user_id = t.user_id)
+          < %(max_running_per_user)s
+    ORDER BY t.priority DESC, t.turn
+    LIMIT 1)
+UPDATE jobs SET status = 'running', node_id = %(node)s, repository = pick.pick_repository,
+    attempts = attempts + 1, version = greatest(version + 1, %(now)s), updated_at = %(now)s,
+    started_at = %(now)s, completed_at = NULL, pgid = NULL, pgid_start = NULL
+FROM pick WHERE jobs.seq = pick.pick_seq AND jobs.status = 'queued'
+RETURNING {job_columns}
+
+-- lock_register --
+-- Node registration is one node at a time (the settings check and the insert)
+SELECT pg_advisory_xact_lock(%(key)s)
+
+-- register_node --
+-- A new node id for this start, with its first lease; refused (no row) while a live node
+-- runs with other cluster-wide settings. Run after lock_register, in its transaction.
+INSERT INTO nodes (host, state_dir, pid, workers, settings_hash, settings, started_at,
+                   lease_until)
+SELECT %(host)s, %(state_dir)s, %(pid)s, %(workers)s, %(hash)s, %(settings)s, jobd_now_us(),
+       jobd_now_us() + %(lease_us)s
+WHERE NOT EXISTS (SELECT 1 FROM nodes WHERE ended_at IS NULL
+                  AND lease_until > jobd_now_us() AND settings_hash <> %(hash)s)
+RETURNING id, lease_until
+
+-- differing_settings --
+-- What a refused node (or reload) compares its settings with, to name the first difference
+SELECT id, host, settings FROM nodes
+WHERE ended_at IS NULL AND lease_until > jobd_now_us() AND settings_hash <> %(hash)s
+  AND id IS DISTINCT FROM %(node)s::bigint
+ORDER BY id LIMIT 1
+
+-- set_node_settings --
+-- A reload this node accepted: its cluster-wide settings and their hash now
+UPDATE nodes SET settings_hash = %(hash)s, settings = %(settings)s, workers = %(workers)s
+WHERE id = %(node)s
+
+-- heartbeat --
+-- Renew this node's lease while it holds one, and read back what it runs: the jobs and
+-- whether their cancel was requested. No row: the lease is lost.
+WITH beat AS (
+    UPDATE nodes SET lease_until = jobd_now_us() + %(lease_us)s, beat = beat + 1
+    WHERE id = %(node)s AND ended_at IS NULL AND lease_until > jobd_now_us()
+    RETURNING id, beat, lease_until)
+SELECT beat.beat, beat.lease_until, j.id, j.attempts, j.cancel_requested
+FROM beat LEFT JOIN jobs j ON j.node_id = beat.id AND j.status = 'running'
+
+-- end_node --
+-- A clean stop: this node holds no lease any more, and is ended unless it still owns a
+-- running job (an end that could not be written), which a rescue or this host's next
+-- start then takes over
+UPDATE nodes SET lease_until = least(lease_until, jobd_now_us()),
+    ended_at = CASE WHEN EXISTS (SELECT 1 FROM jobs WHERE status = 'running'
+                                 AND node_id = %(node)s) THEN NULL ELSE jobd_now_us() END
+WHERE id = %(node)s AND ended_at IS NULL
+
+-- drop_lease --
+-- This node lost its lease (its own deadline passed, or a heartbeat found none): it ends
+-- now in the database's clock, so that its fenced writes are refused from now on; the row
+-- stays open for the rescue that takes its jobs over
+UPDATE nodes SET lease_until = least(lease_until, jobd_now_us()) WHERE id = %(node)s
+
+-- live_nodes --
+-- Every other node not ended yet, with its beat: the rescuer watches each one's beat on
+-- its own clock
+SELECT id, beat, lease_until < jobd_now_us() - %(margin_us)s FROM nodes
+WHERE ended_at IS NULL AND id <> %(node)s
+
+-- expired_node --
+-- Which node a rescue takes over: one whose lease ended more than %(margin_us)s ago by
+-- the database's clock, and whose beat the rescuer has watched stand still as long by its
+-- own. Ended in the same transaction, so a late heartbeat finds no lease to renew.
+UPDATE nodes SET ended_at = jobd_now_us()
+WHERE id = %(dead)s AND beat = %(beat)s AND ended_at IS NULL
+  AND lease_until < jobd_now_us() - %(margin_us)s
+RETURNING id
+
+-- earlier_nodes --
+-- Which nodes restart recovery takes over: this host's and state folder's earlier node
+-- ids, dead for certain (this node holds the folder's lock and has killed their recorded
+-- process groups), without waiting for their leases
+UPDATE nodes SET ended_at = jobd_now_us()
+WHERE host = %(host)s AND state_dir = %(state_dir)s AND id <> %(node)s AND ended_at IS NULL
+RETURNING id
+
+-- earlier_processes --
+-- The recorded process groups of the running jobs restart recovery takes over: this
+-- host's and state folder's earlier nodes', and a one-node jobd's (no node)
+SELECT j.id, j.pgid, j.pgid_start FROM jobs j
+WHERE j.status = 'running' AND j.pgid IS NOT NULL AND (j.node_id IS NULL OR j.node_id IN (
+    SELECT n.id FROM nodes n WHERE n.host = %(host)s AND n.state_dir = %(state_dir)s
+    AND n.id <> %(node)s AND n.ended_at IS NULL))
+
+-- nodes_jobs --
+-- The running jobs of the nodes a rescue ended (%(orphans)s: also those of no node, which
+-- a one-node jobd left), locked until the rescue commits
+SELECT node_id, {job_columns} FROM jobs
+WHERE status = 'running' AND (node_id = ANY(%(nodes)s::bigint[])
+                              OR %(orphans)s AND node_id IS NULL)
+ORDER BY seq FOR UPDATE
+
+-- end_sessions --
+-- A rescued node's sessions, ended: any lock a frozen node still holds goes, and its
+-- place in the notification queue (the owner of the database may end its own role's)
+SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+WHERE application_name = ANY(%(names)s::text[]) AND datname = current_database()
+  AND pid <> pg_backend_pid()
+
+-- node_names --
+-- What a node's sessions are called (pg_stat_activity), to end them after its rescue
+SELECT host, pid FROM nodes WHERE id = %(node)s
+
+-- notify --
+-- A cluster node's notifications, sent with the commit (delivered only if it holds):
+-- payloads are "<job id>:<version>" or a meta key, never job data
+SELECT pg_notify(n.channel, n.payload)
+FROM unnest(%(channels)s::text[], %(payloads)s::text[]) AS n (channel, payload)
+
+-- stats_nodes --
+-- admin.stats' nodes: every node not yet ended (one whose lease lapsed shows until it is
+-- rescued), with how many jobs it runs; times as the wire writes them
+SELECT n.id, n.host, jobd_iso(n.started_at), jobd_iso(n.lease_until), count(j.seq)
+FROM nodes n LEFT JOIN jobs j ON j.node_id = n.id AND j.status = 'running'
+WHERE n.ended_at IS NULL
+GROUP BY n.id ORDER BY n.id
+
+-- cleanup_lock --
+-- One node sweeps at a time: a session lock on a connection held for the sweep (released
+-- by cleanup_unlock, or with the session if the node dies); false: another node sweeps
+SELECT pg_try_advisory_lock(%(key)s)
+
+-- cleanup_unlock --
+-- The sweep is over: the next node's turn
+SELECT pg_advisory_unlock(%(key)s)
+
+-- append_log --
+-- A chunk of a running job's log at its absolute offset, fenced as a checkpoint is (the
+-- row lock keeps a rescue from slipping in before the commit)
+INSERT INTO job_log_chunks (job, pos, data)
+SELECT seq, %(pos)s, %(data)s FROM jobs WHERE id = %(job_id)s AND status = 'running'
+  AND {fence}
+FOR SHARE
+ON CONFLICT (job, pos) DO NOTHING
+
+-- trim_log --
+-- max_log_bytes: the chunks wholly before the log's kept part go, oldest first
+DELETE FROM job_log_chunks
+WHERE job = (SELECT seq FROM jobs WHERE id = %(job_id)s) AND pos + length(data) <= %(keep_from)s
+
+-- read_log --
+-- jobs.logs from any node: the chunks that hold bytes from %(offset)s on, up to
+-- %(limit)s bytes (or, from a dropped part, the oldest kept ones), in order
+SELECT c.pos, c.data FROM job_log_chunks c JOIN jobs j ON j.seq = c.job
+WHERE j.id = %(job_id)s AND c.pos + length(c.data) > %(offset)s
+ORDER BY c.pos LIMIT %(limit)s
+
+-- has_log --
+-- Whether any of a job's log is in the database (no: its story is told from its events)
+SELECT EXISTS (SELECT 1 FROM job_log_chunks c JOIN jobs j ON j.seq = c.job
+               WHERE j.id = %(job_id)s)
+
+-- report_progress --
+-- Live progress of a running attempt (on a connection with synchronous_commit off), and
+-- the wake-up for every node's waiters: payload "<job id>:<version>"
+WITH p AS (
+    INSERT INTO job_progress AS p (job, node_id, attempt, progress, phase, message, version,
+                                   updated_at)
+    SELECT seq, %(node)s, %(attempt)s, %(progress)s, %(phase)s, %(message)s, %(version)s,
+           jobd_now_us()
+    FROM jobs WHERE id = %(job_id)s
+    ON CONFLICT (job) DO UPDATE SET node_id = excluded.node_id, attempt = excluded.attempt,
+        progress = excluded.progress, phase = excluded.phase, message = excluded.message,
+        version = excluded.version, updated_at = excluded.updated_at
+    RETURNING version)
+SELECT pg_notify('jobd', %(job_id)s || ':' || p.version) FROM p
+
+-- live_progress --
+-- A running job's live progress as its own node last reported it, when newer than
+-- %(version)s (a stale row of a lost node, or of an earlier attempt, is not taken)
+SELECT p.progress, p.phase, p.message, p.version FROM job_progress p
+JOIN jobs j ON j.seq = p.job
+WHERE j.id = %(job_id)s AND j.status = 'running' AND p.node_id = j.node_id
+  AND p.attempt = j.attempts AND p.version > %(version)s
+
+-- forget_progress --
+-- An attempt's end: its live progress row goes
+DELETE FROM job_progress WHERE job = (SELECT seq FROM jobs WHERE id = %(job_id)s)
