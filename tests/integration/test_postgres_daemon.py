@@ -1,8 +1,9 @@
-"""One real jobd on a PostgreSQL database (SPEC §11, one node): a sync of a real git
+"""jobd on a PostgreSQL database, one node at a time (SPEC §11): a sync of a real git
 repository with its progress seen through ``jobs.wait``, a cancel that takes the job's
 process group down, a clean restart and a kill -9 that keep every job, a second jobd on
-the same database refused, ``jobd db check`` / ``db backup`` / ``db recover`` on it, and
-the dsn's password in no log or message."""
+the same database joining as a second node (and one with other limits refused),
+``jobd db check`` / ``db backup`` / ``db recover`` on it, and the dsn's password in no log
+or message. Several nodes at work together: ``test_cluster.py``."""
 
 from __future__ import annotations
 
@@ -223,24 +224,31 @@ def test_kill_9_mid_sync_recovers_on_restart_from_the_checkpoint(
 
 # -- one node per database, one daemon per state folder ------------------------------------------
 
-def test_a_second_jobd_on_the_same_database_is_refused_and_changes_nothing(
+def test_a_second_jobd_on_the_database_joins_as_a_node_and_one_with_other_limits_is_refused(
         make_pg_daemon: Callable[..., Daemon], dsn: str) -> None:
+    """Several jobd on one database are the nodes of a cluster (SPEC §11): a second one
+    registers a node of its own and sees the first's jobs; one whose cluster-wide settings
+    differ is refused with one line naming the first difference, and changes nothing."""
     first = make_pg_daemon()
     job = result_of(first, "jobs.submit", type="command", options={"argv": ["sleep", "60"]})
     wait_for(lambda: result_of(first, "jobs.get", job_id=job["id"])["status"] == "running",
              what="the job to run")
-    second = make_pg_daemon(start=False)  # its own state folder and socket
-    second.state.mkdir(parents=True)
+    second = make_pg_daemon()  # its own state folder and socket
+    nodes = result_of(second, "admin.stats")["nodes"]
+    assert len(nodes) == 2 and sorted(n["running"] for n in nodes) == [0, 1], nodes
+    assert result_of(second, "jobs.get", job_id=job["id"])["status"] == "running"
 
-    refused = jobd(*second.argv()[3:], env=second.env)
+    other = make_pg_daemon(FAST_CONFIG + "max_running_per_user = 5\n", start=False)
+    other.state.mkdir(parents=True)
+    refused = jobd(*other.argv()[3:], env=other.env)
 
     assert refused.returncode == 1
     (line,) = said(refused)
-    assert line.startswith("jobd: ") and "another jobd" in line, line
-    assert "cluster" in line and PASSWORD not in line
-    assert not second.socket.exists()
-    # the first node runs on, its job untouched
-    assert result_of(first, "jobs.get", job_id=job["id"])["status"] == "running"
+    assert line.startswith("jobd: ") and \
+        "[execution] max_running_per_user: 5 here, 3 on node" in line, line
+    assert PASSWORD not in line
+    assert not other.socket.exists()
+    assert len(result_of(first, "admin.stats")["nodes"]) == 2
     assert stored(dsn, job["id"]) == ("running", 1)
 
 
