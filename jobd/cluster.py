@@ -193,7 +193,8 @@ class Node:
         self.on_lost: Callable[[], None] = lambda: None
         #: a new node id is registered after a loss, or jobs were rescued: claim
         self.on_claimable: Callable[[], None] = lambda: None
-        #: told the id of each job a notification says changed (its waiters re-read it)
+        #: told the id of each job another node's notification says changed (this node's
+        #: waiters, queue mirror and change log follow it)
         self.on_job: Callable[[str], None] = lambda job_id: None
         #: the pause or maintenance may have changed: re-read them
         self.on_meta: Callable[[], None] = lambda: None
@@ -351,6 +352,7 @@ class Node:
         fence = self.store.fences.get(job_id)
         if live is None or fence is None or fence[0] != self.id:
             return
+        self.store.echoes.sent(job_id, live.version)
         self._pending[job_id] = {"job_id": job_id, "node": fence[0], "attempt": fence[1],
                                  "progress": live.progress, "phase": live.phase,
                                  "message": live.message, "version": live.version}
@@ -482,8 +484,9 @@ class Node:
 
     def _heard(self, channel: str, payload: str) -> None:
         if channel == "jobd":
-            job_id = payload.partition(":")[0]
-            self.on_job(job_id)
+            job_id, _, version = payload.partition(":")
+            if not self.store.echoes.own(job_id, int(version)):
+                self.on_job(job_id)
             fence = self.store.fences.get(job_id)
             if fence is not None and fence[0] == self.id:  # this node runs it: a cancel?
                 try:

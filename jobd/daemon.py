@@ -40,7 +40,7 @@ from jobd.manager import Hub, Manager
 from jobd.rpc import Rpc, error_line
 from jobd.server import Server, notify, watchdog_loop
 from jobd.state import locked
-from jobd.store import Listeners, Store
+from jobd.store import JobNotFound, Listeners, Store, StoreError
 from jobd.store.interface import JobStore
 
 __all__ = ["run"]
@@ -175,6 +175,21 @@ async def _serve(config: Config, reload: Callable[[], Config]) -> int:
         if engine is not None:
             engine.on_changed(job)
 
+    def followed(job_id: str) -> None:
+        """Cluster mode: another node changed ``job_id``. This node's waiters, queue mirror
+        (positions, wait reasons, counts) and ``jobs.changes`` follow it as they follow
+        this node's own commits; the metrics stay this node's."""
+        try:
+            job = store.get_job(job_id)
+        except StoreError as e:  # forgotten, or the database is away: the waiters re-read
+            if isinstance(e, JobNotFound) and engine is not None:
+                engine.forgotten(job_id)
+            hub.notify(job_id)
+            return
+        change_log.record(job)
+        if engine is not None:
+            engine.on_changed(job)
+
     def deleted(job_ids: list[str]) -> None:
         """Jobs the store forgot (retention, max_stored_per_user): their logs go too."""
         for job_id in job_ids:
@@ -206,7 +221,7 @@ async def _serve(config: Config, reload: Callable[[], Config]) -> int:
             raise
         node.on_cancel, node.on_lost, node.on_claimable = (engine.cancel,
                                                            engine.drop_attempts, engine.kick)
-        node.on_job, node.on_resync = hub.notify, hub.notify_all
+        node.on_job, node.on_resync = followed, hub.notify_all
         node.on_meta = lambda: engine.set_paused(manager.restore())
         node.start()
     if not store.was_clean:

@@ -461,6 +461,10 @@ class Engine:
             self.dispatcher.remove(job.id)
         self.notify(job.id)
 
+    def forgotten(self, job_id: str) -> None:
+        """Cluster mode: another node's commit forgot a job (``admin.purge``)."""
+        self.dispatcher.remove(job_id)
+
     def _enqueue(self, job: Job) -> None:
         seen, exclusive = self._exclusivity(job)
         self.dispatcher.add(seen, exclusive=exclusive)

@@ -26,8 +26,10 @@ of a ``psycopg_pool.ConnectionPool`` in autocommit, and never wait for the write
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import socket
+import threading
 import time
 from typing import Any, Callable, Iterator, Mapping
 
@@ -45,8 +47,8 @@ from jobd.store.errors import (Corrupt, DuplicateId, Fenced, ReadOnly, StateConf
                                StorageFull, StorageUnavailable, StoreClosed, StoreError)
 from jobd.store.sql import dialect
 
-__all__ = ["FUNCTIONS", "MIGRATE_KEY", "NODE_KEY", "QUEUE_KEY", "TABLES", "PostgresStore",
-           "check", "describe", "from_pg", "migrate", "schema_version"]
+__all__ = ["Echoes", "FUNCTIONS", "MIGRATE_KEY", "NODE_KEY", "QUEUE_KEY", "TABLES",
+           "PostgresStore", "check", "describe", "from_pg", "migrate", "schema_version"]
 
 log = structlog.get_logger()
 
@@ -372,6 +374,30 @@ class _Closed:
         raise StoreClosed()
 
 
+class Echoes:
+    """The latest version of each job that this node announced itself (``jobd`` payloads),
+    kept for the last ``KEEP`` jobs: a payload at or below it is this node's own echo."""
+
+    KEEP = 50_000
+
+    def __init__(self) -> None:
+        self._sent: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def sent(self, job_id: str, version: int) -> None:
+        with self._lock:
+            sent = self._sent
+            if version > sent.get(job_id, -1):
+                sent[job_id] = version
+            if len(sent) > self.KEEP:  # the oldest entries go: at worst, a needless read
+                for old in list(itertools.islice(sent, len(sent) - self.KEEP // 2)):
+                    del sent[old]
+
+    def own(self, job_id: str, version: int) -> bool:
+        with self._lock:
+            return self._sent.get(job_id, -1) >= version
+
+
 class PostgresStore(BaseStore):
     """Jobs, their events and checkpoints in a PostgreSQL database: of one jobd, or of a
     cluster node (``cluster``) among others."""
@@ -404,6 +430,9 @@ class PostgresStore(BaseStore):
         self.fences: dict[str, tuple[int, int]] = {}
         #: told the job id of a fenced write that was refused (the node checks its lease)
         self.on_fenced: Callable[[str], None] = lambda job_id: None
+        #: the versions this node's own notifications announced: their echo on its own
+        #: LISTEN connection is told apart from another node's change
+        self.echoes = Echoes()
         #: called in the transaction that writes the end of an attempt this node runs,
         #: before the end (the node copies the rest of the job's log into it)
         self.on_ending: Callable[[writer.Tx, str], None] = lambda tx, job_id: None
@@ -545,6 +574,7 @@ class PostgresStore(BaseStore):
         if self.cluster:
             assert isinstance(tx, PgTx)
             payload = f"{job.id}:{job.version}"
+            self.echoes.sent(job.id, job.version)
             tx.notes.append(("jobd", payload))
             if job.status is JobStatus.QUEUED or job.status in TERMINAL:
                 tx.notes.append(("jobd_queue", payload))
@@ -553,6 +583,7 @@ class PostgresStore(BaseStore):
     def _progressed(self, tx: writer.Tx, job: Job) -> None:
         if self.cluster:
             assert isinstance(tx, PgTx)
+            self.echoes.sent(job.id, job.version)
             tx.notes.append(("jobd", f"{job.id}:{job.version}"))
 
     def _meta_changed(self, tx: writer.Tx, key: str) -> None:

@@ -216,3 +216,33 @@ def test_progress_on_one_node_is_seen_on_the_other_at_once(
     assert seen["message"] == "half"
     result_of(there, "jobs.cancel", job_id=job["id"], wait=True)
     assert a.stop() == 0 and b.stop() == 0
+
+
+def test_another_nodes_jobs_show_in_this_nodes_queue_counts_and_changes(
+        make_pg_daemon: Callable[..., Daemon], dsn: str) -> None:
+    """What a node knows of the queue (positions, admin.stats' queued count) and its
+    jobs.changes follow the jobs another node submits and starts, not only its own."""
+    slow_poll = SHORT_LEASE + 'poll = "5s"\n'  # notifications, not the poll, must carry it
+    a = make_pg_daemon(slow_poll)
+    b = make_pg_daemon(slow_poll)
+    feed = result_of(b, "jobs.changes", timeout_s=0)
+    running = [result_of(a, "jobs.submit", type="command", options={"argv": ["sleep", "60"]})
+               for _ in range(3)]  # max_running_per_user: 3
+    waiting = result_of(a, "jobs.submit", type="command", options={"argv": ["sleep", "60"]})
+    wait_for(lambda: row(dsn, "SELECT count(*) FROM jobs WHERE status = 'running'") == (3,),
+             what="three jobs running")
+    seen = wait_for(lambda: (job := result_of(b, "jobs.get", job_id=waiting["id"])).get(
+        "queue_position") == 1 and job, what="node b placing node a's queued job")
+    wait_for(lambda: result_of(b, "admin.stats")["queued"] == 1, what="b counting it queued")
+    changed = {j["id"] for j in result_of(b, "jobs.changes", after=feed["cursor"],
+                                           timeout_s=5)["jobs"]}
+    assert {j["id"] for j in running} | {waiting["id"]} <= changed, changed
+
+    result_of(a, "jobs.cancel", job_id=running[0]["id"], wait=True)
+    wait_for(lambda: row(dsn, "SELECT status FROM jobs WHERE id = %s", waiting["id"]) == (
+        "running",), what="the waiting job to start")
+    wait_for(lambda: result_of(b, "admin.stats")["queued"] == 0,
+             what="b no longer counting it queued")
+    for job in running[1:] + [waiting]:
+        result_of(a, "jobs.cancel", job_id=job["id"], wait=True)
+    assert a.stop() == 0 and b.stop() == 0

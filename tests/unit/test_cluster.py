@@ -639,3 +639,20 @@ def test_a_reload_with_other_cluster_wide_settings_is_refused_naming_the_differe
     b.stop()
     a.check_reload(node_config(tmp_path, cluster.dsn, "n0", max_running_per_user=5, workers=3))
     assert a.config.execution.max_running_per_user == 5
+
+
+def test_a_nodes_own_announcements_are_told_apart_from_others_and_kept_bounded(
+        postgres: pg.PostgresServer) -> None:
+    """A node hears its own notifications too: those at or below the version it announced
+    are its echo (no read), later ones another node's; the memory keeps the newest."""
+    from jobd.store.postgres import Echoes
+    echoes = Echoes()
+    echoes.KEEP = 10
+    echoes.sent("a", 5)
+    echoes.sent("a", 3)  # an older version never lowers what was announced
+    assert echoes.own("a", 5) and echoes.own("a", 4)
+    assert not echoes.own("a", 6) and not echoes.own("b", 1)
+    for n in range(30):
+        echoes.sent(f"job{n}", 1)
+    assert echoes.own("job29", 1) and not echoes.own("job0", 1)
+    assert len(echoes._sent) <= echoes.KEEP
