@@ -306,6 +306,13 @@ class PgDriver:
         self._tx = PgTx(self.conn, now)
         self._tx.fences = self.fences
         self._tx.notes = []
+        if self.shared:
+            # a cluster node's batch takes the queue lock before its first write: every
+            # status change also updates the shared count rows, and a batch holding them
+            # while it waited for the lock (to claim, admit or rescue) would deadlock with
+            # a node holding the lock that updates them too
+            self.conn.execute(QUERIES["lock_queue"], {"key": QUEUE_KEY})
+            self._tx.admitting = True
         return self._tx
 
     def commit(self) -> None:

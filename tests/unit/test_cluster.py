@@ -262,6 +262,44 @@ def test_paused_nothing_is_claimed(cluster: Cluster) -> None:
     assert len(claim(a)) == 1
 
 
+def test_ends_and_claims_batched_together_on_several_nodes_never_deadlock(
+        cluster: Cluster) -> None:
+    """A node's writer puts an attempt's end and its next claim in one transaction. The
+    end updates the shared count rows; had the claim then waited for the queue lock, a
+    node holding the lock and updating those rows would deadlock with it (PostgreSQL
+    breaks it after a second, and the batch runs again: a second lost each time)."""
+    import structlog.testing
+    nodes = [cluster.node(workers=4, max_running_per_user=50) for _ in range(3)]
+    for node in nodes:
+        node.register()
+    for i in range(900):
+        submit(nodes[0].store, f"u{i % 6}")
+    errors: list[BaseException] = []
+
+    def run(node: Any) -> None:
+        try:
+            mine = [j.id for j in claim(node, 4)]
+            while mine:
+                ends = [node.store.write_async(lambda tx, job_id=job_id: node.store.finish_job_in(
+                    tx, job_id, JobStatus.COMPLETED)) for job_id in mine]
+                claimed = node.store.write_async(lambda tx: node.claim_in(tx, 4))
+                for end in ends:
+                    end.result()
+                mine = [j.id for j in claimed.result()]
+        except BaseException as e:
+            errors.append(e)
+
+    with structlog.testing.capture_logs() as logs:
+        threads = [threading.Thread(target=run, args=(n,)) for n in nodes]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert not errors, errors
+    assert rows(cluster.dsn, "SELECT count(*) FROM jobs WHERE status = 'completed'") == [(900,)]
+    reruns = [e for e in logs if e.get("event") == "store_batch_rerun"]
+    assert reruns == [], f"{len(reruns)} batches ran again: {reruns[0]}"
+
 def test_racing_nodes_keep_every_limit_across_the_cluster(cluster: Cluster) -> None:
     """Three nodes claim and end at random while a sampler reads, in one snapshot, the
     most jobs running per user, per repository and per node: never above the limits."""
