@@ -443,6 +443,28 @@ class Node:
     def _forget_log(self, job_id: str) -> None:
         self._shipped.pop(job_id, None)
 
+    def seed_log(self, job_id: str) -> None:
+        """An attempt of ``job_id`` starts on this node: what the database holds of its log
+        past this node's file (attempts run on other nodes) goes into the file first, so
+        that the file and the database's copy go on from the same offset, every attempt's
+        output in both."""
+        path = joblogs.path(self.config.log_dir, job_id)
+        at = joblogs.end(path)
+        missing = []
+        try:
+            while (copied := self.store.read_log(job_id, at, LOG_CHUNK)) and copied[0]:
+                data, at = copied
+                missing.append(data)
+        except StoreError as e:  # the attempt runs all the same; its log starts here
+            log.warning("job_log_seed_failed", job_id=job_id, error=str(e))
+        if missing:
+            joblog = joblogs.JobLog(path, self.config.execution.max_log_bytes)
+            try:
+                joblog.write(b"".join(missing))
+            finally:
+                joblog.close()
+        self._shipped[job_id] = joblogs.end(path)
+
     def read_log(self, job_id: str, offset: int, limit: int) -> tuple[bytes, int] | None:
         """A job's log as the database holds it (``jobs.logs`` for a job another node ran),
         or None when none of it is there."""

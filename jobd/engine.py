@@ -676,6 +676,8 @@ class Engine:
 
     def _run(self, attempt: Attempt, job: Job) -> None:
         """On a worker: run the handler of a job whose start is recorded, and write its end."""
+        if self.cluster is not None:  # its log so far may be another node's
+            self.cluster.seed_log(job.id)
         ctx = Context(self, job, attempt)
         ctx.joblog.story(f"attempt {job.attempts} started", job.started_at)
         with self._lock:

@@ -658,15 +658,18 @@ class Manager:
         high = MAX_FILE_OFFSET - limit_bytes
         integer(offset, "offset", 0, high, " (a byte offset: 2**63 - 1 less limit_bytes)")
         path = joblogs.path(self.config.log_dir, job.id)
-        if path.exists():
-            data, next_offset = joblogs.read(path, offset, limit_bytes)
-            more = job.terminal and bool(joblogs.read(path, next_offset, 1)[0])
-        elif self.engine.cluster is not None and (
-                copied := self.engine.cluster.read_log(job.id, offset, limit_bytes)):
-            # run on another node: the copy of its log in the database
+        cluster = self.engine.cluster
+        # cluster mode: a job this node does not run now is read from the database's copy
+        # (this node's file, if any, may lack the attempts other nodes ran)
+        copied = (cluster.read_log(job.id, offset, limit_bytes)
+                  if cluster is not None and self.engine.live(job.id) is None else None)
+        if copied is not None:
             data, next_offset = copied
             more = job.terminal and bool(
-                (self.engine.cluster.read_log(job.id, next_offset, 1) or (b"",))[0])
+                (cluster.read_log(job.id, next_offset, 1) or (b"",))[0])
+        elif path.exists():
+            data, next_offset = joblogs.read(path, offset, limit_bytes)
+            more = job.terminal and bool(joblogs.read(path, next_offset, 1)[0])
         else:
             # a job that never ran a program has no log: its story is told from its events,
             # byte for byte as a log would begin (so offsets hold if a log appears later)
