@@ -21,6 +21,7 @@ section).
 from __future__ import annotations
 
 import os
+import re
 import statistics
 import subprocess
 import time
@@ -216,11 +217,11 @@ def test_a_job_submitted_on_one_node_is_seen_waited_listed_and_logged_on_the_oth
             log = result_of(node, "jobs.logs", job_id=job["id"], limit_bytes=1 << 20)
             assert f"ran on {ran_on[job['id']]}" in log["data"] and log["eof"], log
         events = [e["status"] for e in result_of(b, "jobs.events", job_id=job["id"])]
-        assert events == ["queued", "running", "completed"], events
+        assert events == ["created", "queued", "running", "completed"], events
 
     assert wait_terminal(b, failing["id"])["status"] == "failed"
     again = result_of(c, "jobs.retry", job_id=failing["id"])
-    assert again["status"] == "queued"
+    assert again["status"] in ("queued", "running"), again
     retried = wait_terminal(a, failing["id"])
     assert (retried["status"], retried["attempts"]) == ("failed", 2), retried
     log = result_of(b, "jobs.logs", job_id=failing["id"], limit_bytes=1 << 20)["data"]
@@ -376,8 +377,9 @@ def test_kill_9_of_a_node_rescues_its_jobs_after_the_lease_and_resumes_them(
         assert failed["status"] == "failed" and "interrupted" in failed["error"], failed
         resumed_from_checkpoint(cluster, sync, new, a)
     assert len(cluster.ledger.runs(command["id"])) == 1  # not resumable: never again
+    # one rescue, by one node, of both jobs (logged as their count or their ids)
     rescues = [e for n in (b, c) for e in n.events("node_rescued")]
-    assert [(int(e["node_id"]), e["jobs"]) for e in rescues] == [(lost_id, 2)], rescues
+    assert [(int(e["node_id"]), count(e["jobs"])) for e in rescues] == [(lost_id, 2)], rescues
     print(f"\nkill -9: rescued {took:.2f} s after the kill "
           f"(earliest allowed {TIMING.rescue_after - TIMING.heartbeat:.2f} s)")
 
@@ -425,6 +427,10 @@ def test_a_node_stopped_past_its_lease_is_rescued_and_changes_nothing_when_it_re
     assert wait_terminal(c, job["id"])["status"] == "completed"
     print(f"\nSIGSTOP: the frozen node's programs stopped {stopped:.2f} s after the stop "
           f"(its deadline: {TIMING.deadline:.1f} s after its last heartbeat)")
+
+
+def count(jobs: int | list[Any]) -> int:
+    return len(jobs) if isinstance(jobs, list) else int(jobs)
 
 
 def snapshot(cluster: Cluster, job_id: str) -> tuple[Any, ...]:
@@ -480,7 +486,8 @@ def test_a_node_with_other_cluster_wide_settings_is_refused_naming_the_differenc
     assert refused.returncode == 1, refused.stderr
     said = [line for line in refused.stderr.splitlines() if not line.startswith("{")]
     assert len(said) == 1 and said[0].startswith("jobd: "), refused.stderr
-    assert "max_running_per_user" in said[0] and "5" in said[0] and "2" in said[0], said
+    # the key, this node's value, then the live node's
+    assert re.search(r"max_running_per_user\b.*\b5\b.*\b2\b", said[0]), said
     assert not other.socket.exists()
     # workers is each node's own: a node with other workers joins
     joined = cluster.add(workers=5)
