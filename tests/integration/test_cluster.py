@@ -125,6 +125,28 @@ def test_the_checker_names_each_broken_rule(make_cluster: Callable[..., Cluster]
         checker.assert_held(min_samples=1)
 
 
+def test_the_run_ledger_sees_a_job_run_twice_at_once(tmp_path: Path) -> None:
+    """Two runs of one job's program at once (as two nodes would run it), then a third
+    after they ended: the second is recorded as a double, the third is not."""
+    from cluster_nodes import RunLedger
+    ledger = RunLedger(tmp_path / "ledger")
+    env = {**os.environ, "JOBD_JOB_ID": "j1"}
+    first = subprocess.Popen(ledger.program(5), env={**env, "JOBD_TEST_NODE": "a"},
+                             stdout=subprocess.DEVNULL)
+    wait_for(lambda: ledger.runs("j1"), what="the first run")
+    second = subprocess.Popen(ledger.program(5), env={**env, "JOBD_TEST_NODE": "b"},
+                              stdout=subprocess.DEVNULL)
+    wait_for(lambda: len(ledger.runs("j1")) == 2, what="the second run")
+    ledger.release("j1")
+    assert (first.wait(10), second.wait(10)) == (0, 0)
+    third = subprocess.run(ledger.program(0.05), env={**env, "JOBD_TEST_NODE": "c"},
+                           stdout=subprocess.DEVNULL, timeout=10)
+    assert third.returncode == 0
+    assert [node for node, _ in ledger.runs("j1")] == ["a", "b", "c"]
+    assert ledger.doubles() == [f"j1.{second.pid}.double"]
+    assert ledger.ended("j1") == 3 and ledger.node_of("j1") == "c"
+
+
 # -- limits, fairness, every job from every node ---------------------------------------------------
 
 def exclusive_type(cluster: Cluster) -> str:
