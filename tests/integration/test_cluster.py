@@ -164,11 +164,12 @@ def test_limits_hold_across_three_nodes(make_cluster: Callable[..., Cluster]) ->
     cluster.sections = exclusive_type(cluster)
     for alias in ("r0", "r1"):
         (cluster.repos / "golden" / alias).mkdir(parents=True)
-    nodes = cluster.start(3, workers=2)
+    # 9 slots for 3 users of at most 2 each: the user limit, not the slots, holds them
+    nodes = cluster.start(3, workers=3)
     jobs = []
     with cluster.checked(exclusive=("sync", "index", "touch")) as checker:
         for n in range(4 * ROUNDS):
-            for u in range(4):
+            for u in range(3):
                 via = nodes[(n + u) % 3]
                 jobs.append(result_of(via, "jobs.submit", type="touch", as_user=f"u{u}",
                                       options={"alias": f"r{(n + u) % 2}", "ticks": "4",
