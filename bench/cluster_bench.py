@@ -289,8 +289,8 @@ def main() -> int:
     root = workdir(args.keep)
     server = None
     nodes: list[Jobd] = []
-    single = Jobd(root / "sqlite", SQLITE_CONFIG.format(workers=12, grace=CANCEL_GRACE))
     (root / "sqlite").mkdir()
+    single = Jobd(root / "sqlite", SQLITE_CONFIG.format(workers=12, grace=CANCEL_GRACE))
     load = machine()
     try:
         if args.dsn:
