@@ -356,13 +356,26 @@ def sync_and_command_on(cluster: Cluster, node: Node, tmp_path: Path
     return sync, new, command
 
 
-def rescued_at(cluster: Cluster, job_id: str, node_id: int, timeout: float = 20) -> float:
-    """Wait until the job's row no longer names ``node_id`` as its owner; when
-    (monotonic)."""
-    wait_for(lambda: cluster.rows("SELECT 1 FROM jobs WHERE id = %s AND status = 'running'"
-                                  " AND node_id = %s", job_id, node_id) == [],
-             timeout=timeout, interval=0.01, what=f"job {job_id} to be rescued")
-    return time.monotonic()
+def when_each(timeout: float, **conditions: Callable[[], bool]) -> dict[str, float]:
+    """Poll every condition together until each has held once; how many seconds from now
+    each first held (so a test can tell which came first)."""
+    began = time.monotonic()
+    held: dict[str, float] = {}
+    while len(held) < len(conditions):
+        for name, condition in conditions.items():
+            if name not in held and condition():
+                held[name] = time.monotonic() - began
+        if time.monotonic() - began > timeout:
+            pytest.fail(f"after {timeout}s still waiting for "
+                        f"{sorted(set(conditions) - set(held))} (held: {held})")
+        time.sleep(0.01)
+    return held
+
+
+def owned(cluster: Cluster, job_id: str, node_id: int) -> bool:
+    """Whether the job's row says it runs on ``node_id``."""
+    return cluster.rows("SELECT 1 FROM jobs WHERE id = %s AND status = 'running' "
+                        "AND node_id = %s", job_id, node_id) != []
 
 
 def resumed_from_checkpoint(cluster: Cluster, sync: dict[str, Any], new: str,
@@ -399,15 +412,15 @@ def test_kill_9_of_a_node_rescues_its_jobs_after_the_lease_and_resumes_them(
     (lost_id,) = a.node_ids()
     program_pids = [pid for j in (sync, command) for _, pid in cluster.ledger.runs(j["id"])]
     with cluster.checked():
-        killed = time.monotonic()
         a.kill()
+        times = when_each(20, gone=lambda: not any(pid_alive(p) for p in program_pids),
+                          rescued=lambda: not owned(cluster, sync["id"], lost_id))
         # each program's supervisor outlives jobd just long enough to kill it
-        wait_for(lambda: not any(pid_alive(p) for p in program_pids), timeout=2,
-                 what="the supervisors to kill the dead node's programs")
-        took = rescued_at(cluster, sync["id"], lost_id) - killed
+        assert times["gone"] < 2, times
+        took = times["rescued"]
         # not before the lease ran out (its last renewal came at most a heartbeat before
         # the kill) and cancel_grace + 1 s more; and not much later either
-        assert TIMING.rescue_after - TIMING.heartbeat - 0.2 <= took, took
+        assert TIMING.rescue_after - TIMING.heartbeat - 0.2 <= took, times
         assert took <= TIMING.rescue_after + 2 * (TIMING.heartbeat + TIMING.poll) + 2, took
         failed = wait_terminal(b, command["id"])
         assert failed["status"] == "failed" and "interrupted" in failed["error"], failed
@@ -432,14 +445,17 @@ def test_a_node_stopped_past_its_lease_is_rescued_and_changes_nothing_when_it_re
     program_pids = [pid for j in (sync, command) for _, pid in cluster.ledger.runs(j["id"])]
     with cluster.checked():
         a.freeze()
-        frozen = time.monotonic()
-        # the supervisors, not frozen with jobd, stop its programs at its own deadline
-        wait_for(lambda: not any(pid_alive(p) for p in program_pids),
-                 timeout=TIMING.deadline + CANCEL_GRACE + 2,
-                 what="the supervisors to stop the frozen node's programs")
-        stopped = time.monotonic() - frozen
-        assert a.frozen and a.proc.poll() is None  # still stopped meanwhile
-        rescued_at(cluster, sync["id"], old_id)
+        times = when_each(20, gone=lambda: not any(pid_alive(p) for p in program_pids),
+                          rescued=lambda: not owned(cluster, sync["id"], old_id))
+        assert a.frozen and a.proc.poll() is None  # still stopped all along
+        # the supervisors, not frozen with jobd, stopped its programs at its own deadline
+        # (lease - heartbeat after its last renewal, which came at most a heartbeat
+        # before the stop), and before anyone took its jobs
+        stopped = times["gone"]
+        assert TIMING.deadline - TIMING.heartbeat - 0.3 <= stopped, times
+        assert stopped <= TIMING.deadline + CANCEL_GRACE + 0.5, times
+        assert stopped < times["rescued"], times
+        assert TIMING.rescue_after - TIMING.heartbeat - 0.2 <= times["rescued"], times
         failed = wait_terminal(b, command["id"])
         assert failed["status"] == "failed" and "interrupted" in failed["error"], failed
         rerun = wait_for(lambda: len(cluster.ledger.runs(sync["id"])) == 2,
