@@ -7,7 +7,8 @@ read into ``TypeSpec``s here, every rule of their templates checked, so a bad on
 jobd at start or is refused by a reload. ``[storage]`` picks the backend: with
 ``"postgres"`` it needs a dsn, a ``state_dir`` (no database file lies beside the logs)
 and psycopg installed, and ``--db``/``JOBD_DB`` are unused (``Config.db_ignored`` says
-which was given, for the daemon to log).
+which was given, for the daemon to log). ``[cluster]`` (lease, heartbeat, poll) is the
+node's lease with PostgreSQL; its heartbeat must be shorter than its lease.
 """
 
 from __future__ import annotations
@@ -90,6 +91,19 @@ class Storage:
     dsn: str = ""
     #: logs, repositories, manifests and the lock; "": the database's folder (SQLite only)
     state_dir: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+    """``[cluster]``: the node's lease with ``backend = "postgres"`` (SPEC §11)."""
+
+    #: how long a node's heartbeat keeps its lease (by the database's clock)
+    lease: Duration = Duration(10)
+    #: how often a node renews its lease; its job processes stop at lease - heartbeat
+    #: after the last renewal that held
+    heartbeat: Duration = Duration(2)
+    #: how often a node claims and re-reads what it waits on, whatever notifications say
+    poll: Duration = Duration(1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,7 +228,7 @@ class TypeSpec:
 
 
 _SECTIONS: dict[str, type] = {
-    "server": Server, "storage": Storage, "execution": Execution,
+    "server": Server, "storage": Storage, "cluster": Cluster, "execution": Execution,
     "retention": Retention, "auth": Auth, "sync": Sync, "http": Http,
 }
 
@@ -233,6 +247,7 @@ class Config:
     log_format: str = "auto"
     server: Server = Server()
     storage: Storage = Storage()
+    cluster: Cluster = Cluster()
     execution: Execution = Execution()
     retention: Retention = Retention()
     auth: Auth = Auth()
@@ -638,6 +653,8 @@ def load(config_file: str | os.PathLike[str] | None = None, *, socket: str | Non
 
     _check_storage(built["storage"], {k: w for k, (w, _, _) in sections["storage"].items()},
                    str(path))
+    _check_cluster(built["cluster"], {k: w for k, (w, _, _) in sections["cluster"].items()},
+                   str(path))
     postgres = built["storage"].backend == "postgres"
     given_db = db or env.get("JOBD_DB")
     specs: dict[str, TypeSpec] = {}
@@ -662,6 +679,17 @@ def load(config_file: str | os.PathLike[str] | None = None, *, socket: str | Non
         if problem := _repo_outside(config, spec):
             raise ConfigError(f"{path}: types.{name}.repo: {problem}")
     return config
+
+
+def _check_cluster(cluster: Cluster, where: dict[str, str], file: str) -> None:
+    """Raise ConfigError for a ``[cluster]`` whose heartbeat could not keep its lease."""
+    if not 0 < cluster.heartbeat < cluster.lease:
+        key = "heartbeat" if "heartbeat" in where else "lease"
+        raise ConfigError(f"{where.get(key, file)}: cluster.{key}: the heartbeat "
+                          f"({cluster.heartbeat:g}s) must be above 0 and below the lease "
+                          f"({cluster.lease:g}s), which it renews")
+    if cluster.poll <= 0:
+        raise ConfigError(f"{where.get('poll', file)}: cluster.poll must be above 0")
 
 
 def _check_storage(storage: Storage, where: dict[str, str], file: str) -> None:

@@ -4,7 +4,8 @@ Start: take the state folder's lock (a second daemon on the same database refuse
 before it touches anything), bind the socket (a live daemon there means "already
 running"), open the store the config names (SQLite, or PostgreSQL, whose module and
 psycopg are imported only then; migrations; ``quick_check`` after an unclean stop of a
-SQLite file), recover what a crash left running, start the workers and the scheduler, tell
+SQLite file), with PostgreSQL register this start as a cluster node (``jobd.cluster``:
+its lease, heartbeat and claims), recover what a crash left running, start the workers and the scheduler, tell
 systemd ``READY=1``. Stop (SIGTERM/SIGINT, whose handlers only set a flag): stop
 accepting and dispatching, stop running jobs and requeue the resumable ones, close the
 database cleanly, remove the socket, exit 0. SIGHUP reloads the config file: the
@@ -48,7 +49,7 @@ log = structlog.get_logger()
 
 
 #: what only a restart changes (SPEC §1): kept as they were when a reload changes them
-_RESTART_ONLY = ("socket", "db", "storage", "log_format")
+_RESTART_ONLY = ("socket", "db", "storage", "cluster", "log_format")
 
 
 #: glibc's mallopt parameters: M_MMAP_THRESHOLD and M_ARENA_MAX
@@ -130,6 +131,15 @@ def make_store(config: Config, listeners: Listeners) -> JobStore:
                  listeners=listeners)
 
 
+def make_node(config: Config, store: JobStore, handlers: Any) -> Any:
+    """Cluster mode's node (``jobd.cluster.Node``) with PostgreSQL; None with SQLite,
+    which never imports it."""
+    if config.storage.backend != "postgres":
+        return None
+    from jobd.cluster import Node
+    return Node(config, store, handlers)  # type: ignore[arg-type]
+
+
 def remove_stray_logs(log_dir: Path, store: JobStore) -> None:
     """After an unclean stop: the logs of jobs forgotten just before it (their rows went,
     the crash came before their files did) go now, in the background."""
@@ -170,7 +180,9 @@ async def _serve(config: Config, reload: Callable[[], Config]) -> int:
             joblogs.delete(joblogs.path(config.log_dir, job_id))
 
     store = make_store(config, Listeners(changed=changed, deleted=deleted))
-    engine = Engine(config, store, handlers, notify=hub.notify, live_changed=change_log.record)
+    node = make_node(config, store, handlers)
+    engine = Engine(config, store, handlers, notify=hub.notify, live_changed=change_log.record,
+                    cluster=node)
     manager = Manager(config, store, engine, handlers, hub, config_state=current,
                       change_log=change_log, telemetry=telemetry)
     rpc = Rpc(manager)
@@ -184,6 +196,16 @@ async def _serve(config: Config, reload: Callable[[], Config]) -> int:
     except BaseException:
         await server.stop()
         raise
+    if node is not None:
+        try:
+            node.register()
+        except BaseException:
+            await server.stop()
+            store.close()
+            raise
+        node.on_cancel, node.on_lost, node.on_claimable = (engine.cancel,
+                                                           engine.drop_attempts, engine.kick)
+        node.start()
     if not store.was_clean:
         log.warning("unclean_stop_detected", backend=config.storage.backend,
                     database=config.database)
@@ -194,6 +216,8 @@ async def _serve(config: Config, reload: Callable[[], Config]) -> int:
     except BaseException:
         # recovery failed: leave the socket and the database as a stop would
         await server.stop()
+        if node is not None:
+            node.stop()
         store.close()
         raise
     await server.accept()
@@ -256,6 +280,8 @@ async def _serve(config: Config, reload: Callable[[], Config]) -> int:
     await server.stop()
     maintenance.stop()
     await loop.run_in_executor(None, engine.stop)
+    if node is not None:
+        node.stop()  # after the ends of its jobs, which its lease fences
     rpc.close()
     store.close()
     log.info("jobd_stopped")

@@ -196,6 +196,24 @@ class Dispatcher:
             self._start(entry)
             return Attempt(entry.id, entry.number)
 
+    def claimed(self, job: Job, *, exclusive: bool) -> Attempt:
+        """Cluster mode: ``job`` was started for this node by the database's claim; it runs
+        here from now on (its user served, as ``take`` does)."""
+        entry = Entry.of(dataclasses.replace(job, attempts=job.attempts - 1),
+                         exclusive=exclusive)
+        with self._lock:
+            queued = self._queued.get(entry.id)
+            if queued is not None:
+                self._levels[queued.priority].served(entry.user_id)
+                self._dequeue(queued)
+            self._start(entry)
+            return Attempt(entry.id, entry.number)
+
+    def free_slots(self) -> int:
+        """How many jobs this node may start now (0 while paused)."""
+        with self._lock:
+            return 0 if self.paused else max(0, self.workers - len(self._running))
+
     def put_back(self, attempt: Attempt, *, instead_of: Attempt | None = None,
                  queued: bool = True) -> None:
         """Undo a ``take`` whose start did not commit: its slot is freed and, if

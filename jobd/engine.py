@@ -194,9 +194,12 @@ class Context:
                     time.monotonic() + deadline - self.engine.clock()),
                 grace=self.config.execution.cancel_grace, on_progress=on_progress,
                 capture=capture, on_spawn=self._record_process,
-                on_timeout=lambda: self.stop(StopReason.TIMEOUT))
+                on_timeout=lambda: self.stop(StopReason.TIMEOUT),
+                lease=None if self.engine.cluster is None else self.engine.cluster.deadline)
         finally:
             self.in_process = False
+        if done.expired:  # the node lost its lease: nothing is recorded for this attempt
+            raise Cancelled(self.engine.cluster.lapsed())
         if done.timed_out:
             self.stop(StopReason.TIMEOUT)
         if done.cancelled or done.timed_out:
@@ -288,7 +291,8 @@ class Engine:
     def __init__(self, config: Config, store: JobStore, handlers: dict[str, Handler],
                  notify: Callable[[str], None] = lambda job_id: None,
                  clock: Callable[[], float] = time.monotonic,
-                 live_changed: Callable[[Job], None] = lambda job: None) -> None:
+                 live_changed: Callable[[Job], None] = lambda job: None,
+                 cluster: Any = None) -> None:
         self.config = config
         self.store = store
         self.handlers = handlers
@@ -297,6 +301,9 @@ class Engine:
         #: told every running job whose phase or live progress changed (``jobs.changes``)
         self.live_changed = live_changed
         self.clock = clock
+        #: cluster mode's node (``jobd.cluster.Node``): the database picks what starts
+        self.cluster = cluster
+        self._claiming = self._claim_again = False
         ex = config.execution
         self.dispatcher = Dispatcher(workers=ex.workers,
                                      max_running_per_user=ex.max_running_per_user)
@@ -350,6 +357,9 @@ class Engine:
 
     def recover(self) -> None:
         """Jobs still ``running`` belong to a daemon that died: kill what they left, requeue."""
+        if self.cluster is not None:  # only this host's earlier nodes' (jobd.cluster)
+            self.cluster.recover()
+            return
         for job_id, pgid, start in self.store.processes():
             killed = orphans.kill_orphan_group(pgid, start)
             if killed:
@@ -399,6 +409,16 @@ class Engine:
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self._started:
             self._thread.join(timeout=1)
+
+    def drop_attempts(self) -> None:
+        """Cluster mode: the node lost its lease. Stop every attempt (their writes are
+        fenced: nothing is recorded for them) and wait for their ends, up to
+        ``shutdown_grace``."""
+        with self._lock:
+            contexts = list(self._contexts.values())
+        for ctx in contexts:
+            ctx.stop(StopReason.SHUTDOWN)
+        self._wait_for_ends(self.config.execution.shutdown_grace)
 
     def _wait_for_ends(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
@@ -452,6 +472,9 @@ class Engine:
 
     def _dispatch(self) -> None:
         """Start every attempt the dispatcher lets start now."""
+        if self.cluster is not None:
+            self._claim()
+            return
         while self._started and not self._stopping and (
                 attempt := self.dispatcher.take()) is not None:
             with self._lock:
@@ -463,6 +486,40 @@ class Engine:
                 continue
             started.add_done_callback(lambda fut, attempt=attempt: self._started_or_not(
                 attempt, fut))
+
+    def _claim(self) -> None:
+        """Cluster mode: claim the free slots in the database (``jobd.cluster``), one claim
+        in flight at a time; the dispatcher mirrors what it started."""
+        with self._lock:
+            slots = self.dispatcher.free_slots()
+            if not self._started or self._stopping or slots <= 0:
+                return
+            if self._claiming:
+                self._claim_again = True
+                return
+            self._claiming = True
+        try:
+            claimed = self.store.write_async(lambda tx: self.cluster.claim_in(tx, slots))
+        except Exception:  # the store is closed: the daemon stops
+            self._claiming = False
+            return
+        claimed.add_done_callback(self._claimed)
+
+    def _claimed(self, fut: concurrent.futures.Future[list[Job]]) -> None:
+        """A claim's commit came back (on the store's writer thread): its jobs go to workers."""
+        error = fut.exception()
+        if error is not None:
+            log.warning("cluster_claim_failed", error=str(error))
+        for job in fut.result() if error is None else ():
+            seen, exclusive = self._exclusivity(job)
+            attempt = self.dispatcher.claimed(seen, exclusive=exclusive)
+            with self._lock:
+                self._attempts[job.id] = attempt
+            self._hand_to_worker(attempt, job)
+        with self._lock:
+            again, self._claiming, self._claim_again = self._claim_again, False, False
+        if again:
+            self._claim()
 
     def _started_or_not(self, attempt: Attempt, fut: concurrent.futures.Future[Job]) -> None:
         """The start's commit came back (on the store's writer thread)."""
@@ -487,7 +544,7 @@ class Engine:
         is free and nothing is queued), and return what the store calls with the job as
         started in the same statement: a worker runs it once the commit holds. None: it
         is queued as usual."""
-        if not self._started or self._stopping:
+        if not self._started or self._stopping or self.cluster is not None:
             return None
         seen, exclusive = self._exclusivity(job)
         attempt = self.dispatcher.take_new(seen, exclusive=exclusive)
@@ -501,7 +558,7 @@ class Engine:
         """In the transaction that records ``ending``'s end: start the next job the
         dispatcher picks in its slot (None: none may start; ``ending`` keeps its slot
         until its end commits)."""
-        while self._started and not self._stopping:
+        while self._started and not self._stopping and self.cluster is None:
             attempt = self.dispatcher.take(instead_of=ending)
             if attempt is None:
                 return None

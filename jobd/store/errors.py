@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-__all__ = ["Corrupt", "DuplicateId", "JobNotFound", "ReadOnly", "StateConflict",
+__all__ = ["Corrupt", "DuplicateId", "Fenced", "JobNotFound", "ReadOnly", "StateConflict",
            "StorageFull", "StorageUnavailable", "StoreClosed", "StoreError", "from_sqlite"]
 
 
@@ -56,6 +56,19 @@ class StateConflict(StoreError):
         super().__init__(f"job {job_id} is {status}; it cannot become {wanted}")
         #: the job's status now, and the status (or change) asked for
         self.job_id, self.status, self.wanted = job_id, status, wanted
+
+
+class Fenced(StateConflict):
+    """A cluster node's write for a job it ran was refused: that attempt is no longer this
+    node's, or the node's lease lapsed (SPEC §11). Nothing was written, and nothing more
+    may be for that attempt; a StateConflict, so that the engine records nothing."""
+
+    def __init__(self, job_id: str, node_id: int, attempt: int) -> None:
+        StoreError.__init__(self, f"job {job_id}: attempt {attempt} is no longer node "
+                                  f"{node_id}'s (its lease lapsed or the job was rescued); "
+                                  "nothing was written")
+        self.job_id, self.status, self.wanted = job_id, "fenced", "changed"
+        self.node_id, self.attempt = node_id, attempt
 
 
 class DuplicateId(StoreError):

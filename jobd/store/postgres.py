@@ -37,9 +37,10 @@ import structlog
 from psycopg.pq import TransactionStatus
 
 from jobd.store import writer
-from jobd.store.base import BaseStore, Listeners, now_us
-from jobd.store.errors import (Corrupt, DuplicateId, ReadOnly, StorageFull, StorageUnavailable,
-                               StoreClosed, StoreError)
+from jobd.models import Job, JobStatus
+from jobd.store.base import BaseStore, Listeners, _dumps, _job, now_us
+from jobd.store.errors import (Corrupt, DuplicateId, Fenced, ReadOnly, StateConflict,
+                               StorageFull, StorageUnavailable, StoreClosed, StoreError)
 from jobd.store.sql import dialect
 
 __all__ = ["FUNCTIONS", "MIGRATE_KEY", "NODE_KEY", "QUEUE_KEY", "TABLES", "PostgresStore",
@@ -118,6 +119,15 @@ def _connect(dsn: str, **kw: Any) -> psycopg.Connection[Any]:
 
 
 _NAME = f"jobd on {socket.gethostname()} pid {os.getpid()}"[:63]
+#: what this process's store sessions are called (a rescuer never ends its own)
+SESSION_NAME = _NAME
+
+#: the writes for a running job that a cluster node's fence guards (the ``{fence}`` of
+#: their statements): by (node id, attempt), and the node's lease
+FENCED = frozenset({"finish_job", "requeue_job", "update_progress", "set_process",
+                    "save_checkpoint"})
+#: the fence of a job this store does not run as a cluster node: none
+_UNFENCED = (None, None)
 
 
 def schema_version(dsn: str) -> int:
@@ -215,9 +225,16 @@ class PgTx(writer.Tx):
     writes: int = 0
     #: the queue's admission lock is held (``PostgresStore._queued_in``)
     admitting: bool = False
+    #: job id -> (node id, attempt) of each attempt this cluster node runs (``Fences``)
+    fences: Mapping[str, tuple[int, int]] = {}
+    #: a rescue writes for jobs whose node is gone: its writes are not this node's own
+    unfenced: bool = False
 
     def run(self, query: str, **params: Any) -> psycopg.Cursor[Any]:
         params["now"] = self.now
+        if query in FENCED:
+            params["node"], params["attempt"] = (_UNFENCED if self.unfenced else
+                                                 self.fences.get(params["job_id"], _UNFENCED))
         try:
             try:
                 cur = self.conn.execute(QUERIES[query], params)
@@ -257,6 +274,8 @@ class PgDriver:
     def __init__(self, dsn: str, where: str, conn: psycopg.Connection[Any],
                  node_key: int) -> None:
         self.dsn, self.where, self.conn, self.node_key = dsn, where, conn, node_key
+        #: the store's fences, given to every transaction
+        self.fences: Mapping[str, tuple[int, int]] = {}
         self._tx: PgTx | None = None
         self._admitting_at_savepoint = False
         self.committed: Callable[[], object] = lambda: None
@@ -276,6 +295,7 @@ class PgDriver:
             log.info("store_reconnected", database=self.where)
         self.conn.execute("BEGIN")
         self._tx = PgTx(self.conn, now)
+        self._tx.fences = self.fences
         return self._tx
 
     def commit(self) -> None:
@@ -357,6 +377,12 @@ class PostgresStore(BaseStore):
         #: the one-node lock this store holds (a test of two writers on one database, as
         #: cluster mode will have, gives the second another)
         self.node_key = NODE_KEY
+        #: job id -> (node id, attempt) of every attempt this store claimed as a cluster
+        #: node (``claim_in``), until its end commits: each write for it is fenced by them
+        #: (a refused write keeps its fence: nothing for that attempt may land, ever)
+        self.fences: dict[str, tuple[int, int]] = {}
+        #: told the job id of a fenced write that was refused (the node checks its lease)
+        self.on_fenced: Callable[[str], None] = lambda job_id: None
 
     # -- opening and closing -------------------------------------------------------------
 
@@ -387,6 +413,7 @@ class PostgresStore(BaseStore):
             raise
         self._pool = pool
         self._driver = PgDriver(self.dsn, self.where, conn, self.node_key)
+        self._driver.fences = self.fences
         self._writer = writer.Writer(self._driver, self.clock)
         self._writer.start()
         return self
@@ -461,6 +488,98 @@ class PostgresStore(BaseStore):
         if user_id is None:
             return int(_scalar(tx.run("queued_total")))
         return int(_scalar(tx.run("queued_of_user", user_id=user_id)))
+
+    # -- cluster mode: claims and fences (jobd.cluster) ------------------------------------
+
+    def claim_in(self, tx: writer.Tx, *, node: int, slots: int, workers: int,
+                 max_running_per_user: int, exclusive: list[str]) -> list[Job]:
+        """Start up to ``slots`` jobs for cluster node ``node``, as the database picks them
+        under the queue lock (``claim``: the dispatch rules over every node's jobs), inside
+        the caller's write; the jobs as started, each fenced from now on by (node,
+        attempt). ``exclusive``: the types whose jobs hold their repository."""
+        assert isinstance(tx, PgTx)
+        if not tx.admitting:
+            tx.run("lock_queue", key=QUEUE_KEY)
+            tx.admitting = True
+        started: list[Job] = []
+        for _ in range(slots):
+            row = tx.run("claim", node=node, workers=workers,
+                         max_running_per_user=max_running_per_user,
+                         exclusive=exclusive).fetchone()
+            if row is None:
+                break
+            job = _job(row)
+            self._fence(tx, job.id, (node, job.attempts))
+            self._event(tx, job, "jobd")
+            self._count_queued(tx, job.user_id, -1)
+            started.append(self._changed(tx, job))
+        return started
+
+    def _fence(self, tx: writer.Tx, job_id: str, fence: tuple[int, int]) -> None:
+        self.fences[job_id] = fence
+        tx.undo.append(lambda: self._unfence(job_id, fence))
+
+    def _unfence(self, job_id: str, fence: tuple[int, int]) -> None:
+        if self.fences.get(job_id) == fence:
+            del self.fences[job_id]
+
+    def rescue_in(self, tx: writer.Tx, guard: str, decide: Callable[[Job], tuple[JobStatus,
+                  dict[str, Any]]], *, orphans: bool = False, **params: Any
+                  ) -> tuple[list[int], list[tuple[int | None, Job]]]:
+        """Take over the running jobs of the nodes the guard ``guard`` (``expired_node``,
+        ``earlier_nodes``) ends in this write, under the queue lock: each job ends as
+        ``decide`` says (queued: requeued to resume, as a recovery). ``orphans``: also the
+        running jobs of no node. Returns the nodes ended, and each job taken over with the node
+        it was running on (None: none) and as it is now."""
+        assert isinstance(tx, PgTx)
+        if not tx.admitting:
+            tx.run("lock_queue", key=QUEUE_KEY)
+            tx.admitting = True
+        nodes = [int(r[0]) for r in tx.run(guard, **params)]
+        if not nodes and not orphans:
+            return [], []
+        moved = []
+        tx.unfenced = True
+        try:
+            for row in tx.run("nodes_jobs", nodes=nodes, orphans=orphans).fetchall():
+                job = _job(row[1:])
+                end, kw = decide(job)
+                if end is JobStatus.QUEUED:
+                    job = self.requeue_job_in(tx, job.id, reason=kw["message"], recovered=True)
+                else:
+                    job = self.finish_job_in(tx, job.id, end, **kw)
+                moved.append((row[0], job))
+        finally:
+            tx.unfenced = False
+        return nodes, moved
+
+    def earlier_processes(self, *, host: str, state_dir: str, node: int
+                          ) -> list[tuple[str, int, int | None]]:
+        """(job id, pgid, start time) of the running jobs restart recovery takes over."""
+        return self._all(QUERIES["earlier_processes"],
+                         {"host": host, "state_dir": state_dir, "node": node})
+
+    def _cas(self, tx: writer.Tx, query: str, job_id: str, wanted: str, **params: Any) -> Job:
+        assert isinstance(tx, PgTx)
+        fence = self.fences.get(job_id) if query in FENCED and not tx.unfenced else None
+        if fence is None:
+            return super()._cas(tx, query, job_id, wanted, **params)
+        try:
+            job = super()._cas(tx, query, job_id, wanted, **params)
+        except StateConflict:
+            self.on_fenced(job_id)
+            raise Fenced(job_id, *fence) from None
+        if job.status is not JobStatus.RUNNING:  # the attempt's end: nothing more to fence
+            tx.after_commit.append(lambda: self._unfence(job_id, fence))
+        return job
+
+    def save_checkpoint(self, job_id: str, phase: str, data: dict[str, Any]) -> None:
+        fence = self.fences.get(job_id)
+        saved = self.write(lambda tx: tx.run("save_checkpoint", job_id=job_id, phase=phase,
+                                             data=_dumps(data)).rowcount)
+        if fence is not None and not saved:
+            self.on_fenced(job_id)
+            raise Fenced(job_id, *fence)
 
     def queued_count(self, user_id: str | None = None) -> int:
         if user_id is None:

@@ -101,6 +101,14 @@ UPDATE jobs SET status = 'running', version = greatest(version + 1, %(now)s),
 WHERE id = %(job_id)s AND status = 'queued'
 RETURNING {job_columns}
 
+-- fence --
+-- What every write for a running job adds (docs/cluster.md, section 6): when this node
+-- runs it (%(node)s; NULL: the store is no cluster node), still this attempt of this
+-- node's, and the node still holds its lease by the database's clock
+(%(node)s::bigint IS NULL OR node_id = %(node)s AND attempts = %(attempt)s AND EXISTS (
+    SELECT 1 FROM nodes WHERE id = %(node)s AND ended_at IS NULL
+    AND lease_until > jobd_now_us()))
+
 -- finish_job --
 -- running -> completed | failed | cancelled; a job whose cancel was requested ends
 -- cancelled whatever %(status)s says (its process's exit does not count)
@@ -113,8 +121,8 @@ UPDATE jobs SET
     progress = CASE WHEN cancel_requested = 0 AND %(status)s = 'completed' THEN 100
                     ELSE progress END,
     version = greatest(version + 1, %(now)s), updated_at = %(now)s, completed_at = %(now)s,
-    cancel_requested = 0, pgid = NULL, pgid_start = NULL
-WHERE id = %(job_id)s AND status = 'running'
+    cancel_requested = 0, pgid = NULL, pgid_start = NULL, node_id = NULL
+WHERE id = %(job_id)s AND status = 'running' AND {fence}
 RETURNING {job_columns}
 
 -- cancel_job --
@@ -148,8 +156,8 @@ RETURNING {job_columns}
 UPDATE jobs SET status = 'queued', version = greatest(version + 1, %(now)s),
     updated_at = %(now)s, message = %(reason)s, error = NULL, result = NULL,
     completed_at = NULL, cancel_requested = 0, pgid = NULL, pgid_start = NULL,
-    recoveries = recoveries + %(recovered)s
-WHERE id = %(job_id)s AND status = 'running'
+    recoveries = recoveries + %(recovered)s, node_id = NULL
+WHERE id = %(job_id)s AND status = 'running' AND {fence}
 RETURNING {job_columns}
 
 -- clear_checkpoints --
@@ -160,12 +168,12 @@ DELETE FROM job_checkpoints WHERE job = %(seq)s
 -- A running job's latest progress, phase and message
 UPDATE jobs SET progress = %(progress)s, phase = %(phase)s, message = %(message)s,
     version = greatest(version + 1, %(now)s), updated_at = %(now)s
-WHERE id = %(job_id)s AND status = 'running'
+WHERE id = %(job_id)s AND status = 'running' AND {fence}
 RETURNING {job_columns}
 
 -- set_process --
 -- The process group a running job's subprocess lives in (NULLs: none now)
-UPDATE jobs SET pgid = %(pgid)s, pgid_start = %(start)s WHERE id = %(job_id)s
+UPDATE jobs SET pgid = %(pgid)s, pgid_start = %(start)s WHERE id = %(job_id)s AND {fence}
 
 -- processes --
 -- Running jobs with a recorded process group: what a restart kills
@@ -280,9 +288,11 @@ ON CONFLICT (key) DO UPDATE SET value = excluded.value
 DELETE FROM meta WHERE key = %(key)s
 
 -- save_checkpoint --
--- A running job's checkpoint of one phase (replacing the phase's previous one)
+-- A running job's checkpoint of one phase (replacing the phase's previous one); the row
+-- lock of a fenced one keeps a rescue from slipping in before its commit
 INSERT INTO job_checkpoints (job, phase, data, saved_at)
-SELECT seq, %(phase)s, %(data)s, %(now)s FROM jobs WHERE id = %(job_id)s
+SELECT seq, %(phase)s, %(data)s, %(now)s FROM jobs WHERE id = %(job_id)s AND {fence}
+FOR SHARE
 ON CONFLICT (job, phase) DO UPDATE SET data = excluded.data, saved_at = excluded.saved_at
 
 -- load_checkpoints --
@@ -367,3 +377,136 @@ WHERE l.locktype = 'advisory' AND l.granted AND l.database = (
     SELECT oid FROM pg_database WHERE datname = current_database())
   AND (l.classid::bigint << 32 | l.objid::bigint) = %(key)s
 LIMIT 1
+
+-- claim --
+-- The next job this node may start, started for it (docs/cluster.md, section 4): highest
+-- priority first, users in turn within a priority, each user's jobs oldest first; none
+-- while paused, while this node's slots are full or its lease has lapsed; a user at
+-- max_running_per_user and an exclusive job (its type in %(exclusive)s) whose repository
+-- has a job running on any node are passed over. Run after lock_queue, as a statement of
+-- its own (its snapshot then holds every claim committed before the lock was granted).
+-- pick is MATERIALIZED: inlined into the UPDATE, it would run again for every queued job.
+WITH me AS (
+    SELECT id FROM nodes
+    WHERE id = %(node)s AND ended_at IS NULL AND lease_until > jobd_now_us()
+      AND (SELECT count(*) FROM jobs WHERE status = 'running' AND node_id = %(node)s)
+          < %(workers)s
+      AND NOT EXISTS (SELECT 1 FROM meta WHERE key = 'paused' AND value = '1')),
+pick AS MATERIALIZED (
+    SELECT next.seq AS pick_seq, next.repository AS pick_repository
+    FROM me, dispatch_turns t
+    CROSS JOIN LATERAL (
+        SELECT q.seq, CASE WHEN q.type = ANY(%(exclusive)s::text[])
+                           THEN q.options::jsonb ->> 'repo_path' END AS repository
+        FROM jobs q
+        WHERE q.status = 'queued' AND q.user_id = t.user_id AND q.priority = t.priority
+          AND (NOT q.type = ANY(%(exclusive)s::text[]) OR NOT EXISTS (
+              SELECT 1 FROM jobs r WHERE r.status = 'running'
+              AND r.repository = q.options::jsonb ->> 'repo_path'))
+        ORDER BY q.seq LIMIT 1) AS next
+    WHERE t.queued > 0
+      AND (SELECT count(*) FROM jobs u WHERE u.status = 'running' AND u.user_id = t.user_id)
+          < %(max_running_per_user)s
+    ORDER BY t.priority DESC, t.turn
+    LIMIT 1)
+UPDATE jobs SET status = 'running', node_id = %(node)s, repository = pick.pick_repository,
+    attempts = attempts + 1, version = greatest(version + 1, %(now)s), updated_at = %(now)s,
+    started_at = %(now)s, completed_at = NULL, pgid = NULL, pgid_start = NULL
+FROM pick WHERE jobs.seq = pick.pick_seq AND jobs.status = 'queued'
+RETURNING {job_columns}
+
+-- lock_register --
+-- Node registration is one node at a time (the settings check and the insert)
+SELECT pg_advisory_xact_lock(%(key)s)
+
+-- register_node --
+-- A new node id for this start, with its first lease; refused (no row) while a live node
+-- runs with other cluster-wide settings. Run after lock_register, in its transaction.
+INSERT INTO nodes (host, state_dir, pid, workers, settings_hash, settings, started_at,
+                   lease_until)
+SELECT %(host)s, %(state_dir)s, %(pid)s, %(workers)s, %(hash)s, %(settings)s, jobd_now_us(),
+       jobd_now_us() + %(lease_us)s
+WHERE NOT EXISTS (SELECT 1 FROM nodes WHERE ended_at IS NULL
+                  AND lease_until > jobd_now_us() AND settings_hash <> %(hash)s)
+RETURNING id, lease_until
+
+-- differing_settings --
+-- What a refused node compares its settings with, to name the first difference
+SELECT id, host, settings FROM nodes
+WHERE ended_at IS NULL AND lease_until > jobd_now_us() AND settings_hash <> %(hash)s
+ORDER BY id LIMIT 1
+
+-- heartbeat --
+-- Renew this node's lease while it holds one, and read back what it runs: the jobs and
+-- whether their cancel was requested. No row: the lease is lost.
+WITH beat AS (
+    UPDATE nodes SET lease_until = jobd_now_us() + %(lease_us)s, beat = beat + 1
+    WHERE id = %(node)s AND ended_at IS NULL AND lease_until > jobd_now_us()
+    RETURNING id, beat, lease_until)
+SELECT beat.beat, beat.lease_until, j.id, j.attempts, j.cancel_requested
+FROM beat LEFT JOIN jobs j ON j.node_id = beat.id AND j.status = 'running'
+
+-- end_node --
+-- A clean stop: this node holds no lease any more, and is ended unless it still owns a
+-- running job (an end that could not be written), which a rescue or this host's next
+-- start then takes over
+UPDATE nodes SET lease_until = least(lease_until, jobd_now_us()),
+    ended_at = CASE WHEN EXISTS (SELECT 1 FROM jobs WHERE status = 'running'
+                                 AND node_id = %(node)s) THEN NULL ELSE jobd_now_us() END
+WHERE id = %(node)s AND ended_at IS NULL
+
+-- drop_lease --
+-- This node lost its lease (its own deadline passed, or a heartbeat found none): it ends
+-- now in the database's clock, so that its fenced writes are refused from now on; the row
+-- stays open for the rescue that takes its jobs over
+UPDATE nodes SET lease_until = least(lease_until, jobd_now_us()) WHERE id = %(node)s
+
+-- live_nodes --
+-- Every other node not ended yet, with its beat: the rescuer watches each one's beat on
+-- its own clock
+SELECT id, beat, lease_until < jobd_now_us() - %(margin_us)s FROM nodes
+WHERE ended_at IS NULL AND id <> %(node)s
+
+-- expired_node --
+-- Which node a rescue takes over: one whose lease ended more than %(margin_us)s ago by
+-- the database's clock, and whose beat the rescuer has watched stand still as long by its
+-- own. Ended in the same transaction, so a late heartbeat finds no lease to renew.
+UPDATE nodes SET ended_at = jobd_now_us()
+WHERE id = %(dead)s AND beat = %(beat)s AND ended_at IS NULL
+  AND lease_until < jobd_now_us() - %(margin_us)s
+RETURNING id
+
+-- earlier_nodes --
+-- Which nodes restart recovery takes over: this host's and state folder's earlier node
+-- ids, dead for certain (this node holds the folder's lock and has killed their recorded
+-- process groups), without waiting for their leases
+UPDATE nodes SET ended_at = jobd_now_us()
+WHERE host = %(host)s AND state_dir = %(state_dir)s AND id <> %(node)s AND ended_at IS NULL
+RETURNING id
+
+-- earlier_processes --
+-- The recorded process groups of the running jobs restart recovery takes over: this
+-- host's and state folder's earlier nodes', and a one-node jobd's (no node)
+SELECT j.id, j.pgid, j.pgid_start FROM jobs j
+WHERE j.status = 'running' AND j.pgid IS NOT NULL AND (j.node_id IS NULL OR j.node_id IN (
+    SELECT n.id FROM nodes n WHERE n.host = %(host)s AND n.state_dir = %(state_dir)s
+    AND n.id <> %(node)s AND n.ended_at IS NULL))
+
+-- nodes_jobs --
+-- The running jobs of the nodes a rescue ended (%(orphans)s: also those of no node, which
+-- a one-node jobd left), locked until the rescue commits
+SELECT node_id, {job_columns} FROM jobs
+WHERE status = 'running' AND (node_id = ANY(%(nodes)s::bigint[])
+                              OR %(orphans)s AND node_id IS NULL)
+ORDER BY seq FOR UPDATE
+
+-- end_sessions --
+-- A rescued node's sessions, ended: any lock a frozen node still holds goes, and its
+-- place in the notification queue (the owner of the database may end its own role's)
+SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+WHERE application_name = ANY(%(names)s::text[]) AND datname = current_database()
+  AND pid <> pg_backend_pid()
+
+-- node_names --
+-- What a node's sessions are called (pg_stat_activity), to end them after its rescue
+SELECT host, pid FROM nodes WHERE id = %(node)s

@@ -1,0 +1,431 @@
+"""Cluster mode (SPEC §11): this daemon as one node of several on one PostgreSQL database.
+
+Owns the node's identity, its lease and what follows from it (docs/cluster.md, sections
+5 and 6); used only with ``[storage] backend = "postgres"``, so a SQLite daemon never
+imports it.
+
+- **Registration**: every start is a new node id (``register``), refused while a live node
+  runs with other cluster-wide settings (``settings``: ``[execution]`` but ``workers``,
+  ``[auth]``, ``[types]``, ``[retention]``, ``[sync]`` and the handlers' registry, by
+  SHA-256 of their canonical JSON); the refusal names the first difference.
+- **Heartbeat** on a connection of its own (a long write batch never delays a lease):
+  every ``[cluster] heartbeat`` it renews the lease, by the database's clock, and reads
+  back the node's running jobs and their cancel requests (the fallback for a cancel
+  whose notification was lost).
+- **The node's own deadline** (``deadline``, ``CLOCK_BOOTTIME``): after a renewal that
+  held, the time it was *sent* + ``lease`` − ``heartbeat``; every job's supervisor is
+  given it (``process.run(lease=)``) and stops the job's processes on its own once it
+  passes, so a frozen or cut-off node's programs stop before its lease ends.
+- **Claims** (``claim_in``): the database picks what starts, under the queue lock, over
+  every node's jobs (``PostgresStore.claim_in``); each claimed attempt's writes are fenced
+  by (node id, attempt) and the lease.
+- **A lost lease** (no row from a heartbeat, the deadline passed first, or a write was
+  fenced and the next heartbeat fails): the node ends its lease now in the database's
+  clock (it fences itself), its deadline goes to 0 so every supervisor stops its
+  processes at once, it claims nothing more, stops its attempts (their fenced writes
+  change nothing: nothing is recorded for them) and waits for them; then it registers a
+  new node id and recovers its previous one at once, as a restart does.
+- **Rescue** (docs/cluster.md, section 7): after each heartbeat the node reads the other
+  live nodes' beats and watches each on its own clock; a node whose lease ended more
+  than ``cancel_grace`` + 1 s ago by the database's clock *and* whose beat this node has
+  seen stand still for ``lease`` + ``cancel_grace`` + 1 s is ended and its running jobs
+  taken over in one transaction under the queue lock, guarded by the beat it watched
+  (``expired_node``): requeued to resume, failed when not resumable or recovered
+  ``max_recoveries`` times, cancelled when a cancel was asked. Then its sessions are
+  ended. Never by how long a job has run.
+- **Restart recovery** (``recover``) covers only this host's and state folder's earlier
+  node ids (and jobs a one-node jobd left running): their recorded process groups are
+  killed, then they are taken over at once, without waiting for their leases.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import socket
+import threading
+import time
+from typing import Any, Callable, Mapping
+
+import psycopg
+import structlog
+
+from jobd import orphans
+from jobd.config import Config
+from jobd.models import Job, JobStatus
+from jobd.store.errors import StoreError
+from jobd.store.postgres import QUERIES, SESSION_NAME, PostgresStore, describe, from_pg
+from jobd.store.writer import Tx
+
+__all__ = ["NodeRefused", "Node", "REGISTER_KEY", "first_difference", "settings",
+           "settings_hash"]
+
+log = structlog.get_logger()
+
+#: taken (transaction-scoped) by a node's registration: the settings check and the insert
+REGISTER_KEY = 0x6A6F6264_00000004
+
+
+class NodeRefused(StoreError):
+    """This node may not join the cluster (its cluster-wide settings differ)."""
+
+
+def boottime() -> float:
+    """The clock of the node's own deadline: monotonic, and counting a suspended machine."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def settings(config: Config, handlers: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings every node of a cluster must share, as plain JSON values."""
+    execution = dataclasses.asdict(config.execution)
+    del execution["workers"]  # per node
+    return json.loads(json.dumps({
+        "execution": execution,
+        "auth": dataclasses.asdict(config.auth),
+        "types": {name: dataclasses.asdict(spec) for name, spec in config.types.items()},
+        "retention": dataclasses.asdict(config.retention),
+        "sync": dataclasses.asdict(config.sync),
+        "handlers": {name: {"exclusive": bool(h.exclusive), "resumable": bool(h.resumable)}
+                     for name, h in handlers.items()},
+    }, default=str))
+
+
+def settings_hash(values: Mapping[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of ``settings``."""
+    text = json.dumps(values, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _flat(values: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    if isinstance(values, dict) and values:
+        out: dict[tuple[str, ...], Any] = {}
+        for key, value in values.items():
+            out.update(_flat(value, prefix + (str(key),)))
+        return out
+    return {prefix: values}
+
+
+def first_difference(mine: Mapping[str, Any], theirs: Mapping[str, Any]) -> str | None:
+    """The first setting (in sorted order) that differs, as ``[section] key: A here, B
+    on``; None when they are the same."""
+    a, b = _flat(dict(mine)), _flat(dict(theirs))
+    for key in sorted(a.keys() | b.keys()):
+        if a.get(key, "(unset)") != b.get(key, "(unset)"):
+            name = f"[{key[0]}] {'.'.join(key[1:])}" if len(key) > 1 else f"[{key[0]}]"
+            return (f"{name}: {json.dumps(a.get(key, '(unset)'))} here, "
+                    f"{json.dumps(b.get(key, '(unset)'))} on")
+    return None
+
+
+#: a rescued job's end, by why its node is gone: (cancelled, failed, gave up, requeued)
+_TEXTS = {
+    "restart": ("cancelled (the daemon restarted while stopping)",
+                "interrupted by daemon restart",
+                "interrupted by {n} daemon restarts; gave up (max_recoveries = {max})",
+                "recovered after restart"),
+    "lost": ("cancelled (node {node} lost its lease while stopping)",
+             "interrupted: node {node} lost its lease",
+             "interrupted {n} times, last as node {node} lost its lease; gave up "
+             "(max_recoveries = {max})",
+             "recovered: node {node} lost its lease"),
+}
+
+
+def rescued_end(job: Job, resumable: bool, max_recoveries: int, why: str, node: int | None
+                ) -> tuple[JobStatus, dict[str, Any]]:
+    """What a job whose node is gone becomes (SPEC §6, §11), and its text: cancelled if its
+    cancel was asked, failed if not resumable or recovered ``max_recoveries`` times, else
+    queued to resume from its checkpoints. ``why``: ``restart`` or ``lost``."""
+    cancelled, failed, gave_up, requeued = (
+        t.format(node=node, n=job.recoveries + 1, max=max_recoveries) for t in _TEXTS[why])
+    if job.cancel_requested:
+        return JobStatus.CANCELLED, {"message": cancelled}
+    if not resumable:
+        return JobStatus.FAILED, {"error": failed}
+    if job.recoveries + 1 >= max_recoveries:
+        return JobStatus.FAILED, {"error": gave_up}
+    return JobStatus.QUEUED, {"message": requeued}
+
+
+class Node:
+    """This daemon's node of the cluster: its id, lease, heartbeat and claims.
+
+    ``clock`` is the deadline's clock (``boottime``); tests pass their own.
+    """
+
+    def __init__(self, config: Config, store: PostgresStore, handlers: Mapping[str, Any],
+                 *, clock: Callable[[], float] = boottime) -> None:
+        self.config = config
+        self.store = store
+        self.handlers = handlers
+        self.clock = clock
+        self.host = socket.gethostname()
+        self.id: int | None = None
+        #: told the id of each job this node runs whose cancel the database says was asked
+        self.on_cancel: Callable[[str], None] = lambda job_id: None
+        #: the lease is lost: stop every attempt and wait for their (fenced) ends
+        self.on_lost: Callable[[], None] = lambda: None
+        #: a new node id is registered after a loss, or jobs were rescued: claim
+        self.on_claimable: Callable[[], None] = lambda: None
+        #: other nodes' beats as this node last saw them change: id -> (beat, since)
+        self._watch: dict[int, tuple[int, float]] = {}
+        self._until: float | None = None
+        self._lost = False
+        self._conn: psycopg.Connection[Any] | None = None
+        self._conn_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        store.on_fenced = lambda job_id: self._wake.set()
+
+    # -- what the engine asks ------------------------------------------------------------
+
+    @property
+    def lost(self) -> bool:
+        return self._lost
+
+    def deadline(self) -> float | None:
+        """Until when (``CLOCK_BOOTTIME``) this node may run its jobs' processes: what every
+        supervisor is given (``process.run(lease=)``); 0 once the lease is lost."""
+        return self._until
+
+    def lapsed(self) -> str:
+        """A job's supervisor stopped its processes at the deadline: the lease is lost (the
+        node fences itself before the job's end is written, so nothing is recorded for
+        it). The reason, for the job's stop."""
+        self._lose("its deadline passed before a heartbeat renewed the lease")
+        return "the node lost its lease"
+
+    def claim_in(self, tx: Tx, slots: int) -> list[Job]:
+        """Start up to ``slots`` jobs for this node inside ``tx`` (none once the lease is lost)."""
+        if self._lost or self.id is None:
+            return []
+        ex = self.config.execution
+        return self.store.claim_in(
+            tx, node=self.id, slots=slots, workers=ex.workers,
+            max_running_per_user=ex.max_running_per_user,
+            exclusive=sorted(name for name, h in self.handlers.items() if h.exclusive))
+
+    # -- registering, beating, stopping --------------------------------------------------
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            if self._conn is not None:
+                self._conn.close()
+            name = f"jobd node {self.id}" if self.id is not None else "jobd node"
+            self._conn = psycopg.connect(self.store.dsn, autocommit=True, connect_timeout=10,
+                                         application_name=name)
+            # a heartbeat that cannot be answered in time is as good as lost
+            self._conn.execute(f"SET statement_timeout = "
+                               f"{int(self.config.cluster.heartbeat * 1000)}")
+        return self._conn
+
+    def register(self) -> int:
+        """Register a new node id with its first lease; NodeRefused naming the first
+        differing setting while a live node runs with other cluster-wide settings."""
+        mine = settings(self.config, self.handlers)
+        digest = settings_hash(mine)
+        lease = self.config.cluster
+        where = describe(self.store.dsn)
+        sent = self.clock()
+        try:
+            with self._conn_lock:
+                conn = self._connection()
+                with conn.transaction():
+                    conn.execute(QUERIES["lock_register"], {"key": REGISTER_KEY})
+                    row = conn.execute(QUERIES["register_node"], {
+                        "host": self.host, "state_dir": str(self.config.state_dir),
+                        "pid": os.getpid(), "workers": self.config.execution.workers,
+                        "hash": digest, "settings": json.dumps(mine),
+                        "lease_us": int(lease.lease * 1_000_000)}).fetchone()
+                    other = None if row is not None else conn.execute(
+                        QUERIES["differing_settings"], {"hash": digest}).fetchone()
+                if row is not None:
+                    conn.execute(f"SET application_name = 'jobd node {int(row[0])}'")
+        except psycopg.Error as e:
+            raise StoreError(f"{where}: cannot register this node: "
+                             f"{from_pg(e, where)}") from None
+        if row is None:
+            assert other is not None
+            node, host, theirs = other
+            what = first_difference(mine, theirs) or "the settings"
+            raise NodeRefused(
+                f"{where}: this node's cluster-wide settings differ from the live nodes': "
+                f"{what} node {node} (host {host}); give every node the same [execution] "
+                "(but workers), [auth], [types], [retention] and [sync], then start it again")
+        self.id, self._lost = int(row[0]), False
+        self._until = sent + lease.lease - lease.heartbeat
+        log.info("node_registered", node_id=self.id, host=self.host,
+                 state_dir=str(self.config.state_dir), lease_s=lease.lease)
+        return self.id
+
+    def start(self) -> None:
+        """Beat every ``[cluster] heartbeat`` on a thread of its own, until ``stop``."""
+        self._thread = threading.Thread(target=self._loop, name="jobd-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        every = self.config.cluster.heartbeat
+        while not self._stopping.is_set():
+            self._wake.wait(every)
+            self._wake.clear()
+            if self._stopping.is_set():
+                break
+            try:
+                if self._lost:
+                    self.rejoin()
+                elif self.beat():
+                    self.rescue()
+            except Exception:  # the heartbeat never dies: the next turn tries again
+                log.exception("node_heartbeat_crashed", node_id=self.id)
+
+    def beat(self) -> bool:
+        """One heartbeat: the lease renewed (True), or lost; a heartbeat that fails (the
+        database unreachable) changes nothing until the node's own deadline passes."""
+        lease = self.config.cluster
+        sent = self.clock()
+        try:
+            with self._conn_lock:
+                rows = self._connection().execute(QUERIES["heartbeat"], {
+                    "node": self.id, "lease_us": int(lease.lease * 1_000_000)}).fetchall()
+        except psycopg.Error as e:
+            log.warning("node_heartbeat_failed", node_id=self.id, error=str(e).strip())
+            if self._until is not None and self.clock() >= self._until:
+                self._lose("no heartbeat renewed the lease before the node's deadline")
+            return False
+        if not rows:
+            self._lose("the database holds no lease for it (lapsed, or rescued)")
+            return False
+        if not self._lost:
+            self._until = sent + lease.lease - lease.heartbeat
+        for _, _, job_id, _, cancel_requested in rows:
+            if job_id is not None and cancel_requested:
+                self.on_cancel(job_id)
+        return True
+
+    def _lose(self, why: str) -> None:
+        """The lease is lost: every supervisor stops its processes now, no claim starts
+        anything, and the node's row is ended so that no write of it can land."""
+        if self._lost:
+            return
+        self._lost, self._until = True, 0.0
+        log.warning("node_lease_lost", node_id=self.id, reason=why)
+        self._execute("drop_lease", node=self.id)
+        self._wake.set()
+
+    def _execute(self, query: str, **params: Any) -> list[Any] | None:
+        """A statement of the node's own on its connection: its rows, None if it failed
+        (logged; what it would have done happens by the lease's end anyway)."""
+        try:
+            with self._conn_lock:
+                cur = self._connection().execute(QUERIES[query], params)
+                return cur.fetchall() if cur.description else []
+        except psycopg.Error as e:
+            log.warning("node_statement_failed", node_id=self.id, statement=query,
+                        error=str(e).strip())
+            return None
+
+    def rejoin(self) -> None:
+        """After a lost lease: stop every attempt and wait for their fenced ends, register a
+        new node id (refused: tried again at the next heartbeat) and recover the previous
+        one at once (its processes are dead: the supervisors stopped them)."""
+        self.on_lost()
+        old = self.id
+        try:
+            self.register()
+        except StoreError as e:
+            log.error("node_register_failed", previous_node_id=old, error=str(e))
+            return
+        self.recover("lost", old)
+        self.on_claimable()
+
+    # -- rescue and recovery ---------------------------------------------------------------
+
+    def _margin(self) -> float:
+        """How long after a lease's end its node may be rescued: ``cancel_grace`` + 1 s."""
+        return self.config.execution.cancel_grace + 1.0
+
+    def _decide(self, why: str, node: int | None) -> Callable[[Job], tuple[JobStatus,
+                                                                          dict[str, Any]]]:
+        max_recoveries = self.config.execution.max_recoveries
+
+        def decide(job: Job) -> tuple[JobStatus, dict[str, Any]]:
+            handler = self.handlers.get(job.type)
+            return rescued_end(job, handler is not None and handler.resumable,
+                               max_recoveries, why, node)
+        return decide
+
+    def recover(self, why: str = "restart", previous: int | None = None) -> list[Job]:
+        """Restart recovery: kill the recorded process groups of this host's and state
+        folder's earlier nodes' running jobs, then take those jobs over at once (and any a
+        one-node jobd left running); the jobs as they are now. ``why``: ``lost`` after a
+        lost lease (``previous``: the node id it had), ``restart`` at a start."""
+        assert self.id is not None
+        where = {"host": self.host, "state_dir": str(self.config.state_dir), "node": self.id}
+        for job_id, pgid, start in self.store.earlier_processes(**where):
+            killed = orphans.kill_orphan_group(pgid, start)
+            if killed:
+                log.warning("orphan_processes_killed", job_id=job_id, pgid=pgid, count=killed)
+        nodes, moved = self.store.write(lambda tx: self.store.rescue_in(
+            tx, "earlier_nodes", self._decide(why, previous), orphans=True, **where))
+        for _, job in moved:
+            orphans.kill_marked(job.id)  # what the recorded group missed
+            log.info("job_recovered" if job.status is JobStatus.QUEUED else "job_" + str(
+                job.status), job_id=job.id, user_id=job.user_id, type=job.type,
+                reason=why)
+        for node in nodes:
+            log.info("node_rescued", node_id=node, by=self.id, reason=why,
+                     jobs=sum(1 for owner, _ in moved if owner == node))
+        return [job for _, job in moved]
+
+    def rescue(self) -> list[Job]:
+        """Watch the other live nodes' beats (on this node's clock) and rescue each whose
+        lease ended more than the margin ago and whose beat stood still as long."""
+        margin = self._margin()
+        rows = self._execute("live_nodes", node=self.id, margin_us=int(margin * 1_000_000))
+        if rows is None:
+            return []
+        now, wait = self.clock(), self.config.cluster.lease + margin
+        seen, moved = {}, []
+        for node, beat, expired in rows:
+            before = self._watch.get(node)
+            since = before[1] if before is not None and before[0] == beat else now
+            seen[node] = (beat, since)
+            if expired and now - since >= wait:
+                moved += self._rescue(node, beat, margin)
+        self._watch = seen
+        if moved:
+            self.on_claimable()
+        return moved
+
+    def _rescue(self, node: int, beat: int, margin: float) -> list[Job]:
+        names = self._execute("node_names", node=node) or []
+        nodes, moved = self.store.write(lambda tx: self.store.rescue_in(
+            tx, "expired_node", self._decide("lost", node), dead=node, beat=beat,
+            margin_us=int(margin * 1_000_000)))
+        if not nodes:
+            return []  # it beat meanwhile, or another node rescued it first
+        log.warning("node_rescued", node_id=node, jobs=len(moved), by=self.id, reason="lost",
+                    requeued=sum(j.status is JobStatus.QUEUED for _, j in moved))
+        # its heartbeat's, and its store's (named by host and pid: never this process's own)
+        sessions = [f"jobd node {node}"] + [name for host, pid in names
+                                            if (name := f"jobd on {host} pid {pid}"[:63])
+                                            != SESSION_NAME]
+        self._execute("end_sessions", names=sessions)
+        return [job for _, job in moved]
+
+    def stop(self) -> None:
+        """A clean stop: the heartbeat ends, then the node's row (after the engine wrote
+        its jobs' ends, which the lease fences)."""
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self.id is not None and not self._lost:
+            self._execute("end_node", node=self.id)
+        with self._conn_lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None

@@ -1,0 +1,96 @@
+"""A real jobd as a cluster node on the tests' private PostgreSQL (SPEC §11): it registers
+a node and says so, and when it is frozen (SIGSTOP) past its lease its job's processes
+are stopped by their supervisor at the node's deadline, while the daemon itself is still
+stopped; resumed, it finds its lease lost, records nothing for the old attempt, and
+comes back as a new node that takes its previous id's job over."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+import pg
+from conftest import FAST_CONFIG, Daemon, group_alive, result_of, wait_for
+from test_postgres_daemon import connect, make_pg_daemon  # noqa: F401 (a fixture)
+
+pytest_plugins = ["pg"]
+
+#: a short lease: the node's deadline is 1.5 s after its last heartbeat
+SHORT_LEASE = FAST_CONFIG + '\n[cluster]\nlease = "2s"\nheartbeat = "0.5s"\n'
+
+
+@pytest.fixture
+def dsn(pg_dsn: str) -> str:
+    return pg_dsn
+
+
+def row(dsn: str, sql: str, *args: Any) -> Any:
+    with connect(dsn) as conn:
+        return conn.execute(sql, args).fetchone()
+
+
+def events_named(d: Daemon, name: str) -> list[dict[str, Any]]:
+    return [e for e in d.log_events() if e.get("event") == name]
+
+
+def test_a_node_registers_and_its_jobs_run_under_its_id(
+        make_pg_daemon: Callable[..., Daemon], dsn: str) -> None:
+    d = make_pg_daemon(SHORT_LEASE)
+    (registered,) = events_named(d, "node_registered")
+    job = result_of(d, "jobs.submit", type="command", options={"argv": ["sleep", "30"]})
+    wait_for(lambda: result_of(d, "jobs.get", job_id=job["id"])["status"] == "running",
+             what="the job to start")
+    assert row(dsn, "SELECT node_id FROM jobs WHERE id = %s", job["id"]) == (
+        registered["node_id"],)
+    time.sleep(2.5)  # past the first lease: the heartbeat keeps it
+    assert result_of(d, "jobs.get", job_id=job["id"])["status"] == "running"
+    stopped = result_of(d, "jobs.cancel", job_id=job["id"], wait=True)
+    assert stopped["status"] == "cancelled"
+    assert d.stop() == 0
+    assert row(dsn, "SELECT ended_at IS NOT NULL FROM nodes WHERE id = %s",
+               registered["node_id"]) == (True,)
+
+
+def test_a_frozen_nodes_job_stops_at_its_deadline_and_its_late_end_changes_nothing(
+        make_pg_daemon: Callable[..., Daemon], dsn: str, tmp_path: Path) -> None:
+    d = make_pg_daemon(SHORT_LEASE)
+    (registered,) = events_named(d, "node_registered")
+    marker = tmp_path / "pgid"
+    job = result_of(d, "jobs.submit", type="command", options={
+        "argv": ["sh", "-c", f"sleep 60 & echo $$ > {marker}; wait"]})
+    pgid = int(wait_for(lambda: marker.exists() and marker.read_text().strip(),
+                        what="the command to start"))
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGSTOP)
+    frozen = time.monotonic()
+    try:
+        # the supervisor, not frozen with its node, stops the group at the deadline
+        wait_for(lambda: group_alive(pgid) == [], timeout=8, what="the group to be stopped")
+        assert time.monotonic() - frozen < 1.5 + 1 + 1.5  # deadline + cancel_grace + slack
+        time.sleep(max(0.0, 2.2 - (time.monotonic() - frozen)))  # past the lease too
+    finally:
+        d.proc.send_signal(signal.SIGCONT)
+    wait_for(lambda: events_named(d, "node_lease_lost"), what="the node to see its loss")
+    # it comes back as a new node, which takes its previous id's job over at once
+    wait_for(lambda: len(events_named(d, "node_registered")) == 2, what="a new node id")
+    done = wait_for(lambda: (j := result_of(d, "jobs.get", job_id=job["id"]))["status"]
+                    != "running" and j, what="the old attempt to be taken over")
+    old = registered["node_id"]
+    assert done["status"] == "failed" and done["attempts"] == 1, done
+    assert done["error"] == f"interrupted: node {old} lost its lease"
+    # the zombie recorded nothing of its own: one end, the rescue's
+    statuses = [e["status"] for e in result_of(d, "jobs.events", job_id=job["id"])]
+    assert statuses == ["created", "queued", "running", "failed"], statuses
+    assert events_named(d, "job_end_unrecorded")
+    (new,) = [e["node_id"] for e in events_named(d, "node_registered")][1:]
+    assert new != old
+    assert row(dsn, "SELECT ended_at IS NOT NULL FROM nodes WHERE id = %s", old) == (True,)
+    # and it runs jobs again, as the new node
+    again = result_of(d, "jobs.submit", type="noop")
+    assert wait_for(lambda: (j := result_of(d, "jobs.get", job_id=again["id"]))["status"]
+                    == "completed" and j)
+    assert d.stop() == 0

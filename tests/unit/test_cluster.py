@@ -1,0 +1,451 @@
+"""Cluster mode's node on the tests' private PostgreSQL (jobd.cluster): registration refused
+with the first differing setting named, the heartbeat and the node's own deadline, claims
+exact under the queue lock with racing nodes and in round-robin order, and fencing: a
+node whose lease lapsed, or whose attempt is no longer its own, changes nothing.
+
+Several nodes in one process: each is a store with a writer of its own on the one
+database (the one-node lock of the second and third is another key, as in
+test_store_pg), and a ``Node`` on it.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from jobd import config as jobd_config
+from jobd.handlers import load_handlers
+from jobd.models import JobStatus
+from jobd.rules import Rules
+from jobd.store import StateConflict
+
+import pg
+from test_store import new_job
+
+pytest_plugins = ["pg"]
+
+
+def node_config(tmp_path: Path, dsn: str, name: str, *, lease: str = "10s",
+                heartbeat: str = "2s", workers: int = 4, max_running_per_user: int = 3,
+                extra: str = "") -> Any:
+    state = tmp_path / name
+    state.mkdir(exist_ok=True)
+    conf = tmp_path / f"{name}.toml"
+    conf.write_text(f"""
+[storage]
+backend = "postgres"
+dsn = "{dsn}"
+state_dir = "{state}"
+[cluster]
+lease = "{lease}"
+heartbeat = "{heartbeat}"
+[execution]
+workers = {workers}
+max_running_per_user = {max_running_per_user}
+{extra}
+""")
+    return jobd_config.load(conf, env={})
+
+
+class Cluster:
+    """Nodes on one database, each its own store and Node; closed at the end."""
+
+    def __init__(self, tmp_path: Path, dsn: str) -> None:
+        self.tmp_path, self.dsn = tmp_path, dsn
+        self.parts: list[tuple[Any, Any]] = []
+
+    def node(self, name: str | None = None, **kw: Any) -> Any:
+        """A node (``name``: its state folder's, by default its own)."""
+        from jobd.cluster import Node
+        from jobd.store.postgres import PostgresStore
+        config = node_config(self.tmp_path, self.dsn, name or f"n{len(self.parts)}", **kw)
+        store = PostgresStore(self.dsn)
+        store.node_key += 1000 * len(self.parts)  # the one-node guard: another key each
+        store.open()
+        node = Node(config, store, load_handlers(config))
+        self.parts.append((store, node))
+        return node
+
+    def close(self) -> None:
+        for store, node in self.parts:
+            node.stop()
+            store.close()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, pg_dsn: str) -> Iterator[Cluster]:
+    c = Cluster(tmp_path, pg_dsn)
+    yield c
+    c.close()
+
+
+def submit(store: Any, user: str = "alice", **kw: Any) -> Any:
+    kw.setdefault("type", "noop")
+    kw.setdefault("project", None)
+    return store.submit_job(new_job(user=user, **kw), actor=user, rules=Rules())[0]
+
+
+def claim(node: Any, slots: int = 1) -> list[Any]:
+    return node.store.write(lambda tx: node.claim_in(tx, slots))
+
+
+def rows(dsn: str, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+    import psycopg
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return conn.execute(sql, args).fetchall()
+
+
+# -- registration ------------------------------------------------------------------------------
+
+def test_each_start_is_a_new_node_and_other_settings_are_refused_naming_the_first(
+        cluster: Cluster) -> None:
+    from jobd.cluster import NodeRefused
+    a = cluster.node(max_running_per_user=3)
+    b = cluster.node(max_running_per_user=3, workers=8)  # workers is per node
+    assert {a.register(), b.register()} == {1, 2}
+    c = cluster.node(max_running_per_user=5)
+    with pytest.raises(NodeRefused, match=r"\[execution\] max_running_per_user: 5 here, 3 on "
+                                          r"node 1 \(host "):
+        c.register()
+    assert c.id is None
+    a.stop(), b.stop()  # ended: their settings bind no one
+    assert c.register() == 3  # the refused try took no id
+
+
+def test_a_lapsed_node_no_longer_binds_the_settings(cluster: Cluster) -> None:
+    a = cluster.node(lease="1s", heartbeat="0.3s", max_running_per_user=3)
+    a.register()
+    b = cluster.node(lease="1s", heartbeat="0.3s", max_running_per_user=4)
+    time.sleep(1.1)
+    assert b.register() == 2
+
+
+# -- heartbeat, deadline, fencing --------------------------------------------------------------
+
+def test_the_heartbeat_renews_the_lease_and_moves_the_deadline(cluster: Cluster) -> None:
+    clock = [100.0]
+    a = cluster.node(lease="1s", heartbeat="0.3s")
+    a.clock = lambda: clock[0]
+    a.register()
+    assert a.deadline() == pytest.approx(100.7)
+    for _ in range(4):  # 1.6 s of beats: past the first lease, still held
+        time.sleep(0.4)
+        clock[0] += 0.4
+        assert a.beat()
+    assert a.deadline() == pytest.approx(clock[0] + 0.7)
+    (until,), = rows(cluster.dsn, "SELECT lease_until - jobd_now_us() FROM nodes WHERE id = %s",
+                     a.id)
+    assert 0 < until <= 1_000_000
+
+
+def test_a_node_whose_lease_lapsed_changes_nothing_and_knows_it(cluster: Cluster) -> None:
+    from jobd.store.errors import Fenced
+    a = cluster.node(lease="1s", heartbeat="0.3s")
+    a.register()
+    job = submit(a.store)
+    other = submit(a.store)
+    started = claim(a, 2)
+    assert [j.id for j in started] == [job.id, other.id]
+    a.store.save_checkpoint(job.id, "init", {"n": 1})  # while the lease holds: written
+    time.sleep(1.1)  # no heartbeat: the lease lapses in the database's clock
+    with pytest.raises(Fenced, match="nothing was written"):
+        a.store.finish_job(job.id, JobStatus.COMPLETED)
+    with pytest.raises(Fenced):
+        a.store.save_checkpoint(other.id, "git_sync", {"n": 2})
+    assert a.store.update_progress(other.id, progress=50, phase=None,
+                                   message="late").result() is None
+    a.store.set_process(other.id, 4242, 1)
+    assert not a.beat() and a.lost and a.deadline() == 0.0
+    assert claim(a) == []
+    got = rows(cluster.dsn, "SELECT id, status, progress, pgid, node_id FROM jobs ORDER BY seq")
+    assert got == [(job.id, "running", 0.0, None, a.id), (other.id, "running", 0.0, None, a.id)]
+    assert rows(cluster.dsn, "SELECT phase FROM job_checkpoints") == [("init",)]
+    # its lease ends now; the row stays for the rescue that takes its jobs over
+    assert rows(cluster.dsn, "SELECT ended_at IS NULL, lease_until <= jobd_now_us() "
+                             "FROM nodes WHERE id = %s", a.id) == [(True, True)]
+
+
+def test_a_write_for_an_attempt_that_is_no_longer_the_nodes_is_refused(
+        cluster: Cluster) -> None:
+    from jobd.store.errors import Fenced
+    a = cluster.node()
+    a.register()
+    job = submit(a.store)
+    claim(a)
+    # the job as another node would hold it after a rescue: a later attempt
+    rows(cluster.dsn, "UPDATE jobs SET attempts = attempts + 1 WHERE id = %s RETURNING 1", job.id)
+    with pytest.raises(Fenced) as refused:
+        a.store.finish_job(job.id, JobStatus.FAILED, error="late")
+    assert isinstance(refused.value, StateConflict)  # the engine records nothing for it
+    assert a.beat()  # the node's own lease is fine
+    assert rows(cluster.dsn, "SELECT status, error FROM jobs") == [("running", None)]
+
+
+def test_an_attempt_that_ends_in_time_is_written_and_frees_its_slot(cluster: Cluster) -> None:
+    a = cluster.node(workers=1)
+    a.register()
+    first, second = submit(a.store), submit(a.store)
+    assert [j.id for j in claim(a, 2)] == [first.id]  # one worker
+    assert claim(a) == []
+    a.store.save_checkpoint(first.id, "init", {"n": 1})
+    done = a.store.finish_job(first.id, JobStatus.COMPLETED)
+    assert done.status is JobStatus.COMPLETED and first.id not in a.store.fences
+    assert [j.id for j in claim(a)] == [second.id]
+    assert rows(cluster.dsn, "SELECT status, node_id FROM jobs ORDER BY seq") == [
+        ("completed", None), ("running", a.id)]
+
+
+# -- claims ------------------------------------------------------------------------------------
+
+def test_claims_pick_what_the_dispatcher_of_one_node_would(cluster: Cluster) -> None:
+    """Random submits (users, priorities, exclusive repositories), claims and ends: each
+    claim starts the job ``jobd.dispatch.Dispatcher.take`` picks for the same queue."""
+    from jobd.dispatch import Dispatcher
+    a = cluster.node(workers=4, max_running_per_user=2)
+    a.register()
+    mirror = Dispatcher(workers=4, max_running_per_user=2)
+    rng = random.Random(3)
+    running: dict[str, Any] = {}
+    claims = 0
+    for _ in range(250):
+        roll = rng.random()
+        if roll < 0.45:
+            user, priority = rng.choice("abcde"), rng.choice((0, 0, 5, -3))
+            if rng.random() < 0.3:
+                job = submit(a.store, user, type="sync", project="p", priority=priority,
+                             options={"repo_path": rng.choice(("/r/1", "/r/2", "/r/3"))})
+            else:
+                job = submit(a.store, user, priority=priority)
+            mirror.add(job, exclusive=job.type == "sync")
+        elif roll < 0.75 or not running:
+            expected = mirror.take()
+            got = claim(a)
+            assert [j.id for j in got] == ([expected.job_id] if expected else []), claims
+            claims += 1
+            if expected is not None:
+                running[expected.job_id] = expected
+        else:
+            job_id = rng.choice(sorted(running))
+            a.store.finish_job(job_id, JobStatus.COMPLETED)
+            mirror.finish(running.pop(job_id))
+    assert claims > 50
+
+
+def test_paused_nothing_is_claimed(cluster: Cluster) -> None:
+    a = cluster.node()
+    a.register()
+    submit(a.store)
+    a.store.set_meta("paused", "1")
+    assert claim(a) == []
+    a.store.set_meta("paused", None)
+    assert len(claim(a)) == 1
+
+
+def test_racing_nodes_keep_every_limit_across_the_cluster(cluster: Cluster) -> None:
+    """Three nodes claim and end at random while a sampler reads, in one snapshot, the
+    most jobs running per user, per repository and per node: never above the limits."""
+    nodes = [cluster.node(workers=4, max_running_per_user=2) for _ in range(3)]
+    for node in nodes:
+        node.register()
+    users, repos = ["u1", "u2", "u3", "u4", "u5"], ["/r/a", "/r/b", "/r/c"]
+    rng = random.Random(7)
+    for i in range(300):
+        user = rng.choice(users)
+        if i % 3 == 0:  # exclusive on a shared repository
+            submit(nodes[0].store, user, type="sync", project="p",
+                   options={"repo_path": rng.choice(repos)})
+        else:
+            submit(nodes[0].store, user)
+    stop = threading.Event()
+    worst = [0, 0, 0]
+    errors: list[BaseException] = []
+
+    def run(node: Any) -> None:
+        mine: list[str] = []
+        r = random.Random(node.id)
+        try:
+            while not stop.is_set():
+                mine += [j.id for j in claim(node, 4 - len(mine))]
+                if mine and r.random() < 0.6:
+                    node.store.finish_job(mine.pop(r.randrange(len(mine))),
+                                          JobStatus.COMPLETED)
+        except BaseException as e:
+            errors.append(e)
+
+    def sample() -> None:
+        import psycopg
+        with psycopg.connect(cluster.dsn, autocommit=True) as conn:
+            while not stop.is_set():
+                got = conn.execute("""
+                    SELECT (SELECT coalesce(max(n), 0) FROM (SELECT count(*) n FROM jobs
+                            WHERE status = 'running' GROUP BY user_id) u),
+                           (SELECT coalesce(max(n), 0) FROM (SELECT count(*) n FROM jobs
+                            WHERE status = 'running' AND repository IS NOT NULL
+                            GROUP BY repository) r),
+                           (SELECT coalesce(max(n), 0) FROM (SELECT count(*) n FROM jobs
+                            WHERE status = 'running' GROUP BY node_id) n)""").fetchone()
+                for i, v in enumerate(got):
+                    worst[i] = max(worst[i], v)
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in nodes]
+    threads.append(threading.Thread(target=sample))
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not errors and rows(
+            cluster.dsn, "SELECT 1 FROM jobs WHERE status = 'queued' LIMIT 1"):
+        time.sleep(0.05)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert worst[0] == 2 and worst[1] == 1 and 1 <= worst[2] <= 4, worst
+    assert rows(cluster.dsn, "SELECT count(*) FROM jobs WHERE status = 'queued'") == [(0,)]
+    # every job started once
+    assert rows(cluster.dsn, "SELECT max(attempts) FROM jobs") == [(1,)]
+
+
+# -- rescue and recovery -----------------------------------------------------------------------
+
+FAST_GRACE = '[execution]\ncancel_grace = "0.2s"\nmax_recoveries = 3\n'
+
+
+def lapse(node: Any) -> None:
+    """``node`` is cut off: no more heartbeats; its lease (1 s) ends in the database."""
+    node.stop = lambda: None  # as a dead node: nothing ends its row
+    time.sleep(1.05)
+
+
+def test_rescue_takes_a_lost_nodes_jobs_as_a_restart_would(cluster: Cluster) -> None:
+    """The rescue rules as a table: resumable requeued to resume, not resumable failed,
+    cancel requested cancelled, recovered max_recoveries times failed."""
+    a = cluster.node(lease="1s", heartbeat="0.3s", extra=FAST_GRACE.replace(
+        "[execution]\n", ""), workers=10)
+    a.register()
+    jobs = {
+        "resumable": submit(a.store, type="noop"),
+        "not resumable": submit(a.store, "bob", type="command", options={"argv": ["true"]}),
+        "cancel asked": submit(a.store, "cy", type="noop"),
+        "recovered twice": submit(a.store, "dee", type="noop"),
+    }
+    assert len(claim(a, 10)) == 4
+    a.store.save_checkpoint(jobs["resumable"].id, "init", {"step": 1})
+    a.store.cancel_job(jobs["cancel asked"].id, actor="cy")
+    rows(cluster.dsn, "UPDATE jobs SET recoveries = 2 WHERE id = %s RETURNING 1",
+         jobs["recovered twice"].id)
+    clock = [0.0]
+    b = cluster.node(extra=FAST_GRACE.replace("[execution]\n", ""))  # a 10 s lease
+    b.clock = lambda: clock[0]
+    b.register()
+    assert b.rescue() == []  # its first sight of a's beat
+    lapse(a)
+    clock[0] += 10 + 1.2  # b's lease + cancel_grace + 1 s of a standing beat
+    time.sleep(1.25)  # and as long past the lease's end by the database's clock
+    moved = {j.id: j for j in b.rescue()}
+    got = {what: (moved[j.id].status.value, moved[j.id].error or moved[j.id].message)
+           for what, j in jobs.items()}
+    assert got == {
+        "resumable": ("queued", f"recovered: node {a.id} lost its lease"),
+        "not resumable": ("failed", f"interrupted: node {a.id} lost its lease"),
+        "cancel asked": ("cancelled", f"cancelled (node {a.id} lost its lease while stopping)"),
+        "recovered twice": ("failed", f"interrupted 3 times, last as node {a.id} lost its "
+                                      "lease; gave up (max_recoveries = 3)"),
+    }
+    assert rows(cluster.dsn, "SELECT phase FROM job_checkpoints") == [("init",)]
+    assert rows(cluster.dsn, "SELECT count(*) FROM jobs WHERE node_id IS NOT NULL") == [(0,)]
+    assert rows(cluster.dsn, "SELECT ended_at IS NOT NULL FROM nodes WHERE id = %s",
+                a.id) == [(True,)]
+    # the requeued job resumes on b: a new attempt, its checkpoint kept
+    (again,) = claim(b)
+    assert again.id == jobs["resumable"].id and again.attempts == 2
+    assert b.store.load_checkpoints(again.id) == {"init": {"step": 1}}
+    # a's late writes change nothing
+    from jobd.store.errors import Fenced
+    with pytest.raises(Fenced):
+        a.store.finish_job(again.id, JobStatus.COMPLETED)
+    assert claim(a) == []
+
+
+@pytest.mark.parametrize("case", ["lease holds", "within the margin", "beat moved",
+                                  "beat not watched long enough"])
+def test_no_rescue_before_both_clocks_say_the_node_is_gone(cluster: Cluster, case: str) -> None:
+    grace = FAST_GRACE.replace("[execution]\n", "")
+    a = cluster.node(lease="1s", heartbeat="0.3s", extra=grace)
+    a.register()
+    job = submit(a.store)
+    claim(a)
+    clock = [0.0]
+    b = cluster.node(lease="1s", heartbeat="0.3s", extra=grace)
+    b.clock = lambda: clock[0]
+    b.register()
+    b.rescue()
+    if case == "lease holds":
+        for _ in range(8):
+            time.sleep(0.3)
+            assert a.beat()
+        clock[0] += 100  # b's own watch alone never rescues
+    elif case == "within the margin":
+        lapse(a)  # ended 0 s ago by the database's clock: within cancel_grace + 1 s
+        clock[0] += 100
+    elif case == "beat moved":
+        time.sleep(0.5)
+        assert a.beat()  # a beat b has not seen yet
+        lapse(a)
+        time.sleep(1.25)
+        clock[0] += 100
+        assert b.rescue() == []  # b sees the new beat now, and starts watching again
+    else:
+        lapse(a)
+        time.sleep(1.25)
+        clock[0] += 2.0  # below lease + margin (2.2 s)
+    assert b.rescue() == []
+    assert rows(cluster.dsn, "SELECT status, node_id FROM jobs WHERE id = %s", job.id) == [
+        ("running", a.id)]
+
+
+def test_restart_recovery_takes_only_this_hosts_and_state_folders_earlier_nodes(
+        cluster: Cluster) -> None:
+    here = cluster.node("here")
+    there = cluster.node("there")
+    here.register(), there.register()
+    mine, theirs = submit(here.store), submit(there.store, "bob")
+    claim(here), claim(there)
+    # a node left running jobs before a one-node jobd's upgrade: no node
+    orphan = submit(here.store, "cy")
+    here.store.start_job(orphan.id)
+    again = cluster.node("here")  # this state folder's next start
+    again.register()
+    moved = {j.id: j.status for j in again.recover()}
+    assert moved == {mine.id: JobStatus.QUEUED, orphan.id: JobStatus.QUEUED}
+    assert rows(cluster.dsn, "SELECT status, node_id FROM jobs WHERE id = %s", theirs.id) == [
+        ("running", there.id)]
+    assert rows(cluster.dsn, "SELECT id FROM nodes WHERE ended_at IS NOT NULL") == [(here.id,)]
+
+
+def test_a_node_that_lost_its_lease_stops_its_attempts_and_comes_back_as_a_new_node(
+        cluster: Cluster) -> None:
+    a = cluster.node(lease="1s", heartbeat="0.3s")
+    a.register()
+    old = a.id
+    job, other = submit(a.store), submit(a.store, "bob", type="command",
+                                           options={"argv": ["true"]})
+    claim(a, 2)
+    stopped: list[bool] = []
+    a.on_lost = lambda: stopped.append(True)
+    time.sleep(1.05)
+    assert not a.beat() and a.lost and a.deadline() == 0.0
+    a.rejoin()
+    assert stopped == [True] and not a.lost and a.id != old
+    assert a.deadline() is not None and a.deadline() > 0
+    assert rows(cluster.dsn, "SELECT status, node_id FROM jobs ORDER BY seq") == [
+        ("queued", None), ("failed", None)]
+    assert rows(cluster.dsn, "SELECT error FROM jobs WHERE id = %s", other.id) == [
+        (f"interrupted: node {old} lost its lease",)]
+    (resumed,) = claim(a)
+    assert resumed.id == job.id and resumed.attempts == 2
+    a.store.finish_job(job.id, JobStatus.COMPLETED)  # the new id's fence holds
