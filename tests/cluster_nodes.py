@@ -43,7 +43,8 @@ import pytest
 from conftest import Daemon
 
 __all__ = ["CANCEL_GRACE", "TIMING", "Checker", "Cluster", "Node", "RunLedger", "Timing",
-           "cluster_mode_built", "connect", "needs_cluster_mode", "toml_table"]
+           "cluster_mode_built", "connect", "has_cluster_schema", "needs_cluster_mode",
+           "toml_table", "waits_for"]
 
 #: SIGTERM, then SIGKILL after this, on every node (a cluster-wide setting)
 CANCEL_GRACE = 0.5
@@ -77,7 +78,17 @@ EXCLUSIVE_BUILTINS = ("sync", "index")
 
 
 def cluster_mode_built() -> bool:
-    """Whether this checkout's jobd has cluster mode (a ``[cluster]`` config section)."""
+    """Whether this checkout's jobd runs as a node of a cluster: it has a ``[cluster]``
+    config section, and its store no longer holds the one-node lock (``NODE_KEY``) that
+    refuses a second jobd on the database."""
+    from jobd.config import Config
+    from jobd.store import postgres
+    return ("cluster" in {f.name for f in dataclasses.fields(Config)}
+            and not hasattr(postgres, "NODE_KEY"))
+
+
+def has_cluster_schema() -> bool:
+    """Whether this checkout's PostgreSQL schema has cluster mode's nodes and owners."""
     from jobd.config import Config
     return "cluster" in {f.name for f in dataclasses.fields(Config)}
 
@@ -458,5 +469,10 @@ class Checker(threading.Thread):
 #: a test of several nodes: skipped until this checkout's jobd has cluster mode
 needs_cluster_mode = pytest.mark.skipif(
     not cluster_mode_built(),
-    reason="waits for cluster mode (branch cluster: several jobd nodes on one database, "
-           "[cluster] lease/heartbeat/poll); this jobd still refuses a second node")
+    reason="waits for cluster mode (branch cluster, steps 1-2: several jobd nodes on one "
+           "database); this jobd still refuses a second node on the database")
+
+
+def waits_for(step: str) -> pytest.MarkDecorator:
+    """A test of a part of cluster mode not built yet: skipped, naming the part."""
+    return pytest.mark.skip(reason=f"waits for cluster mode's {step} (branch cluster)")
