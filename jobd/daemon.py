@@ -125,7 +125,8 @@ def make_store(config: Config, listeners: Listeners) -> JobStore:
         # that they import)
         from jobd.store.postgres import PostgresStore
         return PostgresStore(config.storage.dsn, listeners=listeners,
-                             max_stored_per_user=config.execution.max_stored_per_user)
+                             max_stored_per_user=config.execution.max_stored_per_user,
+                             cluster=True)
     return Store(config.db, synchronous=config.storage.synchronous,
                  max_stored_per_user=config.execution.max_stored_per_user,
                  listeners=listeners)

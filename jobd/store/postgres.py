@@ -8,8 +8,10 @@ of a ``psycopg_pool.ConnectionPool`` in autocommit, and never wait for the write
 - **Schema**: ``sql/postgres/migrations`` applied in order by ``migrate`` under a session
   advisory lock (``MIGRATE_KEY``), so that two jobd starting at once apply each one once;
   ``jobd_schema`` records them; a database whose schema is newer than this jobd is refused.
-- **One node for now**: the writer's session holds ``NODE_KEY`` while the store is open;
-  a second jobd on the same database is refused (several need cluster mode, not built yet).
+- **One node, or cluster nodes**: the writer's session holds ``NODE_KEY`` while the store
+  is open: alone (``cluster=False``: a second store on the database is refused, for its
+  starts are not claims and its writes are not fenced) or shared by cluster nodes
+  (``cluster=True``, ``jobd.cluster``: any number of them, and no one-node store beside).
 - **Queue limits exact across writers**: the queued counts are a table (``queued_counts``)
   the store's own statements keep in the write that changes them, read inside the write
   that checks a limit, after the first such read of a batch took the queue's
@@ -53,7 +55,7 @@ QUERIES, MIGRATIONS = dialect("postgres")
 # advisory lock keys: "jobd" in the high half, the lock's number in the low half
 #: held by a session while it migrates the schema
 MIGRATE_KEY = 0x6A6F6264_00000001
-#: held by the open store's writer session: one jobd per database until cluster mode
+#: held by the open store's writer session: alone by a one-node store, shared by cluster nodes
 NODE_KEY = 0x6A6F6264_00000002
 #: taken by a write (transaction-scoped) before it reads the queued counts to admit jobs
 QUEUE_KEY = 0x6A6F6264_00000003
@@ -272,8 +274,9 @@ class PgDriver:
     error: type[Exception] = psycopg.Error
 
     def __init__(self, dsn: str, where: str, conn: psycopg.Connection[Any],
-                 node_key: int) -> None:
+                 node_key: int, shared: bool) -> None:
         self.dsn, self.where, self.conn, self.node_key = dsn, where, conn, node_key
+        self.shared = shared
         #: the store's fences, given to every transaction
         self.fences: Mapping[str, tuple[int, int]] = {}
         self._tx: PgTx | None = None
@@ -288,7 +291,7 @@ class PgDriver:
             self.conn.close()
             self.conn = _connect(self.dsn, connect_timeout=10)
             try:
-                _hold_node(self.conn, self.where, self.node_key)
+                _hold_node(self.conn, self.where, self.node_key, self.shared)
             except StoreError as e:  # another jobd took the database meanwhile
                 self.conn.close()
                 raise psycopg.OperationalError(str(e)) from None
@@ -330,12 +333,14 @@ class PgDriver:
         return from_pg(e, self.where)
 
 
-def _hold_node(conn: psycopg.Connection[Any], where: str, key: int) -> None:
-    """Take the one-node lock ``key`` on ``conn``'s session, or refuse: another jobd
-    uses the database. A jobd killed just before holds it on until PostgreSQL has seen
-    its connection close: that is waited out for up to ``NODE_WAIT_S``."""
+def _hold_node(conn: psycopg.Connection[Any], where: str, key: int, shared: bool) -> None:
+    """Take the node lock ``key`` on ``conn``'s session (``shared``: as a cluster node), or
+    refuse: a jobd of the other kind (or, one-node, any other) uses the database. A jobd
+    killed just before holds it on until PostgreSQL has seen its connection close: that
+    is waited out for up to ``NODE_WAIT_S``."""
     deadline = time.monotonic() + NODE_WAIT_S
-    while not _scalar(conn.execute(QUERIES["lock_node"], {"key": key})):
+    while not _scalar(conn.execute(QUERIES["lock_node_shared" if shared else "lock_node"],
+                                   {"key": key})):
         if time.monotonic() >= deadline:
             break
         time.sleep(0.05)
@@ -343,8 +348,12 @@ def _hold_node(conn: psycopg.Connection[Any], where: str, key: int) -> None:
         return
     holder = conn.execute(QUERIES["node_holder"], {"key": key}).fetchone()
     who = f" ({holder[0]})" if holder and holder[0] else ""
+    if shared:
+        raise StoreError(f"{where} is in use by a jobd that is no cluster node{who}; stop it "
+                         "first (cluster nodes share a database only with each other)")
     raise StoreError(f"{where} is in use by another jobd{who}; stop it first (several jobd "
-                     f"nodes on one database need cluster mode, which is not built yet)")
+                     "on one database run as cluster nodes: jobd serve with "
+                     "[storage] backend = \"postgres\")")
 
 
 class _Closed:
@@ -355,7 +364,8 @@ class _Closed:
 
 
 class PostgresStore(BaseStore):
-    """Jobs, their events and checkpoints in a PostgreSQL database (one jobd for now)."""
+    """Jobs, their events and checkpoints in a PostgreSQL database: of one jobd, or of a
+    cluster node (``cluster``) among others."""
 
     queries = QUERIES
     order_keys = {"created": "seq", "started": "coalesce(started_at, -1)",
@@ -365,7 +375,7 @@ class PostgresStore(BaseStore):
 
     def __init__(self, dsn: str, *, clock: Callable[[], int] = now_us,
                  listeners: Listeners | None = None, max_stored_per_user: int | None = None,
-                 pool_size: int = 4) -> None:
+                 pool_size: int = 4, cluster: bool = False) -> None:
         super().__init__(clock=clock, listeners=listeners,
                          max_stored_per_user=max_stored_per_user)
         self.dsn = dsn
@@ -377,6 +387,8 @@ class PostgresStore(BaseStore):
         #: the one-node lock this store holds (a test of two writers on one database, as
         #: cluster mode will have, gives the second another)
         self.node_key = NODE_KEY
+        #: opened as a cluster node (``jobd.cluster``): the node lock is shared
+        self.cluster = cluster
         #: job id -> (node id, attempt) of every attempt this store claimed as a cluster
         #: node (``claim_in``), until its end commits: each write for it is fenced by them
         #: (a refused write keeps its fence: nothing for that attempt may land, ever)
@@ -395,7 +407,7 @@ class PostgresStore(BaseStore):
             raise StoreError(f"{self.where}: cannot connect: {str(e).strip()}") from None
         try:
             migrate(conn, self.where)
-            _hold_node(conn, self.where, self.node_key)
+            _hold_node(conn, self.where, self.node_key, self.cluster)
             clean = conn.execute(QUERIES["get_meta"], {"key": "clean"}).fetchone()
             self.was_clean = clean is None or clean[0] == "1"
             conn.execute(QUERIES["set_meta"], {"key": "clean", "value": "0"})
@@ -412,7 +424,7 @@ class PostgresStore(BaseStore):
             conn.close()
             raise
         self._pool = pool
-        self._driver = PgDriver(self.dsn, self.where, conn, self.node_key)
+        self._driver = PgDriver(self.dsn, self.where, conn, self.node_key, self.cluster)
         self._driver.fences = self.fences
         self._writer = writer.Writer(self._driver, self.clock)
         self._writer.start()

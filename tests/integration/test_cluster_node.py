@@ -94,3 +94,31 @@ def test_a_frozen_nodes_job_stops_at_its_deadline_and_its_late_end_changes_nothi
     assert wait_for(lambda: (j := result_of(d, "jobs.get", job_id=again["id"]))["status"]
                     == "completed" and j)
     assert d.stop() == 0
+
+
+def test_a_node_killed_is_rescued_by_another_which_resumes_its_job(
+        make_pg_daemon: Callable[..., Daemon], dsn: str) -> None:
+    """Two jobd on one database: A runs a resumable job and is killed -9; B rescues it only
+    after A's lease + cancel_grace + 1 s, and runs it again from its checkpoint."""
+    a = make_pg_daemon(SHORT_LEASE)
+    b = make_pg_daemon(SHORT_LEASE)
+    (a_node,) = [e["node_id"] for e in events_named(a, "node_registered")]
+    job = result_of(b, "jobs.submit", type="noop", options={"seconds": 30})
+    wait_for(lambda: row(dsn, "SELECT status FROM jobs WHERE id = %s", job["id"]) == (
+        "running",), what="the job to start")
+    owner = row(dsn, "SELECT node_id FROM jobs WHERE id = %s", job["id"])[0]
+    victim, rescuer = (a, b) if owner == a_node else (b, a)
+    victim.kill()
+    killed = time.monotonic()
+    (rescued,) = wait_for(lambda: events_named(rescuer, "node_rescued"), timeout=15,
+                          what="the rescue")
+    # 2 s lease + 1 s cancel_grace + 1 s: never before the lease ended and its margin
+    assert time.monotonic() - killed >= 2 + 1 + 1 - 0.6
+    assert rescued["node_id"] == owner and rescued["jobs"] == 1
+    got = wait_for(lambda: (j := result_of(rescuer, "jobs.get", job_id=job["id"]))["status"]
+                   == "running" and j["attempts"] == 2 and j, what="the job to run again")
+    assert row(dsn, "SELECT node_id FROM jobs WHERE id = %s", job["id"]) != (owner,)
+    statuses = [e["status"] for e in result_of(rescuer, "jobs.events", job_id=job["id"])]
+    assert statuses == ["created", "queued", "running", "queued", "running"], statuses
+    assert got["attempts"] == 2
+    assert rescuer.stop() == 0

@@ -4,8 +4,7 @@ exact under the queue lock with racing nodes and in round-robin order, and fenci
 node whose lease lapsed, or whose attempt is no longer its own, changes nothing.
 
 Several nodes in one process: each is a store with a writer of its own on the one
-database (the one-node lock of the second and third is another key, as in
-test_store_pg), and a ``Node`` on it.
+database, opened as a cluster node (the node lock shared), and a ``Node`` on it.
 """
 
 from __future__ import annotations
@@ -64,9 +63,7 @@ class Cluster:
         from jobd.cluster import Node
         from jobd.store.postgres import PostgresStore
         config = node_config(self.tmp_path, self.dsn, name or f"n{len(self.parts)}", **kw)
-        store = PostgresStore(self.dsn)
-        store.node_key += 1000 * len(self.parts)  # the one-node guard: another key each
-        store.open()
+        store = PostgresStore(self.dsn, cluster=True).open()
         node = Node(config, store, load_handlers(config))
         self.parts.append((store, node))
         return node
@@ -101,6 +98,25 @@ def rows(dsn: str, sql: str, *args: Any) -> list[tuple[Any, ...]]:
 
 
 # -- registration ------------------------------------------------------------------------------
+
+def test_cluster_nodes_share_the_database_with_each_other_only(
+        cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    from jobd.store import StoreError, postgres
+    monkeypatch.setattr(postgres, "NODE_WAIT_S", 0.2)
+    a, b = cluster.node(), cluster.node()  # both open
+    with pytest.raises(StoreError, match="in use by another jobd .*run as cluster nodes"):
+        postgres.PostgresStore(cluster.dsn).open()
+    a.stop(), b.stop()
+    for store, _ in cluster.parts:
+        store.close()
+    cluster.parts.clear()
+    alone = postgres.PostgresStore(cluster.dsn).open()
+    try:
+        with pytest.raises(StoreError, match="in use by a jobd that is no cluster node"):
+            postgres.PostgresStore(cluster.dsn, cluster=True).open()
+    finally:
+        alone.close()
+
 
 def test_each_start_is_a_new_node_and_other_settings_are_refused_naming_the_first(
         cluster: Cluster) -> None:

@@ -1,6 +1,6 @@
 """What the PostgreSQL store does beyond the suite both backends pass: its migrations under
-the advisory lock (two jobd starting at once), a newer schema refused, one jobd per
-database, errors told apart by SQLSTATE, a deadlock's batch run again, a PostgreSQL
+the advisory lock (two jobd starting at once), a newer schema refused, one one-node store
+per database (cluster nodes share it: test_cluster), errors told apart by SQLSTATE, a deadlock's batch run again, a PostgreSQL
 restart while open, text with NUL, queue limits exact with two writers racing on one
 database (as cluster mode will have), and the database check ``jobd db check`` uses. On
 the tests' private PostgreSQL."""
@@ -113,7 +113,7 @@ def test_a_database_from_a_newer_jobd_is_refused(pg_dsn: str) -> None:
         open_store(pg_dsn)
 
 
-# -- one jobd per database ---------------------------------------------------------------------
+# -- one one-node store per database ------------------------------------------------------------
 
 def test_a_second_jobd_on_the_database_is_refused_until_the_first_closes(
         pg_dsn: str) -> None:
@@ -123,7 +123,7 @@ def test_a_second_jobd_on_the_database_is_refused_until_the_first_closes(
             open_store(pg_dsn)
         message = str(refused.value)
         assert "is in use by another jobd (jobd on " in message and "pid" in message
-        assert "cluster mode, which is not built yet" in message
+        assert "run as cluster nodes" in message
         assert "password" not in message and "postgresql:" not in message
         submit(first)  # the first goes on as before
     finally:

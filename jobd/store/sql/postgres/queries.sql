@@ -367,11 +367,15 @@ SELECT pg_database_size(current_database())
 SELECT coalesce(max(version), 0) FROM jobd_schema
 
 -- lock_node --
--- One jobd per database until cluster mode: held by the writer's session while it is open
+-- A one-node store's: held alone by the writer's session while it is open
 SELECT pg_try_advisory_lock(%(key)s)
 
+-- lock_node_shared --
+-- A cluster node's: held by its writer's session, shared with the other nodes
+SELECT pg_try_advisory_lock_shared(%(key)s)
+
 -- node_holder --
--- Who holds the one-node lock (its connection's application_name names host and pid)
+-- Who holds the node lock (its connection's application_name names host and pid)
 SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
 WHERE l.locktype = 'advisory' AND l.granted AND l.database = (
     SELECT oid FROM pg_database WHERE datname = current_database())
