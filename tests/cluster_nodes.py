@@ -43,8 +43,7 @@ import pytest
 from conftest import Daemon
 
 __all__ = ["CANCEL_GRACE", "TIMING", "Checker", "Cluster", "Node", "RunLedger", "Timing",
-           "cluster_mode_built", "connect", "has_cluster_schema", "needs_cluster_mode",
-           "toml_table", "waits_for"]
+           "connect", "toml_table", "waits_for"]
 
 #: SIGTERM, then SIGKILL after this, on every node (a cluster-wide setting)
 CANCEL_GRACE = 0.5
@@ -75,22 +74,6 @@ TIMING = Timing()
 
 #: the exclusive built-in job types (SPEC §5): one at a time per repository
 EXCLUSIVE_BUILTINS = ("sync", "index")
-
-
-def cluster_mode_built() -> bool:
-    """Whether this checkout's jobd runs as a node of a cluster: it has a ``[cluster]``
-    config section, and its store no longer holds the one-node lock (``NODE_KEY``) that
-    refuses a second jobd on the database."""
-    from jobd.config import Config
-    from jobd.store import postgres
-    return ("cluster" in {f.name for f in dataclasses.fields(Config)}
-            and not hasattr(postgres, "NODE_KEY"))
-
-
-def has_cluster_schema() -> bool:
-    """Whether this checkout's PostgreSQL schema has cluster mode's nodes and owners."""
-    from jobd.config import Config
-    return "cluster" in {f.name for f in dataclasses.fields(Config)}
 
 
 def connect(dsn: str) -> Any:
@@ -260,7 +243,7 @@ class Cluster:
 
     def __init__(self, root: Path, dsn: str, *, execution: dict[str, Any] | None = None,
                  sync: dict[str, Any] | None = None, sections: str = "",
-                 timing: Timing | None = TIMING) -> None:
+                 timing: Timing = TIMING) -> None:
         self.root = root
         self.dsn = dsn
         self.shared = root / "shared"
@@ -273,7 +256,6 @@ class Cluster:
         self.sync = {"repo_path_template": f"{self.repos}/{{user_id}}/{{project_id}}",
                      "allowed_roots": [str(self.repos)], **(sync or {})}
         self.sections = sections
-        #: None: no [cluster] section (a one-node jobd that does not know it)
         self.timing = timing
         self.nodes: list[Node] = []
 
@@ -289,12 +271,10 @@ class Cluster:
                                           **(execution or {})}),
                  toml_table("storage", {"backend": "postgres", "dsn": self.dsn,
                                         "state_dir": str(state)}),
-                 toml_table("sync", self.sync)]
-        if self.timing is not None:
-            t = self.timing
-            parts.append(toml_table("cluster", {"lease": f"{t.lease}s",
-                                                "heartbeat": f"{t.heartbeat}s",
-                                                "poll": f"{t.poll}s"}))
+                 toml_table("sync", self.sync),
+                 toml_table("cluster", {"lease": f"{self.timing.lease}s",
+                                        "heartbeat": f"{self.timing.heartbeat}s",
+                                        "poll": f"{self.timing.poll}s"})]
         return "\n".join(parts) + self.sections
 
     def add(self, workers: int = 2, *, start: bool = True,
@@ -340,9 +320,8 @@ class Cluster:
                 ) -> Iterator["Checker"]:
         """Sample the rules throughout the block; fail the test on any broken one, or
         on a job program that ran twice at once."""
-        workers = sum(n.workers for n in self.nodes)
         checker = Checker(self.dsn, max_running_per_user=self.max_running_per_user,
-                          exclusive=tuple(exclusive), workers=workers, every=every)
+                          exclusive=tuple(exclusive), every=every)
         with checker:
             yield checker
         checker.assert_held()
@@ -350,8 +329,7 @@ class Cluster:
         assert not doubles, f"job programs ran twice at once: {doubles}"
 
 
-#: one snapshot's broken rules: (rule, what, how many); the node and owner rules need
-#: cluster mode's node_id and nodes (the {nodes} fragment), else one node's workers count
+#: one snapshot's broken rules: (rule, what, how many)
 _BROKEN = """
 SELECT 'user', user_id, count(*) FROM jobs WHERE status = 'running'
 GROUP BY user_id HAVING count(*) > %(per_user)s
@@ -360,18 +338,11 @@ SELECT 'repository', options::jsonb->>'repo_path', count(*) FROM jobs
 WHERE status = 'running' AND type = ANY(%(exclusive)s)
 GROUP BY options::jsonb->>'repo_path' HAVING count(*) > 1
 UNION ALL
-{nodes}
-"""
-_NODES = """
 SELECT 'node', j.node_id::text, count(*) FROM jobs j JOIN nodes n ON n.id = j.node_id
 WHERE j.status = 'running' GROUP BY j.node_id, n.workers HAVING count(*) > n.workers
 UNION ALL
 SELECT 'owner', j.id, 1 FROM jobs j WHERE j.status = 'running' AND NOT EXISTS (
     SELECT 1 FROM nodes n WHERE n.id = j.node_id AND n.ended_at IS NULL)
-"""
-_ONE_NODE = """
-SELECT 'node', 'the only node', count(*) FROM jobs WHERE status = 'running'
-HAVING count(*) > %(workers)s
 """
 #: the same snapshot's high-water marks, to show the run came close to each limit
 _PEAKS = """
@@ -398,11 +369,10 @@ class Checker(threading.Thread):
     """
 
     def __init__(self, dsn: str, *, max_running_per_user: int, exclusive: tuple[str, ...],
-                 workers: int, every: float = 0.01) -> None:
+                 every: float = 0.01) -> None:
         super().__init__(name="cluster-checker", daemon=True)
         self.dsn = dsn
-        self.params = {"per_user": max_running_per_user, "exclusive": list(exclusive),
-                       "workers": workers}
+        self.params = {"per_user": max_running_per_user, "exclusive": list(exclusive)}
         self.every = every
         self.samples = 0
         self.errors = 0
@@ -420,23 +390,14 @@ class Checker(threading.Thread):
         self._done.set()
         self.join(10)
 
-    def _query(self, conn: Any) -> str:
-        has = {r[0] for r in conn.execute(
-            "SELECT table_name || '.' || column_name FROM information_schema.columns "
-            "WHERE table_name IN ('jobs', 'nodes') AND table_schema = current_schema()")}
-        clustered = {"jobs.node_id", "nodes.workers", "nodes.ended_at"} <= has
-        return _BROKEN.format(nodes=_NODES if clustered else _ONE_NODE)
-
     def run(self) -> None:
         import psycopg
         conn = None
-        query = ""
         while not self._done.is_set():
             try:
                 if conn is None or conn.closed:
                     conn = psycopg.connect(self.dsn, autocommit=True)
-                    query = self._query(conn)
-                self.sample(conn, query)
+                self.sample(conn)
             except psycopg.OperationalError:
                 # PostgreSQL restarting under a test: sample again once it is back
                 self.errors += 1
@@ -446,10 +407,10 @@ class Checker(threading.Thread):
         if conn is not None:
             conn.close()
 
-    def sample(self, conn: Any, query: str) -> None:
+    def sample(self, conn: Any) -> None:
         with conn.transaction():
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            broken = conn.execute(query, self.params).fetchall()
+            broken = conn.execute(_BROKEN, self.params).fetchall()
             user, repository, running, waiting = conn.execute(_PEAKS, self.params).fetchone()
         at = time.monotonic() - self._began
         self.broken.extend((round(at, 3), rule, what, n) for rule, what, n in broken)
@@ -464,13 +425,6 @@ class Checker(threading.Thread):
             f"the checker took only {self.samples} samples ({self.errors} failed reads)")
         assert not self.broken, f"rules broken in {len(self.broken)} samples, first: " \
                                 f"{self.broken[:10]}"
-
-
-#: a test of several nodes: skipped until this checkout's jobd has cluster mode
-needs_cluster_mode = pytest.mark.skipif(
-    not cluster_mode_built(),
-    reason="waits for cluster mode (branch cluster, steps 1-2: several jobd nodes on one "
-           "database); this jobd still refuses a second node on the database")
 
 
 def waits_for(step: str) -> pytest.MarkDecorator:

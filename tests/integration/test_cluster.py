@@ -31,8 +31,8 @@ from typing import Any, Callable, Iterator
 import pytest
 
 import pg
-from cluster_nodes import (CANCEL_GRACE, TIMING, Checker, Cluster, Node, connect,
-                           has_cluster_schema, needs_cluster_mode, toml_table, waits_for)
+from cluster_nodes import (CANCEL_GRACE, TIMING, Checker, Cluster, Node, connect, toml_table,
+                           waits_for)
 from conftest import (clone, commit_files, git, make_upstream, pid_alive, result_of,
                       wait_for, wait_terminal)
 
@@ -51,7 +51,6 @@ def make_cluster(pg_dsn: str, tmp_path: Path) -> Iterator[Callable[..., Cluster]
     made: list[Cluster] = []
 
     def make(**kw: Any) -> Cluster:
-        kw.setdefault("timing", TIMING if has_cluster_schema() else None)
         cluster = Cluster(tmp_path / f"c{len(made)}", pg_dsn, **kw)
         made.append(cluster)
         return cluster
@@ -87,7 +86,7 @@ def running_on(cluster: Cluster, job_id: str, node: Node | None = None,
 
 def test_the_checker_names_each_broken_rule(make_cluster: Callable[..., Cluster]) -> None:
     """Rows made by hand to break each rule, read by the checker: it must not be a
-    checker that can never fire. Runs on one node too (cluster mode or not)."""
+    checker that can never fire."""
     cluster = make_cluster(execution={"max_running_per_user": 1})
     node = cluster.add(workers=1)
     result_of(node, "admin.pause")
@@ -98,29 +97,21 @@ def test_the_checker_names_each_broken_rule(make_cluster: Callable[..., Cluster]
     # two users' index jobs on one repository (an admin may name its path)
     jobs += [result_of(node, "jobs.submit", type="index", project_id="p", as_user=user,
                        options={"repo_path": str(shared)}) for user in ("u1", "u2")]
-    with Checker(cluster.dsn, max_running_per_user=1, exclusive=("sync", "index"),
-                 workers=1) as quiet:
+    with Checker(cluster.dsn, max_running_per_user=1, exclusive=("sync", "index")) as quiet:
         wait_for(lambda: quiet.samples >= 5, what="quiet samples")
     quiet.assert_held(min_samples=5)
     assert node.stop() == 0
-    clustered = has_cluster_schema()
     with connect(cluster.dsn) as conn:
-        # cluster mode's own backstops (its owner column, its unique index on running
-        # jobs' repository) are kept out of the way: the checker must see past them
-        columns = {r[0] for r in conn.execute(
-            "SELECT column_name FROM information_schema.columns WHERE table_name = 'jobs'")}
-        owner = ", node_id = (SELECT max(id) FROM nodes)" if "node_id" in columns else ""
-        owner += ", repository = NULL" if "repository" in columns else ""
-        conn.execute(f"UPDATE jobs SET status = 'running', started_at = created_at {owner}"
-                     f" WHERE id = ANY(%s)", (job_ids(jobs),))
-        if clustered:  # and the node is gone (it stopped): its jobs are unowned
-            conn.execute("UPDATE nodes SET ended_at = 1 WHERE ended_at IS NULL")
-    with Checker(cluster.dsn, max_running_per_user=1, exclusive=("sync", "index"),
-                 workers=1) as checker:
+        # all four on the stopped node; its unique index on running jobs' repository
+        # kept out of the way (NULL): the checker must see past it
+        conn.execute("UPDATE jobs SET status = 'running', started_at = created_at, "
+                     "node_id = (SELECT max(id) FROM nodes), repository = NULL "
+                     "WHERE id = ANY(%s)", (job_ids(jobs),))
+    with Checker(cluster.dsn, max_running_per_user=1, exclusive=("sync", "index")) as checker:
         wait_for(lambda: checker.samples >= 3, what="samples")
+    # the stopped node ended its lease: its jobs are owned by no live node
     rules = {rule for _, rule, _, _ in checker.broken}
-    assert {"user", "repository", "node"} <= rules, checker.broken
-    assert ("owner" in rules) == clustered, checker.broken
+    assert rules == {"user", "repository", "node", "owner"}, checker.broken
     with pytest.raises(AssertionError, match="rules broken"):
         checker.assert_held(min_samples=1)
 
@@ -158,7 +149,6 @@ def exclusive_type(cluster: Cluster) -> str:
         "repo": f"{cluster.repos}/golden/{{alias}}", "exclusive": True})
 
 
-@needs_cluster_mode
 def test_limits_hold_across_three_nodes(make_cluster: Callable[..., Cluster]) -> None:
     cluster = make_cluster(execution={"max_running_per_user": 2})
     cluster.sections = exclusive_type(cluster)
@@ -188,7 +178,6 @@ def test_limits_hold_across_three_nodes(make_cluster: Callable[..., Cluster]) ->
         assert len(cluster.ledger.runs(job["id"])) == 1
 
 
-@needs_cluster_mode
 def test_users_take_turns_across_three_nodes(make_cluster: Callable[..., Cluster]) -> None:
     # no user limit in the way: only the turns decide who goes next
     cluster = make_cluster(execution={"max_running_per_user": 6})
@@ -208,7 +197,6 @@ def test_users_take_turns_across_three_nodes(make_cluster: Callable[..., Cluster
     assert start_order(cluster) == ["u0", "u1", "u2", "u3"] * per_user
 
 
-@needs_cluster_mode
 @waits_for("step 4: job logs in the database, read through any node")
 def test_a_job_submitted_on_one_node_is_seen_waited_listed_and_logged_on_the_others(
         make_cluster: Callable[..., Cluster]) -> None:
@@ -246,7 +234,6 @@ def test_a_job_submitted_on_one_node_is_seen_waited_listed_and_logged_on_the_oth
     assert log.count("broken on ") == 2, log
 
 
-@needs_cluster_mode
 @waits_for("step 4: admin.stats' nodes")
 def test_admin_stats_on_any_node_lists_every_node_with_what_it_runs(
         make_cluster: Callable[..., Cluster]) -> None:
@@ -266,7 +253,6 @@ def test_admin_stats_on_any_node_lists_every_node_with_what_it_runs(
         assert wait_terminal(nodes[1], job["id"])["status"] == "completed"
 
 
-@needs_cluster_mode
 def test_cancel_through_another_node_stops_the_job_within_cancel_grace_and_a_second(
         make_cluster: Callable[..., Cluster]) -> None:
     cluster = make_cluster()
@@ -297,7 +283,6 @@ def test_cancel_through_another_node_stops_the_job_within_cancel_grace_and_a_sec
     assert all(f <= CANCEL_GRACE + 1.0 for f in figures), figures
 
 
-@needs_cluster_mode
 @waits_for("step 3: live progress and wake-ups across nodes (NOTIFY)")
 def test_progress_on_one_node_reaches_a_wait_on_another_within_50_ms(
         make_cluster: Callable[..., Cluster]) -> None:
@@ -407,7 +392,6 @@ def resumed_from_checkpoint(cluster: Cluster, sync: dict[str, Any], new: str,
     assert len(cluster.ledger.runs(sync["id"])) == 2 and cluster.ledger.ended(sync["id"]) == 1
 
 
-@needs_cluster_mode
 @pytest.mark.parametrize("repeat", range(ROUNDS))
 def test_kill_9_of_a_node_rescues_its_jobs_after_the_lease_and_resumes_them(
         make_cluster: Callable[..., Cluster], tmp_path: Path, repeat: int) -> None:
@@ -440,7 +424,6 @@ def test_kill_9_of_a_node_rescues_its_jobs_after_the_lease_and_resumes_them(
           f"(earliest allowed {TIMING.rescue_after - TIMING.heartbeat:.2f} s)")
 
 
-@needs_cluster_mode
 def test_a_node_stopped_past_its_lease_is_rescued_and_changes_nothing_when_it_resumes(
         make_cluster: Callable[..., Cluster], tmp_path: Path) -> None:
     cluster = make_cluster()
@@ -504,7 +487,6 @@ def snapshot(cluster: Cluster, job_id: str) -> tuple[Any, ...]:
     return tuple(row), tuple(events), tuple(checkpoints)
 
 
-@needs_cluster_mode
 @waits_for("step 3: the LISTEN connection, its reconnect and resync")
 def test_a_postgres_restart_in_the_middle_of_running_jobs_loses_nothing(
         make_cluster: Callable[..., Cluster], postgres: pg.PostgresServer) -> None:
@@ -549,7 +531,6 @@ def submit_through_an_outage(node: Node, timeout: float = 10) -> dict[str, Any]:
         time.sleep(0.1)
 
 
-@needs_cluster_mode
 def test_a_node_with_other_cluster_wide_settings_is_refused_naming_the_difference(
         make_cluster: Callable[..., Cluster]) -> None:
     cluster = make_cluster(execution={"max_running_per_user": 2})
