@@ -33,6 +33,22 @@ imports it.
   (``expired_node``): requeued to resume, failed when not resumable or recovered
   ``max_recoveries`` times, cancelled when a cancel was asked. Then its sessions are
   ended. Never by how long a job has run.
+- **Notifications** (``listen``, docs/cluster.md, section 8): one connection per node
+  only ``LISTEN``s to ``jobd`` (a job changed: its waiters here re-read it; a job this
+  node runs is re-read for a cancel asked through another node), ``jobd_queue`` (a job
+  queued or a slot freed: claim) and ``jobd_meta`` (the pause or maintenance changed).
+  Every ``[cluster] poll``, and after the connection is back (LISTEN first, then this),
+  the node claims, wakes every waiter to re-read its job, and re-reads the settings, so
+  a lost notification only delays. Payloads are ``<job id>:<version>`` or a meta key.
+- **Live progress** (``progressed``, ``annotate``): a running job's progress goes to the
+  unlogged ``job_progress`` table on a connection of its own (``synchronous_commit``
+  off), at most every ``PROGRESS_EVERY`` per node (the latest value wins), with a
+  ``jobd`` notification; another node answering for the job takes that row when it is
+  newer than the job's and is the running attempt's own.
+- **Logs** (``ship``): every ``LOG_EVERY`` the node copies what its running jobs' logs
+  gained into the database in chunks at absolute offsets (fenced), and the rest in the
+  transaction that writes an attempt's end, before it: ``jobs.logs`` on any node reads
+  them (``read_log``), and ``eof`` still means the story is complete.
 - **Restart recovery** (``recover``) covers only this host's and state folder's earlier
   node ids (and jobs a one-node jobd left running): their recorded process groups are
   killed, then they are taken over at once, without waiting for their leases.
@@ -41,6 +57,7 @@ imports it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -52,8 +69,8 @@ from typing import Any, Callable, Mapping
 import psycopg
 import structlog
 
-from jobd import orphans
-from jobd.config import Config
+from jobd import joblogs, orphans
+from jobd.config import Config, ConfigError
 from jobd.models import Job, JobStatus
 from jobd.store.errors import StoreError
 from jobd.store.postgres import QUERIES, SESSION_NAME, PostgresStore, describe, from_pg
@@ -66,6 +83,13 @@ log = structlog.get_logger()
 
 #: taken (transaction-scoped) by a node's registration: the settings check and the insert
 REGISTER_KEY = 0x6A6F6264_00000004
+#: what a node LISTENs to: a job changed, the queue moved, a setting changed
+CHANNELS = ("jobd", "jobd_queue", "jobd_meta")
+#: how often running jobs' logs are copied into the database, and the largest chunk
+LOG_EVERY = 0.25
+LOG_CHUNK = 65536
+#: live progress is written at most this often (coalesced: the latest value wins)
+PROGRESS_EVERY = 0.02
 
 
 class NodeRefused(StoreError):
@@ -169,6 +193,21 @@ class Node:
         self.on_lost: Callable[[], None] = lambda: None
         #: a new node id is registered after a loss, or jobs were rescued: claim
         self.on_claimable: Callable[[], None] = lambda: None
+        #: told the id of each job a notification says changed (its waiters re-read it)
+        self.on_job: Callable[[str], None] = lambda job_id: None
+        #: the pause or maintenance may have changed: re-read them
+        self.on_meta: Callable[[], None] = lambda: None
+        #: a notification may have been lost: every waiter re-reads its job
+        self.on_resync: Callable[[], None] = lambda: None
+        self._listener: threading.Thread | None = None
+        self._shipper: threading.Thread | None = None
+        #: job id -> how much of its log (absolute offset) is in the database
+        self._shipped: dict[str, int] = {}
+        #: job id -> its latest live progress not written yet
+        self._pending: dict[str, dict[str, Any]] = {}
+        self._progressed = threading.Event()
+        self._reporter: threading.Thread | None = None
+        self._listening: psycopg.Connection[Any] | None = None
         #: other nodes' beats as this node last saw them change: id -> (beat, since)
         self._watch: dict[int, tuple[int, float]] = {}
         self._until: float | None = None
@@ -179,6 +218,7 @@ class Node:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         store.on_fenced = lambda job_id: self._wake.set()
+        store.on_ending = self._ship_last_in
 
     # -- what the engine asks ------------------------------------------------------------
 
@@ -207,6 +247,10 @@ class Node:
             tx, node=self.id, slots=slots, workers=ex.workers,
             max_running_per_user=ex.max_running_per_user,
             exclusive=sorted(name for name, h in self.handlers.items() if h.exclusive))
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """admin.stats' ``nodes``: ``[{id, host, started_at, lease_until, running}]``."""
+        return self.store.nodes()
 
     # -- registering, beating, stopping --------------------------------------------------
 
@@ -241,7 +285,7 @@ class Node:
                         "hash": digest, "settings": json.dumps(mine),
                         "lease_us": int(lease.lease * 1_000_000)}).fetchone()
                     other = None if row is not None else conn.execute(
-                        QUERIES["differing_settings"], {"hash": digest}).fetchone()
+                        QUERIES["differing_settings"], {"hash": digest, "node": None}).fetchone()
                 if row is not None:
                     conn.execute(f"SET application_name = 'jobd node {int(row[0])}'")
         except psycopg.Error as e:
@@ -261,10 +305,206 @@ class Node:
                  state_dir=str(self.config.state_dir), lease_s=lease.lease)
         return self.id
 
+    def check_reload(self, config: Config) -> None:
+        """Refuse (ConfigError) a reloaded config whose cluster-wide settings differ from
+        another live node's, naming the first difference; else this node uses it from now
+        on (its own row says so, for the next node that registers or reloads)."""
+        mine = settings(config, self.handlers)
+        digest = settings_hash(mine)
+        try:
+            with self._conn_lock:
+                conn = self._connection()
+                other = conn.execute(QUERIES["differing_settings"],
+                                     {"hash": digest, "node": self.id}).fetchone()
+                if other is None:
+                    conn.execute(QUERIES["set_node_settings"], {
+                        "hash": digest, "settings": json.dumps(mine), "node": self.id,
+                        "workers": config.execution.workers})
+        except psycopg.Error as e:
+            raise ConfigError(f"the config was not reloaded: the cluster's settings could "
+                              f"not be checked ({str(e).strip()}); send SIGHUP again") from None
+        if other is not None:
+            node, host, theirs = other
+            what = first_difference(mine, theirs) or "the settings"
+            raise ConfigError(f"the config was not reloaded: {what} node {node} (host {host});"
+                              " cluster-wide settings change on every node alike")
+        self.config = config
+
     def start(self) -> None:
-        """Beat every ``[cluster] heartbeat`` on a thread of its own, until ``stop``."""
+        """Beat every ``[cluster] heartbeat`` and listen for notifications, each on a
+        thread of its own, until ``stop``."""
         self._thread = threading.Thread(target=self._loop, name="jobd-heartbeat", daemon=True)
         self._thread.start()
+        self._listener = threading.Thread(target=self.listen, name="jobd-listen", daemon=True)
+        self._listener.start()
+        self._shipper = threading.Thread(target=self._ship_loop, name="jobd-logs", daemon=True)
+        self._shipper.start()
+        self._reporter = threading.Thread(target=self._report_loop, name="jobd-progress",
+                                          daemon=True)
+        self._reporter.start()
+
+    # -- live progress -------------------------------------------------------------------
+
+    def progressed(self, job_id: str, live: Any) -> None:
+        """A job this node runs made progress (``live``: the engine's ``Live``): written
+        within ``PROGRESS_EVERY``, for every node's waiters."""
+        fence = self.store.fences.get(job_id)
+        if live is None or fence is None or fence[0] != self.id:
+            return
+        self._pending[job_id] = {"job_id": job_id, "node": fence[0], "attempt": fence[1],
+                                 "progress": live.progress, "phase": live.phase,
+                                 "message": live.message, "version": live.version}
+        self._progressed.set()
+
+    def _report_loop(self) -> None:
+        conn: psycopg.Connection[Any] | None = None
+        while not self._stopping.is_set():
+            self._progressed.wait(1.0)
+            self._progressed.clear()
+            batch, self._pending = self._pending, {}
+            if not batch or self._stopping.is_set():
+                continue
+            try:
+                if conn is None or conn.closed or conn.broken:
+                    conn = psycopg.connect(self.store.dsn, autocommit=True, connect_timeout=10,
+                                           application_name=f"jobd node {self.id} progress")
+                    # worth nothing after a crash: no wait for the WAL's flush
+                    conn.execute("SET synchronous_commit = off")
+                for values in batch.values():
+                    conn.execute(QUERIES["report_progress"], values)
+            except psycopg.Error as e:  # the durable flush still carries it, later
+                log.debug("live_progress_unwritten", node_id=self.id, error=str(e).strip())
+            self._stopping.wait(PROGRESS_EVERY)
+        if conn is not None:
+            conn.close()
+
+    def annotate(self, out: dict[str, Any]) -> None:
+        """A running job another node runs, as ``Engine.annotate`` answers it: its live
+        progress from the database when that is newer than its row."""
+        try:
+            live = self.store.live_progress(out["id"], out["version"])
+        except StoreError:
+            return  # the row's own values stand
+        if live is not None:
+            progress, phase, message, version = live
+            out.update(progress=round(progress, 2), phase=phase, message=message,
+                       version=version)
+
+    # -- logs ----------------------------------------------------------------------------
+
+    def _ship_loop(self) -> None:
+        while not self._stopping.wait(LOG_EVERY):
+            self.ship()
+
+    def ship(self) -> None:
+        """Copy what the logs of this node's running jobs gained into the database."""
+        for job_id, (node, _) in list(self.store.fences.items()):
+            if node != self.id:
+                continue
+            if joblogs.end(joblogs.path(self.config.log_dir, job_id)) <= self._shipped.get(
+                    job_id, 0):
+                continue
+            try:
+                self.store.write(functools.partial(self._ship_in, job_id=job_id))
+            except StoreError as e:  # the end copies the rest, or the next turn does
+                log.debug("job_log_copy_failed", job_id=job_id, error=str(e))
+
+    def _ship_in(self, tx: Tx, job_id: str) -> None:
+        """In ``tx``: copy the part of ``job_id``'s log not in the database yet (fenced)."""
+        fence = self.store.fences.get(job_id)
+        if fence is None or fence[0] != self.id:
+            return
+        path = joblogs.path(self.config.log_dir, job_id)
+        shipped = before = self._shipped.get(job_id, 0)
+        keep_from = max(0, joblogs.end(path) - self.config.execution.max_log_bytes)
+        while True:
+            try:
+                data, next_offset = joblogs.read(path, shipped, LOG_CHUNK)
+            except OSError as e:  # the copy waits; the job's own writes must not
+                log.warning("job_log_copy_failed", job_id=job_id, error=str(e))
+                break
+            if not data or not self.store.append_log_in(
+                    tx, job_id, next_offset - len(data), data, keep_from):
+                break
+            shipped = next_offset
+        if shipped != before:
+            self._shipped[job_id] = shipped
+            tx.undo.append(lambda: self._shipped.__setitem__(job_id, before))
+
+    def _ship_last_in(self, tx: Tx, job_id: str) -> None:
+        """In the transaction of an attempt's end, before it: the rest of its log."""
+        self._ship_in(tx, job_id)
+        self._pending.pop(job_id, None)
+        tx.run("forget_progress", job_id=job_id)
+        tx.after_commit.append(lambda: self._forget_log(job_id))
+
+    def _forget_log(self, job_id: str) -> None:
+        self._shipped.pop(job_id, None)
+
+    def read_log(self, job_id: str, offset: int, limit: int) -> tuple[bytes, int] | None:
+        """A job's log as the database holds it (``jobs.logs`` for a job another node ran),
+        or None when none of it is there."""
+        return self.store.read_log(job_id, offset, limit)
+
+    # -- notifications -------------------------------------------------------------------
+
+    def listen(self) -> None:
+        """LISTEN on a connection of its own, and act on each notification; every ``poll``
+        resync; a lost connection is opened again (and resynced) until ``stop``."""
+        poll = self.config.cluster.poll
+        lost = False
+        while not self._stopping.is_set():
+            try:
+                with psycopg.connect(self.store.dsn, autocommit=True, connect_timeout=10,
+                                     application_name=f"jobd node {self.id} listen"[:63]
+                                     ) as conn:
+                    self._listening = conn
+                    for channel in CHANNELS:
+                        conn.execute(f"LISTEN {channel}")
+                    if lost:
+                        log.info("cluster_listener_reconnected", node_id=self.id)
+                    lost = False
+                    while not self._stopping.is_set():
+                        self.resync()  # first after LISTEN: nothing falls in between
+                        for note in conn.notifies(timeout=poll):
+                            self._heard(note.channel, note.payload)
+                            if self._stopping.is_set():
+                                break
+            except psycopg.Error as e:
+                if self._stopping.is_set():
+                    break
+                if not lost:
+                    log.warning("cluster_listener_lost", node_id=self.id, error=str(e).strip())
+                lost = True
+                self._stopping.wait(min(poll, 1.0))
+            finally:
+                self._listening = None
+
+    def _heard(self, channel: str, payload: str) -> None:
+        if channel == "jobd":
+            job_id = payload.partition(":")[0]
+            self.on_job(job_id)
+            fence = self.store.fences.get(job_id)
+            if fence is not None and fence[0] == self.id:  # this node runs it: a cancel?
+                try:
+                    if self.store.get_job(job_id).cancel_requested:
+                        self.on_cancel(job_id)
+                except StoreError:  # the heartbeat reads it again in any case
+                    pass
+        elif channel == "jobd_queue":
+            self.on_claimable()
+        elif channel == "jobd_meta":
+            self.on_meta()
+
+    def resync(self) -> None:
+        """What a lost notification would have told: claim, every waiter re-reads its job,
+        the pause and maintenance re-read."""
+        self.on_claimable()
+        self.on_resync()
+        try:
+            self.on_meta()
+        except StoreError as e:
+            log.warning("cluster_resync_incomplete", node_id=self.id, error=str(e))
 
     def _loop(self) -> None:
         every = self.config.cluster.heartbeat
@@ -318,14 +558,17 @@ class Node:
     def _execute(self, query: str, **params: Any) -> list[Any] | None:
         """A statement of the node's own on its connection: its rows, None if it failed
         (logged; what it would have done happens by the lease's end anyway)."""
-        try:
-            with self._conn_lock:
-                cur = self._connection().execute(QUERIES[query], params)
-                return cur.fetchall() if cur.description else []
-        except psycopg.Error as e:
-            log.warning("node_statement_failed", node_id=self.id, statement=query,
-                        error=str(e).strip())
-            return None
+        for last in (False, True):
+            try:
+                with self._conn_lock:
+                    cur = self._connection().execute(QUERIES[query], params)
+                    return cur.fetchall() if cur.description else []
+            except psycopg.Error as e:
+                if not last and self._conn is not None and self._conn.broken:
+                    continue  # a connection a restart broke: once more on a new one
+                log.warning("node_statement_failed", node_id=self.id, statement=query,
+                            error=str(e).strip())
+        return None
 
     def rejoin(self) -> None:
         """After a lost lease: stop every attempt and wait for their fenced ends, register a
@@ -363,7 +606,8 @@ class Node:
         one-node jobd left running); the jobs as they are now. ``why``: ``lost`` after a
         lost lease (``previous``: the node id it had), ``restart`` at a start."""
         assert self.id is not None
-        where = {"host": self.host, "state_dir": str(self.config.state_dir), "node": self.id}
+        where: dict[str, Any] = {"host": self.host, "state_dir": str(self.config.state_dir),
+                                 "node": self.id}
         for job_id, pgid, start in self.store.earlier_processes(**where):
             killed = orphans.kill_orphan_group(pgid, start)
             if killed:
@@ -410,7 +654,7 @@ class Node:
         log.warning("node_rescued", node_id=node, jobs=len(moved), by=self.id, reason="lost",
                     requeued=sum(j.status is JobStatus.QUEUED for _, j in moved))
         # its heartbeat's, and its store's (named by host and pid: never this process's own)
-        sessions = [f"jobd node {node}"] + [name for host, pid in names
+        sessions = [f"jobd node {node}", f"jobd node {node} listen"] + [name for host, pid in names
                                             if (name := f"jobd on {host} pid {pid}"[:63])
                                             != SESSION_NAME]
         self._execute("end_sessions", names=sessions)
@@ -421,8 +665,9 @@ class Node:
         its jobs' ends, which the lease fences)."""
         self._stopping.set()
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        for thread in (self._thread, self._listener, self._shipper, self._reporter):
+            if thread is not None:
+                thread.join(timeout=self.config.cluster.poll + 5)
         if self.id is not None and not self._lost:
             self._execute("end_node", node=self.id)
         with self._conn_lock:

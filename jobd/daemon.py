@@ -206,6 +206,8 @@ async def _serve(config: Config, reload: Callable[[], Config]) -> int:
             raise
         node.on_cancel, node.on_lost, node.on_claimable = (engine.cancel,
                                                            engine.drop_attempts, engine.kick)
+        node.on_job, node.on_resync = hub.notify, hub.notify_all
+        node.on_meta = lambda: engine.set_paused(manager.restore())
         node.start()
     if not store.was_clean:
         log.warning("unclean_stop_detected", backend=config.storage.backend,
@@ -263,6 +265,8 @@ async def _serve(config: Config, reload: Callable[[], Config]) -> int:
             hup.clear()
             try:
                 new = await loop.run_in_executor(None, reload)
+                if node is not None:  # the same cluster-wide settings as every other node
+                    await loop.run_in_executor(None, node.check_reload, new)
                 handlers.reconfigure(new)  # refuses a [types] name a plugin has
             except ConfigError as e:
                 current.failed(str(e))

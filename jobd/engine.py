@@ -434,6 +434,8 @@ class Engine:
         """A running job's phase or live progress changed (``Context``): tell its waiters."""
         self.notify(job.id)
         self.live_changed(job)
+        if self.cluster is not None:  # and every other node's
+            self.cluster.progressed(job.id, self.live(job.id))
 
     def on_changed(self, job: Job) -> None:
         """The store's commit listener: keep the dispatcher's queue in step, and start
@@ -832,6 +834,8 @@ class Engine:
                 out.update(progress=round(live.progress, 2), phase=live.phase,
                            message=live.message, version=max(live.version, out["version"]),
                            eta_s=live.eta_s(self.clock()))
+            elif self.cluster is not None:  # run by another node
+                self.cluster.annotate(out)
         elif out["status"] == JobStatus.QUEUED:
             out["queue_position"], out["wait_reason"] = self.dispatcher.position(out["id"])
         return out

@@ -257,6 +257,11 @@ class Hub:
         if job_id in self._waiters:
             self.loop.call_soon_threadsafe(self._wake, job_id)
 
+    def notify_all(self) -> None:
+        """Every waiter re-reads its job (cluster mode: a notification may have been lost)."""
+        for job_id in list(self._waiters):
+            self.notify(job_id)
+
     def _wake(self, job_id: str) -> None:
         for fut in self._waiters.pop(job_id, ()):
             if not fut.done():
@@ -656,6 +661,12 @@ class Manager:
         if path.exists():
             data, next_offset = joblogs.read(path, offset, limit_bytes)
             more = job.terminal and bool(joblogs.read(path, next_offset, 1)[0])
+        elif self.engine.cluster is not None and (
+                copied := self.engine.cluster.read_log(job.id, offset, limit_bytes)):
+            # run on another node: the copy of its log in the database
+            data, next_offset = copied
+            more = job.terminal and bool(
+                (self.engine.cluster.read_log(job.id, next_offset, 1) or (b"",))[0])
         else:
             # a job that never ran a program has no log: its story is told from its events,
             # byte for byte as a log would begin (so offsets hold if a log appears later)
@@ -901,7 +912,8 @@ class Manager:
                 "per_user_truncated": len(users) > PER_USER_TOP,
                 "maintenance": self.maintenance_on,
                 "config": self.config_state.to_dict(),
-                "db_bytes": self.store.size_bytes(), "uptime_s": self.uptime_s()}
+                "db_bytes": self.store.size_bytes(), "uptime_s": self.uptime_s(),
+                **({} if self.engine.cluster is None else {"nodes": self.engine.cluster.nodes()})}
 
     def _finished(self, since_hour: int) -> dict[str, dict[str, Any]]:
         """admin.stats' ``finished``: by type, the end statuses' counts, the success rate

@@ -542,8 +542,13 @@ class BaseStore(abc.ABC):
             job = _job(row)
             if actor is not None:
                 self._event(tx, job, actor)
+            self._progressed(tx, job)
             return job
         return self.write_async(fn)
+
+    def _progressed(self, tx: Tx, job: Job) -> None:
+        """A running job's progress was written in ``tx`` (no listener is told of it): a
+        backend that tells other processes (PostgreSQL's cluster nodes) does so here."""
 
     def set_process(self, job_id: str, pgid: int | None, start: int | None) -> None:
         """Record (or clear) the process group a running job's subprocess lives in."""
@@ -678,10 +683,17 @@ class BaseStore(abc.ABC):
 
     def set_meta(self, key: str, value: str | None) -> None:
         """Store one of the daemon's own settings (None: remove it); durable on return."""
-        if value is None:
-            self.write(lambda tx: tx.run("delete_meta", key=key))
-        else:
-            self.write(lambda tx: tx.run("set_meta", key=key, value=_text(value)))
+        def fn(tx: Tx) -> None:
+            if value is None:
+                tx.run("delete_meta", key=key)
+            else:
+                tx.run("set_meta", key=key, value=_text(value))
+            self._meta_changed(tx, key)
+        self.write(fn)
+
+    def _meta_changed(self, tx: Tx, key: str) -> None:
+        """One of the daemon's settings changed in ``tx``: a backend that tells other
+        processes (PostgreSQL's cluster nodes) does so here."""
 
     # -- retention -----------------------------------------------------------------------
 

@@ -39,8 +39,8 @@ import structlog
 from psycopg.pq import TransactionStatus
 
 from jobd.store import writer
-from jobd.models import Job, JobStatus
-from jobd.store.base import BaseStore, Listeners, _dumps, _job, now_us
+from jobd.models import TERMINAL, Job, JobStatus
+from jobd.store.base import CLEANUP_CHUNK, BaseStore, Listeners, _dumps, _job, now_us
 from jobd.store.errors import (Corrupt, DuplicateId, Fenced, ReadOnly, StateConflict,
                                StorageFull, StorageUnavailable, StoreClosed, StoreError)
 from jobd.store.sql import dialect
@@ -59,12 +59,14 @@ MIGRATE_KEY = 0x6A6F6264_00000001
 NODE_KEY = 0x6A6F6264_00000002
 #: taken by a write (transaction-scoped) before it reads the queued counts to admit jobs
 QUEUE_KEY = 0x6A6F6264_00000003
+#: held (tried, for a session) by the cluster node that sweeps: one node at a time
+CLEANUP_KEY = 0x6A6F6264_00000005
 
 #: jobd's tables, and the functions its schema defines (its triggers' and ``jobd_iso``):
 #: a backup by table (``pg_dump -t``) leaves the functions out, so dump the database
 TABLES = ("jobd_schema", "jobs", "job_events", "job_checkpoints", "job_keys", "meta",
           "queued_counts", "user_stored", "type_counts", "run_buckets", "finished_hours",
-          "finished_days")
+          "finished_days", "nodes", "dispatch_turns", "job_log_chunks", "job_progress")
 FUNCTIONS = ("jobd_iso", "jobs_counted_in", "jobs_status_moved")
 
 #: how long an open waits for the one-node lock of a jobd that has just gone
@@ -127,7 +129,7 @@ SESSION_NAME = _NAME
 #: the writes for a running job that a cluster node's fence guards (the ``{fence}`` of
 #: their statements): by (node id, attempt), and the node's lease
 FENCED = frozenset({"finish_job", "requeue_job", "update_progress", "set_process",
-                    "save_checkpoint"})
+                    "save_checkpoint", "append_log"})
 #: the fence of a job this store does not run as a cluster node: none
 _UNFENCED = (None, None)
 
@@ -231,6 +233,8 @@ class PgTx(writer.Tx):
     fences: Mapping[str, tuple[int, int]] = {}
     #: a rescue writes for jobs whose node is gone: its writes are not this node's own
     unfenced: bool = False
+    #: (channel, payload) of each notification the commit sends (a cluster node's)
+    notes: list[tuple[str, str]]
 
     def run(self, query: str, **params: Any) -> psycopg.Cursor[Any]:
         params["now"] = self.now
@@ -299,9 +303,14 @@ class PgDriver:
         self.conn.execute("BEGIN")
         self._tx = PgTx(self.conn, now)
         self._tx.fences = self.fences
+        self._tx.notes = []
         return self._tx
 
     def commit(self) -> None:
+        notes = self._tx.notes if self._tx is not None else None
+        if notes:  # delivered with the commit, as one statement
+            self.conn.execute(QUERIES["notify"], {"channels": [c for c, _ in notes],
+                                                  "payloads": [p for _, p in notes]})
         self.conn.execute("COMMIT")
 
     def rollback(self) -> None:
@@ -395,6 +404,9 @@ class PostgresStore(BaseStore):
         self.fences: dict[str, tuple[int, int]] = {}
         #: told the job id of a fenced write that was refused (the node checks its lease)
         self.on_fenced: Callable[[str], None] = lambda job_id: None
+        #: called in the transaction that writes the end of an attempt this node runs,
+        #: before the end (the node copies the rest of the job's log into it)
+        self.on_ending: Callable[[writer.Tx, str], None] = lambda tx, job_id: None
 
     # -- opening and closing -------------------------------------------------------------
 
@@ -527,6 +539,27 @@ class PostgresStore(BaseStore):
             started.append(self._changed(tx, job))
         return started
 
+    def _changed(self, tx: writer.Tx, job: Job) -> Job:
+        """As every store, and a cluster node tells the others: ``jobd`` for every change
+        of a job, ``jobd_queue`` too when it entered the queue or left a slot."""
+        if self.cluster:
+            assert isinstance(tx, PgTx)
+            payload = f"{job.id}:{job.version}"
+            tx.notes.append(("jobd", payload))
+            if job.status is JobStatus.QUEUED or job.status in TERMINAL:
+                tx.notes.append(("jobd_queue", payload))
+        return super()._changed(tx, job)
+
+    def _progressed(self, tx: writer.Tx, job: Job) -> None:
+        if self.cluster:
+            assert isinstance(tx, PgTx)
+            tx.notes.append(("jobd", f"{job.id}:{job.version}"))
+
+    def _meta_changed(self, tx: writer.Tx, key: str) -> None:
+        if self.cluster:  # the pause, maintenance: every node re-reads them
+            assert isinstance(tx, PgTx)
+            tx.notes.append(("jobd_meta", key))
+
     def _fence(self, tx: writer.Tx, job_id: str, fence: tuple[int, int]) -> None:
         self.fences[job_id] = fence
         tx.undo.append(lambda: self._unfence(job_id, fence))
@@ -565,6 +598,67 @@ class PostgresStore(BaseStore):
             tx.unfenced = False
         return nodes, moved
 
+    def nodes(self) -> list[dict[str, Any]]:
+        """admin.stats' ``nodes``: every cluster node not yet ended."""
+        return [{"id": id, "host": host, "started_at": started, "lease_until": until,
+                 "running": running}
+                for id, host, started, until, running in self._all(QUERIES["stats_nodes"])]
+
+    def cleanup(self, *, keep_before: int, keep_failed_before: int, dry_run: bool = False,
+                chunk: int = CLEANUP_CHUNK) -> Iterator[list[str]]:
+        """As every store's; a cluster node sweeps only while no other does (a session's
+        try-lock, held on a connection of its own for the sweep): else it skips the round."""
+        sweep = super().cleanup(keep_before=keep_before, keep_failed_before=keep_failed_before,
+                                dry_run=dry_run, chunk=chunk)
+        if not self.cluster or dry_run:
+            yield from sweep
+            return
+        with self._reading() as conn:
+            if not _scalar(conn.execute(QUERIES["cleanup_lock"], {"key": CLEANUP_KEY})):
+                log.info("cleanup_skipped", reason="another node is sweeping")
+                return
+            try:
+                yield from sweep
+            finally:
+                conn.execute(QUERIES["cleanup_unlock"], {"key": CLEANUP_KEY})
+
+    def append_log_in(self, tx: writer.Tx, job_id: str, pos: int, data: bytes,
+                      keep_from: int) -> bool:
+        """Copy bytes of a running job's log at absolute offset ``pos`` into the database
+        (fenced), and drop the chunks wholly before ``keep_from`` (max_log_bytes); whether
+        it was written."""
+        written = tx.run("append_log", job_id=job_id, pos=pos, data=data).rowcount > 0
+        if written:
+            tx.run("trim_log", job_id=job_id, keep_from=keep_from)
+        return bool(written)
+
+    def read_log(self, job_id: str, offset: int, limit: int) -> tuple[bytes, int] | None:
+        """(data, next_offset) of a job's log as the database holds it, from absolute
+        ``offset`` (one in the dropped part starts at the oldest kept byte); None when
+        none of it is there."""
+        # each chunk holds one byte at least: ``limit`` of them are always enough
+        chunks = self._all(QUERIES["read_log"], {"job_id": job_id, "offset": offset,
+                                                 "limit": limit})
+        if not chunks:
+            return None if not self._one(QUERIES["has_log"], {"job_id": job_id})[0] else (
+                b"", offset)
+        start = max(offset, chunks[0][0])
+        parts, at = [], chunks[0][0]
+        for pos, data in chunks:
+            if pos != at or at >= start + limit:
+                break  # a gap (bytes dropped before they were copied): the rest is later
+            parts.append(bytes(data))
+            at += len(data)
+        data = b"".join(parts)[start - chunks[0][0]:][:limit]
+        return data, start + len(data)
+
+    def live_progress(self, job_id: str, version: int) -> tuple[float, str | None,
+                                                                str | None, int] | None:
+        """A running job's live progress as its node last reported it, if newer than
+        ``version``: (progress, phase, message, version)."""
+        row = self._one(QUERIES["live_progress"], {"job_id": job_id, "version": version})
+        return None if row is None else (row[0], row[1], row[2], row[3])
+
     def earlier_processes(self, *, host: str, state_dir: str, node: int
                           ) -> list[tuple[str, int, int | None]]:
         """(job id, pgid, start time) of the running jobs restart recovery takes over."""
@@ -576,6 +670,8 @@ class PostgresStore(BaseStore):
         fence = self.fences.get(job_id) if query in FENCED and not tx.unfenced else None
         if fence is None:
             return super()._cas(tx, query, job_id, wanted, **params)
+        if query in ("finish_job", "requeue_job"):
+            self.on_ending(tx, job_id)
         try:
             job = super()._cas(tx, query, job_id, wanted, **params)
         except StateConflict:

@@ -13,7 +13,6 @@ from typing import Any, Callable
 
 import pytest
 
-import pg
 from conftest import FAST_CONFIG, Daemon, group_alive, result_of, wait_for
 from test_postgres_daemon import connect, make_pg_daemon  # noqa: F401 (a fixture)
 
@@ -48,6 +47,9 @@ def test_a_node_registers_and_its_jobs_run_under_its_id(
         registered["node_id"],)
     time.sleep(2.5)  # past the first lease: the heartbeat keeps it
     assert result_of(d, "jobs.get", job_id=job["id"])["status"] == "running"
+    (node,) = result_of(d, "admin.stats")["nodes"]
+    assert node["id"] == registered["node_id"] and node["running"] == 1
+    assert node["started_at"].endswith("Z") and node["lease_until"] > node["started_at"]
     stopped = result_of(d, "jobs.cancel", job_id=job["id"], wait=True)
     assert stopped["status"] == "cancelled"
     assert d.stop() == 0
@@ -122,3 +124,95 @@ def test_a_node_killed_is_rescued_by_another_which_resumes_its_job(
     assert statuses == ["created", "queued", "running", "queued", "running"], statuses
     assert got["attempts"] == 2
     assert rescuer.stop() == 0
+
+
+def test_every_job_is_waited_for_and_cancelled_through_either_node(
+        make_pg_daemon: Callable[..., Daemon], dsn: str) -> None:
+    """A wait and a cancel through the node that does not run the job: woken by the
+    owner's notifications (the poll is 5 s here, so the poll alone would be late)."""
+    slow_poll = SHORT_LEASE + 'poll = "5s"\n'
+    a = make_pg_daemon(slow_poll)
+    b = make_pg_daemon(slow_poll)
+    (a_node,) = [e["node_id"] for e in events_named(a, "node_registered")]
+
+    def started(job: dict[str, Any]) -> tuple[Daemon, dict[str, Any]]:
+        """The node that does not run ``job``, and the job as it reads it running."""
+        wait_for(lambda: row(dsn, "SELECT status FROM jobs WHERE id = %s", job["id"]) == (
+            "running",), what="the job to start")
+        (owner,) = row(dsn, "SELECT node_id FROM jobs WHERE id = %s", job["id"])
+        other = b if owner == a_node else a
+        return other, result_of(other, "jobs.get", job_id=job["id"])
+
+    quick = result_of(a, "jobs.submit", type="noop", options={"seconds": 0.5})
+    other, seen = started(quick)
+    asked = time.monotonic()
+    done = seen
+    while done["status"] == "running" and time.monotonic() - asked < 10:
+        # each change wakes it: the owner's progress flushes, then the end
+        done = result_of(other, "jobs.wait", job_id=quick["id"],
+                         after_version=done["version"], timeout_s=10)
+    assert done["status"] == "completed", done
+    assert time.monotonic() - asked < 0.5 + 0.5
+    # a running job cancelled through the node that does not run it
+    long = result_of(a, "jobs.submit", type="command", options={"argv": ["sleep", "60"]})
+    other, _ = started(long)
+    asked = time.monotonic()
+    stopped = result_of(other, "jobs.cancel", job_id=long["id"], wait=True)
+    assert stopped["status"] == "cancelled", stopped
+    assert time.monotonic() - asked < 1 + 1  # cancel_grace + 1 s
+    assert [e["status"] for e in result_of(other, "jobs.events", job_id=long["id"])][-1] == (
+        "cancelled")
+    assert a.stop() == 0 and b.stop() == 0
+
+
+def test_a_jobs_log_is_read_through_either_node(
+        make_pg_daemon: Callable[..., Daemon], dsn: str) -> None:
+    a = make_pg_daemon(SHORT_LEASE)
+    b = make_pg_daemon(SHORT_LEASE)
+    job = result_of(a, "jobs.submit", type="command", options={
+        "argv": ["sh", "-c", "for i in 1 2 3; do echo line $i; sleep 0.2; done"]})
+    (a_node,) = [e["node_id"] for e in events_named(a, "node_registered")]
+    wait_for(lambda: row(dsn, "SELECT status FROM jobs WHERE id = %s", job["id"]) != (
+        "queued",), what="the job to start")
+    (owner,) = row(dsn, "SELECT coalesce(node_id, 0) FROM jobs WHERE id = %s", job["id"])
+    here, there = (a, b) if owner == a_node else (b, a)
+    # while it runs, the other node follows its log from the database
+    seen = wait_for(lambda: "line 1" in (p := result_of(there, "jobs.logs",
+                                                           job_id=job["id"]))["data"] and p,
+                    what="the first line on the other node")
+    assert not seen["eof"]
+    wait_for(lambda: result_of(there, "jobs.get", job_id=job["id"])["status"] == "completed",
+             what="the end")
+    mine = result_of(here, "jobs.logs", job_id=job["id"])
+    theirs = result_of(there, "jobs.logs", job_id=job["id"])
+    assert theirs == mine and theirs["eof"], (theirs, mine)
+    assert "line 3" in theirs["data"] and "ended completed" in theirs["data"]
+    # paged from a middle offset, as a file is
+    middle = result_of(there, "jobs.logs", job_id=job["id"], offset=10, limit_bytes=7)
+    assert middle["data"] == mine["data"][10:17] and middle["next_offset"] == 17
+    assert a.stop() == 0 and b.stop() == 0
+
+
+def test_progress_on_one_node_is_seen_on_the_other_at_once(
+        make_pg_daemon: Callable[..., Daemon], dsn: str, tmp_path: Path) -> None:
+    """Live progress goes through the database's unlogged table and a notification: the
+    other node answers with it well before the owner's durable flush (every 0.5 s)."""
+    a = make_pg_daemon(SHORT_LEASE)
+    b = make_pg_daemon(SHORT_LEASE)
+    (a_node,) = [e["node_id"] for e in events_named(a, "node_registered")]
+    marker = tmp_path / "reported"
+    job = result_of(a, "jobs.submit", type="command", options={"argv": [
+        "sh", "-c", f"sleep 0.5; echo '{{\"progress\": 42, \"message\": \"half\"}}'; "
+                    f"touch {marker}; sleep 30"]})
+    wait_for(lambda: row(dsn, "SELECT status FROM jobs WHERE id = %s", job["id"]) == (
+        "running",), what="the job to start")
+    (owner,) = row(dsn, "SELECT node_id FROM jobs WHERE id = %s", job["id"])
+    there = b if owner == a_node else a
+    wait_for(marker.exists, interval=0.002, what="the progress line")
+    reported = time.monotonic()
+    seen = wait_for(lambda: (j := result_of(there, "jobs.get", job_id=job["id"]))[
+        "progress"] >= 42 and j, interval=0.002, what="the progress on the other node")
+    assert time.monotonic() - reported < 0.15
+    assert seen["message"] == "half"
+    result_of(there, "jobs.cancel", job_id=job["id"], wait=True)
+    assert a.stop() == 0 and b.stop() == 0

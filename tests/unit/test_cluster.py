@@ -465,3 +465,177 @@ def test_a_node_that_lost_its_lease_stops_its_attempts_and_comes_back_as_a_new_n
     (resumed,) = claim(a)
     assert resumed.id == job.id and resumed.attempts == 2
     a.store.finish_job(job.id, JobStatus.COMPLETED)  # the new id's fence holds
+
+
+# -- notifications -----------------------------------------------------------------------------
+
+class Heard:
+    """What a node's listener told (its callbacks), with the time of each."""
+
+    def __init__(self, node: Any) -> None:
+        self.calls: list[tuple[str, Any, float]] = []
+        node.on_job = lambda job_id: self.calls.append(("job", job_id, time.monotonic()))
+        node.on_cancel = lambda job_id: self.calls.append(("cancel", job_id, time.monotonic()))
+        node.on_claimable = lambda: self.calls.append(("claim", None, time.monotonic()))
+        node.on_meta = lambda: self.calls.append(("meta", None, time.monotonic()))
+        node.on_resync = lambda: self.calls.append(("resync", None, time.monotonic()))
+        self.thread = threading.Thread(target=node.listen, daemon=True)
+        self.thread.start()
+        node._listener = self.thread  # stopped with the node
+
+    def of(self, kind: str, what: Any = None) -> list[float]:
+        return [at for k, w, at in self.calls if k == kind and (what is None or w == what)]
+
+    def wait(self, kind: str, what: Any = None, after: float = 0.0,
+             timeout: float = 5.0) -> float:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = [at for at in self.of(kind, what) if at > after]
+            if got:
+                return got[0]
+            time.sleep(0.005)
+        raise AssertionError(f"no {kind} {what or ''} heard: {self.calls}")
+
+
+def test_a_cancel_through_another_node_reaches_the_owner_by_notification(
+        cluster: Cluster) -> None:
+    a, b = cluster.node(), cluster.node()  # poll 1 s: only a notification is this fast
+    a.register(), b.register()
+    job = submit(b.store)
+    heard = Heard(a)
+    heard.wait("resync")
+    assert [j.id for j in claim(a)] == [job.id]
+    asked = time.monotonic()
+    b.store.cancel_job(job.id, actor="admin:root")
+    assert heard.wait("cancel", job.id, after=asked) - asked < 0.5
+    assert heard.of("job", job.id)  # its waiters on a were woken too
+    # and a job a does not run is only its waiters' business
+    other = submit(b.store, "bob")
+    b.store.cancel_job(other.id, actor="bob")
+    heard.wait("job", other.id)
+    assert not heard.of("cancel", other.id)
+
+
+def test_the_queue_and_the_settings_wake_every_node(cluster: Cluster) -> None:
+    a, b = cluster.node(), cluster.node()
+    a.register(), b.register()
+    heard = Heard(a)
+    start = heard.wait("resync")
+    time.sleep(0.05)
+    submitted = time.monotonic()
+    submit(b.store)
+    assert heard.wait("claim", after=submitted) - submitted < 0.5
+    paused = time.monotonic()
+    b.store.set_meta("paused", "1")
+    assert heard.wait("meta", after=paused) - paused < 0.5
+    assert start
+
+
+def test_the_listener_reconnects_after_a_postgres_restart_and_resyncs(
+        cluster: Cluster, postgres: pg.PostgresServer) -> None:
+    from structlog.testing import capture_logs
+    a, b = cluster.node(), cluster.node()
+    a.register(), b.register()
+    with capture_logs() as logs:
+        heard = Heard(a)
+        heard.wait("resync")
+        postgres.restart()
+        back = time.monotonic()
+        heard.wait("resync", after=back, timeout=10)
+        deadline = time.monotonic() + 5
+        while not [e for e in logs if e["event"] == "cluster_listener_reconnected"]:
+            assert time.monotonic() < deadline, logs
+            time.sleep(0.02)
+    # notifications flow again: a change on b reaches a
+    job = None
+    for _ in range(3):  # b's writer finds its connection broken once, then reconnects
+        try:
+            job = submit(b.store)
+            break
+        except Exception:
+            time.sleep(0.2)
+    assert job is not None
+    heard.wait("job", job.id)
+
+
+# -- stats and cleanup -------------------------------------------------------------------------
+
+def test_stats_nodes_lists_every_node_not_ended_with_what_it_runs(cluster: Cluster) -> None:
+    from jobd.models import iso
+    a, b = cluster.node(workers=2), cluster.node()
+    a.register(), b.register()
+    submit(a.store), submit(a.store, "bob")
+    claim(a, 2)
+    nodes = a.nodes()
+    assert [(n["id"], n["running"]) for n in nodes] == [(a.id, 2), (b.id, 0)]
+    (row,) = rows(cluster.dsn, "SELECT started_at, lease_until FROM nodes WHERE id = %s", a.id)
+    assert (nodes[0]["started_at"], nodes[0]["lease_until"]) == (iso(row[0]), iso(row[1]))
+    assert nodes[0]["host"] == a.host
+    b.stop()
+    assert [n["id"] for n in a.nodes()] == [a.id]
+
+
+def test_cleanup_runs_on_one_node_at_a_time(cluster: Cluster) -> None:
+    a, b = cluster.node(), cluster.node()
+    for i in range(6):
+        job = submit(a.store, f"u{i}")
+        a.store.cancel_job(job.id, actor="jobd")
+    far = 2**62
+    sweep = a.store.cleanup(keep_before=far, keep_failed_before=far, chunk=2)
+    first = next(sweep)  # a sweeps, and holds the turn between its chunks
+    assert list(b.store.cleanup(keep_before=far, keep_failed_before=far)) == []
+    rest = [ids for ids in sweep]
+    assert len(first) + sum(map(len, rest)) == 6
+    # a's turn is over: b sweeps the next round
+    job = submit(b.store, "late")
+    b.store.cancel_job(job.id, actor="jobd")
+    assert list(b.store.cleanup(keep_before=far, keep_failed_before=far)) == [[job.id]]
+
+
+def test_live_progress_is_taken_only_from_the_running_attempts_own_node(
+        cluster: Cluster) -> None:
+    import types
+    a, b = cluster.node(), cluster.node()
+    a.register(), b.register()
+    job = submit(a.store)
+    claim(a)
+    a._reporter = threading.Thread(target=a._report_loop, daemon=True)
+    a._reporter.start()
+    a.progressed(job.id, types.SimpleNamespace(progress=42.0, phase="git_sync",
+                                               message="half", version=job.version + 10))
+    deadline = time.monotonic() + 5
+    while b.store.live_progress(job.id, 0) is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    assert b.store.live_progress(job.id, 0) == (42.0, "git_sync", "half", job.version + 10)
+    assert b.store.live_progress(job.id, job.version + 10) is None  # not newer
+    out = {"id": job.id, "version": 0, "progress": 0}
+    b.annotate(out)
+    assert (out["progress"], out["message"]) == (42.0, "half")
+    # the row of an earlier attempt (the job rescued and run again) is not taken
+    rows(cluster.dsn, "UPDATE jobs SET attempts = attempts + 1 WHERE id = %s RETURNING 1",
+         job.id)
+    assert b.store.live_progress(job.id, 0) is None
+
+
+def test_a_reload_with_other_cluster_wide_settings_is_refused_naming_the_difference(
+        cluster: Cluster, tmp_path: Path) -> None:
+    from jobd.config import ConfigError
+    a = cluster.node(max_running_per_user=3, workers=2)
+    b = cluster.node(max_running_per_user=3)
+    a.register(), b.register()
+    other = node_config(tmp_path, cluster.dsn, "n0", max_running_per_user=5, workers=2)
+    with pytest.raises(ConfigError, match=r"not reloaded: \[execution\] max_running_per_user: "
+                                          rf"5 here, 3 on node {b.id} \(host "):
+        a.check_reload(other)
+    assert a.config.execution.max_running_per_user == 3
+    # workers is the node's own: taken, and claims count it
+    more = node_config(tmp_path, cluster.dsn, "n0", max_running_per_user=3, workers=3)
+    a.check_reload(more)
+    for i in range(4):
+        submit(a.store, f"u{i}")
+    assert len(claim(a, 4)) == 3
+    # alone on the database, a node may change them
+    b.stop()
+    a.check_reload(node_config(tmp_path, cluster.dsn, "n0", max_running_per_user=5, workers=3))
+    assert a.config.execution.max_running_per_user == 5

@@ -435,10 +435,16 @@ WHERE NOT EXISTS (SELECT 1 FROM nodes WHERE ended_at IS NULL
 RETURNING id, lease_until
 
 -- differing_settings --
--- What a refused node compares its settings with, to name the first difference
+-- What a refused node (or reload) compares its settings with, to name the first difference
 SELECT id, host, settings FROM nodes
 WHERE ended_at IS NULL AND lease_until > jobd_now_us() AND settings_hash <> %(hash)s
+  AND id IS DISTINCT FROM %(node)s::bigint
 ORDER BY id LIMIT 1
+
+-- set_node_settings --
+-- A reload this node accepted: its cluster-wide settings and their hash now
+UPDATE nodes SET settings_hash = %(hash)s, settings = %(settings)s, workers = %(workers)s
+WHERE id = %(node)s
 
 -- heartbeat --
 -- Renew this node's lease while it holds one, and read back what it runs: the jobs and
@@ -514,3 +520,79 @@ WHERE application_name = ANY(%(names)s::text[]) AND datname = current_database()
 -- node_names --
 -- What a node's sessions are called (pg_stat_activity), to end them after its rescue
 SELECT host, pid FROM nodes WHERE id = %(node)s
+
+-- notify --
+-- A cluster node's notifications, sent with the commit (delivered only if it holds):
+-- payloads are "<job id>:<version>" or a meta key, never job data
+SELECT pg_notify(n.channel, n.payload)
+FROM unnest(%(channels)s::text[], %(payloads)s::text[]) AS n (channel, payload)
+
+-- stats_nodes --
+-- admin.stats' nodes: every node not yet ended (one whose lease lapsed shows until it is
+-- rescued), with how many jobs it runs; times as the wire writes them
+SELECT n.id, n.host, jobd_iso(n.started_at), jobd_iso(n.lease_until), count(j.seq)
+FROM nodes n LEFT JOIN jobs j ON j.node_id = n.id AND j.status = 'running'
+WHERE n.ended_at IS NULL
+GROUP BY n.id ORDER BY n.id
+
+-- cleanup_lock --
+-- One node sweeps at a time: a session lock on a connection held for the sweep (released
+-- by cleanup_unlock, or with the session if the node dies); false: another node sweeps
+SELECT pg_try_advisory_lock(%(key)s)
+
+-- cleanup_unlock --
+-- The sweep is over: the next node's turn
+SELECT pg_advisory_unlock(%(key)s)
+
+-- append_log --
+-- A chunk of a running job's log at its absolute offset, fenced as a checkpoint is (the
+-- row lock keeps a rescue from slipping in before the commit)
+INSERT INTO job_log_chunks (job, pos, data)
+SELECT seq, %(pos)s, %(data)s FROM jobs WHERE id = %(job_id)s AND status = 'running'
+  AND {fence}
+FOR SHARE
+ON CONFLICT (job, pos) DO NOTHING
+
+-- trim_log --
+-- max_log_bytes: the chunks wholly before the log's kept part go, oldest first
+DELETE FROM job_log_chunks
+WHERE job = (SELECT seq FROM jobs WHERE id = %(job_id)s) AND pos + length(data) <= %(keep_from)s
+
+-- read_log --
+-- jobs.logs from any node: the chunks that hold bytes from %(offset)s on, up to
+-- %(limit)s bytes (or, from a dropped part, the oldest kept ones), in order
+SELECT c.pos, c.data FROM job_log_chunks c JOIN jobs j ON j.seq = c.job
+WHERE j.id = %(job_id)s AND c.pos + length(c.data) > %(offset)s
+ORDER BY c.pos LIMIT %(limit)s
+
+-- has_log --
+-- Whether any of a job's log is in the database (no: its story is told from its events)
+SELECT EXISTS (SELECT 1 FROM job_log_chunks c JOIN jobs j ON j.seq = c.job
+               WHERE j.id = %(job_id)s)
+
+-- report_progress --
+-- Live progress of a running attempt (on a connection with synchronous_commit off), and
+-- the wake-up for every node's waiters: payload "<job id>:<version>"
+WITH p AS (
+    INSERT INTO job_progress AS p (job, node_id, attempt, progress, phase, message, version,
+                                   updated_at)
+    SELECT seq, %(node)s, %(attempt)s, %(progress)s, %(phase)s, %(message)s, %(version)s,
+           jobd_now_us()
+    FROM jobs WHERE id = %(job_id)s
+    ON CONFLICT (job) DO UPDATE SET node_id = excluded.node_id, attempt = excluded.attempt,
+        progress = excluded.progress, phase = excluded.phase, message = excluded.message,
+        version = excluded.version, updated_at = excluded.updated_at
+    RETURNING version)
+SELECT pg_notify('jobd', %(job_id)s || ':' || p.version) FROM p
+
+-- live_progress --
+-- A running job's live progress as its own node last reported it, when newer than
+-- %(version)s (a stale row of a lost node, or of an earlier attempt, is not taken)
+SELECT p.progress, p.phase, p.message, p.version FROM job_progress p
+JOIN jobs j ON j.seq = p.job
+WHERE j.id = %(job_id)s AND j.status = 'running' AND p.node_id = j.node_id
+  AND p.attempt = j.attempts AND p.version > %(version)s
+
+-- forget_progress --
+-- An attempt's end: its live progress row goes
+DELETE FROM job_progress WHERE job = (SELECT seq FROM jobs WHERE id = %(job_id)s)
