@@ -38,12 +38,11 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-import pytest
 
 from conftest import Daemon
 
 __all__ = ["CANCEL_GRACE", "TIMING", "Checker", "Cluster", "Node", "RunLedger", "Timing",
-           "connect", "toml_table", "waits_for"]
+           "connect", "toml_table"]
 
 #: SIGTERM, then SIGKILL after this, on every node (a cluster-wide setting)
 CANCEL_GRACE = 0.5
@@ -425,8 +424,3 @@ class Checker(threading.Thread):
             f"the checker took only {self.samples} samples ({self.errors} failed reads)")
         assert not self.broken, f"rules broken in {len(self.broken)} samples, first: " \
                                 f"{self.broken[:10]}"
-
-
-def waits_for(step: str) -> pytest.MarkDecorator:
-    """A test of a part of cluster mode not built yet: skipped, naming the part."""
-    return pytest.mark.skip(reason=f"waits for cluster mode's {step} (branch cluster)")
