@@ -28,12 +28,14 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
@@ -195,11 +197,12 @@ def finished(conn: Conn) -> int:
     return sum(jobs[s] for s in ("completed", "failed", "cancelled"))
 
 
-def wait_ended(conn: Conn, before: int, total: int, timeout: float = 600) -> None:
+def wait_ended(conn: Conn, before: int, total: int, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
-    while finished(conn) - before < total:
+    while (ended := finished(conn) - before) < total:
         if time.monotonic() > deadline:
-            raise BenchError(f"fewer than {total} jobs ended within {timeout:g} s")
+            raise BenchError(f"only {ended:,} of {total:,} jobs ended within {timeout:g} s "
+                             f"({ended / timeout:,.1f}/s)")
         time.sleep(0.02)
 
 
@@ -209,14 +212,16 @@ def drained(submit: list[Jobd], control: Conn, total: int, clients: int) -> floa
     control.call("admin.pause")
     users = [f"bench-c{c}".encode() for c in range(clients)]
     share = [total // len(submit) + (n < total % len(submit)) for n in range(len(submit))]
-    for node, count in zip(submit, share):
-        _, _, errors = drive(node.socket, lambda c, n: noop_submit(n, users[c]),
-                             connections=clients, total=count)
-        if errors:
-            raise BenchError(f"submits refused, e.g. {errors[0]}")
-    before = finished(control)
-    started = time.perf_counter()
-    control.call("admin.resume")
+    try:
+        for node, count in zip(submit, share):
+            _, _, errors = drive(node.socket, lambda c, n: noop_submit(n, users[c]),
+                                 connections=clients, total=count)
+            if errors:
+                raise BenchError(f"submits refused, e.g. {errors[0]}")
+        before = finished(control)
+    finally:
+        started = time.perf_counter()
+        control.call("admin.resume")  # whatever happened: the next figures need dispatch
     wait_ended(control, before, total)
     return total / (time.perf_counter() - started)
 
@@ -261,6 +266,47 @@ def pickups(conn: Conn, count: int) -> list[float]:
             raise BenchError(f"a noop job ended {job['status']}: {job.get('error')}")
         out.append((iso_us(job["started_at"]) - iso_us(job["created_at"])) / 1e6)
     return out
+
+
+def measured(figure: str, unit: str, measure: Callable[[], Any]) -> Any:
+    """One figure's rate or samples, said as soon as it is measured; or why it could not
+    be measured (the others still are)."""
+    print(f"{figure} ...", flush=True)
+    try:
+        value = measure()
+    except BenchError as e:
+        print(f"  not measured: {e}", flush=True)
+        return str(e)
+    print(f"  {show(value, unit)}", flush=True)
+    return value
+
+
+def show(value: Any, unit: str) -> str:
+    """A rate (``/s``) or the median of samples (``s``), or the reason it is missing."""
+    if isinstance(value, str):
+        return "not measured"
+    if unit == "/s":
+        return f"{value:,.0f}/s"
+    return ms(pct(value, 50))
+
+
+def rate_row(figure: str, rate: float | str, goal: str, least: float | None,
+             reference: str) -> Row:
+    if isinstance(rate, str):
+        return Row(figure, "not measured", goal, rate[:200], False if least else None)
+    return Row(figure, f"{rate:,.0f}/s", goal, reference,
+               None if least is None else rate >= least)
+
+
+def latency_row(figure: str, samples: list[float] | str, goal: str, bound: float | None,
+                q: float, reference: str = "") -> Row:
+    """A latency's row: its ``q``-th percentile against ``bound``, or why it is missing."""
+    if isinstance(samples, str):
+        return Row(figure, "not measured", goal, samples[:200], False if bound else None)
+    return Row(figure if q == 50 else f"{figure} max", ms(pct(samples, q)), goal,
+               f"p50 {ms(pct(samples, 50))}, p99 {ms(pct(samples, 99))}, max "
+               f"{ms(max(samples))} of {len(samples)}{reference}",
+               None if bound is None else pct(samples, q) <= bound)
 
 
 def main() -> int:
@@ -321,32 +367,33 @@ def main() -> int:
                                 after_version=holder["version"], timeout_s=10)
         workers = [node(name, 4) for name in "abc"]
 
-        print(f"bare claim loop, {args.jobs} rows, 3 connections x 4 ...", flush=True)
-        bare = bare_claims(dsn, args.jobs, 3, 4)
-        print(f"claims/s, {args.jobs} noop jobs drained by 3 nodes x 4 slots ...", flush=True)
-        drained(workers, dconn, min(300, args.jobs), args.clients)  # warm-up
-        claims = drained(workers, dconn, args.jobs, args.clients)
-        print(f"end to end, {args.jobs} noop jobs through 3 nodes ...", flush=True)
-        e2e = end_to_end(workers, dconn, args.jobs, args.clients)
-        print(f"pickup on another node, {args.pickups} jobs ...", flush=True)
-        pickups(dconn, min(10, args.pickups))
-        picks = pickups(dconn, args.pickups)
-        print(f"progress across nodes, {args.updates} updates ...", flush=True)
-        seen = progress(dconn, args.updates, args.every)
-        print(f"cancel through another node, {args.cancels} jobs ...", flush=True)
-        cancels = cancel(dconn, args.cancels)
+        bare = measured("bare claim loop", "/s",
+                        lambda: bare_claims(dsn, args.jobs, 3, 4))
+        claims = measured("claims/s, 3 nodes x 4 slots", "/s", lambda: (
+            drained(workers, dconn, min(300, args.jobs), args.clients),  # warm-up
+            drained(workers, dconn, args.jobs, args.clients))[1])
+        e2e = measured("end to end, 3 nodes", "/s",
+                       lambda: end_to_end(workers, dconn, args.jobs, args.clients))
+        picks = measured("pickup on another node", "s", lambda: (
+            pickups(dconn, min(10, args.pickups)), pickups(dconn, args.pickups))[1])
+        seen = measured("progress on another node", "s",
+                        lambda: progress(dconn, args.updates, args.every))
+        cancels = measured("cancel through another node", "s",
+                           lambda: cancel(dconn, args.cancels))
         dconn.call("jobs.cancel", job_id=holder["id"])
         dconn.close()
         for made in nodes:
             made.stop()
 
-        print("one SQLite node, 12 workers ...", flush=True)
         single.start()
         sconn = single.connect()
-        drained([single], sconn, min(300, args.jobs), args.clients)
-        single_claims = drained([single], sconn, args.jobs, args.clients)
-        single_e2e = end_to_end([single], sconn, args.jobs, args.clients)
-        single_picks = pickups(sconn, args.pickups)
+        single_claims = measured("claims/s, one SQLite node x 12", "/s", lambda: (
+            drained([single], sconn, min(300, args.jobs), args.clients),
+            drained([single], sconn, args.jobs, args.clients))[1])
+        single_e2e = measured("end to end, one SQLite node", "/s",
+                              lambda: end_to_end([single], sconn, args.jobs, args.clients))
+        single_picks = measured("pickup, one SQLite node", "s",
+                                lambda: pickups(sconn, args.pickups))
         sconn.close()
     finally:
         for made in [*nodes, single]:
@@ -355,18 +402,16 @@ def main() -> int:
             server.stop()
 
     rows = [
-        Row("claims/s, 3 nodes x 4 slots", f"{claims:,.0f}/s", "≥ 1,000/s",
-            f"bare claim loop {bare:,.0f}/s; one SQLite node {single_claims:,.0f}/s",
-            claims >= 1000),
-        Row("end to end, 3 nodes", f"{e2e:,.0f} jobs/s", "",
-            f"one SQLite node {single_e2e:,.0f} jobs/s"),
-        Row("pickup on another node p50", ms(pct(picks, 50)), "",
-            f"p99 {ms(pct(picks, 99))}; one SQLite node p50 {ms(pct(single_picks, 50))}"),
-        Row("progress on another node p50", ms(pct(seen, 50)), "≤ 50 ms",
-            f"p99 {ms(pct(seen, 99))}, max {ms(max(seen))}", pct(seen, 50) <= 0.05),
-        Row("cancel through another node p50", ms(pct(cancels, 50)),
-            f"≤ cancel_grace + 1 s ({CANCEL_GRACE + 1:g} s)",
-            f"max {ms(max(cancels))} of {len(cancels)}", max(cancels) <= CANCEL_GRACE + 1),
+        rate_row("claims/s, 3 nodes x 4 slots", claims, "≥ 1,000/s", 1000,
+                 f"bare claim loop {show(bare, '/s')}; one SQLite node "
+                 f"{show(single_claims, '/s')}"),
+        rate_row("end to end, 3 nodes", e2e, "", None,
+                 f"one SQLite node {show(single_e2e, '/s')}"),
+        latency_row("pickup on another node p50", picks, "", None, 50,
+                    f"; one SQLite node p50 {show(single_picks, 's')}"),
+        latency_row("progress on another node p50", seen, "≤ 50 ms", 0.05, 50),
+        latency_row("cancel through another node", cancels,
+                    f"≤ cancel_grace + 1 s ({CANCEL_GRACE + 1:g} s)", CANCEL_GRACE + 1, 100),
     ]
     print_table(f"cluster_bench: {durability}; {load}", rows)
     if args.keep:
@@ -377,6 +422,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    # a SIGTERM still stops the nodes and the private PostgreSQL (main's finally)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         sys.exit(main())
     except BenchError as e:
