@@ -1,0 +1,431 @@
+"""Cluster benchmark (SPEC §9's cluster row, §11): three jobd nodes on one PostgreSQL.
+
+Starts a private PostgreSQL (Debian's packages, its data on disk, with ``fsync``,
+``synchronous_commit`` and ``full_page_writes`` on), or uses ``--dsn``, and on it:
+
+  * a fourth node ``d`` with one slot, started first and kept busy by one long job, so
+    every job submitted through it runs on another node (as a CIDX web node that only
+    submits): the pickup, progress and cancel figures are all across nodes
+  * claims/s: ``noop`` jobs queued while dispatch is paused, then drained by nodes a, b
+    and c with 4 slots each (12 slots), beside a bare claim loop in the same database:
+    three connections, each claiming up to 4 rows of a plain table per transaction under
+    the same kind of advisory lock, then ending them, with no jobd in between
+  * end to end: ``noop`` jobs submitted through a, b and c from 8 connections and run
+  * pickup on another node: submit through d → ``started_at`` − ``created_at``
+  * cross-node progress: a job on a, b or c prints ``{"progress": n, "message": "<its
+    time.time()>"}``; a ``jobs.wait`` client on d computes now − that time
+  * cross-node cancel: ``jobs.cancel`` through d of a job running on another node →
+    cancelled and its process group gone
+  * the single-node SQLite figures in the same run: end to end (as engine_bench.py
+    measures it) and the same paused-then-drained claims/s
+
+SPEC §9 goals: ≥ 1,000 claims/s with 12 slots; progress on another node ≤ 50 ms; cancel
+through another node ≤ cancel_grace + 1 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+from _harness import (BenchError, Conn, Jobd, Row, drive, iso_us, machine, ms,  # noqa: E402
+                      noop_submit, pct, print_table, workdir)
+from engine_bench import cancel, progress  # noqa: E402
+
+#: cancel_grace of every node (a cluster-wide setting)
+CANCEL_GRACE = 3.0
+
+NODE_CONFIG = """
+[execution]
+workers = {workers}
+max_running_per_user = 100
+max_queued_per_user = 100000000
+max_queued_total = 100000000
+cancel_grace = "{grace}s"
+
+[storage]
+backend = "postgres"
+dsn = "{dsn}"
+state_dir = "{state}"
+
+[sync]
+repo_path_template = "{shared}/repos/{{user_id}}/{{project_id}}"
+allowed_roots = ["{shared}/repos"]
+
+[cluster]
+lease = "10s"
+heartbeat = "2s"
+poll = "1s"
+"""
+
+SQLITE_CONFIG = """
+[execution]
+workers = {workers}
+max_running_per_user = 100
+max_queued_per_user = 100000000
+max_queued_total = 100000000
+cancel_grace = "{grace}s"
+"""
+
+#: the bare claim loop's table: queued rows, claimed oldest first under one lock
+_BARE_SCHEMA = """
+DROP TABLE IF EXISTS bench_bare;
+CREATE TABLE bench_bare (seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                         status text NOT NULL, node integer);
+CREATE INDEX bench_bare_queued ON bench_bare (seq) WHERE status = 'queued';
+"""
+_BARE_CLAIM = """
+UPDATE bench_bare SET status = 'running', node = %s
+WHERE seq = (SELECT seq FROM bench_bare WHERE status = 'queued' ORDER BY seq LIMIT 1)
+RETURNING seq
+"""
+#: a key of its own: the bare loop never waits on a jobd lock, nor jobd on it
+_BARE_LOCK = "SELECT pg_advisory_xact_lock(1785, 99)"
+
+
+class Postgres:
+    """A private PostgreSQL for the run, from Debian's packages: its data on disk and
+    durable (the figures are about durable commits), a Unix socket only, run as the
+    ``postgres`` user when the bench runs as root. (tests/pg.py's server is the tests':
+    on tmpfs, fsync off, and it needs pytest, which the bench venv has not.)"""
+
+    BINDIRS = "/usr/lib/postgresql/*/bin"
+
+    def __init__(self) -> None:
+        found = sorted(Path("/").glob(self.BINDIRS.lstrip("/")),
+                       key=lambda p: [int(n) for n in p.parent.name.split(".") if n.isdigit()])
+        if not found:
+            raise BenchError(f"no PostgreSQL server in {self.BINDIRS}: apt-get install "
+                             "postgresql, or give --dsn")
+        self.bindir = found[-1]
+        # /var/tmp: on disk, and open to the postgres user (a work folder is root's alone)
+        self.root = Path(tempfile.mkdtemp(prefix="jobd-bench-pg-", dir="/var/tmp"))
+        self.root.chmod(0o755)
+        self.data = self.root / "data"
+        self.as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        if self.as_postgres:
+            shutil.chown(self.root, "postgres", "postgres")
+        self.dsn = f"postgresql:///jobd?host={self.root}&user=postgres"
+
+    def _run(self, program: str, *args: str) -> None:
+        done = subprocess.run([*self.as_postgres, str(self.bindir / program), *args],
+                              cwd=self.root, capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise BenchError(f"{program} exited with {done.returncode}: {done.stderr.strip()}")
+
+    def start(self) -> "Postgres":
+        self._run("initdb", "--pgdata", str(self.data), "--username", "postgres", "--auth",
+                  "trust", "--encoding", "UTF8", "--locale", "C")
+        with open(self.data / "postgresql.conf", "a") as conf:
+            conf.write(f"listen_addresses = ''\nunix_socket_directories = '{self.root}'\n"
+                       "fsync = on\nsynchronous_commit = on\nfull_page_writes = on\n")
+        self._run("pg_ctl", "start", "--pgdata", str(self.data), "--log",
+                  str(self.root / "postgres.log"), "--wait")
+        self._run("createdb", "--host", str(self.root), "--username", "postgres", "jobd")
+        return self
+
+    def stop(self) -> None:
+        if (self.data / "postmaster.pid").exists():
+            self._run("pg_ctl", "stop", "--pgdata", str(self.data), "--mode", "fast", "--wait")
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def settings_of(dsn: str) -> str:
+    from psycopg import connect
+    with connect(dsn, autocommit=True) as conn:
+        values = [conn.execute(f"SHOW {n}").fetchone()[0]
+                  for n in ("server_version", "fsync", "synchronous_commit")]
+    return f"PostgreSQL {values[0]}, fsync={values[1]}, synchronous_commit={values[2]}"
+
+
+def bare_claims(dsn: str, total: int, nodes: int, slots: int) -> float:
+    """Rows claimed per second by ``nodes`` connections, each claiming up to ``slots``
+    per transaction under one advisory lock and then ending them in a second."""
+    from psycopg import connect
+    with connect(dsn, autocommit=True) as conn:
+        conn.execute(_BARE_SCHEMA)
+        conn.execute("INSERT INTO bench_bare (status) SELECT 'queued' "
+                     "FROM generate_series(1, %s)", (total,))
+        conn.execute("VACUUM ANALYZE bench_bare")
+    errors: list[BaseException] = []
+
+    def node(n: int) -> None:
+        try:
+            with connect(dsn, autocommit=True) as conn:
+                while True:
+                    with conn.transaction():
+                        conn.execute(_BARE_LOCK)
+                        got = [r[0] for _ in range(slots)
+                               for r in conn.execute(_BARE_CLAIM, (n,)).fetchall()]
+                    if not got:
+                        return
+                    conn.execute("UPDATE bench_bare SET status = 'done' WHERE seq = ANY(%s)",
+                                 (got,))
+        except BaseException as e:  # reported by the caller
+            errors.append(e)
+
+    threads = [threading.Thread(target=node, args=(n,)) for n in range(nodes)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - started
+    if errors:
+        raise BenchError(f"the bare claim loop failed: {errors[0]}")
+    with connect(dsn, autocommit=True) as conn:
+        done = conn.execute("SELECT count(*) FROM bench_bare WHERE status = 'done'").fetchone()[0]
+        conn.execute("DROP TABLE bench_bare")
+    if done != total:
+        raise BenchError(f"the bare claim loop ended {done} of {total} rows")
+    return total / elapsed
+
+
+def finished(conn: Conn) -> int:
+    jobs = conn.call("admin.stats")["jobs"]
+    return sum(jobs[s] for s in ("completed", "failed", "cancelled"))
+
+
+def wait_ended(conn: Conn, before: int, total: int, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while (ended := finished(conn) - before) < total:
+        if time.monotonic() > deadline:
+            raise BenchError(f"only {ended:,} of {total:,} jobs ended within {timeout:g} s "
+                             f"({ended / timeout:,.1f}/s)")
+        time.sleep(0.02)
+
+
+def drained(submit: list[Jobd], control: Conn, total: int, clients: int) -> float:
+    """Jobs started and run per second: ``total`` noop jobs queued through ``submit``'s
+    nodes while paused, then dispatch resumed and the queue drained."""
+    control.call("admin.pause")
+    users = [f"bench-c{c}".encode() for c in range(clients)]
+    share = [total // len(submit) + (n < total % len(submit)) for n in range(len(submit))]
+    try:
+        for node, count in zip(submit, share):
+            _, _, errors = drive(node.socket, lambda c, n: noop_submit(n, users[c]),
+                                 connections=clients, total=count)
+            if errors:
+                raise BenchError(f"submits refused, e.g. {errors[0]}")
+        before = finished(control)
+    finally:
+        started = time.perf_counter()
+        control.call("admin.resume")  # whatever happened: the next figures need dispatch
+    wait_ended(control, before, total)
+    return total / (time.perf_counter() - started)
+
+
+def end_to_end(submit: list[Jobd], control: Conn, total: int, clients: int) -> float:
+    """noop jobs submitted through ``submit``'s nodes (``clients`` connections in all,
+    one call in flight each) and run, per second."""
+    users = [f"bench-e{c}".encode() for c in range(clients)]
+    before = finished(control)
+    started = time.perf_counter()
+    threads, errors = [], []
+    per_node = max(1, clients // len(submit))
+    share = [total // len(submit) + (n < total % len(submit)) for n in range(len(submit))]
+
+    def feed(node: Jobd, count: int, first: int) -> None:
+        _, _, refused = drive(node.socket, lambda c, n: noop_submit(n, users[first + c]),
+                              connections=per_node, total=count)
+        errors.extend(refused)
+
+    for n, (node, count) in enumerate(zip(submit, share)):
+        threads.append(threading.Thread(target=feed, args=(node, count, n * per_node)))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise BenchError(f"submits refused, e.g. {errors[0]}")
+    wait_ended(control, before, total)
+    return total / (time.perf_counter() - started)
+
+
+def pickups(conn: Conn, count: int) -> list[float]:
+    """Seconds from created_at to started_at of ``count`` sequential noop jobs submitted
+    through ``conn``'s node."""
+    out = []
+    for _ in range(count):
+        job = conn.call("jobs.submit", type="noop")
+        while job["status"] not in ("completed", "failed", "cancelled"):
+            job = conn.call("jobs.wait", job_id=job["id"], after_version=job["version"],
+                            timeout_s=10)
+        if job["status"] != "completed":
+            raise BenchError(f"a noop job ended {job['status']}: {job.get('error')}")
+        out.append((iso_us(job["started_at"]) - iso_us(job["created_at"])) / 1e6)
+    return out
+
+
+def measured(figure: str, unit: str, measure: Callable[[], Any]) -> Any:
+    """One figure's rate or samples, said as soon as it is measured; or why it could not
+    be measured (the others still are)."""
+    print(f"{figure} ...", flush=True)
+    try:
+        value = measure()
+    except BenchError as e:
+        print(f"  not measured: {e}", flush=True)
+        return str(e)
+    print(f"  {show(value, unit)}", flush=True)
+    return value
+
+
+def show(value: Any, unit: str) -> str:
+    """A rate (``/s``) or the median of samples (``s``), or the reason it is missing."""
+    if isinstance(value, str):
+        return "not measured"
+    if unit == "/s":
+        return f"{value:,.0f}/s"
+    return ms(pct(value, 50))
+
+
+def rate_row(figure: str, rate: float | str, goal: str, least: float | None,
+             reference: str) -> Row:
+    if isinstance(rate, str):
+        return Row(figure, "not measured", goal, rate[:200], False if least else None)
+    return Row(figure, f"{rate:,.0f}/s", goal, reference,
+               None if least is None else rate >= least)
+
+
+def latency_row(figure: str, samples: list[float] | str, goal: str, bound: float | None,
+                q: float, reference: str = "") -> Row:
+    """A latency's row: its ``q``-th percentile against ``bound``, or why it is missing."""
+    if isinstance(samples, str):
+        return Row(figure, "not measured", goal, samples[:200], False if bound else None)
+    return Row(figure if q == 50 else f"{figure} max", ms(pct(samples, q)), goal,
+               f"p50 {ms(pct(samples, 50))}, p99 {ms(pct(samples, 99))}, max "
+               f"{ms(max(samples))} of {len(samples)}{reference}",
+               None if bound is None else pct(samples, q) <= bound)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description="jobd cluster benchmark: claims/s with 3 nodes x 4 slots beside a bare "
+                    "claim loop, end to end, pickup, progress and cancel across nodes, beside "
+                    "one SQLite node's figures.")
+    parser.add_argument("--dsn", help="an existing, empty PostgreSQL database to use (default: "
+                                      "start a private server)")
+    parser.add_argument("--jobs", type=int, default=3000, metavar="N",
+                        help="noop jobs for claims/s and end to end (default 3000)")
+    parser.add_argument("--clients", type=int, default=8,
+                        help="connections submitting, one call in flight each (default 8)")
+    parser.add_argument("--pickups", type=int, default=100, metavar="N",
+                        help="sequential noop jobs for the pickup figure (default 100)")
+    parser.add_argument("--cancels", type=int, default=5, metavar="N",
+                        help="running command jobs to cancel (default 5)")
+    parser.add_argument("--updates", type=int, default=100, metavar="N",
+                        help="progress lines the progress job prints (default 100)")
+    parser.add_argument("--every", type=float, default=0.02, metavar="S",
+                        help="seconds between progress lines (default 0.02)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the work folder (logs, the private database) and print it")
+    args = parser.parse_args()
+
+    root = workdir(args.keep)
+    server = None
+    nodes: list[Jobd] = []
+    (root / "sqlite").mkdir()
+    single = Jobd(root / "sqlite", SQLITE_CONFIG.format(workers=12, grace=CANCEL_GRACE))
+    load = machine()
+    try:
+        if args.dsn:
+            dsn = args.dsn
+        else:
+            server = Postgres()
+            print(f"starting PostgreSQL in {server.root} ...", flush=True)
+            dsn = server.start().dsn
+        durability = settings_of(dsn)
+        shared = root / "shared"
+        (shared / "repos").mkdir(parents=True)
+
+        def node(name: str, workers: int) -> Jobd:
+            (root / name).mkdir()
+            made = Jobd(root / name, NODE_CONFIG.format(
+                workers=workers, grace=CANCEL_GRACE, dsn=dsn, state=root / name / "state",
+                shared=shared))
+            nodes.append(made)
+            return made.start()
+
+        # d first, alone, so that the long job it takes is its own; then a, b and c
+        d = node("d", 1)
+        dconn = d.connect()
+        holder = dconn.call("jobs.submit", type="command",
+                            options={"argv": ["sh", "-c", "sleep 3600"]})
+        while holder["status"] != "running":
+            holder = dconn.call("jobs.wait", job_id=holder["id"],
+                                after_version=holder["version"], timeout_s=10)
+        workers = [node(name, 4) for name in "abc"]
+
+        bare = measured("bare claim loop", "/s",
+                        lambda: bare_claims(dsn, args.jobs, 3, 4))
+        claims = measured("claims/s, 3 nodes x 4 slots", "/s", lambda: (
+            drained(workers, dconn, min(300, args.jobs), args.clients),  # warm-up
+            drained(workers, dconn, args.jobs, args.clients))[1])
+        e2e = measured("end to end, 3 nodes", "/s",
+                       lambda: end_to_end(workers, dconn, args.jobs, args.clients))
+        picks = measured("pickup on another node", "s", lambda: (
+            pickups(dconn, min(10, args.pickups)), pickups(dconn, args.pickups))[1])
+        seen = measured("progress on another node", "s",
+                        lambda: progress(dconn, args.updates, args.every))
+        cancels = measured("cancel through another node", "s",
+                           lambda: cancel(dconn, args.cancels))
+        dconn.call("jobs.cancel", job_id=holder["id"])
+        dconn.close()
+        for made in nodes:
+            made.stop()
+
+        single.start()
+        sconn = single.connect()
+        single_claims = measured("claims/s, one SQLite node x 12", "/s", lambda: (
+            drained([single], sconn, min(300, args.jobs), args.clients),
+            drained([single], sconn, args.jobs, args.clients))[1])
+        single_e2e = measured("end to end, one SQLite node", "/s",
+                              lambda: end_to_end([single], sconn, args.jobs, args.clients))
+        single_picks = measured("pickup, one SQLite node", "s",
+                                lambda: pickups(sconn, args.pickups))
+        sconn.close()
+    finally:
+        for made in [*nodes, single]:
+            made.stop()
+        if server is not None:
+            server.stop()
+
+    rows = [
+        rate_row("claims/s, 3 nodes x 4 slots", claims, "≥ 1,000/s", 1000,
+                 f"bare claim loop {show(bare, '/s')}; one SQLite node "
+                 f"{show(single_claims, '/s')}"),
+        rate_row("end to end, 3 nodes", e2e, "", None,
+                 f"one SQLite node {show(single_e2e, '/s')}"),
+        latency_row("pickup on another node p50", picks, "", None, 50,
+                    f"; one SQLite node p50 {show(single_picks, 's')}"),
+        latency_row("progress on another node p50", seen, "≤ 50 ms", 0.05, 50),
+        latency_row("cancel through another node", cancels,
+                    f"≤ cancel_grace + 1 s ({CANCEL_GRACE + 1:g} s)", CANCEL_GRACE + 1, 100),
+    ]
+    print_table(f"cluster_bench: {durability}; {load}", rows)
+    if args.keep:
+        print(f"\nwork folder kept: {root}")
+    else:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    # a SIGTERM still stops the nodes and the private PostgreSQL (main's finally)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        sys.exit(main())
+    except BenchError as e:
+        print(f"cluster_bench: {e}", file=sys.stderr)
+        sys.exit(1)
