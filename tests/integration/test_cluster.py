@@ -223,10 +223,6 @@ def test_a_job_submitted_on_one_node_is_seen_waited_listed_and_logged_on_the_oth
 
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "cluster logs: the database's copy of a job's log keeps its first attempt only when a "
-    "later attempt runs on another node (read through any node, the later attempts are "
-    "missing)"))
 def test_every_attempts_log_of_a_retried_job_is_read_through_any_node(
         make_cluster: Callable[..., Cluster]) -> None:
     cluster = make_cluster(execution={"max_running_per_user": 6})
