@@ -3,7 +3,7 @@ repository with its progress seen through ``jobs.wait``, a cancel that takes the
 process group down, a clean restart and a kill -9 that keep every job, a second jobd on
 the same database joining as a second node (and one with other limits refused),
 ``jobd db check`` / ``db backup`` / ``db recover`` on it, and the dsn's password in no log
-or message. Several nodes at work together: ``test_cluster.py``."""
+or message. Several nodes at work together: ``test_three_nodes.py``."""
 
 from __future__ import annotations
 
