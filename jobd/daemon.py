@@ -186,6 +186,8 @@ async def _serve(config: Config, reload: Callable[[], Config]) -> int:
                 engine.forgotten(job_id)
             hub.notify(job_id)
             return
+        if node is not None and node.store.echoes.own(job.id, job.version):
+            return  # read before this node's own later write of it, which it already heard
         change_log.record(job)
         if engine is not None:
             engine.on_changed(job)
