@@ -452,18 +452,27 @@ class Node:
         at = joblogs.end(path)
         missing = []
         try:
-            while (copied := self.store.read_log(job_id, at, LOG_CHUNK)) and copied[0]:
+            copied_to = self.store.log_end(job_id)
+            while at < copied_to and (copied := self.store.read_log(job_id, at, LOG_CHUNK)
+                                      ) and copied[0]:
                 data, at = copied
                 missing.append(data)
         except StoreError as e:  # the attempt runs all the same; its log starts here
             log.warning("job_log_seed_failed", job_id=job_id, error=str(e))
+            copied_to = 0
         if missing:
             joblog = joblogs.JobLog(path, self.config.execution.max_log_bytes)
             try:
                 joblog.write(b"".join(missing))
             finally:
                 joblog.close()
-        self._shipped[job_id] = joblogs.end(path)
+        # what the file holds past the copy (an attempt of this node's whose last output
+        # a crash kept from the database) is copied first
+        self._shipped[job_id] = min(copied_to, joblogs.end(path))
+
+    def log_end(self, job_id: str) -> int:
+        """How far ``job_id``'s log reaches in the database (0: none of it)."""
+        return self.store.log_end(job_id)
 
     def read_log(self, job_id: str, offset: int, limit: int) -> tuple[bytes, int] | None:
         """A job's log as the database holds it (``jobs.logs`` for a job another node ran),

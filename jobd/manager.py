@@ -660,9 +660,11 @@ class Manager:
         path = joblogs.path(self.config.log_dir, job.id)
         cluster = self.engine.cluster
         # cluster mode: a job this node does not run now is read from the database's copy
-        # (this node's file, if any, may lack the attempts other nodes ran)
+        # when that reaches further than this node's file (which lacks the attempts other
+        # nodes ran; the copy may lack the last output of an attempt a crash stopped here)
         copied = (cluster.read_log(job.id, offset, limit_bytes)
-                  if cluster is not None and self.engine.live(job.id) is None else None)
+                  if cluster is not None and self.engine.live(job.id) is None
+                  and cluster.log_end(job.id) > joblogs.end(path) else None)
         if copied is not None:
             data, next_offset = copied
             more = job.terminal and bool(

@@ -670,6 +670,10 @@ class PostgresStore(BaseStore):
             tx.run("trim_log", job_id=job_id, keep_from=keep_from)
         return bool(written)
 
+    def log_end(self, job_id: str) -> int:
+        """The absolute offset after the last byte of ``job_id``'s log in the database."""
+        return int(self._one(QUERIES["log_end"], {"job_id": job_id})[0])
+
     def read_log(self, job_id: str, offset: int, limit: int) -> tuple[bytes, int] | None:
         """(data, next_offset) of a job's log as the database holds it, from absolute
         ``offset`` (one in the dropped part starts at the oldest kept byte); None when

@@ -570,6 +570,11 @@ ORDER BY c.pos LIMIT %(limit)s
 SELECT EXISTS (SELECT 1 FROM job_log_chunks c JOIN jobs j ON j.seq = c.job
                WHERE j.id = %(job_id)s)
 
+-- log_end --
+-- How far a job's log reaches in the database: the absolute offset after its last chunk
+SELECT coalesce(max(c.pos + length(c.data)), 0) FROM job_log_chunks c
+JOIN jobs j ON j.seq = c.job WHERE j.id = %(job_id)s
+
 -- report_progress --
 -- Live progress of a running attempt (on a connection with synchronous_commit off), and
 -- the wake-up for every node's waiters: payload "<job id>:<version>"
