@@ -46,14 +46,16 @@ from engine_bench import cancel, progress  # noqa: E402
 #: cancel_grace of every node (a cluster-wide setting)
 CANCEL_GRACE = 3.0
 
-NODE_CONFIG = """
+SQLITE_CONFIG = """
 [execution]
 workers = {workers}
 max_running_per_user = 100
 max_queued_per_user = 100000000
 max_queued_total = 100000000
 cancel_grace = "{grace}s"
+"""
 
+NODE_CONFIG = SQLITE_CONFIG + """
 [storage]
 backend = "postgres"
 dsn = "{dsn}"
@@ -67,15 +69,6 @@ allowed_roots = ["{shared}/repos"]
 lease = "10s"
 heartbeat = "2s"
 poll = "1s"
-"""
-
-SQLITE_CONFIG = """
-[execution]
-workers = {workers}
-max_running_per_user = 100
-max_queued_per_user = 100000000
-max_queued_total = 100000000
-cancel_grace = "{grace}s"
 """
 
 #: the bare claim loop's table: queued rows, claimed oldest first under one lock
