@@ -516,6 +516,8 @@ class Node:
     def _heard(self, channel: str, payload: str) -> None:
         if channel == "jobd":
             job_id, _, version = payload.partition(":")
+            if not version.isdigit():  # not a node's (another client of the database)
+                return
             if not self.store.echoes.own(job_id, int(version)):
                 self.on_job(job_id)
             fence = self.store.fences.get(job_id)

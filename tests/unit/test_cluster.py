@@ -694,3 +694,16 @@ def test_a_nodes_own_announcements_are_told_apart_from_others_and_kept_bounded(
         echoes.sent(f"job{n}", 1)
     assert echoes.own("job29", 1) and not echoes.own("job0", 1)
     assert len(echoes._sent) <= echoes.KEEP
+
+
+def test_a_notification_no_node_sent_is_ignored(cluster: Cluster) -> None:
+    """Any client of the database may NOTIFY jobd's channels: a payload that is not a
+    node's ``id:version`` is passed over, and the listener lives on."""
+    node = cluster.node()
+    node.register()
+    heard: list[str] = []
+    node.on_job = heard.append
+    for payload in ("", "x", "some-id:", "some-id:v2", "some-id:1:2"):
+        node._heard("jobd", payload)
+    node._heard("jobd", "some-id:7")
+    assert heard == ["some-id"]
