@@ -8,7 +8,8 @@ runs the handler with a ``Context``. Starts share transactions where they can: a
 submitted while a worker is free and nothing is queued starts in its submit's own
 statement (``start_in``, asked by the store's ``submit_job_in``), and an attempt's end is
 written together with the start of the job the dispatcher hands its slot to
-(``_start_next_in``). No worker waits for that commit: once it holds, the store's writer
+(``_start_next_in``; a cluster node claims the slot in the database in the end's
+transaction instead, ``_claim_next_in``). No worker waits for that commit: once it holds, the store's writer
 thread frees the attempt's slot and hands the next job to a worker (``_end_committed``),
 before the commit's listeners hear of the end.
 If the transaction fails, its undo gives the slot back, the next job returns to the
@@ -530,16 +531,21 @@ class Engine:
         error = fut.exception()
         if error is not None:
             log.warning("cluster_claim_failed", error=str(error))
-        for job in fut.result() if error is None else ():
+        self._run_claimed(fut.result() if error is None else [])
+        with self._lock:
+            again, self._claiming, self._claim_again = self._claim_again, False, False
+        if again:
+            self._claim()
+
+    def _run_claimed(self, jobs: list[Job]) -> None:
+        """Jobs the database started for this node have committed: the dispatcher mirrors
+        them and workers run them."""
+        for job in jobs:
             seen, exclusive = self._exclusivity(job)
             attempt = self.dispatcher.claimed(seen, exclusive=exclusive)
             with self._lock:
                 self._attempts[job.id] = attempt
             self._hand_to_worker(attempt, job)
-        with self._lock:
-            again, self._claiming, self._claim_again = self._claim_again, False, False
-        if again:
-            self._claim()
 
     def _started_or_not(self, attempt: Attempt, fut: concurrent.futures.Future[Job]) -> None:
         """The start's commit came back (on the store's writer thread)."""
@@ -743,6 +749,10 @@ class Engine:
         listeners, a ``jobs.wait``, ``admin.stats``) finds its slot still taken."""
         hooks = len(tx.after_commit)
         done = self._write_end_in(tx, ctx.job.id, end, kw)
+        if self.cluster is not None:
+            claimed = self._claim_next_in(tx) if start_next else []
+            tx.after_commit.insert(hooks, lambda: self._end_claimed(ctx, done, claimed))
+            return
         following = self._start_next_in(tx, ctx.attempt) if start_next else None
         tx.after_commit.insert(hooks, lambda: self._end_committed(ctx, done, following))
 
@@ -754,6 +764,22 @@ class Engine:
         self._ended(ctx, done)
         if following is not None:
             self._hand_to_worker(*following)
+
+    def _claim_next_in(self, tx: Any) -> list[Job]:
+        """Cluster mode, in the transaction that records an attempt's end: claim the slot
+        it frees (the end is written first, so the claim's count of this node's running
+        jobs no longer holds it). Not while nothing is queued as far as this node knows:
+        the claim after the end commits (``_release``) looks in any case."""
+        if not self._started or self._stopping or self.dispatcher.queued_count() == 0:
+            return []
+        return self.cluster.claim_in(tx, 1)
+
+    def _end_claimed(self, ctx: Context, done: Job, claimed: list[Job]) -> None:
+        """Cluster mode: an attempt's end and the claim of its slot have committed. The
+        jobs claimed take their slots before the ended attempt frees its own, so that the
+        claim that follows the end (``_release``) finds no slot free that is not."""
+        self._run_claimed(claimed)
+        self._ended(ctx, done)
 
     def _end_written(self, ctx: Context, end: JobStatus, kw: dict[str, Any],
                      written: concurrent.futures.Future[None]) -> None:

@@ -58,12 +58,13 @@ class Cluster:
         self.tmp_path, self.dsn = tmp_path, dsn
         self.parts: list[tuple[Any, Any]] = []
 
-    def node(self, name: str | None = None, **kw: Any) -> Any:
-        """A node (``name``: its state folder's, by default its own)."""
+    def node(self, name: str | None = None, listeners: Any = None, **kw: Any) -> Any:
+        """A node (``name``: its state folder's, by default its own; ``listeners``: its
+        store's)."""
         from jobd.cluster import Node
         from jobd.store.postgres import PostgresStore
         config = node_config(self.tmp_path, self.dsn, name or f"n{len(self.parts)}", **kw)
-        store = PostgresStore(self.dsn, cluster=True).open()
+        store = PostgresStore(self.dsn, cluster=True, listeners=listeners).open()
         node = Node(config, store, load_handlers(config))
         self.parts.append((store, node))
         return node
@@ -299,6 +300,38 @@ def test_ends_and_claims_batched_together_on_several_nodes_never_deadlock(
     assert rows(cluster.dsn, "SELECT count(*) FROM jobs WHERE status = 'completed'") == [(900,)]
     reruns = [e for e in logs if e.get("event") == "store_batch_rerun"]
     assert reruns == [], f"{len(reruns)} batches ran again: {reruns[0]}"
+
+def test_an_attempts_end_and_the_claim_of_its_slot_commit_in_one_transaction(
+        cluster: Cluster) -> None:
+    """A node's engine writes an attempt's end and the claim of the next job in the slot
+    it frees in one transaction: one commit, one pass through the queue lock, per job."""
+    from jobd.engine import Engine
+    from jobd.store.base import Listeners
+    engines: list[Any] = []
+    a = cluster.node(workers=1, listeners=Listeners(
+        changed=lambda job: engines and engines[0].on_changed(job)))
+    a.register()
+    jobs = [submit(a.store, f"u{i % 2}") for i in range(5)]
+    engine = Engine(a.config, a.store, a.handlers, cluster=a)
+    engines.append(engine)
+    engine.start()
+    try:
+        deadline = time.monotonic() + 20
+        while rows(cluster.dsn, "SELECT count(*) FROM jobs WHERE status = 'completed'") != [
+                (5,)] and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        engine.stop()
+    events = {(job_id, status): tx for job_id, status, tx in rows(
+        cluster.dsn, "SELECT j.id, e.status, e.xmin::text FROM job_events e "
+                     "JOIN jobs j ON j.seq = e.job WHERE e.status IN ('running', 'completed')")}
+    assert len(events) == 10, events
+    order = [j for j, _ in sorted(rows(cluster.dsn, "SELECT id, started_at FROM jobs"),
+                                  key=lambda r: r[1])]
+    assert sorted(order) == sorted(j.id for j in jobs)
+    for ended, started in zip(order, order[1:]):
+        assert events[ended, "completed"] == events[started, "running"], (ended, started)
+
 
 def test_racing_nodes_keep_every_limit_across_the_cluster(cluster: Cluster) -> None:
     """Three nodes claim and end at random while a sampler reads, in one snapshot, the
