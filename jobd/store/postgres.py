@@ -134,6 +134,12 @@ FENCED = frozenset({"finish_job", "requeue_job", "update_progress", "set_process
                     "save_checkpoint", "append_log"})
 #: the fence of a job this store does not run as a cluster node: none
 _UNFENCED = (None, None)
+#: the statements a write sends in pipeline mode without waiting for their answer
+#: (``PgDriver``): no caller reads what they return, or (``claim``) only once it has sent
+#: them all. Each counts as the changes it may make before it is answered: one, but the
+#: queue lock's, which changes no row.
+UNAWAITED = {"add_event": 1, "submit_events": 1, "count_queued": 1, "forget_progress": 1,
+             "trim_log": 1, "claim": 1, "lock_queue": 0}
 
 
 def schema_version(dsn: str) -> int:
@@ -224,11 +230,15 @@ class PgTx(writer.Tx):
     """A write's transaction on PostgreSQL: ``run`` takes the names of
     ``sql/postgres/queries.sql`` and counts the rows the transaction's statements
     changed (PostgreSQL keeps no total), and a failed statement as a change: it aborted
-    the transaction, which only a rollback (to a savepoint) undoes."""
+    the transaction, which only a rollback (to a savepoint) undoes. In pipeline mode
+    (``pipeline``) a statement is sent without waiting for its answer when it is one of
+    ``UNAWAITED``, else waited for with those before it."""
 
     conn: psycopg.Connection[Any]
     #: rows changed so far, failed statements included
     writes: int = 0
+    #: the connection's pipeline while the batch runs in pipeline mode
+    pipeline: psycopg.Pipeline | None = None
     #: the queue's admission lock is held (``PostgresStore._queued_in``)
     admitting: bool = False
     #: job id -> (node id, attempt) of each attempt this cluster node runs (``Fences``)
@@ -251,6 +261,12 @@ class PgTx(writer.Tx):
                 if escaped is None:
                     raise
                 cur = self.conn.execute(QUERIES[query], escaped)
+            if self.pipeline is not None:
+                unawaited = UNAWAITED.get(query)
+                if unawaited is not None:
+                    self.writes += unawaited
+                    return cur
+                self.pipeline.sync()  # an error of a statement sent before is raised here
         except psycopg.Error:
             self.writes += 1
             raise
@@ -275,7 +291,17 @@ def _without_nul(params: Mapping[str, Any]) -> dict[str, Any] | None:
 
 class PgDriver:
     """The writer's side of PostgreSQL (``writer.Driver``): one connection in autocommit
-    with transactions begun and ended by statement, reconnected when it broke."""
+    with transactions begun and ended by statement, reconnected when it broke.
+
+    A batch runs in pipeline mode (group commit without a round trip per statement): its
+    ``BEGIN``, the queue lock, the statements whose answers no write waits for
+    (``UNAWAITED``), the notifications and the ``COMMIT`` go out behind the others, and
+    the batch waits only where a write reads an answer, and for the commit. A statement's
+    error is then raised where the batch next waits, maybe in a later write of the batch:
+    any error rolls the batch back and runs it again with a savepoint per write, and those
+    runs (and one after an error that reached the commit) wait for every statement, so
+    that each error is its own write's.
+    """
 
     error: type[Exception] = psycopg.Error
 
@@ -288,12 +314,19 @@ class PgDriver:
         self._tx: PgTx | None = None
         self._admitting_at_savepoint = False
         self.committed: Callable[[], object] = lambda: None
+        #: the pipeline the batch runs in, and what leaves it (None: each statement waited for)
+        self._pipeline: psycopg.Pipeline | None = None
+        self._leaving: contextlib.ExitStack | None = None
+        #: the error of a statement that reached the commit unanswered: the batch runs
+        #: again (``again``), its next run waiting for each statement
+        self._deferred: psycopg.Error | None = None
 
     def changes(self) -> int:
         return self._tx.writes if self._tx is not None else 0
 
     def begin(self, now: int) -> PgTx:
         if self.conn.broken or self.conn.closed:
+            self._pipeline = self._leaving = None  # they went with the connection
             self.conn.close()
             self.conn = _connect(self.dsn, connect_timeout=10)
             try:
@@ -302,18 +335,42 @@ class PgDriver:
                 self.conn.close()
                 raise psycopg.OperationalError(str(e)) from None
             log.info("store_reconnected", database=self.where)
+        if self._deferred is None:
+            self._leaving = contextlib.ExitStack()
+            self._pipeline = self._leaving.enter_context(self.conn.pipeline())
+        self._deferred = None
         self.conn.execute("BEGIN")
         self._tx = PgTx(self.conn, now)
         self._tx.fences = self.fences
         self._tx.notes = []
+        self._tx.pipeline = self._pipeline
         if self.shared:
             # a cluster node's batch takes the queue lock before its first write: every
             # status change also updates the shared count rows, and a batch holding them
             # while it waited for the lock (to claim, admit or rescue) would deadlock with
-            # a node holding the lock that updates them too
+            # a node holding the lock that updates them too. (In pipeline mode the first
+            # answer the batch waits for waits for the lock.)
             self.conn.execute(QUERIES["lock_queue"], {"key": QUEUE_KEY})
             self._tx.admitting = True
         return self._tx
+
+    def _leave_pipeline(self) -> None:
+        """Wait for every statement sent and leave pipeline mode: the error of any of them
+        is raised here."""
+        leaving, self._leaving, self._pipeline = self._leaving, None, None
+        if self._tx is not None:
+            self._tx.pipeline = None
+        if leaving is not None:
+            leaving.close()
+
+    def _settle(self) -> None:
+        """After an error: leave pipeline mode, the answers still on their way read (only
+        then does the connection know the transaction's state); their errors are the one
+        already raised, or follow from it."""
+        try:
+            self._leave_pipeline()
+        except psycopg.Error:
+            pass
 
     def commit(self) -> None:
         notes = self._tx.notes if self._tx is not None else None
@@ -321,13 +378,27 @@ class PgDriver:
             self.conn.execute(QUERIES["notify"], {"channels": [c for c, _ in notes],
                                                   "payloads": [p for _, p in notes]})
         self.conn.execute("COMMIT")
+        if self._pipeline is None:
+            return
+        try:
+            self._leave_pipeline()
+        except psycopg.Error as e:
+            if not self.conn.broken and (self.conn.info.transaction_status
+                                         is TransactionStatus.INERROR):
+                # the COMMIT never ran: a statement sent unanswered failed, and which
+                # write it was is told by a run that waits for each statement
+                self._deferred = e
+            raise
 
     def rollback(self) -> None:
+        self._settle()
         if not self.conn.broken and self.conn.info.transaction_status in _CLEAN:
             self.conn.execute("ROLLBACK")
 
     def savepoint(self) -> None:
         assert self._tx is not None
+        if self._pipeline is not None:  # a write's error must be raised in that write
+            self._leave_pipeline()
         self._admitting_at_savepoint = self._tx.admitting
         self.conn.execute("SAVEPOINT op")
 
@@ -341,11 +412,12 @@ class PgDriver:
         self.conn.execute("RELEASE op")
 
     def ended(self, e: Exception) -> bool:
+        self._settle()
         return (self.conn.broken or self.conn.info.transaction_status not in _CLEAN
                 or getattr(e, "sqlstate", None) in _AGAIN)
 
     def again(self, e: Exception) -> bool:
-        return getattr(e, "sqlstate", None) in _AGAIN
+        return getattr(e, "sqlstate", None) in _AGAIN or e is self._deferred
 
     def mapped(self, e: Exception) -> Exception:
         return from_pg(e, self.where)
@@ -562,10 +634,12 @@ class PostgresStore(BaseStore):
             tx.run("lock_queue", key=QUEUE_KEY)
             tx.admitting = True
         started: list[Job] = []
-        for _ in range(slots):
-            row = tx.run("claim", node=node, workers=workers,
-                         max_running_per_user=max_running_per_user,
-                         exclusive=exclusive).fetchone()
+        # each claim a statement of its own (it sees the ones before it), all sent at once
+        claims = [tx.run("claim", node=node, workers=workers,
+                         max_running_per_user=max_running_per_user, exclusive=exclusive)
+                  for _ in range(slots)]
+        for claimed in claims:
+            row = claimed.fetchone()
             if row is None:
                 break
             job = _job(row)

@@ -369,3 +369,77 @@ def test_the_store_package_does_not_import_psycopg() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=60).stdout
     assert out.strip() == "[]"
+
+
+# -- pipeline mode -----------------------------------------------------------------------------
+
+def waits_of(store: Any) -> list[int]:
+    """How many times the writer's connection waited for an answer (a round trip), counted
+    from now: each exchange on the connection goes through its ``wait``, which asks to be
+    woken when the socket can be read only to wait for what the server has not sent yet."""
+    conn = store._driver.conn
+    count = [0]
+    real = conn.wait
+
+    def answered(gen: Any) -> Any:
+        waited, ready = False, None
+        try:
+            while True:
+                wanted = gen.send(ready)
+                if wanted == 1 and not waited:  # psycopg's Wait.R: nothing to send, only read
+                    waited = True
+                    count[0] += 1
+                ready = yield wanted
+        except StopIteration as done:
+            return done.value
+
+    conn.wait = lambda gen, *args, **kw: real(answered(gen), *args, **kw)
+    return count
+
+
+def test_a_batch_waits_only_for_the_answers_its_writes_read(store: Any) -> None:
+    """Pipeline mode: a batch of submits waits for each insert's new seq and for the
+    commit; the BEGIN, every event and queued count, and the COMMIT go out unawaited."""
+    waits = waits_of(store)
+    jobs = [new_job(user=f"u{n}") for n in range(10)]
+    from test_store_writer import one_batch
+    one_batch(store, [lambda tx, job=job: store.submit_job_in(tx, job, "alice", NoLookup())
+                      for job in jobs])
+    # one wait for each insert's seq, and one for the commit of each batch (one_batch's
+    # held write is a batch of its own); waiting for every statement, it was 32
+    assert waits[0] <= 10 + 2, waits[0]
+    assert store.queued_count() == 10
+    assert [e["status"] for e in store.events(jobs[-1].id)] == ["created", "queued"]
+
+
+@pytest.mark.parametrize("case", ["unawaited mid-batch", "unawaited at the commit", "awaited"])
+def test_a_statement_that_fails_in_pipeline_mode_fails_its_own_write_alone(
+        store: Any, case: str) -> None:
+    """A write's statement whose answer is not waited for (its queued count driven below
+    zero: a CHECK refuses it) fails where the batch next waits: in a later write, or at the
+    commit. The batch runs again, waiting for each statement, so that the error is that
+    write's alone, passed on as it is (a bug's), and its neighbours are stored."""
+    import psycopg
+    queued, running = submit(store), submit(store, new_job(user="carol"))
+    store.start_job(running.id)
+
+    def failing(tx: Any) -> str:
+        if case == "awaited":  # progress out of its range: refused by the update itself
+            tx.run("update_progress", job_id=running.id, progress=500, phase=None,
+                   message=None).fetchone()
+        else:
+            store._count_queued(tx, "alice", -5)
+        return "not refused"
+
+    from test_store_writer import one_batch
+    bob, dave = new_job(user="bob"), new_job(user="dave")
+    writes = [lambda tx: store.submit_job_in(tx, bob, "bob", Rules())[0], failing]
+    if case != "unawaited at the commit":
+        writes.append(lambda tx: store.submit_job_in(tx, dave, "dave", Rules())[0])
+    outcomes = one_batch(store, writes)
+    assert outcomes[0].id == bob.id
+    assert isinstance(outcomes[1], psycopg.errors.CheckViolation), outcomes[1]
+    assert all(o.status is JobStatus.QUEUED for o in outcomes[2:])
+    assert store.queued_count("alice") == 1 and store.queued_count() == len(writes)
+    assert store.get_job(running.id).progress == 0
+    assert store.get_job(queued.id).status is JobStatus.QUEUED
