@@ -2,8 +2,10 @@
 
 The only module that imports psycopg (``jobd[postgres]``), imported only when the
 daemon is configured with ``backend = "postgres"``. One writer connection runs the
-group-committed batches (``PgDriver`` under ``writer.Writer``); reads take a connection
-of a ``psycopg_pool.ConnectionPool`` in autocommit, and never wait for the writer.
+group-committed batches, each in pipeline mode (``PgDriver`` under ``writer.Writer``: a
+batch waits only for the answers its writes read, and for its commit); reads take a
+connection of a ``psycopg_pool.ConnectionPool`` in autocommit, and never wait for the
+writer.
 
 - **Schema**: ``sql/postgres/migrations`` applied in order by ``migrate`` under a session
   advisory lock (``MIGRATE_KEY``), so that two jobd starting at once apply each one once;
@@ -136,10 +138,11 @@ FENCED = frozenset({"finish_job", "requeue_job", "update_progress", "set_process
 _UNFENCED = (None, None)
 #: the statements a write sends in pipeline mode without waiting for their answer
 #: (``PgDriver``): no caller reads what they return, or (``claim``) only once it has sent
-#: them all. Each counts as the changes it may make before it is answered: one, but the
-#: queue lock's, which changes no row.
-UNAWAITED = {"add_event": 1, "submit_events": 1, "count_queued": 1, "forget_progress": 1,
-             "trim_log": 1, "claim": 1, "lock_queue": 0}
+#: them all
+UNAWAITED = frozenset({"add_event", "submit_events", "count_queued", "forget_progress",
+                       "trim_log", "claim", "lock_queue"})
+#: of those, the ones that change no row
+_UNCHANGING = frozenset({"lock_queue"})
 
 
 def schema_version(dsn: str) -> int:
@@ -235,10 +238,13 @@ class PgTx(writer.Tx):
     ``UNAWAITED``, else waited for with those before it."""
 
     conn: psycopg.Connection[Any]
-    #: rows changed so far, failed statements included
+    #: rows changed so far, failed statements included; a statement sent unanswered
+    #: counts as one
     writes: int = 0
     #: the connection's pipeline while the batch runs in pipeline mode
     pipeline: psycopg.Pipeline | None = None
+    #: the job whose attempt's end is being written (``PostgresStore.on_ending`` runs)
+    ending: str | None = None
     #: the queue's admission lock is held (``PostgresStore._queued_in``)
     admitting: bool = False
     #: job id -> (node id, attempt) of each attempt this cluster node runs (``Fences``)
@@ -249,6 +255,14 @@ class PgTx(writer.Tx):
     notes: list[tuple[str, str]]
 
     def run(self, query: str, **params: Any) -> psycopg.Cursor[Any]:
+        return self._execute(query, params, wait=query not in UNAWAITED)
+
+    def send(self, query: str, **params: Any) -> psycopg.Cursor[Any]:
+        """``run`` without waiting for the answer in pipeline mode (the caller reads none)."""
+        return self._execute(query, params, wait=False)
+
+    def _execute(self, query: str, params: dict[str, Any], *, wait: bool
+                 ) -> psycopg.Cursor[Any]:
         params["now"] = self.now
         if query in FENCED:
             params["node"], params["attempt"] = (_UNFENCED if self.unfenced else
@@ -262,9 +276,8 @@ class PgTx(writer.Tx):
                     raise
                 cur = self.conn.execute(QUERIES[query], escaped)
             if self.pipeline is not None:
-                unawaited = UNAWAITED.get(query)
-                if unawaited is not None:
-                    self.writes += unawaited
+                if not wait:
+                    self.writes += query not in _UNCHANGING
                     return cur
                 self.pipeline.sync()  # an error of a statement sent before is raised here
         except psycopg.Error:
@@ -738,7 +751,13 @@ class PostgresStore(BaseStore):
                       keep_from: int) -> bool:
         """Copy bytes of a running job's log at absolute offset ``pos`` into the database
         (fenced), and drop the chunks wholly before ``keep_from`` (max_log_bytes); whether
-        it was written."""
+        it was written. In the write of the attempt's end (fenced alike, after it) nothing
+        waits for it: True."""
+        assert isinstance(tx, PgTx)
+        if tx.ending == job_id:
+            tx.send("append_log", job_id=job_id, pos=pos, data=data)
+            tx.send("trim_log", job_id=job_id, keep_from=keep_from)
+            return True
         written = tx.run("append_log", job_id=job_id, pos=pos, data=data).rowcount > 0
         if written:
             tx.run("trim_log", job_id=job_id, keep_from=keep_from)
@@ -787,7 +806,11 @@ class PostgresStore(BaseStore):
         if fence is None:
             return super()._cas(tx, query, job_id, wanted, **params)
         if query in ("finish_job", "requeue_job"):
-            self.on_ending(tx, job_id)
+            tx.ending = job_id
+            try:
+                self.on_ending(tx, job_id)
+            finally:
+                tx.ending = None
         try:
             job = super()._cas(tx, query, job_id, wanted, **params)
         except StateConflict:

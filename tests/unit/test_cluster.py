@@ -333,6 +333,30 @@ def test_an_attempts_end_and_the_claim_of_its_slot_commit_in_one_transaction(
         assert events[ended, "completed"] == events[started, "running"], (ended, started)
 
 
+def test_an_end_with_its_logs_rest_and_the_next_claim_wait_for_three_answers(
+        cluster: Cluster) -> None:
+    """Pipeline mode under the queue lock: the write of an attempt's end (the rest of its
+    log copied first, its progress row dropped, its event) and the claim of the next job
+    wait only for the end's row, the claim's, and the commit."""
+    from jobd import joblogs
+    from test_store_pg import waits_of
+    a = cluster.node(workers=1)
+    a.register()
+    first, second = submit(a.store), submit(a.store, "bob")
+    assert [j.id for j in claim(a)] == [first.id]
+    joblog = joblogs.JobLog(joblogs.path(a.config.log_dir, first.id), 1 << 20)
+    joblog.write(b"the last words\n")
+    joblog.close()
+    waits = waits_of(a.store)
+    ended, claimed = a.store.write(lambda tx: (
+        a.store.finish_job_in(tx, first.id, JobStatus.COMPLETED), a.claim_in(tx, 1)))
+    assert waits[0] == 3, waits[0]
+    assert ended.status is JobStatus.COMPLETED and [j.id for j in claimed] == [second.id]
+    assert a.store.read_log(first.id, 0, 100) == (b"the last words\n", 15)
+    assert rows(cluster.dsn, "SELECT status, node_id FROM jobs ORDER BY seq") == [
+        ("completed", None), ("running", a.id)]
+
+
 def test_racing_nodes_keep_every_limit_across_the_cluster(cluster: Cluster) -> None:
     """Three nodes claim and end at random while a sampler reads, in one snapshot, the
     most jobs running per user, per repository and per node: never above the limits."""
