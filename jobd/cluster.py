@@ -41,10 +41,11 @@ imports it.
   the node claims, wakes every waiter to re-read its job, and re-reads the settings, so
   a lost notification only delays. Payloads are ``<job id>:<version>`` or a meta key.
 - **Live progress** (``progressed``, ``annotate``): a running job's progress goes to the
-  unlogged ``job_progress`` table on a connection of its own (``synchronous_commit``
-  off), at most every ``PROGRESS_EVERY`` per node (the latest value wins), with a
-  ``jobd`` notification; another node answering for the job takes that row when it is
-  newer than the job's and is the running attempt's own.
+  unlogged ``job_progress`` table on a connection of its own, at most every
+  ``PROGRESS_EVERY`` per node (the latest value wins), with a ``jobd`` notification and
+  the next version of the database's sequence, which this node's own waiters then hear
+  (``on_reported``); another node answering for the job takes that row when it is newer
+  than the job's and is the running attempt's own.
 - **Logs** (``ship``): every ``LOG_EVERY`` the node copies what its running jobs' logs
   gained into the database in chunks at absolute offsets (fenced), and the rest in the
   transaction that writes an attempt's end, before it: ``jobs.logs`` on any node reads
@@ -198,6 +199,8 @@ class Node:
         self.on_job: Callable[[str], None] = lambda job_id: None
         #: the pause or maintenance may have changed: re-read them
         self.on_meta: Callable[[], None] = lambda: None
+        #: a running job's live progress was reported, with the version the database gave it
+        self.on_reported: Callable[[str, int], None] = lambda job_id, version: None
         #: a notification may have been lost: every waiter re-reads its job
         self.on_resync: Callable[[], None] = lambda: None
         self._listener: threading.Thread | None = None
@@ -352,10 +355,9 @@ class Node:
         fence = self.store.fences.get(job_id)
         if live is None or fence is None or fence[0] != self.id:
             return
-        self.store.echoes.sent(job_id, live.version)
         self._pending[job_id] = {"job_id": job_id, "node": fence[0], "attempt": fence[1],
                                  "progress": live.progress, "phase": live.phase,
-                                 "message": live.message, "version": live.version}
+                                 "message": live.message}
         self._progressed.set()
 
     def _report_loop(self) -> None:
@@ -366,16 +368,26 @@ class Node:
             batch, self._pending = self._pending, {}
             if not batch or self._stopping.is_set():
                 continue
+            reported = []
             try:
                 if conn is None or conn.closed or conn.broken:
                     conn = psycopg.connect(self.store.dsn, autocommit=True, connect_timeout=10,
                                            application_name=f"jobd node {self.id} progress")
-                    # worth nothing after a crash: no wait for the WAL's flush
-                    conn.execute("SET synchronous_commit = off")
-                for values in batch.values():
-                    conn.execute(QUERIES["report_progress"], values)
+                # one transaction per job: each share-locks its job's row (report_progress),
+                # and a transaction locking several could deadlock with a batch writing them.
+                # Commits wait for the WAL only when the sequence logged its next values
+                # (one in 32): a version given out is never given again after a crash.
+                for job_id, values in batch.items():
+                    with conn.transaction():
+                        row = conn.execute(QUERIES["report_progress"], values).fetchone()
+                        if row is not None:  # this node's echo, known before it comes
+                            self.store.echoes.sent(job_id, int(row[0]))
+                    if row is not None:
+                        reported.append((job_id, int(row[0])))
             except psycopg.Error as e:  # the durable flush still carries it, later
                 log.debug("live_progress_unwritten", node_id=self.id, error=str(e).strip())
+            for job_id, version in reported:
+                self.on_reported(job_id, version)
             self._stopping.wait(PROGRESS_EVERY)
         if conn is not None:
             conn.close()

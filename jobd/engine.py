@@ -159,6 +159,11 @@ class Context:
                 live.message = message
         self.engine.progressed(self.job)
 
+    def versioned(self, version: int) -> None:
+        """The live progress's version, given by the database (cluster mode)."""
+        with self._lock:
+            self.live.version = max(self.live.version, version)
+
     def set_message(self, message: str) -> None:
         self.set_progress(self.live.progress, message)
 
@@ -445,11 +450,23 @@ class Engine:
         self._chores.put(None)
 
     def progressed(self, job: Job) -> None:
-        """A running job's phase or live progress changed (``Context``): tell its waiters."""
+        """A running job's phase or live progress changed (``Context``): tell its waiters;
+        in cluster mode once the node has reported it, with its version (``reported``)."""
+        if self.cluster is not None:
+            self.cluster.progressed(job.id, self.live(job.id))
+            return
         self.notify(job.id)
         self.live_changed(job)
-        if self.cluster is not None:  # and every other node's
-            self.cluster.progressed(job.id, self.live(job.id))
+
+    def reported(self, job_id: str, version: int) -> None:
+        """Cluster mode: the node reported a running job's live progress to every node,
+        and the database gave it ``version``: this node's waiters hear it too."""
+        ctx = self._contexts.get(job_id)
+        if ctx is None:
+            return
+        ctx.versioned(version)
+        self.notify(job_id)
+        self.live_changed(ctx.job)
 
     def on_changed(self, job: Job) -> None:
         """The store's commit listener: keep the dispatcher's queue in step, and start

@@ -237,9 +237,16 @@ class PgTx(writer.Tx):
     unfenced: bool = False
     #: (channel, payload) of each notification the commit sends (a cluster node's)
     notes: list[tuple[str, str]]
+    #: the versions sequence's value taken as the transaction began: every version it
+    #: writes is above it (``jobd_next_version``)
+    floor: int = 0
+
+    @property
+    def version(self) -> int:
+        return self.floor
 
     def run(self, query: str, **params: Any) -> psycopg.Cursor[Any]:
-        params["now"] = self.now
+        params["now"], params["floor"] = self.now, self.floor
         if query in FENCED:
             params["node"], params["attempt"] = (_UNFENCED if self.unfenced else
                                                  self.fences.get(params["job_id"], _UNFENCED))
@@ -286,6 +293,9 @@ class PgDriver:
         #: the store's fences, given to every transaction
         self.fences: Mapping[str, tuple[int, int]] = {}
         self._tx: PgTx | None = None
+        #: BEGIN and the transaction's version floor (with the queue lock: a cluster node)
+        self._begin = (QUERIES["begin_queued"].format(key=QUEUE_KEY) if shared
+                       else QUERIES["begin"])
         self._admitting_at_savepoint = False
         self.committed: Callable[[], object] = lambda: None
 
@@ -302,17 +312,17 @@ class PgDriver:
                 self.conn.close()
                 raise psycopg.OperationalError(str(e)) from None
             log.info("store_reconnected", database=self.where)
-        self.conn.execute("BEGIN")
+        # a cluster node's batch takes the queue lock before its first write: every status
+        # change also updates the shared count rows, and a batch holding them while it
+        # waited for the lock (to claim, admit or rescue) would deadlock with a node
+        # holding the lock that updates them too
+        cur = self.conn.execute(self._begin)
+        cur.nextset()  # BEGIN's result, then the floor's
         self._tx = PgTx(self.conn, now)
+        self._tx.floor = int(_scalar(cur))
         self._tx.fences = self.fences
         self._tx.notes = []
-        if self.shared:
-            # a cluster node's batch takes the queue lock before its first write: every
-            # status change also updates the shared count rows, and a batch holding them
-            # while it waited for the lock (to claim, admit or rescue) would deadlock with
-            # a node holding the lock that updates them too
-            self.conn.execute(QUERIES["lock_queue"], {"key": QUEUE_KEY})
-            self._tx.admitting = True
+        self._tx.admitting = self.shared
         return self._tx
 
     def commit(self) -> None:
@@ -693,6 +703,11 @@ class PostgresStore(BaseStore):
             at += len(data)
         data = b"".join(parts)[start - chunks[0][0]:][:limit]
         return data, start + len(data)
+
+    def next_version(self, previous: int) -> int:
+        """A running job's live progress keeps its version in memory until its node
+        reports it, when the versions sequence gives it one (``jobd.cluster``)."""
+        return previous
 
     def live_progress(self, job_id: str, version: int) -> tuple[float, str | None,
                                                                 str | None, int] | None:

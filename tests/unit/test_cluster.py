@@ -58,12 +58,13 @@ class Cluster:
         self.tmp_path, self.dsn = tmp_path, dsn
         self.parts: list[tuple[Any, Any]] = []
 
-    def node(self, name: str | None = None, **kw: Any) -> Any:
-        """A node (``name``: its state folder's, by default its own)."""
+    def node(self, name: str | None = None, clock: Any = None, **kw: Any) -> Any:
+        """A node (``name``: its state folder's, by default its own; ``clock``: its store's)."""
         from jobd.cluster import Node
         from jobd.store.postgres import PostgresStore
         config = node_config(self.tmp_path, self.dsn, name or f"n{len(self.parts)}", **kw)
-        store = PostgresStore(self.dsn, cluster=True).open()
+        store = PostgresStore(self.dsn, cluster=True,
+                              **({} if clock is None else {"clock": clock})).open()
         node = Node(config, store, load_handlers(config))
         self.parts.append((store, node))
         return node
@@ -635,18 +636,24 @@ def test_live_progress_is_taken_only_from_the_running_attempts_own_node(
     import types
     a, b = cluster.node(), cluster.node()
     a.register(), b.register()
-    job = submit(a.store)
-    claim(a)
+    submit(a.store)
+    [job] = claim(a)
+    reported: list[tuple[str, int]] = []
+    a.on_reported = lambda job_id, version: reported.append((job_id, version))
     a._reporter = threading.Thread(target=a._report_loop, daemon=True)
     a._reporter.start()
     a.progressed(job.id, types.SimpleNamespace(progress=42.0, phase="git_sync",
-                                               message="half", version=job.version + 10))
+                                               message="half", version=job.version))
     deadline = time.monotonic() + 5
-    while b.store.live_progress(job.id, 0) is None:
+    while not reported:
         assert time.monotonic() < deadline
         time.sleep(0.005)
-    assert b.store.live_progress(job.id, 0) == (42.0, "git_sync", "half", job.version + 10)
-    assert b.store.live_progress(job.id, job.version + 10) is None  # not newer
+    # the database gave the report its version: above the job's, and told this node's own
+    [(job_id, version)] = reported
+    assert job_id == job.id and version > job.version
+    assert b.store.live_progress(job.id, 0) == (42.0, "git_sync", "half", version)
+    assert b.store.live_progress(job.id, version) is None  # not newer
+    assert a.store.echoes.own(job.id, version)  # its notification is this node's echo
     out = {"id": job.id, "version": 0, "progress": 0}
     b.annotate(out)
     assert (out["progress"], out["message"]) == (42.0, "half")
@@ -654,6 +661,37 @@ def test_live_progress_is_taken_only_from_the_running_attempts_own_node(
     rows(cluster.dsn, "UPDATE jobs SET attempts = attempts + 1 WHERE id = %s RETURNING 1",
          job.id)
     assert b.store.live_progress(job.id, 0) is None
+
+
+def test_versions_never_go_down_across_nodes_whose_clocks_differ(cluster: Cluster) -> None:
+    """Versions come from one sequence (SPEC §11): a job's live progress reported by a node
+    whose clock is an hour ahead, then changes written by one an hour behind, still rise
+    past every version a client has seen."""
+    import types
+    from jobd.store.base import now_us
+    hour = 3600 * 1_000_000
+    a = cluster.node(clock=lambda: now_us() + hour)
+    b = cluster.node(clock=lambda: now_us() - hour)
+    a.register(), b.register()
+    submit(b.store)
+    [job] = claim(a)
+    seen = [job.version]
+    reported: list[int] = []
+    a.on_reported = lambda job_id, version: reported.append(version)
+    a._reporter = threading.Thread(target=a._report_loop, daemon=True)
+    a._reporter.start()
+    # the version the engine keeps in memory for the live progress, as it asks the store
+    live = types.SimpleNamespace(progress=10.0, phase="git_sync", message=None,
+                                 version=a.store.next_version(job.version))
+    a.progressed(job.id, live)
+    deadline = time.monotonic() + 5
+    while not reported:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    seen.append(b.store.live_progress(job.id, 0)[3])
+    seen.append(b.store.cancel_job(job.id, actor="bob").version)  # requested: still running
+    seen.append(a.store.get_job(job.id).version)
+    assert seen == sorted(seen) and len(set(seen)) == 3, seen
 
 
 def test_a_reload_with_other_cluster_wide_settings_is_refused_naming_the_difference(
