@@ -126,7 +126,7 @@ def make_store(config: Config, listeners: Listeners) -> JobStore:
         from jobd.store.postgres import PostgresStore
         return PostgresStore(config.storage.dsn, listeners=listeners,
                              max_stored_per_user=config.execution.max_stored_per_user,
-                             cluster=True)
+                             cluster=True, stuck_s=config.cluster.lease)
     return Store(config.db, synchronous=config.storage.synchronous,
                  max_stored_per_user=config.execution.max_stored_per_user,
                  listeners=listeners)

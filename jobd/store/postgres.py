@@ -104,9 +104,10 @@ def from_pg(e: Exception, where: str) -> Exception:
         return Corrupt(f"{where}: data or index corrupted ({text}); see the server's log")
     if state in _AGAIN:
         return StorageUnavailable(f"storage busy: {where}: {text}; retry")
-    if (state.startswith(("08", "53", "57", "58")) or state == "55P03"
+    if (state.startswith(("08", "53", "57", "58")) or state in ("55P03", "25P03")
             or (isinstance(e, psycopg.OperationalError) and not state)):
-        # the server is gone, restarting, out of resources, or the connection broke
+        # the server is gone, restarting, out of resources, or the connection broke (also:
+        # ended by idle_in_transaction_session_timeout, PostgresStore.stuck_s)
         return StorageUnavailable(f"storage unavailable: {where}: {text}")
     return e
 
@@ -287,9 +288,9 @@ class PgDriver:
     error: type[Exception] = psycopg.Error
 
     def __init__(self, dsn: str, where: str, conn: psycopg.Connection[Any],
-                 node_key: int, shared: bool) -> None:
+                 node_key: int, shared: bool, stuck_s: float | None = None) -> None:
         self.dsn, self.where, self.conn, self.node_key = dsn, where, conn, node_key
-        self.shared = shared
+        self.shared, self.stuck_s = shared, stuck_s
         #: the store's fences, given to every transaction
         self.fences: Mapping[str, tuple[int, int]] = {}
         self._tx: PgTx | None = None
@@ -307,7 +308,7 @@ class PgDriver:
             self.conn.close()
             self.conn = _connect(self.dsn, connect_timeout=10)
             try:
-                _hold_node(self.conn, self.where, self.node_key, self.shared)
+                _hold_node(self.conn, self.where, self.node_key, self.shared, self.stuck_s)
             except StoreError as e:  # another jobd took the database meanwhile
                 self.conn.close()
                 raise psycopg.OperationalError(str(e)) from None
@@ -361,11 +362,15 @@ class PgDriver:
         return from_pg(e, self.where)
 
 
-def _hold_node(conn: psycopg.Connection[Any], where: str, key: int, shared: bool) -> None:
+def _hold_node(conn: psycopg.Connection[Any], where: str, key: int, shared: bool,
+               stuck_s: float | None = None) -> None:
     """Take the node lock ``key`` on ``conn``'s session (``shared``: as a cluster node), or
     refuse: a jobd of the other kind (or, one-node, any other) uses the database. A jobd
     killed just before holds it on until PostgreSQL has seen its connection close: that
-    is waited out for up to ``NODE_WAIT_S``."""
+    is waited out for up to ``NODE_WAIT_S``. ``stuck_s``: the session's
+    ``idle_in_transaction_session_timeout`` (``PostgresStore.stuck_s``)."""
+    if stuck_s is not None:
+        conn.execute(QUERIES["stuck_after"], {"ms": str(max(1, int(stuck_s * 1000)))})
     deadline = time.monotonic() + NODE_WAIT_S
     while not _scalar(conn.execute(QUERIES["lock_node_shared" if shared else "lock_node"],
                                    {"key": key})):
@@ -427,10 +432,15 @@ class PostgresStore(BaseStore):
 
     def __init__(self, dsn: str, *, clock: Callable[[], int] = now_us,
                  listeners: Listeners | None = None, max_stored_per_user: int | None = None,
-                 pool_size: int = 4, cluster: bool = False) -> None:
+                 pool_size: int = 4, cluster: bool = False,
+                 stuck_s: float | None = None) -> None:
         super().__init__(clock=clock, listeners=listeners,
                          max_stored_per_user=max_stored_per_user)
         self.dsn = dsn
+        #: PostgreSQL ends a write transaction idle this long (``idle_in_transaction_
+        #: session_timeout``): a frozen node's batch, which holds the queue lock every
+        #: other node's claims and rescues wait for, lasts no longer than its lease
+        self.stuck_s = stuck_s
         self.pool_size = pool_size
         #: the database, as messages and logs name it (never with the password)
         self.where = describe(dsn)
@@ -465,7 +475,7 @@ class PostgresStore(BaseStore):
             raise StoreError(f"{self.where}: cannot connect: {str(e).strip()}") from None
         try:
             migrate(conn, self.where)
-            _hold_node(conn, self.where, self.node_key, self.cluster)
+            _hold_node(conn, self.where, self.node_key, self.cluster, self.stuck_s)
             clean = conn.execute(QUERIES["get_meta"], {"key": "clean"}).fetchone()
             self.was_clean = clean is None or clean[0] == "1"
             conn.execute(QUERIES["set_meta"], {"key": "clean", "value": "0"})
@@ -482,7 +492,8 @@ class PostgresStore(BaseStore):
             conn.close()
             raise
         self._pool = pool
-        self._driver = PgDriver(self.dsn, self.where, conn, self.node_key, self.cluster)
+        self._driver = PgDriver(self.dsn, self.where, conn, self.node_key, self.cluster,
+                                self.stuck_s)
         self._driver.fences = self.fences
         self._writer = writer.Writer(self._driver, self.clock)
         self._writer.start()
@@ -641,6 +652,9 @@ class PostgresStore(BaseStore):
                     job = self.requeue_job_in(tx, job.id, reason=kw["message"], recovered=True)
                 else:
                     job = self.finish_job_in(tx, job.id, end, **kw)
+                # its live progress row goes, as with an end on its own node (its version
+                # is above that row's: jobd_next_version)
+                tx.run("forget_progress", job_id=job.id)
                 moved.append((row[0], job))
         finally:
             tx.unfenced = False

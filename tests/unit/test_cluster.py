@@ -393,6 +393,9 @@ def test_rescue_takes_a_lost_nodes_jobs_as_a_restart_would(cluster: Cluster) -> 
     a.store.cancel_job(jobs["cancel asked"].id, actor="cy")
     rows(cluster.dsn, "UPDATE jobs SET recoveries = 2 WHERE id = %s RETURNING 1",
          jobs["recovered twice"].id)
+    # the live progress a reported last, far ahead of the jobs' versions
+    reported = rows(cluster.dsn, "INSERT INTO job_progress SELECT seq, node_id, attempts, 50, "
+                    "NULL, NULL, version + 1000, 0 FROM jobs RETURNING job, version")
     clock = [0.0]
     b = cluster.node(extra=FAST_GRACE.replace("[execution]\n", ""))  # a 10 s lease
     b.clock = lambda: clock[0]
@@ -413,6 +416,10 @@ def test_rescue_takes_a_lost_nodes_jobs_as_a_restart_would(cluster: Cluster) -> 
     }
     assert rows(cluster.dsn, "SELECT phase FROM job_checkpoints") == [("init",)]
     assert rows(cluster.dsn, "SELECT count(*) FROM jobs WHERE node_id IS NOT NULL") == [(0,)]
+    # their live progress rows went; their versions passed every one reported
+    assert rows(cluster.dsn, "SELECT count(*) FROM job_progress") == [(0,)]
+    reported_at = dict(reported)
+    assert all(j.version > reported_at[j.seq] for j in moved.values()), (moved, reported)
     assert rows(cluster.dsn, "SELECT ended_at IS NOT NULL FROM nodes WHERE id = %s",
                 a.id) == [(True,)]
     # the requeued job resumes on b: a new attempt, its checkpoint kept
@@ -745,3 +752,40 @@ def test_a_notification_no_node_sent_is_ignored(cluster: Cluster) -> None:
         node._heard("jobd", payload)
     node._heard("jobd", "some-id:7")
     assert heard == ["some-id"]
+
+
+def test_a_frozen_nodes_batch_does_not_hold_the_queue_lock_past_its_stuck_time(
+        pg_dsn: str) -> None:
+    """A node frozen inside a write transaction (here: its write sleeping) holds the queue
+    lock every other node's claims wait for; PostgreSQL ends that transaction after the
+    store's stuck_s (the daemon gives it the lease), and the other node goes on."""
+    from jobd.store.postgres import PostgresStore
+    from jobd.store import StorageUnavailable
+    frozen = PostgresStore(pg_dsn, cluster=True, stuck_s=1.0).open()
+    other = PostgresStore(pg_dsn, cluster=True).open()
+    other.node_key = frozen.node_key
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append(frozen.write(lambda tx: time.sleep(3.0)))
+        except BaseException as e:
+            outcome.append(e)
+    thread = threading.Thread(target=run)
+    try:
+        thread.start()
+        time.sleep(0.2)
+        began = time.monotonic()
+        job = submit(other)  # waits for the queue lock
+        waited = time.monotonic() - began
+        assert job.status is JobStatus.QUEUED and waited < 2.0, waited
+        thread.join(10)
+        # the frozen transaction was ended, not committed: once the node runs again its
+        # writes are refused as storage unavailable (-32050, to be sent again), and its
+        # next write goes through a new session
+        [refused] = outcome
+        assert isinstance(refused, StorageUnavailable), refused
+        assert "storage unavailable" in str(refused) and "idle-in-transaction" in str(refused)
+        assert submit(frozen, "bob").status is JobStatus.QUEUED
+    finally:
+        frozen.close(), other.close()

@@ -205,6 +205,10 @@ BEGIN; SELECT nextval('job_versions')
 -- then its floor, so floors rise in the order batches hold the lock; {key}: QUEUE_KEY
 BEGIN; SELECT nextval('job_versions') FROM (SELECT pg_advisory_xact_lock({key})) AS queue
 
+-- stuck_after --
+-- The writer's session: a transaction idle %(ms)s ms (its node frozen) is ended
+SELECT set_config('idle_in_transaction_session_timeout', %(ms)s, false)
+
 -- lock_queue --
 -- Admission to the queue (a submit, a retry) is one writer at a time, from the first
 -- count a write reads to its commit, so that no two writers admit past a limit
