@@ -318,12 +318,16 @@ class Node:
         try:
             with self._conn_lock:
                 conn = self._connection()
-                other = conn.execute(QUERIES["differing_settings"],
-                                     {"hash": digest, "node": self.id}).fetchone()
-                if other is None:
-                    conn.execute(QUERIES["set_node_settings"], {
-                        "hash": digest, "settings": json.dumps(mine), "node": self.id,
-                        "workers": config.execution.workers})
+                # one at a time, with registrations: a node registering with the old
+                # settings while this one changes them would pass both checks
+                with conn.transaction():
+                    conn.execute(QUERIES["lock_register"], {"key": REGISTER_KEY})
+                    other = conn.execute(QUERIES["differing_settings"],
+                                         {"hash": digest, "node": self.id}).fetchone()
+                    if other is None:
+                        conn.execute(QUERIES["set_node_settings"], {
+                            "hash": digest, "settings": json.dumps(mine), "node": self.id,
+                            "workers": config.execution.workers})
         except psycopg.Error as e:
             raise ConfigError(f"the config was not reloaded: the cluster's settings could "
                               f"not be checked ({str(e).strip()}); send SIGHUP again") from None

@@ -724,6 +724,42 @@ def test_a_reload_with_other_cluster_wide_settings_is_refused_naming_the_differe
     assert a.config.execution.max_running_per_user == 5
 
 
+def test_a_reload_and_a_registration_are_checked_one_at_a_time(
+        cluster: Cluster, tmp_path: Path) -> None:
+    """A node alone reloading other settings while a node with the old ones registers:
+    both check under the registration lock, so one of them is refused, whichever came
+    first; never both taken with different settings."""
+    import psycopg
+    from jobd.cluster import REGISTER_KEY, NodeRefused
+    from jobd.config import ConfigError
+    a = cluster.node(max_running_per_user=3)
+    a.register()
+    c = cluster.node(max_running_per_user=3)
+    outcomes: dict[str, Any] = {}
+
+    def run(name: str, fn: Any) -> None:
+        try:
+            outcomes[name] = fn()
+        except (ConfigError, NodeRefused) as e:
+            outcomes[name] = e
+    with psycopg.connect(cluster.dsn, autocommit=True) as held:
+        held.execute("SELECT pg_advisory_lock(%s)", (REGISTER_KEY,))
+        threads = [threading.Thread(target=run, args=("reload", lambda: a.check_reload(
+                       node_config(tmp_path, cluster.dsn, "n0", max_running_per_user=4)))),
+                   threading.Thread(target=run, args=("register", c.register))]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        assert outcomes == {}  # both wait for the lock
+    for t in threads:
+        t.join(10)
+    refused = [name for name, e in outcomes.items() if isinstance(e, Exception)]
+    assert len(outcomes) == 2 and len(refused) == 1, outcomes
+    limits = {n for (n,) in rows(cluster.dsn, "SELECT settings::jsonb -> 'execution' ->> "
+                                 "'max_running_per_user' FROM nodes WHERE ended_at IS NULL")}
+    assert len(limits) == 1 and None not in limits, limits
+
+
 def test_a_nodes_own_announcements_are_told_apart_from_others_and_kept_bounded(
         postgres: pg.PostgresServer) -> None:
     """A node hears its own notifications too: those at or below the version it announced
