@@ -199,6 +199,8 @@ class Node:
         self.on_job: Callable[[str], None] = lambda job_id: None
         #: the pause or maintenance may have changed: re-read them
         self.on_meta: Callable[[], None] = lambda: None
+        #: each heartbeat renewed the lease: told every live node's workers together
+        self.on_beat: Callable[[int], None] = lambda slots: None
         #: a running job's live progress was reported, with the version the database gave it
         self.on_reported: Callable[[str, int], None] = lambda job_id, version: None
         #: a notification may have been lost: every waiter re-reads its job
@@ -592,9 +594,10 @@ class Node:
             return False
         if not self._lost:
             self._until = sent + lease.lease - lease.heartbeat
-        for _, _, job_id, _, cancel_requested in rows:
+        for _, _, job_id, _, cancel_requested, _ in rows:
             if job_id is not None and cancel_requested:
                 self.on_cancel(job_id)
+        self.on_beat(int(rows[0][5] or 0))
         return True
 
     def _lose(self, why: str) -> None:

@@ -50,7 +50,7 @@ from jobd.dispatch import Dispatcher
 from jobd.errors import JobdError
 from jobd.handlers import Cancelled, Handler, JobFailed, git
 from jobd.models import Job, JobStatus, readable
-from jobd.store import JobNotFound, StateConflict, StorageUnavailable
+from jobd.store import JobNotFound, StateConflict, StorageUnavailable, StoreError
 from jobd.store.interface import JobStore
 
 __all__ = ["Context", "Engine", "Live"]
@@ -369,6 +369,9 @@ class Engine:
         self.dispatcher.set_paused(paused)
         for job in self.store.queued_jobs():
             self._enqueue(job)
+        if self.cluster is not None:  # what the other nodes run (this one runs nothing yet)
+            for job in self.store.running_jobs():
+                self._follow_elsewhere(job)
         self._started = True
         self._thread.start()
         self.kick()
@@ -476,11 +479,34 @@ class Engine:
             self._dispatch()
         else:
             self.dispatcher.remove(job.id)
+        if self.cluster is not None:
+            self._follow_elsewhere(job)
         self.notify(job.id)
+
+    def _follow_elsewhere(self, job: Job) -> None:
+        """Cluster mode: the dispatcher's mirror of what other nodes run (wait reasons)."""
+        if job.status is not JobStatus.RUNNING:
+            self.dispatcher.not_elsewhere(job.id)
+        elif job.id not in self._attempts:  # this node's own claim is ``claimed`` there
+            seen, exclusive = self._exclusivity(job)
+            self.dispatcher.elsewhere(seen, exclusive=exclusive)
+
+    def cluster_beat(self, slots: int) -> None:
+        """Cluster mode, at each heartbeat: the cluster's slots (every live node's workers),
+        and what the other nodes run read anew, so that a lost notification leaves the
+        wait reasons behind for one beat at most."""
+        self.dispatcher.set_cluster_slots(slots)
+        try:
+            running = self.store.running_jobs()
+        except StoreError:  # the next beat reads them
+            return
+        self.dispatcher.set_elsewhere([self._exclusivity(job) for job in running
+                                       if job.id not in self._attempts])
 
     def forgotten(self, job_id: str) -> None:
         """Cluster mode: another node's commit forgot a job (``admin.purge``)."""
         self.dispatcher.remove(job_id)
+        self.dispatcher.not_elsewhere(job_id)
 
     def _enqueue(self, job: Job) -> None:
         seen, exclusive = self._exclusivity(job)

@@ -464,12 +464,15 @@ WHERE id = %(node)s
 
 -- heartbeat --
 -- Renew this node's lease while it holds one, and read back what it runs: the jobs and
--- whether their cancel was requested. No row: the lease is lost.
+-- whether their cancel was requested; and every live node's workers together (the
+-- cluster's slots, for wait reasons). No row: the lease is lost.
 WITH beat AS (
     UPDATE nodes SET lease_until = jobd_now_us() + %(lease_us)s, beat = beat + 1
     WHERE id = %(node)s AND ended_at IS NULL AND lease_until > jobd_now_us()
     RETURNING id, beat, lease_until)
-SELECT beat.beat, beat.lease_until, j.id, j.attempts, j.cancel_requested
+SELECT beat.beat, beat.lease_until, j.id, j.attempts, j.cancel_requested,
+       (SELECT sum(workers) FROM nodes WHERE ended_at IS NULL
+        AND lease_until > jobd_now_us()) AS slots
 FROM beat LEFT JOIN jobs j ON j.node_id = beat.id AND j.status = 'running'
 
 -- end_node --
