@@ -1,9 +1,11 @@
 """builtin:manifest's manifests in the store (SPEC §7, §11), on both backends: a saved
 document is read back whole and replaced whole, per (user, project); admin.purge's
-``purge_manifests`` removes one user's alone. SQLite keeps each as the file SPEC §7
-names; PostgreSQL as a row every store on the database reads, and a cluster node's save
-is fenced like the job's other writes: a node that lost its lease, or whose attempt was
-taken over, writes nothing over the manifest."""
+``purge_manifests`` removes one user's alone; the indexer, given the store's manifests,
+rehashes only what changed and hashes everything again after a damaged one. SQLite
+keeps each as the file SPEC §7 names, under the daemon's state folder; PostgreSQL as a
+row every store on the database reads, and a cluster node's save is fenced like the
+job's other writes: a node that lost its lease, or whose attempt was taken over, writes
+nothing over the manifest."""
 
 from __future__ import annotations
 
@@ -14,11 +16,16 @@ from typing import Any
 
 import pytest
 
-from jobd.models import JobStatus
-from jobd.store import StoreError
+from jobd import daemon
+from jobd.config import Config, Storage
+from jobd.handlers.index import IndexHandler
+from jobd.models import Job, JobStatus
+from jobd.store import Listeners, StoreError
 
 import pg
+from handler_context import Context
 from test_cluster import Cluster, claim, cluster, rows, submit  # noqa: F401 - a fixture
+from test_handlers import clone, config, upstream  # noqa: F401 - fixtures
 from test_store import move, new_job
 
 pytest_plugins = ["pg"]
@@ -77,6 +84,72 @@ def test_purge_removes_every_manifest_of_that_user_alone(store_db: pg.StoreDb) -
         store.purge_manifests("alice")
     finally:
         store.close()
+
+
+class StoreContext(Context):
+    """The handler tests' context, its manifests the store's as the engine's context has
+    them."""
+
+    def __init__(self, job: Job, config: Config, store: Any) -> None:
+        super().__init__(job, config)
+        self.store = store
+
+    def load_manifest(self) -> str | None:
+        return self.store.load_manifest(self.job.user_id, self.job.project_id or "")
+
+    def save_manifest(self, document: str) -> None:
+        self.store.save_manifest(self.job.id, self.job.user_id, self.job.project_id or "",
+                                 document)
+
+
+def index(store: Any, config: Config) -> tuple[dict[str, Any], StoreContext]:
+    """An index job of alice's proj run to its end, as running in ``store``."""
+    options = IndexHandler().validate({}, user_id="alice", project_id="proj", trusted=False,
+                                      config=config)
+    job = store.submit_job(new_job(type="index", project="proj", options=options),
+                           actor="alice")[0]
+    ctx = StoreContext(move(store, job.id, JobStatus.RUNNING), config, store)
+    return IndexHandler().run(ctx), ctx
+
+
+def test_the_indexer_rehashes_only_what_changed_since_the_stored_manifest(
+        store_db: pg.StoreDb, config: Config, clone: Path) -> None:  # noqa: F811
+    # SQLite's manifests under the config's state folder, as the daemon's store has them
+    store = store_db.open(**({"state_dir": config.state_dir} if store_db.backend == "sqlite"
+                             else {}))
+    try:
+        first, _ = index(store, config)
+        assert first["index"]["rehashed"] == 4
+        (clone / "b.txt").write_text("beta, longer now\n")
+        second, _ = index(store, config)
+        assert second["index"] == {"files_indexed": 4, "added": 0, "changed": 1,
+                                   "removed": 0, "rehashed": 1}
+        stored = json.loads(store.load_manifest("alice", "proj"))
+        assert stored["files"]["b.txt"]["size"] == len("beta, longer now\n")
+        # the file SPEC §7 names on SQLite; none with PostgreSQL, whose row every node reads
+        assert (config.state_dir / "manifests" / "alice" / "proj.json").exists() == (
+            store_db.backend == "sqlite")
+
+        store.save_manifest(running(store, "alice", "proj"), "alice", "proj", "{damaged")
+        third, ctx = index(store, config)
+        assert third["index"]["rehashed"] == 4
+        assert "manifest: ignoring the unreadable manifest of alice/proj" in (
+            ctx.joblog.path.read_text())
+    finally:
+        store.close()
+
+
+def test_a_sqlite_daemon_keeps_manifests_in_its_state_folder(tmp_path: Path) -> None:
+    config = Config(socket=tmp_path / "jobd.sock", db=tmp_path / "db" / "jobd.db",
+                    storage=Storage(state_dir=str(tmp_path / "state")))
+    store = daemon.make_store(config, Listeners()).open()
+    try:
+        store.save_manifest(running(store), "alice", "org/repo", document(1))
+    finally:
+        store.close()
+    assert (tmp_path / "state" / "manifests" / "alice" / "org%2Frepo.json").read_text() == (
+        document(1))
+    assert not (tmp_path / "db" / "manifests").exists()
 
 
 @pg.sqlite_only
