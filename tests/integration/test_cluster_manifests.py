@@ -13,7 +13,6 @@ from typing import Iterator
 
 import pytest
 
-import pg
 from cluster_nodes import Cluster
 from conftest import clone, commit_files, make_upstream, result_of, wait_terminal
 

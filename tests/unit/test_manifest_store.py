@@ -113,7 +113,7 @@ def index(store: Any, config: Config) -> tuple[dict[str, Any], StoreContext]:
 
 
 def test_the_indexer_rehashes_only_what_changed_since_the_stored_manifest(
-        store_db: pg.StoreDb, config: Config, clone: Path) -> None:  # noqa: F811
+        store_db: pg.StoreDb, config: Config, clone: Path) -> None:
     # SQLite's manifests under the config's state folder, as the daemon's store has them
     store = store_db.open(**({"state_dir": config.state_dir} if store_db.backend == "sqlite"
                              else {}))
