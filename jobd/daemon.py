@@ -129,7 +129,7 @@ def make_store(config: Config, listeners: Listeners) -> JobStore:
                              cluster=True, stuck_s=config.cluster.lease)
     return Store(config.db, synchronous=config.storage.synchronous,
                  max_stored_per_user=config.execution.max_stored_per_user,
-                 listeners=listeners)
+                 listeners=listeners, state_dir=config.state_dir)
 
 
 def make_node(config: Config, store: JobStore, handlers: Any) -> Any:

@@ -185,6 +185,13 @@ class Context:
     def load_checkpoints(self) -> dict[str, dict[str, Any]]:
         return self.engine.store.load_checkpoints(self.job.id)
 
+    def load_manifest(self) -> str | None:
+        return self.engine.store.load_manifest(self.job.user_id, self.job.project_id or "")
+
+    def save_manifest(self, document: str) -> None:
+        self.engine.store.save_manifest(self.job.id, self.job.user_id,
+                                        self.job.project_id or "", document)
+
     def run(self, argv: list[str], *, cwd: str | None = None, env: dict[str, str] | None = None,
             on_progress: Callable[[float | None, str | None], None] | None = None,
             capture: bool = False, check: bool = True) -> process.Completed:

@@ -68,7 +68,8 @@ CLEANUP_KEY = 0x6A6F6264_00000005
 #: a backup by table (``pg_dump -t``) leaves the functions out, so dump the database
 TABLES = ("jobd_schema", "jobs", "job_events", "job_checkpoints", "job_keys", "meta",
           "queued_counts", "user_stored", "type_counts", "run_buckets", "finished_hours",
-          "finished_days", "nodes", "dispatch_turns", "job_log_chunks", "job_progress")
+          "finished_days", "nodes", "dispatch_turns", "job_log_chunks", "job_progress",
+          "manifests")
 FUNCTIONS = ("jobd_iso", "jobs_counted_in", "jobs_status_moved")
 
 #: how long an open waits for the one-node lock of a jobd that has just gone
@@ -132,7 +133,7 @@ SESSION_NAME = _NAME
 #: the writes for a running job that a cluster node's fence guards (the ``{fence}`` of
 #: their statements): by (node id, attempt), and the node's lease
 FENCED = frozenset({"finish_job", "requeue_job", "update_progress", "set_process",
-                    "save_checkpoint", "append_log"})
+                    "save_checkpoint", "append_log", "save_manifest"})
 #: the fence of a job this store does not run as a cluster node: none
 _UNFENCED = (None, None)
 
@@ -759,6 +760,34 @@ class PostgresStore(BaseStore):
         if fence is not None and not saved:
             self.on_fenced(job_id)
             raise Fenced(job_id, *fence)
+
+    def load_manifest(self, user_id: str, project_id: str) -> str | None:
+        """The manifest document of (``user_id``, ``project_id``) in the database, as any
+        node last wrote it (None: none yet)."""
+        row = self._one(QUERIES["load_manifest"], {"user_id": user_id,
+                                                   "project_id": project_id})
+        return None if row is None else str(row[0])
+
+    def save_manifest(self, job_id: str, user_id: str, project_id: str, document: str
+                      ) -> None:
+        """Replace the manifest of (``user_id``, ``project_id``) with ``document``, for the
+        running job ``job_id``: fenced by its (node, attempt) as a checkpoint is, so a node
+        that lost the job raises Fenced and writes nothing over its new owner's manifest."""
+        fence = self.fences.get(job_id)
+        saved = self.write(lambda tx: tx.run("save_manifest", job_id=job_id, user_id=user_id,
+                                             project_id=project_id,
+                                             document=document).rowcount)
+        if saved:
+            return
+        if fence is not None:
+            self.on_fenced(job_id)
+            raise Fenced(job_id, *fence)
+        raise StoreError(f"job {job_id} is {self.get_job(job_id).status}: only a running job "
+                         "writes its manifest; nothing was written")
+
+    def purge_manifests(self, user_id: str) -> None:
+        """Delete every manifest of ``user_id`` (admin.purge), whichever node wrote it."""
+        self.write(lambda tx: tx.run("purge_manifests", user_id=user_id))
 
     def queued_count(self, user_id: str | None = None) -> int:
         if user_id is None:

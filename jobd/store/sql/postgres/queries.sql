@@ -624,3 +624,22 @@ WHERE j.id = %(job_id)s AND j.status = 'running' AND p.node_id = j.node_id
 -- forget_progress --
 -- An attempt's end: its live progress row goes
 DELETE FROM job_progress WHERE job = (SELECT seq FROM jobs WHERE id = %(job_id)s)
+
+-- load_manifest --
+-- The manifest of a (user, project) as builtin:manifest last wrote it (no row: none yet)
+SELECT document FROM manifests WHERE user_id = %(user_id)s AND project_id = %(project_id)s
+
+-- save_manifest --
+-- A running job's manifest of its (user, project), replacing the one before, fenced as a
+-- checkpoint is (the row lock keeps a rescue from slipping in before the commit): a node
+-- that lost the job writes nothing over the manifest of the attempt that took it over
+INSERT INTO manifests (user_id, project_id, document, written_at)
+SELECT %(user_id)s, %(project_id)s, %(document)s, %(now)s FROM jobs
+WHERE id = %(job_id)s AND status = 'running' AND {fence}
+FOR SHARE
+ON CONFLICT (user_id, project_id) DO UPDATE SET document = excluded.document,
+    written_at = excluded.written_at
+
+-- purge_manifests --
+-- admin.purge: every manifest of a user
+DELETE FROM manifests WHERE user_id = %(user_id)s
