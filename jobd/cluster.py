@@ -468,16 +468,23 @@ class Node:
         output in both."""
         path = joblogs.path(self.config.log_dir, job_id)
         at = joblogs.end(path)
-        missing = []
+        missing: list[bytes] = []
+        gap_to = None  #: the copy keeps the log only from here on: so will the file
         try:
             copied_to = self.store.log_end(job_id)
             while at < copied_to and (copied := self.store.read_log(job_id, at, LOG_CHUNK)
                                       ) and copied[0]:
-                data, at = copied
+                data, next_at = copied
+                if next_at - len(data) > at:  # max_log_bytes dropped what comes between
+                    missing, gap_to = [], next_at - len(data)
                 missing.append(data)
+                at = next_at
         except StoreError as e:  # the attempt runs all the same; its log starts here
             log.warning("job_log_seed_failed", job_id=job_id, error=str(e))
             copied_to = 0
+            missing, gap_to = [], None
+        if gap_to is not None:
+            joblogs.continue_at(path, gap_to)
         if missing:
             joblog = joblogs.JobLog(path, self.config.execution.max_log_bytes)
             try:

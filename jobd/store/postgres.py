@@ -526,7 +526,11 @@ class PostgresStore(BaseStore):
             yield conn
 
     def _read(self, sql: str, params: Mapping[str, Any] | None, fetch: str) -> Any:
-        for last in (False, True):
+        # after a server restart every pooled connection is broken: each is dropped as it
+        # fails, and the read goes on with the next (the last one a new connection)
+        tries = self.pool_size + 1
+        for n in range(tries):
+            last = n == tries - 1
             try:
                 with self._reading() as conn:
                     try:
@@ -540,7 +544,7 @@ class PostgresStore(BaseStore):
             except psycopg_pool.PoolTimeout as e:
                 raise StorageUnavailable(f"storage unavailable: {self.where}: {e}") from None
             except psycopg.OperationalError as e:
-                # a connection a server restart broke: the pool drops it; read again once
+                # a connection a server restart broke: the pool drops it; read again
                 if last or not _broken(e):
                     raise from_pg(e, self.where) from None
             except psycopg.Error as e:

@@ -825,3 +825,28 @@ def test_a_frozen_nodes_batch_does_not_hold_the_queue_lock_past_its_stuck_time(
         assert submit(frozen, "bob").status is JobStatus.QUEUED
     finally:
         frozen.close(), other.close()
+
+
+def test_an_attempt_seeded_from_a_trimmed_copy_of_its_log_keeps_its_offsets(
+        cluster: Cluster) -> None:
+    """The database's copy of a job's log holds it only from offset 5000 on (max_log_bytes
+    trimmed it, or bytes were dropped before they were copied): the next attempt's file
+    on another node goes on from the same offsets, its first 5000 bytes dropped too."""
+    from jobd import joblogs
+    a, b = cluster.node(), cluster.node()
+    a.register(), b.register()
+    submit(a.store)
+    [job] = claim(a)
+    rows(cluster.dsn, "INSERT INTO job_log_chunks (job, pos, data) "
+         "SELECT seq, 5000, %s FROM jobs WHERE id = %s RETURNING 1", b"kept tail\n", job.id)
+    b.config.log_dir.mkdir(parents=True, exist_ok=True)
+    b.seed_log(job.id)
+    path = joblogs.path(b.config.log_dir, job.id)
+    assert joblogs.end(path) == 5010
+    assert joblogs.read(path, 0, 100) == (b"kept tail\n", 5010)
+    assert b.store.log_end(job.id) == 5010
+    # the attempt's next output lands after it, at the offsets both copies agree on
+    log = joblogs.JobLog(path, 1 << 20)
+    log.write(b"more\n")
+    log.close()
+    assert joblogs.read(path, 5010, 100) == (b"more\n", 5015)
