@@ -253,6 +253,23 @@ def test_a_postgresql_restart_fails_writes_meanwhile_and_the_store_works_again(
         store.close()
 
 
+def test_a_read_after_a_postgresql_restart_goes_through_every_broken_pooled_connection(
+        postgres: pg.PostgresServer, pg_dsn: str) -> None:
+    """Every connection the read pool holds is broken by the restart: the first read
+    after it drops each in turn and answers from a new one, not an error."""
+    import contextlib
+    store = open_store(pg_dsn, clock=Clock())
+    try:
+        kept = submit(store)
+        with contextlib.ExitStack() as held:  # the pool grows to its size, then keeps them
+            for _ in range(store.pool_size):
+                held.enter_context(store._pool.connection())
+        postgres.restart()
+        assert store.get_job(kept.id).status is JobStatus.QUEUED
+    finally:
+        store.close()
+
+
 # -- text PostgreSQL cannot hold ---------------------------------------------------------------
 
 def test_text_with_nul_is_stored_escaped_and_a_job_with_it_still_ends(store: Any) -> None:
