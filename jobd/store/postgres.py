@@ -295,6 +295,8 @@ class PgDriver:
         #: the store's fences, given to every transaction
         self.fences: Mapping[str, tuple[int, int]] = {}
         self._tx: PgTx | None = None
+        #: the batch's COMMIT was sent (its outcome, if the connection broke, is unknown)
+        self._committing = False
         #: BEGIN and the transaction's version floor (with the queue lock: a cluster node)
         self._begin = (QUERIES["begin_queued"].format(key=QUEUE_KEY) if shared
                        else QUERIES["begin"])
@@ -318,6 +320,7 @@ class PgDriver:
         # change also updates the shared count rows, and a batch holding them while it
         # waited for the lock (to claim, admit or rescue) would deadlock with a node
         # holding the lock that updates them too
+        self._committing = False
         cur = self.conn.execute(self._begin)
         cur.nextset()  # BEGIN's result, then the floor's
         self._tx = PgTx(self.conn, now)
@@ -332,6 +335,7 @@ class PgDriver:
         if notes:  # delivered with the commit, as one statement
             self.conn.execute(QUERIES["notify"], {"channels": [c for c, _ in notes],
                                                   "payloads": [p for _, p in notes]})
+        self._committing = True
         self.conn.execute("COMMIT")
 
     def rollback(self) -> None:
@@ -357,7 +361,13 @@ class PgDriver:
                 or getattr(e, "sqlstate", None) in _AGAIN)
 
     def again(self, e: Exception) -> bool:
-        return getattr(e, "sqlstate", None) in _AGAIN
+        # a lost race; or a connection that broke (a restart of the server) before the
+        # COMMIT was sent, or that the server ended as idle in the transaction (stuck_s:
+        # it never ran the COMMIT), so that nothing of the batch committed: the next
+        # begin reconnects, and the batch's callers never see it
+        state = getattr(e, "sqlstate", None)
+        return (state in _AGAIN or state == "25P03"
+                or self.conn.broken and not self._committing)
 
     def mapped(self, e: Exception) -> Exception:
         return from_pg(e, self.where)
