@@ -270,7 +270,8 @@ def test_ends_and_claims_batched_together_on_several_nodes_never_deadlock(
     node holding the lock and updating those rows would deadlock with it (PostgreSQL
     breaks it after a second, and the batch runs again: a second lost each time)."""
     import structlog.testing
-    nodes = [cluster.node(workers=4, max_running_per_user=50) for _ in range(3)]
+    # no heartbeat runs here: a lease long enough for a loaded machine
+    nodes = [cluster.node(workers=4, max_running_per_user=50, lease="300s") for _ in range(3)]
     for node in nodes:
         node.register()
     for i in range(900):
