@@ -41,10 +41,11 @@ imports it.
   the node claims, wakes every waiter to re-read its job, and re-reads the settings, so
   a lost notification only delays. Payloads are ``<job id>:<version>`` or a meta key.
 - **Live progress** (``progressed``, ``annotate``): a running job's progress goes to the
-  unlogged ``job_progress`` table on a connection of its own (``synchronous_commit``
-  off), at most every ``PROGRESS_EVERY`` per node (the latest value wins), with a
-  ``jobd`` notification; another node answering for the job takes that row when it is
-  newer than the job's and is the running attempt's own.
+  unlogged ``job_progress`` table on a connection of its own, at most every
+  ``PROGRESS_EVERY`` per node (the latest value wins), with a ``jobd`` notification and
+  the next version of the database's sequence, which this node's own waiters then hear
+  (``on_reported``); another node answering for the job takes that row when it is newer
+  than the job's and is the running attempt's own.
 - **Logs** (``ship``): every ``LOG_EVERY`` the node copies what its running jobs' logs
   gained into the database in chunks at absolute offsets (fenced), and the rest in the
   transaction that writes an attempt's end, before it: ``jobs.logs`` on any node reads
@@ -198,6 +199,10 @@ class Node:
         self.on_job: Callable[[str], None] = lambda job_id: None
         #: the pause or maintenance may have changed: re-read them
         self.on_meta: Callable[[], None] = lambda: None
+        #: each heartbeat renewed the lease: told every live node's workers together
+        self.on_beat: Callable[[int], None] = lambda slots: None
+        #: a running job's live progress was reported, with the version the database gave it
+        self.on_reported: Callable[[str, int], None] = lambda job_id, version: None
         #: a notification may have been lost: every waiter re-reads its job
         self.on_resync: Callable[[], None] = lambda: None
         self._listener: threading.Thread | None = None
@@ -315,12 +320,16 @@ class Node:
         try:
             with self._conn_lock:
                 conn = self._connection()
-                other = conn.execute(QUERIES["differing_settings"],
-                                     {"hash": digest, "node": self.id}).fetchone()
-                if other is None:
-                    conn.execute(QUERIES["set_node_settings"], {
-                        "hash": digest, "settings": json.dumps(mine), "node": self.id,
-                        "workers": config.execution.workers})
+                # one at a time, with registrations: a node registering with the old
+                # settings while this one changes them would pass both checks
+                with conn.transaction():
+                    conn.execute(QUERIES["lock_register"], {"key": REGISTER_KEY})
+                    other = conn.execute(QUERIES["differing_settings"],
+                                         {"hash": digest, "node": self.id}).fetchone()
+                    if other is None:
+                        conn.execute(QUERIES["set_node_settings"], {
+                            "hash": digest, "settings": json.dumps(mine), "node": self.id,
+                            "workers": config.execution.workers})
         except psycopg.Error as e:
             raise ConfigError(f"the config was not reloaded: the cluster's settings could "
                               f"not be checked ({str(e).strip()}); send SIGHUP again") from None
@@ -352,10 +361,9 @@ class Node:
         fence = self.store.fences.get(job_id)
         if live is None or fence is None or fence[0] != self.id:
             return
-        self.store.echoes.sent(job_id, live.version)
         self._pending[job_id] = {"job_id": job_id, "node": fence[0], "attempt": fence[1],
                                  "progress": live.progress, "phase": live.phase,
-                                 "message": live.message, "version": live.version}
+                                 "message": live.message}
         self._progressed.set()
 
     def _report_loop(self) -> None:
@@ -366,16 +374,26 @@ class Node:
             batch, self._pending = self._pending, {}
             if not batch or self._stopping.is_set():
                 continue
+            reported = []
             try:
                 if conn is None or conn.closed or conn.broken:
                     conn = psycopg.connect(self.store.dsn, autocommit=True, connect_timeout=10,
                                            application_name=f"jobd node {self.id} progress")
-                    # worth nothing after a crash: no wait for the WAL's flush
-                    conn.execute("SET synchronous_commit = off")
-                for values in batch.values():
-                    conn.execute(QUERIES["report_progress"], values)
+                # one transaction per job: each share-locks its job's row (report_progress),
+                # and a transaction locking several could deadlock with a batch writing them.
+                # Commits wait for the WAL only when the sequence logged its next values
+                # (one in 32): a version given out is never given again after a crash.
+                for job_id, values in batch.items():
+                    with conn.transaction():
+                        row = conn.execute(QUERIES["report_progress"], values).fetchone()
+                        if row is not None:  # this node's echo, known before it comes
+                            self.store.echoes.sent(job_id, int(row[0]))
+                    if row is not None:
+                        reported.append((job_id, int(row[0])))
             except psycopg.Error as e:  # the durable flush still carries it, later
                 log.debug("live_progress_unwritten", node_id=self.id, error=str(e).strip())
+            for job_id, version in reported:
+                self.on_reported(job_id, version)
             self._stopping.wait(PROGRESS_EVERY)
         if conn is not None:
             conn.close()
@@ -450,16 +468,23 @@ class Node:
         output in both."""
         path = joblogs.path(self.config.log_dir, job_id)
         at = joblogs.end(path)
-        missing = []
+        missing: list[bytes] = []
+        gap_to = None  #: the copy keeps the log only from here on: so will the file
         try:
             copied_to = self.store.log_end(job_id)
             while at < copied_to and (copied := self.store.read_log(job_id, at, LOG_CHUNK)
                                       ) and copied[0]:
-                data, at = copied
+                data, next_at = copied
+                if next_at - len(data) > at:  # max_log_bytes dropped what comes between
+                    missing, gap_to = [], next_at - len(data)
                 missing.append(data)
+                at = next_at
         except StoreError as e:  # the attempt runs all the same; its log starts here
             log.warning("job_log_seed_failed", job_id=job_id, error=str(e))
             copied_to = 0
+            missing, gap_to = [], None
+        if gap_to is not None:
+            joblogs.continue_at(path, gap_to)
         if missing:
             joblog = joblogs.JobLog(path, self.config.execution.max_log_bytes)
             try:
@@ -576,9 +601,10 @@ class Node:
             return False
         if not self._lost:
             self._until = sent + lease.lease - lease.heartbeat
-        for _, _, job_id, _, cancel_requested in rows:
+        for _, _, job_id, _, cancel_requested, _ in rows:
             if job_id is not None and cancel_requested:
                 self.on_cancel(job_id)
+        self.on_beat(int(rows[0][5] or 0))
         return True
 
     def _lose(self, why: str) -> None:

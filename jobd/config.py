@@ -89,7 +89,7 @@ class Storage:
     backend: str = "sqlite"
     #: postgres: a libpq connection string or URL
     dsn: str = ""
-    #: logs, repositories, manifests and the lock; "": the database's folder (SQLite only)
+    #: logs, repositories, the lock (and SQLite's manifests); "": the database's folder (SQLite only)
     state_dir: str = ""
 
 
@@ -708,7 +708,7 @@ def _check_storage(storage: Storage, where: dict[str, str], file: str) -> None:
                'string, e.g. dsn = "host=/run/postgresql dbname=jobd"')
     if not storage.state_dir:
         refuse("state_dir", 'is not set, but backend = "postgres" needs it: the folder '
-               "of this node's logs, repositories, manifests and lock, e.g. "
+               "of this node's logs, repositories and lock, e.g. "
                'state_dir = "/var/lib/jobd"')
     try:  # only here: a SQLite daemon never loads psycopg or libpq
         import psycopg.conninfo

@@ -126,10 +126,10 @@ def make_store(config: Config, listeners: Listeners) -> JobStore:
         from jobd.store.postgres import PostgresStore
         return PostgresStore(config.storage.dsn, listeners=listeners,
                              max_stored_per_user=config.execution.max_stored_per_user,
-                             cluster=True)
+                             cluster=True, stuck_s=config.cluster.lease)
     return Store(config.db, synchronous=config.storage.synchronous,
                  max_stored_per_user=config.execution.max_stored_per_user,
-                 listeners=listeners)
+                 listeners=listeners, state_dir=config.state_dir)
 
 
 def make_node(config: Config, store: JobStore, handlers: Any) -> Any:
@@ -225,6 +225,7 @@ async def _serve(config: Config, reload: Callable[[], Config]) -> int:
                                                            engine.drop_attempts, engine.kick)
         node.on_job, node.on_resync = followed, hub.notify_all
         node.on_meta = lambda: engine.set_paused(manager.restore())
+        node.on_reported, node.on_beat = engine.reported, engine.cluster_beat
         node.start()
     if not store.was_clean:
         log.warning("unclean_stop_detected", backend=config.storage.backend,

@@ -12,6 +12,10 @@ repository path runs, whoever owns it (``project_busy``), or while dispatching i
 ``take`` hands out an ``Attempt``; its slot is ``(job id, attempt number)`` and
 ``finish(attempt)`` frees exactly that one: a retry reuses the job id and may start
 before the previous attempt's worker has let go of it.
+
+In cluster mode the database picks what starts (``claimed``), and the mirror also holds
+the jobs other nodes run (``elsewhere``) and the cluster's slots (``set_cluster_slots``),
+so that a queued job's wait reason counts every node's running jobs, as the claim does.
 """
 
 from __future__ import annotations
@@ -126,6 +130,11 @@ class Dispatcher:
         self._busy_repositories: Counter[str] = Counter()
         #: attempts whose slot ``take(instead_of=)`` handed on, until their end commits
         self._handed: dict[tuple[str, int], Entry] = {}
+        #: cluster mode: the jobs other nodes run, and every live node's workers together
+        self._elsewhere: dict[str, Entry] = {}
+        self._elsewhere_per_user: Counter[str] = Counter()
+        self._elsewhere_repositories: Counter[str] = Counter()
+        self._cluster_slots: int | None = None
 
     # -- the queue -------------------------------------------------------------------------
 
@@ -206,8 +215,51 @@ class Dispatcher:
             if queued is not None:
                 self._levels[queued.priority].served(entry.user_id)
                 self._dequeue(queued)
+            self._not_elsewhere(entry.id)
             self._start(entry)
             return Attempt(entry.id, entry.number)
+
+    def elsewhere(self, job: Job, *, exclusive: bool) -> None:
+        """Cluster mode: ``job`` runs on another node (its wait reasons count it here)."""
+        with self._lock:
+            self._add_elsewhere(Entry.of(job, exclusive=exclusive))
+
+    def set_elsewhere(self, jobs: list[tuple[Job, bool]]) -> None:
+        """Cluster mode: what every other node runs, read anew (``(job, exclusive)``)."""
+        with self._lock:
+            for job_id in list(self._elsewhere):
+                self._not_elsewhere(job_id)
+            for job, exclusive in jobs:
+                self._add_elsewhere(Entry.of(job, exclusive=exclusive))
+
+    def _add_elsewhere(self, entry: Entry) -> None:
+        queued = self._queued.get(entry.id)
+        if queued is not None:
+            self._dequeue(queued)
+        if entry.id in self._elsewhere or any(key[0] == entry.id for key in self._running):
+            return
+        self._elsewhere[entry.id] = entry
+        self._elsewhere_per_user[entry.user_id] += 1
+        if entry.repository:
+            self._elsewhere_repositories[entry.repository] += 1
+
+    def not_elsewhere(self, job_id: str) -> None:
+        """Cluster mode: ``job_id`` no longer runs on another node."""
+        with self._lock:
+            self._not_elsewhere(job_id)
+
+    def _not_elsewhere(self, job_id: str) -> None:
+        entry = self._elsewhere.pop(job_id, None)
+        if entry is None:
+            return
+        _drop(self._elsewhere_per_user, entry.user_id)
+        if entry.repository:
+            _drop(self._elsewhere_repositories, entry.repository)
+
+    def set_cluster_slots(self, slots: int) -> None:
+        """Cluster mode: every live node's ``workers`` together."""
+        with self._lock:
+            self._cluster_slots = slots
 
     def free_slots(self) -> int:
         """How many jobs this node may start now (0 while paused)."""
@@ -266,13 +318,9 @@ class Dispatcher:
 
     def _free(self, entry: Entry) -> None:
         if self._running.pop(entry.key, None) is not None:
-            self._running_per_user[entry.user_id] -= 1
-            if not self._running_per_user[entry.user_id]:
-                del self._running_per_user[entry.user_id]
+            _drop(self._running_per_user, entry.user_id)
             if entry.repository:
-                self._busy_repositories[entry.repository] -= 1
-                if not self._busy_repositories[entry.repository]:
-                    del self._busy_repositories[entry.repository]
+                _drop(self._busy_repositories, entry.repository)
 
     def may_take(self) -> bool:
         """Whether ``take`` could start a job now: else there is no one to wake."""
@@ -303,15 +351,21 @@ class Dispatcher:
             return position, str(reason) if reason else None
 
     def _reason(self, entry: Entry, position: int) -> WaitReason | None:
-        """Why ``entry`` waits; None when nothing holds it (a worker is about to take it)."""
+        """Why ``entry`` waits; None when nothing holds it (a worker is about to take it).
+        In cluster mode every node's running jobs and slots count."""
         if self.paused:
             return WaitReason.PAUSED
-        if entry.repository and self._busy_repositories[entry.repository]:
+        repository = entry.repository
+        if repository and (self._busy_repositories[repository]
+                           or self._elsewhere_repositories[repository]):
             return WaitReason.PROJECT_BUSY
-        if self._running_per_user[entry.user_id] >= self.max_running_per_user:
+        user = entry.user_id
+        if (self._running_per_user[user] + self._elsewhere_per_user[user]
+                >= self.max_running_per_user):
             return WaitReason.USER_LIMIT
-        if len(self._running) + position > self.workers:  # the jobs ahead fill the slots
-            return WaitReason.SLOTS
+        slots = self.workers if self._cluster_slots is None else self._cluster_slots
+        if len(self._running) + len(self._elsewhere) + position > slots:
+            return WaitReason.SLOTS  # the jobs ahead fill the slots
         return None
 
     def running_count(self, user_id: str | None = None) -> int:
@@ -330,3 +384,10 @@ class Dispatcher:
 
     def queued_count(self) -> int:
         return len(self._queued)
+
+
+def _drop(counter: Counter[str], key: str) -> None:
+    """One less of ``key``; a count that reaches 0 goes (the counters stay O(active))."""
+    counter[key] -= 1
+    if not counter[key]:
+        del counter[key]

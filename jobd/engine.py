@@ -51,7 +51,7 @@ from jobd.dispatch import Dispatcher
 from jobd.errors import JobdError
 from jobd.handlers import Cancelled, Handler, JobFailed, git
 from jobd.models import Job, JobStatus, readable
-from jobd.store import JobNotFound, StateConflict, StorageUnavailable
+from jobd.store import JobNotFound, StateConflict, StorageUnavailable, StoreError
 from jobd.store.interface import JobStore
 
 __all__ = ["Context", "Engine", "Live"]
@@ -160,6 +160,11 @@ class Context:
                 live.message = message
         self.engine.progressed(self.job)
 
+    def versioned(self, version: int) -> None:
+        """The live progress's version, given by the database (cluster mode)."""
+        with self._lock:
+            self.live.version = max(self.live.version, version)
+
     def set_message(self, message: str) -> None:
         self.set_progress(self.live.progress, message)
 
@@ -180,6 +185,13 @@ class Context:
 
     def load_checkpoints(self) -> dict[str, dict[str, Any]]:
         return self.engine.store.load_checkpoints(self.job.id)
+
+    def load_manifest(self) -> str | None:
+        return self.engine.store.load_manifest(self.job.user_id, self.job.project_id or "")
+
+    def save_manifest(self, document: str) -> None:
+        self.engine.store.save_manifest(self.job.id, self.job.user_id,
+                                        self.job.project_id or "", document)
 
     def run(self, argv: list[str], *, cwd: str | None = None, env: dict[str, str] | None = None,
             on_progress: Callable[[float | None, str | None], None] | None = None,
@@ -365,6 +377,9 @@ class Engine:
         self.dispatcher.set_paused(paused)
         for job in self.store.queued_jobs():
             self._enqueue(job)
+        if self.cluster is not None:  # what the other nodes run (this one runs nothing yet)
+            for job in self.store.running_jobs():
+                self._follow_elsewhere(job)
         self._started = True
         self._thread.start()
         self.kick()
@@ -446,11 +461,23 @@ class Engine:
         self._chores.put(None)
 
     def progressed(self, job: Job) -> None:
-        """A running job's phase or live progress changed (``Context``): tell its waiters."""
+        """A running job's phase or live progress changed (``Context``): tell its waiters;
+        in cluster mode once the node has reported it, with its version (``reported``)."""
+        if self.cluster is not None:
+            self.cluster.progressed(job.id, self.live(job.id))
+            return
         self.notify(job.id)
         self.live_changed(job)
-        if self.cluster is not None:  # and every other node's
-            self.cluster.progressed(job.id, self.live(job.id))
+
+    def reported(self, job_id: str, version: int) -> None:
+        """Cluster mode: the node reported a running job's live progress to every node,
+        and the database gave it ``version``: this node's waiters hear it too."""
+        ctx = self._contexts.get(job_id)
+        if ctx is None:
+            return
+        ctx.versioned(version)
+        self.notify(job_id)
+        self.live_changed(ctx.job)
 
     def on_changed(self, job: Job) -> None:
         """The store's commit listener: keep the dispatcher's queue in step, and start
@@ -460,11 +487,34 @@ class Engine:
             self._dispatch()
         else:
             self.dispatcher.remove(job.id)
+        if self.cluster is not None:
+            self._follow_elsewhere(job)
         self.notify(job.id)
+
+    def _follow_elsewhere(self, job: Job) -> None:
+        """Cluster mode: the dispatcher's mirror of what other nodes run (wait reasons)."""
+        if job.status is not JobStatus.RUNNING:
+            self.dispatcher.not_elsewhere(job.id)
+        elif job.id not in self._attempts:  # this node's own claim is ``claimed`` there
+            seen, exclusive = self._exclusivity(job)
+            self.dispatcher.elsewhere(seen, exclusive=exclusive)
+
+    def cluster_beat(self, slots: int) -> None:
+        """Cluster mode, at each heartbeat: the cluster's slots (every live node's workers),
+        and what the other nodes run read anew, so that a lost notification leaves the
+        wait reasons behind for one beat at most."""
+        self.dispatcher.set_cluster_slots(slots)
+        try:
+            running = self.store.running_jobs()
+        except StoreError:  # the next beat reads them
+            return
+        self.dispatcher.set_elsewhere([self._exclusivity(job) for job in running
+                                       if job.id not in self._attempts])
 
     def forgotten(self, job_id: str) -> None:
         """Cluster mode: another node's commit forgot a job (``admin.purge``)."""
         self.dispatcher.remove(job_id)
+        self.dispatcher.not_elsewhere(job_id)
 
     def _enqueue(self, job: Job) -> None:
         seen, exclusive = self._exclusivity(job)

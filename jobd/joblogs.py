@@ -257,6 +257,18 @@ class JobLog:
         self._dropped = dropped
 
 
+def continue_at(log: Path, offset: int) -> None:
+    """Make ``log`` an empty log whose first ``offset`` bytes are dropped: an attempt goes
+    on with a log that is kept elsewhere (the cluster's database) only from there on."""
+    log = Path(log)
+    tmp, base_tmp = _tmp_paths(log)
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640))
+    base_tmp.write_text(str(offset))
+    with _SWAP:
+        os.replace(tmp, log)
+        os.replace(base_tmp, _base_path(log))
+
+
 def read(log: Path, offset: int, limit: int) -> tuple[bytes, int]:
     """(data, next_offset) from absolute ``offset``; an offset in the dropped part starts
     at the oldest kept byte. A missing file, or an offset at or past the end, gives

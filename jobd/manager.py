@@ -17,7 +17,6 @@ import hashlib
 import heapq
 import json
 import re
-import shutil
 import time
 import uuid
 from typing import Any, Protocol
@@ -32,7 +31,6 @@ from jobd.engine import Engine, story
 from jobd.errors import (BY_CODE, Conflict, Forbidden, InvalidParams, JobdError, NotFound,
                          Unavailable)
 from jobd.handlers import Handler
-from jobd.handlers.manifest import user_manifests
 from jobd.metrics import Metrics
 from jobd.models import TERMINAL, Job, JobStatus, RawJSON, Role, iso
 from jobd.params import flag, integer, iso_time, number, shown, text, utf8
@@ -997,7 +995,7 @@ class Manager:
         """Delete ``user_id``'s finished jobs (their logs go with them: the store's
         ``deleted`` listener) and manifests; how many jobs went."""
         deleted = sum(len(ids) for ids in self.store.purge(user_id))
-        shutil.rmtree(user_manifests(self.config, user_id), ignore_errors=True)
+        self.store.purge_manifests(user_id)
         return deleted
 
     def pause(self, scope: Scope) -> dict[str, Any]:

@@ -156,10 +156,10 @@ class Node(Daemon):
 class RunLedger:
     """A job program that records its runs, and what they recorded.
 
-    Each run of ``program(...)`` writes ``<job id>.<pid>.run`` (the node that ran it) on
-    start and ``.end`` when it finishes on its own, and holds an exclusive lock on
-    ``<job id>.lock`` while it runs: a run that finds the lock held by another run of
-    the same job writes ``.double``. It stops after ``seconds``, or earlier once
+    Each run of ``program(...)`` takes an exclusive lock on ``<job id>.lock`` for as long
+    as it runs (a run that finds it held by another run of the same job writes
+    ``.double``), then writes ``<job id>.<pid>.run`` (the node that ran it), and ``.end``
+    when it finishes on its own: once a run is seen, it holds the lock. It stops after ``seconds``, or earlier once
     ``release()`` (every job) or ``release(job_id)`` made its release file. With
     ``progress`` it prints a progress line every 50 ms stamped with the machine's
     monotonic clock (the same clock for every process here), for latency figures.
@@ -168,9 +168,9 @@ class RunLedger:
     SCRIPT = """\
 set -u
 f="{folder}/$JOBD_JOB_ID"
-echo "${{JOBD_TEST_NODE:-?}}" > "$f.$$.run"
 exec 9>>"$f.lock"
 flock -n 9 || echo "${{JOBD_TEST_NODE:-?}}" > "$f.$$.double"
+echo "${{JOBD_TEST_NODE:-?}}" > "$f.$$.run"
 echo "ran on ${{JOBD_TEST_NODE:-?}}"
 i=0
 while [ ! -e "{folder}/release" ] && [ ! -e "$f.release" ] && [ "$i" -lt "$1" ]; do

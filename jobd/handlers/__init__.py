@@ -68,6 +68,10 @@ class JobContext(Protocol):
 
     def load_checkpoints(self) -> dict[str, dict[str, Any]]: ...
 
+    def load_manifest(self) -> str | None: ...
+
+    def save_manifest(self, document: str) -> None: ...
+
     def run(self, argv: list[str], *, cwd: str | None = None,
             env: dict[str, str] | None = None,
             on_progress: Callable[[float | None, str | None], None] | None = None,

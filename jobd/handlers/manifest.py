@@ -1,11 +1,12 @@
 """``builtin:manifest``: the default indexer, a record of every tracked file.
 
-For each path ``git ls-files`` lists it stores size, modification time, line count and
-SHA-256 in ``<state dir>/manifests/<user>/<project>.json`` (each id one segment as
-``paths.segment`` encodes it; outside the repository, written to a temporary file and
-renamed, so a reader sees the old or the new manifest, never half of one). A file whose
-(size, mtime_ns) is unchanged since the last manifest keeps its old hash unless a full
-re-index is asked for.
+For each path ``git ls-files`` lists it records size, modification time, line count and
+SHA-256 in one JSON document per (user, project), which the job's context loads and
+saves through the store (``JobStore.load_manifest``/``save_manifest``): a SQLite jobd
+keeps it in ``<state dir>/manifests/<user>/<project>.json`` (outside the repository,
+replaced whole by a rename), PostgreSQL in a row every cluster node reads, the save
+fenced as the job's other writes. A file whose (size, mtime_ns) is unchanged since the
+last manifest keeps its old hash unless a full re-index is asked for.
 
 Symbolic links are never followed (SPEC §3a): a tracked link is recorded with its
 target string, and every directory on the way to a file is opened with O_NOFOLLOW, so a
@@ -19,21 +20,23 @@ import hashlib
 import json
 import os
 import stat
-import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from jobd.handlers import Cancelled, JobContext, JobFailed, git
 from jobd.models import readable
-from jobd.paths import segment
+from jobd.store.errors import StateConflict, StoreError
+from jobd.store.sqlite import manifest_file
 
 if TYPE_CHECKING:
     from jobd.config import Config
 
-__all__ = ["FORMAT", "build", "manifest_path", "user_manifests"]
+__all__ = ["FORMAT", "build", "manifest_path"]
 
-#: version of the manifest file's layout
+T = TypeVar("T")
+
+#: version of the manifest document's layout
 FORMAT = 1
 
 _CHUNK = 1 << 20
@@ -43,20 +46,11 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 
-def user_manifests(config: Config, user_id: str) -> Path:
-    """``<state dir>/manifests/<user>``: the folder of every manifest of ``user_id``
-    (``admin.purge`` removes it). ValueError if the id cannot name a folder."""
-    return config.state_dir / "manifests" / segment(user_id)
-
-
 def manifest_path(config: Config, user_id: str, project_id: str) -> Path:
-    """``<state dir>/manifests/<user>/<project>.json``, each id one segment as
-    ``paths.segment`` encodes it (``org/repo`` is ``org%2Frepo.json``)."""
-    try:
-        folder, project = user_manifests(config, user_id), segment(project_id)
-    except ValueError as e:
-        raise JobFailed(f"{user_id!r}/{project_id!r} cannot name a manifest: {e}") from None
-    return folder / f"{project}.json"
+    """``<state dir>/manifests/<user>/<project>.json``: where a SQLite jobd keeps the
+    manifest (SPEC §7), each id one segment as ``paths.segment`` encodes it
+    (``org/repo`` is ``org%2Frepo.json``). ValueError if an id cannot name one."""
+    return manifest_file(config.state_dir, user_id, project_id)
 
 
 def build(ctx: JobContext, repo: git.Repository, *, full: bool, low: float,
@@ -67,8 +61,7 @@ def build(ctx: JobContext, repo: git.Repository, *, full: bool, low: float,
     job's cancellation is honoured between files (the old manifest is then kept).
     """
     job = ctx.job
-    path = manifest_path(ctx.config, job.user_id, job.project_id or "")
-    previous = _load(path, ctx)
+    previous = _load(_stored(ctx.load_manifest), ctx)
     listed = git.run(repo, "ls-files", "-z").stdout.split(b"\0")
     # an unmerged path is listed once per stage
     names = list(dict.fromkeys(os.fsdecode(p) for p in listed if p))
@@ -102,7 +95,7 @@ def build(ctx: JobContext, repo: git.Repository, *, full: bool, low: float,
     if skipped:
         ctx.joblog.note(f"manifest: skipped {skipped} tracked paths that are missing from the "
                         "work tree, lie beyond a symbolic link, or are not files")
-    _write(path, {
+    document = json.dumps({
         "format": FORMAT,
         "user_id": job.user_id,
         "project_id": job.project_id,
@@ -110,7 +103,8 @@ def build(ctx: JobContext, repo: git.Repository, *, full: bool, low: float,
         "revision": git.revision(repo),
         "written_at": time.time(),
         "files": files,
-    })
+    }, separators=(",", ":"))
+    _stored(ctx.save_manifest, document)
     summary = {
         "files_indexed": len(files),
         "added": sum(1 for n in files if n not in previous),
@@ -187,35 +181,28 @@ def _hash(fd: int) -> dict[str, Any] | None:
             "sha256": digest.hexdigest()}
 
 
-def _load(path: Path, ctx: JobContext) -> dict[str, dict[str, Any]]:
-    """The previous manifest's files, or nothing when there is none that can be read."""
+def _stored(call: Callable[..., T], *args: Any) -> T:
+    """``call(*args)`` of the context's manifest storage; a store's failure fails the job
+    with its reason (a fenced write is passed on: the engine records nothing for it)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return call(*args)
+    except StateConflict:
+        raise
+    except StoreError as e:
+        raise JobFailed(f"manifest: {e}") from None
+
+
+def _load(document: str | None, ctx: JobContext) -> dict[str, dict[str, Any]]:
+    """The previous manifest's files, or nothing when there is none that can be read."""
+    if document is None:
+        return {}
+    try:
+        data = json.loads(document)
         files = data["files"]
         if data.get("format") != FORMAT or not isinstance(files, dict):
             raise ValueError(f"format {data.get('format')!r}")
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        ctx.joblog.note(f"manifest: ignoring unreadable {path} ({e}); hashing every file")
+    except (ValueError, KeyError, TypeError) as e:
+        ctx.joblog.note(f"manifest: ignoring the unreadable manifest of "
+                        f"{ctx.job.user_id}/{ctx.job.project_id} ({e}); hashing every file")
         return {}
     return {k: v for k, v in files.items() if isinstance(v, dict)}
-
-
-def _write(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, separators=(",", ":"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

@@ -18,8 +18,10 @@ against (``_count_queued``, ``_queued_in``).
 
 Timestamps are integer microseconds since the epoch. ``seq`` is insertion order:
 ``jobs.list`` pages newest first by it, so jobs sharing a ``created_at`` still page
-exactly. A job's ``version`` is ``max(version + 1, now)``: it rises on every change and,
-being tied to the clock, stays above any value handed out before a crash.
+exactly. A job's ``version`` rises on every change and never goes down: on SQLite it is
+``max(version + 1, now)``, which, tied to the clock, stays above any value handed out
+before a crash; on PostgreSQL the nodes' clocks may differ, so it comes from one logged
+sequence (``Tx.version``, ``jobd_next_version``).
 """
 
 from __future__ import annotations
@@ -388,13 +390,13 @@ class BaseStore(abc.ABC):
         except self._integrity as e:
             raise self._duplicate(e, job.id) from None
         tx.run("submit_events", seq=seq, actor=_text(actor), started=int(started is not None))
-        stored = dataclasses.replace(job, seq=seq, status=JobStatus.QUEUED, version=tx.now,
+        stored = dataclasses.replace(job, seq=seq, status=JobStatus.QUEUED, version=tx.version,
                                      created_at=tx.now, updated_at=tx.now)
         if started is None:
             self._count_queued(tx, job.user_id, +1)
             return self._changed(tx, stored), False
         running = dataclasses.replace(stored, status=JobStatus.RUNNING, attempts=1,
-                                      started_at=tx.now, version=tx.now + 1)
+                                      started_at=tx.now, version=tx.version + 1)
         started(self._changed(tx, running))
         return stored, False
 

@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterator, Mapping
 import psycopg
 import psycopg.conninfo
 import psycopg.errors
+import psycopg.generators
 import psycopg_pool
 import structlog
 from psycopg.pq import TransactionStatus
@@ -70,7 +71,8 @@ CLEANUP_KEY = 0x6A6F6264_00000005
 #: a backup by table (``pg_dump -t``) leaves the functions out, so dump the database
 TABLES = ("jobd_schema", "jobs", "job_events", "job_checkpoints", "job_keys", "meta",
           "queued_counts", "user_stored", "type_counts", "run_buckets", "finished_hours",
-          "finished_days", "nodes", "dispatch_turns", "job_log_chunks", "job_progress")
+          "finished_days", "nodes", "dispatch_turns", "job_log_chunks", "job_progress",
+          "manifests")
 FUNCTIONS = ("jobd_iso", "jobs_counted_in", "jobs_status_moved")
 
 #: how long an open waits for the one-node lock of a jobd that has just gone
@@ -106,9 +108,10 @@ def from_pg(e: Exception, where: str) -> Exception:
         return Corrupt(f"{where}: data or index corrupted ({text}); see the server's log")
     if state in _AGAIN:
         return StorageUnavailable(f"storage busy: {where}: {text}; retry")
-    if (state.startswith(("08", "53", "57", "58")) or state == "55P03"
+    if (state.startswith(("08", "53", "57", "58")) or state in ("55P03", "25P03")
             or (isinstance(e, psycopg.OperationalError) and not state)):
-        # the server is gone, restarting, out of resources, or the connection broke
+        # the server is gone, restarting, out of resources, or the connection broke (also:
+        # ended by idle_in_transaction_session_timeout, PostgresStore.stuck_s)
         return StorageUnavailable(f"storage unavailable: {where}: {text}")
     return e
 
@@ -133,7 +136,7 @@ SESSION_NAME = _NAME
 #: the writes for a running job that a cluster node's fence guards (the ``{fence}`` of
 #: their statements): by (node id, attempt), and the node's lease
 FENCED = frozenset({"finish_job", "requeue_job", "update_progress", "set_process",
-                    "save_checkpoint", "append_log"})
+                    "save_checkpoint", "append_log", "save_manifest"})
 #: the fence of a job this store does not run as a cluster node: none
 _UNFENCED = (None, None)
 #: the statements a write sends in pipeline mode without waiting for their answer
@@ -245,6 +248,8 @@ class PgTx(writer.Tx):
     pipeline: psycopg.Pipeline | None = None
     #: the job whose attempt's end is being written (``PostgresStore.on_ending`` runs)
     ending: str | None = None
+    #: when (monotonic) the server last answered the transaction
+    answered_at: float = 0.0
     #: the queue's admission lock is held (``PostgresStore._queued_in``)
     admitting: bool = False
     #: job id -> (node id, attempt) of each attempt this cluster node runs (``Fences``)
@@ -253,6 +258,13 @@ class PgTx(writer.Tx):
     unfenced: bool = False
     #: (channel, payload) of each notification the commit sends (a cluster node's)
     notes: list[tuple[str, str]]
+    #: the versions sequence's value taken as the transaction began: every version it
+    #: writes is above it (``jobd_next_version``)
+    floor: int = 0
+
+    @property
+    def version(self) -> int:
+        return self.floor
 
     def run(self, query: str, **params: Any) -> psycopg.Cursor[Any]:
         return self._execute(query, params, wait=query not in UNAWAITED)
@@ -263,7 +275,7 @@ class PgTx(writer.Tx):
 
     def _execute(self, query: str, params: dict[str, Any], *, wait: bool
                  ) -> psycopg.Cursor[Any]:
-        params["now"] = self.now
+        params["now"], params["floor"] = self.now, self.floor
         if query in FENCED:
             params["node"], params["attempt"] = (_UNFENCED if self.unfenced else
                                                  self.fences.get(params["job_id"], _UNFENCED))
@@ -279,7 +291,7 @@ class PgTx(writer.Tx):
                 if not wait:
                     self.writes += query not in _UNCHANGING
                     return cur
-                self.pipeline.sync()  # an error of a statement sent before is raised here
+                self.wait()  # an error of a statement sent before is raised here
         except psycopg.Error:
             self.writes += 1
             raise
@@ -289,6 +301,15 @@ class PgTx(writer.Tx):
 
     def insert(self, query: str, **params: Any) -> int:
         return int(_scalar(self.run(query, **params)))
+
+    def wait(self) -> None:
+        """Wait for the answers of every statement sent in pipeline mode. All of them are
+        sent first: psycopg's ``Pipeline.sync`` flushes what it sends once, and then waits
+        for answers to a statement the server has not had whole (a 3 MB manifest hung)."""
+        assert self.pipeline is not None
+        self.conn.wait(psycopg.generators.send(self.conn.pgconn))
+        self.pipeline.sync()
+        self.answered_at = time.monotonic()
 
 
 def _without_nul(params: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -319,12 +340,17 @@ class PgDriver:
     error: type[Exception] = psycopg.Error
 
     def __init__(self, dsn: str, where: str, conn: psycopg.Connection[Any],
-                 node_key: int, shared: bool) -> None:
+                 node_key: int, shared: bool, stuck_s: float | None = None) -> None:
         self.dsn, self.where, self.conn, self.node_key = dsn, where, conn, node_key
-        self.shared = shared
+        self.shared, self.stuck_s = shared, stuck_s
         #: the store's fences, given to every transaction
         self.fences: Mapping[str, tuple[int, int]] = {}
         self._tx: PgTx | None = None
+        #: the batch's COMMIT was sent (its outcome, if the connection broke, is unknown)
+        self._committing = False
+        #: BEGIN and the transaction's version floor (with the queue lock: a cluster node)
+        self._begin = (QUERIES["begin_queued"].format(key=QUEUE_KEY) if shared
+                       else QUERIES["begin"])
         self._admitting_at_savepoint = False
         self.committed: Callable[[], object] = lambda: None
         #: the pipeline the batch runs in, and what leaves it (None: each statement waited for)
@@ -343,28 +369,28 @@ class PgDriver:
             self.conn.close()
             self.conn = _connect(self.dsn, connect_timeout=10)
             try:
-                _hold_node(self.conn, self.where, self.node_key, self.shared)
+                _hold_node(self.conn, self.where, self.node_key, self.shared, self.stuck_s)
             except StoreError as e:  # another jobd took the database meanwhile
                 self.conn.close()
                 raise psycopg.OperationalError(str(e)) from None
             log.info("store_reconnected", database=self.where)
-        if self._deferred is None:
-            self._leaving = contextlib.ExitStack()
-            self._pipeline = self._leaving.enter_context(self.conn.pipeline())
-        self._deferred = None
-        self.conn.execute("BEGIN")
+        # a cluster node's batch takes the queue lock before its first write: every status
+        # change also updates the shared count rows, and a batch holding them while it
+        # waited for the lock (to claim, admit or rescue) would deadlock with a node
+        # holding the lock that updates them too
+        self._committing = False
+        cur = self.conn.execute(self._begin)  # one round trip, before pipeline mode: a
+        cur.nextset()  # script of statements; BEGIN's result, then the floor's
         self._tx = PgTx(self.conn, now)
+        self._tx.floor, self._tx.answered_at = int(_scalar(cur)), time.monotonic()
         self._tx.fences = self.fences
         self._tx.notes = []
-        self._tx.pipeline = self._pipeline
-        if self.shared:
-            # a cluster node's batch takes the queue lock before its first write: every
-            # status change also updates the shared count rows, and a batch holding them
-            # while it waited for the lock (to claim, admit or rescue) would deadlock with
-            # a node holding the lock that updates them too. (In pipeline mode the first
-            # answer the batch waits for waits for the lock.)
-            self.conn.execute(QUERIES["lock_queue"], {"key": QUEUE_KEY})
-            self._tx.admitting = True
+        self._tx.admitting = self.shared
+        if self._deferred is None:
+            self._leaving = contextlib.ExitStack()
+            self._pipeline = self._tx.pipeline = self._leaving.enter_context(
+                self.conn.pipeline())
+        self._deferred = None
         return self._tx
 
     def _leave_pipeline(self) -> None:
@@ -386,10 +412,17 @@ class PgDriver:
             pass
 
     def commit(self) -> None:
+        tx = self._tx
+        if (self._pipeline is not None and tx is not None and self.stuck_s is not None
+                and time.monotonic() - tx.answered_at > self.stuck_s / 2):
+            # the server may have ended the session as idle meanwhile (stuck_s): found out
+            # before the COMMIT is sent, which a broken connection leaves unknown
+            tx.wait()
         notes = self._tx.notes if self._tx is not None else None
         if notes:  # delivered with the commit, as one statement
             self.conn.execute(QUERIES["notify"], {"channels": [c for c, _ in notes],
                                                   "payloads": [p for _, p in notes]})
+        self._committing = True
         self.conn.execute("COMMIT")
         if self._pipeline is None:
             return
@@ -430,17 +463,28 @@ class PgDriver:
                 or getattr(e, "sqlstate", None) in _AGAIN)
 
     def again(self, e: Exception) -> bool:
-        return getattr(e, "sqlstate", None) in _AGAIN or e is self._deferred
+        # a lost race; or a connection that broke (a restart of the server) before the
+        # COMMIT was sent, or that the server ended as idle in the transaction (stuck_s:
+        # it never ran the COMMIT), so that nothing of the batch committed: the next
+        # begin reconnects, and the batch's callers never see it; or a statement sent
+        # unanswered failed, its error reaching the commit (``commit``)
+        state = getattr(e, "sqlstate", None)
+        return (state in _AGAIN or state == "25P03"
+                or self.conn.broken and not self._committing or e is self._deferred)
 
     def mapped(self, e: Exception) -> Exception:
         return from_pg(e, self.where)
 
 
-def _hold_node(conn: psycopg.Connection[Any], where: str, key: int, shared: bool) -> None:
+def _hold_node(conn: psycopg.Connection[Any], where: str, key: int, shared: bool,
+               stuck_s: float | None = None) -> None:
     """Take the node lock ``key`` on ``conn``'s session (``shared``: as a cluster node), or
     refuse: a jobd of the other kind (or, one-node, any other) uses the database. A jobd
     killed just before holds it on until PostgreSQL has seen its connection close: that
-    is waited out for up to ``NODE_WAIT_S``."""
+    is waited out for up to ``NODE_WAIT_S``. ``stuck_s``: the session's
+    ``idle_in_transaction_session_timeout`` (``PostgresStore.stuck_s``)."""
+    if stuck_s is not None:
+        conn.execute(QUERIES["stuck_after"], {"ms": str(max(1, int(stuck_s * 1000)))})
     deadline = time.monotonic() + NODE_WAIT_S
     while not _scalar(conn.execute(QUERIES["lock_node_shared" if shared else "lock_node"],
                                    {"key": key})):
@@ -502,10 +546,15 @@ class PostgresStore(BaseStore):
 
     def __init__(self, dsn: str, *, clock: Callable[[], int] = now_us,
                  listeners: Listeners | None = None, max_stored_per_user: int | None = None,
-                 pool_size: int = 4, cluster: bool = False) -> None:
+                 pool_size: int = 4, cluster: bool = False,
+                 stuck_s: float | None = None) -> None:
         super().__init__(clock=clock, listeners=listeners,
                          max_stored_per_user=max_stored_per_user)
         self.dsn = dsn
+        #: PostgreSQL ends a write transaction idle this long (``idle_in_transaction_
+        #: session_timeout``): a frozen node's batch, which holds the queue lock every
+        #: other node's claims and rescues wait for, lasts no longer than its lease
+        self.stuck_s = stuck_s
         self.pool_size = pool_size
         #: the database, as messages and logs name it (never with the password)
         self.where = describe(dsn)
@@ -540,7 +589,7 @@ class PostgresStore(BaseStore):
             raise StoreError(f"{self.where}: cannot connect: {str(e).strip()}") from None
         try:
             migrate(conn, self.where)
-            _hold_node(conn, self.where, self.node_key, self.cluster)
+            _hold_node(conn, self.where, self.node_key, self.cluster, self.stuck_s)
             clean = conn.execute(QUERIES["get_meta"], {"key": "clean"}).fetchone()
             self.was_clean = clean is None or clean[0] == "1"
             conn.execute(QUERIES["set_meta"], {"key": "clean", "value": "0"})
@@ -557,7 +606,8 @@ class PostgresStore(BaseStore):
             conn.close()
             raise
         self._pool = pool
-        self._driver = PgDriver(self.dsn, self.where, conn, self.node_key, self.cluster)
+        self._driver = PgDriver(self.dsn, self.where, conn, self.node_key, self.cluster,
+                                self.stuck_s)
         self._driver.fences = self.fences
         self._writer = writer.Writer(self._driver, self.clock)
         self._writer.start()
@@ -589,7 +639,11 @@ class PostgresStore(BaseStore):
             yield conn
 
     def _read(self, sql: str, params: Mapping[str, Any] | None, fetch: str) -> Any:
-        for last in (False, True):
+        # after a server restart every pooled connection is broken: each is dropped as it
+        # fails, and the read goes on with the next (the last one a new connection)
+        tries = self.pool_size + 1
+        for n in range(tries):
+            last = n == tries - 1
             try:
                 with self._reading() as conn:
                     try:
@@ -603,7 +657,7 @@ class PostgresStore(BaseStore):
             except psycopg_pool.PoolTimeout as e:
                 raise StorageUnavailable(f"storage unavailable: {self.where}: {e}") from None
             except psycopg.OperationalError as e:
-                # a connection a server restart broke: the pool drops it; read again once
+                # a connection a server restart broke: the pool drops it; read again
                 if last or not _broken(e):
                     raise from_pg(e, self.where) from None
             except psycopg.Error as e:
@@ -718,6 +772,9 @@ class PostgresStore(BaseStore):
                     job = self.requeue_job_in(tx, job.id, reason=kw["message"], recovered=True)
                 else:
                     job = self.finish_job_in(tx, job.id, end, **kw)
+                # its live progress row goes, as with an end on its own node (its version
+                # is above that row's: jobd_next_version)
+                tx.run("forget_progress", job_id=job.id)
                 moved.append((row[0], job))
         finally:
             tx.unfenced = False
@@ -787,6 +844,11 @@ class PostgresStore(BaseStore):
         data = b"".join(parts)[start - chunks[0][0]:][:limit]
         return data, start + len(data)
 
+    def next_version(self, previous: int) -> int:
+        """A running job's live progress keeps its version in memory until its node
+        reports it, when the versions sequence gives it one (``jobd.cluster``)."""
+        return previous
+
     def live_progress(self, job_id: str, version: int) -> tuple[float, str | None,
                                                                 str | None, int] | None:
         """A running job's live progress as its node last reported it, if newer than
@@ -827,6 +889,34 @@ class PostgresStore(BaseStore):
         if fence is not None and not saved:
             self.on_fenced(job_id)
             raise Fenced(job_id, *fence)
+
+    def load_manifest(self, user_id: str, project_id: str) -> str | None:
+        """The manifest document of (``user_id``, ``project_id``) in the database, as any
+        node last wrote it (None: none yet)."""
+        row = self._one(QUERIES["load_manifest"], {"user_id": user_id,
+                                                   "project_id": project_id})
+        return None if row is None else str(row[0])
+
+    def save_manifest(self, job_id: str, user_id: str, project_id: str, document: str
+                      ) -> None:
+        """Replace the manifest of (``user_id``, ``project_id``) with ``document``, for the
+        running job ``job_id``: fenced by its (node, attempt) as a checkpoint is, so a node
+        that lost the job raises Fenced and writes nothing over its new owner's manifest."""
+        fence = self.fences.get(job_id)
+        saved = self.write(lambda tx: tx.run("save_manifest", job_id=job_id, user_id=user_id,
+                                             project_id=project_id,
+                                             document=document).rowcount)
+        if saved:
+            return
+        if fence is not None:
+            self.on_fenced(job_id)
+            raise Fenced(job_id, *fence)
+        raise StoreError(f"job {job_id} is {self.get_job(job_id).status}: only a running job "
+                         "writes its manifest; nothing was written")
+
+    def purge_manifests(self, user_id: str) -> None:
+        """Delete every manifest of ``user_id`` (admin.purge), whichever node wrote it."""
+        self.write(lambda tx: tx.run("purge_manifests", user_id=user_id))
 
     def queued_count(self, user_id: str | None = None) -> int:
         if user_id is None:

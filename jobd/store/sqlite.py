@@ -1,5 +1,6 @@
 """The SQLite store: jobs, their events and checkpoints in one file, on ``db.py`` and
-``sql/queries.sql``.
+``sql/queries.sql``; builtin:manifest's manifests as files beside it
+(``<state dir>/manifests/<user>/<project>.json``, ``manifest_file``).
 
 The rules of every transition are ``base.BaseStore``'s; this module opens the file
 (creating, migrating, checking it after an unclean stop), reads on a connection per
@@ -13,7 +14,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sqlite3
+import tempfile
 import threading
 from collections import Counter
 from pathlib import Path
@@ -21,6 +24,7 @@ from typing import Any, Callable, Mapping
 
 import structlog
 
+from jobd.paths import segment
 from jobd.state import make_private_dir
 from jobd.store.base import (CLEANUP_CHUNK, WEIGHT_BYTES, BaseStore, Listeners, Sweeps, _dumps,
                              now_us)
@@ -30,7 +34,7 @@ from jobd.store.sql import QUERIES
 from jobd.store.writer import Tx, Writer
 
 __all__ = ["CLEANUP_CHUNK", "Listeners", "ORDER_KEYS", "SqliteStore", "Store", "WEIGHT_BYTES",
-           "now_us"]
+           "manifest_file", "now_us"]
 
 log = structlog.get_logger()
 
@@ -67,8 +71,21 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def manifest_file(state_dir: Path, user_id: str, project_id: str) -> Path:
+    """``<state dir>/manifests/<user>/<project>.json``: where a SQLite jobd keeps the
+    manifest of (``user_id``, ``project_id``), each id one segment as ``paths.segment``
+    encodes it (``org/repo`` is ``org%2Frepo.json``). ValueError if an id cannot name one."""
+    return _user_manifests(state_dir, user_id) / f"{segment(project_id)}.json"
+
+
+def _user_manifests(state_dir: Path, user_id: str) -> Path:
+    """``<state dir>/manifests/<user>``: the folder of every manifest of ``user_id``."""
+    return state_dir / "manifests" / segment(user_id)
+
+
 class SqliteStore(BaseStore):
-    """Jobs, their events and checkpoints in one SQLite file."""
+    """Jobs, their events and checkpoints in one SQLite file; manifests as files under
+    ``state_dir`` (by default the file's folder, as ``Config.state_dir``)."""
 
     queries = QUERIES
     order_keys = ORDER_KEYS
@@ -77,10 +94,12 @@ class SqliteStore(BaseStore):
 
     def __init__(self, path: str | os.PathLike[str], *, synchronous: str = "full",
                  clock: Callable[[], int] = now_us, listeners: Listeners | None = None,
-                 max_stored_per_user: int | None = None) -> None:
+                 max_stored_per_user: int | None = None,
+                 state_dir: str | os.PathLike[str] | None = None) -> None:
         super().__init__(clock=clock, listeners=listeners,
                          max_stored_per_user=max_stored_per_user)
         self.path = Path(path)
+        self.state_dir = Path(state_dir) if state_dir is not None else self.path.parent
         self.synchronous = synchronous.upper()
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
@@ -201,6 +220,60 @@ class SqliteStore(BaseStore):
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in (self.path, Path(f"{self.path}-wal"))
                    if p.exists())
+
+    # -- manifests: files, outside the database -----------------------------------------
+
+    def _manifest(self, user_id: str, project_id: str) -> Path:
+        try:
+            return manifest_file(self.state_dir, user_id, project_id)
+        except ValueError as e:
+            raise StoreError(f"{user_id!r}/{project_id!r} cannot name a manifest file: {e}"
+                             ) from None
+
+    def load_manifest(self, user_id: str, project_id: str) -> str | None:
+        """The manifest document of (``user_id``, ``project_id``) (None: none yet); bytes
+        that are not UTF-8 are replaced, for the reader to find it unreadable."""
+        path = self._manifest(user_id, project_id)
+        try:
+            return path.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise StoreError(f"{path}: cannot read the manifest: {e.strerror}") from None
+
+    def save_manifest(self, job_id: str, user_id: str, project_id: str, document: str
+                      ) -> None:
+        """Replace the manifest of (``user_id``, ``project_id``) with ``document``: written
+        to a temporary file and renamed, so a reader sees the old or the new one, never
+        half of one. One jobd owns the file: no fence (``job_id`` names no more)."""
+        path = self._manifest(user_id, project_id)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    f.write(document)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                os.unlink(tmp)
+                raise
+            dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as e:
+            raise StoreError(f"{path}: cannot write the manifest: {e.strerror}") from None
+
+    def purge_manifests(self, user_id: str) -> None:
+        """Delete every manifest of ``user_id`` (admin.purge): its folder."""
+        try:
+            folder = _user_manifests(self.state_dir, user_id)
+        except ValueError:  # an id that names no folder has none
+            return
+        shutil.rmtree(folder, ignore_errors=True)
 
     def _sweeps(self) -> Sweeps:
         if self._driver is None:

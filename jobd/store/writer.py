@@ -54,6 +54,12 @@ class Tx(abc.ABC):
     #: tells its listener of a job once per commit, as the commit leaves it)
     latest: dict[Any, Any] = dataclasses.field(default_factory=dict)
 
+    @property
+    def version(self) -> int:
+        """What a job's version is at least after a change in this transaction: its time
+        (SQLite; PostgreSQL's is a value of the versions sequence)."""
+        return self.now
+
     @abc.abstractmethod
     def run(self, query: str, **params: Any) -> Any:
         """Run the named query (``now`` is the transaction's time); its cursor."""

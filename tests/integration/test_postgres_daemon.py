@@ -408,6 +408,6 @@ def test_a_storage_block_jobd_cannot_use_stops_serve_with_one_line(tmp_path: Pat
     assert proc.returncode == 1
     assert proc.stderr.splitlines() == [
         f'jobd: {conf}: storage.state_dir is not set, but backend = "postgres" needs it: the '
-        "folder of this node's logs, repositories, manifests and lock, e.g. "
+        "folder of this node's logs, repositories and lock, e.g. "
         'state_dir = "/var/lib/jobd"']
     assert not (tmp_path / "state").exists() and not (tmp_path / "s.sock").exists()

@@ -223,6 +223,36 @@ def test_a_job_submitted_on_one_node_is_seen_waited_listed_and_logged_on_the_oth
 
 
 
+def test_a_queued_jobs_wait_reason_is_the_same_through_every_node(
+        make_cluster: Callable[..., Cluster]) -> None:
+    """Each node's wait reasons count every node's running jobs and slots: the user's
+    limit held by a job on another node, then the cluster's slots full."""
+    cluster = make_cluster(execution={"max_running_per_user": 1})
+    nodes = cluster.start(2, workers=1)
+    first = result_of(nodes[0], "jobs.submit", type="command", as_user="u0",
+                      options={"argv": cluster.ledger.program(60)})
+    runner = running_on(cluster, first["id"])
+    held = result_of(nodes[1], "jobs.submit", type="command", as_user="u0",
+                     options={"argv": cluster.ledger.program(60)})
+
+    def reasons(job_id: str) -> list[Any]:
+        return [result_of(n, "jobs.get", job_id=job_id)["wait_reason"] for n in nodes]
+    wait_for(lambda: reasons(held["id"]) == ["user_limit", "user_limit"], timeout=10,
+             what="user_limit through both nodes")
+    # another user takes the other node's slot: the cluster's two slots are full
+    other = result_of(nodes[0], "jobs.submit", type="command", as_user="u1",
+                      options={"argv": cluster.ledger.program(60)})
+    running_on(cluster, other["id"])
+    last = result_of(runner, "jobs.submit", type="command", as_user="u2",
+                     options={"argv": cluster.ledger.program(60)})
+    wait_for(lambda: reasons(last["id"]) == ["slots", "slots"], timeout=10,
+             what="slots through both nodes")
+    assert reasons(held["id"]) == ["user_limit", "user_limit"]
+    cluster.ledger.release()
+    for job in (first, held, other, last):
+        assert wait_terminal(nodes[0], job["id"], timeout=30)["status"] == "completed"
+
+
 def test_every_attempts_log_of_a_retried_job_is_read_through_any_node(
         make_cluster: Callable[..., Cluster]) -> None:
     cluster = make_cluster(execution={"max_running_per_user": 6})

@@ -21,6 +21,7 @@ from jobd import joblogs, process
 from jobd.config import Config
 from jobd.handlers import Cancelled, JobFailed
 from jobd.models import Job, JobStatus
+from jobd.store import Store
 
 
 def make_job(type_: str, options: dict[str, Any], *, user_id: str = "alice",
@@ -58,6 +59,8 @@ class Context:
         self.phases: list[str] = []
         self.saved: list[str] = []
         self.argvs: list[list[str]] = []
+        # a SQLite jobd's manifests: files under the state folder (no database is opened)
+        self.manifests = Store(config.db, state_dir=config.state_dir)
 
     @property
     def cancelled(self) -> bool:
@@ -86,6 +89,13 @@ class Context:
 
     def load_checkpoints(self) -> dict[str, dict[str, Any]]:
         return dict(self.checkpoints)
+
+    def load_manifest(self) -> str | None:
+        return self.manifests.load_manifest(self.job.user_id, self.job.project_id or "")
+
+    def save_manifest(self, document: str) -> None:
+        self.manifests.save_manifest(self.job.id, self.job.user_id, self.job.project_id or "",
+                                     document)
 
     def run(self, argv: list[str], *, cwd: str | None = None, env: dict[str, str] | None = None,
             on_progress: Callable[[float | None, str | None], None] | None = None,

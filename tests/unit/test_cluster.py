@@ -58,13 +58,15 @@ class Cluster:
         self.tmp_path, self.dsn = tmp_path, dsn
         self.parts: list[tuple[Any, Any]] = []
 
-    def node(self, name: str | None = None, listeners: Any = None, **kw: Any) -> Any:
-        """A node (``name``: its state folder's, by default its own; ``listeners``: its
-        store's)."""
+    def node(self, name: str | None = None, clock: Any = None, listeners: Any = None,
+             **kw: Any) -> Any:
+        """A node (``name``: its state folder's, by default its own; ``clock`` and
+        ``listeners``: its store's)."""
         from jobd.cluster import Node
         from jobd.store.postgres import PostgresStore
         config = node_config(self.tmp_path, self.dsn, name or f"n{len(self.parts)}", **kw)
-        store = PostgresStore(self.dsn, cluster=True, listeners=listeners).open()
+        store = PostgresStore(self.dsn, cluster=True, listeners=listeners,
+                              **({} if clock is None else {"clock": clock})).open()
         node = Node(config, store, load_handlers(config))
         self.parts.append((store, node))
         return node
@@ -270,7 +272,8 @@ def test_ends_and_claims_batched_together_on_several_nodes_never_deadlock(
     node holding the lock and updating those rows would deadlock with it (PostgreSQL
     breaks it after a second, and the batch runs again: a second lost each time)."""
     import structlog.testing
-    nodes = [cluster.node(workers=4, max_running_per_user=50) for _ in range(3)]
+    # no heartbeat runs here: a lease long enough for a loaded machine
+    nodes = [cluster.node(workers=4, max_running_per_user=50, lease="300s") for _ in range(3)]
     for node in nodes:
         node.register()
     for i in range(900):
@@ -333,11 +336,12 @@ def test_an_attempts_end_and_the_claim_of_its_slot_commit_in_one_transaction(
         assert events[ended, "completed"] == events[started, "running"], (ended, started)
 
 
-def test_an_end_with_its_logs_rest_and_the_next_claim_wait_for_three_answers(
+def test_an_end_with_its_logs_rest_and_the_next_claim_wait_for_four_answers(
         cluster: Cluster) -> None:
     """Pipeline mode under the queue lock: the write of an attempt's end (the rest of its
     log copied first, its progress row dropped, its event) and the claim of the next job
-    wait only for the end's row, the claim's, and the commit."""
+    wait only for the queue lock (with the version floor), the end's row, the claim's, and
+    the commit."""
     from jobd import joblogs
     from test_store_pg import waits_of
     a = cluster.node(workers=1)
@@ -350,7 +354,7 @@ def test_an_end_with_its_logs_rest_and_the_next_claim_wait_for_three_answers(
     waits = waits_of(a.store)
     ended, claimed = a.store.write(lambda tx: (
         a.store.finish_job_in(tx, first.id, JobStatus.COMPLETED), a.claim_in(tx, 1)))
-    assert waits[0] == 3, waits[0]
+    assert waits[0] == 4, waits[0]
     assert ended.status is JobStatus.COMPLETED and [j.id for j in claimed] == [second.id]
     assert a.store.read_log(first.id, 0, 100) == (b"the last words\n", 15)
     assert rows(cluster.dsn, "SELECT status, node_id FROM jobs ORDER BY seq") == [
@@ -449,6 +453,9 @@ def test_rescue_takes_a_lost_nodes_jobs_as_a_restart_would(cluster: Cluster) -> 
     a.store.cancel_job(jobs["cancel asked"].id, actor="cy")
     rows(cluster.dsn, "UPDATE jobs SET recoveries = 2 WHERE id = %s RETURNING 1",
          jobs["recovered twice"].id)
+    # the live progress a reported last, far ahead of the jobs' versions
+    reported = rows(cluster.dsn, "INSERT INTO job_progress SELECT seq, node_id, attempts, 50, "
+                    "NULL, NULL, version + 1000, 0 FROM jobs RETURNING job, version")
     clock = [0.0]
     b = cluster.node(extra=FAST_GRACE.replace("[execution]\n", ""))  # a 10 s lease
     b.clock = lambda: clock[0]
@@ -469,6 +476,10 @@ def test_rescue_takes_a_lost_nodes_jobs_as_a_restart_would(cluster: Cluster) -> 
     }
     assert rows(cluster.dsn, "SELECT phase FROM job_checkpoints") == [("init",)]
     assert rows(cluster.dsn, "SELECT count(*) FROM jobs WHERE node_id IS NOT NULL") == [(0,)]
+    # their live progress rows went; their versions passed every one reported
+    assert rows(cluster.dsn, "SELECT count(*) FROM job_progress") == [(0,)]
+    reported_at = dict(reported)
+    assert all(j.version > reported_at[j.seq] for j in moved.values()), (moved, reported)
     assert rows(cluster.dsn, "SELECT ended_at IS NOT NULL FROM nodes WHERE id = %s",
                 a.id) == [(True,)]
     # the requeued job resumes on b: a new attempt, its checkpoint kept
@@ -692,18 +703,24 @@ def test_live_progress_is_taken_only_from_the_running_attempts_own_node(
     import types
     a, b = cluster.node(), cluster.node()
     a.register(), b.register()
-    job = submit(a.store)
-    claim(a)
+    submit(a.store)
+    [job] = claim(a)
+    reported: list[tuple[str, int]] = []
+    a.on_reported = lambda job_id, version: reported.append((job_id, version))
     a._reporter = threading.Thread(target=a._report_loop, daemon=True)
     a._reporter.start()
     a.progressed(job.id, types.SimpleNamespace(progress=42.0, phase="git_sync",
-                                               message="half", version=job.version + 10))
+                                               message="half", version=job.version))
     deadline = time.monotonic() + 5
-    while b.store.live_progress(job.id, 0) is None:
+    while not reported:
         assert time.monotonic() < deadline
         time.sleep(0.005)
-    assert b.store.live_progress(job.id, 0) == (42.0, "git_sync", "half", job.version + 10)
-    assert b.store.live_progress(job.id, job.version + 10) is None  # not newer
+    # the database gave the report its version: above the job's, and told this node's own
+    [(job_id, version)] = reported
+    assert job_id == job.id and version > job.version
+    assert b.store.live_progress(job.id, 0) == (42.0, "git_sync", "half", version)
+    assert b.store.live_progress(job.id, version) is None  # not newer
+    assert a.store.echoes.own(job.id, version)  # its notification is this node's echo
     out = {"id": job.id, "version": 0, "progress": 0}
     b.annotate(out)
     assert (out["progress"], out["message"]) == (42.0, "half")
@@ -711,6 +728,37 @@ def test_live_progress_is_taken_only_from_the_running_attempts_own_node(
     rows(cluster.dsn, "UPDATE jobs SET attempts = attempts + 1 WHERE id = %s RETURNING 1",
          job.id)
     assert b.store.live_progress(job.id, 0) is None
+
+
+def test_versions_never_go_down_across_nodes_whose_clocks_differ(cluster: Cluster) -> None:
+    """Versions come from one sequence (SPEC §11): a job's live progress reported by a node
+    whose clock is an hour ahead, then changes written by one an hour behind, still rise
+    past every version a client has seen."""
+    import types
+    from jobd.store.base import now_us
+    hour = 3600 * 1_000_000
+    a = cluster.node(clock=lambda: now_us() + hour)
+    b = cluster.node(clock=lambda: now_us() - hour)
+    a.register(), b.register()
+    submit(b.store)
+    [job] = claim(a)
+    seen = [job.version]
+    reported: list[int] = []
+    a.on_reported = lambda job_id, version: reported.append(version)
+    a._reporter = threading.Thread(target=a._report_loop, daemon=True)
+    a._reporter.start()
+    # the version the engine keeps in memory for the live progress, as it asks the store
+    live = types.SimpleNamespace(progress=10.0, phase="git_sync", message=None,
+                                 version=a.store.next_version(job.version))
+    a.progressed(job.id, live)
+    deadline = time.monotonic() + 5
+    while not reported:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    seen.append(b.store.live_progress(job.id, 0)[3])
+    seen.append(b.store.cancel_job(job.id, actor="bob").version)  # requested: still running
+    seen.append(a.store.get_job(job.id).version)
+    assert seen == sorted(seen) and len(set(seen)) == 3, seen
 
 
 def test_a_reload_with_other_cluster_wide_settings_is_refused_naming_the_difference(
@@ -734,6 +782,42 @@ def test_a_reload_with_other_cluster_wide_settings_is_refused_naming_the_differe
     b.stop()
     a.check_reload(node_config(tmp_path, cluster.dsn, "n0", max_running_per_user=5, workers=3))
     assert a.config.execution.max_running_per_user == 5
+
+
+def test_a_reload_and_a_registration_are_checked_one_at_a_time(
+        cluster: Cluster, tmp_path: Path) -> None:
+    """A node alone reloading other settings while a node with the old ones registers:
+    both check under the registration lock, so one of them is refused, whichever came
+    first; never both taken with different settings."""
+    import psycopg
+    from jobd.cluster import REGISTER_KEY, NodeRefused
+    from jobd.config import ConfigError
+    a = cluster.node(max_running_per_user=3)
+    a.register()
+    c = cluster.node(max_running_per_user=3)
+    outcomes: dict[str, Any] = {}
+
+    def run(name: str, fn: Any) -> None:
+        try:
+            outcomes[name] = fn()
+        except (ConfigError, NodeRefused) as e:
+            outcomes[name] = e
+    with psycopg.connect(cluster.dsn, autocommit=True) as held:
+        held.execute("SELECT pg_advisory_lock(%s)", (REGISTER_KEY,))
+        threads = [threading.Thread(target=run, args=("reload", lambda: a.check_reload(
+                       node_config(tmp_path, cluster.dsn, "n0", max_running_per_user=4)))),
+                   threading.Thread(target=run, args=("register", c.register))]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        assert outcomes == {}  # both wait for the lock
+    for t in threads:
+        t.join(10)
+    refused = [name for name, e in outcomes.items() if isinstance(e, Exception)]
+    assert len(outcomes) == 2 and len(refused) == 1, outcomes
+    limits = {n for (n,) in rows(cluster.dsn, "SELECT settings::jsonb -> 'execution' ->> "
+                                 "'max_running_per_user' FROM nodes WHERE ended_at IS NULL")}
+    assert len(limits) == 1 and None not in limits, limits
 
 
 def test_a_nodes_own_announcements_are_told_apart_from_others_and_kept_bounded(
@@ -764,3 +848,68 @@ def test_a_notification_no_node_sent_is_ignored(cluster: Cluster) -> None:
         node._heard("jobd", payload)
     node._heard("jobd", "some-id:7")
     assert heard == ["some-id"]
+
+
+def test_a_frozen_nodes_batch_does_not_hold_the_queue_lock_past_its_stuck_time(
+        pg_dsn: str) -> None:
+    """A node frozen inside a write transaction (here: its write sleeping) holds the queue
+    lock every other node's claims wait for; PostgreSQL ends that transaction after the
+    store's stuck_s (the daemon gives it the lease), and the other node goes on."""
+    from jobd.store.postgres import PostgresStore
+    frozen = PostgresStore(pg_dsn, cluster=True, stuck_s=1.0).open()
+    other = PostgresStore(pg_dsn, cluster=True).open()
+    other.node_key = frozen.node_key
+    outcome: list[Any] = []
+    runs: list[int] = []
+
+    def freeze(tx: Any) -> str:
+        runs.append(1)
+        if len(runs) == 1:  # frozen the first time; the node then runs again
+            time.sleep(3.0)
+        return "written"
+
+    def run() -> None:
+        try:
+            outcome.append(frozen.write(freeze))
+        except BaseException as e:
+            outcome.append(e)
+    thread = threading.Thread(target=run)
+    try:
+        thread.start()
+        time.sleep(0.2)
+        began = time.monotonic()
+        job = submit(other)  # waits for the queue lock
+        waited = time.monotonic() - began
+        assert job.status is JobStatus.QUEUED and waited < 2.0, waited
+        thread.join(10)
+        # the frozen transaction was ended, not committed: once the node runs again its
+        # batch runs anew on a new session (a fenced write then finds the lease gone)
+        assert (outcome, len(runs)) == (["written"], 2)
+        assert submit(frozen, "bob").status is JobStatus.QUEUED
+    finally:
+        frozen.close(), other.close()
+
+
+def test_an_attempt_seeded_from_a_trimmed_copy_of_its_log_keeps_its_offsets(
+        cluster: Cluster) -> None:
+    """The database's copy of a job's log holds it only from offset 5000 on (max_log_bytes
+    trimmed it, or bytes were dropped before they were copied): the next attempt's file
+    on another node goes on from the same offsets, its first 5000 bytes dropped too."""
+    from jobd import joblogs
+    a, b = cluster.node(), cluster.node()
+    a.register(), b.register()
+    submit(a.store)
+    [job] = claim(a)
+    rows(cluster.dsn, "INSERT INTO job_log_chunks (job, pos, data) "
+         "SELECT seq, 5000, %s FROM jobs WHERE id = %s RETURNING 1", b"kept tail\n", job.id)
+    b.config.log_dir.mkdir(parents=True, exist_ok=True)
+    b.seed_log(job.id)
+    path = joblogs.path(b.config.log_dir, job.id)
+    assert joblogs.end(path) == 5010
+    assert joblogs.read(path, 0, 100) == (b"kept tail\n", 5010)
+    assert b.store.log_end(job.id) == 5010
+    # the attempt's next output lands after it, at the offsets both copies agree on
+    log = joblogs.JobLog(path, 1 << 20)
+    log.write(b"more\n")
+    log.close()
+    assert joblogs.read(path, 5010, 100) == (b"more\n", 5015)

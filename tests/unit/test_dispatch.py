@@ -531,3 +531,33 @@ def test_a_submitted_job_starts_at_once_only_when_it_would_be_next(why: str) -> 
     attempt = fresh.take_new(new, exclusive=True)
     assert attempt is not None and attempt.key == (new.id, 1)
     assert fresh.running_count("carol") == 1 and fresh.position(new.id) == (None, None)
+
+
+def test_wait_reasons_count_what_other_nodes_run_and_the_clusters_slots() -> None:
+    """Cluster mode: jobs running on other nodes hold their user's limit and their
+    repository; the slots are every node's; a job claimed here is no longer elsewhere."""
+    d = Dispatcher(workers=1, max_running_per_user=1)
+    sync = dataclasses.replace(job("bob", type="sync", project="p"),
+                               options={"repo_path": "/repos/p"})
+    d.elsewhere(job("alice", name="a-running"), exclusive=False)
+    d.elsewhere(sync, exclusive=True)
+    d.add(job("alice", name="a-queued"), exclusive=False)
+    d.add(dataclasses.replace(job("cy", type="sync", project="p", name="c-sync"),
+                              options={"repo_path": "/repos/p"}), exclusive=True)
+    d.add(job("dee", name="d-queued"), exclusive=False)
+    assert d.position("a-queued")[1] == "user_limit"
+    assert d.position("c-sync")[1] == "project_busy"
+    assert d.position("d-queued")[1] == "slots"  # 2 running elsewhere, 1 slot here
+    assert d.position("d-queued")[0] == 3
+    d.set_cluster_slots(5)
+    assert d.position("d-queued")[1] is None  # 2 running and 2 ahead: the 5th slot is its
+    # read anew at a heartbeat: alice's job ended meanwhile, bob's still runs
+    d.set_elsewhere([(sync, True)])
+    assert d.position("a-queued")[1] is None
+    assert d.position("c-sync")[1] == "project_busy"
+    d.not_elsewhere(sync.id)
+    assert d.position("c-sync")[1] is None
+    # a job claimed by this node runs here, not elsewhere
+    d.elsewhere(job("eve", name="e-1"), exclusive=False)
+    d.claimed(dataclasses.replace(job("eve", name="e-1"), attempts=1), exclusive=False)
+    assert d.running_count() == 1 and d._elsewhere == {}

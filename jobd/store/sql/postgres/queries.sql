@@ -1,7 +1,9 @@
 -- Every statement the PostgreSQL store runs, by name (loaded by jobd/store/sql/__init__.py):
 -- the same names as ../queries.sql (SQLite's) where the statement is the same idea.
 -- Arguments are psycopg's %(name)s; a literal percent sign would be %%, so none is used.
--- Timestamps are integer microseconds; a job's version is greatest(version + 1, now).
+-- Timestamps are integer microseconds. A job's version comes from the job_versions
+-- sequence: %(floor)s is the value its transaction took when it began, and every change
+-- stores jobd_next_version (migration 0005).
 
 -- job_columns --
 -- A job as jobd.store.base reads it: options, metadata and result as one JSON array
@@ -63,7 +65,7 @@ ORDER BY seq LIMIT 1
 -- the higher priority, and the submit's idempotency key when the job has none
 UPDATE jobs SET options = %(options)s, priority = %(priority)s,
                 idempotency_key = coalesce(idempotency_key, %(idempotency_key)s),
-                version = greatest(version + 1, %(now)s), updated_at = %(now)s
+                version = jobd_next_version(seq, version, %(floor)s), updated_at = %(now)s
 WHERE seq = %(seq)s AND status = 'queued'
 RETURNING {job_columns}
 
@@ -76,7 +78,7 @@ INSERT INTO jobs (id, type, user_id, project_id, status, priority, options, meta
 VALUES (%(id)s, %(type)s, %(user_id)s, %(project_id)s,
         CASE WHEN %(started)s = 1 THEN 'running' ELSE 'queued' END, %(priority)s,
         %(options)s, %(metadata)s, %(description)s, %(timeout_s)s, %(idempotency_key)s,
-        %(now)s + %(started)s, %(now)s, %(now)s, %(weight)s, %(work)s,
+        %(floor)s + %(started)s, %(now)s, %(now)s, %(weight)s, %(work)s,
         CASE WHEN %(started)s = 1 THEN %(now)s END, %(started)s)
 RETURNING seq
 
@@ -95,7 +97,7 @@ VALUES (%(seq)s, %(now)s, %(status)s, %(phase)s, %(progress)s, %(message)s, %(ac
 
 -- start_job --
 -- queued -> running: a new attempt
-UPDATE jobs SET status = 'running', version = greatest(version + 1, %(now)s),
+UPDATE jobs SET status = 'running', version = jobd_next_version(seq, version, %(floor)s),
     updated_at = %(now)s, started_at = %(now)s, attempts = attempts + 1,
     completed_at = NULL, pgid = NULL, pgid_start = NULL
 WHERE id = %(job_id)s AND status = 'queued'
@@ -120,7 +122,7 @@ UPDATE jobs SET
     result = CASE WHEN cancel_requested = 1 THEN result ELSE coalesce(%(result)s, result) END,
     progress = CASE WHEN cancel_requested = 0 AND %(status)s = 'completed' THEN 100
                     ELSE progress END,
-    version = greatest(version + 1, %(now)s), updated_at = %(now)s, completed_at = %(now)s,
+    version = jobd_next_version(seq, version, %(floor)s), updated_at = %(now)s, completed_at = %(now)s,
     cancel_requested = 0, pgid = NULL, pgid_start = NULL, node_id = NULL
 WHERE id = %(job_id)s AND status = 'running' AND {fence}
 RETURNING {job_columns}
@@ -135,7 +137,7 @@ UPDATE jobs SET
     completed_at = CASE WHEN status = 'running' THEN NULL ELSE %(now)s END,
     pgid = CASE WHEN status = 'running' THEN pgid END,
     pgid_start = CASE WHEN status = 'running' THEN pgid_start END,
-    version = greatest(version + 1, %(now)s), updated_at = %(now)s
+    version = jobd_next_version(seq, version, %(floor)s), updated_at = %(now)s
 WHERE id = %(job_id)s
   AND (status = 'queued' OR status = 'running' AND cancel_requested = 0)
 RETURNING {job_columns}
@@ -143,7 +145,7 @@ RETURNING {job_columns}
 -- retry_job --
 -- failed | cancelled -> queued: a fresh attempt (progress, phase, error, result and the
 -- last attempt's times cleared; attempts kept); its checkpoints go (clear_checkpoints)
-UPDATE jobs SET status = 'queued', version = greatest(version + 1, %(now)s),
+UPDATE jobs SET status = 'queued', version = jobd_next_version(seq, version, %(floor)s),
     updated_at = %(now)s, progress = 0, phase = NULL, message = 'retried', error = NULL,
     result = NULL, started_at = NULL, completed_at = NULL, cancel_requested = 0,
     pgid = NULL, pgid_start = NULL
@@ -153,7 +155,7 @@ RETURNING {job_columns}
 -- requeue_job --
 -- running -> queued when the daemon stops or restarts: phase, progress and checkpoints
 -- kept to resume from; %(recovered)s counts a recovery after a crash
-UPDATE jobs SET status = 'queued', version = greatest(version + 1, %(now)s),
+UPDATE jobs SET status = 'queued', version = jobd_next_version(seq, version, %(floor)s),
     updated_at = %(now)s, message = %(reason)s, error = NULL, result = NULL,
     completed_at = NULL, cancel_requested = 0, pgid = NULL, pgid_start = NULL,
     recoveries = recoveries + %(recovered)s, node_id = NULL
@@ -167,7 +169,7 @@ DELETE FROM job_checkpoints WHERE job = %(seq)s
 -- update_progress --
 -- A running job's latest progress, phase and message
 UPDATE jobs SET progress = %(progress)s, phase = %(phase)s, message = %(message)s,
-    version = greatest(version + 1, %(now)s), updated_at = %(now)s
+    version = jobd_next_version(seq, version, %(floor)s), updated_at = %(now)s
 WHERE id = %(job_id)s AND status = 'running' AND {fence}
 RETURNING {job_columns}
 
@@ -192,6 +194,20 @@ SELECT {job_columns} FROM jobs WHERE status = 'running' ORDER BY seq
 -- (a new row is checked before the conflict is: a user's first count is never below 0)
 INSERT INTO queued_counts (user_id, n) VALUES (%(user_id)s, greatest(%(delta)s, 0))
 ON CONFLICT (user_id) DO UPDATE SET n = queued_counts.n + %(delta)s
+
+-- begin --
+-- A write transaction and its version floor (the next value of the versions sequence),
+-- in one round trip
+BEGIN; SELECT nextval('job_versions')
+
+-- begin_queued --
+-- A cluster node's write transaction: the queue lock first (PgDriver.begin says why),
+-- then its floor, so floors rise in the order batches hold the lock; {key}: QUEUE_KEY
+BEGIN; SELECT nextval('job_versions') FROM (SELECT pg_advisory_xact_lock({key})) AS queue
+
+-- stuck_after --
+-- The writer's session: a transaction idle %(ms)s ms (its node frozen) is ended
+SELECT set_config('idle_in_transaction_session_timeout', %(ms)s, false)
 
 -- lock_queue --
 -- Admission to the queue (a submit, a retry) is one writer at a time, from the first
@@ -414,7 +430,7 @@ pick AS MATERIALIZED (
     ORDER BY t.priority DESC, t.turn
     LIMIT 1)
 UPDATE jobs SET status = 'running', node_id = %(node)s, repository = pick.pick_repository,
-    attempts = attempts + 1, version = greatest(version + 1, %(now)s), updated_at = %(now)s,
+    attempts = attempts + 1, version = jobd_next_version(seq, version, %(floor)s), updated_at = %(now)s,
     started_at = %(now)s, completed_at = NULL, pgid = NULL, pgid_start = NULL
 FROM pick WHERE jobs.seq = pick.pick_seq AND jobs.status = 'queued'
 RETURNING {job_columns}
@@ -448,12 +464,15 @@ WHERE id = %(node)s
 
 -- heartbeat --
 -- Renew this node's lease while it holds one, and read back what it runs: the jobs and
--- whether their cancel was requested. No row: the lease is lost.
+-- whether their cancel was requested; and every live node's workers together (the
+-- cluster's slots, for wait reasons). No row: the lease is lost.
 WITH beat AS (
     UPDATE nodes SET lease_until = jobd_now_us() + %(lease_us)s, beat = beat + 1
     WHERE id = %(node)s AND ended_at IS NULL AND lease_until > jobd_now_us()
     RETURNING id, beat, lease_until)
-SELECT beat.beat, beat.lease_until, j.id, j.attempts, j.cancel_requested
+SELECT beat.beat, beat.lease_until, j.id, j.attempts, j.cancel_requested,
+       (SELECT sum(workers) FROM nodes WHERE ended_at IS NULL
+        AND lease_until > jobd_now_us()) AS slots
 FROM beat LEFT JOIN jobs j ON j.node_id = beat.id AND j.status = 'running'
 
 -- end_node --
@@ -576,19 +595,23 @@ SELECT coalesce(max(c.pos + length(c.data)), 0) FROM job_log_chunks c
 JOIN jobs j ON j.seq = c.job WHERE j.id = %(job_id)s
 
 -- report_progress --
--- Live progress of a running attempt (on a connection with synchronous_commit off), and
--- the wake-up for every node's waiters: payload "<job id>:<version>"
-WITH p AS (
+-- Live progress of a running attempt, with the next value of the versions sequence
+-- (above the job's row and its last report), and the wake-up for every node's waiters:
+-- payload "<job id>:<version>". The job's row is share-locked first: a change of it that
+-- is being written is committed before this takes its version, so the report's version
+-- is above it.
+WITH j AS (SELECT seq, version FROM jobs WHERE id = %(job_id)s FOR SHARE),
+p AS (
     INSERT INTO job_progress AS p (job, node_id, attempt, progress, phase, message, version,
                                    updated_at)
-    SELECT seq, %(node)s, %(attempt)s, %(progress)s, %(phase)s, %(message)s, %(version)s,
-           jobd_now_us()
-    FROM jobs WHERE id = %(job_id)s
+    SELECT seq, %(node)s, %(attempt)s, %(progress)s, %(phase)s, %(message)s,
+           greatest(nextval('job_versions'), version + 1), jobd_now_us()
+    FROM j
     ON CONFLICT (job) DO UPDATE SET node_id = excluded.node_id, attempt = excluded.attempt,
         progress = excluded.progress, phase = excluded.phase, message = excluded.message,
-        version = excluded.version, updated_at = excluded.updated_at
+        version = greatest(excluded.version, p.version + 1), updated_at = excluded.updated_at
     RETURNING version)
-SELECT pg_notify('jobd', %(job_id)s || ':' || p.version) FROM p
+SELECT p.version, pg_notify('jobd', %(job_id)s || ':' || p.version) FROM p
 
 -- live_progress --
 -- A running job's live progress as its own node last reported it, when newer than
@@ -601,3 +624,22 @@ WHERE j.id = %(job_id)s AND j.status = 'running' AND p.node_id = j.node_id
 -- forget_progress --
 -- An attempt's end: its live progress row goes
 DELETE FROM job_progress WHERE job = (SELECT seq FROM jobs WHERE id = %(job_id)s)
+
+-- load_manifest --
+-- The manifest of a (user, project) as builtin:manifest last wrote it (no row: none yet)
+SELECT document FROM manifests WHERE user_id = %(user_id)s AND project_id = %(project_id)s
+
+-- save_manifest --
+-- A running job's manifest of its (user, project), replacing the one before, fenced as a
+-- checkpoint is (the row lock keeps a rescue from slipping in before the commit): a node
+-- that lost the job writes nothing over the manifest of the attempt that took it over
+INSERT INTO manifests (user_id, project_id, document, written_at)
+SELECT %(user_id)s, %(project_id)s, %(document)s, %(now)s FROM jobs
+WHERE id = %(job_id)s AND status = 'running' AND {fence}
+FOR SHARE
+ON CONFLICT (user_id, project_id) DO UPDATE SET document = excluded.document,
+    written_at = excluded.written_at
+
+-- purge_manifests --
+-- admin.purge: every manifest of a user
+DELETE FROM manifests WHERE user_id = %(user_id)s
