@@ -11,8 +11,11 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import Any
 
 import structlog
+
+from jobd import jsonenc
 
 __all__ = ["setup"]
 
@@ -21,6 +24,15 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 _FORMATS = ("auto", "json", "console")
 
 _handler: logging.Handler | None = None   # ours, replaced (not added to) on a second setup
+
+#: structlog's JSON, as its ``json.dumps(event, default=…)`` writes it, but with one
+#: encoder made once rather than one per line (``jobd.jsonenc``)
+_dumps_json = jsonenc.encoder(default=structlog.processors._json_fallback_handler)
+
+
+def _render_json(event: dict[str, Any], **_: Any) -> str:
+    """``JSONRenderer``'s serializer (it passes its ``default``, already in the encoder)."""
+    return _dumps_json(event)
 
 
 def setup(level: str = "info", fmt: str = "auto") -> None:
@@ -41,7 +53,8 @@ def setup(level: str = "info", fmt: str = "auto") -> None:
     ]
     renderer: list[structlog.typing.Processor]
     if fmt == "json":
-        renderer = [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
+        renderer = [structlog.processors.format_exc_info,
+                    structlog.processors.JSONRenderer(serializer=_render_json)]
     else:
         colors = sys.stderr.isatty() and "NO_COLOR" not in os.environ
         # plain tracebacks: frame locals of a job could hold secrets and flood the log

@@ -35,7 +35,7 @@ from jsonrpcserver.async_dispatcher import dispatch_request
 from jsonrpcserver.dispatcher import create_request, to_response
 from jsonrpcserver.response import ServerErrorResponse, to_serializable_one
 
-from jobd import auth, errors
+from jobd import auth, errors, jsonenc
 from jobd.auth import Caller
 from jobd.models import RawJSON
 from jobd.manager import ANSWER_ROOM, Manager, jobd_error
@@ -66,8 +66,8 @@ _DECODE_ON_LOOP = 65536   # longer request lines are decoded on the pool
 _SHOWN = 80   # characters of a client's string quoted back in a message
 
 
-#: compact JSON; one encoder made once (``json.dumps`` with options builds one per call)
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+#: compact JSON, its encoder made once (``jobd.jsonenc``)
+_dumps = jsonenc.encoder(separators=(",", ":"), ensure_ascii=False)
 
 
 def _encode(value: Any) -> bytes:

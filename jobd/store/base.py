@@ -37,6 +37,7 @@ from typing import Any, Callable, ContextManager, Iterator, Mapping, Protocol, S
 
 import structlog
 
+from jobd import jsonenc
 from jobd.models import TERMINAL, Job, JobStatus, readable
 from jobd.rules import Rules, fold_options
 from jobd.store.errors import JobNotFound, StateConflict, StoreClosed
@@ -82,8 +83,8 @@ def _job(row: Sequence[Any]) -> Job:
     )
 
 
-#: compact JSON; one encoder made once (``json.dumps`` with options builds one per call)
-_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+#: compact JSON, its encoder made once (``jobd.jsonenc``)
+_encode = jsonenc.encoder(separators=(",", ":"), ensure_ascii=False)
 
 
 def _dumps(value: Any) -> str:

@@ -24,7 +24,7 @@ from jobd.errors import LimitExceeded
 from jobd.models import TERMINAL, TRANSITIONS, Job, JobStatus
 from jobd.rules import Rules
 from jobd.store import DuplicateId, JobNotFound, StateConflict, Store, StoreError
-from jobd.store.db import Tx
+from jobd.store.db import Checkpointer, Tx
 from jobd.store.sql import MIGRATIONS, QUERIES
 
 from pg import StoreDb, sqlite_only
@@ -747,7 +747,8 @@ def test_the_wal_is_checkpointed_in_the_background_and_cut_back(db: StoreDb) -> 
     store = db.open()
     wal = Path(f"{db.target}-wal")
     try:
-        for _ in range(250):  # ~12 MB through the WAL
+        # past the size that starts a checkpoint: 24 MB through the WAL
+        for _ in range((Checkpointer.START_BYTES + (8 << 20)) // 50_000):
             submit(store, new_job(metadata={"pad": "w" * 50_000}))
         deadline = time.monotonic() + 30
         # copied into the database file while the store is open, not only at close
