@@ -412,28 +412,29 @@ class PgDriver:
             pass
 
     def commit(self) -> None:
-        tx = self._tx
-        if (self._pipeline is not None and tx is not None and self.stuck_s is not None
-                and time.monotonic() - tx.answered_at > self.stuck_s / 2):
-            # the server may have ended the session as idle meanwhile (stuck_s): found out
-            # before the COMMIT is sent, which a broken connection leaves unknown
-            tx.wait()
-        notes = self._tx.notes if self._tx is not None else None
-        if notes:  # delivered with the commit, as one statement
-            self.conn.execute(QUERIES["notify"], {"channels": [c for c, _ in notes],
-                                                  "payloads": [p for _, p in notes]})
-        self._committing = True
-        self.conn.execute("COMMIT")
-        if self._pipeline is None:
-            return
+        tx, pipelined = self._tx, self._pipeline is not None
         try:
-            self._leave_pipeline()
+            if (pipelined and tx is not None and self.stuck_s is not None
+                    and time.monotonic() - tx.answered_at > self.stuck_s / 2):
+                # the server may have ended the session as idle meanwhile (stuck_s): found
+                # out before the COMMIT is sent, which a broken connection leaves unknown
+                tx.wait()
+            notes = tx.notes if tx is not None else None
+            if notes:  # delivered with the commit, as one statement
+                self.conn.execute(QUERIES["notify"], {"channels": [c for c, _ in notes],
+                                                      "payloads": [p for _, p in notes]})
+            self._committing = True
+            self.conn.execute("COMMIT")
+            if pipelined:
+                self._leave_pipeline()
         except psycopg.Error as e:
-            if not self.conn.broken and (self.conn.info.transaction_status
-                                         is TransactionStatus.INERROR):
-                # the COMMIT never ran: a statement sent unanswered failed, and which
-                # write it was is told by a run that waits for each statement
-                self._deferred = e
+            if pipelined:
+                self._settle()
+                if not self.conn.broken and (self.conn.info.transaction_status
+                                             is TransactionStatus.INERROR):
+                    # the COMMIT never ran: a statement sent unanswered failed, and which
+                    # write it was is told by a run that waits for each statement
+                    self._deferred = e
             raise
 
     def rollback(self) -> None:
