@@ -41,7 +41,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 from _harness import (BenchError, Conn, Jobd, Row, drive, iso_us, machine, ms,  # noqa: E402
                       noop_submit, pct, print_table, workdir)
-from engine_bench import cancel, progress  # noqa: E402
+from engine_bench import cancel, latency_options, progress  # noqa: E402
 
 #: cancel_grace of every node (a cluster-wide setting)
 CANCEL_GRACE = 3.0
@@ -313,14 +313,7 @@ def main() -> int:
                         help="noop jobs for claims/s and end to end (default 3000)")
     parser.add_argument("--clients", type=int, default=8,
                         help="connections submitting, one call in flight each (default 8)")
-    parser.add_argument("--pickups", type=int, default=100, metavar="N",
-                        help="sequential noop jobs for the pickup figure (default 100)")
-    parser.add_argument("--cancels", type=int, default=5, metavar="N",
-                        help="running command jobs to cancel (default 5)")
-    parser.add_argument("--updates", type=int, default=100, metavar="N",
-                        help="progress lines the progress job prints (default 100)")
-    parser.add_argument("--every", type=float, default=0.02, metavar="S",
-                        help="seconds between progress lines (default 0.02)")
+    latency_options(parser, pickups=100)
     parser.add_argument("--keep", action="store_true",
                         help="keep the work folder (logs, the private database) and print it")
     args = parser.parse_args()

@@ -252,6 +252,18 @@ def progress(conn: Conn, count: int, every: float) -> list[float]:
     return out
 
 
+def latency_options(parser: argparse.ArgumentParser, *, pickups: int) -> None:
+    """The options of the pickup, cancel and progress figures (cluster_bench's too)."""
+    parser.add_argument("--pickups", type=int, default=pickups, metavar="N",
+                        help=f"sequential noop jobs for the pickup figure (default {pickups})")
+    parser.add_argument("--cancels", type=int, default=5, metavar="N",
+                        help="running command jobs to cancel (default 5)")
+    parser.add_argument("--updates", type=int, default=100, metavar="N",
+                        help="progress lines the progress job prints (default 100)")
+    parser.add_argument("--every", type=float, default=0.02, metavar="S",
+                        help="seconds between progress lines (default 0.02)")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description="jobd engine benchmark: pickup, end-to-end noop jobs/s beside huey's "
@@ -263,14 +275,7 @@ def main() -> int:
                              "(default 8)")
     parser.add_argument("--workers", type=int, default=8,
                         help="jobd workers and huey consumer threads (default 8)")
-    parser.add_argument("--pickups", type=int, default=200, metavar="N",
-                        help="sequential noop jobs for the pickup figure (default 200)")
-    parser.add_argument("--cancels", type=int, default=5, metavar="N",
-                        help="running command jobs to cancel (default 5)")
-    parser.add_argument("--updates", type=int, default=100, metavar="N",
-                        help="progress lines the progress job prints (default 100)")
-    parser.add_argument("--every", type=float, default=0.02, metavar="S",
-                        help="seconds between progress lines (default 0.02)")
+    latency_options(parser, pickups=200)
     parser.add_argument("--no-huey", action="store_true", help="skip the huey reference")
     parser.add_argument("--keep", action="store_true",
                         help="keep the work folder (database, logs) and print its path")
