@@ -432,20 +432,38 @@ def resumed_from_checkpoint(cluster: Cluster, sync: dict[str, Any], new: str,
     assert len(cluster.ledger.runs(sync["id"])) == 2 and cluster.ledger.ended(sync["id"]) == 1
 
 
-@pytest.mark.parametrize("repeat", range(ROUNDS))
-def test_kill_9_of_a_node_rescues_its_jobs_after_the_lease_and_resumes_them(
-        make_cluster: Callable[..., Cluster], tmp_path: Path, repeat: int) -> None:
+def two_jobs_on_a_node_of_three(make_cluster: Callable[..., Cluster], tmp_path: Path
+                                ) -> tuple[Cluster, tuple[Node, Node, Node],
+                                           tuple[dict[str, Any], str, dict[str, Any]], int]:
+    """Three nodes of 2 workers; on the first, a sync in its (ledger) indexer and a
+    running command: (the cluster, its nodes, ``sync_and_command_on``'s three, the first
+    node's id)."""
     cluster = make_cluster()
     cluster.sync["index_command"] = cluster.ledger.program(60)
     a = cluster.add(workers=2)
-    sync, new, command = sync_and_command_on(cluster, a, tmp_path)
+    jobs = sync_and_command_on(cluster, a, tmp_path)
     b, c = cluster.add(workers=2), cluster.add(workers=2)
-    (lost_id,) = a.node_ids()
-    program_pids = [pid for j in (sync, command) for _, pid in cluster.ledger.runs(j["id"])]
+    (node_id,) = a.node_ids()
+    return cluster, (a, b, c), jobs, node_id
+
+
+def gone_and_rescued(cluster: Cluster, jobs: list[dict[str, Any]], node_id: int
+                     ) -> dict[str, float]:
+    """How long until every program of ``jobs`` is gone, and until the first of them is
+    no longer owned by node ``node_id``."""
+    pids = [pid for j in jobs for _, pid in cluster.ledger.runs(j["id"])]
+    return when_each(20, gone=lambda: not any(pid_alive(p) for p in pids),
+                     rescued=lambda: not owned(cluster, jobs[0]["id"], node_id))
+
+
+@pytest.mark.parametrize("repeat", range(ROUNDS))
+def test_kill_9_of_a_node_rescues_its_jobs_after_the_lease_and_resumes_them(
+        make_cluster: Callable[..., Cluster], tmp_path: Path, repeat: int) -> None:
+    cluster, (a, b, c), (sync, new, command), lost_id = two_jobs_on_a_node_of_three(
+        make_cluster, tmp_path)
     with cluster.checked():
         a.kill()
-        times = when_each(20, gone=lambda: not any(pid_alive(p) for p in program_pids),
-                          rescued=lambda: not owned(cluster, sync["id"], lost_id))
+        times = gone_and_rescued(cluster, [sync, command], lost_id)
         # each program's supervisor outlives jobd just long enough to kill it
         assert times["gone"] < 2, times
         took = times["rescued"]
@@ -466,17 +484,11 @@ def test_kill_9_of_a_node_rescues_its_jobs_after_the_lease_and_resumes_them(
 
 def test_a_node_stopped_past_its_lease_is_rescued_and_changes_nothing_when_it_resumes(
         make_cluster: Callable[..., Cluster], tmp_path: Path) -> None:
-    cluster = make_cluster()
-    cluster.sync["index_command"] = cluster.ledger.program(60)
-    a = cluster.add(workers=2)
-    sync, new, command = sync_and_command_on(cluster, a, tmp_path)
-    b, c = cluster.add(workers=2), cluster.add(workers=2)
-    (old_id,) = a.node_ids()
-    program_pids = [pid for j in (sync, command) for _, pid in cluster.ledger.runs(j["id"])]
+    cluster, (a, b, c), (sync, new, command), old_id = two_jobs_on_a_node_of_three(
+        make_cluster, tmp_path)
     with cluster.checked():
         a.freeze()
-        times = when_each(20, gone=lambda: not any(pid_alive(p) for p in program_pids),
-                          rescued=lambda: not owned(cluster, sync["id"], old_id))
+        times = gone_and_rescued(cluster, [sync, command], old_id)
         assert a.frozen and a.proc.poll() is None  # still stopped all along
         # the supervisors, not frozen with jobd, stopped its programs at its own deadline
         # (lease - heartbeat after its last renewal, which came at most a heartbeat
