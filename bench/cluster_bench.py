@@ -191,12 +191,15 @@ def finished(conn: Conn) -> int:
 
 
 def wait_ended(conn: Conn, before: int, total: int, timeout: float = 180) -> None:
+    """Until ``total`` jobs more than ``before`` have ended. ``admin.stats`` is asked every
+    0.1 s until 90 % of them have, then every 0.02 s: asked at 50/s throughout, its
+    answers took a fifth of the machine from the nodes being measured."""
     deadline = time.monotonic() + timeout
     while (ended := finished(conn) - before) < total:
         if time.monotonic() > deadline:
             raise BenchError(f"only {ended:,} of {total:,} jobs ended within {timeout:g} s "
                              f"({ended / timeout:,.1f}/s)")
-        time.sleep(0.02)
+        time.sleep(0.1 if ended < total * 0.9 else 0.02)
 
 
 def drained(submit: list[Jobd], control: Conn, total: int, clients: int) -> float:

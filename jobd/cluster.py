@@ -86,6 +86,15 @@ log = structlog.get_logger()
 REGISTER_KEY = 0x6A6F6264_00000004
 #: what a node LISTENs to: a job changed, the queue moved, a setting changed
 CHANNELS = ("jobd", "jobd_queue", "jobd_meta")
+
+
+def _burst(conn: psycopg.Connection[Any], timeout: float) -> list[tuple[str, str]]:
+    """The notifications on ``conn``: waited for up to ``timeout`` seconds, then every one
+    already come in with the first (none: the time ran out)."""
+    notes = [(n.channel, n.payload) for n in conn.notifies(timeout=timeout, stop_after=1)]
+    if notes:
+        notes += [(n.channel, n.payload) for n in conn.notifies(timeout=0)]
+    return notes
 #: how often running jobs' logs are copied into the database, and the largest chunk
 LOG_EVERY = 0.25
 LOG_CHUNK = 65536
@@ -194,9 +203,10 @@ class Node:
         self.on_lost: Callable[[], None] = lambda: None
         #: a new node id is registered after a loss, or jobs were rescued: claim
         self.on_claimable: Callable[[], None] = lambda: None
-        #: told the id of each job another node's notification says changed (this node's
-        #: waiters, queue mirror and change log follow it)
-        self.on_job: Callable[[str], None] = lambda job_id: None
+        #: told the jobs other nodes' notifications say changed, as read once they were
+        #: heard, and the ids of those no longer stored (this node's waiters, queue mirror
+        #: and change log follow them)
+        self.on_jobs: Callable[[list[Job], list[str]], None] = lambda jobs, gone: None
         #: the pause or maintenance may have changed: re-read them
         self.on_meta: Callable[[], None] = lambda: None
         #: each heartbeat renewed the lease: told every live node's workers together
@@ -524,10 +534,10 @@ class Node:
                     lost = False
                     while not self._stopping.is_set():
                         self.resync()  # first after LISTEN: nothing falls in between
-                        for note in conn.notifies(timeout=poll):
-                            self._heard(note.channel, note.payload)
-                            if self._stopping.is_set():
-                                break
+                        until = time.monotonic() + poll
+                        while not self._stopping.is_set() and (
+                                left := until - time.monotonic()) > 0:
+                            self.heard(_burst(conn, left))
             except psycopg.Error as e:
                 if self._stopping.is_set():
                     break
@@ -538,24 +548,48 @@ class Node:
             finally:
                 self._listening = None
 
-    def _heard(self, channel: str, payload: str) -> None:
-        if channel == "jobd":
-            job_id, _, version = payload.partition(":")
-            if not version.isdigit():  # not a node's (another client of the database)
-                return
-            if not self.store.echoes.own(job_id, int(version)):
-                self.on_job(job_id)
-            fence = self.store.fences.get(job_id)
-            if fence is not None and fence[0] == self.id:  # this node runs it: a cancel?
-                try:
-                    if self.store.get_job(job_id).cancel_requested:
-                        self.on_cancel(job_id)
-                except StoreError:  # the heartbeat reads it again in any case
-                    pass
-        elif channel == "jobd_queue":
+    def heard(self, notes: list[tuple[str, str]]) -> None:
+        """Act on a burst of notifications, (channel, payload) each: the jobs other nodes
+        changed read once, in one query (a job this node runs, also to see whether its
+        cancel was asked); one claim and one re-read of the pause for the whole burst."""
+        changed: dict[str, None] = {}
+        claimable = meta = False
+        for channel, payload in notes:
+            if channel == "jobd":
+                job_id, _, version = payload.partition(":")
+                if not version.isdigit():  # not a node's (another client of the database)
+                    continue
+                # another node's change, not older than this node's own last one; of a job
+                # this node runs, any but its own last one (a cancel asked by another node
+                # may be heard only after this node's own later write)
+                sent, fence = self.store.echoes.last(job_id), self.store.fences.get(job_id)
+                if int(version) > sent or (fence is not None and fence[0] == self.id
+                                           and int(version) != sent):
+                    changed[job_id] = None
+            elif channel == "jobd_queue":
+                claimable = True
+            elif channel == "jobd_meta":
+                meta = True
+        if changed:
+            self._follow(list(changed))
+        if claimable:
             self.on_claimable()
-        elif channel == "jobd_meta":
+        if meta:
             self.on_meta()
+
+    def _follow(self, job_ids: list[str]) -> None:
+        try:
+            jobs = self.store.get_jobs(job_ids)
+        except StoreError as e:  # the waiters re-read, the heartbeat reads the cancels
+            log.warning("cluster_follow_failed", node_id=self.id, error=str(e))
+            self.on_resync()
+            return
+        found = {job.id for job in jobs}
+        self.on_jobs(jobs, [job_id for job_id in job_ids if job_id not in found])
+        for job in jobs:
+            fence = self.store.fences.get(job.id)
+            if job.cancel_requested and fence is not None and fence[0] == self.id:
+                self.on_cancel(job.id)
 
     def resync(self) -> None:
         """What a lost notification would have told: claim, every waiter re-reads its job,

@@ -37,10 +37,11 @@ from jobd.handlers import load_handlers
 from jobd.maintenance import Maintenance
 from jobd.metrics import Metrics
 from jobd.manager import Hub, Manager
+from jobd.models import Job
 from jobd.rpc import Rpc, error_line
 from jobd.server import Server, notify, watchdog_loop
 from jobd.state import locked
-from jobd.store import JobNotFound, Listeners, Store, StoreError
+from jobd.store import Listeners, Store
 from jobd.store.interface import JobStore
 
 __all__ = ["run"]
@@ -175,22 +176,21 @@ async def _serve(config: Config, reload: Callable[[], Config]) -> int:
         if engine is not None:
             engine.on_changed(job)
 
-    def followed(job_id: str) -> None:
-        """Cluster mode: another node changed ``job_id``. This node's waiters, queue mirror
-        (positions, wait reasons, counts) and ``jobs.changes`` follow it as they follow
-        this node's own commits; the metrics stay this node's."""
-        try:
-            job = store.get_job(job_id)
-        except StoreError as e:  # forgotten, or the database is away: the waiters re-read
-            if isinstance(e, JobNotFound) and engine is not None:
+    def followed(jobs: list[Job], gone: list[str]) -> None:
+        """Cluster mode: other nodes changed ``jobs`` (as read since) and ``gone`` (no
+        longer stored). This node's waiters, queue mirror (positions, wait reasons,
+        counts) and ``jobs.changes`` follow them as they follow this node's own commits;
+        the metrics stay this node's."""
+        for job_id in gone:
+            if engine is not None:
                 engine.forgotten(job_id)
             hub.notify(job_id)
-            return
-        if node is not None and node.store.echoes.own(job.id, job.version):
-            return  # read before this node's own later write of it, which it already heard
-        change_log.record(job)
-        if engine is not None:
-            engine.on_changed(job)
+        for job in jobs:
+            if node is not None and node.store.echoes.own(job.id, job.version):
+                continue  # read before this node's own later write of it, already heard
+            change_log.record(job)
+            if engine is not None:
+                engine.on_changed(job)
 
     def deleted(job_ids: list[str]) -> None:
         """Jobs the store forgot (retention, max_stored_per_user): their logs go too."""
@@ -223,7 +223,7 @@ async def _serve(config: Config, reload: Callable[[], Config]) -> int:
             raise
         node.on_cancel, node.on_lost, node.on_claimable = (engine.cancel,
                                                            engine.drop_attempts, engine.kick)
-        node.on_job, node.on_resync = followed, hub.notify_all
+        node.on_jobs, node.on_resync = followed, hub.notify_all
         node.on_meta = lambda: engine.set_paused(manager.restore())
         node.on_reported, node.on_beat = engine.reported, engine.cluster_beat
         node.start()

@@ -595,6 +595,11 @@ class BaseStore(abc.ABC):
         """The ids of every job matching ``filters`` (as ``list_jobs``), newest first."""
         return [r[2] for r in self._list("id", limit=-1, **filters)]
 
+    def get_jobs(self, job_ids: list[str]) -> list[Job]:
+        """The stored ones of ``job_ids``, in no set order (one lookup by the id index each)."""
+        return [_job(r) for r in self._all(self.queries["get_jobs"],
+                                           {"ids": json.dumps(job_ids)})]
+
     def known_ids(self, job_ids: list[str]) -> set[str]:
         """Which of ``job_ids`` are stored jobs (one lookup by the id index each)."""
         return {r[0] for r in self._all(self.queries["known_ids"],

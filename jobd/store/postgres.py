@@ -531,8 +531,12 @@ class Echoes:
                     del sent[old]
 
     def own(self, job_id: str, version: int) -> bool:
+        return self.last(job_id) >= version
+
+    def last(self, job_id: str) -> int:
+        """The latest version of ``job_id`` this node announced (-1: none kept)."""
         with self._lock:
-            return self._sent.get(job_id, -1) >= version
+            return self._sent.get(job_id, -1)
 
 
 class PostgresStore(BaseStore):

@@ -580,7 +580,8 @@ class Heard:
 
     def __init__(self, node: Any) -> None:
         self.calls: list[tuple[str, Any, float]] = []
-        node.on_job = lambda job_id: self.calls.append(("job", job_id, time.monotonic()))
+        node.on_jobs = lambda jobs, gone: self.calls.extend(
+            ("job", job_id, time.monotonic()) for job_id in [j.id for j in jobs] + gone)
         node.on_cancel = lambda job_id: self.calls.append(("cancel", job_id, time.monotonic()))
         node.on_claimable = lambda: self.calls.append(("claim", None, time.monotonic()))
         node.on_meta = lambda: self.calls.append(("meta", None, time.monotonic()))
@@ -843,11 +844,48 @@ def test_a_notification_no_node_sent_is_ignored(cluster: Cluster) -> None:
     node = cluster.node()
     node.register()
     heard: list[str] = []
-    node.on_job = heard.append
-    for payload in ("", "x", "some-id:", "some-id:v2", "some-id:1:2"):
-        node._heard("jobd", payload)
-    node._heard("jobd", "some-id:7")
+    node.on_jobs = lambda jobs, gone: heard.extend([j.id for j in jobs] + gone)
+    node.heard([("jobd", payload)
+                for payload in ("", "x", "some-id:", "some-id:v2", "some-id:1:2")])
+    assert heard == []
+    node.heard([("jobd", "some-id:7")])
     assert heard == ["some-id"]
+
+
+def test_a_burst_of_notifications_is_read_in_one_query_and_claimed_once(
+        cluster: Cluster) -> None:
+    """Every notification come in together is acted on together: the jobs other nodes
+    changed read in one query, each once whatever its count of payloads; one claim and one
+    re-read of the settings for the whole burst. Of a job this node runs, its own last
+    change is not read, and any other version is: a cancel another node asked may be
+    heard only after this node's own later write."""
+    a, b = cluster.node(), cluster.node()
+    a.register(), b.register()
+    jobs = [submit(b.store, f"u{n}") for n in range(3)]
+    told: list[tuple[list[str], list[str]]] = []
+    claims, metas, cancels, reads = [], [], [], []
+    a.on_jobs = lambda found, gone: told.append((sorted(j.id for j in found), gone))
+    a.on_claimable = lambda: claims.append(1)
+    a.on_meta = lambda: metas.append(1)
+    a.on_cancel = cancels.append
+    get_jobs = a.store.get_jobs
+    a.store.get_jobs = lambda ids: reads.append(ids) or get_jobs(ids)
+    a.heard([("jobd", f"{j.id}:{j.version}") for j in jobs] * 2
+            + [("jobd", "gone-id:5"), ("jobd_queue", "x"), ("jobd_queue", "y"),
+               ("jobd_meta", ""), ("jobd_meta", "")])
+    assert told == [(sorted(j.id for j in jobs), ["gone-id"])]
+    assert (len(reads), len(claims), len(metas)) == (1, 1, 1)
+    (mine,) = claim(a)
+    a.heard([("jobd", f"{mine.id}:{mine.version}")])  # its own claim's echo
+    assert len(reads) == 1
+    cancelled = b.store.cancel_job(mine.id, actor="admin:root")
+    a.store.echoes.sent(mine.id, cancelled.version + 1)  # a wrote it since
+    other = next(j for j in jobs if j.id != mine.id)
+    a.store.echoes.sent(other.id, other.version + 1)
+    a.heard([("jobd", f"{other.id}:{other.version}")])  # older than a's own: passed over
+    assert len(reads) == 1 and not cancels
+    a.heard([("jobd", f"{mine.id}:{cancelled.version}")])
+    assert len(reads) == 2 and cancels == [mine.id]
 
 
 def test_a_frozen_nodes_batch_does_not_hold_the_queue_lock_past_its_stuck_time(

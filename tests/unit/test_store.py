@@ -412,6 +412,16 @@ def test_count_jobs_counts_what_matches_up_to_its_cap(store: Store) -> None:
     assert store.count_jobs(100, types=["sync"], statuses=["completed"]) == 0
 
 
+def test_get_jobs_reads_the_stored_ones_of_any_number_of_ids_in_one_statement(
+        store: Store) -> None:
+    jobs = [submit(store, new_job(user=f"u{n}")) for n in range(3)]
+    gone = "00000000-0000-4000-8000-000000000000"
+    got = store.get_jobs([jobs[2].id, gone, jobs[0].id, jobs[0].id])
+    assert sorted(j.id for j in got) == sorted([jobs[0].id, jobs[2].id])
+    assert {j.id: j for j in got}[jobs[2].id] == store.get_job(jobs[2].id)
+    assert store.get_jobs([]) == [] and store.get_jobs([gone]) == []
+
+
 def test_id_prefix_matches_only_that_prefix(store: Store) -> None:
     for job_id in ("abcd0000-1", "abcd0000-2", "abce0000-1", "abc"):
         submit(store, new_job(id=job_id))

@@ -32,6 +32,10 @@ json_object('id', id, 'type', type, 'user_id', user_id, 'project_id', project_id
 -- One job by id
 SELECT {job_columns} FROM jobs WHERE id = :job_id
 
+-- get_jobs --
+-- The stored ones of the jobs whose ids the JSON array :ids holds
+SELECT {job_columns} FROM jobs WHERE id IN (SELECT value FROM json_each(:ids))
+
 -- known_ids --
 -- Which of the ids in the JSON array :ids are stored jobs
 SELECT id FROM jobs WHERE id IN (SELECT value FROM json_each(:ids))

@@ -32,6 +32,11 @@ idempotency_key, created_at, started_at, completed_at, updated_at
 -- One job by id
 SELECT {job_columns} FROM jobs WHERE id = %(job_id)s
 
+-- get_jobs --
+-- The stored ones of the jobs whose ids the JSON array %(ids)s holds (one statement for
+-- any number of them: prepared once)
+SELECT {job_columns} FROM jobs WHERE id IN (SELECT jsonb_array_elements_text(%(ids)s::jsonb))
+
 -- known_ids --
 -- Which of the ids in the JSON array %(ids)s are stored jobs
 SELECT id FROM jobs WHERE id IN (SELECT jsonb_array_elements_text(%(ids)s::jsonb))
