@@ -469,3 +469,24 @@ def test_a_statement_that_fails_in_pipeline_mode_fails_its_own_write_alone(
     assert store.queued_count("alice") == 1 and store.queued_count() == len(writes)
     assert store.get_job(running.id).progress == 0
     assert store.get_job(queued.id).status is JobStatus.QUEUED
+
+
+def test_get_jobs_looks_each_id_up_by_the_index_however_few_jobs_are_stored(
+        store: Any, pg_dsn: str) -> None:
+    """A node reads the jobs of each burst of notifications with ``get_jobs``. On a table
+    of a few thousand jobs, ``id IN (a set of the array's elements)`` was planned as a
+    scan of the whole table (the planner guesses 100 rows for the set): 1.1 ms against
+    0.07 ms for eight ids in 8,000 jobs, many times a second on every node."""
+    import json
+    from jobd.store.postgres import QUERIES
+    with connect(pg_dsn) as conn:
+        conn.execute("INSERT INTO jobs (id, type, user_id, status, created_at, updated_at, "
+                     "version, options, metadata) SELECT gen_random_uuid()::text, 'noop', "
+                     "'u' || (g % 50), 'queued', g, g, g, '{}', '{}' "
+                     "FROM generate_series(1, 5000) g")
+        conn.execute("ANALYZE jobs")
+        ids = [r[0] for r in conn.execute("SELECT id FROM jobs ORDER BY random() LIMIT 8")]
+        plan = "\n".join(r[0] for r in conn.execute(
+            "EXPLAIN " + QUERIES["get_jobs"], {"ids": json.dumps(ids)}))
+    assert "Seq Scan on jobs" not in plan, plan
+    assert sorted(j.id for j in store.get_jobs(ids)) == sorted(ids)
