@@ -378,6 +378,7 @@ class Node:
 
     def _report_loop(self) -> None:
         conn: psycopg.Connection[Any] | None = None
+        named = None  #: the node id its session is named for
         while not self._stopping.is_set():
             self._progressed.wait(1.0)
             self._progressed.clear()
@@ -386,9 +387,12 @@ class Node:
                 continue
             reported = []
             try:
-                if conn is None or conn.closed or conn.broken:
+                if conn is None or conn.closed or conn.broken or named != self.id:
+                    if conn is not None:
+                        conn.close()
+                    named = self.id
                     conn = psycopg.connect(self.store.dsn, autocommit=True, connect_timeout=10,
-                                           application_name=f"jobd node {self.id} progress")
+                                           application_name=f"jobd node {named} progress")
                 # one transaction per job: each share-locks its job's row (report_progress),
                 # and a transaction locking several could deadlock with a batch writing them.
                 # Commits wait for the WAL only when the sequence logged its next values
@@ -523,8 +527,9 @@ class Node:
         lost = False
         while not self._stopping.is_set():
             try:
+                named = self.id  # a new id (rejoin): a session named for it, resynced
                 with psycopg.connect(self.store.dsn, autocommit=True, connect_timeout=10,
-                                     application_name=f"jobd node {self.id} listen"[:63]
+                                     application_name=f"jobd node {named} listen"[:63]
                                      ) as conn:
                     self._listening = conn
                     for channel in CHANNELS:
@@ -532,10 +537,10 @@ class Node:
                     if lost:
                         log.info("cluster_listener_reconnected", node_id=self.id)
                     lost = False
-                    while not self._stopping.is_set():
+                    while not self._stopping.is_set() and self.id == named:
                         self.resync()  # first after LISTEN: nothing falls in between
                         until = time.monotonic() + poll
-                        while not self._stopping.is_set() and (
+                        while not self._stopping.is_set() and self.id == named and (
                                 left := until - time.monotonic()) > 0:
                             self.heard(_burst(conn, left))
             except psycopg.Error as e:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import threading
+import types
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -571,6 +572,45 @@ def test_a_node_that_lost_its_lease_stops_its_attempts_and_comes_back_as_a_new_n
     (resumed,) = claim(a)
     assert resumed.id == job.id and resumed.attempts == 2
     a.store.finish_job(job.id, JobStatus.COMPLETED)  # the new id's fence holds
+
+
+def test_a_node_that_came_back_as_a_new_node_names_its_sessions_for_it(
+        cluster: Cluster) -> None:
+    """pg_stat_activity names the listener's and the progress reporter's sessions for the
+    node id they work for; after a rejoin, for the new one (they kept the old name, which
+    an operator, and a rescue ending a node's sessions by name, would take for another
+    node's)."""
+    a = cluster.node(lease="1s", heartbeat="0.3s")
+    a.register()
+    old = a.id
+    Heard(a)
+    a._reporter = threading.Thread(target=a._report_loop, daemon=True)
+    a._reporter.start()
+
+    def sessions(of: int) -> set[str]:
+        return {name for (name,) in rows(cluster.dsn, "SELECT application_name FROM "
+                                         "pg_stat_activity WHERE application_name LIKE %s",
+                                         f"jobd node {of} %")}
+
+    def report() -> None:  # live progress of the job a runs, as the engine would hand it
+        (job,) = claim(a)
+        a.progressed(job.id, types.SimpleNamespace(progress=5.0, phase="p", message="m"))
+
+    def wait_for(want: set[str], of: int) -> None:
+        deadline = time.monotonic() + 5
+        while sessions(of) != want:
+            assert time.monotonic() < deadline, (sessions(old), sessions(a.id))
+            time.sleep(0.05)
+
+    submit(a.store)
+    report()
+    wait_for({f"jobd node {old} listen", f"jobd node {old} progress"}, old)
+    time.sleep(1.05)
+    assert not a.beat()
+    a.rejoin()
+    report()  # the job, requeued by the rejoin, claimed again under the new id
+    wait_for({f"jobd node {a.id} listen", f"jobd node {a.id} progress"}, a.id)
+    wait_for(set(), old)
 
 
 # -- notifications -----------------------------------------------------------------------------
