@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from jobd import __version__, joblogs
+from jobd import __version__, joblogs, jsonenc
 from jobd.auth import Scope, check_id
 from jobd.changes import REWIND_US, Change, ChangeLog, Position
 from jobd.config import Config, ConfigState
@@ -134,8 +134,8 @@ def _check_job_id(job_id: Any) -> str:
     return job_id
 
 
-#: compact JSON; one encoder made once (``json.dumps`` with options builds one per call)
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+#: compact JSON, with one encoder made once (``jobd.jsonenc``)
+_dumps = jsonenc.encoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def _json_size(value: Any, field: str, limit: int) -> int:
