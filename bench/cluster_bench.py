@@ -9,7 +9,12 @@ Starts a private PostgreSQL (Debian's packages, its data on disk, with ``fsync``
   * claims/s: ``noop`` jobs queued while dispatch is paused, then drained by nodes a, b
     and c with 4 slots each (12 slots), beside a bare claim loop in the same database:
     three connections, each claiming up to 4 rows of a plain table per transaction under
-    the same kind of advisory lock, then ending them, with no jobd in between
+    the same kind of advisory lock, then ending them, with no jobd in between; and
+    beside jobd's own schema, triggers and claim statement with one hop per batch (three
+    processes of 4 slots, each batch's lock, ends, claims, events, counts and
+    notifications sent at once and read after the COMMIT, no jobd around them), in a
+    database of its own on the same server: what the claims could reach if a node's batch
+    held the queue lock for the server's work alone (docs/cluster.md, section 14)
   * end to end: ``noop`` jobs submitted through a, b and c from 8 connections and run
   * pickup on another node: submit through d → ``started_at`` − ``created_at``
   * cross-node progress: a job on a, b or c prints ``{"progress": n, "message": "<its
@@ -132,6 +137,137 @@ class Postgres:
         if (self.data / "postmaster.pid").exists():
             self._run("pg_ctl", "stop", "--pgdata", str(self.data), "--mode", "fast", "--wait")
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+#: one hop per batch (``one_hop_claims``): jobd's claim statement, with the claimed job's
+#: event, queued count and notification in it, and the floor from the batch's own nextval
+_ONE_HOP_LOCK = "SELECT nextval('job_versions') FROM (SELECT pg_advisory_xact_lock({key})) AS q"
+_ONE_HOP_CLAIMED = """,
+claimed AS ({update} RETURNING jobs.seq, jobs.id, jobs.user_id, jobs.version),
+ev AS (INSERT INTO job_events (job, at, status, progress, actor)
+       SELECT seq, %(now)s, 'running', 0, 'jobd' FROM claimed),
+cnt AS (UPDATE queued_counts q SET n = q.n - 1 FROM claimed WHERE q.user_id = claimed.user_id)
+SELECT seq, pg_notify('jobd', id || ':' || version) FROM claimed"""
+_ONE_HOP_END = """WITH done AS (
+    UPDATE jobs SET status = 'completed', progress = 100,
+        version = jobd_next_version(seq, version, currval('job_versions')),
+        updated_at = %(now)s, completed_at = %(now)s, cancel_requested = 0, pgid = NULL,
+        pgid_start = NULL, node_id = NULL
+    WHERE seq = ANY(%(seqs)s) AND status = 'running' AND node_id = %(node)s AND EXISTS (
+        SELECT 1 FROM nodes WHERE id = %(node)s AND ended_at IS NULL
+        AND lease_until > jobd_now_us())
+    RETURNING seq, id, version),
+ev AS (INSERT INTO job_events (job, at, status, progress, actor)
+       SELECT seq, %(now)s, 'completed', 100, 'jobd' FROM done),
+gone AS (DELETE FROM job_progress p USING done WHERE p.job = done.seq)
+SELECT seq, pg_notify('jobd', id || ':' || version), pg_notify('jobd_queue', id || ':' || version)
+FROM done"""
+
+
+def _one_hop_claim_sql() -> str:
+    from jobd.store.postgres import QUERIES
+    head, found, update = QUERIES["claim"].partition("\nUPDATE jobs SET")
+    if not found or "RETURNING" not in update:
+        raise BenchError("jobd's claim statement changed shape: update one_hop_claims")
+    update = "UPDATE jobs SET" + update.rpartition("RETURNING")[0]
+    return (head + _ONE_HOP_CLAIMED.format(update=update)).replace(
+        "%(floor)s", "currval('job_versions')")
+
+
+def _one_hop_node(dsn: str, node: int, slots: int, claim: str, go: Any, out: Any) -> None:
+    from psycopg import connect
+    from jobd.store.postgres import QUEUE_KEY
+    lock = _ONE_HOP_LOCK.format(key=QUEUE_KEY)
+    claims = 0
+    try:
+        with connect(dsn, autocommit=True) as conn:
+            go.wait()
+            running: list[int] = []
+            while True:
+                now = time.time_ns() // 1000
+                with conn.pipeline() as pipeline:
+                    conn.execute("BEGIN")
+                    conn.execute(lock)
+                    if running:  # the noop jobs it claimed last time have ended
+                        conn.execute(_ONE_HOP_END, {"now": now, "seqs": running, "node": node})
+                    cursors = [conn.execute(claim, {
+                        "node": node, "workers": slots + len(running), "now": now,
+                        "max_running_per_user": 100, "exclusive": ["sync", "index"]})
+                        for _ in range(slots)]
+                    conn.execute("COMMIT")
+                    pipeline.sync()
+                    claimed = [row[0] for cur in cursors for row in cur.fetchall()]
+                if not claimed and not running:
+                    break
+                claims += len(claimed)
+                running = claimed
+        out.put((claims, None))
+    except BaseException as e:  # reported by the caller
+        out.put((claims, repr(e)))
+
+
+def one_hop_claims(dsn: str, total: int, nodes: int, slots: int) -> float:
+    """Claims per second of jobd's own schema, triggers and claim statement when a batch is
+    one hop: ``nodes`` processes with ``slots`` each, every batch the lock and its floor,
+    the ends of the noop jobs it claimed last (events, progress rows, notifications) and
+    the claims of its slots (each with its event, count and notification), sent at once
+    and read after the COMMIT; no jobd around it. In a database of its own on the same
+    server, dropped after."""
+    import multiprocessing
+    import uuid
+    from psycopg import connect, conninfo
+    from jobd.models import Job, JobStatus
+    from jobd.rules import Rules
+    from jobd.store.postgres import PostgresStore
+    claim = _one_hop_claim_sql()
+    own = conninfo.make_conninfo(dsn, dbname="jobd_one_hop")
+    with connect(dsn, autocommit=True) as conn:
+        conn.execute("DROP DATABASE IF EXISTS jobd_one_hop")
+        conn.execute("CREATE DATABASE jobd_one_hop")
+    try:
+        store = PostgresStore(own, cluster=True).open()
+        try:
+            rules = Rules()
+            for first in range(0, total, 500):
+                jobs = [Job(id=str(uuid.uuid4()), type="noop", user_id=f"bench-h{n % 8}",
+                            project_id=None, status=JobStatus.CREATED, created_at=0,
+                            updated_at=0, version=0)
+                        for n in range(first, min(total, first + 500))]
+                store.write(lambda tx, jobs=jobs: [store.submit_job_in(tx, job, "bench", rules)
+                                                   for job in jobs])
+        finally:
+            store.close()
+        with connect(own, autocommit=True) as conn:
+            ids = [conn.execute(
+                "INSERT INTO nodes (host, state_dir, pid, workers, settings_hash, settings, "
+                "started_at, lease_until) VALUES ('bench', %s, %s, %s, '-', '{}', "
+                "jobd_now_us(), jobd_now_us() + 3600000000) RETURNING id",
+                (f"one-hop-{n}", n, slots)).fetchone()[0] for n in range(nodes)]
+            conn.execute("VACUUM ANALYZE")
+        fork = multiprocessing.get_context("fork")
+        go, out = fork.Event(), fork.Queue()
+        procs = [fork.Process(target=_one_hop_node, args=(own, node, slots, claim, go, out))
+                 for node in ids]
+        for proc in procs:
+            proc.start()
+        time.sleep(0.5)  # connected
+        started = time.perf_counter()
+        go.set()
+        results = [out.get(timeout=300) for _ in procs]
+        elapsed = time.perf_counter() - started
+        for proc in procs:
+            proc.join()
+        failed = [error for _, error in results if error]
+        if failed:
+            raise BenchError(f"the one-hop claim loop failed: {failed[0]}")
+        with connect(own, autocommit=True) as conn:
+            done = conn.execute("SELECT count(*) FROM jobs WHERE status = 'completed'").fetchone()[0]
+        if done != total or sum(n for n, _ in results) != total:
+            raise BenchError(f"the one-hop claim loop ended {done} of {total} jobs")
+        return total / elapsed
+    finally:
+        with connect(dsn, autocommit=True) as conn:
+            conn.execute("DROP DATABASE IF EXISTS jobd_one_hop WITH (FORCE)")
 
 
 def settings_of(dsn: str) -> str:
@@ -358,6 +494,8 @@ def main() -> int:
 
         bare = measured("bare claim loop", "/s",
                         lambda: bare_claims(dsn, args.jobs, 3, 4))
+        one_hop = measured("one hop per batch, jobd's schema", "/s",
+                           lambda: one_hop_claims(dsn, args.jobs, 3, 4))
         claims = measured("claims/s, 3 nodes x 4 slots", "/s", lambda: (
             drained(workers, dconn, min(300, args.jobs), args.clients),  # warm-up
             drained(workers, dconn, args.jobs, args.clients))[1])
@@ -366,7 +504,10 @@ def main() -> int:
         picks = measured("pickup on another node", "s", lambda: (
             pickups(dconn, min(10, args.pickups)), pickups(dconn, args.pickups))[1])
         seen = measured("progress on another node", "s",
-                        lambda: progress(dconn, args.updates, args.every))
+                        # a node writes a job's live progress at most every 20 ms
+                        # (cluster.PROGRESS_EVERY), its latest values: lines printed as
+                        # often are partly passed over
+                        lambda: progress(dconn, args.updates, args.every, least=0.5))
         cancels = measured("cancel through another node", "s",
                            lambda: cancel(dconn, args.cancels))
         dconn.call("jobs.cancel", job_id=holder["id"])
@@ -392,8 +533,8 @@ def main() -> int:
 
     rows = [
         rate_row("claims/s, 3 nodes x 4 slots", claims, "≥ 1,000/s", 1000,
-                 f"bare claim loop {show(bare, '/s')}; one SQLite node "
-                 f"{show(single_claims, '/s')}"),
+                 f"bare claim loop {show(bare, '/s')}; one hop per batch on jobd's schema "
+                 f"{show(one_hop, '/s')}; one SQLite node {show(single_claims, '/s')}"),
         rate_row("end to end, 3 nodes", e2e, "", None,
                  f"one SQLite node {show(single_e2e, '/s')}"),
         latency_row("pickup on another node p50", picks, "", None, 50,

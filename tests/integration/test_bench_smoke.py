@@ -47,3 +47,7 @@ def test_bench_script_runs(script: str) -> None:
     assert title in done.stdout, done.stdout[-3000:]
     # figures printed against their goals
     assert "goal" in done.stdout, done.stdout[-3000:]
+    if script == "cluster_bench.py":  # its references measured too, not only the nodes
+        for reference in ("bare claim loop", "one hop per batch, jobd's schema"):
+            said = done.stdout.split(f"{reference} ...\n", 1)[1].splitlines()[0]
+            assert "not measured" not in said, f"{reference}: {said}"
