@@ -86,15 +86,6 @@ log = structlog.get_logger()
 REGISTER_KEY = 0x6A6F6264_00000004
 #: what a node LISTENs to: a job changed, the queue moved, a setting changed
 CHANNELS = ("jobd", "jobd_queue", "jobd_meta")
-
-
-def _burst(conn: psycopg.Connection[Any], timeout: float) -> list[tuple[str, str]]:
-    """The notifications on ``conn``: waited for up to ``timeout`` seconds, then every one
-    already come in with the first (none: the time ran out)."""
-    notes = [(n.channel, n.payload) for n in conn.notifies(timeout=timeout, stop_after=1)]
-    if notes:
-        notes += [(n.channel, n.payload) for n in conn.notifies(timeout=0)]
-    return notes
 #: how often running jobs' logs are copied into the database, and the largest chunk
 LOG_EVERY = 0.25
 LOG_CHUNK = 65536
@@ -104,6 +95,15 @@ PROGRESS_EVERY = 0.02
 
 class NodeRefused(StoreError):
     """This node may not join the cluster (its cluster-wide settings differ)."""
+
+
+def _burst(conn: psycopg.Connection[Any], timeout: float) -> list[tuple[str, str]]:
+    """The notifications on ``conn``: waited for up to ``timeout`` seconds, then every one
+    already come in with the first (none: the time ran out)."""
+    notes = [(n.channel, n.payload) for n in conn.notifies(timeout=timeout, stop_after=1)]
+    if notes:
+        notes += [(n.channel, n.payload) for n in conn.notifies(timeout=0)]
+    return notes
 
 
 def boottime() -> float:
