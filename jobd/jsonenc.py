@@ -23,19 +23,20 @@ __all__ = ["encoder"]
 
 
 def encoder(*, separators: tuple[str, str] = (", ", ": "), ensure_ascii: bool = True,
-            allow_nan: bool = True, default: Callable[[Any], Any] | None = None
-            ) -> Callable[[Any], str]:
-    """``json.JSONEncoder(separators=…, ensure_ascii=…, allow_nan=…, default=…).encode``,
-    its C encoder made once (the stdlib's own encoder where the C one is missing)."""
+            allow_nan: bool = True, sort_keys: bool = False,
+            default: Callable[[Any], Any] | None = None) -> Callable[[Any], str]:
+    """``json.JSONEncoder(separators=…, ensure_ascii=…, allow_nan=…, sort_keys=…,
+    default=…).encode``, its C encoder made once (the stdlib's own encoder where the C one
+    is missing)."""
     reference = json.JSONEncoder(separators=separators, ensure_ascii=ensure_ascii,
-                                 allow_nan=allow_nan, default=default)
+                                 allow_nan=allow_nan, sort_keys=sort_keys, default=default)
     make = _stdlib.c_make_encoder
     if make is None:  # an interpreter without the _json accelerator
         return reference.encode
     item_separator, key_separator = separators
     strings = _stdlib.encode_basestring_ascii if ensure_ascii else _stdlib.encode_basestring
     encode = make(None, reference.default, strings, None, key_separator, item_separator,
-                  False, False, allow_nan)
+                  sort_keys, False, allow_nan)
     join = "".join
 
     def encoded(value: Any) -> str:

@@ -15,15 +15,18 @@ pass a limit between them. Rules may raise ``JobdError``s: they speak to the cli
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections import Counter
 from typing import Any, Iterable, Protocol
 
+from jobd import jsonenc
 from jobd.config import Config
 from jobd.errors import Conflict, LimitExceeded, Unavailable
 from jobd.models import Job, JobStatus
 
 __all__ = ["Rules", "View"]
+
+#: a work key's text: compact, keys sorted, ASCII (one encoder made once: ``jobd.jsonenc``)
+_work_text = jsonenc.encoder(separators=(",", ":"), sort_keys=True)
 
 
 class View(Protocol):
@@ -127,7 +130,7 @@ class Rules:
         # the type, the resolved path and the other options with the defaults ``validate``
         # filled in, as one text (ASCII: an option's lone surrogate is stored escaped)
         options = {k: v for k, v in job.options.items() if k != "full_reindex"}
-        return json.dumps([job.type, options], sort_keys=True, separators=(",", ":"))
+        return _work_text([job.type, options])
 
 
 def _duplicate(found: Job, refused: str) -> Conflict:
