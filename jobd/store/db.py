@@ -155,8 +155,8 @@ class Checkpointer(threading.Thread):
 
     Left to itself SQLite checkpoints inside whichever commit takes the WAL past 1000
     pages: that commit, and every write queued behind it, then waits for the copy and its
-    fsync. Here the writer only notices the size and wakes this thread; a passive
-    checkpoint never blocks the writer.
+    fsync. Here the writer only notices the size and wakes this thread, whose passive
+    checkpoint never blocks the writer (but for the rest of a pass, below).
 
     A long sweep (cleanup) holds it off: its commits do not wake it, and between two of
     its chunks, once the WAL has grown by SWEEP_BYTES, the sweep asks for a checkpoint
@@ -167,6 +167,14 @@ class Checkpointer(threading.Thread):
     sweep's next transaction starts the WAL over, unless another client's write began
     during the checkpoint (holding writes off for the checkpoint's fsync would stall them
     for 50 ms and more). One checkpoint follows the sweep.
+
+    Under a steady stream of writes a passive checkpoint never ends with the WAL wholly
+    copied (the writer committed more meanwhile), and a WAL that is not wholly copied
+    cannot start over: it grew without bound (110 MB in 30 s of end-to-end jobs), each
+    commit appending to new file space, whose fdatasync also writes the file's size.
+    So once a pass has ended, the writer copies the rest itself between two batches
+    (``committed``): only what was committed during the pass (a few milliseconds' work),
+    after which its next write starts the WAL over.
     """
 
     #: the WAL size that starts a checkpoint: each costs two fsyncs, and copies each page
@@ -193,6 +201,8 @@ class Checkpointer(threading.Thread):
         self._begun = self._ended = 0
         #: the WAL's size after a sweep's last checkpoint
         self._swept = 0
+        #: a pass has ended: the writer copies what was committed meanwhile (``committed``)
+        self.passed = False
 
     def _wal_bytes(self) -> int:
         try:
@@ -200,10 +210,30 @@ class Checkpointer(threading.Thread):
         except OSError:  # never stop the writer over a size
             return 0
 
-    def poke(self) -> None:
-        """After a commit: start a checkpoint once the WAL has grown past its bound (not
-        during a sweep, which asks for its own)."""
-        if not self._holds and self._wal_bytes() >= self.START_BYTES:
+    def committed(self, conn: sqlite3.Connection) -> None:
+        """After each commit, on the writer's connection (``conn``), between two batches;
+        not during a sweep, which asks for its own checkpoints.
+
+        Once a pass has ended, copy what was committed during it: no commit can come in
+        between, so when this copies all, the next write starts the WAL over. Tried again
+        after the next batch until all is copied, and no other pass starts meanwhile:
+        started after every commit while the WAL is past its bound, passes would run back
+        to back, and one running holds the restart off. Otherwise, start a pass once the
+        WAL has grown past its bound."""
+        if self._holds:
+            return
+        if self.passed:
+            if self._begun != self._ended:
+                return
+            try:
+                # (busy, frames in the WAL, frames copied)
+                busy, frames, copied = conn.execute(
+                    "PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            except sqlite3.Error as e:
+                log.warning("store_checkpoint_failed", error=str(e))
+                return
+            self.passed = bool(busy) or copied < frames
+        elif self._wal_bytes() >= self.START_BYTES:
             self.wake.set()
 
     @contextlib.contextmanager
@@ -252,6 +282,7 @@ class Checkpointer(threading.Thread):
                 self._begun += 1
             try:
                 self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                self.passed = True
             except sqlite3.Error as e:
                 log.warning("store_checkpoint_failed", error=str(e))
             with self._runs:
@@ -271,13 +302,14 @@ class SqliteDriver:
         self.checkpointer = checkpointer
         # read once per write: C-level callables, no Python frame on the commit path
         self.changes: Callable[[], int] = functools.partial(getattr, conn, "total_changes")
-        self.committed: Callable[[], object] = checkpointer.poke
         self.commit: Callable[[], object] = functools.partial(conn.execute, "COMMIT")
         self.savepoint: Callable[[], object] = functools.partial(conn.execute, "SAVEPOINT op")
         self.rollback_to_savepoint: Callable[[], object] = functools.partial(
             conn.execute, "ROLLBACK TO op")
         self.release: Callable[[], object] = functools.partial(conn.execute, "RELEASE op")
         self._begin = functools.partial(conn.execute, "BEGIN IMMEDIATE")
+        #: after each commit's hooks (once per commit, not per write)
+        self.committed: Callable[[], object] = functools.partial(checkpointer.committed, conn)
 
     def begin(self, now: int) -> Tx:
         self._begin()

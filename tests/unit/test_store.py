@@ -775,6 +775,34 @@ def test_the_wal_is_checkpointed_in_the_background_and_cut_back(db: StoreDb) -> 
         store.close()
 
 
+@sqlite_only
+def test_the_wal_starts_over_under_writes_that_never_pause(
+        db: StoreDb, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a passive checkpoint copies the WAL as it was when it began: with the writer never
+    # idle, more has been committed by its end, and a WAL not wholly copied cannot start
+    # over. The writer copies that rest between two batches, so the WAL stays near the
+    # size that starts a checkpoint instead of growing by everything written.
+    monkeypatch.setattr(Checkpointer, "START_BYTES", 2 << 20)  # above LIMIT_BYTES
+    store = db.open()
+    wal = Path(f"{db.target}-wal")
+    largest = 0
+    try:
+        pending: list[Any] = []
+        for n in range(1500):  # about 30 MB through the WAL, 8 writes always waiting
+            pending.append(store.submit_job_async(new_job(metadata={"pad": "w" * 20_000}),
+                                                  actor="alice"))
+            if len(pending) >= 8:
+                pending.pop(0).result()
+            if n % 10 == 0:
+                largest = max(largest, wal.stat().st_size)
+        for fut in pending:
+            fut.result()
+        assert largest < 16 << 20, f"the WAL grew to {largest} bytes"
+        assert store.queued_count("alice") == count(db, "jobs") == 1500
+    finally:
+        store.close()
+
+
 # -- every query the store runs uses an index ------------------------------------------------
 
 @pytest.mark.parametrize("order, column", [("started", "started_at"),
