@@ -214,25 +214,25 @@ class Checkpointer(threading.Thread):
         """After each commit, on the writer's connection (``conn``), between two batches;
         not during a sweep, which asks for its own checkpoints.
 
-        Once a pass has ended, copy what was committed during it: no commit can come in
-        between, so when this copies all, the next write starts the WAL over. Tried again
-        after the next batch until all is copied, and no other pass starts meanwhile:
-        started after every commit while the WAL is past its bound, passes would run back
-        to back, and one running holds the restart off. Otherwise, start a pass once the
-        WAL has grown past its bound."""
+        Once a pass has ended having copied all it found, copy what was committed during
+        it: no commit can come in between, so the next write starts the WAL over. Tried
+        again after the next batch while another checkpoint runs, and no other pass
+        starts meanwhile: started after every commit while the WAL is past its bound,
+        passes would run back to back, and one running holds the restart off. Otherwise,
+        start a pass once the WAL has grown past its bound."""
         if self._holds:
             return
         if self.passed:
             if self._begun != self._ended:
                 return
             try:
-                # (busy, frames in the WAL, frames copied)
-                busy, frames, copied = conn.execute(
-                    "PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                busy, _, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
             except sqlite3.Error as e:
                 log.warning("store_checkpoint_failed", error=str(e))
                 return
-            self.passed = bool(busy) or copied < frames
+            # another checkpoint was running: again after the next batch. (Left short by
+            # a reader's snapshot, the WAL goes on to the next pass.)
+            self.passed = bool(busy)
         elif self._wal_bytes() >= self.START_BYTES:
             self.wake.set()
 
@@ -281,8 +281,12 @@ class Checkpointer(threading.Thread):
             with self._runs:
                 self._begun += 1
             try:
-                self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-                self.passed = True
+                # (busy, frames in the WAL, frames copied): the rest for the writer is only
+                # what was committed during the pass if the pass copied all it found (a
+                # reader's snapshot left nothing larger for the writer to take over)
+                _, frames, copied = self.conn.execute(
+                    "PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                self.passed = frames >= 0 and copied == frames
             except sqlite3.Error as e:
                 log.warning("store_checkpoint_failed", error=str(e))
             with self._runs:

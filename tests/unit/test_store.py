@@ -803,6 +803,42 @@ def test_the_wal_starts_over_under_writes_that_never_pause(
         store.close()
 
 
+@sqlite_only
+def test_a_reader_holding_the_wal_only_delays_its_start_over(
+        db: StoreDb, monkeypatch: pytest.MonkeyPatch) -> None:
+    # an open read transaction keeps the frames after its snapshot from being copied: the
+    # WAL grows meanwhile, and once the reader has gone it starts over all the same
+    monkeypatch.setattr(Checkpointer, "START_BYTES", 2 << 20)
+    store = db.open()
+    wal = Path(f"{db.target}-wal")
+    reader = sqlite3.connect(db.target, isolation_level=None)
+    try:
+        def stream(n: int) -> None:
+            pending: list[Any] = []
+            for _ in range(n):
+                pending.append(store.submit_job_async(
+                    new_job(metadata={"pad": "w" * 20_000}), actor="alice"))
+                if len(pending) >= 8:
+                    pending.pop(0).result()
+            for fut in pending:
+                fut.result()
+
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM jobs").fetchone()  # its snapshot, held
+        stream(500)
+        held = wal.stat().st_size
+        assert held > 8 << 20, f"the WAL was copied past a reader's snapshot ({held} bytes)"
+        reader.execute("COMMIT")
+        deadline = time.monotonic() + 30
+        while wal.stat().st_size >= held:
+            assert time.monotonic() < deadline, f"the WAL stayed at {wal.stat().st_size} bytes"
+            stream(20)
+        assert store.queued_count("alice") == count(db, "jobs")
+    finally:
+        reader.close()
+        store.close()
+
+
 # -- every query the store runs uses an index ------------------------------------------------
 
 @pytest.mark.parametrize("order, column", [("started", "started_at"),
