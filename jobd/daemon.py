@@ -85,8 +85,8 @@ def _tune_malloc() -> None:
     A fixed threshold also fixes the trim threshold (the free memory at a heap's top
     that glibc gives back at once) at its default of 128 KB, which SQLite's statements
     cross back and forth: the heap was cut and grown again, page fault after page
-    fault, within one write (a job's end cost SQLite 250-300 µs instead of 40-55 in
-    ``bench``'s store-only loops). 4 MB kept at the top ends that.
+    fault, within one write (a job's end cost SQLite 250-300 µs instead of 36-55 in
+    loops of the store's statements alone). 4 MB kept at the top ends that.
     """
     try:
         libc = ctypes.CDLL(None)

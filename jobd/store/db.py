@@ -172,9 +172,9 @@ class Checkpointer(threading.Thread):
     copied (the writer committed more meanwhile), and a WAL that is not wholly copied
     cannot start over: it grew without bound (110 MB in 30 s of end-to-end jobs), each
     commit appending to new file space, whose fdatasync also writes the file's size.
-    So once a pass has ended, the writer copies the rest itself between two batches
-    (``committed``): only what was committed during the pass (a few milliseconds' work),
-    after which its next write starts the WAL over.
+    So once a pass has ended having copied all it found, the writer copies the rest
+    itself between two batches (``committed``): only what was committed during the pass
+    (a few milliseconds' work), after which its next write starts the WAL over.
     """
 
     #: the WAL size that starts a checkpoint: each costs two fsyncs, and copies each page

@@ -775,6 +775,23 @@ def test_the_wal_is_checkpointed_in_the_background_and_cut_back(db: StoreDb) -> 
         store.close()
 
 
+def _stream(store: Store, n: int, wal: Path) -> int:
+    """Submit ``n`` jobs of 20 KB each, 8 writes always waiting (the writer never idle);
+    the largest size of the WAL seen meanwhile."""
+    largest = 0
+    pending: list[Any] = []
+    for i in range(n):
+        pending.append(store.submit_job_async(new_job(metadata={"pad": "w" * 20_000}),
+                                              actor="alice"))
+        if len(pending) >= 8:
+            pending.pop(0).result()
+        if i % 10 == 0:
+            largest = max(largest, wal.stat().st_size)
+    for fut in pending:
+        fut.result()
+    return largest
+
+
 @sqlite_only
 def test_the_wal_starts_over_under_writes_that_never_pause(
         db: StoreDb, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -785,18 +802,8 @@ def test_the_wal_starts_over_under_writes_that_never_pause(
     monkeypatch.setattr(Checkpointer, "START_BYTES", 2 << 20)  # above LIMIT_BYTES
     store = db.open()
     wal = Path(f"{db.target}-wal")
-    largest = 0
     try:
-        pending: list[Any] = []
-        for n in range(1500):  # about 30 MB through the WAL, 8 writes always waiting
-            pending.append(store.submit_job_async(new_job(metadata={"pad": "w" * 20_000}),
-                                                  actor="alice"))
-            if len(pending) >= 8:
-                pending.pop(0).result()
-            if n % 10 == 0:
-                largest = max(largest, wal.stat().st_size)
-        for fut in pending:
-            fut.result()
+        largest = _stream(store, 1500, wal)  # about 30 MB through the WAL
         assert largest < 16 << 20, f"the WAL grew to {largest} bytes"
         assert store.queued_count("alice") == count(db, "jobs") == 1500
     finally:
@@ -813,26 +820,16 @@ def test_a_reader_holding_the_wal_only_delays_its_start_over(
     wal = Path(f"{db.target}-wal")
     reader = sqlite3.connect(db.target, isolation_level=None)
     try:
-        def stream(n: int) -> None:
-            pending: list[Any] = []
-            for _ in range(n):
-                pending.append(store.submit_job_async(
-                    new_job(metadata={"pad": "w" * 20_000}), actor="alice"))
-                if len(pending) >= 8:
-                    pending.pop(0).result()
-            for fut in pending:
-                fut.result()
-
         reader.execute("BEGIN")
         reader.execute("SELECT count(*) FROM jobs").fetchone()  # its snapshot, held
-        stream(500)
+        _stream(store, 500, wal)
         held = wal.stat().st_size
         assert held > 8 << 20, f"the WAL was copied past a reader's snapshot ({held} bytes)"
         reader.execute("COMMIT")
         deadline = time.monotonic() + 30
         while wal.stat().st_size >= held:
             assert time.monotonic() < deadline, f"the WAL stayed at {wal.stat().st_size} bytes"
-            stream(20)
+            _stream(store, 20, wal)
         assert store.queued_count("alice") == count(db, "jobs")
     finally:
         reader.close()
