@@ -60,6 +60,10 @@ log = structlog.get_logger()
 
 #: how often a running job's progress is written to the database, at most
 FLUSH_S = 0.5
+#: how often ``tick`` looks for what a job whose supervisor died left behind, at most: a
+#: look reads every process's /proc entry, and a cluster node ticks at every burst of other
+#: nodes' notifications
+SWEEP_S = 0.5
 #: an end waiting for storage is retried after this, doubling up to RETRY_MAX_S
 RETRY_S = 0.25
 RETRY_MAX_S = 5.0
@@ -332,6 +336,8 @@ class Engine:
         #: cluster mode's node (``jobd.cluster.Node``): the database picks what starts
         self.cluster = cluster
         self._claiming = self._claim_again = False
+        #: when (the engine's clock) ``tick`` next looks for orphans
+        self._sweep_at = float("-inf")
         ex = config.execution
         self.dispatcher = Dispatcher(workers=ex.workers,
                                      max_running_per_user=ex.max_running_per_user)
@@ -722,9 +728,11 @@ class Engine:
     def tick(self, now: float | None = None) -> None:
         """One turn of housekeeping at ``now`` (the engine's clock by default): a running
         job past its time limit is stopped (timeout), changed progress is written, and
-        what a job whose supervisor died left behind is killed."""
+        what a job whose supervisor died left behind is killed (at most every ``SWEEP_S``)."""
         now = self.clock() if now is None else now
-        orphans.sweep_orphans()  # what a job whose supervisor died left behind
+        if now >= self._sweep_at:  # what a job whose supervisor died left behind
+            self._sweep_at = now + SWEEP_S
+            orphans.sweep_orphans()
         for ctx in list(self._contexts.values()):
             if ctx.attempt.settled:
                 continue  # its end is decided: a deadline passing now changes nothing

@@ -16,7 +16,8 @@ import structlog.testing
 from conftest import fill, wait_for
 from jobd.attempt import Attempt, StopReason, outcome
 from jobd.config import Config, load
-from jobd.engine import Engine
+from jobd import engine as engine_module
+from jobd.engine import SWEEP_S, Engine
 from jobd.handlers import Cancelled, Handler, JobContext, JobFailed, load_handlers
 from jobd.models import Job, JobStatus
 from jobd.store import Listeners, StorageUnavailable, Store
@@ -408,6 +409,32 @@ def test_a_job_past_its_time_limit_is_stopped_by_tick_at_that_time(tmp_path: Pat
     finally:
         held.release.set()
         engine[0].stop()
+        store.close()
+
+
+def test_tick_looks_for_orphans_at_most_every_sweep_s_however_often_it_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a look reads every process's /proc entry; a cluster node ticks at every burst of
+    # other nodes' notifications, and a look per tick took 40 % of an idle node's CPU
+    looks: list[float] = []
+    monkeypatch.setattr(engine_module.orphans, "sweep_orphans",
+                        lambda: looks.append(clock.now) or 0)
+    clock = FakeClock()
+    config = config_of(tmp_path)
+    store = Store(config.db).open()
+    engine = Engine(config, store, load_handlers(), clock=clock)
+    try:
+        for _ in range(100):
+            engine.tick()
+        assert looks == [1000.0]
+        clock.now += SWEEP_S - 0.01
+        engine.tick()
+        assert looks == [1000.0]
+        clock.now += 0.01
+        for _ in range(10):
+            engine.tick()
+        assert looks == [1000.0, 1000.0 + SWEEP_S]
+    finally:
         store.close()
 
 
