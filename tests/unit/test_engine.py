@@ -416,10 +416,10 @@ def test_tick_looks_for_orphans_at_most_every_sweep_s_however_often_it_runs(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # a look reads every process's /proc entry; a cluster node ticks at every burst of
     # other nodes' notifications, and a look per tick took 40 % of an idle node's CPU
+    clock = FakeClock()
     looks: list[float] = []
     monkeypatch.setattr(engine_module.orphans, "sweep_orphans",
                         lambda: looks.append(clock.now) or 0)
-    clock = FakeClock()
     config = config_of(tmp_path)
     store = Store(config.db).open()
     engine = Engine(config, store, load_handlers(), clock=clock)
