@@ -7,9 +7,11 @@ before it wrote (a lost compare-and-set, a rule) is simply answered with its err
 only when one raises after writing is the batch rolled back and run again with a
 savepoint per write, so that one refused change does not undo its neighbours and
 savepoints cost nothing while none is needed. A failure the backend says is passing
-(a deadlock between two writers of one database) runs the whole batch again. The answers
-of writes submitted from an asyncio loop are handed back with one
-``call_soon_threadsafe`` per commit, not one wake-up of the loop per write.
+(a deadlock between two writers of one database) runs the whole batch again. The writes
+queued while a batch's transaction began join it (a cluster node's begin waits for the
+queue lock other nodes hold). The answers of writes submitted from an asyncio loop are
+handed back with one ``call_soon_threadsafe`` per commit, not one wake-up of the loop per
+write.
 
 A backend gives the writer a ``Driver`` (``db.SqliteDriver``, ``postgres.PgDriver``):
 its transaction control, how many rows its connection has changed, and which of its
@@ -191,6 +193,8 @@ class Writer(threading.Thread):
         # take turns, and no write is queued once the mark is
         self._closing = threading.Lock()
         self._closed = False
+        #: stop()'s end mark was taken by ``_join`` into a batch begun before it
+        self._ending = False
 
     def submit(self, fn: Callable[[Tx], T]) -> concurrent.futures.Future[T]:
         fut: concurrent.futures.Future[T] = concurrent.futures.Future()
@@ -234,6 +238,23 @@ class Writer(threading.Thread):
             live = [(fn, fut) for fn, fut in batch if fut.set_running_or_notify_cancel()]
             if live:
                 self._commit(live)
+            stopping = stopping or self._ending
+
+    def _join(self, batch: list[tuple[Write, Answer]]) -> None:
+        """The writes queued while the batch's transaction began join it (up to MAX_BATCH):
+        a cluster node's begin waits for the queue lock, which the other nodes' batches
+        hold one after the other, and the ends of its attempts that came meanwhile would
+        otherwise wait for the lock once more, each in a batch of its own."""
+        while len(batch) < self.MAX_BATCH:
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is None:
+                self._ending = True
+                return
+            if item[1].set_running_or_notify_cancel():
+                batch.append(item)
 
     def _commit(self, batch: list[tuple[Write, Answer]]) -> None:
         driver = self.driver
@@ -297,6 +318,7 @@ class Writer(threading.Thread):
         driver = self.driver
         changed = driver.changes
         tx = driver.begin(now)
+        self._join(batch)
         outcomes: list[tuple[Any, Any, BaseException | None]] = []
         try:
             for fn, fut in batch:
