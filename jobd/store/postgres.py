@@ -80,6 +80,8 @@ NODE_WAIT_S = 3.0
 #: SQLSTATEs of a transaction that lost a race with another one: run it again
 _AGAIN = frozenset({"40P01", "40001"})
 _CLEAN = (TransactionStatus.INTRANS, TransactionStatus.INERROR)
+#: the session's state after a batch's COMMIT met an error: the COMMIT was not run
+_NOT_RUN = (TransactionStatus.INERROR, TransactionStatus.IDLE)
 
 
 def describe(dsn: str) -> str:
@@ -238,7 +240,8 @@ class PgTx(writer.Tx):
     changed (PostgreSQL keeps no total), and a failed statement as a change: it aborted
     the transaction, which only a rollback (to a savepoint) undoes. In pipeline mode
     (``pipeline``) a statement is sent without waiting for its answer when it is one of
-    ``UNAWAITED``, else waited for with those before it."""
+    ``UNAWAITED`` (a Sync behind it: ``_sync_unanswered``), else waited for with those
+    before it."""
 
     conn: psycopg.Connection[Any]
     #: rows changed so far, failed statements included; a statement sent unanswered
@@ -290,6 +293,7 @@ class PgTx(writer.Tx):
             if self.pipeline is not None:
                 if not wait:
                     self.writes += query not in _UNCHANGING
+                    _sync_unanswered(self.conn)
                     return cur
                 self.wait()  # an error of a statement sent before is raised here
         except psycopg.Error:
@@ -310,6 +314,19 @@ class PgTx(writer.Tx):
         self.conn.wait(psycopg.generators.send(self.conn.pgconn))
         self.pipeline.sync()
         self.answered_at = time.monotonic()
+
+
+def _sync_unanswered(conn: psycopg.Connection[Any]) -> None:
+    """End what was sent in pipeline mode with a Sync, without waiting for its answers
+    (read later, in order, as each statement's). Only once it has had a Sync does the
+    server count the session idle in its transaction (``idle_in_transaction_session_timeout``,
+    ``PostgresStore.stuck_s``): a node frozen after it sent a statement it does not wait
+    for would otherwise hold the queue lock for the whole freeze. psycopg's
+    ``Pipeline.sync`` waits for every answer, so its two steps are taken here."""
+    pipeline = conn._pipeline
+    assert pipeline is not None
+    pipeline._enqueue_sync()
+    conn.wait(pipeline._communicate_gen())
 
 
 def _without_nul(params: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -430,10 +447,11 @@ class PgDriver:
         except psycopg.Error as e:
             if pipelined:
                 self._settle()
-                if not self.conn.broken and (self.conn.info.transaction_status
-                                             is TransactionStatus.INERROR):
-                    # the COMMIT never ran: a statement sent unanswered failed, and which
-                    # write it was is told by a run that waits for each statement
+                if not self.conn.broken and self.conn.info.transaction_status in _NOT_RUN:
+                    # nothing committed: a statement sent unanswered failed, and the COMMIT
+                    # was skipped (still in the failed transaction) or, behind that
+                    # statement's Sync, ended it as a ROLLBACK; which write it was is told
+                    # by a run that waits for each statement
                     self._deferred = e
             raise
 

@@ -928,11 +928,15 @@ def test_a_burst_of_notifications_is_read_in_one_query_and_claimed_once(
     assert len(reads) == 2 and cancels == [mine.id]
 
 
+@pytest.mark.parametrize("sent", ["nothing", "a statement not waited for"])
 def test_a_frozen_nodes_batch_does_not_hold_the_queue_lock_past_its_stuck_time(
-        pg_dsn: str) -> None:
-    """A node frozen inside a write transaction (here: its write sleeping) holds the queue
-    lock every other node's claims wait for; PostgreSQL ends that transaction after the
-    store's stuck_s (the daemon gives it the lease), and the other node goes on."""
+        pg_dsn: str, sent: str) -> None:
+    """A node frozen inside a write transaction (here: its write sleeping, after it sent
+    nothing or a statement whose answer it does not wait for) holds the queue lock every
+    other node's claims wait for; PostgreSQL ends that transaction after the store's
+    stuck_s (the daemon gives it the lease), and the other node goes on. (PostgreSQL
+    counts a session idle only once it has had a Sync: without one after the unawaited
+    statement, the lock was held for the whole freeze.)"""
     from jobd.store.postgres import PostgresStore
     frozen = PostgresStore(pg_dsn, cluster=True, stuck_s=1.0).open()
     other = PostgresStore(pg_dsn, cluster=True).open()
@@ -942,6 +946,8 @@ def test_a_frozen_nodes_batch_does_not_hold_the_queue_lock_past_its_stuck_time(
 
     def freeze(tx: Any) -> str:
         runs.append(1)
+        if sent != "nothing":
+            frozen._count_queued(tx, "nobody", 0)
         if len(runs) == 1:  # frozen the first time; the node then runs again
             time.sleep(3.0)
         return "written"
