@@ -74,7 +74,8 @@ from jobd import joblogs, orphans
 from jobd.config import Config, ConfigError
 from jobd.models import Job, JobStatus
 from jobd.store.errors import StoreError
-from jobd.store.postgres import QUERIES, SESSION_NAME, PostgresStore, describe, from_pg
+from jobd.store.postgres import (QUERIES, SESSION_NAME, PostgresStore, describe, from_pg,
+                                 stuck_after)
 from jobd.store.writer import Tx
 
 __all__ = ["NodeRefused", "Node", "REGISTER_KEY", "first_difference", "settings",
@@ -270,13 +271,22 @@ class Node:
 
     # -- registering, beating, stopping --------------------------------------------------
 
+    def _session(self, purpose: str = "") -> psycopg.Connection[Any]:
+        """A connection of the node's own, named for it (and ``purpose``), whose
+        transactions PostgreSQL ends once idle for the lease: the node frozen inside one
+        (the registration lock held, or a job's row share-locked by a progress report)
+        must not hold up the other nodes, nor the rescue of its jobs, for longer."""
+        name = f"jobd node {self.id}" if self.id is not None else "jobd node"
+        conn = psycopg.connect(self.store.dsn, autocommit=True, connect_timeout=10,
+                               application_name=f"{name} {purpose}".strip()[:63])
+        stuck_after(conn, self.config.cluster.lease)
+        return conn
+
     def _connection(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed or self._conn.broken:
             if self._conn is not None:
                 self._conn.close()
-            name = f"jobd node {self.id}" if self.id is not None else "jobd node"
-            self._conn = psycopg.connect(self.store.dsn, autocommit=True, connect_timeout=10,
-                                         application_name=name)
+            self._conn = self._session()
             # a heartbeat that cannot be answered in time is as good as lost
             self._conn.execute(f"SET statement_timeout = "
                                f"{int(self.config.cluster.heartbeat * 1000)}")
@@ -391,8 +401,7 @@ class Node:
                     if conn is not None:
                         conn.close()
                     named = self.id
-                    conn = psycopg.connect(self.store.dsn, autocommit=True, connect_timeout=10,
-                                           application_name=f"jobd node {named} progress")
+                    conn = self._session("progress")
                 # one transaction per job: each share-locks its job's row (report_progress),
                 # and a transaction locking several could deadlock with a batch writing them.
                 # Commits wait for the WAL only when the sequence logged its next values

@@ -51,7 +51,8 @@ from jobd.store.errors import (Corrupt, DuplicateId, Fenced, ReadOnly, StateConf
 from jobd.store.sql import dialect
 
 __all__ = ["Echoes", "FUNCTIONS", "MIGRATE_KEY", "NODE_KEY", "QUEUE_KEY", "TABLES",
-           "PostgresStore", "check", "describe", "from_pg", "migrate", "schema_version"]
+           "PostgresStore", "check", "describe", "from_pg", "migrate", "schema_version",
+           "stuck_after"]
 
 log = structlog.get_logger()
 
@@ -495,6 +496,12 @@ class PgDriver:
         return from_pg(e, self.where)
 
 
+def stuck_after(conn: psycopg.Connection[Any], seconds: float) -> None:
+    """PostgreSQL ends a transaction of ``conn``'s session once it has been idle for
+    ``seconds`` (``idle_in_transaction_session_timeout``): its locks go with it."""
+    conn.execute(QUERIES["stuck_after"], {"ms": str(max(1, int(seconds * 1000)))})
+
+
 def _hold_node(conn: psycopg.Connection[Any], where: str, key: int, shared: bool,
                stuck_s: float | None = None) -> None:
     """Take the node lock ``key`` on ``conn``'s session (``shared``: as a cluster node), or
@@ -503,7 +510,7 @@ def _hold_node(conn: psycopg.Connection[Any], where: str, key: int, shared: bool
     is waited out for up to ``NODE_WAIT_S``. ``stuck_s``: the session's
     ``idle_in_transaction_session_timeout`` (``PostgresStore.stuck_s``)."""
     if stuck_s is not None:
-        conn.execute(QUERIES["stuck_after"], {"ms": str(max(1, int(stuck_s * 1000)))})
+        stuck_after(conn, stuck_s)
     deadline = time.monotonic() + NODE_WAIT_S
     while not _scalar(conn.execute(QUERIES["lock_node_shared" if shared else "lock_node"],
                                    {"key": key})):

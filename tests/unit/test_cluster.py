@@ -1026,6 +1026,28 @@ def test_a_store_closed_while_its_batch_waits_for_the_queue_lock_stops_after_it(
         holder.close(), waiter.close()
 
 
+def test_a_frozen_nodes_own_sessions_do_not_hold_their_locks_past_the_lease(
+        cluster: Cluster) -> None:
+    """A node's own sessions (the heartbeat's, whose registration and reload checks hold
+    the registration lock; the progress reporter's, whose reports share-lock a job's
+    row) have the lease as their idle-in-transaction limit: a node frozen inside one of
+    their transactions holds its locks no longer than that."""
+    import psycopg
+    a = cluster.node(lease="1s", heartbeat="0.2s")
+    a.register()
+    session = a._session("test")
+    try:
+        session.execute("BEGIN")
+        session.execute("SELECT pg_advisory_xact_lock(4242)")  # then frozen
+        time.sleep(1.8)
+        with psycopg.connect(cluster.dsn, autocommit=True) as other:
+            assert other.execute("SELECT pg_try_advisory_lock(4242)").fetchone()[0]
+        with pytest.raises(psycopg.errors.IdleInTransactionSessionTimeout):
+            session.execute("SELECT 1")  # the server ended the frozen session
+    finally:
+        session.close()
+
+
 def test_an_attempt_seeded_from_a_trimmed_copy_of_its_log_keeps_its_offsets(
         cluster: Cluster) -> None:
     """The database's copy of a job's log holds it only from offset 5000 on (max_log_bytes
