@@ -441,6 +441,8 @@ class PgDriver:
             if notes:  # delivered with the commit, as one statement
                 self.conn.execute(QUERIES["notify"], {"channels": [c for c, _ in notes],
                                                       "payloads": [p for _, p in notes]})
+                if pipelined:
+                    _sync_unanswered(self.conn)
             self._committing = True
             self.conn.execute("COMMIT")
             if pipelined:
