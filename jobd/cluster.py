@@ -537,9 +537,7 @@ class Node:
         while not self._stopping.is_set():
             try:
                 named = self.id  # a new id (rejoin): a session named for it, resynced
-                with psycopg.connect(self.store.dsn, autocommit=True, connect_timeout=10,
-                                     application_name=f"jobd node {named} listen"[:63]
-                                     ) as conn:
+                with self._session("listen") as conn:
                     self._listening = conn
                     for channel in CHANNELS:
                         conn.execute(f"LISTEN {channel}")

@@ -9,12 +9,13 @@ database, opened as a cluster node (the node lock shared), and a ``Node`` on it.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import types
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -974,56 +975,57 @@ def test_a_frozen_nodes_batch_does_not_hold_the_queue_lock_past_its_stuck_time(
         frozen.close(), other.close()
 
 
+@contextlib.contextmanager
+def lock_held(dsn: str) -> Iterator[tuple[Any, Callable[[], None]]]:
+    """A cluster store whose next batch waits for the queue lock, which another store's
+    write holds until ``release()`` (called for the caller at the end, if it did not)."""
+    from jobd.store.postgres import PostgresStore
+    holder = PostgresStore(dsn, cluster=True).open()
+    waiter = PostgresStore(dsn, cluster=True).open()
+    waiter.node_key = holder.node_key
+    gate = threading.Event()
+    held = holder.write_async(lambda tx: gate.wait(10))  # holds the lock until set
+
+    def release() -> None:
+        gate.set()
+        assert held.result(10)
+    try:
+        time.sleep(0.3)
+        yield waiter, release
+    finally:
+        gate.set()
+        holder.close(), waiter.close()
+
+
 def test_writes_queued_while_a_batch_waits_for_the_queue_lock_join_that_batch(
         pg_dsn: str) -> None:
     """A cluster node's batch begins by waiting for the queue lock, which another node's
     batch holds: the writes queued on the node meanwhile join the batch once the lock is
     granted (one transaction, one more wait for the lock saved), rather than waiting for
     the lock again in a batch of their own."""
-    from jobd.store.postgres import PostgresStore
-    holder = PostgresStore(pg_dsn, cluster=True).open()
-    waiter = PostgresStore(pg_dsn, cluster=True).open()
-    waiter.node_key = holder.node_key
-    gate = threading.Event()
-    try:
-        held = holder.write_async(lambda tx: gate.wait(10))  # holds the lock until set
-        time.sleep(0.3)
+    with lock_held(pg_dsn) as (waiter, release):
         first = waiter.write_async(lambda tx: tx)  # each answer holds on to its transaction
         time.sleep(0.3)  # the waiter's writer has begun: it waits for the lock
         assert not first.done()
         rest = [waiter.write_async(lambda tx: tx) for _ in range(3)]
-        gate.set()
-        assert held.result(10)
+        release()
         assert all(f.result(10) is first.result(10) for f in rest)
-    finally:
-        gate.set()
-        holder.close(), waiter.close()
 
 
 def test_a_store_closed_while_its_batch_waits_for_the_queue_lock_stops_after_it(
         pg_dsn: str) -> None:
     """The writer's end mark, queued while a batch waits for the lock, joins that batch:
     the writer commits it and then stops (rather than waiting for writes for ever)."""
-    from jobd.store.postgres import PostgresStore
-    holder = PostgresStore(pg_dsn, cluster=True).open()
-    waiter = PostgresStore(pg_dsn, cluster=True).open()
-    waiter.node_key = holder.node_key
-    gate = threading.Event()
-    try:
-        held = holder.write_async(lambda tx: gate.wait(10))
-        time.sleep(0.3)
+    with lock_held(pg_dsn) as (waiter, release):
         first = waiter.write_async(lambda tx: "written")
         time.sleep(0.3)
         closing = threading.Thread(target=waiter.close)
         closing.start()
         time.sleep(0.3)
-        gate.set()
+        release()
         closing.join(10)
         assert not closing.is_alive()
-        assert (held.result(10), first.result(10)) == (True, "written")
-    finally:
-        gate.set()
-        holder.close(), waiter.close()
+        assert first.result(10) == "written"
 
 
 def test_a_frozen_nodes_own_sessions_do_not_hold_their_locks_past_the_lease(
