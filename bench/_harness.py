@@ -293,11 +293,12 @@ def rss_mb(pid: int) -> float:
     raise BenchError(f"no VmRSS for pid {pid}")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time a process (all its threads) has used so far."""
+def cpu_seconds(pid: int, *, reaped: bool = False) -> float:
+    """User plus system CPU time a process (all its threads) has used so far; with
+    ``reaped``, also that of its children it has waited for."""
     with open(f"/proc/{pid}/stat", "rb") as f:
         fields = f.read().rsplit(b")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return sum(int(n) for n in fields[11:15 if reaped else 13]) / os.sysconf("SC_CLK_TCK")
 
 
 def machine() -> str:

@@ -6,7 +6,8 @@ Starts a private PostgreSQL (Debian's packages, its data on disk, with ``fsync``
   * a fourth node ``d`` with one slot, started first and kept busy by one long job, so
     every job submitted through it runs on another node (as a CIDX web node that only
     submits): the pickup, progress and cancel figures are all across nodes
-  * claims/s: ``noop`` jobs queued while dispatch is paused, then drained by nodes a, b
+  * claims/s: ``noop`` jobs queued while dispatch is paused, the database analyzed (as
+    autovacuum keeps a database that has run for a while), then drained by nodes a, b
     and c with 4 slots each (12 slots), beside a bare claim loop in the same database:
     three connections, each claiming up to 4 rows of a plain table per transaction under
     the same kind of advisory lock, then ending them, with no jobd in between; and
@@ -15,6 +16,10 @@ Starts a private PostgreSQL (Debian's packages, its data on disk, with ``fsync``
     notifications sent at once and read after the COMMIT, no jobd around them), in a
     database of its own on the same server: what the claims could reach if a node's batch
     held the queue lock for the server's work alone (docs/cluster.md, section 14)
+  * the CPU a claim cost in the nodes' drain and in the one-hop reference: PostgreSQL's
+    server, the claiming processes, and the whole machine, with the rate the machine's
+    cores could give at that cost (with a private server only: ``--dsn`` leaves
+    PostgreSQL's out)
   * end to end: ``noop`` jobs submitted through a, b and c from 8 connections and run
   * pickup on another node: submit through d → ``started_at`` − ``created_at``
   * cross-node progress: a job on a, b or c prints ``{"progress": n, "message": "<its
@@ -44,8 +49,8 @@ from typing import Any, Callable
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
-from _harness import (BenchError, Conn, Jobd, Row, drive, iso_us, machine, ms,  # noqa: E402
-                      noop_submit, pct, print_table, workdir)
+from _harness import (BenchError, Conn, Jobd, Row, cpu_seconds, drive, iso_us,  # noqa: E402
+                      machine, ms, noop_submit, pct, print_table, workdir)
 from engine_bench import cancel, latency_options, progress  # noqa: E402
 
 #: cancel_grace of every node (a cluster-wide setting)
@@ -133,10 +138,78 @@ class Postgres:
         self._run("createdb", "--host", str(self.root), "--username", "postgres", "jobd")
         return self
 
+    def pid(self) -> int:
+        """The postmaster's pid (the first line of its ``postmaster.pid``)."""
+        return int((self.data / "postmaster.pid").read_text().split()[0])
+
     def stop(self) -> None:
         if (self.data / "postmaster.pid").exists():
             self._run("pg_ctl", "stop", "--pgdata", str(self.data), "--mode", "fast", "--wait")
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def server_cpu(postmaster: int) -> float:
+    """CPU seconds a PostgreSQL server has used: the postmaster's own and its ended
+    backends' (reaped by it), and each live process under it."""
+    total = cpu_seconds(postmaster, reaped=True)
+    try:
+        with open(f"/proc/{postmaster}/task/{postmaster}/children") as f:
+            children = [int(pid) for pid in f.read().split()]
+    except OSError:
+        children = []
+    for pid in children:
+        try:
+            total += cpu_seconds(pid)
+        except OSError:  # ended meanwhile: its time is in the postmaster's reaped share
+            pass
+    return total
+
+
+def machine_busy() -> float:
+    """CPU seconds the machine's cores have been busy (not idle, not waiting for I/O)."""
+    with open("/proc/stat") as f:
+        ticks = [int(n) for n in f.readline().split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+class Meter:
+    """The CPU a phase cost, per claim: PostgreSQL's server, the claiming processes (jobd
+    nodes by pid, or this bench's own children once reaped), and the whole machine; and
+    so the most the machine's cores could claim a second at that cost."""
+
+    def __init__(self, postmaster: int | None,
+                 pids: Callable[[], list[int]] | None = None) -> None:
+        self.postmaster, self.pids = postmaster, pids
+        self.server = self.clients = self.busy = self.elapsed = 0.0
+        self.claims = 0
+
+    def _clients(self) -> float:
+        if self.pids is None:  # forked children, reaped by the end of the phase
+            return os.times().children_user + os.times().children_system
+        return sum(cpu_seconds(pid) for pid in self.pids())
+
+    def start(self) -> None:
+        self._at = (time.perf_counter(), machine_busy(), self._clients(),
+                    server_cpu(self.postmaster) if self.postmaster else 0.0)
+
+    def stop(self, claims: int) -> None:
+        at, busy, clients, server = self._at
+        self.elapsed = time.perf_counter() - at
+        self.busy, self.clients = machine_busy() - busy, self._clients() - clients
+        self.server = (server_cpu(self.postmaster) - server) if self.postmaster else 0.0
+        self.claims = claims
+
+    def said(self, clients: str) -> str:
+        if not self.claims:
+            return "not measured"
+
+        def per(seconds: float) -> str:
+            return f"{seconds / self.claims * 1e6:,.0f} µs"
+        said = (f"{per(self.server)} PostgreSQL + {per(self.clients)} {clients} a claim"
+                if self.postmaster else f"{per(self.clients)} {clients} a claim")
+        bound = (os.cpu_count() or 1) * self.claims / self.busy if self.busy else 0
+        return (f"{said}; machine {per(self.busy)} a claim, {self.busy / self.elapsed:.1f} "
+                f"of {os.cpu_count()} cores busy: at most {bound:,.0f}/s at that cost")
 
 
 #: one hop per batch (``one_hop_claims``): jobd's claim statement, with the claimed job's
@@ -206,7 +279,7 @@ def _one_hop_node(dsn: str, node: int, slots: int, claim: str, go: Any, out: Any
         out.put((claims, repr(e)))
 
 
-def one_hop_claims(dsn: str, total: int, nodes: int, slots: int) -> float:
+def one_hop_claims(dsn: str, total: int, nodes: int, slots: int, meter: Meter) -> float:
     """Claims per second of jobd's own schema, triggers and claim statement when a batch is
     one hop: ``nodes`` processes with ``slots`` each, every batch the lock and its floor,
     the ends of the noop jobs it claimed last (events, progress rows, notifications) and
@@ -215,12 +288,12 @@ def one_hop_claims(dsn: str, total: int, nodes: int, slots: int) -> float:
     server, dropped after."""
     import psycopg
     try:
-        return _one_hop_claims(dsn, total, nodes, slots)
+        return _one_hop_claims(dsn, total, nodes, slots, meter)
     except psycopg.Error as e:  # say so and go on: the other figures are still measured
         raise BenchError(f"the one-hop claim loop could not run: {e}") from None
 
 
-def _one_hop_claims(dsn: str, total: int, nodes: int, slots: int) -> float:
+def _one_hop_claims(dsn: str, total: int, nodes: int, slots: int, meter: Meter) -> float:
     import multiprocessing
     import queue
     import uuid
@@ -261,6 +334,7 @@ def _one_hop_claims(dsn: str, total: int, nodes: int, slots: int) -> float:
             proc.start()
         time.sleep(0.5)  # connected
         started = time.perf_counter()
+        meter.start()
         go.set()
         try:
             results = [out.get(timeout=300) for _ in procs]
@@ -272,6 +346,7 @@ def _one_hop_claims(dsn: str, total: int, nodes: int, slots: int) -> float:
                 proc.join(timeout=5)
                 if proc.is_alive():
                     proc.kill()
+        meter.stop(total)  # its processes reaped: their CPU is this process's children's
         failed = [error for _, error in results if error]
         if failed:
             raise BenchError(f"the one-hop claim loop failed: {failed[0]}")
@@ -353,9 +428,21 @@ def wait_ended(conn: Conn, before: int, total: int, timeout: float = 180) -> Non
         time.sleep(0.1 if ended < total * 0.9 else 0.02)
 
 
-def drained(submit: list[Jobd], control: Conn, total: int, clients: int) -> float:
+def analyzed(dsn: str) -> None:
+    """The database's statistics taken anew, as autovacuum keeps them in a database that
+    has run for a while. The bench's database is a minute old: its statistics and the
+    nodes' cached plans date from when it held a few hundred jobs, and the drain's
+    statements then read the table whole (a claim's row, a follower's read)."""
+    from psycopg import connect
+    with connect(dsn, autocommit=True) as conn:
+        conn.execute("ANALYZE")
+
+
+def drained(submit: list[Jobd], control: Conn, total: int, clients: int,
+            meter: Meter | None = None, dsn: str | None = None) -> float:
     """Jobs started and run per second: ``total`` noop jobs queued through ``submit``'s
-    nodes while paused, then dispatch resumed and the queue drained."""
+    nodes while paused, then (their PostgreSQL database ``dsn`` analyzed) dispatch resumed
+    and the queue drained (``meter``: the CPU the drain cost)."""
     control.call("admin.pause")
     users = [f"bench-c{c}".encode() for c in range(clients)]
     share = [total // len(submit) + (n < total % len(submit)) for n in range(len(submit))]
@@ -366,11 +453,18 @@ def drained(submit: list[Jobd], control: Conn, total: int, clients: int) -> floa
             if errors:
                 raise BenchError(f"submits refused, e.g. {errors[0]}")
         before = finished(control)
+        if dsn is not None:
+            analyzed(dsn)
     finally:
+        if meter is not None:
+            meter.start()
         started = time.perf_counter()
         control.call("admin.resume")  # whatever happened: the next figures need dispatch
     wait_ended(control, before, total)
-    return total / (time.perf_counter() - started)
+    rate = total / (time.perf_counter() - started)
+    if meter is not None:
+        meter.stop(total)
+    return rate
 
 
 def end_to_end(submit: list[Jobd], control: Conn, total: int, clients: int) -> float:
@@ -507,13 +601,15 @@ def main() -> int:
                                 after_version=holder["version"], timeout_s=10)
         workers = [node(name, 4) for name in "abc"]
 
+        postmaster = server.pid() if server is not None else None
+        hop_cpu, node_cpu = Meter(postmaster), Meter(postmaster, lambda: [n.pid for n in nodes])
         bare = measured("bare claim loop", "/s",
                         lambda: bare_claims(dsn, args.jobs, 3, 4))
         one_hop = measured("one hop per batch, jobd's schema", "/s",
-                           lambda: one_hop_claims(dsn, args.jobs, 3, 4))
+                           lambda: one_hop_claims(dsn, args.jobs, 3, 4, hop_cpu))
         claims = measured("claims/s, 3 nodes x 4 slots", "/s", lambda: (
             drained(workers, dconn, min(300, args.jobs), args.clients),  # warm-up
-            drained(workers, dconn, args.jobs, args.clients))[1])
+            drained(workers, dconn, args.jobs, args.clients, node_cpu, dsn))[1])
         e2e = measured("end to end, 3 nodes", "/s",
                        lambda: end_to_end(workers, dconn, args.jobs, args.clients))
         picks = measured("pickup on another node", "s", lambda: (
@@ -550,6 +646,8 @@ def main() -> int:
         rate_row("claims/s, 3 nodes x 4 slots", claims, "≥ 1,000/s", 1000,
                  f"bare claim loop {show(bare, '/s')}; one hop per batch on jobd's schema "
                  f"{show(one_hop, '/s')}; one SQLite node {show(single_claims, '/s')}"),
+        Row("CPU of the nodes' claims", node_cpu.said("the four jobd"), "", "one hop per "
+            f"batch on jobd's schema: {hop_cpu.said('its three processes')}"),
         rate_row("end to end, 3 nodes", e2e, "", None,
                  f"one SQLite node {show(single_e2e, '/s')}"),
         latency_row("pickup on another node p50", picks, "", None, 50,

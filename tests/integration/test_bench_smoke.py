@@ -51,3 +51,7 @@ def test_bench_script_runs(script: str) -> None:
         for reference in ("bare claim loop", "one hop per batch, jobd's schema"):
             said = done.stdout.split(f"{reference} ...\n", 1)[1].splitlines()[0]
             assert "not measured" not in said, f"{reference}: {said}"
+        # and what a claim cost the server, the nodes and the machine, in both
+        cpu = next(line for line in done.stdout.splitlines()
+                   if line.startswith("CPU of the nodes' claims"))
+        assert cpu.count("µs PostgreSQL + ") == 2 and cpu.count("cores busy") == 2, cpu

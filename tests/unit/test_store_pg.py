@@ -490,3 +490,70 @@ def test_get_jobs_looks_each_id_up_by_the_index_however_few_jobs_are_stored(
             "EXPLAIN " + QUERIES["get_jobs"], {"ids": json.dumps(ids)}))
     assert "Seq Scan on jobs" not in plan, plan
     assert sorted(j.id for j in store.get_jobs(ids)) == sorted(ids)
+
+
+def plan_of(conn: Any, sql: str, params: dict[str, Any]) -> dict[str, Any]:
+    """``sql`` run under EXPLAIN ANALYZE in a transaction rolled back: its plan (JSON)."""
+    conn.execute("BEGIN")
+    try:
+        (plan,), = conn.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + sql, params).fetchall()
+    finally:
+        conn.execute("ROLLBACK")
+    return plan[0]["Plan"]
+
+
+def how_the_row_is_found(plan: dict[str, Any]) -> list[tuple[str, str | None]]:
+    """How a statement's own ``jobs`` (not an alias's, as the claim's ``q``) was read:
+    (node type, index) of each scan of it."""
+    found, nodes = [], [plan]
+    while nodes:
+        node = nodes.pop()
+        nodes.extend(node.get("Plans", []))
+        if (node.get("Relation Name") == "jobs" and node.get("Alias") == "jobs"
+                and node["Node Type"] != "ModifyTable"):
+            found.append((node["Node Type"], node.get("Index Name")))
+    return found
+
+
+def test_a_queued_job_is_found_by_its_key_when_the_statistics_saw_none_queued(
+        store: Any, pg_dsn: str) -> None:
+    """Statistics taken while nothing was queued (an idle moment's ANALYZE), then a burst
+    of submits: a guard written ``status = 'queued'`` beside the job's key let the planner
+    reach the row through the partial index of queued jobs, reading every entry of it. A
+    node's claims cost as much as the whole queue (3,000 entries: 2–3 ms a claim, under
+    the queue lock, in bench/cluster_bench.py's drain); so did a start and a fold."""
+    from jobd.store.postgres import QUERIES
+    with connect(pg_dsn) as conn:
+        conn.execute("INSERT INTO jobs (id, type, user_id, status, created_at, updated_at, "
+                     "started_at, completed_at, version, options, metadata) "
+                     "SELECT gen_random_uuid()::text, 'noop', 'u' || (g % 8), 'completed', "
+                     "g, g, g, g, g, '{}', '{}' FROM generate_series(1, 300) g")
+        conn.execute("ANALYZE")
+    rules = Rules()
+    for _ in range(6):
+        jobs = [new_job(user=f"u{n % 8}", type="noop", project=None) for n in range(500)]
+        store.write(lambda tx, jobs=jobs: [store.submit_job_in(tx, job, "alice", rules)
+                                           for job in jobs])
+    with connect(pg_dsn) as conn:
+        node = conn.execute(
+            "INSERT INTO nodes (host, state_dir, pid, workers, settings_hash, settings, "
+            "started_at, lease_until) VALUES ('h', 's', 1, 4, '-', '{}', jobd_now_us(), "
+            "jobd_now_us() + 3600000000) RETURNING id").fetchone()[0]
+        job_id, seq = conn.execute("SELECT id, seq FROM jobs WHERE status = 'queued' "
+                                   "ORDER BY seq DESC LIMIT 1").fetchone()
+        now = {"now": 1, "floor": 1}
+        plans = {
+            "start_job": plan_of(conn, QUERIES["start_job"], {**now, "job_id": job_id}),
+            "fold_job": plan_of(conn, QUERIES["fold_job"], {
+                **now, "seq": seq, "options": "{}", "priority": 0, "idempotency_key": None}),
+            "claim": plan_of(conn, QUERIES["claim"], {
+                **now, "node": node, "workers": 4, "max_running_per_user": 100,
+                "exclusive": ["sync", "index"]}),
+        }
+    for name, plan in plans.items():
+        assert plan["Actual Rows"] == 1, name  # it did find its job
+        found = how_the_row_is_found(plan)
+        assert found and all(kind in ("Index Scan", "Index Only Scan", "Bitmap Index Scan",
+                                      "Bitmap Heap Scan") and index in ("jobs_pkey",
+                                                                        "jobs_id_key", None)
+                             for kind, index in found), (name, found)

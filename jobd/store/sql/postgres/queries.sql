@@ -69,11 +69,12 @@ ORDER BY seq LIMIT 1
 
 -- fold_job --
 -- A queued job a submit of the same work was folded into: full_reindex asked by either,
--- the higher priority, and the submit's idempotency key when the job has none
+-- the higher priority, and the submit's idempotency key when the job has none.
+-- (status = 'queued') IS TRUE: as start_job says
 UPDATE jobs SET options = %(options)s, priority = %(priority)s,
                 idempotency_key = coalesce(idempotency_key, %(idempotency_key)s),
                 version = jobd_next_version(seq, version, %(floor)s), updated_at = %(now)s
-WHERE seq = %(seq)s AND status = 'queued'
+WHERE seq = %(seq)s AND (status = 'queued') IS TRUE
 RETURNING {job_columns}
 
 -- submit_job --
@@ -103,11 +104,15 @@ INSERT INTO job_events (job, at, status, phase, progress, message, actor)
 VALUES (%(seq)s, %(now)s, %(status)s, %(phase)s, %(progress)s, %(message)s, %(actor)s)
 
 -- start_job --
--- queued -> running: a new attempt
+-- queued -> running: a new attempt. The job is found by its key, never through an index
+-- of queued jobs: written as a plain status = 'queued', the guard lets the planner reach
+-- the row through jobs_queued, reading every queued job's entry, whenever the statistics
+-- date from a moment with few queued (ANALYZE while idle, then a burst of submits: each
+-- start then costs as much as the whole queue). IS TRUE hides that from the planner.
 UPDATE jobs SET status = 'running', version = jobd_next_version(seq, version, %(floor)s),
     updated_at = %(now)s, started_at = %(now)s, attempts = attempts + 1,
     completed_at = NULL, pgid = NULL, pgid_start = NULL
-WHERE id = %(job_id)s AND status = 'queued'
+WHERE id = %(job_id)s AND (status = 'queued') IS TRUE
 RETURNING {job_columns}
 
 -- fence --
@@ -412,7 +417,8 @@ LIMIT 1
 -- max_running_per_user and an exclusive job (its type in %(exclusive)s) whose repository
 -- has a job running on any node are passed over. Run after lock_queue, as a statement of
 -- its own (its snapshot then holds every claim committed before the lock was granted).
--- pick is MATERIALIZED: inlined into the UPDATE, it would run again for every queued job.
+-- pick is MATERIALIZED: inlined into the UPDATE, it would run again for every queued job;
+-- (status = 'queued') IS TRUE: as start_job says (the claim scanned the whole queue).
 WITH me AS (
     SELECT id FROM nodes
     WHERE id = %(node)s AND ended_at IS NULL AND lease_until > jobd_now_us()
@@ -439,7 +445,7 @@ pick AS MATERIALIZED (
 UPDATE jobs SET status = 'running', node_id = %(node)s, repository = pick.pick_repository,
     attempts = attempts + 1, version = jobd_next_version(seq, version, %(floor)s), updated_at = %(now)s,
     started_at = %(now)s, completed_at = NULL, pgid = NULL, pgid_start = NULL
-FROM pick WHERE jobs.seq = pick.pick_seq AND jobs.status = 'queued'
+FROM pick WHERE jobs.seq = pick.pick_seq AND (jobs.status = 'queued') IS TRUE
 RETURNING {job_columns}
 
 -- lock_register --
