@@ -185,7 +185,8 @@ class Meter:
 
     def _clients(self) -> float:
         if self.pids is None:  # forked children, reaped by the end of the phase
-            return os.times().children_user + os.times().children_system
+            times = os.times()
+            return times.children_user + times.children_system
         return sum(cpu_seconds(pid) for pid in self.pids())
 
     def start(self) -> None:
