@@ -5,7 +5,8 @@ jobd's own story lines (``[jobd <time>] ...``, SPEC §5). It is capped at
 ``max_log_bytes`` with the oldest output dropped first; offsets stay absolute over all
 that was ever written, the dropped count kept in ``<log>.base``. Trimming rewrites the
 log through ``<log>.tmp`` and ``<log>.base.tmp``, which an interrupted trim can leave
-behind: ``delete`` removes all four. ``JobLog`` writes, ``read`` pages through,
+behind: readers take the new base if the crash came between the trim's two renames, the
+log's next writer finishes or undoes the trim, and ``delete`` removes all four. ``JobLog`` writes, ``read`` pages through,
 ``end`` and ``since`` give what one command added (a failed git's error line), ``tail``
 the last line a program printed, ``delete`` forgets, ``remove_strays`` sweeps the logs a
 crash left of jobs already forgotten; nothing else in jobd builds a log's path or opens a
@@ -56,9 +57,30 @@ def _tmp_paths(log: Path) -> tuple[Path, Path]:
     return log.with_name(log.name + ".tmp"), log.with_name(log.name + ".base.tmp")
 
 
+def _settle(log: Path) -> None:
+    """Finish or undo a trim a crash interrupted, before the log's one writer opens it
+    (under ``_SWAP``): cut between its renames, the new base goes into place; cut before
+    them, the old pair stands and the trim's files go."""
+    tmp, base_tmp = _tmp_paths(log)
+    if tmp.exists():
+        tmp.unlink()
+        base_tmp.unlink(missing_ok=True)
+    elif base_tmp.exists():
+        os.replace(base_tmp, _base_path(log))
+
+
 def _read_base(log: Path) -> int:
+    """How many bytes were dropped before the log's first; called under ``_SWAP``.
+
+    A trim renames the new log into place and then the new base: a ``.base.tmp`` with no
+    ``.tmp`` beside it is one a crash cut between the two renames (in a live daemon
+    readers never see that pair), and its file is the new log's base."""
+    base = _base_path(log)
+    tmp, base_tmp = _tmp_paths(log)
+    if not tmp.exists() and base_tmp.exists():
+        base = base_tmp
     try:
-        return int(_base_path(log).read_text())
+        return int(base.read_text())
     except FileNotFoundError:
         return 0
     except ValueError:
@@ -161,9 +183,11 @@ class JobLog:
             raise ValueError(f"job log {self.path} is closed")
         if self._fd is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = self._open()
-            self._size = os.fstat(self._fd).st_size
-            self._dropped = _read_base(self.path)
+            with _SWAP:
+                _settle(self.path)
+                self._fd = self._open()
+                self._size = os.fstat(self._fd).st_size
+                self._dropped = _read_base(self.path)
             self._at_line_start = (self._size == 0
                                    or os.pread(self._fd, 1, self._size - 1) == b"\n")
         return self._fd

@@ -4,6 +4,7 @@ tail for error messages, and removal with every file a log leaves."""
 from __future__ import annotations
 
 import re
+import subprocess
 import sys
 import threading
 import time
@@ -244,3 +245,53 @@ def test_a_job_log_asks_once_whether_its_file_exists(tmp_path, monkeypatch):
     quiet.close()
     assert looked.count(tmp_path / "quiet.log") == 1
     assert not (tmp_path / "quiet.log").exists()  # held, and dropped without output
+
+
+# --------------------------------------------------------------- a trim a crash cut short
+
+_CRASHING_TRIM = """
+import os, signal, sys
+from jobd import joblogs
+renames, kill_after = 0, int(sys.argv[2])
+real = os.replace
+def replace(src, dst):
+    global renames
+    if renames == kill_after:
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(src, dst)
+    renames += 1
+joblogs.os.replace = replace
+log = joblogs.JobLog(sys.argv[1], 150)
+log.write(b"a" * 59 + b"\\n" + b"b" * 59 + b"\\n")  # fits the cap of 150
+log.write(b"c" * 59 + b"\\n")                      # 180 bytes: trimmed to the last 60
+"""
+
+
+@pytest.mark.parametrize("kill_after", [0, 1])
+def test_a_trim_killed_part_way_leaves_the_log_readable_at_its_offsets(tmp_path, kill_after):
+    """A daemon killed (SIGKILL, a real process) in a trim, before its first rename or
+    between its two: reads give every byte at its absolute offset, and the log's next
+    writer goes on from there, leaving the pair alone on disk."""
+    log = tmp_path / "job.log"
+    crashed = subprocess.run([sys.executable, "-c", _CRASHING_TRIM, str(log), str(kill_after)],
+                             capture_output=True, text=True, timeout=30)
+    assert crashed.returncode == -9, crashed.stderr
+    names = sorted(p.name for p in tmp_path.iterdir())
+    old = b"a" * 59 + b"\n" + b"b" * 59 + b"\n"
+    if kill_after == 0:  # the trim's files written, nothing renamed: the old pair stands
+        assert names == ["job.log", "job.log.base.tmp", "job.log.tmp"]
+        assert read(log, 0, 1000) == (old, 120)  # the trimming write is lost with it
+        end = 120
+    else:  # the new log in place, its base not yet
+        assert names == ["job.log", "job.log.base.tmp"]
+        assert read(log, 0, 1000) == (b"c" * 59 + b"\n", 180)
+        assert read(log, 150, 1000) == (b"c" * 29 + b"\n", 180)
+        end = 180
+    assert joblogs.end(log) == end
+    again = JobLog(log, 1000)
+    again.write(b"d\n")
+    again.close()
+    assert joblogs.end(log) == end + 2
+    assert read(log, end - 1, 10) == (b"\nd\n", end + 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == (
+        ["job.log"] if kill_after == 0 else ["job.log", "job.log.base"])
