@@ -150,11 +150,21 @@ def recover(path: Path) -> dict[str, Any]:
     dst.execute(QUERIES["set_meta"], {"key": "clean", "value": "1"})
     dst.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     dst.close()
-    aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}")
-    for suffix in ("", "-wal", "-shm"):
+    stamp = time.strftime('%Y%m%dT%H%M%S')
+    aside = path.with_name(f"{path.name}.damaged-{stamp}")
+    n = 1
+    while aside.exists():  # recovered twice within a second
+        n += 1
+        aside = path.with_name(f"{path.name}.damaged-{stamp}-{n}")
+    # the damaged file stays where jobd looks until the fresh one replaces it in one
+    # rename: killed in between, the recovery leaves a database there, never none (which
+    # a start would take for a new install and create empty); its WAL goes aside first,
+    # so that the fresh file never meets it
+    os.link(path, aside)
+    for suffix in ("-wal", "-shm"):
         p = Path(f"{path}{suffix}")
         if p.exists():
-            shutil.move(p, f"{aside}{suffix}")
+            os.replace(p, f"{aside}{suffix}")
     os.replace(fresh, path)
     for suffix in ("-wal", "-shm"):
         Path(f"{fresh}{suffix}").unlink(missing_ok=True)

@@ -4,6 +4,8 @@ only the rows the fresh database took."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 from jobd.models import JobStatus
@@ -96,3 +98,41 @@ def test_recover_keeps_the_finished_counts_and_the_folded_keys(tmp_path: Path) -
         assert was_found and again.id == first.id
     finally:
         store.close()
+
+
+_KILLED_RECOVERY = """
+import os, signal, sys
+from pathlib import Path
+from jobd.store import tools
+real = os.replace
+def replace(src, dst):
+    if Path(src).name.endswith(".recovering"):  # the fresh file's one rename into place
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(src, dst)
+tools.os.replace = replace
+tools.recover(Path(sys.argv[1]))
+"""
+
+
+def test_a_recovery_killed_before_its_last_rename_leaves_the_database_in_place(
+        tmp_path: Path) -> None:
+    """``jobd db recover`` killed (SIGKILL, a real process) just before the fresh file
+    replaces the damaged one: the damaged database is still where jobd looks, with its
+    jobs (not missing, which a start would take for a new install), and a recovery run
+    again completes."""
+    db = tmp_path / "jobd.db"
+    store = Store(db, synchronous="off", clock=Clock()).open()
+    finished(store, "alice", 3)
+    store.close()
+    killed = subprocess.run([sys.executable, "-c", _KILLED_RECOVERY, str(db)],
+                            capture_output=True, text=True, timeout=60)
+    assert killed.returncode == -9, killed.stderr
+    with raw(db) as conn:
+        assert conn.execute("SELECT count(*) FROM jobs").fetchone() == (3,)
+    assert len(list(tmp_path.glob("jobd.db.damaged-*[0-9]"))) == 1  # the copy kept aside
+    report = recover(db)
+    assert report["saved"]["jobs"] == 3
+    # the second recovery's copy does not take the first one's name within the second
+    assert len(list(tmp_path.glob("jobd.db.damaged-*[0-9]"))) == 2
+    with raw(db) as conn:
+        assert conn.execute("SELECT count(*) FROM jobs").fetchone() == (3,)
