@@ -202,8 +202,7 @@ async def _serve(config: Config, reload: Callable[[], Config]) -> int:
 
     def deleted(job_ids: list[str]) -> None:
         """Jobs the store forgot (retention, max_stored_per_user): their logs go too."""
-        for job_id in job_ids:
-            joblogs.delete(joblogs.path(config.log_dir, job_id))
+        joblogs.delete(config.log_dir, job_ids)
 
     store = make_store(config, Listeners(changed=changed, deleted=deleted))
     node = make_node(config, store, handlers)

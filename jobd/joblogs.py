@@ -20,7 +20,7 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import structlog
 
@@ -46,6 +46,10 @@ _SWAP = threading.Lock()
 def path(log_dir: Path, job_id: str) -> Path:
     """Where job ``job_id``'s log lives in ``log_dir`` (``Config.log_dir``)."""
     return Path(log_dir) / f"{job_id}.log"
+
+
+#: a job's log files, by what follows its id: the log, its base, a trim's new pair
+_SUFFIXES = (".log", ".log.base", ".log.tmp", ".log.base.tmp")
 
 
 def _base_path(log: Path) -> Path:
@@ -346,11 +350,23 @@ def tail(log: Path) -> str:
     return lines[-1][:_TAIL_CHARS] if lines else ""
 
 
-def delete(log: Path) -> None:
-    """Forget a job's log: the file, its ``.base``, and what an interrupted trim left."""
-    log = Path(log)
-    for p in (log, _base_path(log), *_tmp_paths(log)):
-        p.unlink(missing_ok=True)
+def delete(log_dir: Path, job_ids: Iterable[str]) -> None:
+    """Forget the logs of ``job_ids`` in ``log_dir``: each file, its ``.base``, and what
+    an interrupted trim left. By name in the opened folder: building each of the four
+    paths would cost three times their unlinks (a cleanup forgets 100,000 jobs)."""
+    try:
+        folder = os.open(log_dir, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        return  # no job ever wrote a log here
+    try:
+        for job_id in job_ids:
+            for suffix in _SUFFIXES:
+                try:
+                    os.unlink(job_id + suffix, dir_fd=folder)
+                except FileNotFoundError:
+                    pass
+    finally:
+        os.close(folder)
 
 
 #: the names a job's log files may have (``delete`` removes all of them)
@@ -373,7 +389,7 @@ def remove_strays(log_dir: Path, known: Callable[[list[str]], set[str]],
         ids = sorted({m.group(1) for e in names if (m := _LOG_NAME.fullmatch(e.name))})
     for start in range(0, len(ids), chunk):
         batch = ids[start:start + chunk]
-        for job_id in set(batch) - known(batch):
-            delete(path(log_dir, job_id))
-            removed += 1
+        gone = set(batch) - known(batch)
+        delete(log_dir, gone)
+        removed += len(gone)
     return removed

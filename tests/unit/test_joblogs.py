@@ -172,9 +172,10 @@ def test_delete_removes_the_log_its_base_and_an_interrupted_trim_s_files(tmp_pat
     (folder / "job-1.log.base.tmp").write_text("100")
     assert sorted(p.name for p in folder.iterdir()) == [
         "job-1.log", "job-1.log.base", "job-1.log.base.tmp", "job-1.log.tmp", "job-10.log"]
-    joblogs.delete(joblogs.path(folder, "job-1"))
+    joblogs.delete(folder, ["job-1"])
     assert sorted(p.name for p in folder.iterdir()) == ["job-10.log"]
-    joblogs.delete(joblogs.path(folder, "job-1"))  # gone already: nothing to do
+    joblogs.delete(folder, ["job-1"])  # gone already: nothing to do
+    joblogs.delete(folder / "never-made", ["job-10"])  # no job ever wrote a log there
 
 
 def test_tail_is_the_last_line_a_program_printed_not_a_jobd_note(tmp_path, log):
