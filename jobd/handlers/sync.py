@@ -21,7 +21,9 @@ again), but the repository's location is checked again every time.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -49,6 +51,8 @@ STRATEGIES = ("ff-only", "merge", "reset")
 
 _OPTIONS = ("branch", "remote", "full_reindex", "strategy", "repo_path", "url")
 _MAX_URL = 4096
+#: what follows ``.<name>`` in the folder a clone into ``<name>`` is made in
+_CLONE_TEMP = re.compile(r"\.clone-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _FETCH_END = 35.0  # of git_sync's 5–40, the fetch takes 5–35; merge and diff the rest
 # the stages git fetch reports, each 0–100%, as parts of the whole fetch
 _FETCH_STAGES = (
@@ -443,8 +447,8 @@ def _clone(ctx: JobContext, url: str, path: Path) -> None:
     """Clone ``url`` to ``path`` (missing, under the allowed roots) with progress.
 
     git clones into a folder beside it, renamed into place once complete: a clone
-    stopped by a cancel or a crash leaves no half-made repository (the next attempt
-    removes what a crashed one left). ``protocol.allow=user`` and
+    stopped by a cancel or a crash leaves no half-made repository (the next clone into
+    the same place removes what a crashed one left). ``protocol.allow=user`` and
     ``protocol.ext.allow=never`` (git.argv) refuse ``ext::`` and other unsafe transports.
     """
     roots = ctx.config.allowed_roots
@@ -461,8 +465,13 @@ def _clone(ctx: JobContext, url: str, path: Path) -> None:
         raise JobFailed(f"cannot clone into {path}: its deepest existing folder {existing} is "
                         f"outside the allowed roots ({', '.join(map(str, roots))})")
     path.parent.mkdir(parents=True, exist_ok=True)
+    # what crashed clones into the same place left, this job's or another's that never
+    # ran again: no other clone of it runs now (a sync is exclusive on its repository)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.clone-*"):
+        if _CLONE_TEMP.fullmatch(stale.name[len(path.name) + 1:]):
+            shutil.rmtree(stale, ignore_errors=True)
+            ctx.joblog.note(f"removed {stale}, what an interrupted clone left")
     temp = path.with_name(f".{path.name}.clone-{ctx.job.id}")
-    shutil.rmtree(temp, ignore_errors=True)
     try:
         git.run_in_job(ctx, None, "clone", "--progress", "--", url, str(temp),
                        cwd=str(path.parent),

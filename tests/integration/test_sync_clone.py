@@ -138,3 +138,30 @@ def test_a_clone_killed_by_a_crash_is_cleared_by_the_next_attempt(
     assert done["status"] == "failed" and done["attempts"] == 2
     assert list(parent.glob(".crashed.clone-*")) == []
     assert not (parent / "crashed").exists()
+
+
+def test_what_a_crashed_clone_left_is_cleared_by_the_next_clone_into_the_same_place(
+        make_daemon: Any, tmp_path: Path) -> None:
+    # the crashed clone's job never runs again (cancelled while queued): the next sync
+    # that clones the same repository, another job, clears what it left
+    d = make_daemon()
+    parent = d.repos / "root"
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        job = sync(d, "again", options={"url": f"http://127.0.0.1:{port}/r.git"})
+        wait_for(lambda: list(parent.glob(".again.clone-*")) if parent.exists() else [],
+                 what="the clone to begin")
+        result_of(d, "admin.pause")  # kept over the restart: the job waits, queued
+        d.kill()
+    d.start()
+    left = list(parent.glob(".again.clone-*"))
+    assert [p.name for p in left] == [f".again.clone-{job['id']}"]
+    assert result_of(d, "jobs.cancel", job_id=job["id"])["status"] == "cancelled"
+    result_of(d, "admin.resume")
+    upstream = make_upstream(tmp_path / "upstream", {"a.txt": "one\n"})
+    other = wait_terminal(d, sync(d, "again", options={"url": str(upstream)})["id"])
+    assert other["status"] == "completed", other
+    assert sorted(p.name for p in parent.iterdir()) == ["again"]
+    assert f"removed {left[0]}, what an interrupted clone left" in joblog(d, other["id"])
