@@ -184,7 +184,8 @@ def test_cleanup_on_schedule_forgets_old_jobs_and_their_logs(
              what="the completed job to be cleaned up")
     assert error_of(d, "jobs.get", job_id=done["id"])["code"] == -32004
     assert not log.exists()
-    assert any(e.get("event") == "cleanup_finished" and e.get("deleted", 0) >= 1
-               for e in d.log_events())
+    # the sweep logs its end once it is over, a moment after its last chunk's files went
+    wait_for(lambda: any(e.get("event") == "cleanup_finished" and e.get("deleted", 0) >= 1
+                         for e in d.log_events()), timeout=5, what="cleanup_finished logged")
     # an active job is never touched
     assert result_of(d, "jobs.get", job_id=active["id"])["status"] in ("queued", "running")
