@@ -48,7 +48,8 @@ def path(log_dir: Path, job_id: str) -> Path:
     return Path(log_dir) / f"{job_id}.log"
 
 
-#: a job's log files, by what follows its id: the log, its base, a trim's new pair
+#: a job's log files, by what follows its id: the log (``path``), its base
+#: (``_base_path``), a trim's new pair (``_tmp_paths``)
 _SUFFIXES = (".log", ".log.base", ".log.tmp", ".log.base.tmp")
 
 
