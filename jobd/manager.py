@@ -942,19 +942,27 @@ class Manager:
                              "p95": _quantile(hist, uppers, 0.95)}}
         return out
 
-    def cleanup(self, scope: Scope, *, older_than_s: Any = None,
+    def cleanup(self, scope: Scope, *, older_than_s: Any = None, status: Any = None,
                 dry_run: Any = False) -> dict[str, Any]:
         if not scope.may_stats:
             raise Forbidden(_admin_only("admin.cleanup", scope))
         if older_than_s is not None:
             older_than_s = number(older_than_s, "older_than_s", 0, 100 * 366 * 86400)
+        statuses = _statuses(status)
+        if not set(statuses) <= set(_END_NAMES):
+            raise InvalidParams(f"status must be one of {', '.join(_END_NAMES)} or a list of "
+                                f"them: only finished jobs are cleaned up (got {shown(status)})",
+                                field="status")
         flag(dry_run, "dry_run")
-        return self.run_cleanup(older_than_s=older_than_s, dry_run=dry_run, actor=scope.actor)
+        return self.run_cleanup(older_than_s=older_than_s, statuses=statuses or None,
+                                dry_run=dry_run, actor=scope.actor)
 
-    def run_cleanup(self, *, older_than_s: float | None = None, dry_run: bool = False,
+    def run_cleanup(self, *, older_than_s: float | None = None,
+                    statuses: list[str] | None = None, dry_run: bool = False,
                     actor: str = "jobd", now: int | None = None) -> dict[str, Any]:
         """Delete terminal jobs past retention (and users' finished jobs past
-        ``max_stored_per_user``), with their logs; also the scheduled job."""
+        ``max_stored_per_user``), with their logs; also the scheduled job. With
+        ``statuses``, only jobs that ended so, and none for ``max_stored_per_user``."""
         now = now if now is not None else time.time_ns() // 1000
         keep = older_than_s if older_than_s is not None else self.config.retention.keep
         keep_failed = (older_than_s if older_than_s is not None
@@ -963,9 +971,10 @@ class Manager:
         deleted = 0
         # the logs of deleted jobs go with them (the store's ``deleted`` listener)
         for ids in self.store.cleanup(keep_before=cutoffs[0], keep_failed_before=cutoffs[1],
-                                      dry_run=dry_run):
+                                      statuses=statuses, dry_run=dry_run):
             deleted += len(ids)
-        log.info("cleanup_finished", deleted=deleted, dry_run=dry_run, actor=actor)
+        log.info("cleanup_finished", deleted=deleted, dry_run=dry_run, actor=actor,
+                 **({"statuses": statuses} if statuses else {}))
         return {"deleted": deleted, "dry_run": dry_run,
                 "cutoffs": {"keep": iso(cutoffs[0]), "keep_failed": iso(cutoffs[1])}}
 

@@ -33,7 +33,8 @@ import contextlib
 import dataclasses
 import json
 import time
-from typing import Any, Callable, ContextManager, Iterator, Mapping, Protocol, Sequence, TypeVar
+from typing import (Any, Callable, Collection, ContextManager, Iterator, Mapping, Protocol,
+                    Sequence, TypeVar)
 
 import structlog
 
@@ -705,21 +706,26 @@ class BaseStore(abc.ABC):
 
     # -- retention -----------------------------------------------------------------------
 
-    def cleanup(self, *, keep_before: int, keep_failed_before: int, dry_run: bool = False,
+    def cleanup(self, *, keep_before: int, keep_failed_before: int,
+                statuses: Collection[str] | None = None, dry_run: bool = False,
                 chunk: int = CLEANUP_CHUNK) -> Iterator[list[str]]:
         """Delete terminal jobs finished before their cutoff, a chunk per transaction.
 
         Completed and cancelled jobs go when ``completed_at < keep_before``, failed ones
-        when ``completed_at < keep_failed_before``, with their events and checkpoints. Yields
+        when ``completed_at < keep_failed_before``, with their events and checkpoints;
+        with ``statuses``, only the jobs that ended so (and none for
+        ``max_stored_per_user``, which otherwise follows the cutoffs). Yields
         the ids of each chunk deleted (or that would be, with ``dry_run``). A chunk is
         ``chunk`` jobs at most (the first a quarter of the default), halved while one takes
         longer than 25 ms with its commit, doubled again while one takes less. On SQLite
         the WAL is checkpointed between chunks each time it has grown by
         ``Checkpointer.SWEEP_BYTES``, and after the sweep (``_sweeps``).
         """
+        cutoffs = [(status, cutoff) for status, cutoff in (
+            ("completed", keep_before), ("cancelled", keep_before),
+            ("failed", keep_failed_before)) if statuses is None or status in statuses]
         if dry_run:
-            for status, cutoff in (("completed", keep_before), ("cancelled", keep_before),
-                                   ("failed", keep_failed_before)):
+            for status, cutoff in cutoffs:
                 ids = [r[1] for r in self._all(
                     self.queries["expired_jobs"], {"status": status, "cutoff": cutoff, "limit": -1})]
                 if ids:
@@ -727,14 +733,16 @@ class BaseStore(abc.ABC):
             return
         if self._writer is None:
             raise StoreClosed()
+        if not cutoffs:
+            return
         checkpointer = self._sweeps()
         with checkpointer.held():
-            yield from self._sweep(keep_before, keep_failed_before, chunk, checkpointer)
+            yield from self._sweep(cutoffs, chunk, checkpointer,
+                                   over_weight=statuses is None)
 
-    def _sweep(self, keep_before: int, keep_failed_before: int, chunk: int,
-               checkpointer: Sweeps) -> Iterator[list[str]]:
-        expired = iter((("completed", keep_before), ("cancelled", keep_before),
-                        ("failed", keep_failed_before)))
+    def _sweep(self, cutoffs: list[tuple[str, int]], chunk: int, checkpointer: Sweeps, *,
+               over_weight: bool) -> Iterator[list[str]]:
+        expired = iter(cutoffs)
         status, cutoff = next(expired)
         # the first chunk is smaller: its pages are not cached yet, so it takes longest
         size = min(chunk, _FIRST_CHUNK)
@@ -756,7 +764,7 @@ class BaseStore(abc.ABC):
         # then users whose finished jobs still weigh more than they may keep (a lowered
         # limit, or jobs that finished before the limit existed)
         limit = self.max_stored_per_user
-        if limit is None:
+        if limit is None or not over_weight:
             return
         for (user_id,) in self._all(self.queries["users_over_weight"], {"limit": limit}):
             while ids := self.write(lambda tx: self._forget_excess(tx, user_id, limit)):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from typing import Any, Callable, Iterator, Protocol, TypeVar
+from typing import Any, Callable, Collection, Iterator, Protocol, TypeVar
 
 from jobd.models import Job, JobStatus
 from jobd.rules import Rules
@@ -107,5 +107,6 @@ class JobStore(Protocol):
     def get_meta(self, key: str) -> str | None: ...
     def set_meta(self, key: str, value: str | None) -> None: ...
     def cleanup(self, *, keep_before: int, keep_failed_before: int,
+                statuses: Collection[str] | None = None,
                 dry_run: bool = False) -> Iterator[list[str]]: ...
     def purge(self, user_id: str) -> Iterator[list[str]]: ...

@@ -33,7 +33,7 @@ import os
 import socket
 import threading
 import time
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Collection, Iterator, Mapping
 
 import psycopg
 import psycopg.conninfo
@@ -818,12 +818,13 @@ class PostgresStore(BaseStore):
                  "running": running}
                 for id, host, started, until, running in self._all(QUERIES["stats_nodes"])]
 
-    def cleanup(self, *, keep_before: int, keep_failed_before: int, dry_run: bool = False,
+    def cleanup(self, *, keep_before: int, keep_failed_before: int,
+                statuses: Collection[str] | None = None, dry_run: bool = False,
                 chunk: int = CLEANUP_CHUNK) -> Iterator[list[str]]:
         """As every store's; a cluster node sweeps only while no other does (a session's
         try-lock, held on a connection of its own for the sweep): else it skips the round."""
         sweep = super().cleanup(keep_before=keep_before, keep_failed_before=keep_failed_before,
-                                dry_run=dry_run, chunk=chunk)
+                                statuses=statuses, dry_run=dry_run, chunk=chunk)
         if not self.cluster or dry_run:
             yield from sweep
             return

@@ -404,6 +404,12 @@ def test_stats_pause_resume_and_cleanup(jd: Daemon, who: str) -> None:
     assert count == terminal >= 1
     with jd.client() as c:
         assert c.get(job["id"])["status"] == "completed"  # a dry run deletes nothing
+    # one status only: the completed job stays
+    cancelled = as_json(jobctl(jd, "--json", "cleanup", "--older-than", "0s",
+                               "--status", "cancelled", "--status", "failed"))
+    count -= cancelled["deleted"]
+    with jd.client() as c:
+        assert c.get(job["id"])["status"] == "completed"
     done = as_json(jobctl(jd, "--json", "cleanup", "--older-than", "0s"))
     assert done["deleted"] == count and set(done["cutoffs"]) == {"keep", "keep_failed"}
     with jd.client() as c:

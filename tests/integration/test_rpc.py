@@ -577,6 +577,24 @@ def test_admin_cleanup_dry_run_then_for_real(jd: Daemon) -> None:
         assert error(jd, -32602, "admin.cleanup", dry_run="no")["data"]["field"] == "dry_run"
 
 
+def test_admin_cleanup_of_one_status_leaves_the_others(jd: Daemon) -> None:
+    who = user()
+    done = ok(jd, "jobs.submit", type="noop", as_user=who)
+    failing = python_job(jd, who, "raise SystemExit(3)")
+    until_status(jd, done["id"], "completed")
+    until_status(jd, failing["id"], "failed")
+    dry = ok(jd, "admin.cleanup", older_than_s=0, status="failed", dry_run=True)
+    assert dry["deleted"] >= 1
+    assert ok(jd, "jobs.get", job_id=failing["id"])["status"] == "failed"
+    assert ok(jd, "admin.cleanup", older_than_s=0, status=["failed"])["deleted"] >= 1
+    error(jd, -32004, "jobs.get", job_id=failing["id"])
+    assert ok(jd, "jobs.get", job_id=done["id"])["status"] == "completed"
+    # only finished jobs are cleaned up, and only statuses there are
+    for status in ("running", ["failed", "finished"], 3):
+        err = error(jd, -32602, "admin.cleanup", status=status, dry_run=True)
+        assert err["data"]["field"] == "status", err
+
+
 def test_pause_holds_queued_jobs_and_resume_runs_them(jd: Daemon) -> None:
     who = user()
     with paused(jd):
