@@ -264,7 +264,8 @@ def _decode(cursor: Any) -> list[str] | None:
     except (ValueError, binascii.Error):  # bad padding, or bytes that are not text
         return None
     numbers = parts[2:] if parts[0] == "c1" else parts[1:]
-    if not numbers or not all(_NUMBER_RE.fullmatch(n) and abs(int(n)) < 2**63
+    # within 2**62: a time read by rewinding REWIND_US stays a 64-bit integer for SQL
+    if not numbers or not all(_NUMBER_RE.fullmatch(n) and abs(int(n)) < 2**62
                               for n in numbers):
         return None
     return parts

@@ -206,7 +206,10 @@ def _forged(text: str) -> str:
 @pytest.mark.parametrize("field,value", [
     ("after", "nope"), ("after", 17), ("after", ""), ("after", _forged("c1.zz.1.1")),
     ("after", _forged("c1.0123456789abcdef.1.1.1")), ("after", _forged("x1.1.1")),
-    ("after", _forged("d1.1")), ("timeout_s", 61), ("timeout_s", -1), ("timeout_s", "5"),
+    ("after", _forged("d1.1")),
+    # another start's cursor is read by time, a rewind before it: none past int64
+    ("after", _forged("c1.0123456789abcdef.1.-9223372036854775807")),
+    ("after", _forged("d1.9223372036854775807.-9223372036854775807")), ("timeout_s", 61), ("timeout_s", -1), ("timeout_s", "5"),
     ("status", "done"), ("id_prefix", "xy"), ("fields", ["nope"]), ("user_id", ""),
 ])
 def test_bad_params_are_refused_naming_the_field(shared: Daemon, field: str, value: Any) -> None:
