@@ -118,7 +118,7 @@ class SyncHandler(Handler):
         path = index.repository_path(ctx)
         if Phase.INIT not in done and opts.get("url") and not os.path.lexists(path):
             ctx.set_phase(Phase.INIT, f"cloning {opts['url']} into {path}")
-            _clone(ctx, opts["url"], path)
+            _clone(ctx, opts["url"], opts["remote"], path)
         init = _phase(ctx, done, Phase.INIT, f"checking {path}",
                       lambda repo: _init(ctx, repo, opts))
         pulled = _phase(ctx, done, Phase.GIT_SYNC,
@@ -443,8 +443,9 @@ def _check_url(url: Any, trusted: bool) -> str | None:
     return url
 
 
-def _clone(ctx: JobContext, url: str, path: Path) -> None:
-    """Clone ``url`` to ``path`` (missing, under the allowed roots) with progress.
+def _clone(ctx: JobContext, url: str, remote: str, path: Path) -> None:
+    """Clone ``url`` to ``path`` (missing, under the allowed roots) with progress, its
+    remote named ``remote`` (the one the sync then fetches from).
 
     git clones into a folder beside it, renamed into place once complete: a clone
     stopped by a cancel or a crash leaves no half-made repository (the next clone into
@@ -473,8 +474,8 @@ def _clone(ctx: JobContext, url: str, path: Path) -> None:
             ctx.joblog.note(f"removed {stale}, what an interrupted clone left")
     temp = path.with_name(f".{path.name}.clone-{ctx.job.id}")
     try:
-        git.run_in_job(ctx, None, "clone", "--progress", "--", url, str(temp),
-                       cwd=str(path.parent),
+        git.run_in_job(ctx, None, "clone", "--progress", "--origin", remote, "--", url,
+                       str(temp), cwd=str(path.parent),
                        on_progress=_fetch_progress(ctx, *PHASES[Phase.INIT]))
         os.rename(temp, path)
     except BaseException:

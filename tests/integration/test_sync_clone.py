@@ -46,7 +46,8 @@ def test_a_missing_repository_is_cloned_from_url_then_synced(
     assert seen == sorted(seen)
     text = joblog(daemon, job["id"])
     # the clone runs with every git command's hardened config (ext:: refused by git too)
-    assert "git -c core.hooksPath=/dev/null" in text and " clone --progress -- " in text
+    assert "git -c core.hooksPath=/dev/null" in text
+    assert " clone --progress --origin origin -- " in text
     assert "-c protocol.allow=user -c protocol.ext.allow=never" in text
     assert f"cloned {upstream} into {target}" in text
     # nothing left beside it
@@ -64,6 +65,15 @@ def test_a_failed_clone_leaves_no_half_made_repository(
     assert done["status"] == "failed" and "git clone exited" in done["error"]
     assert not (daemon.repos / "root" / project).exists()
     assert not any((daemon.repos / "root").glob(f".{project}.clone-*"))
+
+
+def test_a_clone_names_its_remote_as_the_sync_fetches_from_it(
+        daemon: Daemon, tmp_path: Path, project: str) -> None:
+    upstream = make_upstream(tmp_path / "upstream", {"a.txt": "one\n"})
+    job = sync(daemon, project, options={"url": str(upstream), "remote": "upstream"})
+    done = wait_terminal(daemon, job["id"])
+    assert done["status"] == "completed", done
+    assert git("remote", cwd=daemon.repos / "root" / project) == "upstream"
 
 
 @pytest.mark.parametrize("url", ["ext::sh -c touch% {marker}", "EXT::sh -c touch% {marker}"])
