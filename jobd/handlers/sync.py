@@ -215,6 +215,8 @@ def _git_sync(ctx: JobContext, repo: git.Repository, init: dict[str, Any], strat
         _restore(ctx, repo, init, git_was_stopped=resumed, incoming=earlier)
         if earlier:
             ctx.save_checkpoint(_WRITING, {"incoming": []})  # that one is undone now
+        if resumed:  # the repository may have been worked on while the daemon was down
+            _refuse_changed_since_init(repo, init, strategy)
         return _fetch_and_merge(ctx, repo, init, strategy, incoming)
     except BaseException:
         _restore(ctx, repo, init, git_was_stopped=ctx.cancelled, incoming=incoming)
@@ -266,6 +268,7 @@ def _fetch_and_merge(ctx: JobContext, repo: git.Repository, init: dict[str, Any]
 
     if switch or step:
         revisions = list(dict.fromkeys(r for r in (head if switch else None, fetched) if r))
+        _refuse_changed_since_init(repo, init, strategy)
         if strategy != "reset":
             _refuse_untracked_in_the_way(repo, old, revisions, upstream)
         # from here on a stopped git may leave files behind; the restore, in this attempt
@@ -290,6 +293,25 @@ def _fetch_and_merge(ctx: JobContext, repo: git.Repository, init: dict[str, Any]
                      f"{len(modified)} modified, {len(deleted)} deleted")
     return {"new_revision": new, "commits_pulled": commits, "files_added": len(added),
             "files_modified": len(modified), "files_deleted": len(deleted)}
+
+
+def _refuse_changed_since_init(repo: git.Repository, init: dict[str, Any],
+                               strategy: str) -> None:
+    """Before the sync first writes to the work tree: refuse if someone moved its branch
+    or HEAD, or (but for strategy reset) edited tracked files, since ``init`` looked (while
+    the fetch ran, or while the daemon was down between two attempts). The restore after
+    a failed write resets to ``init``'s revision, which would take that work away."""
+    moved = []
+    if (branch := _current_branch(repo)) != init["old_branch"]:
+        moved.append(f"its branch is {branch or 'a detached HEAD'}, not {init['old_branch']}")
+    if (head := git.revision(repo)) != init["old_revision"]:
+        moved.append(f"HEAD is at {head}, not {init['old_revision']}")
+    if strategy != "reset" and head is not None:
+        if dirty := _split(git.run(repo, "diff", "--name-only", "-z", "HEAD", "--").stdout):
+            moved.append(f"it has uncommitted changes to {_names(dirty)}")
+    if moved:
+        raise JobFailed(f"{repo} changed since this sync began ({'; '.join(moved)}); the sync "
+                        "left it as it is: submit it again to sync from there")
 
 
 def _merge(ctx: JobContext, repo: git.Repository, step: tuple[str, ...], upstream: str,
@@ -341,8 +363,9 @@ def _restore(ctx: JobContext, repo: git.Repository, init: dict[str, Any], *,
     being cancelled. Safe to repeat: it only changes what differs. ``git_was_stopped``:
     a git of this job may have been killed (cancel, or a crash of the daemon), so a
     lock it left is stale. ``incoming``: the revisions a checkout or merge had begun to
-    write (empty when none had): their tracked files are reset and the untracked files
-    they added are removed, so that a half-done checkout cannot block the next one.
+    write: their tracked files are reset and the untracked files they added are removed,
+    so that a half-done checkout cannot block the next one. With none (empty), the sync
+    had written nothing, and nothing but a stopped git's locks is touched.
     """
     old_branch, old = init["old_branch"], init["old_revision"]
     done: list[str] = []
@@ -358,20 +381,20 @@ def _restore(ctx: JobContext, repo: git.Repository, init: dict[str, Any], *,
                 os.close(git_dir)
             if stale:
                 done.append(f"removed the {', '.join(stale)} left by the stopped git")
-        if git.revision(repo, "MERGE_HEAD"):
-            git.run(repo, "merge", "--abort", check=False)
-            done.append("aborted the merge")
-        branch = _current_branch(repo)
-        if old is not None and branch != old_branch:
-            if old_branch is not None:
-                git.run(repo, "checkout", "-q", "-f", old_branch, "--")
-            else:
-                git.run(repo, "checkout", "-q", "-f", "--detach", old, "--")
-            done.append(f"checked out {old_branch or old} again")
-        if old is not None and (incoming or git.revision(repo) != old):
+        # with no checkout or merge begun, what differs from where the sync began is
+        # someone else's work, and stays (``_refuse_changed_since_init``)
+        if incoming and old is not None:
+            if git.revision(repo, "MERGE_HEAD"):
+                git.run(repo, "merge", "--abort", check=False)
+                done.append("aborted the merge")
+            if _current_branch(repo) != old_branch:
+                if old_branch is not None:
+                    git.run(repo, "checkout", "-q", "-f", old_branch, "--")
+                else:
+                    git.run(repo, "checkout", "-q", "-f", "--detach", old, "--")
+                done.append(f"checked out {old_branch or old} again")
             git.run(repo, "reset", "--hard", "-q", old, "--")
             done.append(f"reset to {old}")
-        if old is not None and incoming:
             left = _untracked_added(repo, old, incoming)
             for batch in range(0, len(left), _CLEAN_BATCH):
                 git.run(repo, "clean", "-f", "-q", "--",

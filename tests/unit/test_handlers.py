@@ -433,13 +433,38 @@ def test_resume_after_init_starts_from_the_recorded_revision(config: Config, ups
     old = head(clone)
     commit(upstream, "change", write={"a.txt": "ALPHA\n"})
     _, first = run_sync(config)
-    # as if the daemon crashed after merging but before git_sync's checkpoint
+    # as if the daemon crashed after merging but before git_sync's checkpoint: the merge
+    # had said what it began to write
     resumed = Context(make_job("sync", first.job.options), config,
-                      checkpoints={"init": first.checkpoints["init"]})
+                      checkpoints={"init": first.checkpoints["init"],
+                                   "git_sync.writing": first.checkpoints["git_sync.writing"]})
     result = SyncHandler().run(resumed)
     assert result["old_revision"] == old
     assert result["commits_pulled"] == 1 and result["files_modified"] == 1
     assert resumed.phases == ["git_sync", "indexing", "finalizing"]
+
+
+@pytest.mark.parametrize("meanwhile", ["commit", "edit"])
+def test_a_resumed_sync_keeps_work_done_while_it_was_down_and_fails_saying_so(
+        config: Config, upstream: Path, clone: Path, meanwhile: str) -> None:
+    old = head(clone)
+    commit(upstream, "change", write={"a.txt": "ALPHA\n"})
+    _, first = run_sync(config)
+    # as if the daemon died during the first attempt's fetch (init checkpointed, nothing
+    # written yet), and the user worked on the repository before it came back
+    git(clone, "reset", "-q", "--hard", old)
+    if meanwhile == "commit":
+        mine = commit(clone, "mine", write={"mine.txt": "mine\n"})
+    else:
+        (clone / "a.txt").write_text("my edit\n")
+        mine = old
+    resumed = Context(make_job("sync", first.job.options), config,
+                      checkpoints={"init": first.checkpoints["init"]})
+    with pytest.raises(JobFailed, match="changed since this sync began"):
+        SyncHandler().run(resumed)
+    assert head(clone) == mine
+    if meanwhile == "edit":
+        assert (clone / "a.txt").read_text() == "my edit\n"
 
 
 # ---------------------------------------------------------------------------- manifest
