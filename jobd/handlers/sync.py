@@ -287,7 +287,8 @@ def _fetch_and_merge(ctx: JobContext, repo: git.Repository, init: dict[str, Any]
         raise Cancelled("cancelled while merging")
     new = git.revision(repo)
     added, modified, deleted = _changes(repo, old, new)
-    commits = 0 if new == old else _count(repo, f"{old}..{new}" if old else new)
+    # what came from upstream: not a merge commit made here
+    commits = 0 if new == old else _count(repo, f"{old}..{fetched}" if old else fetched)
     ctx.set_progress(PHASES[Phase.GIT_SYNC][1],
                      f"pulled {_plural(commits, 'commit')}: {len(added)} added, "
                      f"{len(modified)} modified, {len(deleted)} deleted")

@@ -213,6 +213,7 @@ def test_merge_strategy_merges_a_diverged_branch(config: Config, upstream: Path,
     assert git(clone, "rev-parse", "HEAD^1", "HEAD^2").split() == [local, theirs]
     assert (clone / "a.txt").read_text() == "upstream\n"
     assert result["files_modified"] == 1
+    assert result["commits_pulled"] == 1  # upstream's one, not the merge made here
 
 
 def test_merge_conflict_fails_and_leaves_the_old_revision(config: Config, upstream: Path,
