@@ -584,27 +584,30 @@ class Manager:
 
     def _queue_rows(self, filters: dict[str, Any]) -> tuple[Any, int]:
         """jobs.list's rows in dispatch order, and how many there are: the matching queued
-        jobs by their place in the dispatcher's queue (the sort key), paged past the place
-        of the last one. The queue moves as jobs start: a page holds the places as they
-        were when it was read.
+        jobs by their place in the dispatcher's queue (the sort key), paged past the last
+        one. The queue moves as jobs start: a page holds the places as they were when it
+        was read, and the next goes on after the last job's place now (the jobs ahead of
+        it that started meanwhile skip none), or after its old place once it has left.
         """
         statuses = filters["statuses"]
         if statuses and "queued" not in statuses:
-            places: list[tuple[int, str]] = []
+            places: list[tuple[int, str, int]] = []
         else:
-            ids = self.store.list_ids(**dict(filters, statuses=["queued"]))
-            places = sorted((place, job_id) for job_id in ids
+            keys = self.store.list_ids(**dict(filters, statuses=["queued"]))
+            places = sorted((place, job_id, seq) for seq, job_id in keys
                             if (place := self.engine.annotate(
                                 {"id": job_id, "status": JobStatus.QUEUED})["queue_position"])
                             is not None)
+        now = {seq: place for place, _, seq in places}
 
         def rows(before: tuple[int, int] | None, want: int, skip: int) -> list[Any]:
-            start = skip + (bisect.bisect_right(places, (before[0], "\uffff")) if before else 0)
+            after = now.get(before[1], before[0]) if before else None
+            start = skip + (bisect.bisect_right(places, (after, "\uffff")) if before else 0)
             page = places[start:start + want]
             # a queued job's wire is decoded for its live fields anyway (``_listed``)
             found = {json.loads(row[3])["id"]: row for row in self.store.list_wire(
-                ids=[job_id for _, job_id in page], limit=want)}
-            return [(place, *found[job_id][1:]) for place, job_id in page if job_id in found]
+                ids=[job_id for _, job_id, _ in page], limit=want)}
+            return [(place, *found[job_id][1:]) for place, job_id, _ in page if job_id in found]
         return rows, len(places)
 
     @staticmethod
@@ -991,8 +994,8 @@ class Manager:
         while (await asyncio.to_thread(self._cancel, scope, None, mine, False))["more"]:
             pass
         deadline = time.monotonic() + self.config.execution.cancel_grace + 2
-        for job_id in await asyncio.to_thread(self.store.list_ids, user_id=user_id,
-                                              statuses=["running"]):
+        for _, job_id in await asyncio.to_thread(self.store.list_ids, user_id=user_id,
+                                                 statuses=["running"]):
             with contextlib.suppress(JobNotFound):  # gone meanwhile: nothing to wait for
                 await self._watch(scope, job_id, max(0.0, deadline - time.monotonic()),
                                   lambda job: False)

@@ -592,9 +592,9 @@ class BaseStore(abc.ABC):
         page's last job) page by another time than creation."""
         return self._list(f"status, {self.queries['job_wire']}", **filters)
 
-    def list_ids(self, **filters: Any) -> list[str]:
-        """The ids of every job matching ``filters`` (as ``list_jobs``), newest first."""
-        return [r[2] for r in self._list("id", limit=-1, **filters)]
+    def list_ids(self, **filters: Any) -> list[tuple[int, str]]:
+        """The (seq, id) of every job matching ``filters`` (as ``list_jobs``), newest first."""
+        return [(r[1], r[2]) for r in self._list("id", limit=-1, **filters)]
 
     def get_jobs(self, job_ids: list[str]) -> list[Job]:
         """The stored ones of ``job_ids``, in no set order (one lookup by the id index each)."""

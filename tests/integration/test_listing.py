@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from conftest import Daemon, error_of, result_of, wait_terminal
+from conftest import Daemon, error_of, result_of, wait_for, wait_terminal
 
 CONFIG = """
 [execution]
@@ -87,6 +87,29 @@ def test_queue_order_takes_offset_and_total(jd: Daemon) -> None:
         assert ids(more) == ids(queue)[3:]
     finally:
         result_of(jd, "admin.resume")
+
+
+def test_queue_order_pages_skip_no_job_when_those_ahead_start(jd: Daemon) -> None:
+    who = f"u{uuid.uuid4().hex[:8]}"
+    result_of(jd, "admin.pause")
+    made = [result_of(jd, "jobs.submit", type="noop", options={"seconds": 60}, as_user=who)
+            for _ in range(8)]
+    try:
+        first = result_of(jd, "jobs.list", order="queue", limit=4, as_user=who)
+        assert ids(first) == [j["id"] for j in made[:4]]
+        result_of(jd, "admin.resume")  # the first two start: every place moves up by two
+        wait_for(lambda: result_of(jd, "admin.stats")["jobs"]["running"] >= 2,
+                 what="two jobs to start")
+        rest, cursor = [], first["next_cursor"]
+        while cursor is not None:
+            page = result_of(jd, "jobs.list", order="queue", limit=2, cursor=cursor,
+                             as_user=who)
+            rest += ids(page)
+            cursor = page["next_cursor"]
+        assert rest == [j["id"] for j in made[4:]]
+    finally:
+        for job in made:
+            result_of(jd, "jobs.cancel", job_id=job["id"], as_user=who)
 
 
 def test_a_cursor_is_bound_to_its_filters(jd: Daemon) -> None:
