@@ -192,8 +192,7 @@ def _init(ctx: JobContext, repo: git.Repository, opts: dict[str, Any]) -> dict[s
     old_revision = git.revision(repo)
     # a failed sync resets the work tree to where it was, which must not lose edits
     if opts["strategy"] != "reset" and old_revision is not None:
-        dirty = _split(git.run(repo, "diff", "--name-only", "-z", "HEAD", "--").stdout)
-        if dirty:
+        if dirty := _uncommitted(repo):
             raise JobFailed(f"{repo} has uncommitted changes to {_names(dirty)}; commit or "
                             "discard them, or use strategy reset to overwrite them")
     return {"repo": str(repo), "remote": remote, "branch": branch, "old_branch": old_branch,
@@ -307,12 +306,16 @@ def _refuse_changed_since_init(repo: git.Repository, init: dict[str, Any],
         moved.append(f"its branch is {branch or 'a detached HEAD'}, not {init['old_branch']}")
     if (head := git.revision(repo)) != init["old_revision"]:
         moved.append(f"HEAD is at {head}, not {init['old_revision']}")
-    if strategy != "reset" and head is not None:
-        if dirty := _split(git.run(repo, "diff", "--name-only", "-z", "HEAD", "--").stdout):
-            moved.append(f"it has uncommitted changes to {_names(dirty)}")
+    if strategy != "reset" and head is not None and (dirty := _uncommitted(repo)):
+        moved.append(f"it has uncommitted changes to {_names(dirty)}")
     if moved:
         raise JobFailed(f"{repo} changed since this sync began ({'; '.join(moved)}); the sync "
                         "left it as it is: submit it again to sync from there")
+
+
+def _uncommitted(repo: git.Repository) -> list[bytes]:
+    """The tracked files whose work tree or index differs from HEAD."""
+    return _split(git.run(repo, "diff", "--name-only", "-z", "HEAD", "--").stdout)
 
 
 def _merge(ctx: JobContext, repo: git.Repository, step: tuple[str, ...], upstream: str,
