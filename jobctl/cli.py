@@ -73,6 +73,14 @@ def worst(codes: Iterable[int]) -> int:
                default=EXIT_OK)
 
 
+def _loads(text: str) -> Any:
+    """``json.loads``; JSON nested past Python's recursion limit is a ValueError too."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 def parse_option(text: str) -> tuple[str, Any]:
     """``-o KEY=VALUE``: the value as JSON if it parses (``5``, ``true``, ``["a"]``), else text."""
     key, sep, raw = text.partition("=")
@@ -80,7 +88,7 @@ def parse_option(text: str) -> tuple[str, Any]:
         raise click.BadParameter(f"{text!r} is not KEY=VALUE (e.g. -o branch=main)",
                                  param_hint="-o")
     try:
-        value = json.loads(raw)
+        value = _loads(raw)
     except ValueError:
         value = raw
     return key.strip(), value
@@ -91,7 +99,7 @@ def build_options(pairs: Iterable[str], options_json: str | None) -> dict[str, A
     options: dict[str, Any] = {}
     if options_json is not None:
         try:
-            options = json.loads(options_json)
+            options = _loads(options_json)
         except ValueError as e:
             raise click.BadParameter(f"not valid JSON: {e}", param_hint="--options-json") from None
         if not isinstance(options, dict):
@@ -217,13 +225,18 @@ def _fail(message: str) -> None:
 
 def _error_exit(ctx: click.Context, e: errors.JobdError) -> NoReturn:
     """Say what the daemon refused (JSON on stderr with --json) and exit with its code."""
-    st = ctx.find_object(_State)
-    message = e.message + (f" (field: {e.field})" if e.field else "")
+    ctx.exit(_refused(ctx.find_object(_State), e))
+
+
+def _refused(st: _State | None, e: errors.JobdError, ref: str | None = None) -> int:
+    """Say what the daemon refused (of job ``ref``, when several are asked for): JSON on
+    stderr with --json; the exit code it calls for."""
     if st is not None and st.json:
         click.echo(render.error_json(e.code, e.message, e.data()), err=True)
     else:
-        _fail(message)
-    ctx.exit(_error_code(e))
+        _fail((f"{ref}: " if ref else "") + e.message
+              + (f" (field: {e.field})" if e.field else ""))
+    return _error_code(e)
 
 
 def _error_code(e: errors.JobdError) -> int:
@@ -539,7 +552,7 @@ def _json_object(text: str | None, hint: str) -> dict[str, Any] | None:
     if text is None:
         return None
     try:
-        value = json.loads(text)
+        value = _loads(text)
     except ValueError as e:
         raise click.BadParameter(f"not valid JSON: {e}", param_hint=hint) from None
     if not isinstance(value, dict):
@@ -753,12 +766,14 @@ def _bulk_options(fn: Any) -> Any:
 _DONE = {"cancel": "cancelled", "retry": "retried"}
 
 
-def _confirm(st: _State, verb: str, ids: list[str], yes: bool) -> None:
-    """Ask before touching more than one job; without a terminal (and --yes) refuse, exit 2."""
-    if len(ids) <= 1 or yes:
+def _confirm(st: _State, verb: str, ids: list[str], yes: bool, more: bool = False) -> None:
+    """Ask before touching more than one job (``more``: ``ids`` are the first of the
+    matching ones); without a terminal (and --yes) refuse, exit 2."""
+    if (len(ids) <= 1 and not more) or yes:
         return
+    count = f"{len(ids)}{' or more' if more else ''}"
     shown = ", ".join(render.short_id(i) for i in ids[:10]) + (" …" if len(ids) > 10 else "")
-    _ask(f"{verb} {len(ids)} jobs ({shown})?", f"{len(ids)} jobs would be {_DONE[verb]} "
+    _ask(f"{verb} {count} jobs ({shown})?", f"{count} jobs would be {_DONE[verb]} "
          f"({shown}); nothing done: add --yes to {verb} them all")
 
 
@@ -785,8 +800,14 @@ def _bulk(st: _State, verb: str, refs: tuple[str, ...], where: dict[str, Any] | 
     done: list[dict[str, Any]] = []
     if where:
         if not yes:
-            _confirm(st, verb, call(filter=where, dry_run=True)["jobs"], yes)
-        ids = call(filter=where)["jobs"]
+            preview = call(filter=where, dry_run=True)
+            _confirm(st, verb, preview["jobs"], yes, more=preview["more"])
+        ids = []
+        while True:  # the daemon touches at most 1,000 a call, and says when there are more
+            answer = call(filter=where)
+            ids += answer["jobs"]
+            if not answer["more"]:
+                break
         if not ids:
             _say(st, "no jobs match") if not st.json else _show_json([])
             raise click.exceptions.Exit(EXIT_OK)
@@ -797,16 +818,14 @@ def _bulk(st: _State, verb: str, refs: tuple[str, ...], where: dict[str, Any] | 
             try:
                 ids.append(_resolve(st.client, ref))
             except errors.JobdError as e:
-                _fail(f"{ref}: {e.message}")
-                codes.append(_error_code(e))
+                codes.append(_refused(st, e, ref))
         _confirm(st, verb, ids, yes)
         for job_id in ids:
             try:
                 done.append(st.client.cancel(job_id) if verb == "cancel"
                             else st.client.retry(job_id))
             except errors.JobdError as e:
-                _fail(e.message)
-                codes.append(_error_code(e))
+                codes.append(_refused(st, e))
     shown = []
     for job in done:
         if wait:
@@ -818,9 +837,9 @@ def _bulk(st: _State, verb: str, refs: tuple[str, ...], where: dict[str, Any] | 
         shown.append(job)
         if not st.json:
             _say(st, _done_line(verb, job))
-    if st.json:
+    if st.json and not (len(refs) == 1 and not shown):  # one refused: its error says all
         # one job named: that job, as before; several, or a filter: the list of them
-        _show_json(shown[0] if len(refs) == 1 and len(shown) == 1 else shown)
+        _show_json(shown[0] if len(refs) == 1 else shown)
     raise click.exceptions.Exit(worst(codes))
 
 

@@ -569,6 +569,42 @@ def _filtered_cancel_and_retry(jd: Daemon, who: str, jobs: list[dict[str, Any]],
     assert (proc.returncode, proc.stdout.strip()) == (0, "no jobs match"), proc.stderr
 
 
+def test_a_filtered_cancel_goes_on_past_the_daemon_s_1000_a_call(jd: Daemon, who: str) -> None:
+    jobctl(jd, "pause")
+    try:
+        for user in (who, who + "b"):  # at most 1,000 queued a user
+            with jd.client(as_user=user) as c:
+                for _ in range(550):
+                    c.submit("noop")
+        proc = jobctl(jd, "cancel", "--status", "queued", "--since", "1h")
+        assert proc.returncode == 2 and "1000 or more jobs would be cancelled" in proc.stderr
+        proc = jobctl(jd, "--json", "cancel", "--status", "queued", "--since", "1h", "--yes")
+        assert proc.returncode == 0, proc.stderr
+        assert len(json.loads(proc.stdout)) == 1100
+        with jd.client() as c:
+            assert c.list(status="queued", limit=10)["jobs"] == []
+    finally:
+        jobctl(jd, "resume")
+
+
+def test_a_refused_cancel_with_json_is_json_on_stderr(jd: Daemon, who: str) -> None:
+    with jd.client(as_user=who) as c:
+        job = c.submit("noop")
+    until_status(jd, job["id"], "completed")
+    proc = jobctl(jd, "--as-user", who, "--json", "cancel", job["id"])
+    assert (proc.returncode, proc.stdout) == (1, ""), proc
+    error = json.loads(proc.stderr)["error"]
+    assert error["code"] == -32009 and "only queued or running jobs" in error["message"]
+
+
+def test_json_nested_past_the_recursion_limit_is_a_usage_error(jd: Daemon) -> None:
+    deep = "[" * 100_000
+    for args in (("--metadata-json", deep), ("--options-json", deep)):
+        proc = jobctl(jd, "submit", "noop", *args)
+        assert proc.returncode == 2 and "nested too deeply" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
 def test_errors_with_json_are_json_on_stderr(jd: Daemon, who: str) -> None:
     proc = jobctl(jd, "--as-user", who, "--json", "status", "0000-0000")
     assert proc.returncode == 1 and proc.stdout == ""
