@@ -29,10 +29,15 @@ def shown(value: Any) -> str:
 
 def _span(low: float | None, high: float | None) -> str:
     if low is not None and high is not None:
-        return f" from {low:g} to {high:g}"
+        return f" from {_shown_number(low)} to {_shown_number(high)}"
     if low is not None:
-        return f" of at least {low:g}"
-    return "" if high is None else f" of at most {high:g}"
+        return f" of at least {_shown_number(low)}"
+    return "" if high is None else f" of at most {_shown_number(high)}"
+
+
+def _shown_number(bound: float) -> str:
+    """A bound as a person reads it: an integer in full (1048576, not 1.04858e+06)."""
+    return str(bound) if isinstance(bound, int) else f"{bound:g}"
 
 
 def integer(value: Any, field: str, low: int | None = None, high: int | None = None,

@@ -64,8 +64,10 @@ def snake_keys(data: Mapping[str, Any], where: str) -> dict[str, Any]:
     for key, value in data.items():
         name = _UPPER.sub(lambda m: "_" + m.group(1).lower(), key)
         if name in out:
+            # an option is named as a field of the body's options
             raise errors.InvalidParams(f"{where}: {name} is given twice ({key!r} and another "
-                                       "spelling); send it once", field=name)
+                                       "spelling); send it once",
+                                       field=f"options.{name}" if where == "options" else name)
         out[name] = value
     return out
 
@@ -411,8 +413,15 @@ def router(principal: Callable[..., Any], socket: str | None = None, pool_size: 
     @r.get("/api/jobs/{job_id}/logs")
     async def logs(job_id: str, request: Request, who: Principal = Who) -> Any:
         q = _query(request, _LogsQuery)
-        return await jobd.call(who, "jobs.logs", job_id=job_id, offset=q.offset,
-                               limit_bytes=q.limit)
+        try:
+            return await jobd.call(who, "jobs.logs", job_id=job_id, offset=q.offset,
+                                   limit_bytes=q.limit)
+        except errors.InvalidParams as e:
+            if e.field != "limit_bytes":
+                raise
+            # the query's name for it, not the RPC's
+            raise errors.InvalidParams(e.message.replace("limit_bytes", "limit", 1),
+                                       field="limit") from None
 
     @r.get("/api/jobs/{job_id}/stream")
     async def stream(job_id: str, last_event_id: str | None = Header(None),
@@ -494,7 +503,9 @@ async def _follow(client: AsyncClient, job: dict[str, Any], last: int | None,
     """The events of a stream: the job at each version the long poll returns, a heartbeat
     comment when one returned unchanged, until the job's end has been sent."""
     try:
-        if last is None or job["version"] > last:
+        # a Last-Event-ID past the job's version was not sent by its stream (another
+        # job's, or made up): the job as it is now, as if the stream started over
+        if last is None or job["version"] != last:
             yield _event(job)
         else:
             yield ": heartbeat\n\n"

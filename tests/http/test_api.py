@@ -237,8 +237,14 @@ def test_events_and_logs_tell_the_jobs_story(web: httpx.Client) -> None:
     part = web.get(f"/api/jobs/{job['id']}/logs", params={"offset": 5, "limit": 10},
                    headers=ALICE).json()
     assert part["data"] == log["data"][5:15] and part["next_offset"] == 15
-    assert error(web.get(f"/api/jobs/{job['id']}/logs", params={"limit": -1}, headers=ALICE),
-                 422, -32602)["field"] == "limit_bytes"
+    refused = error(web.get(f"/api/jobs/{job['id']}/logs", params={"limit": -1}, headers=ALICE),
+                    422, -32602)
+    # named as the query names it, its bound in full
+    assert refused["field"] == "limit" and "limit_bytes" not in refused["message"], refused
+    assert refused["message"].startswith("limit must be an integer from 1 to 1048576"), refused
+    twice = error(web.post("/api/sync", json={"projectId": "p", "options": {
+        "fullReindex": True, "full_reindex": True}}, headers=ALICE), 422, -32602)
+    assert twice["field"] == "options.full_reindex", twice
 
 
 def test_admin_endpoints_are_403_for_users_and_answer_admins(web: httpx.Client) -> None:

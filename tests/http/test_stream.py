@@ -74,6 +74,9 @@ def test_last_event_id_resumes_after_that_version(web: httpx.Client) -> None:
     assert resumed[-1]["status"] == "completed"
     # resuming after the last event there is nothing more to send: the stream just ends
     assert jobs_of(stream(web, job["id"], **{"Last-Event-ID": str(first[-1]["version"])})) == []
+    # an id this stream never sent starts it over: the job as it is, its end
+    made_up = jobs_of(stream(web, job["id"], **{"Last-Event-ID": str(2**63 - 1)}))
+    assert [j["version"] for j in made_up] == [first[-1]["version"]]
     bad = web.get(f"/api/jobs/{job['id']}/stream", headers={**ALICE, "Last-Event-ID": "x"})
     assert bad.status_code == 422 and bad.json()["error"]["field"] == "Last-Event-ID"
 

@@ -32,6 +32,8 @@ def test_integer_bounds_may_be_open_and_a_hint_says_what_it_means():
     assert params.integer(-(2**70), "after_version") == -(2**70)
     assert "of at least 0" in refused(params.integer, -1, "offset", 0).message
     assert "of at most 3" in refused(params.integer, 4, "n", None, 3).message
+    # a large integer bound in full, not as 1.04858e+06
+    assert "from 1 to 1048576 " in refused(params.integer, 0, "n", 1, 1 << 20).message
     err = refused(params.integer, "x", "after_version", hint=" (a job's version)")
     assert err.message == "after_version must be an integer (a job's version) (got 'x')"
 
