@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import os
 import re
 import time
@@ -38,18 +39,28 @@ _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
 
 
+#: the longest duration a setting takes: a hundred years (times are µs in 64 bits)
+_LONGEST_S = 100 * 366 * 86400
+
+
 def parse_duration(value: str | int | float) -> float:
     """``30s``, ``5m``, ``2h``, ``7d`` (or a bare number of seconds) -> seconds."""
     if isinstance(value, bool):
         raise ValueError(f"{value!r} is not a duration")
     if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise ValueError(f"{value!r} is not a duration (a finite number of seconds)")
         if value < 0:
             raise ValueError(f"{value!r} is negative")
-        return float(value)
-    m = _DURATION.match(value)
-    if not m:
-        raise ValueError(f"{value!r} is not a duration (write e.g. 30s, 5m, 2h, 7d)")
-    return float(m.group(1)) * _UNITS[m.group(2) or "s"]
+        seconds = float(value)
+    else:
+        m = _DURATION.match(value)
+        if not m:
+            raise ValueError(f"{value!r} is not a duration (write e.g. 30s, 5m, 2h, 7d)")
+        seconds = float(m.group(1)) * _UNITS[m.group(2) or "s"]
+    if seconds > _LONGEST_S:
+        raise ValueError(f"{value!r} is longer than a hundred years")
+    return seconds
 
 
 class Duration(float):
@@ -655,6 +666,7 @@ def load(config_file: str | os.PathLike[str] | None = None, *, socket: str | Non
                    str(path))
     _check_cluster(built["cluster"], {k: w for k, (w, _, _) in sections["cluster"].items()},
                    str(path))
+    _check_sync(built["sync"], {k: w for k, (w, _, _) in sections["sync"].items()}, str(path))
     postgres = built["storage"].backend == "postgres"
     given_db = db or env.get("JOBD_DB")
     specs: dict[str, TypeSpec] = {}
@@ -678,7 +690,35 @@ def load(config_file: str | os.PathLike[str] | None = None, *, socket: str | Non
     for name, spec in specs.items():
         if problem := _repo_outside(config, spec):
             raise ConfigError(f"{path}: types.{name}.repo: {problem}")
+    # the command line's options are click's choices; the environment's are checked here
+    for var, value, choices in (
+            ("JOBD_LOG_LEVEL", config.log_level, _CHOICES[("server", "log_level")]),
+            ("JOBD_LOG_FORMAT", config.log_format, ("auto", "json", "console"))):
+        if value not in choices:
+            raise ConfigError(f"environment {var}: {value!r} is not one of {', '.join(choices)}")
     return config
+
+
+#: the names each of ``[sync]``'s path templates may use
+_SYNC_TEMPLATES = {"allowed_roots": {"state_dir"},
+                   "repo_path_template": {"state_dir", "user_id", "project_id"}}
+
+
+def _check_sync(sync: Sync, where: dict[str, str], file: str) -> None:
+    """Raise ConfigError for a ``[sync]`` path template with a name jobd does not fill, or
+    a stray brace (it would fail each time a path is made from it)."""
+    for key, allowed in _SYNC_TEMPLATES.items():
+        value = getattr(sync, key)
+        for template in (value,) if isinstance(value, str) else value:
+            try:
+                unknown = sorted(set(_template_names(template, key)) - allowed)
+            except ValueError as e:
+                raise ConfigError(f"{where.get(key, file)}: sync{e}") from None
+            if unknown:
+                raise ConfigError(
+                    f"{where.get(key, file)}: sync.{key}: {template!r} names "
+                    f"{', '.join('{' + n + '}' for n in unknown)}; it may use "
+                    f"{', '.join('{' + n + '}' for n in sorted(allowed))}")
 
 
 def _check_cluster(cluster: Cluster, where: dict[str, str], file: str) -> None:

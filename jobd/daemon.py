@@ -293,9 +293,11 @@ async def _serve(config: Config, reload: Callable[[], Config]) -> int:
                 if node is not None:  # the same cluster-wide settings as every other node
                     await loop.run_in_executor(None, node.check_reload, new)
                 handlers.reconfigure(new)  # refuses a [types] name a plugin has
-            except ConfigError as e:
-                current.failed(str(e))
-                log.error("config_reload_failed", error=str(e), kept="the config in force")
+            except Exception as e:  # noqa: BLE001 - SIGHUP never stops the daemon (SPEC §1)
+                problem = str(e) if isinstance(e, ConfigError) else f"{type(e).__name__}: {e}"
+                current.failed(problem)
+                log.error("config_reload_failed", error=problem, kept="the config in force",
+                          exc_info=not isinstance(e, ConfigError))
                 continue
             apply(new)
 

@@ -50,7 +50,8 @@ def backup(path: Path, target: Path) -> int:
     _check_target(target)
     try:
         src = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        dst = sqlite3.connect(target)
+        # a copy of every job's options and results: the daemon's alone, as its database
+        dst = sqlite3.connect(create_private(target))
     except sqlite3.Error as e:
         raise StoreError(f"{target}: cannot back up {path} there: {e}") from None
     try:

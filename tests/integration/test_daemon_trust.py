@@ -253,6 +253,15 @@ def test_sighup_with_a_broken_config_keeps_the_old_one(make_daemon: Callable[...
     assert "execution.workers must be positive" in d.log()
     shown = ok(d, "admin.stats")["config"]
     assert shown["file"] == str(d.config) and "execution.workers must be positive" in shown["error"]
+    # a path template naming what jobd does not fill, a duration past any number: refused
+    # at the reload, not when a path or a time is first made from them
+    for text, problem in (('[sync]\nallowed_roots = ["{nope}/x"]\n', "names {nope}"),
+                          ("[retention]\ncleanup_every = inf\n", "not a duration")):
+        d.config.write_text(text)
+        d.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: problem in (ok(d, "admin.stats")["config"]["error"] or ""),
+                 what=f"the reload to be refused: {problem}")
+        assert d.proc.poll() is None and ok(d, "ping")
     # and a socket change is kept until a restart, with a warning
     d.config.write_text(FAST_CONFIG + '\n[storage]\nsynchronous = "normal"\n')
     d.proc.send_signal(signal.SIGHUP)

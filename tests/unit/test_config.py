@@ -227,7 +227,7 @@ def test_durations(text: str | int | float, seconds: float) -> None:
 
 
 @pytest.mark.parametrize("bad", ["", "s", "5x", "-1s", "1h30m", "ten minutes", "5 mins",
-                                 -3, True])
+                                 -3, True, float("inf"), float("nan"), "40000d", 1e300])
 def test_bad_durations(bad: Any) -> None:
     with pytest.raises(ValueError):
         parse_duration(bad)
@@ -252,6 +252,12 @@ def test_bad_durations(bad: Any) -> None:
      "unknown built-in indexer"),
     ("[sync]\nindex_command = []\n", "sync.index_command", "non-empty list"),
     ("[sync]\nremote = 5\n", "sync.remote", "must be a string"),
+    ("[retention]\ncleanup_every = inf\n", "retention.cleanup_every", "not a duration"),
+    ("[retention]\nkeep = nan\n", "retention.keep", "not a duration"),
+    ("[sync]\nallowed_roots = [\"{nope}/x\"]\n", "sync.allowed_roots", "names {nope}"),
+    ("[sync]\nallowed_roots = [\"{\"]\n", "sync.allowed_roots", "has a brace"),
+    ("[sync]\nrepo_path_template = \"/r/{user}/{project_id}\"\n", "sync.repo_path_template",
+     "names {user}"),
     ("server = 5\n", "server", "must be a table"),
     ("[server\n", "not valid TOML", "line 1"),
 ])
@@ -276,6 +282,9 @@ def test_environment_errors_name_the_variable(tmp_path: Path) -> None:
         load(path, env={"JOBD_EXECUTION_WORKRS": "4"})
     with pytest.raises(ConfigError, match=r"JOBD_RETENTION_KEEP: retention\.keep .*duration"):
         load(path, env={"JOBD_RETENTION_KEEP": "soon"})
+    with pytest.raises(ConfigError, match=r"^environment JOBD_LOG_LEVEL: 'bogus' is not one "
+                                          r"of debug, info, warning, error$"):
+        load(path, env={"JOBD_LOG_LEVEL": "bogus"})
 
 
 def test_a_missing_named_file_is_an_error_but_a_missing_default_is_not(tmp_path: Path) -> None:

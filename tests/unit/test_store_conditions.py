@@ -233,6 +233,7 @@ def test_backup_of_a_database_being_written(tmp_path: Path) -> None:
         thread.join()
         store.close()
     assert check(target) == ["ok"]
+    assert target.stat().st_mode & 0o777 == 0o600  # every job's data: not for other users
     copy = Store(target).open()
     try:
         queued = copy.queued_count("alice")
