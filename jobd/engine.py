@@ -203,6 +203,7 @@ class Context:
         if self.cancelled:
             raise Cancelled(_stopped(self.attempt))
         self.joblog.note("$ " + " ".join(argv))
+        start = joblogs.end(self.joblog.path)  # what this program prints comes after
         self.in_process = True
         deadline = self.attempt.deadline
         try:
@@ -230,7 +231,7 @@ class Context:
             raise JobFailed(f"the job's supervisor was {what} ({_exit_text(done.returncode)}); "
                             "its processes were killed")
         if check and done.returncode != 0:
-            last = joblogs.tail(self.joblog.path)
+            last = joblogs.tail(self.joblog.path, start)
             raise JobFailed(f"{Path(argv[0]).name} exited with {_exit_text(done.returncode)}"
                             + (f": {last}" if last else ""))
         return done

@@ -336,14 +336,13 @@ def since(log: Path, offset: int, limit: int) -> bytes:
     return read(log, max(offset, end(log) - limit), limit)[0]
 
 
-def tail(log: Path) -> str:
-    """The last line a program printed into the log (not one of jobd's notes), stripped
-    and at most ``_TAIL_CHARS`` long, for an error message; "" when there is none."""
+def tail(log: Path, offset: int = 0) -> str:
+    """The last line a program printed into the log at or after absolute ``offset``
+    (``end`` before it ran: not an earlier program's or attempt's), not one of jobd's
+    notes, stripped and at most ``_TAIL_CHARS`` long, for an error message; "" when there
+    is none."""
     try:
-        with open(log, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - _TAIL_BYTES))
-            end = f.read().decode("utf-8", "replace")
+        end = since(log, offset, _TAIL_BYTES).decode("utf-8", "replace")
     except OSError:
         return ""
     lines = [ln.strip() for ln in end.replace("\r", "\n").split("\n")]

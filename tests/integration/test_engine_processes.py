@@ -166,6 +166,17 @@ def test_a_job_past_its_timeout_is_killed_and_fails(daemon: Daemon, tmp_path: Pa
     assert group_alive(pgid) == []
 
 
+def test_a_retried_failure_quotes_its_own_program_not_the_attempt_before(
+        daemon: Daemon, tmp_path: Path) -> None:
+    script = "if [ -e flag ]; then exit 4; else touch flag; echo boom >&2; exit 3; fi"
+    job = submit(daemon, "command", options={"argv": ["sh", "-c", script],
+                                              "cwd": str(tmp_path)})
+    assert wait_terminal(daemon, job["id"])["error"] == "sh exited with status 3: boom"
+    result_of(daemon, "jobs.retry", job_id=job["id"])
+    # the second attempt printed nothing: its error says only how it ended
+    assert wait_terminal(daemon, job["id"])["error"] == "sh exited with status 4"
+
+
 def test_a_failed_job_retried_keeps_its_id_and_completes(daemon: Daemon, tmp_path: Path) -> None:
     script = "if [ -e flag ]; then echo second try; else touch flag; echo boom >&2; exit 3; fi"
     job = submit(daemon, "command", options={"argv": ["sh", "-c", script],

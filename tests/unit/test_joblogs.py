@@ -187,6 +187,13 @@ def test_tail_is_the_last_line_a_program_printed_not_a_jobd_note(tmp_path, log):
     assert joblogs.tail(log.path) == "fatal: no such remote"
     log.write(b"z" * 1000)
     assert joblogs.tail(log.path) == "z" * 300  # it goes into an error message: bounded
+    # from an offset on: what the program started there printed, not an earlier one's
+    log.write(b"\n")
+    start = joblogs.end(log.path)
+    log.note("$ sh -c 'exit 2'")
+    assert joblogs.tail(log.path, start) == ""
+    log.write(b"its own\n")
+    assert joblogs.tail(log.path, start) == "its own"
 
 
 @pytest.mark.parametrize("cap", [1 << 30, 100_000])
