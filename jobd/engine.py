@@ -213,7 +213,8 @@ class Context:
                 # the program's supervisor counts on the system's monotonic clock
                 deadline=None if deadline is None else (
                     time.monotonic() + deadline - self.engine.clock()),
-                grace=self.config.execution.cancel_grace, on_progress=on_progress,
+                grace=self.config.execution.cancel_grace, stop_grace=self._stop_grace,
+                on_progress=on_progress,
                 capture=capture, on_spawn=self._record_process,
                 on_timeout=lambda: self.stop(StopReason.TIMEOUT),
                 lease=None if self.engine.cluster is None else self.engine.cluster.deadline)
@@ -235,6 +236,13 @@ class Context:
             raise JobFailed(f"{Path(argv[0]).name} exited with {_exit_text(done.returncode)}"
                             + (f": {last}" if last else ""))
         return done
+
+    def _stop_grace(self) -> float:
+        """How long the program may take to stop before SIGKILL: a shutdown gives it
+        ``shutdown_grace`` (SPEC §6) to save its work, a cancel ``cancel_grace``."""
+        execution = self.config.execution
+        return (execution.shutdown_grace if self.attempt.stop is StopReason.SHUTDOWN
+                else execution.cancel_grace)
 
     def _record_process(self, pgid: int, start: int) -> None:
         try:

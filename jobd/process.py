@@ -133,9 +133,11 @@ class _Child:
     def supervise(self, stop: threading.Event, deadline: float | None, grace: float,
                   on_timeout: Callable[[], None] | None = None,
                   lease: Callable[[], float | None] | None = None,
-                  held: float | None = None) -> tuple[bool, bool]:
+                  held: float | None = None,
+                  stop_grace: Callable[[], float] | None = None) -> tuple[bool, bool]:
         """Read output until the supervisor exits; (cancelled, timed_out). ``held``: the
-        deadline the supervisor was started with."""
+        deadline the supervisor was started with; ``stop_grace()``: the grace of a stop,
+        asked when it comes (else ``grace``)."""
         cancelled = timed_out = False
         # the supervisor SIGKILLs after the grace itself; this is for one that cannot
         kill_at: float | None = None
@@ -150,8 +152,9 @@ class _Child:
                 if timed_out and on_timeout is not None:
                     on_timeout()
                 if cancelled or timed_out:
-                    self.tell(b"term\n")
-                    kill_at = now + grace + _UNRESPONSIVE
+                    given = stop_grace() if cancelled and stop_grace is not None else grace
+                    self.tell(f"term {given!r}\n".encode())
+                    kill_at = now + given + _UNRESPONSIVE
             elif now >= kill_at:
                 _log.warning("supervisor_unresponsive", pid=self.proc.pid, pgid=self.pgid)
                 _signal_group(self.pgid, signal.SIGKILL)
@@ -301,6 +304,7 @@ def run(argv: Sequence[str], *, cwd: str | Path | None, env: Mapping[str, str] |
         on_spawn: Callable[[int, int], None] | None = None,
         on_timeout: Callable[[], None] | None = None,
         lease: Callable[[], float | None] | None = None,
+        stop_grace: Callable[[], float] | None = None,
         capture: bool = False) -> Completed:
     """Run ``argv`` under a per-job supervisor, in its own session and process group.
 
@@ -310,7 +314,8 @@ def run(argv: Sequence[str], *, cwd: str | Path | None, env: Mapping[str, str] |
     ``on_progress.count`` when it is a ``Passes``); the last ``{"result": {...}}`` line on
     stdout or that pipe is the ``result``. When ``stop`` is set or ``deadline`` (a
     ``time.monotonic()`` value) passes, every process of the program gets SIGTERM, then
-    SIGKILL after ``grace`` seconds. When the program exits, every process it left
+    SIGKILL after ``grace`` seconds (after ``stop_grace()``, asked then, for a stop).
+    When the program exits, every process it left
     behind is killed and reaped, wherever it moved (``jobd.supervise``).
     ``on_spawn(pgid, start_time)`` is called once the program started, ``on_timeout()``
     when the deadline passed, before the SIGTERM. ``lease()``, asked at the start and
@@ -360,7 +365,8 @@ def run(argv: Sequence[str], *, cwd: str | Path | None, env: Mapping[str, str] |
             raise OSError(e.errno, e.strerror, args[0]) from None
         if on_spawn is not None:
             on_spawn(pgid, start)
-        cancelled, timed_out = child.supervise(stop, deadline, grace, on_timeout, lease, until)
+        cancelled, timed_out = child.supervise(stop, deadline, grace, on_timeout, lease, until,
+                                               stop_grace)
         returncode = child.finish()
     except BaseException:
         if child.proc.returncode is None:

@@ -12,8 +12,9 @@ imports nothing from jobd (so it starts in a few milliseconds) and:
 - when the program ends, SIGKILLs and reaps every descendant left, then reports the
   program's exit status and exits: nothing a job started outlives it (SPEC §5).
 
-Control socket (``CTL_FD``), one line per message. From jobd: ``term`` — SIGTERM to
-every descendant, SIGKILL after ``GRACE`` seconds (cancel, timeout, shutdown);
+Control socket (``CTL_FD``), one line per message. From jobd: ``term [S]`` — SIGTERM
+to every descendant, SIGKILL after S seconds, ``GRACE`` when not given (cancel and
+timeout: ``cancel_grace``; a shutdown gives ``shutdown_grace``);
 ``until T`` — the deadline is now T (``CLOCK_BOOTTIME`` seconds, as ``UNTIL``; ``-``:
 none). When the deadline passes, the supervisor reports ``expired`` and stops everything
 as for ``term``; a deadline already past at the start means the program is not started.
@@ -149,9 +150,9 @@ class Supervisor:
         self.send(f"started {self.program} {st[3] if st else 0}")
         return True
 
-    def term(self) -> None:
+    def term(self, grace: float | None = None) -> None:
         if self.kill_at is None:
-            self.kill_at = time.monotonic() + self.grace
+            self.kill_at = time.monotonic() + (self.grace if grace is None else grace)
             self.signal_all(signal.SIGTERM)
 
     def signal_all(self, sig: int) -> int:
@@ -193,7 +194,7 @@ class Supervisor:
         for line in lines:
             word, _, value = line.partition(b" ")
             if word == b"term":
-                self.term()
+                self.term(float(value) if value else None)
             elif word == b"until":
                 self.until = float(value)
 

@@ -170,6 +170,18 @@ def test_sigterm_requeues_running_jobs_and_they_complete_after_restart(
     assert stopped["error"] == "interrupted by daemon shutdown"
 
 
+def test_a_shutdown_gives_a_program_shutdown_grace_to_stop_not_cancel_grace(
+        make_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
+    d = make_daemon()  # cancel_grace 1s, shutdown_grace 5s
+    script = ("trap 'sleep 2; touch saved; exit 0' TERM; touch started; "
+              "sleep 30 & wait; sleep 30 & wait")
+    result_of(d, "jobs.submit", type="command",
+              options={"argv": ["sh", "-c", script], "cwd": str(tmp_path)})
+    wait_for(lambda: (tmp_path / "started").exists(), what="the program to start")
+    assert d.stop(signal.SIGTERM, timeout=15) == 0
+    assert (tmp_path / "saved").exists(), "killed before its shutdown_grace was up"
+
+
 def test_cleanup_on_schedule_forgets_old_jobs_and_their_logs(
         make_daemon: Callable[..., Daemon]) -> None:
     d = make_daemon(config=FAST_CONFIG + '\n[retention]\nkeep = "1s"\nkeep_failed = "1s"\n'
