@@ -41,7 +41,7 @@ import structlog
 from jobd import jsonenc
 from jobd.models import TERMINAL, Job, JobStatus, readable
 from jobd.rules import Rules, fold_options
-from jobd.store.errors import JobNotFound, StateConflict, StoreClosed
+from jobd.store.errors import Fenced, JobNotFound, StateConflict, StoreClosed
 from jobd.store.interface import FINISHED_KEEP_US, HOUR_US
 from jobd.store.writer import Tx, Writer
 
@@ -475,10 +475,19 @@ class BaseStore(abc.ABC):
 
     def requeue_job_in(self, tx: Tx, job_id: str, *, reason: str,
                        recovered: bool = False) -> Job:
-        """``requeue_job`` inside a caller's write."""
+        """``requeue_job`` inside a caller's write. A job whose cancel was requested since
+        its attempt chose to be requeued (a shutdown's stop, then a cancel) ends cancelled
+        instead, as SPEC §3 says such a job does."""
         reason = _text(reason)
-        job = self._cas(tx, "requeue_job", job_id, "queued", reason=reason,
-                        recovered=int(recovered))
+        try:
+            job = self._cas(tx, "requeue_job", job_id, "queued", reason=reason,
+                            recovered=int(recovered))
+        except Fenced:
+            raise
+        except StateConflict as e:
+            if e.status != JobStatus.RUNNING:
+                raise
+            return self.finish_job_in(tx, job_id, JobStatus.CANCELLED)
         self._event(tx, job, "jobd", reason)
         self._count_queued(tx, job.user_id, +1)
         return self._changed(tx, job)

@@ -183,6 +183,16 @@ def started_in(store: Store, db: StoreDb, start: str) -> Job:
     return job_in(store, db, JobStatus(start))
 
 
+def test_a_requeue_of_a_job_whose_cancel_was_requested_ends_it_cancelled(
+        store: Store, db: StoreDb) -> None:
+    # a shutdown stopped the attempt to requeue it; a cancel came before that was written
+    job = started_in(store, db, "stopping")
+    after = store.requeue_job(job.id, reason="interrupted by shutdown")
+    assert (after.status, after.cancel_requested) == (JobStatus.CANCELLED, False)
+    assert store.get_job(job.id).status is JobStatus.CANCELLED
+    assert store.queued_count("alice") == 0
+
+
 def test_each_transition_method_moves_only_along_transitions(
         store: Store, db: StoreDb, clock: Clock) -> None:
     """Every method over every starting status on a real database: each (from, to) it

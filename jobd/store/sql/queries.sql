@@ -146,12 +146,13 @@ RETURNING {job_columns}
 
 -- requeue_job --
 -- running -> queued when the daemon stops or restarts: phase, progress and checkpoints
--- kept to resume from; :recovered counts a recovery after a crash
+-- kept to resume from; :recovered counts a recovery after a crash. Not a job whose
+-- cancel was requested (meanwhile): that one ends cancelled (finish_job)
 UPDATE jobs SET status = 'queued', version = max(version + 1, :now), updated_at = :now,
     message = :reason, error = NULL, result = NULL, completed_at = NULL,
     cancel_requested = 0, pgid = NULL, pgid_start = NULL,
     recoveries = recoveries + :recovered
-WHERE id = :job_id AND status = 'running'
+WHERE id = :job_id AND status = 'running' AND cancel_requested = 0
 RETURNING {job_columns}
 
 -- clear_checkpoints --

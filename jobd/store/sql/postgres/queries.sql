@@ -166,12 +166,13 @@ RETURNING {job_columns}
 
 -- requeue_job --
 -- running -> queued when the daemon stops or restarts: phase, progress and checkpoints
--- kept to resume from; %(recovered)s counts a recovery after a crash
+-- kept to resume from; %(recovered)s counts a recovery after a crash. Not a job whose
+-- cancel was requested (meanwhile, perhaps through another node): it ends cancelled
 UPDATE jobs SET status = 'queued', version = jobd_next_version(seq, version, %(floor)s),
     updated_at = %(now)s, message = %(reason)s, error = NULL, result = NULL,
     completed_at = NULL, cancel_requested = 0, pgid = NULL, pgid_start = NULL,
     recoveries = recoveries + %(recovered)s, node_id = NULL
-WHERE id = %(job_id)s AND status = 'running' AND {fence}
+WHERE id = %(job_id)s AND status = 'running' AND cancel_requested = 0 AND {fence}
 RETURNING {job_columns}
 
 -- clear_checkpoints --
