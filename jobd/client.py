@@ -714,12 +714,16 @@ class AsyncClient(_AsyncApi):
         self._lock = asyncio.Lock()
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  #: the connection's
 
     async def call(self, method: str, **params: Any) -> Any:
         params, timeout, safe = self._prepare(method, params)
         async with self._lock:
             for attempt in (1, 2):
-                if self._reader is None or self._reader.at_eof():
+                # a connection made under another event loop (asyncio.run per call) is no
+                # use under this one
+                if (self._reader is None or self._reader.at_eof()
+                        or self._loop is not asyncio.get_running_loop()):
                     await self._open()
                 req_id = next(self._ids)
                 try:
@@ -740,7 +744,13 @@ class AsyncClient(_AsyncApi):
                 except BaseException:
                     self._drop()  # cancelled: the answer would come to the next call
                     raise
-                return _result(self._path, req_id, line)
+                try:
+                    return _result(self._path, req_id, line)
+                except errors.InvalidRequest:
+                    # the daemon closes the connection after a line it could not frame (too
+                    # long): the next call must not go out on it before this loop sees the end
+                    self._drop()
+                    raise
         raise AssertionError("unreachable")  # the loop returns or raises
 
     async def _open(self) -> None:
@@ -762,7 +772,7 @@ class AsyncClient(_AsyncApi):
                 self._drop()
                 reasons.append(problem)
                 continue
-            self._path = path
+            self._path, self._loop = path, asyncio.get_running_loop()
             return
         raise _unreachable(reasons)
 
@@ -773,9 +783,12 @@ class AsyncClient(_AsyncApi):
         return await self._reader.readuntil(b"\n")
 
     def _drop(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-        self._reader = self._writer = None
+        writer, self._reader, self._writer = self._writer, None, None
+        if writer is not None:
+            # a stream of an event loop closed since (asyncio.run per call) cannot be
+            # closed; it is forgotten all the same, so the next call opens a new one
+            with contextlib.suppress(RuntimeError):
+                writer.close()
 
     async def close(self) -> None:
         async with self._lock:

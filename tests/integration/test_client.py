@@ -263,6 +263,32 @@ def test_reconnects_after_the_daemon_closed_an_idle_connection(jd: Daemon, who: 
     asyncio.run(scenario())
 
 
+def test_a_submit_after_a_line_too_long_goes_out_on_a_new_connection(jd: Daemon,
+                                                                    who: str) -> None:
+    # the daemon answers -32600 and closes the connection: the pool's one client must not
+    # send the next submit on it before its event loop has seen the end
+    async def scenario() -> None:
+        pool = AsyncClientPool(1, socket=str(jd.socket), as_user=who)
+        try:
+            await pool.ping()
+            for _ in range(3):
+                with pytest.raises((errors.InvalidRequest, errors.Unreachable)):
+                    await pool.submit("noop", metadata={"x": "a" * (1100 << 10)})
+                job = await pool.submit("noop", options={"seconds": 0})
+                assert job["status"] in ("queued", "running", "completed")
+        finally:
+            await pool.close()
+
+    asyncio.run(scenario())
+
+
+def test_an_async_client_works_under_one_event_loop_after_another(jd: Daemon, who: str) -> None:
+    client = AsyncClient(socket=str(jd.socket), as_user=who)
+    # each run is a new event loop: the connection of the one before is no use in it
+    for _ in range(3):
+        assert asyncio.run(client.ping())
+
+
 def test_a_list_answer_over_64_kib_comes_through_intact(jd: Daemon, who: str,
                                                         make: Any) -> None:
     async def scenario() -> None:
