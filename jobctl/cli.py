@@ -156,12 +156,20 @@ def _now_us() -> int:
 
 
 class _Duration(click.ParamType):
+    """A duration (``30s``, ``2h``); with ``none``, also the word ``none`` (no limit, as
+    SPEC §1's limits write it), read as that number of seconds."""
+
     name = "DURATION"
+
+    def __init__(self, none: float | None = None) -> None:
+        self.none = none
 
     def convert(self, value: Any, param: click.Parameter | None,
                 ctx: click.Context | None) -> float:
         if isinstance(value, float):
             return value
+        if self.none is not None and isinstance(value, str) and value.strip() == "none":
+            return self.none
         try:
             return parse_duration(value)
         except ValueError as e:
@@ -379,9 +387,10 @@ _PRIORITY = click.option("--priority", type=click.IntRange(-100, 100), default=N
 _REJECT = click.option("--reject-duplicate", "on_duplicate", flag_value="reject", default=None,
                        help="Refuse (exit with the job's id named) rather than fold into a "
                             "queued or running job of the same work.")
-_JOB_TIMEOUT = click.option("--job-timeout", type=DURATION, default=None, metavar="DURATION",
+_JOB_TIMEOUT = click.option("--job-timeout", type=_Duration(none=0.0), default=None,
+                            metavar="DURATION",
                             help="The job's own run-time limit (else the daemon's "
-                                 "default_timeout).")
+                                 "default_timeout); none: no limit (services and admins).")
 
 
 def _complete_job(ctx: click.Context, param: click.Parameter,

@@ -176,6 +176,10 @@ def test_submit_wait_exits_0_and_json_prints_one_job(jd: Daemon, who: str) -> No
     assert isinstance(job, dict)
     assert job["status"] == "completed" and job["type"] == "noop" and job["user_id"] == who
     assert job["options"] == {"seconds": 0}
+    # a limit of "none", as SPEC §1 writes limits: no run-time limit (an admin's to ask)
+    for given, timeout in (("none", 0), ("90s", 90)):
+        job = as_json(jobctl(jd, "--json", "submit", "noop", "--job-timeout", given))
+        assert job["timeout_s"] == timeout, job
 
 
 def test_a_failing_command_exits_1_with_the_error_on_stderr(jd: Daemon, who: str) -> None:
