@@ -137,7 +137,8 @@ _NAME = f"jobd on {socket.gethostname()} pid {os.getpid()}"[:63]
 SESSION_NAME = _NAME
 
 #: the writes for a running job that a cluster node's fence guards (the ``{fence}`` of
-#: their statements): by (node id, attempt), and the node's lease
+#: their statements): by (node id, attempt), and the node's lease. (``report_progress``
+#: is fenced too; the reporter, on a connection of its own, passes its fence itself.)
 FENCED = frozenset({"finish_job", "requeue_job", "update_progress", "set_process",
                     "save_checkpoint", "append_log", "save_manifest"})
 #: the fence of a job this store does not run as a cluster node: none

@@ -772,6 +772,37 @@ def test_live_progress_is_taken_only_from_the_running_attempts_own_node(
     assert b.store.live_progress(job.id, 0) is None
 
 
+def test_a_node_past_its_lease_writes_no_live_progress(cluster: Cluster) -> None:
+    # frozen past its lease and thawed before a rescue: it changes nothing (SPEC §11)
+    import types
+    a, b = cluster.node(), cluster.node()
+    a.register(), b.register()
+    submit(a.store)
+    [job] = claim(a)
+    reported: list[tuple[str, int]] = []
+    a.on_reported = lambda job_id, version: reported.append((job_id, version))
+    a._reporter = threading.Thread(target=a._report_loop, daemon=True)
+    a._reporter.start()
+
+    def report(message: str, count: int) -> None:
+        a.progressed(job.id, types.SimpleNamespace(progress=10.0 * count, phase="git_sync",
+                                                   message=message, version=job.version))
+        deadline = time.monotonic() + 5
+        while a._pending or len(reported) < count:
+            assert time.monotonic() < deadline, (message, reported)
+            time.sleep(0.005)
+
+    report("before", 1)
+    (lease,) = rows(cluster.dsn, "SELECT lease_until FROM nodes WHERE id = %s", a.id)[0]
+    rows(cluster.dsn, "UPDATE nodes SET lease_until = 0 WHERE id = %s RETURNING 1", a.id)
+    report("lapsed", 1)  # taken, written nowhere
+    time.sleep(0.5)
+    rows(cluster.dsn, "UPDATE nodes SET lease_until = %s WHERE id = %s RETURNING 1", lease, a.id)
+    report("after", 2)
+    assert b.store.live_progress(job.id, 0)[2] == "after"
+    assert len(reported) == 2
+
+
 def test_versions_never_go_down_across_nodes_whose_clocks_differ(cluster: Cluster) -> None:
     """Versions come from one sequence (SPEC §11): a job's live progress reported by a node
     whose clock is an hour ahead, then changes written by one an hour behind, still rise

@@ -613,8 +613,10 @@ JOIN jobs j ON j.seq = c.job WHERE j.id = %(job_id)s
 -- (above the job's row and its last report), and the wake-up for every node's waiters:
 -- payload "<job id>:<version>". The job's row is share-locked first: a change of it that
 -- is being written is committed before this takes its version, so the report's version
--- is above it.
-WITH j AS (SELECT seq, version FROM jobs WHERE id = %(job_id)s FOR SHARE),
+-- is above it. Fenced as every write for a running job: a node past its lease, or whose
+-- attempt was rescued, reports nothing.
+WITH j AS (SELECT seq, version FROM jobs WHERE id = %(job_id)s AND status = 'running'
+           AND {fence} FOR SHARE),
 p AS (
     INSERT INTO job_progress AS p (job, node_id, attempt, progress, phase, message, version,
                                    updated_at)
