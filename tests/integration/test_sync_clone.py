@@ -129,19 +129,29 @@ def test_a_repo_path_under_the_roots_may_be_cloned_into(
     assert err["data"]["field"] == "options.repo_path"
 
 
-def test_a_clone_killed_by_a_crash_is_cleared_by_the_next_attempt(
-        make_daemon: Any, tmp_path: Path) -> None:
-    d = make_daemon()
+def kill_mid_clone(d: Daemon, project: str, before_kill: Any = None) -> dict[str, Any]:
+    """A sync of ``project`` cloning from a socket that never answers, the daemon killed
+    with SIGKILL once the clone began (git cannot clean up after itself): the job."""
     parent = d.repos / "root"
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen()
         port = server.getsockname()[1]
-        job = sync(d, "crashed", options={"url": f"http://127.0.0.1:{port}/r.git"})
-        wait_for(lambda: list(parent.glob(".crashed.clone-*")) if parent.exists() else [],
+        job = sync(d, project, options={"url": f"http://127.0.0.1:{port}/r.git"})
+        wait_for(lambda: list(parent.glob(f".{project}.clone-*")) if parent.exists() else [],
                  what="the clone to begin")
-        d.kill()  # git is SIGKILLed with the daemon's job: it cannot clean up after itself
-        assert list(parent.glob(".crashed.clone-*"))
+        if before_kill is not None:
+            before_kill()
+        d.kill()
+    return job
+
+
+def test_a_clone_killed_by_a_crash_is_cleared_by_the_next_attempt(
+        make_daemon: Any, tmp_path: Path) -> None:
+    d = make_daemon()
+    parent = d.repos / "root"
+    job = kill_mid_clone(d, "crashed")
+    assert list(parent.glob(".crashed.clone-*"))
     # nothing listens on the port now: the resumed clone fails at once
     d.start()
     done = wait_terminal(d, job["id"])
@@ -156,15 +166,8 @@ def test_what_a_crashed_clone_left_is_cleared_by_the_next_clone_into_the_same_pl
     # that clones the same repository, another job, clears what it left
     d = make_daemon()
     parent = d.repos / "root"
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen()
-        port = server.getsockname()[1]
-        job = sync(d, "again", options={"url": f"http://127.0.0.1:{port}/r.git"})
-        wait_for(lambda: list(parent.glob(".again.clone-*")) if parent.exists() else [],
-                 what="the clone to begin")
-        result_of(d, "admin.pause")  # kept over the restart: the job waits, queued
-        d.kill()
+    # the pause is kept over the restart: the job waits, queued
+    job = kill_mid_clone(d, "again", before_kill=lambda: result_of(d, "admin.pause"))
     d.start()
     left = list(parent.glob(".again.clone-*"))
     assert [p.name for p in left] == [f".again.clone-{job['id']}"]

@@ -21,7 +21,7 @@ import pytest
 
 from jobd import config as jobd_config
 from jobd.handlers import load_handlers
-from jobd.models import JobStatus
+from jobd.models import Job, JobStatus
 from jobd.rules import Rules
 from jobd.store import StateConflict
 
@@ -740,9 +740,9 @@ def test_cleanup_runs_on_one_node_at_a_time(cluster: Cluster) -> None:
     assert list(b.store.cleanup(keep_before=far, keep_failed_before=far)) == [[job.id]]
 
 
-def test_live_progress_is_taken_only_from_the_running_attempts_own_node(
-        cluster: Cluster) -> None:
-    import types
+def reporting(cluster: Cluster) -> tuple[Any, Any, Job, list[tuple[str, int]]]:
+    """Nodes a and b, a's job running, and a's live-progress reporter started: (a, b, the
+    job, the (job id, version) of each report a wrote)."""
     a, b = cluster.node(), cluster.node()
     a.register(), b.register()
     submit(a.store)
@@ -751,6 +751,13 @@ def test_live_progress_is_taken_only_from_the_running_attempts_own_node(
     a.on_reported = lambda job_id, version: reported.append((job_id, version))
     a._reporter = threading.Thread(target=a._report_loop, daemon=True)
     a._reporter.start()
+    return a, b, job, reported
+
+
+def test_live_progress_is_taken_only_from_the_running_attempts_own_node(
+        cluster: Cluster) -> None:
+    import types
+    a, b, job, reported = reporting(cluster)
     a.progressed(job.id, types.SimpleNamespace(progress=42.0, phase="git_sync",
                                                message="half", version=job.version))
     deadline = time.monotonic() + 5
@@ -775,14 +782,7 @@ def test_live_progress_is_taken_only_from_the_running_attempts_own_node(
 def test_a_node_past_its_lease_writes_no_live_progress(cluster: Cluster) -> None:
     # frozen past its lease and thawed before a rescue: it changes nothing (SPEC §11)
     import types
-    a, b = cluster.node(), cluster.node()
-    a.register(), b.register()
-    submit(a.store)
-    [job] = claim(a)
-    reported: list[tuple[str, int]] = []
-    a.on_reported = lambda job_id, version: reported.append((job_id, version))
-    a._reporter = threading.Thread(target=a._report_loop, daemon=True)
-    a._reporter.start()
+    a, b, job, reported = reporting(cluster)
 
     def report(message: str, count: int) -> None:
         a.progressed(job.id, types.SimpleNamespace(progress=10.0 * count, phase="git_sync",
