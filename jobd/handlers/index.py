@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from jobd import errors
+from jobd.auth import check_argv_ids
 from jobd.handlers import (Handler, JobContext, JobFailed, git, manifest, progress_between,
                            reject_unknown)
 from jobd.models import Phase
@@ -107,8 +108,14 @@ def index_repository(ctx: JobContext, repo: git.Repository, *, full: bool, low: 
     if isinstance(command, str):
         raise JobFailed(f"index command {command!r} is not known; configure "
                         "\"builtin:manifest\" or an argv list")
-    values = {"repo": str(repo.path), "user_id": ctx.job.user_id,
-              "project_id": ctx.job.project_id or ""}
+    job = ctx.job
+    try:
+        # the commands may have changed since the job was submitted (a reload)
+        check_argv_ids((command,), user_id=job.user_id, project_id=job.project_id)
+    except errors.InvalidParams as e:
+        raise JobFailed(f"{e.message} (checked again as the job starts)") from None
+    values = {"repo": str(repo.path), "user_id": job.user_id,
+              "project_id": job.project_id or ""}
     argv = [_PLACEHOLDER.sub(lambda m: values[m.group(1)], arg) for arg in command]
     passes = Passes(progress_between(ctx, low, high), sync.index_passes)
     # run in the opened folder: its path may have been swapped since it was checked
@@ -128,6 +135,9 @@ class IndexHandler(Handler):
     def validate(self, options: dict[str, Any], *, user_id: str, project_id: str | None,
                  trusted: bool, config: Config) -> dict[str, Any]:
         reject_unknown(options, ("repo_path", "full_reindex"))
+        # the indexer's argv may carry the ids (as a sync's does)
+        check_argv_ids((config.sync.index_command, config.sync.full_index_command),
+                       user_id=user_id, project_id=project_id)
         out, repo = validate_repository(options, type="index", user_id=user_id,
                                         project_id=project_id,
                                         trusted=trusted, config=config)

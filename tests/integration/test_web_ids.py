@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Iterator
@@ -15,7 +16,7 @@ from typing import Any, Iterator
 import pytest
 
 from conftest import (FAST_CONFIG, Daemon, clone, commit_files, error_of, git, joblog,
-                      make_upstream, result_of, wait_terminal)
+                      make_upstream, result_of, wait_for, wait_terminal)
 
 LONG = "x" * 250 + "@mail"  # 255 characters, 255 bytes
 LONG_ENCODED = "x" * 180 + "~" + hashlib.sha256(LONG.encode()).hexdigest()[:16]
@@ -152,9 +153,11 @@ def test_an_id_that_would_begin_an_indexer_argument_may_not_start_with_a_dash(
     d = make_daemon(config=FAST_CONFIG + (
         f'[sync]\nindex_command = ["{sys.executable}", "{indexer}", "{{project_id}}", '
         '"--user={user_id}"]\n'))
-    err = error_of(d, "jobs.submit", type="sync", as_user="alice", project_id="-rf")
-    assert (err["code"], err["data"]["field"]) == (-32602, "project_id"), err
-    assert "'-'" in err["message"]
+    # both types that run the indexer
+    for type in ("sync", "index"):
+        err = error_of(d, "jobs.submit", type=type, as_user="alice", project_id="-rf")
+        assert (err["code"], err["data"]["field"]) == (-32602, "project_id"), (type, err)
+        assert "'-'" in err["message"]
 
     # a dash inside an argument, or an id no argument begins with, is fine
     upstream = make_upstream(tmp_path / "upstream")
@@ -163,3 +166,28 @@ def test_an_id_that_would_begin_an_indexer_argument_may_not_start_with_a_dash(
     done = wait_terminal(d, job["id"])
     assert done["status"] == "completed", (done, joblog(d, job["id"]))
     assert '"argv": ["org/repo", "--user=-alice"]' in joblog(d, job["id"])
+
+
+@pytest.mark.parametrize("type", ["sync", "index"])
+def test_an_id_accepted_before_a_reload_put_it_first_in_an_argument_fails_its_job(
+        make_daemon: Any, tmp_path: Path, type: str) -> None:
+    """Submitted while the indexer's argv held no id, run after a reload put one first in
+    an argument: the job fails before the indexer runs, naming the id."""
+    indexer = tmp_path / "indexer.py"
+    indexer.write_text(INDEXER)
+    d = make_daemon()
+    upstream = make_upstream(tmp_path / "upstream")
+    clone(upstream, d.repos / "alice" / "-rf")
+    result_of(d, "admin.pause")
+    job = sync_as(d, "alice", "-rf") if type == "sync" else result_of(
+        d, "jobs.submit", type="index", as_user="alice", project_id="-rf")
+    d.config.write_text(FAST_CONFIG + (
+        f'[sync]\nindex_command = ["{sys.executable}", "{indexer}", "{{project_id}}"]\n'))
+    d.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: d.log().count("config_reloaded") == 1, what="the reload")
+    result_of(d, "admin.resume")
+    done = wait_terminal(d, job["id"])
+    assert done["status"] == "failed", done
+    assert "project_id '-rf'" in done["error"] and "checked again as the job starts" in (
+        done["error"]), done["error"]
+    assert '"argv"' not in joblog(d, job["id"])
