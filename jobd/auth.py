@@ -200,7 +200,7 @@ def scope(caller: Caller, as_user: str | None, as_admin: bool, as_role: str | No
     ``as_role: "user"`` (services and admins, with ``as_user``) gives the call exactly a
     plain user's rights for that user: what a web server sends for its ordinary users.
     With ``config``, a service may not act as a local admin (root, the daemon's user,
-    ``auth.admins``) unless ``as_admin``.
+    ``auth.admins``) unless ``as_admin``, and no call with ``as_role`` may.
     """
     if as_user is not None:
         check_id(as_user, "as_user")
@@ -226,6 +226,12 @@ def scope(caller: Caller, as_user: str | None, as_admin: bool, as_role: str | No
         if as_admin:
             raise InvalidParams('as_role "user" and as_admin contradict each other; '
                                 "send one of them", field="as_role")
+        # a plain user's rights for a local admin's name contradict each other too: a web
+        # account named root never sees root's jobs, whoever runs the web server
+        if _reserved(as_user, config):
+            raise Forbidden(f"{name} may not act as {as_user!r}, a local admin's name, with "
+                            'as_role "user" (a web account so named is not that admin)',
+                            field="as_user")
 
     if role is Role.SERVICE:
         if as_user is None:

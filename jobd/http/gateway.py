@@ -23,11 +23,14 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from fastapi import FastAPI, Header, HTTPException, Request, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+import structlog
+
 from jobd import logs
+from jobd.client import Client
 from jobd.config import ConfigError, Http, load
 from jobd.http import dashboard
 from jobd.auth import check_id
-from jobd.errors import InvalidParams
+from jobd.errors import InvalidParams, JobdError
 from jobd.http.api import Principal, failure, metrics_router, router
 
 __all__ = ["Gateway", "TokenCheck", "app", "main", "metrics_app", "serve"]
@@ -209,6 +212,30 @@ async def serve(gateway: Gateway, log_level: str) -> None:
     await asyncio.gather(*tasks)
 
 
+log = structlog.get_logger()
+
+
+def refusal(socket: str | None) -> str | None:
+    """Why jobd-http may not serve as the account it runs as, or None (SPEC §10: it acts
+    as a *service*). jobd knowing it as an admin (root, jobd's own user, ``auth.admins``)
+    would give every token with the admin claim a local admin's rights, such as running
+    any program as jobd's user, and every web user who bears a local admin's name that
+    admin's jobs. A jobd it cannot reach now is logged and left to the calls."""
+    try:
+        with Client(socket, timeout=10) as client:
+            caller = client.call("ping")["caller"]
+    except (JobdError, OSError) as e:
+        log.warning("gateway_role_unchecked", error=str(e))
+        return None
+    log.info("gateway_caller", user=caller["user"], role=caller["role"])
+    if caller["role"] != "admin":
+        return None
+    return (f"jobd knows this account ({caller['user']}) as an admin, so a token with the "
+            "admin claim would have a local admin's rights (it could run any program as "
+            "jobd's user); run jobd-http as the account listed in [auth] services of "
+            "jobd.toml, or give --allow-admin-account on a machine of your own")
+
+
 _FLAGS: list[tuple[str, str]] = [
     ("--listen", "HOST:PORT to serve on (default 127.0.0.1:8095)."),
     ("--jwt-secret-file", "File holding the HS256 secret."),
@@ -237,8 +264,13 @@ def _options(fn: Callable[..., Any]) -> Callable[..., Any]:
               help="jobd.toml holding [http] (default: jobd's, env JOBD_CONFIG).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info", show_default=True)
-def main(socket: str | None, config_file: str | None, log_level: str, **flags: str | None
-         ) -> None:
+@click.option("--allow-admin-account", is_flag=True,
+              help="Serve even when jobd knows this account as an admin (root, jobd's own "
+                   "user, auth.admins): tokens with the admin claim then have a local "
+                   "admin's rights. For a development machine; in production run jobd-http "
+                   "as the account in [auth] services.")
+def main(socket: str | None, config_file: str | None, log_level: str,
+         allow_admin_account: bool, **flags: str | None) -> None:
     """Serve jobd's REST API over HTTP, checking each call's bearer JWT."""
     try:
         http = load(config_file).http
@@ -248,5 +280,8 @@ def main(socket: str | None, config_file: str | None, log_level: str, **flags: s
         click.echo(f"jobd-http: {e}", err=True)
         sys.exit(1)
     logs.setup(log_level)
+    if not allow_admin_account and (why := refusal(gateway.socket)):
+        click.echo(f"jobd-http: {why}", err=True)
+        sys.exit(1)
     # uvicorn logs through the root logger that logs.setup configured
     asyncio.run(serve(gateway, log_level))

@@ -145,12 +145,15 @@ def events(response: httpx.Response) -> Iterator[dict[str, Any]]:
 class Gateway:
     """A real ``jobd-http`` process (``python -m jobd.http``) on a free loopback port."""
 
-    def __init__(self, root: Path, *args: str) -> None:
+    def __init__(self, root: Path, *args: str, as_admin_account: bool = True) -> None:
+        """``as_admin_account``: it runs as an account jobd knows as an admin (these tests
+        run as root), which jobd-http serves only when told to."""
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
-        self.argv = [sys.executable, "-m", "jobd.http", "--listen", f"127.0.0.1:{port}", *args]
+        self.argv = [sys.executable, "-m", "jobd.http", "--listen", f"127.0.0.1:{port}",
+                     *(["--allow-admin-account"] if as_admin_account else []), *args]
         self.stderr = root / f"jobd-http-{port}.stderr"
         #: the process's environment (None: this one's)
         self.env: dict[str, str] | None = None

@@ -249,6 +249,27 @@ def test_jobd_http_refuses_to_start_with_one_line(tmp_path: Path) -> None:
     assert "http.algorithm must be one of" in proc.stderr
 
 
+def test_jobd_http_will_not_serve_as_an_account_jobd_knows_as_an_admin(
+        daemon: Daemon, tmp_path: Path) -> None:
+    """Run as root, jobd-http would give each token with the admin claim root's rights
+    (any program run as jobd's user): it refuses, unless told it is a machine of one's own."""
+    (tmp_path / "secret").write_bytes(SECRET)
+    (tmp_path / "empty.toml").write_text("")
+    proc = subprocess.run([sys.executable, "-m", "jobd.http", "--config",
+                           str(tmp_path / "empty.toml"), "--socket", str(daemon.socket),
+                           "--jwt-secret-file", str(tmp_path / "secret"), "--listen",
+                           "127.0.0.1:1"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    last = proc.stderr.splitlines()[-1]
+    assert last.startswith("jobd-http: jobd knows this account (root) as an admin"), last
+    assert "[auth] services" in last and "--allow-admin-account" in last, last
+    # told so, it serves (the module's other gateways run so)
+    with Gateway(tmp_path, "--config", str(tmp_path / "empty.toml"), "--socket",
+                 str(daemon.socket), "--jwt-secret-file", str(tmp_path / "secret")) as g:
+        token = jwt.encode(claims(), SECRET, algorithm="HS256")
+        assert httpx.get(g.url + "/api/jobs", headers=bearer(token)).status_code == 200
+
+
 def test_metrics_are_for_admins_and_for_anyone_on_the_metrics_address(
         daemon: Daemon, tmp_path: Path) -> None:
     (tmp_path / "secret").write_bytes(SECRET)

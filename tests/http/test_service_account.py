@@ -89,7 +89,8 @@ def gateway(service: str, readable_gateway: dict[str, str], tmp_path: Path
     (shared / "secret").chmod(0o644)
     (shared / "jobd.toml").write_text(f'[http]\njwt_secret_file = "{shared / "secret"}"\n')
     (shared / "jobd.toml").chmod(0o644)
-    g = Gateway(tmp_path, "--config", str(shared / "jobd.toml"), "--socket", str(d.socket))
+    g = Gateway(tmp_path, "--config", str(shared / "jobd.toml"), "--socket", str(d.socket),
+                as_admin_account=False)
     g.argv = ["setpriv", f"--reuid={service}", f"--regid={service}", "--init-groups", "--",
               OTHER_UID_PYTHON, *g.argv[1:]]
     g.env = {"PATH": "/usr/bin:/bin", "HOME": "/", **readable_gateway}

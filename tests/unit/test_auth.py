@@ -367,3 +367,18 @@ def test_a_service_may_not_act_as_root_or_an_admin() -> None:
         # as one of the web server's own admins it may
         assert auth.scope(SERVICE, name, True, config=config).user_id is None
     assert auth.scope(SERVICE, "alice", False, config=config).user_id == "alice"
+
+
+def test_no_one_gives_a_local_admins_name_a_plain_users_rights() -> None:
+    """A web server run as an admin (root, say) sends what a service sends: a web account
+    named root, with as_role "user", is refused as it is through a service, not shown
+    root's jobs; without as_role an admin still acts for any user."""
+    config = Config(socket=CONFIG.socket, db=CONFIG.db,
+                    auth=Auth(admins=("root", "ops-lead"), services=("cidx",)))
+    own = pwd.getpwuid(os.getuid()).pw_name
+    for name in ("root", own, "ops-lead"):
+        with pytest.raises(Forbidden) as caught:
+            auth.scope(ADMIN, name, False, "user", config=config)
+        assert caught.value.data()["field"] == "as_user", caught.value.message
+        assert auth.scope(ADMIN, name, False, config=config).user_id == name
+    assert auth.scope(ADMIN, "alice", False, "user", config=config).user_id == "alice"
