@@ -113,12 +113,23 @@ def parse_result(line: bytes) -> dict[str, Any] | None:
     if not text.startswith(b'{"result"') or len(text) > MAX_RESULT:
         return None
     try:
-        obj = json.loads(text)
-    except ValueError:  # not JSON, or not UTF-8
+        obj = json.loads(text, parse_constant=_not_json, parse_float=_finite_float)
+    except ValueError:  # not JSON (NaN, Infinity and 1e999 are not either), or not UTF-8
         return None
     if isinstance(obj, dict) and len(obj) == 1 and isinstance(obj.get("result"), dict):
         return obj["result"]
     return None
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is past a float's range")
+    return value
 
 
 class Passes:

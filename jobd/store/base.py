@@ -32,6 +32,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import json
+import math
 import time
 from typing import (Any, Callable, Collection, ContextManager, Iterator, Mapping, Protocol,
                     Sequence, TypeVar)
@@ -84,17 +85,33 @@ def _job(row: Sequence[Any]) -> Job:
     )
 
 
-#: compact JSON, its encoder made once (``jobd.jsonenc``)
-_encode = jsonenc.encoder(separators=(",", ":"), ensure_ascii=False)
+#: compact JSON, its encoder made once (``jobd.jsonenc``); NaN and infinities are refused:
+#: SQLite's JSON functions and PostgreSQL's ``json`` refuse them, and every listing of a
+#: row holding one would fail
+_encode = jsonenc.encoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def _dumps(value: Any) -> str:
-    text = _encode(value)
+    try:
+        text = _encode(value)
+    except ValueError:  # a non-finite number (clients' are refused; a program's result)
+        return _encode(_clean(_finite(value)))
     if _text(text) is text:
         return text
     # a lone surrogate somewhere: escape it in the text itself, so the stored JSON decodes
     # to valid text again (an escaped surrogate would decode back into a surrogate)
     return _encode(_clean(value))
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every NaN and infinite number replaced by None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _clean(value: Any) -> Any:

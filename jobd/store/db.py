@@ -90,6 +90,15 @@ def repair_json(conn: sqlite3.Connection) -> None:
         log.warning("store_json_repaired", seq=seq)
 
 
+def repair_results(conn: sqlite3.Connection) -> None:
+    """Migration 9's Python step: make stored results that SQLite's JSON functions refuse
+    valid again, as ``repair_json`` does options and metadata."""
+    from jobd.store.sqlite import repaired
+    for seq, result in conn.execute(QUERIES["find_broken_results"]).fetchall():
+        conn.execute(QUERIES["repair_result"], {"seq": seq, "result": repaired(result)})
+        log.warning("store_json_repaired", seq=seq, column="result")
+
+
 def count_finished(conn: sqlite3.Connection, now: int | None = None) -> None:
     """Migration 8's Python step, after its SQL: count the stored jobs that ended in the
     35 days before ``now`` (µs) in ``admin.stats``' finished counts, as their ends would
@@ -99,7 +108,8 @@ def count_finished(conn: sqlite3.Connection, now: int | None = None) -> None:
 
 
 #: Python run before a migration's SQL, by migration number
-PYTHON_STEPS: dict[int, Callable[[sqlite3.Connection], None]] = {3: repair_json}
+PYTHON_STEPS: dict[int, Callable[[sqlite3.Connection], None]] = {3: repair_json,
+                                                                9: repair_results}
 #: Python run after a migration's SQL, by migration number
 PYTHON_AFTER: dict[int, Callable[[sqlite3.Connection], None]] = {8: count_finished}
 

@@ -12,7 +12,6 @@ writer thread (the only one that changes them) and undone with a write that fail
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import sqlite3
@@ -27,7 +26,7 @@ import structlog
 from jobd.paths import segment
 from jobd.state import make_private_dir
 from jobd.store.base import (CLEANUP_CHUNK, WEIGHT_BYTES, BaseStore, Listeners, Sweeps, _dumps,
-                             now_us)
+                             _finite, now_us)
 from jobd.store.db import Checkpointer, SqliteDriver, connect, create_private, migrate
 from jobd.store.errors import Corrupt, StoreClosed, StoreError, from_sqlite
 from jobd.store.sql import QUERIES
@@ -58,17 +57,6 @@ def repaired(text: str | None) -> str | None:
     except (ValueError, RecursionError):
         value = {"unreadable": text}
     return _dumps(value)
-
-
-def _finite(value: Any) -> Any:
-    """``value`` with every NaN and infinite number replaced by None."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _finite(v) for key, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
 
 
 def manifest_file(state_dir: Path, user_id: str, project_id: str) -> Path:

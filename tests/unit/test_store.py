@@ -900,7 +900,8 @@ def test_queries_use_indexes(store: Store, clock: Clock, db: StoreDb) -> None:
         lambda tx: tx.conn.execute("SELECT sql FROM sqlite_stmt").fetchall())}
     # a migration's one-time statements may scan; the queries of daily work may not
     one_time = [*(script for _, _, script in MIGRATIONS), QUERIES["find_broken_json"],
-                QUERIES["repair_json"], QUERIES["queued_per_user"]]
+                QUERIES["repair_json"], QUERIES["find_broken_results"],
+                QUERIES["repair_result"], QUERIES["queued_per_user"]]
     queries = {s for s in statements if " jobs" in s and "sqlite_stmt" not in s
                and s.lstrip().upper().startswith(("SELECT", "UPDATE", "DELETE"))
                and not any(s.strip() in m for m in one_time)}
@@ -939,6 +940,17 @@ def test_an_end_records_what_the_attempt_left(store: Store) -> None:
         assert done.message == given.get("message", "half")
         assert done.phase == "indexing" and not done.cancel_requested
         assert store.get_job(job.id) == done
+
+
+def test_a_result_holding_nan_or_infinity_is_stored_with_nulls(store: Store) -> None:
+    """SQLite's JSON functions and PostgreSQL's json refuse NaN and infinities: stored as
+    Python writes them, the row failed every listing it was in."""
+    job = store.start_job(submit(store).id)
+    done = store.finish_job(job.id, JobStatus.COMPLETED, result={
+        "nan": float("nan"), "big": [float("inf"), -float("inf"), 1.5], "s": "NaN"})
+    expected = {"nan": None, "big": [None, None, 1.5], "s": "NaN"}
+    assert done.result == expected and store.get_job(job.id).result == expected
+    assert [json.loads(row[3])["result"] for row in store.list_wire(limit=5)] == [expected]
 
 
 @pytest.mark.parametrize("end", [JobStatus.COMPLETED, JobStatus.FAILED])

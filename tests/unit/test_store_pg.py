@@ -101,6 +101,31 @@ def test_two_stores_opening_a_new_database_at_once_one_opens_one_is_told_why(
             s.close()
 
 
+def test_the_migration_repairs_results_stored_with_nan_and_infinity(pg_dsn: str) -> None:
+    """Migration 7: a program's result line with NaN was stored as Python writes it, and
+    every read of the job failed at its ``::json``; run again over such rows, it keeps
+    their text readable (and leaves valid ones, "NaN" in a string too, as they are)."""
+    from jobd.store.postgres import MIGRATIONS
+    store = open_store(pg_dsn)
+    try:
+        ids = [store.finish_job(store.start_job(submit(store).id).id,
+                                JobStatus.COMPLETED).id for _ in range(4)]
+        broken = ['{"x":NaN,"l":[Infinity,-Infinity,1]}', '{"s":"NaN"}', '{"a":NaN,',
+                  '{"n":1.5}']
+        with connect(pg_dsn) as conn:
+            for job_id, result in zip(ids, broken):
+                conn.execute("UPDATE jobs SET result = %s WHERE id = %s", (result, job_id))
+            number, name, script = next(m for m in MIGRATIONS if m[0] == 7)
+            assert name == "0007_finite_results.sql"
+            conn.execute(script)
+        assert [store.get_job(i).result for i in ids] == [
+            {"unreadable": '{"x":NaN,"l":[Infinity,-Infinity,1]}'}, {"s": "NaN"},
+            {"unreadable": '{"a":NaN,'}, {"n": 1.5}]
+        assert len(store.list_wire(limit=10)) == 4
+    finally:
+        store.close()
+
+
 def test_a_database_from_a_newer_jobd_is_refused(pg_dsn: str) -> None:
     from jobd.store.postgres import MIGRATIONS
     open_store(pg_dsn).close()

@@ -165,6 +165,27 @@ def test_the_migration_repairs_stored_nan_and_infinity(tmp_path: Path) -> None:
         store.close()
 
 
+def test_the_migration_repairs_results_stored_with_nan_and_infinity(tmp_path: Path) -> None:
+    """Migration 9: a program's result line with NaN was stored as Python writes it."""
+    db = tmp_path / "old.db"
+    Store(db, synchronous="normal").open().close()
+    with raw(db) as conn:
+        conn.execute("PRAGMA user_version = 8")
+        for job_id, result in (("j1", '{"x":NaN,"l":[Infinity,-Infinity,1],"s":"NaN"}'),
+                               ("j2", '{"ok":1}'), ("j3", None)):
+            conn.execute("INSERT INTO jobs (id, type, user_id, status, result, version, "
+                         "created_at, updated_at, started_at, completed_at) VALUES "
+                         "(?, 'noop', 'alice', 'completed', ?, 1, 1, 1, 1, 1)",
+                         (job_id, result))
+    store = Store(db, synchronous="normal").open()
+    try:
+        assert store.get_job("j1").result == {"x": None, "l": [None, None, 1], "s": "NaN"}
+        assert store.get_job("j2").result == {"ok": 1} and store.get_job("j3").result is None
+        assert len(store.list_wire(limit=5)) == 3  # SQLite's json() takes the row again
+    finally:
+        store.close()
+
+
 def test_the_migration_repair_keeps_strings_and_keeps_unparsable_text(tmp_path: Path) -> None:
     db = tmp_path / "old.db"
     conn = sqlite3.connect(db, isolation_level=None)

@@ -359,3 +359,11 @@ FROM jobs WHERE NOT json_valid(options) OR NOT json_valid(metadata)
 -- Migration 3's repair: one row's options and metadata written back (NULL: as it was)
 UPDATE jobs SET options = ifnull(:options, options), metadata = ifnull(:metadata, metadata)
 WHERE seq = :seq
+
+-- find_broken_results --
+-- Migration 9's repair: rows whose result SQLite's JSON refuses (a program's NaN)
+SELECT seq, result FROM jobs WHERE result IS NOT NULL AND NOT json_valid(result)
+
+-- repair_result --
+-- Migration 9's repair: one row's result written back
+UPDATE jobs SET result = :result WHERE seq = :seq
