@@ -26,8 +26,8 @@ import structlog
 
 from jobd.models import NOTE_MARK, is_note  # is_note: the rule clients share lives in models
 
-__all__ = ["JobLog", "Stream", "delete", "end", "is_note", "note_lines", "path", "read",
-           "remove_strays", "since", "tail"]
+__all__ = ["JobLog", "Stream", "delete", "end", "is_note", "note_lines", "page", "path",
+           "read", "remove_strays", "since", "tail"]
 
 _log = structlog.get_logger()
 
@@ -318,6 +318,25 @@ def read(log: Path, offset: int, limit: int) -> tuple[bytes, int]:
     finally:
         os.close(fd)
     return data, start + len(data)
+
+
+def page(data: bytes, next_offset: int) -> tuple[str, int]:
+    """A page of log bytes as text, and where the next page begins: a UTF-8 character
+    that the page's end cuts in two is left to the next page whole, rather than decoded
+    into U+FFFD here and its last bytes into more of them there. A page that holds only
+    such a piece (the log's end, or a limit under 4 bytes) is decoded as it is, invalid
+    bytes replaced, so that paging always moves on."""
+    cut = 0
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte < 0x80:  # ASCII: no character is cut
+            break
+        if byte >= 0xC0:  # the lead byte of a character of 2, 3 or 4 bytes
+            cut = back if back < (2 if byte < 0xE0 else 3 if byte < 0xF0 else 4) else 0
+            break
+    if 0 < cut < len(data):
+        data, next_offset = data[:-cut], next_offset - cut
+    return data.decode("utf-8", "replace"), next_offset
 
 
 def end(log: Path) -> int:

@@ -680,8 +680,9 @@ class Manager:
             data = told[offset:offset + limit_bytes]
             next_offset = offset + len(data)
             more = next_offset < len(told)
-        return {"data": data.decode("utf-8", "replace"), "next_offset": next_offset,
-                "eof": job.terminal and not more}
+        text, whole = joblogs.page(data, next_offset)
+        return {"data": text, "next_offset": whole,
+                "eof": job.terminal and not more and whole == next_offset}
 
     # -- changing ------------------------------------------------------------------------
 

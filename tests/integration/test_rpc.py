@@ -533,6 +533,31 @@ def test_logs_page_by_offset_until_eof(jd: Daemon) -> None:
     assert last == {"data": "", "next_offset": 2**63 - 1001, "eof": True}
 
 
+def test_a_character_a_log_page_would_cut_comes_whole_in_the_next(jd: Daemon) -> None:
+    """Pages end where a byte limit says, characters do not: one of 2, 3 or 4 bytes cut by
+    the limit is left to the next page, so paging gives the text the whole log gives."""
+    code = "print('h\u00e9 \u20ac\U0001F600 ' * 400)\nprint('\u20ac' * 999)\n"
+    job = python_job(jd, user(), code)
+    until_status(jd, job["id"], "completed")
+    whole = ok(jd, "jobs.logs", job_id=job["id"], limit_bytes=1 << 20)
+    assert "\ufffd" not in whole["data"] and whole["eof"] is True
+    for limit in (4, 5, 7, 1000, 65536):
+        text, offset = "", 0
+        while True:
+            page = ok(jd, "jobs.logs", job_id=job["id"], offset=offset, limit_bytes=limit)
+            assert page["next_offset"] > offset and len(page["data"].encode()) <= limit
+            text += page["data"]
+            offset = page["next_offset"]
+            if page["eof"]:
+                break
+        assert text == whole["data"] and offset == whole["next_offset"], limit
+    # a limit below a character's size still moves on (the piece decoded as U+FFFD)
+    start = whole["data"].index("\u20ac")
+    at = len(whole["data"][:start].encode())
+    assert ok(jd, "jobs.logs", job_id=job["id"], offset=at, limit_bytes=2) == {
+        "data": "\ufffd", "next_offset": at + 2, "eof": False}
+
+
 def test_logs_of_a_running_job_are_not_at_eof(jd: Daemon) -> None:
     job = python_job(jd, user(), "import time; print('started', flush=True); time.sleep(30)")
     until_status(jd, job["id"], "running")
