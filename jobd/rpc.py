@@ -16,6 +16,7 @@ hostile lines are logged once per connection.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import concurrent.futures
 import contextvars
@@ -47,7 +48,8 @@ __all__ = ["MAX_DEPTH", "Rpc", "error_line"]
 
 log = structlog.get_logger()
 
-_FIELD = re.compile(r"argument:? '(\w+)'")
+#: the param a signature check names, as ``inspect`` quotes it (``repr``: any name)
+_FIELD = re.compile(r"""argument:? ('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")""")
 #: SPEC §4: JSON nested deeper than this is refused before it is decoded
 MAX_DEPTH = 64
 _STRING = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"')  # possessive: no backtracking
@@ -393,7 +395,7 @@ class Rpc:
         elif error["code"] == errors.InvalidParams.code:
             m = _FIELD.search(detail or "")
             err = errors.InvalidParams(f"invalid params: {detail}",
-                                       field=m.group(1) if m else None)
+                                       field=ast.literal_eval(m.group(1)) if m else None)
         else:
             log.error("rpc_library_error", code=error["code"], detail=detail)
             err = errors.InternalError()

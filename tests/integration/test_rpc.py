@@ -775,6 +775,11 @@ def test_method_not_found(jd: Daemon) -> None:
     ("jobs.submit", {"type": "noop", "timeout_s": -1}, "timeout_s"),
     ("jobs.submit", {"type": "sync", "project_id": "p", "options": {"branch": "-x"}}, None),
     ("admin.stats", {"verbose": True}, "verbose"),
+    # a name no keyword argument could have is named all the same
+    ("jobs.get", {"job_id": "00000000-0000-0000-0000-000000000000", "as-user": 1}, "as-user"),
+    ("ping", {"a b": 1}, "a b"),
+    ("ping", {"it's": 1}, "it's"),
+    ("ping", {"": 1}, ""),
 ])
 def test_invalid_params_name_the_field(jd: Daemon, method: str, params: dict[str, Any],
                                        field: str | None) -> None:
