@@ -23,6 +23,7 @@ import socket
 import stat
 import struct
 import termios
+import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -118,13 +119,19 @@ class Connection:
     timer work at all.
     """
 
-    __slots__ = ("caller", "transport", "deadline", "reason", "timer", "timed_out",
-                 "held", "refusals", "_server")
+    __slots__ = ("transport", "deadline", "reason", "timer", "timed_out", "held",
+                 "refusals", "_server", "_caller", "_gid", "_known", "_known_at")
 
-    def __init__(self, server: Server, caller: auth.Caller,
+    #: how long a connection's caller (its groups, and so its role) is taken as known
+    KNOWN_S = 60.0
+
+    def __init__(self, server: Server, caller: auth.Caller, gid: int,
                  transport: asyncio.BaseTransport) -> None:
         self._server = server
-        self.caller = caller
+        self._caller = caller
+        self._gid = gid
+        self._known = server.config  # the config the caller was identified under
+        self._known_at = time.monotonic()
         self.transport = transport
         self.deadline: float | None = None   # None while a request is being answered
         self.reason = ""
@@ -132,6 +139,26 @@ class Connection:
         self.timed_out = ""
         self.held = 0        # bytes reserved in the server's answer memory
         self.refusals = 0    # hostile lines refused so far
+
+    @property
+    def caller(self) -> auth.Caller:
+        """Who calls, as of now: identified again once a reload changed the config (an
+        admin removed from ``auth.admins``) or KNOWN_S after the last time (a user's groups
+        changed), so a role is decided per call (SPEC §1), not kept for as long as the
+        connection stays open."""
+        caller, config = self._caller, self._server.config
+        if config is not self._known or time.monotonic() - self._known_at > self.KNOWN_S:
+            try:
+                caller = auth.identify(caller.uid, self._gid, caller.pid, config)
+            except OSError:  # the password or group database is unreadable: as it was
+                pass
+            else:
+                if caller.role is not self._caller.role:
+                    log.info("caller_role_changed", user=caller.user, uid=caller.uid,
+                             role=str(caller.role), was=str(self._caller.role))
+                self._caller = caller
+            self._known, self._known_at = config, time.monotonic()
+        return caller
 
     @property
     def max_response_bytes(self) -> int:
@@ -236,6 +263,11 @@ class Server:
     def limits(self) -> Any:
         """The ``[server]`` section in force (a reload may change it)."""
         return self._config.server
+
+    @property
+    def config(self) -> Config:
+        """The config in force (a reload replaces it): whom ``[auth]`` lists."""
+        return self._config
 
     def reconfigure(self, config: Config) -> None:
         """Use ``config``'s ``[server]`` limits and timeouts for new connections and lines.
@@ -354,7 +386,7 @@ class Server:
 
         task = asyncio.current_task()
         assert task is not None
-        conn = Connection(self, caller, transport)
+        conn = Connection(self, caller, gid, transport)
         self._conns[task] = conn
         if not exempt:
             self._per_uid[uid] += 1

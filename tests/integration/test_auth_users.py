@@ -10,11 +10,16 @@ the table is checked, so every job keeps the state the checks expect.
 from __future__ import annotations
 
 import json
+import shutil
+import signal
+import tempfile
+import threading
+from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
-from conftest import Daemon, LocalAccounts, clone, make_upstream
+from conftest import Daemon, LocalAccounts, clone, make_upstream, wait_for
 
 pytestmark = pytest.mark.root
 
@@ -403,3 +408,56 @@ def test_a_service_acts_for_web_identities_and_drains_as_admin(world: World) -> 
     assert got["cancel"]["result"]["status"] == "cancelled"
     world.run(ALICE, "user", [("maintenance", "admin.maintenance", {}, FORBIDDEN),
                               ("as a web user", "jobs.list", {"as_user": web}, FORBIDDEN)])
+
+
+#: runs as the test user: one connection, a ping and admin.stats; says it is ready (a file in
+#: the folder given), then the same again once the folder holds ``reloaded``
+HELD = r"""
+import json, os, socket, sys, time
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.connect(sys.argv[1])
+stream = sock.makefile("rwb")
+def call(i, method):
+    stream.write(json.dumps({"jsonrpc": "2.0", "id": i, "method": method}).encode() + b"\n")
+    stream.flush()
+    print(stream.readline().decode().strip(), flush=True)
+call(0, "ping"); call(1, "admin.stats")
+open(os.path.join(sys.argv[2], "ready"), "w").close()
+deadline = time.monotonic() + 20
+while not os.path.exists(os.path.join(sys.argv[2], "reloaded")) and time.monotonic() < deadline:
+    time.sleep(0.02)
+call(2, "ping"); call(3, "admin.stats")
+"""
+
+
+def test_a_role_taken_away_by_a_reload_is_gone_from_open_connections(
+        local_accounts: LocalAccounts, tmp_path: Path) -> None:
+    """SPEC §1: a reload applies ``[auth]`` at once, the role decided per call: an admin by
+    group removed from ``auth.admins`` is a plain user on the connection it kept open."""
+    local_accounts.group(ADMINS_GROUP)
+    local_accounts.user(CAROL, groups=(ADMINS_GROUP,))
+    d = Daemon(tmp_path / "jobd", CONFIG)
+    d.socket.parent.chmod(0o755)
+    d.start()
+    flags = Path(tempfile.mkdtemp(prefix="jobd-flags-"))  # where the user can reach it
+    flags.chmod(0o777)
+    out: list[str] = []
+    client = threading.Thread(target=lambda: out.append(local_accounts.run_as(
+        CAROL, [local_accounts.python, "-c", HELD, str(d.socket), str(flags)])))
+    client.start()
+    try:
+        wait_for(lambda: (flags / "ready").exists(), timeout=20, what="the client's first calls")
+        d.config.write_text(CONFIG.replace(f', "@{ADMINS_GROUP}"', ""))
+        d.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "config_reloaded" in d.log(), what="the reload")
+        (flags / "reloaded").write_text("")
+        client.join(30)
+        answers = [json.loads(line) for line in out[0].splitlines()]
+        assert [a["result"]["caller"]["role"] for a in (answers[0], answers[2])] == [
+            "admin", "user"], answers
+        assert "result" in answers[1] and answers[3]["error"]["code"] == FORBIDDEN, answers
+        assert "caller_role_changed" in d.log()
+    finally:
+        client.join(30)
+        shutil.rmtree(flags, ignore_errors=True)
+        assert d.stop() == 0
