@@ -304,6 +304,7 @@ async def _serve(config: Config, reload: Callable[[], Config]) -> int:
     log.info("jobd_stopping")
     notify("STOPPING=1\nSTATUS=stopping: finishing running jobs")
     rpc.shutting_down = True
+    engine.stop_dispatching()  # before the server's last calls end, which may take seconds
     hub.close()  # long polls answer now, so they do not hold up the stop
     change_log.close()
     watchdog.cancel()

@@ -435,8 +435,15 @@ class Engine:
                 self.store.requeue_job(job.id, reason="recovered after restart", recovered=True)
                 bound.info("job_recovered", phase=job.phase)
 
+    def stop_dispatching(self) -> None:
+        """A stop's first step (SPEC §6: stop accepting and dispatching): no job starts
+        from now on, not even in the slot of one that ends while the server finishes the
+        calls under way; ``stop`` then stops the running ones."""
+        self.dispatcher.set_paused(True)
+
     def stop(self) -> None:
         """Stop dispatching, stop running jobs, requeue what is resumable."""
+        self.stop_dispatching()
         with self._lock:  # an attempt starting now sees _stopping once registered (_run)
             self._stopping = True
             contexts = list(self._contexts.values())
@@ -444,7 +451,6 @@ class Engine:
                 ctx = self._contexts.get(job_id)
                 if ctx is None or ctx.attempt is not attempt:
                     attempt.request_stop(StopReason.SHUTDOWN)  # told by its context (_run)
-        self.dispatcher.set_paused(True)
         self.kick()
         for ctx in contexts:
             ctx.stop(StopReason.SHUTDOWN)

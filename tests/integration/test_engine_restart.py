@@ -3,8 +3,11 @@ and the scheduled cleanup (SPEC §6)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -201,3 +204,33 @@ def test_cleanup_on_schedule_forgets_old_jobs_and_their_logs(
                          for e in d.log_events()), timeout=5, what="cleanup_finished logged")
     # an active job is never touched
     assert result_of(d, "jobs.get", job_id=active["id"])["status"] in ("queued", "running")
+
+
+def test_after_sigterm_no_queued_job_starts_while_the_last_calls_are_answered(
+        make_daemon: Callable[..., Daemon]) -> None:
+    """SPEC §6: a stop first stops dispatching. The server gives the calls under way a few
+    seconds (here a client that does not read its big answer); a job ending meanwhile
+    must not hand its slot to a queued one, which the stop would then cut short."""
+    d = make_daemon(config=FAST_CONFIG.replace("[execution]", "[execution]\nworkers = 1"))
+    result_of(d, "admin.pause")
+    for _ in range(150):  # a jobs.list answer of about 9 MB
+        result_of(d, "jobs.submit", type="noop", metadata={"blob": "x" * 60_000})
+    result_of(d, "jobs.cancel", filter={"status": "queued"})
+    result_of(d, "admin.resume")
+    first = result_of(d, "jobs.submit", type="noop", options={"seconds": 1.5})
+    queued = result_of(d, "jobs.submit", type="command", options={"argv": ["sleep", "30"]})
+    wait_for(lambda: result_of(d, "jobs.get", job_id=first["id"])["status"] == "running",
+             what="the first job to start")
+    with socket.socket(socket.AF_UNIX) as reader:
+        reader.connect(str(d.socket))
+        reader.sendall(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "jobs.list",
+                                   "params": {"limit": 1000}}).encode() + b"\n")
+        time.sleep(0.3)
+        assert d.stop(signal.SIGTERM, timeout=15) == 0
+    # never started before the stop: it starts after the restart, its first attempt
+    d.start()
+    wait_for(lambda: result_of(d, "jobs.get", job_id=queued["id"])["status"] == "running",
+             what="the queued job to start after the restart")
+    events = result_of(d, "jobs.events", job_id=queued["id"])
+    assert [e["status"] for e in events] == ["created", "queued", "running"], events
+    assert result_of(d, "jobs.get", job_id=queued["id"])["attempts"] == 1
