@@ -143,11 +143,15 @@ def since(seconds: float, now_us: int) -> str:
     return iso(now_us - int(seconds * 1_000_000)) or ""
 
 
-def _resolve(client: Client, ref: str) -> str:
-    """The id that JOB names; a malformed or ambiguous JOB is a usage error (exit 2)."""
+def _resolve(st: _State, ref: str) -> str:
+    """The id that JOB names; a malformed or ambiguous JOB is a usage error (exit 2), said
+    in JSON on stderr with --json."""
     try:
-        return str(client.resolve(ref))
+        return str(st.client.resolve(ref))
     except errors.InvalidParams as e:
+        if st.json:
+            _refused(st, e)
+            raise click.exceptions.Exit(EXIT_USAGE) from None
         raise click.BadParameter(e.message, param_hint="JOB") from None
 
 
@@ -742,7 +746,7 @@ def status(st: _State, job: str, follow: bool, timeout: float | None) -> None:
       jobctl status 3f2a
       jobctl status 3f2a --follow --timeout 10m
     """
-    found = st.client.get(_resolve(st.client, job))
+    found = st.client.get(_resolve(st, job))
     if follow:
         _follow(st, found, timeout, stream_json=st.json)
     _show(st, found, render.job_detail(found, _now_us()))
@@ -825,9 +829,10 @@ def _bulk(st: _State, verb: str, refs: tuple[str, ...], where: dict[str, Any] | 
         ids = []
         for ref in refs:
             try:
-                ids.append(_resolve(st.client, ref))
-            except errors.JobdError as e:
-                codes.append(_refused(st, e, ref))
+                ids.append(str(st.client.resolve(ref)))
+            except errors.JobdError as e:  # each job's own: the others are still done
+                code = _refused(st, e, ref)
+                codes.append(EXIT_USAGE if isinstance(e, errors.InvalidParams) else code)
         _confirm(st, verb, ids, yes)
         for job_id in ids:
             try:
@@ -917,7 +922,7 @@ def events(st: _State, job: str) -> None:
     \b
       jobctl events 3f2a
     """
-    history = st.client.events(_resolve(st.client, job))
+    history = st.client.events(_resolve(st, job))
     _show(st, history, render.events_table(history))
 
 
@@ -943,7 +948,7 @@ def logs(st: _State, job: str, follow: bool, tail_n: int | None,
       jobctl logs 3f2a
       jobctl logs 3f2a --tail 20 --follow
     """
-    job_id = _resolve(st.client, job)
+    job_id = _resolve(st, job)
     offset, eof, data = 0, False, []
     try:
         if tail_n is not None:

@@ -620,6 +620,20 @@ def test_errors_with_json_are_json_on_stderr(jd: Daemon, who: str) -> None:
     assert proc.returncode == 69
     assert json.loads(proc.stderr)["error"]["data"]["http_status"] == 503
 
+    # a JOB that is no prefix at all: a usage error (2), in JSON too
+    for args in (("status", "zz!?"), ("events", "zz!?"), ("logs", "zz!?")):
+        proc = jobctl(jd, "--as-user", who, "--json", *args)
+        assert proc.returncode == 2 and proc.stdout == "", (args, proc.stderr)
+        assert json.loads(proc.stderr)["error"]["code"] == -32602, (args, proc.stderr)
+    # among several jobs, it is that job's error; the others are done
+    job = submit(jd, who, "noop", options={"seconds": 30})
+    proc = jobctl(jd, "--as-user", who, "--json", "cancel", "zz!?", job["id"][:8], "--yes")
+    assert proc.returncode == 2, proc.stderr
+    assert json.loads(proc.stderr.splitlines()[0])["error"]["code"] == -32602, proc.stderr
+    assert [j["id"] for j in json.loads(proc.stdout)] == [job["id"]]
+    with jd.client() as c:
+        c.cancel(job["id"], wait=True)
+
 
 def test_version_names_both_sides(jd: Daemon) -> None:
     import jobd
