@@ -45,6 +45,8 @@ __all__ = [
 
 #: the longest response line read; a page of jobs.list with big metadata stays under it
 MAX_LINE_BYTES = 64 * 1024 * 1024
+#: how long a call whose line the daemon cut off waits for the answer it left
+_ANSWER_LEFT_S = 1.0
 
 _START_HINT = ("start it with `systemctl start jobd` (or `jobd serve` as yourself), "
                "or name its socket with JOBD_SOCKET")
@@ -584,7 +586,11 @@ class Client(_Api[Any]):
                     if safe and attempt == 1:
                         continue
                     raise _broken(self._path, method, None)
-                return _result(self._path, req_id, line)
+                try:
+                    return _result(self._path, req_id, line)
+                except errors.InvalidRequest:
+                    self._drop()  # the daemon closes the connection after such a line
+                    raise
         raise AssertionError("unreachable")  # the loop returns or raises
 
     def _stream(self, steps: _Steps) -> Iterator[Any]:
@@ -639,7 +645,16 @@ class Client(_Api[Any]):
     def _exchange(self, request: bytes, timeout: float | None) -> bytes:
         assert self._sock is not None
         self._sock.settimeout(timeout)
-        self._sock.sendall(request)
+        try:
+            self._sock.sendall(request)
+        except (BrokenPipeError, ConnectionResetError):
+            # the daemon refused the line before reading all of it (too long) and closed
+            # the connection: its answer is still there to be read
+            self._sock.settimeout(_ANSWER_LEFT_S)
+            left: bytes = self._reader.readline(MAX_LINE_BYTES + 1)
+            if not left.endswith(b"\n"):
+                raise
+            return left
         line: bytes = self._reader.readline(MAX_LINE_BYTES + 1)
         return line
 
@@ -779,7 +794,22 @@ class AsyncClient(_AsyncApi):
     async def _exchange(self, request: bytes) -> bytes:
         assert self._reader is not None and self._writer is not None
         self._writer.write(request)
-        await self._writer.drain()
+        try:
+            await self._writer.drain()
+        except (BrokenPipeError, ConnectionResetError):
+            # as ``Client._exchange``: the answer to a line refused before it was all read.
+            # A reset makes the reader raise before it gives what it holds, so what it
+            # holds is looked at first (StreamReader has no public way to see it)
+            held = bytes(getattr(self._reader, "_buffer", b""))
+            if (end := held.find(b"\n")) >= 0:
+                return held[:end + 1]
+            try:
+                async with asyncio.timeout(_ANSWER_LEFT_S):
+                    return await self._reader.readuntil(b"\n")
+            except (OSError, TimeoutError, asyncio.IncompleteReadError,
+                    asyncio.LimitOverrunError):
+                pass
+            raise
         return await self._reader.readuntil(b"\n")
 
     def _drop(self) -> None:

@@ -272,12 +272,33 @@ def test_a_submit_after_a_line_too_long_goes_out_on_a_new_connection(jd: Daemon,
         try:
             await pool.ping()
             for _ in range(3):
-                with pytest.raises((errors.InvalidRequest, errors.Unreachable)):
+                with pytest.raises(errors.InvalidRequest):
                     await pool.submit("noop", metadata={"x": "a" * (1100 << 10)})
                 job = await pool.submit("noop", options={"seconds": 0})
                 assert job["status"] in ("queued", "running", "completed")
         finally:
             await pool.close()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("size", [1100 << 10, 4 << 20])
+def test_a_line_the_daemon_cuts_off_is_an_invalid_request_not_a_broken_connection(
+        jd: Daemon, who: str, make: Any, size: int) -> None:
+    """SPEC §4: a line over max_message_bytes gets -32600 and the connection is closed.
+    Far over it, the daemon closes while the client still sends: the client reads the
+    answer left for it rather than reporting a connection that broke (whose call may or
+    may not have taken effect), and its next call goes out on a new connection."""
+    async def scenario() -> None:
+        client = make(socket=str(jd.socket), as_user=who)
+        try:
+            for _ in range(2):
+                e = await raises(errors.InvalidRequest, client, "submit", "noop",
+                                 metadata={"x": "a" * size})
+                assert e.code == -32600 and e.http_status == 400, e
+                assert (await call(client, "ping"))["caller"]["user"]
+        finally:
+            await close(client)
 
     asyncio.run(scenario())
 
