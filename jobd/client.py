@@ -261,12 +261,17 @@ def _call(method: str, **params: Any) -> _Steps:
 
 
 def _patient(method: str, params: dict[str, Any], deadline: float,
-             on_reconnect: OnReconnect | None, clock: Callable[[], float]) -> _Steps:
-    """A read call that outlasts a daemon restart: tried again until ``deadline``."""
+             on_reconnect: OnReconnect | None, clock: Callable[[], float],
+             ends_at: float | None = None) -> _Steps:
+    """A read call that outlasts a daemon restart: tried again until ``deadline``. None
+    when ``ends_at`` (the caller's own timeout) comes first: the wait is over, not the
+    daemon unreachable."""
     while True:
         try:
             return (yield _Call(method, params))
         except (Unreachable, Unavailable) as e:
+            if ends_at is not None and clock() >= ends_at:
+                return None
             if clock() >= deadline:
                 raise
             if on_reconnect is not None:
@@ -298,7 +303,10 @@ def _watch(job_id: str, timeout: float | None, reconnect_s: float,
             return
         poll = _POLL_S if left is None else min(_POLL_S, left)
         params = dict(job_id=job_id, after_version=job["version"], timeout_s=poll)
-        fresh = yield from _patient("jobs.wait", params, clock() + reconnect_s, note, clock)
+        fresh = yield from _patient("jobs.wait", params, clock() + reconnect_s, note, clock,
+                                    deadline)
+        if fresh is None:  # the timeout ran out while the daemon was away
+            return
         if fresh["version"] != job["version"] or fresh["status"] in _TERMINAL or lost:
             yield _Emit(fresh)
         job, lost = fresh, False
@@ -315,7 +323,9 @@ def _tail(job_id: str, follow: bool, offset: int, timeout: float | None, reconne
     version = None
     while True:
         page = yield from _patient("jobs.logs", dict(job_id=job_id, offset=offset),
-                                   clock() + reconnect_s, on_reconnect, clock)
+                                   clock() + reconnect_s, on_reconnect, clock, deadline)
+        if page is None:  # the timeout ran out while the daemon was away
+            return offset
         offset = page["next_offset"]
         if page["data"]:
             yield _Emit(page)
@@ -330,7 +340,9 @@ def _tail(job_id: str, follow: bool, offset: int, timeout: float | None, reconne
         params = dict(job_id=job_id, after_version=version,
                       timeout_s=_LOG_POLL_S if left is None else min(_LOG_POLL_S, left))
         job = yield from _patient("jobs.wait", params, clock() + reconnect_s, on_reconnect,
-                                  clock)
+                                  clock, deadline)
+        if job is None:
+            return offset
         version = job["version"]
 
 

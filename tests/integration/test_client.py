@@ -542,6 +542,33 @@ def test_watch_reconnects_across_a_restart_and_says_so(make_daemon: Any, make: A
     asyncio.run(scenario())
 
 
+def test_a_watch_and_a_tail_end_at_their_timeout_while_the_daemon_is_away(
+        make_daemon: Any, make: Any) -> None:
+    """A timeout bounds the wait, the daemon's absence too: the watch ends when it runs
+    out (jobctl then exits 4), not after the reconnect budget (30 s) with Unreachable."""
+    d = make_daemon()
+
+    async def scenario() -> None:
+        client = make(socket=d.socket)
+        try:
+            job = await call(client, "submit", "noop", options={"seconds": 60})
+            for method, args in (("watch", {}), ("tail", {"follow": True})):
+                if d.proc is None or d.proc.poll() is not None:
+                    d.start()
+                gone = threading.Timer(0.5, d.kill)  # while the watch long-polls
+                gone.start()
+                started = time.monotonic()
+                try:
+                    await collect(client, method, job["id"], timeout=2.0, **args)
+                finally:
+                    gone.join()
+                took = time.monotonic() - started
+                assert 1.9 < took < 5, (method, took)
+        finally:
+            await close(client)
+    asyncio.run(scenario())
+
+
 def test_permission_denied_explains_group_membership(tmp_path: Path) -> None:
     import errno as _errno
     from jobd.client import _connect_failure, _unreachable
