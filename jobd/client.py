@@ -834,7 +834,8 @@ class AsyncClient(_AsyncApi):
 
     async def close(self) -> None:
         async with self._lock:
-            writer = self._writer
+            # a stream of an earlier event loop is only forgotten (``_drop``)
+            writer = self._writer if self._loop is asyncio.get_running_loop() else None
             self._drop()
             if writer is not None:
                 with contextlib.suppress(OSError):
@@ -865,10 +866,21 @@ class AsyncClientPool(_AsyncApi):
         self.size = size
         # the members act for nobody: each call brings the scope of the pool (or view)
         self._members = [AsyncClient(socket, None, False, timeout) for _ in range(size)]
-        # binds to the event loop at its first use (Python ≥ 3.10), shared by every view
-        self._idle: asyncio.Queue[AsyncClient] = asyncio.Queue()
-        for member in self._members:
-            self._idle.put_nowait(member)
+        #: the free members and the event loop they wait in, shared by every view (a
+        #: queue belongs to the loop that first waits on it)
+        self._idle: dict[str, Any] = {"loop": None, "queue": None}
+
+    def _free(self) -> asyncio.Queue[AsyncClient]:
+        """The queue of free members in the running loop: under a new loop (another
+        ``asyncio.run``) every member is free again, and reconnects there."""
+        loop = asyncio.get_running_loop()
+        if self._idle["loop"] is not loop:
+            queue: asyncio.Queue[AsyncClient] = asyncio.Queue()
+            for member in self._members:
+                queue.put_nowait(member)
+            self._idle.update(loop=loop, queue=queue)
+        free: asyncio.Queue[AsyncClient] = self._idle["queue"]
+        return free
 
     def acting(self, as_user: str | None, *, as_admin: bool = False,
                as_role: str | None = None) -> AsyncClientPool:
@@ -885,11 +897,12 @@ class AsyncClientPool(_AsyncApi):
 
     async def call(self, method: str, **params: Any) -> Any:
         params, _, _ = self._prepare(method, params)
-        member = await self._idle.get()
+        free = self._free()
+        member = await free.get()
         try:
             return await member.call(method, **params)
         finally:
-            self._idle.put_nowait(member)
+            free.put_nowait(member)
 
     async def close(self) -> None:
         for member in self._members:

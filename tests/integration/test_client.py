@@ -308,6 +308,12 @@ def test_an_async_client_works_under_one_event_loop_after_another(jd: Daemon, wh
     # each run is a new event loop: the connection of the one before is no use in it
     for _ in range(3):
         assert asyncio.run(client.ping())
+    # and a pool, and its views, the same
+    pool = AsyncClientPool(2, socket=str(jd.socket), as_user=who)
+    view = pool.acting(who)
+    for _ in range(3):
+        assert asyncio.run(pool.ping()) and asyncio.run(view.ping())
+    asyncio.run(pool.close())
 
 
 def test_a_list_answer_over_64_kib_comes_through_intact(jd: Daemon, who: str,
