@@ -115,7 +115,9 @@ def main() -> int:
         gateway = f"http://127.0.0.1:{port}"
         procs.append(serve([sys.executable, "-m", "jobd.http", "--listen", f"127.0.0.1:{port}",
                             "--socket", str(daemon.socket), "--jwt-secret-file",
-                            str(root / "jwt.secret"), "--log-level", "warning"],
+                            str(root / "jwt.secret"), "--log-level", "warning",
+                            # the bench's jobd knows its own user as an admin
+                            "--allow-admin-account"],
                            gateway + "/api/jobs", root / "jobd-http.log"))
         reference = f"http://127.0.0.1:{ref_port}"
         procs.append(serve([sys.executable, "-c", _REFERENCE, str(ref_port)],
