@@ -819,7 +819,9 @@ def _bulk(st: _State, verb: str, refs: tuple[str, ...], where: dict[str, Any] | 
         while True:  # the daemon touches at most 1,000 a call, and says when there are more
             answer = call(filter=where)
             ids += answer["jobs"]
-            if not answer["more"]:
+            # more may match that no call will touch: a retry leaves out jobs whose work
+            # is queued already
+            if not answer["more"] or not answer["jobs"]:
                 break
         if not ids:
             _say(st, "no jobs match") if not st.json else _show_json([])

@@ -21,7 +21,7 @@ from typing import Any, Iterable, Protocol
 from jobd import jsonenc
 from jobd.config import Config
 from jobd.errors import Conflict, LimitExceeded, Unavailable
-from jobd.models import Job, JobStatus
+from jobd.models import Job
 
 __all__ = ["Rules", "View"]
 
@@ -96,31 +96,43 @@ class Rules:
             raise LimitExceeded(f"the queue is full ({total} jobs queued; max_queued_total)")
         return None
 
-    def retry(self, jobs: Iterable[Job], view: View) -> None:
-        """Refuse a retry of ``jobs`` while maintenance is on, or (LimitExceeded) one that
-        would take a user past ``max_queued_per_user``: all of them go back to the queue,
-        or none."""
+    def retry(self, jobs: Iterable[Job], view: View, *, fold: bool = False) -> list[Job]:
+        """The jobs of ``jobs`` to queue again; refused while maintenance is on, or
+        (LimitExceeded) when they would take a user past ``max_queued_per_user``: all of
+        them go back to the queue, or none.
+
+        A job whose work is already queued or running, or retried in this call, is a
+        Conflict naming that job; with ``fold`` (a retry by filter) it is left out
+        instead, as a submit of that work folds into the queued job: of several matched
+        jobs of one work the newest goes back, once.
+        """
         if self.refusal is not None:
             raise self.refusal
         jobs = list(jobs)
         retried: dict[tuple[str, str], Job] = {}
-        for job in jobs:
+        folded: set[str] = set()
+        for job in reversed(jobs) if fold else jobs:
             work = self.work(job)
             if work is None:
                 continue
             found = retried.get((job.user_id, work)) or view.same_work(job, work, running=True)
             if found is not None:
-                raise _duplicate(found, f"job {job.id} can't be retried")
+                if not fold:
+                    raise _duplicate(found, f"job {job.id} can't be retried")
+                folded.add(job.id)
+                continue
             retried[(job.user_id, work)] = job
+        jobs = [job for job in jobs if job.id not in folded]
         per_user = self.max_queued_per_user
         if per_user is None:
-            return
+            return jobs
         for user_id, count in Counter(job.user_id for job in jobs).items():
             queued = view.queued(user_id)
             if queued + count > per_user:
                 raise LimitExceeded(
                     f"user {user_id} already has {queued} queued jobs; retrying {count} more "
                     f"would pass max_queued_per_user ({per_user}); retry fewer, or later")
+        return jobs
 
     def work(self, job: Job) -> str | None:
         """``job``'s work key, or None when its type folds nothing (not exclusive, or no
@@ -134,8 +146,6 @@ class Rules:
 
 
 def _duplicate(found: Job, refused: str) -> Conflict:
-    if found.status in (JobStatus.QUEUED, JobStatus.RUNNING):
-        return Conflict(f"job {found.id} of the same work is already {found.status}: "
-                        f"{refused}; wait for that job to end, or cancel it", job_id=found.id)
-    return Conflict(f"job {found.id} of the same work is retried in this call: {refused}; "
-                    f"retry one of them", job_id=found.id)
+    """``found``, queued or running, is the same work as what ``refused`` says."""
+    return Conflict(f"job {found.id} of the same work is already {found.status}: "
+                    f"{refused}; wait for that job to end, or cancel it", job_id=found.id)

@@ -531,11 +531,13 @@ class BaseStore(abc.ABC):
     def retry_jobs(self, *, actor: str, limit: int, rules: Rules = _NO_RULES,
                    dry_run: bool = False, **filters: Any) -> tuple[list[Job], bool]:
         """``retry_job`` of each failed or cancelled job matching ``filters``, in one
-        transaction: all of them or, when ``rules`` refuse (a user's queue limit), none.
-        Returns as ``cancel_jobs`` does."""
+        transaction: all of them or, when ``rules`` refuse (a user's queue limit), none;
+        but a job of work already queued or running, or of the work of a newer one
+        retried here, is left as it is (``Rules.retry``'s fold). Returns as
+        ``cancel_jobs`` does."""
         def fn(tx: Tx) -> tuple[list[Job], bool]:
             rows, more = self._matching(tx, "status IN ('failed', 'cancelled')", limit, filters)
-            rules.retry(rows, _View(self, tx))
+            rows = rules.retry(rows, _View(self, tx), fold=True)
             if dry_run:
                 return rows, more
             return [self._retry(tx, job.id, actor, None) for job in rows], more

@@ -83,15 +83,33 @@ def failed_sync(store: Store, **changed: Any) -> Job:
     return store.finish_job(job.id, JobStatus.FAILED, error="boom")
 
 
+def test_a_retry_by_filter_queues_each_work_once_the_newest_of_its_jobs(
+        store: Store) -> None:
+    """Of several matched jobs of one work, the newest goes back, once (as a submit of
+    that work would fold into it); one whose work is queued already is left as it is.
+    Refusing them all would leave an outage's failed syncs of one repository failed."""
+    first, second = failed_sync(store), failed_sync(store)
+    other = failed_sync(store, branch="dev")
+    queued_work, again = failed_sync(store, branch="rel"), failed_sync(store, branch="rel")
+    store.retry_job(queued_work.id, actor="alice", rules=DEDUPE)  # again's work is queued
+    dry, _ = store.retry_jobs(actor="alice", limit=10, rules=DEDUPE, user_id="alice",
+                              dry_run=True)
+    assert [j.id for j in dry] == [second.id, other.id]
+    jobs, more = store.retry_jobs(actor="alice", limit=10, rules=DEDUPE, user_id="alice")
+    assert [j.id for j in jobs] == [second.id, other.id] and more is False
+    assert {j: store.get_job(j).status for j in (first.id, second.id, other.id, again.id)} == {
+        first.id: JobStatus.FAILED, second.id: JobStatus.QUEUED, other.id: JobStatus.QUEUED,
+        again.id: JobStatus.FAILED}
+    # nothing left to queue: an empty answer, not an error
+    assert store.retry_jobs(actor="alice", limit=10, rules=DEDUPE, user_id="alice") == (
+        [], False)
+
+
 def test_a_retry_of_work_queued_or_retried_with_it_is_refused_naming_the_job(
         store: Store) -> None:
     first, second = failed_sync(store), failed_sync(store)
     other = failed_sync(store, branch="dev")
-    # two failed jobs of one work retried together: none of them goes back
-    with pytest.raises(Conflict, match="retried in this call") as e:
-        store.retry_jobs(actor="alice", limit=10, rules=DEDUPE, user_id="alice")
-    assert e.value.data()["job_id"] == first.id
-    assert store.queued_count("alice") == 0
+    # two failed jobs of one work retried one by one: the second is refused
     assert store.retry_job(first.id, actor="alice", rules=DEDUPE).status is JobStatus.QUEUED
     with pytest.raises(Conflict, match="already queued") as e:
         store.retry_job(second.id, actor="alice", rules=DEDUPE)
