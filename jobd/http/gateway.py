@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,7 +31,7 @@ from jobd.client import Client
 from jobd.config import ConfigError, Http, load
 from jobd.http import dashboard
 from jobd.auth import check_id
-from jobd.errors import InvalidParams, JobdError
+from jobd.errors import InvalidParams, JobdError, Unavailable, Unreachable
 from jobd.http.api import Principal, failure, metrics_router, router
 
 __all__ = ["Gateway", "TokenCheck", "app", "main", "metrics_app", "serve"]
@@ -215,18 +216,29 @@ async def serve(gateway: Gateway, log_level: str) -> None:
 log = structlog.get_logger()
 
 
-def refusal(socket: str | None) -> str | None:
+#: how long jobd-http waits at its start for jobd to say whom it knows it as
+ASK_S = 15.0
+
+
+def refusal(socket: str | None, ask_s: float = ASK_S) -> str | None:
     """Why jobd-http may not serve as the account it runs as, or None (SPEC §10: it acts
     as a *service*). jobd knowing it as an admin (root, jobd's own user, ``auth.admins``)
     would give every token with the admin claim a local admin's rights, such as running
-    any program as jobd's user, and every web user who bears a local admin's name that
-    admin's jobs. A jobd it cannot reach now is logged and left to the calls."""
-    try:
-        with Client(socket, timeout=10) as client:
-            caller = client.call("ping")["caller"]
-    except (JobdError, OSError) as e:
-        log.warning("gateway_role_unchecked", error=str(e))
-        return None
+    any program as jobd's user. A jobd that does not answer within ``ask_s`` is a refusal
+    too: the account cannot be checked (under systemd, jobd's socket unit answers)."""
+    deadline = time.monotonic() + ask_s
+    while True:
+        try:
+            with Client(socket, timeout=10) as client:
+                caller = client.call("ping")["caller"]
+            break
+        except (Unreachable, Unavailable, OSError) as e:
+            if time.monotonic() >= deadline:
+                return (f"jobd did not answer within {ask_s:g} s ({e}), so jobd-http cannot "
+                        "check which account jobd knows it as; start jobd first")
+            time.sleep(0.5)
+        except JobdError as e:
+            return f"jobd refused to say which account it knows jobd-http as: {e}"
     log.info("gateway_caller", user=caller["user"], role=caller["role"])
     if caller["role"] != "admin":
         return None

@@ -263,6 +263,12 @@ def test_jobd_http_will_not_serve_as_an_account_jobd_knows_as_an_admin(
     last = proc.stderr.splitlines()[-1]
     assert last.startswith("jobd-http: jobd knows this account (root) as an admin"), last
     assert "[auth] services" in last and "--allow-admin-account" in last, last
+    # a jobd that does not answer cannot say: no serving unchecked (nor an admin's rights)
+    from jobd.http.gateway import refusal
+    started = time.monotonic()
+    why = refusal(str(tmp_path / "nobody.sock"), ask_s=1.0)
+    assert why is not None and why.startswith("jobd did not answer within 1 s"), why
+    assert 1.0 <= time.monotonic() - started < 5
     # told so, it serves (the module's other gateways run so)
     with Gateway(tmp_path, "--config", str(tmp_path / "empty.toml"), "--socket",
                  str(daemon.socket), "--jwt-secret-file", str(tmp_path / "secret")) as g:
