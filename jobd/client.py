@@ -666,6 +666,7 @@ class Client(_Api[Any]):
             left: bytes = self._reader.readline(MAX_LINE_BYTES + 1)
             if not left.endswith(b"\n"):
                 raise
+            self._drop()  # closed by the daemon: the next call opens a new connection
             return left
         line: bytes = self._reader.readline(MAX_LINE_BYTES + 1)
         return line
@@ -808,20 +809,21 @@ class AsyncClient(_AsyncApi):
         self._writer.write(request)
         try:
             await self._writer.drain()
-        except (BrokenPipeError, ConnectionResetError):
+        except (BrokenPipeError, ConnectionResetError) as e:
             # as ``Client._exchange``: the answer to a line refused before it was all read.
             # A reset makes the reader raise before it gives what it holds, so what it
             # holds is looked at first (StreamReader has no public way to see it)
             held = bytes(getattr(self._reader, "_buffer", b""))
-            if (end := held.find(b"\n")) >= 0:
-                return held[:end + 1]
-            try:
-                async with asyncio.timeout(_ANSWER_LEFT_S):
-                    return await self._reader.readuntil(b"\n")
-            except (OSError, TimeoutError, asyncio.IncompleteReadError,
-                    asyncio.LimitOverrunError):
-                pass
-            raise
+            left = held[:end + 1] if (end := held.find(b"\n")) >= 0 else None
+            if left is None:
+                try:
+                    async with asyncio.timeout(_ANSWER_LEFT_S):
+                        left = await self._reader.readuntil(b"\n")
+                except (OSError, TimeoutError, asyncio.IncompleteReadError,
+                        asyncio.LimitOverrunError):
+                    raise e from None
+            self._drop()  # closed by the daemon: the next call opens a new connection
+            return left
         return await self._reader.readuntil(b"\n")
 
     def _drop(self) -> None:
