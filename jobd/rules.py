@@ -101,10 +101,11 @@ class Rules:
         (LimitExceeded) when they would take a user past ``max_queued_per_user``: all of
         them go back to the queue, or none.
 
-        A job whose work is already queued or running, or retried in this call, is a
-        Conflict naming that job; with ``fold`` (a retry by filter) it is left out
-        instead, as a submit of that work folds into the queued job: of several matched
-        jobs of one work the newest goes back, once.
+        A job whose work is already queued or running is a Conflict naming that job;
+        with ``fold`` (a retry by filter) it is left out instead, and so is one of the
+        work of a newer job of ``jobs``: of several matched jobs of one work the newest
+        goes back, once (its own ``full_reindex`` and priority: the others' are not
+        carried over, as a submit's fold would).
         """
         if self.refusal is not None:
             raise self.refusal

@@ -536,18 +536,29 @@ class BaseStore(abc.ABC):
         retried here, is left as it is (``Rules.retry``'s fold). Returns as
         ``cancel_jobs`` does."""
         def fn(tx: Tx) -> tuple[list[Job], bool]:
-            rows, more = self._matching(tx, "status IN ('failed', 'cancelled')", limit, filters)
-            rows = rules.retry(rows, _View(self, tx), fold=True)
+            after = None
+            while True:
+                rows, more = self._matching(tx, "status IN ('failed', 'cancelled')", limit,
+                                            filters, after_seq=after)
+                kept = rules.retry(rows, _View(self, tx), fold=True)
+                # all of them left out (their work is queued): they stay as they match, so
+                # the next call would see them again; the next of them are looked at now
+                if kept or not more:
+                    break
+                after = rows[-1].seq
             if dry_run:
-                return rows, more
-            return [self._retry(tx, job.id, actor, None) for job in rows], more
+                return kept, more
+            return [self._retry(tx, job.id, actor, None) for job in kept], more
         return self.write(fn)
 
-    def _matching(self, tx: Tx, state: str, limit: int, filters: dict[str, Any]
-                  ) -> tuple[list[Job], bool]:
-        """Up to ``limit`` jobs in ``state`` matching ``filters``, oldest first; and whether
-        more matched."""
+    def _matching(self, tx: Tx, state: str, limit: int, filters: dict[str, Any], *,
+                  after_seq: int | None = None) -> tuple[list[Job], bool]:
+        """Up to ``limit`` jobs in ``state`` matching ``filters``, oldest first (after
+        ``after_seq``); and whether more matched."""
         where, args = _conditions(self._param, **filters)
+        if after_seq is not None:
+            where.append(f"seq > {self._param('after_seq')}")
+            args["after_seq"] = after_seq
         where.append(state)
         rows = tx.conn.execute(self.queries["matching_jobs"].format(where=" AND ".join(where)),
                                dict(args, limit=limit + 1)).fetchall()

@@ -105,6 +105,20 @@ def test_a_retry_by_filter_queues_each_work_once_the_newest_of_its_jobs(
         [], False)
 
 
+def test_a_retry_by_filter_looks_past_a_window_of_jobs_it_leaves_out(store: Store) -> None:
+    """Jobs left out (their work is queued) still match: a call whose window of ``limit``
+    holds only them looks at the next, so that a later job of other work is not left
+    behind with ``more`` but nothing done."""
+    folded = [failed_sync(store) for _ in range(3)]
+    store.retry_job(folded[-1].id, actor="alice", rules=DEDUPE)  # their work is queued
+    later = failed_sync(store, branch="dev")
+    jobs, more = store.retry_jobs(actor="alice", limit=2, rules=DEDUPE, user_id="alice")
+    assert [j.id for j in jobs] == [later.id] and more is False
+    assert store.retry_jobs(actor="alice", limit=2, rules=DEDUPE, user_id="alice") == (
+        [], False)
+    assert [store.get_job(j.id).status for j in folded[:2]] == [JobStatus.FAILED] * 2
+
+
 def test_a_retry_of_work_queued_or_retried_with_it_is_refused_naming_the_job(
         store: Store) -> None:
     first, second = failed_sync(store), failed_sync(store)
