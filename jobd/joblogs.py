@@ -320,12 +320,13 @@ def read(log: Path, offset: int, limit: int) -> tuple[bytes, int]:
     return data, start + len(data)
 
 
-def page(data: bytes, next_offset: int) -> tuple[str, int]:
+def page(data: bytes, next_offset: int, *, growing: bool = False) -> tuple[str, int]:
     """A page of log bytes as text, and where the next page begins: a UTF-8 character
     that the page's end cuts in two is left to the next page whole, rather than decoded
     into U+FFFD here and its last bytes into more of them there. A page that holds only
-    such a piece (the log's end, or a limit under 4 bytes) is decoded as it is, invalid
-    bytes replaced, so that paging always moves on."""
+    such a piece is left empty when the log is ``growing`` there (a running job's end:
+    the rest is being written); else (a limit under 4 bytes, an ended log's last bytes)
+    it is decoded as it is, invalid bytes replaced, so that paging always moves on."""
     cut = 0
     for back in range(1, min(4, len(data)) + 1):
         byte = data[-back]
@@ -334,7 +335,7 @@ def page(data: bytes, next_offset: int) -> tuple[str, int]:
         if byte >= 0xC0:  # the lead byte of a character of 2, 3 or 4 bytes
             cut = back if back < (2 if byte < 0xE0 else 3 if byte < 0xF0 else 4) else 0
             break
-    if 0 < cut < len(data):
+    if 0 < cut < len(data) or (cut and growing):
         data, next_offset = data[:-cut], next_offset - cut
     return data.decode("utf-8", "replace"), next_offset
 

@@ -680,7 +680,9 @@ class Manager:
             data = told[offset:offset + limit_bytes]
             next_offset = offset + len(data)
             more = next_offset < len(told)
-        text, whole = joblogs.page(data, next_offset)
+        # a running job's log that ended short of the limit: its end is being written
+        text, whole = joblogs.page(data, next_offset,
+                                   growing=not job.terminal and len(data) < limit_bytes)
         return {"data": text, "next_offset": whole,
                 "eof": job.terminal and not more and whole == next_offset}
 

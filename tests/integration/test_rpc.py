@@ -558,6 +558,34 @@ def test_a_character_a_log_page_would_cut_comes_whole_in_the_next(jd: Daemon) ->
         "data": "\ufffd", "next_offset": at + 2, "eof": False}
 
 
+def test_a_running_jobs_log_ending_in_half_a_character_gives_the_rest_later(
+        jd: Daemon, tmp_path: Path) -> None:
+    """At a running job's end of log (a line longer than the log holds back) the bytes of
+    a character still being written are not decoded yet (U+FFFD now, and again for the rest later): the page stops before
+    them and the next one, once they are all there, has the whole character."""
+    go = tmp_path / "go"
+    code = ("import os, sys, time\n"
+            # past what the log holds back of an unfinished line: it is written as it is
+            "sys.stdout.buffer.write(b'a' * 16384 + b'x\\xe2\\x82'); sys.stdout.flush()\n"
+            f"while not os.path.exists({str(go)!r}): time.sleep(0.02)\n"
+            "sys.stdout.buffer.write(b'\\xac\\n'); sys.stdout.flush()\n")
+    job = python_job(jd, user(), code)
+    text, offset = "", 0
+    deadline = time.monotonic() + 20
+    while not text.endswith("x"):
+        assert time.monotonic() < deadline, text
+        page = ok(jd, "jobs.logs", job_id=job["id"], offset=offset)
+        text, offset = text + page["data"], page["next_offset"]
+        time.sleep(0.02)
+    time.sleep(0.2)  # the two bytes are in the log: still not decoded
+    assert ok(jd, "jobs.logs", job_id=job["id"], offset=offset) == {
+        "data": "", "next_offset": offset, "eof": False}
+    go.touch()
+    until_status(jd, job["id"], "completed")
+    rest = ok(jd, "jobs.logs", job_id=job["id"], offset=offset)
+    assert rest["data"].startswith("\u20ac\n") and "\ufffd" not in text + rest["data"]
+
+
 def test_logs_of_a_running_job_are_not_at_eof(jd: Daemon) -> None:
     job = python_job(jd, user(), "import time; print('started', flush=True); time.sleep(30)")
     until_status(jd, job["id"], "running")
