@@ -359,6 +359,8 @@ class Engine:
         self._chores: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._started = False
         self._stopping = False
+        #: no job starts any more (``stop_dispatching``): set first when the daemon stops
+        self._draining = False
         self._pool = concurrent.futures.ThreadPoolExecutor(ex.workers, "jobd-worker")
         self._pool_size = ex.workers
         self._thread = threading.Thread(target=self._loop, name="jobd-dispatch", daemon=True)
@@ -438,7 +440,10 @@ class Engine:
     def stop_dispatching(self) -> None:
         """A stop's first step (SPEC §6: stop accepting and dispatching): no job starts
         from now on, not even in the slot of one that ends while the server finishes the
-        calls under way; ``stop`` then stops the running ones."""
+        calls under way; ``stop`` then stops the running ones. Its own flag, not only the
+        pause, which a cluster's pause or resume through another node sets anew."""
+        with self._lock:
+            self._draining = True
         self.dispatcher.set_paused(True)
 
     def stop(self) -> None:
@@ -571,7 +576,7 @@ class Engine:
         if self.cluster is not None:
             self._claim()
             return
-        while self._started and not self._stopping and (
+        while self._started and not self._draining and (
                 attempt := self.dispatcher.take()) is not None:
             with self._lock:
                 self._attempts[attempt.job_id] = attempt
@@ -588,7 +593,7 @@ class Engine:
         in flight at a time; the dispatcher mirrors what it started."""
         with self._lock:
             slots = self.dispatcher.free_slots()
-            if not self._started or self._stopping or slots <= 0:
+            if not self._started or self._draining or slots <= 0:
                 return
             if self._claiming:
                 self._claim_again = True
@@ -645,7 +650,7 @@ class Engine:
         is free and nothing is queued), and return what the store calls with the job as
         started in the same statement: a worker runs it once the commit holds. None: it
         is queued as usual."""
-        if not self._started or self._stopping or self.cluster is not None:
+        if not self._started or self._draining or self.cluster is not None:
             return None
         seen, exclusive = self._exclusivity(job)
         attempt = self.dispatcher.take_new(seen, exclusive=exclusive)
@@ -659,7 +664,7 @@ class Engine:
         """In the transaction that records ``ending``'s end: start the next job the
         dispatcher picks in its slot (None: none may start; ``ending`` keeps its slot
         until its end commits)."""
-        while self._started and not self._stopping and self.cluster is None:
+        while self._started and not self._draining and self.cluster is None:
             attempt = self.dispatcher.take(instead_of=ending)
             if attempt is None:
                 return None
@@ -847,7 +852,7 @@ class Engine:
         it frees (the end is written first, so the claim's count of this node's running
         jobs no longer holds it). Not while nothing is queued as far as this node knows:
         the claim after the end commits (``_release``) looks in any case."""
-        if not self._started or self._stopping or self.dispatcher.queued_count() == 0:
+        if not self._started or self._draining or self.dispatcher.queued_count() == 0:
             return []
         return self.cluster.claim_in(tx, 1)
 

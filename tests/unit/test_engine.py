@@ -538,3 +538,15 @@ def test_an_end_whose_transaction_fails_puts_the_next_job_back_in_its_place(
     assert at_of(r, first, "completed") != at_of(r, second, "running")
     assert r.get(second).attempts == 1 and r.get(third).attempts == 1
     assert r.engine.dispatcher.running_count() == 0 and not r.engine._attempts
+
+
+def test_once_dispatching_stopped_no_job_starts_even_if_the_pause_is_lifted(
+        rig: Callable[..., Rig]) -> None:
+    """A stop's first step holds for the rest of the stop: a cluster's resume through
+    another node sets the pause anew (``set_paused``), and must start nothing then."""
+    r = rig()
+    r.engine.stop_dispatching()
+    r.engine.set_paused(False)  # as a cluster node's meta notification would
+    job_id = r.submit("noop")
+    time.sleep(0.3)
+    assert r.get(job_id).status is JobStatus.QUEUED and r.running() == 0
