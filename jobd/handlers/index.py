@@ -92,6 +92,17 @@ def repository(ctx: JobContext) -> git.Repository:
     return git.open_repository(repository_path(ctx))
 
 
+def check_ids(ctx: JobContext) -> None:
+    """The job's ids checked again as it starts, before anything runs: a reload may have
+    put one first in an argument of the indexer since the job was accepted (SPEC §3a)."""
+    sync, job = ctx.config.sync, ctx.job
+    try:
+        check_argv_ids((sync.index_command, sync.full_index_command), user_id=job.user_id,
+                       project_id=job.project_id)
+    except errors.InvalidParams as e:
+        raise JobFailed(f"{e.message} (checked again as the job starts)") from None
+
+
 def index_repository(ctx: JobContext, repo: git.Repository, *, full: bool, low: float,
                      high: float) -> dict[str, Any]:
     """Run the configured indexer over ``repo``; return its summary.
@@ -109,11 +120,6 @@ def index_repository(ctx: JobContext, repo: git.Repository, *, full: bool, low: 
         raise JobFailed(f"index command {command!r} is not known; configure "
                         "\"builtin:manifest\" or an argv list")
     job = ctx.job
-    try:
-        # the commands may have changed since the job was submitted (a reload)
-        check_argv_ids((command,), user_id=job.user_id, project_id=job.project_id)
-    except errors.InvalidParams as e:
-        raise JobFailed(f"{e.message} (checked again as the job starts)") from None
     values = {"repo": str(repo.path), "user_id": job.user_id,
               "project_id": job.project_id or ""}
     argv = [_PLACEHOLDER.sub(lambda m: values[m.group(1)], arg) for arg in command]
@@ -146,6 +152,7 @@ class IndexHandler(Handler):
         return out
 
     def run(self, ctx: JobContext) -> dict[str, Any]:
+        check_ids(ctx)
         with repository(ctx) as repo:
             return self._run(ctx, repo)
 

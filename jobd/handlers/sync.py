@@ -110,6 +110,7 @@ class SyncHandler(Handler):
                 **({"url": url} if url is not None else {})}
 
     def run(self, ctx: JobContext) -> dict[str, Any]:
+        index.check_ids(ctx)
         opts = ctx.job.options
         done = ctx.load_checkpoints()
         finished = [phase for phase in PHASES if phase in done]

@@ -191,3 +191,6 @@ def test_an_id_accepted_before_a_reload_put_it_first_in_an_argument_fails_its_jo
     assert "project_id '-rf'" in done["error"] and "checked again as the job starts" in (
         done["error"]), done["error"]
     assert '"argv"' not in joblog(d, job["id"])
+    # before anything ran: a sync fetched nothing
+    assert "git_sync" not in [e.get("phase") for e in result_of(d, "jobs.events",
+                                                                job_id=job["id"])]
