@@ -308,11 +308,15 @@ def test_an_async_client_works_under_one_event_loop_after_another(jd: Daemon, wh
     # each run is a new event loop: the connection of the one before is no use in it
     for _ in range(3):
         assert asyncio.run(client.ping())
-    # and a pool, and its views, the same
+    # and a pool, and its views, the same: more calls at once than it has connections,
+    # so that calls wait for a free one in each loop
     pool = AsyncClientPool(2, socket=str(jd.socket), as_user=who)
     view = pool.acting(who)
+
+    async def busy() -> list[Any]:
+        return await asyncio.gather(*(c.ping() for c in (pool, view, pool, view, pool)))
     for _ in range(3):
-        assert asyncio.run(pool.ping()) and asyncio.run(view.ping())
+        assert all(asyncio.run(busy()))
     asyncio.run(pool.close())
 
 
