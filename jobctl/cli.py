@@ -974,7 +974,16 @@ def logs(st: _State, job: str, follow: bool, tail_n: int | None,
     except KeyboardInterrupt:
         raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
     if follow:
-        _finish(st, st.client.get(job_id), show_job=False)
+        try:
+            now = st.client.get(job_id)
+        except (errors.Unreachable, errors.Unavailable) as e:
+            if eof:
+                raise
+            # the follow's --timeout ran out while jobd was away: a timeout, as for status
+            _fail(f"{render.short_id(job_id)}: --timeout ran out while jobd was away "
+                  f"({e.message})")
+            raise click.exceptions.Exit(EXIT_TIMEOUT) from None
+        _finish(st, now, show_job=False)
     if st.json:
         _show_json({"data": "".join(data), "next_offset": offset, "eof": eof})
 

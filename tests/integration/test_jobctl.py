@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -673,3 +673,23 @@ def test_submit_description_and_metadata_and_list_until(jd: Daemon, who: str) ->
     old = as_json(jobctl(jd, "--json", "--as-user", who, "list", "--until", "1s"))
     assert [j["id"] for j in old] == [job["id"]]
     assert as_json(jobctl(jd, "--json", "--as-user", who, "list", "--until", "1h")) == []
+
+
+def test_a_follow_whose_timeout_runs_out_while_jobd_is_away_exits_4(
+        make_daemon: Callable[..., Daemon]) -> None:
+    """SPEC §7: --timeout bounds the wait (exit 4); the daemon gone meanwhile does not make
+    it 69 after the reconnect budget."""
+    d = make_daemon()
+    job = submit(d, "alice", "noop", options={"seconds": 60})
+    for command in (("logs", job["id"][:8], "--follow"), ("status", job["id"][:8], "--follow")):
+        if d.proc is None or d.proc.poll() is not None:
+            d.start()
+        started = time.monotonic()
+        proc = subprocess.Popen([JOBCTL, "--socket", str(d.socket), *command, "--timeout", "2s"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=base_env(), stdin=subprocess.DEVNULL)
+        time.sleep(0.7)
+        d.kill()
+        out, err = proc.communicate(timeout=30)
+        took = time.monotonic() - started
+        assert proc.returncode == 4 and took < 8, (command, proc.returncode, took, err)
