@@ -82,6 +82,17 @@ def _shown(text: str) -> str:
     return repr(text) if len(text) <= _SHOWN else repr(text[:_SHOWN]) + "…"
 
 
+def _param_name(found: re.Match[str] | None) -> str | None:
+    """The param a signature check's message names (quoted as ``repr`` quotes it)."""
+    if found is None:
+        return None
+    try:
+        name = ast.literal_eval(found.group(1))
+    except (ValueError, SyntaxError):
+        return None
+    return name if isinstance(name, str) else None
+
+
 def error_line(err: errors.JobdError, id: Any = None) -> str:
     """A JSON-RPC error response line (no newline) for ``err``."""
     return _dumps({"jsonrpc": "2.0", "id": id,
@@ -394,8 +405,7 @@ class Rpc:
                 f"no such method: {name if len(name) <= _SHOWN else _shown(name)}")
         elif error["code"] == errors.InvalidParams.code:
             m = _FIELD.search(detail or "")
-            err = errors.InvalidParams(f"invalid params: {detail}",
-                                       field=ast.literal_eval(m.group(1)) if m else None)
+            err = errors.InvalidParams(f"invalid params: {detail}", field=_param_name(m))
         else:
             log.error("rpc_library_error", code=error["code"], detail=detail)
             err = errors.InternalError()

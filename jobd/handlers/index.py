@@ -92,13 +92,18 @@ def repository(ctx: JobContext) -> git.Repository:
     return git.open_repository(repository_path(ctx))
 
 
+def check_indexer_ids(config: Config, *, user_id: str, project_id: str | None) -> None:
+    """Refuse ids that would begin an argument of either indexer command (SPEC §3a): a
+    sync or index may run either one."""
+    check_argv_ids((config.sync.index_command, config.sync.full_index_command),
+                   user_id=user_id, project_id=project_id)
+
+
 def check_ids(ctx: JobContext) -> None:
     """The job's ids checked again as it starts, before anything runs: a reload may have
     put one first in an argument of the indexer since the job was accepted (SPEC §3a)."""
-    sync, job = ctx.config.sync, ctx.job
     try:
-        check_argv_ids((sync.index_command, sync.full_index_command), user_id=job.user_id,
-                       project_id=job.project_id)
+        check_indexer_ids(ctx.config, user_id=ctx.job.user_id, project_id=ctx.job.project_id)
     except errors.InvalidParams as e:
         raise JobFailed(f"{e.message} (checked again as the job starts)") from None
 
@@ -119,9 +124,8 @@ def index_repository(ctx: JobContext, repo: git.Repository, *, full: bool, low: 
     if isinstance(command, str):
         raise JobFailed(f"index command {command!r} is not known; configure "
                         "\"builtin:manifest\" or an argv list")
-    job = ctx.job
-    values = {"repo": str(repo.path), "user_id": job.user_id,
-              "project_id": job.project_id or ""}
+    values = {"repo": str(repo.path), "user_id": ctx.job.user_id,
+              "project_id": ctx.job.project_id or ""}
     argv = [_PLACEHOLDER.sub(lambda m: values[m.group(1)], arg) for arg in command]
     passes = Passes(progress_between(ctx, low, high), sync.index_passes)
     # run in the opened folder: its path may have been swapped since it was checked
@@ -141,9 +145,7 @@ class IndexHandler(Handler):
     def validate(self, options: dict[str, Any], *, user_id: str, project_id: str | None,
                  trusted: bool, config: Config) -> dict[str, Any]:
         reject_unknown(options, ("repo_path", "full_reindex"))
-        # the indexer's argv may carry the ids (as a sync's does)
-        check_argv_ids((config.sync.index_command, config.sync.full_index_command),
-                       user_id=user_id, project_id=project_id)
+        check_indexer_ids(config, user_id=user_id, project_id=project_id)
         out, repo = validate_repository(options, type="index", user_id=user_id,
                                         project_id=project_id,
                                         trusted=trusted, config=config)

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from jobd import errors
-from jobd.auth import check_argv_ids
 from jobd.handlers import Cancelled, Handler, JobContext, JobFailed, git, index, reject_unknown
 from jobd.models import Phase, readable
 
@@ -77,9 +76,7 @@ class SyncHandler(Handler):
     def validate(self, options: dict[str, Any], *, user_id: str, project_id: str | None,
                  trusted: bool, config: Config) -> dict[str, Any]:
         reject_unknown(options, _OPTIONS)
-        # the indexer's argv may carry the ids, and a sync may use either command
-        check_argv_ids((config.sync.index_command, config.sync.full_index_command),
-                       user_id=user_id, project_id=project_id)
+        index.check_indexer_ids(config, user_id=user_id, project_id=project_id)
         url = _check_url(options.get("url"), trusted)
         common, repo = index.validate_repository(options, type="sync", user_id=user_id,
                                                  project_id=project_id, trusted=trusted,

@@ -26,7 +26,7 @@ import structlog
 from jobd.paths import segment
 from jobd.state import make_private_dir
 from jobd.store.base import (CLEANUP_CHUNK, WEIGHT_BYTES, BaseStore, Listeners, Sweeps, _dumps,
-                             _finite, now_us)
+                             now_us)
 from jobd.store.db import Checkpointer, SqliteDriver, connect, create_private, migrate
 from jobd.store.errors import Corrupt, StoreClosed, StoreError, from_sqlite
 from jobd.store.sql import QUERIES
@@ -43,7 +43,7 @@ ORDER_KEYS = {"created": "seq", "started": "ifnull(started_at, -1)",
 
 
 def repaired(text: str | None) -> str | None:
-    """``text`` (None: valid as it is) as valid JSON, for migration 3's repair.
+    """``text`` (None: valid as it is) as valid JSON, for the repairs of migrations 3 and 9.
 
     Before numbers were checked, NaN and Infinity could be stored, and every jobs.list page
     holding such a row failed. Python's parser takes them: non-finite numbers become null
@@ -53,7 +53,7 @@ def repaired(text: str | None) -> str | None:
     if text is None:
         return None
     try:
-        value = _finite(json.loads(text))
+        value = json.loads(text)  # its NaN and infinities become null (``_dumps``)
     except (ValueError, RecursionError):
         value = {"unreadable": text}
     return _dumps(value)
