@@ -18,7 +18,6 @@ import heapq
 import json
 import re
 import time
-import uuid
 from typing import Any, Protocol
 
 import structlog
@@ -32,7 +31,7 @@ from jobd.errors import (BY_CODE, Conflict, Forbidden, InvalidParams, JobdError,
                          Unavailable)
 from jobd.handlers import Handler
 from jobd.metrics import Metrics
-from jobd.models import TERMINAL, Job, JobStatus, RawJSON, Role, iso
+from jobd.models import TERMINAL, Job, JobStatus, RawJSON, Role, iso, new_job_id
 from jobd.params import flag, integer, iso_time, number, shown, text, utf8
 from jobd.rules import Rules
 from jobd.store import (DuplicateId, JobNotFound, StateConflict, StorageUnavailable,
@@ -758,7 +757,7 @@ class Manager:
                             field="options.repo_path")
         options = handler.validate(options, user_id=scope.owner, project_id=project_id,
                                    trusted=scope.may_repo_path, config=self.config)
-        return Job(id=str(uuid.uuid4()), type=type, user_id=scope.owner, project_id=project_id,
+        return Job(id=new_job_id(), type=type, user_id=scope.owner, project_id=project_id,
                    status=JobStatus.CREATED, created_at=0, updated_at=0, version=0,
                    priority=priority, options=options, metadata=metadata,
                    description=description, timeout_s=timeout_s,

@@ -10,13 +10,15 @@ import dataclasses
 import datetime as _dt
 import enum
 import functools
+import os
+import threading
 import time
 from typing import Any
 
 __all__ = [
     "readable",
     "RawJSON", "TERMINAL", "TRANSITIONS", "Job", "JobStatus", "Phase",
-    "NOTE_MARK", "Role", "WaitReason", "from_iso", "is_note", "iso",
+    "NOTE_MARK", "Role", "WaitReason", "from_iso", "is_note", "iso", "new_job_id",
 ]
 
 
@@ -27,6 +29,40 @@ class JobStatus(enum.StrEnum):
     COMPLETED = "completed"    #: the handler finished and returned its result
     FAILED = "failed"          #: the handler raised, timed out, or was interrupted for good
     CANCELLED = "cancelled"    #: stopped on request; may be retried
+
+
+class _JobIds:
+    """Random (version 4) UUIDs as text, their randomness read from the OS 256 ids at a
+    time: each ``os.urandom`` is a system call that gives up the interpreter lock, which
+    the event loop's thread must then win back from the store's writer, once per submit.
+    A forked child starts with none of its parent's unused bytes."""
+
+    _BATCH = 16 * 256
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pool = b""
+        self._at = 0
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        self._lock = threading.Lock()
+        self._pool, self._at = b"", 0
+
+    def __call__(self) -> str:
+        with self._lock:
+            if self._at >= len(self._pool):
+                self._pool, self._at = os.urandom(self._BATCH), 0
+            raw = bytearray(self._pool[self._at:self._at + 16])
+            self._at += 16
+        raw[6] = raw[6] & 0x0F | 0x40  # version 4
+        raw[8] = raw[8] & 0x3F | 0x80  # RFC 4122's variant
+        h = raw.hex()
+        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+#: a new job's id, as ``str(uuid.uuid4())`` makes it
+new_job_id = _JobIds()
 
 
 #: every allowed (from, to); anything else is a conflict (-32009)
