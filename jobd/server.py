@@ -304,8 +304,9 @@ class Server:
 
     def _bind(self) -> socket.socket:
         path = self._config.socket
-        if path.parent in _user_folders():
-            _trusted_user_folder(path.parent)
+        folder = _user_folder_of(path)
+        if folder is not None:
+            _trusted_user_folder(folder)
             mode = _USER_SOCKET_MODE
         else:
             if not path.parent.is_dir():
@@ -501,6 +502,13 @@ class Server:
 def _user_folders() -> set[Path]:
     """The per-user socket folders (SPEC §1): ``$XDG_RUNTIME_DIR/jobd``, ``/tmp/jobd-$UID``."""
     return {_user_socket(os.environ).parent, _user_socket({}).parent}
+
+
+def _user_folder_of(path: Path) -> Path | None:
+    """The per-user socket folder ``path`` is in, however it is spelt (``//tmp/…``,
+    ``/tmp/../tmp/…``, a symbolic link to it): None if it is in none."""
+    where = os.path.realpath(path.parent)
+    return next((f for f in _user_folders() if os.path.realpath(f) == where), None)
 
 
 def _trusted_user_folder(folder: Path) -> None:

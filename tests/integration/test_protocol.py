@@ -425,3 +425,32 @@ def test_an_explicit_socket_elsewhere_keeps_its_folder_rules(tmp_path: Path,
     d.socket.parent.chmod(0o777)  # not a per-user folder: the operator's choice
     d.start()
     assert stat.S_IMODE(d.socket.lstat().st_mode) == 0o660
+
+
+def _doubled_slash(socket: Path) -> Path:
+    return Path("/" + str(socket))
+
+
+def _dot_dot(socket: Path) -> Path:
+    runtime = socket.parent.parent
+    return runtime / ".." / runtime.name / "jobd" / socket.name
+
+
+def _through_a_link(socket: Path) -> Path:
+    runtime = socket.parent.parent
+    alias = runtime.with_name("alias")
+    alias.symlink_to(runtime)
+    return alias / "jobd" / socket.name
+
+
+@pytest.mark.parametrize("spell", [_doubled_slash, _dot_dot, _through_a_link],
+                         ids=["//", "..", "link"])
+def test_a_per_user_socket_folder_is_checked_however_the_socket_path_is_spelt(
+        tmp_path: Path, make_daemon: Any, spell: Any) -> None:
+    d, folder = per_user_daemon(tmp_path, make_daemon)
+    problem = _open_to_all(folder)
+    d.socket = spell(d.socket)
+    with pytest.raises(RuntimeError, match="exited with 1"):
+        d.start(timeout=15)
+    assert f"socket folder {folder} {problem}" in d.log()
+    assert not (folder / "jobd.sock").exists()
