@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -99,8 +100,18 @@ def main(ctx: click.Context) -> None:
       jobd db check                                    # integrity check
       jobd db backup /backups/jobd-$(date +%F).db      # safe while serving
     """
+    if ctx.invoked_subcommand not in (None, "serve"):
+        _release_hangup()
     if ctx.invoked_subcommand is None:
         ctx.invoke(serve)
+
+
+def _release_hangup() -> None:
+    """A command other than ``serve``: SIGHUP ends it again, one held at start now."""
+    held = signal.getsignal(signal.SIGHUP)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    if getattr(held, "heard", False):
+        os.kill(os.getpid(), signal.SIGHUP)
 
 
 @main.command()

@@ -189,8 +189,12 @@ async def _serve(config: Config, reload: Callable[[], Config]) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     hup = asyncio.Event()
-    # SIGHUP never stops the daemon: it reloads the config
+    # SIGHUP never stops the daemon: it reloads the config; one that came while jobd
+    # started was held (``jobd.__main__``), and reloads once it serves
+    held = signal.getsignal(signal.SIGHUP)
     loop.add_signal_handler(signal.SIGHUP, hup.set)
+    if getattr(held, "heard", False):
+        hup.set()
     current = ConfigState(config)
 
     hub = Hub(loop)

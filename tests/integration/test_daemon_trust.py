@@ -291,3 +291,38 @@ def test_a_user_keeps_at_most_max_stored_finished_jobs(make_daemon: Callable[...
     assert (d.state / "logs" / f"{ids[-1]}.log").exists()
     assert ok(d, "jobs.get", job_id=other["id"])["user_id"] == "modest"
     assert "jobs_forgotten" in d.log()
+
+
+def _catches_sighup(pid: int) -> bool:
+    with open(f"/proc/{pid}/status") as f:
+        caught = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+    return bool(caught & 1 << (signal.SIGHUP - 1))
+
+
+def test_a_sighup_while_jobd_starts_is_held_and_reloads_once_it_serves(
+        make_daemon: Callable[..., Daemon]) -> None:
+    d = make_daemon(start=False)
+    d.config.unlink(missing_ok=True)
+    os.mkfifo(d.config)  # jobd waits at reading its config: still starting
+    d.state.mkdir(parents=True, exist_ok=True)
+    with open(d.stderr, "ab") as err:
+        d.proc = subprocess.Popen(d.argv(), env=d.env, stdout=err, stderr=err,
+                                  stdin=subprocess.DEVNULL)
+    wait_for(lambda: d.proc.poll() is not None or _catches_sighup(d.proc.pid),
+             what="jobd to hold SIGHUP while it starts")
+    d.proc.send_signal(signal.SIGHUP)
+    time.sleep(0.2)
+    assert d.proc.poll() is None, d.log()
+    with open(d.config, "w") as fifo:  # the config jobd reads as it starts
+        fifo.write(FAST_CONFIG.replace("[execution]", "[execution]\nworkers = 1"))
+    reloaded = d.config.with_name("next.toml")
+    reloaded.write_text(FAST_CONFIG.replace("[execution]", "[execution]\nworkers = 3"))
+    os.replace(reloaded, d.config)  # what the held SIGHUP's reload reads
+    def workers() -> int | None:
+        try:
+            return ok(d, "admin.stats")["workers"]
+        except OSError:  # not serving yet
+            return None
+    wait_for(lambda: d.proc.poll() is not None or workers() == 3, timeout=20,
+             what="the held SIGHUP's reload")
+    assert d.proc.poll() is None and "config_reloaded" in d.log()
