@@ -87,3 +87,17 @@ def setup(level: str = "info", fmt: str = "auto") -> None:
         wrapper_class=structlog.make_filtering_bound_logger(levelno),
         cache_logger_on_first_use=True,
     )
+    _forget_first_use()
+
+
+def _forget_first_use() -> None:
+    """A module's ``structlog.get_logger()`` keeps what its first call assembled, the
+    level filter with it: after a second ``setup`` (a reload's new ``log_level``) each
+    assembles anew at its next call. Loggers bound from them before (a running job's)
+    keep the old level until they go."""
+    proxy = type(structlog.get_logger())
+    for name, module in list(sys.modules.items()):
+        if name.partition(".")[0] in ("jobd", "jobctl") and module is not None:
+            for value in list(vars(module).values()):
+                if isinstance(value, proxy):
+                    vars(value).pop("bind", None)

@@ -326,3 +326,20 @@ def test_a_sighup_while_jobd_starts_is_held_and_reloads_once_it_serves(
     wait_for(lambda: d.proc.poll() is not None or workers() == 3, timeout=20,
              what="the held SIGHUP's reload")
     assert d.proc.poll() is None and "config_reloaded" in d.log()
+
+
+def test_a_reloaded_log_level_applies_at_once(make_daemon: Callable[..., Daemon]) -> None:
+    d = make_daemon()
+    ok(d, "ping")
+
+    def opened() -> int:
+        ok(d, "ping")  # a new connection: a debug line
+        return d.log().count('"connection_opened"')
+    assert opened() == 0
+    for level, more in (("debug", True), ("info", False)):
+        d.config.write_text(FAST_CONFIG + f'\n[server]\nlog_level = "{level}"\n')
+        before = d.log().count('"config_reloaded"')
+        d.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: d.log().count('"config_reloaded"') > before, what="the reload")
+        seen = opened()
+        assert (opened() > seen) is more, level
