@@ -218,6 +218,9 @@ async def _serve(config: Config, reload: Callable[[], Config]) -> int:
             if engine is not None:
                 engine.forgotten(job_id)
             hub.notify(job_id)
+        # forgotten by another node: the log this node kept of one it ran goes too (what
+        # no notification named goes at this node's next cleanup round)
+        joblogs.delete(config.log_dir, gone)
         for job in jobs:
             if node is not None and node.store.echoes.own(job.id, job.version):
                 continue  # read before this node's own later write of it, already heard

@@ -960,14 +960,18 @@ class Manager:
                                 field="status")
         flag(dry_run, "dry_run")
         return self.run_cleanup(older_than_s=older_than_s, statuses=statuses or None,
-                                dry_run=dry_run, actor=scope.actor)
+                                dry_run=dry_run, actor=scope.actor, asked=True)
 
     def run_cleanup(self, *, older_than_s: float | None = None,
                     statuses: list[str] | None = None, dry_run: bool = False,
-                    actor: str = "jobd", now: int | None = None) -> dict[str, Any]:
+                    actor: str = "jobd", now: int | None = None, asked: bool = False
+                    ) -> dict[str, Any]:
         """Delete terminal jobs past retention (and users' finished jobs past
         ``max_stored_per_user``), with their logs; also the scheduled job. With
-        ``statuses``, only jobs that ended so, and none for ``max_stored_per_user``."""
+        ``statuses``, only jobs that ended so, and none for ``max_stored_per_user``.
+        Cluster mode: a scheduled round skips while another node sweeps, one ``asked``
+        for waits its turn; and either removes the logs this node keeps of jobs another
+        node's sweep or purge forgot."""
         now = now if now is not None else time.time_ns() // 1000
         keep = older_than_s if older_than_s is not None else self.config.retention.keep
         keep_failed = (older_than_s if older_than_s is not None
@@ -976,8 +980,12 @@ class Manager:
         deleted = 0
         # the logs of deleted jobs go with them (the store's ``deleted`` listener)
         for ids in self.store.cleanup(keep_before=cutoffs[0], keep_failed_before=cutoffs[1],
-                                      statuses=statuses, dry_run=dry_run):
+                                      statuses=statuses, dry_run=dry_run, wait=asked):
             deleted += len(ids)
+        if self.engine.cluster is not None and not dry_run:
+            strays = joblogs.remove_strays(self.config.log_dir, self.store.known_ids)
+            if strays:
+                log.info("stray_logs_removed", jobs=strays, log_dir=str(self.config.log_dir))
         log.info("cleanup_finished", deleted=deleted, dry_run=dry_run, actor=actor,
                  **({"statuses": statuses} if statuses else {}))
         return {"deleted": deleted, "dry_run": dry_run,

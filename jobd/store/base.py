@@ -747,7 +747,7 @@ class BaseStore(abc.ABC):
 
     def cleanup(self, *, keep_before: int, keep_failed_before: int,
                 statuses: Collection[str] | None = None, dry_run: bool = False,
-                chunk: int = CLEANUP_CHUNK) -> Iterator[list[str]]:
+                wait: bool = False, chunk: int = CLEANUP_CHUNK) -> Iterator[list[str]]:
         """Delete terminal jobs finished before their cutoff, a chunk per transaction.
 
         Completed and cancelled jobs go when ``completed_at < keep_before``, failed ones

@@ -821,16 +821,19 @@ class PostgresStore(BaseStore):
 
     def cleanup(self, *, keep_before: int, keep_failed_before: int,
                 statuses: Collection[str] | None = None, dry_run: bool = False,
-                chunk: int = CLEANUP_CHUNK) -> Iterator[list[str]]:
+                wait: bool = False, chunk: int = CLEANUP_CHUNK) -> Iterator[list[str]]:
         """As every store's; a cluster node sweeps only while no other does (a session's
-        try-lock, held on a connection of its own for the sweep): else it skips the round."""
+        lock, held on a connection of its own for the sweep): a scheduled round skips if
+        another node sweeps, one asked for (``wait``: admin.cleanup) waits its turn."""
         sweep = super().cleanup(keep_before=keep_before, keep_failed_before=keep_failed_before,
                                 statuses=statuses, dry_run=dry_run, chunk=chunk)
         if not self.cluster or dry_run:
             yield from sweep
             return
         with self._reading() as conn:
-            if not _scalar(conn.execute(QUERIES["cleanup_lock"], {"key": CLEANUP_KEY})):
+            if wait:
+                conn.execute(QUERIES["cleanup_lock_wait"], {"key": CLEANUP_KEY})
+            elif not _scalar(conn.execute(QUERIES["cleanup_lock"], {"key": CLEANUP_KEY})):
                 log.info("cleanup_skipped", reason="another node is sweeping")
                 return
             try:

@@ -246,3 +246,48 @@ def test_another_nodes_jobs_show_in_this_nodes_queue_counts_and_changes(
     for job in running[1:] + [waiting]:
         result_of(a, "jobs.cancel", job_id=job["id"], wait=True)
     assert a.stop() == 0 and b.stop() == 0
+
+
+def test_a_job_forgotten_through_another_node_loses_its_log_on_the_node_that_ran_it(
+        make_pg_daemon: Callable[..., Daemon], dsn: str) -> None:
+    config = SHORT_LEASE + '\n[retention]\ncleanup_every = "1s"\n'
+    a, b = make_pg_daemon(config), make_pg_daemon(config)
+    logs = []
+    for user in ("alice", "bob"):
+        job = result_of(a, "jobs.submit", type="command", as_user=user,
+                        options={"argv": ["echo", "hello"]})
+        wait_for(lambda: result_of(a, "jobs.get", job_id=job["id"])["status"] == "completed",
+                 what="the job's end")
+        (log, there), = [(n.state / "logs" / f"{job['id']}.log", other)
+                         for n, other in ((a, b), (b, a))
+                         if (n.state / "logs" / f"{job['id']}.log").exists()]
+        logs.append((log, there, user))
+    (cleaned, there, _), (purged, elsewhere, bob) = logs
+    assert result_of(elsewhere, "admin.purge", user_id=bob)["deleted"] == 1
+    assert result_of(there, "admin.cleanup", older_than_s=0)["deleted"] == 1
+    wait_for(lambda: not cleaned.exists() and not purged.exists(), timeout=10,
+             what="the logs on the nodes that ran the jobs to go")
+    assert a.stop() == 0 and b.stop() == 0
+
+
+def test_an_asked_for_cleanup_waits_for_another_nodes_sweep_rather_than_skip_it(
+        make_pg_daemon: Callable[..., Daemon], dsn: str) -> None:
+    import threading
+
+    from jobd.store.postgres import CLEANUP_KEY
+    a = make_pg_daemon(SHORT_LEASE)
+    job = result_of(a, "jobs.submit", type="noop")
+    wait_for(lambda: result_of(a, "jobs.get", job_id=job["id"])["status"] == "completed",
+             what="the job's end")
+    answers: list[Any] = []
+    with connect(dsn) as sweeping:  # as another node's sweep holds it
+        sweeping.execute("SELECT pg_advisory_lock(%s)", (CLEANUP_KEY,))
+        asked = threading.Thread(target=lambda: answers.append(
+            result_of(a, "admin.cleanup", older_than_s=0)))
+        asked.start()
+        asked.join(1.5)
+        assert asked.is_alive() and not answers  # waiting its turn, not skipped
+        sweeping.execute("SELECT pg_advisory_unlock(%s)", (CLEANUP_KEY,))
+        asked.join(20)
+    assert answers and answers[0]["deleted"] == 1
+    assert a.stop() == 0
