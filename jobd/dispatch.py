@@ -374,13 +374,19 @@ class Dispatcher:
                 return len(self._running)
             return self._running_per_user[user_id]
 
-    def per_user(self) -> dict[str, dict[str, int]]:
-        """Each user with a job queued or running: O(users), counted as jobs move."""
+    def running_everywhere(self) -> int:
+        """The jobs running on every node: this node's and (cluster mode) the others'."""
         with self._lock:
-            return {user: {"running": self._running_per_user[user],
-                           "queued": self._queued_per_user[user]}
-                    for user in self._queued_per_user.keys() | self._running_per_user.keys()
-                    if self._running_per_user[user] or self._queued_per_user[user]}
+            return len(self._running) + len(self._elsewhere)
+
+    def per_user(self) -> dict[str, dict[str, int]]:
+        """Each user with a job queued or running (on any node): O(users), counted as jobs
+        move."""
+        with self._lock:
+            running = self._running_per_user + self._elsewhere_per_user
+            return {user: {"running": running[user], "queued": self._queued_per_user[user]}
+                    for user in self._queued_per_user.keys() | running.keys()
+                    if running[user] or self._queued_per_user[user]}
 
     def queued_count(self) -> int:
         return len(self._queued)

@@ -1012,11 +1012,13 @@ class Engine:
         return out
 
     def stats(self) -> dict[str, Any]:
-        """What runs and waits: ``running``, ``queued``, ``workers``, ``per_user``
-        (user -> running and queued counts) and ``paused``."""
+        """What runs and waits: ``running`` (on every node), ``running_here`` (on this one),
+        ``queued``, ``workers``, ``per_user`` (user -> running and queued counts) and
+        ``paused``."""
         d = self.dispatcher
-        return {"running": d.running_count(), "queued": d.queued_count(),
-                "workers": d.workers, "per_user": d.per_user(), "paused": d.paused}
+        return {"running": d.running_everywhere(), "running_here": d.running_count(),
+                "queued": d.queued_count(), "workers": d.workers, "per_user": d.per_user(),
+                "paused": d.paused}
 
     def live(self, job_id: str) -> Live | None:
         ctx = self._contexts.get(job_id)

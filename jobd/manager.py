@@ -911,6 +911,7 @@ class Manager:
         counts = {str(s): 0 for s in JobStatus if s is not JobStatus.CREATED}
         counts.update(self.store.counts())
         live = self.engine.stats()
+        del live["running_here"]  # each node's: ``nodes``
         # the busiest first: a bounded heap, not a sort of every user with a job
         users = heapq.nsmallest(PER_USER_TOP + 1, live["per_user"].items(),
                                 key=lambda kv: (-kv[1]["running"] - kv[1]["queued"], kv[0]))
@@ -1055,6 +1056,9 @@ class Manager:
                      actor=scope.actor, reason=reason)
         now = self.engine.stats()
         running, queued = now["running"], now["queued"]
+        if self.engine.cluster is not None:  # exact: every node's, as the database has them
+            counts = self.store.counts()
+            running, queued = counts.get("running", 0), counts.get("queued", 0)
         return {"maintenance": self.maintenance_on, "reason": self.maintenance_reason,
                 "running": running, "queued": queued,
                 "drained": running == 0 and (queued == 0 or now["paused"])}
@@ -1067,7 +1071,7 @@ class Manager:
         counts.update(self.store.counts())
         live = self.engine.stats()
         return {"text": self.telemetry.text({
-            "jobd_jobs": counts, "jobd_running": live["running"],
+            "jobd_jobs": counts, "jobd_running": live["running_here"],
             "jobd_queued": live["queued"], "jobd_workers": live["workers"],
             "jobd_paused": live["paused"], "jobd_maintenance": self.maintenance_on,
             "jobd_db_bytes": self.store.size_bytes()})}

@@ -291,3 +291,25 @@ def test_an_asked_for_cleanup_waits_for_another_nodes_sweep_rather_than_skip_it(
         asked.join(20)
     assert answers and answers[0]["deleted"] == 1
     assert a.stop() == 0
+
+
+def test_a_job_running_on_one_node_keeps_every_node_from_saying_drained(
+        make_pg_daemon: Callable[..., Daemon], dsn: str) -> None:
+    a, b = make_pg_daemon(SHORT_LEASE), make_pg_daemon(SHORT_LEASE)
+    job = result_of(a, "jobs.submit", type="command", as_user="alice",
+                    options={"argv": ["sleep", "30"]})
+    wait_for(lambda: result_of(a, "jobs.get", job_id=job["id"])["status"] == "running",
+             what="the job to start")
+    for node in (a, b):
+        wait_for(lambda: result_of(node, "admin.stats")["running"] == 1,
+                 what=f"{node.root.name} to count the running job")
+        stats = result_of(node, "admin.stats")
+        assert stats["per_user"]["alice"] == {"running": 1, "queued": 0}
+        assert sum(n["running"] for n in stats["nodes"]) == 1
+        told = result_of(node, "admin.maintenance", enabled=True)
+        assert (told["running"], told["drained"]) == (1, False), node.root.name
+    result_of(b, "jobs.cancel", job_id=job["id"], wait=True)
+    for node in (a, b):
+        assert result_of(node, "admin.maintenance")["drained"] is True
+    result_of(a, "admin.maintenance", enabled=False)
+    assert a.stop() == 0 and b.stop() == 0
