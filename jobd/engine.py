@@ -302,6 +302,10 @@ def end_story(status: JobStatus | str, message: str | None) -> str:
     return f"ended {status}: {message}"
 
 
+def cancelled_while_queued(actor: str) -> str:
+    return f"cancelled by {actor} while queued"
+
+
 def story(events: list[dict[str, Any]]) -> bytes:
     """A job's story told from its events, as the engine writes it in a job's log: for
     a job that never ran a program, and so has no log file."""
@@ -316,7 +320,7 @@ def story(events: list[dict[str, Any]]) -> bytes:
         elif status in ("completed", "failed", "cancelled") or (
                 status == "queued" and before == "running"):
             if status == "cancelled" and before == "queued":
-                message = f"cancelled by {event['actor']} while queued"
+                message = cancelled_while_queued(event["actor"])
             out.append(joblogs.note_lines(end_story(status, message), at))
         before = status
     return b"".join(out)
@@ -420,22 +424,37 @@ class Engine:
             orphans.kill_marked(job.id)
             handler = self.handlers.get(job.type)
             bound = log.bind(job_id=job.id, user_id=job.user_id, type=job.type)
+            # each attempt's closing line before its end commits, as a worker writes it
             if job.cancel_requested:
-                self.store.finish_job(job.id, JobStatus.CANCELLED,
-                                      message="cancelled (the daemon restarted while stopping)")
+                message = "cancelled (the daemon restarted while stopping)"
+                self.tell(job.id, end_story(JobStatus.CANCELLED, message))
+                self.store.finish_job(job.id, JobStatus.CANCELLED, message=message)
                 bound.info("job_cancelled", reason="restart")
             elif handler is None or not handler.resumable:
-                self.store.finish_job(job.id, JobStatus.FAILED,
-                                      error="interrupted by daemon restart")
-                bound.warning("job_failed", reason="interrupted by daemon restart")
+                error = "interrupted by daemon restart"
+                self.tell(job.id, end_story(JobStatus.FAILED, error))
+                self.store.finish_job(job.id, JobStatus.FAILED, error=error)
+                bound.warning("job_failed", reason=error)
             elif job.recoveries + 1 >= max_recoveries:
                 error = (f"interrupted by {job.recoveries + 1} daemon restarts; gave up "
                          f"(max_recoveries = {max_recoveries})")
+                self.tell(job.id, end_story(JobStatus.FAILED, error))
                 self.store.finish_job(job.id, JobStatus.FAILED, error=error)
                 bound.warning("job_failed", reason=error)
             else:
-                self.store.requeue_job(job.id, reason="recovered after restart", recovered=True)
+                reason = "recovered after restart"
+                self.tell(job.id, end_story(JobStatus.QUEUED, reason))
+                self.store.requeue_job(job.id, reason=reason, recovered=True)
                 bound.info("job_recovered", phase=job.phase)
+
+    def tell(self, job_id: str, text: str) -> None:
+        """A line of a job's story written by no worker of it (a recovery, a cancel while
+        queued): in its log if it has one, else its events tell it (``story``)."""
+        joblog = joblogs.JobLog(self.log_path(job_id), self.config.execution.max_log_bytes)
+        try:
+            joblog.story(text)
+        finally:
+            joblog.close()
 
     def stop_dispatching(self) -> None:
         """A stop's first step (SPEC §6: stop accepting and dispatching): no job starts

@@ -26,7 +26,7 @@ from jobd import __version__, joblogs, jsonenc
 from jobd.auth import Scope, check_id
 from jobd.changes import REWIND_US, Change, ChangeLog, Position
 from jobd.config import Config, ConfigState
-from jobd.engine import Engine, story
+from jobd.engine import Engine, cancelled_while_queued, end_story, story
 from jobd.errors import (BY_CODE, Conflict, Forbidden, InvalidParams, JobdError, NotFound,
                          Unavailable)
 from jobd.handlers import Handler
@@ -848,7 +848,9 @@ class Manager:
             if job.status is JobStatus.RUNNING:
                 self.engine.cancel(job.id, actor=scope.actor)
                 log.info("job_cancel_requested", job_id=job.id, actor=scope.actor)
-            else:
+            else:  # its log, if an earlier attempt left one, says so (SPEC §5)
+                self.engine.tell(job.id, end_story(job.status,
+                                                   cancelled_while_queued(scope.actor)))
                 log.info("job_cancelled", job_id=job.id, actor=scope.actor)
         if one is None:
             return self._touched(jobs, more, dry_run)

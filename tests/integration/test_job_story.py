@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from conftest import Daemon, joblog, result_of, wait_for, wait_terminal
+from conftest import FAST_CONFIG, Daemon, joblog, result_of, wait_for, wait_terminal
 
 MARK = r"\[jobd \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ\] "
 
@@ -73,3 +73,35 @@ def test_a_job_without_a_program_has_no_file_and_its_story_comes_from_its_events
                      limit_bytes=1 << 20)
     assert (first["eof"], rest["eof"]) == (False, True)
     assert (first["data"] + rest["data"]).encode() == whole
+
+
+def test_a_job_cancelled_while_queued_after_an_attempt_says_so_in_its_log(
+        daemon: Daemon) -> None:
+    job = command(daemon, ["sh", "-c", "echo nope; exit 3"])
+    wait_terminal(daemon, job["id"])
+    result_of(daemon, "admin.pause")
+    result_of(daemon, "jobs.retry", job_id=job["id"])
+    assert result_of(daemon, "jobs.cancel", job_id=job["id"])["status"] == "cancelled"
+    assert result_of(daemon, "jobs.logs", job_id=job["id"])["eof"] is True
+    assert story(daemon, job["id"])[-1] == "ended cancelled: cancelled by admin:root while queued"
+    result_of(daemon, "admin.resume")
+
+
+def test_a_job_a_crash_interrupted_tells_how_its_attempt_ended(make_daemon: Any) -> None:
+    d = make_daemon(config=FAST_CONFIG + '\n[types.again]\nargv = ["sleep", "30"]\n'
+                    "resumable = true\n")
+    once = command(d, ["sh", "-c", "echo started; sleep 30"])
+    again = result_of(d, "jobs.submit", type="again")
+    for job in (once, again):
+        wait_for(lambda: result_of(d, "jobs.get", job_id=job["id"])["status"] == "running",
+                 what="the jobs to run")
+    wait_for(lambda: "started" in joblog(d, once["id"]), what="the program's output")
+    d.kill()
+    d.start()
+    assert wait_terminal(d, once["id"])["status"] == "failed"
+    assert result_of(d, "jobs.logs", job_id=once["id"])["eof"] is True
+    assert story(d, once["id"])[-1] == "ended failed: interrupted by daemon restart"
+    wait_for(lambda: "attempt 2 started" in story(d, again["id"]), what="the resumed attempt")
+    told = [ln for ln in story(d, again["id"]) if not ln.startswith("$ ")]
+    assert told[:3] == ["attempt 1 started", "recovered after restart; queued again",
+                        "attempt 2 started"]
