@@ -34,7 +34,8 @@ from jobd import supervise
 from jobd.joblogs import JobLog
 from jobd.orphans import (JOB_ENV, forget_supervisor, kill_marked, kill_orphan_group,
                           spawn_supervisor, sweep_orphans)
-from jobd.progress import MAX_RESULT, Lines, Passes, parse_progress, parse_result
+from jobd.progress import (MAX_RESULT, Lines, Passes, is_result_line, parse_progress,
+                           parse_result)
 
 __all__ = ["Completed", "JOB_ENV", "run"]
 
@@ -224,7 +225,7 @@ class _Child:
     def parse(self, fd: int, line: bytes) -> None:
         if b"%" not in line and b"{" not in line:
             return
-        if fd in self.results and line.lstrip().startswith(b'{"result"'):
+        if fd in self.results and is_result_line(line):
             result = parse_result(line)
             if result is not None:
                 self.result = result

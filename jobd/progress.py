@@ -15,8 +15,8 @@ import math
 import re
 from typing import Any, Callable, NamedTuple
 
-__all__ = ["MAX_LINE", "MAX_RESULT", "Counts", "Lines", "Passes", "parse_progress",
-           "parse_result"]
+__all__ = ["MAX_LINE", "MAX_RESULT", "Counts", "Lines", "Passes", "is_result_line",
+           "parse_progress", "parse_result"]
 
 #: the longest ``{"result": ...}`` line taken as a job's result, in bytes
 MAX_RESULT = 65536
@@ -107,10 +107,20 @@ def parse_progress(line: str) -> tuple[float | None, str | None, Counts | None] 
     return float(number.group()), text, None
 
 
+#: how a result line begins, JSON's whitespace allowed: ``{ "result" : ...``
+_RESULT_LINE = re.compile(rb'\s*\{\s*"result"\s*:')
+
+
+def is_result_line(line: bytes) -> bool:
+    """Whether ``line`` is meant as a ``{"result": ...}`` line (``parse_result`` says
+    whether it is a valid one)."""
+    return _RESULT_LINE.match(line) is not None
+
+
 def parse_result(line: bytes) -> dict[str, Any] | None:
     """A ``{"result": {...}}`` line's object (at most ``MAX_RESULT`` bytes), else None."""
     text = line.strip()
-    if not text.startswith(b'{"result"') or len(text) > MAX_RESULT:
+    if not is_result_line(text) or len(text) > MAX_RESULT:
         return None
     try:
         obj = json.loads(text, parse_constant=_not_json, parse_float=_finite_float)

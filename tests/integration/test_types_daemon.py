@@ -20,8 +20,9 @@ from conftest import (FAST_CONFIG, Daemon, clone, error_of, group_alive, joblog,
 ECHO = textwrap.dedent("""\
     import json, os, sys
     print(json.dumps({"progress": 50, "message": "echoing"}), flush=True)
-    print(json.dumps({"result": {"argv": sys.argv[1:], "cwd": os.getcwd(),
-                                 "key": os.environ.get("TYPE_KEY")}}))
+    # JSON's whitespace where JSON allows it (SPEC §5's result line is JSON)
+    print('{ "result" : ' + json.dumps({"argv": sys.argv[1:], "cwd": os.getcwd(),
+                                        "key": os.environ.get("TYPE_KEY")}) + '}')
 """)
 #: starts a child in its own group's tree, says so, then sleeps
 SLEEPER = textwrap.dedent("""\

@@ -39,6 +39,9 @@ def test_parse_progress_ignores_other_lines(line):
 @pytest.mark.parametrize("line, expected", [
     (b'{"result": {"files": 3, "alias": "\\u00dc"}}', {"files": 3, "alias": "\u00dc"}),
     (b'  {"result": {}}\n', {}),
+    # JSON's whitespace wherever JSON allows it
+    (b'{ "result": {"a": 1}}', {"a": 1}),
+    (b'{\t"result" :\r{"a": 1}}', {"a": 1}),
     (b'{"result": [1, 2]}', None),
     (b'{"result": {"a": 1}, "extra": 2}', None),
     (b'{"result": {"a": 1', None),
