@@ -89,8 +89,9 @@ class Server:
     max_batch: int = 100
     max_response_bytes: int = 8_388_608
     log_level: str = "info"
-    line_timeout: Duration = Duration(30)
-    idle_timeout: Duration = Duration(600)
+    #: limits: "none" (or "0") is none, as for every limit (SPEC §1)
+    line_timeout: float | None = _Limit(30)
+    idle_timeout: float | None = _Limit(600)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -433,9 +433,9 @@ class Server:
         line_started = 0.0
         while not self._stopping:
             limits = self.limits
-            if tail:
+            if tail and limits.line_timeout is not None:
                 conn.wait_until(loop, line_started + limits.line_timeout, "line_timeout")
-            else:
+            elif not tail and limits.idle_timeout is not None:
                 conn.wait_until(loop, loop.time() + limits.idle_timeout, "idle_timeout")
             chunk = await reader.read(_READ_CHUNK)
             if not chunk:

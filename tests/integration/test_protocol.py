@@ -454,3 +454,16 @@ def test_a_per_user_socket_folder_is_checked_however_the_socket_path_is_spelt(
         d.start(timeout=15)
     assert f"socket folder {folder} {problem}" in d.log()
     assert not (folder / "jobd.sock").exists()
+
+
+@pytest.mark.parametrize("no_limit", ['"0"', '"none"', "0"])
+def test_a_connection_timeout_of_none_or_0_is_no_limit(make_daemon: Any, no_limit: str) -> None:
+    d = make_daemon(config=f"[server]\nidle_timeout = {no_limit}\nline_timeout = {no_limit}\n")
+    with Wire(d.socket) as w:
+        assert "result" in w.call("ping")
+        time.sleep(1.2)  # idle
+        w.write(b'{"jsonrpc": "2.0", "method": "ping", ')  # a line begun
+        time.sleep(1.2)
+        w.write(b'"id": "late"}\n')
+        answer = w.line(timeout=5)
+        assert answer is not None and json.loads(answer)["id"] == "late"
