@@ -524,6 +524,7 @@ def _trusted_user_folder(folder: Path) -> None:
         raise OSError(f"socket folder {folder} {problem}: jobd binds only in a per-user "
                       "folder that is its own; remove it (jobd makes it 0700) or choose "
                       "another socket path (--socket)")
+    os.chmod(folder, 0o700)  # its own, and no wider (one left 0755)
 
 
 def _adopt() -> socket.socket | None:
@@ -562,6 +563,10 @@ def _remove_stale(path: Path) -> None:
         probe.connect(str(path))
     except (ConnectionRefusedError, FileNotFoundError):
         pass
+    except PermissionError:
+        raise OSError(f"{path} is a socket jobd may not connect to (permission denied): "
+                      "another user's daemon, or a file of theirs; remove it or choose "
+                      "another socket path (--socket)") from None
     except (BlockingIOError, TimeoutError):  # a backlog so full it cannot accept: alive
         raise AlreadyRunning(f"{path}: jobd is already running (and busy); "
                              "stop it first or choose another socket path") from None

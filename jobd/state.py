@@ -111,6 +111,8 @@ class StateLock:
                 raise InUse(f"{what}; stop it first (systemctl stop jobd), or give this "
                             f"one a folder of its own ({self.own_folder})") from None
             raise
+        if os.fstat(fd).st_uid == os.geteuid():
+            os.fchmod(fd, 0o600)  # one left with a wider mode, jobd's own again
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n{self.database}\n".encode(), 0)
         self._fd = fd
@@ -137,8 +139,9 @@ def locked(config: Config, *, create: bool = True) -> Iterator[None]:
     folders = {config.db.parent: "--db"} if config.storage.backend == "sqlite" else {}
     folders.setdefault(config.state_dir,
                        "[storage] state_dir" if config.storage.state_dir else "--db")
+    # the folders that exist first: one in use refuses the start before any is made
     with contextlib.ExitStack() as held:
-        for folder, own_folder in folders.items():
+        for folder, own_folder in sorted(folders.items(), key=lambda f: not f[0].is_dir()):
             held.enter_context(StateLock(folder, config.database, create=create,
                                          own_folder=own_folder))
         yield

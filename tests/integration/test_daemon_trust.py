@@ -84,8 +84,23 @@ def test_a_lock_left_by_a_killed_daemon_is_taken_over(
     d.kill()
     lock = d.state / "jobd.lock"
     assert lock.exists()
+    lock.chmod(0o666)  # left wider than jobd makes it
     d.start()
     assert lock.read_text().splitlines() == [str(d.proc.pid), str(d.db)]
+    assert stat.S_IMODE(lock.stat().st_mode) == 0o600
+
+
+def test_a_second_daemon_refused_by_a_folder_in_use_makes_no_folder_of_its_own(
+        make_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
+    first = make_daemon()
+    config = tmp_path / "second.toml"
+    config.write_text(first.config.read_text() + f'\n[storage]\nstate_dir = "{first.state}"\n')
+    new_folder = tmp_path / "second-db"
+    second = jobd("--config", str(config), "--socket", str(other_socket()),
+                  "--db", str(new_folder / "jobd.db"), "serve", env=first.env)
+    assert second.returncode == 1
+    assert f"state folder {first.state} is in use by jobd" in second.stderr
+    assert not new_folder.exists()
 
 
 def _answers(d: Daemon) -> bool:

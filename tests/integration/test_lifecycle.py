@@ -369,3 +369,26 @@ def test_notify_socket_gets_ready_watchdog_and_stopping(make_daemon: Callable[..
     finally:
         listener.close()
         shutil.rmtree(path.parent, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"),
+                    reason="a socket root may not connect to needs root without its override")
+def test_a_socket_jobd_may_not_connect_to_is_refused_in_one_line_naming_it(
+        make_daemon: Callable[..., Daemon]) -> None:
+    d = make_daemon(start=False)
+    theirs = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    theirs.bind(str(d.socket))
+    theirs.listen()
+    try:
+        d.socket.chmod(0)  # as another user's daemon's socket is to this one
+        proc = subprocess.run(  # root without the power to ignore file modes
+            ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--",
+             *d.argv()], env=d.env, capture_output=True, text=True, timeout=30,
+            stdin=subprocess.DEVNULL)
+    finally:
+        theirs.close()
+    assert proc.returncode == 1, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"jobd: {d.socket} is a socket jobd may not connect to "
+                           "(permission denied)"), line
+    assert d.socket.exists()

@@ -377,9 +377,13 @@ def per_user_daemon(tmp_path: Path, make_daemon: Any) -> tuple[Daemon, Path]:
     return d, runtime / "jobd"
 
 
+@pytest.mark.parametrize("before", [None, 0o755], ids=["new", "left-0755"])
 def test_the_per_user_socket_folder_is_made_0700_and_its_socket_0600(
-        tmp_path: Path, make_daemon: Any) -> None:
+        tmp_path: Path, make_daemon: Any, before: int | None) -> None:
     d, folder = per_user_daemon(tmp_path, make_daemon)
+    if before is not None:
+        folder.mkdir()
+        folder.chmod(before)
     d.start()
     assert stat.S_IMODE(folder.lstat().st_mode) == 0o700
     assert stat.S_IMODE(d.socket.lstat().st_mode) == 0o600
