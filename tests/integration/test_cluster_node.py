@@ -6,6 +6,7 @@ comes back as a new node that takes its previous id's job over."""
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from pathlib import Path
@@ -312,4 +313,46 @@ def test_a_job_running_on_one_node_keeps_every_node_from_saying_drained(
     for node in (a, b):
         assert result_of(node, "admin.maintenance")["drained"] is True
     result_of(a, "admin.maintenance", enabled=False)
+    assert a.stop() == 0 and b.stop() == 0
+
+
+#: an entry-point plugin that says ``exclusive`` and stores no ``options.repo_path``
+PLUGIN = '''
+from jobd.handlers.noop import NoopHandler
+
+
+class Exclusive(NoopHandler):
+    name = "exclusive_demo"
+    exclusive = True
+'''
+
+
+def test_an_exclusive_plugin_without_a_repo_path_runs_one_at_a_time_across_nodes(
+        make_pg_daemon: Callable[..., Daemon], dsn: str, tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    dist = site / "jobd_exclusive_demo-1.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: jobd-exclusive-demo\n"
+                                   "Version: 1.0\n")
+    (dist / "entry_points.txt").write_text(
+        "[jobd.handlers]\nexclusive_demo = jobd_exclusive_demo:Exclusive\n")
+    (site / "jobd_exclusive_demo.py").write_text(PLUGIN)
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH"))
+                                         if p)}
+    a, b = make_pg_daemon(SHORT_LEASE, env=env), make_pg_daemon(SHORT_LEASE, env=env)
+    jobs = [result_of(node, "jobs.submit", type="exclusive_demo", project_id="proj",
+                      options={"seconds": 0.6}) for node in (a, b, a)]
+    most = 0
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        (running, left) = row(dsn, "SELECT count(*) FILTER (WHERE status = 'running'), "
+                                   "count(*) FILTER (WHERE status IN ('queued', 'running')) "
+                                   "FROM jobs WHERE type = 'exclusive_demo'")
+        most = max(most, running)
+        if not left:
+            break
+        time.sleep(0.02)
+    assert [result_of(a, "jobs.get", job_id=j["id"])["status"] for j in jobs] == [
+        "completed"] * 3
+    assert most == 1
     assert a.stop() == 0 and b.stop() == 0

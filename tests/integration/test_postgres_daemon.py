@@ -46,10 +46,11 @@ def make_pg_daemon(make_daemon: Callable[..., Daemon], dsn: str, tmp_path: Path
     sections, FAST_CONFIG's by default)."""
     count = iter(range(100))
 
-    def make(extra: str = FAST_CONFIG, start: bool = True, db: str | None = None) -> Daemon:
+    def make(extra: str = FAST_CONFIG, start: bool = True, db: str | None = None,
+             env: dict[str, str] | None = None) -> Daemon:
         root = tmp_path / f"pg{next(count)}"
         return make_daemon(config=postgres_config(db or dsn, root, extra), start=start,
-                           root=root)
+                           root=root, env=env)
     return make
 
 

@@ -430,13 +430,19 @@ pick AS MATERIALIZED (
     SELECT next.seq AS pick_seq, next.repository AS pick_repository
     FROM me, dispatch_turns t
     CROSS JOIN LATERAL (
-        SELECT q.seq, CASE WHEN q.type = ANY(%(exclusive)s::text[])
-                           THEN q.options::jsonb ->> 'repo_path' END AS repository
-        FROM jobs q
-        WHERE q.status = 'queued' AND q.user_id = t.user_id AND q.priority = t.priority
-          AND (NOT q.type = ANY(%(exclusive)s::text[]) OR NOT EXISTS (
-              SELECT 1 FROM jobs r WHERE r.status = 'running'
-              AND r.repository = q.options::jsonb ->> 'repo_path'))
+        SELECT q.seq, q.repository
+        FROM (SELECT q.seq, q.type,
+                     -- what an exclusive job waits on, as jobd.dispatch has it: its
+                     -- resolved repo_path, else its (user, project) (a plugin's that
+                     -- stores none), chr(1) between them as no id holds it
+                     CASE WHEN q.type = ANY(%(exclusive)s::text[])
+                          THEN coalesce(q.options::jsonb ->> 'repo_path',
+                                        q.user_id || chr(1) || q.project_id) END AS repository
+              FROM jobs q
+              WHERE q.status = 'queued' AND q.user_id = t.user_id
+                AND q.priority = t.priority) q
+        WHERE q.repository IS NULL OR NOT EXISTS (
+            SELECT 1 FROM jobs r WHERE r.status = 'running' AND r.repository = q.repository)
         ORDER BY q.seq LIMIT 1) AS next
     WHERE t.queued > 0
       AND (SELECT count(*) FROM jobs u WHERE u.status = 'running' AND u.user_id = t.user_id)
