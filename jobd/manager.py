@@ -31,7 +31,7 @@ from jobd.errors import (BY_CODE, Conflict, Forbidden, InvalidParams, JobdError,
                          Unavailable)
 from jobd.handlers import Handler
 from jobd.metrics import Metrics
-from jobd.models import TERMINAL, Job, JobStatus, RawJSON, Role, iso, new_job_id
+from jobd.models import TERMINAL, Job, JobStatus, RawJSON, Role, iso, new_job_id, readable
 from jobd.params import flag, integer, iso_time, number, shown, text, utf8
 from jobd.rules import Rules
 from jobd.store import (DuplicateId, JobNotFound, StateConflict, StorageUnavailable,
@@ -755,8 +755,13 @@ class Manager:
         if "repo_path" in options and not scope.may_repo_path:
             raise Forbidden("only admins and services may pass options.repo_path",
                             field="options.repo_path")
-        options = handler.validate(options, user_id=scope.owner, project_id=project_id,
-                                   trusted=scope.may_repo_path, config=self.config)
+        try:
+            options = handler.validate(options, user_id=scope.owner, project_id=project_id,
+                                       trusted=scope.may_repo_path, config=self.config)
+        except (ValueError, TypeError) as e:  # a plugin's way of refusing its options
+            log.warning("handler_validate_raised", type=type, error=f"{e.__class__.__name__}: {e}")
+            raise InvalidParams(f"{type} jobs refuse these options: {readable(str(e), 500)}",
+                                field="options") from None
         return Job(id=new_job_id(), type=type, user_id=scope.owner, project_id=project_id,
                    status=JobStatus.CREATED, created_at=0, updated_at=0, version=0,
                    priority=priority, options=options, metadata=metadata,

@@ -213,6 +213,19 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return built
 
 
+def plugin_env(site: Path, module: str, source: str, **entry_points: str) -> dict[str, str]:
+    """An environment in which jobd loads ``source`` as module ``module`` of a plugin
+    distribution in ``site``, its ``jobd.handlers`` entry points ``name = module:attr``."""
+    dist = site / f"{module}-1.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[jobd.handlers]\n" + "".join(
+        f"{name} = {module}:{attr}\n" for name, attr in entry_points.items()))
+    (site / f"{module}.py").write_text(source)
+    return {"PYTHONPATH": os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH"))
+                                          if p)}
+
+
 #: the interpreter for a process run as another uid: the venv's base Python, which lies
 #: outside the checkout (a venv inside a clone under /root is not another uid's to enter);
 #: what it imports of jobd comes from ``readable_jobd``

@@ -6,7 +6,6 @@ comes back as a new node that takes its previous id's job over."""
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import Any, Callable
 
 import pytest
 
-from conftest import FAST_CONFIG, Daemon, group_alive, result_of, wait_for
+from conftest import FAST_CONFIG, Daemon, group_alive, plugin_env, result_of, wait_for
 from test_postgres_daemon import connect, make_pg_daemon  # noqa: F401 (a fixture)
 
 pytest_plugins = ["pg"]
@@ -329,16 +328,8 @@ class Exclusive(NoopHandler):
 
 def test_an_exclusive_plugin_without_a_repo_path_runs_one_at_a_time_across_nodes(
         make_pg_daemon: Callable[..., Daemon], dsn: str, tmp_path: Path) -> None:
-    site = tmp_path / "site"
-    dist = site / "jobd_exclusive_demo-1.0.dist-info"
-    dist.mkdir(parents=True)
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: jobd-exclusive-demo\n"
-                                   "Version: 1.0\n")
-    (dist / "entry_points.txt").write_text(
-        "[jobd.handlers]\nexclusive_demo = jobd_exclusive_demo:Exclusive\n")
-    (site / "jobd_exclusive_demo.py").write_text(PLUGIN)
-    env = {"PYTHONPATH": os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH"))
-                                         if p)}
+    env = plugin_env(tmp_path / "site", "jobd_exclusive_demo", PLUGIN,
+                     exclusive_demo="Exclusive")
     a, b = make_pg_daemon(SHORT_LEASE, env=env), make_pg_daemon(SHORT_LEASE, env=env)
     jobs = [result_of(node, "jobs.submit", type="exclusive_demo", project_id="proj",
                       options={"seconds": 0.6}) for node in (a, b, a)]
