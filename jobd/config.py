@@ -372,7 +372,10 @@ def _coerce(where: str, key: str, default: Any, value: Any, section: str) -> Any
         limit = parse_limit(value)
         return None if limit is None else _Limit(limit)
     if isinstance(default, Duration):
-        return Duration(parse_duration(value))
+        seconds = parse_duration(value)
+        if key == "cleanup_every" and seconds < 1:
+            raise ValueError(f"must be at least 1s (how often cleanup runs), not {value!r}")
+        return Duration(seconds)
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ValueError(f"must be true or false, not {value!r}")

@@ -253,6 +253,8 @@ def test_bad_durations(bad: Any) -> None:
     ("[sync]\nindex_command = []\n", "sync.index_command", "non-empty list"),
     ("[sync]\nremote = 5\n", "sync.remote", "must be a string"),
     ("[retention]\ncleanup_every = inf\n", "retention.cleanup_every", "not a duration"),
+    ("[retention]\ncleanup_every = \"0\"\n", "retention.cleanup_every", "at least 1s"),
+    ("[retention]\ncleanup_every = \"0.5s\"\n", "retention.cleanup_every", "at least 1s"),
     ("[retention]\nkeep = nan\n", "retention.keep", "not a duration"),
     ("[sync]\nallowed_roots = [\"{nope}/x\"]\n", "sync.allowed_roots", "names {nope}"),
     ("[sync]\nallowed_roots = [\"{\"]\n", "sync.allowed_roots", "has a brace"),
