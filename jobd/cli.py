@@ -63,7 +63,7 @@ def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
 def global_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """The options SPEC §1 lets go anywhere: before the command or after it."""
     options = [
-        click.option("--config", "config_file", type=click.Path(dir_okay=False), expose_value=False,
+        click.option("--config", "config_file", expose_value=False,
                      callback=_remember, help="Config file (default /etc/jobd/jobd.toml as root, "
                      "else $XDG_CONFIG_HOME/jobd/jobd.toml; env JOBD_CONFIG)."),
         click.option("--socket", expose_value=False, callback=_remember,

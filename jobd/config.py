@@ -626,7 +626,8 @@ def load(config_file: str | os.PathLike[str] | None = None, *, socket: str | Non
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such config file") from None
         except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: cannot read: {e}") from None
+            raise ConfigError(f"{path}: cannot read: {getattr(e, 'strerror', None) or e}"
+                              ) from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: not valid TOML: {e}") from None
         for name, table in raw.items():
@@ -635,6 +636,9 @@ def load(config_file: str | os.PathLike[str] | None = None, *, socket: str | Non
                     raise ConfigError(f"{path}: types must hold tables [types.NAME]")
                 types = table
                 continue
+            if name not in _SECTIONS and not isinstance(table, dict):
+                raise ConfigError(f"{path}: {name} = … is outside any section: every key "
+                                  f"belongs in one (known: {', '.join(_SECTIONS)})")
             if name not in _SECTIONS:
                 raise ConfigError(f"{path}: unknown section [{name}] "
                                   f"(known: {', '.join(_SECTIONS)})")

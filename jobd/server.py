@@ -322,7 +322,8 @@ class Server:
             self._bound = (path, path.stat().st_ino)
         except OSError as e:
             sock.close()
-            raise OSError(e.errno, f"cannot listen on {path}: {e.strerror or e}") from None
+            why = f"cannot listen on {path}: {e.strerror or e}"
+            raise (OSError(e.errno, why) if e.errno is not None else OSError(why)) from None
         log.info("socket_bound", socket=str(path), mode=f"{mode:04o}")
         return sock
 
@@ -519,6 +520,9 @@ def _trusted_user_folder(folder: Path) -> None:
         return
     except FileExistsError:
         pass
+    except FileNotFoundError:
+        raise OSError(f"socket folder {folder}: {folder.parent} does not exist (is "
+                      "XDG_RUNTIME_DIR right?); choose another socket path (--socket)") from None
     problem = state.private_dir_problem(folder, os.geteuid())
     if problem is not None:
         raise OSError(f"socket folder {folder} {problem}: jobd binds only in a per-user "

@@ -175,6 +175,7 @@ BAD_CONFIGS = {  # the key the one line must name -> the config
     "execution.workerz": "[execution]\nworkerz = 4\n",
     "execution.cancel_grace": '[execution]\ncancel_grace = "3 parsecs"\n',
     "server.max_batch": '[server]\nmax_batch = "many"\n',
+    "x = … is outside any section": "x = 1\n[server]\n",
 }
 
 
@@ -392,3 +393,32 @@ def test_a_socket_jobd_may_not_connect_to_is_refused_in_one_line_naming_it(
     assert line.startswith(f"jobd: {d.socket} is a socket jobd may not connect to "
                            "(permission denied)"), line
     assert d.socket.exists()
+
+
+def _config_folder(d: Daemon) -> list[str]:
+    return ["--config", str(d.root)]
+
+
+def _long_socket(d: Daemon) -> list[str]:
+    return ["--socket", str(d.root / ("s" * 120))]
+
+
+def _no_runtime_folder(d: Daemon) -> list[str]:
+    d.env["XDG_RUNTIME_DIR"] = str(d.root / "gone")
+    return ["--socket", str(d.root / "gone" / "jobd" / "jobd.sock")]
+
+
+@pytest.mark.parametrize("bad, told", [
+    (_config_folder, "cannot read"),
+    (_long_socket, "cannot listen on"),
+    (_no_runtime_folder, "does not exist (is XDG_RUNTIME_DIR right?)"),
+], ids=["config-folder", "long-socket", "no-runtime-folder"])
+def test_a_start_up_refusal_is_one_line_naming_its_cause(
+        make_daemon: Callable[..., Daemon], bad: Any, told: str) -> None:
+    d = make_daemon(start=False)
+    d.root.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run([*d.argv(), *bad(d)], env=d.env, capture_output=True, text=True,
+                          timeout=30, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 1, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("jobd: ") and told in line and "[Errno" not in line, line
