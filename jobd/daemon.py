@@ -319,9 +319,11 @@ async def _serve(config: Config, reload: Callable[[], Config]) -> int:
             hup.clear()
             try:
                 new = await loop.run_in_executor(None, reload)
+                handlers.check(new)  # refuses a [types] name a plugin has
                 if node is not None:  # the same cluster-wide settings as every other node
+                    # (and, passed, this node's row says it uses them: nothing refuses now)
                     await loop.run_in_executor(None, node.check_reload, new)
-                handlers.reconfigure(new)  # refuses a [types] name a plugin has
+                handlers.reconfigure(new)
             except Exception as e:  # noqa: BLE001 - SIGHUP never stops the daemon (SPEC §1)
                 problem = str(e) if isinstance(e, ConfigError) else f"{type(e).__name__}: {e}"
                 current.failed(problem)

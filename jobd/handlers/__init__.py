@@ -169,13 +169,17 @@ class Registry(Mapping[str, Handler]):
         built-in or plugin type has is refused (ConfigError) and nothing changes."""
         from jobd.handlers.program import ProgramHandler
 
+        self.check(config)
+        self._all = {**self.fixed, **{name: ProgramHandler(name, spec)
+                                      for name, spec in config.types.items()}}
+
+    def check(self, config: Config) -> None:
+        """What ``reconfigure`` refuses, refused without changing anything."""
         where = config.config_file or "the config"
         for name in config.types:
             if name in self.fixed:
                 raise ConfigError(f"{where}: types.{name}: a plugin job type has that name "
                                   "(entry point group jobd.handlers); give this one another")
-        self._all = {**self.fixed, **{name: ProgramHandler(name, spec)
-                                      for name, spec in config.types.items()}}
 
     def __getitem__(self, name: str) -> Handler:
         return self._all[name]

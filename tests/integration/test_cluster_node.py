@@ -347,3 +347,19 @@ def test_an_exclusive_plugin_without_a_repo_path_runs_one_at_a_time_across_nodes
         "completed"] * 3
     assert most == 1
     assert a.stop() == 0 and b.stop() == 0
+
+
+def test_a_reload_the_handlers_refuse_leaves_the_nodes_settings_as_they_were(
+        make_pg_daemon: Callable[..., Daemon], dsn: str, tmp_path: Path) -> None:
+    env = plugin_env(tmp_path / "site", "jobd_exclusive_demo", PLUGIN,
+                     exclusive_demo="Exclusive")
+    a = make_pg_daemon(SHORT_LEASE, env=env)
+    (node,) = [e["node_id"] for e in events_named(a, "node_registered")]
+    before = row(dsn, "SELECT settings_hash FROM nodes WHERE id = %s", node)
+    # a [types] entry named as the plugin's type: refused by the handlers
+    a.config.write_text(a.config.read_text() + '\n[types.exclusive_demo]\nargv = ["true"]\n')
+    a.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "config_reload_failed" in a.log(), what="the reload to be refused")
+    assert "a plugin job type has that name" in a.log()
+    assert row(dsn, "SELECT settings_hash FROM nodes WHERE id = %s", node) == before
+    assert a.stop() == 0
