@@ -850,6 +850,8 @@ class Engine:
         listeners, a ``jobs.wait``, ``admin.stats``) finds its slot still taken."""
         hooks = len(tx.after_commit)
         done = self._write_end_in(tx, ctx.job.id, end, kw)
+        if done.status is not end:  # a cancel asked just before the end: it ends cancelled
+            self._tell_end(ctx, done.status, {"message": done.message})
         if self.cluster is not None:
             claimed = self._claim_next_in(tx) if start_next else []
             tx.after_commit.insert(hooks, lambda: self._end_claimed(ctx, done, claimed))

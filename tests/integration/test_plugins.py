@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from conftest import plugin_env
+from conftest import plugin_env, wait_terminal
 
 PLUGIN = '''
 from jobd.handlers.noop import NoopHandler
@@ -32,3 +32,29 @@ def test_a_plugin_whose_validate_raises_refuses_the_submit_naming_why(
         assert error["message"] == f"picky jobs refuse these options: {why}"
         assert error["data"]["field"] == "options"
     assert "result" in d.raw("jobs.submit", type="picky", options={"colour": "red"})
+
+
+CANCELLED_LATE = '''
+from jobd.handlers.noop import NoopHandler
+
+
+class Late(NoopHandler):
+    """Its cancel is asked after its work is done, before its end is recorded."""
+    name = "late"
+
+    def run(self, ctx):
+        ctx.joblog.write(b"work done\\\\n")
+        ctx.engine.store.cancel_job(ctx.job.id, actor="admin:root")
+        return {"done": True}
+'''
+
+
+def test_a_job_whose_cancel_came_just_before_its_end_says_it_ended_cancelled(
+        make_daemon: Any, tmp_path: Path) -> None:
+    d = make_daemon(env=plugin_env(tmp_path / "site", "jobd_late", CANCELLED_LATE, late="Late"))
+    job = d.raw("jobs.submit", type="late")["result"]
+    done = wait_terminal(d, job["id"])
+    assert done["status"] == "cancelled"
+    page = d.raw("jobs.logs", job_id=job["id"])["result"]
+    assert page["eof"] is True and "work done" in page["data"]
+    assert page["data"].splitlines()[-1].endswith("] ended cancelled"), page["data"]
