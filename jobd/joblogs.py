@@ -27,7 +27,7 @@ import structlog
 from jobd.models import NOTE_MARK, is_note  # is_note: the rule clients share lives in models
 
 __all__ = ["JobLog", "Stream", "delete", "end", "is_note", "note_lines", "page", "path",
-           "read", "remove_strays", "since", "tail"]
+           "read", "remove_strays", "since", "sweep_strays", "tail"]
 
 _log = structlog.get_logger()
 
@@ -391,6 +391,19 @@ def delete(log_dir: Path, job_ids: Iterable[str]) -> None:
 
 #: the names a job's log files may have (``delete`` removes all of them)
 _LOG_NAME = re.compile(r"(.+)\.log(?:\.base)?(?:\.tmp)?")
+
+
+def sweep_strays(log_dir: Path, known: Callable[[list[str]], set[str]]) -> int:
+    """``remove_strays``, as housekeeping that never fails its caller (an unreadable
+    folder, a store gone away are logged): how many jobs' logs went."""
+    try:
+        removed = remove_strays(log_dir, known)
+    except Exception:  # noqa: BLE001 - housekeeping never stops the daemon or a cleanup
+        _log.exception("stray_logs_sweep_failed", log_dir=str(log_dir))
+        return 0
+    if removed:
+        _log.info("stray_logs_removed", jobs=removed, log_dir=str(log_dir))
+    return removed
 
 
 def remove_strays(log_dir: Path, known: Callable[[list[str]], set[str]],

@@ -25,6 +25,11 @@ _FORMATS = ("auto", "json", "console")
 
 _handler: logging.Handler | None = None   # ours, replaced (not added to) on a second setup
 
+#: the level in force (``setup``), which every logger reads at each call: a reload's new
+#: ``log_level`` applies at once to loggers made or bound before it, plugins' as well
+#: (structlog's filtering loggers fix theirs when first used)
+_level = [logging.INFO]
+
 #: structlog's JSON, as its ``json.dumps(event, default=…)`` writes it, but with one
 #: encoder made once rather than one per line (``jobd.jsonenc``)
 _dumps_json = jsonenc.encoder(default=structlog.processors._json_fallback_handler)
@@ -33,6 +38,34 @@ _dumps_json = jsonenc.encoder(default=structlog.processors._json_fallback_handle
 def _render_json(event: dict[str, Any], **_: Any) -> str:
     """``JSONRenderer``'s serializer (it passes its ``default``, already in the encoder)."""
     return _dumps_json(event)
+
+
+def _leveled() -> type:
+    """structlog's filtering bound logger, its level read from ``_level`` at each call."""
+    base: Any = structlog.make_filtering_bound_logger(logging.DEBUG)
+
+    def gate(name: str, level: int) -> Any:
+        inner = getattr(base, name)
+
+        def method(self: Any, *args: Any, **kw: Any) -> Any:
+            return None if level < _level[0] else inner(self, *args, **kw)
+        method.__name__ = name
+        return method
+
+    names = {"debug": logging.DEBUG, "info": logging.INFO, "msg": logging.INFO,
+             "warning": logging.WARNING, "warn": logging.WARNING, "error": logging.ERROR,
+             "exception": logging.ERROR, "critical": logging.CRITICAL,
+             "fatal": logging.CRITICAL}
+    methods = {name: gate(name, level) for name, level in names.items()}
+
+    def log(self: Any, level: int, *args: Any, **kw: Any) -> Any:
+        return None if level < _level[0] else base.log(self, level, *args, **kw)
+    methods.update(log=log, is_enabled_for=lambda self, level: level >= _level[0],
+                   get_effective_level=lambda self: _level[0])
+    return type("LeveledBoundLogger", (base,), methods)
+
+
+_Leveled = _leveled()
 
 
 def setup(level: str = "info", fmt: str = "auto") -> None:
@@ -73,6 +106,7 @@ def setup(level: str = "info", fmt: str = "auto") -> None:
     root.addHandler(handler)
     root.setLevel(levelno)
     _handler = handler
+    _level[0] = levelno
     # APScheduler says "Adding job tentatively", "Added job", "Scheduler started" at INFO
     # on every start: chatter for an operator, shown only when debugging
     logging.getLogger("apscheduler").setLevel(levelno if levelno <= logging.DEBUG
@@ -84,20 +118,6 @@ def setup(level: str = "info", fmt: str = "auto") -> None:
         processors=[*shared, *renderer],
         logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         # filtered-out calls return at once, so debug events cost nothing in production
-        wrapper_class=structlog.make_filtering_bound_logger(levelno),
+        wrapper_class=_Leveled,
         cache_logger_on_first_use=True,
     )
-    _forget_first_use()
-
-
-def _forget_first_use() -> None:
-    """A module's ``structlog.get_logger()`` keeps what its first call assembled, the
-    level filter with it: after a second ``setup`` (a reload's new ``log_level``) each
-    assembles anew at its next call. Loggers bound from them before (a running job's)
-    keep the old level until they go."""
-    proxy = type(structlog.get_logger())
-    for name, module in list(sys.modules.items()):
-        if name.partition(".")[0] in ("jobd", "jobctl") and module is not None:
-            for value in list(vars(module).values()):
-                if isinstance(value, proxy):
-                    vars(value).pop("bind", None)

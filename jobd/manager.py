@@ -978,8 +978,8 @@ class Manager:
         ``max_stored_per_user``), with their logs; also the scheduled job. With
         ``statuses``, only jobs that ended so, and none for ``max_stored_per_user``.
         Cluster mode: a scheduled round skips while another node sweeps, one ``asked``
-        for waits its turn; and either removes the logs this node keeps of jobs another
-        node's sweep or purge forgot."""
+        for waits its turn a while; and either removes the logs this node keeps of jobs
+        another node's sweep or purge forgot (nothing tells a node of those at once)."""
         now = now if now is not None else time.time_ns() // 1000
         keep = older_than_s if older_than_s is not None else self.config.retention.keep
         keep_failed = (older_than_s if older_than_s is not None
@@ -991,9 +991,7 @@ class Manager:
                                       statuses=statuses, dry_run=dry_run, wait=asked):
             deleted += len(ids)
         if self.engine.cluster is not None and not dry_run:
-            strays = joblogs.remove_strays(self.config.log_dir, self.store.known_ids)
-            if strays:
-                log.info("stray_logs_removed", jobs=strays, log_dir=str(self.config.log_dir))
+            joblogs.sweep_strays(self.config.log_dir, self.store.known_ids)
         log.info("cleanup_finished", deleted=deleted, dry_run=dry_run, actor=actor,
                  **({"statuses": statuses} if statuses else {}))
         return {"deleted": deleted, "dry_run": dry_run,

@@ -507,9 +507,20 @@ def _user_folders() -> set[Path]:
 
 def _user_folder_of(path: Path) -> Path | None:
     """The per-user socket folder ``path`` is in, however it is spelt (``//tmp/…``,
-    ``/tmp/../tmp/…``, a symbolic link to it): None if it is in none."""
-    where = os.path.realpath(path.parent)
-    return next((f for f in _user_folders() if os.path.realpath(f) == where), None)
+    ``/tmp/../tmp/…``, through a symbolic link to it): None if it is in none. A per-user
+    folder that is itself a link is one (``_trusted_user_folder`` refuses it), but is
+    never followed: another user's link there cannot claim an operator's folder."""
+    spelt = _lexical(path.parent)
+    real = os.path.realpath(path.parent)
+    return next((f for f in _user_folders()
+                 if _lexical(f) == spelt
+                 or os.path.join(os.path.realpath(f.parent), f.name) == real), None)
+
+
+def _lexical(path: Path) -> str:
+    """``path`` with ``.``, ``..`` and repeated slashes (a leading ``//`` too) resolved as
+    text, no link followed."""
+    return "/" + os.path.normpath(path).lstrip("/")
 
 
 def _trusted_user_folder(folder: Path) -> None:

@@ -67,6 +67,8 @@ NODE_KEY = 0x6A6F6264_00000002
 QUEUE_KEY = 0x6A6F6264_00000003
 #: held (tried, for a session) by the cluster node that sweeps: one node at a time
 CLEANUP_KEY = 0x6A6F6264_00000005
+#: how long an admin.cleanup asked for waits for another node's sweep to end
+CLEANUP_WAIT_S = 10.0
 
 #: jobd's tables, and the functions its schema defines (its triggers' and ``jobd_iso``):
 #: a backup by table (``pg_dump -t``) leaves the functions out, so dump the database
@@ -823,23 +825,35 @@ class PostgresStore(BaseStore):
                 statuses: Collection[str] | None = None, dry_run: bool = False,
                 wait: bool = False, chunk: int = CLEANUP_CHUNK) -> Iterator[list[str]]:
         """As every store's; a cluster node sweeps only while no other does (a session's
-        lock, held on a connection of its own for the sweep): a scheduled round skips if
-        another node sweeps, one asked for (``wait``: admin.cleanup) waits its turn."""
+        try-lock, held on a connection of its own for the sweep): a scheduled round skips
+        if another node sweeps, one asked for (``wait``: admin.cleanup) tries again for up
+        to ``CLEANUP_WAIT_S``, its connection back in the pool between tries, then answers
+        that storage is busy."""
         sweep = super().cleanup(keep_before=keep_before, keep_failed_before=keep_failed_before,
                                 statuses=statuses, dry_run=dry_run, chunk=chunk)
         if not self.cluster or dry_run:
             yield from sweep
             return
-        with self._reading() as conn:
-            if wait:
-                conn.execute(QUERIES["cleanup_lock_wait"], {"key": CLEANUP_KEY})
-            elif not _scalar(conn.execute(QUERIES["cleanup_lock"], {"key": CLEANUP_KEY})):
+        deadline = time.monotonic() + CLEANUP_WAIT_S
+        while True:
+            with self._reading() as conn:
+                if _scalar(conn.execute(QUERIES["cleanup_lock"], {"key": CLEANUP_KEY})):
+                    try:
+                        yield from sweep
+                    finally:
+                        conn.execute(QUERIES["cleanup_unlock"], {"key": CLEANUP_KEY})
+                    return
+            # the connection goes back to the pool between two tries
+            if not wait:
                 log.info("cleanup_skipped", reason="another node is sweeping")
                 return
-            try:
-                yield from sweep
-            finally:
-                conn.execute(QUERIES["cleanup_unlock"], {"key": CLEANUP_KEY})
+            if self._writer is None:
+                raise StoreClosed()
+            if time.monotonic() >= deadline:
+                raise StorageUnavailable(
+                    f"another node is cleaning up and did not end within "
+                    f"{CLEANUP_WAIT_S:g}s; try again once its sweep is over")
+            time.sleep(0.25)
 
     def append_log_in(self, tx: writer.Tx, job_id: str, pos: int, data: bytes,
                       keep_from: int) -> bool:

@@ -282,15 +282,33 @@ def test_an_asked_for_cleanup_waits_for_another_nodes_sweep_rather_than_skip_it(
     answers: list[Any] = []
     with connect(dsn) as sweeping:  # as another node's sweep holds it
         sweeping.execute("SELECT pg_advisory_lock(%s)", (CLEANUP_KEY,))
-        asked = threading.Thread(target=lambda: answers.append(
-            result_of(a, "admin.cleanup", older_than_s=0)))
-        asked.start()
-        asked.join(1.5)
-        assert asked.is_alive() and not answers  # waiting its turn, not skipped
+        asked = [threading.Thread(target=lambda: answers.append(
+            result_of(a, "admin.cleanup", older_than_s=0))) for _ in range(6)]
+        for thread in asked:
+            thread.start()
+        time.sleep(1.5)
+        assert all(t.is_alive() for t in asked) and not answers  # waiting, not skipped
+        started = time.monotonic()  # and the node's reads are not held up meanwhile
+        assert result_of(a, "jobs.get", job_id=job["id"])["status"] == "completed"
+        assert time.monotonic() - started < 2
         sweeping.execute("SELECT pg_advisory_unlock(%s)", (CLEANUP_KEY,))
-        asked.join(20)
-    assert answers and answers[0]["deleted"] == 1
+        for thread in asked:
+            thread.join(20)
+    assert sorted(answer["deleted"] for answer in answers) == [0] * 5 + [1]
     assert a.stop() == 0
+
+
+def test_an_asked_for_cleanup_gives_up_on_a_sweep_that_does_not_end_and_the_node_stops(
+        make_pg_daemon: Callable[..., Daemon], dsn: str) -> None:
+    from jobd.store.postgres import CLEANUP_KEY, CLEANUP_WAIT_S
+    a = make_pg_daemon(SHORT_LEASE)
+    with connect(dsn) as sweeping:
+        sweeping.execute("SELECT pg_advisory_lock(%s)", (CLEANUP_KEY,))
+        started = time.monotonic()
+        error = a.raw("admin.cleanup", older_than_s=0)["error"]
+        assert CLEANUP_WAIT_S <= time.monotonic() - started < CLEANUP_WAIT_S + 5
+        assert error["code"] == -32050 and "another node is cleaning up" in error["message"]
+        assert a.stop(timeout=20) == 0  # the lock still held elsewhere
 
 
 def test_a_job_running_on_one_node_keeps_every_node_from_saying_drained(

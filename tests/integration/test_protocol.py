@@ -471,3 +471,15 @@ def test_a_connection_timeout_of_none_or_0_is_no_limit(make_daemon: Any, no_limi
         w.write(b'"id": "late"}\n')
         answer = w.line(timeout=5)
         assert answer is not None and json.loads(answer)["id"] == "late"
+
+
+def test_a_link_in_a_per_user_folders_place_does_not_claim_an_operators_folder(
+        tmp_path: Path, make_daemon: Any) -> None:
+    d, folder = per_user_daemon(tmp_path, make_daemon)
+    elsewhere = tmp_path / "run-jobd"
+    elsewhere.mkdir(mode=0o755)
+    folder.symlink_to(elsewhere)  # as another user could make /tmp/jobd-<uid>
+    d.socket = elsewhere / "jobd.sock"  # the operator's explicit path
+    d.start()
+    assert stat.S_IMODE(d.socket.lstat().st_mode) == 0o660  # socket_mode: not per-user
+    assert "result" in d.raw("ping")

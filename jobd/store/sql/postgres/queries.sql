@@ -579,10 +579,6 @@ GROUP BY n.id ORDER BY n.id
 -- by cleanup_unlock, or with the session if the node dies); false: another node sweeps
 SELECT pg_try_advisory_lock(%(key)s)
 
--- cleanup_lock_wait --
--- cleanup_lock for a sweep asked for (admin.cleanup): it waits for the other node's
-SELECT pg_advisory_lock(%(key)s)
-
 -- cleanup_unlock --
 -- The sweep is over: the next node's turn
 SELECT pg_advisory_unlock(%(key)s)
