@@ -451,7 +451,8 @@ def test_annotate_and_stats_answer_what_only_the_engine_knows(rig: Callable[...,
     r.engine.live(running).message = "halfway"  # type: ignore[union-attr]
     live = r.engine.annotate({"id": running, "status": "running", "version": 0})
     assert live["message"] == "halfway" and live["version"] > 0
-    assert r.engine.stats() == {"running": 1, "queued": 1, "workers": 1, "paused": False,
+    assert r.engine.stats() == {"running": 1, "running_here": 1, "queued": 1, "workers": 1,
+                                "paused": False,
                                 "per_user": {"alice": {"running": 1, "queued": 0},
                                              "bob": {"running": 0, "queued": 1}}}
 

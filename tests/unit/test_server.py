@@ -721,5 +721,5 @@ async def test_the_per_user_folder_is_made_private_or_refused(
         assert not (sock_dir / "real" / "jobd.sock").exists()
         return
     async with serving(config):
-        assert stat.S_IMODE(folder.lstat().st_mode) == (0o700 if problem == "missing" else 0o755)
+        assert stat.S_IMODE(folder.lstat().st_mode) == 0o700  # one left 0755 too
         assert stat.S_IMODE(config.socket.stat().st_mode) == 0o600  # not socket_mode
