@@ -94,6 +94,24 @@ def test_a_database_of_the_old_store_migrates_and_keeps_working(tmp_path: Path) 
         store.close()
 
 
+def test_a_new_database_has_small_pages_and_an_old_one_keeps_its_own(tmp_path: Path) -> None:
+    """A new database is made with 1 KiB pages (a job's writes and a cleanup copy a
+    quarter of the bytes through the WAL); one made with SQLite's 4 KiB keeps them."""
+    new, old = tmp_path / "new.db", tmp_path / "old.db"
+    old_database(old)
+    for db in (new, old):
+        Store(db, synchronous="normal").open().close()
+    with raw(new) as conn:
+        assert conn.execute("PRAGMA page_size").fetchone() == (1024,)
+    with raw(old) as conn:
+        assert conn.execute("PRAGMA page_size").fetchone() == (4096,)
+    store = Store(old, synchronous="normal").open()
+    try:
+        assert submit(store, new_job(user="dave")).status is JobStatus.QUEUED
+    finally:
+        store.close()
+
+
 def test_a_finished_job_without_an_end_time_is_given_one_by_the_migration(
         tmp_path: Path) -> None:
     """Rows a bug left outside the invariants do not stop the upgrade."""
