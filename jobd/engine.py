@@ -67,6 +67,9 @@ SWEEP_S = 0.5
 #: an end waiting for storage is retried after this, doubling up to RETRY_MAX_S
 RETRY_S = 0.25
 RETRY_MAX_S = 5.0
+#: past shutdown_grace, how long a stop waits for the ends of programs that used all of
+#: theirs before it records the ends itself (well inside systemd's grace + 5 s)
+STOP_SLACK_S = 0.5
 #: the longest error text recorded when an end had to be sanitised
 MAX_ERROR_CHARS = 4096
 
@@ -140,6 +143,10 @@ class Context:
 
     # -- progress ----------------------------------------------------------------------
 
+    # A progress write is queued while the lock is held (queuing never waits): the writes
+    # of one attempt reach the store in the order of the changes they carry, so a flush
+    # on the dispatch thread cannot land after a newer phase and leave it stale.
+
     def set_phase(self, phase: str, message: str | None = None) -> None:
         with self._lock:
             live = self.live
@@ -147,9 +154,9 @@ class Context:
             if message is not None:
                 live.message = message
             live.dirty = False
+            self.engine.store.update_progress(self.job.id, progress=live.progress,
+                                              phase=phase, message=live.message, actor="jobd")
         self.joblog.note(f"phase {phase}" + (f": {message}" if message else ""))
-        self.engine.store.update_progress(self.job.id, progress=live.progress, phase=phase,
-                                          message=live.message, actor="jobd")
         self.engine.progressed(self.job)
 
     def set_progress(self, percent: float, message: str | None = None) -> None:
@@ -175,12 +182,18 @@ class Context:
     def flush(self) -> None:
         """Write the latest progress to the database if it changed."""
         with self._lock:
-            if not self.live.dirty:
+            live = self.live
+            if not live.dirty:
                 return
-            self.live.dirty = False
-            live = dataclasses.replace(self.live)
-        self.engine.store.update_progress(self.job.id, progress=live.progress,
-                                          phase=live.phase, message=live.message)
+            live.dirty = False
+            self.engine.store.update_progress(self.job.id, progress=live.progress,
+                                              phase=live.phase, message=live.message)
+
+    def snapshot(self) -> Live:
+        """The live progress as one change left it (a reader on another thread would
+        otherwise see a new version beside older values)."""
+        with self._lock:
+            return dataclasses.replace(self.live)
 
     # -- checkpoints and processes -----------------------------------------------------
 
@@ -479,7 +492,9 @@ class Engine:
         for ctx in contexts:
             ctx.stop(StopReason.SHUTDOWN)
         grace = self.config.execution.shutdown_grace
-        self._wait_for_ends(grace)
+        # a program's grace counts from its own SIGTERM, sent by its worker's next look
+        # at the stop (and its SIGKILL is the supervisor's): its end comes after that
+        self._wait_for_ends(grace + STOP_SLACK_S)
         for ctx in list(self._contexts.values()):
             # its handler ignores stop requests: record the end for it
             self._finish(ctx, None, Cancelled("shutdown"))
@@ -513,7 +528,8 @@ class Engine:
         """A running job's phase or live progress changed (``Context``): tell its waiters;
         in cluster mode once the node has reported it, with its version (``reported``)."""
         if self.cluster is not None:
-            self.cluster.progressed(job.id, self.live(job.id))
+            ctx = self._contexts.get(job.id)
+            self.cluster.progressed(job.id, None if ctx is None else ctx.snapshot())
             return
         self.notify(job.id)
         self.live_changed(job)
@@ -1020,7 +1036,7 @@ class Engine:
         if out["status"] == JobStatus.RUNNING:
             ctx = self._contexts.get(out["id"])
             if ctx is not None:
-                live = ctx.live
+                live = ctx.snapshot()
                 # memory is ahead of the database (a flush may commit older values under a
                 # newer version): its values, with whichever version is higher
                 out.update(progress=round(live.progress, 2), phase=live.phase,

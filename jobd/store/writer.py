@@ -319,6 +319,9 @@ class Writer(threading.Thread):
         changed = driver.changes
         tx = driver.begin(now)
         self._join(batch)
+        # a write that joined was queued after ``now`` was read, perhaps after a live
+        # version from the clock (a running job's progress): its version must pass that
+        tx.now = max(tx.now, self.clock())
         outcomes: list[tuple[Any, Any, BaseException | None]] = []
         try:
             for fn, fut in batch:

@@ -4,6 +4,7 @@ config, ends the store refuses, and ends that wait for a full disk."""
 from __future__ import annotations
 
 import dataclasses
+import sys
 import threading
 import time
 import uuid
@@ -455,6 +456,103 @@ def test_annotate_and_stats_answer_what_only_the_engine_knows(rig: Callable[...,
                                 "paused": False,
                                 "per_user": {"alice": {"running": 1, "queued": 0},
                                              "bob": {"running": 0, "queued": 1}}}
+
+
+def running_context(r: Rig, job_id: str) -> Any:
+    r.wait(job_id, JobStatus.RUNNING)
+    wait_for(lambda: job_id in r.engine._contexts, what="the job's worker")
+    return r.engine._contexts[job_id]
+
+
+def test_a_progress_flush_racing_a_phase_change_never_leaves_the_older_phase_stored(
+        rig: Callable[..., Rig]) -> None:
+    """The dispatch thread's flush took its snapshot, then lost the processor before
+    queuing its write; the worker's phase change queued meanwhile must stay the last."""
+    r = rig("[execution]\nworkers = 1\n")
+    r.held.release.clear()
+    job_id = r.submit("held")
+    ctx = running_context(r, job_id)
+    real, phases, flushing = r.store.update_progress, [], threading.Event()
+
+    def update_progress(job: str, **kw: Any) -> Any:
+        if threading.current_thread().name == "flusher":
+            flushing.set()
+            time.sleep(0.2)
+        phases.append(kw["phase"])
+        return real(job, **kw)
+
+    r.store.update_progress = update_progress  # type: ignore[method-assign]
+    ctx.set_progress(50)
+    flusher = threading.Thread(target=ctx.flush, name="flusher")
+    flusher.start()
+    assert flushing.wait(5)
+    ctx.set_phase("two")
+    flusher.join()
+    r.held.release.set()
+    assert r.wait(job_id, JobStatus.COMPLETED).phase == "two"
+    assert phases == [None, "two"]
+
+
+def test_a_running_job_is_annotated_with_the_values_of_one_change(
+        rig: Callable[..., Rig]) -> None:
+    """``jobs.get`` of a running job reads its live progress while the worker changes it:
+    the answer's progress, message and version come from the same change."""
+    r = rig("[execution]\nworkers = 1\n")
+    r.held.release.clear()
+    job_id = r.submit("held")
+    ctx = running_context(r, job_id)
+    stop, torn = threading.Event(), []
+
+    def report() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            ctx.set_progress(min(99.0, n / 100), message=str(n))
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    reporter = threading.Thread(target=report)
+    reporter.start()
+    try:
+        until = time.monotonic() + 1.5
+        while time.monotonic() < until:
+            out = r.engine.annotate({"id": job_id, "status": "running", "version": 0})
+            if out["message"] is not None and (
+                    min(99.0, int(out["message"]) / 100) != out["progress"]):
+                torn.append(out)
+    finally:
+        stop.set()
+        reporter.join()
+        sys.setswitchinterval(interval)
+        r.held.release.set()
+    assert torn == []
+
+
+class Lingering(Handler):
+    """Saves its work when stopped, taking a moment past the stop's grace (as a program
+    whose own grace began at its SIGTERM, a little after the stop did), then returns."""
+
+    name = "lingering"
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def run(self, ctx: JobContext) -> dict[str, Any]:
+        while not ctx.cancelled:
+            time.sleep(0.01)
+        time.sleep(self.seconds)
+        return {"saved": True}
+
+
+def test_a_shutdown_records_the_end_of_a_job_that_stops_just_past_its_grace(
+        rig: Callable[..., Rig]) -> None:
+    r = rig('[execution]\nworkers = 1\nshutdown_grace = "1s"\n')
+    r.engine.handlers["lingering"] = Lingering(1.0 + engine_module.STOP_SLACK_S / 2)
+    job_id = r.submit("lingering")
+    running_context(r, job_id)
+    r.engine.stop()
+    done = r.get(job_id)
+    assert (done.status, done.result) == (JobStatus.COMPLETED, {"saved": True})
 
 
 # -- a freed slot handed to the next job in the end's transaction (issue 9) ---------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -202,6 +203,27 @@ def test_a_full_disk_is_storage_full_and_writes_come_back(small_disk: Path) -> N
         assert "free space, then retry" in str(full.value)
         filler.unlink()
         assert store.start_job(kept.id).status is JobStatus.RUNNING
+    finally:
+        store.close()
+
+
+@sqlite_only
+def test_a_write_that_joins_a_waiting_batch_is_stamped_no_earlier_than_it_was_queued(
+        store_db: StoreDb) -> None:
+    """The batch's BEGIN waited for another program's lock; a write queued meanwhile
+    joins it and gets a time (its version) from after it was queued, not the batch's."""
+    clock = Clock()
+    store = store_db.open(clock=clock)
+    try:
+        holder = sqlite3.connect(store_db.target, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        first = store.write_async(lambda tx: tx.now)
+        time.sleep(0.3)  # the writer took it and waits in BEGIN
+        clock.now += 1_000
+        joined = store.write_async(lambda tx: tx.now)
+        holder.execute("COMMIT")
+        holder.close()
+        assert first.result(10) == joined.result(10) == T0 + 1_000
     finally:
         store.close()
 
