@@ -18,7 +18,7 @@ from typing import Any, AsyncIterator, Callable, Mapping
 
 import pydantic
 import structlog
-from fastapi import APIRouter, Body, Depends, FastAPI, Header, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
@@ -41,8 +41,10 @@ HEARTBEAT_S = 15.0
 MAX_BODY_BYTES = 256 * 1024
 _UPPER = re.compile(r"(?<=[a-z0-9])([A-Z])")
 #: SPEC §4's JSON-RPC code for an HTTP status, for errors that FastAPI raises itself (the
-#: last class of a status wins: 400 is an invalid request, 404 an unknown job)
-_CODE_OF_STATUS = {cls.http_status: cls.code for cls in errors.BY_CODE.values()}
+#: last class of a status wins: 400 is an invalid request; a 404 of its own is a URL it
+#: does not serve, like an unknown method, never an unknown job)
+_CODE_OF_STATUS = {**{cls.http_status: cls.code for cls in errors.BY_CODE.values()},
+                   404: errors.MethodNotFound.code}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,12 +114,6 @@ def _invalid(problems: Any) -> errors.InvalidParams:
     names the field, all are in the message."""
     fields, lines = [], []
     for problem in problems:
-        if problem.get("type") == "json_invalid":
-            # its loc is ("body", the character's offset), not a field
-            fields.append("body")
-            lines.append(f"body: not valid JSON ({problem.get('ctx', {}).get('error')}) "
-                         f"at character {problem['loc'][-1]}")
-            continue
         loc = [str(p) for p in problem.get("loc", ()) if p not in ("body", "query", "path",
                                                                   "header")]
         field = ".".join(loc) or "body"
@@ -178,12 +174,19 @@ class _Input(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid")
 
 
-class _SyncBody(_Input):
+class _Body(_Input):
+    """A JSON body: its values are taken as jobd takes them (``"yes"`` is no boolean and
+    ``"7"`` no priority), where a query string's are all text."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", strict=True)
+
+
+class _SyncBody(_Body):
     project_id: str
     options: dict[str, Any] | None = None
 
 
-class _JobBody(_Input):
+class _JobBody(_Body):
     type: str
     project_id: str | None = None
     options: dict[str, Any] | None = None
@@ -192,7 +195,7 @@ class _JobBody(_Input):
     description: str | None = None
 
 
-class _MaintenanceBody(_Input):
+class _MaintenanceBody(_Body):
     enabled: bool | None = None
     reason: str | None = None
 
@@ -234,7 +237,19 @@ def _query(request: Request, model: type[_Input]) -> Any:
     return model.model_validate(snake_keys(flat, "query"))
 
 
-def _body(model: type[_Input], body: Any) -> Any:
+async def _body(model: type[_Body], request: Request) -> Any:
+    """The request's JSON body read into ``model``. Read by the endpoint, once its caller
+    is known: a request without a good token is a 401, whatever its body."""
+    try:
+        body = json.loads(await request.body())
+    except json.JSONDecodeError as e:
+        raise errors.InvalidParams(f"body: not valid JSON ({e.msg}) at character {e.pos}",
+                                   field="body") from None
+    except UnicodeDecodeError:
+        raise errors.InvalidParams("body: not UTF-8 text", field="body") from None
+    if not isinstance(body, dict):
+        raise errors.InvalidParams(f"body must be a JSON object, not {type(body).__name__}",
+                                   field="body")
     return model.model_validate(snake_keys(body, "body"))
 
 
@@ -362,10 +377,10 @@ def router(principal: Callable[..., Any], socket: str | None = None, pool_size: 
     Admin = Depends(admin)
 
     @r.post("/api/sync", status_code=202)
-    async def sync(request: Request, response: Response, body: dict[str, Any] = Body(...),
+    async def sync(request: Request, response: Response,
                    idempotency_key: str | None = Header(None), who: Principal = Who
                    ) -> dict[str, Any]:
-        data = _body(_SyncBody, body)
+        data = await _body(_SyncBody, request)
         job = await jobd.call(who, "jobs.submit", type="sync", project_id=data.project_id,
                               options=_options(data.options), idempotency_key=idempotency_key)
         response.headers["Location"] = request.url_for("jobd_get_job", job_id=job["id"]).path
@@ -373,8 +388,8 @@ def router(principal: Callable[..., Any], socket: str | None = None, pool_size: 
                 "deduplicated": job["deduplicated"]}
 
     @r.post("/api/jobs", status_code=202)
-    async def submit(body: dict[str, Any] = Body(...), who: Principal = Who) -> Any:
-        data = _body(_JobBody, body)
+    async def submit(request: Request, who: Principal = Who) -> Any:
+        data = await _body(_JobBody, request)
         return await jobd.call(who, "jobs.submit", type=data.type, project_id=data.project_id,
                                options=_options(data.options),
                                priority=_priority(who, data.priority),
@@ -462,8 +477,8 @@ def router(principal: Callable[..., Any], socket: str | None = None, pool_size: 
         return await jobd.call(who, "admin.maintenance")
 
     @r.post("/api/admin/maintenance")
-    async def maintenance(body: dict[str, Any] = Body(...), who: Principal = Admin) -> Any:
-        data = _body(_MaintenanceBody, body)
+    async def maintenance(request: Request, who: Principal = Admin) -> Any:
+        data = await _body(_MaintenanceBody, request)
         return await jobd.call(who, "admin.maintenance", enabled=data.enabled,
                                reason=data.reason)
 

@@ -47,11 +47,12 @@ def router() -> APIRouter:
     """The dashboard's routes: the page at ``/``, its script and style under ``/static/``."""
     r = APIRouter()
 
-    @r.get("/", include_in_schema=False)
+    # HEAD too: an uptime probe or `curl -I` of the dashboard's address
+    @r.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def page() -> Response:
         return _file("index.html")
 
-    @r.get("/static/{name}", include_in_schema=False)
+    @r.api_route("/static/{name}", methods=["GET", "HEAD"], include_in_schema=False)
     async def static(name: str) -> Response:
         return _file(name)
 

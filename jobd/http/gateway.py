@@ -240,12 +240,23 @@ def refusal(socket: str | None, ask_s: float = ASK_S) -> str | None:
         except JobdError as e:
             return f"jobd refused to say which account it knows jobd-http as: {e}"
     log.info("gateway_caller", user=caller["user"], role=caller["role"])
-    if caller["role"] != "admin":
+    return refusal_of(caller)
+
+
+def refusal_of(caller: dict[str, Any]) -> str | None:
+    """Why jobd-http may not serve as ``caller`` (``ping``'s answer: whom jobd knows it
+    as), or None: only as a service (SPEC §10)."""
+    if caller["role"] == "service":
         return None
-    return (f"jobd knows this account ({caller['user']}) as an admin, so a token with the "
-            "admin claim would have a local admin's rights (it could run any program as "
-            "jobd's user); run jobd-http as the account listed in [auth] services of "
-            "jobd.toml, or give --allow-admin-account on a machine of your own")
+    if caller["role"] == "admin":
+        return (f"jobd knows this account ({caller['user']}) as an admin, so a token with "
+                "the admin claim would have a local admin's rights (it could run any "
+                "program as jobd's user); run jobd-http as the account listed in [auth] "
+                "services of jobd.toml, or give --allow-admin-account on a machine of your "
+                "own")
+    return (f"jobd knows this account ({caller['user']}) as a plain user, who may act only "
+            "as itself, so every signed-in user but that one would be refused; list it in "
+            "[auth] services of jobd.toml")
 
 
 _FLAGS: list[tuple[str, str]] = [

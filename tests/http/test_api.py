@@ -298,12 +298,37 @@ def test_too_many_queued_jobs_is_429(web: httpx.Client) -> None:
     (b"{\"projectId\": \"p\", \"branch\": \"x\"}", "branch"),  # unknown key
     (b"{\"projectId\": 7}", "project_id"),       # wrong type
     (b"{\"projectId\": \"p\", \"options\": []}", "options"),
-], ids=["not-json", "array", "missing", "unknown", "wrong-type", "options-array"])
+    (b"{\"projectId\": [\"p\"]}", "project_id"),
+], ids=["not-json", "array", "missing", "unknown", "wrong-type", "options-array",
+        "list-for-text"])
 def test_invalid_input_is_422_in_the_one_error_shape(web: httpx.Client, body: bytes,
                                                      field: str) -> None:
     response = web.post("/api/sync", content=body,
                         headers={**ALICE, "Content-Type": "application/json"})
     assert error(response, 422, -32602)["field"] == field
+
+
+@pytest.mark.parametrize("path, body, field", [
+    ("/api/admin/maintenance", {"enabled": "yes"}, "enabled"),
+    ("/api/admin/maintenance", {"enabled": 1}, "enabled"),
+    ("/api/jobs", {"type": "steps", "priority": "7"}, "priority"),
+    ("/api/jobs", {"type": "steps", "priority": True}, "priority"),
+], ids=["yes-for-true", "one-for-true", "text-priority", "bool-priority"])
+def test_a_body_value_jobd_would_refuse_is_422_and_changes_nothing(
+        web: httpx.Client, path: str, body: dict[str, Any], field: str) -> None:
+    """A body's values are taken as jobd takes them, not converted: ``"yes"`` switching
+    maintenance on would be a typo changing the daemon's state."""
+    assert error(web.post(path, json=body, headers=ADMIN), 422, -32602)["field"] == field
+    assert web.get("/api/admin/maintenance", headers=ADMIN).json()["maintenance"] is False
+
+
+def test_no_token_is_401_whatever_the_body(web: httpx.Client) -> None:
+    for path in ("/api/sync", "/api/jobs", "/api/admin/maintenance"):
+        for body in (b"{bad", b"[]", b"\xff"):
+            error(web.post(path, content=body, headers={"Content-Type": "application/json"}),
+                  401, -32001)
+    error(web.post("/api/sync", content=b"\xff", headers={**ALICE, "Content-Type":
+                                                          "application/json"}), 422, -32602)
 
 
 def test_a_body_past_the_limit_is_413_before_it_reaches_jobd(web: httpx.Client) -> None:

@@ -115,6 +115,11 @@ def test_the_page_loads_without_a_token_and_only_from_the_gateway(gateway: Gatew
             kinds[url.rsplit(".", 1)[-1]] = asset.headers["content-type"]
             assert "http://" not in asset.text and "https://" not in asset.text, url
         assert kinds["js"].startswith("text/javascript") and kinds["css"].startswith("text/css")
+        # an uptime probe's HEAD, or `curl -I`: the page's and a file's headers, no body
+        for path in ("/", "/static/dashboard.js"):
+            head = web.head(path)
+            assert head.status_code == 200 and head.content == b"", path
+            assert head.headers["content-type"] == web.get(path).headers["content-type"]
 
 
 def test_the_page_reads_the_token_from_a_field_and_never_puts_it_in_a_url(

@@ -274,6 +274,21 @@ def test_jobd_http_will_not_serve_as_an_account_jobd_knows_as_an_admin(
                  str(daemon.socket), "--jwt-secret-file", str(tmp_path / "secret")) as g:
         token = jwt.encode(claims(), SECRET, algorithm="HS256")
         assert httpx.get(g.url + "/api/jobs", headers=bearer(token)).status_code == 200
+        # a URL it does not serve is no unknown job (a client would think the job gone)
+        nope = httpx.get(g.url + "/api/nope", headers=bearer(token))
+        assert nope.status_code == 404 and nope.json()["error"]["code"] == -32601, nope.text
+
+
+def test_jobd_http_serves_only_as_a_service() -> None:
+    """As a plain user it would start, then refuse every signed-in user but that one (a
+    user may act only as itself): it says so at its start instead."""
+    from jobd.http.gateway import refusal_of
+    assert refusal_of({"uid": 998, "user": "cidx", "role": "service"}) is None
+    admin = refusal_of({"uid": 0, "user": "root", "role": "admin"})
+    assert admin is not None and admin.startswith("jobd knows this account (root) as an admin")
+    user = refusal_of({"uid": 1000, "user": "www-data", "role": "user"})
+    assert user is not None and "(www-data) as a plain user" in user
+    assert "[auth] services" in user
 
 
 def test_metrics_are_for_admins_and_for_anyone_on_the_metrics_address(
