@@ -786,14 +786,15 @@ def _confirm(st: _State, verb: str, ids: list[str], yes: bool, more: bool = Fals
         return
     count = f"{len(ids)}{' or more' if more else ''}"
     shown = ", ".join(render.short_id(i) for i in ids[:10]) + (" …" if len(ids) > 10 else "")
-    _ask(f"{verb} {count} jobs ({shown})?", f"{count} jobs would be {_DONE[verb]} "
+    _ask(st, f"{verb} {count} jobs ({shown})?", f"{count} jobs would be {_DONE[verb]} "
          f"({shown}); nothing done: add --yes to {verb} them all")
 
 
-def _ask(question: str, refusal: str) -> None:
-    """Ask ``question`` on a terminal; a no, or no terminal (``refusal`` said), exits 2."""
+def _ask(st: _State, question: str, refusal: str) -> None:
+    """Ask ``question`` on a terminal; a no, or no terminal (``refusal`` said, as JSON with
+    --json), exits 2."""
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
-        _fail(refusal)
+        _refused(st, errors.InvalidParams(refusal))
         raise click.exceptions.Exit(EXIT_USAGE)
     if not click.confirm(question, err=True):
         raise click.exceptions.Exit(EXIT_USAGE)
@@ -809,32 +810,48 @@ def _bulk(st: _State, verb: str, refs: tuple[str, ...], where: dict[str, Any] | 
         raise click.UsageError(f"name the jobs to {verb} (JOB...), or filter them with "
                                "--status, --user, --project or --since")
     call = st.client.cancel if verb == "cancel" else st.client.retry
+    single = len(refs) == 1  # one job named: its answer is that job, not a list
     codes: list[int] = []
     done: list[dict[str, Any]] = []
+    ids: list[str] = []
     if where:
-        if not yes:
-            preview = call(filter=where, dry_run=True)
+        # only jobs there when the command began: none submitted meanwhile is caught, in
+        # the preview's call or in any call after it
+        where = {**where, "created_before": since(0, _now_us())}
+        preview = None if yes else call(filter=where, dry_run=True)
+        if preview is not None:
             _confirm(st, verb, preview["jobs"], yes, more=preview["more"])
-        ids = []
-        while True:  # the daemon touches at most 1,000 a call, and says when there are more
-            answer = call(filter=where)
-            ids += answer["jobs"]
-            # more may match that no call will touch: a retry leaves out jobs whose work
-            # is queued already
-            if not answer["more"] or not answer["jobs"]:
-                break
-        if not ids:
-            _say(st, "no jobs match") if not st.json else _show_json([])
-            raise click.exceptions.Exit(EXIT_OK)
-        done = [st.client.get(i) for i in ids]
-    else:
-        ids = []
+        if preview is not None and not preview["more"] and len(preview["jobs"]) <= 1:
+            if not preview["jobs"]:
+                _say(st, "no jobs match") if not st.json else _show_json([])
+                raise click.exceptions.Exit(EXIT_OK)
+            refs = tuple(preview["jobs"])  # no one confirmed more: that one job, by its id
+        else:
+            while True:  # the daemon touches at most 1,000 a call, and says if there are more
+                try:
+                    answer = call(filter=where)
+                except errors.JobdError as e:
+                    if not ids:
+                        raise
+                    codes.append(_refused(st, e))  # the jobs already done still get a line
+                    break
+                ids += answer["jobs"]
+                # more may match that no call will touch: a retry leaves out jobs whose work
+                # is queued already
+                if not answer["more"] or not answer["jobs"]:
+                    break
+            if not ids and not codes:
+                _say(st, "no jobs match") if not st.json else _show_json([])
+                raise click.exceptions.Exit(EXIT_OK)
+            done = [st.client.get(i) for i in ids]
+    if not where or refs:
         for ref in refs:
             try:
                 ids.append(str(st.client.resolve(ref)))
             except errors.JobdError as e:  # each job's own: the others are still done
                 code = _refused(st, e, ref)
                 codes.append(EXIT_USAGE if isinstance(e, errors.InvalidParams) else code)
+        ids = list(dict.fromkeys(ids))  # a job named twice is one job
         _confirm(st, verb, ids, yes)
         for job_id in ids:
             try:
@@ -843,19 +860,21 @@ def _bulk(st: _State, verb: str, refs: tuple[str, ...], where: dict[str, Any] | 
             except errors.JobdError as e:
                 codes.append(_refused(st, e))
     shown = []
+    until = None if timeout is None else time.monotonic() + timeout  # for all of them
     for job in done:
         if wait:
+            left = None if until is None else max(0.0, until - time.monotonic())
             with render.Follow(st.out) if not st.json else contextlib.nullcontext() as view:
-                job = _watched(st, job, timeout, view)
+                job = _watched(st, job, left, view)
             codes.append(_report(st, job, cancelling=verb == "cancel", show_job=False))
         else:
             codes.append(EXIT_OK)
         shown.append(job)
         if not st.json:
             _say(st, _done_line(verb, job))
-    if st.json and not (len(refs) == 1 and not shown):  # one refused: its error says all
+    if st.json and not (single and not shown):  # one refused: its error says all
         # one job named: that job, as before; several, or a filter: the list of them
-        _show_json(shown[0] if len(refs) == 1 else shown)
+        _show_json(shown[0] if single else shown)
     raise click.exceptions.Exit(worst(codes))
 
 
@@ -884,8 +903,9 @@ def cancel(st: _State, jobs: tuple[str, ...], statuses: tuple[str, ...], user: s
 
     A running job's processes get SIGTERM, then SIGKILL after the daemon's
     cancel_grace. Without --wait the command returns once the cancel is asked for.
-    A filter goes to the daemon as one call (admins); more than one job is only
-    touched after you confirm, or with --yes.
+    A filter goes to the daemon as one call per 1,000 jobs (admins), matching only
+    jobs submitted before the command began; more than one job is only touched after
+    you confirm, or with --yes. --timeout bounds the wait for all of them together.
 
     \b
       jobctl cancel 3f2a --wait
@@ -1092,7 +1112,7 @@ def purge(st: _State, user: str, yes: bool) -> None:
       jobctl purge alice@example.com --yes
     """
     if not yes:
-        _ask(f"cancel and delete every job of {user!r}?",
+        _ask(st, f"cancel and delete every job of {user!r}?",
              f"purge deletes every job of {user!r}; nothing done: add --yes to purge them")
     result = st.client.purge(user)
     _show(st, result, f"purged {user}: {result['deleted']} jobs deleted")

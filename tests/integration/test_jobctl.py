@@ -555,6 +555,10 @@ def _filtered_cancel_and_retry(jd: Daemon, who: str, jobs: list[dict[str, Any]],
                                other: dict[str, Any]) -> None:
     proc = jobctl(jd, "cancel", "--user", who, "--status", "queued", "--status", "running")
     assert proc.returncode == 2 and "3 jobs would be cancelled" in proc.stderr, proc.stderr
+    proc = jobctl(jd, "--json", "cancel", "--user", who, "--status", "queued", "--status",
+                  "running")  # the refusal is JSON too
+    assert proc.returncode == 2 and proc.stdout == "", proc
+    assert "3 jobs would be cancelled" in json.loads(proc.stderr)["error"]["message"]
     with jd.client() as c:
         assert all(c.get(j["id"])["status"] in ("queued", "running") for j in jobs)
 
@@ -589,6 +593,78 @@ def test_a_filtered_cancel_goes_on_past_the_daemon_s_1000_a_call(jd: Daemon, who
             assert c.list(status="queued", limit=10)["jobs"] == []
     finally:
         jobctl(jd, "resume")
+
+
+def test_a_filtered_cancel_touches_no_job_submitted_after_it_began(
+        jd: Daemon, who: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Jobs another client submits after the preview (one job: nothing to confirm) or
+    between the calls of more than 1,000 are not the command's: they stay queued."""
+    from click.testing import CliRunner
+
+    from jobctl.cli import main
+    from jobd.client import Client
+
+    real, late = Client.cancel, []
+
+    def cancel(self: Client, *args: Any, **kw: Any) -> Any:
+        answer = real(self, *args, **kw)
+        if "filter" in kw and len(late) < 6:  # after the preview, and after the first call
+            with jd.client(as_user=who) as other:
+                late.extend(other.submit("noop")["id"] for _ in range(3))
+        return answer
+
+    def ctl(*args: str) -> Any:
+        run = CliRunner().invoke(main, ["--socket", str(jd.socket), "--json", "cancel", *args])
+        assert run.exit_code == 0, run.output
+        return [job["id"] for job in json.loads(run.stdout)]
+
+    jobctl(jd, "pause")
+    try:
+        with jd.client(as_user=who) as c:
+            first = c.submit("noop")
+        monkeypatch.setattr(Client, "cancel", cancel)
+        assert ctl("--user", who, "--status", "queued") == [first["id"]]
+        assert len(late) == 3
+        with jd.client(as_user=who + "m") as c:
+            many = [c.submit("noop")["id"] for _ in range(1000)]
+        with jd.client(as_user=who + "n") as c:
+            many.append(c.submit("noop")["id"])
+        cancelled = ctl("--status", "queued", "--since", "1h", "--yes")
+        assert len(late) == 6 and set(late[:3] + many) <= set(cancelled), len(cancelled)
+        with jd.client() as c:
+            assert [c.get(i)["status"] for i in late[3:]] == ["queued"] * 3
+    finally:
+        monkeypatch.undo()
+        with jd.client() as c:
+            for job_id in late:
+                with contextlib.suppress(errors.Conflict):
+                    c.cancel(job_id)
+        jobctl(jd, "resume")
+
+
+def test_several_jobs_waited_for_share_one_timeout_and_a_job_named_twice_is_one(
+        jd: Daemon, who: str) -> None:
+    with jd.client(as_user=who) as c:
+        jobs = [c.submit("noop", options={"seconds": 30}) for _ in range(3)]
+    try:
+        proc = jobctl(jd, "--as-user", who, "--json", "cancel", jobs[0]["id"][:8],
+                      jobs[0]["id"], "--yes", "--wait")
+        assert proc.returncode == 0, proc.stderr
+        assert [j["id"] for j in json.loads(proc.stdout)] == [jobs[0]["id"]]
+        with jd.client(as_user=who) as c:
+            for job in jobs:
+                with contextlib.suppress(errors.Conflict):
+                    c.cancel(job["id"], wait=True)
+        started = time.monotonic()
+        proc = jobctl(jd, "--as-user", who, "retry", *(j["id"][:8] for j in jobs), "--yes",
+                      "--wait", "--timeout", "1s")
+        assert proc.returncode == 4, proc.stderr  # they run 30 s: each wait ran out
+        assert time.monotonic() - started < 2.8, "each job waited for a timeout of its own"
+    finally:
+        with jd.client() as c:
+            for job in jobs:
+                with contextlib.suppress(errors.Conflict):
+                    c.cancel(job["id"], wait=True)
 
 
 def test_a_refused_cancel_with_json_is_json_on_stderr(jd: Daemon, who: str) -> None:
