@@ -15,6 +15,7 @@ import os
 import re
 from typing import Any, Iterable, Mapping
 
+from rich.cells import cell_len, set_cell_size
 from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
 from rich.live import Live
 from rich.table import Table
@@ -361,9 +362,13 @@ _BAR_MIN = 6
 
 
 def _cut(text: str, width: int) -> str:
+    """``text`` in at most ``width`` terminal columns (a wide character takes two)."""
     if width <= 0:
         return ""
-    return text if len(text) <= width else text[:max(0, width - 1)] + "…"
+    if cell_len(text) <= width:
+        return text
+    # a wide character that would straddle the cut leaves a space: not kept before the …
+    return set_cell_size(text, max(0, width - 1)).rstrip(" ") + "…"
 
 
 def bar_line(job: Mapping[str, Any], width: int, now_us: int, *, frame: int = 0,
@@ -381,7 +386,7 @@ def bar_line(job: Mapping[str, Any], width: int, now_us: int, *, frame: int = 0,
     tail = [percent(job.get("progress")).rjust(4), state, clock_time(elapsed(job, now_us))]
     if active and job.get("eta_s") is not None:
         tail.append(f"eta {human_duration(job['eta_s'], 2)}")
-    fixed = len(head) + sum(len(p) + 1 for p in tail)
+    fixed = cell_len(head) + sum(cell_len(p) + 1 for p in tail)
     room = width - 1 - fixed  # the last column stays free: writing it can wrap the line
     bar_w = max(0, min(_BAR_MAX, room // 3))
     if bar_w < _BAR_MIN:
@@ -389,9 +394,9 @@ def bar_line(job: Mapping[str, Any], width: int, now_us: int, *, frame: int = 0,
     room -= bar_w + 1 if bar_w else 0
     what = " ".join(p for p in (job.get("type"), job.get("project_id")) if p)
     message = job_note(job) if note is None else note
-    show_what = bool(what) and room >= len(what) + 1 + 12
+    show_what = bool(what) and room >= cell_len(what) + 1 + 12
     if show_what:
-        room -= len(what) + 1
+        room -= cell_len(what) + 1
     line = Text(head)
     if show_what:
         line.append(" " + what)

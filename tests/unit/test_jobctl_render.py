@@ -78,6 +78,17 @@ def test_status_line_of_a_failed_job_gives_the_error() -> None:
                                             "from remote")
 
 
+@pytest.mark.parametrize("width", [60, 61, 80])
+def test_the_bar_fits_its_columns_with_wide_characters(width: int) -> None:
+    """A CJK message (two columns a character) is cut to the columns left, not to as many
+    characters: the line never wraps."""
+    from rich.cells import cell_len
+    job = wire_job(message="日本語のメッセージ" * 6, phase="索引", project_id="プロジェクト")
+    line = render.bar_line(job, width, NOW).plain
+    assert cell_len(line) < width, (cell_len(line), line)
+    assert "42%" in line and "1:00:00" in line and line.endswith("…") and " …" not in line
+
+
 def test_progress_is_rounded_down_so_an_unfinished_job_never_shows_100() -> None:
     assert render.percent(99.99) == "99%"
     assert render.percent(100) == "100%"
