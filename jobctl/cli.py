@@ -818,33 +818,27 @@ def _bulk(st: _State, verb: str, refs: tuple[str, ...], where: dict[str, Any] | 
         # only jobs there when the command began: none submitted meanwhile is caught, in
         # the preview's call or in any call after it
         where = {**where, "created_before": since(0, _now_us())}
-        preview = None if yes else call(filter=where, dry_run=True)
-        if preview is not None:
+        if not yes:
+            preview = call(filter=where, dry_run=True)
             _confirm(st, verb, preview["jobs"], yes, more=preview["more"])
-        if preview is not None and not preview["more"] and len(preview["jobs"]) <= 1:
-            if not preview["jobs"]:
-                _say(st, "no jobs match") if not st.json else _show_json([])
-                raise click.exceptions.Exit(EXIT_OK)
-            refs = tuple(preview["jobs"])  # no one confirmed more: that one job, by its id
-        else:
-            while True:  # the daemon touches at most 1,000 a call, and says if there are more
-                try:
-                    answer = call(filter=where)
-                except errors.JobdError as e:
-                    if not ids:
-                        raise
-                    codes.append(_refused(st, e))  # the jobs already done still get a line
-                    break
-                ids += answer["jobs"]
-                # more may match that no call will touch: a retry leaves out jobs whose work
-                # is queued already
-                if not answer["more"] or not answer["jobs"]:
-                    break
-            if not ids and not codes:
-                _say(st, "no jobs match") if not st.json else _show_json([])
-                raise click.exceptions.Exit(EXIT_OK)
-            done = [st.client.get(i) for i in ids]
-    if not where or refs:
+        while True:  # the daemon touches at most 1,000 a call, and says if there are more
+            try:
+                answer = call(filter=where)
+            except errors.JobdError as e:
+                if not ids:
+                    raise
+                codes.append(_refused(st, e))  # the jobs already done still get a line
+                break
+            ids += answer["jobs"]
+            # more may match that no call will touch: a retry leaves out jobs whose work is
+            # queued already
+            if not answer["more"] or not answer["jobs"]:
+                break
+        if not ids and not codes:
+            _say(st, "no jobs match") if not st.json else _show_json([])
+            raise click.exceptions.Exit(EXIT_OK)
+        done = [_as_now(st, i) for i in ids]
+    else:
         for ref in refs:
             try:
                 ids.append(str(st.client.resolve(ref)))
@@ -862,7 +856,7 @@ def _bulk(st: _State, verb: str, refs: tuple[str, ...], where: dict[str, Any] | 
     shown = []
     until = None if timeout is None else time.monotonic() + timeout  # for all of them
     for job in done:
-        if wait:
+        if wait and job["status"] != "unknown":
             left = None if until is None else max(0.0, until - time.monotonic())
             with render.Follow(st.out) if not st.json else contextlib.nullcontext() as view:
                 job = _watched(st, job, left, view)
@@ -878,8 +872,19 @@ def _bulk(st: _State, verb: str, refs: tuple[str, ...], where: dict[str, Any] | 
     raise click.exceptions.Exit(worst(codes))
 
 
+def _as_now(st: _State, job_id: str) -> dict[str, Any]:
+    """A job a filtered call touched, as it is now; if the daemon cannot say (it went away
+    meanwhile), its id alone, so that the job still gets its line."""
+    try:
+        return dict(st.client.get(job_id))
+    except errors.JobdError:
+        return {"id": job_id, "status": "unknown"}
+
+
 def _done_line(verb: str, job: dict[str, Any]) -> str:
     ref = render.short_id(job["id"])
+    if job["status"] == "unknown":
+        return f"{_DONE[verb]} {ref} (its state now unknown)"
     if verb == "retry":
         return render.submitted_line(job, "queued again")
     if job["status"] == JobStatus.CANCELLED:

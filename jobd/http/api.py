@@ -240,6 +240,11 @@ def _query(request: Request, model: type[_Input]) -> Any:
 async def _body(model: type[_Body], request: Request) -> Any:
     """The request's JSON body read into ``model``. Read by the endpoint, once its caller
     is known: a request without a good token is a 401, whatever its body."""
+    kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if kind != "application/json" and not kind.endswith("+json"):
+        # as FastAPI's own body reading did: a form a cross-site page posts is no JSON
+        raise errors.InvalidParams(f"body: Content-Type must be application/json, not "
+                                   f"{kind or 'none'}", field="body")
     try:
         body = json.loads(await request.body())
     except json.JSONDecodeError as e:
@@ -247,6 +252,9 @@ async def _body(model: type[_Body], request: Request) -> Any:
                                    field="body") from None
     except UnicodeDecodeError:
         raise errors.InvalidParams("body: not UTF-8 text", field="body") from None
+    except (ValueError, RecursionError) as e:  # an integer past 4,300 digits, deep nesting
+        raise errors.InvalidParams(f"body: not JSON jobd takes ({e})"[:200],
+                                   field="body") from None
     if not isinstance(body, dict):
         raise errors.InvalidParams(f"body must be a JSON object, not {type(body).__name__}",
                                    field="body")

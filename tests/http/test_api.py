@@ -299,8 +299,10 @@ def test_too_many_queued_jobs_is_429(web: httpx.Client) -> None:
     (b"{\"projectId\": 7}", "project_id"),       # wrong type
     (b"{\"projectId\": \"p\", \"options\": []}", "options"),
     (b"{\"projectId\": [\"p\"]}", "project_id"),
+    (b"[" * 100_000, "body"),                  # nested past Python's recursion limit
+    (b"{\"projectId\": " + b"1" * 5000 + b"}", "body"),  # past Python's 4,300 digits
 ], ids=["not-json", "array", "missing", "unknown", "wrong-type", "options-array",
-        "list-for-text"])
+        "list-for-text", "deep", "huge-int"])
 def test_invalid_input_is_422_in_the_one_error_shape(web: httpx.Client, body: bytes,
                                                      field: str) -> None:
     response = web.post("/api/sync", content=body,
@@ -320,6 +322,19 @@ def test_a_body_value_jobd_would_refuse_is_422_and_changes_nothing(
     maintenance on would be a typo changing the daemon's state."""
     assert error(web.post(path, json=body, headers=ADMIN), 422, -32602)["field"] == field
     assert web.get("/api/admin/maintenance", headers=ADMIN).json()["maintenance"] is False
+
+
+def test_a_body_is_json_only_by_its_content_type(web: httpx.Client) -> None:
+    """A form a cross-site page may post (text/plain, no preflight) is not read as JSON."""
+    for kind in ("text/plain", "application/x-www-form-urlencoded", None):
+        headers = {**ALICE, **({"Content-Type": kind} if kind else {})}
+        refused = web.post("/api/jobs", content=b'{"type": "steps"}', headers=headers)
+        assert error(refused, 422, -32602)["field"] == "body", kind
+    for kind in ("application/json; charset=utf-8", "application/merge-patch+json"):
+        taken = web.post("/api/jobs", content=b'{"type": "steps"}',
+                         headers={**ALICE, "Content-Type": kind})
+        assert taken.status_code == 202, (kind, taken.text)
+        ended(web, taken.json()["id"], ALICE)
 
 
 def test_no_token_is_401_whatever_the_body(web: httpx.Client) -> None:

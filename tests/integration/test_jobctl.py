@@ -604,11 +604,12 @@ def test_a_filtered_cancel_touches_no_job_submitted_after_it_began(
     from jobctl.cli import main
     from jobd.client import Client
 
-    real, late = Client.cancel, []
+    real, late, racing = Client.cancel, [], [0]
 
     def cancel(self: Client, *args: Any, **kw: Any) -> Any:
         answer = real(self, *args, **kw)
-        if "filter" in kw and len(late) < 6:  # after the preview, and after the first call
+        if "filter" in kw and racing[0]:  # another client submits right after the call
+            racing[0] -= 1
             with jd.client(as_user=who) as other:
                 late.extend(other.submit("noop")["id"] for _ in range(3))
         return answer
@@ -623,16 +624,19 @@ def test_a_filtered_cancel_touches_no_job_submitted_after_it_began(
         with jd.client(as_user=who) as c:
             first = c.submit("noop")
         monkeypatch.setattr(Client, "cancel", cancel)
+        racing[0] = 2  # after the preview and after the call
         assert ctl("--user", who, "--status", "queued") == [first["id"]]
-        assert len(late) == 3
+        with jd.client() as c:
+            assert len(late) == 6 and {c.get(i)["status"] for i in late} == {"queued"}
         with jd.client(as_user=who + "m") as c:
             many = [c.submit("noop")["id"] for _ in range(1000)]
         with jd.client(as_user=who + "n") as c:
             many.append(c.submit("noop")["id"])
+        racing[0] = 1  # after the first of two calls
         cancelled = ctl("--status", "queued", "--since", "1h", "--yes")
-        assert len(late) == 6 and set(late[:3] + many) <= set(cancelled), len(cancelled)
+        assert len(late) == 9 and set(late[:6] + many) <= set(cancelled), len(cancelled)
         with jd.client() as c:
-            assert [c.get(i)["status"] for i in late[3:]] == ["queued"] * 3
+            assert [c.get(i)["status"] for i in late[6:]] == ["queued"] * 3
     finally:
         monkeypatch.undo()
         with jd.client() as c:
@@ -640,6 +644,36 @@ def test_a_filtered_cancel_touches_no_job_submitted_after_it_began(
                 with contextlib.suppress(errors.Conflict):
                     c.cancel(job_id)
         jobctl(jd, "resume")
+
+
+def test_jobs_a_filtered_cancel_did_get_their_lines_when_the_daemon_goes_away(
+        make_daemon: Callable[..., Daemon], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past 1,000 matches, the daemon is killed after the first call: the 1,000 jobs it
+    cancelled are still named, each on its line, and the exit says the daemon is gone."""
+    from click.testing import CliRunner
+
+    from jobctl.cli import EXIT_UNREACHABLE, main
+    from jobd.client import Client
+
+    d = make_daemon(config=CONFIG)
+    jobctl(d, "pause")
+    for user in ("alice", "bob"):
+        with d.client(as_user=user) as c:
+            for _ in range(501):
+                c.submit("noop")
+    real = Client.cancel
+
+    def cancel(self: Client, *args: Any, **kw: Any) -> Any:
+        answer = real(self, *args, **kw)
+        d.kill()
+        return answer
+
+    monkeypatch.setattr(Client, "cancel", cancel)
+    run = CliRunner().invoke(main, ["--socket", str(d.socket), "cancel", "--status",
+                                    "queued", "--yes"])
+    assert run.exit_code == EXIT_UNREACHABLE, run.output
+    lines = [ln for ln in run.stdout.splitlines() if ln.startswith("cancelled ")]
+    assert len(lines) == 1000 and lines[0].endswith("(its state now unknown)"), lines[:2]
 
 
 def test_several_jobs_waited_for_share_one_timeout_and_a_job_named_twice_is_one(
