@@ -229,10 +229,13 @@ def _result(path: Path | None, req_id: int, line: bytes) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class _Call:
-    """A step of the follow protocol: make this call; its result (or error) comes back."""
+    """A step of the follow protocol: make this call; its result (or error) comes back.
+    ``within``: the seconds the caller's own timeout leaves, which bound the wait for the
+    answer too (a daemon frozen mid-call is not waited for past the caller's timeout)."""
 
     method: str
     params: dict[str, Any]
+    within: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,7 +271,8 @@ def _patient(method: str, params: dict[str, Any], deadline: float,
     daemon unreachable."""
     while True:
         try:
-            return (yield _Call(method, params))
+            return (yield _Call(method, params, None if ends_at is None
+                                else max(0.0, ends_at - clock())))
         except (Unreachable, Unavailable) as e:
             if ends_at is not None and clock() >= ends_at:
                 return None
@@ -287,7 +291,7 @@ def _watch(job_id: str, timeout: float | None, reconnect_s: float,
     so a caller showing "reconnecting…" learns that it is back.
     """
     deadline = None if timeout is None else clock() + timeout
-    job = yield from _call("jobs.wait", job_id=job_id)
+    job = yield _Call("jobs.wait", dict(job_id=job_id), timeout)
     yield _Emit(job)
     lost = False
 
@@ -409,9 +413,10 @@ class _Api(abc.ABC, Generic[_R]):
         """The socket of the daemon this client is connected to (None before the first call)."""
         return self._path
 
-    def _prepare(self, method: str,
-                 params: dict[str, Any]) -> tuple[dict[str, Any], float | None, bool]:
-        """(params as sent, how long to wait for the answer, whether a resend is safe)."""
+    def _prepare(self, method: str, params: dict[str, Any], within: float | None = None
+                 ) -> tuple[dict[str, Any], float | None, bool]:
+        """(params as sent, how long to wait for the answer, whether a resend is safe);
+        ``within``: the seconds a caller's own timeout leaves (``_Call``)."""
         params = {k: v for k, v in params.items() if v is not None}
         if method != "ping":
             if self.as_user is not None:
@@ -423,6 +428,9 @@ class _Api(abc.ABC, Generic[_R]):
         timeout = self.timeout
         if timeout is not None and method in _LONG_POLLS:
             timeout += float(params.get("timeout_s", 30))
+        if within is not None:
+            timeout = within + _ANSWER_LEFT_S if timeout is None else min(
+                timeout, within + _ANSWER_LEFT_S)
         # a submit with an idempotency key returns the same job when sent twice
         safe = method in _READS or (method == "jobs.submit" and "idempotency_key" in params)
         return params, timeout, safe
@@ -430,6 +438,10 @@ class _Api(abc.ABC, Generic[_R]):
     @abc.abstractmethod
     def call(self, method: str, **params: Any) -> _R:
         """Send one request and return its result (None params are left out)."""
+
+    @abc.abstractmethod
+    def _send(self, method: str, params: dict[str, Any], within: float | None = None) -> _R:
+        """``call``, its wait for the answer bounded by ``within`` too (``_Call``)."""
 
     @abc.abstractmethod
     def _stream(self, steps: _Steps) -> Any:
@@ -572,7 +584,10 @@ class Client(_Api[Any]):
         self._reader: Any = None
 
     def call(self, method: str, **params: Any) -> Any:
-        params, timeout, safe = self._prepare(method, params)
+        return self._send(method, params)
+
+    def _send(self, method: str, params: dict[str, Any], within: float | None = None) -> Any:
+        params, timeout, safe = self._prepare(method, params, within)
         with self._lock:
             for attempt in (1, 2):
                 if self._sock is None or self._peer_closed():
@@ -616,7 +631,7 @@ class Client(_Api[Any]):
             reply, failure = None, None
             if isinstance(step, _Call):
                 try:
-                    reply = self.call(step.method, **step.params)
+                    reply = self._send(step.method, step.params, step.within)
                 except JobdError as e:
                     failure = e
             elif isinstance(step, _Sleep):
@@ -717,7 +732,7 @@ class _AsyncApi(_Api[Awaitable[Any]]):
             reply, failure = None, None
             if isinstance(step, _Call):
                 try:
-                    reply = await self.call(step.method, **step.params)
+                    reply = await self._send(step.method, step.params, step.within)
                 except JobdError as e:
                     failure = e
             elif isinstance(step, _Sleep):
@@ -745,7 +760,11 @@ class AsyncClient(_AsyncApi):
         self._loop: asyncio.AbstractEventLoop | None = None  #: the connection's
 
     async def call(self, method: str, **params: Any) -> Any:
-        params, timeout, safe = self._prepare(method, params)
+        return await self._send(method, params)
+
+    async def _send(self, method: str, params: dict[str, Any],
+                    within: float | None = None) -> Any:
+        params, timeout, safe = self._prepare(method, params, within)
         async with self._lock:
             for attempt in (1, 2):
                 # a connection made under another event loop (asyncio.run per call) is no
@@ -898,11 +917,15 @@ class AsyncClientPool(_AsyncApi):
         return next((m.socket_path for m in self._members if m.socket_path), None)
 
     async def call(self, method: str, **params: Any) -> Any:
+        return await self._send(method, params)
+
+    async def _send(self, method: str, params: dict[str, Any],
+                    within: float | None = None) -> Any:
         params, _, _ = self._prepare(method, params)
         free = self._free()
         member = await free.get()
         try:
-            return await member.call(method, **params)
+            return await member._send(method, params, within)
         finally:
             free.put_nowait(member)
 

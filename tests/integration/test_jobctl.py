@@ -18,6 +18,7 @@ import pty
 import re
 import select
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -674,6 +675,32 @@ def test_jobs_a_filtered_cancel_did_get_their_lines_when_the_daemon_goes_away(
     assert run.exit_code == EXIT_UNREACHABLE, run.output
     lines = [ln for ln in run.stdout.splitlines() if ln.startswith("cancelled ")]
     assert len(lines) == 1000 and lines[0].endswith("(its state now unknown)"), lines[:2]
+
+
+def test_timeout_bounds_a_follow_whose_daemon_freezes(
+        make_daemon: Callable[..., Daemon]) -> None:
+    """A daemon that stops answering mid-wait (SIGSTOP, not gone) is waited for no longer
+    than --timeout (and a second for the answer), not the client's 60 s a call."""
+    d = make_daemon(config=CONFIG)
+    with d.client(as_user="alice") as c:
+        job = c.submit("noop", options={"seconds": 60})
+    assert d.proc is not None
+    started = time.monotonic()
+    follow = subprocess.Popen([JOBCTL, "--socket", str(d.socket), "status", job["id"],
+                               "--follow", "--timeout", "2s"], env=base_env(),
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.8)
+        d.proc.send_signal(signal.SIGSTOP)
+        out, err = follow.communicate(timeout=30)
+    finally:
+        d.proc.send_signal(signal.SIGCONT)
+        if follow.poll() is None:
+            follow.kill()
+            follow.wait()
+    assert follow.returncode == 4, (out, err)
+    assert time.monotonic() - started < 6, "waited past --timeout for a frozen daemon"
 
 
 def test_several_jobs_waited_for_share_one_timeout_and_a_job_named_twice_is_one(
