@@ -17,7 +17,7 @@ import sys
 import termios
 import time
 import tty
-from typing import Any, Iterable, Iterator, NoReturn
+from typing import Any, Callable, Iterable, Iterator, NoReturn
 
 import click
 from click.shell_completion import CompletionItem, get_completion_class
@@ -629,7 +629,9 @@ _STATUS_CHOICE = click.Choice([s.value for s in JobStatus if s != JobStatus.CREA
 @click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True,
               help="How many jobs, newest first.")
 @click.option("--all", "every", is_flag=True, help="Every matching job, page after page.")
-@click.option("--watch", is_flag=True, help="Redraw the list every second; q or Ctrl-C quits.")
+@click.option("--watch", is_flag=True, help="Redraw the list every second; q or Ctrl-C quits. "
+                                             "Off a terminal, or with --json, print it each "
+                                             "second (a line of JSON with --json).")
 @click.pass_obj
 def list_(st: _State, statuses: tuple[str, ...], type_: str | None, user: str | None,
           project: str | None, since_s: float | None, until_s: float | None,
@@ -658,7 +660,8 @@ def list_(st: _State, statuses: tuple[str, ...], type_: str | None, user: str | 
                 return jobs, cursor
 
     if watch:
-        _live(st, lambda frame: render.job_table(jobs_now()[0], _now_us()))
+        _live(st, lambda frame: render.job_table(jobs_now()[0], _now_us()),
+              lambda: jobs_now()[0])
     jobs, cursor = jobs_now()
     if st.json:
         _show_json(jobs)
@@ -690,12 +693,27 @@ def _keys() -> Iterator[Any]:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
-def _live(st: _State, draw: Any) -> NoReturn:
-    """Redraw ``draw(frame)`` every second until q or Ctrl-C (exit 0)."""
+def _live(st: _State, draw: Any, data: Callable[[], Any]) -> NoReturn:
+    """Redraw ``draw(frame)`` every second until q or Ctrl-C (exit 0). Off a terminal, or
+    with --json, each second's view is printed after the last instead: the frame as
+    plain text, or ``data()`` as one line of JSON."""
     frame = 0
+    if st.json or not st.out.is_terminal:
+        try:
+            while True:
+                if st.json:
+                    click.echo(json.dumps(data(), separators=(",", ":"), ensure_ascii=False))
+                else:
+                    render.print_plain(st.out, draw(frame))
+                    _say(st, "")
+                sys.stdout.flush()
+                frame += 1
+                time.sleep(_REFRESH_S)
+        except KeyboardInterrupt:
+            raise click.exceptions.Exit(EXIT_OK) from None
     try:
         with _keys() as key, Live(draw(frame), console=st.out, auto_refresh=False,
-                                  screen=st.out.is_terminal) as live:
+                                  screen=True) as live:
             while True:
                 deadline = time.monotonic() + _REFRESH_S
                 while (left := deadline - time.monotonic()) > 0:
@@ -712,13 +730,14 @@ def _live(st: _State, draw: Any) -> NoReturn:
 def top(st: _State) -> None:
     """A live view: running jobs with bars, the queue with wait reasons, per-user counts.
 
-    Redrawn every second; q or Ctrl-C quits.
+    Redrawn every second; q or Ctrl-C quits. Off a terminal, a view is printed each
+    second (with --json, one line of JSON: running, queued, per_user).
 
     \b
       jobctl top
       jobctl --as-user alice top
     """
-    def draw(frame: int) -> Any:
+    def now() -> dict[str, Any]:
         running = st.client.list(status="running", limit=1000)["jobs"]
         queued = sorted(st.client.list(status="queued", limit=1000)["jobs"],
                         key=lambda j: j.get("queue_position") or 0)
@@ -726,9 +745,12 @@ def top(st: _State) -> None:
         for job in running + queued:
             counts = per_user.setdefault(job["user_id"], {"running": 0, "queued": 0})
             counts[job["status"]] += 1
+        return {"running": running, "queued": queued, "per_user": per_user}
+
+    def draw(frame: int) -> Any:
         title = f"jobd at {st.client.socket_path}  {time.strftime('%H:%M:%S')}  (q quits)"
-        return render.top_view(running, queued, per_user, _now_us(), frame=frame, title=title)
-    _live(st, draw)
+        return render.top_view(*now().values(), _now_us(), frame=frame, title=title)
+    _live(st, draw, now)
 
 
 @main.command()

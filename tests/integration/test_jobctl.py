@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -675,6 +676,47 @@ def test_jobs_a_filtered_cancel_did_get_their_lines_when_the_daemon_goes_away(
     assert run.exit_code == EXIT_UNREACHABLE, run.output
     lines = [ln for ln in run.stdout.splitlines() if ln.startswith("cancelled ")]
     assert len(lines) == 1000 and lines[0].endswith("(its state now unknown)"), lines[:2]
+
+
+@pytest.mark.parametrize("args", [("--json", "list", "--watch", "--limit", "2"),
+                                  ("--json", "top"), ("top",), ("list", "--watch")],
+                         ids=["list-json", "top-json", "top", "list"])
+def test_live_views_off_a_terminal_print_a_view_each_second(jd: Daemon, who: str,
+                                                            args: tuple[str, ...]) -> None:
+    with jd.client(as_user=who) as c:
+        job = c.submit("noop", options={"seconds": 30})
+    view = subprocess.Popen([JOBCTL, "--socket", str(jd.socket), *args], env=base_env(),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    frames: list[str] = []
+    guard = threading.Timer(10, view.kill)  # a view that prints nothing fails, not hangs
+    guard.start()
+    try:
+        assert view.stdout is not None
+        if "--json" in args:
+            frames = [view.stdout.readline(), view.stdout.readline()]
+        else:  # a frame ends with an empty line
+            frame = ""
+            while len(frames) < 2 and (line := view.stdout.readline()):
+                if line.strip():
+                    frame += line
+                else:
+                    frames.append(frame)
+                    frame = ""
+    finally:
+        guard.cancel()
+        view.kill()
+        view.wait()
+        with jd.client() as c:
+            c.cancel(job["id"])
+    assert len(frames) == 2, frames
+    for frame in frames:
+        if "--json" in args:
+            shown = json.loads(frame)
+            jobs = shown if isinstance(shown, list) else shown["running"] + shown["queued"]
+            assert job["id"] in {j["id"] for j in jobs}, frame
+        else:
+            assert job["id"][:8] in frame, frame
 
 
 def test_timeout_bounds_a_follow_whose_daemon_freezes(
