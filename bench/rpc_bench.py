@@ -12,7 +12,9 @@ reference, and measures in the same run:
   * admin.stats, p50, beside admin.stats on an empty database (a daemon of its own);
     admin.stats with ``since`` 35 days back (finished jobs by type from the daily counts)
   * admin.cleanup of the prefill's expired tenth while another connection submits one
-    job after another: how long it took and the longest any of those submits waited
+    job after another: how long it took, its write transactions over 50 ms (the
+    daemon's own timing of each, ``jobd_store_write_seconds``), and the longest any of
+    those submits waited (a transaction, the queue before it and the submit's own commit)
 
 SPEC §9 goals, with 1,000,000 jobs stored (``--prefill 1000000``): submit p50 <= 0.8 ms
 and p99 <= 5 ms; list <= 3 ms; admin.stats <= 5 ms and <= 3x its cost on an empty
@@ -64,13 +66,38 @@ def stats_latencies(daemon: Jobd, count: int, **params: object) -> list[float]:
         conn.close()
 
 
+def write_buckets(daemon: Jobd) -> dict[str, float]:
+    """The daemon's ``jobd_store_write_seconds`` histogram: cumulative count by ``le``."""
+    conn = daemon.connect()
+    try:
+        text = conn.call("admin.metrics")["text"]
+    finally:
+        conn.close()
+    prefix = 'jobd_store_write_seconds_bucket{le="'
+    return {line[len(prefix):line.index('"', len(prefix))]: float(line.rpartition(" ")[2])
+            for line in text.splitlines() if line.startswith(prefix)}
+
+
+def transactions_over(before: dict[str, float], after: dict[str, float], limit: str
+                      ) -> tuple[int, int, str]:
+    """Between two readings of ``write_buckets``: (write transactions past ``limit``
+    seconds, all of them, the bucket the longest fell in, as "≤ x s" or "> x s")."""
+    grew = {le: after[le] - before.get(le, 0) for le in after}
+    total = int(grew["+Inf"])
+    bounds = sorted((float(le), n) for le, n in grew.items() if le != "+Inf")
+    top = next((b for b, n in bounds if n == total), None)
+    longest = f"≤ {top * 1000:g} ms" if top is not None else f"> {bounds[-1][0]:g} s"
+    return total - int(grew[limit]), total, longest
+
+
 def cleanup_under_writes(daemon: Jobd, user: bytes) -> tuple[float, int, list[float]]:
     """``admin.cleanup`` of the expired tenth while another connection submits one job
     after another: (cleanup seconds, jobs deleted, each submit's seconds meanwhile).
 
     A submit waits for the write transaction in progress, so the longest of them bounds
     the longest transaction from above (it may also span its own commit and the next
-    chunk's): what a writer beside a cleanup is kept waiting, as a client sees it.
+    chunk's): what a writer beside a cleanup is kept waiting, as a client sees it. The
+    transactions themselves are timed by the daemon (``write_buckets``).
     """
     waits: list[float] = []
     stop = threading.Event()
@@ -206,7 +233,9 @@ def main() -> int:
         gc.enable()
 
         print(f"cleanup of {expired:,} expired jobs while a client submits ...", flush=True)
+        timed = write_buckets(daemon)
         cleanup_s, deleted, waits = cleanup_under_writes(daemon, b"bench-probe")
+        over, writes, longest = transactions_over(timed, write_buckets(daemon), "0.05")
         if deleted != expired:
             raise BenchError(f"admin.cleanup deleted {deleted:,} jobs, not the {expired:,} "
                              f"expired ones")
@@ -262,10 +291,13 @@ def main() -> int:
                 "≤ 3 s" + ("" if expired >= 100_000 else " @100k"),
                 f"{deleted / cleanup_s:,.0f} jobs/s, admin.cleanup round trip",
                 cleanup_s <= 3.0 if expired >= 100_000 else None),
-            Row("longest submit wait in cleanup", ms(max(waits)),
-                "≤ 50 ms (write tx)" + ("" if expired >= 100_000 else " @100k"),
+            Row("write transactions over 50 ms in cleanup", f"{over:,} of {writes:,}",
+                "none" + ("" if expired >= 100_000 else " @100k"),
+                f"the longest {longest}, timed by the daemon (jobd_store_write_seconds)",
+                over == 0 if expired >= 100_000 else None),
+            Row("longest submit wait in cleanup", ms(max(waits)), "",
                 f"{len(waits)} submits, p50 {ms(pct(waits, 50))}; without cleanup max "
-                f"{ms(max(submit))}", max(waits) <= 0.05 if expired >= 100_000 else None),
+                f"{ms(max(submit))}"),
         ]
     finally:
         daemon.stop()

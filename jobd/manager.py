@@ -1079,7 +1079,7 @@ class Manager:
             "jobd_jobs": counts, "jobd_running": live["running_here"],
             "jobd_queued": live["queued"], "jobd_workers": live["workers"],
             "jobd_paused": live["paused"], "jobd_maintenance": self.maintenance_on,
-            "jobd_db_bytes": self.store.size_bytes()})}
+            "jobd_db_bytes": self.store.size_bytes()}, self.store.write_times())}
 
     def ping(self, caller: Any) -> dict[str, Any]:
         return {"version": __version__, "uptime_s": self.uptime_s(),

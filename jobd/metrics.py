@@ -21,6 +21,7 @@ from collections import defaultdict
 from typing import Callable, Container, Iterable, Mapping
 
 from jobd.models import TERMINAL, Job, JobStatus
+from jobd.store.writer import WRITE_BUCKETS, WriteTimes
 
 __all__ = ["JOB_BUCKETS", "OTHER", "Metrics", "RPC_BUCKETS"]
 
@@ -135,9 +136,11 @@ class Metrics:
 
     # -- the exposition --------------------------------------------------------------------
 
-    def text(self, gauges: Mapping[str, float | Mapping[str, float]]) -> str:
+    def text(self, gauges: Mapping[str, float | Mapping[str, float]],
+             writes: WriteTimes | None = None) -> str:
         """The Prometheus text exposition: ``gauges`` (a value, or values by status for
-        ``jobd_jobs``) and everything counted so far."""
+        ``jobd_jobs``), the store's write transactions (``writes``, if open) and everything
+        counted so far."""
         out: list[str] = []
 
         def family(name: str, kind: str, help: str) -> None:
@@ -171,6 +174,12 @@ class Metrics:
             family("jobd_rpc_seconds", "histogram", "Time to answer a JSON-RPC call.")
             for m, hist in sorted(self._rpc_seconds.items()):
                 out.extend(hist.lines("jobd_rpc_seconds", f'method="{m}"'))
+        if writes is not None:
+            family("jobd_store_write_seconds", "histogram",
+                   "Time of each write transaction, from its begin to its durable commit.")
+            hist = _Histogram(WRITE_BUCKETS)
+            hist.counts, hist.sum = list(writes.counts), writes.sum
+            out.extend(hist.lines("jobd_store_write_seconds", ""))
         return "\n".join(out) + "\n"
 
 

@@ -44,7 +44,7 @@ from jobd.models import TERMINAL, Job, JobStatus, readable
 from jobd.rules import Rules, fold_options
 from jobd.store.errors import Fenced, JobNotFound, StateConflict, StoreClosed
 from jobd.store.interface import FINISHED_KEEP_US, HOUR_US
-from jobd.store.writer import Tx, Writer
+from jobd.store.writer import Tx, Writer, WriteTimes
 
 __all__ = ["BaseStore", "CLEANUP_CHUNK", "Listeners", "WEIGHT_BYTES", "now_us", "weight"]
 
@@ -294,8 +294,13 @@ class BaseStore(abc.ABC):
 
     @property
     def longest_write_s(self) -> float:
-        """The longest write transaction so far (for the benchmarks)."""
-        return self._writer.longest_tx_s if self._writer else 0.0
+        """The longest write transaction so far."""
+        return self._writer.times.longest if self._writer else 0.0
+
+    def write_times(self) -> WriteTimes | None:
+        """How long the write transactions took since the store opened (``admin.metrics``);
+        None while it is closed."""
+        return self._writer.times if self._writer else None
 
     def write(self, fn: Callable[[Tx], T]) -> T:
         """Run ``fn`` in the next group-committed transaction; return once it is durable."""

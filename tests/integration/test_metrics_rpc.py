@@ -61,6 +61,10 @@ def test_metrics_count_calls_and_jobs_as_they_happen(daemon: Daemon) -> None:
     assert one("jobd_jobs", status="cancelled") == 2
     assert one("jobd_workers") >= 1 and one("jobd_paused") == 0
     assert one("jobd_db_bytes") > 0
+    # every write transaction timed: the 3 submits, 2 ends, a retry, 2 cancels at least
+    writes = one("jobd_store_write_seconds_count")
+    assert writes >= 8 and got[("jobd_store_write_seconds_bucket", (("le", "+Inf"),))] == (
+        got[("jobd_store_write_seconds_count", ())])
 
 
 def test_metrics_are_for_admins(daemon: Daemon) -> None:
