@@ -722,6 +722,24 @@ def test_a_slow_cleanup_chunk_shrinks_the_next_never_past_the_bound(
     assert [len(c) for c in chunks] == [10, 10, 10, 5]
 
 
+@pytest.mark.parametrize("size, took, bound, then", [
+    (500, 0.015, 1000, 500),   # on target: the same
+    (500, 0.030, 1000, 250),   # twice the target: half
+    (500, 0.020, 1000, 375),   # a third over: in proportion
+    (500, 0.300, 1000, 250),   # one stalled commit: half, no less
+    (500, 0.010, 1000, 750),   # under: in proportion
+    (500, 0.001, 1000, 1000),  # far under: double, and no more than the bound
+    (400, 0.001, 1000, 800),
+    (60, 0.300, 1000, 50),     # never under 50 jobs
+    (10, 0.300, 10, 10),       # nor over the bound, when it is lower
+])
+def test_each_cleanup_chunk_is_sized_to_take_about_chunk_s(size: int, took: float,
+                                                           bound: int, then: int) -> None:
+    from jobd.store import base
+    assert base._CHUNK_S == 0.015
+    assert base.next_chunk_size(size, took, bound) == then
+
+
 # -- the clean-shutdown marker --------------------------------------------------------------
 
 def test_clean_close_is_remembered(db: StoreDb) -> None:
