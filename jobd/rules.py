@@ -98,8 +98,8 @@ class Rules:
 
     def retry(self, jobs: Iterable[Job], view: View, *, fold: bool = False) -> list[Job]:
         """The jobs of ``jobs`` to queue again; refused while maintenance is on, or
-        (LimitExceeded) when they would take a user past ``max_queued_per_user``: all of
-        them go back to the queue, or none.
+        (LimitExceeded) when they would take a user past ``max_queued_per_user`` or the
+        queue past ``max_queued_total``: all of them go back to the queue, or none.
 
         A job whose work is already queued or running is a Conflict naming that job;
         with ``fold`` (a retry by filter) it is left out instead, and so is one of the
@@ -124,15 +124,19 @@ class Rules:
                 continue
             retried[(job.user_id, work)] = job
         jobs = [job for job in jobs if job.id not in folded]
-        per_user = self.max_queued_per_user
-        if per_user is None:
-            return jobs
-        for user_id, count in Counter(job.user_id for job in jobs).items():
-            queued = view.queued(user_id)
-            if queued + count > per_user:
-                raise LimitExceeded(
-                    f"user {user_id} already has {queued} queued jobs; retrying {count} more "
-                    f"would pass max_queued_per_user ({per_user}); retry fewer, or later")
+        per_user, total = self.max_queued_per_user, self.max_queued_total
+        if per_user is not None:
+            for user_id, count in Counter(job.user_id for job in jobs).items():
+                queued = view.queued(user_id)
+                if queued + count > per_user:
+                    raise LimitExceeded(
+                        f"user {user_id} already has {queued} queued jobs; retrying {count} "
+                        f"more would pass max_queued_per_user ({per_user}); retry fewer, "
+                        f"or later")
+        if total is not None and jobs and view.queued() + len(jobs) > total:
+            raise LimitExceeded(
+                f"the queue is full ({view.queued()} jobs queued); retrying {len(jobs)} more "
+                f"would pass max_queued_total ({total}); retry fewer, or later")
         return jobs
 
     def work(self, job: Job) -> str | None:

@@ -254,7 +254,9 @@ def test_retry_clears_the_attempt_but_resume_keeps_progress(store: Store, db: St
     retried = move(store, job.id, JobStatus.QUEUED, actor="alice")
     assert (retried.progress, retried.phase, retried.error, retried.completed_at) == (
         0.0, None, None, None)
-    assert retried.attempts == 2
+    # a fresh start: the crash before it no longer counts towards max_recoveries
+    assert retried.attempts == 2 and retried.recoveries == 0
+    assert store.get_job(job.id).recoveries == 0
 
 
 def test_racing_transitions_exactly_one_wins(db: StoreDb) -> None:

@@ -47,6 +47,24 @@ def test_maintenance_refuses_a_retry_inside_the_store(store: Store) -> None:
     assert store.retry_job(one.id, actor="alice", rules=Rules()).status is JobStatus.QUEUED
 
 
+def test_a_retry_is_held_to_max_queued_total_as_a_submit_is(store: Store) -> None:
+    """SPEC §1: past ``max_queued_total`` (all users together) more is refused (-32029),
+    whether by a submit or by a retry, of one job or by filter."""
+    from jobd.errors import LimitExceeded
+    mine, theirs = failed(store), failed(store)
+    submit(store, new_job(type="noop", project=None, user="bob"))  # the queue: 1 job
+    full = Rules(max_queued_total=1)
+    with pytest.raises(LimitExceeded, match=r"max_queued_total \(1\)"):
+        store.retry_job(mine.id, actor="alice", rules=full)
+    with pytest.raises(LimitExceeded, match="max_queued_total"):
+        store.retry_jobs(actor="alice", limit=10, rules=Rules(max_queued_total=2),
+                         user_id="alice")  # two more would make three
+    assert {store.get_job(j.id).status for j in (mine, theirs)} == {JobStatus.FAILED}
+    assert store.queued_count() == 1
+    assert store.retry_job(mine.id, actor="alice", rules=Rules(max_queued_total=2)
+                           ).status is JobStatus.QUEUED
+
+
 def test_a_refused_write_in_a_batch_tells_no_listener(store_db: StoreDb) -> None:
     told: list[str] = []
     store = store_db.open(synchronous="off", clock=Clock(),

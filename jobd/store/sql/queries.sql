@@ -135,12 +135,13 @@ WHERE id = :job_id AND (status = 'queued' OR status = 'running' AND cancel_reque
 RETURNING {job_columns}
 
 -- retry_job --
--- failed | cancelled -> queued: a fresh attempt (progress, phase, error, result and the
--- last attempt's times cleared; attempts kept); its checkpoints go (clear_checkpoints)
+-- failed | cancelled -> queued: a fresh attempt (progress, phase, error, result, the
+-- last attempt's times and its crash recoveries cleared; attempts kept); its checkpoints
+-- go (clear_checkpoints)
 UPDATE jobs SET status = 'queued', version = max(version + 1, :now), updated_at = :now,
     progress = 0, phase = NULL, message = 'retried', error = NULL, result = NULL,
     started_at = NULL, completed_at = NULL, cancel_requested = 0, pgid = NULL,
-    pgid_start = NULL
+    pgid_start = NULL, recoveries = 0
 WHERE id = :job_id AND status IN ('failed', 'cancelled')
 RETURNING {job_columns}
 
