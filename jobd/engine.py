@@ -237,7 +237,12 @@ class Context:
             raise Cancelled(self.engine.cluster.lapsed())
         if done.timed_out:
             self.stop(StopReason.TIMEOUT)
-        if done.cancelled or done.timed_out:
+        # a program that a shutdown asked to stop and that ended of its own accord with 0
+        # has finished: what it did stands (README: it ends as it chose), and a resumable
+        # one is not run again
+        finished = (done.returncode == 0 and not done.timed_out
+                    and self.attempt.stop is StopReason.SHUTDOWN)
+        if (done.cancelled or done.timed_out) and not finished:
             raise Cancelled(_stopped(self.attempt))
         if done.supervisor_died:
             # the program's own end is unknown: what its supervisor's death tells is all

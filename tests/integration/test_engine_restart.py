@@ -175,14 +175,33 @@ def test_sigterm_requeues_running_jobs_and_they_complete_after_restart(
 
 def test_a_shutdown_gives_a_program_shutdown_grace_to_stop_not_cancel_grace(
         make_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
-    d = make_daemon()  # cancel_grace 1s, shutdown_grace 5s
-    script = ("trap 'sleep 2; touch saved; exit 0' TERM; touch started; "
-              "sleep 30 & wait; sleep 30 & wait")
-    result_of(d, "jobs.submit", type="command",
-              options={"argv": ["sh", "-c", script], "cwd": str(tmp_path)})
-    wait_for(lambda: (tmp_path / "started").exists(), what="the program to start")
+    """A program told to stop by a shutdown that saves its work in its grace and exits 0
+    has completed, with its result: a ``command`` is not failed, and a resumable type is
+    not run again (SPEC §6 requeues *interrupted* jobs; this one finished)."""
+    program = tmp_path / "saver.sh"
+    program.write_text(
+        'trap \'sleep 2; touch "$1.saved"; echo "{\\"result\\": {\\"saved\\": true}}"; '
+        'exit 0\' TERM\n'
+        'echo run >> "$1.runs"; touch "$1.started"\n'
+        'sleep 30 & wait; sleep 30 & wait\n')
+    # cancel_grace 1s, shutdown_grace 5s
+    d = make_daemon(config=FAST_CONFIG + f'\n[types.saver]\nargv = ["sh", "{program}", '
+                    f'"{tmp_path}/saver"]\nresumable = true\n')
+    command = result_of(d, "jobs.submit", type="command", options={
+        "argv": ["sh", str(program), str(tmp_path / "command")]})
+    saver = result_of(d, "jobs.submit", type="saver")
+    for name in ("command", "saver"):
+        wait_for((tmp_path / f"{name}.started").exists, what=f"the {name} program to start")
     assert d.stop(signal.SIGTERM, timeout=15) == 0
-    assert (tmp_path / "saved").exists(), "killed before its shutdown_grace was up"
+    for name in ("command", "saver"):
+        assert (tmp_path / f"{name}.saved").exists(), "killed before its shutdown_grace was up"
+    d.start()
+    for job in (command, saver):
+        done = wait_terminal(d, job["id"])
+        assert (done["status"], done["result"], done["attempts"]) == (
+            "completed", {"saved": True}, 1), done
+    time.sleep(0.5)  # a requeued saver would be running again by now
+    assert (tmp_path / "saver.runs").read_text() == "run\n"
 
 
 def test_cleanup_on_schedule_forgets_old_jobs_and_their_logs(
