@@ -828,7 +828,10 @@ class Engine:
             if job.cancel_requested or attempt.stop is StopReason.CANCEL:
                 ctx.stop(StopReason.CANCEL)
                 raise Cancelled("cancel")
-            result = handler.run(ctx)
+            # what the handler's programs log (their groups killed, a supervisor that
+            # failed) names the job as the context's own lines do
+            with structlog.contextvars.bound_contextvars(job_id=job.id):
+                result = handler.run(ctx)
         except Exception as e:  # every end of a handler is recorded below
             failure = e
         self._finish(ctx, result, failure)
