@@ -63,6 +63,10 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 _LARGE_ANSWERS = frozenset({"jobs.list", "jobs.changes", "jobs.events", "jobs.logs"})
 #: of those, the long polls: they may wait a while before they build their answer
 _WAIT_FIRST = frozenset({"jobs.changes"})
+#: methods that change nothing: a notification of one is not run (its answer would be
+#: thrown away, and building it, a list of a thousand jobs, costs others' time)
+_READS = frozenset({"ping", "jobs.get", "jobs.list", "jobs.wait", "jobs.changes",
+                    "jobs.events", "jobs.logs", "admin.stats", "admin.metrics"})
 _TOO_LARGE = "response too large"
 _DECODE_ON_LOOP = 65536   # longer request lines are decoded on the pool
 _SHOWN = 80   # characters of a client's string quoted back in a message
@@ -225,7 +229,9 @@ def _envelope_problem(item: Any) -> str | None:
 
 
 def _may_answer_large(item: Any) -> bool:
-    return isinstance(item, dict) and "id" in item and (
+    """Whether ``item`` may build a large answer: it then takes the caller's answer room
+    first, a notification too (its answer is built, then dropped)."""
+    return isinstance(item, dict) and (
         item.get("method") in _LARGE_ANSWERS
         or isinstance(item.get("params"), dict) and "filter" in item["params"])
 
@@ -353,6 +359,8 @@ class Rpc:
             if not notification:
                 conn.refused(e.message)
             return None if notification else self._refused(e, ident, method, started)
+        if notification and item["method"] in _READS:
+            return None  # nothing would tell that it ran (JSON-RPC 2.0: no answer)
         if self.shutting_down:
             return None if notification else self._refused(
                 errors.Unavailable("jobd is shutting down; retry shortly"), ident, method,

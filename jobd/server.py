@@ -451,6 +451,11 @@ class Server:
                 data = chunk
             start = 0
             while (nl := data.find(b"\n", start)) >= 0:
+                if writer.transport.is_closing():
+                    # an answer could not be written: the client is gone, and the lines
+                    # it left are not run for no one (a client that only stopped
+                    # sending, half-closed, still gets every answer)
+                    return "client gone"
                 if nl - start > max_bytes:
                     break
                 line = bytes(data[start:nl])

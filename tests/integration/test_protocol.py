@@ -91,6 +91,58 @@ def test_a_batch_answers_only_its_calls_and_one_of_notifications_gets_nothing(jd
         assert error_of(answers[1], -32602)["data"]["field"] == "params"
 
 
+def _noop(w: Wire, seconds: float = 30) -> str:
+    job = w.call("jobs.submit", type="noop", options={"seconds": seconds})["result"]
+    return str(job["id"])
+
+
+def _version(w: Wire, job_id: str) -> int:
+    return int(w.call("jobs.get", job_id=job_id)["result"]["version"])
+
+
+def test_a_notification_of_a_read_is_not_run(jd: Daemon) -> None:
+    """Its answer would be thrown away: a ``jobs.wait`` sent as a notification does not
+    hold up the connection's next call, nor does a ``jobs.list`` cost anyone its build."""
+    with Wire(jd.socket) as w:
+        w.call("admin.pause")  # a queued job: nothing changes it while the wait would wait
+        job_id = _noop(w)
+        try:
+            wait = {"jsonrpc": "2.0", "method": "jobs.wait", "params": {
+                "job_id": job_id, "after_version": _version(w, job_id), "timeout_s": 20}}
+            started = time.monotonic()
+            w.write(json.dumps(wait).encode() + b"\n")
+            assert w.call("ping", ident="next")["id"] == "next"
+            assert time.monotonic() - started < 5, "the notification's wait was run"
+        finally:
+            w.call("jobs.cancel", job_id=job_id)
+            w.call("admin.resume")
+
+
+def test_the_lines_a_client_left_when_it_went_away_are_not_run(jd: Daemon) -> None:
+    """Once an answer cannot be written (the client closed its connection), the rest of
+    what it sent is dropped, not run for no one."""
+    with Wire(jd.socket) as w:
+        job_id = _noop(w)
+        counted = _waits_counted(w)
+        try:
+            gone = Wire(jd.socket)
+            after = _version(w, job_id)
+            gone.write(b"".join(request("jobs.wait", n, job_id=job_id, after_version=after,
+                                        timeout_s=1) for n in range(6)))
+            gone.close()  # before the first of the six waits has ended
+            time.sleep(4.5)  # six run one after the other would be four done by now
+            assert _waits_counted(w) - counted <= 1
+        finally:
+            w.call("jobs.cancel", job_id=job_id)
+
+
+def _waits_counted(w: Wire) -> float:
+    """The daemon's count of answered ``jobs.wait`` calls (``admin.metrics``)."""
+    text = w.call("admin.metrics")["result"]["text"]
+    return sum(float(line.rpartition(" ")[2]) for line in text.splitlines()
+               if line.startswith('jobd_rpc_requests_total{method="jobs.wait"'))
+
+
 @pytest.mark.parametrize("item", [
     {"jsonrpc": "2.0", "id": 7},
     {"jsonrpc": "1.0", "id": 7, "method": "ping"},
