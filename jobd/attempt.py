@@ -6,7 +6,8 @@ engine's one home of "why this attempt stops": the first stop is told in the job
 a cancel wins over every other reason, and once the handler returned (``settle``) no
 stop changes the end. The store's ``cancel_requested`` stays the durable mark of a
 cancel (a restart reads it). ``outcome`` turns (stop reason, failure, resumable) into the
-end that is recorded: a pure function, tested as a table.
+end that is recorded, and ``crash_end`` what a crash left running into its end: pure
+functions, tested as tables.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ import threading
 from typing import Any
 
 from jobd.handlers import Cancelled, JobFailed
-from jobd.models import JobStatus
+from jobd.models import Job, JobStatus
 
-__all__ = ["Attempt", "StopReason", "duration", "outcome"]
+__all__ = ["Attempt", "StopReason", "crash_end", "duration", "outcome"]
 
 
 class StopReason(enum.Enum):
@@ -109,6 +110,40 @@ def outcome(stop: StopReason | None, failure: JobFailed | Cancelled | None, *,
     if isinstance(failure, Cancelled):
         return JobStatus.CANCELLED, {"message": "cancelled"}
     return JobStatus.COMPLETED, {"result": result or {}}
+
+
+#: the end of a job a crash interrupted, by how its daemon went: (cancelled, failed, gave
+#: up, requeued). ``restart``: it died and this start recovers it (one node, or a cluster
+#: node of this host and state folder); ``lost``: another cluster node lost its lease
+_CRASH_TEXTS = {
+    "restart": ("cancelled (the daemon restarted while stopping)",
+                "interrupted by daemon restart",
+                "interrupted by {n} daemon restarts; gave up (max_recoveries = {max})",
+                "recovered after restart"),
+    "lost": ("cancelled (node {node} lost its lease while stopping)",
+             "interrupted: node {node} lost its lease",
+             "interrupted {n} times, last as node {node} lost its lease; gave up "
+             "(max_recoveries = {max})",
+             "recovered: node {node} lost its lease"),
+}
+
+
+def crash_end(job: Job, resumable: bool, max_recoveries: int, why: str = "restart",
+              node: int | None = None) -> tuple[JobStatus, dict[str, Any]]:
+    """What a running job whose daemon is gone becomes (SPEC §6, §11), and its text:
+    cancelled if its cancel was asked, failed if not resumable or recovered
+    ``max_recoveries`` times, else queued to resume from its checkpoints. ``why``:
+    ``restart`` or ``lost`` (``node``: the node that lost its lease)."""
+    cancelled, failed, gave_up, requeued = (
+        t.format(node=node, n=job.recoveries + 1, max=max_recoveries)
+        for t in _CRASH_TEXTS[why])
+    if job.cancel_requested:
+        return JobStatus.CANCELLED, {"message": cancelled}
+    if not resumable:
+        return JobStatus.FAILED, {"error": failed}
+    if job.recoveries + 1 >= max_recoveries:
+        return JobStatus.FAILED, {"error": gave_up}
+    return JobStatus.QUEUED, {"message": requeued}
 
 
 def duration(seconds: float) -> str:

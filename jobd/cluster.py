@@ -71,6 +71,7 @@ import psycopg
 import structlog
 
 from jobd import joblogs, orphans
+from jobd.attempt import crash_end
 from jobd.config import Config, ConfigError
 from jobd.models import Job, JobStatus
 from jobd.store.errors import StoreError
@@ -154,36 +155,6 @@ def first_difference(mine: Mapping[str, Any], theirs: Mapping[str, Any]) -> str 
     return None
 
 
-#: a rescued job's end, by why its node is gone: (cancelled, failed, gave up, requeued)
-_TEXTS = {
-    "restart": ("cancelled (the daemon restarted while stopping)",
-                "interrupted by daemon restart",
-                "interrupted by {n} daemon restarts; gave up (max_recoveries = {max})",
-                "recovered after restart"),
-    "lost": ("cancelled (node {node} lost its lease while stopping)",
-             "interrupted: node {node} lost its lease",
-             "interrupted {n} times, last as node {node} lost its lease; gave up "
-             "(max_recoveries = {max})",
-             "recovered: node {node} lost its lease"),
-}
-
-
-def rescued_end(job: Job, resumable: bool, max_recoveries: int, why: str, node: int | None
-                ) -> tuple[JobStatus, dict[str, Any]]:
-    """What a job whose node is gone becomes (SPEC §6, §11), and its text: cancelled if its
-    cancel was asked, failed if not resumable or recovered ``max_recoveries`` times, else
-    queued to resume from its checkpoints. ``why``: ``restart`` or ``lost``."""
-    cancelled, failed, gave_up, requeued = (
-        t.format(node=node, n=job.recoveries + 1, max=max_recoveries) for t in _TEXTS[why])
-    if job.cancel_requested:
-        return JobStatus.CANCELLED, {"message": cancelled}
-    if not resumable:
-        return JobStatus.FAILED, {"error": failed}
-    if job.recoveries + 1 >= max_recoveries:
-        return JobStatus.FAILED, {"error": gave_up}
-    return JobStatus.QUEUED, {"message": requeued}
-
-
 class Node:
     """This daemon's node of the cluster: its id, lease, heartbeat and claims.
 
@@ -216,6 +187,9 @@ class Node:
         self.on_reported: Callable[[str, int], None] = lambda job_id, version: None
         #: a notification may have been lost: every waiter re-reads its job
         self.on_resync: Callable[[], None] = lambda: None
+        #: told each job a rescue of another node ended (failed or cancelled), once that
+        #: committed: its handler undoes what the lost attempt left half-done
+        self.on_abandoned: Callable[[Job], None] = lambda job: None
         self._listener: threading.Thread | None = None
         self._shipper: threading.Thread | None = None
         #: job id -> how much of its log (absolute offset) is in the database
@@ -689,7 +663,9 @@ class Node:
         except StoreError as e:
             log.error("node_register_failed", previous_node_id=old, error=str(e))
             return
-        self.recover("lost", old)
+        for job in self.recover("lost", old):
+            if job.terminal:
+                self.on_abandoned(job)
         self.on_claimable()
 
     # -- rescue and recovery ---------------------------------------------------------------
@@ -704,8 +680,8 @@ class Node:
 
         def decide(job: Job) -> tuple[JobStatus, dict[str, Any]]:
             handler = self.handlers.get(job.type)
-            return rescued_end(job, handler is not None and handler.resumable,
-                               max_recoveries, why, node)
+            return crash_end(job, handler is not None and handler.resumable,
+                             max_recoveries, why, node)
         return decide
 
     def recover(self, why: str = "restart", previous: int | None = None) -> list[Job]:
@@ -750,6 +726,9 @@ class Node:
         self._watch = seen
         if moved:
             self.on_claimable()
+        for job in moved:
+            if job.terminal:
+                self.on_abandoned(job)
         return moved
 
     def _rescue(self, node: int, beat: int, margin: float) -> list[Job]:

@@ -45,11 +45,11 @@ from typing import Any, Callable
 import structlog
 
 from jobd import joblogs, orphans, process
-from jobd.attempt import Attempt, StopReason, outcome
+from jobd.attempt import Attempt, StopReason, crash_end, outcome
 from jobd.config import Config
 from jobd.dispatch import Dispatcher
 from jobd.errors import JobdError
-from jobd.handlers import Cancelled, Handler, JobFailed, git
+from jobd.handlers import Aftermath, Cancelled, Handler, JobFailed, git
 from jobd.models import Job, JobStatus, readable
 from jobd.store import JobNotFound, StateConflict, StorageUnavailable, StoreError
 from jobd.store.interface import JobStore
@@ -430,7 +430,9 @@ class Engine:
     def recover(self) -> None:
         """Jobs still ``running`` belong to a daemon that died: kill what they left, requeue."""
         if self.cluster is not None:  # only this host's earlier nodes' (jobd.cluster)
-            self.cluster.recover()
+            for job in self.cluster.recover():
+                if job.terminal:
+                    self.abandon(job)
             return
         for job_id, pgid, start in self.store.processes():
             killed = orphans.kill_orphan_group(pgid, start)
@@ -442,28 +444,39 @@ class Engine:
             orphans.kill_marked(job.id)
             handler = self.handlers.get(job.type)
             bound = log.bind(job_id=job.id, user_id=job.user_id, type=job.type)
+            end, fields = crash_end(job, handler is not None and handler.resumable,
+                                    max_recoveries)
+            said = fields.get("message") or fields.get("error")
+            if end is not JobStatus.QUEUED:
+                self.abandon(job)
             # each attempt's closing line before its end commits, as a worker writes it
-            if job.cancel_requested:
-                message = "cancelled (the daemon restarted while stopping)"
-                self.tell(job.id, end_story(JobStatus.CANCELLED, message))
-                self.store.finish_job(job.id, JobStatus.CANCELLED, message=message)
-                bound.info("job_cancelled", reason="restart")
-            elif handler is None or not handler.resumable:
-                error = "interrupted by daemon restart"
-                self.tell(job.id, end_story(JobStatus.FAILED, error))
-                self.store.finish_job(job.id, JobStatus.FAILED, error=error)
-                bound.warning("job_failed", reason=error)
-            elif job.recoveries + 1 >= max_recoveries:
-                error = (f"interrupted by {job.recoveries + 1} daemon restarts; gave up "
-                         f"(max_recoveries = {max_recoveries})")
-                self.tell(job.id, end_story(JobStatus.FAILED, error))
-                self.store.finish_job(job.id, JobStatus.FAILED, error=error)
-                bound.warning("job_failed", reason=error)
-            else:
-                reason = "recovered after restart"
-                self.tell(job.id, end_story(JobStatus.QUEUED, reason))
-                self.store.requeue_job(job.id, reason=reason, recovered=True)
+            self.tell(job.id, end_story(end, said))
+            if end is JobStatus.QUEUED:
+                self.store.requeue_job(job.id, reason=str(said), recovered=True)
                 bound.info("job_recovered", phase=job.phase)
+            elif end is JobStatus.CANCELLED:
+                self.store.finish_job(job.id, end, **fields)
+                bound.info("job_cancelled", reason="restart")
+            else:
+                self.store.finish_job(job.id, end, **fields)
+                bound.warning("job_failed", reason=said)
+
+    def abandon(self, job: Job) -> None:
+        """``job`` was running when its daemon died, and no attempt will run it again (its
+        end is failed or cancelled): its handler undoes what the attempt left half-done (a
+        sync's checkout, SPEC §5), noting it in the job's log. Logged if it cannot."""
+        handler = self.handlers.get(job.type)
+        if handler is None:
+            return
+        bound = log.bind(job_id=job.id, user_id=job.user_id, type=job.type)
+        joblog = joblogs.JobLog(self.log_path(job.id), self.config.execution.max_log_bytes)
+        try:
+            handler.abandon(Aftermath(job, self.config, bound, joblog),
+                            self.store.load_checkpoints(job.id))
+        except Exception:  # the job ends all the same; an operator reads why
+            bound.exception("job_abandon_failed")
+        finally:
+            joblog.close()
 
     def tell(self, job_id: str, text: str) -> None:
         """A line of a job's story written by no worker of it (a recovery, a cancel while

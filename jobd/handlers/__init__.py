@@ -12,6 +12,7 @@ handlers only see the ``JobContext`` interface below and raise ``JobFailed`` or
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Protocol
 
@@ -26,9 +27,9 @@ if TYPE_CHECKING:
     from jobd.joblogs import JobLog
     from jobd.process import Completed
 
-__all__ = ["ADMINS", "ENTRY_POINT_GROUP", "EVERYONE", "Cancelled", "Handler", "JobContext",
-           "JobFailed", "Registry", "load_handlers", "progress_between", "reject_unknown",
-           "role_of"]
+__all__ = ["ADMINS", "ENTRY_POINT_GROUP", "EVERYONE", "Aftermath", "Cancelled", "Handler",
+           "JobContext", "JobFailed", "Registry", "load_handlers", "progress_between",
+           "reject_unknown", "role_of"]
 
 #: Python entry points in this group add job types
 ENTRY_POINT_GROUP = "jobd.handlers"
@@ -78,6 +79,17 @@ class JobContext(Protocol):
             capture: bool = False, check: bool = True) -> Completed: ...
 
 
+@dataclasses.dataclass
+class Aftermath:
+    """What ``Handler.abandon`` sees of a job no attempt runs any more: the job, the
+    config, a logger bound to the job, and its log (for ``joblog.note``)."""
+
+    job: Job
+    config: Config
+    log: Any
+    joblog: JobLog
+
+
 class Handler:
     """One job type. Subclasses set ``name`` and override ``validate`` and ``run``."""
 
@@ -120,6 +132,12 @@ class Handler:
     def run(self, ctx: JobContext) -> dict[str, Any] | None:
         """Do the work; the return value is the job's result."""
         raise NotImplementedError
+
+    def abandon(self, ctx: Aftermath, checkpoints: dict[str, dict[str, Any]]) -> None:
+        """A crash of the daemon (or of a cluster node) stopped an attempt, and none will
+        run the job again (it ends failed or cancelled): undo what the attempt left
+        half-done, as ``run`` would have on its way out. ``checkpoints``: what it saved.
+        Nothing by default."""
 
 
 def reject_unknown(options: dict[str, Any], known: tuple[str, ...]) -> None:

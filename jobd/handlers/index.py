@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 from jobd import errors
 from jobd.auth import check_argv_ids
-from jobd.handlers import (Handler, JobContext, JobFailed, git, manifest, progress_between,
-                           reject_unknown)
+from jobd.handlers import (Aftermath, Handler, JobContext, JobFailed, git, manifest,
+                           progress_between, reject_unknown)
 from jobd.models import Phase
 from jobd.progress import Passes
 
@@ -76,7 +76,7 @@ def validate_repository(options: dict[str, Any], *, type: str, user_id: str,
                                    else "project_id") from None
 
 
-def repository_path(ctx: JobContext) -> Path:
+def repository_path(ctx: JobContext | Aftermath) -> Path:
     """The job's repository as a real path under the allowed roots (not opened)."""
     job = ctx.job
     try:
@@ -86,7 +86,7 @@ def repository_path(ctx: JobContext) -> Path:
         raise JobFailed(e.message) from None
 
 
-def repository(ctx: JobContext) -> git.Repository:
+def repository(ctx: JobContext | Aftermath) -> git.Repository:
     """The job's repository, checked again as it runs and opened (the caller closes it):
     under the allowed roots, a work tree jobd owns."""
     return git.open_repository(repository_path(ctx))

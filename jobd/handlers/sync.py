@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from jobd import errors
-from jobd.handlers import Cancelled, Handler, JobContext, JobFailed, git, index, reject_unknown
+from jobd.handlers import (Aftermath, Cancelled, Handler, JobContext, JobFailed, git, index,
+                           reject_unknown)
 from jobd.models import Phase, readable
 
 if TYPE_CHECKING:
@@ -151,6 +152,18 @@ class SyncHandler(Handler):
         ctx.set_progress(100.0, f"synced {init['branch']}: "
                                 f"{_plural(pulled['commits_pulled'], 'commit')} pulled")
         return result
+
+
+    def abandon(self, ctx: Aftermath, checkpoints: dict[str, dict[str, Any]]) -> None:
+        """A crash stopped its ``git_sync`` and it will not resume: put the work tree back
+        at the old revision as the attempt would have (SPEC §5), the stopped git's locks
+        and what a half-done checkout wrote included."""
+        init, writing = checkpoints.get(Phase.INIT), checkpoints.get(_WRITING) or {}
+        if init is None or Phase.GIT_SYNC in checkpoints:
+            return  # it had not begun to sync, or the merge was done
+        with index.repository(ctx) as repo:
+            _restore(ctx, repo, init, git_was_stopped=True,
+                     incoming=writing.get("incoming", []))
 
 
 def _phase(ctx: JobContext, done: dict[str, dict[str, Any]], phase: str, message: str,
@@ -357,7 +370,7 @@ def _untracked_added(repo: git.Repository, old: str | None, revisions: list[str]
     return [p for p in untracked if p in added]
 
 
-def _restore(ctx: JobContext, repo: git.Repository, init: dict[str, Any], *,
+def _restore(ctx: JobContext | Aftermath, repo: git.Repository, init: dict[str, Any], *,
              git_was_stopped: bool, incoming: list[str]) -> None:
     """Put the work tree back on the branch and revision it had before the sync.
 

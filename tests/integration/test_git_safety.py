@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from conftest import (Daemon, LocalAccounts, clone, commit_files, error_of,
+from conftest import (FAST_CONFIG, Daemon, LocalAccounts, clone, commit_files, error_of,
                       git, joblog, make_upstream, result_of, wait_for, wait_terminal)
 
 _projects = itertools.count(1)
@@ -240,9 +240,11 @@ def _git_processes(args: tuple[bytes, ...]) -> list[int]:
     return pids
 
 
-def test_a_daemon_killed_during_a_checkout_resumes_and_later_syncs_work(
-        make_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
-    d = make_daemon()
+def _killed_during_a_checkout(d: Daemon, tmp_path: Path) -> tuple[dict[str, Any], Path,
+                                                                  Path, str, str, int]:
+    """A sync whose checkout of 300 new files the daemon's crash stopped halfway (its git
+    killed with it), and the daemon started again: (job, upstream, repo, old revision,
+    new revision, files in the new commit)."""
     upstream = make_upstream(tmp_path / "upstream")
     repo = clone(upstream, d.repos / "root" / "big")
     old = head(repo)
@@ -278,20 +280,48 @@ def test_a_daemon_killed_during_a_checkout_resumes_and_later_syncs_work(
     status = git("status", "--porcelain", "--untracked-files=all", cwd=repo).splitlines()
     assert any(line.startswith("?? d") for line in status)
     assert len(status) < len(many)
-
     d.start()
+    return job, upstream, repo, old, new, len(many)
+
+
+def _later_syncs_work(d: Daemon, upstream: Path, repo: Path) -> None:
+    """The repository is not wedged for the ff-only syncs after it."""
+    newer = commit_files(upstream, {"d0/f0.txt": "changed\n", "late.txt": "late\n"})
+    later = wait_terminal(d, submit_sync(d, "big")["id"], timeout=30)
+    assert later["status"] == "completed", later
+    assert head(repo) == newer
+
+
+def test_a_daemon_killed_during_a_checkout_resumes_and_later_syncs_work(
+        make_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
+    d = make_daemon()
+    job, upstream, repo, _, new, _ = _killed_during_a_checkout(d, tmp_path)
     done = wait_terminal(d, job["id"], timeout=60)
     assert done["status"] == "completed", done
     assert done["attempts"] == 2 and done["result"]["new_revision"] == new
     # the restore said what it took away
     assert "a stopped checkout had written (d0/f0.txt" in joblog(d, job["id"])
     assert git("status", "--porcelain", "--untracked-files=all", cwd=repo) == ""
+    _later_syncs_work(d, upstream, repo)
 
-    # and the repository is not wedged for the ff-only syncs after it
-    newer = commit_files(upstream, {"d0/f0.txt": "changed\n", "late.txt": "late\n"})
-    later = wait_terminal(d, submit_sync(d, "big")["id"], timeout=30)
-    assert later["status"] == "completed", later
-    assert head(repo) == newer
+
+def test_a_checkout_a_crash_stopped_is_undone_when_the_sync_is_not_resumed(
+        make_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
+    """SPEC §5: a git_sync that fails leaves the work tree at the old revision, also when
+    the failure is the recovery's (max_recoveries reached): what the killed checkout
+    wrote is taken away as the job fails, not left for the next sync to trip over."""
+    d = make_daemon(config=FAST_CONFIG + "max_recoveries = 1\n")
+    job, upstream, repo, old, _, _ = _killed_during_a_checkout(d, tmp_path)
+    done = wait_terminal(d, job["id"], timeout=30)
+    assert (done["status"], done["attempts"]) == ("failed", 1), done
+    assert "max_recoveries = 1" in done["error"]
+    assert head(repo) == old
+    assert git("status", "--porcelain", "--untracked-files=all", cwd=repo) == ""
+    assert not (repo / ".git" / "index.lock").exists()
+    assert "a stopped checkout had written (d0/f0.txt" in joblog(d, job["id"])
+    assert wait_terminal(d, result_of(d, "jobs.retry", job_id=job["id"])["id"],
+                         timeout=30)["status"] == "completed"
+    _later_syncs_work(d, upstream, repo)
 
 
 def test_a_users_own_untracked_file_in_the_way_is_kept_and_named(

@@ -15,7 +15,7 @@ import pytest
 import structlog.testing
 
 from conftest import fill, wait_for
-from jobd.attempt import Attempt, StopReason, outcome
+from jobd.attempt import Attempt, StopReason, crash_end, outcome
 from jobd.config import Config, load
 from jobd import engine as engine_module
 from jobd.engine import SWEEP_S, Engine
@@ -357,6 +357,36 @@ def test_the_end_of_an_attempt_follows_the_table(
         end: JobStatus, fields: dict[str, Any]) -> None:
     assert outcome(stop, failure, resumable=resumable, result={"n": 1},
                    timeout_s=90) == (end, fields)
+
+
+#: (cancel asked, resumable, recoveries before, why) -> (end, fields): every row of
+#: ``crash_end``, with max_recoveries = 3
+CRASH_ENDS = [
+    (True, True, 0, "restart", JobStatus.CANCELLED,
+     {"message": "cancelled (the daemon restarted while stopping)"}),
+    (False, False, 0, "restart", JobStatus.FAILED, {"error": "interrupted by daemon restart"}),
+    (False, True, 2, "restart", JobStatus.FAILED,
+     {"error": "interrupted by 3 daemon restarts; gave up (max_recoveries = 3)"}),
+    (False, True, 1, "restart", JobStatus.QUEUED, {"message": "recovered after restart"}),
+    (True, False, 0, "lost", JobStatus.CANCELLED,
+     {"message": "cancelled (node 7 lost its lease while stopping)"}),
+    (False, False, 0, "lost", JobStatus.FAILED,
+     {"error": "interrupted: node 7 lost its lease"}),
+    (False, True, 2, "lost", JobStatus.FAILED, {
+        "error": "interrupted 3 times, last as node 7 lost its lease; gave up "
+                 "(max_recoveries = 3)"}),
+    (False, True, 0, "lost", JobStatus.QUEUED, {"message": "recovered: node 7 lost its lease"}),
+]
+
+
+@pytest.mark.parametrize("cancel, resumable, recoveries, why, end, fields", CRASH_ENDS)
+def test_the_end_of_a_job_a_crash_left_running_follows_the_table(
+        cancel: bool, resumable: bool, recoveries: int, why: str, end: JobStatus,
+        fields: dict[str, Any]) -> None:
+    job = Job(id="j", type="sync", user_id="alice", project_id="p", status=JobStatus.RUNNING,
+              created_at=0, updated_at=0, version=1, cancel_requested=cancel,
+              recoveries=recoveries)
+    assert crash_end(job, resumable, 3, why, 7) == (end, fields)
 
 
 def test_a_handler_that_returns_nothing_completes_with_an_empty_result() -> None:
