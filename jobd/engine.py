@@ -324,14 +324,17 @@ def cancelled_while_queued(actor: str) -> str:
     return f"cancelled by {actor} while queued"
 
 
-def story(events: list[dict[str, Any]]) -> bytes:
+def story(events: list[dict[str, Any]], *, until: int | None = None) -> bytes:
     """A job's story told from its events, as the engine writes it in a job's log: for
-    a job that never ran a program, and so has no log file."""
+    a job that never ran a program, and so has no log file; ``until``: up to the start
+    of that attempt (what a log that first appears in it begins with)."""
     out, attempt, before = [], 0, None
     for event in events:
         status, message, at = event["status"], event["message"], event["at"]
         if status == "running" and before != "running":
             attempt += 1
+            if attempt == until:
+                break
             out.append(joblogs.note_lines(f"attempt {attempt} started", at))
         elif status == "running" and message == "cancel requested":
             out.append(joblogs.note_lines(f"cancelled by {event['actor']}", at))
@@ -820,6 +823,10 @@ class Engine:
         if self.cluster is not None:  # its log so far may be another node's
             self.cluster.seed_log(job.id)
         ctx = Context(self, job, attempt)
+        if job.attempts > 1 and not ctx.joblog.path.exists():
+            # the earlier attempts made no log: ``jobs.logs`` told them from the events,
+            # and a log that appears now begins with those bytes (offsets already read hold)
+            ctx.joblog.begin_with(story(self.store.events(job.id), until=job.attempts))
         ctx.joblog.story(f"attempt {job.attempts} started", job.started_at)
         with self._lock:
             self._contexts[job.id] = ctx

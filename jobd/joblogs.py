@@ -210,6 +210,13 @@ class JobLog:
         with self._lock:
             self._append_or_drop(note_lines(text), own_line=True)
 
+    def begin_with(self, told: bytes) -> None:
+        """What a log not made yet begins with, once something makes it (the story of
+        the attempts before, told from the events): held as the story's first lines."""
+        if told:
+            with self._lock:
+                self._story.insert(0, told)
+
     def story(self, text: str, at_us: int | None = None) -> None:
         """A line of the job's story (an attempt started, a cancel, the end): written at
         once when the job has a log, else held until it gets one (a job that never runs a

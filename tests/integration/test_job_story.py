@@ -5,6 +5,7 @@ job that never ran a program."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 from conftest import FAST_CONFIG, Daemon, joblog, result_of, wait_for, wait_terminal
@@ -105,3 +106,33 @@ def test_a_job_a_crash_interrupted_tells_how_its_attempt_ended(make_daemon: Any)
     told = [ln for ln in story(d, again["id"]) if not ln.startswith("$ ")]
     assert told[:3] == ["attempt 1 started", "recovered after restart; queued again",
                         "attempt 2 started"]
+
+
+def test_a_log_first_made_by_a_later_attempt_begins_with_the_earlier_ones(
+        daemon: Daemon, tmp_path: Path) -> None:
+    """Attempt 1 failed before it ran anything (no log: ``jobs.logs`` told it from the
+    events); attempt 2 makes the log, which begins with those same bytes, so a follower
+    that read attempt 1's story goes on at its offset with attempt 2's."""
+    folder = tmp_path / "gone"
+    folder.mkdir()
+    result_of(daemon, "admin.pause")
+    try:
+        job = result_of(daemon, "jobs.submit", type="command", options={
+            "argv": ["echo", "hello from attempt 2"], "cwd": str(folder)})
+        folder.rmdir()
+    finally:
+        result_of(daemon, "admin.resume")
+    assert wait_terminal(daemon, job["id"])["status"] == "failed"
+    first = result_of(daemon, "jobs.logs", job_id=job["id"])
+    assert first["eof"] and first["data"].count("\n") == 2  # started, ended failed
+    folder.mkdir()
+    result_of(daemon, "jobs.retry", job_id=job["id"])
+    assert wait_terminal(daemon, job["id"])["status"] == "completed"
+    whole = result_of(daemon, "jobs.logs", job_id=job["id"])["data"]
+    assert whole.startswith(first["data"]), whole
+    rest = result_of(daemon, "jobs.logs", job_id=job["id"], offset=first["next_offset"])
+    assert rest["data"] == whole[len(first["data"]):]
+    told = [ln for ln in story(daemon, job["id"]) if not ln.startswith("$ ")]
+    assert told[0] == "attempt 1 started" and told[1].startswith("ended failed: ")
+    assert told[2:] == ["attempt 2 started", "ended completed"]
+    assert "hello from attempt 2" in whole
