@@ -43,7 +43,10 @@ EXIT_CANCELLED = 3     #: a waited-for job was cancelled (by someone else)
 EXIT_TIMEOUT = 4       #: --wait/--timeout ran out
 EXIT_UNREACHABLE = 69  #: no daemon answers (sysexits' EX_UNAVAILABLE)
 EXIT_UNAVAILABLE = 75  #: -32050: shutting down, storage full, maintenance (EX_TEMPFAIL)
-EXIT_INTERRUPTED = 130  #: Ctrl-C while watching; the job goes on
+EXIT_INTERRUPTED = 130  #: Ctrl-C (128 + SIGINT); a job watched goes on
+#: stdout closed by its reader (128 + SIGPIPE): what the shell reports for any program cut
+#: short by ``| head``, so ``set -o pipefail`` scripts see jobctl as they see cat or grep
+EXIT_PIPE = 141
 
 #: SPEC §7: of several jobs' codes the worst wins, in this order
 _SEVERITY = (EXIT_FAILED, EXIT_TIMEOUT, EXIT_CANCELLED, EXIT_OK)
@@ -206,6 +209,7 @@ class _State:
 
 def _set_global(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
     """A global option's callback: record it, wherever it stood on the line."""
+    _state(ctx, param, None)  # --json, eager, may come before the state is made
     st = ctx.find_object(_State)
     if st is not None and param.name and value not in (None, False):
         setattr(st, param.name, value)
@@ -219,7 +223,9 @@ def global_options(fn: Any) -> Any:
                      metavar="PATH", expose_value=False, callback=_set_global,
                      help="The daemon's socket (else $JOBD_SOCKET, else the user socket if "
                           "it exists, else /run/jobd/jobd.sock)."),
-        click.option("--json", "json", is_flag=True, expose_value=False, callback=_set_global,
+        # eager: read before any other option, so that its usage error is JSON too
+        click.option("--json", "json", is_flag=True, is_eager=True, expose_value=False,
+                     callback=_set_global,
                      help="Print JSON for scripts: a job object, an array of them, or the "
                           "call's result."),
         click.option("--as-user", "as_user", default=None, metavar="USER",
@@ -261,7 +267,8 @@ def _error_code(e: errors.JobdError) -> int:
 
 class _Group(click.Group):
     """Turns the client's errors into SPEC §7's exit codes: 69 unreachable, 75 unavailable,
-    else 1.
+    else 1; with --json, a usage error is said in JSON too. Ctrl-C ends with 130 and a
+    closed stdout with 141, both quietly.
 
     Every command it makes also takes the global options (``jobctl list --json``).
     """
@@ -282,6 +289,20 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except errors.JobdError as e:
             _error_exit(ctx, e)
+        except KeyboardInterrupt:
+            ctx.exit(EXIT_INTERRUPTED)
+        except BrokenPipeError:
+            # the reader has gone (`| head -1`): end quietly, as SIGPIPE would end the
+            # program; what is still buffered goes to /dev/null, not to a failing flush
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            ctx.exit(EXIT_PIPE)
+        except click.UsageError as e:
+            st = ctx.find_object(_State)
+            if st is None or not st.json:
+                raise
+            # SPEC §7: with --json an error is JSON on stderr, a usage error too (exit 2)
+            _refused(st, errors.InvalidParams(e.format_message()))
+            ctx.exit(EXIT_USAGE)
 
 
 def _show_json(value: Any) -> None:
@@ -731,25 +752,44 @@ def top(st: _State) -> None:
     """A live view: running jobs with bars, the queue with wait reasons, per-user counts.
 
     Redrawn every second; q or Ctrl-C quits. Off a terminal, a view is printed each
-    second (with --json, one line of JSON: running, queued, per_user).
+    second (with --json, one line of JSON: running, queued, total, total_capped,
+    per_user). The queue is shown in dispatch order, its first 1,000 jobs; the counts
+    are of all of them.
 
     \b
       jobctl top
       jobctl --as-user alice top
     """
+    may_stats = True  # admin.stats counts every user's jobs; refused, the scope is one user
+
+    def stats() -> dict[str, Any] | None:
+        nonlocal may_stats
+        if may_stats:
+            try:
+                return dict(st.client.stats())
+            except errors.Forbidden:
+                may_stats = False
+        return None
+
     def now() -> dict[str, Any]:
-        running = st.client.list(status="running", limit=1000)["jobs"]
-        queued = sorted(st.client.list(status="queued", limit=1000)["jobs"],
-                        key=lambda j: j.get("queue_position") or 0)
-        per_user: dict[str, dict[str, int]] = {}
-        for job in running + queued:
-            counts = per_user.setdefault(job["user_id"], {"running": 0, "queued": 0})
-            counts[job["status"]] += 1
-        return {"running": running, "queued": queued, "per_user": per_user}
+        counts = stats()
+        pages = [st.client.list(status="running", limit=1000, with_total=counts is None),
+                 st.client.list(status="queued", order="queue", limit=1000,
+                                with_total=counts is None)]
+        view = {"running": pages[0]["jobs"], "queued": pages[1]["jobs"]}
+        if counts is not None:  # exact, however long the queue
+            return {**view, "total": {"running": counts["running"], "queued": counts["queued"]},
+                    "total_capped": False, "per_user": counts["per_user"]}
+        total = {"running": pages[0]["total"], "queued": pages[1]["total"]}
+        users = {j["user_id"] for j in view["running"] + view["queued"]}  # the scope's one
+        return {**view, "total": total,
+                "total_capped": any(p.get("total_capped") for p in pages),
+                "per_user": {user: total for user in users}}
 
     def draw(frame: int) -> Any:
+        view = now()  # first: the title names the socket that call connected to
         title = f"jobd at {st.client.socket_path}  {time.strftime('%H:%M:%S')}  (q quits)"
-        return render.top_view(*now().values(), _now_us(), frame=frame, title=title)
+        return render.top_view(view, _now_us(), frame=frame, title=title)
     _live(st, draw, now)
 
 
@@ -991,7 +1031,7 @@ def logs(st: _State, job: str, follow: bool, tail_n: int | None,
     max_log_bytes.
 
     With --json: one object {data, next_offset, eof}; with --follow, one line of
-    JSON per page.
+    JSON per page, the --tail first.
 
     \b
       jobctl logs 3f2a
@@ -999,25 +1039,27 @@ def logs(st: _State, job: str, follow: bool, tail_n: int | None,
     """
     job_id = _resolve(st, job)
     offset, eof, data = 0, False, []
+
+    def show(page: dict[str, Any]) -> None:
+        """A page as it comes: for people, or (following) a line of JSON; else kept for one."""
+        nonlocal offset, eof
+        offset, eof = page["next_offset"], page["eof"]
+        if not st.json:
+            click.echo(page["data"], nl=False)
+        elif follow:
+            click.echo(json.dumps(page, ensure_ascii=False))
+        else:
+            data.append(page["data"])
     try:
         if tail_n is not None:
             pages = list(st.client.tail(job_id))
-            text = "".join(p["data"] for p in pages)
-            lines = text.splitlines(keepends=True)
-            data.append("".join(lines[len(lines) - tail_n:] if tail_n else []))
-            if pages:
-                offset, eof = pages[-1]["next_offset"], pages[-1]["eof"]
-            if not st.json:
-                click.echo(data[-1], nl=False)
+            lines = "".join(p["data"] for p in pages).splitlines(keepends=True)
+            last = pages[-1] if pages else {"next_offset": 0, "eof": False}
+            show({"data": "".join(lines[len(lines) - tail_n:] if tail_n else []),
+                  "next_offset": last["next_offset"], "eof": last["eof"]})
         if follow or tail_n is None:
             for page in st.client.tail(job_id, follow=follow, offset=offset, timeout=timeout):
-                offset, eof = page["next_offset"], page["eof"]
-                if not st.json:
-                    click.echo(page["data"], nl=False)
-                elif follow:
-                    click.echo(json.dumps(page, ensure_ascii=False))
-                else:
-                    data.append(page["data"])
+                show(page)
     except KeyboardInterrupt:
         raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
     if follow:
@@ -1047,7 +1089,7 @@ def stats(st: _State, since_s: float | None) -> None:
       jobctl stats --since 7d --json
     """
     result = st.client.stats(since=since(since_s, _now_us()) if since_s is not None else None)
-    _show(st, result, render.stats_view(result))
+    _show(st, result, render.stats_view(result, since_s))
 
 
 @main.command()
@@ -1112,14 +1154,21 @@ def maintenance(st: _State, switch: str | None, reason: str | None, wait_drained
     """
     result = st.client.maintenance(None if switch is None else switch == "on", reason)
     deadline = None if timeout is None else time.monotonic() + timeout
-    while wait_drained and not result.get("drained"):
-        if deadline is not None and time.monotonic() >= deadline:
-            _fail(f"gave up waiting: {result.get('running')} running, "
-                  f"{result.get('queued')} queued")
-            raise click.exceptions.Exit(EXIT_TIMEOUT)
-        time.sleep(_REFRESH_S)
-        result = st.client.maintenance()
+    waiting = wait_drained and not result.get("drained")
+    with render.Waiting(st.out) if waiting and not st.json else contextlib.nullcontext() as view:
+        while waiting and not result.get("drained"):
+            if view:
+                view.update(render.drain_line(result))
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            time.sleep(_REFRESH_S)
+            result = st.client.maintenance()
     state = "on" if result.get("maintenance") else "off"
+    if waiting and not result.get("drained"):
+        _fail(f"gave up waiting: {result.get('running')} running, {result.get('queued')} "
+              f"queued; maintenance stays {state}"
+              + (" (`jobctl maintenance off` ends it)" if state == "on" else ""))
+        raise click.exceptions.Exit(EXIT_TIMEOUT)
     why = f" ({result['reason']})" if result.get("reason") else ""
     _show(st, result, f"maintenance {state}{why}: {result.get('running', 0)} running, "
           f"{result.get('queued', 0)} queued{', drained' if result.get('drained') else ''}")

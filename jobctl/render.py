@@ -9,6 +9,7 @@ as markup.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import json
 import math
 import os
@@ -18,16 +19,17 @@ from typing import Any, Iterable, Mapping
 from rich.cells import cell_len, set_cell_size
 from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
 from rich.live import Live
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
 from jobd.models import from_iso
 
 __all__ = [
-    "Follow", "bar_line", "cleanup_line", "console", "elapsed", "error_json", "events_table",
-    "first_line", "human_duration", "job_detail", "job_note", "job_table", "percent",
-    "ping_line", "print_plain", "result_lines", "short_id", "stats_view", "status_line",
-    "submitted_line", "to_json", "top_view",
+    "Follow", "Waiting", "bar_line", "cleanup_line", "console", "drain_line", "elapsed",
+    "error_json", "events_table", "first_line", "human_duration", "job_detail", "job_note",
+    "job_table", "percent", "ping_line", "print_plain", "result_lines", "short_id",
+    "stats_view", "status_line", "submitted_line", "to_json", "top_view",
 ]
 
 STATUS_STYLE = {
@@ -50,10 +52,18 @@ WAIT_REASONS = {
 }
 
 
+class _Console(Console):
+    """rich's Console, but a closed output is the caller's to end on (rich exits 1)."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True  # nothing more to write to it
+        raise BrokenPipeError(errno.EPIPE, "output closed by its reader")
+
+
 def console(*, stderr: bool = False, env: Mapping[str, str] | None = None) -> Console:
     """A Console for jobctl's output; colourless when ``NO_COLOR`` is set to anything."""
     env = os.environ if env is None else env
-    out = Console(stderr=stderr, highlight=False, no_color=bool(env.get("NO_COLOR")))
+    out = _Console(stderr=stderr, highlight=False, no_color=bool(env.get("NO_COLOR")))
     if not out.is_terminal and not env.get("COLUMNS"):
         # piped into a file or grep: no screen to fit, so never cut a row short
         out.width = 1000
@@ -107,7 +117,10 @@ def clock_time(seconds: float | None) -> str:
 
 
 def human_duration(seconds: float, parts: int = 1) -> str:
-    """``42s``, ``5m``, ``3h``, ``2d``; with ``parts=2``: ``2h 5m``."""
+    """``42s``, ``5m``, ``3h``, ``2d``; with ``parts=2``: ``2h 5m``; below a second its
+    fraction (``0.4s``), which would otherwise read as no time at all."""
+    if 0 < seconds < 1:
+        return f"{seconds:.2g}s"
     seconds = max(0, int(seconds))
     out = []
     for unit, size in (("d", 86_400), ("h", 3_600), ("m", 60), ("s", 1)):
@@ -174,7 +187,8 @@ def job_table(jobs: Iterable[Mapping[str, Any]], now_us: int) -> Table:
     table.add_column("PHASE", no_wrap=True)
     table.add_column("AGE", justify="right", no_wrap=True)
     table.add_column("RAN", justify="right", no_wrap=True)
-    table.add_column("NOTE", no_wrap=True, overflow="ellipsis", ratio=1)
+    # the one column that may shrink: the others keep their width, the note gets the rest
+    table.add_column("NOTE")
     for job in jobs:
         ran = elapsed(job, now_us)
         note = _list_note(job)
@@ -183,8 +197,22 @@ def job_table(jobs: Iterable[Mapping[str, Any]], now_us: int) -> Table:
             Text(job.get("project_id") or "-"), _styled_status(job["status"]),
             Text(percent(job.get("progress"))), Text(job.get("phase") or "-"),
             Text(_age(job.get("created_at"), now_us)),
-            Text("-" if ran is None else human_duration(ran, 2)), Text(note))
+            Text("-" if ran is None else human_duration(ran, 2)), _Fitted(note))
     return table
+
+
+class _Fitted:
+    """Text cut (``_cut``) to the width the table gives it, never wrapped to more lines."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
+        width = cell_len(self.text)
+        return Measurement(min(1, width), width)
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        yield Text(_cut(self.text, options.max_width))
 
 
 def _list_note(job: Mapping[str, Any]) -> str:
@@ -247,7 +275,8 @@ def job_detail(job: Mapping[str, Any], now_us: int) -> Table:
         end = from_iso(job["completed_at"]) if job.get("completed_at") else now_us
         row("ran", human_duration((end - from_iso(job["started_at"])) / 1e6, 2))
     if job.get("timeout_s") is not None:
-        row("timeout", human_duration(job["timeout_s"], 2))
+        row("timeout", human_duration(job["timeout_s"], 2) if job["timeout_s"]
+            else "none (no limit)")
     if job.get("description"):
         row("description", job["description"])
     for name in ("options", "metadata"):
@@ -309,8 +338,10 @@ def events_table(events: Iterable[Mapping[str, Any]]) -> Table:
     return table
 
 
-def stats_view(stats: Mapping[str, Any]) -> RenderableType:
-    """``admin.stats`` for people: counts, workers, dispatch state, then the busy users."""
+def stats_view(stats: Mapping[str, Any], since_s: float | None = None) -> RenderableType:
+    """``admin.stats`` for people: counts, workers, dispatch and maintenance, then the jobs
+    finished within ``since_s`` (None: the daemon's default, 24 h) by type, then the busy
+    users."""
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold", no_wrap=True)
     grid.add_column()
@@ -325,20 +356,46 @@ def stats_view(stats: Mapping[str, Any]) -> RenderableType:
                                  f"{stats.get('queued', 0)} queued"))
     grid.add_row("dispatch", Text("paused (running jobs go on)" if stats.get("paused")
                                   else "running"))
+    grid.add_row("maintenance", Text("on (submits and retries refused)"
+                                     if stats.get("maintenance") else "off"))
     if stats.get("db_bytes") is not None:
         grid.add_row("database", Text(f"{stats['db_bytes'] / 1e6:.1f} MB"))
     if stats.get("uptime_s") is not None:
         grid.add_row("uptime", Text(human_duration(stats["uptime_s"], 2)))
+    parts: list[RenderableType] = [grid, Text(""), _finished_table(stats.get("finished") or {},
+                                                                   since_s)]
     per_user = stats.get("per_user") or {}
-    if not per_user:
-        return grid
-    users = Table(box=None, pad_edge=False, header_style="bold")
-    users.add_column("USER", no_wrap=True)
-    users.add_column("RUNNING", justify="right")
-    users.add_column("QUEUED", justify="right")
-    for user, n in sorted(per_user.items()):
-        users.add_row(Text(user), Text(str(n.get("running", 0))), Text(str(n.get("queued", 0))))
-    return Group(grid, Text(""), users)
+    if per_user:
+        users = Table(box=None, pad_edge=False, header_style="bold")
+        users.add_column("USER", no_wrap=True)
+        users.add_column("RUNNING", justify="right")
+        users.add_column("QUEUED", justify="right")
+        for user, n in sorted(per_user.items()):
+            users.add_row(Text(user), Text(str(n.get("running", 0))),
+                          Text(str(n.get("queued", 0))))
+        parts += [Text(""), users]
+    return Group(*parts)
+
+
+def _finished_table(finished: Mapping[str, Mapping[str, Any]],
+                    since_s: float | None) -> RenderableType:
+    """``admin.stats``' ``finished``: by type, how the jobs ended and how long they ran."""
+    heading = f"finished in the last {human_duration(86_400 if since_s is None else since_s, 2)}"
+    if not finished:
+        return Text(f"{heading}: none")
+    table = Table(box=None, pad_edge=False, header_style="bold", title=heading,
+                  title_justify="left", title_style="bold")
+    table.add_column("TYPE", no_wrap=True)
+    for name in ("COMPLETED", "FAILED", "CANCELLED", "SUCCESS", "P50", "P95"):
+        table.add_column(name, justify="right", no_wrap=True)
+    for type_, n in sorted(finished.items()):
+        rate, ran = n.get("success_rate"), n.get("duration_s") or {}
+        table.add_row(Text(type_), *(Text(str(n.get(end, 0)))
+                                     for end in ("completed", "failed", "cancelled")),
+                      Text("-" if rate is None else f"{rate:.0%}"),
+                      *(Text("-" if ran.get(q) is None else human_duration(ran[q], 2))
+                        for q in ("p50", "p95")))
+    return table
 
 
 def ping_line(result: Mapping[str, Any], socket_path: object) -> str:
@@ -377,17 +434,20 @@ def bar_line(job: Mapping[str, Any], width: int, now_us: int, *, frame: int = 0,
 
     What always stays: id, percentage, status (with phase) and the time it has run
     (from its ``started_at``), then the ETA when known. Room left goes to the bar,
-    then the type and project, then the message (``note`` in its place), cut first.
+    then the type and project, then the message, cut first; a ``note`` in the message's
+    place (``reconnecting…``) keeps its room ahead of the bar, and drops the ETA.
     """
     status = str(job["status"])
     active = status not in ("completed", "failed", "cancelled")
     state = status + (f" {job['phase']}" if job.get("phase") else "")
     head = f"{_SPINNER[frame % len(_SPINNER)] if active else ' '} {short_id(job['id'])}"
     tail = [percent(job.get("progress")).rjust(4), state, clock_time(elapsed(job, now_us))]
-    if active and job.get("eta_s") is not None:
+    if active and job.get("eta_s") is not None and note is None:  # stale while jobd is away
         tail.append(f"eta {human_duration(job['eta_s'], 2)}")
     fixed = cell_len(head) + sum(cell_len(p) + 1 for p in tail)
-    room = width - 1 - fixed  # the last column stays free: writing it can wrap the line
+    # a note is read whole: its room is kept before the bar and the type take theirs
+    kept = cell_len(note) + 1 if note else 0
+    room = width - 1 - fixed - kept  # the last column stays free: writing it can wrap the line
     bar_w = max(0, min(_BAR_MAX, room // 3))
     if bar_w < _BAR_MIN:
         bar_w = 0
@@ -411,6 +471,7 @@ def bar_line(job: Mapping[str, Any], width: int, now_us: int, *, frame: int = 0,
     line.append(state, style=STATUS_STYLE.get(status, ""))
     for part in tail[2:]:
         line.append(" " + part)
+    room += kept
     if message and room > 1:
         line.append(" " + _cut(message, room - 1), style="yellow" if note else "")
     return line
@@ -436,7 +497,26 @@ def _now_us() -> int:
     return time.time_ns() // 1000
 
 
-class Follow:
+class _Changes:
+    """A line per visible change, for output that is not a terminal: a line the same as
+    the last (or seen as the same) is not printed again."""
+
+    def __init__(self, out: Console) -> None:
+        self._out = out
+        self._last: str | None = None
+
+    def _changed(self, line: str, seen: str | None = None) -> None:
+        seen = line if seen is None else seen
+        if seen == self._last:
+            return
+        self._last = seen
+        self._out.out(line, highlight=False)
+
+    def _live_here(self) -> bool:
+        return self._out.is_terminal and not self._out.is_dumb_terminal
+
+
+class Follow(_Changes):
     """Shows a job as it changes: a live bar on a terminal, else a line per visible change.
 
     With ``json_lines`` every new version of the job is printed as one line of JSON.
@@ -444,14 +524,13 @@ class Follow:
     """
 
     def __init__(self, out: Console, *, json_lines: bool = False) -> None:
-        self._out = out
+        super().__init__(out)
         self._json = json_lines
-        self._last: str | None = None
         self._bars: _Bars | None = None
         self._live: Live | None = None
 
     def __enter__(self) -> Follow:
-        if not self._json and self._out.is_terminal and not self._out.is_dumb_terminal:
+        if not self._json and self._live_here():
             self._bars = _Bars()
             self._live = Live(self._bars, console=self._out, refresh_per_second=8,
                               transient=False)
@@ -466,68 +545,99 @@ class Follow:
             self._live.refresh()
             return
         if self._json:
-            line = seen = json.dumps(job, separators=(",", ":"), ensure_ascii=False)
-        else:
-            line = status_line(job)
-            # git repeats one message with rising counts ("Counting objects:  12% (20/161)"):
-            # a line for each would bury the rest, so a line needs more than new counts
-            seen = line if not job.get("message") else status_line(
-                {**job, "message": _COUNTS.sub("#", job["message"])})
-        if seen == self._last:
+            self._changed(json.dumps(job, separators=(",", ":"), ensure_ascii=False))
             return
-        self._last = seen
-        self._out.out(line, highlight=False)
+        line = status_line(job)
+        # git repeats one message with rising counts ("Counting objects:  12% (20/161)"):
+        # a line for each would bury the rest, so a line needs more than new counts
+        self._changed(line, line if not job.get("message") else status_line(
+            {**job, "message": _COUNTS.sub("#", job["message"])}))
 
     def reconnecting(self, job_id: str, why: str) -> None:
         """The daemon is gone for now (a restart): say so until the next update."""
         if self._bars is not None:
             self._bars.note = "reconnecting…"
-            return
-        line = f"{short_id(job_id)} reconnecting… ({why})"
-        if self._json or line == self._last:
-            return
-        self._last = line
-        self._out.out(line, highlight=False)
+        elif not self._json:
+            self._changed(f"{short_id(job_id)} reconnecting… ({why})")
 
     def __exit__(self, *exc: object) -> None:
         if self._live is not None:
             self._live.stop()
 
 
-def top_view(running: list[Mapping[str, Any]], queued: list[Mapping[str, Any]],
-             per_user: Mapping[str, Mapping[str, int]], now_us: int, *, frame: int = 0,
+class Waiting(_Changes):
+    """One line saying what jobctl waits for: redrawn in place on a terminal, else printed
+    at each change, as ``Follow`` shows a job."""
+
+    def __init__(self, out: Console) -> None:
+        super().__init__(out)
+        self._live: Live | None = None
+
+    def __enter__(self) -> Waiting:
+        if self._live_here():
+            self._live = Live(Text(""), console=self._out, auto_refresh=False, transient=True)
+            self._live.start()
+        return self
+
+    def update(self, line: str) -> None:
+        if self._live is None:
+            self._changed(line)
+        else:
+            self._live.update(Text(_cut(line, self._out.width - 1)), refresh=True)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._live is not None:
+            self._live.stop()
+
+
+def drain_line(result: Mapping[str, Any]) -> str:
+    """``admin.maintenance`` while waiting for the jobs to drain."""
+    state = "on" if result.get("maintenance") else "off"
+    return (f"waiting until drained: {result.get('running', 0)} running, "
+            f"{result.get('queued', 0)} queued (maintenance {state})")
+
+
+def top_view(view: Mapping[str, Any], now_us: int, *, frame: int = 0,
              title: str = "") -> RenderableType:
-    """``jobctl top``: running jobs with bars, the queue in dispatch order, per-user counts."""
-    return _Top(running, queued, per_user, now_us, frame, title)
+    """``jobctl top``: running jobs with bars, the queue in dispatch order, per-user counts.
+
+    ``view``: ``running`` and ``queued`` (the jobs shown), ``total`` (how many there are
+    of each, ``total_capped`` when past the count's cap) and ``per_user``.
+    """
+    return _Top(view, now_us, frame, title)
 
 
 class _Top:
-    def __init__(self, running: list[Mapping[str, Any]], queued: list[Mapping[str, Any]],
-                 per_user: Mapping[str, Mapping[str, int]], now_us: int, frame: int,
-                 title: str) -> None:
-        self.running, self.queued, self.per_user = running, queued, per_user
-        self.now_us, self.frame, self.title = now_us, frame, title
+    def __init__(self, view: Mapping[str, Any], now_us: int, frame: int, title: str) -> None:
+        self.view, self.now_us, self.frame, self.title = view, now_us, frame, title
+
+    def _heading(self, name: str) -> str:
+        jobs, total = self.view[name], self.view["total"][name]
+        count = f"{total}{'+' if self.view.get('total_capped') else ''}"
+        return f"{name} ({count}{f', the first {len(jobs)} shown' if total > len(jobs) else ''})"
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         width = options.max_width
+        running, queued = self.view["running"], self.view["queued"]
         yield Text(_cut(self.title, width - 1), style="bold")
-        yield Text(f"running ({len(self.running)})", style="bold cyan")
-        for job in self.running:
+        yield Text(self._heading("running"), style="bold cyan")
+        for job in running:
             yield bar_line(job, width, self.now_us, frame=self.frame)
-        if not self.running:
+        if not running:
             yield Text("  none")
-        yield Text(f"queued ({len(self.queued)})", style="bold yellow")
-        for job in self.queued:
+        yield Text(self._heading("queued"), style="bold yellow")
+        for job in queued:
             pos = f"#{job.get('queue_position') or '?'}"
             why = WAIT_REASONS.get(job.get("wait_reason") or "", job.get("wait_reason") or "")
             line = f"  {pos:>4} {short_id(job['id'])} {job['type']} {job['user_id']} " \
                    f"{job.get('project_id') or '-'} {_age(job.get('created_at'), self.now_us)}" \
                    f" {why}"
             yield Text(_cut(line, width - 1))
-        if not self.queued:
+        if not queued:
             yield Text("  none")
-        if self.per_user:
+        per_user = self.view.get("per_user") or {}
+        if per_user:
             yield Text("users (running / queued)", style="bold")
-            for user, n in sorted(self.per_user.items()):
+            for user, n in sorted(per_user.items()):
                 yield Text(_cut(f"  {user}: {n.get('running', 0)} / {n.get('queued', 0)}",
                                 width - 1))

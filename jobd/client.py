@@ -56,6 +56,8 @@ _READS = frozenset({"ping", "jobs.get", "jobs.list", "jobs.wait", "jobs.changes"
                     "jobs.events", "jobs.logs", "admin.stats", "admin.metrics"})
 #: the long polls: the daemon holds each open for up to its timeout_s (default 30)
 _LONG_POLLS = frozenset({"jobs.wait", "jobs.changes"})
+#: how much longer than the answer timeout a call that waits for jobs to stop is given
+_STOP_WAIT_S = 300.0
 
 #: how long ``watch`` and ``tail`` keep trying while the daemon restarts (jobs survive it)
 RECONNECT_S = 30.0
@@ -390,6 +392,23 @@ def _resolve(ref: str) -> _Steps:
                         "give more characters", field="job_id", detail={"matches": ids})
 
 
+def _held_s(method: str, params: Mapping[str, Any]) -> float:
+    """How long the daemon may rightly hold a call before it answers, on top of the
+    answer timeout.
+
+    A long poll: its ``timeout_s`` (default 30). A call that waits for jobs to stop
+    (``jobs.cancel`` with ``wait``, ``admin.purge``): up to ``cancel_grace`` + 2 s on the
+    daemon, a setting the client cannot read (only admins see the config), so
+    ``_STOP_WAIT_S``, five minutes: no job needs that long between SIGTERM and SIGKILL,
+    so a daemon silent past it (and the answer timeout) is taken for frozen.
+    """
+    if method in _LONG_POLLS:
+        return float(params.get("timeout_s", 30))
+    if method == "admin.purge" or (method == "jobs.cancel" and params.get("wait")):
+        return _STOP_WAIT_S
+    return 0.0
+
+
 class _Api(abc.ABC, Generic[_R]):
     """The methods of SPEC §4, written once for both clients.
 
@@ -426,8 +445,8 @@ class _Api(abc.ABC, Generic[_R]):
             if self.as_role is not None:
                 params.setdefault("as_role", self.as_role)
         timeout = self.timeout
-        if timeout is not None and method in _LONG_POLLS:
-            timeout += float(params.get("timeout_s", 30))
+        if timeout is not None:
+            timeout += _held_s(method, params)
         if within is not None:
             timeout = within + _ANSWER_LEFT_S if timeout is None else min(
                 timeout, within + _ANSWER_LEFT_S)

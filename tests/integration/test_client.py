@@ -589,3 +589,35 @@ def test_permission_denied_explains_group_membership(tmp_path: Path) -> None:
     assert "only its owner (root) and members of its group (root) may connect" in why
     assert f"`ls -l {path}`" in why and "add you to the group" in why
     assert "systemctl start" not in _unreachable([why]).message
+
+
+def test_calls_that_wait_for_jobs_to_stop_outlast_the_answer_timeout(jd: Daemon, who: str,
+                                                                     make: Any) -> None:
+    """cancel with wait and purge are answered once the jobs have stopped (SPEC §4: up to
+    cancel_grace + 2 s): a client whose answer timeout is shorter still gets the answer."""
+    stubborn = ["sh", "-c", "trap '' TERM; echo up; sleep 30"]  # stops only at SIGKILL
+
+    async def running(client: Client | AsyncClient) -> dict[str, Any]:
+        job = await call(client, "submit", "command", options={"argv": stubborn})
+        while job["status"] != "running":
+            job = await call(client, "wait", job["id"], after_version=job["version"],
+                             timeout_s=5)
+        while "up" not in (await call(client, "logs", job["id"]))["data"]:
+            await asyncio.sleep(0.05)  # the trap is set: SIGTERM is ignored from here
+        return job
+
+    async def scenario() -> None:
+        mine = make(socket=str(jd.socket), as_user=who, timeout=0.3)
+        admin = make(socket=str(jd.socket), timeout=0.3)
+        try:
+            job = await running(mine)
+            started = time.monotonic()
+            stopped = await call(mine, "cancel", job["id"], wait=True)
+            assert stopped["status"] == "cancelled"
+            assert time.monotonic() - started >= 0.9  # cancel_grace (1 s) went by first
+            await running(mine)
+            assert (await call(admin, "purge", who))["deleted"] == 2
+        finally:
+            await close(mine)
+            await close(admin)
+    asyncio.run(scenario())

@@ -400,6 +400,11 @@ def test_stats_pause_resume_and_cleanup(jd: Daemon, who: str) -> None:
         resumed = jobctl(jd, "resume")
     assert resumed.returncode == 0 and "dispatching resumed" in resumed.stdout
     until_status(jd, job["id"], "completed")
+    people = jobctl(jd, "stats", "--since", "2h")
+    assert re.search(r"^maintenance\s+off$", people.stdout, re.M), people.stdout
+    assert re.search(r"^finished in the last 2h$", people.stdout, re.M), people.stdout
+    assert re.search(r"^noop\s+[1-9]\d*\s+\d+\s+\d+\s+\d+%\s+\S+s\s+\S+s$", people.stdout,
+                     re.M), people.stdout
 
     with jd.client() as c:
         assert not c.list(status=["queued", "running"])["jobs"], "a test left a job running"
@@ -833,6 +838,13 @@ def test_logs_tail_and_a_silent_failure(jd: Daemon, who: str) -> None:
     assert "line 50" in whole and len(whole) > 3
     assert proc.stdout.splitlines() == whole[-3:]
     assert jobctl(jd, "logs", job["id"][:8], "--tail", "3", "--follow").stdout == proc.stdout
+    # with --json the tail is the first page of the follow, and the pages go on from it
+    followed = jobctl(jd, "--json", "logs", job["id"][:8], "--tail", "3", "--follow")
+    assert followed.returncode == 0, followed.stderr
+    pages = [json.loads(ln) for ln in followed.stdout.splitlines()]
+    assert pages[0]["data"] == proc.stdout and pages[-1]["eof"] is True, pages
+    assert "".join(p["data"] for p in pages[1:]) == ""
+    assert all(p["next_offset"] == pages[0]["next_offset"] for p in pages), pages
 
     silent = jobctl(jd, "--as-user", who, "submit", "command", "-o", 'argv=["sh", "-c", "exit 3"]',
                     "--wait")
@@ -872,3 +884,120 @@ def test_a_follow_whose_timeout_runs_out_while_jobd_is_away_exits_4(
         out, err = proc.communicate(timeout=30)
         took = time.monotonic() - started
         assert proc.returncode == 4 and took < 8, (command, proc.returncode, took, err)
+
+
+@pytest.fixture(scope="module")
+def long_queue(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, str]]:
+    """A paused daemon with 1,101 jobs queued, and the id of the first, which runs next."""
+    d = Daemon(tmp_path_factory.mktemp("queue"), CONFIG + "max_queued_per_user = 2000\n")
+    d.start()
+    with d.client() as c:
+        c.pause()  # the queue stays as it is
+    first = submit(d, "alice", "noop")
+    batch = [{"jsonrpc": "2.0", "id": i, "method": "jobs.submit",
+              "params": {"type": "noop", "as_user": "alice"}} for i in range(100)]
+    for _ in range(11):
+        assert all("result" in r for r in d.send(batch))
+    yield d, first["id"]
+    assert d.stop() == 0
+
+
+def first_lines(d: Daemon, *args: str, count: int = 1) -> list[str]:
+    """The first lines a live view prints off a terminal; then it is stopped."""
+    view = subprocess.Popen([JOBCTL, "--socket", str(d.socket), *args], env=base_env(),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert view.stdout is not None
+        return [view.stdout.readline() for _ in range(count)]
+    finally:
+        view.kill()
+        view.wait()
+
+
+@pytest.mark.parametrize("scope", [(), ("--as-user", "alice")], ids=["admin", "user"])
+def test_top_shows_the_head_of_a_long_queue_and_counts_all_of_it(
+        long_queue: tuple[Daemon, str], scope: tuple[str, ...]) -> None:
+    """Past 1,000 queued jobs, top shows those that run next, and counts every one (from
+    admin.stats for an admin, from the list's total in a user's scope)."""
+    d, first = long_queue
+    view = json.loads(first_lines(d, *scope, "--json", "top")[0])
+    assert view["queued"][0]["id"] == first
+    assert [j["queue_position"] for j in view["queued"]] == list(range(1, 1001))
+    assert view["total"] == {"running": 0, "queued": 1101}
+    assert view["per_user"] == {"alice": {"running": 0, "queued": 1101}}
+    # for people: the first frame names the socket it was drawn from, and the whole count
+    head = first_lines(d, *scope, "top", count=4)
+    assert head[0].startswith(f"jobd at {d.socket} "), head
+    assert head[3].startswith("queued (1101, the first 1000 shown)"), head
+
+
+@pytest.mark.parametrize("args,said", [
+    (("--json", "list", "--limit", "0"), "'--limit': 0 is not in the range"),
+    (("list", "--limit", "0", "--json"), "'--limit': 0 is not in the range"),
+    (("--json", "cancel"), "name the jobs to cancel"),
+    (("--json", "submit", "noop", "-o", "bad"), "'bad' is not KEY=VALUE"),
+    (("--json", "status"), "Missing argument 'JOB'"),
+])
+def test_usage_errors_with_json_are_json_on_stderr(jd: Daemon, args: tuple[str, ...],
+                                                   said: str) -> None:
+    proc = jobctl(jd, *args)
+    assert (proc.returncode, proc.stdout) == (2, ""), proc
+    error = json.loads(proc.stderr)["error"]
+    assert error["code"] == -32602 and said in error["message"], error
+    assert error["data"]["http_status"] == 422
+
+
+def test_maintenance_wait_drained_shows_the_wait_and_a_timeout_says_it_stays_on(
+        make_daemon: Callable[..., Daemon]) -> None:
+    d = make_daemon(config=CONFIG)
+    job = submit(d, "alice", "noop", options={"seconds": 30})
+    until_status(d, job["id"], "running")
+    argv = ["maintenance", "on", "--wait-drained", "--timeout", "1.5s"]
+    proc = jobctl(d, *argv)
+    assert proc.returncode == 4, proc
+    assert proc.stdout.splitlines() == [
+        "waiting until drained: 1 running, 0 queued (maintenance on)"], proc.stdout
+    assert ("gave up waiting: 1 running, 0 queued; maintenance stays on "
+            "(`jobctl maintenance off` ends it)") in proc.stderr
+    code, shown = run_in_pty([JOBCTL, "--socket", str(d.socket), *argv],
+                             base_env(TERM="xterm-256color", COLUMNS="100"))
+    assert code == 4 and "waiting until drained: 1 running" in shown, shown
+    with d.client() as c:
+        assert c.maintenance()["maintenance"] is True
+        c.cancel(job["id"])
+    done = jobctl(d, "maintenance", "on", "--wait-drained")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "maintenance on: 0 running, 0 queued, drained"
+
+
+def test_a_closed_stdout_ends_jobctl_quietly_as_sigpipe_would(
+        long_queue: tuple[Daemon, str]) -> None:
+    d, _ = long_queue
+    for args, codes in (("list --limit 1000", {"141"}),
+                        # one write that the pipe took in part: Python may call it done
+                        ("--json list --limit 1000", {"0", "141"})):
+        shell = subprocess.run(
+            ["bash", "-c", f'"$0" --socket {d.socket} {args} | head -1; '
+             'echo "${PIPESTATUS[0]}" >&2', JOBCTL],
+            capture_output=True, text=True, timeout=30, env=base_env(), stdin=subprocess.DEVNULL)
+        assert len(shell.stdout.splitlines()) == 1, shell.stdout
+        *said, code = shell.stderr.splitlines()
+        assert said == [] and code in codes, shell.stderr
+
+
+def test_ctrl_c_during_a_call_exits_130(make_daemon: Callable[..., Daemon]) -> None:
+    d = make_daemon(config=CONFIG)
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGSTOP)  # the call waits for an answer
+    try:
+        proc = subprocess.Popen([JOBCTL, "--socket", str(d.socket), "list"], env=base_env(),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=10)
+    finally:
+        d.proc.send_signal(signal.SIGCONT)
+    assert proc.returncode == 130, (out, err)
+    assert "Aborted" not in err and "Traceback" not in err, err

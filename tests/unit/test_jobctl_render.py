@@ -61,6 +61,39 @@ def test_job_table_shows_one_row_per_job_with_short_id_and_age() -> None:
     assert JOB_ID not in "\n".join(lines)
 
 
+def test_on_80_columns_the_list_keeps_every_column_and_cuts_the_note() -> None:
+    from rich.cells import cell_len
+    jobs = [wire_job(message="a message that goes on and on, past any terminal's width"),
+            wire_job(status=JobStatus.FAILED, error="界" * 40, progress=3.0)]
+    lines = text_of(render.job_table(jobs, NOW), width=80).splitlines()
+    assert all(cell_len(ln) <= 80 for ln in lines), lines
+    assert lines[0].split() == ["ID", "TYPE", "USER", "PROJECT", "STATUS", "PROGRESS", "PHASE",
+                                "AGE", "RAN", "NOTE"]
+    *fixed, note = lines[1].split(maxsplit=9)
+    assert fixed == ["3f2a9c1e", "sync", "alice", "web", "running", "42%", "indexing", "2h",
+                     "1h"]
+    assert note.startswith("a mess") and note.rstrip().endswith("…"), note
+    assert lines[2].split()[4] == "failed" and lines[2].rstrip().endswith("界…"), lines[2]
+
+
+def test_stats_show_the_finished_jobs_by_type_and_maintenance() -> None:
+    stats = {"jobs": {"completed": 9}, "running": 0, "workers": 4, "queued": 0,
+             "paused": False, "maintenance": True, "finished": {
+                 "sync": {"completed": 9, "failed": 1, "cancelled": 2, "success_rate": 0.9,
+                          "duration_s": {"mean": 3.0, "p50": 0.42, "p95": 75.0}},
+                 "noop": {"completed": 0, "failed": 0, "cancelled": 3, "success_rate": None,
+                          "duration_s": {"mean": None, "p50": None, "p95": None}}}}
+    shown = text_of(render.stats_view(stats, since_s=7 * 86_400))
+    assert re.search(r"^maintenance\s+on \(submits and retries refused\)", shown, re.M), shown
+    assert re.search(r"^finished in the last 7d", shown, re.M), shown
+    assert re.search(r"^TYPE\s+COMPLETED\s+FAILED\s+CANCELLED\s+SUCCESS\s+P50\s+P95", shown, re.M)
+    assert re.search(r"^sync\s+9\s+1\s+2\s+90%\s+0\.42s\s+1m 15s", shown, re.M), shown
+    assert re.search(r"^noop\s+0\s+0\s+3\s+-\s+-\s+-", shown, re.M), shown
+    quiet = text_of(render.stats_view({**stats, "finished": {}, "maintenance": False}))
+    assert re.search(r"^maintenance\s+off", quiet, re.M)
+    assert re.search(r"^finished in the last 1d: none", quiet, re.M), quiet
+
+
 def test_status_line_says_id_status_progress_phase_and_message() -> None:
     assert render.status_line(wire_job()) == "3f2a9c1e running 42% indexing 120/300 files"
 
@@ -89,6 +122,15 @@ def test_the_bar_fits_its_columns_with_wide_characters(width: int) -> None:
     assert "42%" in line and "1:00:00" in line and line.endswith("…") and " …" not in line
 
 
+@pytest.mark.parametrize("width", [60, 61, 80])
+def test_the_bar_says_reconnecting_whole_at_any_width(width: int) -> None:
+    from rich.cells import cell_len
+    job = wire_job(eta_s=3725, project_id="org/some-project")
+    line = render.bar_line(job, width, NOW, note="reconnecting…").plain
+    assert cell_len(line) < width, (cell_len(line), line)
+    assert "42%" in line and "1:00:00" in line and line.endswith(" reconnecting…"), line
+
+
 def test_progress_is_rounded_down_so_an_unfinished_job_never_shows_100() -> None:
     assert render.percent(99.99) == "99%"
     assert render.percent(100) == "100%"
@@ -97,7 +139,7 @@ def test_progress_is_rounded_down_so_an_unfinished_job_never_shows_100() -> None
 
 @pytest.mark.parametrize("seconds,parts,expected", [
     (0, 1, "0s"), (59.9, 1, "59s"), (61, 1, "1m"), (7_500, 2, "2h 5m"), (90_061, 2, "1d 1h"),
-    (-5, 1, "0s"),
+    (-5, 1, "0s"), (0.4, 1, "0.4s"), (0.042, 2, "0.042s"),
 ])
 def test_human_duration(seconds: float, parts: int, expected: str) -> None:
     assert render.human_duration(seconds, parts) == expected
@@ -114,6 +156,13 @@ def test_text_from_the_daemon_is_shown_literally_not_as_markup() -> None:
     events = [{"at": "2026-11-22T10:00:00Z", "status": "running", "phase": "git_sync",
                "progress": 5, "message": "[b]x[/b]", "actor": "admin:root"}]
     assert "[b]x[/b]" in text_of(render.events_table(events))
+
+
+@pytest.mark.parametrize("timeout_s,shown", [(0, "none (no limit)"), (0.4, "0.4s"),
+                                               (5400, "1h 30m")])
+def test_job_detail_shows_the_time_limit(timeout_s: float, shown: str) -> None:
+    detail = text_of(render.job_detail(wire_job(timeout_s=timeout_s), NOW))
+    assert re.search(rf"^timeout\s+{re.escape(shown)} *$", detail, re.M), detail
 
 
 def test_job_detail_names_the_error_of_a_failed_job() -> None:
