@@ -187,9 +187,6 @@ class Node:
         self.on_reported: Callable[[str, int], None] = lambda job_id, version: None
         #: a notification may have been lost: every waiter re-reads its job
         self.on_resync: Callable[[], None] = lambda: None
-        #: told each job a rescue of another node ended (failed or cancelled), once that
-        #: committed: its handler undoes what the lost attempt left half-done
-        self.on_abandoned: Callable[[Job], None] = lambda job: None
         self._listener: threading.Thread | None = None
         self._shipper: threading.Thread | None = None
         #: job id -> how much of its log (absolute offset) is in the database
@@ -663,9 +660,7 @@ class Node:
         except StoreError as e:
             log.error("node_register_failed", previous_node_id=old, error=str(e))
             return
-        for job in self.recover("lost", old):
-            if job.terminal:
-                self.on_abandoned(job)
+        self.recover("lost", old)
         self.on_claimable()
 
     # -- rescue and recovery ---------------------------------------------------------------
@@ -726,9 +721,6 @@ class Node:
         self._watch = seen
         if moved:
             self.on_claimable()
-        for job in moved:
-            if job.terminal:
-                self.on_abandoned(job)
         return moved
 
     def _rescue(self, node: int, beat: int, margin: float) -> list[Job]:

@@ -246,7 +246,6 @@ async def _serve(config: Config, reload: Callable[[], Config]) -> int:
         node.on_jobs, node.on_resync = followed, hub.notify_all
         node.on_meta = lambda: engine.set_paused(manager.restore())
         node.on_reported, node.on_beat = engine.reported, engine.cluster_beat
-        node.on_abandoned = engine.abandon
         node.start()
     if not store.was_clean:
         log.warning("unclean_stop_detected", backend=config.storage.backend,

@@ -212,7 +212,8 @@ class Context:
 
     def run(self, argv: list[str], *, cwd: str | None = None, env: dict[str, str] | None = None,
             on_progress: Callable[[float | None, str | None], None] | None = None,
-            capture: bool = False, check: bool = True) -> process.Completed:
+            capture: bool = False, check: bool = True, whole: bool = False
+            ) -> process.Completed:
         if self.cancelled:
             raise Cancelled(_stopped(self.attempt))
         self.joblog.note("$ " + " ".join(argv))
@@ -237,10 +238,11 @@ class Context:
             raise Cancelled(self.engine.cluster.lapsed())
         if done.timed_out:
             self.stop(StopReason.TIMEOUT)
-        # a program that a shutdown asked to stop and that ended of its own accord with 0
-        # has finished: what it did stands (README: it ends as it chose), and a resumable
-        # one is not run again
-        finished = (done.returncode == 0 and not done.timed_out
+        # a job's whole program that a shutdown asked to stop and that ended of its own
+        # accord with 0 has finished: what it did stands (README: it ends as it chose), and
+        # a resumable one is not run again. (A step of a sync, an indexer that saved its
+        # place and exited, is still interrupted: the job resumes from its checkpoint.)
+        finished = (whole and done.returncode == 0 and not done.timed_out
                     and self.attempt.stop is StopReason.SHUTDOWN)
         if (done.cancelled or done.timed_out) and not finished:
             raise Cancelled(_stopped(self.attempt))
@@ -433,9 +435,9 @@ class Engine:
     def recover(self) -> None:
         """Jobs still ``running`` belong to a daemon that died: kill what they left, requeue."""
         if self.cluster is not None:  # only this host's earlier nodes' (jobd.cluster)
-            for job in self.cluster.recover():
-                if job.terminal:
-                    self.abandon(job)
+            # (not abandoned here: another node may claim a failed sync's repository the
+            # moment the rescue commits; README, Known limits)
+            self.cluster.recover()
             return
         for job_id, pgid, start in self.store.processes():
             killed = orphans.kill_orphan_group(pgid, start)

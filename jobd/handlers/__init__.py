@@ -76,7 +76,10 @@ class JobContext(Protocol):
     def run(self, argv: list[str], *, cwd: str | None = None,
             env: dict[str, str] | None = None,
             on_progress: Callable[[float | None, str | None], None] | None = None,
-            capture: bool = False, check: bool = True) -> Completed: ...
+            capture: bool = False, check: bool = True, whole: bool = False) -> Completed:
+        """Run a program of the job. ``whole``: the program is the job's whole work (a
+        ``command``, a ``[types]`` entry), so one that a shutdown asked to stop and that
+        exits 0 has finished the job; of any other step that is still an interruption."""
 
 
 @dataclasses.dataclass

@@ -70,7 +70,8 @@ def run_program(ctx: JobContext, argv: list[str], *, cwd: str | None,
         raise JobFailed(f"working directory {cwd} no longer exists")
     ctx.set_message(f"running {argv[0]}")
     try:
-        done = ctx.run(argv, cwd=cwd, env=env, on_progress=progress_between(ctx, 0, 100))
+        done = ctx.run(argv, cwd=cwd, env=env, on_progress=progress_between(ctx, 0, 100),
+                       whole=True)
     except OSError as e:
         raise JobFailed(str(e) if isinstance(e, FileNotFoundError)
                         else f"cannot run {argv[0]}: {e.strerror or e}") from None

@@ -18,12 +18,14 @@ from conftest import (FAST_CONFIG, Daemon, clone, commit_files, error_of, git, g
                       joblog, make_upstream, pid_alive, result_of, wait_for, wait_terminal)
 
 
-def held_indexer(tmp_path: Path) -> tuple[str, Path, Path]:
+def held_indexer(tmp_path: Path, *, saves_on_term: bool = False) -> tuple[str, Path, Path]:
     """(config, pid file, release file): an indexer that records its pid in the pid file,
-    then runs until the release file exists."""
+    then runs until the release file exists; ``saves_on_term``: told to stop, it exits 0
+    (as an indexer that saved its place would)."""
     pids, release = tmp_path / "indexer.pids", tmp_path / "release"
     script = tmp_path / "indexer.sh"
-    script.write_text(f"echo $$ >> {pids}\n"
+    script.write_text(("trap 'exit 0' TERM\n" if saves_on_term else "")
+                      + f"echo $$ >> {pids}\n"
                       f"while [ ! -e {release} ]; do sleep 0.05; done\n"
                       'echo \'{"progress": 100, "message": "indexed"}\'\n')
     config = FAST_CONFIG + f'\n[sync]\nindex_command = ["sh", "{script}"]\n'
@@ -145,7 +147,8 @@ def test_kill_9_of_the_daemon_and_its_supervisors_is_cleaned_up_at_restart(
 
 def test_sigterm_requeues_running_jobs_and_they_complete_after_restart(
         make_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
-    config, pids, release = held_indexer(tmp_path)
+    # the indexer exits 0 when told to stop: a step of the sync, not its end
+    config, pids, release = held_indexer(tmp_path, saves_on_term=True)
     d = make_daemon(config=config)
     sync, new = sync_in_indexing(d, tmp_path, pids)
     noop = result_of(d, "jobs.submit", type="noop", options={"seconds": 1.0})

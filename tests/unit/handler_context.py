@@ -99,7 +99,8 @@ class Context:
 
     def run(self, argv: list[str], *, cwd: str | None = None, env: dict[str, str] | None = None,
             on_progress: Callable[[float | None, str | None], None] | None = None,
-            capture: bool = False, check: bool = True) -> process.Completed:
+            capture: bool = False, check: bool = True,
+            whole: bool = False) -> process.Completed:
         self.argvs.append(list(argv))
         if self.cancel_when is not None and self.cancel_when(list(argv)):
             self.stop.set()
