@@ -118,7 +118,10 @@ def clock_time(seconds: float | None) -> str:
 
 def human_duration(seconds: float, parts: int = 1) -> str:
     """``42s``, ``5m``, ``3h``, ``2d``; with ``parts=2``: ``2h 5m``; below a second its
-    fraction (``0.4s``), which would otherwise read as no time at all."""
+    fraction (``0.4s``, ``0.0012s``), which would otherwise read as no time at all, and
+    below a millisecond ``<1ms`` (not ``4e-05s``)."""
+    if 0 < seconds < 0.001:
+        return "<1ms"
     if 0 < seconds < 1:
         return f"{seconds:.2g}s"
     seconds = max(0, int(seconds))

@@ -32,6 +32,7 @@ from typing import (Any, AsyncIterator, Awaitable, Callable, Generator, Generic,
 
 from jobd import errors, state
 from jobd.config import default_socket_paths
+from jobd.models import READ_METHODS
 from jobd.errors import (Conflict, Forbidden, InternalError, InvalidParams, InvalidRequest,
                          JobdError, LimitExceeded, MethodNotFound, NotFound, ParseError,
                          Unauthenticated, Unavailable, Unreachable)
@@ -51,9 +52,6 @@ _ANSWER_LEFT_S = 1.0
 _START_HINT = ("start it with `systemctl start jobd` (or `jobd serve` as yourself), "
                "or name its socket with JOBD_SOCKET")
 
-#: methods that may be sent again after the connection broke mid-call
-_READS = frozenset({"ping", "jobs.get", "jobs.list", "jobs.wait", "jobs.changes",
-                    "jobs.events", "jobs.logs", "admin.stats", "admin.metrics"})
 #: the long polls: the daemon holds each open for up to its timeout_s (default 30)
 _LONG_POLLS = frozenset({"jobs.wait", "jobs.changes"})
 #: how much longer than the answer timeout a call that waits for jobs to stop is given
@@ -451,7 +449,7 @@ class _Api(abc.ABC, Generic[_R]):
             timeout = within + _ANSWER_LEFT_S if timeout is None else min(
                 timeout, within + _ANSWER_LEFT_S)
         # a submit with an idempotency key returns the same job when sent twice
-        safe = method in _READS or (method == "jobs.submit" and "idempotency_key" in params)
+        safe = method in READ_METHODS or (method == "jobs.submit" and "idempotency_key" in params)
         return params, timeout, safe
 
     @abc.abstractmethod

@@ -21,9 +21,8 @@ from collections import defaultdict
 from typing import Callable, Container, Iterable, Mapping
 
 from jobd.models import TERMINAL, Job, JobStatus
-from jobd.store.writer import WRITE_BUCKETS, WriteTimes
 
-__all__ = ["JOB_BUCKETS", "OTHER", "Metrics", "RPC_BUCKETS"]
+__all__ = ["Histogram", "JOB_BUCKETS", "OTHER", "Metrics", "RPC_BUCKETS", "WRITE_BUCKETS"]
 
 #: upper bounds (seconds) of ``jobd_rpc_seconds``: a ping to a 60 s long poll
 RPC_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
@@ -31,11 +30,17 @@ RPC_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
 #: upper bounds (seconds) of the queue wait and run time histograms: a noop to a day
 JOB_BUCKETS = (0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
                3600.0, 7200.0, 14400.0, 28800.0, 86400.0)
+#: upper bounds (seconds) of the store's write transactions (``jobd_store_write_seconds``):
+#: a commit of a few writes to a cleanup's chunk, and SPEC §9's 50 ms among them
+WRITE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                 2.5, 5.0, 10.0)
 OTHER = "other"
 
 
-class _Histogram:
-    """Counts per bucket (not cumulative until written), their sum and count."""
+class Histogram:
+    """Counts per bucket (not cumulative until written), their sum and count. Written by
+    one thread (or under a lock), read by any: a reader may see one observation's count
+    before its sum."""
 
     __slots__ = ("bounds", "counts", "sum")
 
@@ -72,11 +77,11 @@ class Metrics:
         self._codes = frozenset(codes) | {0}
         self._lock = threading.Lock()
         self._requests: defaultdict[tuple[str, int], int] = defaultdict(int)
-        self._rpc_seconds: dict[str, _Histogram] = {}
+        self._rpc_seconds: dict[str, Histogram] = {}
         self._submitted: defaultdict[str, int] = defaultdict(int)
         self._finished: defaultdict[tuple[str, str], int] = defaultdict(int)
-        self._waited: dict[str, _Histogram] = {}
-        self._ran: dict[str, _Histogram] = {}
+        self._waited: dict[str, Histogram] = {}
+        self._ran: dict[str, Histogram] = {}
 
     def _type(self, type: str) -> str:
         return type if type in self._types() else OTHER
@@ -91,7 +96,7 @@ class Metrics:
             self._requests[(method, code)] += 1
             hist = self._rpc_seconds.get(method)
             if hist is None:
-                hist = self._rpc_seconds[method] = _Histogram(RPC_BUCKETS)
+                hist = self._rpc_seconds[method] = Histogram(RPC_BUCKETS)
             hist.observe(max(0.0, seconds))
 
     def submitted(self, type: str) -> None:
@@ -127,17 +132,17 @@ class Metrics:
                    else (job.completed_at - job.started_at) / 1e6)
             self.finished(job.type, str(status), ran)
 
-    def _observe(self, table: dict[str, _Histogram], name: str, value: float) -> None:
+    def _observe(self, table: dict[str, Histogram], name: str, value: float) -> None:
         with self._lock:
             hist = table.get(name)
             if hist is None:
-                hist = table[name] = _Histogram(JOB_BUCKETS)
+                hist = table[name] = Histogram(JOB_BUCKETS)
             hist.observe(max(0.0, value))
 
     # -- the exposition --------------------------------------------------------------------
 
     def text(self, gauges: Mapping[str, float | Mapping[str, float]],
-             writes: WriteTimes | None = None) -> str:
+             writes: Histogram | None = None) -> str:
         """The Prometheus text exposition: ``gauges`` (a value, or values by status for
         ``jobd_jobs``), the store's write transactions (``writes``, if open) and everything
         counted so far."""
@@ -177,9 +182,7 @@ class Metrics:
         if writes is not None:
             family("jobd_store_write_seconds", "histogram",
                    "Time of each write transaction, from its begin to its durable commit.")
-            hist = _Histogram(WRITE_BUCKETS)
-            hist.counts, hist.sum = list(writes.counts), writes.sum
-            out.extend(hist.lines("jobd_store_write_seconds", ""))
+            out.extend(writes.lines("jobd_store_write_seconds", ""))
         return "\n".join(out) + "\n"
 
 

@@ -18,8 +18,14 @@ from typing import Any
 __all__ = [
     "readable",
     "RawJSON", "TERMINAL", "TRANSITIONS", "Job", "JobStatus", "Phase",
-    "NOTE_MARK", "Role", "WaitReason", "from_iso", "is_note", "iso", "new_job_id",
+    "NOTE_MARK", "READ_METHODS", "Role", "WaitReason", "from_iso", "is_note", "iso",
+    "new_job_id",
 ]
+
+#: the RPC methods that change nothing (SPEC §4): the client may send one again after its
+#: connection broke mid-call, and the daemon does not run one sent as a notification
+READ_METHODS = frozenset({"ping", "jobs.get", "jobs.list", "jobs.wait", "jobs.changes",
+                          "jobs.events", "jobs.logs", "admin.stats", "admin.metrics"})
 
 
 class JobStatus(enum.StrEnum):

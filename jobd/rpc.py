@@ -38,7 +38,7 @@ from jsonrpcserver.response import ServerErrorResponse, to_serializable_one
 
 from jobd import auth, errors, jsonenc
 from jobd.auth import Caller
-from jobd.models import RawJSON
+from jobd.models import READ_METHODS, RawJSON
 from jobd.manager import ANSWER_ROOM, Manager, jobd_error
 from jobd.metrics import OTHER
 from jobd.store import StoreError
@@ -63,10 +63,6 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 _LARGE_ANSWERS = frozenset({"jobs.list", "jobs.changes", "jobs.events", "jobs.logs"})
 #: of those, the long polls: they may wait a while before they build their answer
 _WAIT_FIRST = frozenset({"jobs.changes"})
-#: methods that change nothing: a notification of one is not run (its answer would be
-#: thrown away, and building it, a list of a thousand jobs, costs others' time)
-_READS = frozenset({"ping", "jobs.get", "jobs.list", "jobs.wait", "jobs.changes",
-                    "jobs.events", "jobs.logs", "admin.stats", "admin.metrics"})
 _TOO_LARGE = "response too large"
 _DECODE_ON_LOOP = 65536   # longer request lines are decoded on the pool
 _SHOWN = 80   # characters of a client's string quoted back in a message
@@ -230,8 +226,10 @@ def _envelope_problem(item: Any) -> str | None:
 
 def _may_answer_large(item: Any) -> bool:
     """Whether ``item`` may build a large answer: it then takes the caller's answer room
-    first, a notification too (its answer is built, then dropped)."""
+    first, a notification too (a filtered cancel or retry builds its answer, then drops
+    it); not a notification of a read, which is not run."""
     return isinstance(item, dict) and (
+        "id" in item or item.get("method") not in READ_METHODS) and (
         item.get("method") in _LARGE_ANSWERS
         or isinstance(item.get("params"), dict) and "filter" in item["params"])
 
@@ -359,8 +357,10 @@ class Rpc:
             if not notification:
                 conn.refused(e.message)
             return None if notification else self._refused(e, ident, method, started)
-        if notification and item["method"] in _READS:
-            return None  # nothing would tell that it ran (JSON-RPC 2.0: no answer)
+        if notification and item["method"] in READ_METHODS:
+            # nothing would tell that it ran (JSON-RPC 2.0: no answer), and its answer, a
+            # list of a thousand jobs, would cost others' time to build
+            return None
         if self.shutting_down:
             return None if notification else self._refused(
                 errors.Unavailable("jobd is shutting down; retry shortly"), ident, method,

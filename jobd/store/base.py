@@ -40,11 +40,12 @@ from typing import (Any, Callable, Collection, ContextManager, Iterator, Mapping
 import structlog
 
 from jobd import jsonenc
+from jobd.metrics import Histogram
 from jobd.models import TERMINAL, Job, JobStatus, readable
 from jobd.rules import Rules, fold_options
 from jobd.store.errors import Fenced, JobNotFound, StateConflict, StoreClosed
 from jobd.store.interface import FINISHED_KEEP_US, HOUR_US
-from jobd.store.writer import Tx, Writer, WriteTimes
+from jobd.store.writer import Tx, Writer
 
 __all__ = ["BaseStore", "CLEANUP_CHUNK", "Listeners", "WEIGHT_BYTES", "now_us", "weight"]
 
@@ -306,9 +307,9 @@ class BaseStore(abc.ABC):
     @property
     def longest_write_s(self) -> float:
         """The longest write transaction so far."""
-        return self._writer.times.longest if self._writer else 0.0
+        return self._writer.longest_tx_s if self._writer else 0.0
 
-    def write_times(self) -> WriteTimes | None:
+    def write_times(self) -> Histogram | None:
         """How long the write transactions took since the store opened (``admin.metrics``);
         None while it is closed."""
         return self._writer.times if self._writer else None
@@ -771,8 +772,8 @@ class BaseStore(abc.ABC):
         with ``statuses``, only the jobs that ended so (and none for
         ``max_stored_per_user``, which otherwise follows the cutoffs). Yields
         the ids of each chunk deleted (or that would be, with ``dry_run``). A chunk is
-        ``chunk`` jobs at most (the first a quarter of the default), halved while one takes
-        longer than 25 ms with its commit, doubled again while one takes less. On SQLite
+        ``chunk`` jobs at most (the first a quarter of the default), each sized by the time
+        the one before took with its commit (``next_chunk_size``). On SQLite
         the WAL is checkpointed between chunks each time it has grown by
         ``Checkpointer.SWEEP_BYTES``, and after the sweep (``_sweeps``).
         """
@@ -805,7 +806,8 @@ class BaseStore(abc.ABC):
         def next_chunk(ids: list[str] | None, took: float) -> Callable[[Tx], list[str]] | None:
             nonlocal status, cutoff, size
             if ids:
-                size = next_chunk_size(size, took, chunk)
+                # by what it deleted: the last chunk of a status may be a few jobs only
+                size = next_chunk_size(len(ids), took, chunk)
             elif ids is not None:  # none left of this status
                 status, cutoff = next(expired, (None, 0))
                 if status is None:

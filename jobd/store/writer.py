@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import bisect
 import concurrent.futures
 import dataclasses
 import queue
@@ -32,9 +31,10 @@ from typing import Any, Callable, Protocol, TypeVar
 
 import structlog
 
+from jobd.metrics import WRITE_BUCKETS, Histogram
 from jobd.store.errors import StoreClosed
 
-__all__ = ["WRITE_BUCKETS", "Driver", "Tx", "WriteTimes", "Writer"]
+__all__ = ["Driver", "Tx", "Writer"]
 
 log = structlog.get_logger()
 T = TypeVar("T")
@@ -177,31 +177,6 @@ def _resolve(items: list[tuple[asyncio.Future[Any], Any, BaseException | None]])
             fut.set_exception(exc)
 
 
-#: upper bounds (seconds) of the write transactions' histogram (``WriteTimes``): a commit
-#: of a few writes to a cleanup's chunk, and SPEC §9's 50 ms among them
-WRITE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-                 2.5, 5.0, 10.0)
-
-
-class WriteTimes:
-    """How long the writer's transactions took, each from its begin to its commit (or its
-    failure): counts per bucket of ``WRITE_BUCKETS`` (the last past them all), their sum,
-    the longest. Written by the writer's thread alone; read by any (``admin.metrics``)."""
-
-    __slots__ = ("counts", "sum", "longest")
-
-    def __init__(self) -> None:
-        self.counts = [0] * (len(WRITE_BUCKETS) + 1)
-        self.sum = 0.0
-        self.longest = 0.0
-
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect.bisect_left(WRITE_BUCKETS, seconds)] += 1
-        self.sum += seconds
-        if seconds > self.longest:
-            self.longest = seconds
-
-
 class Writer(threading.Thread):
     """Runs writes in order on the driver's one connection, many per transaction."""
 
@@ -214,7 +189,9 @@ class Writer(threading.Thread):
         self.driver = driver
         self.clock = clock
         self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self.times = WriteTimes()
+        #: each transaction's time, begin to commit (``admin.metrics``), and the longest
+        self.times = Histogram(WRITE_BUCKETS)
+        self.longest_tx_s = 0.0
         # a write queued behind stop()'s end mark would wait for ever: submit and stop
         # take turns, and no write is queued once the mark is
         self._closing = threading.Lock()
@@ -317,7 +294,9 @@ class Writer(threading.Thread):
             _answer([(fut, None, failure) for _, fut in batch if not fut.done()])
             return
         finally:
-            self.times.observe(time.perf_counter() - started)
+            took = time.perf_counter() - started
+            self.times.observe(took)
+            self.longest_tx_s = max(self.longest_tx_s, took)
         for hook in tx.after_commit:
             try:
                 hook()

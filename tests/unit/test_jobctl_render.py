@@ -139,7 +139,8 @@ def test_progress_is_rounded_down_so_an_unfinished_job_never_shows_100() -> None
 
 @pytest.mark.parametrize("seconds,parts,expected", [
     (0, 1, "0s"), (59.9, 1, "59s"), (61, 1, "1m"), (7_500, 2, "2h 5m"), (90_061, 2, "1d 1h"),
-    (-5, 1, "0s"), (0.4, 1, "0.4s"), (0.042, 2, "0.042s"),
+    (-5, 1, "0s"), (0.4, 1, "0.4s"), (0.042, 2, "0.042s"), (0.0012, 1, "0.0012s"),
+    (0.00004, 1, "<1ms"),
 ])
 def test_human_duration(seconds: float, parts: int, expected: str) -> None:
     assert render.human_duration(seconds, parts) == expected

@@ -113,8 +113,8 @@ def test_the_store_s_write_transactions_are_a_histogram_of_their_times(tmp_path:
     its begin to its commit, so that a transaction past SPEC §9's 50 ms shows as one."""
     import time
 
+    from jobd.metrics import WRITE_BUCKETS
     from jobd.store.sqlite import SqliteStore
-    from jobd.store.writer import WRITE_BUCKETS
 
     store = SqliteStore(tmp_path / "jobd.db").open()
     try:

@@ -64,3 +64,16 @@ def test_jsonrpcserver_refuses_an_unknown_and_a_missing_param_naming_it() -> Non
     assert "'bogus'" in unknown._error.data
     missing = validate_args(Request("jobs.get", {}, 1), CALLER, method)
     assert "'job_id'" in missing._error.data
+
+
+def test_a_notification_of_a_read_takes_no_answer_room_and_others_do() -> None:
+    """It is not run (its answer would be dropped), so it must not wait for the room of
+    answers it will never build; a filtered cancel sent as one builds its answer."""
+    from jobd.rpc import _may_answer_large
+    listing = {"jsonrpc": "2.0", "method": "jobs.list", "params": {"limit": 1000}}
+    assert not _may_answer_large(listing)
+    assert _may_answer_large({**listing, "id": 1})
+    assert _may_answer_large({"jsonrpc": "2.0", "method": "jobs.cancel",
+                              "params": {"filter": {"status": "queued"}}})
+    assert not _may_answer_large({"jsonrpc": "2.0", "id": 2, "method": "jobs.get",
+                                  "params": {"job_id": "x"}})
