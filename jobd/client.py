@@ -71,6 +71,7 @@ _MATCHES_READ = 1000
 
 _FULL_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _PREFIX = re.compile(r"^[0-9a-f-]{4,36}$")
+_BARE_ID = re.compile(r"^[0-9a-f]{32}$")
 _TERMINAL = frozenset({"completed", "failed", "cancelled"})
 
 _R = TypeVar("_R")
@@ -370,8 +371,11 @@ def _capture(steps: _Steps, box: list[Any]) -> _Steps:
 
 
 def _resolve(ref: str) -> _Steps:
-    """The full id that ``ref`` (an id, or a unique prefix of ≥ 4 characters) names."""
+    """The full id that ``ref`` (an id, with or without its hyphens, or a unique prefix of
+    ≥ 4 characters) names."""
     ref = ref.strip().lower()
+    if _BARE_ID.match(ref):  # as some tools print a UUID
+        ref = f"{ref[:8]}-{ref[8:12]}-{ref[12:16]}-{ref[16:20]}-{ref[20:]}"
     if _FULL_ID.match(ref):
         return ref
     if not _PREFIX.match(ref):

@@ -256,6 +256,10 @@ def test_job_prefixes(jd: Daemon, who: str) -> None:
     until_status(jd, job["id"], "completed")
     found = as_json(jobctl(jd, "--json", "--as-user", who, "status", job["id"][:6]))
     assert found["id"] == job["id"] and found["status"] == "completed"
+    # the id as some tools print a UUID: 32 hex digits, no hyphens
+    bare = as_json(jobctl(jd, "--json", "--as-user", who, "status",
+                          job["id"].replace("-", "").upper()))
+    assert bare["id"] == job["id"]
 
     # only this user's job is in scope: any other prefix names nothing
     other = next(p for p in ("0000", "1111", "2222") if not job["id"].startswith(p))
