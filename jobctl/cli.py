@@ -265,7 +265,35 @@ def _error_code(e: errors.JobdError) -> int:
     return EXIT_FAILED
 
 
-class _Group(click.Group):
+def _json_usage_error(e: click.UsageError) -> NoReturn:
+    """SPEC §7: with --json a usage error is JSON on stderr too (exit 2)."""
+    refused = errors.InvalidParams(e.format_message())
+    click.echo(render.error_json(refused.code, refused.message, refused.data()), err=True)
+    raise click.exceptions.Exit(EXIT_USAGE)
+
+
+class _JsonUsage:
+    """A command whose line is refused while parsing (an unknown option, a bad value)
+    before its --json was read says so in JSON when the line asks for JSON anywhere
+    before ``--`` (``jobctl list --bogus --json``)."""
+
+    def make_context(self, info_name: str | None, args: list[str],
+                     parent: click.Context | None = None, **extra: Any) -> click.Context:
+        wants_json = "--json" in (args[:args.index("--")] if "--" in args else args)
+        try:
+            return super().make_context(info_name, args, parent=parent,  # type: ignore[misc]
+                                        **extra)
+        except click.UsageError as e:
+            if not wants_json:
+                raise
+            _json_usage_error(e)
+
+
+class _Command(_JsonUsage, click.Command):
+    pass
+
+
+class _Group(_JsonUsage, click.Group):
     """Turns the client's errors into SPEC §7's exit codes: 69 unreachable, 75 unavailable,
     else 1; with --json, a usage error is said in JSON too. Ctrl-C ends with 130 and a
     closed stdout with 141, both quietly.
@@ -274,6 +302,7 @@ class _Group(click.Group):
     """
 
     def command(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("cls", _Command)
         make = super().command(*args, **kwargs)
 
         def decorate(fn: Any) -> click.Command:
@@ -300,9 +329,7 @@ class _Group(click.Group):
             st = ctx.find_object(_State)
             if st is None or not st.json:
                 raise
-            # SPEC §7: with --json an error is JSON on stderr, a usage error too (exit 2)
-            _refused(st, errors.InvalidParams(e.format_message()))
-            ctx.exit(EXIT_USAGE)
+            _json_usage_error(e)
 
 
 def _show_json(value: Any) -> None:

@@ -942,6 +942,10 @@ def test_top_shows_the_head_of_a_long_queue_and_counts_all_of_it(
     (("--json", "cancel"), "name the jobs to cancel"),
     (("--json", "submit", "noop", "-o", "bad"), "'bad' is not KEY=VALUE"),
     (("--json", "status"), "Missing argument 'JOB'"),
+    # refused while parsing, before --json was read
+    (("list", "--bogus", "--json"), "No such option '--bogus'"),
+    (("--json", "--bogus"), "No such option '--bogus'"),
+    (("list", "--limit", "x", "--json"), "'x' is not a valid integer"),
 ])
 def test_usage_errors_with_json_are_json_on_stderr(jd: Daemon, args: tuple[str, ...],
                                                    said: str) -> None:
