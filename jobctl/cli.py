@@ -553,6 +553,13 @@ def completion(shell: str) -> None:
     click.echo(cls(main, {}, "jobctl", "_JOBCTL_COMPLETE").source())
 
 
+def _timeout_bounds(timeout: float | None, waits: bool, flag: str) -> None:
+    """--timeout bounds a wait: without the flag that waits, a usage error (exit 2) before
+    anything is asked of the daemon, rather than a bound silently ignored."""
+    if timeout is not None and not waits:
+        raise click.UsageError(f"--timeout bounds the wait of {flag}: give {flag} too")
+
+
 def _submitted(st: _State, job: dict[str, Any], wait: bool, timeout: float | None,
                verb: str = "submitted") -> None:
     """Say what was queued; with ``wait``, watch it to the end (and exit from there)."""
@@ -599,6 +606,7 @@ def sync(st: _State, project: str, branch: str | None, strategy: str | None,
       jobctl sync . --full-reindex --wait --timeout 30m
       jobctl sync newproj --url https://git.example.com/newproj.git --wait
     """
+    _timeout_bounds(timeout, wait, "--wait")
     pid, repo_path = sync_target(project, repo, project_id)
     options = {"branch": branch, "strategy": strategy, "full_reindex": full_reindex or None,
                "repo_path": repo_path, "url": url}
@@ -652,6 +660,7 @@ def submit(st: _State, type_: str, project: str | None, option_pairs: tuple[str,
       jobctl submit command -o argv='["make", "-C", "/srv/docs"]' --wait
       jobctl submit index --project p --metadata-json '{"ticket": "OPS-12"}'
     """
+    _timeout_bounds(timeout, wait, "--wait")
     job = st.client.submit(type_, project, options=build_options(option_pairs, options_json),
                            priority=priority, timeout_s=job_timeout, description=description,
                            metadata=_json_object(metadata_json, "--metadata-json"),
@@ -835,6 +844,7 @@ def status(st: _State, job: str, follow: bool, timeout: float | None) -> None:
       jobctl status 3f2a
       jobctl status 3f2a --follow --timeout 10m
     """
+    _timeout_bounds(timeout, follow, "--follow")
     found = st.client.get(_resolve(st, job))
     if follow:
         _follow(st, found, timeout, stream_json=st.json)
@@ -892,6 +902,7 @@ def _ask(st: _State, question: str, refusal: str) -> None:
 def _bulk(st: _State, verb: str, refs: tuple[str, ...], where: dict[str, Any] | None,
           yes: bool, wait: bool, timeout: float | None) -> NoReturn:
     """``cancel``/``retry`` of several jobs, or of a filter in one call; exit with the worst."""
+    _timeout_bounds(timeout, wait, "--wait")
     if refs and where:
         raise click.UsageError(f"give jobs or filters (--status, --user, --project, --since) "
                                f"to {verb}, not both")
@@ -1064,6 +1075,7 @@ def logs(st: _State, job: str, follow: bool, tail_n: int | None,
       jobctl logs 3f2a
       jobctl logs 3f2a --tail 20 --follow
     """
+    _timeout_bounds(timeout, follow, "--follow")
     job_id = _resolve(st, job)
     offset, eof, data = 0, False, []
 
@@ -1179,6 +1191,7 @@ def maintenance(st: _State, switch: str | None, reason: str | None, wait_drained
       jobctl maintenance on --reason "upgrade to 2.1" --wait-drained
       jobctl maintenance off
     """
+    _timeout_bounds(timeout, wait_drained, "--wait-drained")
     result = st.client.maintenance(None if switch is None else switch == "on", reason)
     deadline = None if timeout is None else time.monotonic() + timeout
     waiting = wait_drained and not result.get("drained")

@@ -1009,3 +1009,31 @@ def test_ctrl_c_during_a_call_exits_130(make_daemon: Callable[..., Daemon]) -> N
         d.proc.send_signal(signal.SIGCONT)
     assert proc.returncode == 130, (out, err)
     assert "Aborted" not in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("args,flag", [
+    (("status", "JOB"), "--follow"),
+    (("logs", "JOB"), "--follow"),
+    (("cancel", "JOB"), "--wait"),
+    (("retry", "JOB"), "--wait"),
+    (("submit", "noop"), "--wait"),
+    (("sync", "p", "--url", "https://example.com/p.git"), "--wait"),
+    (("maintenance", "on"), "--wait-drained"),
+])
+def test_a_timeout_without_the_wait_it_bounds_is_a_usage_error_and_asks_nothing(
+        jd: Daemon, who: str, args: tuple[str, ...], flag: str) -> None:
+    """--timeout bounds a wait: given without the flag that waits it would bound nothing,
+    so it is refused (exit 2) before the daemon is asked anything: no job is submitted or
+    cancelled, maintenance stays off."""
+    job = submit(jd, who, "noop", options={"seconds": 30})
+    with jd.client() as c:
+        before = [(j["id"], j["status"]) for j in c.list(limit=1000)["jobs"]]
+    argv = [job["id"] if a == "JOB" else a for a in args]
+    proc = jobctl(jd, *argv, "--timeout", "5s")
+    assert proc.returncode == 2 and proc.stdout == "", proc
+    assert f"--timeout bounds the wait of {flag}: give {flag} too" in proc.stderr, proc.stderr
+    with jd.client() as c:
+        assert [(j["id"], j["status"]) for j in c.list(limit=1000)["jobs"]] == before
+        assert c.get(job["id"])["cancel_requested"] is False
+        assert c.maintenance()["maintenance"] is False
+        c.cancel(job["id"], wait=True)
