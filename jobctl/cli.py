@@ -895,7 +895,12 @@ def _ask(st: _State, question: str, refusal: str) -> None:
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         _refused(st, errors.InvalidParams(refusal))
         raise click.exceptions.Exit(EXIT_USAGE)
-    if not click.confirm(question, err=True):
+    try:
+        agreed = click.confirm(question, err=True)
+    except click.Abort:  # Ctrl-C (or Ctrl-D) at the question: nothing done, quietly
+        click.echo(err=True)
+        raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
+    if not agreed:
         raise click.exceptions.Exit(EXIT_USAGE)
 
 

@@ -174,3 +174,25 @@ def test_follow_says_reconnecting_while_the_daemon_restarts(make_daemon: Any) ->
     # picked up again: the job's lines go on to its end, and the exit code is its outcome
     assert after and after[-1].split()[1] in ("completed", "failed"), (out, err)
     assert follower.returncode == (0 if after[-1].split()[1] == "completed" else 1), err
+
+
+@pytest.mark.parametrize("key,code", [(b"\x03", 130), (b"n\r", 2)])
+def test_ctrl_c_at_the_question_before_a_cancel_of_several_touches_nothing_and_exits_130(
+        jd: Daemon, key: bytes, code: int) -> None:
+    """Asked whether to cancel two jobs, Ctrl-C ends jobctl as Ctrl-C does anywhere else
+    in it (130, no "Aborted!"), and a no with 2; either way both jobs go on."""
+    jobs = [sh_job(jd, "ttyask", "sleep 30")["id"] for _ in range(2)]
+    try:
+        for job_id in jobs:
+            until_status(jd, job_id, "running")
+        term = Terminal([JOBCTL, "--socket", str(jd.socket), "cancel", *jobs], 100)
+        term.read_until(lambda text: "[y/N]" in text)
+        term.type(key)
+        assert term.finish() == code, term.text()
+        assert "Aborted" not in term.text() and "Traceback" not in term.text(), term.text()
+        with jd.client() as c:
+            assert [c.get(j)["cancel_requested"] for j in jobs] == [False, False]
+    finally:
+        with jd.client() as c:
+            for job_id in jobs:
+                c.cancel(job_id, wait=True)
