@@ -128,6 +128,15 @@ _CRASH_TEXTS = {
 }
 
 
+def end_story(status: JobStatus | str, message: str | None) -> str:
+    """The closing line of an attempt in the job's story (its log, or its events)."""
+    if status == JobStatus.QUEUED:
+        return f"{message or 'stopped'}; queued again"
+    if status == JobStatus.COMPLETED or not message or message == str(status):
+        return f"ended {status}"
+    return f"ended {status}: {message}"
+
+
 def crash_end(job: Job, resumable: bool, max_recoveries: int, why: str = "restart",
               node: int | None = None) -> tuple[JobStatus, dict[str, Any]]:
     """What a running job whose daemon is gone becomes (SPEC §6, §11), and its text:

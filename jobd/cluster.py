@@ -57,6 +57,7 @@ imports it.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import hashlib
@@ -71,7 +72,7 @@ import psycopg
 import structlog
 
 from jobd import joblogs, orphans
-from jobd.attempt import crash_end
+from jobd.attempt import crash_end, end_story
 from jobd.config import Config, ConfigError
 from jobd.models import Job, JobStatus
 from jobd.store.errors import StoreError
@@ -493,6 +494,22 @@ class Node:
         """How far ``job_id``'s log reaches in the database (0: none of it)."""
         return self.store.log_end(job_id)
 
+    def tell(self, job_id: str, text: str) -> None:
+        """A line of a job's story that no attempt writes (a cancel while it was queued),
+        after its log in the database, which every node reads and a later attempt's log
+        goes on from (``seed_log``); not in this node's file, which another node's attempt
+        may have left behind. Logged, not raised, if it cannot be written."""
+        data = joblogs.note_lines(text)
+
+        def told(fut: concurrent.futures.Future[None]) -> None:
+            if (error := fut.exception()) is not None:
+                log.warning("job_log_tell_failed", job_id=job_id, error=str(error))
+        try:
+            self.store.write_async(lambda tx: self.store.tell_log_in(tx, job_id, data)
+                                   ).add_done_callback(told)
+        except StoreError as e:  # closed: the daemon stops
+            log.warning("job_log_tell_failed", job_id=job_id, error=str(e))
+
     def read_log(self, job_id: str, offset: int, limit: int) -> tuple[bytes, int] | None:
         """A job's log as the database holds it (``jobs.logs`` for a job another node ran),
         or None when none of it is there."""
@@ -669,14 +686,18 @@ class Node:
         """How long after a lease's end its node may be rescued: ``cancel_grace`` + 1 s."""
         return self.config.execution.cancel_grace + 1.0
 
-    def _decide(self, why: str, node: int | None) -> Callable[[Job], tuple[JobStatus,
-                                                                          dict[str, Any]]]:
+    def _decide(self, why: str, node: int | None) -> Callable[[Job], tuple[
+            JobStatus, dict[str, Any], bytes]]:
+        """How a rescue or a recovery ends each job (``crash_end``), and the line that
+        closes the attempt in its log, as a worker's end would write it."""
         max_recoveries = self.config.execution.max_recoveries
 
-        def decide(job: Job) -> tuple[JobStatus, dict[str, Any]]:
+        def decide(job: Job) -> tuple[JobStatus, dict[str, Any], bytes]:
             handler = self.handlers.get(job.type)
-            return crash_end(job, handler is not None and handler.resumable,
-                             max_recoveries, why, node)
+            end, fields = crash_end(job, handler is not None and handler.resumable,
+                                    max_recoveries, why, node)
+            said = fields.get("message") or fields.get("error")
+            return end, fields, joblogs.note_lines(end_story(end, said))
         return decide
 
     def recover(self, why: str = "restart", previous: int | None = None) -> list[Job]:

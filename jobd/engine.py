@@ -45,7 +45,7 @@ from typing import Any, Callable
 import structlog
 
 from jobd import joblogs, orphans, process
-from jobd.attempt import Attempt, StopReason, crash_end, outcome
+from jobd.attempt import Attempt, StopReason, crash_end, end_story, outcome
 from jobd.config import Config
 from jobd.dispatch import Dispatcher
 from jobd.errors import JobdError
@@ -313,15 +313,6 @@ def _exit_text(code: int) -> str:
     return f"signal {-code}" if code < 0 else f"status {code}"
 
 
-def end_story(status: JobStatus | str, message: str | None) -> str:
-    """The closing line of an attempt in the job's story (its log, or its events)."""
-    if status == JobStatus.QUEUED:
-        return f"{message or 'stopped'}; queued again"
-    if status == JobStatus.COMPLETED or not message or message == str(status):
-        return f"ended {status}"
-    return f"ended {status}: {message}"
-
-
 def cancelled_while_queued(actor: str) -> str:
     return f"cancelled by {actor} while queued"
 
@@ -485,7 +476,11 @@ class Engine:
 
     def tell(self, job_id: str, text: str) -> None:
         """A line of a job's story written by no worker of it (a recovery, a cancel while
-        queued): in its log if it has one, else its events tell it (``story``)."""
+        queued): in its log if it has one, else its events tell it (``story``). In cluster
+        mode the log that counts is the database's copy (``Node.tell``)."""
+        if self.cluster is not None:
+            self.cluster.tell(job_id, text)
+            return
         joblog = joblogs.JobLog(self.log_path(job_id), self.config.execution.max_log_bytes)
         try:
             joblog.story(text)

@@ -23,10 +23,11 @@ from typing import Any, Protocol
 import structlog
 
 from jobd import __version__, joblogs, jsonenc
+from jobd.attempt import end_story
 from jobd.auth import Scope, check_id
 from jobd.changes import REWIND_US, Change, ChangeLog, Position
 from jobd.config import Config, ConfigState
-from jobd.engine import Engine, cancelled_while_queued, end_story, story
+from jobd.engine import Engine, cancelled_while_queued, story
 from jobd.errors import (BY_CODE, Conflict, Forbidden, InvalidParams, JobdError, NotFound,
                          Unavailable)
 from jobd.handlers import Handler

@@ -782,12 +782,13 @@ class PostgresStore(BaseStore):
         if self.fences.get(job_id) == fence:
             del self.fences[job_id]
 
-    def rescue_in(self, tx: writer.Tx, guard: str, decide: Callable[[Job], tuple[JobStatus,
-                  dict[str, Any]]], *, orphans: bool = False, **params: Any
-                  ) -> tuple[list[int], list[tuple[int | None, Job]]]:
+    def rescue_in(self, tx: writer.Tx, guard: str, decide: Callable[[Job], tuple[
+                  JobStatus, dict[str, Any], bytes]], *, orphans: bool = False,
+                  **params: Any) -> tuple[list[int], list[tuple[int | None, Job]]]:
         """Take over the running jobs of the nodes the guard ``guard`` (``expired_node``,
         ``earlier_nodes``) ends in this write, under the queue lock: each job ends as
-        ``decide`` says (queued: requeued to resume, as a recovery). ``orphans``: also the
+        ``decide`` says (queued: requeued to resume, as a recovery), and the lines it gives
+        close the attempt in the job's log (``tell_log_in``). ``orphans``: also the
         running jobs of no node. Returns the nodes ended, and each job taken over with the node
         it was running on (None: none) and as it is now."""
         assert isinstance(tx, PgTx)
@@ -802,7 +803,8 @@ class PostgresStore(BaseStore):
         try:
             for row in tx.run("nodes_jobs", nodes=nodes, orphans=orphans).fetchall():
                 job = _job(row[1:])
-                end, kw = decide(job)
+                end, kw, told = decide(job)
+                self.tell_log_in(tx, job.id, told)
                 if end is JobStatus.QUEUED:
                     job = self.requeue_job_in(tx, job.id, reason=kw["message"], recovered=True)
                 else:
@@ -870,6 +872,13 @@ class PostgresStore(BaseStore):
         if written:
             tx.run("trim_log", job_id=job_id, keep_from=keep_from)
         return bool(written)
+
+    def tell_log_in(self, tx: writer.Tx, job_id: str, data: bytes) -> None:
+        """In ``tx``: ``data`` (lines of the job's story) after the end of its log in the
+        database, when the database holds some of it; nothing waits for it."""
+        assert isinstance(tx, PgTx)
+        if data:
+            tx.send("tell_log", job_id=job_id, data=data)
 
     def log_end(self, job_id: str) -> int:
         """The absolute offset after the last byte of ``job_id``'s log in the database."""

@@ -277,6 +277,35 @@ def test_every_attempts_log_of_a_retried_job_is_read_through_any_node(
         assert said == [f"broken on {n}" for n in ran_on] and log["eof"], (node.name, log)
 
 
+def test_a_cancel_while_queued_through_any_node_ends_the_log_every_node_reads(
+        make_cluster: Callable[..., Cluster]) -> None:
+    """A job that ran on one node, retried and cancelled while queued through the others:
+    the cancel's line ends its log in the database, which every node reads (and a later
+    attempt's log goes on from), not only the file of the node the cancel went through."""
+    cluster = make_cluster()
+    a, b, c = cluster.start(3, workers=1)
+    job = result_of(a, "jobs.submit", type="command", options={"argv": [
+        "sh", "-c", "echo ran on $JOBD_TEST_NODE; exit 3"]})
+    assert wait_terminal(a, job["id"])["status"] == "failed"
+    ran = result_of(a, "jobs.logs", job_id=job["id"], limit_bytes=1 << 20)["data"]
+    result_of(a, "admin.pause")  # cluster-wide: the retry stays queued
+    try:
+        assert result_of(b, "jobs.retry", job_id=job["id"])["status"] == "queued"
+        for node in (a, b):  # one node that ran it, and one that did not
+            if node is b:
+                result_of(c, "jobs.retry", job_id=job["id"])
+            cancelled = result_of(node, "jobs.cancel", job_id=job["id"])
+            assert cancelled["status"] == "cancelled", cancelled
+        line = " while queued\n"
+        for reader in (a, b, c):
+            told = wait_for(lambda: (log := result_of(reader, "jobs.logs", job_id=job["id"],
+                                                      limit_bytes=1 << 20))["data"].count(line)
+                            == 2 and log, timeout=5)
+            assert told["data"].startswith(ran) and told["eof"], (reader.name, told)
+    finally:
+        result_of(a, "admin.resume")
+
+
 def test_admin_stats_on_any_node_lists_every_node_with_what_it_runs(
         make_cluster: Callable[..., Cluster]) -> None:
     cluster = make_cluster()
@@ -475,6 +504,10 @@ def test_kill_9_of_a_node_rescues_its_jobs_after_the_lease_and_resumes_them(
         assert took <= TIMING.rescue_after + 2 * (TIMING.heartbeat + TIMING.poll) + 2, took
         failed = wait_terminal(b, command["id"])
         assert failed["status"] == "failed" and "interrupted" in failed["error"], failed
+        # the rescue closes the attempt in its log, read through either node
+        for node in (b, c):
+            told = result_of(node, "jobs.logs", job_id=command["id"], limit_bytes=1 << 20)
+            assert told["data"].endswith(f"ended failed: {failed['error']}\n"), told
         resumed_from_checkpoint(cluster, sync, new, a)
     assert len(cluster.ledger.runs(command["id"])) == 1  # not resumable: never again
     # one rescue, by one node, of both jobs (logged as their count or their ids)

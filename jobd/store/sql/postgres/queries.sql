@@ -593,6 +593,20 @@ SELECT seq, %(pos)s, %(data)s FROM jobs WHERE id = %(job_id)s AND status = 'runn
 FOR SHARE
 ON CONFLICT (job, pos) DO NOTHING
 
+-- tell_log --
+-- A line of a job's story that no attempt of it writes (a cancel while it was queued, the
+-- closing line of an attempt a rescue or a recovery ended), after the last byte of its
+-- log in the database and on a line of its own; none when the database holds none of its
+-- log (its events tell the story then)
+INSERT INTO job_log_chunks (job, pos, data)
+SELECT c.job, c.pos + length(c.data),
+       CASE WHEN substring(c.data FROM length(c.data)) = '\x0a'::bytea THEN %(data)s
+            ELSE '\x0a'::bytea || %(data)s END
+FROM job_log_chunks c JOIN jobs j ON j.seq = c.job
+WHERE j.id = %(job_id)s
+ORDER BY c.pos DESC LIMIT 1
+ON CONFLICT (job, pos) DO NOTHING
+
 -- trim_log --
 -- max_log_bytes: the chunks wholly before the log's kept part go, oldest first
 DELETE FROM job_log_chunks
