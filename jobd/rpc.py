@@ -64,6 +64,8 @@ _LARGE_ANSWERS = frozenset({"jobs.list", "jobs.changes", "jobs.events", "jobs.lo
 #: of those, the long polls: they may wait a while before they build their answer
 _WAIT_FIRST = frozenset({"jobs.changes"})
 _TOO_LARGE = "response too large"
+#: the longest job id a "response too large" names (jobd's are 36 characters)
+_JOB_ID_MAX = 64
 _DECODE_ON_LOOP = 65536   # longer request lines are decoded on the pool
 _SHOWN = 80   # characters of a client's string quoted back in a message
 
@@ -285,7 +287,7 @@ class Rpc:
             if answer is None:
                 return None
             if len(answer) > limits.max_response_bytes:
-                answer = self._too_large(doc, limits.max_response_bytes)
+                answer = self._too_large(doc, limits.max_response_bytes, answer=answer)
             conn.settle(len(answer) + 1)
             return answer + b"\n"
         if not doc:
@@ -301,20 +303,25 @@ class Rpc:
         """A batch's answers, in order, within ``limit`` bytes: items past it are -32050.
 
         Room is kept for a "response too large" error for every item still to come, so
-        the line never passes the limit, and an answer that does not fit is dropped as
-        soon as it is built.
+        the line never passes the limit. The first answer that does not fit is dropped as
+        soon as it is built, and the items after it are not run (nor are their answers
+        built): a client may send them again. A write that was run and did not fit says
+        so, naming its job (``_too_large``).
         """
-        spares = [len(self._too_large(item, limit)) + 1 if _has_id(item) else 0
-                  for item in doc]
+        spares = [self._spare(item, limit) + 1 if _has_id(item) else 0 for item in doc]
         room = limit - 2 - sum(spares)  # 2: the brackets
         answers: list[bytes] = []
+        full = False
         for item, spare in zip(doc, spares):
             room += spare
-            answer = await self._one(item, conn)
+            if full:
+                answer = self._too_large(item, limit, run=False) if spare else None
+            else:
+                answer = await self._one(item, conn)
             if answer is None:
                 continue
             if len(answer) + 1 > room:
-                answer = self._too_large(item, limit)
+                answer, full = self._too_large(item, limit, answer=answer), True
             room -= len(answer) + 1
             answers.append(answer)
         if not answers:
@@ -323,12 +330,44 @@ class Rpc:
         conn.settle(len(out))
         return out
 
-    def _too_large(self, item: Any, limit: int) -> bytes:
+    def _too_large(self, item: Any, limit: int, *, run: bool = True,
+                   answer: bytes | None = None) -> bytes:
+        """-32050 "response too large" for ``item``: not ``run`` (past a batch's limit), or
+        its ``answer`` dropped; a write's result dropped says that the write was done, and
+        names the job it made or changed."""
+        done = None
+        if answer is not None and isinstance(item, dict) and item.get("method") not in (
+                READ_METHODS):
+            done = json.loads(answer)
+            if "result" not in done:
+                done = None  # an error: nothing was done
+            else:
+                job_id = done["result"].get("id") if isinstance(done["result"], dict) else None
+                done = job_id if isinstance(job_id, str) and len(job_id) <= _JOB_ID_MAX else ""
+        return self._too_large_of(item, limit, run=run, done=done)
+
+    def _spare(self, item: Any, limit: int) -> int:
+        """The room a batch keeps for ``item``'s "response too large": its longest form."""
+        return max(len(self._too_large_of(item, limit, run=run, done=done))
+                   for run, done in ((True, None), (False, None), (True, "x" * _JOB_ID_MAX)))
+
+    def _too_large_of(self, item: Any, limit: int, *, run: bool, done: str | None) -> bytes:
         method = item.get("method") if isinstance(item, dict) else None
-        return _error_bytes(errors.Unavailable(
-            f"the answer to {method} is larger than server.max_response_bytes "
-            f"({limit} bytes); ask for less (a smaller limit, fields) or fewer items "
-            "per batch", detail=_TOO_LARGE), item.get("id") if _has_id(item) else None)
+        ident = item.get("id") if _has_id(item) else None
+        if not run:
+            message = (f"{method} was not run: the batch's earlier answers fill "
+                       f"server.max_response_bytes ({limit} bytes); send it again, or fewer "
+                       "items per batch")
+        elif done is not None:
+            message = (f"{method} was done{f' (job {done})' if done else ''}, but its "
+                       f"answer is larger than server.max_response_bytes ({limit} bytes) "
+                       "lets through here: do not send it again; jobs.get reads the job")
+        else:
+            message = (f"the answer to {method} is larger than server.max_response_bytes "
+                       f"({limit} bytes); ask for less (a smaller limit, fields) or fewer "
+                       "items per batch")
+        return _error_bytes(errors.Unavailable(message, detail=_TOO_LARGE,
+                                               job_id=done or None), ident)
 
     async def _one(self, item: Any, conn: Connection) -> bytes | None:
         """One Request object's answer (no newline), or None for a notification; each

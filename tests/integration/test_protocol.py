@@ -345,6 +345,54 @@ def test_an_answer_over_max_response_bytes_is_unavailable_and_a_batch_keeps_the_
         assert answers.index(refused[0]) == len(kept)  # the items past the limit
 
 
+def batch_answers(w: Wire, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Send ``items`` as one batch; its answers, checked."""
+    raw = b""
+    w.write(json.dumps(items).encode() + b"\n")
+    while not raw.endswith(b"\n"):
+        raw += w.sock.recv(1 << 20)
+    return checked(json.loads(raw))
+
+
+def test_items_of_a_batch_past_the_limit_are_not_run_and_a_write_that_was_run_says_so(
+        make_daemon: Any) -> None:
+    """Past the answer limit, a batch's items get -32050 "response too large" and are not
+    run, so that a client may send them again: no job is made whose id nobody hears. A
+    write that was run and whose answer does not fit says that it was done, and names
+    its job."""
+    limit = 300_000
+    d = make_daemon(config=BOUNDED.format(limit=limit, line_timeout="30s"))
+    owner = who()
+    fill(d, owner, 4, 60_000)
+
+    def item(i: int, method: str, **params: Any) -> dict[str, Any]:
+        return {"jsonrpc": "2.0", "id": i, "method": method,
+                "params": {"as_user": owner, **params}}
+    big = {"p": "b" * 60_000}
+    with Wire(d.socket) as w:
+        answers = batch_answers(w, [
+            item(0, "jobs.list", limit=4),  # about 240 kB: fits
+            item(1, "jobs.submit", type="noop", metadata=big),  # run; its answer cannot fit
+            item(2, "jobs.submit", type="noop"),  # past the limit: not run
+            item(3, "jobs.list", limit=1),
+            item(4, "jobs.submit", type="noop", description="never")])
+        assert [a["id"] for a in answers] == list(range(5))
+        assert len(answers[0]["result"]["jobs"]) == 4
+        done = error_of(answers[1], -32050)
+        assert done["data"]["detail"] == "response too large", done
+        made = [j for j in w.call("jobs.list", as_user=owner, limit=100)["result"]["jobs"]
+                if j["metadata"] == big]
+        assert [j["id"] for j in made] == [done["data"]["job_id"]], done
+        assert "was done" in done["message"] and made[0]["id"] in done["message"], done
+        for a in answers[2:]:
+            refused = error_of(a, -32050)
+            assert refused["data"] == {"http_status": 503, "detail": "response too large"}
+            assert "not run" in refused["message"], refused
+        # only the fill's jobs and the one write that was run
+        assert w.call("jobs.list", as_user=owner, limit=100,
+                      with_total=True)["result"]["total"] == 5
+
+
 def test_a_single_answer_over_the_limit_is_unavailable_response_too_large(
         make_daemon: Any) -> None:
     d = make_daemon(config=BOUNDED.format(limit=100_000, line_timeout="30s"))
