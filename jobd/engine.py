@@ -1054,10 +1054,16 @@ class Engine:
                 return
         ctx.stop(StopReason.CANCEL, actor)
 
-    def annotate(self, out: dict[str, Any]) -> dict[str, Any]:
+    def positions(self, job_ids: list[str]) -> dict[str, tuple[int | None, str | None]]:
+        """Queued jobs' places and wait reasons, counted at once (a list page)."""
+        return self.dispatcher.positions(job_ids)
+
+    def annotate(self, out: dict[str, Any],
+                 places: dict[str, tuple[int | None, str | None]] | None = None
+                 ) -> dict[str, Any]:
         """Add to a stored job's wire shape what only the daemon knows: a running job's
         live progress, phase, message, version and ETA; a queued one's place and why it
-        waits."""
+        waits (from ``places`` when they hold it: ``positions``)."""
         if out["status"] == JobStatus.RUNNING:
             ctx = self._contexts.get(out["id"])
             if ctx is not None:
@@ -1070,7 +1076,9 @@ class Engine:
             elif self.cluster is not None:  # run by another node
                 self.cluster.annotate(out)
         elif out["status"] == JobStatus.QUEUED:
-            out["queue_position"], out["wait_reason"] = self.dispatcher.position(out["id"])
+            known = None if places is None else places.get(out["id"])
+            out["queue_position"], out["wait_reason"] = (
+                known if known is not None else self.dispatcher.position(out["id"]))
         return out
 
     def stats(self) -> dict[str, Any]:

@@ -281,6 +281,34 @@ def test_positions_are_the_order_take_follows_without_limits(
 
 
 @settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("abcdef"), st.sampled_from([-1, 0, 0, 2])),
+                min_size=1, max_size=40), st.integers(0, 5), st.data())
+def test_positions_of_many_jobs_at_once_are_each_ones_position_and_the_drain_order(
+        specs: list[tuple[str, int]], taken: int, data: st.DataObject) -> None:
+    """``positions`` counts a priority's places job by job or in one walk of its turns,
+    whichever is less work: either way each job's answer is ``position``'s, in the order
+    the jobs then start (after some have started, so that turns have moved)."""
+    d = dispatcher()
+    ids = []
+    for n, (user, priority) in enumerate(specs):
+        d.add(job(user, priority=priority, name=f"j{n}"))
+        ids.append(f"j{n}")
+    for _ in range(taken):
+        attempt = d.take()
+        if attempt is not None:
+            d.finish(attempt)
+    asked = data.draw(st.lists(st.sampled_from(ids), unique=True, min_size=1))
+    one_by_one = {i: d.position(i) for i in asked}
+    assert d.positions(asked) == one_by_one
+    everyone = d.positions(ids)  # every job of a priority: one walk
+    assert {i: everyone[i] for i in asked} == one_by_one
+    queued = sorted((i for i in ids if everyone[i][0] is not None),
+                    key=lambda i: everyone[i][0])  # type: ignore[arg-type,return-value]
+    assert [everyone[i][0] for i in queued] == list(range(1, len(queued) + 1))
+    assert drain(d) == queued
+
+
+@settings(max_examples=150, deadline=None)
 @given(st.lists(st.sampled_from("abcdef"), min_size=2, max_size=30))
 def test_no_user_gets_a_second_turn_while_another_waits(submitters: list[str]) -> None:
     d = dispatcher()
