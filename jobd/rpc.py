@@ -347,9 +347,9 @@ class Rpc:
         return self._too_large_of(item, limit, run=run, done=done)
 
     def _spare(self, item: Any, limit: int) -> int:
-        """The room a batch keeps for ``item``'s "response too large": its longest form."""
-        return max(len(self._too_large_of(item, limit, run=run, done=done))
-                   for run, done in ((True, None), (False, None), (True, "x" * _JOB_ID_MAX)))
+        """The room a batch keeps for ``item``'s "response too large": its longest form, a
+        write done with the longest job id (in the message and in ``data``)."""
+        return len(self._too_large_of(item, limit, run=True, done="x" * _JOB_ID_MAX))
 
     def _too_large_of(self, item: Any, limit: int, *, run: bool, done: str | None) -> bytes:
         method = item.get("method") if isinstance(item, dict) else None
