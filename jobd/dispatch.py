@@ -24,6 +24,7 @@ import dataclasses
 import threading
 from collections import Counter, OrderedDict, defaultdict
 from typing import Iterable
+
 from jobd.attempt import Attempt
 from jobd.models import Job, WaitReason
 
