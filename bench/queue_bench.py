@@ -5,7 +5,9 @@ Starts a real jobd with dispatch paused, queues one job for each of ``--users`` 
 ``--rounds`` calls): that user's queued jobs in queue order and by creation, and an
 admin's first 1,000 queued jobs in queue order and by creation. Every queued job's place
 and wait reason is counted by the daemon for its answer. Beside them, as the reference, a
-page of as many finished jobs of one user, which carry no live fields.
+page of as many finished jobs of one user, which carry no live fields. Also the p50 of a
+submit of a user's first job (its answer holds its place) with the queue full, beside
+the same with ``--submits`` users queued.
 
 No SPEC §9 goal names this figure; ``jobs.list`` at 1M is ``rpc_bench.py``'s. It shows
 that a page of queued jobs costs about what a page of finished ones costs, not O(users)
@@ -38,6 +40,8 @@ def main() -> int:
     parser.add_argument("--queued", type=int, default=1000,
                         help="jobs queued by the one user whose page is read (default 1000)")
     parser.add_argument("--rounds", type=int, default=7, help="calls per figure (default 7)")
+    parser.add_argument("--submits", type=int, default=200,
+                        help="submits timed before and after the queue fills (default 200)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     args = parser.parse_args()
     root = workdir(args.keep)
@@ -52,12 +56,24 @@ def main() -> int:
         while conn.call("admin.stats")["jobs"]["completed"] < args.queued:
             time.sleep(0.1)
         conn.call("admin.pause")
+
+        def submit_p50(prefix: str) -> float:
+            """p50 of a submit of a user with nothing queued yet (its answer holds the
+            job's place and wait reason)."""
+            times = []
+            for i in range(args.submits):
+                started = time.perf_counter()
+                conn.call("jobs.submit", type="noop", as_user=f"{prefix}{i}")
+                times.append(time.perf_counter() - started)
+            return statistics.median(times)
+        first = submit_p50("early")
         print(f"queueing {args.users} users' jobs and {args.queued} of one user ...",
               flush=True)
         for i in range(args.users):
             conn.call("jobs.submit", type="noop", as_user=f"user{i}")
         for _ in range(args.queued):
             conn.call("jobs.submit", type="noop", as_user="big")
+        crowded = submit_p50("late")
         page = min(1000, args.queued)
 
         def p50(**params: object) -> float:
@@ -69,14 +85,18 @@ def main() -> int:
                 assert len(answer["jobs"]) == page, len(answer["jobs"])
             return statistics.median(times)
         reference = p50(as_user="done")
-        rows = [Row(f"{page} queued of one user (among {args.users + 1}), {order} order, p50",
+        users = args.users + 2 * args.submits + 1
+        rows = [Row(f"{page} queued of one user (among {users}), {order} order, p50",
                     f"{p50(as_user='big', order=order) * 1000:.1f} ms", "",
                     f"{page} finished jobs of one user {reference * 1000:.1f} ms")
                 for order in ("queue", "created")]
-        rows += [Row(f"admin: the first {page} of {args.users + args.queued} queued, "
+        rows += [Row(f"admin: the first {page} of {users - 1 + args.queued} queued, "
                      f"{order} order, p50",
                      f"{p50(order=order, **extra) * 1000:.1f} ms", "", "")
                  for order, extra in (("queue", {}), ("created", {"status": "queued"}))]
+        rows.append(Row(f"submit of a user's first job, {args.users + args.submits}+ "
+                        f"users queued, p50", f"{crowded * 1000:.2f} ms", "",
+                        f"with {args.submits} users queued {first * 1000:.2f} ms"))
         conn.close()
         print_table(f"queue_bench: {load}", rows)
         return 0

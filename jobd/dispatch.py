@@ -104,6 +104,10 @@ class _Level:
         it k (or fewer, if they have fewer jobs).
         """
         jobs = self.users[entry.user_id]
+        if len(jobs) == 1 and next(reversed(self.users)) == entry.user_id:
+            # its user's only job, its user last in turn (a first job just submitted): one
+            # job of every other user comes first
+            return len(self.users) - 1
         # a job just submitted is its user's newest: no walk through the user's queue
         k = len(jobs) - 1 if next(reversed(jobs)) == entry.id else list(jobs).index(entry.id)
         before, ahead = k, True

@@ -29,7 +29,7 @@ RUNS = {
                          "--duration", "1"],
     "changes_bench.py": ["--seconds", "0.2", "--rounds", "1", "--waiters", "3"],
     "http_bench.py": ["--requests", "20"],
-    "queue_bench.py": ["--users", "20", "--queued", "10", "--rounds", "1"],
+    "queue_bench.py": ["--users", "20", "--queued", "10", "--rounds", "1", "--submits", "3"],
     "cluster_bench.py": ["--jobs", "100", "--pickups", "5", "--cancels", "1",
                          "--updates", "10"],
 }
