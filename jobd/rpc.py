@@ -226,13 +226,20 @@ def _envelope_problem(item: Any) -> str | None:
     return None
 
 
+def _method(item: Any) -> str | None:
+    """The method a Request object names, None when it names none (not a string: a list
+    or an object, which no set of names may be asked about)."""
+    method = item.get("method") if isinstance(item, dict) else None
+    return method if isinstance(method, str) else None
+
+
 def _may_answer_large(item: Any) -> bool:
     """Whether ``item`` may build a large answer: it then takes the caller's answer room
     first, a notification too (a filtered cancel or retry builds its answer, then drops
     it); not a notification of a read, which is not run."""
-    return isinstance(item, dict) and (
-        "id" in item or item.get("method") not in READ_METHODS) and (
-        item.get("method") in _LARGE_ANSWERS
+    method = _method(item)
+    return method is not None and ("id" in item or method not in READ_METHODS) and (
+        method in _LARGE_ANSWERS
         or isinstance(item.get("params"), dict) and "filter" in item["params"])
 
 
@@ -336,8 +343,8 @@ class Rpc:
         its ``answer`` dropped; a write's result dropped says that the write was done, and
         names the job it made or changed."""
         done = None
-        if answer is not None and isinstance(item, dict) and item.get("method") not in (
-                READ_METHODS):
+        method = _method(item)
+        if answer is not None and method is not None and method not in READ_METHODS:
             done = json.loads(answer)
             if "result" not in done:
                 done = None  # an error: nothing was done

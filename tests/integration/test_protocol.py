@@ -152,9 +152,13 @@ def _waits_counted(w: Wire) -> float:
     {"jsonrpc": "2.0", "id": 1.5, "method": "ping"},
     {"jsonrpc": "2.0", "id": {"a": 1}, "method": "ping"},
     {"jsonrpc": "2.0", "id": [7], "method": "ping"},
+    # names no set of methods may be asked about (unhashable)
+    {"jsonrpc": "2.0", "id": 7, "method": ["jobs.list"]},
+    {"jsonrpc": "2.0", "id": 7, "method": {"a": 1}, "params": {"filter": {}}},
 ], ids=["no-method", "jsonrpc-1.0", "method-number", "extra-member", "id-true", "id-float",
-        "id-object", "id-array"])
+        "id-object", "id-array", "method-array", "method-object"])
 def test_an_invalid_request_is_answered_with_id_null(jd: Daemon, item: dict[str, Any]) -> None:
+    before = jd.log().count("request_failed")
     with Wire(jd.socket) as w:
         for line in (json.dumps(item), json.dumps([item, {"jsonrpc": "2.0", "id": 2,
                                                           "method": "ping"}])):
@@ -163,6 +167,7 @@ def test_an_invalid_request_is_answered_with_id_null(jd: Daemon, item: dict[str,
             error_of(first, -32600)
             assert first["id"] is None
         assert answer[1]["id"] == 2 and "result" in answer[1]
+    assert jd.log().count("request_failed") == before  # no traceback
 
 
 def test_positional_params_on_a_call_are_invalid_params_naming_params(jd: Daemon) -> None:
