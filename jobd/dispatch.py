@@ -362,7 +362,11 @@ class Dispatcher:
 
     def position(self, job_id: str) -> tuple[int | None, str | None]:
         """(1-based place in dispatch order, why it waits) of a queued job."""
-        return self.positions([job_id])[job_id]
+        with self._lock:
+            entry = self._queued.get(job_id)
+            if entry is None:
+                return None, None
+            return self._placed(entry, self._levels[entry.priority].place(entry))
 
     def positions(self, job_ids: Iterable[str]) -> dict[str, tuple[int | None, str | None]]:
         """``position`` of each of ``job_ids`` (a list page's): a priority's places counted
@@ -378,14 +382,18 @@ class Dispatcher:
                     by_priority[entry.priority].append(entry)
             for priority, entries in by_priority.items():
                 level = self._levels[priority]
-                ahead = sum(other.size for p, other in self._levels.items() if p > priority)
                 places = (level.places() if len(entries) * len(level.users) > level.size
                           else {entry.id: level.place(entry) for entry in entries})
                 for entry in entries:
-                    position = ahead + places[entry.id] + 1
-                    reason = self._reason(entry, position)
-                    out[entry.id] = position, str(reason) if reason else None
+                    out[entry.id] = self._placed(entry, places[entry.id])
         return out
+
+    def _placed(self, entry: Entry, place: int) -> tuple[int, str | None]:
+        """``position``'s answer for ``entry``, ``place`` jobs of its priority before it."""
+        position = place + 1 + sum(level.size for priority, level in self._levels.items()
+                                   if priority > entry.priority)
+        reason = self._reason(entry, position)
+        return position, str(reason) if reason else None
 
     def _reason(self, entry: Entry, position: int) -> WaitReason | None:
         """Why ``entry`` waits; None when nothing holds it (a worker is about to take it).

@@ -418,12 +418,12 @@ class Manager:
         while True:
             want = min(limit + 1 - len(jobs), chunk)
             rows = fetch(before, want, skip)
-            places = self._places(rows)
+            waiting = self._queued(rows)
             for key, seq, job_status, wire in rows:
                 if len(jobs) == limit:  # the row past the page: there is a next one
                     more = True
                     break
-                text = self._listed(job_status, wire, wanted, places)
+                text = self._listed(job_status, wire, wanted, waiting.get(seq))
                 # its bytes as UTF-8, and its comma (isascii is a flag, not a scan)
                 cost = (len(text) if text.isascii() else len(text.encode())) + 1
                 # the first job always goes out, however small the configured limit: an
@@ -533,7 +533,7 @@ class Manager:
             missing = [change.job_id for _, change in chunk if change.job_id not in known]
             rows = {row[1]: row for row in self.store.list_wire(
                 ids=missing, limit=len(missing), **filters)} if missing else {}
-            places = self._places(rows.values())
+            waiting = self._queued(rows.values())
             if len(texts) + len(missing) > _CHANGED_TEXTS:
                 texts.clear()
             for i, (_, change) in enumerate(chunk, start):
@@ -542,7 +542,7 @@ class Manager:
                     row = rows.get(change.seq)
                     if row is None:
                         continue  # deleted since, or its state now fails the filters
-                    text = self._listed(row[2], row[3], wanted, places)
+                    text = self._listed(row[2], row[3], wanted, waiting.get(change.seq))
                     if len(text) <= _CHANGED_TEXT_BYTES:
                         # read after every change up to the head: as true for them all
                         texts[(change.job_id, wanted)] = (head, text)
@@ -573,9 +573,9 @@ class Manager:
                                        **filters)
         jobs: list[str] = []
         size, last = _CHANGES_FRAME, (position.at_us, position.seq)
-        places = self._places(rows)
+        waiting = self._queued(rows)
         for changed, seq, job_status, wire in rows:
-            text = self._listed(job_status, wire, wanted, places)
+            text = self._listed(job_status, wire, wanted, waiting.get(seq))
             cost = (len(text) if text.isascii() else len(text.encode())) + 1
             if len(jobs) == MAX_CHANGES or (jobs and size + cost > budget):
                 return (jobs, self.change_log.database_cursor(*last),
@@ -636,24 +636,26 @@ class Manager:
                     created_after=iso_time(created_after, f"{prefix}created_after"),
                     created_before=iso_time(created_before, f"{prefix}created_before"))
 
-    def _places(self, rows: Iterable[tuple[Any, Any, str, str]]
-                ) -> dict[str, tuple[int | None, str | None]]:
-        """The queue positions and wait reasons of the queued jobs among ``rows`` (a
-        page's), all counted at once (``Dispatcher.positions``)."""
-        return self.engine.positions([json.loads(wire)["id"] for _, _, status, wire in rows
-                                      if status == JobStatus.QUEUED])
+    def _queued(self, rows: Iterable[tuple[Any, int, str, str]]) -> dict[int, dict[str, Any]]:
+        """The queued jobs among ``rows`` (a page's, ``(key, seq, status, wire)``) by seq,
+        as answered: their places and wait reasons all counted at once
+        (``Dispatcher.positions``)."""
+        jobs = {seq: json.loads(wire) for _, seq, status, wire in rows
+                if status == JobStatus.QUEUED}
+        places = self.engine.positions([out["id"] for out in jobs.values()])
+        return {seq: self.engine.annotate(out, places) for seq, out in jobs.items()}
 
     def _listed(self, status: str, wire: str, wanted: frozenset[str] | None,
-                places: dict[str, tuple[int | None, str | None]]) -> str:
+                queued: dict[str, Any] | None) -> str:
         """One job of a list page: finished jobs go out as SQLite encoded them; active ones
-        get what the daemon knows (a queued one its place among ``places``, ``_places``);
-        with ``fields``, only those."""
+        get what the daemon knows (a queued one is ``queued``, from ``_queued``); with
+        ``fields``, only those."""
         active = status in (JobStatus.QUEUED, JobStatus.RUNNING)
         if not active and wanted is None:
             return wire
-        out = json.loads(wire)
-        if active:
-            out = self.engine.annotate(out, places)
+        out = queued if queued is not None else json.loads(wire)
+        if active and queued is None:
+            out = self._live(out)
         if wanted is not None:
             out = {k: v for k, v in out.items() if k in wanted}
         return _dumps(out)
